@@ -1,0 +1,133 @@
+"""Tensor names: one table from HF transformers' names to the released DeepSeek-V4 names.
+
+The released names (``layers.{i}.attn.wq_a.weight``, ``layers.{i}.ffn.experts.{e}.w1.weight``,
+``hc_head_fn`` ...) are canonical inside this package. HF transformers 5.12.1 saves its internal
+names (``model.layers.{i}.self_attn.q_a_proj.weight``, stacked ``mlp.experts.gate_up_proj`` ...);
+:func:`hf_to_released` maps a state dict of those to canonical names.
+"""
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+__all__ = ["HF_NAME_TABLE", "hf_to_released", "iter_safetensors", "load_state_dict"]
+
+# (HF pattern, released template); ``{i}`` = layer index. Order does not matter: the patterns are
+# anchored and disjoint.
+HF_NAME_TABLE: tuple[tuple[str, str], ...] = (
+    (r"model\.embed_tokens\.weight", "embed.weight"),
+    (r"lm_head\.weight", "head.weight"),
+    (r"model\.norm\.weight", "norm.weight"),
+    (r"model\.hc_head\.hc_fn", "hc_head_fn"),
+    (r"model\.hc_head\.hc_base", "hc_head_base"),
+    (r"model\.hc_head\.hc_scale", "hc_head_scale"),
+    (r"model\.layers\.(\d+)\.input_layernorm\.weight", "layers.{i}.attn_norm.weight"),
+    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", "layers.{i}.ffn_norm.weight"),
+    (r"model\.layers\.(\d+)\.attn_hc\.(fn|base|scale)", "layers.{i}.hc_attn_{1}"),
+    (r"model\.layers\.(\d+)\.ffn_hc\.(fn|base|scale)", "layers.{i}.hc_ffn_{1}"),
+    (r"model\.layers\.(\d+)\.self_attn\.q_a_proj\.weight", "layers.{i}.attn.wq_a.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.q_a_norm\.weight", "layers.{i}.attn.q_norm.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.q_b_proj\.weight", "layers.{i}.attn.wq_b.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.kv_proj\.weight", "layers.{i}.attn.wkv.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.kv_norm\.weight", "layers.{i}.attn.kv_norm.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.o_a_proj\.weight", "layers.{i}.attn.wo_a.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.o_b_proj\.weight", "layers.{i}.attn.wo_b.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.sinks", "layers.{i}.attn.attn_sink"),
+    (r"model\.layers\.(\d+)\.self_attn\.compressor\.kv_proj\.weight", "layers.{i}.attn.compressor.wkv.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.compressor\.gate_proj\.weight", "layers.{i}.attn.compressor.wgate.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.compressor\.position_bias", "layers.{i}.attn.compressor.ape"),
+    (r"model\.layers\.(\d+)\.self_attn\.compressor\.kv_norm\.weight", "layers.{i}.attn.compressor.norm.weight"),
+    (
+        r"model\.layers\.(\d+)\.self_attn\.compressor\.indexer\.kv_proj\.weight",
+        "layers.{i}.attn.indexer.compressor.wkv.weight",
+    ),
+    (
+        r"model\.layers\.(\d+)\.self_attn\.compressor\.indexer\.gate_proj\.weight",
+        "layers.{i}.attn.indexer.compressor.wgate.weight",
+    ),
+    (
+        r"model\.layers\.(\d+)\.self_attn\.compressor\.indexer\.position_bias",
+        "layers.{i}.attn.indexer.compressor.ape",
+    ),
+    (
+        r"model\.layers\.(\d+)\.self_attn\.compressor\.indexer\.kv_norm\.weight",
+        "layers.{i}.attn.indexer.compressor.norm.weight",
+    ),
+    (r"model\.layers\.(\d+)\.self_attn\.compressor\.indexer\.q_b_proj\.weight", "layers.{i}.attn.indexer.wq_b.weight"),
+    (
+        r"model\.layers\.(\d+)\.self_attn\.compressor\.indexer\.scorer\.weights_proj\.weight",
+        "layers.{i}.attn.indexer.weights_proj.weight",
+    ),
+    (r"model\.layers\.(\d+)\.mlp\.gate\.weight", "layers.{i}.ffn.gate.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.gate\.e_score_correction_bias", "layers.{i}.ffn.gate.bias"),
+    (r"model\.layers\.(\d+)\.mlp\.gate\.tid2eid", "layers.{i}.ffn.gate.tid2eid"),
+    (r"model\.layers\.(\d+)\.mlp\.shared_experts\.gate_proj\.weight", "layers.{i}.ffn.shared_experts.w1.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.shared_experts\.down_proj\.weight", "layers.{i}.ffn.shared_experts.w2.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.shared_experts\.up_proj\.weight", "layers.{i}.ffn.shared_experts.w3.weight"),
+    # stacked experts: split into per-expert w1 / w3 (gate_up = [w1; w3]) and w2
+    (r"model\.layers\.(\d+)\.mlp\.experts\.gate_up_proj", "layers.{i}.ffn.experts.{e}.w1|w3.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.experts\.down_proj", "layers.{i}.ffn.experts.{e}.w2.weight"),
+)
+_COMPILED = tuple((re.compile(p + r"\Z"), t) for p, t in HF_NAME_TABLE)
+
+
+def _map_one(name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    for pattern, template in _COMPILED:
+        m = pattern.match(name)
+        if m is None:
+            continue
+        groups = m.groups()
+        base = template.replace("{i}", groups[0]) if groups else template
+        if len(groups) > 1:
+            base = base.replace("{1}", groups[1])
+        if "{e}" not in base:
+            yield base, tensor
+        elif "w1|w3" in base:  # gate_up_proj [E, 2I, d]
+            w1, w3 = tensor.chunk(2, dim=1)
+            for e in range(tensor.shape[0]):
+                yield base.replace("{e}", str(e)).replace("w1|w3", "w1"), w1[e]
+                yield base.replace("{e}", str(e)).replace("w1|w3", "w3"), w3[e]
+        else:
+            for e in range(tensor.shape[0]):
+                yield base.replace("{e}", str(e)), tensor[e]
+        return
+    raise KeyError(f"tensor `{name}` has no entry in the HF -> DeepSeek name table")
+
+
+def hf_to_released(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename an HF-transformers DeepseekV4ForCausalLM state dict to released names."""
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state_dict.items():
+        for new_name, t in _map_one(name, tensor):
+            out[new_name] = t.contiguous()
+    return out
+
+
+def iter_safetensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every tensor in a checkpoint directory or file, shard by shard."""
+    path = Path(path)
+    if path.is_file():
+        files = [path]
+    elif (index := path / "model.safetensors.index.json").exists():
+        with open(index) as f:
+            files = [path / s for s in sorted(set(json.load(f)["weight_map"].values()))]
+    else:
+        files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no .safetensors files under {path}")
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                yield name, f.get_tensor(name)
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint under released names (HF-format checkpoints are renamed)."""
+    raw = dict(iter_safetensors(path))
+    if any(name.startswith("model.") or name == "lm_head.weight" for name in raw):
+        return hf_to_released(raw)
+    return raw

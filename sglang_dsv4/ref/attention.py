@@ -1,0 +1,56 @@
+"""Attention of DSV4 layers: one softmax over a per-query key list, with a per-head sink.
+
+Every layer kind reduces to the same sparse form: query ``t`` attends to a list of rows of one KV
+buffer (K = V, one shared head): its ``swa_window`` rows (tokens ``t-127 .. t``) plus, on c4
+layers, the indexer's top-k entries and, on c128 layers, all visible entries. ``-1`` in a list is
+an empty slot. The sink ``s_h`` adds ``exp(s_h)`` to the denominator only:
+
+    o[t, h] = sum_i exp(l_i) v_i / (sum_i exp(l_i) + exp(sink_h)),  l_i = q[t, h] . k_i * scale
+
+After attention the RoPE channels are rotated back by the query position (see ``rope``) and the
+heads go through the grouped output projection.
+"""
+
+import torch
+
+__all__ = ["grouped_output_proj", "sparse_attention", "window_indices"]
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    indices: torch.Tensor,
+    sink: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """``q`` [T, H, D], ``kv`` [N, D], ``indices`` [T, K] int (rows of ``kv``, -1 = none),
+    ``sink`` [H] -> ``o`` [T, H, D] in ``q.dtype`` (fp32 math)."""
+    valid = indices >= 0  # [T, K]
+    keys = kv.float()[indices.clamp(min=0)]  # [T, K, D]
+    logits = torch.einsum("thd,tkd->thk", q.float(), keys) * scale
+    logits = logits.masked_fill(~valid.unsqueeze(1), float("-inf"))
+    sink_logits = sink.float().view(1, -1, 1).expand(q.shape[0], -1, 1)
+    both = torch.cat([logits, sink_logits], dim=-1)  # [T, H, K+1]
+    probs = torch.softmax(both, dim=-1)[..., :-1]
+    return torch.einsum("thk,tkd->thd", probs, keys).to(q.dtype)
+
+
+def window_indices(positions: torch.Tensor, window: int, row_of_pos0: int = 0) -> torch.Tensor:
+    """[T, window] rows ``row_of_pos0 + j`` for ``j`` in ``t-window+1 .. t`` (-1 before 0), for a
+    KV buffer that holds one sequence's raw tokens contiguously from row ``row_of_pos0``."""
+    offsets = torch.arange(-window + 1, 1, device=positions.device)
+    pos = positions.unsqueeze(1) + offsets  # [T, window]
+    return torch.where(pos >= 0, pos + row_of_pos0, -1)
+
+
+def grouped_output_proj(o: torch.Tensor, wo_a: torch.Tensor, wo_b: torch.Tensor) -> torch.Tensor:
+    """``o`` [T, H, D] -> [T, hidden]. Heads split into ``G`` groups of ``H/G``; group ``g``
+    projects its ``H/G * D`` channels with rows ``g*R:(g+1)*R`` of ``wo_a`` [G*R, H/G*D] to ``R``
+    (``o_lora_rank``) dims; the ``G*R`` concatenation goes through ``wo_b`` [hidden, G*R]."""
+    n_tok, n_heads, head_dim = o.shape
+    n_groups = n_heads * head_dim // wo_a.shape[1]
+    x = o.reshape(n_tok, n_groups, -1)  # [T, G, H/G*D]
+    w = wo_a.view(n_groups, -1, x.shape[-1])  # [G, R, H/G*D]
+    y = torch.einsum("tgi,gri->tgr", x, w).reshape(n_tok, -1)  # [T, G*R]
+    return y @ wo_b.T
+

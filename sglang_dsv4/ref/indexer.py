@@ -1,0 +1,32 @@
+"""Lightning indexer of c4 layers: score compressed indexer keys per query and keep the top-k.
+
+``I[t, s] = sum_h w[t, h] * H^-1/2 * ReLU(q[t, h] . K[s]) * Dh^-1/2`` (eq. 16), where ``q`` is
+``wq_b(qr)`` with RoPE at ``t``, ``K`` the indexer compressor's entries and ``w`` the
+``weights_proj`` of the normed attention input (weights may be negative). Only entries with
+``s < (t+1) // ratio`` are visible; picks that land on invisible entries become -1, so every row
+holds its ``min(topk, visible)`` best entries and -1 elsewhere.
+"""
+
+import torch
+
+__all__ = ["index_scores", "index_topk"]
+
+
+def index_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Scores [T, E] (fp32) of queries ``q`` [T, H, Dh] with head ``weights`` [T, H] against
+    indexer ``keys`` [E, Dh]. ``weights`` is the raw ``weights_proj`` output."""
+    n_heads, head_dim = q.shape[1], q.shape[2]
+    s = torch.einsum("thd,ed->the", q.float(), keys.float())  # [T, H, E]
+    s = torch.relu(s) * head_dim**-0.5
+    return (s * (weights.float() * n_heads**-0.5).unsqueeze(-1)).sum(dim=1)
+
+
+def index_topk(scores: torch.Tensor, positions: torch.Tensor, ratio: int, topk: int) -> torch.Tensor:
+    """Top-k entry indices [T, min(topk, E)] (int64, -1 = none) from ``scores`` [T, E] of queries
+    at absolute ``positions`` [T], with causal visibility ``s < (t+1) // ratio``."""
+    n_entries = scores.shape[1]
+    k = min(topk, n_entries)
+    visible = (positions + 1).div(ratio, rounding_mode="floor").unsqueeze(1)  # [T, 1]
+    invisible = torch.arange(n_entries, device=scores.device).unsqueeze(0) >= visible
+    picks = scores.masked_fill(invisible, float("-inf")).topk(k, dim=-1).indices
+    return torch.where(picks >= visible, -1, picks)

@@ -1,0 +1,165 @@
+"""Whole-model DSV4 forward composed from the reference ops: one sequence, no cache.
+
+This is the CPU statement of the model that the parity tests hold against HF transformers, and a
+test utility for everything built later (serving model, kernels, prefix cache): they reuse the
+same ops, so a disagreement points at the new code. Weights use the released tensor names
+(see :mod:`sglang_dsv4.checkpoint`).
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from sglang_dsv4.config import AttnKind, DSV4Config, LayerSpec
+from sglang_dsv4.ref.attention import grouped_output_proj, sparse_attention, window_indices
+from sglang_dsv4.ref.compressor import CompressorState, CompressorWeights, compress
+from sglang_dsv4.ref.indexer import index_scores, index_topk
+from sglang_dsv4.ref.mhc import hc_head, hc_post, hc_pre
+from sglang_dsv4.ref.moe import moe, route_hash, route_scores, route_topk, route_weights
+from sglang_dsv4.ref.norm import rms_norm
+from sglang_dsv4.ref.quant import fp4_e2m1_fake_quant, hadamard, kv_fake_quant
+from sglang_dsv4.ref.rope import apply_rope, rope_cos_sin, rope_inv_freq
+
+__all__ = ["RefDSV4", "RefOptions"]
+
+
+@dataclass(frozen=True)
+class RefOptions:
+    """``quant_sim``: FP8 KV and Hadamard + FP4 indexer rounding as in the official forward."""
+
+    quant_sim: bool = False
+
+
+class RefDSV4:
+    """``RefDSV4(cfg, weights)(ids [S]) -> logits [S, vocab]`` in the weights' dtype."""
+
+    def __init__(self, cfg: DSV4Config, weights: dict[str, torch.Tensor], options: RefOptions | None = None):
+        self.cfg = cfg
+        self.w = weights
+        self.options = options or RefOptions()
+        missing = [n for n in self.required_names() if n not in weights]
+        if missing:
+            raise KeyError(f"{len(missing)} tensors missing from the weights, e.g. {missing[:5]}")
+        self.inv_freq = {s.index: rope_inv_freq(s.rope, cfg.rope_dim) for s in cfg.layers}
+        # stacked routed experts per layer: w1/w3 [E, I, d], w2 [E, d, I]
+        self.experts = {
+            s.index: tuple(
+                torch.stack([weights[f"layers.{s.index}.ffn.experts.{e}.{k}.weight"] for e in range(cfg.n_routed_experts)])
+                for k in ("w1", "w2", "w3")
+            )
+            for s in cfg.layers
+        }
+
+    def required_names(self) -> list[str]:
+        cfg = self.cfg
+        names = ["embed.weight", "head.weight", "norm.weight", "hc_head_fn", "hc_head_base", "hc_head_scale"]
+        for s in cfg.layers:
+            p = f"layers.{s.index}."
+            names += [p + n for n in ("attn_norm.weight", "ffn_norm.weight")]
+            names += [p + f"hc_{site}_{k}" for site in ("attn", "ffn") for k in ("fn", "base", "scale")]
+            names += [p + f"attn.{n}.weight" for n in ("wq_a", "q_norm", "wq_b", "wkv", "kv_norm", "wo_a", "wo_b")]
+            names.append(p + "attn.attn_sink")
+            comps = {AttnKind.SWA: [], AttnKind.CSA: ["compressor", "indexer.compressor"], AttnKind.HCA: ["compressor"]}
+            for c in comps[s.attn]:
+                names += [p + f"attn.{c}.{n}" for n in ("wkv.weight", "wgate.weight", "ape", "norm.weight")]
+            if s.attn is AttnKind.CSA:
+                names += [p + "attn.indexer.wq_b.weight", p + "attn.indexer.weights_proj.weight"]
+            names += [p + "ffn.gate.weight", p + ("ffn.gate.tid2eid" if s.hash_moe else "ffn.gate.bias")]
+            names += [p + f"ffn.experts.{e}.{k}.weight" for e in range(cfg.n_routed_experts) for k in ("w1", "w2", "w3")]
+            if cfg.n_shared_experts:
+                names += [p + f"ffn.shared_experts.{k}.weight" for k in ("w1", "w2", "w3")]
+        return names
+
+    def compressor_weights(self, layer: int, which: str = "compressor") -> CompressorWeights:
+        p = f"layers.{layer}.attn.{which}."
+        w = self.w
+        return CompressorWeights(w[p + "wkv.weight"], w[p + "wgate.weight"], w[p + "ape"], w[p + "norm.weight"])
+
+    @torch.no_grad()
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        cfg, w = self.cfg, self.w
+        positions = torch.arange(ids.shape[0], device=ids.device)
+        h = w["embed.weight"][ids]  # [S, d]
+        x = h.unsqueeze(1).expand(-1, cfg.hc_mult, -1).contiguous()  # [S, hc, d]
+        for spec in cfg.layers:
+            p = f"layers.{spec.index}."
+            u, post, comb = self._hc_pre(x, p + "hc_attn_")
+            y = self.attention(spec, rms_norm(u, w[p + "attn_norm.weight"], cfg.norm_eps), positions)
+            x = hc_post(y, x, post, comb)
+            u, post, comb = self._hc_pre(x, p + "hc_ffn_")
+            y = self.ffn(spec, rms_norm(u, w[p + "ffn_norm.weight"], cfg.norm_eps), ids)
+            x = hc_post(y, x, post, comb)
+        u = hc_head(x, w["hc_head_fn"], w["hc_head_base"], w["hc_head_scale"], cfg.hc_eps, cfg.norm_eps)
+        return rms_norm(u, w["norm.weight"], cfg.norm_eps) @ w["head.weight"].T
+
+    def _hc_pre(self, x: torch.Tensor, prefix: str):
+        cfg, w = self.cfg, self.w
+        return hc_pre(
+            x, w[prefix + "fn"], w[prefix + "base"], w[prefix + "scale"], cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.norm_eps
+        )
+
+    def attention(self, spec: LayerSpec, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Attention block of one layer over a whole sequence: ``x`` [S, d] -> [S, d]."""
+        cfg, w = self.cfg, self.w
+        p = f"layers.{spec.index}.attn."
+        n = x.shape[0]
+        cos, sin = rope_cos_sin(positions, self.inv_freq[spec.index])
+        qr = rms_norm(x @ w[p + "wq_a.weight"].T, w[p + "q_norm.weight"], cfg.norm_eps)  # [S, q_lora]
+        q = (qr @ w[p + "wq_b.weight"].T).view(n, cfg.num_heads, cfg.head_dim)
+        q = apply_rope(rms_norm(q, None, cfg.norm_eps), cos, sin)  # [S, H, D]
+        kv = apply_rope(rms_norm(x @ w[p + "wkv.weight"].T, w[p + "kv_norm.weight"], cfg.norm_eps), cos, sin)
+        kv = self._kv_quant(kv)  # [S, D]
+
+        indices = window_indices(positions, cfg.sliding_window)  # [S, W] rows of kv
+        if spec.attn.compressed:
+            entries = self._compress_all(spec, x, "compressor")
+            entries = self._kv_quant(entries)  # [E, D]
+            if spec.attn is AttnKind.CSA:
+                picks = self.indexer(spec, x, qr, positions)  # [S, k]
+            else:
+                visible = (positions + 1) // spec.ratio
+                picks = torch.arange(entries.shape[0]).expand(n, -1)
+                picks = torch.where(picks < visible.unsqueeze(1), picks, -1)
+            indices = torch.cat([indices, torch.where(picks >= 0, picks + n, -1)], dim=1)
+            kv = torch.cat([kv, entries])
+
+        o = sparse_attention(q, kv, indices, w[p + "attn_sink"], cfg.head_dim**-0.5)
+        o = apply_rope(o, cos, sin, inverse=True)
+        return grouped_output_proj(o, w[p + "wo_a.weight"], w[p + "wo_b.weight"])
+
+    def indexer(self, spec: LayerSpec, x: torch.Tensor, qr: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Top-k entry indices [S, min(topk, E)] (-1 = none) of a c4 layer."""
+        cfg, w = self.cfg, self.w
+        p = f"layers.{spec.index}.attn.indexer."
+        keys = self._compress_all(spec, x, "indexer.compressor")  # [E, Di]
+        cos, sin = rope_cos_sin(positions, self.inv_freq[spec.index])
+        q = (qr @ w[p + "wq_b.weight"].T).view(x.shape[0], cfg.index_n_heads, cfg.index_head_dim)
+        q = apply_rope(q, cos, sin)
+        if self.options.quant_sim:
+            q, keys = fp4_e2m1_fake_quant(hadamard(q)), fp4_e2m1_fake_quant(hadamard(keys))
+        scores = index_scores(q, x @ w[p + "weights_proj.weight"].T, keys)
+        return index_topk(scores, positions, spec.ratio, cfg.index_topk)
+
+    def _compress_all(self, spec: LayerSpec, x: torch.Tensor, which: str) -> torch.Tensor:
+        cw = self.compressor_weights(spec.index, which)
+        state = CompressorState.empty(cw, x.device)
+        entries, _, _ = compress(x, 0, state, cw, self.inv_freq[spec.index], self.cfg.norm_eps)
+        return entries.to(x.dtype)
+
+    def _kv_quant(self, kv: torch.Tensor) -> torch.Tensor:
+        return kv_fake_quant(kv, self.cfg.rope_dim) if self.options.quant_sim else kv
+
+    def ffn(self, spec: LayerSpec, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """MoE block: ``x`` [S, d] -> [S, d]."""
+        cfg, w = self.cfg, self.w
+        p = f"layers.{spec.index}.ffn."
+        scores = route_scores(x, w[p + "gate.weight"], cfg.scoring_func)
+        if spec.hash_moe:
+            chosen = route_hash(ids, w[p + "gate.tid2eid"])
+        else:
+            chosen = route_topk(scores, w[p + "gate.bias"], cfg.n_experts_per_tok)
+        weights = route_weights(scores, chosen, cfg.routed_scaling_factor)
+        shared = None
+        if cfg.n_shared_experts:
+            shared = tuple(w[p + f"shared_experts.{k}.weight"] for k in ("w1", "w2", "w3"))
+        return moe(x, chosen, weights, *self.experts[spec.index], shared, cfg.swiglu_limit)
