@@ -16,61 +16,93 @@ from safetensors import safe_open
 
 __all__ = ["HF_NAME_TABLE", "hf_to_released", "iter_safetensors", "load_state_dict"]
 
-# (HF pattern, released template); ``{i}`` = layer index. Order does not matter: the patterns are
-# anchored and disjoint.
+# (HF pattern, released template); ``{0}``, ``{1}`` ... = the pattern's groups (``{0}`` = layer).
+# Order does not matter: the patterns are anchored and disjoint. transformers 5.12.1 saves a mix:
+# internal names, but ``head.weight`` and per-expert ``mlp.experts.{e}.w1.weight``.
 HF_NAME_TABLE: tuple[tuple[str, str], ...] = (
     (r"model\.embed_tokens\.weight", "embed.weight"),
-    (r"lm_head\.weight", "head.weight"),
+    (r"(?:lm_)?head\.weight", "head.weight"),
     (r"model\.norm\.weight", "norm.weight"),
     (r"model\.hc_head\.hc_fn", "hc_head_fn"),
     (r"model\.hc_head\.hc_base", "hc_head_base"),
     (r"model\.hc_head\.hc_scale", "hc_head_scale"),
-    (r"model\.layers\.(\d+)\.input_layernorm\.weight", "layers.{i}.attn_norm.weight"),
-    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", "layers.{i}.ffn_norm.weight"),
-    (r"model\.layers\.(\d+)\.attn_hc\.(fn|base|scale)", "layers.{i}.hc_attn_{1}"),
-    (r"model\.layers\.(\d+)\.ffn_hc\.(fn|base|scale)", "layers.{i}.hc_ffn_{1}"),
-    (r"model\.layers\.(\d+)\.self_attn\.q_a_proj\.weight", "layers.{i}.attn.wq_a.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.q_a_norm\.weight", "layers.{i}.attn.q_norm.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.q_b_proj\.weight", "layers.{i}.attn.wq_b.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.kv_proj\.weight", "layers.{i}.attn.wkv.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.kv_norm\.weight", "layers.{i}.attn.kv_norm.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.o_a_proj\.weight", "layers.{i}.attn.wo_a.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.o_b_proj\.weight", "layers.{i}.attn.wo_b.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.sinks", "layers.{i}.attn.attn_sink"),
-    (r"model\.layers\.(\d+)\.self_attn\.compressor\.kv_proj\.weight", "layers.{i}.attn.compressor.wkv.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.compressor\.gate_proj\.weight", "layers.{i}.attn.compressor.wgate.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.compressor\.position_bias", "layers.{i}.attn.compressor.ape"),
-    (r"model\.layers\.(\d+)\.self_attn\.compressor\.kv_norm\.weight", "layers.{i}.attn.compressor.norm.weight"),
+    (r"model\.layers\.(\d+)\.input_layernorm\.weight", "layers.{0}.attn_norm.weight"),
+    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", "layers.{0}.ffn_norm.weight"),
+    (r"model\.layers\.(\d+)\.attn_hc\.(fn|base|scale)", "layers.{0}.hc_attn_{1}"),
+    (r"model\.layers\.(\d+)\.ffn_hc\.(fn|base|scale)", "layers.{0}.hc_ffn_{1}"),
+    (r"model\.layers\.(\d+)\.self_attn\.q_a_proj\.weight", "layers.{0}.attn.wq_a.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.q_a_norm\.weight", "layers.{0}.attn.q_norm.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.q_b_proj\.weight", "layers.{0}.attn.wq_b.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.kv_proj\.weight", "layers.{0}.attn.wkv.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.kv_norm\.weight", "layers.{0}.attn.kv_norm.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.o_a_proj\.weight", "layers.{0}.attn.wo_a.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.o_b_proj\.weight", "layers.{0}.attn.wo_b.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.sinks", "layers.{0}.attn.attn_sink"),
+    (
+        r"model\.layers\.(\d+)\.self_attn\.compressor\.kv_proj\.weight",
+        "layers.{0}.attn.compressor.wkv.weight",
+    ),
+    (
+        r"model\.layers\.(\d+)\.self_attn\.compressor\.gate_proj\.weight",
+        "layers.{0}.attn.compressor.wgate.weight",
+    ),
+    (
+        r"model\.layers\.(\d+)\.self_attn\.compressor\.position_bias",
+        "layers.{0}.attn.compressor.ape",
+    ),
+    (
+        r"model\.layers\.(\d+)\.self_attn\.compressor\.kv_norm\.weight",
+        "layers.{0}.attn.compressor.norm.weight",
+    ),
     (
         r"model\.layers\.(\d+)\.self_attn\.compressor\.indexer\.kv_proj\.weight",
-        "layers.{i}.attn.indexer.compressor.wkv.weight",
+        "layers.{0}.attn.indexer.compressor.wkv.weight",
     ),
     (
         r"model\.layers\.(\d+)\.self_attn\.compressor\.indexer\.gate_proj\.weight",
-        "layers.{i}.attn.indexer.compressor.wgate.weight",
+        "layers.{0}.attn.indexer.compressor.wgate.weight",
     ),
     (
         r"model\.layers\.(\d+)\.self_attn\.compressor\.indexer\.position_bias",
-        "layers.{i}.attn.indexer.compressor.ape",
+        "layers.{0}.attn.indexer.compressor.ape",
     ),
     (
         r"model\.layers\.(\d+)\.self_attn\.compressor\.indexer\.kv_norm\.weight",
-        "layers.{i}.attn.indexer.compressor.norm.weight",
+        "layers.{0}.attn.indexer.compressor.norm.weight",
     ),
-    (r"model\.layers\.(\d+)\.self_attn\.compressor\.indexer\.q_b_proj\.weight", "layers.{i}.attn.indexer.wq_b.weight"),
+    (
+        r"model\.layers\.(\d+)\.self_attn\.compressor\.indexer\.q_b_proj\.weight",
+        "layers.{0}.attn.indexer.wq_b.weight",
+    ),
     (
         r"model\.layers\.(\d+)\.self_attn\.compressor\.indexer\.scorer\.weights_proj\.weight",
-        "layers.{i}.attn.indexer.weights_proj.weight",
+        "layers.{0}.attn.indexer.weights_proj.weight",
     ),
-    (r"model\.layers\.(\d+)\.mlp\.gate\.weight", "layers.{i}.ffn.gate.weight"),
-    (r"model\.layers\.(\d+)\.mlp\.gate\.e_score_correction_bias", "layers.{i}.ffn.gate.bias"),
-    (r"model\.layers\.(\d+)\.mlp\.gate\.tid2eid", "layers.{i}.ffn.gate.tid2eid"),
-    (r"model\.layers\.(\d+)\.mlp\.shared_experts\.gate_proj\.weight", "layers.{i}.ffn.shared_experts.w1.weight"),
-    (r"model\.layers\.(\d+)\.mlp\.shared_experts\.down_proj\.weight", "layers.{i}.ffn.shared_experts.w2.weight"),
-    (r"model\.layers\.(\d+)\.mlp\.shared_experts\.up_proj\.weight", "layers.{i}.ffn.shared_experts.w3.weight"),
-    # stacked experts: split into per-expert w1 / w3 (gate_up = [w1; w3]) and w2
-    (r"model\.layers\.(\d+)\.mlp\.experts\.gate_up_proj", "layers.{i}.ffn.experts.{e}.w1|w3.weight"),
-    (r"model\.layers\.(\d+)\.mlp\.experts\.down_proj", "layers.{i}.ffn.experts.{e}.w2.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.gate\.weight", "layers.{0}.ffn.gate.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.gate\.e_score_correction_bias", "layers.{0}.ffn.gate.bias"),
+    (r"model\.layers\.(\d+)\.mlp\.gate\.tid2eid", "layers.{0}.ffn.gate.tid2eid"),
+    (
+        r"model\.layers\.(\d+)\.mlp\.shared_experts\.gate_proj\.weight",
+        "layers.{0}.ffn.shared_experts.w1.weight",
+    ),
+    (
+        r"model\.layers\.(\d+)\.mlp\.shared_experts\.down_proj\.weight",
+        "layers.{0}.ffn.shared_experts.w2.weight",
+    ),
+    (
+        r"model\.layers\.(\d+)\.mlp\.shared_experts\.up_proj\.weight",
+        "layers.{0}.ffn.shared_experts.w3.weight",
+    ),
+    (
+        r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(w[123])\.weight",
+        "layers.{0}.ffn.experts.{1}.{2}.weight",
+    ),
+    # stacked experts (in-memory state dict): split into per-expert w1 / w3 (gate_up = [w1; w3])
+    (
+        r"model\.layers\.(\d+)\.mlp\.experts\.gate_up_proj",
+        "layers.{0}.ffn.experts.{e}.w1|w3.weight",
+    ),
+    (r"model\.layers\.(\d+)\.mlp\.experts\.down_proj", "layers.{0}.ffn.experts.{e}.w2.weight"),
 )
 _COMPILED = tuple((re.compile(p + r"\Z"), t) for p, t in HF_NAME_TABLE)
 
@@ -80,10 +112,7 @@ def _map_one(name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tenso
         m = pattern.match(name)
         if m is None:
             continue
-        groups = m.groups()
-        base = template.replace("{i}", groups[0]) if groups else template
-        if len(groups) > 1:
-            base = base.replace("{1}", groups[1])
+        base = template.replace("{e}", "\0").format(*m.groups()).replace("\0", "{e}")
         if "{e}" not in base:
             yield base, tensor
         elif "w1|w3" in base:  # gate_up_proj [E, 2I, d]

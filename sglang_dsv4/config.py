@@ -267,11 +267,15 @@ def _rope_specs(f: _Fields) -> tuple[RopeSpec, RopeSpec]:
     """(main, compress) RoPE for SWA and c4/c128 layers respectively."""
     rp = f.get("rope_parameters") or {}
     if isinstance(rp.get("main"), dict) and isinstance(rp.get("compress"), dict):
-        main = RopeSpec(float(rp["main"]["rope_theta"]), _parse_yarn(rp["main"], "rope_parameters.main"))
+        main = RopeSpec(
+            float(rp["main"]["rope_theta"]), _parse_yarn(rp["main"], "rope_parameters.main")
+        )
         if main.yarn is not None:
             raise ConfigError("rope_parameters.main", "no YaRN on SWA-only layers", rp["main"])
         comp = rp["compress"]
-        return main, RopeSpec(float(comp["rope_theta"]), _parse_yarn(comp, "rope_parameters.compress"))
+        return main, RopeSpec(
+            float(comp["rope_theta"]), _parse_yarn(comp, "rope_parameters.compress")
+        )
     scaling = f.get("rope_scaling") or (rp if rp else None)
     return (
         RopeSpec(f.number("rope_theta", 10000.0), None),
@@ -299,7 +303,9 @@ def _attn_schedule(f: _Fields, n_layers: int, n_mtp: int) -> list[AttnKind]:
         types = f.get("layer_types")
         if not isinstance(types, list) or len(types) != n_layers:
             got = f"length {len(types)}" if isinstance(types, list) else types
-            raise ConfigError("layer_types", f"a list of num_hidden_layers = {n_layers} entries", got)
+            raise ConfigError(
+                "layer_types", f"a list of num_hidden_layers = {n_layers} entries", got
+            )
         bad = [t for t in types if t not in _HF_LAYER_TYPES]
         if bad:
             raise ConfigError("layer_types", f"entries in {sorted(_HF_LAYER_TYPES)}", bad)
@@ -362,7 +368,9 @@ def _parse(raw: dict[str, Any]) -> DSV4Config:
     head_dim = f.integer("head_dim", 512)
     n_mtp = f.integer("num_nextn_predict_layers", 1, min_value=0)
     if f.integer("num_key_value_heads", 1) != 1:
-        raise ConfigError("num_key_value_heads", "1 (DSV4 shares one K=V head)", f.get("num_key_value_heads"))
+        raise ConfigError(
+            "num_key_value_heads", "1 (DSV4 shares one K=V head)", f.get("num_key_value_heads")
+        )
 
     if f.has("qk_rope_head_dim"):
         rope_dim = f.integer("qk_rope_head_dim")
@@ -380,7 +388,9 @@ def _parse(raw: dict[str, Any]) -> DSV4Config:
     n_experts = f.integer("n_routed_experts", 256)
     topk_experts = f.integer("num_experts_per_tok", 6)
     if topk_experts > n_experts:
-        raise ConfigError("num_experts_per_tok", f"at most n_routed_experts = {n_experts}", topk_experts)
+        raise ConfigError(
+            "num_experts_per_tok", f"at most n_routed_experts = {n_experts}", topk_experts
+        )
     scoring = f.get("scoring_func", "sqrtsoftplus")
     if scoring not in ("sqrtsoftplus", "sigmoid", "softmax"):
         raise ConfigError("scoring_func", '"sqrtsoftplus", "sigmoid" or "softmax"', scoring)

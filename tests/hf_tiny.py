@@ -38,7 +38,9 @@ def randomize(model, seed: int) -> None:
         if name.endswith(("sinks", "position_bias", ".base", "hc_base")):
             p.copy_(torch.randn(p.shape, generator=g) * 0.5)
             counts["bias-like"] += 1
-        elif name.endswith(("kv_norm.weight", "q_a_norm.weight", "layernorm.weight", "model.norm.weight")):
+        elif name.endswith(
+            ("kv_norm.weight", "q_a_norm.weight", "layernorm.weight", "model.norm.weight")
+        ):
             p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
             counts["norm"] += 1
     for name, b in model.named_buffers():
@@ -47,7 +49,11 @@ def randomize(model, seed: int) -> None:
             counts["router-bias"] += 1
         elif name.endswith("tid2eid"):
             vocab, k = b.shape
-            b.copy_(torch.stack([torch.randperm(cfg.n_routed_experts, generator=g)[:k] for _ in range(vocab)]))
+            b.copy_(
+                torch.stack(
+                    [torch.randperm(cfg.n_routed_experts, generator=g)[:k] for _ in range(vocab)]
+                )
+            )
             counts["tid2eid"] += 1
     # a renamed parameter in another transformers release would silently weaken the tests
     assert all(counts.values()), f"parameter names changed; randomized {counts}"

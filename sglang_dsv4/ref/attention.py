@@ -53,4 +53,3 @@ def grouped_output_proj(o: torch.Tensor, wo_a: torch.Tensor, wo_b: torch.Tensor)
     w = wo_a.view(n_groups, -1, x.shape[-1])  # [G, R, H/G*D]
     y = torch.einsum("tgi,gri->tgr", x, w).reshape(n_tok, -1)  # [T, G*R]
     return y @ wo_b.T
-

@@ -97,15 +97,21 @@ def compress(
     vkv = torch.cat([state.kv[:kept], kv])
     vscore = torch.cat([state.score[:kept], score])
     first_window = start_pos // r
-    cur = (start_pos + n) // r - first_window + (coff - 1)  # virtual index of the new current window
+    cur = (
+        (start_pos + n) // r - first_window + (coff - 1)
+    )  # virtual index of the new current window
     n_win = cur + 1
     pad = n_win * r - vkv.shape[0]
     vkv = torch.cat([vkv, vkv.new_zeros(pad, coff * d)]).view(n_win, r, coff * d)
-    vscore = torch.cat([vscore, vscore.new_full((pad, coff * d), float("-inf"))]).view(n_win, r, coff * d)
+    vscore = torch.cat([vscore, vscore.new_full((pad, coff * d), float("-inf"))]).view(
+        n_win, r, coff * d
+    )
 
     done = range(coff - 1, cur)  # virtual windows completed by this call
     if overlap := w.overlap:
-        pool_kv = torch.cat([vkv[done.start - 1 : cur - 1, :, :d], vkv[done.start : cur, :, d:]], dim=1)
+        pool_kv = torch.cat(
+            [vkv[done.start - 1 : cur - 1, :, :d], vkv[done.start : cur, :, d:]], dim=1
+        )
         pool_score = torch.cat(
             [vscore[done.start - 1 : cur - 1, :, :d], vscore[done.start : cur, :, d:]], dim=1
         )
@@ -115,7 +121,9 @@ def compress(
     entries = rms_norm(entries, w.norm.float(), norm_eps)
     first_entry = first_window
     if len(done):
-        cos, sin = rope_cos_sin((first_entry + torch.arange(len(done), device=x.device)) * r, inv_freq)
+        cos, sin = rope_cos_sin(
+            (first_entry + torch.arange(len(done), device=x.device)) * r, inv_freq
+        )
         entries = apply_rope(entries, cos, sin)
 
     lo = cur - (1 if overlap else 0)

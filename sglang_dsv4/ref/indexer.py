@@ -21,7 +21,9 @@ def index_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor) -> 
     return (s * (weights.float() * n_heads**-0.5).unsqueeze(-1)).sum(dim=1)
 
 
-def index_topk(scores: torch.Tensor, positions: torch.Tensor, ratio: int, topk: int) -> torch.Tensor:
+def index_topk(
+    scores: torch.Tensor, positions: torch.Tensor, ratio: int, topk: int
+) -> torch.Tensor:
     """Top-k entry indices [T, min(topk, E)] (int64, -1 = none) from ``scores`` [T, E] of queries
     at absolute ``positions`` [T], with causal visibility ``s < (t+1) // ratio``."""
     n_entries = scores.shape[1]

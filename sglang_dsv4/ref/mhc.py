@@ -51,14 +51,21 @@ def hc_pre(
     return collapsed, post, comb
 
 
-def hc_post(y: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+def hc_post(
+    y: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor
+) -> torch.Tensor:
     """Block output ``y`` [T, d] and streams ``x`` [T, hc, d] -> new streams [T, hc, d]."""
     dtype = x.dtype
     return post.to(dtype).unsqueeze(-1) * y.unsqueeze(1) + comb.to(dtype).transpose(-1, -2) @ x
 
 
 def hc_head(
-    x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, hc_eps: float, norm_eps: float
+    x: torch.Tensor,
+    fn: torch.Tensor,
+    base: torch.Tensor,
+    scale: torch.Tensor,
+    hc_eps: float,
+    norm_eps: float,
 ) -> torch.Tensor:
     """Final collapse of ``x`` [T, hc, d] -> [T, d] with ``fn`` [hc, hc*d], ``base`` [hc],
     ``scale`` [1]."""

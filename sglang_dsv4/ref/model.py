@@ -33,7 +33,9 @@ class RefOptions:
 class RefDSV4:
     """``RefDSV4(cfg, weights)(ids [S]) -> logits [S, vocab]`` in the weights' dtype."""
 
-    def __init__(self, cfg: DSV4Config, weights: dict[str, torch.Tensor], options: RefOptions | None = None):
+    def __init__(
+        self, cfg: DSV4Config, weights: dict[str, torch.Tensor], options: RefOptions | None = None
+    ):
         self.cfg = cfg
         self.w = weights
         self.options = options or RefOptions()
@@ -44,7 +46,12 @@ class RefDSV4:
         # stacked routed experts per layer: w1/w3 [E, I, d], w2 [E, d, I]
         self.experts = {
             s.index: tuple(
-                torch.stack([weights[f"layers.{s.index}.ffn.experts.{e}.{k}.weight"] for e in range(cfg.n_routed_experts)])
+                torch.stack(
+                    [
+                        weights[f"layers.{s.index}.ffn.experts.{e}.{k}.weight"]
+                        for e in range(cfg.n_routed_experts)
+                    ]
+                )
                 for k in ("w1", "w2", "w3")
             )
             for s in cfg.layers
@@ -52,20 +59,46 @@ class RefDSV4:
 
     def required_names(self) -> list[str]:
         cfg = self.cfg
-        names = ["embed.weight", "head.weight", "norm.weight", "hc_head_fn", "hc_head_base", "hc_head_scale"]
+        names = [
+            "embed.weight",
+            "head.weight",
+            "norm.weight",
+            "hc_head_fn",
+            "hc_head_base",
+            "hc_head_scale",
+        ]
         for s in cfg.layers:
             p = f"layers.{s.index}."
             names += [p + n for n in ("attn_norm.weight", "ffn_norm.weight")]
-            names += [p + f"hc_{site}_{k}" for site in ("attn", "ffn") for k in ("fn", "base", "scale")]
-            names += [p + f"attn.{n}.weight" for n in ("wq_a", "q_norm", "wq_b", "wkv", "kv_norm", "wo_a", "wo_b")]
+            names += [
+                p + f"hc_{site}_{k}" for site in ("attn", "ffn") for k in ("fn", "base", "scale")
+            ]
+            names += [
+                p + f"attn.{n}.weight"
+                for n in ("wq_a", "q_norm", "wq_b", "wkv", "kv_norm", "wo_a", "wo_b")
+            ]
             names.append(p + "attn.attn_sink")
-            comps = {AttnKind.SWA: [], AttnKind.CSA: ["compressor", "indexer.compressor"], AttnKind.HCA: ["compressor"]}
+            comps = {
+                AttnKind.SWA: [],
+                AttnKind.CSA: ["compressor", "indexer.compressor"],
+                AttnKind.HCA: ["compressor"],
+            }
             for c in comps[s.attn]:
-                names += [p + f"attn.{c}.{n}" for n in ("wkv.weight", "wgate.weight", "ape", "norm.weight")]
+                names += [
+                    p + f"attn.{c}.{n}"
+                    for n in ("wkv.weight", "wgate.weight", "ape", "norm.weight")
+                ]
             if s.attn is AttnKind.CSA:
                 names += [p + "attn.indexer.wq_b.weight", p + "attn.indexer.weights_proj.weight"]
-            names += [p + "ffn.gate.weight", p + ("ffn.gate.tid2eid" if s.hash_moe else "ffn.gate.bias")]
-            names += [p + f"ffn.experts.{e}.{k}.weight" for e in range(cfg.n_routed_experts) for k in ("w1", "w2", "w3")]
+            names += [
+                p + "ffn.gate.weight",
+                p + ("ffn.gate.tid2eid" if s.hash_moe else "ffn.gate.bias"),
+            ]
+            names += [
+                p + f"ffn.experts.{e}.{k}.weight"
+                for e in range(cfg.n_routed_experts)
+                for k in ("w1", "w2", "w3")
+            ]
             if cfg.n_shared_experts:
                 names += [p + f"ffn.shared_experts.{k}.weight" for k in ("w1", "w2", "w3")]
         return names
@@ -73,7 +106,9 @@ class RefDSV4:
     def compressor_weights(self, layer: int, which: str = "compressor") -> CompressorWeights:
         p = f"layers.{layer}.attn.{which}."
         w = self.w
-        return CompressorWeights(w[p + "wkv.weight"], w[p + "wgate.weight"], w[p + "ape"], w[p + "norm.weight"])
+        return CompressorWeights(
+            w[p + "wkv.weight"], w[p + "wgate.weight"], w[p + "ape"], w[p + "norm.weight"]
+        )
 
     @torch.no_grad()
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
@@ -84,18 +119,28 @@ class RefDSV4:
         for spec in cfg.layers:
             p = f"layers.{spec.index}."
             u, post, comb = self._hc_pre(x, p + "hc_attn_")
-            y = self.attention(spec, rms_norm(u, w[p + "attn_norm.weight"], cfg.norm_eps), positions)
+            y = self.attention(
+                spec, rms_norm(u, w[p + "attn_norm.weight"], cfg.norm_eps), positions
+            )
             x = hc_post(y, x, post, comb)
             u, post, comb = self._hc_pre(x, p + "hc_ffn_")
             y = self.ffn(spec, rms_norm(u, w[p + "ffn_norm.weight"], cfg.norm_eps), ids)
             x = hc_post(y, x, post, comb)
-        u = hc_head(x, w["hc_head_fn"], w["hc_head_base"], w["hc_head_scale"], cfg.hc_eps, cfg.norm_eps)
+        u = hc_head(
+            x, w["hc_head_fn"], w["hc_head_base"], w["hc_head_scale"], cfg.hc_eps, cfg.norm_eps
+        )
         return rms_norm(u, w["norm.weight"], cfg.norm_eps) @ w["head.weight"].T
 
     def _hc_pre(self, x: torch.Tensor, prefix: str):
         cfg, w = self.cfg, self.w
         return hc_pre(
-            x, w[prefix + "fn"], w[prefix + "base"], w[prefix + "scale"], cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.norm_eps
+            x,
+            w[prefix + "fn"],
+            w[prefix + "base"],
+            w[prefix + "scale"],
+            cfg.hc_sinkhorn_iters,
+            cfg.hc_eps,
+            cfg.norm_eps,
         )
 
     def attention(self, spec: LayerSpec, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -104,10 +149,14 @@ class RefDSV4:
         p = f"layers.{spec.index}.attn."
         n = x.shape[0]
         cos, sin = rope_cos_sin(positions, self.inv_freq[spec.index])
-        qr = rms_norm(x @ w[p + "wq_a.weight"].T, w[p + "q_norm.weight"], cfg.norm_eps)  # [S, q_lora]
+        qr = rms_norm(
+            x @ w[p + "wq_a.weight"].T, w[p + "q_norm.weight"], cfg.norm_eps
+        )  # [S, q_lora]
         q = (qr @ w[p + "wq_b.weight"].T).view(n, cfg.num_heads, cfg.head_dim)
         q = apply_rope(rms_norm(q, None, cfg.norm_eps), cos, sin)  # [S, H, D]
-        kv = apply_rope(rms_norm(x @ w[p + "wkv.weight"].T, w[p + "kv_norm.weight"], cfg.norm_eps), cos, sin)
+        kv = apply_rope(
+            rms_norm(x @ w[p + "wkv.weight"].T, w[p + "kv_norm.weight"], cfg.norm_eps), cos, sin
+        )
         kv = self._kv_quant(kv)  # [S, D]
 
         indices = window_indices(positions, cfg.sliding_window)  # [S, W] rows of kv
@@ -127,7 +176,9 @@ class RefDSV4:
         o = apply_rope(o, cos, sin, inverse=True)
         return grouped_output_proj(o, w[p + "wo_a.weight"], w[p + "wo_b.weight"])
 
-    def indexer(self, spec: LayerSpec, x: torch.Tensor, qr: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def indexer(
+        self, spec: LayerSpec, x: torch.Tensor, qr: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
         """Top-k entry indices [S, min(topk, E)] (-1 = none) of a c4 layer."""
         cfg, w = self.cfg, self.w
         p = f"layers.{spec.index}.attn.indexer."

@@ -15,7 +15,9 @@ import torch.nn.functional as F
 __all__ = ["moe", "route_hash", "route_scores", "route_topk", "route_weights", "swiglu"]
 
 
-def route_scores(x: torch.Tensor, gate: torch.Tensor, scoring_func: str = "sqrtsoftplus") -> torch.Tensor:
+def route_scores(
+    x: torch.Tensor, gate: torch.Tensor, scoring_func: str = "sqrtsoftplus"
+) -> torch.Tensor:
     """Router scores [T, E] (fp32) of ``x`` [T, d] with ``gate`` [E, d]."""
     logits = x.float() @ gate.float().T
     if scoring_func == "sqrtsoftplus":
@@ -37,13 +39,17 @@ def route_hash(token_ids: torch.Tensor, tid2eid: torch.Tensor) -> torch.Tensor:
     return tid2eid[token_ids].long()
 
 
-def route_weights(scores: torch.Tensor, experts: torch.Tensor, routed_scaling_factor: float) -> torch.Tensor:
+def route_weights(
+    scores: torch.Tensor, experts: torch.Tensor, routed_scaling_factor: float
+) -> torch.Tensor:
     """Weights [T, k] of the chosen ``experts`` [T, k]: normalized unbiased scores, scaled."""
     w = scores.gather(1, experts)
     return w / (w.sum(dim=-1, keepdim=True) + 1e-20) * routed_scaling_factor
 
 
-def swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, limit: float) -> torch.Tensor:
+def swiglu(
+    x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, limit: float
+) -> torch.Tensor:
     """Clamped SwiGLU expert: ``x`` [T, d], ``w1``/``w3`` [I, d], ``w2`` [d, I] -> [T, d]."""
     gate = (x @ w1.T).clamp(max=limit)
     up = (x @ w3.T).clamp(min=-limit, max=limit)

@@ -5,7 +5,9 @@ import torch
 __all__ = ["rms_norm"]
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1e-6
+) -> torch.Tensor:
     """Normalize the last dim of ``x`` [..., n] by its RMS; scale by ``weight`` [n] if given.
 
     The weighted form multiplies after casting back to ``x.dtype`` (as HF and the official code

@@ -25,9 +25,9 @@ def rope_inv_freq(spec: RopeSpec, rope_dim: int) -> torch.Tensor:
         return inv_freq
 
     def correction_dim(rotations: float) -> float:
-        return (rope_dim * math.log(yarn.original_max_position_embeddings / (rotations * 2 * math.pi))) / (
-            2 * math.log(spec.theta)
-        )
+        return (
+            rope_dim * math.log(yarn.original_max_position_embeddings / (rotations * 2 * math.pi))
+        ) / (2 * math.log(spec.theta))
 
     low = max(math.floor(correction_dim(yarn.beta_fast)), 0)
     high = min(math.ceil(correction_dim(yarn.beta_slow)), rope_dim - 1)
@@ -38,7 +38,9 @@ def rope_inv_freq(spec: RopeSpec, rope_dim: int) -> torch.Tensor:
     return 1.0 / (yarn.factor * pos_freqs) * (1 - keep) + inv_freq * keep
 
 
-def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(
+    positions: torch.Tensor, inv_freq: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [T, rope_dim // 2] (fp32) for integer ``positions`` [T]."""
     freqs = positions.float()[:, None] * inv_freq.to(positions.device)[None, :]
     return freqs.cos(), freqs.sin()

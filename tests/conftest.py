@@ -1,0 +1,46 @@
+import pytest
+import torch
+from hf_tiny import build_hf_model, tiny_config_dict
+
+EDGE_LENGTHS = (1, 3, 4, 5, 127, 128, 129, 650)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run on the device machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_dict() -> dict:
+    return tiny_config_dict()
+
+
+@pytest.fixture(scope="session")
+def hf_model(tiny_dict):
+    """The fp32 tiny HF DeepseekV4ForCausalLM: layers [SWA, SWA, CSA, HCA, CSA, HCA], layer 0
+    hash-routed, 16 indexer heads, top-k 16 (< the 162 entries of a 650-token prompt)."""
+    return build_hf_model(tiny_dict)
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg(tiny_dict):
+    from sglang_dsv4.config import DSV4Config
+
+    return DSV4Config.from_dict(tiny_dict)
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(hf_model):
+    from sglang_dsv4.checkpoint import hf_to_released
+
+    return hf_to_released(hf_model.state_dict())
