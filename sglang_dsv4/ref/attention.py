@@ -35,12 +35,17 @@ def sparse_attention(
     return torch.einsum("thk,tkd->thd", probs, keys).to(q.dtype)
 
 
-def window_indices(positions: torch.Tensor, window: int, row_of_pos0: int = 0) -> torch.Tensor:
-    """[T, window] rows ``row_of_pos0 + j`` for ``j`` in ``t-window+1 .. t`` (-1 before 0), for a
-    KV buffer that holds one sequence's raw tokens contiguously from row ``row_of_pos0``."""
+def window_indices(
+    positions: torch.Tensor, window: int, row_of_pos0: int | torch.Tensor = 0
+) -> torch.Tensor:
+    """[T, window] KV rows of the ``swa_window`` of queries at ``positions`` [T]: rows
+    ``row_of_pos0 + j`` for ``j`` in ``t-window+1 .. t`` (-1 before position 0). ``row_of_pos0``
+    (an int, or [T] for packed variable-length batches) is where each query's sequence keeps
+    position 0 in a buffer that holds the sequence's raw tokens contiguously."""
     offsets = torch.arange(-window + 1, 1, device=positions.device)
     pos = positions.unsqueeze(1) + offsets  # [T, window]
-    return torch.where(pos >= 0, pos + row_of_pos0, -1)
+    rows = torch.as_tensor(row_of_pos0, device=positions.device).reshape(-1, 1)
+    return torch.where(pos >= 0, pos + rows, -1)
 
 
 def grouped_output_proj(o: torch.Tensor, wo_a: torch.Tensor, wo_b: torch.Tensor) -> torch.Tensor:
