@@ -1,0 +1,180 @@
+"""Per-layer cache schema of DSV4, derived from the frozen layer schedule.
+
+The unit is the ``block``: 128 original tokens = lcm(4, 128). Per block and per layer:
+
+=========  ==============================  =========================================
+layer      entries + indexer keys / block  tail (compressor state, per request)
+=========  ==============================  =========================================
+SWA        0                               none
+c4 (CSA)   32 entries + 32 indexer keys    main 8 slots x 2D, indexer 8 slots x 2Di
+c128 (HCA) 1 entry                         128 slots x D
+=========  ==============================  =========================================
+
+Every layer also keeps the raw KV of the last ``sliding_window`` tokens of a request
+(``swa_window``), held in pages of ``block_size`` tokens: a running request needs at most two
+pages (the partial current block and the one before it). Tails are kv + score in fp32.
+
+Byte sizes follow the entry format: ``fp8`` is the layout FlashMLA's DSV4 kernels read, one
+584-byte record per KV row (``[0, 448)`` e4m3 nope channels, ``[448, 576)`` bf16 RoPE channels,
+``[576, 583)`` one UE8M0 scale per 64 nope channels, 1 pad byte) and 132-byte indexer keys (128
+e4m3 + one fp32 scale); ``bf16`` / ``fp32`` store plain rows (the CPU path).
+"""
+
+import enum
+import math
+from dataclasses import dataclass
+
+from sglang_dsv4.config import AttnKind, DSV4Config
+
+__all__ = ["CacheSchema", "EntryFormat", "LayerCache", "PoolSizes", "plan_pools"]
+
+
+class EntryFormat(enum.Enum):
+    FP8 = "fp8"
+    BF16 = "bf16"
+    FP32 = "fp32"
+
+    def kv_row_bytes(self, head_dim: int, rope_dim: int) -> int:
+        if self is EntryFormat.FP8:
+            nope = head_dim - rope_dim
+            if nope % 64:
+                raise ValueError(f"fp8 entries need nope dims in 64-channel blocks, got {nope}")
+            scales = nope // 64 + 1  # one UE8M0 per 64 channels + 1 pad byte (7 + 1 for DSV4)
+            return nope + 2 * rope_dim + scales
+        return head_dim * (2 if self is EntryFormat.BF16 else 4)
+
+    def index_key_bytes(self, index_head_dim: int) -> int:
+        if self is EntryFormat.FP8:
+            return index_head_dim + 4
+        return index_head_dim * (2 if self is EntryFormat.BF16 else 4)
+
+
+@dataclass(frozen=True)
+class LayerCache:
+    layer: int
+    kind: AttnKind
+    entries_per_block: int  # compressed KV rows per block
+    index_keys_per_block: int  # c4 only
+    tail_shape: tuple[int, int] | None  # (slots, channels) of the main compressor tail
+    index_tail_shape: tuple[int, int] | None  # c4 indexer compressor tail
+
+
+@dataclass(frozen=True)
+class CacheSchema:
+    block_size: int
+    sliding_window: int
+    head_dim: int
+    rope_dim: int
+    index_head_dim: int
+    fmt: EntryFormat
+    layers: tuple[LayerCache, ...]
+
+    @classmethod
+    def from_config(cls, cfg: DSV4Config, fmt: EntryFormat = EntryFormat.FP8) -> "CacheSchema":
+        block = cfg.block_size
+        if block % cfg.sliding_window:
+            raise ValueError(f"block {block} must hold whole windows of {cfg.sliding_window}")
+        layers = []
+        for s in cfg.layers:
+            ratio = s.ratio
+            coff = 2 if s.attn is AttnKind.CSA else 1  # c4 windows overlap: two channel halves
+            tail = (coff * ratio, coff * cfg.head_dim) if s.attn.compressed else None
+            csa = s.attn is AttnKind.CSA
+            layers.append(
+                LayerCache(
+                    layer=s.index,
+                    kind=s.attn,
+                    entries_per_block=block // ratio if s.attn.compressed else 0,
+                    index_keys_per_block=block // ratio if csa else 0,
+                    tail_shape=tail,
+                    index_tail_shape=(2 * ratio, 2 * cfg.index_head_dim) if csa else None,
+                )
+            )
+        return cls(
+            block_size=block,
+            sliding_window=cfg.sliding_window,
+            head_dim=cfg.head_dim,
+            rope_dim=cfg.rope_dim,
+            index_head_dim=cfg.index_head_dim,
+            fmt=fmt,
+            layers=tuple(layers),
+        )
+
+    @property
+    def kv_row_bytes(self) -> int:
+        return self.fmt.kv_row_bytes(self.head_dim, self.rope_dim)
+
+    @property
+    def index_key_bytes(self) -> int:
+        return self.fmt.index_key_bytes(self.index_head_dim)
+
+    @property
+    def block_bytes(self) -> int:
+        """Compressed entries + indexer keys of one block over all layers."""
+        return sum(
+            lc.entries_per_block * self.kv_row_bytes
+            + lc.index_keys_per_block * self.index_key_bytes
+            for lc in self.layers
+        )
+
+    @property
+    def swa_page_bytes(self) -> int:
+        """Raw KV of one page (``block_size`` tokens) over all layers."""
+        return self.block_size * self.kv_row_bytes * len(self.layers)
+
+    @property
+    def tail_bytes(self) -> int:
+        """Compressor state of one request over all layers (kv + score, fp32)."""
+        shapes = [s for lc in self.layers for s in (lc.tail_shape, lc.index_tail_shape) if s]
+        return sum(2 * 4 * a * b for a, b in shapes)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return math.ceil(num_tokens / self.block_size)
+
+    def layers_of(self, kind: AttnKind) -> tuple[LayerCache, ...]:
+        return tuple(lc for lc in self.layers if lc.kind is kind)
+
+
+@dataclass(frozen=True)
+class PoolSizes:
+    n_blocks: int  # compressed-entry blocks (all compressed layers share one block id)
+    n_swa_pages: int
+    n_tail_slots: int
+
+    def total_bytes(self, schema: CacheSchema) -> int:
+        return (
+            self.n_blocks * schema.block_bytes
+            + self.n_swa_pages * schema.swa_page_bytes
+            + self.n_tail_slots * schema.tail_bytes
+        )
+
+
+def plan_pools(
+    schema: CacheSchema, budget_bytes: int, max_running_requests: int, swa_fraction: float = 0.25
+) -> PoolSizes:
+    """Split ``budget_bytes`` among tails (one per running request), ``swa_window`` pages (at
+    least two per running request, ``swa_fraction`` of the rest so finished prefixes keep their
+    windows for the radix cache) and entry blocks (everything else).
+
+    Raises ``MemoryError`` naming the shortfall when the budget cannot hold the running requests'
+    tails and windows plus one block each.
+    """
+    if not 0.0 <= swa_fraction < 1.0:
+        raise ValueError(f"swa_fraction must be in [0, 1), got {swa_fraction}")
+    fixed = max_running_requests * (
+        schema.tail_bytes + 2 * schema.swa_page_bytes + schema.block_bytes
+    )
+    if budget_bytes < fixed:
+        raise MemoryError(
+            f"KV budget {budget_bytes / 2**20:.1f} MiB < {fixed / 2**20:.1f} MiB needed for "
+            f"{max_running_requests} running requests (tails, two window pages and one block "
+            "each); raise --mem-fraction-static or lower --max-running-requests"
+        )
+    spare = budget_bytes - fixed
+    extra_pages = int(spare * swa_fraction) // schema.swa_page_bytes
+    extra_blocks = (spare - extra_pages * schema.swa_page_bytes) // max(schema.block_bytes, 1)
+    return PoolSizes(
+        n_blocks=max_running_requests + int(extra_blocks) if schema.block_bytes else 0,
+        n_swa_pages=2 * max_running_requests + extra_pages,
+        n_tail_slots=max_running_requests,
+    )

@@ -1,0 +1,69 @@
+from pathlib import Path
+
+import pytest
+
+from sglang_dsv4.config import AttnKind, DSV4Config
+from sglang_dsv4.mem.schema import CacheSchema, EntryFormat, plan_pools
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+GIB = 2**30
+
+
+def schema(name: str, fmt: EntryFormat) -> CacheSchema:
+    return CacheSchema.from_config(DSV4Config.from_json(CONFIGS / f"{name}.json"), fmt)
+
+
+def test_per_layer_contents_follow_the_schedule():
+    s = schema("dsv4-flash", EntryFormat.FP8)
+    assert s.block_size == 128
+    swa, csa, hca = s.layers[0], s.layers[2], s.layers[3]
+    assert (swa.kind, swa.entries_per_block, swa.tail_shape) == (AttnKind.SWA, 0, None)
+    assert (csa.entries_per_block, csa.index_keys_per_block) == (32, 32)
+    assert csa.tail_shape == (8, 1024) and csa.index_tail_shape == (8, 256)
+    assert (hca.entries_per_block, hca.index_keys_per_block, hca.tail_shape) == (1, 0, (128, 512))
+
+
+def test_fp8_row_is_flashmla_584_bytes():
+    s = schema("dsv4-flash", EntryFormat.FP8)
+    assert s.kv_row_bytes == 448 + 64 * 2 + 7 + 1 == 584
+    assert s.index_key_bytes == 132
+
+
+@pytest.mark.parametrize(
+    ("name", "fmt", "gib_at_1m", "half_ulp"),
+    [
+        ("dsv4-flash", EntryFormat.FP8, 3.8, 0.05),
+        ("dsv4-flash", EntryFormat.BF16, 6.7, 0.05),
+        ("dsv4-pro", EntryFormat.BF16, 9.62, 0.005),
+    ],
+)
+def test_kv_per_sequence_at_1m_tokens_matches_published_sizes(name, fmt, gib_at_1m, half_ulp):
+    """dsv4_semantics.md section 5: Flash FP8 ~3.8 GiB, Flash BF16 ~6.7 GiB, Pro BF16 9.62 GiB
+    (vLLM's figure) of compressed KV per 1M-token sequence."""
+    s = schema(name, fmt)
+    size = s.blocks_for(1 << 20) * s.block_bytes / GIB
+    assert abs(size - gib_at_1m) <= half_ulp, size  # equal to the published digits
+
+
+def test_tail_bytes():
+    s = schema("dsv4-flash", EntryFormat.FP8)
+    per_csa = 2 * 4 * (8 * 1024 + 8 * 256)
+    per_hca = 2 * 4 * 128 * 512
+    assert s.tail_bytes == 21 * per_csa + 20 * per_hca
+
+
+def test_plan_pools_fills_budget_and_keeps_running_requests():
+    s = schema("dsv4-flash", EntryFormat.FP8)
+    budget = 40 * GIB
+    sizes = plan_pools(s, budget, max_running_requests=64)
+    assert sizes.n_tail_slots == 64 and sizes.n_swa_pages >= 128 and sizes.n_blocks >= 64
+    used = sizes.total_bytes(s)
+    assert used <= budget and budget - used < s.swa_page_bytes + s.block_bytes
+    bigger = plan_pools(s, 2 * budget, max_running_requests=64)
+    assert bigger.n_blocks > 2 * sizes.n_blocks * 0.99  # the budget is read, not a constant
+
+
+def test_plan_pools_too_small_names_the_knobs():
+    s = schema("dsv4-flash", EntryFormat.FP8)
+    with pytest.raises(MemoryError, match="mem-fraction-static"):
+        plan_pools(s, 100 * 2**20, max_running_requests=64)
