@@ -25,6 +25,7 @@ import math
 from dataclasses import dataclass
 
 from sglang_dsv4.config import AttnKind, DSV4Config
+from sglang_dsv4.ref.kv_layout import fp8_row_bytes
 
 __all__ = ["CacheSchema", "EntryFormat", "LayerCache", "PoolSizes", "plan_pools"]
 
@@ -36,11 +37,7 @@ class EntryFormat(enum.Enum):
 
     def kv_row_bytes(self, head_dim: int, rope_dim: int) -> int:
         if self is EntryFormat.FP8:
-            nope = head_dim - rope_dim
-            if nope % 64:
-                raise ValueError(f"fp8 entries need nope dims in 64-channel blocks, got {nope}")
-            scales = nope // 64 + 1  # one UE8M0 per 64 channels + 1 pad byte (7 + 1 for DSV4)
-            return nope + 2 * rope_dim + scales
+            return fp8_row_bytes(head_dim, rope_dim)
         return head_dim * (2 if self is EntryFormat.BF16 else 4)
 
     def index_key_bytes(self, index_head_dim: int) -> int:
