@@ -1,48 +1,83 @@
-"""Id allocator for DSV4 pools (entry blocks, swa_window pages, tail slots).
+"""Token-slot allocator of DSV4: SGLang's paged allocator with page = ``block`` (128 tokens).
 
-Like SGLang's token allocator: the free list is an int64 tensor, ``alloc`` returns ``None`` when
-there is no room (the scheduler then queues or retracts; it never raises), and id 0 is reserved
-as the write target of padded tokens, so a pool of ``size`` usable ids has ``size + 1`` rows.
-Frees are checked: freeing an id that is not allocated is a bug that would hand one row to two
-requests, so it raises at once.
+A page id is the block id the pools address entries and compressor state by (see ``pools``).
+SGLang's ``alloc_extend`` / ``alloc_decode`` launch Triton kernels; on a device without Triton
+(CPU) the same allocation runs in torch. Like SGLang, allocation returns ``None`` when there is
+no room (the scheduler queues or retracts) and page 0 is reserved for padded tokens.
 """
 
 import torch
+from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator, alloc_extend_naive
+from sglang.srt.utils import get_num_new_pages
 
-__all__ = ["IdAllocator"]
+__all__ = ["DSV4PagedAllocator"]
 
 
-class IdAllocator:
-    def __init__(self, size: int, device: torch.device | str = "cpu"):
-        if size < 0:
-            raise ValueError(f"allocator size must be >= 0, got {size}")
-        self.size = size
-        self.device = torch.device(device)
-        self.clear()
-
-    def clear(self) -> None:
-        self._free = torch.arange(1, self.size + 1, dtype=torch.int64, device=self.device)
-        self._in_use = torch.zeros(self.size + 1, dtype=torch.bool, device=self.device)
+class DSV4PagedAllocator(PagedTokenToKVPoolAllocator):
+    @property
+    def _torch_path(self) -> bool:
+        return torch.device(self.device).type == "cpu"
 
     @property
-    def available(self) -> int:
-        return self._free.numel()
+    def free_page_count(self) -> int:
+        return len(self.free_pages) + len(self.release_pages)
 
-    def alloc(self, n: int) -> torch.Tensor | None:
-        """``n`` distinct ids (int64), or ``None`` if fewer than ``n`` are free."""
-        if n > self._free.numel():
+    def alloc_extend(
+        self,
+        prefix_lens: torch.Tensor,
+        prefix_lens_cpu: torch.Tensor,
+        seq_lens: torch.Tensor,
+        seq_lens_cpu: torch.Tensor,
+        last_loc: torch.Tensor,
+        extend_num_tokens: int,
+        num_new_pages: int | None = None,
+    ):
+        if not self._torch_path:
+            return super().alloc_extend(
+                prefix_lens,
+                prefix_lens_cpu,
+                seq_lens,
+                seq_lens_cpu,
+                last_loc,
+                extend_num_tokens,
+                num_new_pages,
+            )
+        if num_new_pages is None:
+            num_new_pages = get_num_new_pages(
+                seq_lens=seq_lens_cpu, page_size=self.page_size, prefix_lens=prefix_lens_cpu
+            )
+        if self.need_sort and num_new_pages > len(self.free_pages):
+            self.merge_and_sort_free()
+        if num_new_pages > len(self.free_pages):
             return None
-        ids, self._free = self._free[:n], self._free[n:]
-        self._in_use[ids] = True
-        return ids
+        out = torch.empty((extend_num_tokens,), dtype=torch.int64, device=self.device)
+        alloc_extend_naive(
+            prefix_lens.long(),
+            seq_lens.long(),
+            last_loc.long(),
+            self.free_pages,
+            out,
+            self.page_size,
+            self.device,
+        )
+        self.free_pages = self.free_pages[num_new_pages:]
+        return out
 
-    def free(self, ids: torch.Tensor) -> None:
-        if ids.numel() == 0:
-            return
-        ids = ids.to(self.device, torch.int64).flatten()
-        if int(ids.min()) < 1 or int(ids.max()) > self.size:
-            raise ValueError(f"ids out of range [1, {self.size}]: {ids.tolist()[:8]}")
-        if not bool(self._in_use[ids].all()) or ids.unique().numel() != ids.numel():
-            raise ValueError(f"double free or free of unallocated ids: {ids.tolist()[:8]}")
-        self._in_use[ids] = False
-        self._free = torch.cat([self._free, ids])
+    def alloc_decode(
+        self, seq_lens: torch.Tensor, seq_lens_cpu: torch.Tensor, last_loc: torch.Tensor
+    ):
+        if not self._torch_path:
+            return super().alloc_decode(seq_lens, seq_lens_cpu, last_loc)
+        new_page = (seq_lens.long() - 1) % self.page_size == 0  # the new token opens a page
+        num_new_pages = int(new_page.sum())
+        if self.need_sort and num_new_pages > len(self.free_pages):
+            self.merge_and_sort_free()
+        if num_new_pages > len(self.free_pages):
+            return None
+        pages = self.free_pages[: max(num_new_pages, 1)]
+        pick = (torch.cumsum(new_page.long(), 0) - 1).clamp(min=0)
+        out = torch.where(
+            new_page, pages[pick] * self.page_size if num_new_pages else 0, last_loc.long() + 1
+        )
+        self.free_pages = self.free_pages[num_new_pages:]
+        return out

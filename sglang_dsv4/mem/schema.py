@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from sglang_dsv4.config import AttnKind, DSV4Config
 from sglang_dsv4.ref.kv_layout import fp8_row_bytes
 
-__all__ = ["CacheSchema", "EntryFormat", "LayerCache", "PoolSizes", "plan_pools"]
+__all__ = ["CacheSchema", "EntryFormat", "LayerCacheSpec", "PoolSizes", "plan_pools"]
 
 
 class EntryFormat(enum.Enum):
@@ -47,7 +47,7 @@ class EntryFormat(enum.Enum):
 
 
 @dataclass(frozen=True)
-class LayerCache:
+class LayerCacheSpec:
     layer: int
     kind: AttnKind
     entries_per_block: int  # compressed KV rows per block
@@ -64,7 +64,7 @@ class CacheSchema:
     rope_dim: int
     index_head_dim: int
     fmt: EntryFormat
-    layers: tuple[LayerCache, ...]
+    layers: tuple[LayerCacheSpec, ...]
 
     @classmethod
     def from_config(cls, cfg: DSV4Config, fmt: EntryFormat = EntryFormat.FP8) -> "CacheSchema":
@@ -78,7 +78,7 @@ class CacheSchema:
             tail = (coff * ratio, coff * cfg.head_dim) if s.attn.compressed else None
             csa = s.attn is AttnKind.CSA
             layers.append(
-                LayerCache(
+                LayerCacheSpec(
                     layer=s.index,
                     kind=s.attn,
                     entries_per_block=block // ratio if s.attn.compressed else 0,
@@ -120,6 +120,24 @@ class CacheSchema:
         return self.block_size * self.kv_row_bytes * len(self.layers)
 
     @property
+    def boundary_bytes(self) -> int:
+        """Per block: the c4 compressors' state at the block's end (the a-halves of its last
+        window, main and indexer, kv + score fp32), so a prefix hit there can resume."""
+        return sum(
+            2 * 4 * (lc.tail_shape[0] // 2) * (lc.tail_shape[1] // 2 + lc.index_tail_shape[1] // 2)
+            for lc in self.layers
+            if lc.index_tail_shape
+        )
+
+    @property
+    def bytes_per_token_slot(self) -> float:
+        """Raw KV row of every layer + this token's share of its block's entries and state."""
+        return (
+            self.kv_row_bytes * len(self.layers)
+            + (self.block_bytes + self.boundary_bytes) / self.block_size
+        )
+
+    @property
     def tail_bytes(self) -> int:
         """Compressor state of one request over all layers (kv + score, fp32)."""
         shapes = [s for lc in self.layers for s in (lc.tail_shape, lc.index_tail_shape) if s]
@@ -128,7 +146,7 @@ class CacheSchema:
     def blocks_for(self, num_tokens: int) -> int:
         return math.ceil(num_tokens / self.block_size)
 
-    def layers_of(self, kind: AttnKind) -> tuple[LayerCache, ...]:
+    def layers_of(self, kind: AttnKind) -> tuple[LayerCacheSpec, ...]:
         return tuple(lc for lc in self.layers if lc.kind is kind)
 
 

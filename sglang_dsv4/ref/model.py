@@ -43,15 +43,13 @@ class RefDSV4:
         if missing:
             raise KeyError(f"{len(missing)} tensors missing from the weights, e.g. {missing[:5]}")
         self.inv_freq = {s.index: rope_inv_freq(s.rope, cfg.rope_dim) for s in cfg.layers}
-        # stacked routed experts per layer: w1/w3 [E, I, d], w2 [E, d, I]
+        # routed expert weights per layer as per-expert lists (no copies): w1, w2, w3
         self.experts = {
             s.index: tuple(
-                torch.stack(
-                    [
-                        weights[f"layers.{s.index}.ffn.experts.{e}.{k}.weight"]
-                        for e in range(cfg.n_routed_experts)
-                    ]
-                )
+                [
+                    weights[f"layers.{s.index}.ffn.experts.{e}.{k}.weight"]
+                    for e in range(cfg.n_routed_experts)
+                ]
                 for k in ("w1", "w2", "w3")
             )
             for s in cfg.layers
@@ -114,24 +112,33 @@ class RefDSV4:
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         cfg, w = self.cfg, self.w
         positions = torch.arange(ids.shape[0], device=ids.device)
-        h = w["embed.weight"][ids]  # [S, d]
-        x = h.unsqueeze(1).expand(-1, cfg.hc_mult, -1).contiguous()  # [S, hc, d]
+        x = self.embed_streams(ids)
         for spec in cfg.layers:
             p = f"layers.{spec.index}."
-            u, post, comb = self._hc_pre(x, p + "hc_attn_")
+            u, post, comb = self.hc_pre(x, p + "hc_attn_")
             y = self.attention(
                 spec, rms_norm(u, w[p + "attn_norm.weight"], cfg.norm_eps), positions
             )
             x = hc_post(y, x, post, comb)
-            u, post, comb = self._hc_pre(x, p + "hc_ffn_")
+            u, post, comb = self.hc_pre(x, p + "hc_ffn_")
             y = self.ffn(spec, rms_norm(u, w[p + "ffn_norm.weight"], cfg.norm_eps), ids)
             x = hc_post(y, x, post, comb)
+        return self.final_hidden(x) @ w["head.weight"].T
+
+    def embed_streams(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [T] -> ``hc_mult`` identical residual streams [T, hc, d]."""
+        h = self.w["embed.weight"][ids]
+        return h.unsqueeze(1).expand(-1, self.cfg.hc_mult, -1).contiguous()
+
+    def final_hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """Streams [T, hc, d] -> the normed hidden state the head reads [T, d]."""
+        cfg, w = self.cfg, self.w
         u = hc_head(
             x, w["hc_head_fn"], w["hc_head_base"], w["hc_head_scale"], cfg.hc_eps, cfg.norm_eps
         )
-        return rms_norm(u, w["norm.weight"], cfg.norm_eps) @ w["head.weight"].T
+        return rms_norm(u, w["norm.weight"], cfg.norm_eps)
 
-    def _hc_pre(self, x: torch.Tensor, prefix: str):
+    def hc_pre(self, x: torch.Tensor, prefix: str):
         cfg, w = self.cfg, self.w
         return hc_pre(
             x,
@@ -143,26 +150,47 @@ class RefDSV4:
             cfg.norm_eps,
         )
 
-    def attention(self, spec: LayerSpec, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Attention block of one layer over a whole sequence: ``x`` [S, d] -> [S, d]."""
+    def project(self, spec: LayerSpec, x: torch.Tensor, positions: torch.Tensor):
+        """Attention input ``x`` [T, d] -> (qr [T, q_lora], roped q [T, H, D], roped kv [T, D])."""
         cfg, w = self.cfg, self.w
         p = f"layers.{spec.index}.attn."
-        n = x.shape[0]
         cos, sin = rope_cos_sin(positions, self.inv_freq[spec.index])
-        qr = rms_norm(
-            x @ w[p + "wq_a.weight"].T, w[p + "q_norm.weight"], cfg.norm_eps
-        )  # [S, q_lora]
-        q = (qr @ w[p + "wq_b.weight"].T).view(n, cfg.num_heads, cfg.head_dim)
-        q = apply_rope(rms_norm(q, None, cfg.norm_eps), cos, sin)  # [S, H, D]
+        qr = rms_norm(x @ w[p + "wq_a.weight"].T, w[p + "q_norm.weight"], cfg.norm_eps)
+        q = (qr @ w[p + "wq_b.weight"].T).view(x.shape[0], cfg.num_heads, cfg.head_dim)
+        q = apply_rope(rms_norm(q, None, cfg.norm_eps), cos, sin)
         kv = apply_rope(
             rms_norm(x @ w[p + "wkv.weight"].T, w[p + "kv_norm.weight"], cfg.norm_eps), cos, sin
         )
-        kv = self._kv_quant(kv)  # [S, D]
+        return qr, q, self._kv_quant(kv)
 
+    def output(self, spec: LayerSpec, o: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Attention output [T, H, D] -> inverse RoPE at the query position, grouped projection."""
+        p = f"layers.{spec.index}.attn."
+        cos, sin = rope_cos_sin(positions, self.inv_freq[spec.index])
+        o = apply_rope(o, cos, sin, inverse=True)
+        return grouped_output_proj(o, self.w[p + "wo_a.weight"], self.w[p + "wo_b.weight"])
+
+    def indexer_query(
+        self, spec: LayerSpec, x: torch.Tensor, qr: torch.Tensor, positions: torch.Tensor
+    ):
+        """(roped indexer queries [T, Hi, Di], raw head weights [T, Hi]) of a c4 layer."""
+        cfg, w = self.cfg, self.w
+        p = f"layers.{spec.index}.attn.indexer."
+        cos, sin = rope_cos_sin(positions, self.inv_freq[spec.index])
+        q = (qr @ w[p + "wq_b.weight"].T).view(x.shape[0], cfg.index_n_heads, cfg.index_head_dim)
+        q = apply_rope(q, cos, sin)
+        if self.options.quant_sim:
+            q = fp4_e2m1_fake_quant(hadamard(q))
+        return q, x @ w[p + "weights_proj.weight"].T
+
+    def attention(self, spec: LayerSpec, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Attention block of one layer over a whole sequence: ``x`` [S, d] -> [S, d]."""
+        cfg, w = self.cfg, self.w
+        n = x.shape[0]
+        qr, q, kv = self.project(spec, x, positions)
         indices = window_indices(positions, cfg.sliding_window)  # [S, W] rows of kv
         if spec.attn.compressed:
-            entries = self._compress_all(spec, x, "compressor")
-            entries = self._kv_quant(entries)  # [E, D]
+            entries = self._kv_quant(self._compress_all(spec, x, "compressor"))  # [E, D]
             if spec.attn is AttnKind.CSA:
                 picks = self.indexer(spec, x, qr, positions)  # [S, k]
             else:
@@ -171,25 +199,22 @@ class RefDSV4:
                 picks = torch.where(picks < visible.unsqueeze(1), picks, -1)
             indices = torch.cat([indices, torch.where(picks >= 0, picks + n, -1)], dim=1)
             kv = torch.cat([kv, entries])
-
-        o = sparse_attention(q, kv, indices, w[p + "attn_sink"], cfg.head_dim**-0.5)
-        o = apply_rope(o, cos, sin, inverse=True)
-        return grouped_output_proj(o, w[p + "wo_a.weight"], w[p + "wo_b.weight"])
+        o = sparse_attention(
+            q, kv, indices, w[f"layers.{spec.index}.attn.attn_sink"], cfg.head_dim**-0.5
+        )
+        return self.output(spec, o, positions)
 
     def indexer(
         self, spec: LayerSpec, x: torch.Tensor, qr: torch.Tensor, positions: torch.Tensor
     ) -> torch.Tensor:
         """Top-k entry indices [S, min(topk, E)] (-1 = none) of a c4 layer."""
-        cfg, w = self.cfg, self.w
-        p = f"layers.{spec.index}.attn.indexer."
         keys = self._compress_all(spec, x, "indexer.compressor")  # [E, Di]
-        cos, sin = rope_cos_sin(positions, self.inv_freq[spec.index])
-        q = (qr @ w[p + "wq_b.weight"].T).view(x.shape[0], cfg.index_n_heads, cfg.index_head_dim)
-        q = apply_rope(q, cos, sin)
         if self.options.quant_sim:
-            q, keys = fp4_e2m1_fake_quant(hadamard(q)), fp4_e2m1_fake_quant(hadamard(keys))
-        scores = index_scores(q, x @ w[p + "weights_proj.weight"].T, keys)
-        return index_topk(scores, positions, spec.ratio, cfg.index_topk)
+            keys = fp4_e2m1_fake_quant(hadamard(keys))
+        q, weights = self.indexer_query(spec, x, qr, positions)
+        return index_topk(
+            index_scores(q, weights, keys), positions, spec.ratio, self.cfg.index_topk
+        )
 
     def _compress_all(self, spec: LayerSpec, x: torch.Tensor, which: str) -> torch.Tensor:
         cw = self.compressor_weights(spec.index, which)

@@ -66,7 +66,8 @@ def moe(
     shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
     limit: float,
 ) -> torch.Tensor:
-    """``x`` [T, d]; chosen ``experts`` / ``weights`` [T, k]; stacked expert weights ``w1``/``w3``
+    """``x`` [T, d]; chosen ``experts`` / ``weights`` [T, k]; expert weights indexable by expert id
+    (stacked tensors or lists): ``w1``/``w3``
     [E, I, d], ``w2`` [E, d, I]; ``shared`` = (w1, w2, w3) of the shared expert -> [T, d]."""
     out = torch.zeros_like(x)
     for e in experts.unique().tolist():

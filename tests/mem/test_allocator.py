@@ -1,38 +1,49 @@
-import pytest
 import torch
 
-from sglang_dsv4.mem.allocator import IdAllocator
+from sglang_dsv4.mem.allocator import DSV4PagedAllocator
+
+PAGE = 128
 
 
-def test_alloc_until_full_returns_none_then_frees_restore():
-    a = IdAllocator(10)
-    first = a.alloc(4)
-    second = a.alloc(6)
-    assert a.available == 0 and a.alloc(1) is None
-    ids = torch.cat([first, second])
-    assert sorted(ids.tolist()) == list(range(1, 11))  # id 0 is reserved, never handed out
-    a.free(first)
-    assert a.available == 4
-    again = a.alloc(4)
-    assert sorted(again.tolist()) == sorted(first.tolist())
-    a.free(again)
-    a.free(second)
-    assert a.available == 10
+def make(n_pages: int) -> DSV4PagedAllocator:
+    return DSV4PagedAllocator(
+        n_pages * PAGE, PAGE, torch.float32, "cpu", kvcache=None, need_sort=False
+    )
 
 
-def test_double_free_and_foreign_ids_raise():
-    a = IdAllocator(4)
-    ids = a.alloc(2)
-    a.free(ids)
-    with pytest.raises(ValueError, match="double free"):
-        a.free(ids)
-    with pytest.raises(ValueError, match="out of range"):
-        a.free(torch.tensor([0]))
-    with pytest.raises(ValueError, match="double free"):
-        a.free(torch.tensor([3, 3]))
+def extend(a, prefix, seq, last):
+    p, s = torch.tensor(prefix), torch.tensor(seq)
+    return a.alloc_extend(p, p, s, s, torch.tensor(last), int((s - p).sum()))
 
 
-def test_zero_size_and_empty_free():
-    a = IdAllocator(0)
-    assert a.alloc(0).numel() == 0 and a.alloc(1) is None
-    a.free(torch.empty(0, dtype=torch.int64))
+def test_extend_fills_pages_and_continues_partial_page():
+    a = make(8)
+    out = extend(a, [0, 0], [130, 5], [-1, -1])
+    assert out.shape == (135,) and a.available_size() == 5 * PAGE
+    first, second = out[:130], out[130:]
+    assert torch.equal(first[:128], first[0] + torch.arange(128)) and first[0] % PAGE == 0
+    assert first[128] % PAGE == 0 and first[128] // PAGE != first[0] // PAGE
+    assert (second // PAGE == second[0] // PAGE).all() and (out // PAGE != 0).all()
+    # continue request 1 inside its partial page, then across a page boundary
+    more = extend(a, [5], [200], [int(second[-1])])
+    assert torch.equal(more[:123], second[-1] + 1 + torch.arange(123))
+    assert more[123] % PAGE == 0
+
+
+def test_decode_opens_page_at_boundary_only():
+    a = make(4)
+    out = extend(a, [0, 0], [127, 128], [-1, -1])
+    last = torch.stack([out[126], out[-1]])
+    dec = a.alloc_decode(torch.tensor([128, 129]), torch.tensor([128, 129]), last)
+    assert dec[0] == out[126] + 1  # token 127 stays in the page
+    assert dec[1] % PAGE == 0 and dec[1] // PAGE not in (out // PAGE).tolist()
+
+
+def test_no_room_returns_none_and_free_restores():
+    a = make(2)
+    out = extend(a, [0], [256], [-1])
+    assert a.available_size() == 0
+    assert extend(a, [0], [1], [-1]) is None
+    assert a.alloc_decode(torch.tensor([257]), torch.tensor([257]), out[-1:]) is None
+    a.free(out)
+    assert a.available_size() == 2 * PAGE

@@ -67,3 +67,10 @@ def test_plan_pools_too_small_names_the_knobs():
     s = schema("dsv4-flash", EntryFormat.FP8)
     with pytest.raises(MemoryError, match="mem-fraction-static"):
         plan_pools(s, 100 * 2**20, max_running_requests=64)
+
+
+def test_boundary_and_per_slot_bytes():
+    s = schema("dsv4-flash", EntryFormat.FP8)
+    assert s.boundary_bytes == 21 * 2 * 4 * 4 * (512 + 128)
+    per_slot = 584 * 43 + (s.block_bytes + s.boundary_bytes) / 128
+    assert s.bytes_per_token_slot == per_slot

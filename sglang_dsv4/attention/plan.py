@@ -1,0 +1,79 @@
+"""Per-batch plan: all host work of a forward, done once before the first layer runs.
+
+For every request of the batch it records where its tokens sit in the batch (``tokens``), its
+prefix length ``P`` and new length ``S``, the token slots of positions ``0..S-1`` and how its
+compressor tail must be obtained:
+
+``keep``     the request's own tail continues (chunked prefill, decode)
+``fresh``    no prefix: empty state
+``rebuild``  a new owner of the slot with a prefix hit at a block end: the c4 a-halves come
+             from the ``boundary`` rows of the prefix's last block, everything else is empty
+
+A tail is the request's own iff the slot's recorded owner generation and position match.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["BatchPlan", "RequestPlan", "TailMode", "plan_batch"]
+
+
+class TailMode:
+    KEEP = "keep"
+    FRESH = "fresh"
+    REBUILD = "rebuild"
+
+
+@dataclass(frozen=True)
+class RequestPlan:
+    req_slot: int
+    prefix: int  # P: tokens already in the cache
+    seq_len: int  # S: tokens in the cache after this forward
+    tokens: slice  # this request's rows in the batch's token dim
+    slots: torch.Tensor  # [S] int64 token slots of positions 0..S-1
+    tail: str  # TailMode
+
+    @property
+    def positions(self) -> torch.Tensor:
+        return torch.arange(self.prefix, self.seq_len, device=self.slots.device)
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    requests: tuple[RequestPlan, ...]
+    out_loc: torch.Tensor  # [T] slots of the new tokens, in batch order
+    block_size: int
+
+
+def plan_batch(forward_batch, pool, req_to_token_pool) -> BatchPlan:
+    """Build the plan of an extend or decode batch (see module docstring)."""
+    fb = forward_batch
+    seq_lens = [int(s) for s in fb.seq_lens_cpu.tolist()]
+    if fb.forward_mode.is_decode():
+        prefix_lens = [s - 1 for s in seq_lens]
+    else:
+        prefix_lens = [int(p) for p in fb.extend_prefix_lens.tolist()]
+    req_slots = [int(r) for r in fb.req_pool_indices.tolist()]
+    generations = req_to_token_pool.req_generation
+    block = pool.schema.block_size
+    requests, start = [], 0
+    for slot, prefix, seq_len in zip(req_slots, prefix_lens, seq_lens, strict=True):
+        gen = int(generations[slot])
+        if pool.tail_owner[slot] == gen and pool.tail_pos[slot] == prefix:
+            mode = TailMode.KEEP
+        elif prefix == 0:
+            mode = TailMode.FRESH
+        elif prefix % block == 0:
+            mode = TailMode.REBUILD
+        else:
+            raise RuntimeError(
+                f"request slot {slot}: prefix {prefix} is neither this request's own progress "
+                f"({pool.tail_pos[slot]}) nor a block boundary; its compressor state is lost"
+            )
+        n = seq_len - prefix
+        slots = req_to_token_pool.req_to_token[slot, :seq_len].long()
+        requests.append(RequestPlan(slot, prefix, seq_len, slice(start, start + n), slots, mode))
+        pool.tail_owner[slot], pool.tail_pos[slot] = gen, seq_len
+        start += n
+    return BatchPlan(tuple(requests), fb.out_cache_loc.long(), block)
