@@ -14,7 +14,13 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-__all__ = ["HF_NAME_TABLE", "hf_to_released", "iter_safetensors", "load_state_dict"]
+__all__ = [
+    "HF_NAME_TABLE",
+    "hf_to_released",
+    "iter_safetensors",
+    "load_state_dict",
+    "to_released_names",
+]
 
 # (HF pattern, released template); ``{0}``, ``{1}`` ... = the pattern's groups (``{0}`` = layer).
 # Order does not matter: the patterns are anchored and disjoint. transformers 5.12.1 saves a mix:
@@ -125,6 +131,15 @@ def _map_one(name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tenso
                 yield base.replace("{e}", str(e)), tensor[e]
         return
     raise KeyError(f"tensor `{name}` has no entry in the HF -> DeepSeek name table")
+
+
+def to_released_names(name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    """Released (name, tensor) pairs of one checkpoint tensor: HF names are mapped (stacked
+    experts split), other names are taken as released names already."""
+    if name.startswith("model.") or name == "lm_head.weight":
+        yield from _map_one(name, tensor)
+    else:
+        yield name, tensor
 
 
 def hf_to_released(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

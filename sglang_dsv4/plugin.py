@@ -1,10 +1,173 @@
 """SGLang plugin entry point (``sglang.srt.plugins`` group in pyproject.toml).
 
-SGLang calls :func:`register` in every process before arguments are parsed. This is the only
-module that touches SGLang's registries; the model, pools and attention backend arrive with the
-integration work and register here.
+SGLang calls :func:`register` in the launcher before arguments are parsed, in ``Engine`` and at
+the start of every scheduler process (not in the detokenizer, which needs nothing of ours).
+This is the only module that touches SGLang's registries (see docs/design/sglang_0517_seams.md):
+
+* ``ModelRegistry``: our ``DeepseekV4ForCausalLM`` over the built-in one;
+* attention backends: ``dsv4_plugin`` registered and added to the CLI choices;
+* a model override for ``DeepseekV4ForCausalLM`` (last writer wins over upstream's):
+  our backend, page size = block (128), no hybrid-SWA memory (our pools keep the window);
+* HookRegistry: our pool sizing, pools and allocator for DSV4 models (others fall through),
+  ``support_triton`` false for our backend on machines without CUDA, and model-name resolution
+  (``--model dsv4``) plus the CPU device default, before any Hugging Face access.
+
+SGLang logs and swallows exceptions from plugins and would then serve the built-in DSV4 model;
+a failure here must stop the server instead, so it is re-raised as ``SystemExit``.
 """
+
+import json
+import logging
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["register"]
+
+_ARCH = "DeepseekV4ForCausalLM"
+_KVC = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator"
 
 
 def register() -> None:
-    """Nothing is registered yet: the DSV4 model and backend are not wired into SGLang."""
+    try:
+        _register()
+    except Exception as e:  # any failure must stop the server, loudly
+        raise SystemExit(f"sglang-dsv4 plugin failed to register: {type(e).__name__}: {e}") from e
+
+
+def _register() -> None:
+    from sglang.srt.arg_groups.overrides import register_model_override
+    from sglang.srt.layers.attention.attention_registry import register_attention_backend
+    from sglang.srt.models.registry import ModelRegistry
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+    from sglang.srt.server_args import add_attention_backend_choices
+
+    from sglang_dsv4.attention.backend import BACKEND_NAME, DSV4AttnBackend
+    from sglang_dsv4.model.deepseek_v4 import DeepseekV4ForCausalLM
+
+    ModelRegistry.models[_ARCH] = DeepseekV4ForCausalLM
+
+    add_attention_backend_choices([BACKEND_NAME])
+    register_attention_backend(BACKEND_NAME)(DSV4AttnBackend)
+
+    @register_model_override(_ARCH)
+    def _dsv4_server_args(server_args, hf_config) -> dict:
+        return {
+            "attention_backend": BACKEND_NAME,
+            "page_size": 128,
+            # Our pools pick their row format from the model dtype; upstream only accepts
+            # fp8_e4m3 / bfloat16 here, and bfloat16 keeps its fp8 default out of the way.
+            "kv_cache_dtype": "bfloat16",
+            "disable_hybrid_swa_memory": True,
+        }
+
+    hooks = [
+        (
+            "sglang.srt.server_args.ServerArgs.__post_init__",
+            _resolve_model_and_device,
+            HookType.BEFORE,
+        ),
+        ("sglang.srt.utils.common.support_triton", _support_triton, HookType.AROUND),
+        (
+            "sglang.srt.model_executor.pool_configurator.create_memory_pool_configurator",
+            _pool_configurator,
+            HookType.AROUND,
+        ),
+        (f"{_KVC}._build_token_to_kv_pool", _build_pool, HookType.AROUND),
+        (f"{_KVC}._build_token_to_kv_pool_allocator", _build_allocator, HookType.AROUND),
+    ]
+    for target, fn, kind in hooks:
+        HookRegistry.register(target, fn, kind)
+
+
+def _is_dsv4(hf_config) -> bool:
+    return _ARCH in (getattr(hf_config, "architectures", None) or [])
+
+
+def _resolve_model_and_device(self, *args, **kwargs):
+    """``--model dsv4`` -> the embedded checkpoint; CPU when there is no CUDA device."""
+    from sglang_dsv4.embedded import EMBEDDED, resolve_model_name
+
+    name = self.model_path
+    resolved = resolve_model_name(name) if isinstance(name, str) else None
+    if resolved is not None:
+        self.model_path = resolved
+        if self.tokenizer_path in (None, name):
+            self.tokenizer_path = resolved
+        if self.served_model_name in (None, name):
+            self.served_model_name = name
+    if self.device is None and (name == EMBEDDED or _local_dsv4(self.model_path)):
+        import torch
+
+        if not torch.cuda.is_available():
+            self.device = "cpu"
+    return None
+
+
+def _local_dsv4(path) -> bool:
+    config = Path(str(path)) / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return json.loads(config.read_text()).get("model_type") == "deepseek_v4"
+    except (OSError, ValueError):
+        return False
+
+
+def _support_triton(original, backend: str) -> bool:
+    from sglang_dsv4.attention.backend import BACKEND_NAME
+
+    if backend == BACKEND_NAME:
+        import torch
+
+        return torch.cuda.is_available()
+    return original(backend)
+
+
+def _pool_configurator(original, kvc):
+    if not _is_dsv4(kvc.model_config.hf_config):
+        return original(kvc)
+    from sglang_dsv4.mem.sizing import DSV4PoolConfigurator
+
+    return DSV4PoolConfigurator.from_kv_cache_configurator(kvc)
+
+
+def _build_pool(original, self, *, sizes, is_dsa_model, is_dsv4_model, req_to_token_pool):
+    if not is_dsv4_model:
+        return original(
+            self,
+            sizes=sizes,
+            is_dsa_model=is_dsa_model,
+            is_dsv4_model=is_dsv4_model,
+            req_to_token_pool=req_to_token_pool,
+        )
+    from sglang_dsv4.config import DSV4Config
+    from sglang_dsv4.mem.pools import DSV4KVPool
+    from sglang_dsv4.mem.schema import CacheSchema
+    from sglang_dsv4.mem.sizing import row_format
+
+    cfg = DSV4Config.from_dict(self.model_config.hf_config.to_dict())
+    fmt, row_dtype = row_format(self.model_config.dtype)
+    return DSV4KVPool(
+        CacheSchema.from_config(cfg, fmt),
+        n_slots=sizes.max_total_num_tokens,
+        n_req_slots=req_to_token_pool.req_to_token.shape[0],
+        row_dtype=row_dtype,
+        device=self.device,
+    )
+
+
+def _build_allocator(original, self, *, sizes, token_to_kv_pool, **kwargs):
+    from sglang_dsv4.mem.allocator import DSV4PagedAllocator
+    from sglang_dsv4.mem.pools import DSV4KVPool
+
+    if not isinstance(token_to_kv_pool, DSV4KVPool):
+        return original(self, sizes=sizes, token_to_kv_pool=token_to_kv_pool, **kwargs)
+    return DSV4PagedAllocator(
+        sizes.max_total_num_tokens,
+        page_size=token_to_kv_pool.page_size,
+        dtype=self.kv_cache_dtype,
+        device=self.device,
+        kvcache=token_to_kv_pool,
+        need_sort=False,
+    )

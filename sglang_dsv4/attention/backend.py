@@ -7,6 +7,8 @@ The graph split follows SGLang 0.5.17: host work in ``init_forward_metadata_out_
 device-side yet in ``init_forward_metadata_in_graph``.
 """
 
+import logging
+
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
 from sglang_dsv4.attention.plan import BatchPlan, plan_batch
@@ -17,6 +19,8 @@ from sglang_dsv4.mem.pools import DSV4KVPool
 __all__ = ["BACKEND_NAME", "DSV4AttnBackend"]
 
 BACKEND_NAME = "dsv4_plugin"
+
+logger = logging.getLogger(__name__)
 
 
 class DSV4AttnBackend(AttentionBackend):
@@ -36,6 +40,18 @@ class DSV4AttnBackend(AttentionBackend):
             AttnKind.HCA: HCAWrapper(window),
         }
         self.plan: BatchPlan | None = None
+        allocator = model_runner.token_to_kv_pool_allocator
+        model = model_runner.model
+        # One line that says which classes serve (the plugin test reads it from the server log).
+        logger.info(
+            "sglang-dsv4 active: model=%s.%s backend=%s pool=%s allocator=%s.%s",
+            type(model).__module__,
+            type(model).__name__,
+            type(self).__name__,
+            type(pool).__name__,
+            type(allocator).__module__,
+            type(allocator).__name__,
+        )
 
     def init_forward_metadata(self, forward_batch) -> None:
         self.init_forward_metadata_out_graph(forward_batch)

@@ -1,0 +1,232 @@
+"""``DeepseekV4ForCausalLM`` for SGLang: parameters under the released DeepSeek-V4 names, math
+from :class:`~sglang_dsv4.ref.model.RefDSV4` and the attention wrappers (no second copy).
+
+Each layer is built for its frozen kind (SWA / c4 / c128): it holds the matching parameters
+and, at run time, the wrapper of its kind. Weights stream in tensor by tensor through
+:meth:`load_weights` under released or HF transformers names (one table,
+:mod:`sglang_dsv4.checkpoint`); MTP weights are skipped with a log line.
+"""
+
+import logging
+from collections.abc import Iterable
+
+import torch
+from sglang.srt.layers.logits_processor import LogitsProcessor
+from sglang.srt.model_executor.forward_context import get_attn_backend
+from torch import nn
+
+from sglang_dsv4.attention.wrappers import CompressedInputs, IndexerInputs
+from sglang_dsv4.checkpoint import to_released_names
+from sglang_dsv4.config import AttnKind, DSV4Config, LayerSpec
+from sglang_dsv4.ref.mhc import hc_post
+from sglang_dsv4.ref.model import RefDSV4
+from sglang_dsv4.ref.norm import rms_norm
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DeepseekV4ForCausalLM"]
+
+
+def _linear(n_in: int, n_out: int) -> nn.Linear:
+    return nn.Linear(n_in, n_out, bias=False)
+
+
+class _Norm(nn.Module):
+    def __init__(self, n: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n))
+
+
+class _Compressor(nn.Module):
+    def __init__(self, hidden: int, head_dim: int, ratio: int, overlap: bool):
+        super().__init__()
+        coff = 2 if overlap else 1
+        self.wkv = _linear(hidden, coff * head_dim)
+        self.wgate = _linear(hidden, coff * head_dim)
+        self.ape = nn.Parameter(torch.zeros(ratio, coff * head_dim))
+        self.norm = _Norm(head_dim)
+
+
+class _Indexer(nn.Module):
+    def __init__(self, cfg: DSV4Config):
+        super().__init__()
+        self.wq_b = _linear(cfg.q_lora_rank, cfg.index_n_heads * cfg.index_head_dim)
+        self.weights_proj = _linear(cfg.hidden_size, cfg.index_n_heads)
+        self.compressor = _Compressor(
+            cfg.hidden_size, cfg.index_head_dim, AttnKind.CSA.ratio, overlap=True
+        )
+
+
+class _Attention(nn.Module):
+    def __init__(self, cfg: DSV4Config, spec: LayerSpec):
+        super().__init__()
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.wq_a = _linear(h, cfg.q_lora_rank)
+        self.q_norm = _Norm(cfg.q_lora_rank)
+        self.wq_b = _linear(cfg.q_lora_rank, cfg.num_heads * d)
+        self.wkv = _linear(h, d)
+        self.kv_norm = _Norm(d)
+        self.wo_a = _linear(cfg.num_heads * d // cfg.o_groups, cfg.o_groups * cfg.o_lora_rank)
+        self.wo_b = _linear(cfg.o_groups * cfg.o_lora_rank, h)
+        self.attn_sink = nn.Parameter(torch.zeros(cfg.num_heads))
+        if spec.attn.compressed:
+            self.compressor = _Compressor(h, d, spec.ratio, overlap=spec.attn is AttnKind.CSA)
+        if spec.attn is AttnKind.CSA:
+            self.indexer = _Indexer(cfg)
+
+
+class _Expert(nn.Module):
+    def __init__(self, hidden: int, inter: int):
+        super().__init__()
+        self.w1 = _linear(hidden, inter)
+        self.w2 = _linear(inter, hidden)
+        self.w3 = _linear(hidden, inter)
+
+
+class _Gate(nn.Module):
+    def __init__(self, cfg: DSV4Config, hash_moe: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(cfg.n_routed_experts, cfg.hidden_size))
+        if hash_moe:
+            self.register_buffer(
+                "tid2eid", torch.zeros(cfg.vocab_size, cfg.n_experts_per_tok, dtype=torch.long)
+            )
+        else:
+            self.bias = nn.Parameter(torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+
+
+class _MoE(nn.Module):
+    def __init__(self, cfg: DSV4Config, spec: LayerSpec):
+        super().__init__()
+        self.gate = _Gate(cfg, spec.hash_moe)
+        self.experts = nn.ModuleList(
+            _Expert(cfg.hidden_size, cfg.moe_inter_dim) for _ in range(cfg.n_routed_experts)
+        )
+        if cfg.n_shared_experts:
+            self.shared_experts = _Expert(cfg.hidden_size, cfg.moe_inter_dim * cfg.n_shared_experts)
+
+
+class _Block(nn.Module):
+    def __init__(self, cfg: DSV4Config, spec: LayerSpec):
+        super().__init__()
+        self.spec = spec
+        self.attn_norm = _Norm(cfg.hidden_size)
+        self.ffn_norm = _Norm(cfg.hidden_size)
+        mix, flat = cfg.hc_mix_dim, cfg.hc_mult * cfg.hidden_size
+        for site in ("attn", "ffn"):
+            self.register_parameter(
+                f"hc_{site}_fn", nn.Parameter(torch.zeros(mix, flat, dtype=torch.float32))
+            )
+            self.register_parameter(
+                f"hc_{site}_base", nn.Parameter(torch.zeros(mix, dtype=torch.float32))
+            )
+            self.register_parameter(
+                f"hc_{site}_scale", nn.Parameter(torch.ones(3, dtype=torch.float32))
+            )
+        self.attn = _Attention(cfg, spec)
+        self.ffn = _MoE(cfg, spec)
+
+
+class DeepseekV4ForCausalLM(nn.Module):
+    def __init__(self, config, quant_config=None, prefix: str = ""):
+        super().__init__()
+        if quant_config is not None:
+            raise ValueError(
+                "quantized DSV4 checkpoints are not supported yet (got a quant_config)"
+            )
+        self.config = config
+        self.cfg = DSV4Config.from_dict(config.to_dict())
+        cfg = self.cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(_Block(cfg, spec) for spec in cfg.layers)
+        self.norm = _Norm(cfg.hidden_size)
+        flat = cfg.hc_mult * cfg.hidden_size
+        self.hc_head_fn = nn.Parameter(torch.zeros(cfg.hc_mult, flat, dtype=torch.float32))
+        self.hc_head_base = nn.Parameter(torch.zeros(cfg.hc_mult, dtype=torch.float32))
+        self.hc_head_scale = nn.Parameter(torch.ones(1, dtype=torch.float32))
+        self.head = _linear(cfg.hidden_size, cfg.vocab_size)
+        self.logits_processor = LogitsProcessor(config)
+        self._ref: RefDSV4 | None = None
+
+    @property
+    def ref(self) -> RefDSV4:
+        """The reference math over this module's tensors (built once the weights are in)."""
+        if self._ref is None:
+            tensors = dict(self.named_parameters()) | dict(self.named_buffers())
+            self._ref = RefDSV4(self.cfg, tensors)
+        return self._ref
+
+    def get_attention_sliding_window_size(self) -> int:
+        return self.cfg.sliding_window
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch, **kwargs):
+        ref, cfg = self.ref, self.cfg
+        backend = get_attn_backend()
+        positions = positions.long()
+        x = ref.embed_streams(input_ids)  # [T, hc, d]
+        for block in self.layers:
+            spec = block.spec
+            p = f"layers.{spec.index}."
+            u, post, comb = ref.hc_pre(x, p + "hc_attn_")
+            h = rms_norm(u, block.attn_norm.weight, cfg.norm_eps)
+            y = self._attention(block, h, positions, backend.wrappers[spec.attn])
+            x = hc_post(y, x, post, comb)
+            u, post, comb = ref.hc_pre(x, p + "hc_ffn_")
+            y = ref.ffn(spec, rms_norm(u, block.ffn_norm.weight, cfg.norm_eps), input_ids)
+            x = hc_post(y, x, post, comb)
+        hidden = ref.final_hidden(x)
+        return self.logits_processor(input_ids, hidden, self.head, forward_batch)
+
+    def _attention(
+        self, block: _Block, x: torch.Tensor, positions: torch.Tensor, wrapper
+    ) -> torch.Tensor:
+        ref, cfg, spec = self.ref, self.cfg, block.spec
+        qr, q, kv = ref.project(spec, x, positions)
+        comp = None
+        if spec.attn.compressed:
+            indexer = None
+            if spec.attn is AttnKind.CSA:
+                iq, iw = ref.indexer_query(spec, x, qr, positions)
+                iw_comp = ref.compressor_weights(spec.index, "indexer.compressor")
+                indexer = IndexerInputs(iq, iw, iw_comp, cfg.index_topk)
+            comp = CompressedInputs(
+                x,
+                ref.compressor_weights(spec.index),
+                ref.inv_freq[spec.index],
+                cfg.norm_eps,
+                indexer,
+            )
+        lk = get_attn_backend().token_to_kv_pool.layer(spec.index)
+        o = wrapper.run(lk, q, kv, block.attn.attn_sink, cfg.head_dim**-0.5, comp)
+        return ref.output(spec, o, positions)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        params = dict(self.named_parameters()) | dict(self.named_buffers())
+        loaded, skipped_mtp = set(), 0
+        for name, tensor in weights:
+            if name.startswith(("mtp.", "model.mtp.")):
+                skipped_mtp += 1
+                continue
+            for ours, t in to_released_names(name, tensor):
+                if ours not in params:
+                    raise KeyError(f"unexpected tensor `{name}` (as `{ours}`) in the checkpoint")
+                param = params[ours]
+                if param.shape != t.shape:
+                    want, got = tuple(param.shape), tuple(t.shape)
+                    raise ValueError(f"tensor `{name}`: expected shape {want}, found {got}")
+                param.data.copy_(t.to(param.dtype))
+                loaded.add(ours)
+        missing = sorted(set(params) - loaded)
+        if missing:
+            raise KeyError(
+                f"{len(missing)} tensors missing from the checkpoint, e.g. {missing[:5]}"
+            )
+        if skipped_mtp:
+            logger.info(
+                "DSV4: skipped %d MTP tensors (speculative decoding is not wired yet)", skipped_mtp
+            )
+        self._ref = None
+
+
+EntryClass = DeepseekV4ForCausalLM
