@@ -44,3 +44,38 @@ def tiny_weights(hf_model):
     from sglang_dsv4.checkpoint import hf_to_released
 
     return hf_to_released(hf_model.state_dict())
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(hf_model, tmp_path_factory):
+    """The tiny HF model saved as a checkpoint directory (HF tensor names, released config)."""
+    import json
+
+    path = tmp_path_factory.mktemp("tiny_ckpt")
+    hf_model.save_pretrained(path, safe_serialization=True)
+    (path / "config.json").write_text(json.dumps(tiny_config_dict(), indent=2))
+    return path
+
+
+SERVER_ARGS = [
+    "--skip-tokenizer-init",
+    "--dtype",
+    "float32",
+    "--max-total-tokens",
+    "32768",
+    "--max-running-requests",
+    "16",
+    "--context-length",
+    "4096",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_checkpoint, tmp_path_factory):
+    """A real SGLang server on the tiny fp32 checkpoint (our plugin via its entry point)."""
+    from server import Server
+
+    log = tmp_path_factory.mktemp("logs") / "tiny_server.log"
+    srv = Server(["--model-path", str(tiny_checkpoint), *SERVER_ARGS], log)
+    yield srv
+    srv.stop()
