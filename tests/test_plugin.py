@@ -16,3 +16,21 @@ def test_plugin_is_declared_as_entry_point():
 
     (ep,) = [e for e in entry_points(group="sglang.srt.plugins") if e.name == "dsv4"]
     assert ep.value == "sglang_dsv4.plugin:register"
+
+
+def test_import_error_in_our_model_stops_sglang_instead_of_falling_back():
+    """SGLang logs and swallows plugin exceptions (then serves its built-in DSV4); ours must
+    turn them into a process exit that names the error."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['sglang_dsv4.model.deepseek_v4'] = None\n"
+        "from sglang.srt.plugins import load_plugins\n"
+        "load_plugins()\n"
+        "print('SERVING ANYWAY')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "SERVING ANYWAY" not in out.stdout
+    assert "sglang-dsv4 plugin failed to register" in out.stderr
+    assert "ModuleNotFoundError" in out.stderr or "ImportError" in out.stderr
