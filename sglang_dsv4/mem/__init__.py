@@ -1,2 +1,3 @@
-"""DSV4 cache memory: the per-layer schema (``schema``) and id allocators (``allocator``).
-Pools and the per-layer cache handle arrive with the SGLang integration."""
+"""DSV4 cache memory: ``schema`` (what each layer keeps per block), ``pools`` (the tensors,
+addressed by SGLang page = block), ``allocator`` (token slots in pages), ``sizing`` (pool size
+from the measured memory budget)."""

@@ -10,9 +10,10 @@ c4 (CSA)   32 entries + 32 indexer keys    main 8 slots x 2D, indexer 8 slots x 
 c128 (HCA) 1 entry                         128 slots x D
 =========  ==============================  =========================================
 
-Every layer also keeps the raw KV of the last ``sliding_window`` tokens of a request
-(``swa_window``), held in pages of ``block_size`` tokens: a running request needs at most two
-pages (the partial current block and the one before it). Tails are kv + score in fp32.
+Every layer also attends to the raw KV of the last ``sliding_window`` tokens (``swa_window``); a
+running request needs at most two blocks of raw rows (its partial current block and the one
+before). The pools currently keep raw rows for every cached token (see ``pools``), and c4 layers
+keep their compressor state at each block end (``boundary_bytes``). Tails are kv + score in fp32.
 
 Byte sizes follow the entry format: ``fp8`` is the layout FlashMLA's DSV4 kernels read, one
 584-byte record per KV row (``[0, 448)`` e4m3 nope channels, ``[448, 576)`` bf16 RoPE channels,
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from sglang_dsv4.config import AttnKind, DSV4Config
 from sglang_dsv4.ref.kv_layout import fp8_row_bytes
 
-__all__ = ["CacheSchema", "EntryFormat", "LayerCacheSpec", "PoolSizes", "plan_pools"]
+__all__ = ["CacheSchema", "EntryFormat", "LayerCacheSpec"]
 
 
 class EntryFormat(enum.Enum):
@@ -115,11 +116,6 @@ class CacheSchema:
         )
 
     @property
-    def swa_page_bytes(self) -> int:
-        """Raw KV of one page (``block_size`` tokens) over all layers."""
-        return self.block_size * self.kv_row_bytes * len(self.layers)
-
-    @property
     def boundary_bytes(self) -> int:
         """Per block: the c4 compressors' state at the block's end (the a-halves of its last
         window, main and indexer, kv + score fp32), so a prefix hit there can resume."""
@@ -148,48 +144,3 @@ class CacheSchema:
 
     def layers_of(self, kind: AttnKind) -> tuple[LayerCacheSpec, ...]:
         return tuple(lc for lc in self.layers if lc.kind is kind)
-
-
-@dataclass(frozen=True)
-class PoolSizes:
-    n_blocks: int  # compressed-entry blocks (all compressed layers share one block id)
-    n_swa_pages: int
-    n_tail_slots: int
-
-    def total_bytes(self, schema: CacheSchema) -> int:
-        return (
-            self.n_blocks * schema.block_bytes
-            + self.n_swa_pages * schema.swa_page_bytes
-            + self.n_tail_slots * schema.tail_bytes
-        )
-
-
-def plan_pools(
-    schema: CacheSchema, budget_bytes: int, max_running_requests: int, swa_fraction: float = 0.25
-) -> PoolSizes:
-    """Split ``budget_bytes`` among tails (one per running request), ``swa_window`` pages (at
-    least two per running request, ``swa_fraction`` of the rest so finished prefixes keep their
-    windows for the radix cache) and entry blocks (everything else).
-
-    Raises ``MemoryError`` naming the shortfall when the budget cannot hold the running requests'
-    tails and windows plus one block each.
-    """
-    if not 0.0 <= swa_fraction < 1.0:
-        raise ValueError(f"swa_fraction must be in [0, 1), got {swa_fraction}")
-    fixed = max_running_requests * (
-        schema.tail_bytes + 2 * schema.swa_page_bytes + schema.block_bytes
-    )
-    if budget_bytes < fixed:
-        raise MemoryError(
-            f"KV budget {budget_bytes / 2**20:.1f} MiB < {fixed / 2**20:.1f} MiB needed for "
-            f"{max_running_requests} running requests (tails, two window pages and one block "
-            "each); raise --mem-fraction-static or lower --max-running-requests"
-        )
-    spare = budget_bytes - fixed
-    extra_pages = int(spare * swa_fraction) // schema.swa_page_bytes
-    extra_blocks = (spare - extra_pages * schema.swa_page_bytes) // max(schema.block_bytes, 1)
-    return PoolSizes(
-        n_blocks=max_running_requests + int(extra_blocks) if schema.block_bytes else 0,
-        n_swa_pages=2 * max_running_requests + extra_pages,
-        n_tail_slots=max_running_requests,
-    )

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from sglang_dsv4.config import AttnKind, DSV4Config
-from sglang_dsv4.mem.schema import CacheSchema, EntryFormat, plan_pools
+from sglang_dsv4.mem.schema import CacheSchema, EntryFormat
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 GIB = 2**30
@@ -50,23 +50,6 @@ def test_tail_bytes():
     per_csa = 2 * 4 * (8 * 1024 + 8 * 256)
     per_hca = 2 * 4 * 128 * 512
     assert s.tail_bytes == 21 * per_csa + 20 * per_hca
-
-
-def test_plan_pools_fills_budget_and_keeps_running_requests():
-    s = schema("dsv4-flash", EntryFormat.FP8)
-    budget = 40 * GIB
-    sizes = plan_pools(s, budget, max_running_requests=64)
-    assert sizes.n_tail_slots == 64 and sizes.n_swa_pages >= 128 and sizes.n_blocks >= 64
-    used = sizes.total_bytes(s)
-    assert used <= budget and budget - used < s.swa_page_bytes + s.block_bytes
-    bigger = plan_pools(s, 2 * budget, max_running_requests=64)
-    assert bigger.n_blocks > 2 * sizes.n_blocks * 0.99  # the budget is read, not a constant
-
-
-def test_plan_pools_too_small_names_the_knobs():
-    s = schema("dsv4-flash", EntryFormat.FP8)
-    with pytest.raises(MemoryError, match="mem-fraction-static"):
-        plan_pools(s, 100 * 2**20, max_running_requests=64)
 
 
 def test_boundary_and_per_slot_bytes():
