@@ -7,7 +7,8 @@ This is the only module that touches SGLang's registries (see docs/design/sglang
 * ``ModelRegistry``: our ``DeepseekV4ForCausalLM`` over the built-in one;
 * attention backends: ``dsv4_plugin`` registered and added to the CLI choices;
 * a model override for ``DeepseekV4ForCausalLM`` (last writer wins over upstream's):
-  our backend, page size = block (128), no hybrid-SWA memory (our pools keep the window);
+  our backend, page size = block (128), no hybrid-SWA memory (our pools keep the window),
+  and eager decode until the backend can be captured in a CUDA graph;
 * HookRegistry: our pool sizing, pools and allocator for DSV4 models (others fall through),
   ``support_triton`` false for our backend on machines without CUDA, and model-name resolution
   (``--model dsv4``) plus the CPU device default, before any Hugging Face access.
@@ -85,8 +86,11 @@ def _is_dsv4(hf_config) -> bool:
 
 
 def _resolve_model_and_device(self, *args, **kwargs):
-    """``--model dsv4`` -> the embedded checkpoint; CPU when there is no CUDA device."""
-    from sglang_dsv4.embedded import EMBEDDED, resolve_model_name
+    """Before ServerArgs resolves (it is read-only after): ``--model dsv4`` -> the embedded
+    checkpoint; for DSV4 models, CPU when there is no CUDA device and eager decode, because our
+    wrappers run host loops that a CUDA graph cannot capture (as upstream does for models that
+    cannot be captured) until the backend implements graph capture."""
+    from sglang_dsv4.embedded import EMBEDDED, PUBLIC, resolve_model_name
 
     name = self.model_path
     resolved = resolve_model_name(name) if isinstance(name, str) else None
@@ -96,11 +100,15 @@ def _resolve_model_and_device(self, *args, **kwargs):
             self.tokenizer_path = resolved
         if self.served_model_name in (None, name):
             self.served_model_name = name
-    if self.device is None and (name == EMBEDDED or _local_dsv4(self.model_path)):
+    if not (name == EMBEDDED or name in PUBLIC or _local_dsv4(self.model_path)):
+        return None
+    if self.device is None:
         import torch
 
         if not torch.cuda.is_available():
             self.device = "cpu"
+    if self.cuda_graph_backend_decode is None and self.cuda_graph_config is None:
+        self.cuda_graph_backend_decode = "disabled"
     return None
 
 

@@ -34,3 +34,29 @@ def test_import_error_in_our_model_stops_sglang_instead_of_falling_back():
     assert out.returncode != 0 and "SERVING ANYWAY" not in out.stdout
     assert "sglang-dsv4 plugin failed to register" in out.stderr
     assert "ModuleNotFoundError" in out.stderr or "ImportError" in out.stderr
+
+
+def test_server_args_resolution_for_dsv4():
+    """``--model dsv4`` resolves before any Hub access: embedded checkpoint, CPU without CUDA,
+    our backend with page = block, and eager decode unless the user asks for graphs."""
+    import subprocess
+    import sys
+
+    code = (
+        "from sglang.srt.plugins import load_plugins; load_plugins()\n"
+        "from sglang.srt.server_args import prepare_server_args\n"
+        "a = prepare_server_args(['--model', 'dsv4'])\n"
+        "print('A', a.model_path, a.served_model_name, a.device, a.attention_backend, a.page_size,"
+        " a.cuda_graph_config.decode.backend)\n"
+        "b = prepare_server_args(['--model', 'dsv4', '--cuda-graph-backend-decode', 'full'])\n"
+        "print('B', b.cuda_graph_config.decode.backend)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    lines = {
+        ln.split()[0]: ln.split()[1:] for ln in out.stdout.splitlines() if ln[:2] in ("A ", "B ")
+    }
+    assert "A" in lines, out.stderr[-3000:]
+    path, served, device, backend, page, decode = lines["A"]
+    assert path.endswith("dsv4-embedded-v2") and served == "dsv4"
+    assert (device, backend, page, decode) == ("cpu", "dsv4_plugin", "128", "disabled")
+    assert lines["B"] == ["full"]
