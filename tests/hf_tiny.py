@@ -1,7 +1,7 @@
 """The tiny HF transformers DSV4 oracle (fp32, CPU), as in ../shared/oracle/hf_tiny_dsv4.py.
 
-HF initializes sinks, ape, mHC bases, router bias and tid2eid to zero; they are randomized here
-(and the norm weights perturbed) so that the parity tests exercise them.
+HF initializes sinks, ape, mHC bases, router bias and tid2eid to zero; ``randomize_zero_inits``
+(shared with the embedded default model) draws them so that the parity tests exercise them.
 """
 
 import json
