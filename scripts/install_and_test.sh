@@ -26,4 +26,4 @@ fi
 "$venv/bin/ruff" check .
 "$venv/bin/ruff" format --check . || { echo "ruff format would change files (run: ruff format .)"; exit 1; }
 # pytest exits 5 when it collects nothing: that is a failure here, never green.
-"$venv/bin/python" -m pytest -q "$@"
+"$venv/bin/python" -m pytest -q --durations=12 "$@"
