@@ -33,6 +33,10 @@ class RequestPlan:
     tokens: slice  # this request's rows in the batch's token dim
     slots: torch.Tensor  # [S] int64 token slots of positions 0..S-1
     tail: str  # TailMode
+    rebuild_page: int  # REBUILD: the page holding token P-1 (its boundary rows); else -1
+    block_ends: tuple[
+        tuple[int, int], ...
+    ]  # (position, page of the token before it) per block end in (P, S]
 
     @property
     def positions(self) -> torch.Tensor:
@@ -73,7 +77,22 @@ def plan_batch(forward_batch, pool, req_to_token_pool) -> BatchPlan:
             )
         n = seq_len - prefix
         slots = req_to_token_pool.req_to_token[slot, :seq_len].long()
-        requests.append(RequestPlan(slot, prefix, seq_len, slice(start, start + n), slots, mode))
+        ends = range((prefix // block + 1) * block, seq_len + 1, block)
+        pages = slots[[e - 1 for e in ends]] // block if len(ends) else slots[:0]
+        block_ends = tuple(zip(ends, pages.tolist(), strict=True))
+        rebuild_page = int(slots[prefix - 1]) // block if mode == TailMode.REBUILD else -1
+        requests.append(
+            RequestPlan(
+                slot,
+                prefix,
+                seq_len,
+                slice(start, start + n),
+                slots,
+                mode,
+                rebuild_page,
+                block_ends,
+            )
+        )
         pool.tail_owner[slot], pool.tail_pos[slot] = gen, seq_len
         start += n
     return BatchPlan(tuple(requests), fb.out_cache_loc.long(), block)

@@ -85,7 +85,7 @@ class HCAWrapper(SWAWrapper):
         return super().run(lk, q, kv, sink, scale, comp)
 
     def _flush(self, req: RequestPlan, lk: LayerKV, comp: CompressedInputs) -> None:
-        state = _load_tail(lk.tail, req, lk.boundary, self._plan.block_size)
+        state = _load_tail(lk.tail, req, lk.boundary)
         entries, first, state = compress(
             comp.x[req.tokens], req.prefix, state, comp.compressor, comp.inv_freq, comp.norm_eps
         )
@@ -113,15 +113,13 @@ class CSAWrapper(HCAWrapper):
     ratio = 4
 
     def _flush(self, req: RequestPlan, lk: LayerKV, comp: CompressedInputs) -> None:
-        block = self._plan.block_size
-        main = _load_tail(lk.tail, req, lk.boundary, block)
-        index = _load_tail(lk.index_tail, req, lk.index_boundary, block)
+        main = _load_tail(lk.tail, req, lk.boundary)
+        index = _load_tail(lk.index_tail, req, lk.index_boundary)
         ix = comp.indexer
         x = comp.x[req.tokens]
         # Split at block ends so the state there can be kept for prefix hits.
-        cuts = list(range((req.prefix // block + 1) * block, req.seq_len + 1, block))
         pos = req.prefix
-        for end in [*cuts, req.seq_len]:
+        for end, page in [*req.block_ends, (req.seq_len, -1)]:
             if end <= pos:
                 continue
             seg = x[pos - req.prefix : end - req.prefix]
@@ -133,8 +131,7 @@ class CSAWrapper(HCAWrapper):
                 seg, pos, index, ix.compressor, comp.inv_freq, comp.norm_eps
             )
             _store_entries(lk.index_keys, req, first, keys, self.ratio)
-            if end % block == 0:
-                page = int(req.slots[end - 1]) // block
+            if page >= 0:
                 _save_boundary(lk.boundary, page, main)
                 _save_boundary(lk.index_boundary, page, index)
             pos = end
@@ -153,7 +150,7 @@ class CSAWrapper(HCAWrapper):
 
 
 def _load_tail(
-    tail: TailBuffers, req: RequestPlan, boundary: TailBuffers | None, block: int
+    tail: TailBuffers, req: RequestPlan, boundary: TailBuffers | None
 ) -> CompressorState:
     if req.tail == TailMode.KEEP:
         return CompressorState(tail.kv[req.req_slot].clone(), tail.score[req.req_slot].clone())
@@ -161,10 +158,9 @@ def _load_tail(
         torch.zeros_like(tail.kv[0]), torch.full_like(tail.score[0], float("-inf"))
     )
     if req.tail == TailMode.REBUILD and boundary is not None:
-        page = int(req.slots[req.prefix - 1]) // block
         half, d = boundary.kv.shape[1], boundary.kv.shape[2]
-        state.kv[:half, :d] = boundary.kv[page]
-        state.score[:half, :d] = boundary.score[page]
+        state.kv[:half, :d] = boundary.kv[req.rebuild_page]
+        state.score[:half, :d] = boundary.score[req.rebuild_page]
     return state
 
 
