@@ -47,7 +47,6 @@ class RequestPlan:
 class BatchPlan:
     requests: tuple[RequestPlan, ...]
     out_loc: torch.Tensor  # [T] slots of the new tokens, in batch order
-    block_size: int
 
 
 def plan_batch(forward_batch, pool, req_to_token_pool) -> BatchPlan:
@@ -95,4 +94,4 @@ def plan_batch(forward_batch, pool, req_to_token_pool) -> BatchPlan:
         )
         pool.tail_owner[slot], pool.tail_pos[slot] = gen, seq_len
         start += n
-    return BatchPlan(tuple(requests), fb.out_cache_loc.long(), block)
+    return BatchPlan(tuple(requests), fb.out_cache_loc.long())

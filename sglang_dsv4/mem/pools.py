@@ -40,10 +40,6 @@ class TailBuffers:
         kv = torch.zeros((n, *shape), dtype=torch.float32, device=device)
         return cls(kv, torch.full_like(kv, float("-inf")))
 
-    def reset(self, rows: torch.Tensor) -> None:
-        self.kv[rows] = 0.0
-        self.score[rows] = float("-inf")
-
 
 @dataclass
 class LayerKV:

@@ -170,7 +170,7 @@ class DeepseekV4ForCausalLM(nn.Module):
             p = f"layers.{spec.index}."
             u, post, comb = ref.hc_pre(x, p + "hc_attn_")
             h = rms_norm(u, block.attn_norm.weight, cfg.norm_eps)
-            y = self._attention(block, h, positions, backend.wrappers[spec.attn])
+            y = self._attention(block, h, positions, backend)
             x = hc_post(y, x, post, comb)
             u, post, comb = ref.hc_pre(x, p + "hc_ffn_")
             y = ref.ffn(spec, rms_norm(u, block.ffn_norm.weight, cfg.norm_eps), input_ids)
@@ -179,7 +179,7 @@ class DeepseekV4ForCausalLM(nn.Module):
         return self.logits_processor(input_ids, hidden, self.head, forward_batch)
 
     def _attention(
-        self, block: _Block, x: torch.Tensor, positions: torch.Tensor, wrapper
+        self, block: _Block, x: torch.Tensor, positions: torch.Tensor, backend
     ) -> torch.Tensor:
         ref, cfg, spec = self.ref, self.cfg, block.spec
         qr, q, kv = ref.project(spec, x, positions)
@@ -197,8 +197,10 @@ class DeepseekV4ForCausalLM(nn.Module):
                 cfg.norm_eps,
                 indexer,
             )
-        lk = get_attn_backend().token_to_kv_pool.layer(spec.index)
-        o = wrapper.run(lk, q, kv, block.attn.attn_sink, cfg.head_dim**-0.5, comp)
+        lk = backend.token_to_kv_pool.layer(spec.index)
+        o = backend.wrappers[spec.attn].run(
+            lk, q, kv, block.attn.attn_sink, cfg.head_dim**-0.5, comp
+        )
         return ref.output(spec, o, positions)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
