@@ -53,14 +53,17 @@ def _register() -> None:
 
     @register_model_override(_ARCH)
     def _dsv4_server_args(server_args, hf_config) -> dict:
-        return {
+        overrides = {
             "attention_backend": BACKEND_NAME,
             "page_size": 128,
             # Our pools pick their row format from the model dtype; upstream only accepts
             # fp8_e4m3 / bfloat16 here, and bfloat16 keeps its fp8 default out of the way.
             "kv_cache_dtype": "bfloat16",
-            "disable_hybrid_swa_memory": True,
         }
+        if server_args.swa_full_tokens_ratio == type(server_args).swa_full_tokens_ratio:
+            # As upstream DSV4: swa slots (raw rows of every layer) cost 6-7x a full slot.
+            overrides["swa_full_tokens_ratio"] = 0.1
+        return overrides
 
     hooks = [
         (
@@ -158,7 +161,8 @@ def _build_pool(original, self, *, sizes, is_dsa_model, is_dsv4_model, req_to_to
     fmt, row_dtype = row_format(self.model_config.dtype)
     return DSV4KVPool(
         CacheSchema.from_config(cfg, fmt),
-        n_slots=sizes.max_total_num_tokens,
+        n_full_slots=sizes.full_max_total_num_tokens,
+        n_swa_slots=sizes.swa_max_total_num_tokens,
         n_req_slots=req_to_token_pool.req_to_token.shape[0],
         row_dtype=row_dtype,
         device=self.device,
@@ -166,13 +170,14 @@ def _build_pool(original, self, *, sizes, is_dsa_model, is_dsv4_model, req_to_to
 
 
 def _build_allocator(original, self, *, sizes, token_to_kv_pool, **kwargs):
-    from sglang_dsv4.mem.allocator import DSV4PagedAllocator
+    from sglang_dsv4.mem.allocator import DSV4SWAAllocator
     from sglang_dsv4.mem.pools import DSV4KVPool
 
     if not isinstance(token_to_kv_pool, DSV4KVPool):
         return original(self, sizes=sizes, token_to_kv_pool=token_to_kv_pool, **kwargs)
-    return DSV4PagedAllocator(
-        sizes.max_total_num_tokens,
+    return DSV4SWAAllocator(
+        sizes.full_max_total_num_tokens,
+        sizes.swa_max_total_num_tokens,
         page_size=token_to_kv_pool.page_size,
         dtype=self.kv_cache_dtype,
         device=self.device,

@@ -8,7 +8,9 @@ def test_running_server_uses_our_classes(tiny_server):
     assert line is not None, tiny_server.log[-3000:]
     assert "model=sglang_dsv4.model.deepseek_v4.DeepseekV4ForCausalLM" in line
     assert "backend=DSV4AttnBackend" in line and "pool=DSV4KVPool" in line
-    assert "allocator=sglang_dsv4.mem.allocator.DSV4PagedAllocator" in line
+    assert "allocator=sglang_dsv4.mem.allocator.DSV4SWAAllocator" in line
+    # SGLang's own radix tree, with its swa component (window-aware matching and eviction)
+    assert "impl=UnifiedRadixCache hybrid_swa=True" in tiny_server.log
 
 
 def test_plugin_is_declared_as_entry_point():

@@ -1,13 +1,15 @@
 """Per-batch plan: all host work of a forward, done once before the first layer runs.
 
 For every request of the batch it records where its tokens sit in the batch (``tokens``), its
-prefix length ``P`` and new length ``S``, the token slots of positions ``0..S-1`` and how its
-compressor tail must be obtained:
+prefix length ``P`` and new length ``S``, the full slots of positions ``0..S-1``, the swa slots
+of the positions its queries can see through the ``swa_window`` (``window_lo .. S-1``), and how
+its compressor tail must be obtained:
 
 ``keep``     the request's own tail continues (chunked prefill, decode)
 ``fresh``    no prefix: empty state
 ``rebuild``  a new owner of the slot with a prefix hit at a block end: the c4 a-halves come
-             from the ``boundary`` rows of the prefix's last block, everything else is empty
+             from the ``boundary`` rows kept with the swa page of token ``P-1``, everything else
+             is empty
 
 A tail is the request's own iff the slot's recorded owner generation and position match.
 """
@@ -31,12 +33,13 @@ class RequestPlan:
     prefix: int  # P: tokens already in the cache
     seq_len: int  # S: tokens in the cache after this forward
     tokens: slice  # this request's rows in the batch's token dim
-    slots: torch.Tensor  # [S] int64 token slots of positions 0..S-1
+    slots: torch.Tensor  # [S] int64 full slots of positions 0..S-1
+    window_lo: int  # first position a query of this forward sees: max(0, P - window + 1)
+    window_slots: torch.Tensor  # [S - window_lo] int64 swa slots of positions window_lo..S-1
     tail: str  # TailMode
-    rebuild_page: int  # REBUILD: the page holding token P-1 (its boundary rows); else -1
-    block_ends: tuple[
-        tuple[int, int], ...
-    ]  # (position, page of the token before it) per block end in (P, S]
+    rebuild_page: int  # REBUILD: the swa page holding token P-1 (its boundary rows); else -1
+    # (position, swa page of the token before it) per block end in (P, S]
+    block_ends: tuple[tuple[int, int], ...]
 
     @property
     def positions(self) -> torch.Tensor:
@@ -46,7 +49,8 @@ class RequestPlan:
 @dataclass(frozen=True)
 class BatchPlan:
     requests: tuple[RequestPlan, ...]
-    out_loc: torch.Tensor  # [T] slots of the new tokens, in batch order
+    out_loc: torch.Tensor  # [T] full slots of the new tokens, in batch order
+    out_loc_swa: torch.Tensor  # [T] their swa slots
 
 
 def plan_batch(forward_batch, pool, req_to_token_pool) -> BatchPlan:
@@ -59,7 +63,8 @@ def plan_batch(forward_batch, pool, req_to_token_pool) -> BatchPlan:
         prefix_lens = [int(p) for p in fb.extend_prefix_lens.tolist()]
     req_slots = [int(r) for r in fb.req_pool_indices.tolist()]
     generations = req_to_token_pool.req_generation
-    block = pool.schema.block_size
+    block, window = pool.schema.block_size, pool.schema.sliding_window
+    to_swa = pool.translate_loc_from_full_to_swa
     requests, start = [], 0
     for slot, prefix, seq_len in zip(req_slots, prefix_lens, seq_lens, strict=True):
         gen = int(generations[slot])
@@ -76,10 +81,19 @@ def plan_batch(forward_batch, pool, req_to_token_pool) -> BatchPlan:
             )
         n = seq_len - prefix
         slots = req_to_token_pool.req_to_token[slot, :seq_len].long()
+        window_lo = max(0, prefix - window + 1)
+        window_slots = to_swa(slots[window_lo:])
+        if not bool((window_slots[: prefix - window_lo] > 0).all()):
+            raise RuntimeError(
+                f"request slot {slot}: the swa rows of positions {window_lo}..{prefix - 1} "
+                "were freed while its queries still need them"
+            )
         ends = range((prefix // block + 1) * block, seq_len + 1, block)
-        pages = slots[[e - 1 for e in ends]] // block if len(ends) else slots[:0]
+        pages = window_slots[[e - 1 - window_lo for e in ends]] // block
         block_ends = tuple(zip(ends, pages.tolist(), strict=True))
-        rebuild_page = int(slots[prefix - 1]) // block if mode == TailMode.REBUILD else -1
+        rebuild_page = (
+            int(window_slots[prefix - 1 - window_lo]) // block if mode == TailMode.REBUILD else -1
+        )
         requests.append(
             RequestPlan(
                 slot,
@@ -87,6 +101,8 @@ def plan_batch(forward_batch, pool, req_to_token_pool) -> BatchPlan:
                 seq_len,
                 slice(start, start + n),
                 slots,
+                window_lo,
+                window_slots,
                 mode,
                 rebuild_page,
                 block_ends,
@@ -94,4 +110,5 @@ def plan_batch(forward_batch, pool, req_to_token_pool) -> BatchPlan:
         )
         pool.tail_owner[slot], pool.tail_pos[slot] = gen, seq_len
         start += n
-    return BatchPlan(tuple(requests), fb.out_cache_loc.long())
+    out_loc = fb.out_cache_loc.long()
+    return BatchPlan(tuple(requests), out_loc, to_swa(out_loc))

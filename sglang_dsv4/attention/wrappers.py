@@ -60,12 +60,11 @@ class SWAWrapper:
     ) -> torch.Tensor:
         """``q`` [T, H, D], ``kv`` [T, D] of the new tokens -> ``o`` [T, H, D]."""
         batch = self._plan
-        lk.raw[batch.out_loc] = kv.to(lk.raw.dtype)
+        lk.raw[batch.out_loc_swa] = kv.to(lk.raw.dtype)
         out = torch.empty_like(q)
         for req in batch.requests:
-            lo = max(0, req.prefix - self.window + 1)  # first position any new query sees
-            keys = lk.raw[req.slots[lo:]]  # [S - lo, D]
-            idx = window_indices(req.positions, self.window, -lo)
+            keys = lk.raw[req.window_slots]  # [S - window_lo, D]
+            idx = window_indices(req.positions, self.window, -req.window_lo)
             keys, idx = self._extend_keys(lk, req, keys, idx, comp)
             out[req.tokens] = sparse_attention(q[req.tokens], keys, idx, sink, scale)
         return out

@@ -1,16 +1,19 @@
-"""Token-slot allocator of DSV4: SGLang's paged allocator with page = ``block`` (128 tokens).
+"""Token-slot allocators of DSV4: SGLang's hybrid-SWA allocator over two paged allocators with
+page = ``block`` (128 tokens), one for full slots and one for swa slots (see ``pools``).
 
-A page id is the block id the pools address entries and compressor state by (see ``pools``).
-SGLang's ``alloc_extend`` / ``alloc_decode`` launch Triton kernels; on a device without Triton
-(CPU) the same allocation runs in torch. Like SGLang, allocation returns ``None`` when there is
-no room (the scheduler queues or retracts) and page 0 is reserved for padded tokens.
+SGLang's paged ``alloc_extend`` / ``alloc_decode`` launch Triton kernels; on a device without
+Triton (CPU) the same allocation runs in torch. Like SGLang, allocation returns ``None`` when
+there is no room (the scheduler queues or retracts) and page 0 is reserved for padded tokens.
+Free counts: ``full_available_size()`` / ``swa_available_size()`` (tokens), or
+``free_page_count`` of each side.
 """
 
 import torch
 from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator, alloc_extend_naive
+from sglang.srt.mem_cache.allocator.swa import SWATokenToKVPoolAllocator
 from sglang.srt.utils import get_num_new_pages
 
-__all__ = ["DSV4PagedAllocator"]
+__all__ = ["DSV4PagedAllocator", "DSV4SWAAllocator"]
 
 
 class DSV4PagedAllocator(PagedTokenToKVPoolAllocator):
@@ -81,3 +84,25 @@ class DSV4PagedAllocator(PagedTokenToKVPoolAllocator):
         )
         self.free_pages = self.free_pages[num_new_pages:]
         return out
+
+
+class DSV4SWAAllocator(SWATokenToKVPoolAllocator):
+    """Full + swa slots, each side a :class:`DSV4PagedAllocator`."""
+
+    def __init__(self, size: int, size_swa: int, page_size: int, dtype, device, kvcache, need_sort):
+        super().__init__(size, size_swa, page_size, dtype, device, kvcache, need_sort)
+        self.full_attn_allocator = DSV4PagedAllocator(
+            size, page_size, dtype, device, kvcache, need_sort
+        )
+        self.swa_attn_allocator = DSV4PagedAllocator(
+            size_swa, page_size, dtype, device, kvcache, need_sort
+        )
+        self.clear()
+
+    def alloc_decode(self, seq_lens, seq_lens_cpu, last_loc):
+        # Upstream allocates full then swa and returns None if either fails, leaking the other
+        # side's pages; check both sides first (one new page per request opening a page).
+        opening = int(((seq_lens_cpu.long() - 1) % self.page_size == 0).sum())
+        if not self.new_pages_available(opening, opening):
+            return None
+        return super().alloc_decode(seq_lens, seq_lens_cpu, last_loc)

@@ -10,10 +10,12 @@ c4 (CSA)   32 entries + 32 indexer keys    main 8 slots x 2D, indexer 8 slots x 
 c128 (HCA) 1 entry                         128 slots x D
 =========  ==============================  =========================================
 
-Every layer also attends to the raw KV of the last ``sliding_window`` tokens (``swa_window``); a
-running request needs at most two blocks of raw rows (its partial current block and the one
-before). The pools currently keep raw rows for every cached token (see ``pools``), and c4 layers
-keep their compressor state at each block end (``boundary_bytes``). Tails are kv + score in fp32.
+Every layer also attends to the raw KV of the last ``sliding_window`` tokens (``swa_window``).
+Those raw rows live in a separate, smaller pool of ``swa`` token slots, so that cached prefixes
+can drop them long before their entries (SGLang's hybrid-SWA split: a "full" slot is a token's
+place in a block, an ``swa`` slot holds its raw row). The c4 compressor state at each block end
+(``boundary``) is kept with the ``swa`` page of the block's last token: a block end is only a
+valid prefix-hit point while that page is resident anyway. Tails are kv + score in fp32.
 
 Byte sizes follow the entry format: ``fp8`` is the layout FlashMLA's DSV4 kernels read, one
 584-byte record per KV row (``[0, 448)`` e4m3 nope channels, ``[448, 576)`` bf16 RoPE channels,
@@ -126,12 +128,14 @@ class CacheSchema:
         )
 
     @property
-    def bytes_per_token_slot(self) -> float:
-        """Raw KV row of every layer + this token's share of its block's entries and state."""
-        return (
-            self.kv_row_bytes * len(self.layers)
-            + (self.block_bytes + self.boundary_bytes) / self.block_size
-        )
+    def full_bytes_per_token(self) -> float:
+        """A full slot's share of its block's entries and indexer keys."""
+        return self.block_bytes / self.block_size
+
+    @property
+    def swa_bytes_per_token(self) -> float:
+        """An ``swa`` slot: the raw KV row of every layer + its share of its page's boundary."""
+        return self.kv_row_bytes * len(self.layers) + self.boundary_bytes / self.block_size
 
     @property
     def tail_bytes(self) -> int:

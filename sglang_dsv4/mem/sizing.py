@@ -1,8 +1,10 @@
 """Pool sizing from the memory SGLang measured (``--mem-fraction-static`` already applied).
 
-Per token slot a block costs its raw KV rows plus its share of entries and block-end state
-(``CacheSchema.bytes_per_token_slot``); each request slot costs one compressor tail. The tails
-of ``max_running_requests`` are reserved first, the rest becomes whole blocks of slots.
+Two slot kinds share the budget (see ``pools``): a full slot costs its share of its block's
+entries (``CacheSchema.full_bytes_per_token``), an swa slot its raw rows and boundary share
+(``swa_bytes_per_token``, 6-7x more on Flash). As in SGLang's hybrid-SWA sizing, there are
+``swa_ratio`` swa slots per full slot (``--swa-full-tokens-ratio``). Each request slot costs one
+compressor tail; the tails of ``max_running_requests`` are reserved first.
 """
 
 import torch
@@ -22,26 +24,44 @@ def row_format(model_dtype: torch.dtype) -> tuple[EntryFormat, torch.dtype]:
 
 
 class DSV4PoolConfigurator(MemoryPoolConfigurator):
-    def __init__(self, schema: CacheSchema, max_running_requests: int):
+    def __init__(self, schema: CacheSchema, max_running_requests: int, swa_ratio: float):
         self.schema = schema
         self.max_running_requests = max_running_requests
+        self.swa_ratio = swa_ratio
 
     @classmethod
     def from_kv_cache_configurator(cls, kvc) -> "DSV4PoolConfigurator":
         cfg = DSV4Config.from_dict(kvc.model_config.hf_config.to_dict())
         fmt, _ = row_format(kvc.model_config.dtype)
-        return cls(CacheSchema.from_config(cfg, fmt), kvc.server_args.max_running_requests or 256)
+        args = kvc.server_args
+        return cls(
+            CacheSchema.from_config(cfg, fmt),
+            args.max_running_requests or 256,
+            args.swa_full_tokens_ratio,
+        )
 
     def calculate_pool_sizes(self, available_bytes: int, page_size: int) -> MemoryPoolConfig:
-        tails = self.schema.tail_bytes * (self.max_running_requests + 1)
-        slots = int((available_bytes - tails) // self.schema.bytes_per_token_slot)
-        return self.calculate_pool_sizes_from_max_tokens(max(slots, 0), page_size)
+        s = self.schema
+        tails = s.tail_bytes * (self.max_running_requests + 1)
+        per_full_slot = s.full_bytes_per_token + self.swa_ratio * s.swa_bytes_per_token
+        full = int((available_bytes - tails) // per_full_slot)
+        return self.calculate_pool_sizes_from_max_tokens(max(full, 0), page_size)
 
     def calculate_pool_sizes_from_max_tokens(
         self, max_total_num_tokens: int, page_size: int
     ) -> MemoryPoolConfig:
-        if page_size != self.schema.block_size:
+        block, window = self.schema.block_size, self.schema.sliding_window
+        if page_size != block:
+            raise ValueError(f"DSV4 pools need --page-size {block}, got {page_size}")
+        full = max_total_num_tokens // block * block
+        swa = int(full * self.swa_ratio) // block * block
+        # A request needs its window plus the page being written; less can never admit one.
+        if full and swa < window + block:
             raise ValueError(
-                f"DSV4 pools need --page-size {self.schema.block_size}, got {page_size}"
+                f"the swa pool ({swa} token slots = {self.swa_ratio} x {full} full slots) cannot "
+                f"hold one request's window ({window}) plus a page ({block}); raise "
+                "--swa-full-tokens-ratio or the memory budget"
             )
-        return MemoryPoolConfig(max_total_num_tokens=max_total_num_tokens // page_size * page_size)
+        return MemoryPoolConfig(
+            max_total_num_tokens=full, full_max_total_num_tokens=full, swa_max_total_num_tokens=swa
+        )

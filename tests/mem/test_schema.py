@@ -52,8 +52,9 @@ def test_tail_bytes():
     assert s.tail_bytes == 21 * per_csa + 20 * per_hca
 
 
-def test_boundary_and_per_slot_bytes():
+def test_boundary_full_and_swa_bytes():
     s = schema("dsv4-flash", EntryFormat.FP8)
     assert s.boundary_bytes == 21 * 2 * 4 * 4 * (512 + 128)
-    per_slot = 584 * 43 + (s.block_bytes + s.boundary_bytes) / 128
-    assert s.bytes_per_token_slot == per_slot
+    # A full slot carries its block's compressed rows only; raw rows + boundary go with swa.
+    assert s.full_bytes_per_token == (21 * 32 * (584 + 132) + 20 * 584) / 128
+    assert s.swa_bytes_per_token == 584 * 43 + s.boundary_bytes / 128
