@@ -54,12 +54,13 @@ def build_decode_meta(
     """Device ops only (recordable in a CUDA graph); see the module docstring."""
     req_slots, positions, out_loc = req_slots.long(), positions.long(), out_loc.long()
     valid = out_loc > 0
-    rows = req_to_token[req_slots].long()  # [B, context]
+    rows = req_slots.unsqueeze(1)  # [B, 1]: index only the columns needed, never whole rows
     cols = positions.unsqueeze(1) + torch.arange(-window + 1, 1, device=positions.device)
-    full = rows.gather(1, cols.clamp(min=0))  # [B, W]
+    full = req_to_token[rows, cols.clamp(min=0)].long()  # [B, W]
     win = torch.where(cols >= 0, full_to_swa[full], -1)
     starts = torch.arange(n_pages, device=positions.device) * block
-    pages = rows[:, starts.clamp(max=rows.shape[1] - 1)] // block  # [B, P]
+    starts = starts.clamp(max=req_to_token.shape[1] - 1).unsqueeze(0)
+    pages = req_to_token[rows, starts].long() // block  # [B, P]
     zero = torch.zeros_like(out_loc)
     return DecodeMeta(
         positions=positions,
