@@ -2,10 +2,12 @@
 
 Starts ``python -m sglang.launch_server --model dsv4`` (the embedded checkpoint, fp32), checks
 greedy tokens and logprobs of a few prompts against the reference forward of the same checkpoint
-(``RefDSV4``, fp32), then measures time to first token and decode speed at batch 1 and 8.
+(``RefDSV4``, fp32), then measures time to first token and decode speed at batch 1, 8 and 32.
+With ``--graph-check`` it then serves the same requests with ``--disable-cuda-graph`` and checks
+that the greedy tokens are identical with and without CUDA graphs (and logprobs within 1e-4).
 Exit status 1 when a correctness gate fails. Results also go to ``$OUT/gpu_e2e.json`` if set.
 
-    python scripts/gpu_e2e.py [--extra-server-args "..."]
+    python scripts/gpu_e2e.py [--graph-check] [--extra-server-args "..."]
 """
 
 import argparse
@@ -86,6 +88,8 @@ def check_against_reference(url: str, ref: RefDSV4, device: str) -> list[dict]:
         rows.append(
             {
                 "prompt": n,
+                "tokens": tokens,
+                "logprobs": served,
                 "greedy_equal": greedy == tokens,
                 "max_abs_dlogprob": (torch.tensor(served) - want_lp).abs().max().item(),
             }
@@ -105,46 +109,83 @@ def measure(url: str, vocab: int) -> dict:
     t = time.perf_counter()
     generate(url, ids, 129, logprobs=False)
     decode_b1 = 128 / (time.perf_counter() - t - statistics.median(ttft))
-    prompts = [list(range(200 + i, 216 + i)) for i in range(8)]
-    t = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda p: generate(url, p, 128, logprobs=False), prompts))
-    decode_b8 = 8 * 128 / (time.perf_counter() - t)
-    return {
-        "ttft_ms": 1000 * statistics.median(ttft),
-        "decode_tok_s_bs1": decode_b1,
-        "decode_tok_s_bs8": decode_b8,
-    }
+    out = {"ttft_ms": 1000 * statistics.median(ttft), "decode_tok_s_bs1": decode_b1}
+    for bs in (8, 32):
+        prompts = [list(range(200 + i, 216 + i)) for i in range(bs)]
+        t = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(bs) as pool:
+            outs = list(pool.map(lambda p: generate(url, p, 128, logprobs=False), prompts))
+        out[f"decode_tok_s_bs{bs}"] = bs * 128 / (time.perf_counter() - t)
+        out[f"batch{bs}_tokens"] = [o["output_ids"] for o in outs]
+    return out
+
+
+def serve_and_check(extra: list[str], log: Path, ref: RefDSV4, device: str):
+    proc, url = start_server(extra, log)
+    try:
+        return check_against_reference(url, ref, device), measure(url, ref.cfg.vocab_size)
+    finally:
+        proc.terminate()
+        proc.wait(60)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--extra-server-args", default="")
     ap.add_argument("--log", default="/tmp/gpu_e2e_server.log")
+    ap.add_argument("--graph-check", action="store_true")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ckpt = embedded_checkpoint()
-    proc, url = start_server(args.extra_server_args.split(), Path(args.log))
-    try:
-        weights = {k: v.to(device) for k, v in load_state_dict(ckpt).items()}
-        ref = RefDSV4(DSV4Config.from_json(ckpt), weights)
-        rows = check_against_reference(url, ref, device)
-        perf = measure(url, ref.cfg.vocab_size)
-    finally:
-        proc.terminate()
-        proc.wait(60)
+    weights = {k: v.to(device) for k, v in load_state_dict(ckpt).items()}
+    ref = RefDSV4(DSV4Config.from_json(ckpt), weights)
+    extra = args.extra_server_args.split()
+    rows, perf = serve_and_check(extra, Path(args.log), ref, device)
+    graph = None
+    if args.graph_check:
+        eager_log = Path(args.log).with_suffix(".eager.log")
+        eager_rows, eager_perf = serve_and_check(
+            [*extra, "--disable-cuda-graph"], eager_log, ref, device
+        )
+        graph = {
+            "tokens_equal": all(
+                a["tokens"] == b["tokens"] for a, b in zip(rows, eager_rows, strict=True)
+            )
+            and all(perf[k] == eager_perf[k] for k in ("batch8_tokens", "batch32_tokens")),
+            "max_abs_dlogprob": max(
+                (torch.tensor(a["logprobs"]) - torch.tensor(b["logprobs"])).abs().max().item()
+                for a, b in zip(rows, eager_rows, strict=True)
+            ),
+            "eager_perf": {k: v for k, v in eager_perf.items() if not k.endswith("tokens")},
+        }
+        graph["captured"] = "cuda graph: true" in Path(args.log).read_text().lower()
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    result = {"device": name, "checks": rows, "perf": perf, "date": time.strftime("%Y-%m-%d")}
+    perf = {k: v for k, v in perf.items() if not k.endswith("tokens")}
+    result = {"device": name, "checks": rows, "perf": perf, "graph_check": graph}
+    result["date"] = time.strftime("%Y-%m-%d")
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "gpu_e2e.json").write_text(json.dumps(result, indent=2))
     print(f"\n== sglang-dsv4 e2e on {name} (embedded dsv4, fp32) ==")
     print(f"{'prompt':>8} {'greedy==ref':>12} {'max|dlogprob|':>14}")
     for r in rows:
         print(f"{r['prompt']:>8} {r['greedy_equal']!s:>12} {r['max_abs_dlogprob']:>14.2e}")
-    bs1, bs8 = perf["decode_tok_s_bs1"], perf["decode_tok_s_bs8"]
-    ttft = perf["ttft_ms"]
-    print(f"TTFT {ttft:.0f} ms (16-token prompt) | decode tok/s: {bs1:.1f} bs1, {bs8:.1f} bs8")
+
+    def speed(p):
+        return (
+            f"TTFT {p['ttft_ms']:.0f} ms (16-token prompt) | decode tok/s: "
+            f"{p['decode_tok_s_bs1']:.1f} bs1, {p['decode_tok_s_bs8']:.1f} bs8, "
+            f"{p['decode_tok_s_bs32']:.1f} bs32"
+        )
+
+    print(speed(perf))
     ok = all(r["greedy_equal"] and r["max_abs_dlogprob"] <= 1e-3 for r in rows)
+    if graph is not None:
+        print(f"without CUDA graphs: {speed(graph['eager_perf'])}")
+        print(
+            f"CUDA graph vs eager: tokens identical {graph['tokens_equal']}, "
+            f"max |dlogprob| {graph['max_abs_dlogprob']:.1e}"
+        )
+        ok = ok and graph["tokens_equal"] and graph["max_abs_dlogprob"] <= 1e-4
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1
 

@@ -7,8 +7,8 @@ This is the only module that touches SGLang's registries (see docs/design/sglang
 * ``ModelRegistry``: our ``DeepseekV4ForCausalLM`` over the built-in one;
 * attention backends: ``dsv4_plugin`` registered and added to the CLI choices;
 * a model override for ``DeepseekV4ForCausalLM`` (last writer wins over upstream's):
-  our backend, page size = block (128), no hybrid-SWA memory (our pools keep the window),
-  and eager decode until the backend can be captured in a CUDA graph;
+  our backend, page size = block (128), bf16 KV dtype (our pools pick their own rows) and
+  upstream's swa / full slot ratio;
 * HookRegistry: our pool sizing, pools and allocator for DSV4 models (others fall through),
   ``support_triton`` false for our backend on machines without CUDA, and model-name resolution
   (``--model dsv4``) plus the CPU device default, before any Hugging Face access.
@@ -90,9 +90,8 @@ def _is_dsv4(hf_config) -> bool:
 
 def _resolve_model_and_device(self, *args, **kwargs):
     """Before ServerArgs resolves (it is read-only after): ``--model dsv4`` -> the embedded
-    checkpoint; for DSV4 models, CPU when there is no CUDA device and eager decode, because our
-    wrappers run host loops that a CUDA graph cannot capture (as upstream does for models that
-    cannot be captured) until the backend implements graph capture."""
+    checkpoint; for DSV4 models, CPU when there is no CUDA device (and then no CPU graphs: our
+    decode path is captured by CUDA graphs on GPU only)."""
     from sglang_dsv4.embedded import EMBEDDED, PUBLIC, resolve_model_name
 
     name = self.model_path
@@ -110,7 +109,8 @@ def _resolve_model_and_device(self, *args, **kwargs):
 
         if not torch.cuda.is_available():
             self.device = "cpu"
-    if self.cuda_graph_backend_decode is None and self.cuda_graph_config is None:
+    on_cpu = self.device == "cpu"
+    if on_cpu and self.cuda_graph_backend_decode is None and self.cuda_graph_config is None:
         self.cuda_graph_backend_decode = "disabled"
     return None
 

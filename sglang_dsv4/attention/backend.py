@@ -1,16 +1,25 @@
 """The SGLang attention backend of DSV4 (registered as ``dsv4_plugin`` by the plugin).
 
-SGLang calls ``init_forward_metadata`` once per batch; the backend builds the batch plan (host
-work) and hands it to one wrapper per layer kind. Layers then call their wrapper's ``run()``
-directly (they are built for one kind, so there is no dispatch on the kind at run time).
-The graph split follows SGLang 0.5.17: host work in ``init_forward_metadata_out_graph``, nothing
-device-side yet in ``init_forward_metadata_in_graph``.
+SGLang calls ``init_forward_metadata`` once per batch, split as SGLang 0.5.17 wants for CUDA
+graphs: host work in ``init_forward_metadata_out_graph`` (runs before every replay too), static-
+shape device work in ``init_forward_metadata_in_graph`` (recorded into the graph).
+
+* extend batches: the host builds the batch plan and hands it to one wrapper per layer kind
+  (``plan()``), whose ``run()`` the layers call;
+* decode batches: the device builds :class:`DecodeMeta` (``attention.decode``) from SGLang's
+  graph-static buffers, and every layer runs ``decode_attention``; this is what a captured
+  decode graph replays.
+
+Layers call :meth:`DSV4AttnBackend.run`, which picks one of the two per batch (a host decision
+made once per forward, not per tensor value).
 """
 
 import logging
 
+import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
+from sglang_dsv4.attention.decode import DecodeMeta, build_decode_meta, decode_attention
 from sglang_dsv4.attention.plan import BatchPlan, plan_batch
 from sglang_dsv4.attention.wrappers import CSAWrapper, HCAWrapper, SWAWrapper
 from sglang_dsv4.config import AttnKind
@@ -40,6 +49,11 @@ class DSV4AttnBackend(AttentionBackend):
             AttnKind.HCA: HCAWrapper(window),
         }
         self.plan: BatchPlan | None = None
+        self.decode_meta: DecodeMeta | None = None
+        self._decode_pages = 0  # pages per request in the decode metadata
+        self._graph_pages = 0  # ... fixed for captured graphs (the context length)
+        self._graph_bs = 0
+        self._context_len = model_runner.model_config.context_len
         allocator = model_runner.token_to_kv_pool_allocator
         model = model_runner.model
         # One line that says which classes serve (the plugin test reads it from the server log).
@@ -58,15 +72,64 @@ class DSV4AttnBackend(AttentionBackend):
         self.init_forward_metadata_in_graph(forward_batch)
 
     def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False) -> None:
-        if forward_batch.forward_mode.is_idle():
-            self.plan = None
+        fb = forward_batch
+        self.plan = self.decode_meta = None
+        if fb.forward_mode.is_idle():
             return
-        self.plan = plan_batch(forward_batch, self.token_to_kv_pool, self.req_to_token_pool)
+        if fb.forward_mode.is_decode():
+            if not in_capture:
+                self._note_decode(fb)
+            if self._graph_pages and (in_capture or fb.seq_lens_cpu.numel() <= self._graph_bs):
+                self._decode_pages = self._graph_pages
+            else:
+                self._decode_pages = -(-int(fb.seq_lens_cpu.max()) // self._block)
+            return
+        self.plan = plan_batch(fb, self.token_to_kv_pool, self.req_to_token_pool)
         for wrapper in self.wrappers.values():
             wrapper.plan(self.plan)
 
     def init_forward_metadata_in_graph(self, forward_batch) -> None:
-        """No device-side metadata yet: the reference wrappers read the plan directly."""
+        fb = forward_batch
+        if not fb.forward_mode.is_decode():
+            return
+        pool = self.token_to_kv_pool
+        self.decode_meta = build_decode_meta(
+            fb.req_pool_indices,
+            fb.positions,
+            fb.out_cache_loc,
+            self.req_to_token_pool.req_to_token,
+            pool.full_to_swa_index_mapping,
+            pool.spare_tail_row,
+            pool.schema.sliding_window,
+            self._block,
+            self._decode_pages,
+        )
+
+    def _note_decode(self, fb) -> None:
+        """Host bookkeeping of tail progress (an extend of the same owner may follow in mixed
+        batches); decode never changes a tail's owner."""
+        pool = self.token_to_kv_pool
+        slots = fb.req_pool_indices.tolist()
+        for slot, seq_len in zip(slots, fb.seq_lens_cpu.tolist(), strict=True):
+            pool.tail_pos[slot] = int(seq_len)
+
+    @property
+    def _block(self) -> int:
+        return self.token_to_kv_pool.schema.block_size
+
+    # CUDA graphs (decode): all per-batch tensors are derived in init_forward_metadata_in_graph.
+    def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int) -> None:
+        self._graph_bs = max_bs
+        self._graph_pages = -(-self._context_len // self._block)
+
+    def get_cuda_graph_seq_len_fill_value(self) -> int:
+        return 1
+
+    def run(self, kind: AttnKind, lk, q, kv, sink, scale: float, comp=None) -> torch.Tensor:
+        """One layer's attention over this batch (``q`` [T, H, D], ``kv`` [T, D])."""
+        if self.decode_meta is not None:
+            return decode_attention(lk, self.decode_meta, q, kv, sink, scale, comp)
+        return self.wrappers[kind].run(lk, q, kv, sink, scale, comp)
 
     def forward(self, *args, **kwargs):
         raise RuntimeError(

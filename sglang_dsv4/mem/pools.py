@@ -15,7 +15,8 @@ a block owns hangs off one of the two page ids:
   block whose last token sits in that swa page, main and indexer, kv + score; the compressor
   state a request resumes from after a prefix hit at that block end. It lives and dies with the
   block's last swa page, which is exactly when that block end is a valid match point.
-* ``tails[layer]``      per request slot (``req_pool_idx``): the running compressor state
+* ``tails[layer]``      per request slot (``req_pool_idx``) + 1 spare: the running compressor
+  state
 
 Slot 0 (page 0) of both kinds is SGLang's dummy target for padded tokens; no request owns it.
 """
@@ -94,12 +95,12 @@ class DSV4KVPool(BaseSWAKVPool):
                 entries = torch.zeros(
                     n_full_pages, lc.entries_per_block, d, dtype=row_dtype, device=device
                 )
-                tail = TailBuffers.empty(n_req_slots, lc.tail_shape, device)
+                tail = TailBuffers.empty(n_req_slots + 1, lc.tail_shape, device)
             if csa:
                 index_keys = torch.zeros(
                     n_full_pages, lc.index_keys_per_block, di, dtype=row_dtype, device=device
                 )
-                index_tail = TailBuffers.empty(n_req_slots, lc.index_tail_shape, device)
+                index_tail = TailBuffers.empty(n_req_slots + 1, lc.index_tail_shape, device)
                 half = lc.tail_shape[0] // 2
                 boundary = TailBuffers.empty(n_swa_pages, (half, d), device)
                 index_boundary = TailBuffers.empty(n_swa_pages, (half, di), device)
@@ -117,6 +118,8 @@ class DSV4KVPool(BaseSWAKVPool):
                     index_boundary,
                 )
             )
+        # One spare tail row takes the writes of padded rows in captured decode graphs.
+        self.spare_tail_row = n_req_slots
         # Which request owns each tail row and how far its state has advanced (host side).
         self.tail_pos = [0] * n_req_slots
         self.tail_owner = [-1] * n_req_slots

@@ -164,6 +164,8 @@ class DeepseekV4ForCausalLM(nn.Module):
         ref, cfg = self.ref, self.cfg
         backend = get_attn_backend()
         positions = positions.long()
+        # Inside a CUDA-graph capture every op must be free of data-dependent shapes.
+        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
         x = ref.embed_streams(input_ids)  # [T, hc, d]
         for block in self.layers:
             spec = block.spec
@@ -173,7 +175,8 @@ class DeepseekV4ForCausalLM(nn.Module):
             y = self._attention(block, h, positions, backend)
             x = hc_post(y, x, post, comb)
             u, post, comb = ref.hc_pre(x, p + "hc_ffn_")
-            y = ref.ffn(spec, rms_norm(u, block.ffn_norm.weight, cfg.norm_eps), input_ids)
+            h = rms_norm(u, block.ffn_norm.weight, cfg.norm_eps)
+            y = ref.ffn(spec, h, input_ids, graph_safe=capturing)
             x = hc_post(y, x, post, comb)
         hidden = ref.final_hidden(x)
         return self.logits_processor(input_ids, hidden, self.head, forward_batch)
@@ -198,9 +201,7 @@ class DeepseekV4ForCausalLM(nn.Module):
                 indexer,
             )
         lk = backend.token_to_kv_pool.layer(spec.index)
-        o = backend.wrappers[spec.attn].run(
-            lk, q, kv, block.attn.attn_sink, cfg.head_dim**-0.5, comp
-        )
+        o = backend.run(spec.attn, lk, q, kv, block.attn.attn_sink, cfg.head_dim**-0.5, comp)
         return ref.output(spec, o, positions)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -13,7 +13,7 @@ heads go through the grouped output projection.
 
 import torch
 
-__all__ = ["grouped_output_proj", "sparse_attention", "window_indices"]
+__all__ = ["attend", "grouped_output_proj", "sparse_attention", "window_indices"]
 
 
 def sparse_attention(
@@ -25,8 +25,15 @@ def sparse_attention(
 ) -> torch.Tensor:
     """``q`` [T, H, D], ``kv`` [N, D], ``indices`` [T, K] int (rows of ``kv``, -1 = none),
     ``sink`` [H] -> ``o`` [T, H, D] in ``q.dtype`` (fp32 math)."""
-    valid = indices >= 0  # [T, K]
-    keys = kv.float()[indices.clamp(min=0)]  # [T, K, D]
+    keys = kv[indices.clamp(min=0)]  # [T, K, D]
+    return attend(q, keys, indices >= 0, sink, scale)
+
+
+def attend(
+    q: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, sink: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """The same softmax over per-query gathered ``keys`` [T, K, D] with ``valid`` [T, K]."""
+    keys = keys.float()
     logits = torch.einsum("thd,tkd->thk", q.float(), keys) * scale
     logits = logits.masked_fill(~valid.unsqueeze(1), float("-inf"))
     sink_logits = sink.float().view(1, -1, 1).expand(q.shape[0], -1, 1)

@@ -30,7 +30,7 @@ import torch
 from sglang_dsv4.ref.norm import rms_norm
 from sglang_dsv4.ref.rope import apply_rope, rope_cos_sin
 
-__all__ = ["CompressorState", "CompressorWeights", "compress"]
+__all__ = ["CompressorState", "CompressorWeights", "compress", "compress_decode"]
 
 
 @dataclass
@@ -132,3 +132,58 @@ def compress(
         score=vscore[lo : cur + 1].reshape(coff * r, coff * d).clone(),
     )
     return entries, first_entry, new_state
+
+
+def compress_decode(
+    x: torch.Tensor,
+    positions: torch.Tensor,
+    state_kv: torch.Tensor,
+    state_score: torch.Tensor,
+    w: CompressorWeights,
+    inv_freq: torch.Tensor,
+    norm_eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One new token per request, batched, with no host decision (CUDA-graph safe).
+
+    ``x`` [B, hidden] at ``positions`` [B]; ``state_kv`` / ``state_score`` [B, coff*r, coff*D]
+    (the requests' tails, slot layout as in :class:`CompressorState`). Returns
+    ``(entry [B, D], emit [B] bool, new_kv, new_score)``: ``entry`` is entry ``pos // r`` and
+    only meaningful where the token completes its window (``emit``); the new state is the
+    state after the token (window shifted out where it emitted). Equals :func:`compress` fed
+    the same token.
+    """
+    r, d = w.ratio, w.head_dim
+    coff = 2 if w.overlap else 1
+    n = x.shape[0]
+    rows = torch.arange(n, device=x.device)
+    kv = x.float() @ w.wkv.float().T  # [B, coff*D]
+    score = x.float() @ w.wgate.float().T + w.ape.float()[positions % r]
+    slot = (coff - 1) * r + positions % r  # [B] the token's slot in the current window
+    new_kv, new_score = state_kv.clone(), state_score.clone()
+    new_kv[rows, slot] = kv
+    new_score[rows, slot] = score
+    if w.overlap:  # previous window's a-halves + current window's b-halves
+        pool_kv = torch.cat([new_kv[:, :r, :d], new_kv[:, r:, d:]], dim=1)  # [B, 2r, D]
+        pool_score = torch.cat([new_score[:, :r, :d], new_score[:, r:, d:]], dim=1)
+    else:
+        pool_kv, pool_score = new_kv, new_score  # [B, r, D]
+    entry = (pool_kv * pool_score.softmax(dim=1)).sum(dim=1)  # [B, D]
+    entry = rms_norm(entry, w.norm.float(), norm_eps)
+    cos, sin = rope_cos_sin(positions // r * r, inv_freq)
+    entry = apply_rope(entry, cos, sin)
+    emit = (positions + 1) % r == 0
+    # After an emit the current window becomes the previous one (c4) or is dropped (c128).
+    empty_kv = torch.zeros_like(new_kv[:, :r])
+    empty_score = torch.full_like(new_score[:, :r], float("-inf"))
+    if w.overlap:
+        shifted_kv = torch.cat([new_kv[:, r:], empty_kv], dim=1)
+        shifted_score = torch.cat([new_score[:, r:], empty_score], dim=1)
+    else:
+        shifted_kv, shifted_score = empty_kv, empty_score
+    keep = emit.view(-1, 1, 1)
+    return (
+        entry,
+        emit,
+        torch.where(keep, shifted_kv, new_kv),
+        torch.where(keep, shifted_score, new_score),
+    )

@@ -14,9 +14,11 @@ __all__ = ["index_scores", "index_topk"]
 
 def index_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """Scores [T, E] (fp32) of queries ``q`` [T, H, Dh] with head ``weights`` [T, H] against
-    indexer ``keys`` [E, Dh]. ``weights`` is the raw ``weights_proj`` output."""
+    indexer ``keys`` [E, Dh] (shared) or [T, E, Dh] (per query). ``weights`` is the raw
+    ``weights_proj`` output."""
     n_heads, head_dim = q.shape[1], q.shape[2]
-    s = torch.einsum("thd,ed->the", q.float(), keys.float())  # [T, H, E]
+    pattern = "thd,ed->the" if keys.dim() == 2 else "thd,ted->the"
+    s = torch.einsum(pattern, q.float(), keys.float())  # [T, H, E]
     s = torch.relu(s) * head_dim**-0.5
     return (s * (weights.float() * n_heads**-0.5).unsqueeze(-1)).sum(dim=1)
 

@@ -15,7 +15,14 @@ from sglang_dsv4.ref.attention import grouped_output_proj, sparse_attention, win
 from sglang_dsv4.ref.compressor import CompressorState, CompressorWeights, compress
 from sglang_dsv4.ref.indexer import index_scores, index_topk
 from sglang_dsv4.ref.mhc import hc_head, hc_post, hc_pre
-from sglang_dsv4.ref.moe import moe, route_hash, route_scores, route_topk, route_weights
+from sglang_dsv4.ref.moe import (
+    moe,
+    moe_dense,
+    route_hash,
+    route_scores,
+    route_topk,
+    route_weights,
+)
 from sglang_dsv4.ref.norm import rms_norm
 from sglang_dsv4.ref.quant import fp4_e2m1_fake_quant, hadamard, kv_fake_quant
 from sglang_dsv4.ref.rope import apply_rope, rope_cos_sin, rope_inv_freq
@@ -225,8 +232,11 @@ class RefDSV4:
     def _kv_quant(self, kv: torch.Tensor) -> torch.Tensor:
         return kv_fake_quant(kv, self.cfg.rope_dim) if self.options.quant_sim else kv
 
-    def ffn(self, spec: LayerSpec, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """MoE block: ``x`` [S, d] -> [S, d]."""
+    def ffn(
+        self, spec: LayerSpec, x: torch.Tensor, ids: torch.Tensor, graph_safe: bool = False
+    ) -> torch.Tensor:
+        """MoE block: ``x`` [S, d] -> [S, d]. ``graph_safe`` runs every expert on every token
+        (no data-dependent shapes, for captured decode graphs)."""
         cfg, w = self.cfg, self.w
         p = f"layers.{spec.index}.ffn."
         scores = route_scores(x, w[p + "gate.weight"], cfg.scoring_func)
@@ -238,4 +248,5 @@ class RefDSV4:
         shared = None
         if cfg.n_shared_experts:
             shared = tuple(w[p + f"shared_experts.{k}.weight"] for k in ("w1", "w2", "w3"))
-        return moe(x, chosen, weights, *self.experts[spec.index], shared, cfg.swiglu_limit)
+        run = moe_dense if graph_safe else moe
+        return run(x, chosen, weights, *self.experts[spec.index], shared, cfg.swiglu_limit)

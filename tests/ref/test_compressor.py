@@ -3,7 +3,12 @@ import torch
 from conftest import EDGE_LENGTHS
 from transformers import DynamicCache
 
-from sglang_dsv4.ref.compressor import CompressorState, CompressorWeights, compress
+from sglang_dsv4.ref.compressor import (
+    CompressorState,
+    CompressorWeights,
+    compress,
+    compress_decode,
+)
 from sglang_dsv4.ref.rope import rope_inv_freq
 
 CSA, HCA = 2, 3  # tiny-6l layer indices
@@ -131,3 +136,32 @@ def test_first_csa_entry_pads_previous_window(tiny_weights, tiny_cfg):
         pooled * torch.rsqrt(pooled.square().mean() + 1e-6) * cw.norm
     )  # RoPE at position 0 = identity
     torch.testing.assert_close(entries[0], want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("layer", "which"), WHICH)
+def test_batched_decode_step_equals_token_by_token(tiny_weights, tiny_cfg, layer, which):
+    """Requests at different positions (window starts, ends, block ends, position 0) step
+    together through ``compress_decode``; each equals ``compress`` fed its own tokens."""
+    cw = weights(tiny_weights, layer, which)
+    inv_freq = rope_inv_freq(tiny_cfg.layers[layer].rope, tiny_cfg.rope_dim)
+    starts = [0, 3, 126, 127, 128, 255, 300]
+    steps = 6
+    xs = [torch.randn(s + steps, tiny_cfg.hidden_size) for s in starts]
+    states = [
+        compress(x[:s], 0, CompressorState.empty(cw), cw, inv_freq)[2]
+        for x, s in zip(xs, starts, strict=True)
+    ]
+    kv = torch.stack([s.kv for s in states])
+    score = torch.stack([s.score for s in states])
+    for step in range(steps):
+        pos = torch.tensor(starts) + step
+        x = torch.stack([x[p] for x, p in zip(xs, pos.tolist(), strict=True)])
+        entry, emit, kv, score = compress_decode(x, pos, kv, score, cw, inv_freq)
+        for b, p in enumerate(pos.tolist()):
+            want, first, states[b] = compress(x[b : b + 1], p, states[b], cw, inv_freq)
+            assert bool(emit[b]) == (want.shape[0] == 1)
+            if want.shape[0]:
+                assert first == p // cw.ratio
+                torch.testing.assert_close(entry[b], want[0], atol=1e-5, rtol=0)
+            torch.testing.assert_close(kv[b], states[b].kv, atol=1e-6, rtol=0)
+            torch.testing.assert_close(score[b], states[b].score, atol=1e-6, rtol=0)

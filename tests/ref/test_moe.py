@@ -2,7 +2,15 @@ import pytest
 import torch
 from conftest import EDGE_LENGTHS
 
-from sglang_dsv4.ref.moe import moe, route_hash, route_scores, route_topk, route_weights, swiglu
+from sglang_dsv4.ref.moe import (
+    moe,
+    moe_dense,
+    route_hash,
+    route_scores,
+    route_topk,
+    route_weights,
+    swiglu,
+)
 
 HASH, SCORED = 0, 1  # tiny-6l: layer 0 hash-routed, layer 1 score-routed
 
@@ -74,5 +82,9 @@ def test_moe_block_matches_hf(hf_model, tiny_cfg, tiny_weights, n, layer):
         idx = route_topk(scores, tiny_weights[p + "gate.bias"], tiny_cfg.n_experts_per_tok)
     w = route_weights(scores, idx, tiny_cfg.routed_scaling_factor)
     shared = tuple(tiny_weights[p + f"shared_experts.{k}.weight"] for k in ("w1", "w2", "w3"))
-    got = moe(x, idx, w, *stacked(tiny_weights, layer, tiny_cfg.n_routed_experts), shared, 10.0)
+    experts = stacked(tiny_weights, layer, tiny_cfg.n_routed_experts)
+    got = moe(x, idx, w, *experts, shared, 10.0)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # the graph-safe form (every expert on every token, weight 0 where not chosen)
+    dense = moe_dense(x, idx, w, *experts, shared, 10.0)
+    torch.testing.assert_close(dense, want, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,143 @@
+"""Decode batches as static-shape device work: the CUDA-graph path of every layer kind.
+
+A decode batch has one new token per request, so everything a layer needs can be computed on
+the device from four tensors SGLang keeps in graph-static buffers (``req_pool_indices``,
+``positions``, ``out_cache_loc``; ``req_to_token`` and the full -> swa map are pool tensors):
+
+* ``window``  [B, W]  swa slots of positions ``t-W+1 .. t`` (-1 before position 0)
+* ``pages``   [B, P]  full page ids of the request's blocks ``0 .. P-1`` (``P`` static: the
+  batch's longest sequence in eager mode, the context length under a captured graph); entry
+  ``i`` of a c4 / c128 layer is row ``i`` of ``entries[pages].flatten(1, 2)``
+* ``tail_rows`` [B]   the requests' tail rows, or the pool's spare row for padding
+* ``valid`` [B]      real tokens: SGLang pads graph batches with token slot 0 (never owned)
+
+Compressed layers then run the batched compressor step (``ref.compress_decode``) with its
+entry / block-end stores gated on the device, so no host branch exists. Padded rows write only
+to page 0, swa slot 0 and the spare tail row.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from sglang_dsv4.mem.pools import LayerKV
+from sglang_dsv4.ref.attention import attend
+from sglang_dsv4.ref.compressor import CompressorWeights, compress_decode
+from sglang_dsv4.ref.indexer import index_scores, index_topk
+
+__all__ = ["DecodeMeta", "build_decode_meta", "decode_attention"]
+
+
+@dataclass
+class DecodeMeta:
+    positions: torch.Tensor  # [B] int64
+    valid: torch.Tensor  # [B] bool
+    tail_rows: torch.Tensor  # [B] int64
+    out_swa: torch.Tensor  # [B] int64 swa slot of the new token
+    window: torch.Tensor  # [B, W] int64 swa slots, -1 before position 0
+    pages: torch.Tensor  # [B, P] int64 full page ids (0 where the request has none)
+    entry_page: torch.Tensor  # [B] full page of this token's block (0 for padding)
+    swa_page: torch.Tensor  # [B] swa page of this token (0 for padding)
+
+
+def build_decode_meta(
+    req_slots: torch.Tensor,
+    positions: torch.Tensor,
+    out_loc: torch.Tensor,
+    req_to_token: torch.Tensor,
+    full_to_swa: torch.Tensor,
+    spare_tail_row: int,
+    window: int,
+    block: int,
+    n_pages: int,
+) -> DecodeMeta:
+    """Device ops only (recordable in a CUDA graph); see the module docstring."""
+    req_slots, positions, out_loc = req_slots.long(), positions.long(), out_loc.long()
+    valid = out_loc > 0
+    rows = req_slots.unsqueeze(1)  # [B, 1]: index only the columns needed, never whole rows
+    cols = positions.unsqueeze(1) + torch.arange(-window + 1, 1, device=positions.device)
+    full = req_to_token[rows, cols.clamp(min=0)].long()  # [B, W]
+    win = torch.where(cols >= 0, full_to_swa[full], -1)
+    starts = torch.arange(n_pages, device=positions.device) * block
+    starts = starts.clamp(max=req_to_token.shape[1] - 1).unsqueeze(0)
+    pages = req_to_token[rows, starts].long() // block  # [B, P]
+    zero = torch.zeros_like(out_loc)
+    return DecodeMeta(
+        positions=positions,
+        valid=valid,
+        tail_rows=torch.where(valid, req_slots, spare_tail_row),
+        out_swa=full_to_swa[out_loc],
+        window=win,
+        pages=torch.where(valid.unsqueeze(1), pages, 0),
+        entry_page=torch.where(valid, out_loc // block, zero),
+        swa_page=torch.where(valid, full_to_swa[out_loc] // block, zero),
+    )
+
+
+def decode_attention(
+    lk: LayerKV,
+    meta: DecodeMeta,
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    sink: torch.Tensor,
+    scale: float,
+    comp=None,
+) -> torch.Tensor:
+    """``q`` [B, H, D], ``kv`` [B, D] of the new tokens -> ``o`` [B, H, D] (all layer kinds:
+    ``comp`` carries the compressor / indexer inputs of c4 and c128 layers)."""
+    lk.raw[meta.out_swa] = kv.to(lk.raw.dtype)
+    keys = lk.raw[meta.window.clamp(min=0)]  # [B, W, D]
+    valid = meta.window >= 0
+    if comp is not None:
+        ratio = comp.compressor.ratio
+        _flush(lk.entries, lk.tail, lk.boundary, meta, comp.x, comp.compressor, comp)
+        if comp.indexer is not None:
+            ix = comp.indexer
+            _flush(
+                lk.index_keys, lk.index_tail, lk.index_boundary, meta, comp.x, ix.compressor, comp
+            )
+        entries = lk.entries[meta.pages].flatten(1, 2)  # [B, E, D]
+        n_visible = (meta.positions + 1) // ratio  # [B]
+        if comp.indexer is None:  # c128: every visible entry
+            ids = torch.arange(entries.shape[1], device=q.device).expand(q.shape[0], -1)
+            picked, ok = entries, ids < n_visible.unsqueeze(1)
+        else:  # c4: the indexer's top-k
+            ix = comp.indexer
+            index_keys = lk.index_keys[meta.pages].flatten(1, 2)  # [B, E, Di]
+            scores = index_scores(ix.q, ix.weights, index_keys)  # [B, E]
+            picks = index_topk(scores, meta.positions, ratio, ix.topk)  # [B, k]
+            picked = entries.gather(
+                1, picks.clamp(min=0).unsqueeze(-1).expand(-1, -1, entries.shape[-1])
+            )
+            ok = picks >= 0
+        keys = torch.cat([keys, picked.to(keys.dtype)], dim=1)
+        valid = torch.cat([valid, ok], dim=1)
+    return attend(q, keys, valid, sink, scale)
+
+
+def _flush(
+    entries: torch.Tensor,
+    tail,
+    boundary,
+    meta: DecodeMeta,
+    x: torch.Tensor,
+    w: CompressorWeights,
+    comp,
+) -> None:
+    """One compressor step for every request; stores are gated on the device."""
+    rows = meta.tail_rows
+    entry, emit, kv, score = compress_decode(
+        x, meta.positions, tail.kv[rows], tail.score[rows], w, comp.inv_freq, comp.norm_eps
+    )
+    tail.kv[rows], tail.score[rows] = kv, score
+    ratio, per_page = w.ratio, entries.shape[1]
+    # Entry pos // r sits in this token's block at row (pos % block) // r; others go to page 0.
+    row = (meta.positions % (per_page * ratio)) // ratio
+    page = torch.where(emit & meta.valid, meta.entry_page, 0)
+    entries[page, row] = entry.to(entries.dtype)
+    if boundary is not None:  # c4: keep the state at block ends with the swa page
+        block_end = (meta.positions + 1) % (per_page * ratio) == 0
+        at = torch.where(block_end & meta.valid, meta.swa_page, 0)
+        half, d = boundary.kv.shape[1], boundary.kv.shape[2]
+        boundary.kv[at] = kv[:, :half, :d]
+        boundary.score[at] = score[:, :half, :d]

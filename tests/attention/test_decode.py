@@ -1,0 +1,184 @@
+"""The static-shape decode path equals the per-request extend path on the same pools: outputs,
+entries, indexer keys, tails, block-end state and raw rows, for requests whose decode token
+starts a block, ends a block, ends a c4 window, or sits at position 0 — plus padded rows."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from sglang_dsv4.attention.decode import build_decode_meta, decode_attention
+from sglang_dsv4.attention.plan import plan_batch
+from sglang_dsv4.attention.wrappers import (
+    CompressedInputs,
+    CSAWrapper,
+    HCAWrapper,
+    IndexerInputs,
+    SWAWrapper,
+)
+from sglang_dsv4.config import AttnKind
+from sglang_dsv4.mem.pools import DSV4KVPool
+from sglang_dsv4.mem.schema import CacheSchema, EntryFormat
+from sglang_dsv4.ref.compressor import CompressorWeights
+from sglang_dsv4.ref.rope import rope_inv_freq
+
+BLOCK = 128
+PAGES = 24
+LENGTHS = [127, 128, 131, 0, 255, 300]  # prefix before the decode token
+
+
+def compressor(w, layer: int, which: str) -> CompressorWeights:
+    p = f"layers.{layer}.attn.{which}."
+    return CompressorWeights(
+        w[p + "wkv.weight"], w[p + "wgate.weight"], w[p + "ape"], w[p + "norm.weight"]
+    )
+
+
+class World:
+    """Pools + SGLang-shaped request bookkeeping for a handful of requests."""
+
+    def __init__(self, cfg):
+        schema = CacheSchema.from_config(cfg, EntryFormat.FP32)
+        n = PAGES * BLOCK
+        self.pool = DSV4KVPool(schema, n, n, len(LENGTHS), torch.float32, "cpu")
+        # full page p -> swa page (p * 7) % PAGES + 1: never the identity, never page 0
+        full = torch.arange(n + BLOCK)
+        swa = ((full // BLOCK * 7) % PAGES + 1) * BLOCK + full % BLOCK
+        mapping = torch.cat([torch.where(full >= BLOCK, swa, 0), torch.tensor([-1])])
+        self.pool.register_mapping(mapping)
+        self.req_to_token = torch.zeros(len(LENGTHS), 1024, dtype=torch.int32)
+        page = iter(range(1, PAGES + 1))
+        for r in range(len(LENGTHS)):  # 3 pages per request, deliberately not in order
+            pages = [next(page) for _ in range(3)][::-1]
+            slots = torch.cat([torch.arange(p * BLOCK, (p + 1) * BLOCK) for p in pages])
+            self.req_to_token[r, : slots.numel()] = slots
+        self.rtp = SimpleNamespace(
+            req_to_token=self.req_to_token, req_generation=torch.ones(len(LENGTHS))
+        )
+
+    def batch(self, reqs: list[int], prefix: list[int], seq: list[int], decode: bool):
+        rows = [self.req_to_token[r, p:s].long() for r, p, s in zip(reqs, prefix, seq, strict=True)]
+        return SimpleNamespace(
+            forward_mode=SimpleNamespace(is_decode=lambda: decode),
+            seq_lens_cpu=torch.tensor(seq),
+            extend_prefix_lens=torch.tensor(prefix),
+            req_pool_indices=torch.tensor(reqs),
+            out_cache_loc=torch.cat(rows),
+        )
+
+
+def inputs(cfg, w, spec, n: int, gen: torch.Generator):
+    q = torch.randn(n, cfg.num_heads, cfg.head_dim, generator=gen)
+    kv = torch.randn(n, cfg.head_dim, generator=gen)
+    if not spec.attn.compressed:
+        return q, kv, None
+    x = torch.randn(n, cfg.hidden_size, generator=gen)
+    ix = None
+    if spec.attn is AttnKind.CSA:
+        ix = IndexerInputs(
+            torch.randn(n, cfg.index_n_heads, cfg.index_head_dim, generator=gen),
+            torch.randn(n, cfg.index_n_heads, generator=gen),
+            compressor(w, spec.index, "indexer.compressor"),
+            cfg.index_topk,
+        )
+    inv_freq = rope_inv_freq(spec.rope, cfg.rope_dim)
+    comp = CompressedInputs(x, compressor(w, spec.index, "compressor"), inv_freq, 1e-6, ix)
+    return q, kv, comp
+
+
+def pool_state(lk) -> dict[str, torch.Tensor]:
+    out = {"raw": lk.raw[BLOCK:]}  # swa page 0 is the dummy target
+    for name in ("entries", "index_keys"):
+        if getattr(lk, name) is not None:
+            out[name] = getattr(lk, name)[1:]
+    for name in ("tail", "index_tail"):
+        if getattr(lk, name) is not None:
+            out[name + ".kv"] = getattr(lk, name).kv[:-1]  # the spare row takes padding
+            out[name + ".score"] = getattr(lk, name).score[:-1]
+    for name in ("boundary", "index_boundary"):
+        if getattr(lk, name) is not None:
+            out[name + ".kv"] = getattr(lk, name).kv[1:]
+            out[name + ".score"] = getattr(lk, name).score[1:]
+    return {k: v.clone() for k, v in out.items()}
+
+
+@pytest.mark.parametrize("layer", [0, 2, 3])  # SWA, CSA (c4), HCA (c128)
+def test_decode_equals_extend_path(tiny_cfg, tiny_weights, layer):
+    cfg, spec = tiny_cfg, tiny_cfg.layers[layer]
+    wrapper = {AttnKind.SWA: SWAWrapper, AttnKind.CSA: CSAWrapper, AttnKind.HCA: HCAWrapper}[
+        spec.attn
+    ](cfg.sliding_window)
+    gen = torch.Generator().manual_seed(layer)
+    sink = torch.randn(cfg.num_heads, generator=gen)
+    scale = cfg.head_dim**-0.5
+    world = World(cfg)
+    lk = world.pool.layer(layer)
+
+    # Prefill every request with a nonzero prefix, then one decode token each.
+    live = [i for i, n in enumerate(LENGTHS) if n]
+    fb = world.batch(live, [0] * len(live), [LENGTHS[i] for i in live], decode=False)
+    q0, kv0, comp0 = inputs(cfg, tiny_weights, spec, int(fb.out_cache_loc.numel()), gen)
+    wrapper.plan(plan_batch(fb, world.pool, world.rtp))
+    wrapper.run(lk, q0, kv0, sink, scale, comp0)
+    before = pool_state(lk)
+
+    n = len(LENGTHS)
+    q, kv, comp = inputs(cfg, tiny_weights, spec, n, gen)
+    reqs = list(range(n))
+    dec = world.batch(reqs, LENGTHS, [s + 1 for s in LENGTHS], decode=True)
+    wrapper.plan(plan_batch(dec, world.pool, world.rtp))
+    want = wrapper.run(lk, q, kv, sink, scale, comp)
+    want_state = pool_state(lk)
+
+    # Restore the pools and replay the step on the static-shape path, with two padded rows.
+    _restore(lk, before)
+    pad = 2
+    positions = torch.tensor(LENGTHS + [0] * pad)
+    meta = build_decode_meta(
+        torch.tensor(reqs + [0] * pad),  # padding reuses a live request slot
+        positions,
+        torch.cat([dec.out_cache_loc, torch.zeros(pad, dtype=torch.long)]),
+        world.req_to_token,
+        world.pool.full_to_swa_index_mapping,
+        world.pool.spare_tail_row,
+        cfg.sliding_window,
+        BLOCK,
+        n_pages=4,
+    )
+    padded = _pad_inputs(q, kv, comp, pad)
+    got = decode_attention(lk, meta, *padded[:2], sink, scale, padded[2])
+    torch.testing.assert_close(got[:n], want, atol=1e-5, rtol=0)
+    got_state = pool_state(lk)
+    for k, v in want_state.items():
+        torch.testing.assert_close(got_state[k], v, atol=1e-5, rtol=0, msg=k)
+
+
+def _restore(lk, state: dict[str, torch.Tensor]) -> None:
+    lk.raw[BLOCK:] = state["raw"]
+    for name in ("entries", "index_keys"):
+        if name in state:
+            getattr(lk, name)[1:] = state[name]
+    for name in ("tail", "index_tail"):
+        if name + ".kv" in state:
+            getattr(lk, name).kv[:-1] = state[name + ".kv"]
+            getattr(lk, name).score[:-1] = state[name + ".score"]
+    for name in ("boundary", "index_boundary"):
+        if name + ".kv" in state:
+            getattr(lk, name).kv[1:] = state[name + ".kv"]
+            getattr(lk, name).score[1:] = state[name + ".score"]
+
+
+def _pad_inputs(q, kv, comp, pad: int):
+    def p(t):
+        return torch.cat([t, torch.randn(pad, *t.shape[1:])])
+
+    if comp is None:
+        return p(q), p(kv), None
+    ix = comp.indexer
+    if ix is not None:
+        ix = IndexerInputs(p(ix.q), p(ix.weights), ix.compressor, ix.topk)
+    return (
+        p(q),
+        p(kv),
+        CompressedInputs(p(comp.x), comp.compressor, comp.inv_freq, comp.norm_eps, ix),
+    )
