@@ -49,12 +49,33 @@ __all__ = [
 ]
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 ROPE_DIM = 64  # the RoPE channels are exactly the last 64-channel block of a row
 # Integer dequant modes produce k * 2^-KSHIFT (keeps the per-row factor 2^(s-127+120-KSHIFT) a
 # normal float for every scale byte s <= 194); the kernel multiplies it back into the logit
 # scale and the output.
 KSHIFT = 60
+# Kernels may only read globals that are constexpr.
+_LOG2E = tl.constexpr(LOG2E)
+_LN2 = tl.constexpr(0.6931471805599453)
+_KSHIFT = tl.constexpr(KSHIFT)
+_UNSHIFT = tl.constexpr(2.0**-KSHIFT)
+# Dequant mode 3, 4 e4m3 bytes ($2) -> 4 bf16 ($0, $1) times the bf16x2 scales ($3, $4): spread
+# bytes into 16-bit lanes, shift the 7 magnitude bits under the bf16 exponent/mantissa (the value
+# becomes |x| * 2^-120, denormals included), move the sign from bit 11 to bit 15 with one
+# multiply-add (0x800 * 15 + 0x800 = 0x8000, no carry out of the lane), then one bf16x2 multiply.
+_DEQUANT_PTX = tl.constexpr(
+    "{ .reg .b32 lo, hi, sg;\n"
+    "prmt.b32 lo, $2, 0, 0x4140;\n"
+    "prmt.b32 hi, $2, 0, 0x4342;\n"
+    "shl.b32 lo, lo, 4;\n"
+    "shl.b32 hi, hi, 4;\n"
+    "and.b32 sg, lo, 0x08000800;\n"
+    "mad.lo.u32 lo, sg, 15, lo;\n"
+    "and.b32 sg, hi, 0x08000800;\n"
+    "mad.lo.u32 hi, sg, 15, hi;\n"
+    "mul.rn.bf16x2 $0, lo, $3;\n"
+    "mul.rn.bf16x2 $1, hi, $4; }"
+)
 
 
 def fp8_page_bytes(page_size: int, head_dim: int = 512) -> int:
@@ -83,14 +104,14 @@ def fp8_rows_to_pages(rows: torch.Tensor, page_size: int, head_dim: int = 512) -
 @dataclass(frozen=True)
 class TileConfig:
     """Launch shape. ``dequant``: 0 = the compiler's e4m3 -> fp32 conversion, 1 = integer bit
-    placement into fp32, 2 = integer bit placement into bf16 (1 and 2 support scale bytes <=
-    194, i.e. 64-channel blocks with amax < 448 * 2^67)."""
+    placement into fp32, 2 = the same into bf16, 3 = the same as packed PTX (GPU only). 1-3
+    support scale bytes <= 194, i.e. 64-channel blocks with amax < 448 * 2^67."""
 
     block_h: int = 64
-    block_n: int = 64
+    block_n: int = 32
     num_warps: int = 8
     num_stages: int = 2
-    dequant: int = 0
+    dequant: int = 3
 
 
 @triton.jit
@@ -108,10 +129,10 @@ def _kv_tile(
 ):
     """Rows ``idx`` [BN] (-1 = none) of a cache -> keys [BN, D] bf16 (zero rows for -1)."""
     valid = idx >= 0
-    i = tl.where(valid, idx, 0).to(tl.int64)
-    page = i // page_size
+    i = tl.where(valid, idx, 0)
+    page = i // page_size  # int32: a 64-bit division is a subroutine call per row
     slot = i - page * page_size
-    base = page * page_stride
+    base = page.to(tl.int64) * page_stride
     if FP8:
         NBLK: tl.constexpr = D // 64
         DATA: tl.constexpr = NOPE_BLOCKS * 64 + 2 * 64
@@ -119,9 +140,8 @@ def _kv_tile(
         off = blk[:, None] * 64 + tl.arange(0, 64)[None, :]  # [NBLK, 64]
         row = base + slot * DATA  # [BN] byte offset of the nope+RoPE part
         is_nope = (blk < NOPE_BLOCKS)[None, :, None]  # [1, NBLK, 1]
-        raw = tl.load(
-            cache + row[:, None, None] + off[None, :, :], mask=valid[:, None, None] & is_nope, other=0
-        )  # [BN, NBLK, 64] e4m3 bits
+        nope_at = cache + row[:, None, None] + off[None, :, :]
+        raw = tl.load(nope_at, mask=valid[:, None, None] & is_nope, other=0)  # [BN, NBLK, 64] e4m3
         scale_at = cache + base + page_size * DATA + slot * (NOPE_BLOCKS + 1)
         sbyte = tl.load(
             scale_at[:, None] + blk[None, :],
@@ -134,24 +154,32 @@ def _kv_tile(
             nope = (x * scale[:, :, None]).to(tl.bfloat16)
         elif DEQUANT == 1:
             # e4m3 bits placed into an fp32 = |x| * 2^-120 (denormals too), sign on top.
-            scale = ((sbyte + 120 - KSHIFT) << 23).to(tl.float32, bitcast=True)
+            scale = ((sbyte + 120 - _KSHIFT) << 23).to(tl.float32, bitcast=True)
             r = raw.to(tl.uint32)
             x = (((r & 0x7F) << 20) | ((r & 0x80) << 24)).to(tl.float32, bitcast=True)
             nope = (x * scale[:, :, None]).to(tl.bfloat16)
-        else:
-            scale = ((sbyte + 120 - KSHIFT) << 7).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        elif DEQUANT == 2:
+            scale = ((sbyte + 120 - _KSHIFT) << 7).to(tl.uint16).to(tl.bfloat16, bitcast=True)
             r = raw.to(tl.uint16)
             x = (((r & 0x7F) << 4) | ((r & 0x80) << 8)).to(tl.bfloat16, bitcast=True)
             nope = x * scale[:, :, None]
+        else:
+            scale = ((sbyte + 120 - _KSHIFT) << 7).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+            nope = tl.inline_asm_elementwise(
+                _DEQUANT_PTX,
+                "=r,=r,r,r,r",
+                [raw, tl.broadcast_to(scale[:, :, None], raw.shape)],
+                dtype=tl.bfloat16,
+                is_pure=True,
+                pack=4,
+            )
         rope_at = (cache + row + NOPE_BLOCKS * 64).to(tl.pointer_type(tl.bfloat16))
         rope = tl.load(
-            rope_at[:, None, None] + (off - NOPE_BLOCKS * 64)[None, :, :],
-            mask=valid[:, None, None] & (blk == NOPE_BLOCKS)[None, :, None],
-            other=0.0,
-        )  # [BN, NBLK, 64], only the last block is read
+            rope_at[:, None] + tl.arange(0, 64)[None, :], mask=valid[:, None], other=0.0
+        )  # [BN, 64]
         if DEQUANT != 0:
-            rope = (rope.to(tl.float32) * (2.0**-KSHIFT)).to(tl.bfloat16)
-        k = tl.where(is_nope, nope, rope)
+            rope = (rope.to(tl.float32) * _UNSHIFT).to(tl.bfloat16)
+        k = tl.where(is_nope, nope, rope[:, None, :])  # [BN, NBLK, 64]: RoPE is the last block
         return tl.reshape(k, (BN, D))
     else:
         at = cache + base + slot * row_stride
@@ -316,7 +344,7 @@ def _sparse_mqa_kernel(
         tl.store(part_o_ptr + at.to(tl.int64)[:, None] * D + dims[None, :], o, mask=hmask[:, None])
         tl.store(part_lse_ptr + at, m + tl.log2(l), mask=hmask)
     else:
-        sink = tl.load(sink_ptr + heads, mask=hmask, other=0.0) * LOG2E
+        sink = tl.load(sink_ptr + heads, mask=hmask, other=0.0) * _LOG2E
         o = acc * (out_scale / (l + tl.exp2(sink - m)))[:, None]
         tl.store(
             out_ptr + t.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + dims[None, :],
@@ -324,7 +352,7 @@ def _sparse_mqa_kernel(
             mask=hmask[:, None],
         )
         if WRITE_LSE:
-            tl.store(lse_ptr + t * H + heads, (m + tl.log2(l)) * LN2, mask=hmask)
+            tl.store(lse_ptr + t * H + heads, (m + tl.log2(l)) * _LN2, mask=hmask)
 
 
 @triton.jit
@@ -364,16 +392,16 @@ def _combine_kernel(
         w = tl.exp2(tl.load(part_lse_ptr + at, mask=hmask, other=float("-inf")) - top)
         o = tl.load(part_o_ptr + at.to(tl.int64)[:, None] * D + dims[None, :], mask=hmask[:, None])
         acc += w[:, None] * o
-    sink = tl.load(sink_ptr + heads, mask=hmask, other=0.0) * LOG2E
+    sink = tl.load(sink_ptr + heads, mask=hmask, other=0.0) * _LOG2E
     o = acc / (total + tl.exp2(sink - top))[:, None]
     tl.store(
         out_ptr + t.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + dims[None, :],
         o.to(tl.bfloat16),
         mask=hmask[:, None],
     )
-    if WRITE_LSE:
+    if WRITE_LSE:  # noqa: SIM102 - WRITE_LSE is a compile-time switch
         if tl.program_id(2) == 0:
-            tl.store(lse_ptr + t * H + heads, (top + tl.log2(total)) * LN2, mask=hmask)
+            tl.store(lse_ptr + t * H + heads, (top + tl.log2(total)) * _LN2, mask=hmask)
 
 
 def _cache_geometry(cache: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
@@ -403,7 +431,7 @@ class SparseMQA:
         attn = SparseMQA(num_heads=64, head_dim=512, kv_fp8=True, device="cuda")
         attn.plan(num_tokens=T, topk=128, extra_topk=512)
         for layer in layers:
-            o = attn.run(q, swa_cache, swa_idx, sink, scale, extra_kv=c4_cache, extra_indices=c4_idx)
+            o = attn.run(q, swa, swa_idx, sink, scale, extra_kv=c4, extra_indices=c4_idx)
     """
 
     def __init__(
@@ -426,9 +454,10 @@ class SparseMQA:
         self.device = torch.device(device)
         cfg = config or TileConfig()
         block_h = max(16, min(cfg.block_h, triton.next_power_of_2(num_heads)))
-        self.config = TileConfig(block_h, cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.dequant)
-        if self.config.dequant and not kv_fp8:
-            self.config = TileConfig(block_h, cfg.block_n, cfg.num_warps, cfg.num_stages, 0)
+        dequant = cfg.dequant if kv_fp8 else 0
+        if self.device.type != "cuda":
+            dequant = min(dequant, 1)  # the interpreter has no PTX and no bf16 arithmetic
+        self.config = TileConfig(block_h, cfg.block_n, cfg.num_warps, cfg.num_stages, dequant)
         if num_sms is None:
             num_sms = (
                 torch.cuda.get_device_properties(self.device).multi_processor_count
@@ -462,7 +491,7 @@ class SparseMQA:
         dev = self.device
         h, d = self.num_heads, self.head_dim
         self.out = torch.empty(num_tokens, h, d, dtype=torch.bfloat16, device=dev)
-        self.lse = torch.empty(num_tokens, h, dtype=torch.float32, device=dev) if return_lse else None
+        self.lse = torch.empty(num_tokens, h, device=dev) if return_lse else None
         if self.num_splits > 1:
             self.part_o = torch.empty(num_tokens, self.num_splits, h, d, device=dev)
             self.part_lse = torch.empty(num_tokens, self.num_splits, h, device=dev)
@@ -586,4 +615,3 @@ def flops_and_bytes(
     flops = 2.0 * num_tokens * num_heads * keys * (head_dim + head_dim)
     q_o = 2 * num_tokens * num_heads * head_dim * 2
     return flops, float(num_tokens * keys * (row_bytes + 4) + q_o)
-

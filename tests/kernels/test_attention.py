@@ -20,8 +20,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-from sglang_dsv4.ref.attention import sparse_attention, window_indices  # noqa: E402
-from sglang_dsv4.ref.kv_layout import pack_fp8_rows, unpack_fp8_rows  # noqa: E402
+from sglang_dsv4.ref.attention import sparse_attention, window_indices
+from sglang_dsv4.ref.kv_layout import pack_fp8_rows, unpack_fp8_rows
 
 
 def _kernels():
@@ -128,7 +128,8 @@ def test_fp8_extra_cache_lengths_and_lse(splits):
     assert rel_l2(out, ref) < TOL
     assert out[2].abs().max() == 0  # both lists cut to nothing
     # LSE of the logits without the sink.
-    all_idx = torch.cat([_cut(idx, lengths), torch.where(_cut(xidx, xlengths) >= 0, xidx + 90, -1)], 1)
+    xcut = _cut(xidx, xlengths)
+    all_idx = torch.cat([_cut(idx, lengths), torch.where(xcut >= 0, xcut + 90, -1)], 1)
     keys = torch.cat([rows, xrows])[all_idx.clamp(min=0).long()]  # [T, K, D]
     logits = torch.einsum("thd,tkd->thk", q.float(), keys) * 0.3
     logits = logits.masked_fill((all_idx < 0)[:, None, :], float("-inf"))
@@ -198,7 +199,7 @@ def dsv4_case(t: int, h: int, context: int, topk: int | None, lengths: bool = Fa
     """SWA window rows (main, 256-row pages) + c4 top-k (``topk``) or all visible c128 entries
     (``topk=None``) in FlashMLA pages; per query its own rows."""
     swa, swa_rows = fp8_cache(t * SWA_PAGE, 512, SWA_PAGE)
-    idx = (torch.arange(t, device=DEV)[:, None] * SWA_PAGE + torch.arange(128, device=DEV))
+    idx = torch.arange(t, device=DEV)[:, None] * SWA_PAGE + torch.arange(128, device=DEV)
     idx = idx.to(torch.int32)
     ratio, page = (4, C4_PAGE) if topk else (128, C128_PAGE)
     n_entries = context // ratio
@@ -233,7 +234,7 @@ def dsv4_case(t: int, h: int, context: int, topk: int | None, lengths: bool = Fa
         (128, 1024, 129, 32768),
     ],
 )
-@pytest.mark.parametrize("dequant", [0, 1, 2])
+@pytest.mark.parametrize("dequant", [0, 1, 2, 3])
 def test_gpu_csa_decode(h, topk, t, context, dequant):
     q, (swa, swa_rows, idx), (xc, xrows, xidx, _), sink = dsv4_case(t, h, context, topk)
     attn = K.SparseMQA(h, 512, config=K.TileConfig(dequant=dequant))
@@ -245,7 +246,12 @@ def test_gpu_csa_decode(h, topk, t, context, dequant):
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     ("h", "t", "context", "lengths"),
-    [(64, 1, 1 << 20, False), (64, 3, 131072, True), (128, 129, 4097, False), (128, 1, 1 << 20, True)],
+    [
+        (64, 1, 1 << 20, False),
+        (64, 3, 131072, True),
+        (128, 129, 4097, False),
+        (128, 1, 1 << 20, True),
+    ],
 )
 def test_gpu_hca_decode(h, t, context, lengths):
     q, (swa, swa_rows, idx), (xc, xrows, xidx, xlen), sink = dsv4_case(t, h, context, None, lengths)
@@ -287,7 +293,8 @@ def test_gpu_cuda_graph_replay(t):
     for _ in range(2):
         q.copy_(torch.randn_like(q))
         xidx.copy_(xidx.roll(1, 0))
-        swa.copy_(K.fp8_rows_to_pages(pack_fp8_rows(torch.randn(t * SWA_PAGE, 512, device=DEV)), SWA_PAGE))
+        rows = pack_fp8_rows(torch.randn(t * SWA_PAGE, 512, device=DEV))
+        swa.copy_(K.fp8_rows_to_pages(rows, SWA_PAGE))
         out.fill_(float("nan"))
         graph.replay()
         eager = attn.run(q, swa, idx, sink, 512**-0.5, **kw)
