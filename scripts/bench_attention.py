@@ -33,13 +33,14 @@ from sglang_dsv4.kernels.attention import SparseMQA, TileConfig, fp8_page_bytes
 D, ROW, WINDOW = 512, 584, 128
 SWA_PAGE, C4_PAGE, C128_PAGE = 256, 64, 2
 MODELS = {"flash": (64, 512), "pro": (128, 1024)}  # heads, c4 top-k
-SWEEP = [  # (block_h, block_n, num_warps, num_stages, dequant); the first is the default
-    TileConfig(64, 32, 8, 2, 3),
-    TileConfig(64, 32, 8, 2, 0),
-    TileConfig(64, 16, 8, 2, 3),
-    TileConfig(64, 32, 8, 3, 3),
-    TileConfig(64, 64, 8, 1, 3),
-    TileConfig(64, 32, 8, 2, 2),
+SWEEP = [  # (block_h, block_n, num_warps, num_stages, dequant, prefetch); the first is the default
+    TileConfig(64, 64, 8, 1, 3, 0),
+    TileConfig(64, 64, 8, 1, 3, 1),
+    TileConfig(64, 32, 8, 1, 3, 1),
+    TileConfig(64, 32, 8, 1, 3, 2),
+    TileConfig(64, 32, 8, 2, 3, 1),
+    TileConfig(64, 64, 8, 1, 0, 0),
+    TileConfig(64, 64, 8, 1, 0, 1),
 ]
 
 

@@ -34,6 +34,8 @@ them.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +56,7 @@ ROPE_DIM = 64  # the RoPE channels are exactly the last 64-channel block of a ro
 # normal float for every scale byte s <= 194); the kernel multiplies it back into the logit
 # scale and the output.
 KSHIFT = 60
+_TILE_TO_SPLIT_COST = 25.0  # see SparseMQA.plan
 # Kernels may only read globals that are constexpr.
 _LOG2E = tl.constexpr(LOG2E)
 _LN2 = tl.constexpr(0.6931471805599453)
@@ -105,17 +108,19 @@ def fp8_rows_to_pages(rows: torch.Tensor, page_size: int, head_dim: int = 512) -
 class TileConfig:
     """Launch shape. ``dequant``: 0 = the compiler's e4m3 -> fp32 conversion, 1 = integer bit
     placement into fp32, 2 = the same into bf16, 3 = the same as packed PTX (GPU only). 1-3
-    support scale bytes <= 194, i.e. 64-channel blocks with amax < 448 * 2^67."""
+    support scale bytes <= 194, i.e. 64-channel blocks with amax < 448 * 2^67. ``prefetch``:
+    0 = none, 1 = each tile's index list one tile ahead, 2 = also its rows (registers)."""
 
     block_h: int = 64
-    block_n: int = 32
+    block_n: int = 64
     num_warps: int = 8
-    num_stages: int = 2
+    num_stages: int = 1
     dequant: int = 3
+    prefetch: int = 0
 
 
 @triton.jit
-def _kv_tile(
+def _kv_load(
     cache,
     idx,
     page_size,
@@ -124,10 +129,11 @@ def _kv_tile(
     D: tl.constexpr,
     NOPE_BLOCKS: tl.constexpr,
     FP8: tl.constexpr,
-    DEQUANT: tl.constexpr,
     BN: tl.constexpr,
 ):
-    """Rows ``idx`` [BN] (-1 = none) of a cache -> keys [BN, D] bf16 (zero rows for -1)."""
+    """Gather rows ``idx`` [BN] (-1 = none, read as zeros) of a cache. FP8 -> (e4m3 bytes
+    [BN, D/64, 64] with the RoPE block left 0, scale bytes [BN, D/64], RoPE [BN, 64] bf16);
+    bf16 -> the keys [BN, D] three times (no dequant)."""
     valid = idx >= 0
     i = tl.where(valid, idx, 0)
     page = i // page_size  # int32: a 64-bit division is a subroutine call per row
@@ -141,49 +147,81 @@ def _kv_tile(
         row = base + slot * DATA  # [BN] byte offset of the nope+RoPE part
         is_nope = (blk < NOPE_BLOCKS)[None, :, None]  # [1, NBLK, 1]
         nope_at = cache + row[:, None, None] + off[None, :, :]
-        raw = tl.load(nope_at, mask=valid[:, None, None] & is_nope, other=0)  # [BN, NBLK, 64] e4m3
+        raw = tl.load(nope_at, mask=valid[:, None, None] & is_nope, other=0)
         scale_at = cache + base + page_size * DATA + slot * (NOPE_BLOCKS + 1)
         sbyte = tl.load(
             scale_at[:, None] + blk[None, :],
             mask=valid[:, None] & (blk < NOPE_BLOCKS)[None, :],
             other=127,
-        ).to(tl.uint32)  # [BN, NBLK]
-        if DEQUANT == 0:
-            scale = (sbyte << 23).to(tl.float32, bitcast=True)  # 2^(s-127)
-            x = raw.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-            nope = (x * scale[:, :, None]).to(tl.bfloat16)
-        elif DEQUANT == 1:
-            # e4m3 bits placed into an fp32 = |x| * 2^-120 (denormals too), sign on top.
-            scale = ((sbyte + 120 - _KSHIFT) << 23).to(tl.float32, bitcast=True)
-            r = raw.to(tl.uint32)
-            x = (((r & 0x7F) << 20) | ((r & 0x80) << 24)).to(tl.float32, bitcast=True)
-            nope = (x * scale[:, :, None]).to(tl.bfloat16)
-        elif DEQUANT == 2:
-            scale = ((sbyte + 120 - _KSHIFT) << 7).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-            r = raw.to(tl.uint16)
-            x = (((r & 0x7F) << 4) | ((r & 0x80) << 8)).to(tl.bfloat16, bitcast=True)
-            nope = x * scale[:, :, None]
-        else:
-            scale = ((sbyte + 120 - _KSHIFT) << 7).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-            nope = tl.inline_asm_elementwise(
-                _DEQUANT_PTX,
-                "=r,=r,r,r,r",
-                [raw, tl.broadcast_to(scale[:, :, None], raw.shape)],
-                dtype=tl.bfloat16,
-                is_pure=True,
-                pack=4,
-            )
+        )
         rope_at = (cache + row + NOPE_BLOCKS * 64).to(tl.pointer_type(tl.bfloat16))
-        rope = tl.load(
-            rope_at[:, None] + tl.arange(0, 64)[None, :], mask=valid[:, None], other=0.0
-        )  # [BN, 64]
-        if DEQUANT != 0:
-            rope = (rope.to(tl.float32) * _UNSHIFT).to(tl.bfloat16)
-        k = tl.where(is_nope, nope, rope[:, None, :])  # [BN, NBLK, 64]: RoPE is the last block
-        return tl.reshape(k, (BN, D))
+        rope = tl.load(rope_at[:, None] + tl.arange(0, 64)[None, :], mask=valid[:, None], other=0.0)
+        return raw, sbyte, rope
     else:
         at = cache + base + slot * row_stride
-        return tl.load(at[:, None] + tl.arange(0, D)[None, :], mask=valid[:, None], other=0.0)
+        k = tl.load(at[:, None] + tl.arange(0, D)[None, :], mask=valid[:, None], other=0.0)
+        return k, k, k
+
+
+@triton.jit
+def _kv_dequant(
+    raw,
+    sbyte,
+    rope,
+    D: tl.constexpr,
+    NOPE_BLOCKS: tl.constexpr,
+    FP8: tl.constexpr,
+    DEQUANT: tl.constexpr,
+    BN: tl.constexpr,
+):
+    """``_kv_load``'s tile -> keys [BN, D] bf16 (times 2^-KSHIFT for dequant modes 1-3)."""
+    if not FP8:
+        return raw
+    is_nope = (tl.arange(0, D // 64) < NOPE_BLOCKS)[None, :, None]  # [1, NBLK, 1]
+    sbyte = sbyte.to(tl.uint32)
+    if DEQUANT == 0:
+        scale = (sbyte << 23).to(tl.float32, bitcast=True)  # 2^(s-127)
+        x = raw.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        nope = (x * scale[:, :, None]).to(tl.bfloat16)
+    elif DEQUANT == 1:
+        # e4m3 bits placed into an fp32 = |x| * 2^-120 (denormals too), sign on top.
+        scale = ((sbyte + 120 - _KSHIFT) << 23).to(tl.float32, bitcast=True)
+        r = raw.to(tl.uint32)
+        x = (((r & 0x7F) << 20) | ((r & 0x80) << 24)).to(tl.float32, bitcast=True)
+        nope = (x * scale[:, :, None]).to(tl.bfloat16)
+    elif DEQUANT == 2:
+        scale = ((sbyte + 120 - _KSHIFT) << 7).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        r = raw.to(tl.uint16)
+        x = (((r & 0x7F) << 4) | ((r & 0x80) << 8)).to(tl.bfloat16, bitcast=True)
+        nope = x * scale[:, :, None]
+    else:
+        scale = ((sbyte + 120 - _KSHIFT) << 7).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        nope = tl.inline_asm_elementwise(
+            _DEQUANT_PTX,
+            "=r,=r,r,r,r",
+            [raw, tl.broadcast_to(scale[:, :, None], raw.shape)],
+            dtype=tl.bfloat16,
+            is_pure=True,
+            pack=4,
+        )
+    if DEQUANT != 0:
+        rope = (rope.to(tl.float32) * _UNSHIFT).to(tl.bfloat16)
+    k = tl.where(is_nope, nope, rope[:, None, :])  # [BN, NBLK, 64]: RoPE is the last block
+    return tl.reshape(k, (BN, D))
+
+
+@triton.jit
+def _softmax_step(q, m, l, acc, k, valid, qk_scale, DOT_T: tl.constexpr):
+    """One key tile ``k`` [BN, D] (``valid`` [BN]) of the online softmax, exp2 domain."""
+    k = k.to(DOT_T)
+    logits = tl.dot(q, tl.trans(k)) * qk_scale  # [BH, BN]
+    logits = tl.where(valid[None, :], logits, float("-inf"))
+    m_new = tl.maximum(m, tl.max(logits, 1))
+    alpha = tl.exp2(m - m_new)
+    p = tl.exp2(logits - m_new[:, None])
+    l = l * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(DOT_T), k)
+    return m_new, l, acc
 
 
 @triton.jit
@@ -205,24 +243,49 @@ def _attend_list(
     FP8: tl.constexpr,
     DEQUANT: tl.constexpr,
     BN: tl.constexpr,
+    PREFETCH: tl.constexpr,
     DOT_T: tl.constexpr,
 ):
-    """Online softmax of ``q`` [BH, D] over list positions ``start .. end`` of one list."""
-    for s in range(start, end, BN):
-        pos = s + tl.arange(0, BN)
-        idx = tl.load(idx_row + pos, mask=pos < end, other=-1)  # [BN]
-        k = _kv_tile(
-            cache, idx, page_size, page_stride, row_stride, D, NOPE_BLOCKS, FP8, DEQUANT, BN
-        )  # [BN, D]
-        k = k.to(DOT_T)
-        logits = tl.dot(q, tl.trans(k)) * qk_scale  # [BH, BN], log2 domain
-        logits = tl.where((idx >= 0)[None, :], logits, float("-inf"))
-        m_new = tl.maximum(m, tl.max(logits, 1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(logits - m_new[:, None])
-        l = l * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_T), k)
-        m = m_new
+    """Online softmax of ``q`` [BH, D] over list positions ``start .. end`` of one list.
+    ``PREFETCH`` 1 loads each tile's indices one tile ahead, 2 also gathers its rows one tile
+    ahead (indices two ahead), so the loads overlap the previous tile's math."""
+    pos = start + tl.arange(0, BN)
+    idx = tl.load(idx_row + pos, mask=pos < end, other=-1)  # [BN]
+    if PREFETCH == 0:
+        for s in range(start, end, BN):
+            pos = s + tl.arange(0, BN)
+            idx = tl.load(idx_row + pos, mask=pos < end, other=-1)
+            raw, sb, rope = _kv_load(
+                cache, idx, page_size, page_stride, row_stride, D, NOPE_BLOCKS, FP8, BN
+            )
+            k = _kv_dequant(raw, sb, rope, D, NOPE_BLOCKS, FP8, DEQUANT, BN)
+            m, l, acc = _softmax_step(q, m, l, acc, k, idx >= 0, qk_scale, DOT_T)
+    elif PREFETCH == 1:
+        for s in range(start, end, BN):
+            pos = s + BN + tl.arange(0, BN)
+            idx_next = tl.load(idx_row + pos, mask=pos < end, other=-1)
+            raw, sb, rope = _kv_load(
+                cache, idx, page_size, page_stride, row_stride, D, NOPE_BLOCKS, FP8, BN
+            )
+            k = _kv_dequant(raw, sb, rope, D, NOPE_BLOCKS, FP8, DEQUANT, BN)
+            m, l, acc = _softmax_step(q, m, l, acc, k, idx >= 0, qk_scale, DOT_T)
+            idx = idx_next
+    else:
+        raw, sb, rope = _kv_load(
+            cache, idx, page_size, page_stride, row_stride, D, NOPE_BLOCKS, FP8, BN
+        )
+        pos = start + BN + tl.arange(0, BN)
+        idx_next = tl.load(idx_row + pos, mask=pos < end, other=-1)
+        for s in range(start, end, BN):
+            pos = s + 2 * BN + tl.arange(0, BN)
+            idx_after = tl.load(idx_row + pos, mask=pos < end, other=-1)
+            next_raw, next_sb, next_rope = _kv_load(
+                cache, idx_next, page_size, page_stride, row_stride, D, NOPE_BLOCKS, FP8, BN
+            )
+            k = _kv_dequant(raw, sb, rope, D, NOPE_BLOCKS, FP8, DEQUANT, BN)
+            m, l, acc = _softmax_step(q, m, l, acc, k, idx >= 0, qk_scale, DOT_T)
+            idx, idx_next = idx_next, idx_after
+            raw, sb, rope = next_raw, next_sb, next_rope
     return m, l, acc
 
 
@@ -270,6 +333,7 @@ def _sparse_mqa_kernel(
     HAS_XLEN: tl.constexpr,
     SPLIT: tl.constexpr,
     WRITE_LSE: tl.constexpr,
+    PREFETCH: tl.constexpr,
     DOT_T: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -311,6 +375,7 @@ def _sparse_mqa_kernel(
         FP8,
         DEQUANT,
         BN,
+        PREFETCH,
         DOT_T,
     )
     if HAS_EXTRA:
@@ -335,6 +400,7 @@ def _sparse_mqa_kernel(
             FP8,
             DEQUANT,
             BN,
+            PREFETCH,
             DOT_T,
         )
     if SPLIT:
@@ -457,7 +523,7 @@ class SparseMQA:
         dequant = cfg.dequant if kv_fp8 else 0
         if self.device.type != "cuda":
             dequant = min(dequant, 1)  # the interpreter has no PTX and no bf16 arithmetic
-        self.config = TileConfig(block_h, cfg.block_n, cfg.num_warps, cfg.num_stages, dequant)
+        self.config = dataclasses.replace(cfg, block_h=block_h, dequant=dequant)
         if num_sms is None:
             num_sms = (
                 torch.cuda.get_device_properties(self.device).multi_processor_count
@@ -483,7 +549,14 @@ class SparseMQA:
         head_blocks = -(-self.num_heads // cfg.block_h)
         tiles = max(1, -(-(topk + extra_topk) // cfg.block_n))
         if num_splits is None:
-            num_splits = -(-self.num_sms // max(1, num_tokens * head_blocks))
+            # Fill the SMs once, but each split adds a fp32 [H, D] partial to write and combine:
+            # time ~ tile_cost * tiles / splits + split_cost * splits, minimal at
+            # sqrt(tiles * tile_cost / split_cost); the ratio is ~25 on an H100 (1M-context HCA
+            # at batch 1: 130 splits 53 us, 65 splits 40 us, 33 splits 47 us).
+            num_splits = min(
+                -(-self.num_sms // max(1, num_tokens * head_blocks)),
+                max(1, round(math.sqrt(_TILE_TO_SPLIT_COST * tiles))),
+            )
         num_splits = max(1, min(num_splits, tiles))
         self.chunk = -(-tiles // num_splits) * cfg.block_n
         self.num_splits = -(-max(1, topk + extra_topk) // self.chunk)
@@ -581,6 +654,7 @@ class SparseMQA:
             HAS_XLEN=has_extra and extra_lengths is not None,
             SPLIT=split,
             WRITE_LSE=lse is not None,
+            PREFETCH=cfg.prefetch,
             # The interpreter multiplies bf16 as raw uint16: give it fp32 operands.
             DOT_T=tl.bfloat16 if q.is_cuda else tl.float32,
             num_warps=cfg.num_warps,

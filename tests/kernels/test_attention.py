@@ -108,8 +108,8 @@ def test_fp8_single_list(d, h, t, dequant, page):
     assert out[-1].abs().max() == 0
 
 
-@pytest.mark.parametrize("splits", [1, 4])
-def test_fp8_extra_cache_lengths_and_lse(splits):
+@pytest.mark.parametrize(("splits", "prefetch"), [(1, 0), (4, 0), (1, 2), (4, 1)])
+def test_fp8_extra_cache_lengths_and_lse(splits, prefetch):
     d, h, t = 128, 4, 5
     cache, rows = fp8_cache(90, d, page=16)
     xcache, xrows = fp8_cache(70, d, page=3)
@@ -118,7 +118,7 @@ def test_fp8_extra_cache_lengths_and_lse(splits):
     lengths = torch.tensor([20, 7, 0, 13, 20], dtype=torch.int32, device=DEV)
     xlengths = torch.tensor([36, 0, 0, 17, 2], dtype=torch.int32, device=DEV)
     sink = torch.randn(h, device=DEV)
-    attn = K.SparseMQA(h, d, device=DEV, config=K.TileConfig(block_n=16))
+    attn = K.SparseMQA(h, d, device=DEV, config=K.TileConfig(block_n=16, prefetch=prefetch))
     attn.plan(t, 20, 36, num_splits=splits, return_lse=True)
     assert attn.num_splits == splits
     kw = dict(extra_kv=xcache, extra_indices=xidx, lengths=lengths, extra_lengths=xlengths)
@@ -234,10 +234,14 @@ def dsv4_case(t: int, h: int, context: int, topk: int | None, lengths: bool = Fa
         (128, 1024, 129, 32768),
     ],
 )
-@pytest.mark.parametrize("dequant", [0, 1, 2, 3])
-def test_gpu_csa_decode(h, topk, t, context, dequant):
+@pytest.mark.parametrize(
+    ("dequant", "prefetch", "block_n"),
+    [(0, 0, 64), (1, 0, 64), (2, 0, 32), (3, 0, 64), (3, 1, 32), (3, 2, 32)],
+)
+def test_gpu_csa_decode(h, topk, t, context, dequant, prefetch, block_n):
     q, (swa, swa_rows, idx), (xc, xrows, xidx, _), sink = dsv4_case(t, h, context, topk)
-    attn = K.SparseMQA(h, 512, config=K.TileConfig(dequant=dequant))
+    cfg = K.TileConfig(block_n=block_n, dequant=dequant, prefetch=prefetch)
+    attn = K.SparseMQA(h, 512, config=cfg)
     attn.plan(t, 128, topk)
     out = run_checked(attn, q, swa, idx, sink, 512**-0.5, extra_kv=xc, extra_indices=xidx)
     assert rel_l2(out, reference(q, swa_rows, idx, sink, 512**-0.5, xrows, xidx)) < TOL
