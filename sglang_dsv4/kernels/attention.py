@@ -549,12 +549,13 @@ class SparseMQA:
         head_blocks = -(-self.num_heads // cfg.block_h)
         tiles = max(1, -(-(topk + extra_topk) // cfg.block_n))
         if num_splits is None:
-            # Fill the SMs once, but each split adds a fp32 [H, D] partial to write and combine:
+            # One program per SM (255 registers a thread), one wave: units * splits <= SMs.
+            # Each split adds a fp32 [H, D] partial to write and combine:
             # time ~ tile_cost * tiles / splits + split_cost * splits, minimal at
             # sqrt(tiles * tile_cost / split_cost); the ratio is ~25 on an H100 (1M-context HCA
             # at batch 1: 130 splits 53 us, 65 splits 40 us, 33 splits 47 us).
             num_splits = min(
-                -(-self.num_sms // max(1, num_tokens * head_blocks)),
+                self.num_sms // max(1, num_tokens * head_blocks),
                 max(1, round(math.sqrt(_TILE_TO_SPLIT_COST * tiles))),
             )
         num_splits = max(1, min(num_splits, tiles))
