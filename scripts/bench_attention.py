@@ -1,0 +1,343 @@
+"""Sparse MQA decode (``kernels.attention``) vs FlashMLA's DSV4 kernel on the same FP8 caches.
+
+On the GPU machine (sgl_kernel from the wheelhouse for FlashMLA):
+
+    python scripts/bench_attention.py --out $OUT          # sweep, table, $OUT/bench_attention.json
+    python scripts/bench_attention.py --plot J.json P.png  # roofline from a saved JSON (no GPU)
+
+Cases: CSA (SWA window 128 + c4 top-k 512 Flash / 1024 Pro) and HCA (window + every c128 entry),
+batch {1, 32, 128} x context {4K, 32K, 128K}, HCA also 1M at batch 1. Caches are FlashMLA pages
+(SWA 256 rows, c4 64, c128 2), as SGLang 0.5.17 lays them out; FlashMLA gets them as
+``k_cache`` / ``extra_k_cache`` with ``indices`` / ``extra_indices_in_kvcache`` and ``attn_sink``,
+ours the very same tensors. Each case rotates over enough disjoint request sets to touch >= 3x
+L2 per pass, captures one CUDA graph per kernel over the rotation and reports the median per-call
+time of 7 timed replays. GB/s counts key rows x 584 B + bf16 q and o, TFLOP/s 2*h*keys*1024 per
+query (FlashMLA's test-harness convention). speedup = FlashMLA time / our time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import statistics
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from sglang_dsv4.kernels.attention import SparseMQA, TileConfig, fp8_page_bytes
+
+D, ROW, WINDOW = 512, 584, 128
+SWA_PAGE, C4_PAGE, C128_PAGE = 256, 64, 2
+MODELS = {"flash": (64, 512), "pro": (128, 1024)}  # heads, c4 top-k
+SWEEP = [  # (block_h, block_n, num_warps, num_stages, dequant, prefetch); the first is the default
+    TileConfig(64, 64, 8, 1, 3, 0),
+    TileConfig(64, 64, 8, 1, 3, 1),
+    TileConfig(64, 32, 8, 1, 3, 1),
+    TileConfig(64, 32, 8, 1, 3, 2),
+    TileConfig(64, 32, 8, 2, 3, 1),
+    TileConfig(64, 64, 8, 1, 0, 0),
+    TileConfig(64, 64, 8, 1, 0, 1),
+]
+
+
+def random_pages(n_pages: int, page: int, dev) -> torch.Tensor:
+    """FlashMLA pages of valid random rows: e4m3 bytes without NaN, bf16 N(0,1) RoPE, scale
+    bytes 2^-6 .. 2^-2. Viewed [pages, page, 1, 584]."""
+    buf = torch.randint(0, 256, (n_pages, fp8_page_bytes(page)), dtype=torch.uint8, device=dev)
+    data = buf[:, : page * 576].view(n_pages, page, 576)
+    nope = data[..., :448]
+    nope[(nope & 0x7F) == 0x7F] -= 1
+    data[..., 448:].copy_(torch.randn(n_pages, page, 64, device=dev).bfloat16().view(torch.uint8))
+    scales = buf[:, page * 576 : page * ROW].view(n_pages, page, 8)
+    scales.copy_(torch.randint(121, 126, scales.shape, dtype=torch.uint8, device=dev))
+    return buf[:, : page * ROW].view(n_pages, page, 1, ROW)
+
+
+class Case:
+    """Caches and per-rotation inputs of one (kind, model, batch, context)."""
+
+    def __init__(self, kind: str, model: str, batch: int, context: int, l2: int, dev):
+        self.kind, self.model, self.batch, self.context = kind, model, batch, context
+        self.heads, topk = MODELS[model]
+        ratio, page = (4, C4_PAGE) if kind == "csa" else (128, C128_PAGE)
+        entries = context // ratio
+        extra = min(topk, entries) if kind == "csa" else entries
+        self.keys = WINDOW + extra
+        per_call = batch * self.keys * ROW
+        self.rot = max(1, min(256, math.ceil(3 * l2 / per_call)))
+        reqs = self.rot * batch
+        self.swa = random_pages(reqs, SWA_PAGE, dev)
+        self.xcache = random_pages(-(-reqs * entries // page), page, dev)
+        req = torch.arange(reqs, device=dev)[:, None]
+        swa_idx = (req * SWA_PAGE + torch.arange(WINDOW, device=dev)).int()
+        if kind == "csa":
+            self.xk = topk
+            xidx = torch.full((reqs, topk), -1, dtype=torch.int32, device=dev)
+            for r0 in range(0, reqs, 512):  # bounded memory for the random picks
+                r1 = min(reqs, r0 + 512)
+                picks = torch.rand(r1 - r0, entries, device=dev).topk(extra, dim=1).indices
+                xidx[r0:r1, :extra] = (picks + req[r0:r1] * entries).int()
+        else:
+            self.xk = -(-entries // 64) * 64
+            ids = torch.arange(self.xk, device=dev)
+            xidx = torch.where(ids < entries, ids + req * entries, -1).int()
+        self.q = torch.randn(reqs, self.heads, D, device=dev).bfloat16()
+        self.sink = torch.randn(self.heads, device=dev)
+        self.idx = swa_idx.view(self.rot, batch, WINDOW)
+        self.xidx = xidx.view(self.rot, batch, self.xk)
+        self.qs = self.q.view(self.rot, batch, self.heads, D)
+
+    def cost(self) -> tuple[float, float]:
+        flops = 2.0 * self.batch * self.heads * self.keys * 2 * D
+        return flops, float(self.batch * (self.keys * ROW + 2 * self.heads * D * 2))
+
+
+def time_graph(calls, reps: int = 7) -> float:
+    """Median µs per call of a CUDA graph replaying ``calls`` (one per rotation)."""
+    for c in calls:
+        c()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in calls:
+            c()
+    graph.replay()
+    torch.cuda.synchronize()
+    n = max(1, 200 // len(calls))
+    times = []
+    for _ in range(reps):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(n):
+            graph.replay()
+        stop.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(stop) * 1e3 / (n * len(calls)))
+    return statistics.median(times)
+
+
+def ours_calls(case: Case, cfg: TileConfig, splits: int | None = None):
+    attn = SparseMQA(case.heads, D, config=cfg)
+    attn.plan(case.batch, WINDOW, case.xk, num_splits=splits)
+    scale = D**-0.5
+    calls = [
+        lambda j=j: attn.run(
+            case.qs[j], case.swa, case.idx[j], case.sink, scale,
+            extra_kv=case.xcache, extra_indices=case.xidx[j],
+        )
+        for j in range(case.rot)
+    ]  # fmt: skip
+    return attn, calls
+
+
+def flashmla_calls(case: Case):
+    from sgl_kernel.flash_mla import flash_mla_with_kvcache, get_mla_metadata
+
+    meta = get_mla_metadata()[0]
+    swa, xc = case.swa.view(torch.float8_e4m3fn), case.xcache.view(torch.float8_e4m3fn)
+
+    def call(j):
+        return flash_mla_with_kvcache(
+            q=case.qs[j].unsqueeze(1),
+            k_cache=swa,
+            block_table=None,
+            cache_seqlens=None,
+            head_dim_v=D,
+            tile_scheduler_metadata=meta,
+            softmax_scale=D**-0.5,
+            is_fp8_kvcache=True,
+            indices=case.idx[j].unsqueeze(1),
+            attn_sink=case.sink,
+            extra_k_cache=xc,
+            extra_indices_in_kvcache=case.xidx[j].unsqueeze(1),
+        )[0].squeeze(1)
+
+    return [lambda j=j: call(j) for j in range(case.rot)]
+
+
+def rel_l2(a, b) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def measure(case: Case, cfg: TileConfig, flashmla: bool, splits: int | None = None) -> dict:
+    attn, calls = ours_calls(case, cfg, splits)
+    flops, nbytes = case.cost()
+    row = dict(
+        kind=case.kind, model=case.model, heads=case.heads, batch=case.batch,
+        context=case.context, keys=case.keys, rotations=case.rot, splits=attn.num_splits,
+        config=asdict(attn.config), flops=flops, bytes=nbytes,
+    )  # fmt: skip
+    row["ours_us"] = time_graph(calls)
+    if flashmla:
+        fm = flashmla_calls(case)
+        ours0 = calls[0]().clone()
+        row["diff_vs_flashmla"] = rel_l2(ours0, fm[0]())
+        row["flashmla_us"] = time_graph(fm)
+        row["speedup"] = row["flashmla_us"] / row["ours_us"]
+    for who in ("ours", "flashmla"):
+        if f"{who}_us" in row:
+            row[f"{who}_gbps"] = nbytes / row[f"{who}_us"] / 1e3
+            row[f"{who}_tflops"] = flops / row[f"{who}_us"] / 1e6
+    return row
+
+
+def copy_ceiling_gbps(dev) -> float:
+    x = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        y.copy_(x)
+    stop.record()
+    torch.cuda.synchronize()
+    return 2 * 10 * x.numel() / (start.elapsed_time(stop) * 1e-3) / 1e9
+
+
+def save(result: dict, out: str) -> None:
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "bench_attention.json").write_text(json.dumps(result, indent=1))
+
+
+def fmt_row(r: dict) -> str:
+    fm = r.get("flashmla_us")
+    fm_s = f"{fm:8.1f} {r['flashmla_gbps']:6.0f}" if fm else f"{'-':>8} {'-':>6}"
+    sp = f"{r['speedup']:5.2f}x" if fm else "   -  "
+    diff = f"{r['diff_vs_flashmla']:.1e}" if fm else "-"
+    return (
+        f"{r['kind']:4} {r['model']:5} {r['batch']:4d} {r['context'] // 1024:5d}K {r['keys']:5d} "
+        f"{r['splits']:3d} {r['ours_us']:8.1f} {r['ours_gbps']:6.0f} {r['ours_tflops']:6.1f} "
+        f"{fm_s} {sp} {diff:>8}"
+    )
+
+
+HEADER = (
+    "kind model batch   ctx  keys spl  ours_us  GB/s  TF/s   fm_us   GB/s speedup  diff\n"
+    + "-" * 88
+)
+
+
+def bench(args) -> None:
+    dev = torch.device("cuda")
+    props = torch.cuda.get_device_properties(dev)
+    l2 = props.L2_cache_size
+    try:
+        import sgl_kernel.flash_mla  # noqa: F401
+
+        flashmla = True
+    except Exception as e:
+        print(f"FlashMLA unavailable: {e!r}")
+        flashmla = False
+    result = dict(
+        date=datetime.date.today().isoformat(), device=props.name, sms=props.multi_processor_count,
+        l2_bytes=l2, copy_gbps=copy_ceiling_gbps(dev), command=" ".join(sys.argv), sweep=[],
+        cases=[],
+    )  # fmt: skip
+    print(f"{props.name}: copy ceiling {result['copy_gbps']:.0f} GB/s", flush=True)
+
+    best = {}
+    for model in ("flash", "pro"):
+        case = Case("csa", model, 128, 32768, l2, dev)
+        for cfg in SWEEP:
+            try:
+                r = measure(case, cfg, flashmla=False)
+            except Exception as e:
+                print(f"sweep {model} {cfg}: failed {type(e).__name__}: {str(e)[:200]}")
+                continue
+            result["sweep"].append(r)
+            print(f"sweep {model} {cfg}: {r['ours_us']:.1f} us", flush=True)
+            if model not in best or r["ours_us"] < best[model][1]:
+                best[model] = (cfg, r["ours_us"])
+        del case
+        torch.cuda.empty_cache()
+    print({m: str(c) for m, (c, _) in best.items()}, flush=True)
+
+    for kind, model, batch, splits in [("csa", "flash", 1, s) for s in (None, 5, 10)] + [
+        ("hca", "flash", 1, s) for s in (None, 33, 66)
+    ]:
+        case = Case(kind, model, batch, 32768 if kind == "csa" else 1 << 20, l2, dev)
+        r = measure(case, best[model][0], flashmla=False, splits=splits)
+        result["sweep"].append(r)
+        print(f"splits {kind} {model} b{batch}: {r['splits']} splits {r['ours_us']:.1f} us")
+        del case
+        torch.cuda.empty_cache()
+
+    for kind in ("csa", "hca"):
+        for model in ("flash", "pro"):
+            grid = [(b, c) for b in (1, 32, 128) for c in (4096, 32768, 131072)]
+            if kind == "hca":
+                grid.append((1, 1 << 20))
+            for batch, context in grid:
+                case = Case(kind, model, batch, context, l2, dev)
+                r = measure(case, best[model][0], flashmla)
+                result["cases"].append(r)
+                print(fmt_row(r), flush=True)
+                save(result, args.out)
+                del case
+                torch.cuda.empty_cache()
+
+    save(result, args.out)
+    print(f"\n{result['device']} {result['date']}, copy ceiling {result['copy_gbps']:.0f} GB/s")
+    print(HEADER)
+    for r in result["cases"]:
+        print(fmt_row(r))
+
+
+def plot(json_path: str, png_path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = json.loads(Path(json_path).read_text())
+    bw = res["copy_gbps"] / 1e3  # TB/s
+    peak = 798.0  # measured bf16 GEMM TFLOP/s on this H100 (performance.md)
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    ridge = peak / bw
+    roof = f"roof: {bw:.2f} TB/s copy, {peak:.0f} TF/s bf16"
+    ax.plot([10, ridge, 1000], [bw * 10, peak, peak], "k-", lw=1.5, label=roof)
+    styles = {
+        ("csa", "flash"): "o",
+        ("csa", "pro"): "s",
+        ("hca", "flash"): "^",
+        ("hca", "pro"): "D",
+    }
+
+    for who, color in (("ours", "tab:blue"), ("flashmla", "tab:orange")):
+        for key, marker in styles.items():
+            rows = [r for r in res["cases"] if (r["kind"], r["model"]) == key and f"{who}_us" in r]
+            if not rows:
+                continue
+            ax.scatter(
+                [r["flops"] / r["bytes"] for r in rows], [r[f"{who}_tflops"] for r in rows],
+                c=color, marker=marker, s=[12 + 0.5 * r["batch"] for r in rows], alpha=0.75,
+                label=f"{who} {key[0].upper()} {key[1]}",
+            )  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("arithmetic intensity (FLOP / byte of KV + q + o)")
+    ax.set_ylabel("TFLOP/s")
+    ax.set_title(f"DSV4 sparse MQA decode, {res['device']}, {res['date']} (marker size ~ batch)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--out", default=".", help="folder for bench_attention.json")
+    ap.add_argument("--plot", nargs=2, metavar=("JSON", "PNG"), help="roofline from a saved JSON")
+    args = ap.parse_args()
+    if args.plot:
+        plot(*args.plot)
+    else:
+        bench(args)
+
+
+if __name__ == "__main__":
+    main()
