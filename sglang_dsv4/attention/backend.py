@@ -53,6 +53,11 @@ class DSV4AttnBackend(AttentionBackend):
         self._decode_pages = 0  # pages per request in the decode metadata
         self._graph_pages = 0  # ... fixed for captured graphs (the context length)
         self._graph_bs = 0
+        self.decode_kernels: dict = {}  # AttnKind -> planned SparseMQA (GPU, bf16 rows)
+        self._graph_kernels: dict[int, dict] = {}
+        self._use_kernels = pool.device != "cpu" and pool.dtype == torch.bfloat16
+        cfg = model_runner.model.cfg
+        self._heads, self._index_topk = cfg.num_heads, cfg.index_topk
         self._context_len = model_runner.model_config.context_len
         allocator = model_runner.token_to_kv_pool_allocator
         model = model_runner.model
@@ -77,12 +82,20 @@ class DSV4AttnBackend(AttentionBackend):
         if fb.forward_mode.is_idle():
             return
         if fb.forward_mode.is_decode():
+            bs = fb.seq_lens_cpu.numel()
+            replay = not in_capture and self._graph_pages and bs <= self._graph_bs
             if not in_capture:
                 self._note_decode(fb)
-            if self._graph_pages and (in_capture or fb.seq_lens_cpu.numel() <= self._graph_bs):
+            if in_capture or replay:
                 self._decode_pages = self._graph_pages
             else:
                 self._decode_pages = -(-int(fb.seq_lens_cpu.max()) // self._block)
+            if in_capture:  # the captured graph keeps these buffers: one plan per graph size
+                self.decode_kernels = self._graph_kernels[bs] = self._plan_kernels(bs)
+            elif replay:
+                self.decode_kernels = self._graph_kernels.get(bs, {})
+            else:
+                self.decode_kernels = self._plan_kernels(bs)
             return
         self.plan = plan_batch(fb, self.token_to_kv_pool, self.req_to_token_pool)
         for wrapper in self.wrappers.values():
@@ -104,6 +117,28 @@ class DSV4AttnBackend(AttentionBackend):
             self._block,
             self._decode_pages,
         )
+
+    def _plan_kernels(self, bs: int) -> dict:
+        """Sparse MQA plans of a decode batch: every kind attends its ``swa_window``; c128 adds
+        every entry of ``pages`` blocks, c4 its top-k."""
+        if not self._use_kernels:
+            return {}
+        from sglang_dsv4.kernels.attention import SparseMQA
+
+        schema = self.token_to_kv_pool.schema
+        window, pages = schema.sliding_window, self._decode_pages
+        extra = {AttnKind.SWA: 0, AttnKind.HCA: pages, AttnKind.CSA: 0}
+        csa = schema.layers_of(AttnKind.CSA)
+        if csa:
+            extra[AttnKind.CSA] = min(self._index_topk, pages * csa[0].entries_per_block)
+        plans = {}
+        for kind, extra_topk in extra.items():
+            k = SparseMQA(
+                self._heads, schema.head_dim, kv_fp8=False, device=self.token_to_kv_pool.device
+            )
+            k.plan(bs, window, extra_topk)
+            plans[kind] = k
+        return plans
 
     def _note_decode(self, fb) -> None:
         """Host bookkeeping of tail progress (an extend of the same owner may follow in mixed
@@ -128,7 +163,8 @@ class DSV4AttnBackend(AttentionBackend):
     def run(self, kind: AttnKind, lk, q, kv, sink, scale: float, comp=None) -> torch.Tensor:
         """One layer's attention over this batch (``q`` [T, H, D], ``kv`` [T, D])."""
         if self.decode_meta is not None:
-            return decode_attention(lk, self.decode_meta, q, kv, sink, scale, comp)
+            kernel = self.decode_kernels.get(kind)
+            return decode_attention(lk, self.decode_meta, q, kv, sink, scale, comp, kernel)
         return self.wrappers[kind].run(lk, q, kv, sink, scale, comp)
 
     def forward(self, *args, **kwargs):

@@ -82,37 +82,51 @@ def decode_attention(
     sink: torch.Tensor,
     scale: float,
     comp=None,
+    kernel=None,
 ) -> torch.Tensor:
     """``q`` [B, H, D], ``kv`` [B, D] of the new tokens -> ``o`` [B, H, D] (all layer kinds:
-    ``comp`` carries the compressor / indexer inputs of c4 and c128 layers)."""
+    ``comp`` carries the compressor / indexer inputs of c4 and c128 layers). ``kernel``: a
+    planned ``kernels.attention.SparseMQA`` (GPU, bf16 rows), else the ``ref`` math."""
     lk.raw[meta.out_swa] = kv.to(lk.raw.dtype)
-    keys = lk.raw[meta.window.clamp(min=0)]  # [B, W, D]
-    valid = meta.window >= 0
+    rows = ok = None  # [B, K] rows of the flattened entries each query attends, and validity
     if comp is not None:
-        ratio = comp.compressor.ratio
         _flush(lk.entries, lk.tail, lk.boundary, meta, comp.x, comp.compressor, comp)
         if comp.indexer is not None:
             ix = comp.indexer
             _flush(
                 lk.index_keys, lk.index_tail, lk.index_boundary, meta, comp.x, ix.compressor, comp
             )
-        entries = lk.entries[meta.pages].flatten(1, 2)  # [B, E, D]
-        n_visible = (meta.positions + 1) // ratio  # [B]
-        if comp.indexer is None:  # c128: every visible entry
-            ids = torch.arange(entries.shape[1], device=q.device).expand(q.shape[0], -1)
-            picked, ok = entries, ids < n_visible.unsqueeze(1)
-        else:  # c4: the indexer's top-k
-            ix = comp.indexer
-            index_keys = lk.index_keys[meta.pages].flatten(1, 2)  # [B, E, Di]
-            scores = index_scores(ix.q, ix.weights, index_keys)  # [B, E]
-            picks = index_topk(scores, meta.positions, ratio, ix.topk)  # [B, k]
-            picked = entries.gather(
-                1, picks.clamp(min=0).unsqueeze(-1).expand(-1, -1, entries.shape[-1])
-            )
-            ok = picks >= 0
-        keys = torch.cat([keys, picked.to(keys.dtype)], dim=1)
+        rows, ok = _entry_rows(lk, meta, comp)
+    entries = lk.entries.flatten(0, 1) if rows is not None else None  # [pages * B/r, D]
+    if kernel is not None:
+        window = meta.window.int()
+        if rows is None:
+            return kernel.run(q, lk.raw, window, sink, scale)
+        picks = torch.where(ok, rows, -1).int()
+        return kernel.run(q, lk.raw, window, sink, scale, extra_kv=entries, extra_indices=picks)
+    keys = lk.raw[meta.window.clamp(min=0)]  # [B, W, D]
+    valid = meta.window >= 0
+    if rows is not None:
+        keys = torch.cat([keys, entries[rows.clamp(min=0)].to(keys.dtype)], dim=1)
         valid = torch.cat([valid, ok], dim=1)
     return attend(q, keys, valid, sink, scale)
+
+
+def _entry_rows(lk: LayerKV, meta: DecodeMeta, comp) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of the flattened entries a c128 query sees (all visible) or a c4 query picks (the
+    indexer's top-k), [B, K], with their validity."""
+    per_page = lk.entries.shape[1]
+    offsets = torch.arange(per_page, device=meta.pages.device)
+    rows = (meta.pages.unsqueeze(-1) * per_page + offsets).flatten(1)  # [B, E] entry i -> row
+    n_visible = (meta.positions + 1) // comp.compressor.ratio  # [B]
+    if comp.indexer is None:
+        ids = torch.arange(rows.shape[1], device=rows.device)
+        return rows, ids < n_visible.unsqueeze(1)
+    ix = comp.indexer
+    index_keys = lk.index_keys[meta.pages].flatten(1, 2)  # [B, E, Di]
+    scores = index_scores(ix.q, ix.weights, index_keys)  # [B, E]
+    picks = index_topk(scores, meta.positions, comp.compressor.ratio, ix.topk)  # [B, k]
+    return rows.gather(1, picks.clamp(min=0)), picks >= 0
 
 
 def _flush(

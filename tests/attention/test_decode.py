@@ -37,21 +37,23 @@ def compressor(w, layer: int, which: str) -> CompressorWeights:
 class World:
     """Pools + SGLang-shaped request bookkeeping for a handful of requests."""
 
-    def __init__(self, cfg):
-        schema = CacheSchema.from_config(cfg, EntryFormat.FP32)
+    def __init__(self, cfg, device: str = "cpu", dtype=torch.float32):
+        fmt = EntryFormat.FP32 if dtype == torch.float32 else EntryFormat.BF16
+        schema = CacheSchema.from_config(cfg, fmt)
         n = PAGES * BLOCK
-        self.pool = DSV4KVPool(schema, n, n, len(LENGTHS), torch.float32, "cpu")
+        self.pool = DSV4KVPool(schema, n, n, len(LENGTHS), dtype, device)
         # full page p -> swa page (p * 7) % PAGES + 1: never the identity, never page 0
         full = torch.arange(n + BLOCK)
         swa = ((full // BLOCK * 7) % PAGES + 1) * BLOCK + full % BLOCK
         mapping = torch.cat([torch.where(full >= BLOCK, swa, 0), torch.tensor([-1])])
-        self.pool.register_mapping(mapping)
+        self.pool.register_mapping(mapping.to(device))
         self.req_to_token = torch.zeros(len(LENGTHS), 1024, dtype=torch.int32)
         page = iter(range(1, PAGES + 1))
         for r in range(len(LENGTHS)):  # 3 pages per request, deliberately not in order
             pages = [next(page) for _ in range(3)][::-1]
             slots = torch.cat([torch.arange(p * BLOCK, (p + 1) * BLOCK) for p in pages])
             self.req_to_token[r, : slots.numel()] = slots
+        self.req_to_token = self.req_to_token.to(device)
         self.rtp = SimpleNamespace(
             req_to_token=self.req_to_token, req_generation=torch.ones(len(LENGTHS))
         )
@@ -182,3 +184,51 @@ def _pad_inputs(q, kv, comp, pad: int):
         p(kv),
         CompressedInputs(p(comp.x), comp.compressor, comp.inv_freq, comp.norm_eps, ix),
     )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layer", [0, 2, 3])
+def test_decode_kernel_equals_torch_path_on_gpu(tiny_cfg, tiny_weights, layer):
+    """The same decode step with bf16 rows: SparseMQA (kernels.attention) vs the torch math."""
+    from sglang_dsv4.kernels.attention import SparseMQA
+
+    cfg, spec = tiny_cfg, tiny_cfg.layers[layer]
+    gen = torch.Generator().manual_seed(layer)
+    world = World(cfg, "cuda", torch.bfloat16)
+    lk = world.pool.layer(layer)
+    for t in (lk.raw, lk.entries, lk.index_keys):
+        if t is not None:
+            t.copy_(torch.randn(t.shape, generator=gen))
+    w = {k: v.cuda() for k, v in tiny_weights.items()}
+    q, kv, comp = inputs(cfg, w, spec, len(LENGTHS), gen)
+    q, kv = q.cuda().bfloat16(), kv.cuda()
+    if comp is not None:
+        ix = comp.indexer
+        if ix is not None:
+            ix = IndexerInputs(ix.q.cuda(), ix.weights.cuda(), ix.compressor, ix.topk)
+        comp = CompressedInputs(comp.x.cuda(), comp.compressor, comp.inv_freq.cuda(), 1e-6, ix)
+    positions = torch.tensor(LENGTHS, device="cuda")
+    slots = world.req_to_token[torch.arange(len(LENGTHS)), positions.cpu()].long()
+    n_pages = 4
+    meta = build_decode_meta(
+        torch.arange(len(LENGTHS), device="cuda"),
+        positions,
+        slots,
+        world.req_to_token,
+        world.pool.full_to_swa_index_mapping,
+        world.pool.spare_tail_row,
+        cfg.sliding_window,
+        BLOCK,
+        n_pages,
+    )
+    sink = torch.randn(cfg.num_heads, generator=gen).cuda()
+    state = pool_state(lk)
+    want = decode_attention(lk, meta, q, kv, sink, cfg.head_dim**-0.5, comp).float()
+    _restore(lk, state)
+    extra = {0: 0, 2: min(cfg.index_topk, n_pages * 32), 3: n_pages}[layer]
+    kernel = SparseMQA(cfg.num_heads, cfg.head_dim, kv_fp8=False, device="cuda")
+    kernel.plan(len(LENGTHS), cfg.sliding_window, extra)
+    kernel.out.fill_(float("nan"))
+    got = decode_attention(lk, meta, q, kv, sink, cfg.head_dim**-0.5, comp, kernel).float()
+    rel = (got - want).norm() / want.norm()
+    assert rel <= 2e-2, f"relative L2 {rel:.2e}"
