@@ -59,7 +59,9 @@ class Server:
         self.stop()
         raise TimeoutError(f"server not up after {timeout}s:\n{self.log[-4000:]}")
 
-    def generate(self, input_ids: list[int], max_new_tokens: int, **extra) -> dict:
+    def generate(
+        self, input_ids: list[int], max_new_tokens: int, timeout: float = 600, **extra
+    ) -> dict:
         body = {
             "input_ids": input_ids,
             "sampling_params": {
@@ -71,7 +73,7 @@ class Server:
             "logprob_start_len": 0,
             **extra,
         }
-        r = requests.post(self.url + "/generate", json=body, timeout=600)
+        r = requests.post(self.url + "/generate", json=body, timeout=timeout)
         r.raise_for_status()
         return r.json()
 
