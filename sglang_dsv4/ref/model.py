@@ -49,7 +49,11 @@ class RefDSV4:
         missing = [n for n in self.required_names() if n not in weights]
         if missing:
             raise KeyError(f"{len(missing)} tensors missing from the weights, e.g. {missing[:5]}")
-        self.inv_freq = {s.index: rope_inv_freq(s.rope, cfg.rope_dim) for s in cfg.layers}
+        # on the weights' device: a host -> device copy per call cannot be graph-captured
+        device = weights["embed.weight"].device
+        self.inv_freq = {
+            s.index: rope_inv_freq(s.rope, cfg.rope_dim).to(device) for s in cfg.layers
+        }
         # routed expert weights per layer as per-expert lists (no copies): w1, w2, w3
         self.experts = {
             s.index: tuple(
