@@ -176,38 +176,39 @@ def _kv_dequant(
 ):
     """``_kv_load``'s tile -> keys [BN, D] bf16 (times 2^-KSHIFT for dequant modes 1-3)."""
     if not FP8:
-        return raw
-    is_nope = (tl.arange(0, D // 64) < NOPE_BLOCKS)[None, :, None]  # [1, NBLK, 1]
-    sbyte = sbyte.to(tl.uint32)
-    if DEQUANT == 0:
-        scale = (sbyte << 23).to(tl.float32, bitcast=True)  # 2^(s-127)
-        x = raw.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-        nope = (x * scale[:, :, None]).to(tl.bfloat16)
-    elif DEQUANT == 1:
-        # e4m3 bits placed into an fp32 = |x| * 2^-120 (denormals too), sign on top.
-        scale = ((sbyte + 120 - _KSHIFT) << 23).to(tl.float32, bitcast=True)
-        r = raw.to(tl.uint32)
-        x = (((r & 0x7F) << 20) | ((r & 0x80) << 24)).to(tl.float32, bitcast=True)
-        nope = (x * scale[:, :, None]).to(tl.bfloat16)
-    elif DEQUANT == 2:
-        scale = ((sbyte + 120 - _KSHIFT) << 7).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        r = raw.to(tl.uint16)
-        x = (((r & 0x7F) << 4) | ((r & 0x80) << 8)).to(tl.bfloat16, bitcast=True)
-        nope = x * scale[:, :, None]
+        return raw  # bf16 rows: nothing to dequantize
     else:
-        scale = ((sbyte + 120 - _KSHIFT) << 7).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        nope = tl.inline_asm_elementwise(
-            _DEQUANT_PTX,
-            "=r,=r,r,r,r",
-            [raw, tl.broadcast_to(scale[:, :, None], raw.shape)],
-            dtype=tl.bfloat16,
-            is_pure=True,
-            pack=4,
-        )
-    if DEQUANT != 0:
-        rope = (rope.to(tl.float32) * _UNSHIFT).to(tl.bfloat16)
-    k = tl.where(is_nope, nope, rope[:, None, :])  # [BN, NBLK, 64]: RoPE is the last block
-    return tl.reshape(k, (BN, D))
+        is_nope = (tl.arange(0, D // 64) < NOPE_BLOCKS)[None, :, None]  # [1, NBLK, 1]
+        sbyte = sbyte.to(tl.uint32)
+        if DEQUANT == 0:
+            scale = (sbyte << 23).to(tl.float32, bitcast=True)  # 2^(s-127)
+            x = raw.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+            nope = (x * scale[:, :, None]).to(tl.bfloat16)
+        elif DEQUANT == 1:
+            # e4m3 bits placed into an fp32 = |x| * 2^-120 (denormals too), sign on top.
+            scale = ((sbyte + 120 - _KSHIFT) << 23).to(tl.float32, bitcast=True)
+            r = raw.to(tl.uint32)
+            x = (((r & 0x7F) << 20) | ((r & 0x80) << 24)).to(tl.float32, bitcast=True)
+            nope = (x * scale[:, :, None]).to(tl.bfloat16)
+        elif DEQUANT == 2:
+            scale = ((sbyte + 120 - _KSHIFT) << 7).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+            r = raw.to(tl.uint16)
+            x = (((r & 0x7F) << 4) | ((r & 0x80) << 8)).to(tl.bfloat16, bitcast=True)
+            nope = x * scale[:, :, None]
+        else:
+            scale = ((sbyte + 120 - _KSHIFT) << 7).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+            nope = tl.inline_asm_elementwise(
+                _DEQUANT_PTX,
+                "=r,=r,r,r,r",
+                [raw, tl.broadcast_to(scale[:, :, None], raw.shape)],
+                dtype=tl.bfloat16,
+                is_pure=True,
+                pack=4,
+            )
+        if DEQUANT != 0:
+            rope = (rope.to(tl.float32) * _UNSHIFT).to(tl.bfloat16)
+        k = tl.where(is_nope, nope, rope[:, None, :])  # [BN, NBLK, 64]: RoPE is the last block
+        return tl.reshape(k, (BN, D))
 
 
 @triton.jit
