@@ -25,12 +25,14 @@ from sglang_dsv4.ref.kv_layout import pack_fp8_rows, unpack_fp8_rows
 
 
 def _kernels():
+    kernels = importlib.import_module("sglang_dsv4.kernels.attention_kernels")
     mod = importlib.import_module("sglang_dsv4.kernels.attention")
     if not torch.cuda.is_available():
         from triton.runtime.interpreter import InterpretedFunction
 
-        if not isinstance(mod._sparse_mqa_kernel, InterpretedFunction):
-            mod = importlib.reload(mod)  # imported earlier without the interpreter
+        if not isinstance(kernels.sparse_mqa_fwd, InterpretedFunction):
+            importlib.reload(kernels)  # imported earlier without the interpreter
+            mod = importlib.reload(mod)
     return mod
 
 
