@@ -2,9 +2,11 @@
 
 FP8 caches are checked against the FP8-simulating reference: ``sparse_attention`` over
 ``unpack_fp8_rows`` of the very bytes the kernel reads, in fp32 (so the only differences are the
-kernel's bf16 operands and output). Without a GPU the kernels run under ``TRITON_INTERPRET=1``
-(set below, before the kernels module is imported: ``triton.jit`` reads it when it decorates);
-the interpreter gets fp32 dot operands, so CPU checks are tighter than GPU ones.
+kernel's bf16 operands and output). Without a GPU the kernels run under ``TRITON_INTERPRET=1``,
+which triton reads when it decorates a function, its own library included: it is set below before
+triton is first imported; if another test module imported triton earlier in this process, the CPU
+tests run in a fresh interpreter process instead (``test_cpu_in_fresh_process``). The interpreter
+gets fp32 dot operands, so CPU checks are tighter than GPU ones.
 
 Tolerances (relative L2 of the output): CPU 5e-3 (bf16 output rounding); GPU 1e-2 for every
 dequant mode and the bf16 cache (bf16 probabilities and keys in the MMAs), under the 2e-2 budget
@@ -13,28 +15,43 @@ for FP8 kernels against the FP8-simulating reference.
 
 import importlib
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
+CPU = not torch.cuda.is_available()
+# The interpreter works in this process only if triton's own jit functions were made under it.
+IN_PROCESS = not CPU or "triton" not in sys.modules or os.environ.get("TRITON_INTERPRET") == "1"
+if CPU:
     os.environ["TRITON_INTERPRET"] = "1"
 
-from sglang_dsv4.ref.attention import sparse_attention, window_indices
-from sglang_dsv4.ref.kv_layout import pack_fp8_rows, unpack_fp8_rows
+from sglang_dsv4.ref.attention import sparse_attention, window_indices  # noqa: E402
+from sglang_dsv4.ref.kv_layout import pack_fp8_rows, unpack_fp8_rows  # noqa: E402
 
 
 def _kernels():
+    kernels = importlib.import_module("sglang_dsv4.kernels.attention_kernels")
     mod = importlib.import_module("sglang_dsv4.kernels.attention")
-    if not torch.cuda.is_available():
+    if CPU and IN_PROCESS:
         from triton.runtime.interpreter import InterpretedFunction
 
-        if not isinstance(mod._sparse_mqa_kernel, InterpretedFunction):
-            mod = importlib.reload(mod)  # imported earlier without the interpreter
+        if not isinstance(kernels.sparse_mqa_fwd, InterpretedFunction):
+            importlib.reload(kernels)  # imported earlier (before triton was) without the flag
+            mod = importlib.reload(mod)
     return mod
 
 
 K = _kernels()
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_in_this_process(request):
+    if not IN_PROCESS and request.node.name != "test_cpu_in_fresh_process":
+        pytest.skip("triton was imported without TRITON_INTERPRET: test_cpu_in_fresh_process")
+
+
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = 1e-2 if DEV == "cuda" else 5e-3
 
@@ -304,3 +321,17 @@ def test_gpu_cuda_graph_replay(t):
         eager = attn.run(q, swa, idx, sink, 512**-0.5, **kw)
         torch.cuda.synchronize()
         assert torch.equal(out, eager)
+
+
+@pytest.mark.skipif(IN_PROCESS, reason="the CPU tests ran in this process")
+def test_cpu_in_fresh_process():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert " passed" in run.stdout
