@@ -196,7 +196,7 @@ def _flush_kernel(
         else:
             y = hadamard_rows(y, 1, D, LOG2D)
             store_index_keys(out_ptr, row, ok, y, 1, D, OUT == 4, RPP)
-        if HAS_BOUNDARY:
+        if HAS_BOUNDARY:  # noqa: SIM102 (a constexpr test cannot join a run-time one)
             if ((w + 1) * R) % BLOCK == 0:  # this window ends a block: keep its a-halves
                 j = tl.arange(0, R)
                 ch = cols[None, :] + 0 * j[:, None]

@@ -29,7 +29,13 @@ import triton
 import triton.language as tl
 
 from sglang_dsv4.ref.kv_layout import fp8_row_bytes
-from sglang_dsv4.ref.quant import E2M1_GRID
+from sglang_dsv4.ref.quant import (
+    E2M1_GRID,
+    E2M1_MAX,
+    FP8_E4M3_MAX,
+    fp4_e2m1_fake_quant,
+    ue8m0_scale,
+)
 
 __all__ = ["FP8RowLayout", "IndexKeyLayout", "store_kv"]
 
@@ -54,7 +60,7 @@ class FP8RowLayout:
 
     @classmethod
     def paged(cls, rows_per_page: int, head_dim: int = 512, rope_dim: int = 64) -> "FP8RowLayout":
-        """FlashMLA / SGLang pages: data of every row, then their scales, padded to the data size."""
+        """FlashMLA / SGLang pages: all rows' data, then their scales, padded to the data size."""
         data = head_dim + rope_dim
         raw = rows_per_page * fp8_row_bytes(head_dim, rope_dim)
         return cls(rows_per_page, -(-raw // data) * data, head_dim, rope_dim)
@@ -129,16 +135,40 @@ class IndexKeyLayout:
         pages = -(-n_rows // self.rows_per_page)
         return torch.zeros(pages, self.page_bytes, dtype=torch.uint8, device=device)
 
-    def read(self, cache: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Dequantized keys fp32 [N, head_dim] of ``rows`` [N] (pure torch)."""
-        flat = cache.view(torch.uint8).reshape(-1)
+    def _offsets(self, rows: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
         rows = rows.long()
         page, slot = rows // self.rows_per_page, rows % self.rows_per_page
         base = page * self.page_bytes
         data = base + slot * self.data_bytes
         scale = base + self.rows_per_page * self.data_bytes + slot * self.scale_bytes
-        d = flat[data[:, None] + torch.arange(self.data_bytes, device=flat.device)]
-        s = flat[scale[:, None] + torch.arange(self.scale_bytes, device=flat.device)]
+        return (
+            data[:, None] + torch.arange(self.data_bytes, device=device),
+            scale[:, None] + torch.arange(self.scale_bytes, device=device),
+        )
+
+    def write(self, cache: torch.Tensor, rows: torch.Tensor, keys: torch.Tensor) -> None:
+        """Quantize ``keys`` [N, head_dim] (fp32, already rotated) to ``rows`` (pure torch; the
+        values read back are ``ref.quant``'s fake-quant of ``keys``)."""
+        flat = cache.view(torch.uint8).reshape(-1)
+        data, scale = self._offsets(rows, flat.device)
+        if self.fmt == "fp8":
+            s = ue8m0_scale(keys.abs().amax(-1, keepdim=True), FP8_E4M3_MAX)  # [N, 1]
+            flat[data] = (keys / s).to(torch.float8_e4m3fn).view(torch.uint8)
+            flat[scale] = s.float().contiguous().view(torch.uint8)
+            return
+        blocks = keys.float().unflatten(-1, (-1, 32))
+        s = ue8m0_scale(blocks.abs().amax(-1, keepdim=True), E2M1_MAX)  # [N, G, 1]
+        mag = (fp4_e2m1_fake_quant(keys).unflatten(-1, (-1, 32)) / s).abs().flatten(1)
+        code = (mag.unsqueeze(-1) == E2M1_GRID.to(mag.device)).int().argmax(-1)  # exact grid values
+        nib = (code + torch.where(keys < 0, 8, 0)).to(torch.uint8).unflatten(-1, (-1, 2))
+        flat[data] = nib[..., 0] | (nib[..., 1] << 4)
+        flat[scale] = (torch.log2(s.squeeze(-1)) + 127).to(torch.uint8)
+
+    def read(self, cache: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Dequantized keys fp32 [N, head_dim] of ``rows`` [N] (pure torch)."""
+        flat = cache.view(torch.uint8).reshape(-1)
+        data, scale = self._offsets(rows, flat.device)
+        d, s = flat[data], flat[scale]
         if self.fmt == "fp8":
             return d.view(torch.float8_e4m3fn).float() * s.contiguous().view(torch.float32)
         nib = torch.stack([d & 15, d >> 4], dim=-1).flatten(1).long()  # [N, Dh] low nibble first
@@ -175,7 +205,7 @@ def e4m3_codes(v):
     normal = (((r >> 23) - 120) << 3) | ((r >> 20) & 7)
     sub = ((a * 512.0 + 8388608.0) - 8388608.0).to(tl.int32)  # multiples of 2^-9, RNE by fp add
     code = tl.where(a >= 0.015625, normal, sub)
-    return code | tl.where(v < 0, 0x80, 0)
+    return code | ((v.to(tl.int32, bitcast=True) >> 24) & 0x80)  # the sign bit, also of -0.0
 
 
 @triton.jit
