@@ -100,7 +100,7 @@ def _load_slots(
     return tl.where(m_new, kv, tkv), tl.where(m_new, sc, tsc)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["bt_stride"])
 def _flush_kernel(
     kv_ptr,
     score_ptr,

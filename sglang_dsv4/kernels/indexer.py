@@ -30,7 +30,7 @@ from sglang_dsv4.kernels.kv_store import IndexKeyLayout
 __all__ = ["IndexerTopK"]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["bt_stride", "n_splits"])
 def _logits_kernel(
     q_ptr,
     q_stride_t,
@@ -61,7 +61,9 @@ def _logits_kernel(
     hh = tl.arange(0, H)
     dd = tl.arange(0, DH)
     q = tl.load(q_ptr + t.to(tl.int64) * q_stride_t + hh[:, None] * q_stride_h + dd[None, :])
-    q = q.to(tl.float32) if DOT_F32 else q.to(tl.bfloat16)
+    # keys are the MMA's M side (64 per tile, from registers), heads its N side: the head sum
+    # is then a row reduction inside each thread's accumulator fragment
+    q_t = tl.trans(q.to(tl.float32) if DOT_F32 else q.to(tl.bfloat16))  # [DH, H]
     wh = tl.load(w_ptr + t.to(tl.int64) * w_stride + hh).to(tl.float32) * (H**-0.5)
     DATA: tl.constexpr = DH // 2 if FP4 else DH
     SCALE: tl.constexpr = DH // 32 if FP4 else 4
@@ -97,9 +99,9 @@ def _logits_kernel(
             k = raw.to(tl.float8e4nv, bitcast=True)
             kscale = tl.load((keys_ptr + sbase).to(tl.pointer_type(tl.float32)), valid, 0.0)
         k = k.to(tl.float32) if DOT_F32 else k.to(tl.bfloat16)
-        s = tl.dot(q, tl.trans(k))  # [H, BS] fp32
+        s = tl.dot(k, q_t)  # [BS, H] fp32
         s = tl.maximum(s, 0.0) * (DH**-0.5)
-        logit = tl.sum(s * wh[:, None], axis=0) * kscale
+        logit = tl.sum(s * wh[None, :], axis=1) * kscale
         tl.store(out_row + i, logit, valid)
 
 
@@ -110,7 +112,7 @@ def _order_key(x):
     return tl.where(u < 0, u ^ 0x7FFFFFFF, u)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["bt_stride"])
 def _topk_kernel(
     logits_ptr,
     ld,
@@ -260,50 +262,56 @@ class IndexerTopK:
                              f"{self.head_dim}]")  # fmt: skip
         if q.stride(2) != 1 or weights.stride(1) != 1:
             raise ValueError("q and weights need a contiguous last dim")
-        lay = self.key_layout
         for t0 in range(0, t_all, self.q_chunk):
             t1 = min(t_all, t0 + self.q_chunk)
-            _logits_kernel[(t1 - t0, self.splits)](
-                q[t0:t1],
-                q.stride(0),
-                q.stride(1),
-                weights[t0:t1],
-                weights.stride(0),
-                keys,
-                block_table,
-                block_table.stride(0),
-                query_req[t0:t1],
-                positions[t0:t1],
-                self.logits,
-                self.ld,
-                self.splits,
-                H=h,
-                DH=dh,
-                BS=self.block_keys,
-                EPB=self.entries_per_block,
-                RATIO=self.ratio,
-                RPP=lay.rows_per_page,
-                FP4=lay.fmt == "fp4",
-                DOT_F32=self._dot_f32,
-                num_warps=4,
-                num_stages=3,
-            )
-            _topk_kernel[(t1 - t0,)](
-                self.logits,
-                self.ld,
-                query_req[t0:t1],
-                positions[t0:t1],
-                block_table,
-                block_table.stride(0),
-                self.ids[t0:t1],
-                self.rows[t0:t1],
-                self.lengths[t0:t1],
-                K=self.topk,
-                RATIO=self.ratio,
-                EPB=self.entries_per_block,
-                CHUNK=1024,
-                KCHUNK=min(1024, triton.next_power_of_2(self.topk)),
-                WRITE_ROWS=self.write_rows,
-                num_warps=8,
-            )
+            self._scores(q, weights, keys, block_table, query_req, positions, t0, t1)
+            self._select(block_table, query_req, positions, t0, t1)
         return self.ids, self.rows, self.lengths
+
+    def _scores(self, q, weights, keys, block_table, query_req, positions, t0, t1) -> None:
+        lay = self.key_layout
+        _logits_kernel[(t1 - t0, self.splits)](
+            q[t0:t1],
+            q.stride(0),
+            q.stride(1),
+            weights[t0:t1],
+            weights.stride(0),
+            keys,
+            block_table,
+            block_table.stride(0),
+            query_req[t0:t1],
+            positions[t0:t1],
+            self.logits,
+            self.ld,
+            self.splits,
+            H=self.n_heads,
+            DH=self.head_dim,
+            BS=self.block_keys,
+            EPB=self.entries_per_block,
+            RATIO=self.ratio,
+            RPP=lay.rows_per_page,
+            FP4=lay.fmt == "fp4",
+            DOT_F32=self._dot_f32,
+            num_warps=4,
+            num_stages=3,
+        )
+
+    def _select(self, block_table, query_req, positions, t0, t1) -> None:
+        _topk_kernel[(t1 - t0,)](
+            self.logits,
+            self.ld,
+            query_req[t0:t1],
+            positions[t0:t1],
+            block_table,
+            block_table.stride(0),
+            self.ids[t0:t1],
+            self.rows[t0:t1],
+            self.lengths[t0:t1],
+            K=self.topk,
+            RATIO=self.ratio,
+            EPB=self.entries_per_block,
+            CHUNK=1024,
+            KCHUNK=min(1024, triton.next_power_of_2(self.topk)),
+            WRITE_ROWS=self.write_rows,
+            num_warps=8,
+        )

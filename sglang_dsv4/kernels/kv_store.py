@@ -351,7 +351,7 @@ def store_index_keys(
 # ---------------------------------------------------------------- raw KV store
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_tokens"])
 def _kv_store_kernel(
     kv_ptr,
     kv_stride,

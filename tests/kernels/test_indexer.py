@@ -57,10 +57,10 @@ def _queries(seq_lens, per_req, device):
             torch.tensor(pos, dtype=torch.int32, device=device))  # fmt: skip
 
 
-def _check(ix, layout, cache, bt, q, w, qreq, pos, topk, check_scores=True):
+def _check(ix, layout, cache, bt, q, w, qreq, pos, topk, stride=1):
     ids, rows, lengths = ix.run(q, w, cache, bt, qreq, pos)
     n_q = q.shape[0]
-    for t in range(n_q):
+    for t in [*range(0, n_q - 1, stride), n_q - 1]:
         b, p = int(qreq[t]), int(pos[t])
         n_ent = max(1, (p + 1) // RATIO)
         ent = torch.arange(n_ent, device=q.device)
@@ -68,7 +68,7 @@ def _check(ix, layout, cache, bt, q, w, qreq, pos, topk, check_scores=True):
         ref_scores = index_scores(q[t : t + 1].float(), w[t : t + 1], keys)  # [1, E]
         vis = (p + 1) // RATIO
         tol = 1e-5 * ref_scores[0, :vis].abs().max().item() if vis else 0.0
-        if check_scores and ix.q_chunk >= n_q and vis:
+        if ix.q_chunk >= n_q and vis:
             assert (ix.logits[t, :vis] - ref_scores[0, :vis]).abs().max().item() <= tol
         k = min(topk, vis)
         assert int(lengths[t]) == k
@@ -87,7 +87,7 @@ def _check(ix, layout, cache, bt, q, w, qreq, pos, topk, check_scores=True):
             assert all(near), f"query {t}: picks differ beyond ties at the k-th score"
 
 
-def _run_case(ks, ix_mod, fmt, heads, topk, seq_lens, per_req, device, workspace=1 << 28):
+def _run_case(ks, ix_mod, fmt, heads, topk, seq_lens, per_req, device, workspace=1 << 28, stride=1):
     layout, cache, bt = _setup(ks, fmt, seq_lens, device)
     qreq, pos = _queries(seq_lens, per_req, device)
     n_q = qreq.numel()
@@ -98,7 +98,7 @@ def _run_case(ks, ix_mod, fmt, heads, topk, seq_lens, per_req, device, workspace
     ix.ids.fill_(-7)
     ix.rows.fill_(-7)
     ix.lengths.fill_(-7)
-    _check(ix, layout, cache, bt, q, w, qreq, pos, topk)
+    _check(ix, layout, cache, bt, q, w, qreq, pos, topk, stride)
     return ix, (layout, cache, bt, q, w, qreq, pos)
 
 
@@ -155,8 +155,8 @@ def test_gpu_long_context_decode():
 @pytest.mark.gpu
 @pytest.mark.parametrize("topk", [512, 1024])
 def test_gpu_prefill(topk):
-    """All 4097 + 3 positions of two requests (scores checked on a single workspace)."""
-    _run_case(kv_store, indexer, "fp8", 64, topk, [4097, 3], None, "cuda", workspace=1 << 30)
+    """All 4097 + 3 positions of two requests (every 7th query and the last checked)."""
+    _run_case(kv_store, indexer, "fp8", 64, topk, [4097, 3], None, "cuda", 1 << 30, 7)
 
 
 @pytest.mark.gpu
