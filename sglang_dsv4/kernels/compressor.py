@@ -192,7 +192,7 @@ def _flush_kernel(
         if OUT == 0:
             store_fp8_rows(out_ptr, row, ok, y, 1, D, RPP, PAGE)
         elif OUT <= 2:
-            store_plain_rows(out_ptr, row, ok, y, D, OUT == 1)
+            store_plain_rows(out_ptr, row, ok, y, D, OUT == 1, D)
         else:
             y = hadamard_rows(y, 1, D, LOG2D)
             store_index_keys(out_ptr, row, ok, y, 1, D, OUT == 4, RPP)

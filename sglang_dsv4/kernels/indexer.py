@@ -140,7 +140,7 @@ def _topk_kernel(
     prefix = tl.zeros([], tl.int32)
     need = k
     for p in tl.static_range(4):
-        SHIFT: tl.constexpr = 24 - 8 * p
+        SHIFT = 24 - 8 * p
         hist = tl.zeros([256], tl.int32)
         for c0 in range(0, vis, CHUNK):
             idx = c0 + tl.arange(0, CHUNK)

@@ -222,35 +222,56 @@ def round_bf16(v):
 
 
 @triton.jit
-def rms_norm_rows(x, w_ptr, eps, D: tl.constexpr, X_BF16: tl.constexpr, W_BF16: tl.constexpr):
-    """``ref.norm.rms_norm`` of ``x`` [TB, D] with weight; the dtype flow of bf16 inputs (normed
-    value rounded to bf16, bf16 x bf16 weight product rounded) is reproduced."""
-    ms = tl.sum(x * x, axis=1) / D
-    inv = tl.math.div_rn(1.0, tl.sqrt_rn(ms + eps))
-    y = x * inv[:, None]
+def rms_inv(x, eps, D: tl.constexpr):
+    """1 / RMS of each row of ``x`` [TB, D] (correctly rounded sqrt and division, like torch)."""
+    return tl.math.div_rn(1.0, tl.sqrt_rn(tl.sum(x * x, axis=1) / D + eps))
+
+
+@triton.jit
+def norm_apply(v, inv, w, X_BF16: tl.constexpr, W_BF16: tl.constexpr):
+    """``w * (v * inv)`` with the dtype flow of ``ref.norm.rms_norm`` for bf16 inputs (normed
+    value rounded to bf16, bf16 x bf16 weight product rounded); ``v`` [TB, K], ``w`` [K]."""
+    y = v * inv[:, None]
     if X_BF16:
         y = round_bf16(y)
-    y = tl.load(w_ptr + tl.arange(0, D)).to(tl.float32)[None, :] * y
+    y = w.to(tl.float32)[None, :] * y
     if X_BF16 and W_BF16:
         y = round_bf16(y)
     return y
 
 
 @triton.jit
+def rms_norm_rows(x, w_ptr, eps, D: tl.constexpr, X_BF16: tl.constexpr, W_BF16: tl.constexpr):
+    """``ref.norm.rms_norm`` of ``x`` [TB, D] with weight."""
+    w = tl.load(w_ptr + tl.arange(0, D))
+    return norm_apply(x, rms_inv(x, eps, D), w, X_BF16, W_BF16)
+
+
+@triton.jit
+def rope_pairs(re, im, pos, inv_freq_ptr, ROUND: tl.constexpr):
+    """Interleaved RoPE (``ref.rope.apply_rope``) of pairs ``(re, im)`` [TB, 32] at integer
+    positions ``pos`` [TB]."""
+    ang = pos.to(tl.float32)[:, None] * tl.load(inv_freq_ptr + tl.arange(0, 32))[None, :]
+    c = tl.cos(ang)
+    s = tl.sin(ang)
+    re2 = re * c - im * s
+    im2 = re * s + im * c
+    if ROUND:
+        re2 = round_bf16(re2)
+        im2 = round_bf16(im2)
+    return re2, im2
+
+
+@triton.jit
 def rope_rows(x, pos, inv_freq_ptr, TB: tl.constexpr, D: tl.constexpr, ROUND: tl.constexpr):
-    """Interleaved RoPE (``ref.rope.apply_rope``) of the last 64 channels of ``x`` [TB, D] at
-    integer positions ``pos`` [TB]."""
+    """RoPE of the last 64 channels of ``x`` [TB, D] held in registers."""
     NB: tl.constexpr = D // 64
     xb = tl.reshape(x, [TB, NB, 64])
     last = (tl.arange(0, NB) == NB - 1)[None, :, None]
     r = tl.sum(tl.where(last, xb, 0.0), axis=1)  # [TB, 64]
     re, im = tl.split(tl.reshape(r, [TB, 32, 2]))
-    ang = pos.to(tl.float32)[:, None] * tl.load(inv_freq_ptr + tl.arange(0, 32))[None, :]
-    c = tl.cos(ang)
-    s = tl.sin(ang)
-    rot = tl.reshape(tl.join(re * c - im * s, re * s + im * c), [TB, 64])
-    if ROUND:
-        rot = round_bf16(rot)
+    re, im = rope_pairs(re, im, pos, inv_freq_ptr, ROUND)
+    rot = tl.reshape(tl.join(re, im), [TB, 64])
     return tl.reshape(tl.where(last, rot[:, None, :], xb), [TB, D])
 
 
@@ -259,7 +280,7 @@ def hadamard_rows(x, TB: tl.constexpr, D: tl.constexpr, LOG2D: tl.constexpr):
     """Sylvester Walsh-Hadamard of each row of ``x`` [TB, D], scaled by D^-1/2 (the butterfly
     order of ``ref.quant.hadamard``, so the fp32 result is identical)."""
     for k in tl.static_range(LOG2D):
-        h: tl.constexpr = 1 << k
+        h = 1 << k
         y = tl.permute(tl.reshape(x, [TB, D // (2 * h), 2, h]), (0, 1, 3, 2))
         a, b = tl.split(y)
         y = tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2))
@@ -269,9 +290,18 @@ def hadamard_rows(x, TB: tl.constexpr, D: tl.constexpr, LOG2D: tl.constexpr):
 
 @triton.jit
 def store_fp8_rows(
-    cache_ptr, rows, ok, x, TB: tl.constexpr, D: tl.constexpr, RPP: tl.constexpr, PAGE: tl.constexpr
+    cache_ptr,
+    rows,
+    ok,
+    x,
+    TB: tl.constexpr,
+    D: tl.constexpr,
+    RPP: tl.constexpr,
+    PAGE: tl.constexpr,
+    ROPE_FROM_X: tl.constexpr = True,
 ):
-    """Encode ``x`` [TB, D] (fp32) as FP8 rows at ``rows`` [TB] (int64) where ``ok``."""
+    """Encode ``x`` [TB, D] (fp32) as FP8 rows at ``rows`` [TB] (int64) where ``ok``; with
+    ``ROPE_FROM_X=False`` only the nope bytes and scales (see ``store_rope_pairs``)."""
     NB: tl.constexpr = D // 64
     NOPE: tl.constexpr = D - 64
     DATA: tl.constexpr = D + 64
@@ -288,24 +318,46 @@ def store_fp8_rows(
     tl.store(
         cache_ptr + base[:, None, None] + blk * 64 + ch, codes.to(tl.uint8), okb & (blk < NB - 1)
     )
-    rope_ptr = (cache_ptr + base[:, None, None] + NOPE + 2 * ch + 0 * blk).to(
-        tl.pointer_type(tl.int16)
-    )
-    tl.store(rope_ptr, bf16_codes(xb).to(tl.int16), okb & (blk == NB - 1))
+    if ROPE_FROM_X:
+        rope_ptr = (cache_ptr + base[:, None, None] + NOPE + 2 * ch + 0 * blk).to(
+            tl.pointer_type(tl.int16)
+        )
+        tl.store(rope_ptr, bf16_codes(xb).to(tl.int16), okb & (blk == NB - 1))
     b2 = tl.arange(0, NB)[None, :]
     scales = tl.where(b2 < NB - 1, (e + 127) & 0xFF, 0)  # the last byte is padding
     tl.store(cache_ptr + sbase[:, None] + b2, scales.to(tl.uint8), ok[:, None])
 
 
 @triton.jit
-def store_plain_rows(out_ptr, rows, ok, x, D: tl.constexpr, BF16: tl.constexpr):
-    """``x`` [TB, D] into plain rows of ``out_ptr`` (bf16 rounded to nearest even, or fp32)."""
-    off = rows[:, None] * D + tl.arange(0, D)[None, :]
+def store_rope_pairs(
+    cache_ptr, rows, ok, re, im, D: tl.constexpr, RPP: tl.constexpr, PAGE: tl.constexpr
+):
+    """The bf16 RoPE channels of FP8 rows from pairs ``(re, im)`` [TB, 32]."""
+    page = rows // RPP
+    base = page * PAGE + (rows - page * RPP) * (D + 64) + (D - 64)
+    off = base[:, None] + 4 * tl.arange(0, 32)[None, :]
+    tl.store(
+        (cache_ptr + off).to(tl.pointer_type(tl.int16)), bf16_codes(re).to(tl.int16), ok[:, None]
+    )
+    tl.store(
+        (cache_ptr + off + 2).to(tl.pointer_type(tl.int16)),
+        bf16_codes(im).to(tl.int16),
+        ok[:, None],
+    )
+
+
+@triton.jit
+def store_plain_rows(out_ptr, rows, ok, x, D: tl.constexpr, BF16: tl.constexpr, UPTO: tl.constexpr):
+    """Channels ``< UPTO`` of ``x`` [TB, D] into plain rows of ``out_ptr`` (bf16 rounded to
+    nearest even, or fp32)."""
+    cols = tl.arange(0, D)[None, :]
+    off = rows[:, None] * D + cols
+    m = ok[:, None] & (cols < UPTO)
     if BF16:
         ptr = (out_ptr + off).to(tl.pointer_type(tl.int16))  # out_ptr is a bf16 pointer
-        tl.store(ptr, bf16_codes(x).to(tl.int16), ok[:, None])
+        tl.store(ptr, bf16_codes(x).to(tl.int16), m)
     else:
-        tl.store(out_ptr + off, x, ok[:, None])
+        tl.store(out_ptr + off, x, m)
 
 
 @triton.jit
@@ -377,17 +429,33 @@ def _kv_store_kernel(
     rows = tl.load(rows_ptr + t, mask=inb, other=-1).to(tl.int64)
     ok = inb & (rows >= 0)
     cols = tl.arange(0, D)
-    x = tl.load(kv_ptr + t.to(tl.int64)[:, None] * kv_stride + cols[None, :], ok[:, None], 0.0)
-    x = x.to(tl.float32)  # [TB, D]
+    src = kv_ptr + t.to(tl.int64) * kv_stride
+    x = tl.load(src[:, None] + cols[None, :], ok[:, None], 0.0).to(tl.float32)  # [TB, D]
+    # the RoPE pairs again, de-interleaved (cache hits): no register shuffles for the rotation
+    pair = D - 64 + 2 * tl.arange(0, 32)
+    re = tl.load(src[:, None] + pair[None, :], ok[:, None], 0.0).to(tl.float32)  # [TB, 32]
+    im = tl.load(src[:, None] + pair[None, :] + 1, ok[:, None], 0.0).to(tl.float32)
     if NORM:
-        x = rms_norm_rows(x, w_ptr, eps, D, X_BF16, W_BF16)
+        inv = rms_inv(x, eps, D)
+        x = norm_apply(x, inv, tl.load(w_ptr + cols), X_BF16, W_BF16)
+        re = norm_apply(re, inv, tl.load(w_ptr + pair), X_BF16, W_BF16)
+        im = norm_apply(im, inv, tl.load(w_ptr + pair + 1), X_BF16, W_BF16)
     if ROPE:
         pos = tl.load(pos_ptr + t, mask=ok, other=0)
-        x = rope_rows(x, pos, inv_freq_ptr, TB, D, X_BF16 and W_BF16)
+        re, im = rope_pairs(re, im, pos, inv_freq_ptr, X_BF16 and W_BF16)
     if FMT == 0:
-        store_fp8_rows(cache_ptr, rows, ok, x, TB, D, RPP, PAGE)
+        store_fp8_rows(cache_ptr, rows, ok, x, TB, D, RPP, PAGE, False)
+        store_rope_pairs(cache_ptr, rows, ok, re, im, D, RPP, PAGE)
     else:
-        store_plain_rows(cache_ptr, rows, ok, x, D, FMT == 1)
+        store_plain_rows(cache_ptr, rows, ok, x, D, FMT == 1, D - 64)
+        off = rows[:, None] * D + pair[None, :]
+        if FMT == 1:
+            ptr = (cache_ptr + off).to(tl.pointer_type(tl.int16))
+            tl.store(ptr, bf16_codes(re).to(tl.int16), ok[:, None])
+            tl.store(ptr + 1, bf16_codes(im).to(tl.int16), ok[:, None])
+        else:
+            tl.store(cache_ptr + off, re, ok[:, None])
+            tl.store(cache_ptr + off + 1, im, ok[:, None])
 
 
 def store_kv(
@@ -428,7 +496,7 @@ def store_kv(
         raise ValueError("RoPE needs inv_freq")
     if n == 0:
         return
-    tb = 4
+    tb = 16
     dummy = kv
     _kv_store_kernel[(triton.cdiv(n, tb),)](
         kv,

@@ -3,12 +3,14 @@
 Tolerances: packing given values is bit-exact (every byte of every written row; other rows
 untouched). With the fused RMSNorm + RoPE the kernel's fp32 sums / rsqrt / cos differ from
 torch's by an ulp, so an FP8 byte may land on the neighbouring e4m3 value: at most 1e-3 of the
-bytes differ, each such value by at most one e4m3 step (2^-3 relative); bf16 rows within one
-bf16 ulp (2^-7 relative), fp32 rows within 2^-22 of the row's largest value.
+bytes differ, each such value by at most one e4m3 step (2^-3 relative, or the subnormal step of
+its block); plain rows within one ulp of the value plus one ulp of the row's largest value (RoPE
+mixes pairs; bf16 ulp 2^-7, fp32 2^-22 relative).
 """
 
 import pytest
 import torch
+from kv_tolerance import fp8_error
 from triton_cpu import interpreted
 
 from sglang_dsv4.kernels import kv_store
@@ -37,7 +39,7 @@ def _kv(n: int, d: int, device) -> torch.Tensor:
 
 def _rows(n: int, n_rows: int, device) -> torch.Tensor:
     rows = torch.randperm(n_rows, device=device)[:n]
-    rows[::4] = -1  # skipped
+    rows[1::4] = -1  # skipped
     return rows
 
 
@@ -73,8 +75,9 @@ def _check_fused(mod, n, d, layout, device, dtype):
         cache = torch.full((2 * n + 1, d), float("nan"), dtype=dtype, device=device)
         mod.store_kv(kv, cache, rows, norm_weight=weight, positions=pos, inv_freq=inv_freq)
         got, ref = cache[rows[keep]].float(), ref.float()
-        # one ulp of the dtype per value (fp32: of the row's largest value, RoPE cancels)
-        bound = 2.0**-7 * ref.abs() + 2.0**-22 * ref.abs().amax(1, keepdim=True)
+        # one ulp of the value + one ulp of the row's largest value (RoPE mixes pairs)
+        ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-22
+        bound = 2.0**-7 * ref.abs() + ulp * ref.abs().amax(1, keepdim=True)
         assert not got.isnan().any()
         assert ((got - ref).abs() <= bound).all()
         return
@@ -87,7 +90,9 @@ def _check_fused(mod, n, d, layout, device, dtype):
     assert (got != want).float().mean() <= 1e-3, "too many FP8 bytes differ"
     a, b = unpack_fp8_rows(got, d), unpack_fp8_rows(want, d)
     assert not a.isnan().any()
-    assert ((a - b).abs() <= 2.0**-3 * b.abs() + 1e-30).all()
+    assert (fp8_error(a[:, :-64], b[:, :-64]) <= 1).all()
+    rope_ulp = 2.0**-7 * b[:, -64:].abs() + 2.0**-22 * b.abs().amax(1, keepdim=True)
+    assert ((a[:, -64:] - b[:, -64:]).abs() <= rope_ulp).all()
 
 
 # ------------------------------------------------------------------ CPU (TRITON_INTERPRET=1)
