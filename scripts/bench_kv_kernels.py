@@ -32,6 +32,19 @@ CONTEXTS = (4096, 32768, 131072)
 DEV = "cuda"
 
 
+ERRORS: list[str] = []
+
+
+def guarded(fn):
+    """Run one case; a failure is recorded and the remaining cases still run."""
+    try:
+        return fn()
+    except Exception:
+        ERRORS.append(traceback.format_exc(limit=3))
+        print(ERRORS[-1], flush=True)
+        return None
+
+
 def timed(calls, reps: int) -> float:
     """Seconds per call of ``calls`` (a list of closures, one per rotated copy), graph-replayed."""
     for c in calls:
@@ -154,32 +167,39 @@ def bench_compressor_decode(reps):
         for b in BATCHES:
             for ctx in CONTEXTS:
                 prefix = (ctx + torch.randint(0, 128, (b,), generator=gen)).tolist()
-                fl, call, kv, score, nbytes, entries = _flush_setup(kind, prefix, [1] * b)
-                fl.plan_decode(b)
-                calls = [call] + [
-                    functools.partial(call, torch.randn_like(kv), torch.randn_like(score))
-                    for _ in range(copies(nbytes) - 1)
-                ]
-                res.append(dict(kernel=f"flush_{kind}", mode="decode", batch=b, ctx=ctx,
-                                s=timed(calls, reps), bytes=nbytes, entries=entries))  # fmt: skip
-    return res
+
+                def case(kind=kind, b=b, ctx=ctx, prefix=prefix):
+                    fl, call, kv, score, nbytes, entries = _flush_setup(kind, prefix, [1] * b)
+                    fl.plan_decode(b)
+                    calls = [call] + [
+                        functools.partial(call, torch.randn_like(kv), torch.randn_like(score))
+                        for _ in range(copies(nbytes) - 1)
+                    ]
+                    return dict(kernel=f"flush_{kind}", mode="decode", batch=b, ctx=ctx,
+                                s=timed(calls, reps), bytes=nbytes, entries=entries)  # fmt: skip
+
+                res.append(guarded(case))
+    return [r for r in res if r]
 
 
 def bench_compressor_prefill(reps):
     res = []
     for kind in KINDS:
         for b, ctx in ((1, 4096), (1, 32768), (1, 131072), (32, 4096), (32, 32768), (128, 4096)):
-            fl, call, kv, score, nbytes, entries = _flush_setup(kind, [0] * b, [ctx] * b)
-            fl.plan([0] * b, [ctx] * b)
-            calls = [call] + [
-                functools.partial(call, torch.randn_like(kv), torch.randn_like(score))
-                for _ in range(copies(nbytes) - 1)
-            ]
-            res.append(dict(kernel=f"flush_{kind}", mode="prefill", batch=b, ctx=ctx,
-                            s=timed(calls, reps), bytes=nbytes, entries=entries))  # fmt: skip
-            fl = call = calls = kv = score = None
+
+            def case(kind=kind, b=b, ctx=ctx):
+                fl, call, kv, score, nbytes, entries = _flush_setup(kind, [0] * b, [ctx] * b)
+                fl.plan([0] * b, [ctx] * b)
+                calls = [call] + [
+                    functools.partial(call, torch.randn_like(kv), torch.randn_like(score))
+                    for _ in range(copies(nbytes) - 1)
+                ]
+                return dict(kernel=f"flush_{kind}", mode="prefill", batch=b, ctx=ctx,
+                            s=timed(calls, reps), bytes=nbytes, entries=entries)  # fmt: skip
+
+            res.append(guarded(case))
             torch.cuda.empty_cache()
-    return res
+    return [r for r in res if r]
 
 
 # ----------------------------------------------------------------------------- indexer
@@ -285,7 +305,7 @@ def main():
     )
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench_kv_kernels.json"), "w") as f:
-        json.dump(dict(meta=meta, rows=rows, errors=errors), f, indent=1)
+        json.dump(dict(meta=meta, rows=rows, errors=errors + ERRORS), f, indent=1)
     print(f"\n{meta['gpu']}  copy ceiling {ceiling:.0f} GB/s  ({meta['seconds']:.0f} s)")
     print(f"{'kernel':<20}{'mode':<8}{'B':>7}{'ctx':>8}{'us':>10}{'GB/s':>8}{'%cp':>5}"
           f"{'TF/s':>7}{'  scores/topk us':>17}")  # fmt: skip
@@ -294,8 +314,8 @@ def main():
         tf = f"{r['TFLOPs']:7.1f}" if "TFLOPs" in r else " " * 7
         print(f"{r['kernel']:<20}{r['mode']:<8}{r['batch']:>7}{r['ctx']:>8}{r['us']:>10.1f}"
               f"{r['GBps']:>8.0f}{r['pct_copy']:>5.0f}{tf}  {split}")  # fmt: skip
-    if errors:
-        print(f"{len(errors)} part(s) failed: " + ", ".join(e.split(":")[0] for e in errors))
+    if errors or ERRORS:
+        print(f"{len(errors)} part(s) and {len(ERRORS)} case(s) failed")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ rotation when the keys were rotated); the dots run on bf16 tensor cores with fp3
 (e4m3 -> bf16 is exact).
 
 Two launches: (1) scores into an fp32 workspace ``[T, max_keys]``, grid (queries, key splits),
-each program striding over 64-key tiles of its query (decode spreads one query over the GPU);
+each program striding over 128-key tiles of its query (decode spreads one query over the GPU);
 (2) exact top-k per query by radix select on the order-preserving int32 image of the scores (four
 8-bit histogram passes find the k-th largest value, a fifth pass writes every larger entry and
 the first entries equal to it, in entry order). Outputs: entry ids [T, topk] (``-1`` past the
@@ -142,10 +142,13 @@ def _topk_kernel(
     for p in tl.static_range(4):
         SHIFT = 24 - 8 * p
         hist = tl.zeros([256], tl.int32)
+        x = tl.load(src + tl.arange(0, CHUNK), tl.arange(0, CHUNK) < vis, 0.0)
         for c0 in range(0, vis, CHUNK):
             idx = c0 + tl.arange(0, CHUNK)
             m = idx < vis
-            key = _order_key(tl.load(src + idx, m, 0.0))
+            x_next = tl.load(src + idx + CHUNK, idx + CHUNK < vis, 0.0)  # in flight meanwhile
+            key = _order_key(x)
+            x = x_next
             if p == 0:
                 digit = ((key >> 24) & 0xFF) ^ 0x80  # the sign bit orders the top byte
                 match = m
@@ -161,10 +164,13 @@ def _topk_kernel(
         prefix = prefix | (d << SHIFT)
     taken = tl.zeros([], tl.int32)
     equal_seen = tl.zeros([], tl.int32)
+    x = tl.load(src + tl.arange(0, CHUNK), tl.arange(0, CHUNK) < vis, 0.0)
     for c0 in range(0, vis, CHUNK):
         idx = c0 + tl.arange(0, CHUNK)
         m = idx < vis
-        key = _order_key(tl.load(src + idx, m, 0.0))
+        x_next = tl.load(src + idx + CHUNK, idx + CHUNK < vis, 0.0)
+        key = _order_key(x)
+        x = x_next
         eq = (m & (key == prefix)).to(tl.int32)
         take = (m & (key > prefix)) | ((eq != 0) & (equal_seen + tl.cumsum(eq, 0) <= need))
         take_i = take.to(tl.int32)
@@ -210,7 +216,7 @@ class IndexerTopK:
             raise ValueError(f"key layout {self.key_layout} is not {head_dim}-dimensional")
         self.write_rows = write_rows
         self.max_workspace_bytes = max_workspace_bytes
-        self.block_keys = 64
+        self.block_keys = 128
         self._planned = False
 
     def plan(self, n_queries: int, max_keys: int, device: torch.device | str) -> None:
@@ -231,8 +237,8 @@ class IndexerTopK:
             else 4
         )
         tiles = triton.cdiv(max(max_keys, 1), self.block_keys)
-        # decode: spread a query's tiles over the GPU (>= 4 tiles per program)
-        self.splits = max(1, min(triton.cdiv(tiles, 4), triton.cdiv(2 * sms, self.q_chunk)))
+        # decode: spread a query's tiles over the GPU, ~4 programs per SM (>= 2 tiles each)
+        self.splits = max(1, min(triton.cdiv(tiles, 2), triton.cdiv(4 * sms, self.q_chunk)))
         self._dot_f32 = device.type != "cuda"
         self._planned = True
 
@@ -310,7 +316,7 @@ class IndexerTopK:
             K=self.topk,
             RATIO=self.ratio,
             EPB=self.entries_per_block,
-            CHUNK=1024,
+            CHUNK=2048,
             KCHUNK=min(1024, triton.next_power_of_2(self.topk)),
             WRITE_ROWS=self.write_rows,
             num_warps=8,

@@ -279,9 +279,8 @@ def rope_rows(x, pos, inv_freq_ptr, TB: tl.constexpr, D: tl.constexpr, ROUND: tl
 def hadamard_rows(x, TB: tl.constexpr, D: tl.constexpr, LOG2D: tl.constexpr):
     """Sylvester Walsh-Hadamard of each row of ``x`` [TB, D], scaled by D^-1/2 (the butterfly
     order of ``ref.quant.hadamard``, so the fp32 result is identical)."""
-    for k in tl.static_range(LOG2D):
-        h = 1 << k
-        y = tl.permute(tl.reshape(x, [TB, D // (2 * h), 2, h]), (0, 1, 3, 2))
+    for k in tl.static_range(LOG2D):  # butterflies of span 2^k (shapes must stay constexpr)
+        y = tl.permute(tl.reshape(x, [TB, D >> (k + 1), 2, 1 << k]), (0, 1, 3, 2))
         a, b = tl.split(y)
         y = tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2))
         x = tl.reshape(y, [TB, D])
