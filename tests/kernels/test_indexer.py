@@ -31,8 +31,9 @@ def mods():
         yield pair
 
 
-def _setup(ks, fmt, seq_lens, device, rows_per_page=32, head_dim=128):
-    """A key cache holding every entry of requests with ``seq_lens`` tokens; block table."""
+def _setup(ks, fmt, seq_lens, device, rows_per_page=32, head_dim=128, zero_frac=0.0):
+    """A key cache holding every entry of requests with ``seq_lens`` tokens; block table.
+    ``zero_frac`` of the keys are zero (their scores tie at exactly 0)."""
     b = len(seq_lens)
     blocks = max(1, -(-max(seq_lens) // BLOCK))
     pages = (torch.randperm(b * blocks + 2)[: b * blocks] + 1).view(b, blocks)
@@ -42,6 +43,7 @@ def _setup(ks, fmt, seq_lens, device, rows_per_page=32, head_dim=128):
     rows = (bt.long()[:, :, None] * EPB + torch.arange(EPB, device=device)).flatten()
     keys = torch.randn(rows.numel(), head_dim, device=device)
     keys *= torch.exp2(torch.randint(-3, 3, (rows.numel(), 1), device=device).float())
+    keys[torch.rand(rows.numel(), device=device) < zero_frac] = 0.0
     layout.write(cache, rows, keys)
     return layout, cache, bt
 
@@ -87,8 +89,10 @@ def _check(ix, layout, cache, bt, q, w, qreq, pos, topk, stride=1):
             assert all(near), f"query {t}: picks differ beyond ties at the k-th score"
 
 
-def _run_case(ks, ix_mod, fmt, heads, topk, seq_lens, per_req, device, workspace=1 << 28, stride=1):
-    layout, cache, bt = _setup(ks, fmt, seq_lens, device)
+def _run_case(
+    ks, ix_mod, fmt, heads, topk, seq_lens, per_req, device, workspace=1 << 28, stride=1, zeros=0.0
+):
+    layout, cache, bt = _setup(ks, fmt, seq_lens, device, zero_frac=zeros)
     qreq, pos = _queries(seq_lens, per_req, device)
     n_q = qreq.numel()
     q = torch.randn(n_q, heads, 128, device=device).bfloat16()
@@ -124,6 +128,12 @@ def test_topk_larger_than_a_tile(mods):
     _run_case(ks, ix, "fp8", 16, 64, [1100, 517], 2, "cpu")
 
 
+def test_ties_at_zero(mods):
+    """60% of the keys are zero: the k-th score sits inside a bucket of exact ties at 0."""
+    ks, ix = mods
+    _run_case(ks, ix, "fp8", 16, 32, [700, 401, 9], 2, "cpu", zeros=0.6)
+
+
 def test_plan_required_and_shapes(mods):
     _, ix = mods
     obj = ix.IndexerTopK(8, 16)
@@ -144,6 +154,12 @@ def test_gpu_decode(topk, seq_lens, fmt):
     if seq_lens == "129":
         seq_lens = torch.randint(1, 8000, (129,)).tolist()
     _run_case(kv_store, indexer, fmt, 64, topk, seq_lens, 1, "cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_ties_at_zero():
+    _run_case(kv_store, indexer, "fp8", 64, 512, torch.randint(1, 9000, (33,)).tolist(), 1,
+              "cuda", zeros=0.6)  # fmt: skip
 
 
 @pytest.mark.gpu
