@@ -225,13 +225,11 @@ def _flush_kernel(
                     qbase + s, ch, kv_ptr, score_ptr, in_stride, ape_ptr, tkv_ptr, tsc_ptr,
                     bkv_ptr, bsc_ptr, P, n, start, state_base, mode, R, C, D, HAS_MODE,
                 )  # fmt: skip
-                if COFF == 2:  # c4: slot s may be read (as s + r) by another warp
-                    tl.debug_barrier()
+                tl.debug_barrier()  # slot s may be read (as s + r) by another warp
                 off = s[:, None] * C + ch
                 tl.store(tkv_ptr + off, kv, write)
                 tl.store(tsc_ptr + off, sc, write)
-                if COFF == 2:
-                    tl.debug_barrier()
+                tl.debug_barrier()
 
 
 class CompressorFlush:
@@ -276,8 +274,8 @@ class CompressorFlush:
         slots = self.coff * ratio
         self._sc = slots if slots <= 8 else 16  # pooling chunk
         self._epp = 4 if self.coff == 2 else 1  # c4 needs >= 2 (see module docstring)
-        self._tsc = min(slots, 32)
-        self._tcc = min(self.coff * head_dim, 256 if self.coff == 2 else 512)
+        self._tsc = min(slots, 16)
+        self._tcc = min(self.coff * head_dim, 256)
         self._grid: tuple[int, int] | None = None
 
     def plan(self, prefix_lens: Sequence[int], extend_lens: Sequence[int]) -> None:
@@ -368,6 +366,6 @@ class CompressorFlush:
             PAGE=self._page,
             HAS_MODE=has_mode,
             HAS_BOUNDARY=boundary is not None,
-            num_warps=16 if self.coff * self.ratio > 8 else 4,  # c128: one program, 512 KB
+            num_warps=8 if self.coff * self.ratio > 8 else 4,
             enable_fp_fusion=False,
         )

@@ -15,10 +15,9 @@ rotation when the keys were rotated); the dots run on bf16 tensor cores with fp3
 
 Two launches: (1) scores into an fp32 workspace ``[T, max_keys]``, grid (queries, key splits),
 each program striding over 64-key tiles of its query (decode spreads one query over the GPU);
-(2) exact top-k per query by radix select on the order-preserving integer image of the scores
-(4-bit passes from the top find the k-th largest value's bucket until all of that bucket is
-needed, usually after 4 passes; a last pass writes every larger entry and the first entries of
-the bucket, in entry order). Outputs: entry ids [T, topk] (``-1`` past the
+(2) exact top-k per query by radix select on the order-preserving int32 image of the scores (four
+8-bit histogram passes find the k-th largest value, a fifth pass writes every larger entry and
+the first entries equal to it, in entry order). Outputs: entry ids [T, topk] (``-1`` past the
 ``min(topk, visible)`` picks), optionally their key / entry rows, and the pick counts [T].
 """
 
@@ -108,12 +107,12 @@ def _logits_kernel(
 
 @triton.jit
 def _order_key(x):
-    """int64 in [0, 2^32) whose order is the float order of ``x``."""
+    """int32 whose signed order is the float order of ``x``."""
     u = x.to(tl.int32, bitcast=True)
-    return tl.where(u < 0, u ^ 0x7FFFFFFF, u).to(tl.int64) + 0x80000000
+    return tl.where(u < 0, u ^ 0x7FFFFFFF, u)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["bt_stride"])
 def _topk_kernel(
     logits_ptr,
     ld,
@@ -135,39 +134,34 @@ def _topk_kernel(
     vis = (tl.load(pos_ptr + t).to(tl.int32) + 1) // RATIO
     k = tl.minimum(vis, K)
     src = logits_ptr + t.to(tl.int64) * ld
-    bins = tl.arange(0, 16)
-    # Radix select, 4 bits a pass from the top: ``prefix`` holds the resolved high bits of the
-    # k-th largest key, ``need`` how many entries sharing them belong to the top k. It stops as
-    # soon as every entry of the k-th key's bucket is needed (typically after 16 bits); then
-    # ``level`` low bits stay unresolved. Bins are counted by compare-and-sum: Triton's
-    # histogram serializes on the few bins the top bits of real scores fall into.
-    prefix = tl.zeros([], tl.int64)
+    bins = tl.arange(0, 256)
+    # radix select: after the 4 passes ``prefix`` is the k-th largest key and ``need`` the
+    # number of entries equal to it that belong to the top k
+    prefix = tl.zeros([], tl.int32)
     need = k
-    level = tl.zeros([], tl.int32) + 32
-    done = vis == 0
-    for p in range(8):
-        shift = 28 - 4 * p
-        hist = tl.zeros([16], tl.int32)
-        bound = tl.where(done, 0, vis)
-        x = tl.load(src + tl.arange(0, CHUNK), tl.arange(0, CHUNK) < bound, 0.0)
-        for c0 in range(0, bound, CHUNK):
+    for p in tl.static_range(4):
+        SHIFT = 24 - 8 * p
+        hist = tl.zeros([256], tl.int32)
+        x = tl.load(src + tl.arange(0, CHUNK), tl.arange(0, CHUNK) < vis, 0.0)
+        for c0 in range(0, vis, CHUNK):
             idx = c0 + tl.arange(0, CHUNK)
             m = idx < vis
             x_next = tl.load(src + idx + CHUNK, idx + CHUNK < vis, 0.0)  # in flight meanwhile
             key = _order_key(x)
             x = x_next
-            digit = ((key >> shift) & 15).to(tl.int32)
-            match = m & ((key >> (shift + 4)) == (prefix >> (shift + 4)))
-            hits = (digit[:, None] == bins[None, :]) & match[:, None]
-            hist += tl.sum(hits.to(tl.int32), axis=0)
+            if p == 0:
+                digit = ((key >> 24) & 0xFF) ^ 0x80  # the sign bit orders the top byte
+                match = m
+            else:
+                digit = (key >> SHIFT) & 0xFF
+                match = m & ((key >> (SHIFT + 8)) == (prefix >> (SHIFT + 8)))
+            hist += tl.histogram(digit, 256, mask=match)
         at_least = tl.cumsum(hist, 0, reverse=True)  # entries with digit >= d
         d = tl.max(tl.where(at_least >= need, bins, 0))
-        left = need - tl.sum(tl.where(bins > d, hist, 0))
-        at_d = tl.sum(tl.where(bins == d, hist, 0))
-        prefix = tl.where(done, prefix, prefix | (d.to(tl.int64) << shift))
-        need = tl.where(done, need, left)
-        level = tl.where(done, level, shift)
-        done = done | (at_d == left)
+        need -= tl.sum(tl.where(bins > d, hist, 0))
+        if p == 0:
+            d = d ^ 0x80
+        prefix = prefix | (d << SHIFT)
     taken = tl.zeros([], tl.int32)
     equal_seen = tl.zeros([], tl.int32)
     x = tl.load(src + tl.arange(0, CHUNK), tl.arange(0, CHUNK) < vis, 0.0)
@@ -175,12 +169,10 @@ def _topk_kernel(
         idx = c0 + tl.arange(0, CHUNK)
         m = idx < vis
         x_next = tl.load(src + idx + CHUNK, idx + CHUNK < vis, 0.0)
-        key = _order_key(x) >> level
+        key = _order_key(x)
         x = x_next
-        eq = (m & (key == (prefix >> level))).to(tl.int32)
-        take = (m & (key > (prefix >> level))) | (
-            (eq != 0) & (equal_seen + tl.cumsum(eq, 0) <= need)
-        )
+        eq = (m & (key == prefix)).to(tl.int32)
+        take = (m & (key > prefix)) | ((eq != 0) & (equal_seen + tl.cumsum(eq, 0) <= need))
         take_i = take.to(tl.int32)
         slot = taken + tl.cumsum(take_i, 0) - 1
         tl.store(ids_ptr + t * K + slot, idx, take)
