@@ -3,8 +3,8 @@ from :class:`~sglang_dsv4.ref.model.RefDSV4` and the attention wrappers (no seco
 
 Each layer is built for its frozen kind (SWA / c4 / c128): it holds the matching parameters
 and, at run time, the wrapper of its kind. Weights stream in tensor by tensor through
-:meth:`load_weights` under released or HF transformers names (one table,
-:mod:`sglang_dsv4.checkpoint`); MTP weights are skipped with a log line.
+:meth:`load_weights` under released or HF transformers names, dense or in the released quantized
+format (:mod:`sglang_dsv4.weights`); MTP weights are skipped with a log line.
 """
 
 import logging
@@ -16,11 +16,12 @@ from sglang.srt.model_executor.forward_context import get_attn_backend
 from torch import nn
 
 from sglang_dsv4.attention.wrappers import CompressedInputs, IndexerInputs
-from sglang_dsv4.checkpoint import to_released_names
 from sglang_dsv4.config import AttnKind, DSV4Config, LayerSpec
 from sglang_dsv4.ref.mhc import hc_post
 from sglang_dsv4.ref.model import RefDSV4
 from sglang_dsv4.ref.norm import rms_norm
+from sglang_dsv4.weights.layout import StoredWeight
+from sglang_dsv4.weights.loader import WeightStream
 
 logger = logging.getLogger(__name__)
 
@@ -204,29 +205,21 @@ class DeepseekV4ForCausalLM(nn.Module):
         return ref.output(spec, o, positions)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Stream checkpoint tensors (HF or released names, dense or released-format quantized)
+        into the parameters; quantized weights are dequantized once, here. Errors name the
+        tensor and the expected / found shape and dtype (:mod:`sglang_dsv4.weights.loader`)."""
         params = dict(self.named_parameters()) | dict(self.named_buffers())
-        loaded, skipped_mtp = set(), 0
-        for name, tensor in weights:
-            if name.startswith(("mtp.", "model.mtp.")):
-                skipped_mtp += 1
-                continue
-            for ours, t in to_released_names(name, tensor):
-                if ours not in params:
-                    raise KeyError(f"unexpected tensor `{name}` (as `{ours}`) in the checkpoint")
-                param = params[ours]
-                if param.shape != t.shape:
-                    want, got = tuple(param.shape), tuple(t.shape)
-                    raise ValueError(f"tensor `{name}`: expected shape {want}, found {got}")
-                param.data.copy_(t.to(param.dtype))
-                loaded.add(ours)
-        missing = sorted(set(params) - loaded)
-        if missing:
-            raise KeyError(
-                f"{len(missing)} tensors missing from the checkpoint, e.g. {missing[:5]}"
-            )
-        if skipped_mtp:
+
+        def deliver(name: str, stored: StoredWeight) -> None:
+            param = params[name]
+            param.data.copy_(stored.dequant(param.dtype) if stored.fmt.quantized else stored.data)
+
+        stats = WeightStream(self.cfg, deliver).run(weights)
+        logger.info("DSV4: loaded %d tensors (%s)", stats.delivered, stats.formats)
+        if stats.skipped_mtp:
             logger.info(
-                "DSV4: skipped %d MTP tensors (speculative decoding is not wired yet)", skipped_mtp
+                "DSV4: skipped %d MTP tensors (speculative decoding is not wired yet)",
+                stats.skipped_mtp,
             )
         self._ref = None
 
