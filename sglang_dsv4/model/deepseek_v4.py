@@ -4,7 +4,8 @@ from :class:`~sglang_dsv4.ref.model.RefDSV4` and the attention wrappers (no seco
 Each layer is built for its frozen kind (SWA / c4 / c128): it holds the matching parameters
 and, at run time, the wrapper of its kind. Weights stream in tensor by tensor through
 :meth:`load_weights` under released or HF transformers names, dense or in the released quantized
-format (:mod:`sglang_dsv4.weights`); MTP weights are skipped with a log line.
+format (:mod:`sglang_dsv4.weights`), optionally re-stored as NVFP4 (config.json
+``nvfp4_on_load``); MTP weights are skipped with a log line.
 """
 
 import logging
@@ -22,6 +23,8 @@ from sglang_dsv4.ref.model import RefDSV4
 from sglang_dsv4.ref.norm import rms_norm
 from sglang_dsv4.weights.layout import StoredWeight
 from sglang_dsv4.weights.loader import WeightStream
+from sglang_dsv4.weights.nvfp4 import CONFIG_KEY as NVFP4_KEY
+from sglang_dsv4.weights.nvfp4 import nvfp4_scope, to_nvfp4
 
 logger = logging.getLogger(__name__)
 
@@ -146,6 +149,7 @@ class DeepseekV4ForCausalLM(nn.Module):
         self.hc_head_base = nn.Parameter(torch.zeros(cfg.hc_mult, dtype=torch.float32))
         self.hc_head_scale = nn.Parameter(torch.ones(1, dtype=torch.float32))
         self.head = _linear(cfg.hidden_size, cfg.vocab_size)
+        self.nvfp4 = nvfp4_scope(getattr(config, NVFP4_KEY, None))  # quantize-on-load option
         self.logits_processor = LogitsProcessor(config)
         self._ref: RefDSV4 | None = None
 
@@ -206,12 +210,15 @@ class DeepseekV4ForCausalLM(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Stream checkpoint tensors (HF or released names, dense or released-format quantized)
-        into the parameters; quantized weights are dequantized once, here. Errors name the
+        into the parameters; quantized weights are dequantized once, here (after the NVFP4
+        re-quantization when ``nvfp4_on_load`` asks for it). Errors name the
         tensor and the expected / found shape and dtype (:mod:`sglang_dsv4.weights.loader`)."""
         params = dict(self.named_parameters()) | dict(self.named_buffers())
 
         def deliver(name: str, stored: StoredWeight) -> None:
             param = params[name]
+            if self.nvfp4 is not None and self.nvfp4(name):
+                stored = to_nvfp4(stored)
             param.data.copy_(stored.dequant(param.dtype) if stored.fmt.quantized else stored.data)
 
         stats = WeightStream(self.cfg, deliver).run(weights)

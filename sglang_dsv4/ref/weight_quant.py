@@ -18,6 +18,10 @@ Weights are ``W [N, K]`` (``N`` outputs, ``K`` inputs, as ``nn.Linear`` stores t
     16 inputs) and one fp32 ``global_scale`` (a 0-d tensor, the dequantization multiplier,
     ``amax(W) / (448 * 6)``): ``W[n, k] = e2m1(code) * scale[n, k // 16] * global_scale``.
 
+MXFP4 -> NVFP4 (:func:`nvfp4_from_mxfp4`) keeps the packed codes and re-expresses each power-of-2
+group scale as two e4m3 block scales over a power-of-2 global scale: exact except for groups
+more than 2^17 below the largest, which e4m3 cannot reach (they flush to zero).
+
 Rounding is to nearest, ties to even, everywhere. Values that a format represents survive
 ``unpack(pack(W))`` exactly (for NVFP4 when the global scale is a power of 2).
 """
@@ -37,6 +41,7 @@ __all__ = [
     "mxfp4_dequant",
     "mxfp4_quant",
     "nvfp4_dequant",
+    "nvfp4_from_mxfp4",
     "nvfp4_quant",
     "pack_nibbles",
     "unpack_nibbles",
@@ -158,6 +163,19 @@ def nvfp4_dequant(
     v = e2m1_decode(unpack_nibbles(packed)).unflatten(-1, (-1, NVFP4_BLOCK))
     step = scale.float() * global_scale.float()
     return v.mul_(step.unsqueeze(-1)).flatten(-2).to(dtype)
+
+
+def nvfp4_from_mxfp4(
+    packed: torch.Tensor, scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MXFP4 (packed [N, K/2], e8m0 ``scale`` [N, K/32]) -> NVFP4 of the same values (see the
+    module docstring): the largest group scale becomes e4m3 256 = 2^8 (the top power of 2)."""
+    log2 = torch.log2(scale.float())  # exact: e8m0 holds powers of 2
+    gs = torch.exp2(log2.max() - 8)
+    # groups below e4m3's smallest subnormal (2^-9) flush to zero
+    block = torch.exp2(log2 - log2.max() + 8)
+    block = block.repeat_interleave(MXFP4_BLOCK // NVFP4_BLOCK, dim=-1).to(torch.float8_e4m3fn)
+    return packed.view(torch.uint8).clone(), block, gs
 
 
 def _groups(w: torch.Tensor, group: int) -> torch.Tensor:

@@ -33,10 +33,12 @@ from sglang_dsv4.config import AttnKind, DSV4Config, LayerSpec
 from sglang_dsv4.ref.weight_quant import (
     FP8_BLOCK,
     MXFP4_BLOCK,
+    NVFP4_BLOCK,
     fp8_block_dequant,
     fp8_block_quant,
     mxfp4_dequant,
     mxfp4_quant,
+    nvfp4_dequant,
 )
 
 __all__ = [
@@ -46,6 +48,7 @@ __all__ = [
     "logical_shapes",
     "pack",
     "released_fmt",
+    "stored_bytes",
     "stored_specs",
 ]
 
@@ -54,13 +57,14 @@ class Fmt(enum.Enum):
     DENSE = "dense"
     FP8 = "fp8"
     MXFP4 = "mxfp4"
+    NVFP4 = "nvfp4"  # not in released files: made at load (sglang_dsv4.weights.nvfp4)
     BF16 = "bf16"
     FP32 = "fp32"
     I64 = "i64"
 
     @property
     def quantized(self) -> bool:
-        return self in (Fmt.FP8, Fmt.MXFP4)
+        return self in (Fmt.FP8, Fmt.MXFP4, Fmt.NVFP4)
 
 
 @dataclass(frozen=True)
@@ -87,18 +91,27 @@ def describe(t: torch.Tensor) -> str:
 
 @dataclass(frozen=True)
 class StoredWeight:
-    """One logical tensor as the checkpoint holds it (``scale`` only for FP8 / MXFP4)."""
+    """One logical tensor as stored: ``scale`` for FP8 / MXFP4 / NVFP4, ``global_scale`` for
+    NVFP4 (layouts in :mod:`sglang_dsv4.ref.weight_quant`)."""
 
     fmt: Fmt
     data: torch.Tensor
     scale: torch.Tensor | None = None
+    global_scale: torch.Tensor | None = None
 
     def dequant(self, dtype: torch.dtype) -> torch.Tensor:
         if self.fmt is Fmt.FP8:
             return fp8_block_dequant(self.data, self.scale, dtype)
         if self.fmt is Fmt.MXFP4:
             return mxfp4_dequant(self.data, self.scale, dtype)
+        if self.fmt is Fmt.NVFP4:
+            return nvfp4_dequant(self.data, self.scale, self.global_scale, dtype)
         return self.data
+
+    @property
+    def nbytes(self) -> int:
+        parts = (self.data, self.scale, self.global_scale)
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
 
 
 # released name (without the ``.weight`` / no suffix) -> format; first match wins
@@ -139,6 +152,8 @@ def stored_specs(name: str, shape: tuple[int, ...], fmt: Fmt) -> dict[str, Tenso
         if fmt is Fmt.DENSE and name.endswith("tid2eid"):
             dtype = torch.int64
         return {name: TensorSpec(shape, dtype)}
+    if fmt is Fmt.NVFP4:
+        raise ValueError("NVFP4 is made at load time; released checkpoints do not store it")
     n, k = shape
     scale_name = name.removesuffix(".weight") + ".scale"
     if fmt is Fmt.FP8:
@@ -151,6 +166,20 @@ def stored_specs(name: str, shape: tuple[int, ...], fmt: Fmt) -> dict[str, Tenso
         name: TensorSpec((n, k // 2), torch.int8),
         scale_name: TensorSpec((n, k // MXFP4_BLOCK), torch.float8_e8m0fnu),
     }
+
+
+def stored_bytes(shape: tuple[int, ...], fmt: Fmt) -> int:
+    """Bytes that a logical tensor of ``shape`` takes in ``fmt`` (data + scales)."""
+    n = 1
+    for d in shape:
+        n *= d
+    if fmt is Fmt.FP8:
+        return n + -(-shape[0] // FP8_BLOCK) * -(-shape[1] // FP8_BLOCK)
+    if fmt is Fmt.MXFP4:
+        return n // 2 + n // MXFP4_BLOCK
+    if fmt is Fmt.NVFP4:
+        return n // 2 + n // NVFP4_BLOCK + 4
+    return n * {Fmt.BF16: 2, Fmt.FP32: 4, Fmt.I64: 8, Fmt.DENSE: 4}[fmt]
 
 
 def pack(t: torch.Tensor, fmt: Fmt) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -10,6 +10,7 @@ from sglang_dsv4.ref.weight_quant import (
     mxfp4_dequant,
     mxfp4_quant,
     nvfp4_dequant,
+    nvfp4_from_mxfp4,
     nvfp4_quant,
     pack_nibbles,
     unpack_nibbles,
@@ -134,3 +135,18 @@ def test_nvfp4_error_is_bounded_and_zero_blocks_stay_zero():
     assert torch.all(err <= block_amax * (1 / 3 + 2.0**-3))
     assert (d - w).abs().mean() < 0.1 * w.abs().mean()
     assert torch.equal(nvfp4_dequant(*nvfp4_quant(d, gs)), d)
+
+
+def test_nvfp4_from_mxfp4_is_exact_and_keeps_the_codes():
+    w = torch.randn(16, 128) * torch.logspace(-2, 2, 16).unsqueeze(1)  # 2^13 of dynamic range
+    packed, s = mxfp4_quant(w)
+    nv, block, gs = nvfp4_from_mxfp4(packed, s)
+    assert torch.equal(nv, packed.view(torch.uint8)) and block.shape == (16, 8)
+    assert torch.equal(nvfp4_dequant(nv, block, gs), mxfp4_dequant(packed, s))
+    # a group 2^40 below the largest falls under e4m3's range: its values flush to zero
+    w[0, :32] *= 2.0**-40
+    packed, s = mxfp4_quant(w)
+    nv, block, gs = nvfp4_from_mxfp4(packed, s)
+    d = nvfp4_dequant(nv, block, gs)
+    assert torch.equal(d[1:], mxfp4_dequant(packed, s)[1:])
+    assert torch.equal(d[0, :32], torch.zeros(32))
