@@ -36,7 +36,9 @@ __all__ = [
     "NVFP4_BLOCK",
     "e2m1_decode",
     "e2m1_encode",
+    "fp4_grouped_linear",
     "fp8_block_dequant",
+    "fp8_block_linear",
     "fp8_block_quant",
     "mxfp4_dequant",
     "mxfp4_quant",
@@ -176,6 +178,34 @@ def nvfp4_from_mxfp4(
     block = torch.exp2(log2 - log2.max() + 8)
     block = block.repeat_interleave(MXFP4_BLOCK // NVFP4_BLOCK, dim=-1).to(torch.float8_e4m3fn)
     return packed.view(torch.uint8).clone(), block, gs
+
+
+def fp8_block_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x`` [..., K] @ dequant(``q``, ``scale``).T in fp32 -> ``x``'s dtype (the twin of
+    :func:`sglang_dsv4.kernels.fp8_linear.fp8_block_linear`)."""
+    return (x.float() @ fp8_block_dequant(q, scale).T).to(x.dtype)
+
+
+def fp4_grouped_linear(
+    x: torch.Tensor,
+    offsets: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    global_scale: torch.Tensor,
+    fmt: str,
+) -> torch.Tensor:
+    """Rows ``x[offsets[e]:offsets[e+1]]`` times dequant(expert e).T, fp32 math -> ``x``'s dtype
+    [R, N]; a bank is ``packed`` uint8 [E, N, K/2], ``scale`` uint8 [E, N, K/G] (e8m0 bytes for
+    ``mxfp4``, e4m3 bytes for ``nvfp4``), ``global_scale`` fp32 [E] (twin of
+    :func:`sglang_dsv4.kernels.mxfp4_moe.fp4_grouped_linear`)."""
+    out = torch.empty(x.shape[0], packed.shape[1], dtype=x.dtype, device=x.device)
+    for e, (lo, hi) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist(), strict=True)):
+        if fmt == "mxfp4":
+            w = mxfp4_dequant(packed[e], scale[e].view(torch.float8_e8m0fnu))
+        else:
+            w = nvfp4_dequant(packed[e], scale[e].view(torch.float8_e4m3fn), global_scale[e])
+        out[lo:hi] = (x[lo:hi].float() @ w.T).to(x.dtype)
+    return out
 
 
 def _groups(w: torch.Tensor, group: int) -> torch.Tensor:
