@@ -72,6 +72,24 @@ def _fp8_block_linear_kernel(
     )
 
 
+def _tile(m: int, n: int, device: torch.device) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, warps): narrower N tiles until the grid fills the GPU (decode has a
+    single row of tiles); under the interpreter a small target exercises every width."""
+    if m <= 64:
+        block_m, warps = max(16, triton.next_power_of_2(m)), 4
+    else:
+        block_m, warps = 128, 8
+    target = (
+        torch.cuda.get_device_properties(device).multi_processor_count
+        if device.type == "cuda"
+        else 8
+    )
+    block_n = 128
+    while block_n > 16 and triton.cdiv(m, block_m) * triton.cdiv(n, block_n) < target:
+        block_n //= 2
+    return block_m, block_n, warps
+
+
 def fp8_block_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``x`` [..., K] @ dequant(``q`` [N, K], ``scale``).T -> [..., N] in ``x``'s dtype."""
     n, k = q.shape
@@ -84,9 +102,8 @@ def fp8_block_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> t
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return y.view(*lead, n)
-    block_m = 16 if m <= 16 else 32 if m <= 32 else 64
-    # 128-wide K steps: one scale column per step (the tile shape follows the scale blocks)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, 128))
+    block_m, block_n, warps = _tile(m, n, x.device)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     _fp8_block_linear_kernel[grid](
         x2,
         q,
@@ -100,10 +117,10 @@ def fp8_block_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> t
         scale.stride(0),
         y.stride(0),
         BLOCK_M=block_m,
-        BLOCK_N=128,
-        BLOCK_K=128,
+        BLOCK_N=block_n,
+        BLOCK_K=128,  # one scale column per K step (the tile follows the scale blocks)
         IEEE=x.dtype == torch.float32,
-        num_warps=4,
+        num_warps=warps,
         num_stages=3,
     )
     return y.view(*lead, n)

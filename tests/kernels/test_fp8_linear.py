@@ -50,7 +50,16 @@ def check(m, n, k, dtype, device, tol):
 
 @pytest.mark.parametrize(
     ("m", "n", "k"),
-    [(1, 128, 128), (5, 200, 300), (17, 64, 256), (33, 384, 130)],  # partial tiles everywhere
+    # partial tiles everywhere; N tiles of 16 / 32 / 64 / 128 rows, M tiles of 16 to 128
+    [
+        (1, 128, 128),
+        (5, 200, 300),
+        (17, 64, 256),
+        (33, 384, 130),
+        (2, 512, 256),
+        (1, 1024, 128),
+        (65, 100, 128),
+    ],
 )
 def test_matches_reference_interpreted(m, n, k):
     if torch.cuda.is_available():
