@@ -9,7 +9,8 @@ This is the only module that touches SGLang's registries (see docs/design/sglang
 * a model override for ``DeepseekV4ForCausalLM`` (last writer wins over upstream's):
   our backend, page size = block (128), bf16 KV dtype (our pools pick their own rows) and
   upstream's swa / full slot ratio;
-* HookRegistry: our pool sizing, pools and allocator for DSV4 models (others fall through),
+* HookRegistry: our pool sizing, pools and allocator for DSV4 models (others fall through), no
+  SGLang quantization config for DSV4 (our loader reads the released FP8 / MXFP4 format itself),
   ``support_triton`` false for our backend on machines without CUDA, and model-name resolution
   (``--model dsv4``) plus the CPU device default, before any Hugging Face access.
 
@@ -79,6 +80,11 @@ def _register() -> None:
         ),
         (f"{_KVC}._build_token_to_kv_pool", _build_pool, HookType.AROUND),
         (f"{_KVC}._build_token_to_kv_pool_allocator", _build_allocator, HookType.AROUND),
+        (
+            "sglang.srt.model_loader.loader._get_quantization_config",
+            _quantization_config,
+            HookType.AROUND,
+        ),
     ]
     for target, fn, kind in hooks:
         HookRegistry.register(target, fn, kind)
@@ -133,6 +139,15 @@ def _support_triton(original, backend: str) -> bool:
 
         return torch.cuda.is_available()
     return original(backend)
+
+
+def _quantization_config(original, model_config, load_config):
+    """DSV4 reads its checkpoint format (released FP8 / MXFP4) from config.json itself and
+    dequantizes or keeps the weights in its own loader, so SGLang's Fp8Config (bf16-only, fused
+    FP8 layers we do not use) is not built for it."""
+    if _is_dsv4(model_config.hf_config):
+        return None
+    return original(model_config, load_config)
 
 
 def _pool_configurator(original, kvc):

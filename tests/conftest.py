@@ -79,3 +79,18 @@ def tiny_server(tiny_checkpoint, tmp_path_factory):
     srv = Server(["--model-path", str(tiny_checkpoint), *SERVER_ARGS], log)
     yield srv
     srv.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt_pair(hf_model, tiny_dict, tmp_path_factory):
+    """(hf dir, released dir, HF model): the tiny model rounded onto the released format's grid
+    (a copy of ``hf_model``) and written in both formats by scripts/make_checkpoint.py's code,
+    sharded at 1 MiB (released: ~9 shards)."""
+    import copy
+
+    from sglang_dsv4.weights.make import make_checkpoints
+
+    model = copy.deepcopy(hf_model)
+    out = tmp_path_factory.mktemp("tiny_pair")
+    hf_dir, rel_dir = make_checkpoints(tiny_dict, out, model=model, shard_bytes=1 << 20)
+    return hf_dir, rel_dir, model

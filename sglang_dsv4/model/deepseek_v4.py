@@ -3,11 +3,14 @@ from :class:`~sglang_dsv4.ref.model.RefDSV4` and the attention wrappers (no seco
 
 Each layer is built for its frozen kind (SWA / c4 / c128): it holds the matching parameters
 and, at run time, the wrapper of its kind. Weights stream in tensor by tensor through
-:meth:`load_weights` under released or HF transformers names (one table,
-:mod:`sglang_dsv4.checkpoint`); MTP weights are skipped with a log line.
+:meth:`load_weights` under released or HF transformers names, dense or in the released quantized
+format (:mod:`sglang_dsv4.weights`), optionally re-stored as NVFP4 (config.json
+``nvfp4_on_load``); MTP weights are skipped with a log line. On CUDA, FP4 routed experts stay
+FP4 (:mod:`sglang_dsv4.model.experts`); everything else is dequantized once at load.
 """
 
 import logging
+import re
 from collections.abc import Iterable
 
 import torch
@@ -16,13 +19,19 @@ from sglang.srt.model_executor.forward_context import get_attn_backend
 from torch import nn
 
 from sglang_dsv4.attention.wrappers import CompressedInputs, IndexerInputs
-from sglang_dsv4.checkpoint import to_released_names
 from sglang_dsv4.config import AttnKind, DSV4Config, LayerSpec
+from sglang_dsv4.model.experts import FP4Experts, fp4_expert_format
 from sglang_dsv4.ref.mhc import hc_post
 from sglang_dsv4.ref.model import RefDSV4
 from sglang_dsv4.ref.norm import rms_norm
+from sglang_dsv4.weights.layout import StoredWeight
+from sglang_dsv4.weights.loader import WeightStream
+from sglang_dsv4.weights.nvfp4 import CONFIG_KEY as NVFP4_KEY
+from sglang_dsv4.weights.nvfp4 import nvfp4_scope, to_nvfp4
 
 logger = logging.getLogger(__name__)
+
+_EXPERT = re.compile(r"layers\.(\d+)\.ffn\.experts\.(\d+)\.(w[123])\.weight\Z")
 
 __all__ = ["DeepseekV4ForCausalLM"]
 
@@ -96,18 +105,21 @@ class _Gate(nn.Module):
 
 
 class _MoE(nn.Module):
-    def __init__(self, cfg: DSV4Config, spec: LayerSpec):
+    def __init__(self, cfg: DSV4Config, spec: LayerSpec, fp4: str | None):
         super().__init__()
         self.gate = _Gate(cfg, spec.hash_moe)
-        self.experts = nn.ModuleList(
-            _Expert(cfg.hidden_size, cfg.moe_inter_dim) for _ in range(cfg.n_routed_experts)
-        )
+        if fp4 is not None:  # kept quantized on the GPU (sglang_dsv4.model.experts)
+            self.experts = FP4Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_inter_dim, fp4)
+        else:
+            self.experts = nn.ModuleList(
+                _Expert(cfg.hidden_size, cfg.moe_inter_dim) for _ in range(cfg.n_routed_experts)
+            )
         if cfg.n_shared_experts:
             self.shared_experts = _Expert(cfg.hidden_size, cfg.moe_inter_dim * cfg.n_shared_experts)
 
 
 class _Block(nn.Module):
-    def __init__(self, cfg: DSV4Config, spec: LayerSpec):
+    def __init__(self, cfg: DSV4Config, spec: LayerSpec, fp4_experts: str | None):
         super().__init__()
         self.spec = spec
         self.attn_norm = _Norm(cfg.hidden_size)
@@ -124,7 +136,7 @@ class _Block(nn.Module):
                 f"hc_{site}_scale", nn.Parameter(torch.ones(3, dtype=torch.float32))
             )
         self.attn = _Attention(cfg, spec)
-        self.ffn = _MoE(cfg, spec)
+        self.ffn = _MoE(cfg, spec, fp4_experts)
 
 
 class DeepseekV4ForCausalLM(nn.Module):
@@ -137,8 +149,11 @@ class DeepseekV4ForCausalLM(nn.Module):
         self.config = config
         self.cfg = DSV4Config.from_dict(config.to_dict())
         cfg = self.cfg
+        self.nvfp4 = nvfp4_scope(getattr(config, NVFP4_KEY, None))  # quantize-on-load option
+        device = torch.get_default_device()  # SGLang builds the model under its target device
+        fp4 = fp4_expert_format(cfg, self.nvfp4, device)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(_Block(cfg, spec) for spec in cfg.layers)
+        self.layers = nn.ModuleList(_Block(cfg, spec, fp4) for spec in cfg.layers)
         self.norm = _Norm(cfg.hidden_size)
         flat = cfg.hc_mult * cfg.hidden_size
         self.hc_head_fn = nn.Parameter(torch.zeros(cfg.hc_mult, flat, dtype=torch.float32))
@@ -153,7 +168,13 @@ class DeepseekV4ForCausalLM(nn.Module):
         """The reference math over this module's tensors (built once the weights are in)."""
         if self._ref is None:
             tensors = dict(self.named_parameters()) | dict(self.named_buffers())
+            fp4 = {b.spec.index: b.ffn.experts for b in self.layers}
+            fp4 = {i: ex for i, ex in fp4.items() if isinstance(ex, FP4Experts)}
+            for i, ex in fp4.items():
+                tensors |= ex.named_expert_views(f"layers.{i}.ffn.experts.")
             self._ref = RefDSV4(self.cfg, tensors)
+            for i, ex in fp4.items():  # experts dequantize on use (kernel), one at a time
+                self._ref.experts[i] = ex.banks(self.head.weight.dtype)
         return self._ref
 
     def get_attention_sliding_window_size(self) -> int:
@@ -205,29 +226,28 @@ class DeepseekV4ForCausalLM(nn.Module):
         return ref.output(spec, o, positions)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Stream checkpoint tensors (HF or released names, dense or released-format quantized)
+        into the parameters; quantized weights are dequantized once, here (after the NVFP4
+        re-quantization when ``nvfp4_on_load`` asks for it). Errors name the
+        tensor and the expected / found shape and dtype (:mod:`sglang_dsv4.weights.loader`)."""
         params = dict(self.named_parameters()) | dict(self.named_buffers())
-        loaded, skipped_mtp = set(), 0
-        for name, tensor in weights:
-            if name.startswith(("mtp.", "model.mtp.")):
-                skipped_mtp += 1
-                continue
-            for ours, t in to_released_names(name, tensor):
-                if ours not in params:
-                    raise KeyError(f"unexpected tensor `{name}` (as `{ours}`) in the checkpoint")
-                param = params[ours]
-                if param.shape != t.shape:
-                    want, got = tuple(param.shape), tuple(t.shape)
-                    raise ValueError(f"tensor `{name}`: expected shape {want}, found {got}")
-                param.data.copy_(t.to(param.dtype))
-                loaded.add(ours)
-        missing = sorted(set(params) - loaded)
-        if missing:
-            raise KeyError(
-                f"{len(missing)} tensors missing from the checkpoint, e.g. {missing[:5]}"
-            )
-        if skipped_mtp:
+
+        def deliver(name: str, stored: StoredWeight) -> None:
+            if self.nvfp4 is not None and self.nvfp4(name):
+                stored = to_nvfp4(stored)
+            if (m := _EXPERT.match(name)) and name not in params:  # an FP4 bank slot
+                layer, expert, proj = m.groups()
+                self.layers[int(layer)].ffn.experts.store(int(expert), proj, stored)
+                return
+            param = params[name]
+            param.data.copy_(stored.dequant(param.dtype) if stored.fmt.quantized else stored.data)
+
+        stats = WeightStream(self.cfg, deliver).run(weights)
+        logger.info("DSV4: loaded %d tensors (%s)", stats.delivered, stats.formats)
+        if stats.skipped_mtp:
             logger.info(
-                "DSV4: skipped %d MTP tensors (speculative decoding is not wired yet)", skipped_mtp
+                "DSV4: skipped %d MTP tensors (speculative decoding is not wired yet)",
+                stats.skipped_mtp,
             )
         self._ref = None
 
