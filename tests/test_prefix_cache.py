@@ -74,17 +74,46 @@ def test_multi_turn_hits_previous_prompt_and_answer(tiny_server):
 
 
 @pytest.fixture(scope="module")
-def small_server(tiny_checkpoint, tmp_path_factory):
-    """40 full pages (5120 slots) and 20 swa pages: room for about four 1200-token requests.
-    Admission is made aggressive so that decode outgrows the pool and retracts."""
+def wide_topk_checkpoint(tiny_checkpoint, tmp_path_factory):
+    """The tiny checkpoint with ``index_topk`` above any visible entry count, so c4 layers attend
+    every visible entry. Long decodes of a random model otherwise meet near-ties in the top-k
+    (1e-7 apart) that a different chunking of the same math can flip; the exactness tests above
+    keep the real top-k (16 of up to 162)."""
+    import json
+
+    path = tmp_path_factory.mktemp("wide_topk")
+    for f in tiny_checkpoint.iterdir():
+        (path / f.name).symlink_to(f)
+    (path / "config.json").unlink()
+    config = json.loads((tiny_checkpoint / "config.json").read_text())
+    config["index_topk"] = 4096
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def _server(checkpoint, name: str, tmp_path_factory, total: int, *extra: str):
     from server import Server
 
     args = [a for a in SERVER_ARGS]
-    args[args.index("--max-total-tokens") + 1] = "5120"
+    args[args.index("--max-total-tokens") + 1] = str(total)
     args[args.index("--max-running-requests") + 1] = "32"
-    args += ["--schedule-conservativeness", "0.05", "--swa-full-tokens-ratio", "0.5"]
-    log = tmp_path_factory.mktemp("logs") / "small.log"
-    srv = Server(["--model-path", str(tiny_checkpoint), *args], log, env=STRICT)
+    log = tmp_path_factory.mktemp("logs") / f"{name}.log"
+    return Server(["--model-path", str(checkpoint), *args, *extra], log, env=STRICT)
+
+
+@pytest.fixture(scope="module")
+def small_server(wide_topk_checkpoint, tmp_path_factory):
+    """40 full pages (5120 slots) and 20 swa pages: room for about four 1200-token requests.
+    Admission is made aggressive so that decode outgrows the pool and retracts."""
+    tight = ["--schedule-conservativeness", "0.05", "--swa-full-tokens-ratio", "0.5"]
+    srv = _server(wide_topk_checkpoint, "small", tmp_path_factory, 5120, *tight)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def solo_server(wide_topk_checkpoint, tmp_path_factory):
+    srv = _server(wide_topk_checkpoint, "solo", tmp_path_factory, 32768, "--disable-radix-cache")
     yield srv
     srv.stop()
 
@@ -99,7 +128,7 @@ def used_tokens(server) -> int:
 
 
 @pytest.mark.server
-def test_pool_pressure_retracts_and_equals_solo(small_server, no_cache_server):
+def test_pool_pressure_retracts_and_equals_solo(small_server, solo_server):
     prefix = ids(1040, seed=9)
     prompts = [prefix + ids(30, seed=200 + i) for i in range(32)]
     n_out = 100  # decode crosses a block end (1152), so running requests outgrow the pool
@@ -114,7 +143,7 @@ def test_pool_pressure_retracts_and_equals_solo(small_server, no_cache_server):
     assert "KV cache pool is full. Retract requests." in log, "nothing was retracted"
     assert all(len(r["output_ids"]) == n_out for r in results)
     for prompt, r in zip(prompts, results, strict=True):
-        want_tokens, want_lps, _ = run(no_cache_server, prompt, n=n_out)
+        want_tokens, want_lps, _ = run(solo_server, prompt, n=n_out)
         lps = [lp for lp, _, _ in r["meta_info"]["output_token_logprobs"]]
         assert r["output_ids"] == want_tokens
         assert max(abs(a - b) for a, b in zip(lps, want_lps, strict=True)) <= 1e-5
