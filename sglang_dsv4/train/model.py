@@ -97,8 +97,9 @@ class _Indexer(nn.Module):
         keys = self.compressor(x, ecos, esin, eps)  # [B, E, Di]
         q = _rope(self.wq_b(qr).view(b, s, self.n_heads, self.head_dim), cos, sin)
         w = self.weights_proj(x).float() * self.n_heads**-0.5  # [B, S, Hi]
-        dots = torch.einsum("bshd,bed->bshe", q, keys).float().relu() * self.head_dim**-0.5
-        return torch.einsum("bshe,bsh->bse", dots, w)
+        # [B, S, Hi, E]: the largest activation of training (bf16 under autocast)
+        dots = torch.einsum("bshd,bed->bshe", q, keys).relu() * self.head_dim**-0.5
+        return torch.einsum("bshe,bsh->bse", dots, w.to(dots.dtype)).float()
 
 
 class _Attention(nn.Module):
