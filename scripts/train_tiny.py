@@ -182,6 +182,7 @@ def train(args) -> dict:
     corpus = Corpus(tok, plays)
     raw_cfg = json.loads(args.config.read_text())
     raw_cfg["vocab_size"] = tok.get_vocab_size()
+    raw_cfg["torch_dtype"] = "bfloat16"  # the stored weights (SGLang's "auto" serves this dtype)
     cfg = DSV4Config.from_dict(raw_cfg)
     print(
         f"data: {len(corpus.train)} training tokens ({len(corpus.train_names)} plays), "
@@ -387,7 +388,8 @@ def plot_log(log_path: Path, png: Path) -> None:
     title = (
         f"tiny DSV4 on Shakespeare: {final.get('steps', '?')} steps, "
         f"{final.get('tokens', 0) / 1e6:.0f}M tokens, {final.get('device', '')}; "
-        f"test ppl {final.get('test_ppl_fp32', float('nan')):.2f} (fp32, top-k)"
+        f"kept step {final.get('best_step', '?')} (best val); "
+        f"test ppl {final.get('test_ppl_fp32', float('nan')):.1f} (fp32, top-k)"
     )
     fig = Figure(cols=2, rows=1, title=title)
     fig.add(

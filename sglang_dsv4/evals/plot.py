@@ -67,8 +67,10 @@ def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
 
 
 def _fmt(v: float) -> str:
-    if v != 0 and (abs(v) >= 1e4 or abs(v) < 1e-2):
+    if v != 0 and (abs(v) >= 1e6 or abs(v) < 1e-2):
         return f"{v:.0e}"
+    if abs(v) >= 1000:
+        return f"{v:.0f}"
     return f"{v:.3g}"
 
 

@@ -43,6 +43,8 @@ __all__ = [
     "fact_line",
     "fact_query",
     "load_plays",
+    "newline_ids",
+    "plant_facts",
     "retrieval_words",
 ]
 
@@ -214,7 +216,7 @@ class Corpus:
         self.test = self._stream([plays[p] for p in TEST_PLAYS])
         self.speeches = [s for p in self.train_names for s in _speeches(plays[p])]
         self.train_values, self.eval_values = retrieval_words(tok)
-        self.newline_ids = {i for t, i in tok.get_vocab().items() if set(t) <= {"Ċ"}}
+        self.newline_ids = newline_ids(tok.get_vocab())
 
     def _stream(self, texts: list[str]) -> np.ndarray:
         ids = []
@@ -239,34 +241,8 @@ class Corpus:
         start = int(rng.integers(0, len(stream) - n))
         return stream[start : start + n]
 
-    def plant(
-        self,
-        haystack: np.ndarray,
-        facts: list[tuple[str, str]],
-        depths: list[float],
-        queries: list[str],
-    ) -> tuple[list[int], list[int]]:
-        """Insert ``facts`` (key, value) as lines at relative ``depths`` of ``haystack`` (at the
-        next line boundary) and append the ``queries`` (keys). Returns (ids, positions where each
-        query's answer token is predicted, i.e. the index of its last prompt token)."""
-        cuts = []
-        for depth in depths:
-            i = int(depth * len(haystack))
-            while i < len(haystack) and int(haystack[i]) not in self.newline_ids:
-                i += 1
-            cuts.append(min(i + 1, len(haystack)))
-        ids: list[int] = []
-        prev = 0
-        for cut, (key, value) in sorted(zip(cuts, facts, strict=True)):
-            ids += haystack[prev:cut].tolist() + self.encode(fact_line(key, value) + "\n")
-            prev = cut
-        ids += haystack[prev:].tolist()
-        answer_at = []
-        for key in queries:
-            ids += self.encode("\n" + fact_query(key))
-            answer_at.append(len(ids) - 1)
-            ids += self.encode(" " + dict(facts)[key] + ".")
-        return ids, answer_at
+    def plant(self, haystack, facts, depths, queries) -> tuple[list[int], list[int]]:
+        return plant_facts(haystack, facts, depths, queries, self.encode, self.newline_ids)
 
     def _with_facts(self, rng: np.random.Generator, n: int, k: int) -> np.ndarray:
         keys = [str(x) for x in rng.choice(FACT_KEYS, size=k, replace=False)]
@@ -291,6 +267,43 @@ class Corpus:
             ids += [*self.encode(self.speeches[i + 1]), self.eos]
             i += 2
         return np.asarray(ids[:n], dtype=np.int64)
+
+
+def newline_ids(vocab: dict[str, int]) -> set[int]:
+    """Ids of the byte-level tokens made of newlines only."""
+    return {i for t, i in vocab.items() if t and set(t) <= {"Ċ"}}
+
+
+def plant_facts(
+    haystack,
+    facts: list[tuple[str, str]],
+    depths: list[float],
+    queries: list[str],
+    encode,
+    line_breaks: set[int],
+) -> tuple[list[int], list[int]]:
+    """Insert ``facts`` (key, value) as lines at relative ``depths`` of the token ids
+    ``haystack`` (at the next line break) and append the ``queries`` (keys) with their answers.
+    Returns (ids, for each query the index of its last question token: the position whose
+    next-token prediction must be the answer)."""
+    cuts = []
+    for depth in depths:
+        i = int(depth * len(haystack))
+        while i < len(haystack) and int(haystack[i]) not in line_breaks:
+            i += 1
+        cuts.append(min(i + 1, len(haystack)))
+    ids: list[int] = []
+    prev = 0
+    for cut, (key, value) in sorted(zip(cuts, facts, strict=True)):
+        ids += [int(t) for t in haystack[prev:cut]] + encode(fact_line(key, value) + "\n")
+        prev = cut
+    ids += [int(t) for t in haystack[prev:]]
+    answer_at = []
+    for key in queries:
+        ids += encode("\n" + fact_query(key))
+        answer_at.append(len(ids) - 1)
+        ids += encode(" " + dict(facts)[key] + ".")
+    return ids, answer_at
 
 
 def _speeches(play: str) -> list[str]:
