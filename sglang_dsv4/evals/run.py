@@ -49,7 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="reduced sample (the CPU CI run)")
     ap.add_argument("--out", type=Path, default=Path("eval_results"))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--gsm8k-examples", type=int, default=200)
+    ap.add_argument("--gsm8k-examples", type=int, default=1319)
+    ap.add_argument("--gsm8k-data", type=Path, default=gsm8k.DATA, help="GSM8K test.jsonl")
     ap.add_argument("--server-args", default="", help="extra launch_server arguments")
     return ap.parse_args(argv)
 
@@ -153,12 +154,12 @@ def _run_all(server, args, plan) -> dict:
             f"(this one has {config.get('num_hidden_layers')} layers, "
             f"vocab {config.get('vocab_size')})"
         )
-    elif not gsm8k.DATA.exists():
-        report["skipped"]["gsm8k"] = f"GSM8K skipped: {gsm8k.DATA} is missing"
+    elif not args.gsm8k_data.exists():
+        report["skipped"]["gsm8k"] = f"GSM8K skipped: {args.gsm8k_data} is missing"
     else:
         port = int(server.url.rsplit(":", 1)[1])
         log = args.out / "gsm8k.log"
-        report["gsm8k"] = gsm8k.run_gsm8k(port, args.gsm8k_examples, log)
+        report["gsm8k"] = gsm8k.run_gsm8k(port, args.gsm8k_examples, log, args.gsm8k_data)
     for reason in report["skipped"].values():
         print(reason)
     return report
