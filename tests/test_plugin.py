@@ -59,6 +59,6 @@ def test_server_args_resolution_for_dsv4():
     }
     assert "A" in lines, out.stderr[-3000:]
     path, served, device, backend, page, decode = lines["A"]
-    assert path.endswith("dsv4-embedded-v2") and served == "dsv4"
+    assert path.endswith("models/dsv4-tiny") and served == "dsv4"
     assert (device, backend, page, decode) == ("cpu", "dsv4_plugin", "128", "disabled")
     assert lines["B"] == ["full"]

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Offline accuracy checks of a served DSV4 model: held-out perplexity and top-1 next to HF
+# transformers (fp32), planted-fact retrieval at 2K-16K tokens, decode vs re-prefill KL, and
+# GSM8K for a real DSV4 checkpoint. Starts a server (or uses the one answering on --port).
+#   scripts/run_eval.sh [--model dsv4|PATH] [--port N] [--quick] [--out DIR] [--server-args "..."]
+# Python: $PYTHON, else the project's cached virtualenv (scripts/install_and_test.sh), else python3.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ -z "${PYTHON:-}" ]; then
+    key=$(python3 .ci/venv_key.py 2>/dev/null || true)
+    venv=${DSV4_VENV:-$HOME/.cache/sglang-dsv4/venv-$key}
+    if [ -n "$key" ] && [ -x "$venv/bin/python" ]; then PYTHON=$venv/bin/python; else PYTHON=python3; fi
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+exec "$PYTHON" -m sglang_dsv4.evals.run "$@"

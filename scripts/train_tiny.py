@@ -1,0 +1,426 @@
+"""Train the embedded tiny DSV4 (``--model dsv4``) on Shakespeare, within a wall-clock budget.
+
+    python scripts/train_tiny.py [--minutes 7.5] [--out sglang_dsv4/models/dsv4-tiny]
+    python scripts/train_tiny.py --device cpu --steps 3 --seq-len 256 --batch 2 --out /tmp/t
+    python scripts/train_tiny.py --plot LOG.json PNG       # loss curve from a training log
+
+Model: ``configs/dsv4-tiny.json`` (layers SWA, SWA, c4, c128, c4, c128; layer 0 hash-routed MoE,
+the others scored; mHC; sinks; 16 indexer heads, top-64) trained with
+:class:`sglang_dsv4.train.model.TrainDSV4` on 4096-token samples of the training plays
+(:mod:`sglang_dsv4.train.data`: text, text with planted facts, chat turns). bf16 autocast on CUDA,
+AdamW, linear warm-up then cosine decay over the time budget, dropout, aux-loss-free router bias
+updates. The c4 layers attend densely over all visible entries for the first ``--dense-frac`` of
+the budget (indexer warm-up), then to the indexer's top-k; the indexer learns throughout from
+its KL loss against the main attention. The checkpoint with the best validation loss (play
+``twelfth-night``) is kept; the reported numbers are on the test plays (``hamlet``,
+``the-tempest``) in fp32 with top-k selection, as served.
+
+Writes into ``--out``: ``config.json``, ``model.safetensors`` (released tensor names, bf16 with
+the fp32 tensors of the release), ``tokenizer.json`` / ``tokenizer_config.json`` (trained with
+``--retrain-tokenizer`` or when absent) and ``train_log.json`` (curve and final numbers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sglang_dsv4.config import DSV4Config  # noqa: E402
+from sglang_dsv4.train.data import (  # noqa: E402
+    HELD_OUT,
+    Corpus,
+    SampleMix,
+    build_tokenizer,
+    load_plays,
+    save_tokenizer,
+)
+from sglang_dsv4.train.model import TrainDSV4, export_state_dict, init_weights  # noqa: E402
+
+DEFAULT_OUT = ROOT / "sglang_dsv4" / "models" / "dsv4-tiny"
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--config", type=Path, default=ROOT / "configs" / "dsv4-tiny.json")
+    ap.add_argument("--retrain-tokenizer", action="store_true")
+    ap.add_argument("--vocab", type=int, default=6144)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--minutes", type=float, default=7.5, help="training wall-clock budget")
+    ap.add_argument("--steps", type=int, default=0, help="fixed step count instead (smoke runs)")
+    ap.add_argument("--seq-len", type=int, default=4096)
+    ap.add_argument("--batch", type=int, default=16, help="sequences per optimizer step")
+    ap.add_argument("--micro-batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--min-lr-frac", type=float, default=0.05)
+    ap.add_argument("--warmup", type=int, default=60)
+    ap.add_argument("--weight-decay", type=float, default=0.1)
+    ap.add_argument("--dropout", type=float, default=0.1)
+    ap.add_argument("--dense-frac", type=float, default=0.15)
+    ap.add_argument("--bias-rate", type=float, default=1e-3, help="router bias step per update")
+    ap.add_argument("--eval-every", type=float, default=20.0, help="seconds between val evals")
+    ap.add_argument("--eval-seqs", type=int, default=8)
+    ap.add_argument("--test-seqs", type=int, default=0, help="cap on test crops (0: all)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--plot", nargs=2, metavar=("LOG", "PNG"))
+    return ap.parse_args()
+
+
+class Progress:
+    """tqdm when installed, else a line every few seconds."""
+
+    def __init__(self, total: float, unit: str):
+        self.total, self.unit, self.last, self.n = total, unit, 0.0, 0.0
+        try:
+            from tqdm import tqdm
+
+            fmt = "{l_bar}{bar}| {n:.0f}/{total:.0f} {unit} [{elapsed}<{remaining}]{postfix}"
+            self.bar = tqdm(total=total, unit=unit, bar_format=fmt, mininterval=2, file=sys.stdout)
+        except ImportError:
+            self.bar = None
+
+    def update(self, n: float, **info) -> None:
+        self.n = n
+        if self.bar is not None:
+            self.bar.set_postfix(info, refresh=False)
+            self.bar.update(n - self.bar.n)
+        elif time.time() - self.last > 5:
+            self.last = time.time()
+            pct = 100 * n / self.total
+            print(f"[{pct:5.1f}%] {n:.0f}/{self.total:.0f} {self.unit} {info}", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def lr_at(progress: float, step: int, args) -> float:
+    warm = min(1.0, (step + 1) / args.warmup)
+    cos = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return args.lr * warm * (args.min_lr_frac + (1 - args.min_lr_frac) * cos)
+
+
+def make_optimizer(model: TrainDSV4, args) -> torch.optim.Optimizer:
+    decay, rest = [], []
+    for name, p in model.named_parameters():
+        is_matrix = p.dim() >= 2 and not name.endswith("_fn")
+        (decay if is_matrix else rest).append(p)
+    groups = [
+        {"params": decay, "weight_decay": args.weight_decay},
+        {"params": rest, "weight_decay": 0.0},
+    ]
+    fused = {"fused": True} if args.device.startswith("cuda") else {}
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, **fused)
+
+
+def autocast(device: str):
+    if device.startswith("cuda"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def eval_crops(stream: np.ndarray, n: int, seq_len: int) -> torch.Tensor:
+    """``n`` evenly spaced, non-overlapping (when possible) crops of ``seq_len + 1`` tokens."""
+    starts = np.linspace(0, len(stream) - seq_len - 1, n).astype(np.int64)
+    return torch.from_numpy(np.stack([stream[s : s + seq_len + 1] for s in starts]))
+
+
+@torch.no_grad()
+def evaluate(model: TrainDSV4, crops: torch.Tensor, args, fp32: bool = False, recall=False):
+    """(mean loss, top-1 accuracy, {layer: [set recall, mass recall, rows]}) over ``crops``."""
+    model.eval()
+    loss_sum, hits, count, recalls = 0.0, 0, 0, {}
+    ctx = contextlib.nullcontext() if fp32 else autocast(args.device)
+    for chunk in crops.split(max(1, args.micro_batch // 2)):
+        chunk = chunk.to(args.device)
+        with ctx:
+            out = model(chunk[:, :-1], sparse=True, recall=recall)
+        logits = out.logits.float()
+        targets = chunk[:, 1:]
+        loss_sum += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
+        hits += (logits.argmax(-1) == targets).sum().item()
+        count += targets.numel()
+        for layer, r in out.recall.items():
+            recalls.setdefault(layer, []).append(r.cpu())
+    model.train()
+    merged = {k: torch.stack(v).mean(0).tolist() for k, v in recalls.items()}
+    return loss_sum / count, hits / count, merged
+
+
+def update_router_bias(model: TrainDSV4, loads: dict[int, torch.Tensor], rate: float) -> None:
+    """Aux-loss-free balancing: raise the bias of under-loaded experts, lower the others."""
+    with torch.no_grad():
+        for layer, load in loads.items():
+            load = load.float()
+            model.layers[layer].ffn.gate.bias.add_(rate * torch.sign(load.mean() - load))
+
+
+def train(args) -> dict:
+    torch.manual_seed(args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    plays = load_plays()
+    tok_file = args.out / "tokenizer.json"
+    if args.retrain_tokenizer or not tok_file.exists():
+        train_texts = [text for name, text in plays.items() if name not in HELD_OUT]
+        save_tokenizer(build_tokenizer(train_texts, args.vocab), args.out)
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tok_file))
+    corpus = Corpus(tok, plays)
+    raw_cfg = json.loads(args.config.read_text())
+    raw_cfg["vocab_size"] = tok.get_vocab_size()
+    raw_cfg["torch_dtype"] = "bfloat16"  # the stored weights (SGLang's "auto" serves this dtype)
+    cfg = DSV4Config.from_dict(raw_cfg)
+    print(
+        f"data: {len(corpus.train)} training tokens ({len(corpus.train_names)} plays), "
+        f"val {len(corpus.val)}, test {len(corpus.test)}; vocab {cfg.vocab_size}; "
+        f"prep {time.time() - t0:.1f}s",
+        flush=True,
+    )
+
+    model = TrainDSV4(cfg, dropout=args.dropout)
+    init_weights(model, args.seed)
+    model.to(args.device).train()
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {n_params / 1e6:.2f}M parameters, layers {[s.attn.name for s in cfg.layers]}")
+    opt = make_optimizer(model, args)
+    rng = np.random.default_rng(args.seed)
+    mix = SampleMix()
+    val = eval_crops(corpus.val, args.eval_seqs, args.seq_len)
+    budget = args.minutes * 60
+    log = {"args": {k: str(v) for k, v in vars(args).items()}, "params": n_params, "curve": []}
+    best = {"val_loss": float("inf"), "step": -1, "state": None}
+    bar = Progress(args.steps or budget, "steps" if args.steps else "s")
+    step, start, last_eval, micro = 0, time.time(), 0.0, args.micro_batch
+    while True:
+        elapsed = time.time() - start
+        progress = step / args.steps if args.steps else elapsed / budget
+        if progress >= 1.0:
+            break
+        lr = lr_at(progress, step, args)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        sparse = progress >= args.dense_frac
+        batch = torch.from_numpy(
+            np.stack([corpus.sample(rng, args.seq_len + 1, mix) for _ in range(args.batch)])
+        )
+        try:
+            lm_loss, kl, loads = _step(model, batch, micro, sparse, args)
+        except torch.cuda.OutOfMemoryError:
+            if micro == 1:
+                raise
+            micro //= 2
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            print(f"out of memory: micro-batch now {micro}", flush=True)
+            continue
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        update_router_bias(model, loads, args.bias_rate)
+        step += 1
+        row = {"step": step, "time": round(time.time() - start, 2), "lr": lr, "sparse": sparse}
+        if step % 5 == 0 or step == 1:
+            row |= {"loss": lm_loss.item(), "indexer_kl": kl.item()}
+        now = time.time() - start
+        if now - last_eval >= args.eval_every or (args.steps and step == args.steps):
+            last_eval = now
+            val_loss, val_acc, _ = evaluate(model, val, args)
+            row |= {"val_loss": val_loss, "val_acc": val_acc}
+            if val_loss < best["val_loss"]:
+                state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                best = {"val_loss": val_loss, "step": step, "state": state}
+        log["curve"].append(row)
+        info = {"loss": f"{log_last(log, 'loss'):.3f}", "val": f"{best['val_loss']:.3f}"}
+        bar.update(step if args.steps else min(now, budget), step=step, **info)
+    bar.close()
+    train_s = time.time() - start
+    tokens = step * args.batch * args.seq_len
+    print(f"trained {step} steps, {tokens / 1e6:.1f}M tokens in {train_s:.0f}s", flush=True)
+
+    # a final validation point, then the best checkpoint, measured as served: fp32, top-k
+    val_loss, val_acc, _ = evaluate(model, val, args)
+    if val_loss < best["val_loss"]:
+        best = {"val_loss": val_loss, "step": step, "state": model.state_dict()}
+    model.load_state_dict(best["state"])
+    n_test = max(1, (len(corpus.test) - 1) // args.seq_len)
+    n_test = min(n_test, args.test_seqs) if args.test_seqs else n_test
+    test = eval_crops(corpus.test, n_test, args.seq_len)
+    test_loss, test_acc, recall = evaluate(model, test, args, fp32=True, recall=True)
+    final = {
+        "steps": step,
+        "train_seconds": train_s,
+        "tokens": tokens,
+        "best_step": best["step"],
+        "val_loss": best["val_loss"],
+        "test_loss_fp32": test_loss,
+        "test_ppl_fp32": math.exp(test_loss),
+        "test_top1_fp32": test_acc,
+        "test_tokens": int(test[:, 1:].numel()),
+        "indexer_recall": {
+            str(k): {"set_recall": v[0], "mass_recall": v[1], "queries_per_seq": v[2]}
+            for k, v in recall.items()
+        },
+        "micro_batch": micro,
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+    }
+    # random top-k picks cover index_topk / visible entries on average (visible ~ uniform in t)
+    k, entries = cfg.index_topk, args.seq_len // 4
+    final["indexer_recall_random"] = _random_recall(k, entries)
+    log["final"] = final
+    save_checkpoint(model, raw_cfg, args.out)
+    try:
+        final["hf_check"] = hf_check(model, args.out, test[:1, :-1])
+    except Exception as e:  # informative only: the shipped check runs on transformers 5.12.1
+        final["hf_check"] = {"error": f"{type(e).__name__}: {e}"}
+    (args.out / "train_log.json").write_text(json.dumps(log, indent=1) + "\n")
+    print(json.dumps(final, indent=1))
+    return log
+
+
+def _random_recall(k: int, entries: int) -> float:
+    """Expected set recall of k random picks among the visible entries, over queries seeing > k."""
+    visible = np.arange(k + 1, entries + 1)
+    return float(np.mean(k / visible))
+
+
+def log_last(log: dict, key: str) -> float:
+    for row in reversed(log["curve"]):
+        if key in row:
+            return row[key]
+    return float("nan")
+
+
+def _step(model, batch, micro, sparse, args):
+    """Forward + backward of ``batch`` [B, S+1] in micro-batches; returns (lm loss, kl, loads)."""
+    lm_total = torch.zeros((), device=args.device)
+    kl_total = torch.zeros((), device=args.device)
+    loads: dict[int, torch.Tensor] = {}
+    parts = batch.split(micro)
+    for part in parts:
+        part = part.to(args.device, non_blocking=True)
+        with autocast(args.device):
+            out = model(part[:, :-1], sparse=sparse, indexer_kl=True)
+        lm = F.cross_entropy(out.logits.float().flatten(0, 1), part[:, 1:].flatten())
+        loss = (lm + out.indexer_kl) / len(parts)
+        loss.backward()
+        lm_total += lm.detach() / len(parts)
+        kl_total += out.indexer_kl.detach() / len(parts)
+        for layer, load in out.expert_load.items():
+            loads[layer] = loads.get(layer, 0) + load
+    return lm_total, kl_total, loads
+
+
+def save_checkpoint(model: TrainDSV4, raw_cfg: dict, out: Path, shard_mb: float = 12) -> None:
+    """``config.json`` and the weights in HF's sharded layout (``model-0000i-of-0000n``
+    + ``model.safetensors.index.json``), shards of at most ``shard_mb`` MB."""
+    from safetensors.torch import save_file
+
+    tensors = export_state_dict(model)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > shard_mb * 1e6:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    for old in out.glob("model*.safetensors*"):
+        old.unlink()
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, out / fname, metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(shard, fname)
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1) + "\n")
+    (out / "config.json").write_text(json.dumps(raw_cfg, indent=2) + "\n")
+
+
+def hf_check(model: TrainDSV4, out: Path, ids: torch.Tensor) -> dict:
+    """Max |logit diff| of HF transformers' DeepseekV4ForCausalLM loaded from ``out`` (fp32)
+    against this model in fp32 with the same (saved, bf16-rounded) weights."""
+    import transformers
+    from transformers import DeepseekV4ForCausalLM
+
+    device = next(model.parameters()).device
+    hf = DeepseekV4ForCausalLM.from_pretrained(str(out), dtype=torch.float32).to(device).eval()
+    from sglang_dsv4.checkpoint import load_state_dict
+
+    saved = load_state_dict(out)
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in saved.items()})
+    model.eval()
+    with torch.no_grad():
+        ours = model(ids.to(device)).logits
+        theirs = hf(ids.to(device)).logits
+    return {
+        "transformers": transformers.__version__,
+        "tokens": ids.shape[1],
+        "max_abs_logit_diff": (ours - theirs).abs().max().item(),
+        "argmax_agree": (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item(),
+    }
+
+
+def plot_log(log_path: Path, png: Path) -> None:
+    from sglang_dsv4.evals.plot import Figure, Panel
+
+    log = json.loads(log_path.read_text())
+    curve = log["curve"]
+    train = [(r["step"], r["loss"]) for r in curve if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in curve if "val_loss" in r]
+    kl = [(r["step"], r["indexer_kl"]) for r in curve if "indexer_kl" in r]
+    final = log.get("final", {})
+    title = (
+        f"tiny DSV4 on Shakespeare: {final.get('steps', '?')} steps, "
+        f"{final.get('tokens', 0) / 1e6:.0f}M tokens, {final.get('device', '')}; "
+        f"kept step {final.get('best_step', '?')} (best val); "
+        f"test ppl {final.get('test_ppl_fp32', float('nan')):.1f} (fp32, top-k)"
+    )
+    fig = Figure(cols=2, rows=1, title=title)
+    fig.add(
+        Panel(
+            "language-model loss (nats/token)",
+            xlabel="step",
+            lines={
+                "train (sampled batch)": tuple(map(list, zip(*train, strict=True))),
+                "val (twelfth-night)": tuple(map(list, zip(*val, strict=True))),
+            },
+        )
+    )
+    fig.add(
+        Panel(
+            "c4 indexer KL(attention || indexer)",
+            xlabel="step",
+            log_y=True,
+            lines={"indexer KL": tuple(map(list, zip(*kl, strict=True)))},
+        )
+    )
+    fig.save(png)
+
+
+def main() -> int:
+    args = parse_args()
+    if args.plot:
+        plot_log(Path(args.plot[0]), Path(args.plot[1]))
+        return 0
+    train(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
