@@ -14,6 +14,12 @@ import requests
 __all__ = ["Server", "free_port", "launch_and_expect_failure"]
 
 
+def _server_env(extra: dict | None) -> dict:
+    """The server's environment: ours, minus a test run's Triton interpreter switch."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return {**env, **(extra or {})}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -35,7 +41,7 @@ class Server:
             cmd,
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
+            env=_server_env(env),
         )
         self._wait(timeout)
 
@@ -91,6 +97,8 @@ def launch_and_expect_failure(args: list[str], log_path: Path, timeout: float = 
     """Run a server that must fail at startup; return its output."""
     cmd = [sys.executable, "-m", "sglang.launch_server", *args, "--port", str(free_port())]
     with open(log_path, "w") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
+        proc = subprocess.run(
+            cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, env=_server_env(None)
+        )
     assert proc.returncode != 0, "the server started although it must not"
     return log_path.read_text()

@@ -1,5 +1,14 @@
+import os
+
 import pytest
 import torch
+
+# Triton picks interpreter or compiler when a @triton.jit decorator runs (also triton.language's
+# own jit helpers, at triton's import): on a machine without CUDA every kernel test runs under the
+# interpreter, so set it before anything imports triton. Server subprocesses drop it again.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from hf_tiny import build_hf_model, tiny_config_dict
 
 EDGE_LENGTHS = (1, 3, 4, 5, 127, 128, 129, 650)
