@@ -126,7 +126,11 @@ def main() -> int:
     ckpt = embedded_checkpoint()
     proc, url = start_server(args.extra_server_args.split(), Path(args.log))
     try:
-        weights = {k: v.to(device) for k, v in load_state_dict(ckpt).items()}
+        # fp32 reference of the (bf16-stored) checkpoint, like the fp32 server
+        weights = {
+            k: (v.float() if v.is_floating_point() else v).to(device)
+            for k, v in load_state_dict(ckpt).items()
+        }
         ref = RefDSV4(DSV4Config.from_json(ckpt), weights)
         rows = check_against_reference(url, ref, device)
         perf = measure(url, ref.cfg.vocab_size)
