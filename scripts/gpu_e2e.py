@@ -137,7 +137,11 @@ def main() -> int:
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ckpt = embedded_checkpoint()
-    weights = {k: v.to(device) for k, v in load_state_dict(ckpt).items()}
+    # fp32 reference of the (bf16-stored) checkpoint, like the fp32 server
+    weights = {
+        k: (v.float() if v.is_floating_point() else v).to(device)
+        for k, v in load_state_dict(ckpt).items()
+    }
     ref = RefDSV4(DSV4Config.from_json(ckpt), weights)
     extra = args.extra_server_args.split()
     rows, perf = serve_and_check(extra, Path(args.log), ref, device)

@@ -13,7 +13,8 @@ on ``--port``) and measures, with no network access:
 * GSM8K 5-shot through ``sglang.test.run_eval`` (real DSV4 checkpoints only; no gate).
 
 Prints a table, writes ``eval_results/<model>-<time>.json`` and ``.png`` (and ``latest.*``),
-and exits 1 when a gate fails. ``--quick`` is the reduced sample the CPU test runs.
+and exits 1 when a gate fails. Sample sizes (:data:`PLANS`): ``full`` on a GPU (or ``--full``),
+``cpu`` by default without one, ``--quick`` for the CPU CI test.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ KL_GATE = 0.015
 # (chunk_len, n_chunks, retrieval lengths, retrieval samples, consistency prompts, base len, decode)
 PLANS = {
     "full": (4096, 20, [2048, 4096, 8192, 16384], 16, 8, 1024, 128),
+    "cpu": (2048, 8, [2048, 4096, 8192, 16384], 2, 4, 512, 32),  # default without a GPU
     "quick": (384, 2, [2048], 1, 2, 300, 8),
 }
 
@@ -47,6 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--model", default="dsv4", help="dsv4 (embedded), a path or a repo id")
     ap.add_argument("--port", type=int, help="use the server on this port if one answers")
     ap.add_argument("--quick", action="store_true", help="reduced sample (the CPU CI run)")
+    ap.add_argument("--full", action="store_true", help="the GPU sample, also on CPU (slow)")
     ap.add_argument("--out", type=Path, default=Path("eval_results"))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--gsm8k-examples", type=int, default=1319)
@@ -74,12 +77,14 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     # a terminated run still stops the server it started (``finally`` below)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    plan = PLANS["quick" if args.quick else "full"]
+    args.mode = "quick" if args.quick else ("full" if args.full or args.device != "cpu" else "cpu")
+    plan = PLANS[args.mode]
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     max_tokens = 8192 if args.quick else 65536
     server_args = ["--max-total-tokens", str(max_tokens), *args.server_args.split()]
-    if "--dtype" not in server_args and not _is_real_dsv4(_local_config(args.model)):
+    local = _local_config(args.model)
+    if "--dtype" not in server_args and local and not _is_real_dsv4(local):
         # the reference is HF in fp32 ("auto" would pick float16 for a float32 config)
         server_args += ["--dtype", "float32"]
     t0 = time.time()
@@ -92,7 +97,7 @@ def main(argv=None) -> int:
     report["meta"] |= {
         "model": args.model,
         "model_path": server.model_path,
-        "mode": "quick" if args.quick else "full",
+        "mode": args.mode,
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "server_startup_s": round(startup, 1),
@@ -112,7 +117,7 @@ def _run_all(server, args, plan) -> dict:
 
     chunk_len, n_chunks, lengths, n_retrieval, n_prompts, base_len, decode = plan
     tok = AutoTokenizer.from_pretrained(server.info.get("tokenizer_path") or server.model_path)
-    config = json.loads((Path(server.model_path) / "config.json").read_text())
+    config = _local_config(server.model_path)
     info = requests.get(server.url + "/server_info", timeout=30).json()
     report: dict = {"meta": {"server_dtype": info.get("dtype")}, "gates": {}, "skipped": {}}
 
@@ -120,8 +125,10 @@ def _run_all(server, args, plan) -> dict:
     t = time.time()
     served = perplexity.server_scores(server, chunks)
     ppl = {"server": perplexity.summarize(served, chunks), "server_s": round(time.time() - t, 1)}
-    if _is_real_dsv4(config) or config.get("quantization_config"):
-        report["skipped"]["hf_reference"] = "HF fp32 reference skipped: full-size checkpoint"
+    if not config or _is_real_dsv4(config) or config.get("quantization_config"):
+        report["skipped"]["hf_reference"] = (
+            "HF fp32 reference skipped: not a small local checkpoint (no perplexity gate)"
+        )
     else:
         t = time.time()
         ref = perplexity.hf_scores(server.model_path, chunks, args.device)
