@@ -115,10 +115,25 @@ def _resolve_model_and_device(self, *args, **kwargs):
 
         if not torch.cuda.is_available():
             self.device = "cpu"
+    _whole_block_chunks(self)
     on_cpu = self.device == "cpu"
     if on_cpu and self.cuda_graph_backend_decode is None and self.cuda_graph_config is None:
         self.cuda_graph_backend_decode = "disabled"
     return None
+
+
+def _whole_block_chunks(args) -> None:
+    """SGLang asserts ``chunked_prefill_size % page_size == 0`` and a DSV4 page is a block (128
+    tokens, lcm of the compression ratios): round a finer chunk up to whole blocks instead of
+    failing. Chunking is exact, so only the split points move."""
+    size, block = args.chunked_prefill_size, 128
+    if size is not None and size > 0 and size % block:
+        args.chunked_prefill_size = -(-size // block) * block
+        logger.warning(
+            "DSV4: --chunked-prefill-size %d rounded up to %d (whole 128-token blocks)",
+            size,
+            args.chunked_prefill_size,
+        )
 
 
 def _local_dsv4(path) -> bool:

@@ -57,12 +57,12 @@ def test_prompt_logprobs_and_greedy_decode_match_hf(hf_model, solo, n):
 
 @pytest.mark.server
 def test_chunked_prefill_is_identical(tiny_checkpoint, solo, tmp_path):
-    """Prompts split into 128-token chunks (the smallest SGLang accepts with page = block = 128:
-    it asserts chunked_prefill_size % page_size == 0) give the same tokens and logprobs.
-    Splits inside a block are covered by the compressor chunking tests."""
+    """``--chunked-prefill-size 64`` gives the same tokens and logprobs. SGLang needs chunks of
+    whole pages and a DSV4 page is a 128-token block, so the plugin rounds 64 up to 128 (and
+    says so); splits inside a block are covered by the compressor chunking tests."""
     from server import Server
 
-    args = ["--model-path", str(tiny_checkpoint), *SERVER_ARGS, "--chunked-prefill-size", "128"]
+    args = ["--model-path", str(tiny_checkpoint), *SERVER_ARGS, "--chunked-prefill-size", "64"]
     srv = Server(args, tmp_path / "log")
     try:
         for n in (129, 300, 650):
@@ -71,6 +71,7 @@ def test_chunked_prefill_is_identical(tiny_checkpoint, solo, tmp_path):
             assert tokens == want_tokens
             diff = max(abs(a - b) for a, b in zip(lp_in + lp_out, want_in + want_out, strict=True))
             assert diff <= 1e-5, f"n={n}: chunked prefill moved logprobs by {diff:.2e}"
+        assert "--chunked-prefill-size 64 rounded up to 128" in srv.log
         assert "#new-token: 128" in srv.log  # the prompts really were split
     finally:
         srv.stop()
