@@ -67,6 +67,8 @@ def tiny_checkpoint(hf_model, tmp_path_factory):
 
 
 SERVER_ARGS = [
+    # idle schedulers otherwise busy-poll: several live test servers starve a 2-core machine
+    "--sleep-on-idle",
     "--skip-tokenizer-init",
     "--dtype",
     "float32",
