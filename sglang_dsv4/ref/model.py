@@ -17,7 +17,6 @@ from sglang_dsv4.ref.indexer import index_scores, index_topk
 from sglang_dsv4.ref.mhc import hc_head, hc_post, hc_pre
 from sglang_dsv4.ref.moe import (
     moe,
-    moe_dense,
     route_hash,
     route_scores,
     route_topk,
@@ -252,5 +251,5 @@ class RefDSV4:
         shared = None
         if cfg.n_shared_experts:
             shared = tuple(w[p + f"shared_experts.{k}.weight"] for k in ("w1", "w2", "w3"))
-        run = moe_dense if graph_safe else moe
-        return run(x, chosen, weights, *self.experts[spec.index], shared, cfg.swiglu_limit)
+        experts = self.experts[spec.index]
+        return moe(x, chosen, weights, *experts, shared, cfg.swiglu_limit, dense=graph_safe)

@@ -14,7 +14,6 @@ import torch.nn.functional as F
 
 __all__ = [
     "moe",
-    "moe_dense",
     "route_hash",
     "route_scores",
     "route_topk",
@@ -73,37 +72,25 @@ def moe(
     w3: torch.Tensor,
     shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
     limit: float,
+    dense: bool = False,
 ) -> torch.Tensor:
     """``x`` [T, d]; chosen ``experts`` / ``weights`` [T, k]; expert weights indexable by expert id
     (stacked tensors or lists): ``w1``/``w3``
-    [E, I, d], ``w2`` [E, d, I]; ``shared`` = (w1, w2, w3) of the shared expert -> [T, d]."""
-    out = torch.zeros_like(x)
-    for e in experts.unique().tolist():
-        tok, slot = (experts == e).nonzero(as_tuple=True)
-        y = swiglu(x[tok], w1[e], w2[e], w3[e], limit)
-        out.index_add_(0, tok, (y * weights[tok, slot, None]).to(x.dtype))
-    if shared is not None:
-        out = out + swiglu(x, *shared, limit)
-    return out
+    [E, I, d], ``w2`` [E, d, I]; ``shared`` = (w1, w2, w3) of the shared expert -> [T, d].
 
-
-def moe_dense(
-    x: torch.Tensor,
-    experts: torch.Tensor,
-    weights: torch.Tensor,
-    w1: torch.Tensor,
-    w2: torch.Tensor,
-    w3: torch.Tensor,
-    shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
-    limit: float,
-) -> torch.Tensor:
-    """:func:`moe` without data-dependent control flow (CUDA-graph safe): every expert runs on
-    every token and is weighted by the token's routing weight for it (0 if not chosen). Costs
-    E/k times the routed FLOPs; meant for small decode batches of small models."""
+    ``dense`` runs every expert on every token, weighted by the token's routing weight for it
+    (0 if not chosen): no data-dependent control flow (CUDA-graph safe), E/k times the routed
+    FLOPs; meant for small decode batches of small models."""
     out = torch.zeros_like(x)
-    for e in range(len(w1)):
-        gate = (weights * (experts == e)).sum(dim=-1, keepdim=True)  # [T, 1]
-        out = out + (swiglu(x, w1[e], w2[e], w3[e], limit) * gate).to(x.dtype)
+    if dense:
+        for e in range(len(w1)):
+            gate = (weights * (experts == e)).sum(dim=-1, keepdim=True)  # [T, 1]
+            out = out + (swiglu(x, w1[e], w2[e], w3[e], limit) * gate).to(x.dtype)
+    else:
+        for e in experts.unique().tolist():
+            tok, slot = (experts == e).nonzero(as_tuple=True)
+            y = swiglu(x[tok], w1[e], w2[e], w3[e], limit)
+            out.index_add_(0, tok, (y * weights[tok, slot, None]).to(x.dtype))
     if shared is not None:
         out = out + swiglu(x, *shared, limit)
     return out

@@ -4,7 +4,6 @@ from conftest import EDGE_LENGTHS
 
 from sglang_dsv4.ref.moe import (
     moe,
-    moe_dense,
     route_hash,
     route_scores,
     route_topk,
@@ -86,5 +85,5 @@ def test_moe_block_matches_hf(hf_model, tiny_cfg, tiny_weights, n, layer):
     got = moe(x, idx, w, *experts, shared, 10.0)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     # the graph-safe form (every expert on every token, weight 0 where not chosen)
-    dense = moe_dense(x, idx, w, *experts, shared, 10.0)
+    dense = moe(x, idx, w, *experts, shared, 10.0, dense=True)
     torch.testing.assert_close(dense, want, atol=1e-5, rtol=1e-5)
