@@ -8,28 +8,13 @@ activations and output against the fp32 reference).
 """
 
 import importlib
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
 from sglang_dsv4.ref.weight_quant import fp8_block_linear, fp8_block_quant
 
-
-def _kernels():
-    mod = importlib.import_module("sglang_dsv4.kernels.fp8_linear")
-    if not torch.cuda.is_available():
-        from triton.runtime.interpreter import InterpretedFunction
-
-        if not isinstance(mod._fp8_block_linear_kernel, InterpretedFunction):
-            mod = importlib.reload(mod)  # imported earlier without the interpreter
-    return mod
-
-
-K = _kernels()
+K = importlib.import_module("sglang_dsv4.kernels.fp8_linear")  # CPU: interpreted (conftest)
 
 
 def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:

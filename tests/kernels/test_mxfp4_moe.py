@@ -7,13 +7,9 @@ at DSV4 Flash expert shapes (d 4096, inter 2048, 256 experts, top-6) in bf16.
 """
 
 import importlib
-import os
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
 
 from sglang_dsv4.ref.moe import moe
 from sglang_dsv4.ref.weight_quant import (
@@ -24,18 +20,7 @@ from sglang_dsv4.ref.weight_quant import (
     nvfp4_quant,
 )
 
-
-def _kernels():
-    mod = importlib.import_module("sglang_dsv4.kernels.mxfp4_moe")
-    if not torch.cuda.is_available():
-        from triton.runtime.interpreter import InterpretedFunction
-
-        if not isinstance(mod._fp4_grouped_kernel, InterpretedFunction):
-            mod = importlib.reload(mod)  # imported earlier without the interpreter
-    return mod
-
-
-K = _kernels()
+K = importlib.import_module("sglang_dsv4.kernels.mxfp4_moe")  # CPU: interpreted (conftest)
 GPU = torch.cuda.is_available()
 DEV = "cuda" if GPU else "cpu"
 
