@@ -43,10 +43,13 @@ class DSV4AttnBackend(AttentionBackend):
         self.token_to_kv_pool = pool
         self.req_to_token_pool = model_runner.req_to_token_pool
         window = pool.schema.sliding_window
+        cfg = model_runner.model.cfg
+        self._heads, self._index_topk = cfg.num_heads, cfg.index_topk
+        self._use_kernels = pool.device != "cpu" and pool.dtype == torch.bfloat16
         self.wrappers = {
-            AttnKind.SWA: SWAWrapper(window),
-            AttnKind.CSA: CSAWrapper(window),
-            AttnKind.HCA: HCAWrapper(window),
+            AttnKind.SWA: SWAWrapper(window, self._new_kernel()),
+            AttnKind.CSA: CSAWrapper(window, self._new_kernel(), topk=cfg.index_topk),
+            AttnKind.HCA: HCAWrapper(window, self._new_kernel()),
         }
         self.plan: BatchPlan | None = None
         self.decode_meta: DecodeMeta | None = None
@@ -55,9 +58,6 @@ class DSV4AttnBackend(AttentionBackend):
         self._graph_bs = 0
         self.decode_kernels: dict = {}  # AttnKind -> planned SparseMQA (GPU, bf16 rows)
         self._graph_kernels: dict[int, dict] = {}
-        self._use_kernels = pool.device != "cpu" and pool.dtype == torch.bfloat16
-        cfg = model_runner.model.cfg
-        self._heads, self._index_topk = cfg.num_heads, cfg.index_topk
         self._context_len = model_runner.model_config.context_len
         allocator = model_runner.token_to_kv_pool_allocator
         model = model_runner.model
@@ -118,13 +118,20 @@ class DSV4AttnBackend(AttentionBackend):
             self._decode_pages,
         )
 
+    def _new_kernel(self):
+        """A sparse MQA kernel over bf16 rows (GPU), or None: the ``ref`` math runs."""
+        if not self._use_kernels:
+            return None
+        from sglang_dsv4.kernels.attention import SparseMQA
+
+        pool = self.token_to_kv_pool
+        return SparseMQA(self._heads, pool.schema.head_dim, kv_fp8=False, device=pool.device)
+
     def _plan_kernels(self, bs: int) -> dict:
         """Sparse MQA plans of a decode batch: every kind attends its ``swa_window``; c128 adds
         every entry of ``pages`` blocks, c4 its top-k."""
         if not self._use_kernels:
             return {}
-        from sglang_dsv4.kernels.attention import SparseMQA
-
         schema = self.token_to_kv_pool.schema
         window, pages = schema.sliding_window, self._decode_pages
         extra = {AttnKind.SWA: 0, AttnKind.HCA: pages, AttnKind.CSA: 0}
@@ -133,11 +140,8 @@ class DSV4AttnBackend(AttentionBackend):
             extra[AttnKind.CSA] = min(self._index_topk, pages * csa[0].entries_per_block)
         plans = {}
         for kind, extra_topk in extra.items():
-            k = SparseMQA(
-                self._heads, schema.head_dim, kv_fp8=False, device=self.token_to_kv_pool.device
-            )
-            k.plan(bs, window, extra_topk)
-            plans[kind] = k
+            plans[kind] = self._new_kernel()
+            plans[kind].plan(bs, window, extra_topk)
         return plans
 
     def _note_decode(self, fb) -> None:

@@ -1,8 +1,9 @@
 """Attention wrappers, one per layer kind, FlashInfer style: ``plan()`` once per batch (host
 work, shared by every layer of that kind), ``run()`` per layer (launches only).
 
-This is the reference implementation: ``run()`` calls the ``ref/`` ops request by request on
-the pools. GPU kernels plug in behind the same two methods.
+``run()`` flushes compressors with the ``ref/`` ops request by request, then attends: on the GPU
+(bf16 rows) through one ``SparseMQA`` launch per layer over per-query row lists planned in
+``plan()``, on CPU with the ``ref`` softmax per request.
 
 Every layer stores its raw KV rows, then attends over one gathered key list per query: its
 ``swa_window`` rows, plus on c128 layers every visible entry and on c4 layers the indexer's
@@ -14,10 +15,11 @@ layers the state at each block end is kept in ``boundary`` for prefix hits.
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from sglang_dsv4.attention.plan import BatchPlan, RequestPlan, TailMode
 from sglang_dsv4.mem.pools import LayerKV, TailBuffers
-from sglang_dsv4.ref.attention import sparse_attention, window_indices
+from sglang_dsv4.ref.attention import attend, window_indices
 from sglang_dsv4.ref.compressor import CompressorState, CompressorWeights, compress
 from sglang_dsv4.ref.indexer import index_scores, index_topk
 
@@ -42,12 +44,29 @@ class CompressedInputs:
 
 
 class SWAWrapper:
-    def __init__(self, window: int):
+    """Every layer kind: store the new raw rows, build each query's key lists, attend.
+
+    A query's lists are its ``swa_window`` slots in ``raw`` (``_window``) and, on compressed
+    layers, rows of the flattened entry pool (``_entry_lists``). With a ``kernel``
+    (``kernels.attention.SparseMQA``, GPU with bf16 rows) one launch covers the whole batch;
+    without, the ``ref`` softmax runs request by request on the gathered rows."""
+
+    ratio = 0
+
+    def __init__(self, window: int, kernel=None):
         self.window = window
+        self.kernel = kernel
         self._plan: BatchPlan | None = None
 
     def plan(self, batch: BatchPlan) -> None:
         self._plan = batch
+        if self.kernel is not None:
+            n_tokens = int(batch.out_loc.numel())
+            self.kernel.plan(n_tokens, self.window, self._max_entries(batch))
+
+    def _max_entries(self, batch: BatchPlan) -> int:
+        """Longest entry list of a query of this batch (0: no entries)."""
+        return 0
 
     def run(
         self,
@@ -61,22 +80,41 @@ class SWAWrapper:
         """``q`` [T, H, D], ``kv`` [T, D] of the new tokens -> ``o`` [T, H, D]."""
         batch = self._plan
         lk.raw[batch.out_loc_swa] = kv.to(lk.raw.dtype)
+        lists = [(self._window(req), self._entry_lists(lk, req, comp)) for req in batch.requests]
+        entries = lk.entries.flatten(0, 1) if lk.entries is not None else None  # [rows, D]
+        if self.kernel is not None:
+            window = torch.cat([w for w, _ in lists]).int()  # [T, W]
+            extra = {}
+            if entries is not None and self.kernel.extra_topk:
+                rows = _pad_cat([r for _, r in lists], self.kernel.extra_topk)  # [T, K]
+                extra = {"extra_kv": entries, "extra_indices": rows.int()}
+            return self.kernel.run(q, lk.raw, window, sink, scale, out=torch.empty_like(q), **extra)
         out = torch.empty_like(q)
-        for req in batch.requests:
-            keys = lk.raw[req.window_slots]  # [S - window_lo, D]
-            idx = window_indices(req.positions, self.window, -req.window_lo)
-            keys, idx = self._extend_keys(lk, req, keys, idx, comp)
-            out[req.tokens] = sparse_attention(q[req.tokens], keys, idx, sink, scale)
+        for req, (window, rows) in zip(batch.requests, lists, strict=True):
+            keys, valid = lk.raw[window.clamp(min=0)], window >= 0  # [n, W, D], [n, W]
+            if rows is not None:
+                keys = torch.cat([keys, entries[rows.clamp(min=0)].to(keys.dtype)], dim=1)
+                valid = torch.cat([valid, rows >= 0], dim=1)
+            out[req.tokens] = attend(q[req.tokens], keys, valid, sink, scale)
         return out
 
-    def _extend_keys(self, lk, req, keys, idx, comp):
-        return keys, idx
+    def _window(self, req: RequestPlan) -> torch.Tensor:
+        """[n, W] swa slots of each query's ``swa_window`` (-1 before position 0)."""
+        idx = window_indices(req.positions, self.window, -req.window_lo)
+        return torch.where(idx >= 0, req.window_slots[idx.clamp(min=0)], -1)
+
+    def _entry_lists(self, lk, req, comp) -> torch.Tensor | None:
+        """[n, K] rows of the flattened entries each query attends (-1 = none), or None."""
+        return None
 
 
 class HCAWrapper(SWAWrapper):
     """c128: the compressor flush, then every visible entry joins the key list."""
 
     ratio = 128
+
+    def _max_entries(self, batch: BatchPlan) -> int:
+        return max((r.seq_len // self.ratio for r in batch.requests), default=0)
 
     def run(self, lk, q, kv, sink, scale, comp: CompressedInputs | None = None):
         for req in self._plan.requests:
@@ -96,13 +134,11 @@ class HCAWrapper(SWAWrapper):
         n = req.seq_len // self.ratio
         return req.slots[: n * self.ratio : self.ratio] // self.ratio
 
-    def _extend_keys(self, lk, req, keys, idx, comp):
-        rows = self._entry_rows(req)
-        entries = lk.entries.view(-1, lk.entries.shape[-1])[rows]  # [E, D]
-        visible = (req.positions + 1) // self.ratio
-        picks = torch.arange(rows.numel(), device=idx.device).expand(idx.shape[0], -1)
-        picks = torch.where(picks < visible.unsqueeze(1), picks + keys.shape[0], -1)
-        return torch.cat([keys, entries.to(keys.dtype)]), torch.cat([idx, picks], dim=1)
+    def _entry_lists(self, lk, req, comp):
+        rows = self._entry_rows(req)  # [E]
+        visible = (req.positions + 1) // self.ratio  # [n]
+        ids = torch.arange(rows.numel(), device=rows.device)
+        return torch.where(ids < visible.unsqueeze(1), rows, -1)  # [n, E]
 
 
 class CSAWrapper(HCAWrapper):
@@ -110,6 +146,13 @@ class CSAWrapper(HCAWrapper):
     selected entries join the key list."""
 
     ratio = 4
+
+    def __init__(self, window: int, kernel=None, topk: int = 0):
+        super().__init__(window, kernel)
+        self.topk = topk
+
+    def _max_entries(self, batch: BatchPlan) -> int:
+        return min(self.topk, super()._max_entries(batch))
 
     def _flush(self, req: RequestPlan, lk: LayerKV, comp: CompressedInputs) -> None:
         main = _load_tail(lk.tail, req, lk.boundary)
@@ -137,15 +180,34 @@ class CSAWrapper(HCAWrapper):
         _save_tail(lk.tail, req, main)
         _save_tail(lk.index_tail, req, index)
 
-    def _extend_keys(self, lk, req, keys, idx, comp):
+    def _entry_lists(self, lk, req, comp):
         ix = comp.indexer
-        rows = self._entry_rows(req)
-        index_keys = lk.index_keys.view(-1, lk.index_keys.shape[-1])[rows]  # [E, Di]
-        scores = index_scores(ix.q[req.tokens], ix.weights[req.tokens], index_keys)
-        picks = index_topk(scores, req.positions, self.ratio, ix.topk)  # [n, k] entry ids
-        entries = lk.entries.view(-1, lk.entries.shape[-1])[rows]
-        picks = torch.where(picks >= 0, picks + keys.shape[0], -1)
-        return torch.cat([keys, entries.to(keys.dtype)]), torch.cat([idx, picks], dim=1)
+        rows = self._entry_rows(req)  # [E]
+        index_keys = lk.index_keys.flatten(0, 1)[rows]  # [E, Di]
+        q, w, positions = ix.q[req.tokens], ix.weights[req.tokens], req.positions
+        # Queries in chunks: the scores of one chunk are [c, Hi, E] fp32 before the head sum.
+        chunk = max(1, _SCORE_BYTES // (4 * q.shape[1] * max(1, rows.numel())))
+        picks = torch.cat(
+            [
+                index_topk(
+                    index_scores(q[i : i + chunk], w[i : i + chunk], index_keys),
+                    positions[i : i + chunk],
+                    self.ratio,
+                    ix.topk,
+                )
+                for i in range(0, q.shape[0], chunk)
+            ]
+        )  # [n, min(topk, E)] entry ids
+        return torch.where(picks >= 0, rows[picks.clamp(min=0)], -1)
+
+
+# Bound on the indexer's per-chunk score tensor (a 32K-token prefill would need 17 GB at once).
+_SCORE_BYTES = 1 << 28
+
+
+def _pad_cat(lists: list[torch.Tensor], width: int) -> torch.Tensor:
+    """Row-concatenate [n_i, k_i] lists, padding each to ``width`` columns with -1."""
+    return torch.cat([F.pad(x, (0, width - x.shape[1]), value=-1) for x in lists])
 
 
 def _load_tail(

@@ -222,6 +222,8 @@ class SparseMQA:
         Writes and returns ``out`` [T, H, D] bf16 (default: the planned buffer, overwritten by
         the next run); the natural-log LSE goes to ``lse`` [T, H] (default: the planned one,
         when planned with ``return_lse``)."""
+        if q.dtype != torch.bfloat16:
+            raise ValueError(f"q must be bf16, got {q.dtype}")
         cfg = self.config
         out = self.out if out is None else out
         lse = self.lse if lse is None else lse
