@@ -11,8 +11,9 @@ This is the only module that touches SGLang's registries (see docs/design/sglang
   upstream's swa / full slot ratio;
 * HookRegistry: our pool sizing, pools and allocator for DSV4 models (others fall through), no
   SGLang quantization config for DSV4 (our loader reads the released FP8 / MXFP4 format itself),
-  ``support_triton`` false for our backend on machines without CUDA, and model-name resolution
-  (``--model dsv4``) plus the CPU device default, before any Hugging Face access.
+  ``support_triton`` false for our backend on machines without CUDA, model-name resolution
+  (``--model dsv4``) plus the CPU device default, before any Hugging Face access, and token ids
+  checked against the vocabulary in the tokenizer manager (a bad id would kill the scheduler).
 
 SGLang logs and swallows exceptions from plugins and would then serve the built-in DSV4 model;
 a failure here must stop the server instead, so it is re-raised as ``SystemExit``.
@@ -84,6 +85,11 @@ def _register() -> None:
             "sglang.srt.model_loader.loader._get_quantization_config",
             _quantization_config,
             HookType.AROUND,
+        ),
+        (
+            "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request",
+            _check_token_ids,
+            HookType.BEFORE,
         ),
     ]
     for target, fn, kind in hooks:
@@ -163,6 +169,20 @@ def _quantization_config(original, model_config, load_config):
     if _is_dsv4(model_config.hf_config):
         return None
     return original(model_config, load_config)
+
+
+def _check_token_ids(self, obj, input_ids, *args, **kwargs):
+    """Refuse token ids outside ``[0, vocab)`` before they reach the scheduler: an embedding
+    lookup past the table kills the scheduler process (a device assert on GPU). SGLang 0.5.17
+    defines ``_validate_input_ids_in_vocab`` but never calls it."""
+    if input_ids and _is_dsv4(self.model_config.hf_config):
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in input_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(
+                f"input_ids contains token id {bad}, outside the vocabulary [0, {vocab})"
+            )
+    return None
 
 
 def _pool_configurator(original, kvc):
