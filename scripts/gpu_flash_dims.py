@@ -5,12 +5,15 @@ Flash compressor / indexer sizes, layers SWA, CSA, HCA, CSA, small MoE), random 
 2. serves it with our plugin (CUDA graphs on) and checks prompt + greedy logprobs against the
    fp32 reference forward of the same checkpoint (``RefDSV4`` on the GPU): KL(served || ref)
    over the served top-20 tokens of every position, greedy agreement, max |Δ logprob|;
-3. measures TTFT and decode throughput at batch 1, 32, 128 (input 4096, output 64) through the
-   HTTP API (SGLang's ``one_batch_server`` needs ``datasets``, which the GPU box lacks);
-4. tries SGLang's native DSV4 path on the same checkpoint (``SGLANG_PLUGINS=none``) and reports
-   how far it gets.
+3. robustness (``sglang_dsv4.server_checks``): bad requests refused with a reason while the
+   server keeps serving; 64 concurrent requests over 4 shared 2K-token prefixes; no slot left;
+4. speed through SGLang's own ``sglang.bench_one_batch_server`` (random token ids, batch sizes
+   1 / 32 / 128, ``--input-len``), the server's context sized to the benchmark;
+5. with ``--native``: tries SGLang's own DSV4 path on the same checkpoint
+   (``SGLANG_PLUGINS=none``) and reports how far it gets.
 
-    python scripts/gpu_flash_dims.py --work /tmp/fd
+    python scripts/gpu_flash_dims.py --work /tmp/fd [--native]             # checks + 4K bench
+    python scripts/gpu_flash_dims.py --work /tmp/fd --bench-only --input-len 32768
 """
 
 import argparse
@@ -27,6 +30,7 @@ import torch
 from sglang_dsv4.checkpoint import hf_to_released, load_state_dict
 from sglang_dsv4.config import DSV4Config
 from sglang_dsv4.ref.model import RefDSV4
+from sglang_dsv4.server_checks import check_bad_requests, shared_prefix_load, used_tokens
 from sglang_dsv4.server_process import Server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,38 +111,42 @@ def check(server: Server, ref: RefDSV4) -> list[dict]:
     return rows
 
 
-def bench(server: Server, batch_sizes=(1, 32, 128), input_len=4096, output_len=64) -> list[dict]:
-    """Per batch size: the batch with 1 output token, then fresh prompts with ``output_len``;
-    TTFT = the 1-token wall, decode tok/s = B * (output_len - 1) / (wall_out - wall_1).
-    (SGLang's ``one_batch_server`` needs the ``datasets`` package, absent on the GPU box.)"""
-    import concurrent.futures
+def bench(model: Path, url: str, input_len: int, batch_sizes, output_len: int, out_dir: Path):
+    """SGLang's own ``bench_one_batch_server`` against the running server (random token ids;
+    ``scripts/bench_shims`` stands in for the ``datasets`` package it imports but does not use
+    here). Rows: batch size, input / output length, last TTFT, output throughput, latency."""
+    result = out_dir / f"one_batch_{input_len}.jsonl"
+    result.unlink(missing_ok=True)
+    shim = str(ROOT / "scripts" / "bench_shims")
+    env = {**os.environ, "PYTHONPATH": shim + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, "-m", "sglang.bench_one_batch_server", "--model-path", str(model)]
+    cmd += ["--base-url", url, "--dataset-name", "random-ids", "--skip-warmup"]
+    cmd += ["--batch-size", *map(str, batch_sizes), "--input-len", str(input_len)]
+    cmd += ["--output-len", str(output_len), "--result-filename", str(result)]
+    cmd += ["--run-name", f"dsv4-flash-dims-{input_len}"]
+    with open(out_dir / f"one_batch_{input_len}.log", "w") as log:
+        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
+    rows = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
+    return [
+        {
+            "batch_size": r["batch_size"],
+            "input_len": r["input_len"],
+            "output_len": r["output_len"],
+            "ttft_s": r["last_ttft"],
+            "decode_tok_s": r["output_throughput"],
+            "latency_s": r["latency"],
+            "input_tok_s": r["input_throughput"],
+        }
+        for r in rows
+    ]
 
-    gen = torch.Generator().manual_seed(1234)
 
-    def prompts(n):
-        return [torch.randint(2, 129000, (input_len,), generator=gen).tolist() for _ in range(n)]
-
-    def wall(batch, n_out):
-        t = time.perf_counter()
-        with concurrent.futures.ThreadPoolExecutor(len(batch)) as pool:
-            list(pool.map(lambda p: server.generate(p, n_out, logprob_start_len=-1), batch))
-        return time.perf_counter() - t
-
-    wall(prompts(1), 2)  # warm-up
-    rows = []
-    for bs in batch_sizes:
-        t1 = wall(prompts(bs), 1)
-        tn = wall(prompts(bs), output_len)
-        rows.append(
-            {
-                "batch_size": bs,
-                "input_len": input_len,
-                "output_len": output_len,
-                "ttft_s": t1,
-                "decode_tok_s": bs * (output_len - 1) / (tn - t1),
-            }
-        )
-    return rows
+def robustness(server: Server, context_len: int, vocab_size: int) -> dict:
+    """Bad requests refused (server keeps serving), 64 concurrent shared-prefix requests, no
+    slot left after a cache flush (``sglang_dsv4.server_checks``)."""
+    bad = check_bad_requests(server.url, context_len, vocab_size)
+    load = shared_prefix_load(server.url, vocab_size, prefix_len=2048, suffix_len=64)
+    return {"bad_requests": bad, "load": load, "used_after_flush": used_tokens(server.url)}
 
 
 def native(model: Path, out_dir: Path) -> str:
@@ -170,50 +178,82 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", type=Path, default=Path("/tmp/flash_dims"))
     ap.add_argument("--config", type=Path, default=ROOT / "configs" / "dsv4-flash-dims.json")
-    ap.add_argument("--bench-only", action="store_true", help="skip the reference check")
+    ap.add_argument("--bench-only", action="store_true", help="skip the checks")
+    ap.add_argument("--input-len", type=int, default=4096, help="benchmark prompt length")
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32, 128])
+    ap.add_argument("--output-len", type=int, default=64)
+    ap.add_argument("--native", action="store_true", help="also try SGLang's own DSV4 path")
     args = ap.parse_args()
     out_dir = Path(os.environ.get("OUT", args.work))
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     model = build(args.config, args.work / "ckpt")
     t_build = time.time() - t0
-    server_args = ["--model-path", str(model), "--context-length", "8192"]
-    server_args += ["--sampling-backend", "pytorch", "--mem-fraction-static", "0.55"]
+    # the context the benchmark needs, in whole blocks, at least 8K (decode graphs size their
+    # entry lists for this context, so it is kept no larger than needed)
+    context = max(8192, -(-(args.input_len + args.output_len + 1) // 1024) * 1024)
+    server_args = ["--model-path", str(model), "--context-length", str(context)]
+    server_args += ["--sampling-backend", "pytorch", "--mem-fraction-static", "0.6"]
     server_args += ["--cuda-graph-max-bs-decode", "128", "--swa-full-tokens-ratio", "0.5"]
-    server_args += ["--disable-radix-cache"] if args.bench_only else []
     server = Server(server_args, out_dir / "server.log", timeout=600)
+    rows, robust = [], None
     try:
-        rows = []
         if not args.bench_only:
             weights = {k: v.cuda().float() for k, v in load_state_dict(model).items()}
-            ref = RefDSV4(DSV4Config.from_json(model / "config.json"), weights)
+            cfg = DSV4Config.from_json(model / "config.json")
+            ref = RefDSV4(cfg, weights)
             rows = check(server, ref)
             del ref, weights
             torch.cuda.empty_cache()
-        perf = bench(server)
+            robust = robustness(server, context, cfg.vocab_size)
+        perf = bench(model, server.url, args.input_len, args.batch_sizes, args.output_len, out_dir)
     finally:
         server.stop()
-    native_result = "not run (--bench-only)" if args.bench_only else native(model, out_dir)
-    report = {"build_s": t_build, "checks": rows, "bench": perf, "native": native_result}
+    native_result = native(model, out_dir) if args.native else "not run"
+    report = {"build_s": t_build, "context_length": context, "checks": rows}
+    report |= {"robustness": robust, "bench": perf, "native": native_result}
     report["date"] = time.strftime("%Y-%m-%d")
     report["device"] = torch.cuda.get_device_name()
-    (out_dir / "flash_dims.json").write_text(json.dumps(report, indent=2))
+    name = f"flash_dims_{args.input_len}{'_bench' if args.bench_only else ''}.json"
+    (out_dir / name).write_text(json.dumps(report, indent=2))
+    ok = print_report(report)
+    print("PASS" if ok else "FAIL")
+    return 0 if ok else 1
+
+
+def print_report(report: dict) -> bool:
+    """The short table; returns whether every gate holds."""
+    rows, robust = report["checks"], report["robustness"]
     print(f"\n== Flash-dims DSV4 (bf16, random) on {report['device']} ==")
-    print(f"{'prompt':>7} {'KL top20 mean':>14} {'max':>9} {'greedy agree':>13} {'max|dlp|':>9}")
+    if rows:
+        print(f"{'prompt':>7} {'KL top20 mean':>14} {'max':>9} {'greedy':>7} {'max|dlp|':>9}")
     for r in rows:
         print(
             f"{r['prompt']:>7} {r['kl_top20_mean']:>14.2e} {r['kl_top20_max']:>9.2e} "
-            f"{r['greedy_agreement']:>13.2f} {r['max_abs_dlogprob']:>9.2e}"
+            f"{r['greedy_agreement']:>7.2f} {r['max_abs_dlogprob']:>9.2e}"
         )
-    for p in perf:
-        print(
-            f"bs {p['batch_size']} in {p['input_len']} out {p['output_len']}: "
-            f"TTFT {p['ttft_s']:.3f} s, decode {p['decode_tok_s']:.1f} tok/s"
-        )
-    print(f"native SGLang DSV4 path: {native_result}")
     ok = all(r["kl_top20_mean"] <= 0.05 for r in rows)
-    print("PASS" if ok else "FAIL")
-    return 0 if ok else 1
+    if robust is not None:
+        bad = robust["bad_requests"]
+        refused = sum(b["refused_with_reason"] and b["served_after"] for b in bad)
+        load = robust["load"]
+        print(f"bad requests refused with a reason, server answering after: {refused}/{len(bad)}")
+        print(
+            f"load: {load['requests']} concurrent over 4 shared {load['prefix_len']}-token "
+            f"prefixes: {load['errors']} errors, {load['short_outputs']} short, "
+            f"{load['hits']} cache hits, {load['wall_s']:.1f} s; "
+            f"slots used after flush {robust['used_after_flush']}"
+        )
+        ok &= refused == len(bad) and load["errors"] == 0 and load["short_outputs"] == 0
+        ok &= load["hits"] >= load["requests"] // 2 and robust["used_after_flush"] == [0]
+    print(f"{'batch':>6} {'input':>6} {'output':>6} {'TTFT s':>8} {'decode tok/s':>13}")
+    for p in report["bench"]:
+        print(
+            f"{p['batch_size']:>6} {p['input_len']:>6} {p['output_len']:>6} "
+            f"{p['ttft_s']:>8.3f} {p['decode_tok_s']:>13.1f}"
+        )
+    print(f"native SGLang DSV4 path: {report['native']}")
+    return ok
 
 
 if __name__ == "__main__":
