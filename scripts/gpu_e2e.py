@@ -1,8 +1,9 @@
 """End-to-end check of the served model on one machine (GPU or CPU), printing a short table.
 
 Starts ``python -m sglang.launch_server --model dsv4`` (the embedded checkpoint, fp32), checks
-greedy tokens and logprobs of a few prompts against the reference forward of the same checkpoint
-(``RefDSV4``, fp32), then measures time to first token and decode speed at batch 1, 8 and 32.
+greedy tokens, logprobs and top-20 KL of a few prompts against the reference forward of the
+same checkpoint (``RefDSV4``, fp32; ``sglang_dsv4.evals.reference``), then measures time to
+first token and decode speed at batch 1, 8 and 32.
 With ``--graph-check`` it then serves the same requests with ``--disable-cuda-graph`` and checks
 that the greedy tokens are identical with and without CUDA graphs (and logprobs within 1e-4).
 Exit status 1 when a correctness gate fails. Results also go to ``$OUT/gpu_e2e.json`` if set.
@@ -14,9 +15,7 @@ import argparse
 import concurrent.futures
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,106 +26,57 @@ import torch
 from sglang_dsv4.checkpoint import load_state_dict
 from sglang_dsv4.config import DSV4Config
 from sglang_dsv4.embedded import embedded_checkpoint
+from sglang_dsv4.evals.reference import compare_with_reference
 from sglang_dsv4.ref.model import RefDSV4
+from sglang_dsv4.server_process import Server
 
 PROMPT_LENS = (5, 300, 1000)
 DECODE = 16
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(extra: list[str], log: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "sglang.launch_server", "--model", "dsv4", "--dtype", "float32"]
-    cmd += ["--port", str(port), "--max-total-tokens", "65536", *extra]
-    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        if proc.poll() is not None:
-            sys.exit(f"server exited:\n{log.read_text()[-5000:]}")
-        try:
-            if requests.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except requests.RequestException:
-            pass
-        time.sleep(1)
-    proc.kill()
-    sys.exit(f"server not up:\n{log.read_text()[-5000:]}")
-
-
-def generate(url: str, ids: list[int], n: int, logprobs: bool = True) -> dict:
+def generate(url: str, ids: list[int], n: int) -> dict:
     body = {
         "input_ids": ids,
         "sampling_params": {"temperature": 0, "max_new_tokens": n, "ignore_eos": True},
-        "return_logprob": logprobs,
-        "logprob_start_len": 0 if logprobs else -1,
     }
     r = requests.post(url + "/generate", json=body, timeout=600)
     r.raise_for_status()
     return r.json()
 
 
-def check_against_reference(url: str, ref: RefDSV4, device: str) -> list[dict]:
-    rows = []
-    for n in PROMPT_LENS:
-        ids = torch.randint(
-            2, ref.cfg.vocab_size, (n,), generator=torch.Generator().manual_seed(n)
-        ).tolist()
-        out = generate(url, ids, DECODE)
-        tokens = out["output_ids"]
-        served = [lp for lp, _, _ in out["meta_info"]["input_token_logprobs"][1:]]
-        served += [lp for lp, _, _ in out["meta_info"]["output_token_logprobs"]]
-        seq = torch.tensor(ids + tokens, device=device)
-        want = torch.log_softmax(ref(seq).float(), -1)
-        targets = seq[1:]
-        want_lp = want[:-1].gather(1, targets[:, None])[:, 0][: len(served)].cpu()
-        greedy = want[n - 1 : n - 1 + DECODE].argmax(-1).cpu().tolist()
-        rows.append(
-            {
-                "prompt": n,
-                "tokens": tokens,
-                "logprobs": served,
-                "greedy_equal": greedy == tokens,
-                "max_abs_dlogprob": (torch.tensor(served) - want_lp).abs().max().item(),
-            }
-        )
-    return rows
-
-
 def measure(url: str, vocab: int) -> dict:
     ids = list(range(100, 116))
     for _ in range(2):
-        generate(url, ids, 1, logprobs=False)
+        generate(url, ids, 1)
     ttft = []
     for _ in range(5):
         t = time.perf_counter()
-        generate(url, ids, 1, logprobs=False)
+        generate(url, ids, 1)
         ttft.append(time.perf_counter() - t)
     t = time.perf_counter()
-    generate(url, ids, 129, logprobs=False)
+    generate(url, ids, 129)
     decode_b1 = 128 / (time.perf_counter() - t - statistics.median(ttft))
     out = {"ttft_ms": 1000 * statistics.median(ttft), "decode_tok_s_bs1": decode_b1}
     for bs in (8, 32):
         prompts = [list(range(200 + i, 216 + i)) for i in range(bs)]
         t = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(bs) as pool:
-            outs = list(pool.map(lambda p: generate(url, p, 128, logprobs=False), prompts))
+            outs = list(pool.map(lambda p: generate(url, p, 128), prompts))
         out[f"decode_tok_s_bs{bs}"] = bs * 128 / (time.perf_counter() - t)
         out[f"batch{bs}_tokens"] = [o["output_ids"] for o in outs]
     return out
 
 
 def serve_and_check(extra: list[str], log: Path, ref: RefDSV4, device: str):
-    proc, url = start_server(extra, log)
+    args = ["--model", "dsv4", "--dtype", "float32", "--max-total-tokens", "65536", *extra]
+    server = Server(args, log, timeout=600)
     try:
-        return check_against_reference(url, ref, device), measure(url, ref.cfg.vocab_size)
+        rows = compare_with_reference(server, ref, PROMPT_LENS, DECODE, device)
+        for r in rows:
+            r["greedy_equal"] = r["greedy_agreement"] == 1.0
+        return rows, measure(server.url, ref.cfg.vocab_size)
     finally:
-        proc.terminate()
-        proc.wait(60)
+        server.stop()
 
 
 def main() -> int:
@@ -170,9 +120,12 @@ def main() -> int:
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "gpu_e2e.json").write_text(json.dumps(result, indent=2))
     print(f"\n== sglang-dsv4 e2e on {name} (embedded dsv4, fp32) ==")
-    print(f"{'prompt':>8} {'greedy==ref':>12} {'max|dlogprob|':>14}")
+    print(f"{'prompt':>8} {'greedy==ref':>12} {'max|dlogprob|':>14} {'KL top20 mean':>14}")
     for r in rows:
-        print(f"{r['prompt']:>8} {r['greedy_equal']!s:>12} {r['max_abs_dlogprob']:>14.2e}")
+        print(
+            f"{r['prompt']:>8} {r['greedy_equal']!s:>12} {r['max_abs_dlogprob']:>14.2e} "
+            f"{r['kl_top20_mean']:>14.2e}"
+        )
 
     def speed(p):
         return (

@@ -29,6 +29,7 @@ import torch
 
 from sglang_dsv4.checkpoint import hf_to_released, load_state_dict
 from sglang_dsv4.config import DSV4Config
+from sglang_dsv4.evals.reference import compare_with_reference
 from sglang_dsv4.ref.model import RefDSV4
 from sglang_dsv4.server_checks import check_bad_requests, shared_prefix_load, used_tokens
 from sglang_dsv4.server_process import Server
@@ -72,43 +73,8 @@ def build(config_path: Path, out: Path) -> Path:
 
 
 def check(server: Server, ref: RefDSV4) -> list[dict]:
-    rows = []
-    for n in PROMPTS:
-        ids = torch.randint(2, 129000, (n,), generator=torch.Generator().manual_seed(n)).tolist()
-        out = server.generate(ids, DECODE, top_logprobs_num=20)
-        meta = out["meta_info"]
-        tokens = out["output_ids"]
-        seq = torch.tensor(ids + tokens, device="cuda")
-        with torch.no_grad():
-            want = torch.log_softmax(ref(seq).float(), -1)  # [S, V]
-        tops = meta["input_top_logprobs"][1:] + meta["output_top_logprobs"]
-        positions = list(range(1, len(tops) + 1))
-        kl, dlp = [], []
-        for pos, top in zip(positions, tops, strict=True):
-            if not top:
-                continue
-            lp_s = torch.tensor([lp for lp, _, _ in top], device="cuda")
-            tok = torch.tensor([t for _, t, _ in top], device="cuda")
-            lp_r = want[pos - 1, tok]
-            kl.append(float((lp_s.exp() * (lp_s - lp_r)).sum()))
-        served = [lp for lp, _, _ in meta["input_token_logprobs"][1:]]
-        served += [lp for lp, _, _ in meta["output_token_logprobs"]]
-        targets = seq[1:]
-        ref_lp = want[:-1].gather(1, targets[:, None])[:, 0][: len(served)].cpu()
-        dlp = (torch.tensor(served) - ref_lp).abs()
-        greedy = want[n - 1 : n - 1 + DECODE].argmax(-1).cpu().tolist()
-        agree = sum(a == b for a, b in zip(greedy, tokens, strict=True)) / DECODE
-        rows.append(
-            {
-                "prompt": n,
-                "kl_top20_mean": sum(kl) / len(kl),
-                "kl_top20_max": max(kl),
-                "greedy_agreement": agree,
-                "max_abs_dlogprob": float(dlp.max()),
-                "mean_abs_dlogprob": float(dlp.mean()),
-            }
-        )
-    return rows
+    rows = compare_with_reference(server, ref, PROMPTS, DECODE, "cuda", vocab_hi=129000)
+    return [{k: v for k, v in r.items() if k not in ("tokens", "logprobs")} for r in rows]
 
 
 def bench(model: Path, url: str, input_len: int, batch_sizes, output_len: int, out_dir: Path):
