@@ -122,7 +122,8 @@ class _MoE(nn.Module):
         self.gate = _Gate(cfg, spec.hash_moe)
         d, inter, n_exp = cfg.hidden_size, cfg.moe_inter_dim, cfg.n_routed_experts
         fmt = kept.kept(p + "experts.0.w1.weight")
-        if fmt in (Fmt.MXFP4, Fmt.NVFP4):  # FP4 banks (sglang_dsv4.model.experts)
+        self.fp4 = fmt in (Fmt.MXFP4, Fmt.NVFP4)
+        if self.fp4:  # FP4 banks (sglang_dsv4.model.experts)
             self.experts = FP4Experts(n_exp, d, inter, fmt)
         else:  # dense or FP8 linears, one module per expert
             self.experts = nn.ModuleList(
@@ -186,11 +187,7 @@ class DeepseekV4ForCausalLM(nn.Module):
             weights = dict(self.named_parameters()) | dict(self.named_buffers())
             # a kept-quantized linear stands in for its weight (ref.linear calls it)
             weights |= {f"{n}.weight": m for n, m in self._quant_linears().items()}
-            experts = {
-                b.spec.index: b.ffn.experts.routed()
-                for b in self.layers
-                if isinstance(b.ffn.experts, FP4Experts)
-            }
+            experts = {b.spec.index: b.ffn.experts.routed() for b in self.layers if b.ffn.fp4}
             self._ref = RefDSV4(self.cfg, weights, experts=experts)
         return self._ref
 
@@ -272,6 +269,11 @@ class DeepseekV4ForCausalLM(nn.Module):
 
         stats = WeightStream(self.cfg, deliver).run(weights)
         logger.info("DSV4: loaded %d tensors (%s)", stats.delivered, stats.formats)
+        kept = [f"{m.fmt.value} linear" for m in quant.values()]
+        kept += [f"{b.ffn.experts.fmt.value} expert bank" for b in self.layers if b.ffn.fp4]
+        if kept:
+            counts = {k: kept.count(k) for k in dict.fromkeys(kept)}
+            logger.info("DSV4: kept quantized (not dequantized): %s", counts)
         if stats.skipped_mtp:
             logger.info(
                 "DSV4: skipped %d MTP tensors (speculative decoding is not wired yet)",

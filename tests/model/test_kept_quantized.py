@@ -10,6 +10,7 @@ and its memory next to the checkpoint's.
 """
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -47,9 +48,17 @@ def ids_of(n: int, device="cpu") -> torch.Tensor:
     return torch.randint(2, 1024, (n,), generator=torch.Generator().manual_seed(n)).to(device)
 
 
-def test_kept_model_equals_dequantized_reference(released, tiny_cfg):
+def test_kept_model_equals_dequantized_reference(released, tiny_cfg, caplog):
     rel_dir, weights, expert_dtype = released
-    model = load(rel_dir)
+    with caplog.at_level(logging.INFO, logger="sglang_dsv4.model.deepseek_v4"):
+        model = load(rel_dir)
+    # 7 per layer (wq_a wq_b wkv wo_b, shared w1 w2 w3) + 2 indexer.wq_b (+ 8 x 3 routed)
+    want_log = (
+        "{'fp8 linear': 44, 'mxfp4 expert bank': 6}"
+        if expert_dtype == "fp4"
+        else ("{'fp8 linear': 188}")
+    )
+    assert f"kept quantized (not dequantized): {want_log}" in caplog.text
     params = dict(model.named_parameters()) | dict(model.named_buffers())
     for i in range(len(model.layers)):
         for lin in FP8_LINEARS:
