@@ -15,6 +15,7 @@ of ``triton.testing.do_bench``, bf16 activations) and the bytes each holds.
 """
 
 import argparse
+import time
 
 import torch
 from triton.testing import do_bench
@@ -34,6 +35,15 @@ from sglang_dsv4.ref.weight_quant import (
 FP8_SHAPES = {"wq_b": (32768, 1024), "wo_b": (4096, 8192), "shared w1": (2048, 4096)}
 
 
+def warm_up(seconds: float = 2.0) -> None:
+    """Raise the clocks before timing (an idle GPU sits at its lowest clock)."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        a @ a
+        torch.cuda.synchronize()
+
+
 def graph_time(fn) -> float:
     """Median ms of ``fn`` replayed from a CUDA graph (captured after one eager warm-up)."""
     fn()
@@ -46,7 +56,7 @@ def graph_time(fn) -> float:
 def bench_fp8(shapes: dict, ms: tuple[int, ...]) -> None:
     print(
         "| FP8 linear | M | fp8 kernel us | fp8 kernel, graph us | bf16 matmul (dequantized at"
-        " load) us | dequantize + matmul per call us | weight GB/s (fp8 kernel) |"
+        " load) us | torch dequantize + matmul per call us | weight GB/s (fp8 kernel) |"
     )
     print("|---|---|---|---|---|---|---|")
     for label, (n, k) in shapes.items():
@@ -121,6 +131,7 @@ if __name__ == "__main__":
     ap.add_argument("--quick", action="store_true", help="one FP8 shape, MXFP4 only")
     args = ap.parse_args()
     print(torch.cuda.get_device_name())
+    warm_up()
     if args.quick:
         bench_fp8({"wo_b": FP8_SHAPES["wo_b"]}, (1, 64, 1024))
         bench_moe(("mxfp4",), (1, 64, 512))
