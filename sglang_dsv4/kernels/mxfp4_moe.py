@@ -10,18 +10,23 @@ low nibble), ``scale`` uint8 [E, N, K/G] and ``global_scale`` fp32 [E]:
 :func:`fp4_grouped_linear`: rows of ``x`` grouped by expert (``offsets`` [E+1]) times each
 expert's dequantized weight, transposed; the codes are decoded to the activation dtype inside the
 kernel, tile by tile, never to memory. :func:`fp4_moe` runs a routed MoE layer with it (sort the
-(token, slot) pairs by expert, w1 and w3, clamped SwiGLU, w2, weighted scatter-add);
-:func:`fp4_dequant` writes one expert's dense weight (NVFP4's "dequantizing kernel", also the
-per-expert path of :class:`ExpertBank`). Twins: :mod:`sglang_dsv4.ref.weight_quant`
-(``mxfp4_dequant`` / ``nvfp4_dequant`` then matmul) and :func:`sglang_dsv4.ref.moe.moe`.
+(token, slot) pairs by expert, w1 and w3, clamped SwiGLU, w2, weighted scatter-add), with no
+host sync and no data-dependent shape, so it can be captured in a CUDA graph (the launch grid
+covers every expert with the largest possible group; empty programs return at once).
+:func:`fp4_dequant` writes one expert's dense weight (NVFP4's "dequantizing kernel", also
+:class:`ExpertBank`'s per-expert view, kept for tests and benchmarks). Twins:
+:mod:`sglang_dsv4.ref.weight_quant` (``mxfp4_dequant`` / ``nvfp4_dequant`` then matmul) and
+:func:`sglang_dsv4.ref.moe.moe`.
 """
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-__all__ = ["ExpertBank", "fp4_dequant", "fp4_grouped_linear", "fp4_moe"]
+__all__ = ["ExpertBank", "FP4Bank", "fp4_dequant", "fp4_grouped_linear", "fp4_moe"]
 
 
 @triton.jit
@@ -247,6 +252,17 @@ def fp4_dequant(
     return y
 
 
+class FP4Bank(NamedTuple):
+    """One projection (w1, w2 or w3) of a layer's routed experts as FP4, the operand of the
+    grouped kernels: ``packed`` uint8 [E, N, K/2], ``scale`` uint8 [E, N, K/G], ``global_scale``
+    fp32 [E], ``fmt`` ``"mxfp4"`` / ``"nvfp4"``."""
+
+    packed: torch.Tensor
+    scale: torch.Tensor
+    global_scale: torch.Tensor
+    fmt: str
+
+
 class ExpertBank:
     """One projection (w1, w2 or w3) of a layer's routed experts, kept as FP4: ``packed`` uint8
     [E, N, K/2], ``scale`` uint8 [E, N, K/G], ``global_scale`` fp32 [E]. Indexing by expert id
@@ -271,22 +287,25 @@ def fp4_moe(
     x: torch.Tensor,
     experts: torch.Tensor,
     weights: torch.Tensor,
-    w1: ExpertBank,
-    w2: ExpertBank,
-    w3: ExpertBank,
+    w1: FP4Bank | ExpertBank,
+    w2: FP4Bank | ExpertBank,
+    w3: FP4Bank | ExpertBank,
     limit: float,
 ) -> torch.Tensor:
     """Routed experts of one layer, grouped: ``x`` [T, d], chosen ``experts`` / ``weights``
-    [T, k] -> sum over slots of weight * w2(silu(min(w1 x, L)) * clamp(w3 x, -L, L)) [T, d]."""
+    [T, k] -> sum over slots of weight * w2(silu(min(w1 x, L)) * clamp(w3 x, -L, L)) [T, d].
+    CUDA-graph safe (see the module docstring)."""
     t, k = experts.shape
-    flat = experts.reshape(-1)
-    order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert
+    n_exp = w1.packed.shape[0]
+    # (token, slot) pairs grouped by expert; group e starts at the first sorted id >= e
+    # (searchsorted, not bincount: bincount sizes its output from the data and syncs)
+    sorted_ids, order = torch.sort(experts.reshape(-1), stable=True)  # [T*k]
+    bounds = torch.arange(n_exp + 1, device=x.device, dtype=sorted_ids.dtype)
+    offsets = torch.searchsorted(sorted_ids, bounds).to(torch.int32)  # [E+1]
     tokens = order // k
-    counts = torch.bincount(flat, minlength=len(w1))
-    offsets = F.pad(torch.cumsum(counts, 0), (1, 0)).to(torch.int32)
     xs = x[tokens]  # [T*k, d]
 
-    def run(bank: ExpertBank, inp: torch.Tensor) -> torch.Tensor:
+    def run(bank: FP4Bank | ExpertBank, inp: torch.Tensor) -> torch.Tensor:
         return fp4_grouped_linear(
             inp, offsets, bank.packed, bank.scale, bank.global_scale, bank.fmt
         )

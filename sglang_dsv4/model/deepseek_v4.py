@@ -5,8 +5,19 @@ Each layer is built for its frozen kind (SWA / c4 / c128): it holds the matching
 and, at run time, the wrapper of its kind. Weights stream in tensor by tensor through
 :meth:`load_weights` under released or HF transformers names, dense or in the released quantized
 format (:mod:`sglang_dsv4.weights`), optionally re-stored as NVFP4 (config.json
-``nvfp4_on_load``); MTP weights are skipped with a log line. On CUDA, FP4 routed experts stay
-FP4 (:mod:`sglang_dsv4.model.experts`); everything else is dequantized once at load.
+``nvfp4_on_load``); MTP weights are skipped with a log line.
+
+Where quantized weights go (decided per released name by
+:class:`~sglang_dsv4.model.linears.KeptFormats`):
+
+* CPU: everything is dequantized once at load into dense ``nn.Linear`` weights;
+* CUDA: the released FP8 linears (attention ``wq_a wq_b wkv wo_b``, ``indexer.wq_b``, shared
+  experts, routed experts of ``expert_dtype: fp8``) stay FP8 in
+  :class:`~sglang_dsv4.model.linears.FP8Linear` (W8A16 kernel); NVFP4-on-load linears stay NVFP4
+  (:class:`~sglang_dsv4.model.linears.NVFP4Linear`); FP4 routed experts stay FP4 banks run by the
+  grouped kernel (:mod:`sglang_dsv4.model.experts`). ``wo_a`` and the BF16 / FP32 tensors are
+  dense. The reference math calls the quantized modules through
+  :func:`~sglang_dsv4.ref.linear.linear`; all of them are CUDA-graph safe.
 """
 
 import logging
@@ -20,12 +31,13 @@ from torch import nn
 
 from sglang_dsv4.attention.wrappers import CompressedInputs, IndexerInputs
 from sglang_dsv4.config import AttnKind, DSV4Config, LayerSpec
-from sglang_dsv4.model.experts import FP4Experts, fp4_expert_format
+from sglang_dsv4.model.experts import FP4Experts
+from sglang_dsv4.model.linears import KeptFormats, QuantLinear, keeps_quantized
 from sglang_dsv4.ref.mhc import hc_post
 from sglang_dsv4.ref.model import RefDSV4
 from sglang_dsv4.ref.norm import rms_norm
-from sglang_dsv4.weights.layout import StoredWeight
-from sglang_dsv4.weights.loader import WeightStream
+from sglang_dsv4.weights.layout import Fmt, StoredWeight
+from sglang_dsv4.weights.loader import TensorMismatchError, WeightStream
 from sglang_dsv4.weights.nvfp4 import CONFIG_KEY as NVFP4_KEY
 from sglang_dsv4.weights.nvfp4 import nvfp4_scope, to_nvfp4
 
@@ -36,10 +48,6 @@ _EXPERT = re.compile(r"layers\.(\d+)\.ffn\.experts\.(\d+)\.(w[123])\.weight\Z")
 __all__ = ["DeepseekV4ForCausalLM"]
 
 
-def _linear(n_in: int, n_out: int) -> nn.Linear:
-    return nn.Linear(n_in, n_out, bias=False)
-
-
 class _Norm(nn.Module):
     def __init__(self, n: int):
         super().__init__()
@@ -47,49 +55,53 @@ class _Norm(nn.Module):
 
 
 class _Compressor(nn.Module):
-    def __init__(self, hidden: int, head_dim: int, ratio: int, overlap: bool):
+    def __init__(
+        self, kept: KeptFormats, p: str, hidden: int, head_dim: int, ratio: int, overlap: bool
+    ):
         super().__init__()
         coff = 2 if overlap else 1
-        self.wkv = _linear(hidden, coff * head_dim)
-        self.wgate = _linear(hidden, coff * head_dim)
+        self.wkv = kept.linear(p + "wkv", hidden, coff * head_dim)
+        self.wgate = kept.linear(p + "wgate", hidden, coff * head_dim)
         self.ape = nn.Parameter(torch.zeros(ratio, coff * head_dim))
         self.norm = _Norm(head_dim)
 
 
 class _Indexer(nn.Module):
-    def __init__(self, cfg: DSV4Config):
+    def __init__(self, cfg: DSV4Config, kept: KeptFormats, p: str):
         super().__init__()
-        self.wq_b = _linear(cfg.q_lora_rank, cfg.index_n_heads * cfg.index_head_dim)
-        self.weights_proj = _linear(cfg.hidden_size, cfg.index_n_heads)
-        self.compressor = _Compressor(
-            cfg.hidden_size, cfg.index_head_dim, AttnKind.CSA.ratio, overlap=True
-        )
+        d = cfg.hidden_size
+        self.wq_b = kept.linear(p + "wq_b", cfg.q_lora_rank, cfg.index_n_heads * cfg.index_head_dim)
+        self.weights_proj = kept.linear(p + "weights_proj", d, cfg.index_n_heads)
+        ratio = AttnKind.CSA.ratio
+        self.compressor = _Compressor(kept, p + "compressor.", d, cfg.index_head_dim, ratio, True)
 
 
 class _Attention(nn.Module):
-    def __init__(self, cfg: DSV4Config, spec: LayerSpec):
+    def __init__(self, cfg: DSV4Config, spec: LayerSpec, kept: KeptFormats, p: str):
         super().__init__()
         h, d = cfg.hidden_size, cfg.head_dim
-        self.wq_a = _linear(h, cfg.q_lora_rank)
+        self.wq_a = kept.linear(p + "wq_a", h, cfg.q_lora_rank)
         self.q_norm = _Norm(cfg.q_lora_rank)
-        self.wq_b = _linear(cfg.q_lora_rank, cfg.num_heads * d)
-        self.wkv = _linear(h, d)
+        self.wq_b = kept.linear(p + "wq_b", cfg.q_lora_rank, cfg.num_heads * d)
+        self.wkv = kept.linear(p + "wkv", h, d)
         self.kv_norm = _Norm(d)
-        self.wo_a = _linear(cfg.num_heads * d // cfg.o_groups, cfg.o_groups * cfg.o_lora_rank)
-        self.wo_b = _linear(cfg.o_groups * cfg.o_lora_rank, h)
+        rank = cfg.o_groups * cfg.o_lora_rank
+        self.wo_a = kept.linear(p + "wo_a", cfg.num_heads * d // cfg.o_groups, rank)
+        self.wo_b = kept.linear(p + "wo_b", rank, h)
         self.attn_sink = nn.Parameter(torch.zeros(cfg.num_heads))
         if spec.attn.compressed:
-            self.compressor = _Compressor(h, d, spec.ratio, overlap=spec.attn is AttnKind.CSA)
+            csa = spec.attn is AttnKind.CSA
+            self.compressor = _Compressor(kept, p + "compressor.", h, d, spec.ratio, csa)
         if spec.attn is AttnKind.CSA:
-            self.indexer = _Indexer(cfg)
+            self.indexer = _Indexer(cfg, kept, p + "indexer.")
 
 
 class _Expert(nn.Module):
-    def __init__(self, hidden: int, inter: int):
+    def __init__(self, kept: KeptFormats, p: str, hidden: int, inter: int):
         super().__init__()
-        self.w1 = _linear(hidden, inter)
-        self.w2 = _linear(inter, hidden)
-        self.w3 = _linear(hidden, inter)
+        self.w1 = kept.linear(p + "w1", hidden, inter)
+        self.w2 = kept.linear(p + "w2", inter, hidden)
+        self.w3 = kept.linear(p + "w3", hidden, inter)
 
 
 class _Gate(nn.Module):
@@ -105,21 +117,25 @@ class _Gate(nn.Module):
 
 
 class _MoE(nn.Module):
-    def __init__(self, cfg: DSV4Config, spec: LayerSpec, fp4: str | None):
+    def __init__(self, cfg: DSV4Config, spec: LayerSpec, kept: KeptFormats, p: str):
         super().__init__()
         self.gate = _Gate(cfg, spec.hash_moe)
-        if fp4 is not None:  # kept quantized on the GPU (sglang_dsv4.model.experts)
-            self.experts = FP4Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_inter_dim, fp4)
-        else:
+        d, inter, n_exp = cfg.hidden_size, cfg.moe_inter_dim, cfg.n_routed_experts
+        fmt = kept.kept(p + "experts.0.w1.weight")
+        self.fp4 = fmt in (Fmt.MXFP4, Fmt.NVFP4)
+        if self.fp4:  # FP4 banks (sglang_dsv4.model.experts)
+            self.experts = FP4Experts(n_exp, d, inter, fmt)
+        else:  # dense or FP8 linears, one module per expert
             self.experts = nn.ModuleList(
-                _Expert(cfg.hidden_size, cfg.moe_inter_dim) for _ in range(cfg.n_routed_experts)
+                _Expert(kept, p + f"experts.{e}.", d, inter) for e in range(n_exp)
             )
         if cfg.n_shared_experts:
-            self.shared_experts = _Expert(cfg.hidden_size, cfg.moe_inter_dim * cfg.n_shared_experts)
+            shared = inter * cfg.n_shared_experts
+            self.shared_experts = _Expert(kept, p + "shared_experts.", d, shared)
 
 
 class _Block(nn.Module):
-    def __init__(self, cfg: DSV4Config, spec: LayerSpec, fp4_experts: str | None):
+    def __init__(self, cfg: DSV4Config, spec: LayerSpec, kept: KeptFormats):
         super().__init__()
         self.spec = spec
         self.attn_norm = _Norm(cfg.hidden_size)
@@ -135,8 +151,9 @@ class _Block(nn.Module):
             self.register_parameter(
                 f"hc_{site}_scale", nn.Parameter(torch.ones(3, dtype=torch.float32))
             )
-        self.attn = _Attention(cfg, spec)
-        self.ffn = _MoE(cfg, spec, fp4_experts)
+        p = f"layers.{spec.index}."
+        self.attn = _Attention(cfg, spec, kept, p + "attn.")
+        self.ffn = _MoE(cfg, spec, kept, p + "ffn.")
 
 
 class DeepseekV4ForCausalLM(nn.Module):
@@ -151,15 +168,15 @@ class DeepseekV4ForCausalLM(nn.Module):
         cfg = self.cfg
         self.nvfp4 = nvfp4_scope(getattr(config, NVFP4_KEY, None))  # quantize-on-load option
         device = torch.get_default_device()  # SGLang builds the model under its target device
-        fp4 = fp4_expert_format(cfg, self.nvfp4, device)
+        kept = KeptFormats(cfg, self.nvfp4, keeps_quantized(device))
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(_Block(cfg, spec, fp4) for spec in cfg.layers)
+        self.layers = nn.ModuleList(_Block(cfg, spec, kept) for spec in cfg.layers)
         self.norm = _Norm(cfg.hidden_size)
         flat = cfg.hc_mult * cfg.hidden_size
         self.hc_head_fn = nn.Parameter(torch.zeros(cfg.hc_mult, flat, dtype=torch.float32))
         self.hc_head_base = nn.Parameter(torch.zeros(cfg.hc_mult, dtype=torch.float32))
         self.hc_head_scale = nn.Parameter(torch.ones(1, dtype=torch.float32))
-        self.head = _linear(cfg.hidden_size, cfg.vocab_size)
+        self.head = kept.linear("head", cfg.hidden_size, cfg.vocab_size)
         self.logits_processor = LogitsProcessor(config)
         self._ref: RefDSV4 | None = None
 
@@ -167,15 +184,15 @@ class DeepseekV4ForCausalLM(nn.Module):
     def ref(self) -> RefDSV4:
         """The reference math over this module's tensors (built once the weights are in)."""
         if self._ref is None:
-            tensors = dict(self.named_parameters()) | dict(self.named_buffers())
-            fp4 = {b.spec.index: b.ffn.experts for b in self.layers}
-            fp4 = {i: ex for i, ex in fp4.items() if isinstance(ex, FP4Experts)}
-            for i, ex in fp4.items():
-                tensors |= ex.named_expert_views(f"layers.{i}.ffn.experts.")
-            self._ref = RefDSV4(self.cfg, tensors)
-            for i, ex in fp4.items():  # experts dequantize on use (kernel), one at a time
-                self._ref.experts[i] = ex.banks(self.head.weight.dtype)
+            weights = dict(self.named_parameters()) | dict(self.named_buffers())
+            # a kept-quantized linear stands in for its weight (ref.linear calls it)
+            weights |= {f"{n}.weight": m for n, m in self._quant_linears().items()}
+            experts = {b.spec.index: b.ffn.experts.routed() for b in self.layers if b.ffn.fp4}
+            self._ref = RefDSV4(self.cfg, weights, experts=experts)
         return self._ref
+
+    def _quant_linears(self) -> dict[str, QuantLinear]:
+        return {n: m for n, m in self.named_modules() if isinstance(m, QuantLinear)}
 
     def get_attention_sliding_window_size(self) -> int:
         return self.cfg.sliding_window
@@ -227,23 +244,36 @@ class DeepseekV4ForCausalLM(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Stream checkpoint tensors (HF or released names, dense or released-format quantized)
-        into the parameters; quantized weights are dequantized once, here (after the NVFP4
-        re-quantization when ``nvfp4_on_load`` asks for it). Errors name the
-        tensor and the expected / found shape and dtype (:mod:`sglang_dsv4.weights.loader`)."""
+        into the parameters (after the NVFP4 re-quantization when ``nvfp4_on_load`` asks for
+        it). Weights the model keeps quantized (module docstring) are copied as they are into
+        their modules' buffers; other quantized weights are dequantized once, here. Errors name
+        the tensor and the expected / found shape and dtype (:mod:`sglang_dsv4.weights.loader`)."""
         params = dict(self.named_parameters()) | dict(self.named_buffers())
+        quant = {f"{n}.weight": m for n, m in self._quant_linears().items()}
 
         def deliver(name: str, stored: StoredWeight) -> None:
             if self.nvfp4 is not None and self.nvfp4(name):
                 stored = to_nvfp4(stored)
-            if (m := _EXPERT.match(name)) and name not in params:  # an FP4 bank slot
-                layer, expert, proj = m.groups()
-                self.layers[int(layer)].ffn.experts.store(int(expert), proj, stored)
-                return
+            try:
+                if (module := quant.get(name)) is not None:
+                    module.load(stored)
+                    return
+                if (m := _EXPERT.match(name)) and name not in params:  # an FP4 bank slot
+                    layer, expert, proj = m.groups()
+                    self.layers[int(layer)].ffn.experts.store(int(expert), proj, stored)
+                    return
+            except ValueError as e:
+                raise TensorMismatchError(f"tensor `{name}`: {e}") from None
             param = params[name]
             param.data.copy_(stored.dequant(param.dtype) if stored.fmt.quantized else stored.data)
 
         stats = WeightStream(self.cfg, deliver).run(weights)
         logger.info("DSV4: loaded %d tensors (%s)", stats.delivered, stats.formats)
+        kept = [f"{m.fmt.value} linear" for m in quant.values()]
+        kept += [f"{b.ffn.experts.fmt.value} expert bank" for b in self.layers if b.ffn.fp4]
+        if kept:
+            counts = {k: kept.count(k) for k in dict.fromkeys(kept)}
+            logger.info("DSV4: kept quantized (not dequantized): %s", counts)
         if stats.skipped_mtp:
             logger.info(
                 "DSV4: skipped %d MTP tensors (speculative decoding is not wired yet)",

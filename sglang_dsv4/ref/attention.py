@@ -13,6 +13,8 @@ heads go through the grouped output projection.
 
 import torch
 
+from sglang_dsv4.ref.linear import Weight, linear
+
 __all__ = ["attend", "grouped_output_proj", "sparse_attention", "window_indices"]
 
 
@@ -55,13 +57,14 @@ def window_indices(
     return torch.where(pos >= 0, pos + rows, -1)
 
 
-def grouped_output_proj(o: torch.Tensor, wo_a: torch.Tensor, wo_b: torch.Tensor) -> torch.Tensor:
+def grouped_output_proj(o: torch.Tensor, wo_a: torch.Tensor, wo_b: Weight) -> torch.Tensor:
     """``o`` [T, H, D] -> [T, hidden]. Heads split into ``G`` groups of ``H/G``; group ``g``
     projects its ``H/G * D`` channels with rows ``g*R:(g+1)*R`` of ``wo_a`` [G*R, H/G*D] to ``R``
-    (``o_lora_rank``) dims; the ``G*R`` concatenation goes through ``wo_b`` [hidden, G*R]."""
+    (``o_lora_rank``) dims; the ``G*R`` concatenation goes through ``wo_b`` [hidden, G*R] (a
+    dense tensor or a quantized linear, :func:`~sglang_dsv4.ref.linear.linear`)."""
     n_tok, n_heads, head_dim = o.shape
     n_groups = n_heads * head_dim // wo_a.shape[1]
     x = o.reshape(n_tok, n_groups, -1)  # [T, G, H/G*D]
     w = wo_a.view(n_groups, -1, x.shape[-1])  # [G, R, H/G*D]
     y = torch.einsum("tgi,gri->tgr", x, w).reshape(n_tok, -1)  # [T, G*R]
-    return y @ wo_b.T
+    return linear(y, wo_b)

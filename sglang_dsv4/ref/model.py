@@ -3,9 +3,13 @@
 This is the CPU statement of the model that the parity tests hold against HF transformers, and a
 test utility for everything built later (serving model, kernels, prefix cache): they reuse the
 same ops, so a disagreement points at the new code. Weights use the released tensor names
-(see :mod:`sglang_dsv4.checkpoint`).
+(see :mod:`sglang_dsv4.checkpoint`). Every weight product goes through
+:func:`~sglang_dsv4.ref.linear.linear`, so a linear weight may also be a quantized-linear module
+(the served model's GPU path); the routed experts of a layer are one callable (``experts``).
 """
 
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -14,19 +18,27 @@ from sglang_dsv4.config import AttnKind, DSV4Config, LayerSpec
 from sglang_dsv4.ref.attention import grouped_output_proj, sparse_attention, window_indices
 from sglang_dsv4.ref.compressor import CompressorState, CompressorWeights, compress
 from sglang_dsv4.ref.indexer import index_scores, index_topk
+from sglang_dsv4.ref.linear import Weight, linear
 from sglang_dsv4.ref.mhc import hc_head, hc_post, hc_pre
 from sglang_dsv4.ref.moe import (
-    moe,
+    DenseExperts,
     route_hash,
     route_scores,
     route_topk,
     route_weights,
+    swiglu,
 )
 from sglang_dsv4.ref.norm import rms_norm
 from sglang_dsv4.ref.quant import fp4_e2m1_fake_quant, hadamard, kv_fake_quant
 from sglang_dsv4.ref.rope import apply_rope, rope_cos_sin, rope_inv_freq
 
-__all__ = ["RefDSV4", "RefOptions"]
+__all__ = ["RefDSV4", "RefOptions", "RoutedExperts"]
+
+RoutedExperts = Callable[..., torch.Tensor]
+"""``routed(x [T, d], chosen [T, k], weights [T, k], limit, dense) -> [T, d]``: the weighted sum
+of a layer's routed experts (:class:`~sglang_dsv4.ref.moe.DenseExperts` or a grouped kernel)."""
+
+_ROUTED = re.compile(r"layers\.(\d+)\.ffn\.experts\.\d+\.")
 
 
 @dataclass(frozen=True)
@@ -37,15 +49,29 @@ class RefOptions:
 
 
 class RefDSV4:
-    """``RefDSV4(cfg, weights)(ids [S]) -> logits [S, vocab]`` in the weights' dtype."""
+    """``RefDSV4(cfg, weights)(ids [S]) -> logits [S, vocab]`` in the weights' dtype.
+
+    ``weights``: released name -> tensor; a linear weight may instead be a quantized-linear
+    module (called by :func:`~sglang_dsv4.ref.linear.linear`). ``experts``: layer index -> its
+    routed experts as one callable, replacing (and not requiring) that layer's per-expert
+    weights; the other layers get :class:`~sglang_dsv4.ref.moe.DenseExperts` over ``weights``."""
 
     def __init__(
-        self, cfg: DSV4Config, weights: dict[str, torch.Tensor], options: RefOptions | None = None
+        self,
+        cfg: DSV4Config,
+        weights: Mapping[str, Weight],
+        options: RefOptions | None = None,
+        experts: Mapping[int, RoutedExperts] | None = None,
     ):
         self.cfg = cfg
         self.w = weights
         self.options = options or RefOptions()
-        missing = [n for n in self.required_names() if n not in weights]
+        given = dict(experts or {})
+        missing = [
+            n
+            for n in self.required_names()
+            if n not in weights and not ((m := _ROUTED.match(n)) and int(m[1]) in given)
+        ]
         if missing:
             raise KeyError(f"{len(missing)} tensors missing from the weights, e.g. {missing[:5]}")
         # on the weights' device: a host -> device copy per call cannot be graph-captured
@@ -53,17 +79,18 @@ class RefDSV4:
         self.inv_freq = {
             s.index: rope_inv_freq(s.rope, cfg.rope_dim).to(device) for s in cfg.layers
         }
-        # routed expert weights per layer as per-expert lists (no copies): w1, w2, w3
-        self.experts = {
-            s.index: tuple(
-                [
-                    weights[f"layers.{s.index}.ffn.experts.{e}.{k}.weight"]
-                    for e in range(cfg.n_routed_experts)
-                ]
-                for k in ("w1", "w2", "w3")
-            )
+        self.experts: dict[int, RoutedExperts] = {
+            s.index: given[s.index] if s.index in given else self._dense_experts(s.index)
             for s in cfg.layers
         }
+
+    def _dense_experts(self, layer: int) -> DenseExperts:
+        """The layer's routed experts over per-expert lists of ``weights`` (no copies)."""
+        n = self.cfg.n_routed_experts
+        p = f"layers.{layer}.ffn.experts."
+        return DenseExperts(
+            *([self.w[f"{p}{e}.{k}.weight"] for e in range(n)] for k in ("w1", "w2", "w3"))
+        )
 
     def required_names(self) -> list[str]:
         cfg = self.cfg
@@ -133,7 +160,7 @@ class RefDSV4:
             u, post, comb = self.hc_pre(x, p + "hc_ffn_")
             y = self.ffn(spec, rms_norm(u, w[p + "ffn_norm.weight"], cfg.norm_eps), ids)
             x = hc_post(y, x, post, comb)
-        return self.final_hidden(x) @ w["head.weight"].T
+        return linear(self.final_hidden(x), w["head.weight"])
 
     def embed_streams(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids [T] -> ``hc_mult`` identical residual streams [T, hc, d]."""
@@ -165,12 +192,11 @@ class RefDSV4:
         cfg, w = self.cfg, self.w
         p = f"layers.{spec.index}.attn."
         cos, sin = rope_cos_sin(positions, self.inv_freq[spec.index])
-        qr = rms_norm(x @ w[p + "wq_a.weight"].T, w[p + "q_norm.weight"], cfg.norm_eps)
-        q = (qr @ w[p + "wq_b.weight"].T).view(x.shape[0], cfg.num_heads, cfg.head_dim)
+        qr = rms_norm(linear(x, w[p + "wq_a.weight"]), w[p + "q_norm.weight"], cfg.norm_eps)
+        q = linear(qr, w[p + "wq_b.weight"]).view(x.shape[0], cfg.num_heads, cfg.head_dim)
         q = apply_rope(rms_norm(q, None, cfg.norm_eps), cos, sin)
-        kv = apply_rope(
-            rms_norm(x @ w[p + "wkv.weight"].T, w[p + "kv_norm.weight"], cfg.norm_eps), cos, sin
-        )
+        kv = linear(x, w[p + "wkv.weight"])
+        kv = apply_rope(rms_norm(kv, w[p + "kv_norm.weight"], cfg.norm_eps), cos, sin)
         return qr, q, self._kv_quant(kv)
 
     def output(self, spec: LayerSpec, o: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -187,11 +213,12 @@ class RefDSV4:
         cfg, w = self.cfg, self.w
         p = f"layers.{spec.index}.attn.indexer."
         cos, sin = rope_cos_sin(positions, self.inv_freq[spec.index])
-        q = (qr @ w[p + "wq_b.weight"].T).view(x.shape[0], cfg.index_n_heads, cfg.index_head_dim)
+        q = linear(qr, w[p + "wq_b.weight"])
+        q = q.view(x.shape[0], cfg.index_n_heads, cfg.index_head_dim)
         q = apply_rope(q, cos, sin)
         if self.options.quant_sim:
             q = fp4_e2m1_fake_quant(hadamard(q))
-        return q, x @ w[p + "weights_proj.weight"].T
+        return q, linear(x, w[p + "weights_proj.weight"])
 
     def attention(self, spec: LayerSpec, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Attention block of one layer over a whole sequence: ``x`` [S, d] -> [S, d]."""
@@ -248,8 +275,8 @@ class RefDSV4:
         else:
             chosen = route_topk(scores, w[p + "gate.bias"], cfg.n_experts_per_tok)
         weights = route_weights(scores, chosen, cfg.routed_scaling_factor)
-        shared = None
+        out = self.experts[spec.index](x, chosen, weights, cfg.swiglu_limit, dense=graph_safe)
         if cfg.n_shared_experts:
-            shared = tuple(w[p + f"shared_experts.{k}.weight"] for k in ("w1", "w2", "w3"))
-        experts = self.experts[spec.index]
-        return moe(x, chosen, weights, *experts, shared, cfg.swiglu_limit, dense=graph_safe)
+            shared = (w[p + f"shared_experts.{k}.weight"] for k in ("w1", "w2", "w3"))
+            out = out + swiglu(x, *shared, cfg.swiglu_limit)
+        return out

@@ -114,11 +114,40 @@ def test_moe_gpu_flash_shapes(fmt, t):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
-def test_reference_model_runs_fp4_banks_gpu(tiny_cfg, fmt):
-    """The served model's CUDA wiring at the reference level: RefDSV4 with its experts replaced
-    by ExpertBank objects (dequantized per expert by the kernel) equals RefDSV4 over the dense
-    dequantized experts, on the GPU, in fp32."""
+def test_moe_gpu_graph_replay_equals_eager(fmt):
+    """fp4_moe captured in a CUDA graph (decode: 4 tokens, Flash expert shapes over 64 experts)
+    and replayed on new tokens and new routing equals eager: no host sync, no shape from data."""
+    t, n_exp, topk = 4, 64, 6
+    b1, b2, b3 = (
+        bank(n_exp, n, k, fmt, "cuda") for n, k in ((2048, 4096), (4096, 2048), (2048, 4096))
+    )
+    banks = [K.FP4Bank(b[0], b[1], b[2], fmt) for b in (b1, b2, b3)]
+    x = torch.randn(t, 4096, device="cuda", dtype=torch.bfloat16)
+    experts = torch.stack([torch.randperm(n_exp, device="cuda")[:topk] for _ in range(t)])
+    weights = torch.rand(t, topk, device="cuda")
+    K.fp4_moe(x, experts, weights, *banks, limit=10.0)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = K.fp4_moe(x, experts, weights, *banks, limit=10.0)
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        experts.copy_(torch.stack([torch.randperm(n_exp, device="cuda")[:topk] for _ in range(t)]))
+        experts[0] = experts[1]  # two tokens on the same experts
+        weights.copy_(torch.rand_like(weights))
+        graph.replay()
+        eager = K.fp4_moe(x, experts, weights, *banks, limit=10.0)
+        assert not static.isnan().any() and rel_l2(static, eager) <= 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["per_expert", "grouped"])
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+def test_reference_model_runs_fp4_banks_gpu(tiny_cfg, fmt, path):
+    """RefDSV4 with its routed experts replaced by FP4 banks (``per_expert``: ExpertBank
+    dequantizing one expert at a time under DenseExperts; ``grouped``: fp4_moe, the served
+    model's path) equals RefDSV4 over the dense dequantized experts, on the GPU, in fp32."""
     from sglang_dsv4.ref.model import RefDSV4
+    from sglang_dsv4.ref.moe import DenseExperts
     from sglang_dsv4.weights.layout import logical_shapes
 
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -131,7 +160,7 @@ def test_reference_model_runs_fp4_banks_gpu(tiny_cfg, fmt):
         else:
             t = 0.05 * torch.randn(shape, device="cuda", generator=g)
         weights[name] = t
-    ref_banks = {}
+    routed = {}
     for spec in tiny_cfg.layers:
         banks = []
         for proj in ("w1", "w2", "w3"):
@@ -149,10 +178,13 @@ def test_reference_model_runs_fp4_banks_gpu(tiny_cfg, fmt):
                 gss.append(gs)
             stacked = (torch.stack(packed), torch.stack(scales), torch.stack(gss).float())
             banks.append(K.ExpertBank(*stacked, fmt, torch.float32))
-        ref_banks[spec.index] = tuple(banks)
+        if path == "per_expert":
+            routed[spec.index] = DenseExperts(*banks)
+        else:
+            routed[spec.index] = lambda x, c, w, limit, dense=False, b=banks: K.fp4_moe(
+                x, c, w, *b, limit
+            )
     ids = torch.randint(2, 1024, (300,), device="cuda", generator=g)
     dense = RefDSV4(tiny_cfg, weights)(ids)
-    banked = RefDSV4(tiny_cfg, weights)
-    banked.experts.update(ref_banks)
-    got = banked(ids)
+    got = RefDSV4(tiny_cfg, weights, experts=routed)(ids)
     assert dense.abs().max() > 0.1 and (got - dense).abs().max() <= 1e-4

@@ -1,51 +1,56 @@
-"""FP4 routed experts kept as banks (the CUDA path of the served model), run on CPU: the Triton
-dequantizing kernel under ``TRITON_INTERPRET=1`` (set before the kernels are imported), the
-model forced onto the FP4 path. Logits equal those of the dense (dequantize-at-load) model."""
-
-import importlib
-import os
+"""``model.experts.FP4Experts``: routed experts kept as FP4 banks (the CUDA path of the served
+model) run by the grouped kernel. On CPU the kernel runs under ``TRITON_INTERPRET=1``
+(tests/conftest.py), in fp32, against :class:`~sglang_dsv4.ref.moe.DenseExperts` over the
+dequantized weights. The served model built on these banks: ``test_kept_quantized.py``."""
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
+from sglang_dsv4.model.experts import FP4Experts, GroupedFP4Experts
+from sglang_dsv4.ref.moe import DenseExperts
+from sglang_dsv4.ref.weight_quant import mxfp4_dequant, mxfp4_quant, nvfp4_dequant, nvfp4_from_mxfp4
+from sglang_dsv4.weights.layout import Fmt, StoredWeight
 
-from sglang_dsv4.ref.model import RefDSV4
-from sglang_dsv4.weights.loader import iter_safetensors
-from sglang_dsv4.weights.names import hf_to_released
-
-
-def _interpreted_kernels():
-    mod = importlib.import_module("sglang_dsv4.kernels.mxfp4_moe")
-    if not torch.cuda.is_available():
-        from triton.runtime.interpreter import InterpretedFunction
-
-        if not isinstance(mod._fp4_dequant_kernel, InterpretedFunction):
-            importlib.reload(mod)  # imported earlier without the interpreter
+E, D, INTER, TOPK = 5, 128, 64, 2
 
 
-@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
-def test_fp4_bank_model_matches_dense(tiny_ckpt_pair, tiny_cfg, monkeypatch, fmt):
-    from transformers import AutoConfig
+def banks(fmt: Fmt) -> tuple[FP4Experts, DenseExperts]:
+    """FP4 banks of random experts and the same experts dequantized (fp32)."""
+    experts = FP4Experts(E, D, INTER, fmt)
+    dense = {"w1": [], "w2": [], "w3": []}
+    for e in range(E):
+        for proj, (n, k) in zip(dense, ((INTER, D), (D, INTER), (INTER, D)), strict=True):
+            packed, scale = mxfp4_quant(torch.randn(n, k) * 0.1)
+            if fmt is Fmt.NVFP4:
+                packed, scale, gs = nvfp4_from_mxfp4(packed, scale)
+                stored = StoredWeight(fmt, packed, scale, gs)
+                dense[proj].append(nvfp4_dequant(packed, scale, gs))
+            else:
+                stored = StoredWeight(fmt, packed, scale)
+                dense[proj].append(mxfp4_dequant(packed, scale))
+            experts.store(e, proj, stored)
+    return experts, DenseExperts(*dense.values())
 
-    import sglang_dsv4.model.deepseek_v4 as served
-    from sglang_dsv4.model.experts import FP4Experts
 
-    _interpreted_kernels()
-    _, rel_dir, hf_model = tiny_ckpt_pair
-    config = AutoConfig.from_pretrained(rel_dir)
-    if fmt == "nvfp4":
-        config.nvfp4_on_load = "experts"
-    monkeypatch.setattr(served, "LogitsProcessor", lambda config: None)  # needs a server
-    monkeypatch.setattr(served, "fp4_expert_format", lambda cfg, nvfp4, device: fmt)
-    model = served.DeepseekV4ForCausalLM(config)
-    model.load_weights(iter_safetensors(rel_dir))
-    banks = [b.ffn.experts for b in model.layers]
-    assert all(isinstance(b, FP4Experts) and b.fmt == fmt for b in banks)
-    assert not any(".experts.0.w1.weight" in n for n, _ in model.named_parameters())
-    ids = torch.randint(2, 1024, (40,), generator=torch.Generator().manual_seed(3))
-    got = model.ref(ids)
-    want = RefDSV4(tiny_cfg, hf_to_released(hf_model.state_dict()))(ids)
-    # the checkpoint's experts are MXFP4 values and NVFP4 re-expresses them exactly
-    assert (got - want).abs().max() <= 1e-5
+@pytest.mark.parametrize("fmt", [Fmt.MXFP4, Fmt.NVFP4])
+def test_grouped_banks_equal_dense_experts(fmt):
+    experts, dense = banks(fmt)
+    routed = experts.routed()
+    assert isinstance(routed, GroupedFP4Experts)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(7, D, generator=g) * 4
+    chosen = torch.stack([torch.randperm(E, generator=g)[:TOPK] for _ in range(7)])
+    chosen[:, 0] = 3  # a crowded expert; expert ids absent from every row too
+    weights = torch.rand(7, TOPK, generator=g)
+    got = routed(x, chosen, weights, 10.0, dense=True)
+    want = dense(x, chosen, weights, 10.0)
+    assert not got.isnan().any() and (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_store_rejects_another_format():
+    experts = FP4Experts(E, D, INTER, Fmt.NVFP4)
+    packed, scale = mxfp4_quant(torch.randn(INTER, D))
+    with pytest.raises(ValueError, match="expert weight in mxfp4, the bank holds nvfp4"):
+        experts.store(0, "w1", StoredWeight(Fmt.MXFP4, packed, scale))
+    with pytest.raises(ValueError, match="mxfp4 or nvfp4"):
+        FP4Experts(E, D, INTER, Fmt.FP8)

@@ -64,3 +64,25 @@ def test_model_loads_with_nvfp4_experts(tiny_ckpt_pair, monkeypatch, fmt_dir):
     else:
         diffs = [((params[n] - want[n]).norm() / want[n].norm()).item() for n in experts]
         assert max(diffs) < 0.15 and exact < len(experts)
+
+
+def test_nvfp4_linears_kept_equal_the_dequantizing_path(tiny_ckpt_pair):
+    """``nvfp4_on_load: linears`` on the GPU path (forced; kernels interpreted on CPU): linears
+    kept as ``NVFP4Linear`` and experts as NVFP4 banks give the logits of the CPU path, which
+    dequantizes the same NVFP4 values at load (fp32; only accumulation order differs)."""
+    from served_model import load_served
+    from torch import nn
+
+    from sglang_dsv4.model.linears import NVFP4Linear
+
+    rel_dir = tiny_ckpt_pair[1]
+    kept = load_served(rel_dir, nvfp4="linears")
+    dense = load_served(rel_dir, nvfp4="linears", kept=False)
+    attn = kept.layers[2].attn
+    assert isinstance(attn.wq_a, NVFP4Linear) and attn.wq_a.weight.dtype == torch.uint8
+    assert isinstance(attn.indexer.wq_b, NVFP4Linear) and type(attn.wo_a) is nn.Linear
+    assert kept.layers[0].ffn.experts.fmt is Fmt.NVFP4
+    assert type(dense.layers[2].attn.wq_a) is nn.Linear
+    ids = torch.randint(2, 1024, (20,), generator=torch.Generator().manual_seed(20))
+    got, want = kept.ref(ids), dense.ref(ids)
+    assert want.abs().max() > 0.1 and (got - want).abs().max() <= 1e-5
