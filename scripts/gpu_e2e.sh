@@ -12,6 +12,9 @@
 #     and prints the two tables last. Exit status 1 if a gate fails.
 #   bash scripts/gpu_e2e.sh --bench 32768    install, then only the Flash-dims benchmark at
 #                                            that input length (own server, context to match).
+#   bash scripts/gpu_e2e.sh --released       install, then the Flash-dims checks, robustness and
+#                                            4K benchmark on a released-format checkpoint (FP8
+#                                            linears + MXFP4 experts, kept quantized on the GPU).
 #
 # env: WHEELHOUSE (default .wheelhouse), OUT (logs + JSON, default /tmp/gpu_e2e)
 set -uo pipefail
@@ -27,6 +30,14 @@ python3 -m pip install -q --no-deps --no-build-isolation --target "${SITE:-/tmp/
     >> "$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
 echo "installed in $(( $(date +%s) - start )) s"
 
+if [ "${1:-}" = "--released" ]; then
+    python3 scripts/gpu_flash_dims.py --work /tmp/fd --format released \
+        > "$OUT/flash_dims_released.txt" 2>&1
+    rc=$?
+    grep -A 30 "^== Flash-dims" "$OUT/flash_dims_released.txt" || tail -n 30 "$OUT/flash_dims_released.txt"
+    echo "total $(( $(date +%s) - start )) s, exit $rc"
+    exit $rc
+fi
 if [ "${1:-}" = "--bench" ]; then
     python3 scripts/gpu_flash_dims.py --work /tmp/fd --bench-only --input-len "${2:-32768}" \
         > "$OUT/flash_dims_bench.txt" 2>&1

