@@ -75,3 +75,19 @@ def inputs(cfg, w, spec, n: int, gen: torch.Generator):
     inv_freq = rope_inv_freq(spec.rope, cfg.rope_dim)
     comp = CompressedInputs(x, compressor(w, spec.index, "compressor"), inv_freq, 1e-6, ix)
     return q, kv, comp
+
+
+def pool_state(lk) -> dict[str, torch.Tensor]:
+    out = {"raw": lk.raw[BLOCK:]}  # swa page 0 is the dummy target
+    for name in ("entries", "index_keys"):
+        if getattr(lk, name) is not None:
+            out[name] = getattr(lk, name)[1:]
+    for name in ("tail", "index_tail"):
+        if getattr(lk, name) is not None:
+            out[name + ".kv"] = getattr(lk, name).kv[:-1]  # the spare row takes padding
+            out[name + ".score"] = getattr(lk, name).score[:-1]
+    for name in ("boundary", "index_boundary"):
+        if getattr(lk, name) is not None:
+            out[name + ".kv"] = getattr(lk, name).kv[1:]
+            out[name + ".score"] = getattr(lk, name).score[1:]
+    return {k: v.clone() for k, v in out.items()}

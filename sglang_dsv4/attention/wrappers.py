@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from sglang_dsv4.attention.plan import BatchPlan, RequestPlan, TailMode
 from sglang_dsv4.mem.pools import LayerKV, TailBuffers
 from sglang_dsv4.ref.attention import attend, window_indices
-from sglang_dsv4.ref.compressor import CompressorState, CompressorWeights, compress
+from sglang_dsv4.ref.compressor import CompressorState, CompressorWeights, compress, project
 from sglang_dsv4.ref.indexer import index_scores, index_topk
 
 __all__ = ["CSAWrapper", "CompressedInputs", "HCAWrapper", "IndexerInputs", "SWAWrapper"]
@@ -159,7 +159,28 @@ class CSAWrapper(HCAWrapper):
         index = _load_tail(lk.index_tail, req, lk.index_boundary)
         ix = comp.indexer
         x = comp.x[req.tokens]
-        # Split at block ends so the state there can be kept for prefix hits.
+        if all(end - self.ratio >= req.prefix for end, _ in req.block_ends):
+            # One pass; the state kept at a block end is the a-half of the window just before
+            # it, i.e. rows of this pass's own projections.
+            ends = torch.tensor([e for e, _ in req.block_ends], dtype=torch.long, device=x.device)
+            pages = torch.tensor([p for _, p in req.block_ends], dtype=torch.long, device=x.device)
+            rows = (ends - req.prefix).unsqueeze(1) + torch.arange(-self.ratio, 0, device=x.device)
+            for w, pool, tail, boundary, state in (
+                (comp.compressor, lk.entries, lk.tail, lk.boundary, main),
+                (ix.compressor, lk.index_keys, lk.index_tail, lk.index_boundary, index),
+            ):
+                kv, score = project(x, req.prefix, w)  # [n, 2D]
+                entries, first, state = compress(
+                    x, req.prefix, state, w, comp.inv_freq, comp.norm_eps, (kv, score)
+                )
+                _store_entries(pool, req, first, entries, self.ratio)
+                d = w.head_dim
+                boundary.kv[pages] = kv[rows, :d]  # [n_ends, 4, D]
+                boundary.score[pages] = score[rows, :d]
+                _save_tail(tail, req, state)
+            return
+        # A block end whose window started before this chunk: split there so the state at the
+        # end comes out of compress().
         pos = req.prefix
         for end, page in [*req.block_ends, (req.seq_len, -1)]:
             if end <= pos:

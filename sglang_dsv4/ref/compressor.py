@@ -30,7 +30,7 @@ import torch
 from sglang_dsv4.ref.norm import rms_norm
 from sglang_dsv4.ref.rope import apply_rope, rope_cos_sin
 
-__all__ = ["CompressorState", "CompressorWeights", "compress", "compress_decode"]
+__all__ = ["CompressorState", "CompressorWeights", "compress", "compress_decode", "project"]
 
 
 @dataclass
@@ -71,6 +71,16 @@ class CompressorState:
         return CompressorState(self.kv.clone(), self.score.clone())
 
 
+def project(
+    x: torch.Tensor, start_pos: int, w: CompressorWeights
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``C`` and ``Z`` (fp32, [T, coff*D]) of tokens ``start_pos ..``, inputs ``x`` [T, hidden]."""
+    positions = start_pos + torch.arange(x.shape[0], device=x.device)
+    kv = x.float() @ w.wkv.float().T
+    score = x.float() @ w.wgate.float().T + w.ape.float()[positions % w.ratio]
+    return kv, score
+
+
 def compress(
     x: torch.Tensor,
     start_pos: int,
@@ -78,8 +88,10 @@ def compress(
     w: CompressorWeights,
     inv_freq: torch.Tensor,
     norm_eps: float = 1e-6,
+    projected: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, int, CompressorState]:
-    """Feed ``x`` [T, hidden] (tokens ``start_pos .. start_pos+T-1`` of one sequence).
+    """Feed ``x`` [T, hidden] (tokens ``start_pos .. start_pos+T-1`` of one sequence);
+    ``projected``: their :func:`project` output when the caller already has it.
 
     Returns ``(entries [E, D], first_entry_index, new_state)``: the entries completed by these
     tokens (``E`` may be 0) and the index of the first of them.
@@ -87,9 +99,7 @@ def compress(
     r, d = w.ratio, w.head_dim
     coff = 2 if w.overlap else 1
     n = x.shape[0]
-    positions = start_pos + torch.arange(n, device=x.device)
-    kv = x.float() @ w.wkv.float().T  # [T, coff*D]
-    score = x.float() @ w.wgate.float().T + w.ape.float()[positions % r]  # [T, coff*D]
+    kv, score = projected if projected is not None else project(x, start_pos, w)  # [T, coff*D]
 
     # Virtual token stream that starts at window (start_pos // r) - (coff - 1): the state's
     # windows followed by the new tokens, padded to whole windows.

@@ -4,7 +4,7 @@ starts a block, ends a block, ends a c4 window, or sits at position 0 — plus p
 
 import pytest
 import torch
-from pool_world import BLOCK, LENGTHS, World, inputs
+from pool_world import BLOCK, LENGTHS, World, inputs, pool_state
 
 from sglang_dsv4.attention.decode import build_decode_meta, decode_attention
 from sglang_dsv4.attention.plan import plan_batch
@@ -16,22 +16,6 @@ from sglang_dsv4.attention.wrappers import (
     SWAWrapper,
 )
 from sglang_dsv4.config import AttnKind
-
-
-def pool_state(lk) -> dict[str, torch.Tensor]:
-    out = {"raw": lk.raw[BLOCK:]}  # swa page 0 is the dummy target
-    for name in ("entries", "index_keys"):
-        if getattr(lk, name) is not None:
-            out[name] = getattr(lk, name)[1:]
-    for name in ("tail", "index_tail"):
-        if getattr(lk, name) is not None:
-            out[name + ".kv"] = getattr(lk, name).kv[:-1]  # the spare row takes padding
-            out[name + ".score"] = getattr(lk, name).score[:-1]
-    for name in ("boundary", "index_boundary"):
-        if getattr(lk, name) is not None:
-            out[name + ".kv"] = getattr(lk, name).kv[1:]
-            out[name + ".score"] = getattr(lk, name).score[1:]
-    return {k: v.clone() for k, v in out.items()}
 
 
 @pytest.mark.parametrize("layer", [0, 2, 3])  # SWA, CSA (c4), HCA (c128)

@@ -6,7 +6,7 @@ the score tensor of long prefills) picks the same entries as one unchunked pass.
 
 import pytest
 import torch
-from pool_world import World, inputs
+from pool_world import World, inputs, pool_state
 
 import sglang_dsv4.attention.wrappers as wrappers_mod
 from sglang_dsv4.attention.plan import plan_batch
@@ -86,3 +86,35 @@ def test_indexer_query_chunks_pick_the_same_entries(tiny_cfg, tiny_weights, monk
     got = _run_steps(cfg, tiny_weights, 2, "cpu", torch.float32, None)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, atol=1e-6, rtol=0)
+
+
+def test_one_pass_flush_keeps_the_same_block_end_state(tiny_cfg, tiny_weights):
+    """A c4 prefill of 0..300 in one pass (block-end state gathered from the pass's projections)
+    leaves the same entries, indexer keys, tails and block-end state as 0..126 then 126..300,
+    whose block end 128 has its last window split across the chunks (compress() segments)."""
+    cfg, layer = tiny_cfg, 2
+    spec = cfg.layers[layer]
+    gen = torch.Generator().manual_seed(5)
+    q, kv, comp = inputs(cfg, tiny_weights, spec, 300, gen)
+    states = []
+    for chunks in ([(0, 300)], [(0, 126), (126, 300)]):
+        world = World(cfg)
+        lk = world.pool.layer(layer)
+        wrapper = _wrapper(cfg, spec.attn, None)
+        for p, s in chunks:
+            fb = world.batch([0], [p], [s], decode=False)
+            wrapper.plan(plan_batch(fb, world.pool, world.rtp))
+            sink, scale = torch.zeros(cfg.num_heads), cfg.head_dim**-0.5
+            wrapper.run(lk, q[p:s], kv[p:s], sink, scale, _slice(comp, p, s))
+        states.append(pool_state(lk))
+    one, split = states
+    assert one["boundary.kv"].abs().sum() > 0  # block ends 128 and 256 were written
+    for k, v in one.items():
+        torch.testing.assert_close(v, split[k], atol=1e-5, rtol=1e-6, msg=k)
+
+
+def _slice(comp, lo: int, hi: int):
+    from dataclasses import replace
+
+    ix = replace(comp.indexer, q=comp.indexer.q[lo:hi], weights=comp.indexer.weights[lo:hi])
+    return replace(comp, x=comp.x[lo:hi], indexer=ix)
