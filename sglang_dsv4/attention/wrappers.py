@@ -46,8 +46,9 @@ class CompressedInputs:
 class SWAWrapper:
     """Every layer kind: store the new raw rows, build each query's key lists, attend.
 
-    A query's lists are its ``swa_window`` slots in ``raw`` (``_window``) and, on compressed
-    layers, rows of the flattened entry pool (``_entry_lists``). With a ``kernel``
+    A query's lists are its ``swa_window`` slots in ``raw`` and, on compressed layers, rows of
+    the flattened entry pool (``_entry_lists``). Lists that do not depend on the layer (windows,
+    c128 visible entries) are built once in ``plan()``. With a ``kernel``
     (``kernels.attention.SparseMQA``, GPU with bf16 rows) one launch covers the whole batch;
     without, the ``ref`` softmax runs request by request on the gathered rows."""
 
@@ -60,9 +61,11 @@ class SWAWrapper:
 
     def plan(self, batch: BatchPlan) -> None:
         self._plan = batch
+        self._windows = [self._window(req) for req in batch.requests]  # [n_i, W] swa slots
+        self._extra_rows = None  # [T, K] int32 kernel entry lists, when fixed for the batch
         if self.kernel is not None:
-            n_tokens = int(batch.out_loc.numel())
-            self.kernel.plan(n_tokens, self.window, self._max_entries(batch))
+            self._window_rows = torch.cat(self._windows).int()  # [T, W]
+            self.kernel.plan(int(batch.out_loc.numel()), self.window, self._max_entries(batch))
 
     def _max_entries(self, batch: BatchPlan) -> int:
         """Longest entry list of a query of this batch (0: no entries)."""
@@ -80,19 +83,22 @@ class SWAWrapper:
         """``q`` [T, H, D], ``kv`` [T, D] of the new tokens -> ``o`` [T, H, D]."""
         batch = self._plan
         lk.raw[batch.out_loc_swa] = kv.to(lk.raw.dtype)
-        lists = [(self._window(req), self._entry_lists(lk, req, comp)) for req in batch.requests]
+        lists = self._entry_lists(lk, comp)  # per request [n_i, K_i], or None
         entries = lk.entries.flatten(0, 1) if lk.entries is not None else None  # [rows, D]
         if self.kernel is not None:
-            window = torch.cat([w for w, _ in lists]).int()  # [T, W]
             extra = {}
-            if entries is not None and self.kernel.extra_topk:
-                rows = _pad_cat([r for _, r in lists], self.kernel.extra_topk)  # [T, K]
-                extra = {"extra_kv": entries, "extra_indices": rows.int()}
+            if lists is not None and self.kernel.extra_topk:
+                rows = self._extra_rows
+                if rows is None:
+                    rows = _pad_cat(lists, self.kernel.extra_topk).int()  # [T, K]
+                extra = {"extra_kv": entries, "extra_indices": rows}
+            window = self._window_rows
             return self.kernel.run(q, lk.raw, window, sink, scale, out=torch.empty_like(q), **extra)
         out = torch.empty_like(q)
-        for req, (window, rows) in zip(batch.requests, lists, strict=True):
+        for i, (req, window) in enumerate(zip(batch.requests, self._windows, strict=True)):
             keys, valid = lk.raw[window.clamp(min=0)], window >= 0  # [n, W, D], [n, W]
-            if rows is not None:
+            if lists is not None:
+                rows = lists[i]
                 keys = torch.cat([keys, entries[rows.clamp(min=0)].to(keys.dtype)], dim=1)
                 valid = torch.cat([valid, rows >= 0], dim=1)
             out[req.tokens] = attend(q[req.tokens], keys, valid, sink, scale)
@@ -103,8 +109,8 @@ class SWAWrapper:
         idx = window_indices(req.positions, self.window, -req.window_lo)
         return torch.where(idx >= 0, req.window_slots[idx.clamp(min=0)], -1)
 
-    def _entry_lists(self, lk, req, comp) -> torch.Tensor | None:
-        """[n, K] rows of the flattened entries each query attends (-1 = none), or None."""
+    def _entry_lists(self, lk, comp) -> list[torch.Tensor] | None:
+        """Per request, [n, K] rows of the flattened entries each query attends (-1 = none)."""
         return None
 
 
@@ -113,15 +119,26 @@ class HCAWrapper(SWAWrapper):
 
     ratio = 128
 
+    def plan(self, batch: BatchPlan) -> None:
+        super().plan(batch)
+        self._rows = [self._entry_rows(req) for req in batch.requests]  # [E_i] flat entry rows
+        self._visible = [  # [n_i, E_i]: the same for every c128 layer
+            self._visible_lists(req, rows)
+            for req, rows in zip(batch.requests, self._rows, strict=True)
+        ]
+        if self.kernel is not None and self.kernel.extra_topk:
+            self._extra_rows = _pad_cat(self._visible, self.kernel.extra_topk).int()
+
     def _max_entries(self, batch: BatchPlan) -> int:
         return max((r.seq_len // self.ratio for r in batch.requests), default=0)
 
     def run(self, lk, q, kv, sink, scale, comp: CompressedInputs | None = None):
-        for req in self._plan.requests:
-            self._flush(req, lk, comp)
+        for i, req in enumerate(self._plan.requests):
+            self._flush(i, req, lk, comp)
         return super().run(lk, q, kv, sink, scale, comp)
 
-    def _flush(self, req: RequestPlan, lk: LayerKV, comp: CompressedInputs) -> None:
+    def _flush(self, i: int, req: RequestPlan, lk: LayerKV, comp: CompressedInputs) -> None:
+        """Request ``i`` of the batch: its new tokens through the compressor(s)."""
         state = _load_tail(lk.tail, req, lk.boundary)
         entries, first, state = compress(
             comp.x[req.tokens], req.prefix, state, comp.compressor, comp.inv_freq, comp.norm_eps
@@ -134,11 +151,14 @@ class HCAWrapper(SWAWrapper):
         n = req.seq_len // self.ratio
         return req.slots[: n * self.ratio : self.ratio] // self.ratio
 
-    def _entry_lists(self, lk, req, comp):
-        rows = self._entry_rows(req)  # [E]
+    def _visible_lists(self, req: RequestPlan, rows: torch.Tensor) -> torch.Tensor:
+        """[n, E] every entry row a query of ``req`` sees (-1 past its visible count)."""
         visible = (req.positions + 1) // self.ratio  # [n]
         ids = torch.arange(rows.numel(), device=rows.device)
-        return torch.where(ids < visible.unsqueeze(1), rows, -1)  # [n, E]
+        return torch.where(ids < visible.unsqueeze(1), rows, -1)
+
+    def _entry_lists(self, lk, comp):
+        return self._visible
 
 
 class CSAWrapper(HCAWrapper):
@@ -151,59 +171,55 @@ class CSAWrapper(HCAWrapper):
         super().__init__(window, kernel)
         self.topk = topk
 
+    def plan(self, batch: BatchPlan) -> None:
+        SWAWrapper.plan(self, batch)  # the c128 visible lists do not apply: top-k per layer
+        self._rows = [self._entry_rows(req) for req in batch.requests]
+        self._block_ends = [self._block_end_rows(req) for req in batch.requests]
+
     def _max_entries(self, batch: BatchPlan) -> int:
         return min(self.topk, super()._max_entries(batch))
 
-    def _flush(self, req: RequestPlan, lk: LayerKV, comp: CompressedInputs) -> None:
-        main = _load_tail(lk.tail, req, lk.boundary)
-        index = _load_tail(lk.index_tail, req, lk.index_boundary)
-        ix = comp.indexer
-        x = comp.x[req.tokens]
-        if all(end - self.ratio >= req.prefix for end, _ in req.block_ends):
-            # One pass; the state kept at a block end is the a-half of the window just before
-            # it, i.e. rows of this pass's own projections.
-            ends = torch.tensor([e for e, _ in req.block_ends], dtype=torch.long, device=x.device)
-            pages = torch.tensor([p for _, p in req.block_ends], dtype=torch.long, device=x.device)
-            rows = (ends - req.prefix).unsqueeze(1) + torch.arange(-self.ratio, 0, device=x.device)
-            for w, pool, tail, boundary, state in (
-                (comp.compressor, lk.entries, lk.tail, lk.boundary, main),
-                (ix.compressor, lk.index_keys, lk.index_tail, lk.index_boundary, index),
-            ):
-                kv, score = project(x, req.prefix, w)  # [n, 2D]
-                entries, first, state = compress(
-                    x, req.prefix, state, w, comp.inv_freq, comp.norm_eps, (kv, score)
-                )
-                _store_entries(pool, req, first, entries, self.ratio)
-                d = w.head_dim
-                boundary.kv[pages] = kv[rows, :d]  # [n_ends, 4, D]
-                boundary.score[pages] = score[rows, :d]
-                _save_tail(tail, req, state)
-            return
-        # A block end whose window started before this chunk: split there so the state at the
-        # end comes out of compress().
-        pos = req.prefix
-        for end, page in [*req.block_ends, (req.seq_len, -1)]:
-            if end <= pos:
-                continue
-            seg = x[pos - req.prefix : end - req.prefix]
-            entries, first, main = compress(
-                seg, pos, main, comp.compressor, comp.inv_freq, comp.norm_eps
-            )
-            _store_entries(lk.entries, req, first, entries, self.ratio)
-            keys, first, index = compress(
-                seg, pos, index, ix.compressor, comp.inv_freq, comp.norm_eps
-            )
-            _store_entries(lk.index_keys, req, first, keys, self.ratio)
-            if page >= 0:
-                _save_boundary(lk.boundary, page, main)
-                _save_boundary(lk.index_boundary, page, index)
-            pos = end
-        _save_tail(lk.tail, req, main)
-        _save_tail(lk.index_tail, req, index)
+    def _block_end_rows(self, req: RequestPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """(swa pages [B], rows [B, r]) per block end in (P, S]: where its state is kept, and the
+        rows of the window just before it in the stream "current window's tail tokens, then the
+        new tokens" (that window's a-halves are the state kept at the block end)."""
+        device = req.slots.device
+        ends = torch.tensor([e for e, _ in req.block_ends], dtype=torch.long, device=device)
+        pages = torch.tensor([p for _, p in req.block_ends], dtype=torch.long, device=device)
+        start = req.prefix - req.prefix % self.ratio  # position of the stream's first row
+        rows = (ends - start).unsqueeze(1) + torch.arange(-self.ratio, 0, device=device)
+        return pages, rows
 
-    def _entry_lists(self, lk, req, comp):
-        ix = comp.indexer
-        rows = self._entry_rows(req)  # [E]
+    def _flush(self, i: int, req: RequestPlan, lk: LayerKV, comp: CompressedInputs) -> None:
+        x = comp.x[req.tokens]
+        pages, rows = self._block_ends[i]
+        held = req.prefix % self.ratio  # tokens of the current window already in the tail
+        for w, pool, tail, boundary in (
+            (comp.compressor, lk.entries, lk.tail, lk.boundary),
+            (comp.indexer.compressor, lk.index_keys, lk.index_tail, lk.index_boundary),
+        ):
+            state = _load_tail(tail, req, boundary)
+            kv, score = project(x, req.prefix, w)  # [n, 2D]
+            # the tail's current-window slots [r, r + held) precede the new tokens
+            stream_kv = torch.cat([state.kv[self.ratio : self.ratio + held], kv])
+            stream_score = torch.cat([state.score[self.ratio : self.ratio + held], score])
+            entries, first, state = compress(
+                x, req.prefix, state, w, comp.inv_freq, comp.norm_eps, (kv, score)
+            )
+            _store_entries(pool, req, first, entries, self.ratio)
+            d = w.head_dim
+            boundary.kv[pages] = stream_kv[rows, :d]  # [n_ends, r, D]
+            boundary.score[pages] = stream_score[rows, :d]
+            _save_tail(tail, req, state)
+
+    def _entry_lists(self, lk, comp):
+        return [
+            self._top_k(lk, comp.indexer, req, rows)
+            for req, rows in zip(self._plan.requests, self._rows, strict=True)
+        ]
+
+    def _top_k(self, lk, ix: IndexerInputs, req: RequestPlan, rows: torch.Tensor) -> torch.Tensor:
+        """[n, min(topk, E)] entry rows the indexer picks for the queries of ``req``."""
         index_keys = lk.index_keys.flatten(0, 1)[rows]  # [E, Di]
         q, w, positions = ix.q[req.tokens], ix.weights[req.tokens], req.positions
         # Queries in chunks: the scores of one chunk are [c, Hi, E] fp32 before the head sum.
@@ -249,13 +265,6 @@ def _load_tail(
 def _save_tail(tail: TailBuffers, req: RequestPlan, state: CompressorState) -> None:
     tail.kv[req.req_slot] = state.kv
     tail.score[req.req_slot] = state.score
-
-
-def _save_boundary(boundary: TailBuffers, page: int, state: CompressorState) -> None:
-    """The previous window's a-halves (slots [0, r), channels [0, D)) at a block end."""
-    half, d = boundary.kv.shape[1], boundary.kv.shape[2]
-    boundary.kv[page] = state.kv[:half, :d]
-    boundary.score[page] = state.score[:half, :d]
 
 
 def _store_entries(

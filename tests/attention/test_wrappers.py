@@ -91,7 +91,8 @@ def test_indexer_query_chunks_pick_the_same_entries(tiny_cfg, tiny_weights, monk
 def test_one_pass_flush_keeps_the_same_block_end_state(tiny_cfg, tiny_weights):
     """A c4 prefill of 0..300 in one pass (block-end state gathered from the pass's projections)
     leaves the same entries, indexer keys, tails and block-end state as 0..126 then 126..300,
-    whose block end 128 has its last window split across the chunks (compress() segments)."""
+    whose block end 128 has its last window split across the chunks (two of its rows come from
+    the tail)."""
     cfg, layer = tiny_cfg, 2
     spec = cfg.layers[layer]
     gen = torch.Generator().manual_seed(5)
