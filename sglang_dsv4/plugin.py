@@ -174,7 +174,8 @@ def _quantization_config(original, model_config, load_config):
 def _check_token_ids(self, obj, input_ids, *args, **kwargs):
     """Refuse token ids outside ``[0, vocab)`` before they reach the scheduler: an embedding
     lookup past the table kills the scheduler process (a device assert on GPU). SGLang 0.5.17
-    defines ``_validate_input_ids_in_vocab`` but never calls it."""
+    defines ``_validate_input_ids_in_vocab`` but never calls it; that check would also let
+    negative ids through and quote the whole prompt in its message."""
     if input_ids and _is_dsv4(self.model_config.hf_config):
         vocab = self.model_config.vocab_size
         bad = next((t for t in input_ids if not 0 <= t < vocab), None)

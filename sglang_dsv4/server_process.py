@@ -30,9 +30,14 @@ class Server:
     """``python -m sglang.launch_server`` in a subprocess; ``log`` holds its output."""
 
     def __init__(
-        self, args: list[str], log_path: Path, env: dict | None = None, timeout: float = 300
+        self,
+        args: list[str],
+        log_path: Path,
+        env: dict | None = None,
+        timeout: float = 300,
+        port: int | None = None,
     ):
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         cmd = [sys.executable, "-m", "sglang.launch_server", *args, "--port", str(self.port)]

@@ -1,17 +1,15 @@
-"""The SGLang server the evals talk to: started here (``python -m sglang.launch_server``) or
-already running on a port, and the few HTTP calls the evals make."""
+"""The SGLang server the evals talk to: started here (a
+:class:`sglang_dsv4.server_process.Server`) or already running on a port, and the few HTTP calls
+the evals make."""
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import requests
+
+from sglang_dsv4.server_process import Server as ServerProcess
 
 __all__ = ["Server", "attach_or_start"]
 
@@ -20,8 +18,7 @@ __all__ = ["Server", "attach_or_start"]
 class Server:
     url: str
     model_path: str  # local directory or repo id the server loaded
-    proc: subprocess.Popen | None = None  # None: not ours, left running
-    log_path: Path | None = None
+    process: ServerProcess | None = None  # None: not ours, left running
     info: dict = field(default_factory=dict)
 
     def generate(self, input_ids, max_new_tokens: int, **extra) -> dict | list:
@@ -43,19 +40,8 @@ class Server:
         requests.post(self.url + "/flush_cache", timeout=60).raise_for_status()
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        if self.process is not None:
+            self.process.stop()
 
 
 def _healthy(url: str) -> bool:
@@ -77,21 +63,8 @@ def attach_or_start(
     if port is not None and _healthy(url := f"http://127.0.0.1:{port}"):
         info = requests.get(url + "/model_info", timeout=30).json()
         return Server(url=url, model_path=info["model_path"], info=info)
-    port = port or _free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", model or "dsv4"]
-    cmd += ["--port", str(port), *server_args]
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    log = open(log_path, "w")  # noqa: SIM115 - the child writes into it until stop()
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            tail = log_path.read_text()[-4000:]
-            raise RuntimeError(f"server exited ({proc.returncode}):\n{tail}")
-        if _healthy(url):
-            info = requests.get(url + "/model_info", timeout=30).json()
-            return Server(url, info["model_path"], proc, log_path, info)
-        time.sleep(1)
-    proc.kill()
-    raise TimeoutError(f"server not up after {timeout:.0f}s:\n{log_path.read_text()[-4000:]}")
+    args = ["--model-path", model or "dsv4", *server_args]
+    process = ServerProcess(args, log_path, timeout=timeout, port=port)
+    info = requests.get(process.url + "/model_info", timeout=30).json()
+    return Server(process.url, info["model_path"], process, info)

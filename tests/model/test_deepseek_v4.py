@@ -9,6 +9,8 @@ import requests
 import torch
 from conftest import SERVER_ARGS
 
+from sglang_dsv4.server_checks import used_tokens
+
 PROMPT_LENS = (1, 3, 4, 127, 128, 129, 300, 650)
 DECODE = 32
 
@@ -107,14 +109,8 @@ def test_prefix_hit_at_block_boundary_is_identical(tiny_server, solo):
 
 @pytest.mark.server
 def test_pool_is_empty_after_flush(tiny_server, solo):
-    tiny_server_flush(tiny_server)
-    loads = requests.get(tiny_server.url + "/v1/loads", timeout=30).json()
-    used = (
-        [d["num_used_tokens"] for d in loads["loads"]]
-        if "loads" in loads
-        else [loads["num_used_tokens"]]
-    )
-    assert used == [0] * len(used), loads
+    used = used_tokens(tiny_server.url)  # after a cache flush
+    assert used == [0] * len(used), used
 
 
 @pytest.mark.server
