@@ -20,7 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-import requests
 import torch
 
 from sglang_dsv4.checkpoint import load_state_dict
@@ -34,34 +33,27 @@ PROMPT_LENS = (5, 300, 1000)
 DECODE = 16
 
 
-def generate(url: str, ids: list[int], n: int) -> dict:
-    body = {
-        "input_ids": ids,
-        "sampling_params": {"temperature": 0, "max_new_tokens": n, "ignore_eos": True},
-    }
-    r = requests.post(url + "/generate", json=body, timeout=600)
-    r.raise_for_status()
-    return r.json()
+def measure(server: Server) -> dict:
+    def generate(ids: list[int], n: int) -> dict:
+        return server.generate(ids, n, return_logprob=False, logprob_start_len=-1)
 
-
-def measure(url: str, vocab: int) -> dict:
     ids = list(range(100, 116))
     for _ in range(2):
-        generate(url, ids, 1)
+        generate(ids, 1)
     ttft = []
     for _ in range(5):
         t = time.perf_counter()
-        generate(url, ids, 1)
+        generate(ids, 1)
         ttft.append(time.perf_counter() - t)
     t = time.perf_counter()
-    generate(url, ids, 129)
+    generate(ids, 129)
     decode_b1 = 128 / (time.perf_counter() - t - statistics.median(ttft))
     out = {"ttft_ms": 1000 * statistics.median(ttft), "decode_tok_s_bs1": decode_b1}
     for bs in (8, 32):
         prompts = [list(range(200 + i, 216 + i)) for i in range(bs)]
         t = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(bs) as pool:
-            outs = list(pool.map(lambda p: generate(url, p, 128), prompts))
+            outs = list(pool.map(lambda p: generate(p, 128), prompts))
         out[f"decode_tok_s_bs{bs}"] = bs * 128 / (time.perf_counter() - t)
         out[f"batch{bs}_tokens"] = [o["output_ids"] for o in outs]
     return out
@@ -74,7 +66,7 @@ def serve_and_check(extra: list[str], log: Path, ref: RefDSV4, device: str):
         rows = compare_with_reference(server, ref, PROMPT_LENS, DECODE, device)
         for r in rows:
             r["greedy_equal"] = r["greedy_agreement"] == 1.0
-        return rows, measure(server.url, ref.cfg.vocab_size)
+        return rows, measure(server)
     finally:
         server.stop()
 
