@@ -16,6 +16,19 @@ def default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(old)
 
 
+def served_tensors(model) -> dict[str, torch.Tensor]:
+    """The served model's parameters and buffers under released names: expert banks as
+    per-expert views (``layers.0.ffn.experts.3.w1.weight``), other tensors as named."""
+    out = dict(model.named_parameters()) | dict(model.named_buffers())
+    for block in model.layers:
+        p = f"layers.{block.spec.index}.ffn."
+        views = block.ffn.released(p)
+        if views:
+            out = {n: t for n, t in out.items() if not n.startswith(p + "experts.")}
+            out |= views
+    return out
+
+
 def load_served(ckpt, *, kept: bool = True, device="cpu", dtype=torch.float32, nvfp4=None):
     """The served model of checkpoint dir ``ckpt`` built on ``device`` in ``dtype``, weights
     loaded; ``kept`` forces the keep-quantized decision (the CUDA path,

@@ -15,6 +15,7 @@ import logging
 import pytest
 import torch
 from served_model import load_served as load
+from served_model import served_tensors
 from torch import nn
 
 from sglang_dsv4.config import DSV4Config
@@ -59,7 +60,7 @@ def test_kept_model_equals_dequantized_reference(released, tiny_cfg, caplog):
         else ("{'fp8 linear': 188}")
     )
     assert f"kept quantized (not dequantized): {want_log}" in caplog.text
-    params = dict(model.named_parameters()) | dict(model.named_buffers())
+    params = served_tensors(model)
     for i in range(len(model.layers)):
         for lin in FP8_LINEARS:
             name = f"layers.{i}.{lin}"
