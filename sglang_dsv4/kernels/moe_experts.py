@@ -159,9 +159,11 @@ def moe_experts_slots(
     bank: ExpertWeights,
     limit: float,
     shared_row: int | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x`` [T, d], ``chosen`` int [T, k], ``weights`` [T, k] -> [T, d] in x's dtype: the sum
-    over slots of weight * expert(x), plus the shared expert when ``shared_row`` is given."""
+    """``x`` [T, d], ``chosen`` int [T, k], ``weights`` [T, k] -> [T, d] in x's dtype (into
+    ``out`` when given): the sum over slots of weight * expert(x), plus the shared expert when
+    ``shared_row`` is given."""
     t, d = x.shape
     bank.check(d)
     topk = chosen.shape[1]
@@ -169,7 +171,7 @@ def moe_experts_slots(
     slots = topk + (shared_row is not None)
     x, chosen, weights = x.contiguous(), chosen.contiguous(), weights.float().contiguous()
     h = torch.empty(t * slots, inter, dtype=x.dtype, device=x.device)  # [T * S, I]
-    out = torch.empty(t, d, dtype=x.dtype, device=x.device)
+    out = torch.empty(t, d, dtype=x.dtype, device=x.device) if out is None else out
     if t == 0:
         return out
     s13, s2 = _scales(bank)
@@ -317,6 +319,7 @@ def moe_experts_sorted(
     bank: ExpertWeights,
     limit: float,
     shared_row: int | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """As :func:`moe_experts_slots`, as a sorted grouped GEMM (module docstring)."""
     t, d = x.shape
@@ -330,8 +333,9 @@ def moe_experts_sorted(
         weights = torch.cat([weights, weights.new_ones(t, 1)], dim=1)
     slots = chosen.shape[1]
     pairs = t * slots
+    out = torch.empty(t, d, dtype=x.dtype, device=x.device) if out is None else out
     if t == 0:
-        return torch.empty(0, d, dtype=x.dtype, device=x.device)
+        return out
     # pairs grouped by expert; group r starts at the first sorted id >= r (searchsorted, not
     # bincount: bincount sizes its output from the data and syncs)
     sorted_ids, order = torch.sort(chosen.reshape(-1), stable=True)  # [P]
@@ -359,4 +363,4 @@ def moe_experts_sorted(
         y_ptr=y, stride_we=bank.w2.stride(0), stride_wn=bank.w2.stride(1),
         stride_se=s2.stride(0), stride_sn=s2.stride(1), BLOCK_N=64, BLOCK_K=64, **common,
     )  # fmt: skip
-    return y.view(t, slots, d).sum(dim=1).to(x.dtype)
+    return out.copy_(y.view(t, slots, d).sum(dim=1))

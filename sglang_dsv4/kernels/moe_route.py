@@ -177,9 +177,11 @@ def moe_route(
     topk: int,
     routed_scaling_factor: float,
     scoring_func: str = "sqrtsoftplus",
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``x`` [T, d], ``gate`` [E, d]; ``bias`` [E] (scored layers) or ``tid2eid`` [vocab, k] and
-    token ``ids`` [T] (hash layers) -> (chosen int32 [T, k], weights fp32 [T, k])."""
+    token ``ids`` [T] (hash layers) -> (chosen int32 [T, k], weights fp32 [T, k]), written into
+    ``out`` when given (contiguous, those dtypes)."""
     if scoring_func not in SCORING:
         raise ValueError(f"unknown scoring_func {scoring_func!r}")
     hashed = tid2eid is not None
@@ -190,8 +192,12 @@ def moe_route(
     if gate.shape[1] != d or (hashed and tid2eid.shape[1] != topk) or topk > n_exp:
         raise ValueError(f"x {tuple(x.shape)}, gate {tuple(gate.shape)}, top-k {topk}")
     x, gate = x.contiguous(), gate.contiguous()
-    chosen = torch.empty(t, topk, dtype=torch.int32, device=x.device)
-    weights = torch.empty(t, topk, dtype=torch.float32, device=x.device)
+    if out is None:
+        out = (
+            torch.empty(t, topk, dtype=torch.int32, device=x.device),
+            torch.empty(t, topk, dtype=torch.float32, device=x.device),
+        )
+    chosen, weights = out
     if t == 0:
         return chosen, weights
     dummy = chosen  # stands in for the pointers a layer kind does not use
