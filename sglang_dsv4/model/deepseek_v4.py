@@ -12,12 +12,12 @@ Where quantized weights go (decided per released name by
 
 * CPU: everything is dequantized once at load into dense ``nn.Linear`` weights;
 * CUDA: the released FP8 linears (attention ``wq_a wq_b wkv wo_b``, ``indexer.wq_b``, shared
-  experts, routed experts of ``expert_dtype: fp8``) stay FP8 in
-  :class:`~sglang_dsv4.model.linears.FP8Linear` (W8A16 kernel); NVFP4-on-load linears stay NVFP4
-  (:class:`~sglang_dsv4.model.linears.NVFP4Linear`); FP4 routed experts stay FP4 banks run by the
-  grouped kernel (:mod:`sglang_dsv4.model.experts`). ``wo_a`` and the BF16 / FP32 tensors are
-  dense. The reference math calls the quantized modules through
-  :func:`~sglang_dsv4.ref.linear.linear`; all of them are CUDA-graph safe.
+  experts) stay FP8 in :class:`~sglang_dsv4.model.linears.FP8Linear` (W8A16 kernel);
+  NVFP4-on-load linears stay NVFP4 (:class:`~sglang_dsv4.model.linears.NVFP4Linear`); routed
+  experts are one bank per layer (dense, FP8 of ``expert_dtype: fp8`` with the shared expert as
+  a row, or FP4) run by grouped kernels (:mod:`sglang_dsv4.model.experts`, ``self.ops.moe``).
+  ``wo_a`` and the BF16 / FP32 tensors are dense. The reference math calls the quantized
+  modules through :func:`~sglang_dsv4.ref.linear.linear`; all of them are CUDA-graph safe.
 """
 
 import logging
