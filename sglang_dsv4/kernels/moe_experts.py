@@ -123,9 +123,13 @@ def _slot_w2_kernel(h_ptr, chosen_ptr, weights_ptr, w_ptr, s_ptr, out_ptr, D, I,
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < D
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for j in tl.static_range(SLOTS):
-        e = _slot_expert(chosen_ptr, t, j, shared_row, TOPK)
-        wt = tl.load(weights_ptr + t * TOPK + j, mask=j < TOPK, other=1.0)  # shared: 1
+    for j in tl.static_range(SLOTS):  # j is a compile-time constant: one branch is built
+        if j < TOPK:
+            e = tl.load(chosen_ptr + t * TOPK + j).to(tl.int64)
+            wt = tl.load(weights_ptr + t * TOPK + j)
+        else:  # the shared expert, weight 1
+            e = tl.zeros((), dtype=tl.int64) + shared_row
+            wt = 1.0
         w_e = w_ptr + e * stride_we
         s_e = s_ptr + e * stride_se
         part = tl.zeros((BLOCK_N,), dtype=tl.float32)
