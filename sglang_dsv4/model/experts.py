@@ -35,6 +35,7 @@ from sglang_dsv4.config import DSV4Config, LayerSpec
 from sglang_dsv4.kernels.fp8_linear import fp8_block_linear
 from sglang_dsv4.kernels.moe_experts import (
     ExpertWeights,
+    Proj,
     moe_experts_slots,
     moe_experts_sorted,
 )
@@ -140,8 +141,8 @@ class StackedExperts(nn.Module):
     def weights(self) -> ExpertWeights:
         """The banks as the grouped kernels' operand."""
         if self.fmt is None:
-            return ExpertWeights(self.w13, self.w2)
-        return ExpertWeights(self.w13, self.w2, self.w13_scale, self.w2_scale)
+            return ExpertWeights.stacked(self.w13, self.w2)
+        return ExpertWeights.stacked(self.w13, self.w2, self.w13_scale, self.w2_scale)
 
     def grouped(self, x, chosen, weights, limit: float, form: str, shared_row: int | None):
         """Routed (+ shared row) experts through the kernel ``form`` (``slots`` / ``sorted``)."""
@@ -229,10 +230,15 @@ class FP4Experts(nn.Module):
         grouped kernel is the one way to run them."""
         return self.routed()
 
+    def weights(self) -> ExpertWeights:
+        """The banks as the grouped kernels' operand."""
+        return ExpertWeights(*(Proj(*self.bank(k)[:3]) for k in ("w1", "w3", "w2")), self.fmt.value)
+
     def grouped(self, x, chosen, weights, limit: float, form: str, shared_row: int | None):
-        """Routed experts through :func:`~sglang_dsv4.kernels.mxfp4_moe.fp4_moe` (one form;
-        an FP4 layer's shared expert is a separate module, ``shared_row`` is None)."""
-        return self.routed()(x, chosen, weights, limit)
+        """Routed experts through the kernel ``form`` (an FP4 layer's shared expert is a
+        separate module: ``shared_row`` is None)."""
+        run = moe_experts_slots if form == "slots" else moe_experts_sorted
+        return run(x, chosen, weights, self.weights(), limit, shared_row)
 
 
 class SwiGLUExpert(nn.Module):

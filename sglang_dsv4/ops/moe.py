@@ -9,10 +9,10 @@
   expert), the numbers of ``RefDSV4.ffn`` exactly;
 * :class:`MoeTriton` (CUDA): routing in one kernel
   (:func:`~sglang_dsv4.kernels.moe_route.moe_route`), then the bank's grouped kernels
-  (:mod:`sglang_dsv4.kernels.moe_experts` for dense / FP8 banks, the shared expert included as
-  one more slot; ``fp4_moe`` for FP4 banks). Three launches per layer at decode for dense / FP8
-  banks, no host sync, no shape from data: the same code runs eagerly and under CUDA-graph
-  capture (no "every expert on every token").
+  (:mod:`sglang_dsv4.kernels.moe_experts`, dense / FP8 / FP4 banks; the shared expert is one
+  more slot when it is a bank row). Three launches per layer at decode for dense / FP8 banks
+  (FP4 layers add their separate FP8 shared expert); no host sync, no shape from data: the same
+  code runs eagerly and under CUDA-graph capture (no "every expert on every token").
 
 The kernel form of dense / FP8 banks is picked per token count from :data:`SLOT_MAX_TOKENS`:
 the slot (GEMV) form reads only the chosen experts' rows once per token slot, the best at batch
@@ -30,9 +30,12 @@ from sglang_dsv4.weights.layout import Fmt
 
 __all__ = ["SLOT_MAX_TOKENS", "MoeTorch", "MoeTriton", "moe_ops"]
 
-SLOT_MAX_TOKENS = {"bf16": 4, "fp8": 4}
+SLOT_MAX_TOKENS = {"bf16": 4, "fp8": 4, "fp4": 4}
 """Largest token count run in the slot form, by bank format (above it: the sorted form).
 Default until measured: ``python scripts/bench_moe.py`` prints the crossover it sees."""
+
+
+_FORMS_KEY = {Fmt.FP8: "fp8", Fmt.MXFP4: "fp4", Fmt.NVFP4: "fp4"}
 
 
 class MoeTorch:
@@ -81,7 +84,7 @@ class MoeTriton(MoeTorch):
     @staticmethod
     def form(layer, tokens: int) -> str:
         """Kernel form for ``tokens`` rows (a static shape: fixed per captured graph)."""
-        fmt = "fp8" if layer.experts.fmt is Fmt.FP8 else "bf16"
+        fmt = _FORMS_KEY.get(layer.experts.fmt, "bf16")
         return "slots" if tokens <= SLOT_MAX_TOKENS[fmt] else "sorted"
 
     def ffn(self, layer, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

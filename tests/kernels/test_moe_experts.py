@@ -1,6 +1,6 @@
-"""``kernels.moe_experts`` (slot and sorted forms, dense and FP8 banks, shared expert as a bank
-row) against :class:`~sglang_dsv4.ref.moe.DenseExperts` + :func:`~sglang_dsv4.ref.moe.swiglu`
-over the same (dequantized) weights, in fp32.
+"""``kernels.moe_experts`` (slot and sorted forms; dense, FP8, MXFP4 and NVFP4 banks; shared
+expert as a bank row) against :class:`~sglang_dsv4.ref.moe.DenseExperts` +
+:func:`~sglang_dsv4.ref.moe.swiglu` over the same (dequantized) weights, in fp32.
 
 CPU: interpreted, fp32, small and odd shapes (I not a multiple of 128: w3's FP8 scale rows start
 mid-bank). GPU: Flash dims (d 4096, I 1024 / 2048, E 16 / 256, k 6 / 8) in bf16, and CUDA-graph
@@ -13,7 +13,14 @@ import pytest
 import torch
 
 from sglang_dsv4.ref.moe import DenseExperts, swiglu
-from sglang_dsv4.ref.weight_quant import fp8_block_dequant, fp8_block_quant
+from sglang_dsv4.ref.weight_quant import (
+    fp8_block_dequant,
+    fp8_block_quant,
+    mxfp4_dequant,
+    mxfp4_quant,
+    nvfp4_dequant,
+    nvfp4_quant,
+)
 
 K = importlib.import_module("sglang_dsv4.kernels.moe_experts")  # CPU: interpreted (conftest)
 GPU = torch.cuda.is_available()
@@ -25,23 +32,38 @@ def rel_l2(out, ref) -> float:
     return ((out.float() - ref.float()).norm() / ref.float().norm().clamp(min=1e-30)).item()
 
 
-def make_bank(rows, d, inter, fp8, device, dtype, seed=0):
+def quantize(w: torch.Tensor, fmt: str):
+    """One expert's weight [N, K] -> (codes, scale, global scale, fp32 dequantized)."""
+    if fmt == "fp8":
+        q, sc = fp8_block_quant(w)
+        return q, sc, None, fp8_block_dequant(q, sc, torch.float32)
+    if fmt == "mxfp4":
+        q, sc = mxfp4_quant(w)
+        return q.view(torch.uint8), sc.view(torch.uint8), None, mxfp4_dequant(q, sc)
+    q, sc, gs = nvfp4_quant(w)
+    return q.view(torch.uint8), sc.view(torch.uint8), gs.float(), nvfp4_dequant(q, sc, gs)
+
+
+def make_bank(rows, d, inter, fmt, device, dtype, seed=0):
     """Random bank -> (ExpertWeights, fp32 dense (w1, w2, w3) [R, ...] of the same values)."""
     g = torch.Generator(device=device).manual_seed(seed)
     w1, w3 = (torch.randn(rows, inter, d, device=device, generator=g) * d**-0.5 for _ in "13")
     w2 = torch.randn(rows, d, inter, device=device, generator=g) * inter**-0.5
-    if not fp8:
-        bank = K.ExpertWeights(torch.cat([w1, w3], dim=1).to(dtype), w2.to(dtype))
+    if fmt == "dense":
+        bank = K.ExpertWeights.stacked(torch.cat([w1, w3], dim=1).to(dtype), w2.to(dtype))
         return bank, (w1.to(dtype).float(), w2.to(dtype).float(), w3.to(dtype).float())
-    q, s, dense = {}, {}, {}
-    for k, w in (("w1", w1), ("w2", w2), ("w3", w3)):
-        pairs = [fp8_block_quant(w[e]) for e in range(rows)]
-        q[k] = torch.stack([p[0] for p in pairs])
-        s[k] = torch.stack([p[1] for p in pairs])
-        dense[k] = torch.stack([fp8_block_dequant(*p, torch.float32) for p in pairs])
-    bank = K.ExpertWeights(
-        torch.cat([q["w1"], q["w3"]], dim=1), q["w2"], torch.cat([s["w1"], s["w3"]], dim=1), s["w2"]
-    )
+    projs, dense = {}, {}
+    for k, w in (("w1", w1), ("w3", w3), ("w2", w2)):
+        parts = list(zip(*(quantize(w[e], fmt) for e in range(rows)), strict=True))
+        gs = None if parts[2][0] is None else torch.stack(parts[2])
+        projs[k] = K.Proj(torch.stack(parts[0]), torch.stack(parts[1]), gs)
+        dense[k] = torch.stack(parts[3])
+    if fmt == "fp8":  # as the served model stores it: one w13 tensor
+        w13 = torch.cat([projs["w1"].w, projs["w3"].w], dim=1)
+        s13 = torch.cat([projs["w1"].scale, projs["w3"].scale], dim=1)
+        bank = K.ExpertWeights.stacked(w13, projs["w2"].w, s13, projs["w2"].scale)
+    else:
+        bank = K.ExpertWeights(projs["w1"], projs["w3"], projs["w2"], fmt)
     return bank, (dense["w1"], dense["w2"], dense["w3"])
 
 
@@ -70,15 +92,24 @@ def run(form, x, chosen, weights, bank, shared_row):
     return out
 
 
-@pytest.mark.parametrize("form", list(FORMS))
-@pytest.mark.parametrize("fp8", [False, True], ids=["fp32", "fp8"])
-@pytest.mark.parametrize("shared", [True, False], ids=["shared", "routed"])
-@pytest.mark.parametrize(("t", "topk"), [(1, 2), (7, 3)])
-def test_experts_interpreted(form, fp8, shared, t, topk):
+# every form x format x shared / routed; the slow-to-interpret FP4 decode at one size
+CASES = [
+    (form, fmt, shared, t, topk)
+    for form in FORMS
+    for fmt in K.FORMATS
+    for shared in (True, False)
+    for t, topk in ((1, 2), (7, 3))
+    if not (fmt.endswith("fp4") and t == 1)
+]
+
+
+@pytest.mark.parametrize(("form", "fmt", "shared", "t", "topk"), CASES)
+def test_experts_interpreted(form, fmt, shared, t, topk):
     if GPU:
         pytest.skip("interpreter shapes; the GPU tests cover real shapes")
-    n_exp, d, inter = 6, 192, 160
-    bank, dense = make_bank(n_exp + shared, d, inter, fp8, "cpu", torch.float32)
+    n_exp, d = 6, 192
+    inter = 128 if fmt.endswith("fp4") else 160  # FP4 K tiles: multiples of 64
+    bank, dense = make_bank(n_exp + shared, d, inter, fmt, "cpu", torch.float32)
     x = torch.randn(t, d) * 3  # large enough for the clamp to bite
     chosen, weights = routing(t, n_exp, topk, "cpu")
     got = run(form, x, chosen, weights, bank, n_exp if shared else None)
@@ -87,14 +118,16 @@ def test_experts_interpreted(form, fp8, shared, t, topk):
 
 
 def test_bank_shape_errors_are_clear():
-    bank = K.ExpertWeights(torch.zeros(2, 64, 32), torch.zeros(2, 32, 16))
-    with pytest.raises(ValueError, match="bank w13"):
+    bank = K.ExpertWeights.stacked(torch.zeros(2, 64, 32), torch.zeros(2, 32, 16))
+    with pytest.raises(ValueError, match="bank w1"):
         K.moe_experts_slots(torch.zeros(1, 32), torch.zeros(1, 1, dtype=torch.int32),
                             torch.ones(1, 1), bank, LIMIT)  # fmt: skip
-    e4m3 = torch.float8_e4m3fn
-    fp8 = K.ExpertWeights(torch.zeros(2, 64, 32).to(e4m3), torch.zeros(2, 32, 32).to(e4m3))
+    w = torch.zeros(2, 32, 32).to(torch.float8_e4m3fn)
+    fp8 = K.ExpertWeights(K.Proj(w), K.Proj(w), K.Proj(w), "fp8")
     with pytest.raises(ValueError, match="scales"):
         fp8.check(32)
+    with pytest.raises(ValueError, match="format"):
+        K.ExpertWeights(K.Proj(w), K.Proj(w), K.Proj(w), "int4").check(32)
 
 
 # ---- GPU ---------------------------------------------------------------------------------
@@ -104,14 +137,14 @@ FLASH = [(16, 1024, 6), (256, 2048, 8)]  # (experts, inter, top-k)
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("form", list(FORMS))
-@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("fmt", list(K.FORMATS))
 @pytest.mark.parametrize(("n_exp", "inter", "topk"), FLASH)
 @pytest.mark.parametrize("t", [1, 32, 300])
-def test_experts_gpu_flash_dims(form, fp8, n_exp, inter, topk, t):
+def test_experts_gpu_flash_dims(form, fmt, n_exp, inter, topk, t):
     """bf16 activations against the fp32 twin on the same (bf16 / FP8) weights. E 256 x I 2048
     keeps 64 experts in the bank (+ shared) so the fp32 copies fit; ids cover all of them."""
     rows = min(n_exp, 64)
-    bank, dense = make_bank(rows + 1, 4096, inter, fp8, "cuda", torch.bfloat16)
+    bank, dense = make_bank(rows + 1, 4096, inter, fmt, "cuda", torch.bfloat16)
     x = torch.randn(t, 4096, device="cuda").bfloat16() * 2
     chosen, weights = routing(t, rows, topk, "cuda")
     got = run(form, x, chosen, weights, bank, rows)
@@ -122,12 +155,12 @@ def test_experts_gpu_flash_dims(form, fp8, n_exp, inter, topk, t):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("form", list(FORMS))
-@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
-def test_experts_gpu_graph_replay_equals_eager(form, fp8):
+@pytest.mark.parametrize("fmt", list(K.FORMATS))
+def test_experts_gpu_graph_replay_equals_eager(form, fmt):
     """Captured once (4 tokens, Flash dims, 16 experts + shared), replayed on new tokens and new
     routing (two tokens on the same experts) equals eager: no host sync, no shape from data."""
     t, n_exp, topk = 4, 16, 6
-    bank, _ = make_bank(n_exp + 1, 4096, 1024, fp8, "cuda", torch.bfloat16)
+    bank, _ = make_bank(n_exp + 1, 4096, 1024, fmt, "cuda", torch.bfloat16)
     x = torch.randn(t, 4096, device="cuda").bfloat16()
     chosen, weights = routing(t, n_exp, topk, "cuda")
     fn = FORMS[form]
