@@ -47,6 +47,20 @@ def test_grouped_banks_equal_dense_experts(fmt):
     assert not got.isnan().any() and (got - want).abs().max() <= 1e-5 * want.abs().max()
 
 
+@pytest.mark.parametrize(("form", "t"), [("slots", 2), ("sorted", 7)])
+def test_fp4_banks_through_the_grouped_kernels(form, t):
+    """The served GPU path of an FP4 layer (``FP4Experts.grouped``, both kernel forms) equals
+    the dense dequantized experts."""
+    experts, dense = banks(Fmt.MXFP4)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(t, D, generator=g) * 4
+    chosen = torch.stack([torch.randperm(E, generator=g)[:TOPK] for _ in range(t)])
+    weights = torch.rand(t, TOPK, generator=g)
+    got = experts.grouped(x, chosen.int(), weights, 10.0, form, None)
+    want = dense(x, chosen, weights, 10.0)
+    assert not got.isnan().any() and (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
 def test_store_rejects_another_format():
     experts = FP4Experts(E, D, INTER, Fmt.NVFP4)
     packed, scale = mxfp4_quant(torch.randn(INTER, D))
