@@ -8,6 +8,7 @@ fixed, after an untimed warm-up.
 
     python scripts/bench_moe.py                       # batch 1 / 32 / 128 / 4096, bf16 fp8 mxfp4
     python scripts/bench_moe.py --tokens 1,4,8,16 --out docs/gpu/bench_moe.json
+    python scripts/bench_moe.py --sweep --formats bf16 --tokens 1,4,32   # tile sizes of ours
 
 Prints a table (us per call) and the slot/sorted crossover per format, the value for
 ``sglang_dsv4.ops.moe.SLOT_MAX_TOKENS``.
@@ -19,6 +20,7 @@ import statistics
 
 import torch
 
+import sglang_dsv4.kernels.moe_experts as moe_kernels
 from sglang_dsv4.kernels.moe_experts import (
     ExpertWeights,
     Proj,
@@ -180,6 +182,30 @@ def bench_route(t, args, results):
         print(results[-1], flush=True)
 
 
+def sweep(fmt, t, args, bank, results):
+    """Ours with each tile choice (the kernels' ``_slot_tiles`` / ``_sorted_tiles`` patched)."""
+    n_exp, topk = args.experts, args.topk
+    x = torch.randn(t, args.hidden, device="cuda", dtype=torch.bfloat16)
+    chosen = torch.stack([torch.randperm(n_exp, device="cuda")[:topk] for _ in range(t)])
+    chosen, weights = chosen.to(torch.int32), torch.rand(t, topk, device="cuda")
+    slot_tiles, sorted_tiles = moe_kernels._slot_tiles, moe_kernels._sorted_tiles
+    try:
+        for block_n in (16, 32, 64) if t <= args.slot_max else ():
+            moe_kernels._slot_tiles = lambda _t, b=block_n: b
+            us = time_graph(lambda: moe_experts_slots(x, chosen, weights, bank, LIMIT, n_exp),
+                            args.inner, args.reps)  # fmt: skip
+            results.append({"fmt": fmt, "tokens": t, "case": f"slots_n{block_n}", "us": us})
+            print(results[-1], flush=True)
+        for block_m in (16, 32, 64):
+            moe_kernels._sorted_tiles = lambda _p, b=block_m: (b, 4)
+            us = time_graph(lambda: moe_experts_sorted(x, chosen, weights, bank, LIMIT, n_exp),
+                            args.inner, args.reps)  # fmt: skip
+            results.append({"fmt": fmt, "tokens": t, "case": f"sorted_m{block_m}", "us": us})
+            print(results[-1], flush=True)
+    finally:
+        moe_kernels._slot_tiles, moe_kernels._sorted_tiles = slot_tiles, sorted_tiles
+
+
 def crossover(results, fmt) -> int | None:
     """Largest token count at which the slot form is faster than the sorted form."""
     us = {(r["tokens"], r["case"]): r["us"] for r in results if r["fmt"] == fmt and "us" in r}
@@ -199,6 +225,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--slot-max", type=int, default=256, help="skip the slot form above this T")
     ap.add_argument("--dense-max", type=int, default=128, help="skip today's path above this T")
+    ap.add_argument("--sweep", action="store_true", help="also time ours per tile size")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
     tokens = [int(t) for t in args.tokens.split(",")]
@@ -209,6 +236,8 @@ def main() -> None:
         bank, raw = make_bank(args.experts + 1, args.hidden, args.inter, fmt)
         for t in tokens:
             bench_cell(fmt, t, args, bank, raw, results)
+            if args.sweep:
+                sweep(fmt, t, args, bank, results)
         del bank, raw
         torch.cuda.empty_cache()
     for t in tokens:
