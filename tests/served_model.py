@@ -24,7 +24,8 @@ def served_tensors(model) -> dict[str, torch.Tensor]:
         p = f"layers.{block.spec.index}.ffn."
         views = block.ffn.released(p)
         if views:
-            out = {n: t for n, t in out.items() if not n.startswith(p + "experts.")}
+            banks = (p + "experts.", p + "shared.")
+            out = {n: t for n, t in out.items() if not n.startswith(banks)}
             out |= views
     return out
 

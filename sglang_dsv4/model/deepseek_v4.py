@@ -232,7 +232,7 @@ class DeepseekV4ForCausalLM(nn.Module):
         stats = WeightStream(self.cfg, deliver).run(weights)
         logger.info("DSV4: loaded %d tensors (%s)", stats.delivered, stats.formats)
         kept = [f"{m.fmt.value} linear" for m in quant.values()]
-        kept += [f"{b.ffn.experts.fmt.value} expert bank" for b in self.layers if b.ffn.experts.fmt]
+        kept += [bank for b in self.layers for bank in b.ffn.kept_banks()]
         if kept:
             counts = {k: kept.count(k) for k in dict.fromkeys(kept)}
             logger.info("DSV4: kept quantized (not dequantized): %s", counts)

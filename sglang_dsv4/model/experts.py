@@ -269,9 +269,10 @@ class Gate(nn.Module):
 
 
 class MoE(nn.Module):
-    """One layer's ``ffn``: ``gate``, routed ``experts`` (a bank), the shared expert as bank row
-    :attr:`shared_row` or as ``shared_experts`` (module docstring). :mod:`sglang_dsv4.ops.moe`
-    runs it."""
+    """One layer's ``ffn``: ``gate``, routed ``experts`` (a bank) and the shared expert, held as
+    routed-bank row :attr:`shared_row` when it matches the routed experts, else as a one-row
+    bank of its own (``shared``: dense / FP8 next to FP4 routed experts, or wider), else as
+    linears (``shared_experts``: NVFP4 on load). :mod:`sglang_dsv4.ops.moe` runs it."""
 
     def __init__(self, cfg: DSV4Config, spec: LayerSpec, kept: KeptFormats, p: str):
         super().__init__()
@@ -288,44 +289,60 @@ class MoE(nn.Module):
             self.experts = FP4Experts(n_exp, d, inter, fmt)
         else:
             self.experts = StackedExperts(n_exp, d, inter, fmt, shared=fold)
-        self.shared_experts = None
+        self.shared = self.shared_experts = None
         if n_shared and not fold:
-            self.shared_experts = SwiGLUExpert(kept, p + "shared_experts.", d, inter * n_shared)
+            width = inter * n_shared
+            if shared_fmt in (None, Fmt.FP8):
+                self.shared = StackedExperts(0, d, width, shared_fmt, shared=True)
+            else:
+                self.shared_experts = SwiGLUExpert(kept, p + "shared_experts.", d, width)
+
+    def _slot(self, rest: str) -> tuple[nn.Module, int, str] | None:
+        """(bank, row, projection) holding checkpoint tensor ``ffn.{rest}``; None: not banked."""
+        m = _NAME.match(rest)
+        if m is None:
+            return None
+        if m[1] is not None:
+            return self.experts, int(m[1]), m[2]
+        if self.shared_row is not None:
+            return self.experts, self.shared_row, m[2]
+        return None if self.shared is None else (self.shared, 0, m[2])
 
     def store(self, rest: str, stored: StoredWeight) -> bool:
         """Place checkpoint tensor ``layers.{i}.ffn.{rest}`` into a bank; False: not a bank
         tensor (a parameter of its own)."""
-        m = _NAME.match(rest)
-        if m is None or (m[1] is None and self.shared_row is None):
+        if (slot := self._slot(rest)) is None:
             return False
-        row = int(m[1]) if m[1] is not None else self.shared_row
-        self.experts.store(row, m[2], stored)
+        bank, row, proj = slot
+        bank.store(row, proj, stored)
         return True
 
+    def kept_banks(self) -> list[str]:
+        """The quantized banks (``"fp8 expert bank"`` ...), for the load log."""
+        banks = (self.experts, self.shared)
+        return [f"{b.fmt.value} expert bank" for b in banks if b is not None and b.fmt]
+
     def released(self, prefix: str) -> dict[str, torch.Tensor]:
-        """Released name -> bank view of every expert the banks hold (``{prefix}experts.{e}.w1
-        .weight`` ...; FP4 banks: none, their buffers keep their own names)."""
-        return {} if self.fp4 else self.experts.released(prefix, self.shared_row)
+        """Released name -> bank view of every expert the dense / FP8 banks hold
+        (``{prefix}experts.{e}.w1.weight`` ...; FP4 banks keep their own buffer names)."""
+        out = {} if self.fp4 else self.experts.released(prefix, self.shared_row)
+        return out | ({} if self.shared is None else self.shared.released(prefix, 0))
 
     def shared_linears(self) -> tuple[Weight, Weight, Weight] | None:
         """The shared expert's (w1, w2, w3) for the reference math, wherever it is held."""
         if self.shared_row is not None:
             return self.experts.linears(self.shared_row)
+        if self.shared is not None:
+            return self.shared.linears(0)
         return None if self.shared_experts is None else self.shared_experts.linears()
 
     def ref_weights(self, prefix: str) -> dict[str, Weight]:
-        """Released name -> weight of the experts held in the bank, for :class:`RefDSV4`."""
-        if self.fp4:
-            return {}
+        """Released name -> weight of the experts held in dense / FP8 banks, for RefDSV4."""
         out = {}
-        for e in range(self.experts.n_experts):
-            ws = self.experts.linears(e)
-            out |= {
-                f"{prefix}experts.{e}.{k}.weight": w for k, w in zip(PROJECTIONS, ws, strict=True)
-            }
-        if (shared := self.shared_linears()) is not None and self.shared_row is not None:
-            out |= {
-                f"{prefix}shared_experts.{k}.weight": w
-                for k, w in zip(PROJECTIONS, shared, strict=True)
-            }
+        for e in range(0 if self.fp4 else self.experts.n_experts):
+            ws = zip(PROJECTIONS, self.experts.linears(e), strict=True)
+            out |= {f"{prefix}experts.{e}.{k}.weight": w for k, w in ws}
+        if self.shared_row is not None or self.shared is not None:
+            ws = zip(PROJECTIONS, self.shared_linears(), strict=True)
+            out |= {f"{prefix}shared_experts.{k}.weight": w for k, w in ws}
         return out

@@ -1,6 +1,7 @@
 """The served model with released-format weights kept quantized (its CUDA path): FP8 linears in
 ``FP8Linear``, FP4 routed experts as banks run by the grouped kernel, FP8 routed experts (and the
-FP8 shared expert, bank row E) as one e4m3 ``StackedExperts`` bank per layer; ``wo_a`` dense
+FP8 shared expert, bank row E) as one e4m3 ``StackedExperts`` bank per layer (next to MXFP4
+experts the shared expert is a one-row FP8 bank); ``wo_a`` dense
 (NVFP4-on-load linears in ``NVFP4Linear``: on CPU in tests/weights/test_nvfp4.py, on the GPU in
 the graph test here).
 
@@ -54,25 +55,30 @@ def test_kept_model_equals_dequantized_reference(released, tiny_cfg, caplog):
     rel_dir, weights, expert_dtype = released
     with caplog.at_level(logging.INFO, logger="sglang_dsv4.model.deepseek_v4"):
         model = load(rel_dir)
-    # 7 per layer (wq_a wq_b wkv wo_b, shared w1 w2 w3) + 2 indexer.wq_b; FP8 experts: the
-    # shared expert is a row of the layer's FP8 bank
+    # 4 per layer (wq_a wq_b wkv wo_b) + 2 indexer.wq_b; the FP8 shared expert is a row of the
+    # layer's FP8 bank (FP8 experts) or a one-row FP8 bank of its own (MXFP4 experts)
     want_log = (
-        "{'fp8 linear': 44, 'mxfp4 expert bank': 6}"
+        "{'fp8 linear': 26, 'mxfp4 expert bank': 6, 'fp8 expert bank': 6}"
         if expert_dtype == "fp4"
         else ("{'fp8 linear': 26, 'fp8 expert bank': 6}")
     )
     assert f"kept quantized (not dequantized): {want_log}" in caplog.text
     params = served_tensors(model)
     for i in range(len(model.layers)):
-        for lin in FP8_LINEARS if expert_dtype == "fp4" else FP8_LINEARS[:-1]:
+        for lin in FP8_LINEARS[:-1]:
             name = f"layers.{i}.{lin}"
             assert isinstance(model.get_submodule(name), FP8Linear), name
             assert params[name + ".weight"].dtype == torch.float8_e4m3fn  # no dense copy
             assert model.ref.w[name + ".weight"] is model.get_submodule(name)
         assert type(model.layers[i].attn.wo_a) is nn.Linear  # run dense, as the reference
-        experts = model.layers[i].ffn.experts
+        ffn = model.layers[i].ffn
+        experts = ffn.experts
+        shared_w1 = params[f"layers.{i}.{FP8_LINEARS[-1]}.weight"]
+        assert shared_w1.dtype == torch.float8_e4m3fn  # a bank view, no dense copy
         if expert_dtype == "fp4":
             assert isinstance(experts, FP4Experts) and experts.fmt is Fmt.MXFP4
+            assert isinstance(ffn.shared, StackedExperts) and ffn.shared.fmt is Fmt.FP8
+            assert ffn.shared.w13.shape[0] == 1 and ffn.shared_row is None
         else:
             assert isinstance(experts, StackedExperts) and experts.fmt is Fmt.FP8
             assert experts.w13.dtype == torch.float8_e4m3fn and experts.w13.shape[0] == 9

@@ -39,7 +39,8 @@ def layer_of(cfg, index: int, device="cpu", dtype=torch.float32, seed=0):
     tensors = {}
     names = [f"experts.{e}." for e in range(cfg.n_routed_experts)] + ["shared_experts."]
     for p in names:
-        for k, shape in (("w1", (inter, d)), ("w2", (d, inter)), ("w3", (inter, d))):
+        width = inter * (cfg.n_shared_experts if p == "shared_experts." else 1)
+        for k, shape in (("w1", (width, d)), ("w2", (d, width)), ("w3", (width, d))):
             w = (torch.randn(shape, generator=g, device=device) * shape[1] ** -0.5).to(dtype)
             tensors[p + k] = w
             assert layer.store(p + k + ".weight", StoredWeight(Fmt.BF16, w))
@@ -69,6 +70,23 @@ def test_twin_over_banks_equals_reference_over_checkpoint_tensors(tiny_cfg, inde
     x = torch.randn(11, tiny_cfg.hidden_size)
     ids = torch.randint(0, tiny_cfg.vocab_size, (11,))
     assert torch.equal(ops.moe.ffn(layer, x, ids), reference(tiny_cfg, layer, tensors, x, ids))
+
+
+def test_wide_shared_expert_is_a_bank_of_its_own(tiny_cfg, tiny_dict):
+    """Two shared experts (twice the width): not a routed-bank row but a one-row bank, run by
+    the same kernels (top-k 0) and by the twin as the reference."""
+    from sglang_dsv4.config import DSV4Config
+
+    cfg = DSV4Config.from_dict(tiny_dict | {"n_shared_experts": 2})
+    layer, tensors = layer_of(cfg, 2)
+    assert layer.shared_row is None and layer.shared.w13.shape == (1, 4 * cfg.moe_inter_dim, 256)
+    x = torch.randn(3, cfg.hidden_size)
+    ids = torch.randint(0, cfg.vocab_size, (3,))
+    want = reference(cfg, layer, tensors, x, ids)
+    assert torch.equal(ops_moe.MoeTorch(cfg).ffn(layer, x, ids), want)
+    if not GPU:
+        got = ops_moe.MoeTriton(cfg).ffn(layer, x, ids)
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()
 
 
 @pytest.mark.parametrize("index", [0, 2], ids=["hash", "scored"])
