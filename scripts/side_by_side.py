@@ -115,6 +115,24 @@ def build(args) -> int:
     return 0
 
 
+def add_server_options(ap: argparse.ArgumentParser) -> None:
+    """The server settings both implementations share (also used by profile_decode.py)."""
+    ap.add_argument("--mem-fraction", type=float, default=0.6, help="--mem-fraction-static")
+    ap.add_argument("--chunked-prefill-size", type=int, default=8192)
+    ap.add_argument("--cuda-graph-max-bs", type=int, default=128)
+    ap.add_argument("--startup-timeout", type=float, default=400)
+    ap.add_argument("--server-args", default="", help="extra args for both servers")
+    ap.add_argument("--ours-args", default="", help="extra args for our server")
+    ap.add_argument("--native-args", default="", help="extra args for the native server")
+    ap.add_argument("--native-env", nargs="*", default=[], help="KEY=VALUE overrides")
+
+
+def server_env(args, impl: str) -> dict:
+    if impl != "native":
+        return {}
+    return {**NATIVE_ENV, **dict(kv.split("=", 1) for kv in args.native_env)}
+
+
 def server_args(args, impl: str, model: Path, context: int) -> list[str]:
     common = ["--model-path", str(model), "--context-length", str(context)]
     common += ["--sampling-backend", "pytorch", "--mem-fraction-static", str(args.mem_fraction)]
@@ -198,9 +216,7 @@ def run_impl(args, impl: str, cells: list[Cell], deadline: float) -> dict:
     if impl == "native" and model is not None:
         model = native_model_dir(model)
     cmd_args = server_args(args, impl, model, context) if model is not None else []
-    env = {}
-    if impl == "native":
-        env = {**NATIVE_ENV, **dict(kv.split("=", 1) for kv in args.native_env)}
+    env = server_env(args, impl)
     stem = f"sbs_{impl}_{context}"
     out_json = args.out / f"{stem}.json"
     doc = {
@@ -310,7 +326,24 @@ def measure_server(args, impl, cells, server, url, deadline, doc, out_json) -> d
     for k, rec in records.items():
         for s in rec["skipped"]:
             print(f"SKIPPED {impl} {k} {s}")
-    return {"status": f"done, {len(errors)} failed runs" if errors else "done"}
+    status = f"done, {len(errors)} failed runs" if errors else "done"
+    if args.profile_bs:
+        doc["profile"], failed = profile(args, impl, url, deadline)
+        status += ", profile failed" if failed else ""
+    return {"status": status}
+
+
+def profile(args, impl: str, url: str, deadline: float) -> tuple[dict, bool]:
+    """scripts/profile_decode.py on this server (saves a second server start)."""
+    from profile_decode import profile_options, profile_server
+
+    sizes = [int(b) for b in args.profile_bs.split(",")]
+    left = deadline - time.time()
+    if left < 45 * len(sizes):
+        print(f"SKIPPED profile {impl}: {left:.0f} s left before the deadline")
+        return {"skipped": f"{left:.0f} s left"}, False
+    print(f"[{time.time() - T0:5.0f} s] profiling {impl} decode at bs {sizes}", flush=True)
+    return profile_server(url, sizes, profile_options(args, "profile_"), impl)
 
 
 def run(args) -> int:
@@ -348,14 +381,11 @@ def main() -> int:
     r.add_argument("--out", type=Path, default=Path(os.environ.get("SBS", "/tmp/sbs")))
     r.add_argument("--deadline-s", type=float, default=540, help="s after SBS_T0 (the call start)")
     r.add_argument("--context-length", type=int, help="default: what the cells need, >= 8192")
-    r.add_argument("--mem-fraction", type=float, default=0.6, help="--mem-fraction-static")
-    r.add_argument("--chunked-prefill-size", type=int, default=8192)
-    r.add_argument("--cuda-graph-max-bs", type=int, default=128)
-    r.add_argument("--startup-timeout", type=float, default=400)
-    r.add_argument("--server-args", default="", help="extra args for both servers")
-    r.add_argument("--ours-args", default="", help="extra args for our server")
-    r.add_argument("--native-args", default="", help="extra args for the native server")
-    r.add_argument("--native-env", nargs="*", default=[], help="KEY=VALUE overrides")
+    add_server_options(r)
+    r.add_argument("--profile-bs", default="", help="e.g. 1,32: profile_decode.py after the cells")
+    from profile_decode import add_profile_options
+
+    add_profile_options(r, "profile-")
     args = ap.parse_args()
     return build(args) if args.cmd == "build" else run(args)
 

@@ -50,7 +50,18 @@ def merge(docs: list[dict]) -> dict:
         {k: d.get(k) for k in ("impl", "date", "gpu", "command", "status", "file", "startup_s")}
         for d in sorted(docs, key=lambda d: d["time"])
     ]
-    return {"kind": "side_by_side_merged", "cells": cells, "capacity": capacity, "runs": runs}
+    profiles = [
+        {"impl": d["impl"], "context_length": d["context_length"], **d["profile"]}
+        for d in sorted(docs, key=lambda d: d["time"])
+        if d.get("profile", {}).get("batches")
+    ]
+    return {
+        "kind": "side_by_side_merged",
+        "cells": cells,
+        "capacity": capacity,
+        "runs": runs,
+        "profiles": profiles,
+    }
 
 
 def _num(x, digits: int | None = None) -> str:
@@ -140,5 +151,31 @@ def markdown(merged: dict) -> str:
     keys = {k for impl in IMPLS for k in cells[impl]}
     for key in sorted(keys, key=lambda k: tuple(map(int, k.split("x")))):
         lines.append(_cell_row(key, cells["ours"].get(key), cells["native"].get(key)))
-    lines += ["", *_capacity_rows(merged["capacity"])]
+    lines += ["", *_capacity_rows(merged["capacity"]), *_profile_rows(merged.get("profiles", []))]
     return "\n".join(lines)
+
+
+def _profile_rows(profiles: list[dict]) -> list[str]:
+    """Decode-step profile per server and batch size (scripts/profile_decode.py's numbers)."""
+    if not profiles:
+        return []
+    out = [
+        "",
+        "| server | batch | kernels / step | kernels / layer | GPU ms / step (sum) "
+        "| first-to-last ms | top kernel (share) |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for p in profiles:
+        for b in p["batches"]:
+            if "error" in b:
+                out.append(f"| {p['impl']} | {b['batch_size']} | failed: {b['error'][:80]} |")
+                continue
+            top = b["top"][0] if b["top"] else {"name": "-", "share": 0}
+            per_layer = b["kernels_per_layer"]
+            out.append(
+                f"| {p['impl']} | {b['batch_size']} | {b['kernels_per_step']:g} "
+                f"| {_num(per_layer)} | {b['device_us_per_step'] / 1e3:.3f} "
+                f"| {b['span_us_per_step'] / 1e3:.3f} | {top['name'][:60]} "
+                f"({100 * top['share']:.0f}%) |"
+            )
+    return out

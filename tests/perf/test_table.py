@@ -92,3 +92,18 @@ def test_load_runs(tmp_path):
     assert len(loaded) == 3 and loaded[0]["file"] == str(paths[0])
     with pytest.raises(ValueError, match="no side-by-side run JSONs"):
         load_runs([other])
+
+
+def test_markdown_profile_rows():
+    batch = {
+        "batch_size": 32,
+        "kernels_per_step": 3100,
+        "kernels_per_layer": 620.0,
+        "device_us_per_step": 7900.0,
+        "span_us_per_step": 8400.0,
+        "top": [{"name": "sparse_mqa_decode", "share": 0.014}],
+    }
+    ours = docs()[2] | {"profile": {"batches": [batch, {"batch_size": 1, "error": "boom"}]}}
+    text = markdown(merge([*docs()[:2], ours]))
+    assert "| ours | 32 | 3100 | 620 | 7.900 | 8.400 | sparse_mqa_decode (1%) |" in text
+    assert "| ours | 1 | failed: boom |" in text
