@@ -165,9 +165,19 @@ def wait_gpu_released(limit_mib: int = 4096, timeout: float = 60) -> None:
         print(f"WARNING: {used} MiB still in use on the GPU after the server stopped")
 
 
+def load_client() -> bool:
+    """Import bench_one_batch_server before any server starts, so that whatever the import does
+    to the GPU happens before every server sizes its pool (the same for ours and native);
+    returns whether it created a CUDA context here (recorded in the JSON)."""
+    sys.path.insert(0, str(ROOT / "scripts" / "bench_shims"))  # its `datasets` import
+    import sglang.benchmark.one_batch_server  # noqa: F401
+    import torch
+
+    return torch.cuda.is_initialized()
+
+
 def case_runner(server: Server, url: str, output_len: int, log, jsonl: Path):
     """One ``run_one_case`` of bench_one_batch_server per call, its printout to ``log``."""
-    sys.path.insert(0, str(ROOT / "scripts" / "bench_shims"))  # its `datasets` import
     from sglang.benchmark.one_batch_server import run_one_case
     from sglang.benchmark.utils import get_tokenizer
 
@@ -209,7 +219,7 @@ def write_json(path: Path, doc: dict) -> None:
     tmp.replace(path)
 
 
-def run_impl(args, impl: str, cells: list[Cell], deadline: float) -> dict:
+def run_impl(args, impl: str, cells: list[Cell], deadline: float, client_cuda: bool) -> dict:
     """Start the server (or attach to ``--url``), measure the cells, stop it; the JSON doc."""
     context = args.context_length or context_length(cells, args.output_len)
     model = args.model_path
@@ -228,6 +238,7 @@ def run_impl(args, impl: str, cells: list[Cell], deadline: float) -> dict:
         "command": os.environ.get("SBS_COMMAND") or shlex.join(sys.argv),
         "server_args": cmd_args,
         "env": env,
+        "client_cuda_context": client_cuda,
         "context_length": context,
         "output_len": args.output_len,
         "repeats": args.repeats,
@@ -354,11 +365,14 @@ def run(args) -> int:
         raise SystemExit("give --model-path (start a server) or --url (attach to one)")
     if args.model_path is not None and not (args.model_path / "config.json").exists():
         raise SystemExit(f"{args.model_path}/config.json not found: build the checkpoint first")
+    client_cuda = load_client()
+    if client_cuda:
+        print("WARNING: importing the bench client created a CUDA context in this process")
     failed = False
     for impl in args.impl.split(","):
         if impl not in IMPL_ARGS:
             raise SystemExit(f"--impl: ours and/or native, got {impl!r}")
-        doc = run_impl(args, impl, cells, deadline)
+        doc = run_impl(args, impl, cells, deadline, client_cuda)
         failed |= not doc["status"].startswith("done") or "failed" in doc["status"]
     return 1 if failed else 0
 

@@ -236,6 +236,12 @@ def format_stats(stats: dict, title: str = "", width: int = 90) -> str:
         f"outside decode steps: {stats['outside_steps']} ops; without a launch event: "
         f"{stats['unlinked']}"
     )
+    in_steps = sum(r["kernels"] + r["copies"] for r in stats["per_step"])
+    if stats["unlinked"] > in_steps:
+        lines.append(
+            f"WARNING: {stats['unlinked']} GPU ops have no launch event in the trace, more than "
+            f"the {in_steps} attributed to steps: the counts above are incomplete"
+        )
     lines.append(f"{'share':>6} {'total us':>10} {'count':>7} {'/step':>6}  name")
     for r in stats["top"]:
         lines.append(

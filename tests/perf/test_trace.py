@@ -135,3 +135,16 @@ def test_real_cpu_profiler_trace(tmp_path):
     assert {r["name"] for r in stats["top"]} == {"aten::add", "aten::mul", "aten::sum"}
     assert all(r["count"] == 4 for r in stats["top"])
     assert stats["outside_steps"] >= 5  # 4 matmuls + the extend step's cat
+
+
+def test_unlinked_kernels_warn():
+    t = synthetic_trace()
+    for i in range(40):
+        t.events.append(
+            {"ph": "X", "cat": "kernel", "name": "lost", "pid": 0, "tid": 7, "ts": 9000 + i,
+             "dur": 1, "args": {"correlation": 50000 + i}}
+        )  # fmt: skip
+    stats = step_stats(t.events)
+    assert stats["unlinked"] == 41
+    assert "WARNING: 41 GPU ops have no launch event" in format_stats(stats)
+    assert "WARNING" not in format_stats(step_stats(synthetic_trace().events))
