@@ -37,23 +37,28 @@ from sglang_dsv4.server_process import Server
 
 
 class DecodeBatch:
-    """One streamed ``/generate`` of ``bs`` prompts in a thread, counting tokens per request."""
+    """One streamed ``/generate`` of ``bs`` prompts in a thread, counting tokens per request;
+    ``abort()`` ends it once the trace is written (request ids ``<rid>-<i>``)."""
 
-    def __init__(self, url: str, prompts: list[list[int]], max_new_tokens: int):
+    def __init__(self, url: str, prompts: list[list[int]], max_new_tokens: int, rid: str):
+        self.url = url
+        self.rids = [f"{rid}-{i}" for i in range(len(prompts))]
         self.tokens = [0] * len(prompts)
         self.error = None
+        self.aborting = False
         body = {
             "input_ids": prompts,
+            "rid": self.rids,
             "sampling_params": {"temperature": 0, "max_new_tokens": max_new_tokens},
             "stream": True,
         }
         body["sampling_params"]["ignore_eos"] = True
-        self.thread = threading.Thread(target=self._run, args=(url, body), daemon=True)
+        self.thread = threading.Thread(target=self._run, args=(body,), daemon=True)
         self.thread.start()
 
-    def _run(self, url: str, body: dict) -> None:
+    def _run(self, body: dict) -> None:
         try:
-            with requests.post(url + "/generate", json=body, stream=True, timeout=1800) as r:
+            with requests.post(self.url + "/generate", json=body, stream=True, timeout=1800) as r:
                 r.raise_for_status()
                 for line in r.iter_lines():
                     if not line.startswith(b"data:") or line == b"data: [DONE]":
@@ -64,7 +69,14 @@ class DecodeBatch:
                     i = data.get("index", 0)
                     self.tokens[i] = max(self.tokens[i], data["meta_info"]["completion_tokens"])
         except Exception as e:
-            self.error = f"{type(e).__name__}: {e}"
+            if not self.aborting:
+                self.error = f"{type(e).__name__}: {e}"
+
+    def abort(self) -> None:
+        self.aborting = True
+        for rid in self.rids:
+            requests.post(self.url + "/abort_request", json={"rid": rid}, timeout=60)
+        self.thread.join(120)
 
     def wait_decoding(self, n: int, timeout: float) -> None:
         deadline = time.time() + timeout
@@ -104,7 +116,7 @@ def profile_batch(url: str, bs: int, vocab: int, layers: int | None, opts) -> di
     rng = random.Random(bs)
     prompts = [[rng.randrange(100, vocab) for _ in range(opts.input_len)] for _ in range(bs)]
     prefix = f"decode-bs{bs}-{int(time.time())}"
-    batch = DecodeBatch(url, prompts, opts.warm_tokens + opts.steps + opts.margin_tokens)
+    batch = DecodeBatch(url, prompts, opts.warm_tokens + opts.steps + opts.margin_tokens, prefix)
     batch.wait_decoding(opts.warm_tokens, opts.timeout)
     body = {
         "output_dir": str(opts.trace_dir),
@@ -119,14 +131,15 @@ def profile_batch(url: str, bs: int, vocab: int, layers: int | None, opts) -> di
         raise RuntimeError(f"/start_profile answered {r.status_code}: {r.text}")
     t0 = time.time()
     trace = wait_trace(opts.trace_dir, prefix, opts.timeout, batch.thread.is_alive)
-    batch.thread.join(opts.timeout)
     if trace is None:  # the batch ended before num_steps: stop by hand
         requests.post(url + "/stop_profile", timeout=120)
         trace = wait_trace(opts.trace_dir, prefix, 60)
+    error = batch.error  # before the abort: errors after it are the abort's
+    batch.abort()
+    if error:
+        raise RuntimeError(f"the decode batch failed: {error}")
     if trace is None:
         raise RuntimeError(f"no trace {prefix}-*.trace.json.gz in {opts.trace_dir}")
-    if batch.error:
-        raise RuntimeError(f"the decode batch failed: {batch.error}")
     stats = step_stats(load_trace(trace), kind=opts.kind, top=opts.top, layers=layers)
     if opts.keep_dir is not None:
         shutil.copy(trace, Path(opts.keep_dir) / trace.name)
@@ -156,7 +169,7 @@ def add_profile_options(ap: argparse.ArgumentParser, prefix: str = "") -> None:
     ap.add_argument(f"--{prefix}input-len", type=int, default=512)
     ap.add_argument(f"--{prefix}steps", type=int, default=8, help="forward passes profiled")
     ap.add_argument(f"--{prefix}warm-tokens", type=int, default=16, help="tokens before it")
-    ap.add_argument(f"--{prefix}margin-tokens", type=int, default=96, help="decode budget after")
+    ap.add_argument(f"--{prefix}margin-tokens", type=int, default=256, help="decode budget after")
     ap.add_argument(f"--{prefix}kind", choices=["gpu", "cpu"], default="gpu", help="kernels/ops")
     ap.add_argument(f"--{prefix}top", type=int, default=15)
     ap.add_argument(f"--{prefix}timeout", type=float, default=300)
