@@ -42,9 +42,10 @@ def merge(docs: list[dict]) -> dict:
             old = cells[impl].get(key)
             if old is None or rec["summary"]["n"] > 0 or old["summary"]["n"] == 0:
                 cells[impl][key] = {**rec, "context_length": doc["context_length"]}
-    capacity = [
-        {"impl": d["impl"], "context_length": d["context_length"], **(d.get("capacity") or {})}
+    capacity = [  # servers that came up
+        {"impl": d["impl"], "context_length": d["context_length"], **d["capacity"]}
         for d in sorted(docs, key=lambda d: d["time"])
+        if d.get("capacity")
     ]
     runs = [
         {k: d.get(k) for k in ("impl", "date", "gpu", "command", "status", "file", "startup_s")}

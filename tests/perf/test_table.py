@@ -107,3 +107,11 @@ def test_markdown_profile_rows():
     text = markdown(merge([*docs()[:2], ours]))
     assert "| ours | 32 | 3100 | 620 | 7.900 | 8.400 | sparse_mqa_decode (1%) |" in text
     assert "| ours | 1 | failed: boom |" in text
+
+
+def test_server_that_did_not_start():
+    failed = doc("native", 5, {}) | {"status": "failed: server did not start (RuntimeError)"}
+    failed.pop("capacity")
+    text = markdown(merge([*docs(), failed]))
+    assert "status failed: server did not start (RuntimeError)" in text
+    assert sum(ln.startswith("| native | 8192 |") for ln in text.splitlines()) == 1
