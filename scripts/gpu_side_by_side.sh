@@ -20,7 +20,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 SBS_T0=$(date +%s)
-SBS_COMMAND="bash scripts/gpu_side_by_side.sh$(printf ' %q' "$@")"
+SBS_COMMAND="bash scripts/gpu_side_by_side.sh $(python3 -c 'import shlex, sys; print(shlex.join(sys.argv[1:]))' "$@")"
 export SBS_T0 SBS_COMMAND PYTHONUNBUFFERED=1
 IMPL=${1:?usage: gpu_side_by_side.sh ours|native|ours,native [side_by_side.py run options]}
 shift

@@ -167,14 +167,15 @@ def _profile_rows(profiles: list[dict]) -> list[str]:
         "|---|---:|---:|---:|---:|---:|---|",
     ]
     for p in profiles:
+        server = p["impl"] + (" (CPU ops)" if p.get("kind") == "cpu" else "")
         for b in p["batches"]:
             if "error" in b:
-                out.append(f"| {p['impl']} | {b['batch_size']} | failed: {b['error'][:80]} |")
+                out.append(f"| {server} | {b['batch_size']} | failed: {b['error'][:80]} |")
                 continue
             top = b["top"][0] if b["top"] else {"name": "-", "share": 0}
             per_layer = b["kernels_per_layer"]
             out.append(
-                f"| {p['impl']} | {b['batch_size']} | {b['kernels_per_step']:g} "
+                f"| {server} | {b['batch_size']} | {b['kernels_per_step']:g} "
                 f"| {_num(per_layer)} | {b['device_us_per_step'] / 1e3:.3f} "
                 f"| {b['span_us_per_step'] / 1e3:.3f} | {top['name'][:60]} "
                 f"({100 * top['share']:.0f}%) |"
