@@ -61,29 +61,29 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 @triton.jit
 def _scale_rows(x, inv, w, HAS_W: tl.constexpr, X_BF16: tl.constexpr, W_BF16: tl.constexpr):
-    """``rms_norm``'s output from ``x`` [HB, K] and ``1 / rms`` [HB] (weight ``w`` [K])."""
+    """``rms_norm``'s output from ``x`` [RB, K] and ``1 / rms`` [RB] (weight ``w`` [K])."""
     if HAS_W:
         return norm_apply(x, inv, w, X_BF16, W_BF16)
     y = x * inv[:, None]
     return round_bf16(y) if X_BF16 else y
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _rms_rope_kernel(
-    x_ptr, w_ptr, pos_ptr, inv_freq_ptr, n_heads, stride_t, stride_h, eps,
-    D: tl.constexpr, HB: tl.constexpr, NORM: tl.constexpr, HAS_W: tl.constexpr,
+    x_ptr, w_ptr, pos_ptr, inv_freq_ptr, n_rows, n_heads, stride_t, stride_h, eps,
+    D: tl.constexpr, RB: tl.constexpr, NORM: tl.constexpr, HAS_W: tl.constexpr,
     INVERSE: tl.constexpr, X_BF16: tl.constexpr, W_BF16: tl.constexpr,
 ):  # fmt: skip
-    t = tl.program_id(0)
-    h = tl.program_id(1) * HB + tl.arange(0, HB)
-    ok = (h < n_heads)[:, None]
-    base = x_ptr + t.to(tl.int64) * stride_t + h[:, None].to(tl.int64) * stride_h  # [HB, 1]
+    r = tl.program_id(0) * RB + tl.arange(0, RB)  # rows = (token, head) pairs
+    ok = (r < n_rows)[:, None]
+    t = r // n_heads
+    base = x_ptr + t.to(tl.int64)[:, None] * stride_t + (r % n_heads)[:, None] * stride_h
     pair = D - 64 + 2 * tl.arange(0, 32)  # the RoPE pairs, de-interleaved (same cache lines)
-    re = tl.load(base + pair[None, :], mask=ok, other=0.0).to(tl.float32)  # [HB, 32]
+    re = tl.load(base + pair[None, :], mask=ok, other=0.0).to(tl.float32)  # [RB, 32]
     im = tl.load(base + pair[None, :] + 1, mask=ok, other=0.0).to(tl.float32)
     if NORM:
         cols = tl.arange(0, D)
-        x = tl.load(base + cols[None, :], mask=ok, other=0.0).to(tl.float32)  # [HB, D]
+        x = tl.load(base + cols[None, :], mask=ok, other=0.0).to(tl.float32)  # [RB, D]
         inv = rms_inv(x, eps, D)
         w = tl.load(w_ptr + cols) if HAS_W else cols
         w_re = tl.load(w_ptr + pair) if HAS_W else pair
@@ -92,9 +92,8 @@ def _rms_rope_kernel(
         re = _scale_rows(re, inv, w_re, HAS_W, X_BF16, W_BF16)
         im = _scale_rows(im, inv, w_im, HAS_W, X_BF16, W_BF16)
         tl.store(base + cols[None, :], x, mask=ok & (cols < D - 64)[None, :])
-    pos = tl.load(pos_ptr + t)
-    pos = -pos if INVERSE else pos
-    re, im = rope_pairs(re, im, tl.broadcast_to(pos, [HB]), inv_freq_ptr, X_BF16)
+    pos = tl.load(pos_ptr + t, mask=r < n_rows, other=0)
+    re, im = rope_pairs(re, im, -pos if INVERSE else pos, inv_freq_ptr, X_BF16)
     tl.store(base + pair[None, :], re, mask=ok)
     tl.store(base + pair[None, :] + 1, im, mask=ok)
 
@@ -122,12 +121,12 @@ def rms_rope_(
         raise ValueError("a norm weight without norm=True")
     if n == 0 or n_heads == 0:
         return x
-    hb = min(triton.next_power_of_2(n_heads), max(1, 2048 // d) if norm else 16)
+    rb = max(1, 2048 // d) if norm else 32  # (token, head) rows per program
     x_bf16 = x.dtype == torch.bfloat16
-    _rms_rope_kernel[(n, triton.cdiv(n_heads, hb))](
+    _rms_rope_kernel[(triton.cdiv(n * n_heads, rb),)](
         x_ptr=heads, w_ptr=weight if weight is not None else heads, pos_ptr=positions,
-        inv_freq_ptr=inv_freq, n_heads=n_heads, stride_t=heads.stride(0),
-        stride_h=heads.stride(1), eps=eps, D=d, HB=hb, NORM=norm, HAS_W=weight is not None,
+        inv_freq_ptr=inv_freq, n_rows=n * n_heads, n_heads=n_heads, stride_t=heads.stride(0),
+        stride_h=heads.stride(1), eps=eps, D=d, RB=rb, NORM=norm, HAS_W=weight is not None,
         INVERSE=inverse, X_BF16=x_bf16,
         W_BF16=x_bf16 and weight is not None and weight.dtype == torch.bfloat16, num_warps=4,
     )  # fmt: skip
