@@ -29,6 +29,8 @@ __all__ = ["MAX_TILES", "hc_fused", "hc_post"]
 _TB = 16  # tokens per tile: tl.dot needs M >= 16
 _BD = 32  # channels of d per step of the mix (x tile [TB, hc, BD])
 _BE = 128  # channels of d per step of the collapse / norm
+_SB = 8  # partials (splits) reduced per step of the epilogue
+_MAX_SPLIT = 32  # more splits buy little fn bandwidth and lengthen the epilogue's reduction
 MAX_TILES = 1 << 16  # tickets per workspace: T <= MAX_TILES * 16 tokens per launch
 
 
@@ -64,34 +66,31 @@ def _post_tile(x_ptr, y_ptr, out_ptr, t, tok, row, dd, p, c, D: tl.constexpr, X_
 
 @triton.jit
 def _reduce_mix(
-    part_ptr,
-    ss_ptr,
-    tile,
-    n_split,
-    eps,
-    TB: tl.constexpr,
-    HC: tl.constexpr,
-    NMP: tl.constexpr,
-    D: tl.constexpr,
-    HEAD: tl.constexpr,
-):
+    part_ptr, ss_ptr, tile, tok, n_split, eps, TB: tl.constexpr, HC: tl.constexpr,
+    NMP: tl.constexpr, D: tl.constexpr, SB: tl.constexpr, HEAD: tl.constexpr,
+):  # fmt: skip
     """Sum the ``n_split`` partials of a tile -> the RMS-scaled mix split into its three maps'
-    logits: pre [TB, hc], post [TB, hc], comb [TB, hc, hc] (post / comb zero for the head)."""
-    r = tl.arange(0, TB)
+    logits: pre [TB, hc], post [TB, hc], comb [TB, hc, hc] (post / comb zero for the head).
+    ``SB`` splits per step: independent loads in flight instead of one L2 round trip each."""
     j = tl.arange(0, HC)
     m_pre = tl.zeros([TB, HC], tl.float32)
     m_post = tl.zeros([TB, HC], tl.float32)
     m_comb = tl.zeros([TB, HC, HC], tl.float32)
     ss = tl.zeros([TB], tl.float32)
-    for s in range(n_split):
-        slot = (tile * n_split + s) * TB + r  # [TB]
-        row = part_ptr + slot[:, None] * NMP
-        m_pre += tl.load(row + j[None, :], cache_modifier=".cg")
+    comb_col = 2 * HC + j[:, None] * HC + j[None, :]  # [hc, hc]
+    for s0 in range(0, n_split, SB):
+        s = s0 + tl.arange(0, SB)
+        slot = (tile * n_split + s)[:, None] * TB + tl.arange(0, TB)[None, :]  # [SB, TB]
+        ok = (s < n_split)[:, None] & tok[None, :]
+        row = (part_ptr + slot * NMP)[:, :, None]  # [SB, TB, 1]
+        m_pre += tl.sum(tl.load(row + j, ok[:, :, None], 0.0, cache_modifier=".cg"), axis=0)
         if not HEAD:
-            m_post += tl.load(row + HC + j[None, :], cache_modifier=".cg")
-            comb_col = 2 * HC + j[None, :, None] * HC + j[None, None, :]
-            m_comb += tl.load(row[:, :, None] + comb_col, cache_modifier=".cg")
-        ss += tl.load(ss_ptr + slot, cache_modifier=".cg")
+            part = tl.load(row + HC + j, ok[:, :, None], 0.0, cache_modifier=".cg")
+            m_post += tl.sum(part, axis=0)
+            ok4 = ok[:, :, None, None]
+            part = tl.load(row[:, :, :, None] + comb_col, ok4, 0.0, cache_modifier=".cg")
+            m_comb += tl.sum(part, axis=0)
+        ss += tl.sum(tl.load(ss_ptr + slot, ok, 0.0, cache_modifier=".cg"), axis=0)
     inv = tl.math.div_rn(1.0, tl.sqrt_rn(ss / (HC * D) + eps))  # [TB]
     return m_pre * inv[:, None], m_post * inv[:, None], m_comb * inv[:, None, None]
 
@@ -177,6 +176,7 @@ def _hc_kernel(
     TB: tl.constexpr,
     BD: tl.constexpr,
     BE: tl.constexpr,
+    SB: tl.constexpr,
     ITERS: tl.constexpr,
     POST: tl.constexpr,
     HEAD: tl.constexpr,
@@ -212,7 +212,7 @@ def _hc_kernel(
     if tl.atomic_add(ticket_ptr + tile, 1, sem="acq_rel") == n_split - 1:
         tl.debug_barrier()
         m_pre, m_post, m_comb = _reduce_mix(
-            part_ptr, ss_ptr, tile, n_split, eps, TB, HC, NMP, D, HEAD
+            part_ptr, ss_ptr, tile, tok, n_split, eps, TB, HC, NMP, D, SB, HEAD
         )
         pre = tl.sigmoid(m_pre * tl.load(scale_ptr) + tl.load(base_ptr + j)[None, :]) + hc_eps
         if not HEAD:
@@ -283,7 +283,9 @@ def hc_fused(
             f"block output must be contiguous [T, d] = [{n}, {d}], got {tuple(y.shape)}"
         )
     n_tiles, steps = -(-n // _TB), d // _BD
-    per_split = -(-steps // max(1, min(steps, programs // n_tiles)))  # steps of BD per program
+    per_split = -(
+        -steps // max(1, min(steps, _MAX_SPLIT, programs // n_tiles))
+    )  # steps of BD per program
     n_split = -(-steps // per_split)
     nmp = max(16, triton.next_power_of_2(fn.shape[0]))
     part = torch.empty(n_tiles * n_split * _TB * nmp, dtype=torch.float32, device=x.device)
@@ -294,7 +296,7 @@ def hc_fused(
         h_ptr=h, post_ptr=post if post is not None else h, comb_ptr=comb if comb is not None else h,
         part_ptr=part, ss_ptr=ss, ticket_ptr=tickets,
         n_tokens=n, n_split=n_split, d_chunk=per_split * _BD, eps=eps, hc_eps=hc_eps,
-        D=d, HC=hc, NM=fn.shape[0], NMP=nmp, TB=_TB, BD=_BD, BE=_BE, ITERS=iters,
+        D=d, HC=hc, NM=fn.shape[0], NMP=nmp, TB=_TB, BD=_BD, BE=_BE, SB=_SB, ITERS=iters,
         POST=post_of is not None, HEAD=head, X_BF16=x.dtype == torch.bfloat16,
         W_BF16=norm_w.dtype == torch.bfloat16 and x.dtype == torch.bfloat16, num_warps=4,
     )  # fmt: skip

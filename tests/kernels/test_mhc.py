@@ -75,10 +75,12 @@ def check(got, exp, tol: float):
 
 @pytest.mark.parametrize("fused", [False, True], ids=["pre", "post+pre"])
 @pytest.mark.parametrize("head", [False, True], ids=["sinkhorn", "head"])
-@pytest.mark.parametrize(("n", "programs"), [(1, 1), (1, 64), (5, 3), (17, 4), (33, 100)])
-def test_hc_fused_interpreted(n, programs, head, fused):
+@pytest.mark.parametrize(
+    ("n", "d", "programs"),
+    [(1, 256, 1), (1, 640, 64), (5, 256, 3), (17, 128, 4), (33, 256, 100)],
+)  # splits per tile: 1, 20 (the epilogue reduces 8 + 8 + 4), 3, 2, 8
+def test_hc_fused_interpreted(n, d, programs, head, fused):
     gen = torch.Generator().manual_seed(n * 7 + programs)
-    d = 256
     x = streams(n, d, torch.float32, "cpu", gen)
     w = site(d, head, "cpu", gen)
     prev = (torch.randn(n, d, generator=gen), *ref_maps(n, "cpu", gen)) if fused else None
