@@ -19,9 +19,16 @@ import torch
 import triton
 import triton.language as tl
 
-from sglang_dsv4.kernels.kv_store import norm_apply, rms_inv, rope_pairs, round_bf16
+from sglang_dsv4.kernels.kv_store import (
+    hadamard_rows,
+    norm_apply,
+    rms_inv,
+    rope_pairs,
+    rope_rows,
+    round_bf16,
+)
 
-__all__ = ["rms_norm", "rms_rope_"]
+__all__ = ["rms_norm", "rms_rope_", "rope_hadamard_"]
 
 _ROPE = 64  # RoPE channels (32 pairs): the helpers in kv_store are written for 64
 
@@ -129,5 +136,45 @@ def rms_rope_(
         stride_h=heads.stride(1), eps=eps, D=d, RB=rb, NORM=norm, HAS_W=weight is not None,
         INVERSE=inverse, X_BF16=x_bf16,
         W_BF16=x_bf16 and weight is not None and weight.dtype == torch.bfloat16, num_warps=4,
+    )  # fmt: skip
+    return x
+
+
+@triton.jit(do_not_specialize=["n_rows"])
+def _rope_hadamard_kernel(
+    x_ptr, pos_ptr, inv_freq_ptr, n_rows, n_heads, stride_t, stride_h,
+    D: tl.constexpr, LOG2D: tl.constexpr, RB: tl.constexpr, INVERSE: tl.constexpr,
+    X_BF16: tl.constexpr,
+):  # fmt: skip
+    r = tl.program_id(0) * RB + tl.arange(0, RB)
+    ok = (r < n_rows)[:, None]
+    t = r // n_heads
+    base = x_ptr + t.to(tl.int64)[:, None] * stride_t + (r % n_heads)[:, None] * stride_h
+    cols = tl.arange(0, D)[None, :]
+    x = tl.load(base + cols, mask=ok, other=0.0).to(tl.float32)  # [RB, D]
+    pos = tl.load(pos_ptr + t, mask=r < n_rows, other=0)
+    pos = -pos if INVERSE else pos
+    x = hadamard_rows(rope_rows(x, pos, inv_freq_ptr, RB, D, X_BF16), RB, D, LOG2D)
+    tl.store(base + cols, round_bf16(x) if X_BF16 else x, mask=ok)
+
+
+def rope_hadamard_(
+    x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, *, inverse: bool = False
+) -> torch.Tensor:
+    """In place on ``x`` [T, H, D]: RoPE (``inverse``: the inverse rotation) of the last 64
+    channels, then the Walsh-Hadamard rotation of each head (``ref.quant.hadamard``: queries of
+    an indexer whose keys are stored rotated). Returns ``x``."""
+    if x.dim() != 3 or x.stride(2) != 1:
+        raise ValueError(f"[T, H, D] with contiguous channels expected, got {tuple(x.shape)}")
+    n, n_heads, d = x.shape
+    if d < _ROPE or d & (d - 1) or inv_freq.numel() != _ROPE // 2:
+        raise ValueError(f"head dim {d}: a power of 2 >= 64 with 32 inverse frequencies needed")
+    if n == 0 or n_heads == 0:
+        return x
+    rb = max(1, 2048 // d)
+    _rope_hadamard_kernel[(triton.cdiv(n * n_heads, rb),)](
+        x_ptr=x, pos_ptr=positions, inv_freq_ptr=inv_freq, n_rows=n * n_heads, n_heads=n_heads,
+        stride_t=x.stride(0), stride_h=x.stride(1), D=d, LOG2D=d.bit_length() - 1, RB=rb,
+        INVERSE=inverse, X_BF16=x.dtype == torch.bfloat16, num_warps=4,
     )  # fmt: skip
     return x

@@ -3,8 +3,9 @@
 * ``rms(x, w)``: weighted RMSNorm of rows (``q_norm`` after ``wq_a``);
 * ``rms_rope(x, w, positions, inv_freq)``: RMSNorm over each head (``w`` None: unweighted) then
   RoPE of the last ``rope_dim`` channels -- the query after ``wq_b``, the raw KV (``kv_norm``);
-* ``rope(x, positions, inv_freq, inverse)``: RoPE alone -- the indexer query, and the inverse
-  rotation of the attention output before ``wo_a``.
+* ``rope(x, positions, inv_freq, inverse, hadamard)``: RoPE alone -- the indexer query (with
+  ``hadamard``: then the Walsh-Hadamard rotation of each head, for keys stored rotated), and the
+  inverse rotation of the attention output before ``wo_a``.
 
 ``x`` of ``rms_rope`` / ``rope`` is consumed: :class:`NormTriton` rotates it in place (only the
 RoPE channels are touched by ``rope``), :class:`NormTorch` (the twin: ``ref.norm`` /
@@ -16,6 +17,7 @@ import torch
 from sglang_dsv4.config import DSV4Config
 from sglang_dsv4.kernels import norm_rope as norm_kernels
 from sglang_dsv4.ref.norm import rms_norm
+from sglang_dsv4.ref.quant import hadamard as ref_hadamard
 from sglang_dsv4.ref.rope import apply_rope, rope_cos_sin
 
 __all__ = ["NormTorch", "NormTriton", "norm_ops"]
@@ -46,9 +48,11 @@ class NormTorch:
         positions: torch.Tensor,
         inv_freq: torch.Tensor,
         inverse: bool = False,
+        hadamard: bool = False,
     ) -> torch.Tensor:
         cos, sin = rope_cos_sin(positions, inv_freq)
-        return apply_rope(x, cos, sin, inverse=inverse)
+        x = apply_rope(x, cos, sin, inverse=inverse)
+        return ref_hadamard(x) if hadamard else x
 
 
 class NormTriton(NormTorch):
@@ -60,7 +64,9 @@ class NormTriton(NormTorch):
     def rms_rope(self, x, w, positions, inv_freq):
         return norm_kernels.rms_rope_(x, positions, inv_freq, norm=True, weight=w, eps=self.eps)
 
-    def rope(self, x, positions, inv_freq, inverse=False):
+    def rope(self, x, positions, inv_freq, inverse=False, hadamard=False):
+        if hadamard:
+            return norm_kernels.rope_hadamard_(x, positions, inv_freq, inverse=inverse)
         return norm_kernels.rms_rope_(x, positions, inv_freq, inverse=inverse)
 
 

@@ -14,6 +14,7 @@ from poison import poisoned_allocations
 from sglang_dsv4.config import RopeSpec, YarnSpec
 from sglang_dsv4.kernels import norm_rope as K
 from sglang_dsv4.ref.norm import rms_norm
+from sglang_dsv4.ref.quant import hadamard
 from sglang_dsv4.ref.rope import apply_rope, rope_cos_sin, rope_inv_freq
 
 EPS = 1e-6
@@ -128,3 +129,27 @@ def test_gpu_rms_norm(n, width, dtype):
     with poisoned_allocations():
         got = K.rms_norm(x, w, EPS)
     assert rel_err(got, rms_norm(x, w, EPS)) <= tol(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("inverse", [False, True])
+@pytest.mark.parametrize(("n", "heads", "d"), [(1, 1, 64), (3, 5, 128), (2, 2, 512)])
+def test_rope_hadamard_interpreted(n, heads, d, inverse, dtype):
+    gen = torch.Generator().manual_seed(n + heads + d)
+    x = (torch.randn(n, heads, d, generator=gen) * 3).to(dtype)
+    pos = torch.randint(0, 1 << 20, (n,), generator=gen)
+    exp = hadamard(want(x, None, pos, False, inverse))
+    got = K.rope_hadamard_(x.clone(), pos, inv_freq("cpu"), inverse=inverse)
+    assert rel_err(got, exp) <= tol(dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [1, 128, 4096])
+def test_gpu_rope_hadamard(n):
+    """The indexer query (64 heads x 128) in bf16."""
+    gen = torch.Generator(device="cuda").manual_seed(n)
+    x = (torch.randn(n, 64, 128, device="cuda", generator=gen) * 3).to(torch.bfloat16)
+    pos = torch.randint(0, 1 << 20, (n,), device="cuda", generator=gen)
+    exp = hadamard(want(x, None, pos, False, False))
+    got = K.rope_hadamard_(x.clone(), pos, inv_freq("cuda"))
+    assert rel_err(got, exp) <= tol(torch.bfloat16)

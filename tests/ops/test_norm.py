@@ -27,6 +27,8 @@ def test_attention_path_equals_the_twin(tiny_cfg):
     assert close(ours.rms_rope(kv.clone(), kw, pos, inv_freq), twin.rms_rope(kv, kw, pos, inv_freq))
     iq = torch.randn(n, cfg.index_n_heads, cfg.index_head_dim, generator=gen)
     assert close(ours.rope(iq.clone(), pos, inv_freq), twin.rope(iq, pos, inv_freq))
+    rotated = ours.rope(iq.clone(), pos, inv_freq, hadamard=True)
+    assert close(rotated, twin.rope(iq, pos, inv_freq, hadamard=True))
     o = torch.randn(n, cfg.num_heads, cfg.head_dim, generator=gen)
     back = ours.rope(ours.rope(o.clone(), pos, inv_freq), pos, inv_freq, inverse=True)
     assert close(back, o, 1e-5) and close(
