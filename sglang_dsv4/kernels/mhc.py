@@ -149,40 +149,15 @@ def _collapse_norm(
 
 @triton.jit(do_not_specialize=["n_tokens", "n_split", "d_chunk"])
 def _hc_kernel(
-    x_ptr,
-    y_ptr,
-    post_in_ptr,
-    comb_in_ptr,
-    x_out_ptr,
-    fn_ptr,
-    base_ptr,
-    scale_ptr,
-    norm_w_ptr,
-    h_ptr,
-    post_ptr,
-    comb_ptr,
-    part_ptr,
-    ss_ptr,
-    ticket_ptr,
-    n_tokens,
-    n_split,
-    d_chunk,
-    eps,
-    hc_eps,
-    D: tl.constexpr,
-    HC: tl.constexpr,
-    NM: tl.constexpr,
-    NMP: tl.constexpr,
-    TB: tl.constexpr,
-    BD: tl.constexpr,
-    BE: tl.constexpr,
-    SB: tl.constexpr,
-    ITERS: tl.constexpr,
-    POST: tl.constexpr,
-    HEAD: tl.constexpr,
-    X_BF16: tl.constexpr,
-    W_BF16: tl.constexpr,
-):
+    x_ptr, y_ptr, post_in_ptr, comb_in_ptr, x_out_ptr,  # streams, [previous block's hc_post]
+    fn_ptr, base_ptr, scale_ptr, norm_w_ptr,  # this site's weights
+    h_ptr, post_ptr, comb_ptr,  # outputs
+    part_ptr, ss_ptr, ticket_ptr,  # workspace: partial mixes, partial sums of squares, tickets
+    n_tokens, n_split, d_chunk, eps, hc_eps,
+    D: tl.constexpr, HC: tl.constexpr, NM: tl.constexpr, NMP: tl.constexpr, TB: tl.constexpr,
+    BD: tl.constexpr, BE: tl.constexpr, SB: tl.constexpr, ITERS: tl.constexpr,
+    POST: tl.constexpr, HEAD: tl.constexpr, X_BF16: tl.constexpr, W_BF16: tl.constexpr,
+):  # fmt: skip
     tile = tl.program_id(0)
     split = tl.program_id(1)
     t = tile * TB + tl.arange(0, TB)
