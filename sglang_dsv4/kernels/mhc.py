@@ -1,18 +1,21 @@
-"""mHC (``ref.mhc``) as Triton kernels: one launch per block boundary.
+"""mHC (``ref.mhc``) as Triton kernels: two launches per block boundary.
 
 :func:`hc_fused` runs, on streams ``x`` [T, hc, d] (optionally first updated by the previous
 block's ``hc_post``: ``x'_k = post_k * y + sum_j comb[j, k] x_j``, written to a new tensor):
 
-1. the mix ``x @ fn^T`` [T, (2+hc)*hc] and the sum of squares of the flattened streams, split
-   over ``d``: ``SPLIT`` programs per tile of ``TB`` tokens write partial sums to a workspace
-   (at decode a single token's ``fn`` read spreads over many SMs);
-2. the last program of a tile to finish (an atomic ticket per tile, reset by that program for
-   the next launch, so CUDA-graph replays need no memset) reduces the partials and runs the
-   epilogue in registers: unweighted RMS scale, the sigmoid maps, the row softmax and
-   ``sinkhorn_iters`` Sinkhorn rounds on the hc x hc matrix, the pre-weighted collapse
-   ``sum_j pre_j x_j`` and the following RMSNorm (``attn_norm`` / ``ffn_norm``).
+1. ``_hc_kernel``: the mix ``x @ fn^T`` [T, (2+hc)*hc] and the sum of squares of the flattened
+   streams, split over ``d``: ``SPLIT`` programs per tile of ``TB`` tokens write partial sums to
+   a workspace (at decode one token's ``fn`` read spreads over many SMs). The last program of a
+   tile to finish (an atomic ticket per tile, reset by that program for the next launch, so
+   CUDA-graph replays need no memset) reduces the partials and computes the maps in registers:
+   the unweighted RMS scale, the sigmoid maps, the row softmax and ``sinkhorn_iters`` Sinkhorn
+   rounds on the hc x hc matrix.
+2. ``_collapse_norm_kernel``: one program per token, the pre-weighted collapse
+   ``sum_j pre_j x_j`` and the following RMSNorm (``attn_norm`` / ``ffn_norm``) with the row in
+   registers. A separate launch because both steps reduce over ``d``: done by the last program
+   of a 16-token tile, the collapse would stream 16 tokens' streams through one SM.
 
-``hc_head`` is the same kernel with ``fn`` [hc, hc*d] (pre map only, no Sinkhorn) and the final
+``hc_head`` is the same pair with ``fn`` [hc, hc*d] (pre map only, no Sinkhorn) and the final
 norm. Maps are fp32 (as ``ref.mhc``); the streams and the normed block input keep the streams'
 dtype. bf16 values are rounded where ``ref`` rounds them (through fp32, round to nearest even),
 so the two differ by fp32 summation order only.
@@ -28,7 +31,7 @@ __all__ = ["MAX_TILES", "hc_fused", "hc_post"]
 
 _TB = 16  # tokens per tile: tl.dot needs M >= 16
 _BD = 32  # channels of d per step of the mix (x tile [TB, hc, BD])
-_BE = 128  # channels of d per step of the collapse / norm
+_BE = 128  # channels of d per program of hc_post
 _SB = 8  # partials (splits) reduced per step of the epilogue
 _MAX_SPLIT = 32  # more splits buy little fn bandwidth and lengthen the epilogue's reduction
 MAX_TILES = 1 << 16  # tickets per workspace: T <= MAX_TILES * 16 tokens per launch
@@ -108,55 +111,38 @@ def _sinkhorn(logits, hc_eps, ITERS: tl.constexpr):
 
 
 @triton.jit
-def _collapse_norm(
-    src_ptr,
-    w_ptr,
-    h_ptr,
-    t,
-    tok,
-    pre,
-    eps,
-    D: tl.constexpr,
-    HC: tl.constexpr,
-    TB: tl.constexpr,
-    BE: tl.constexpr,
-    X_BF16: tl.constexpr,
+def _collapse_norm_kernel(
+    x_ptr, pre_ptr, w_ptr, h_ptr, eps,
+    D: tl.constexpr, BD: tl.constexpr, HC: tl.constexpr, X_BF16: tl.constexpr,
     W_BF16: tl.constexpr,
-):
-    """``h = rms_norm(sum_j pre_j x_j, w)`` [TB, d]: the collapse goes to ``h`` first (in the
-    streams' dtype, as ``ref`` rounds it), then is read back and normed in place."""
-    t64 = t.to(tl.int64)
-    row = t64[:, None, None] * (HC * D) + tl.arange(0, HC)[None, :, None] * D
-    ss = tl.zeros([TB], tl.float32)
-    for d0 in range(0, D, BE):
-        dd = d0 + tl.arange(0, BE)
-        x = tl.load(
-            src_ptr + row + dd[None, None, :], tok[:, None, None], 0.0, cache_modifier=".cg"
-        )
-        u = tl.sum(pre[:, :, None] * x.to(tl.float32), axis=1)  # [TB, BE]
-        if X_BF16:
-            u = round_bf16(u)
-        tl.store(h_ptr + t64[:, None] * D + dd[None, :], u, mask=tok[:, None])
-        ss += tl.sum(u * u, axis=1)
-    inv = tl.math.div_rn(1.0, tl.sqrt_rn(ss / D + eps))
-    tl.debug_barrier()  # the collapse above is read back by other threads of this program
-    for d0 in range(0, D, BE):
-        dd = d0 + tl.arange(0, BE)
-        off = h_ptr + t64[:, None] * D + dd[None, :]
-        u = tl.load(off, mask=tok[:, None], other=0.0).to(tl.float32)
-        tl.store(off, norm_apply(u, inv, tl.load(w_ptr + dd), X_BF16, W_BF16), mask=tok[:, None])
+):  # fmt: skip
+    """One token: ``h = rms_norm(sum_j pre_j x_j, w)`` [d], the collapse rounded to the streams'
+    dtype first (as ``ref`` rounds it); the whole row stays in registers (one pass)."""
+    t = tl.program_id(0).to(tl.int64)
+    dd = tl.arange(0, BD)
+    ok = dd < D
+    u = tl.zeros([BD], tl.float32)
+    for j in tl.static_range(HC):  # independent loads of the hc streams
+        x = tl.load(x_ptr + (t * HC + j) * D + dd, mask=ok, other=0.0).to(tl.float32)
+        u += tl.load(pre_ptr + t * HC + j) * x
+    if X_BF16:
+        u = round_bf16(u)
+    inv = tl.math.div_rn(1.0, tl.sqrt_rn(tl.sum(u * u, axis=0) / D + eps))
+    w = tl.load(w_ptr + dd, mask=ok, other=0.0)
+    h = norm_apply(u[None, :], tl.broadcast_to(inv, [1]), w, X_BF16, W_BF16)
+    tl.store(h_ptr + t * D + dd[None, :], h, mask=ok[None, :])
 
 
 @triton.jit(do_not_specialize=["n_tokens", "n_split", "d_chunk"])
 def _hc_kernel(
     x_ptr, y_ptr, post_in_ptr, comb_in_ptr, x_out_ptr,  # streams, [previous block's hc_post]
-    fn_ptr, base_ptr, scale_ptr, norm_w_ptr,  # this site's weights
-    h_ptr, post_ptr, comb_ptr,  # outputs
+    fn_ptr, base_ptr, scale_ptr,  # this site's weights
+    pre_ptr, post_ptr, comb_ptr,  # outputs: the maps
     part_ptr, ss_ptr, ticket_ptr,  # workspace: partial mixes, partial sums of squares, tickets
     n_tokens, n_split, d_chunk, eps, hc_eps,
     D: tl.constexpr, HC: tl.constexpr, NM: tl.constexpr, NMP: tl.constexpr, TB: tl.constexpr,
-    BD: tl.constexpr, BE: tl.constexpr, SB: tl.constexpr, ITERS: tl.constexpr,
-    POST: tl.constexpr, HEAD: tl.constexpr, X_BF16: tl.constexpr, W_BF16: tl.constexpr,
+    BD: tl.constexpr, SB: tl.constexpr, ITERS: tl.constexpr, POST: tl.constexpr,
+    HEAD: tl.constexpr, X_BF16: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
     split = tl.program_id(1)
@@ -189,9 +175,10 @@ def _hc_kernel(
         m_pre, m_post, m_comb = _reduce_mix(
             part_ptr, ss_ptr, tile, tok, n_split, eps, TB, HC, NMP, D, SB, HEAD
         )
+        t64 = t.to(tl.int64)
         pre = tl.sigmoid(m_pre * tl.load(scale_ptr) + tl.load(base_ptr + j)[None, :]) + hc_eps
+        tl.store(pre_ptr + t64[:, None] * HC + j[None, :], pre, mask=tok[:, None])
         if not HEAD:
-            t64 = t.to(tl.int64)
             post = 2 * tl.sigmoid(
                 m_post * tl.load(scale_ptr + 1) + tl.load(base_ptr + HC + j)[None, :]
             )
@@ -204,8 +191,6 @@ def _hc_kernel(
                 comb,
                 mask=tok[:, None, None],
             )
-        src = x_out_ptr if POST else x_ptr
-        _collapse_norm(src, norm_w_ptr, h_ptr, t, tok, pre, eps, D, HC, TB, BE, X_BF16, W_BF16)
         tl.store(ticket_ptr + tile, 0)  # ready for the next launch (graph replays included)
 
 
@@ -246,34 +231,38 @@ def hc_fused(
     kernel leaves them zero). ``programs``: about how many programs to launch (splits of d)."""
     n, hc, d = _check(x, fn)
     head = fn.shape[0] == hc
+    f32 = {"dtype": torch.float32, "device": x.device}
     h = torch.empty(n, d, dtype=x.dtype, device=x.device)
-    post = None if head else torch.empty(n, hc, dtype=torch.float32, device=x.device)
-    comb = None if head else torch.empty(n, hc, hc, dtype=torch.float32, device=x.device)
+    pre = torch.empty(n, hc, **f32)
+    post = None if head else torch.empty(n, hc, **f32)
+    comb = None if head else torch.empty(n, hc, hc, **f32)
     streams = x if post_of is None else torch.empty_like(x)
     if n == 0:
         return streams, h, post, comb
     y, post_in, comb_in = post_of if post_of is not None else (x, x, x)
     if post_of is not None and (y.shape != (n, d) or not y.is_contiguous()):
-        raise ValueError(
-            f"block output must be contiguous [T, d] = [{n}, {d}], got {tuple(y.shape)}"
-        )
+        raise ValueError(f"block output must be contiguous [T, d] = [{n}, {d}], got {y.shape}")
     n_tiles, steps = -(-n // _TB), d // _BD
-    per_split = -(
-        -steps // max(1, min(steps, _MAX_SPLIT, programs // n_tiles))
-    )  # steps of BD per program
+    per_split = -(-steps // max(1, min(steps, _MAX_SPLIT, programs // n_tiles)))  # BD steps
     n_split = -(-steps // per_split)
     nmp = max(16, triton.next_power_of_2(fn.shape[0]))
-    part = torch.empty(n_tiles * n_split * _TB * nmp, dtype=torch.float32, device=x.device)
-    ss = torch.empty(n_tiles * n_split * _TB, dtype=torch.float32, device=x.device)
+    part = torch.empty(n_tiles * n_split * _TB * nmp, **f32)
+    ss = torch.empty(n_tiles * n_split * _TB, **f32)
+    x_bf16 = x.dtype == torch.bfloat16
     _hc_kernel[(n_tiles, n_split)](
         x_ptr=x, y_ptr=y, post_in_ptr=post_in, comb_in_ptr=comb_in, x_out_ptr=streams,
-        fn_ptr=fn, base_ptr=base, scale_ptr=scale, norm_w_ptr=norm_w,
-        h_ptr=h, post_ptr=post if post is not None else h, comb_ptr=comb if comb is not None else h,
+        fn_ptr=fn, base_ptr=base, scale_ptr=scale,
+        pre_ptr=pre, post_ptr=pre if head else post, comb_ptr=pre if head else comb,
         part_ptr=part, ss_ptr=ss, ticket_ptr=tickets,
         n_tokens=n, n_split=n_split, d_chunk=per_split * _BD, eps=eps, hc_eps=hc_eps,
-        D=d, HC=hc, NM=fn.shape[0], NMP=nmp, TB=_TB, BD=_BD, BE=_BE, SB=_SB, ITERS=iters,
-        POST=post_of is not None, HEAD=head, X_BF16=x.dtype == torch.bfloat16,
-        W_BF16=norm_w.dtype == torch.bfloat16 and x.dtype == torch.bfloat16, num_warps=4,
+        D=d, HC=hc, NM=fn.shape[0], NMP=nmp, TB=_TB, BD=_BD, SB=_SB, ITERS=iters,
+        POST=post_of is not None, HEAD=head, X_BF16=x_bf16, num_warps=4,
+    )  # fmt: skip
+    bd = triton.next_power_of_2(d)
+    _collapse_norm_kernel[(n,)](
+        x_ptr=streams, pre_ptr=pre, w_ptr=norm_w, h_ptr=h, eps=eps, D=d, BD=bd, HC=hc,
+        X_BF16=x_bf16, W_BF16=x_bf16 and norm_w.dtype == torch.bfloat16,
+        num_warps=8 if bd >= 4096 else 4,
     )  # fmt: skip
     return streams, h, post, comb
 

@@ -7,7 +7,8 @@ later boundary (the previous block's ``hc_post`` and the next block's ``hc_pre``
 
 * :class:`HcTorch` -- the twin: ``ref.mhc`` then ``ref.norm.rms_norm`` (the CPU path, exactly
   the reference's numbers; the test oracle).
-* :class:`HcTriton` -- :mod:`sglang_dsv4.kernels.mhc`: one launch per boundary.
+* :class:`HcTriton` -- :mod:`sglang_dsv4.kernels.mhc`: two launches per boundary (mix + maps, then
+  collapse + norm per token); ``post`` alone is one.
 """
 
 from dataclasses import dataclass
@@ -66,7 +67,7 @@ class HcTorch:
 
 
 class HcTriton(HcTorch):
-    """The same ops as single kernel launches (``kernels.mhc``); ``x`` must be contiguous and
+    """The same ops as Triton launches (``kernels.mhc``); ``x`` must be contiguous and
     ``d`` a multiple of 128. Holds the kernels' tickets (zeros, left zero by every launch)."""
 
     def __init__(self, cfg: DSV4Config, device: torch.device):

@@ -1,5 +1,5 @@
 """``kernels.mhc`` against ``ref.mhc`` (+ ``ref.norm``): hc_pre / hc_post / hc_head and the fused
-boundary (previous block's hc_post + next block's hc_pre + RMSNorm) in one launch.
+boundary (previous block's hc_post + next block's hc_pre + RMSNorm) in two launches.
 
 CPU: interpreted (tests/conftest.py), fp32, small shapes and every split count (1 program per
 tile up to one split per 32 channels), outputs and workspaces NaN-poisoned. GPU: Flash / Pro
