@@ -200,9 +200,10 @@ def _check(x: torch.Tensor, fn: torch.Tensor) -> tuple[int, int, int]:
     n, hc, d = x.shape
     if hc & (hc - 1) or d % _BE:
         raise ValueError(f"hc {hc} must be a power of 2 and d {d} a multiple of {_BE}")
-    if fn.dtype != torch.float32 or fn.shape[1] != hc * d or fn.shape[0] not in (hc, (2 + hc) * hc):
+    good_rows = fn.dim() == 2 and fn.shape[0] in (hc, (2 + hc) * hc) and fn.shape[1] == hc * d
+    if fn.dtype != torch.float32 or not good_rows or not fn.is_contiguous():
         raise ValueError(
-            f"fn must be fp32 [hc or (2+hc)*hc, hc*d], got {fn.dtype} {tuple(fn.shape)}"
+            f"fn must be contiguous fp32 [hc or (2+hc)*hc, hc*d], got {fn.dtype} {tuple(fn.shape)}"
         )
     if -(-n // _TB) > MAX_TILES:
         raise ValueError(f"{n} tokens: at most {MAX_TILES * _TB} per launch")

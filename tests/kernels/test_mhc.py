@@ -112,7 +112,7 @@ def test_bad_shapes_raise():
     with pytest.raises(ValueError, match="multiple of 128"):
         K.hc_fused(torch.zeros(2, 4, 200), *w, tickets, eps=EPS, hc_eps=EPS, iters=ITERS,
                    programs=4)  # fmt: skip
-    with pytest.raises(ValueError, match="fn must be fp32"):
+    with pytest.raises(ValueError, match="fn must be contiguous fp32"):
         K.hc_fused(torch.zeros(2, 4, 256), w[0][:7], *w[1:], tickets, eps=EPS, hc_eps=EPS,
                    iters=ITERS, programs=4)  # fmt: skip
 
