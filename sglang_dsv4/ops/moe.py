@@ -60,7 +60,9 @@ class MoeTorch:
         """The MoE block of ``layer`` on the normed input ``x`` [T, d] -> [T, d]."""
         limit = self.cfg.swiglu_limit
         chosen, weights = self.route(layer, x, ids)
-        out = layer.experts.dense()(x, chosen, weights, limit)
+        # the twin forced on a GPU under CUDA-graph capture: the reference's graph-safe form
+        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+        out = layer.experts.dense()(x, chosen, weights, limit, dense=capturing)
         if (shared := layer.shared_linears()) is not None:
             out = out + swiglu(x, *shared, limit)
         return out
