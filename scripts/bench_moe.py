@@ -197,7 +197,7 @@ def sweep(fmt, t, args, bank, results):
             results.append({"fmt": fmt, "tokens": t, "case": f"slots_n{block_n}", "us": us})
             print(results[-1], flush=True)
         for block_m in (16, 32, 64):
-            moe_kernels._sorted_tiles = lambda _p, b=block_m: (b, 4)
+            moe_kernels._sorted_tiles = lambda _p, b=block_m: (b, 8)
             us = time_graph(lambda: moe_experts_sorted(x, chosen, weights, bank, LIMIT, n_exp),
                             args.inner, args.reps)  # fmt: skip
             results.append({"fmt": fmt, "tokens": t, "case": f"sorted_m{block_m}", "us": us})
