@@ -224,7 +224,7 @@ def main() -> None:
     ap.add_argument("--inner", type=int, default=10)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--slot-max", type=int, default=256, help="skip the slot form above this T")
-    ap.add_argument("--dense-max", type=int, default=128, help="skip today's path above this T")
+    ap.add_argument("--dense-max", type=int, default=4096, help="skip today's path above this T")
     ap.add_argument("--sweep", action="store_true", help="also time ours per tile size")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
