@@ -24,7 +24,10 @@ needs no host branch and is CUDA-graph capturable. Only tail slots that change a
 
 Optional per-request ``tail_mode`` (0 keep, 1 fresh = empty, 2 rebuild = the c4 a-halves of the
 ``boundary`` rows of ``rebuild_page``), and ``boundary`` output: at every completed window that
-ends a block, its a-halves [r, D] (kv, score with ape) go to ``boundary[page]`` (c4).
+ends a block, its a-halves [r, D] (kv, score with ape) go to ``boundary[page]`` (c4), ``page``
+from ``boundary_pages[b, block]`` (the pools keep them with the swa page of the block's last
+token; a decode batch passes its tokens' swa pages [B], one block end at most per request);
+without ``boundary_pages`` the block table's page.
 """
 
 from collections.abc import Sequence
@@ -100,7 +103,7 @@ def _load_slots(
     return tl.where(m_new, kv, tkv), tl.where(m_new, sc, tsc)
 
 
-@triton.jit(do_not_specialize=["bt_stride"])
+@triton.jit(do_not_specialize=["bt_stride", "bp_stride_b", "bp_stride_blk"])
 def _flush_kernel(
     kv_ptr,
     score_ptr,
@@ -119,6 +122,9 @@ def _flush_kernel(
     bnd_score_ptr,
     bt_ptr,
     bt_stride,
+    bp_ptr,  # boundary page table (see module docstring)
+    bp_stride_b,
+    bp_stride_blk,
     out_ptr,
     eps,
     R: tl.constexpr,
@@ -204,7 +210,8 @@ def _flush_kernel(
                     w * R + j, ch, kv_ptr, score_ptr, in_stride, ape_ptr, tkv_ptr, tsc_ptr,
                     bkv_ptr, bsc_ptr, P, n, start, state_base, mode, R, C, D, HAS_MODE,
                 )  # fmt: skip
-                boff = page * (R * D) + j[:, None] * D + cols[None, :]
+                bpage = tl.load(bp_ptr + b * bp_stride_b + (w * R) // BLOCK * bp_stride_blk)
+                boff = bpage.to(tl.int64) * (R * D) + j[:, None] * D + cols[None, :]
                 tl.store(bnd_kv_ptr + boff, akv)
                 tl.store(bnd_score_ptr + boff, asc)
 
@@ -308,6 +315,7 @@ class CompressorFlush:
         tail_mode: torch.Tensor | None = None,
         rebuild_page: torch.Tensor | None = None,
         boundary: tuple[torch.Tensor, torch.Tensor] | None = None,
+        boundary_pages: torch.Tensor | None = None,
     ) -> None:
         """Flush the batch's compressor.
 
@@ -319,7 +327,8 @@ class CompressorFlush:
         ``block_size`` tokens); ``out``: the entry cache (uint8 for FP8 rows / indexer keys, else
         bf16 / fp32 rows [n_rows, D]), written at the entries' rows. ``tail_mode`` /
         ``rebuild_page`` [B] int32 and ``boundary`` = (kv, score) [n_blocks, r, D] fp32 (state,
-        updated) are optional (see module docstring).
+        updated) are optional, and so is ``boundary_pages`` ([B, max_blocks] or, for decode,
+        [B] int32: where each block end's boundary rows go; see module docstring).
         """
         if self._grid is None:
             raise RuntimeError("plan() before run()")
@@ -332,6 +341,12 @@ class CompressorFlush:
         if has_mode and rebuild_page is None:
             raise ValueError("tail_mode needs rebuild_page")
         bkv, bsc = boundary if boundary is not None else (tail_kv, tail_score)
+        if boundary_pages is None:
+            bp, bp_strides = block_table, (block_table.stride(0), 1)
+        elif boundary_pages.dim() == 1:  # one page per request: decode
+            bp, bp_strides = boundary_pages, (boundary_pages.stride(0), 0)
+        else:
+            bp, bp_strides = boundary_pages, boundary_pages.stride()
         _flush_kernel[self._grid](
             kv,
             score,
@@ -350,6 +365,8 @@ class CompressorFlush:
             bsc,
             block_table,
             block_table.stride(0),
+            bp,
+            *bp_strides,
             out,
             self.norm_eps,
             R=self.ratio,
