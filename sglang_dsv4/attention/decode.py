@@ -10,6 +10,8 @@ the device from four tensors SGLang keeps in graph-static buffers (``req_pool_in
   ``i`` of a c4 / c128 layer is flat entry row ``pages[i // (B/r)] * (B/r) + i % (B/r)``
 * ``tail_rows`` [B]   the requests' tail rows, or the pool's spare row for padding
 * ``valid`` [B]      real tokens: SGLang pads graph batches with token slot 0 (never owned)
+* ``boundary_table`` [B, P] int32: the swa page of this token in its block's column, -1
+  elsewhere and on padded rows (where the kernels keep c4 block-end state, see ``kernels.compressor``)
 
 Compressed layers then run the batched compressor step with its entry / block-end stores gated
 on the device, so no host branch exists. Padded rows write only to page 0, swa slot 0 and the
@@ -50,7 +52,7 @@ class DecodeMeta:
     tail_rows_i32: torch.Tensor
     window_i32: torch.Tensor
     pages_i32: torch.Tensor
-    swa_page_i32: torch.Tensor
+    boundary_table: torch.Tensor
 
 
 def build_decode_meta(
@@ -91,7 +93,11 @@ def build_decode_meta(
         tail_rows_i32=tail_rows.int(),
         window_i32=win.int(),
         pages_i32=pages.int(),
-        swa_page_i32=swa_page.int(),
+        boundary_table=torch.where(
+            torch.arange(n_pages, device=positions.device) == (positions // block).unsqueeze(1),
+            torch.where(valid, swa_page, -1).unsqueeze(1),
+            -1,
+        ).int(),
     )
 
 

@@ -246,5 +246,5 @@ class DecodeKernels(DecodeTorch):
             kv, score, w.ape, w.norm, comp.inv_freq, tail.kv, tail.score, meta.tail_rows_i32,
             meta.positions_i32, plan.cu_seqlens, meta.pages_i32, out,
             boundary=None if boundary is None else (boundary.kv, boundary.score),
-            boundary_pages=meta.swa_page_i32,
+            boundary_table=meta.boundary_table,
         )  # fmt: skip
