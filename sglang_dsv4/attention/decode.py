@@ -11,7 +11,8 @@ the device from four tensors SGLang keeps in graph-static buffers (``req_pool_in
 * ``tail_rows`` [B]   the requests' tail rows, or the pool's spare row for padding
 * ``valid`` [B]      real tokens: SGLang pads graph batches with token slot 0 (never owned)
 * ``boundary_table`` [B, P] int32: the swa page of this token in its block's column, -1
-  elsewhere and on padded rows (where the kernels keep c4 block-end state, see ``kernels.compressor``)
+  elsewhere and on padded rows (where the kernels keep c4 block-end state, see
+  ``kernels.compressor``)
 
 Compressed layers then run the batched compressor step with its entry / block-end stores gated
 on the device, so no host branch exists. Padded rows write only to page 0, swa slot 0 and the
@@ -21,7 +22,9 @@ Ops (chosen once at backend construction, see ``decode_ops``): :class:`DecodeTor
 twin (the ``ref`` math: ``compress_decode``, ``index_scores`` / ``index_topk``, ``attend`` on rows
 read through ``LayerKV``); ``attention.decode_kernels.DecodeKernels`` the GPU kernels. Both:
 ``plan(bs, pages)`` once per batch (host; returns the batch's kernel state, kept by captured
-graphs) and ``run(plan, kind, lk, meta, q, kv, sink, scale, comp)`` per layer.
+graphs) and ``run(plan, kind, lk, meta, q, kv, sink, scale, comp, kv_norm)`` per layer. With a
+:class:`KVNorm`, ``kv`` is the raw ``wkv(x)`` and the store applies ``kv_norm`` + RoPE (fused
+into the KV-store kernel on the GPU); without, ``kv`` is already normed and roped.
 """
 
 from dataclasses import dataclass
@@ -33,8 +36,32 @@ from sglang_dsv4.mem.pools import LayerKV
 from sglang_dsv4.ref.attention import attend
 from sglang_dsv4.ref.compressor import CompressorWeights, compress_decode
 from sglang_dsv4.ref.indexer import index_scores, index_topk
+from sglang_dsv4.ref.norm import rms_norm
+from sglang_dsv4.ref.rope import apply_rope, rope_cos_sin
 
-__all__ = ["DecodeMeta", "DecodeTorch", "build_decode_meta", "decode_attention", "decode_ops"]
+__all__ = [
+    "DecodeMeta",
+    "DecodeTorch",
+    "KVNorm",
+    "build_decode_meta",
+    "decode_attention",
+    "decode_ops",
+]
+
+
+@dataclass
+class KVNorm:
+    """What turns the raw ``wkv(x)`` [T, D] into the stored KV row: ``kv_norm`` + RoPE."""
+
+    weight: torch.Tensor  # [D] kv_norm weight
+    inv_freq: torch.Tensor  # [rope_dim // 2] fp32, the layer's RoPE
+    positions: torch.Tensor  # [T] int64
+    eps: float
+
+    def apply(self, kv: torch.Tensor) -> torch.Tensor:
+        """The ``ref`` math (``RefDSV4.project``'s kv)."""
+        cos, sin = rope_cos_sin(self.positions, self.inv_freq)
+        return apply_rope(rms_norm(kv, self.weight, self.eps), cos, sin)
 
 
 @dataclass
@@ -119,8 +146,12 @@ class DecodeTorch:
         sink: torch.Tensor,
         scale: float,
         comp=None,
+        kv_norm: KVNorm | None = None,
     ) -> torch.Tensor:
-        """``q`` [B, H, D], ``kv`` [B, D] (normed, roped) -> ``o`` [B, H, D]."""
+        """``q`` [B, H, D], ``kv`` [B, D] (raw with ``kv_norm``, else normed and roped) ->
+        ``o`` [B, H, D]."""
+        if kv_norm is not None:
+            kv = kv_norm.apply(kv)
         return decode_attention(lk, meta, q, kv, sink, scale, comp)
 
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from sglang_dsv4.attention.choice import FLASHMLA, flashmla_eligible, pick
-from sglang_dsv4.attention.decode import DecodeMeta, DecodeTorch
+from sglang_dsv4.attention.decode import DecodeMeta, DecodeTorch, KVNorm
 from sglang_dsv4.config import AttnKind
 from sglang_dsv4.kernels.attention import SparseMQA
 from sglang_dsv4.kernels.compressor import CompressorFlush
@@ -84,6 +84,18 @@ class DecodePlan:
     cu_seqlens: torch.Tensor  # [B + 1] int32: one token per request
     query_req: torch.Tensor  # [B] int32
     choice: dict  # AttnKind -> "ours" / "flashmla" (logged)
+
+
+def _norm_args(kv_norm: KVNorm | None, meta: DecodeMeta) -> dict:
+    """``store_kv`` keywords that fuse ``kv_norm`` + RoPE into the store."""
+    if kv_norm is None:
+        return {}
+    return {
+        "norm_weight": kv_norm.weight,
+        "positions": meta.positions,
+        "inv_freq": kv_norm.inv_freq,
+        "eps": kv_norm.eps,
+    }
 
 
 def hca_rows(meta: DecodeMeta, ratio: int, width: int) -> torch.Tensor:
@@ -204,10 +216,12 @@ class DecodeKernels(DecodeTorch):
         sink: torch.Tensor,
         scale: float,
         comp=None,
+        kv_norm: KVNorm | None = None,
     ) -> torch.Tensor:
-        """``q`` [B, H, D], ``kv`` [B, D] (normed, roped) -> ``o`` [B, H, D] bf16 (the plan's
-        buffer for our kernel: consume it before the next layer of the kind runs)."""
-        store_kv(kv, lk.raw, meta.out_swa, layout=self._raw_layout)
+        """``q`` [B, H, D], ``kv`` [B, D] (raw with ``kv_norm``: the store kernel norms and
+        ropes it; else normed and roped) -> ``o`` [B, H, D] bf16 (the plan's buffer for our
+        kernel: consume it before the next layer of the kind runs)."""
+        store_kv(kv, lk.raw, meta.out_swa, layout=self._raw_layout, **_norm_args(kv_norm, meta))
         return self._runs[kind](plan, lk, meta, q.to(torch.bfloat16), sink, scale, comp)
 
     def _swa(self, plan: DecodePlan, lk: LayerKV, meta: DecodeMeta, q, sink, scale, comp):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from pool_world import BLOCK, LENGTHS, World, inputs
 
-from sglang_dsv4.attention.decode import DecodeTorch, build_decode_meta
+from sglang_dsv4.attention.decode import DecodeTorch, KVNorm, build_decode_meta
 from sglang_dsv4.attention.decode_kernels import DecodeKernels
 from sglang_dsv4.attention.plan import plan_batch
 from sglang_dsv4.attention.wrappers import (
@@ -21,6 +21,7 @@ from sglang_dsv4.attention.wrappers import (
 from sglang_dsv4.config import AttnKind
 from sglang_dsv4.mem.schema import EntryFormat
 from sglang_dsv4.ref.quant import hadamard
+from sglang_dsv4.ref.rope import rope_inv_freq
 
 PAD = 2
 N_PAGES = 4
@@ -125,7 +126,9 @@ def _decode_meta(world, cfg, device):
     )
 
 
-def _check_kernels_equal_twin(cfg, weights, layer: int, device: str, fmt: EntryFormat):
+def _check_kernels_equal_twin(
+    cfg, weights, layer: int, device: str, fmt: EntryFormat, fused_norm: bool = False
+):
     spec = cfg.layers[layer]
     gen = torch.Generator().manual_seed(100 + layer)
     world, sink = _prefilled_world(cfg, weights, layer, gen, device, fmt)
@@ -134,9 +137,17 @@ def _check_kernels_equal_twin(cfg, weights, layer: int, device: str, fmt: EntryF
     q, kv, comp = _to(*_pad(*_decode_inputs(cfg, weights, spec, n, gen)), device)
     meta = _decode_meta(world, cfg, device)
     scale = cfg.head_dim**-0.5
+    kv_norm = None
+    if fused_norm:  # raw wkv(x) rows: the store applies kv_norm + RoPE
+        kv = kv * 3 + 0.5
+        weight = _bf16_exact(torch.rand(cfg.head_dim, generator=gen) + 0.5).to(device)
+        inv_freq = rope_inv_freq(spec.rope, cfg.rope_dim).to(device)
+        kv_norm = KVNorm(weight, inv_freq, meta.positions, 1e-6)
     before = _state(lk)
     twin = DecodeTorch()
-    want = twin.run(twin.plan(n + PAD, N_PAGES), spec.attn, lk, meta, q, kv, sink, scale, comp)
+    want = twin.run(
+        twin.plan(n + PAD, N_PAGES), spec.attn, lk, meta, q, kv, sink, scale, comp, kv_norm
+    )
     want_state = _state(lk)
     _restore(lk, before)
 
@@ -146,14 +157,16 @@ def _check_kernels_equal_twin(cfg, weights, layer: int, device: str, fmt: EntryF
     plan = ops.plan(n + PAD, N_PAGES)
     for k in plan.attn.values():
         k.out.fill_(float("nan"))
-    got = ops.run(plan, spec.attn, lk, meta, q, kv, sink, scale, comp).float()
+    got = ops.run(plan, spec.attn, lk, meta, q, kv, sink, scale, comp, kv_norm).float()
     assert torch.isfinite(got[:n]).all()
     want = want.float()
     rel = (got[:n] - want[:n]).norm() / want[:n].norm()
     assert rel <= 1e-2, f"attention rel L2 {rel:.2e}"
     got_state = _state(lk)
     # Page 0, swa page 0 and the spare tail row take padded / non-emitting writes: not compared.
-    if lk.fp8:  # store_kv == pack_fp8_rows, byte for byte
+    if fused_norm:  # Triton's and torch's cos / sin differ in the last bits
+        _check_rows(lk, "raw", got_state["raw"], want_state["raw"])
+    elif lk.fp8:  # store_kv == pack_fp8_rows, byte for byte
         assert torch.equal(got_state["raw"][1:], want_state["raw"][1:])
     else:
         assert torch.equal(got_state["raw"][BLOCK:], want_state["raw"][BLOCK:])
@@ -176,19 +189,29 @@ def test_decode_kernels_equal_torch_twin_on_bf16_rows(tiny_cfg, tiny_weights, la
     _check_kernels_equal_twin(tiny_cfg, tiny_weights, layer, "cpu", EntryFormat.BF16)
 
 
+@pytest.mark.parametrize("fmt", [EntryFormat.FP8, EntryFormat.BF16])
+def test_fused_kv_norm_rope_store_equals_twin(tiny_cfg, tiny_weights, fmt):
+    _check_kernels_equal_twin(tiny_cfg, tiny_weights, 0, "cpu", fmt, fused_norm=True)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", [EntryFormat.FP8, EntryFormat.BF16])
 @pytest.mark.parametrize("layer", [0, 2, 3])
 def test_decode_kernels_equal_torch_twin_on_gpu(tiny_cfg, tiny_weights, layer, fmt):
     w = {k: v.cuda() for k, v in tiny_weights.items()}
-    _check_kernels_equal_twin(tiny_cfg, w, layer, "cuda", fmt)
+    _check_kernels_equal_twin(tiny_cfg, w, layer, "cuda", fmt, fused_norm=layer == 0)
 
 
 def _check_rows(lk, name: str, got: torch.Tensor, want: torch.Tensor) -> None:
     """Decoded rows agree within one FP8 / bf16 step (the kernel pools in another fp32 order)."""
-    read = lk.read_entries if name == "entries" else lk.read_index_keys
-    per_page = (lk.entry_rows if name == "entries" else lk.key_rows).rows_per_page
-    rows = torch.arange(per_page, got.shape[0] * per_page, device=got.device)  # not page 0
+    read, store = {
+        "raw": (lk.read_raw, lk.raw_rows),
+        "entries": (lk.read_entries, lk.entry_rows),
+        "index_keys": (lk.read_index_keys, lk.key_rows),
+    }[name]
+    per_page = store.rows_per_page
+    n_rows = got.shape[0] * per_page if store.layout is not None else got.numel() // store.dim
+    rows = torch.arange(per_page, n_rows, device=got.device)  # not page 0
     live = getattr(lk, name)
     live.copy_(got)
     a = read(rows).float()
