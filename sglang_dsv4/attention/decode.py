@@ -10,6 +10,8 @@ the device from four tensors SGLang keeps in graph-static buffers (``req_pool_in
   ``i`` of a c4 / c128 layer is flat entry row ``pages[i // (B/r)] * (B/r) + i % (B/r)``
 * ``tail_rows`` [B]   the requests' tail rows, or the pool's spare row for padding
 * ``valid`` [B]      real tokens: SGLang pads graph batches with token slot 0 (never owned)
+* ``hca_rows`` [B, E] int32: flat c128 entry rows of entries ``0 .. E-1`` (-1 past the visible
+  count; ``E`` = every entry of ``P`` blocks padded to a multiple of 64, FlashMLA's list unit)
 * ``boundary_table`` [B, P] int32: the swa page of this token in its block's column, -1
   elsewhere and on padded rows (where the kernels keep c4 block-end state, see
   ``kernels.compressor``)
@@ -46,7 +48,16 @@ __all__ = [
     "build_decode_meta",
     "decode_attention",
     "decode_ops",
+    "hca_list_width",
 ]
+
+_LIST_ALIGN = 64  # FlashMLA reads index lists in multiples of 64
+
+
+def hca_list_width(n_pages: int, block: int) -> int:
+    """Width of a decode query's c128 entry list: every entry of ``n_pages`` blocks, padded."""
+    n = max(n_pages * (block // 128), 1)
+    return -(-n // _LIST_ALIGN) * _LIST_ALIGN
 
 
 @dataclass
@@ -79,6 +90,7 @@ class DecodeMeta:
     tail_rows_i32: torch.Tensor
     window_i32: torch.Tensor
     pages_i32: torch.Tensor
+    hca_rows: torch.Tensor
     boundary_table: torch.Tensor
 
 
@@ -120,12 +132,24 @@ def build_decode_meta(
         tail_rows_i32=tail_rows.int(),
         window_i32=win.int(),
         pages_i32=pages.int(),
+        hca_rows=_hca_rows(pages, positions, block),
         boundary_table=torch.where(
             torch.arange(n_pages, device=positions.device) == (positions // block).unsqueeze(1),
             torch.where(valid, swa_page, -1).unsqueeze(1),
             -1,
         ).int(),
     )
+
+
+def _hca_rows(pages: torch.Tensor, positions: torch.Tensor, block: int) -> torch.Tensor:
+    """See ``DecodeMeta.hca_rows`` (c128: ``block // 128`` entries per page)."""
+    per_page = block // 128
+    offsets = torch.arange(per_page, device=pages.device)
+    rows = (pages.unsqueeze(-1) * per_page + offsets).flatten(1)  # [B, P * per_page]
+    width = hca_list_width(pages.shape[1], block)
+    rows = torch.nn.functional.pad(rows, (0, width - rows.shape[1]), value=-1)
+    ids = torch.arange(width, device=pages.device)
+    return torch.where(ids < ((positions + 1) // 128).unsqueeze(1), rows, -1).int()
 
 
 class DecodeTorch:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from sglang_dsv4.attention.choice import FLASHMLA, flashmla_eligible, pick
-from sglang_dsv4.attention.decode import DecodeMeta, DecodeTorch, KVNorm
+from sglang_dsv4.attention.decode import DecodeMeta, DecodeTorch, KVNorm, hca_list_width
 from sglang_dsv4.config import AttnKind
 from sglang_dsv4.kernels.attention import SparseMQA
 from sglang_dsv4.kernels.compressor import CompressorFlush
@@ -34,9 +34,7 @@ from sglang_dsv4.mem.pools import LayerKV
 from sglang_dsv4.mem.schema import CacheSchema, EntryFormat
 from sglang_dsv4.ref.quant import hadamard
 
-__all__ = ["DecodeKernels", "DecodePlan", "FlashMLADecode", "hca_rows"]
-
-_FLASHMLA_ALIGN = 64  # FlashMLA reads index lists in multiples of 64
+__all__ = ["DecodeKernels", "DecodePlan", "FlashMLADecode"]
 
 
 class FlashMLADecode:
@@ -98,16 +96,6 @@ def _norm_args(kv_norm: KVNorm | None, meta: DecodeMeta) -> dict:
     }
 
 
-def hca_rows(meta: DecodeMeta, ratio: int, width: int) -> torch.Tensor:
-    """[B, width] int32 c128 entry rows each query sees (entry ``i`` = row ``pages[i]`` with one
-    entry per page), -1 past the visible count and in the alignment padding."""
-    n = min(width, meta.pages.shape[1])
-    ids = torch.arange(width, device=meta.pages.device)
-    rows = F.pad(meta.pages[:, :n], (0, width - n), value=-1)
-    visible = (meta.positions + 1) // ratio
-    return torch.where(ids < visible.unsqueeze(1), rows, -1).int()
-
-
 class DecodeKernels(DecodeTorch):
     """GPU decode ops of one pool schema (module docstring). ``flashmla`` False keeps ours
     everywhere (tests, or hosts without FlashMLA)."""
@@ -135,7 +123,7 @@ class DecodeKernels(DecodeTorch):
         di = schema.index_head_dim
         self._hadamard = hadamard(torch.eye(di, device=self.device))  # x @ H = hadamard(x)
         self._runs = {AttnKind.SWA: self._swa, AttnKind.HCA: self._hca, AttnKind.CSA: self._csa}
-        self._ratio = {AttnKind.CSA: 4, AttnKind.HCA: 128}
+        self._logits: torch.Tensor | None = None  # the indexer's shared score workspace
 
     # ------------------------------------------------------------------ plan (host)
 
@@ -143,7 +131,11 @@ class DecodeKernels(DecodeTorch):
         s = self.schema
         window = s.sliding_window
         dev = self.device
-        extra = {AttnKind.SWA: 0, AttnKind.HCA: self.hca_width(pages), AttnKind.CSA: 0}
+        extra = {
+            AttnKind.SWA: 0,
+            AttnKind.HCA: hca_list_width(pages, s.block_size),
+            AttnKind.CSA: 0,
+        }
         csa = s.layers_of(AttnKind.CSA)
         indexer = None
         if csa:
@@ -155,6 +147,7 @@ class DecodeKernels(DecodeTorch):
                 key_layout=IndexKeyLayout("fp8", csa[0].index_keys_per_block, s.index_head_dim),
             )
             indexer.plan(bs, pages * csa[0].index_keys_per_block, dev)
+            indexer.logits = self._shared_logits(indexer.logits.shape)
         attn, choice = {}, {}
         for kind, extra_topk in extra.items():
             choice[kind] = pick(kind.value, self.num_heads, bs, window + extra_topk, self.flashmla)
@@ -172,10 +165,13 @@ class DecodeKernels(DecodeTorch):
             choice=choice,
         )
 
-    def hca_width(self, pages: int) -> int:
-        """c128 list width: every entry of ``pages`` blocks, padded for FlashMLA."""
-        n = pages * self.schema.block_size // 128
-        return -(-max(n, 1) // _FLASHMLA_ALIGN) * _FLASHMLA_ALIGN
+    def _shared_logits(self, shape: tuple[int, int]) -> torch.Tensor:
+        """One fp32 score workspace for every plan (captured graphs replay one at a time):
+        [queries, max keys] fp32 per graph size would add up to GBs at long contexts."""
+        n = shape[0] * shape[1]
+        if self._logits is None or self._logits.numel() < n:
+            self._logits = torch.empty(n, dtype=torch.float32, device=self.device)
+        return self._logits[:n].view(shape)
 
     def _attention(self, choice: str, bs: int, window: int, extra_topk: int):
         if choice == FLASHMLA:
@@ -184,7 +180,6 @@ class DecodeKernels(DecodeTorch):
         else:
             k = SparseMQA(self.num_heads, self.schema.head_dim, kv_fp8=self.fp8, device=self.device)
             k.plan(bs, window, extra_topk)
-        k.extra_topk_width = extra_topk  # the width of the extra lists run() builds
         return k
 
     def _compressors(self) -> list[tuple[str, int, int, str]]:
@@ -229,10 +224,9 @@ class DecodeKernels(DecodeTorch):
 
     def _hca(self, plan: DecodePlan, lk: LayerKV, meta: DecodeMeta, q, sink, scale, comp):
         self._flush(plan, "c128", lk.entries, lk.tail, None, meta, comp, comp.compressor)
-        rows = hca_rows(meta, 128, plan.attn[AttnKind.HCA].extra_topk_width)  # [B, E]
         return plan.attn[AttnKind.HCA].run(
             q, lk.raw_pages(), meta.window_i32, sink, scale,
-            extra_kv=lk.entry_pages(), extra_indices=rows,
+            extra_kv=lk.entry_pages(), extra_indices=meta.hca_rows,
         )  # fmt: skip
 
     def _csa(self, plan: DecodePlan, lk: LayerKV, meta: DecodeMeta, q, sink, scale, comp):
