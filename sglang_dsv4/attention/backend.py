@@ -158,6 +158,11 @@ class DSV4AttnBackend(AttentionBackend):
     def get_cuda_graph_seq_len_fill_value(self) -> int:
         return 1
 
+    def on_after_cuda_graph_warmup(self) -> None:
+        """SGLang runs a graph's forward once eagerly, calls this, then captures."""
+        if self.decode_plan is not None:
+            self.decode_ops.after_warmup(self.decode_plan)
+
     def run(
         self,
         kind: AttnKind,

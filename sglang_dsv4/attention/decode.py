@@ -91,6 +91,7 @@ class DecodeMeta:
     window_i32: torch.Tensor
     pages_i32: torch.Tensor
     hca_rows: torch.Tensor
+    hca_lengths: torch.Tensor  # [B] int32 visible c128 entries (the valid prefix of hca_rows)
     boundary_table: torch.Tensor
 
 
@@ -133,6 +134,7 @@ def build_decode_meta(
         window_i32=win.int(),
         pages_i32=pages.int(),
         hca_rows=_hca_rows(pages, positions, block),
+        hca_lengths=((positions + 1) // 128).clamp(max=hca_list_width(n_pages, block)).int(),
         boundary_table=torch.where(
             torch.arange(n_pages, device=positions.device) == (positions // block).unsqueeze(1),
             torch.where(valid, swa_page, -1).unsqueeze(1),
@@ -158,6 +160,9 @@ class DecodeTorch:
     def plan(self, bs: int, pages: int) -> None:
         """No host work: the torch ops size themselves."""
         return None
+
+    def after_warmup(self, plan) -> None:
+        """Between a graph's warm-up run and its capture (kernels reset schedules here)."""
 
     def run(
         self,

@@ -18,6 +18,7 @@ Per layer, all launches, no host sync, no host branch on values (CUDA-graph capt
 kernel objects and their buffers; captured graphs keep theirs alive.
 """
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +35,9 @@ from sglang_dsv4.mem.pools import LayerKV
 from sglang_dsv4.mem.schema import CacheSchema, EntryFormat
 from sglang_dsv4.ref.quant import hadamard
 
-__all__ = ["DecodeKernels", "DecodePlan", "FlashMLADecode"]
+__all__ = ["DecodeKernels", "DecodePlan", "FlashMLADecode", "load_flashmla"]
+
+logger = logging.getLogger(__name__)
 
 
 class FlashMLADecode:
@@ -43,18 +46,20 @@ class FlashMLADecode:
     a ``FlashMLASchedMeta`` per plan shared by the layers of a kind). Same ``run`` signature as
     ``SparseMQA`` (lists may hold -1: FlashMLA skips invalid indices)."""
 
-    def __init__(self, head_dim: int = 512):
-        from sgl_kernel import flash_mla  # sm90 only: imported where it is chosen
-
-        self._mla = flash_mla
+    def __init__(self, flash_mla, head_dim: int = 512):
+        self._mla = flash_mla  # the ``sgl_kernel.flash_mla`` module (see ``load_flashmla``)
         self.head_dim = head_dim
 
     def plan(self) -> None:
         # The first run of a plan computes the tile schedule; later layers reuse it.
         self.sched = self._mla.get_mla_metadata()[0]
 
-    def run(self, q, kv, indices, sink, scale, *, extra_kv=None, extra_indices=None):
+    def run(
+        self, q, kv, indices, sink, scale, *, extra_kv=None, extra_indices=None, extra_lengths=None
+    ):
         fp8 = torch.float8_e4m3fn
+        if extra_lengths is not None:  # as SGLang: lengths of at least 1 (the lists hold -1s)
+            extra_lengths = extra_lengths.clamp(min=1)
         o, _ = self._mla.flash_mla_with_kvcache(
             q=q.unsqueeze(1),  # [B, 1, H, D]
             k_cache=kv.view(fp8),
@@ -65,11 +70,24 @@ class FlashMLADecode:
             softmax_scale=scale,
             is_fp8_kvcache=True,
             indices=indices.unsqueeze(1),
-            attn_sink=sink,
+            attn_sink=sink.float(),  # FlashMLA takes fp32 sinks (a no-op when they are)
             extra_k_cache=None if extra_kv is None else extra_kv.view(fp8),
             extra_indices_in_kvcache=None if extra_indices is None else extra_indices.unsqueeze(1),
+            extra_topk_length=extra_lengths,
         )
         return o.squeeze(1)
+
+
+def load_flashmla():
+    """``sgl_kernel.flash_mla`` (its extension loads on sm90 only), or None with a warning."""
+    try:
+        from sgl_kernel import flash_mla
+
+        flash_mla.get_mla_metadata()  # raises when the extension did not load
+    except Exception as e:  # serve with our kernel instead
+        logger.warning("FlashMLA unavailable (%s: %s); decode uses ours", type(e).__name__, e)
+        return None
+    return flash_mla
 
 
 @dataclass
@@ -118,12 +136,18 @@ class DecodeKernels(DecodeTorch):
         d = schema.head_dim
         if flashmla is None:
             flashmla = flashmla_eligible(self.fp8, num_heads, d, self.device)
-        self.flashmla = flashmla
+        self._mla = load_flashmla() if flashmla else None  # imported once, here
+        self.flashmla = self._mla is not None
         self._raw_layout = FP8RowLayout.paged(schema.block_size, d) if self.fp8 else None
         di = schema.index_head_dim
-        self._hadamard = hadamard(torch.eye(di, device=self.device))  # x @ H = hadamard(x)
+        h = hadamard(torch.eye(di, device=self.device))  # x @ H = hadamard(x)
+        self._hadamard = {torch.float32: h, torch.bfloat16: h.bfloat16()}  # by query dtype
         self._runs = {AttnKind.SWA: self._swa, AttnKind.HCA: self._hca, AttnKind.CSA: self._csa}
         self._logits: torch.Tensor | None = None  # the indexer's shared score workspace
+        # Shapes the kernels cannot serve fail here, at start-up, not at the first decode step.
+        SparseMQA(num_heads, d, kv_fp8=self.fp8, device=self.device)
+        if schema.layers_of(AttnKind.CSA):
+            IndexerTopK(index_topk, index_heads, di)
 
     # ------------------------------------------------------------------ plan (host)
 
@@ -175,7 +199,7 @@ class DecodeKernels(DecodeTorch):
 
     def _attention(self, choice: str, bs: int, window: int, extra_topk: int):
         if choice == FLASHMLA:
-            k = FlashMLADecode(self.schema.head_dim)
+            k = FlashMLADecode(self._mla, self.schema.head_dim)
             k.plan()
         else:
             k = SparseMQA(self.num_heads, self.schema.head_dim, kv_fp8=self.fp8, device=self.device)
@@ -197,6 +221,14 @@ class DecodeKernels(DecodeTorch):
         if name == "c4_index":
             return IndexKeyLayout("fp8", per_page, s.index_head_dim)
         return FP8RowLayout.paged(per_page, s.head_dim) if self.fp8 else None
+
+    def after_warmup(self, plan: DecodePlan) -> None:
+        """Between SGLang's warm-up run of a graph and its capture: FlashMLA's schedules were
+        computed eagerly by the warm-up; fresh ones are computed inside the graph instead (per
+        replay, from that step's lists), as SGLang's DSV4 backend does."""
+        for k in plan.attn.values():
+            if isinstance(k, FlashMLADecode):
+                k.plan()
 
     # ------------------------------------------------------------------ run (launches)
 
@@ -226,7 +258,7 @@ class DecodeKernels(DecodeTorch):
         self._flush(plan, "c128", lk.entries, lk.tail, None, meta, comp, comp.compressor)
         return plan.attn[AttnKind.HCA].run(
             q, lk.raw_pages(), meta.window_i32, sink, scale,
-            extra_kv=lk.entry_pages(), extra_indices=meta.hca_rows,
+            extra_kv=lk.entry_pages(), extra_indices=meta.hca_rows, extra_lengths=meta.hca_lengths,
         )  # fmt: skip
 
     def _csa(self, plan: DecodePlan, lk: LayerKV, meta: DecodeMeta, q, sink, scale, comp):
@@ -237,19 +269,20 @@ class DecodeKernels(DecodeTorch):
             ix.compressor,
         )  # fmt: skip
         # FP8 keys hold hadamard(k): score hadamard(q) against them (the same dot product)
-        iq = torch.matmul(ix.q.float(), self._hadamard).to(torch.bfloat16)  # [B, Hi, Di]
-        _, rows, _ = plan.indexer.run(
+        iq = torch.matmul(ix.q, self._hadamard[ix.q.dtype]).to(torch.bfloat16)  # [B, Hi, Di]
+        _, rows, picked = plan.indexer.run(
             iq, ix.weights, lk.index_keys, meta.pages_i32, plan.query_req, meta.positions
-        )  # rows [B, topk] int32 entry rows of the picks, -1 past them
+        )  # rows [B, topk] int32 entry rows of the picks, -1 past their count ``picked`` [B]
         return plan.attn[AttnKind.CSA].run(
             q, lk.raw_pages(), meta.window_i32, sink, scale,
-            extra_kv=lk.entry_pages(), extra_indices=rows,
+            extra_kv=lk.entry_pages(), extra_indices=rows, extra_lengths=picked,
         )  # fmt: skip
 
     def _flush(self, plan: DecodePlan, name: str, out, tail, boundary, meta, comp, w) -> None:
         """One compressor step of every request: the two projections, then the kernel."""
-        kv = F.linear(comp.x, w.wkv)  # [B, coff*D]
-        score = F.linear(comp.x, w.wgate)
+        x = comp.x.to(w.wkv.dtype)  # a no-op in a bf16 model
+        kv = F.linear(x, w.wkv)  # [B, coff*D]
+        score = F.linear(x, w.wgate)
         plan.flush[name].run(
             kv, score, w.ape, w.norm, comp.inv_freq, tail.kv, tail.score, meta.tail_rows_i32,
             meta.positions_i32, plan.cu_seqlens, meta.pages_i32, out,

@@ -347,7 +347,7 @@ def test_flashmla_equals_ours_on_the_same_fp8_cache(kind, batch):
     """FlashMLA's sparse decode and our SparseMQA on the very same FP8 pages of our pools
     (swa pages of 128 rows, c4 pages of 32, c128 pages of 1), eager and graph-replayed."""
     from sglang_dsv4.attention.choice import flashmla_eligible
-    from sglang_dsv4.attention.decode_kernels import FlashMLADecode
+    from sglang_dsv4.attention.decode_kernels import FlashMLADecode, load_flashmla
     from sglang_dsv4.kernels.attention import SparseMQA
 
     cfg = _flash_dims()
@@ -377,7 +377,7 @@ def test_flashmla_equals_ours_on_the_same_fp8_cache(kind, batch):
     ours = SparseMQA(cfg.num_heads, d, kv_fp8=True, device="cuda")
     ours.plan(batch, cfg.sliding_window, 0 if rows is None else rows.shape[1])
     want = ours.run(q, lk.raw_pages(), window, sink, scale, **extra).float()
-    mla = FlashMLADecode(d)
+    mla = FlashMLADecode(load_flashmla(), d)
     mla.plan()
     got = mla.run(q, lk.raw_pages(), window, sink, scale, **extra).float()
     rel = (got - want).norm() / want.norm()
