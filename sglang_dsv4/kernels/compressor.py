@@ -203,14 +203,15 @@ def _flush_kernel(
         if HAS_BOUNDARY:  # noqa: SIM102 (a constexpr test cannot join a run-time one)
             if ((w + 1) * R) % BLOCK == 0:  # this window ends a block: keep its a-halves
                 bpage = tl.load(bnd_bt_ptr + b * bnd_bt_stride + (w * R) // BLOCK).to(tl.int64)
-                j = tl.arange(0, R)
-                ch = cols[None, :] + 0 * j[:, None]
+                # new names: Triton refuses to rebind the pooling loop's j / ch to other shapes
+                jb = tl.arange(0, R)
+                chb = cols[None, :] + 0 * jb[:, None]
                 akv, asc = _load_slots(
-                    w * R + j, ch, kv_ptr, score_ptr, in_stride, ape_ptr, tkv_ptr, tsc_ptr,
+                    w * R + jb, chb, kv_ptr, score_ptr, in_stride, ape_ptr, tkv_ptr, tsc_ptr,
                     bkv_ptr, bsc_ptr, P, n, start, state_base, mode, R, C, D, HAS_MODE,
                 )  # fmt: skip
-                boff = tl.maximum(bpage, 0) * (R * D) + j[:, None] * D + cols[None, :]
-                keep = (bpage >= 0) & (ch >= 0)  # [R, D]
+                boff = tl.maximum(bpage, 0) * (R * D) + jb[:, None] * D + cols[None, :]
+                keep = (bpage >= 0) & (chb >= 0)  # [R, D]
                 tl.store(bnd_kv_ptr + boff, akv, keep)
                 tl.store(bnd_score_ptr + boff, asc, keep)
 
