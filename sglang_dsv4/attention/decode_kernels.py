@@ -174,7 +174,7 @@ class DecodeKernels(DecodeTorch):
             indexer.logits = self._shared_logits(indexer.logits.shape)
         attn, choice = {}, {}
         for kind, extra_topk in extra.items():
-            choice[kind] = pick(kind.value, self.num_heads, bs, window + extra_topk, self.flashmla)
+            choice[kind] = pick(kind, self.num_heads, bs, window + extra_topk, self.flashmla)
             attn[kind] = self._attention(choice[kind], bs, window, extra_topk)
         flush = {}
         for name, ratio, d, out in self._compressors():

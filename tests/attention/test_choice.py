@@ -2,6 +2,7 @@ import pytest
 
 from sglang_dsv4.attention import choice
 from sglang_dsv4.attention.choice import FLASHMLA, OURS, flashmla_eligible, pick
+from sglang_dsv4.config import AttnKind
 
 
 def test_ours_where_flashmla_cannot_run():
@@ -26,3 +27,10 @@ def test_nearest_row_decides(monkeypatch):
     assert pick("hca", 64, 2, 200, eligible=True) == OURS
     assert pick("swa", 64, 1, 128, eligible=True) == OURS  # SWA-only lists use the hca rows
     assert pick("hca", 64, 100, 1000, eligible=True) == FLASHMLA
+
+
+def test_layer_kinds_name_their_rows():
+    # measured: FlashMLA faster at CSA Flash batch 128 and HCA batch 1
+    assert pick(AttnKind.CSA, 64, 128, 640, eligible=True) == FLASHMLA
+    assert pick(AttnKind.SWA, 64, 1, 128, eligible=True) == FLASHMLA
+    assert pick(AttnKind.HCA, 64, 1, 192, eligible=True) == FLASHMLA
