@@ -1,5 +1,7 @@
-"""``DeepseekV4ForCausalLM`` for SGLang: parameters under the released DeepSeek-V4 names, math
-from :class:`~sglang_dsv4.ref.model.RefDSV4` and the attention wrappers (no second copy).
+"""``DeepseekV4ForCausalLM`` for SGLang: parameters under the released DeepSeek-V4 names, the
+math of :class:`~sglang_dsv4.ref.model.RefDSV4` run through ``self.ops``
+(:func:`sglang_dsv4.ops.build_ops`, built once from the device: Triton kernels on CUDA, the
+``ref`` twins on CPU, which give the reference's numbers exactly) and the attention wrappers.
 
 Each layer is built for its frozen kind (SWA / c4 / c128): it holds the matching parameters
 and, at run time, the wrapper of its kind. Weights stream in tensor by tensor through
@@ -29,13 +31,15 @@ from sglang.srt.layers.logits_processor import LogitsProcessor
 from sglang.srt.model_executor.forward_context import get_attn_backend
 from torch import nn
 
+from sglang_dsv4.attention.decode import KVNorm
 from sglang_dsv4.attention.wrappers import CompressedInputs, IndexerInputs
 from sglang_dsv4.config import AttnKind, DSV4Config, LayerSpec
 from sglang_dsv4.model.experts import FP4Experts
 from sglang_dsv4.model.linears import KeptFormats, QuantLinear, keeps_quantized
-from sglang_dsv4.ref.mhc import hc_post
+from sglang_dsv4.ops import HcWeights, build_ops
+from sglang_dsv4.ref.attention import grouped_output_proj
+from sglang_dsv4.ref.linear import linear
 from sglang_dsv4.ref.model import RefDSV4
-from sglang_dsv4.ref.norm import rms_norm
 from sglang_dsv4.weights.layout import Fmt, StoredWeight
 from sglang_dsv4.weights.loader import TensorMismatchError, WeightStream
 from sglang_dsv4.weights.nvfp4 import CONFIG_KEY as NVFP4_KEY
@@ -179,6 +183,7 @@ class DeepseekV4ForCausalLM(nn.Module):
         self.head = kept.linear("head", cfg.hidden_size, cfg.vocab_size)
         self.logits_processor = LogitsProcessor(config)
         self._ref: RefDSV4 | None = None
+        self.ops = build_ops(cfg, device)  # Triton kernels on CUDA, the ref twins on CPU
 
     @property
     def ref(self) -> RefDSV4:
@@ -199,48 +204,81 @@ class DeepseekV4ForCausalLM(nn.Module):
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch, **kwargs):
-        ref, cfg = self.ref, self.cfg
         backend = get_attn_backend()
         positions = positions.long()
         # Inside a CUDA-graph capture every op must be free of data-dependent shapes.
         capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-        x = ref.embed_streams(input_ids)  # [T, hc, d]
-        for block in self.layers:
-            spec = block.spec
-            p = f"layers.{spec.index}."
-            u, post, comb = ref.hc_pre(x, p + "hc_attn_")
-            h = rms_norm(u, block.attn_norm.weight, cfg.norm_eps)
+        hc, layers = self.ops.hc, self.layers
+        x = self.ref.embed_streams(input_ids)  # [T, hc, d]
+        h, post, comb = hc.pre(x, self._hc_site(layers[0], "attn"))  # h [T, d]: normed input
+        for i, block in enumerate(layers):
             y = self._attention(block, h, positions, backend)
-            x = hc_post(y, x, post, comb)
-            u, post, comb = ref.hc_pre(x, p + "hc_ffn_")
-            h = rms_norm(u, block.ffn_norm.weight, cfg.norm_eps)
-            y = ref.ffn(spec, h, input_ids, graph_safe=capturing)
-            x = hc_post(y, x, post, comb)
-        hidden = ref.final_hidden(x)
+            x, h, post, comb = hc.post_pre(y, x, post, comb, self._hc_site(block, "ffn"))
+            y = self.ops.moe.ffn(self.ref, block.spec, h, input_ids, graph_safe=capturing)
+            if i + 1 < len(layers):
+                site = self._hc_site(layers[i + 1], "attn")
+                x, h, post, comb = hc.post_pre(y, x, post, comb, site)
+        hidden = hc.post_head(y, x, post, comb, self._head_site())
         return self.logits_processor(input_ids, hidden, self.head, forward_batch)
+
+    @staticmethod
+    def _hc_site(block: _Block, site: str) -> HcWeights:
+        """The mHC weights before ``block``'s ``site`` (attn / ffn) and that block's norm."""
+        norm = block.attn_norm if site == "attn" else block.ffn_norm
+        return HcWeights(
+            getattr(block, f"hc_{site}_fn"),
+            getattr(block, f"hc_{site}_base"),
+            getattr(block, f"hc_{site}_scale"),
+            norm.weight,
+        )
+
+    def _head_site(self) -> HcWeights:
+        return HcWeights(self.hc_head_fn, self.hc_head_base, self.hc_head_scale, self.norm.weight)
 
     def _attention(
         self, block: _Block, x: torch.Tensor, positions: torch.Tensor, backend
     ) -> torch.Tensor:
-        ref, cfg, spec = self.ref, self.cfg, block.spec
-        qr, q, kv = ref.project(spec, x, positions)
+        """``ref.RefDSV4.project`` / ``output`` through ``self.ops``: normed input ``x`` [T, d]
+        -> the attention block's output [T, d]."""
+        ref, cfg, spec, norm = self.ref, self.cfg, block.spec, self.ops.norm
+        w, p = ref.w, f"layers.{spec.index}.attn."
+        inv_freq = ref.inv_freq[spec.index]
+        qr = norm.rms(linear(x, w[p + "wq_a.weight"]), w[p + "q_norm.weight"])  # [T, q_lora]
+        q = linear(qr, w[p + "wq_b.weight"]).view(x.shape[0], cfg.num_heads, cfg.head_dim)
+        q = norm.rms_rope(q, None, positions, inv_freq)  # [T, H, D]
+        kv, kv_norm = self._kv(block, x, positions)
         comp = None
         if spec.attn.compressed:
             indexer = None
             if spec.attn is AttnKind.CSA:
-                iq, iw = ref.indexer_query(spec, x, qr, positions)
+                iq, iw = self._indexer_query(block, x, qr, positions)
                 iw_comp = ref.compressor_weights(spec.index, "indexer.compressor")
                 indexer = IndexerInputs(iq, iw, iw_comp, cfg.index_topk)
             comp = CompressedInputs(
-                x,
-                ref.compressor_weights(spec.index),
-                ref.inv_freq[spec.index],
-                cfg.norm_eps,
-                indexer,
+                x, ref.compressor_weights(spec.index), inv_freq, cfg.norm_eps, indexer
             )
         lk = backend.token_to_kv_pool.layer(spec.index)
-        o = backend.run(spec.attn, lk, q, kv, block.attn.attn_sink, cfg.head_dim**-0.5, comp)
-        return ref.output(spec, o, positions)
+        sink, scale = block.attn.attn_sink, cfg.head_dim**-0.5
+        o = backend.run(spec.attn, lk, q, kv, sink, scale, comp, kv_norm=kv_norm)
+        o = norm.rope(o, positions, inv_freq, inverse=True)  # [T, H, D]
+        return grouped_output_proj(o, w[p + "wo_a.weight"], w[p + "wo_b.weight"])
+
+    def _kv(self, block: _Block, x: torch.Tensor, positions: torch.Tensor):
+        """``wkv(x)`` [T, D] and the ``kv_norm`` + RoPE that make it the stored KV row: the
+        backend applies them inside its KV store (one fused kernel on the GPU decode path)."""
+        w, p = self.ref.w, f"layers.{block.spec.index}.attn."
+        kv = linear(x, w[p + "wkv.weight"])
+        inv_freq = self.ref.inv_freq[block.spec.index]
+        return kv, KVNorm(w[p + "kv_norm.weight"], inv_freq, positions, self.cfg.norm_eps)
+
+    def _indexer_query(self, block: _Block, x, qr, positions):
+        """``ref.RefDSV4.indexer_query``: (roped indexer queries [T, Hi, Di], raw head weights
+        [T, Hi])."""
+        cfg, w, i = self.cfg, self.ref.w, block.spec.index
+        p = f"layers.{i}.attn.indexer."
+        q = linear(qr, w[p + "wq_b.weight"]).view(x.shape[0], cfg.index_n_heads, -1)
+        q = self.ops.norm.rope(q, positions, self.ref.inv_freq[i])
+        return q, linear(x, w[p + "weights_proj.weight"])
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Stream checkpoint tensors (HF or released names, dense or released-format quantized)
