@@ -17,6 +17,20 @@ def default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(old)
 
 
+def served_tensors(model) -> dict[str, torch.Tensor]:
+    """The served model's parameters and buffers under released names: expert banks as
+    per-expert views (``layers.0.ffn.experts.3.w1.weight``), other tensors as named."""
+    out = dict(model.named_parameters()) | dict(model.named_buffers())
+    for block in model.layers:
+        p = f"layers.{block.spec.index}.ffn."
+        views = block.ffn.released(p)
+        if views:
+            banks = (p + "experts.", p + "shared.")
+            out = {n: t for n, t in out.items() if not n.startswith(banks)}
+            out |= views
+    return out
+
+
 def load_served(
     ckpt, *, kept: bool = True, device="cpu", dtype=torch.float32, nvfp4=None, kernels=None
 ):

@@ -14,12 +14,12 @@ Where quantized weights go (decided per released name by
 
 * CPU: everything is dequantized once at load into dense ``nn.Linear`` weights;
 * CUDA: the released FP8 linears (attention ``wq_a wq_b wkv wo_b``, ``indexer.wq_b``, shared
-  experts, routed experts of ``expert_dtype: fp8``) stay FP8 in
-  :class:`~sglang_dsv4.model.linears.FP8Linear` (W8A16 kernel); NVFP4-on-load linears stay NVFP4
-  (:class:`~sglang_dsv4.model.linears.NVFP4Linear`); FP4 routed experts stay FP4 banks run by the
-  grouped kernel (:mod:`sglang_dsv4.model.experts`). ``wo_a`` and the BF16 / FP32 tensors are
-  dense. The reference math calls the quantized modules through
-  :func:`~sglang_dsv4.ref.linear.linear`; all of them are CUDA-graph safe.
+  experts) stay FP8 in :class:`~sglang_dsv4.model.linears.FP8Linear` (W8A16 kernel);
+  NVFP4-on-load linears stay NVFP4 (:class:`~sglang_dsv4.model.linears.NVFP4Linear`); routed
+  experts are one bank per layer (dense, FP8 of ``expert_dtype: fp8`` with the shared expert as
+  a row, or FP4) run by grouped kernels (:mod:`sglang_dsv4.model.experts`, ``self.ops.moe``).
+  ``wo_a`` and the BF16 / FP32 tensors are dense. The reference math calls the quantized
+  modules through :func:`~sglang_dsv4.ref.linear.linear`; all of them are CUDA-graph safe.
 """
 
 import logging
@@ -34,20 +34,20 @@ from torch import nn
 from sglang_dsv4.attention.decode import KVNorm
 from sglang_dsv4.attention.wrappers import CompressedInputs, IndexerInputs
 from sglang_dsv4.config import AttnKind, DSV4Config, LayerSpec
-from sglang_dsv4.model.experts import FP4Experts
+from sglang_dsv4.model.experts import MoE
 from sglang_dsv4.model.linears import KeptFormats, QuantLinear, keeps_quantized
 from sglang_dsv4.ops import HcWeights, build_ops
 from sglang_dsv4.ref.attention import grouped_output_proj
 from sglang_dsv4.ref.linear import linear
 from sglang_dsv4.ref.model import RefDSV4
-from sglang_dsv4.weights.layout import Fmt, StoredWeight
+from sglang_dsv4.weights.layout import StoredWeight
 from sglang_dsv4.weights.loader import TensorMismatchError, WeightStream
 from sglang_dsv4.weights.nvfp4 import CONFIG_KEY as NVFP4_KEY
 from sglang_dsv4.weights.nvfp4 import nvfp4_scope, to_nvfp4
 
 logger = logging.getLogger(__name__)
 
-_EXPERT = re.compile(r"layers\.(\d+)\.ffn\.experts\.(\d+)\.(w[123])\.weight\Z")
+_FFN = re.compile(r"layers\.(\d+)\.ffn\.(.+)\Z")
 
 __all__ = ["DeepseekV4ForCausalLM"]
 
@@ -100,44 +100,6 @@ class _Attention(nn.Module):
             self.indexer = _Indexer(cfg, kept, p + "indexer.")
 
 
-class _Expert(nn.Module):
-    def __init__(self, kept: KeptFormats, p: str, hidden: int, inter: int):
-        super().__init__()
-        self.w1 = kept.linear(p + "w1", hidden, inter)
-        self.w2 = kept.linear(p + "w2", inter, hidden)
-        self.w3 = kept.linear(p + "w3", hidden, inter)
-
-
-class _Gate(nn.Module):
-    def __init__(self, cfg: DSV4Config, hash_moe: bool):
-        super().__init__()
-        self.weight = nn.Parameter(torch.zeros(cfg.n_routed_experts, cfg.hidden_size))
-        if hash_moe:
-            self.register_buffer(
-                "tid2eid", torch.zeros(cfg.vocab_size, cfg.n_experts_per_tok, dtype=torch.long)
-            )
-        else:
-            self.bias = nn.Parameter(torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
-
-
-class _MoE(nn.Module):
-    def __init__(self, cfg: DSV4Config, spec: LayerSpec, kept: KeptFormats, p: str):
-        super().__init__()
-        self.gate = _Gate(cfg, spec.hash_moe)
-        d, inter, n_exp = cfg.hidden_size, cfg.moe_inter_dim, cfg.n_routed_experts
-        fmt = kept.kept(p + "experts.0.w1.weight")
-        self.fp4 = fmt in (Fmt.MXFP4, Fmt.NVFP4)
-        if self.fp4:  # FP4 banks (sglang_dsv4.model.experts)
-            self.experts = FP4Experts(n_exp, d, inter, fmt)
-        else:  # dense or FP8 linears, one module per expert
-            self.experts = nn.ModuleList(
-                _Expert(kept, p + f"experts.{e}.", d, inter) for e in range(n_exp)
-            )
-        if cfg.n_shared_experts:
-            shared = inter * cfg.n_shared_experts
-            self.shared_experts = _Expert(kept, p + "shared_experts.", d, shared)
-
-
 class _Block(nn.Module):
     def __init__(self, cfg: DSV4Config, spec: LayerSpec, kept: KeptFormats):
         super().__init__()
@@ -157,7 +119,7 @@ class _Block(nn.Module):
             )
         p = f"layers.{spec.index}."
         self.attn = _Attention(cfg, spec, kept, p + "attn.")
-        self.ffn = _MoE(cfg, spec, kept, p + "ffn.")
+        self.ffn = MoE(cfg, spec, kept, p + "ffn.")
 
 
 class DeepseekV4ForCausalLM(nn.Module):
@@ -192,6 +154,8 @@ class DeepseekV4ForCausalLM(nn.Module):
             weights = dict(self.named_parameters()) | dict(self.named_buffers())
             # a kept-quantized linear stands in for its weight (ref.linear calls it)
             weights |= {f"{n}.weight": m for n, m in self._quant_linears().items()}
+            for b in self.layers:  # experts held in banks: views (or FP8 row linears) by name
+                weights |= b.ffn.ref_weights(f"layers.{b.spec.index}.ffn.")
             experts = {b.spec.index: b.ffn.experts.routed() for b in self.layers if b.ffn.fp4}
             self._ref = RefDSV4(self.cfg, weights, experts=experts)
         return self._ref
@@ -206,15 +170,13 @@ class DeepseekV4ForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch, **kwargs):
         backend = get_attn_backend()
         positions = positions.long()
-        # Inside a CUDA-graph capture every op must be free of data-dependent shapes.
-        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
         hc, layers = self.ops.hc, self.layers
         x = self.ref.embed_streams(input_ids)  # [T, hc, d]
         h, post, comb = hc.pre(x, self._hc_site(layers[0], "attn"))  # h [T, d]: normed input
         for i, block in enumerate(layers):
             y = self._attention(block, h, positions, backend)
             x, h, post, comb = hc.post_pre(y, x, post, comb, self._hc_site(block, "ffn"))
-            y = self.ops.moe.ffn(self.ref, block.spec, h, input_ids, graph_safe=capturing)
+            y = self.ops.moe.ffn(block.ffn, h, input_ids)
             if i + 1 < len(layers):
                 site = self._hc_site(layers[i + 1], "attn")
                 x, h, post, comb = hc.post_pre(y, x, post, comb, site)
@@ -296,10 +258,8 @@ class DeepseekV4ForCausalLM(nn.Module):
                 if (module := quant.get(name)) is not None:
                     module.load(stored)
                     return
-                if (m := _EXPERT.match(name)) and name not in params:  # an FP4 bank slot
-                    layer, expert, proj = m.groups()
-                    self.layers[int(layer)].ffn.experts.store(int(expert), proj, stored)
-                    return
+                if (m := _FFN.match(name)) and self.layers[int(m[1])].ffn.store(m[2], stored):
+                    return  # an expert bank row
             except ValueError as e:
                 raise TensorMismatchError(f"tensor `{name}`: {e}") from None
             param = params[name]
@@ -308,7 +268,7 @@ class DeepseekV4ForCausalLM(nn.Module):
         stats = WeightStream(self.cfg, deliver).run(weights)
         logger.info("DSV4: loaded %d tensors (%s)", stats.delivered, stats.formats)
         kept = [f"{m.fmt.value} linear" for m in quant.values()]
-        kept += [f"{b.ffn.experts.fmt.value} expert bank" for b in self.layers if b.ffn.fp4]
+        kept += [bank for b in self.layers for bank in b.ffn.kept_banks()]
         if kept:
             counts = {k: kept.count(k) for k in dict.fromkeys(kept)}
             logger.info("DSV4: kept quantized (not dequantized): %s", counts)

@@ -7,7 +7,7 @@ import torch
 
 from sglang_dsv4.ops import Ops, build_ops
 from sglang_dsv4.ops.mhc import HcTorch, HcTriton
-from sglang_dsv4.ops.moe import MoeTorch
+from sglang_dsv4.ops.moe import MoeTorch, MoeTriton
 from sglang_dsv4.ops.norm import NormTorch, NormTriton
 
 
@@ -16,6 +16,7 @@ def test_cpu_gets_the_twins_and_kernels_can_be_forced(tiny_cfg):
     assert (type(ops.hc), type(ops.norm), type(ops.moe)) == (HcTorch, NormTorch, MoeTorch)
     forced = build_ops(tiny_cfg, torch.device("cpu"), kernels=True)
     assert isinstance(forced.hc, HcTriton) and isinstance(forced.norm, NormTriton)
+    assert isinstance(forced.moe, MoeTriton)
     assert forced.hc.tickets.device.type == "cpu" and not forced.hc.tickets.any()
 
 
@@ -36,4 +37,5 @@ def test_rope_kernels_reject_other_rope_dims(tiny_cfg):
 def test_cuda_gets_the_kernels(tiny_cfg):
     ops = build_ops(tiny_cfg, "cuda")
     assert isinstance(ops.hc, HcTriton) and isinstance(ops.norm, NormTriton)
+    assert isinstance(ops.moe, MoeTriton)
     assert ops.hc.tickets.is_cuda and ops.hc.programs >= 2
