@@ -26,9 +26,9 @@ def compressor(w, layer: int, which: str) -> CompressorWeights:
 class World:
     """Pools + SGLang-shaped request bookkeeping for a handful of requests."""
 
-    def __init__(self, cfg, device: str = "cpu", dtype=torch.float32):
-        fmt = EntryFormat.FP32 if dtype == torch.float32 else EntryFormat.BF16
-        schema = CacheSchema.from_config(cfg, fmt)
+    def __init__(self, cfg, device: str = "cpu", dtype=torch.float32, fmt=None, index_fmt=None):
+        fmt = fmt or (EntryFormat.FP32 if dtype == torch.float32 else EntryFormat.BF16)
+        schema = CacheSchema.from_config(cfg, fmt, index_fmt)
         n = PAGES * BLOCK
         self.pool = DSV4KVPool(schema, n, n, len(LENGTHS), dtype, device)
         # full page p -> swa page (p * 7) % PAGES + 1: never the identity, never page 0

@@ -82,24 +82,25 @@ class SWAWrapper:
     ) -> torch.Tensor:
         """``q`` [T, H, D], ``kv`` [T, D] of the new tokens -> ``o`` [T, H, D]."""
         batch = self._plan
-        lk.raw[batch.out_loc_swa] = kv.to(lk.raw.dtype)
+        lk.write_raw(batch.out_loc_swa, kv)
         lists = self._entry_lists(lk, comp)  # per request [n_i, K_i], or None
-        entries = lk.entries.flatten(0, 1) if lk.entries is not None else None  # [rows, D]
         if self.kernel is not None:
             extra = {}
             if lists is not None and self.kernel.extra_topk:
                 rows = self._extra_rows
                 if rows is None:
                     rows = _pad_cat(lists, self.kernel.extra_topk).int()  # [T, K]
-                extra = {"extra_kv": entries, "extra_indices": rows}
+                extra = {"extra_kv": lk.entry_pages(), "extra_indices": rows}
             window = self._window_rows
-            return self.kernel.run(q, lk.raw, window, sink, scale, out=torch.empty_like(q), **extra)
+            return self.kernel.run(
+                q, lk.raw_pages(), window, sink, scale, out=torch.empty_like(q), **extra
+            )
         out = torch.empty_like(q)
         for i, (req, window) in enumerate(zip(batch.requests, self._windows, strict=True)):
-            keys, valid = lk.raw[window.clamp(min=0)], window >= 0  # [n, W, D], [n, W]
+            keys, valid = lk.read_raw(window.clamp(min=0)), window >= 0  # [n, W, D], [n, W]
             if lists is not None:
                 rows = lists[i]
-                keys = torch.cat([keys, entries[rows.clamp(min=0)].to(keys.dtype)], dim=1)
+                keys = torch.cat([keys, lk.read_entries(rows.clamp(min=0)).to(keys.dtype)], dim=1)
                 valid = torch.cat([valid, rows >= 0], dim=1)
             out[req.tokens] = attend(q[req.tokens], keys, valid, sink, scale)
         return out
@@ -143,7 +144,7 @@ class HCAWrapper(SWAWrapper):
         entries, first, state = compress(
             comp.x[req.tokens], req.prefix, state, comp.compressor, comp.inv_freq, comp.norm_eps
         )
-        _store_entries(lk.entries, req, first, entries, self.ratio)
+        _store_entries(lk.write_entries, req, first, entries, self.ratio)
         _save_tail(lk.tail, req, state)
 
     def _entry_rows(self, req: RequestPlan) -> torch.Tensor:
@@ -194,9 +195,9 @@ class CSAWrapper(HCAWrapper):
         x = comp.x[req.tokens]
         pages, rows = self._block_ends[i]
         held = req.prefix % self.ratio  # tokens of the current window already in the tail
-        for w, pool, tail, boundary in (
-            (comp.compressor, lk.entries, lk.tail, lk.boundary),
-            (comp.indexer.compressor, lk.index_keys, lk.index_tail, lk.index_boundary),
+        for w, write, tail, boundary in (
+            (comp.compressor, lk.write_entries, lk.tail, lk.boundary),
+            (comp.indexer.compressor, lk.write_index_keys, lk.index_tail, lk.index_boundary),
         ):
             state = _load_tail(tail, req, boundary)
             kv, score = project(x, req.prefix, w)  # [n, 2D]
@@ -206,7 +207,7 @@ class CSAWrapper(HCAWrapper):
             entries, first, state = compress(
                 x, req.prefix, state, w, comp.inv_freq, comp.norm_eps, (kv, score)
             )
-            _store_entries(pool, req, first, entries, self.ratio)
+            _store_entries(write, req, first, entries, self.ratio)
             d = w.head_dim
             boundary.kv[pages] = stream_kv[rows, :d]  # [n_ends, r, D]
             boundary.score[pages] = stream_score[rows, :d]
@@ -220,7 +221,7 @@ class CSAWrapper(HCAWrapper):
 
     def _top_k(self, lk, ix: IndexerInputs, req: RequestPlan, rows: torch.Tensor) -> torch.Tensor:
         """[n, min(topk, E)] entry rows the indexer picks for the queries of ``req``."""
-        index_keys = lk.index_keys.flatten(0, 1)[rows]  # [E, Di]
+        index_keys = lk.read_index_keys(rows)  # [E, Di]
         q, w, positions = ix.q[req.tokens], ix.weights[req.tokens], req.positions
         # Queries in chunks: the scores of one chunk are [c, Hi, E] fp32 before the head sum.
         chunk = max(1, _SCORE_BYTES // (4 * q.shape[1] * max(1, rows.numel())))
@@ -267,11 +268,9 @@ def _save_tail(tail: TailBuffers, req: RequestPlan, state: CompressorState) -> N
     tail.score[req.req_slot] = state.score
 
 
-def _store_entries(
-    pool: torch.Tensor, req: RequestPlan, first: int, entries: torch.Tensor, ratio: int
-) -> None:
+def _store_entries(write, req: RequestPlan, first: int, entries: torch.Tensor, ratio: int) -> None:
+    """``write``: ``LayerKV.write_entries`` or ``write_index_keys`` (flat rows, values)."""
     if entries.shape[0] == 0:
         return
     ids = torch.arange(first, first + entries.shape[0], device=req.slots.device)
-    rows = req.slots[ids * ratio] // ratio
-    pool.view(-1, pool.shape[-1])[rows] = entries.to(pool.dtype)
+    write(req.slots[ids * ratio] // ratio, entries)

@@ -41,7 +41,9 @@ class OneSequence:
         entries, _, _ = compress(comp.x, 0, state, cw, comp.inv_freq, comp.norm_eps)
         return entries.to(comp.x.dtype)
 
-    def run(self, kind: AttnKind, lk, q, kv, sink, scale, comp=None):
+    def run(self, kind: AttnKind, lk, q, kv, sink, scale, comp=None, kv_norm=None):
+        if kv_norm is not None:  # raw wkv(x): the backend's KV store applies kv_norm + RoPE
+            kv = kv_norm.apply(kv)
         pos = torch.arange(q.shape[0], device=q.device)
         indices = window_indices(pos, self.window)  # [T, W]
         if comp is not None:
