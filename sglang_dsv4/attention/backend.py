@@ -20,6 +20,7 @@ import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
 from sglang_dsv4.attention.decode import DecodeMeta, build_decode_meta, decode_attention
+from sglang_dsv4.attention.extend_ops import extend_ops
 from sglang_dsv4.attention.plan import BatchPlan, plan_batch
 from sglang_dsv4.attention.wrappers import CSAWrapper, HCAWrapper, SWAWrapper
 from sglang_dsv4.config import AttnKind
@@ -46,10 +47,26 @@ class DSV4AttnBackend(AttentionBackend):
         cfg = model_runner.model.cfg
         self._heads, self._index_topk = cfg.num_heads, cfg.index_topk
         self._use_kernels = pool.device != "cpu" and pool.dtype == torch.bfloat16
+
+        def ops(ratio: int):
+            return extend_ops(
+                ratio,
+                window=window,
+                n_heads=cfg.num_heads,
+                head_dim=pool.schema.head_dim,
+                index_heads=cfg.index_n_heads,
+                index_head_dim=cfg.index_head_dim,
+                topk=cfg.index_topk,
+                row_dtype=pool.dtype,
+                device=pool.device,
+                kernels=pool.device != "cpu",
+                norm_eps=cfg.norm_eps,
+            )
+
         self.wrappers = {
-            AttnKind.SWA: SWAWrapper(window, self._new_kernel()),
-            AttnKind.CSA: CSAWrapper(window, self._new_kernel(), topk=cfg.index_topk),
-            AttnKind.HCA: HCAWrapper(window, self._new_kernel()),
+            AttnKind.SWA: SWAWrapper(window, ops(0)),
+            AttnKind.CSA: CSAWrapper(window, ops(4), topk=cfg.index_topk),
+            AttnKind.HCA: HCAWrapper(window, ops(128)),
         }
         self.plan: BatchPlan | None = None
         self.decode_meta: DecodeMeta | None = None

@@ -1,0 +1,370 @@
+"""The ops of an extend (prefill) layer, one interface each, chosen once at construction.
+
+==========  ========================================  ========================================
+op          torch twin (CPU; the ``ref`` math)         kernels (GPU; one launch for the batch)
+==========  ========================================  ========================================
+``store``   ``raw[swa slots] = kv``                    ``kernels.kv_store.store_kv``
+``flush``   ``ref.compressor.compress`` per request    ``kernels.compressor.CompressorFlush``
+``picks``   ``ref.indexer`` per request, query chunks  ``kernels.indexer_extend.IndexerExtend``
+``attend``  ``ref.attention.attend`` per request       ``kernels.attention.SparseMQA``
+==========  ========================================  ========================================
+
+Every op has ``plan(batch)`` (host work, once per batch, no pool access) and ``run(...)``
+(launches). Key lists are one representation for both: ``window`` [T, W] swa slots of each
+query's ``swa_window`` and ``extra`` [T, K] rows of the layer's flattened entry pool (-1 = none).
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from sglang_dsv4.attention.plan import BatchPlan, RequestPlan, TailMode
+from sglang_dsv4.mem.pools import TailBuffers
+from sglang_dsv4.ref.attention import attend
+from sglang_dsv4.ref.compressor import CompressorState, CompressorWeights, compress, project
+from sglang_dsv4.ref.indexer import index_scores, index_topk
+
+__all__ = [
+    "AttendTorch",
+    "AttendTriton",
+    "ExtendOps",
+    "FlushTorch",
+    "FlushTriton",
+    "PicksTorch",
+    "PicksTriton",
+    "StoreTorch",
+    "StoreTriton",
+    "extend_ops",
+]
+
+
+# ---------------------------------------------------------------- store: raw KV rows
+
+
+class StoreTorch:
+    def plan(self, batch: BatchPlan) -> None:
+        self._rows = batch.out_loc_swa  # [T]
+
+    def run(self, raw: torch.Tensor, kv: torch.Tensor) -> None:
+        """``kv`` [T, D] (roped) into ``raw`` at the new tokens' swa slots."""
+        raw[self._rows] = kv.to(raw.dtype)
+
+
+class StoreTriton(StoreTorch):
+    def __init__(self, layout=None):
+        from sglang_dsv4.kernels.kv_store import store_kv
+
+        self._store, self._layout = store_kv, layout
+
+    def run(self, raw: torch.Tensor, kv: torch.Tensor) -> None:
+        self._store(kv, raw, self._rows, layout=self._layout)
+
+
+# ---------------------------------------------------------------- flush: one compressor
+
+
+class FlushTorch:
+    """One compressor of a layer kind (c128 main, c4 main or c4 indexer): the new tokens extend
+    each request's tail, completed windows become entries in ``pool``; with ``boundary`` (c4)
+    the a-halves of every window that ends a block are kept at that block's swa page."""
+
+    def __init__(self, ratio: int):
+        self.ratio = ratio
+
+    def plan(self, batch: BatchPlan) -> None:
+        self._plan = batch
+        self._ends = [self._block_end_rows(req) for req in batch.requests]
+
+    def _block_end_rows(self, req: RequestPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """(swa pages [B], rows [B, r]) per block end in (P, S]: where its state is kept, and the
+        rows of the window just before it in the stream "current window's tail tokens, then the
+        new tokens" (that window's a-halves are the state kept at the block end)."""
+        device = req.slots.device
+        ends = torch.tensor([e for e, _ in req.block_ends], dtype=torch.long, device=device)
+        pages = torch.tensor([p for _, p in req.block_ends], dtype=torch.long, device=device)
+        start = req.prefix - req.prefix % self.ratio  # position of the stream's first row
+        rows = (ends - start).unsqueeze(1) + torch.arange(-self.ratio, 0, device=device)
+        return pages, rows
+
+    def run(
+        self,
+        x: torch.Tensor,
+        w: CompressorWeights,
+        inv_freq: torch.Tensor,
+        eps: float,
+        pool: torch.Tensor,
+        tail: TailBuffers,
+        boundary: TailBuffers | None = None,
+    ) -> None:
+        """``x`` [T, hidden] (compressor input of the batch's new tokens)."""
+        for req, (pages, rows) in zip(self._plan.requests, self._ends, strict=True):
+            xr = x[req.tokens]
+            state = _load_tail(tail, req, boundary)
+            kv, score = project(xr, req.prefix, w)  # [n, coff*D]
+            if boundary is not None:  # the tail's current-window slots precede the new tokens
+                held, r, d = req.prefix % self.ratio, self.ratio, w.head_dim
+                stream_kv = torch.cat([state.kv[r : r + held], kv])
+                stream_score = torch.cat([state.score[r : r + held], score])
+                boundary.kv[pages] = stream_kv[rows, :d]  # [n_ends, r, D]
+                boundary.score[pages] = stream_score[rows, :d]
+            entries, first, state = compress(xr, req.prefix, state, w, inv_freq, eps, (kv, score))
+            _store_entries(pool, req, first, entries, self.ratio)
+            tail.kv[req.req_slot], tail.score[req.req_slot] = state.kv, state.score
+
+
+class FlushTriton(FlushTorch):
+    """``out``: the pool's entry format (``CompressorFlush``'s ``"fp8"``, ``"bf16"``, ``"fp32"``,
+    ``"index_fp8"``); ``layout`` its FP8 row / key layout."""
+
+    def __init__(self, ratio: int, head_dim: int, out: str, layout=None, norm_eps: float = 1e-6):
+        from sglang_dsv4.kernels.compressor import CompressorFlush
+
+        super().__init__(ratio)
+        self.kernel = CompressorFlush(ratio, head_dim, out, layout=layout, norm_eps=norm_eps)
+        self.plain = out in ("bf16", "fp32")
+
+    def plan(self, batch: BatchPlan) -> None:
+        self._plan = batch
+        reqs = batch.requests
+        self.kernel.plan([r.prefix for r in reqs], [r.seq_len - r.prefix for r in reqs])
+
+    def run(self, x, w, inv_freq, eps, pool, tail, boundary=None) -> None:
+        t = self._plan.tables
+        xw = x.to(w.wkv.dtype)
+        c4 = boundary is not None
+        self.kernel.run(
+            kv=F.linear(xw, w.wkv),  # [T, coff*D]
+            score=F.linear(xw, w.wgate),
+            ape=w.ape.float(),
+            norm_weight=w.norm.float(),
+            inv_freq=inv_freq.float(),
+            tail_kv=tail.kv,
+            tail_score=tail.score,
+            req_slots=t.req_slots,
+            prefix_lens=t.prefix,
+            cu_seqlens=t.cu_seqlens,
+            block_table=t.block_table,
+            out=pool.view(-1, pool.shape[-1]) if self.plain else pool,
+            tail_mode=t.tail_mode if c4 else t.tail_mode_c128,
+            rebuild_page=t.rebuild_page,
+            boundary=(boundary.kv, boundary.score) if c4 else None,
+            boundary_table=t.boundary_table if c4 else None,
+        )
+
+
+# ---------------------------------------------------------------- picks: c4 indexer top-k
+
+
+@dataclass
+class Picks:
+    rows: torch.Tensor  # [T, K] int32/int64 rows of the flattened entry pool, -1 = none
+    lengths: torch.Tensor | None = None  # [T] int32 valid prefix of each row (kernels)
+
+
+class PicksTorch:
+    """The indexer's top-k entries of every query, as rows of the flattened entry pool."""
+
+    def __init__(self, topk: int, ratio: int = 4):
+        self.topk, self.ratio = topk, ratio
+
+    def plan(self, batch: BatchPlan) -> None:
+        self._plan = batch
+        self._rows = [_entry_rows(req, self.ratio) for req in batch.requests]  # [E_i]
+        self.width = min(self.topk, max((r.numel() for r in self._rows), default=0))
+
+    def run(self, keys: torch.Tensor, q: torch.Tensor, weights: torch.Tensor) -> Picks:
+        """``keys`` the index key pool [pages, B/4, Di]; ``q`` [T, Hi, Di], ``weights`` [T, Hi]."""
+        flat = keys.flatten(0, 1)
+        out = []
+        for req, rows in zip(self._plan.requests, self._rows, strict=True):
+            qr, wr = q[req.tokens], weights[req.tokens]
+            picks = _top_k(flat[rows], qr, wr, req, self.ratio, self.topk)  # [n, k] entry ids
+            picks = torch.where(picks >= 0, rows[picks.clamp(min=0)], -1)
+            out.append(F.pad(picks, (0, self.width - picks.shape[1]), value=-1))
+        return Picks(torch.cat(out))
+
+
+# Bound on the twin's per-chunk score tensor (a 32K-token prefill would need 17 GB at once).
+_SCORE_BYTES = 1 << 28
+
+
+def _top_k(keys, q, w, req: RequestPlan, ratio: int, topk: int) -> torch.Tensor:
+    """[n, min(topk, E)] entry ids the indexer picks for the queries of ``req`` (query chunks:
+    the scores of one chunk are [c, Hi, E] fp32 before the head sum)."""
+    chunk = max(1, _SCORE_BYTES // (4 * q.shape[1] * max(1, keys.shape[0])))
+    positions = req.positions
+    return torch.cat(
+        [
+            index_topk(
+                index_scores(q[i : i + chunk], w[i : i + chunk], keys),
+                positions[i : i + chunk],
+                ratio,
+                topk,
+            )
+            for i in range(0, q.shape[0], chunk)
+        ]
+    )
+
+
+class PicksTriton(PicksTorch):
+    """``key_layout``: the FP8 key layout of the pool, None for plain rows."""
+
+    def __init__(self, topk: int, n_heads: int, head_dim: int, key_layout=None, ratio: int = 4):
+        from sglang_dsv4.kernels.indexer_extend import IndexerExtend
+
+        super().__init__(topk, ratio)
+        self.kernel = IndexerExtend(topk, n_heads, head_dim, ratio=ratio, key_layout=key_layout)
+        self.plain = key_layout is None
+
+    def plan(self, batch: BatchPlan) -> None:
+        self._plan = batch
+        reqs = batch.requests
+        self.width = min(self.topk, max((r.seq_len // self.ratio for r in reqs), default=0))
+        device = batch.out_loc.device
+        self.kernel.plan([r.seq_len - r.prefix for r in reqs], [r.seq_len for r in reqs], device)
+
+    def run(self, keys, q, weights) -> Picks:
+        t = self._plan.tables
+        _, rows, lengths = self.kernel.run(
+            q=q,
+            weights=weights,
+            keys=keys.flatten(0, 1) if self.plain else keys,
+            block_table=t.block_table,
+            query_req=t.query_req,
+            positions=t.positions,
+        )
+        return Picks(rows, lengths)
+
+
+# ---------------------------------------------------------------- attend
+
+
+class AttendTorch:
+    """One softmax with sink per query over its window rows in ``raw`` and its ``extra`` rows of
+    the flattened entries (``ref.attention.attend``), request by request."""
+
+    def plan(self, batch: BatchPlan, extra_width: int) -> None:
+        self._plan = batch
+
+    def run(self, q, raw, window, sink, scale, entries=None, extra: Picks | None = None):
+        """``q`` [T, H, D], ``window`` [T, W] swa slots, ``entries`` [rows, D] -> [T, H, D]."""
+        out = torch.empty_like(q)
+        for req in self._plan.requests:
+            win = window[req.tokens]
+            keys, valid = raw[win.clamp(min=0)], win >= 0  # [n, W, D], [n, W]
+            if extra is not None:
+                rows = extra.rows[req.tokens]
+                keys = torch.cat([keys, entries[rows.clamp(min=0)].to(keys.dtype)], dim=1)
+                valid = torch.cat([valid, rows >= 0], dim=1)
+            out[req.tokens] = attend(q[req.tokens], keys, valid, sink, scale)
+        return out
+
+
+class AttendTriton(AttendTorch):
+    """``kernels.attention.SparseMQA`` over the batch (bf16 or FP8 rows): one launch."""
+
+    def __init__(self, n_heads: int, head_dim: int, window: int, kv_fp8: bool, device):
+        from sglang_dsv4.kernels.attention import SparseMQA
+
+        self.kernel = SparseMQA(n_heads, head_dim, kv_fp8=kv_fp8, device=device)
+        self.window = window
+
+    def plan(self, batch: BatchPlan, extra_width: int) -> None:
+        self._plan = batch
+        self.kernel.plan(int(batch.out_loc.numel()), self.window, extra_width)
+
+    def run(self, q, raw, window, sink, scale, entries=None, extra: Picks | None = None):
+        more = {}
+        if extra is not None and self.kernel.extra_topk:
+            more = {"extra_kv": entries, "extra_indices": extra.rows}
+            if extra.lengths is not None:
+                more["extra_lengths"] = extra.lengths
+        return self.kernel.run(q, raw, window, sink, scale, out=torch.empty_like(q), **more)
+
+
+# ---------------------------------------------------------------- the set of one layer kind
+
+
+@dataclass(frozen=True)
+class ExtendOps:
+    store: StoreTorch
+    attend: AttendTorch
+    flush: FlushTorch | None = None  # c4 / c128 main compressor
+    index_flush: FlushTorch | None = None  # c4 indexer compressor
+    picks: PicksTorch | None = None  # c4 indexer top-k
+
+
+_PLAIN_OUT = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+
+
+def extend_ops(
+    ratio: int,
+    *,
+    window: int,
+    n_heads: int,
+    head_dim: int,
+    index_heads: int = 0,
+    index_head_dim: int = 0,
+    topk: int = 0,
+    row_dtype: torch.dtype,
+    device,
+    kernels: bool,
+    norm_eps: float = 1e-6,
+) -> ExtendOps:
+    """The ops of one layer kind (``ratio`` 0 SWA, 4 c4, 128 c128) for pools of ``row_dtype``
+    rows: the Triton kernels when ``kernels`` (GPU; CPU tests force them under the Triton
+    interpreter), else the torch twins. The sparse MQA kernel reads bf16 rows only: fp32 pools
+    attend with the twin."""
+    if row_dtype not in _PLAIN_OUT:
+        raise ValueError(f"extend ops for {row_dtype} rows: bf16 or fp32")
+    if not kernels:
+        flush = FlushTorch(ratio) if ratio else None
+        index_flush = FlushTorch(ratio) if ratio == 4 else None
+        picks = PicksTorch(topk, ratio) if ratio == 4 else None
+        return ExtendOps(StoreTorch(), AttendTorch(), flush, index_flush, picks)
+    out = _PLAIN_OUT[row_dtype]
+    flush = FlushTriton(ratio, head_dim, out, norm_eps=norm_eps) if ratio else None
+    index_flush = picks = None
+    if ratio == 4:
+        index_flush = FlushTriton(ratio, index_head_dim, out, norm_eps=norm_eps)
+        picks = PicksTriton(topk, index_heads, index_head_dim, ratio=ratio)
+    if row_dtype == torch.bfloat16:
+        attend = AttendTriton(n_heads, head_dim, window, kv_fp8=False, device=device)
+    else:
+        attend = AttendTorch()
+    return ExtendOps(StoreTriton(), attend, flush, index_flush, picks)
+
+
+# ---------------------------------------------------------------- helpers of the twins
+
+
+def _entry_rows(req: RequestPlan, ratio: int) -> torch.Tensor:
+    """Flat rows of entries ``0 .. S//r - 1`` (entry ``i`` sits at ``slot(i*r) // r``)."""
+    n = req.seq_len // ratio
+    return req.slots[: n * ratio : ratio] // ratio
+
+
+def _load_tail(
+    tail: TailBuffers, req: RequestPlan, boundary: TailBuffers | None
+) -> CompressorState:
+    if req.tail == TailMode.KEEP:
+        return CompressorState(tail.kv[req.req_slot].clone(), tail.score[req.req_slot].clone())
+    state = CompressorState(
+        torch.zeros_like(tail.kv[0]), torch.full_like(tail.score[0], float("-inf"))
+    )
+    if req.tail == TailMode.REBUILD and boundary is not None:
+        half, d = boundary.kv.shape[1], boundary.kv.shape[2]
+        state.kv[:half, :d] = boundary.kv[req.rebuild_page]
+        state.score[:half, :d] = boundary.score[req.rebuild_page]
+    return state
+
+
+def _store_entries(
+    pool: torch.Tensor, req: RequestPlan, first: int, entries: torch.Tensor, ratio: int
+) -> None:
+    if entries.shape[0] == 0:
+        return
+    ids = torch.arange(first, first + entries.shape[0], device=req.slots.device)
+    rows = req.slots[ids * ratio] // ratio
+    pool.view(-1, pool.shape[-1])[rows] = entries.to(pool.dtype)
