@@ -280,7 +280,8 @@ class AttendTriton(AttendTorch):
             more = {"extra_kv": entries, "extra_indices": extra.rows}
             if extra.lengths is not None:
                 more["extra_lengths"] = extra.lengths
-        return self.kernel.run(q, raw, window, sink, scale, out=torch.empty_like(q), **more)
+        # the planned output buffer: the layer consumes it before the next layer of the kind
+        return self.kernel.run(q, raw, window, sink, scale, **more)
 
 
 # ---------------------------------------------------------------- the set of one layer kind
