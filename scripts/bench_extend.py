@@ -1,9 +1,11 @@
 """Time the extend (prefill) path of each layer kind on one GPU, op by op (one command).
 
-    python scripts/bench_extend.py [--cases 1x32768,32x4096,4x4096+28672] [--reps N] [--no-twin]
+    python scripts/bench_extend.py [--cases 1x32768,32x4096,4x4096+28672] [--rows fp8|bf16]
+                                   [--reps N] [--no-twin]
 
 Flash dims (``configs/dsv4-flash-dims.json``: 64 heads x 512, indexer 64 x 128, top-k 512,
-window 128) on real DSV4 pools (``mem.pools.DSV4KVPool``, rows in the pool's format), driven the
+window 128) on real DSV4 pools (``mem.pools.DSV4KVPool``; ``--rows fp8``, the GPU default: FP8
+rows and FP8 indexer keys; ``bf16``: bf16 rows, FP8 keys), driven the
 way the backend drives them: ``plan_batch`` + ``wrapper.plan()`` once per batch, then per layer
 kind the ops of ``attention.extend_ops`` (KV store, compressor flush, indexer top-k, sparse
 attention) and the whole ``wrapper.run()``. A case ``BxN`` is B requests of N new tokens
@@ -11,10 +13,15 @@ attention) and the whole ``wrapper.run()``. A case ``BxN`` is B requests of N ne
 median of ``--reps`` (eager, as extend runs). With the twin (default) the torch twins of the
 flush and the indexer (the previous per-request path) are timed once for comparison.
 
+Where FlashMLA's sparse prefill can serve (sm90, FP8 / bf16 rows), the attention is also timed
+both ways (ours over the pools, FlashMLA over its gathered workspace, gather included) and the
+rows of ``attention.extend_choice.MEASURED`` are printed.
+
 Writes ``bench_extend.json`` to ``--out`` (default ``$OUT`` or ``.``) and prints a table last.
 """
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -25,6 +32,7 @@ from types import SimpleNamespace
 
 import torch
 
+from sglang_dsv4.attention.extend_choice import AttendChoice
 from sglang_dsv4.attention.extend_ops import extend_ops
 from sglang_dsv4.attention.plan import plan_batch
 from sglang_dsv4.attention.wrappers import (
@@ -76,19 +84,19 @@ class World:
     """Pools + SGLang-shaped bookkeeping for ``b`` requests of ``prefix + n`` tokens (full and
     swa slots identical, request ``i`` on pages ``1 + i * pages ..``)."""
 
-    def __init__(self, cfg, b: int, prefix: int, n: int, dtype):
-        schema = CacheSchema.from_config(cfg, EntryFormat.BF16)
+    def __init__(self, cfg, b: int, prefix: int, n: int, rows: str):
+        fmt = EntryFormat.FP8 if rows == "fp8" else EntryFormat.BF16
+        schema = CacheSchema.from_config(cfg, fmt, EntryFormat.FP8)
         self.pages = -(-(prefix + n) // BLOCK)
         slots = b * self.pages * BLOCK
-        self.pool = DSV4KVPool(schema, slots, slots, b, dtype, DEV)
+        self.pool = DSV4KVPool(schema, slots, slots, b, torch.bfloat16, DEV)
         self.pool.register_mapping(torch.arange(slots + BLOCK + 1, device=DEV))
         cols = torch.arange(self.pages * BLOCK, device=DEV)
         self.rtt = (BLOCK + torch.arange(b, device=DEV)[:, None] * self.pages * BLOCK + cols).int()
         self.rtp = SimpleNamespace(req_to_token=self.rtt, req_generation=torch.ones(b))
         self.b, self.prefix, self.n = b, prefix, n
         if prefix:  # the prefix was this request's own earlier chunk: its tail continues
-            for i in range(b):
-                self.pool.tail_owner[i], self.pool.tail_pos[i] = 1, prefix
+            self.pool.tail_owner[:b] = [1] * b
 
     def plan(self):
         b, p, n = self.b, self.prefix, self.n
@@ -99,21 +107,18 @@ class World:
             req_pool_indices=torch.arange(b),
             out_cache_loc=self.rtt[:, p : p + n].flatten().long(),
         )
-        for i in range(b):  # plan_batch records progress; rewind it for repeated plans
-            self.pool.tail_pos[i] = p if p else self.pool.tail_pos[i]
+        self.pool.tail_pos[:b] = p  # plan_batch records progress; rewind it for repeated plans
         return plan_batch(fb, self.pool, self.rtp)
 
 
-def make_wrapper(cfg, kind: AttnKind, dtype, kernels: bool):
+def make_wrapper(cfg, kind: AttnKind, lk, kernels: bool):
     ops = extend_ops(
         kind.value,
+        lk,
         window=cfg.sliding_window,
         n_heads=cfg.num_heads,
-        head_dim=cfg.head_dim,
         index_heads=cfg.index_n_heads,
-        index_head_dim=cfg.index_head_dim,
         topk=cfg.index_topk,
-        row_dtype=dtype,
         device=DEV,
         kernels=kernels,
         norm_eps=cfg.norm_eps,
@@ -158,30 +163,25 @@ def layer_inputs(cfg, kind: AttnKind, t: int, gen):
 def op_calls(w, lk, q, kv, sink, scale, comp):
     """name -> closure, one per op of ``w.run`` (the same calls in the same order)."""
     ops, win = w.ops, w._window_rows
-    calls = {"store": lambda: ops.store.run(lk.raw, kv)}
-    entries = lk.entries.flatten(0, 1) if lk.entries is not None else None
+    calls = {"store": lambda: ops.store.run(lk, kv)}
     if comp is None:
-        calls["attend"] = lambda: ops.attend.run(q, lk.raw, win, sink, scale)
+        calls["attend"] = lambda: ops.attend.run(q, lk, win, sink, scale)
         return calls
     eps, inv = comp.norm_eps, comp.inv_freq
-    bnd = lk.boundary
-    calls["flush"] = lambda: ops.flush.run(comp.x, comp.compressor, inv, eps, lk.entries,
-                                           lk.tail, bnd)  # fmt: skip
+    calls["flush"] = lambda: ops.flush.run(comp.x, comp.compressor, inv, eps, lk)
     if comp.indexer is None:
-        calls["attend"] = lambda: ops.attend.run(q, lk.raw, win, sink, scale, entries, w._visible)
+        calls["attend"] = lambda: ops.attend.run(q, lk, win, sink, scale, w._visible)
         return calls
     ix = comp.indexer
-    calls["index_flush"] = lambda: ops.index_flush.run(comp.x, ix.compressor, inv, eps,
-                                                       lk.index_keys, lk.index_tail,
-                                                       lk.index_boundary)  # fmt: skip
-    calls["picks"] = lambda: ops.picks.run(lk.index_keys, ix.q, ix.weights)
-    picks = ops.picks.run(lk.index_keys, ix.q, ix.weights)
-    calls["attend"] = lambda: ops.attend.run(q, lk.raw, win, sink, scale, entries, picks)
+    calls["index_flush"] = lambda: ops.index_flush.run(comp.x, ix.compressor, inv, eps, lk)
+    calls["picks"] = lambda: ops.picks.run(lk, ix.q, ix.weights)
+    picks = ops.picks.run(lk, ix.q, ix.weights)
+    calls["attend"] = lambda: ops.attend.run(q, lk, win, sink, scale, picks)
     return calls
 
 
-def bench_case(cfg, b: int, n: int, prefix: int, reps: int, twin: bool) -> list[dict]:
-    world = World(cfg, b, prefix, n, torch.bfloat16)
+def bench_case(cfg, b: int, n: int, prefix: int, rows: str, reps: int, twin: bool) -> list[dict]:
+    world = World(cfg, b, prefix, n, rows)
     case = f"{b}x{n}" + (f"+{prefix}" if prefix else "")
     rows = []
     for kind in (AttnKind.SWA, AttnKind.CSA, AttnKind.HCA):
@@ -198,23 +198,59 @@ def bench_kind(cfg, world: World, kind: AttnKind, reps: int, twin: bool) -> dict
     gen = torch.Generator().manual_seed(0)
     sink = torch.randn(cfg.num_heads, generator=gen).to(DEV)
     scale = cfg.head_dim**-0.5
-    layer_of = {AttnKind.SWA: 0, AttnKind.CSA: 1, AttnKind.HCA: 2}  # flash-dims schedule
-    lk = world.pool.layer(layer_of[kind])
-    assert lk.kind is kind, (lk.kind, kind)
-    w = make_wrapper(cfg, kind, torch.bfloat16, kernels=True)
+    lk = world.pool.layer(world.pool.schema.layers_of(kind)[0].layer)
+    w = make_wrapper(cfg, kind, lk, kernels=True)
     q, kv, comp = layer_inputs(cfg, kind, world.b * world.n, gen)
     row = dict(plan_s=host_timed(lambda: w.plan(world.plan()), max(3, reps // 4)))
     for name, fn in op_calls(w, lk, q, kv, sink, scale, comp).items():
         row[f"{name}_s"] = timed(fn, reps)
     row["run_s"] = timed(lambda: w.run(lk, q, kv, sink, scale, comp), reps)
     row["tok_per_s"] = world.b * world.n / row["run_s"]
+    att = w.ops.attend
+    if isinstance(att, AttendChoice):  # FlashMLA can serve this kind: time both
+        extra = _extra(w, lk, comp)
+        for name, op in (("ours", att._ours), ("flashmla", att._flashmla)):
+            op.plan(w._plan, w._max_entries(w._plan))
+            fn = functools.partial(op.run, q, lk, w._window_rows, sink, scale, extra)
+            row[f"{name}_attend_s"] = timed(fn, reps)
+        row["keys"] = cfg.sliding_window + w._max_entries(w._plan)
     if twin and comp is not None:
-        tw = make_wrapper(cfg, kind, torch.bfloat16, kernels=False)
+        tw = make_wrapper(cfg, kind, lk, kernels=False)
         tw.plan(world.plan())
         for name, fn in op_calls(tw, lk, q, kv, sink, scale, comp).items():
             if name in ("flush", "index_flush", "picks"):
                 row[f"twin_{name}_s"] = timed(fn, 1)
     return row
+
+
+def _extra(w, lk, comp):
+    """The entry lists the wrapper's attention gets (None for SWA)."""
+    if comp is None:
+        return None
+    if comp.indexer is None:
+        return w._visible
+    return w.ops.picks.run(lk, comp.indexer.q, comp.indexer.weights)
+
+
+def compare_attend(kind: str, rows: str, b: int, n: int, prefix: int):
+    """(FlashMLA's output, ours) for one layer of ``kind`` after a full extend (GPU test)."""
+    cfg = load_config(CONFIG)
+    world = World(cfg, b, prefix, n, rows)
+    k = {"swa": AttnKind.SWA, "csa": AttnKind.CSA, "hca": AttnKind.HCA}[kind]
+    lk = world.pool.layer(world.pool.schema.layers_of(k)[0].layer)
+    w = make_wrapper(cfg, k, lk, kernels=True)
+    gen = torch.Generator().manual_seed(1)
+    sink, scale = torch.randn(cfg.num_heads, generator=gen).to(DEV), cfg.head_dim**-0.5
+    q, kv, comp = layer_inputs(cfg, k, b * n, gen)
+    w.plan(world.plan())
+    w.run(lk, q, kv, sink, scale, comp)  # fills the pools
+    att, extra = w.ops.attend, _extra(w, lk, comp)
+    assert isinstance(att, AttendChoice), "FlashMLA is not eligible on this device"
+    outs = []
+    for op in (att._flashmla, att._ours):
+        op.plan(w._plan, w._max_entries(w._plan))
+        outs.append(op.run(q, lk, w._window_rows, sink, scale, extra).clone())
+    return outs
 
 
 def parse_case(s: str) -> tuple[int, int, int]:
@@ -226,6 +262,7 @@ def parse_case(s: str) -> tuple[int, int, int]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", default="1x32768,32x4096,4x4096,4x4096+28672")
+    ap.add_argument("--rows", choices=["fp8", "bf16"], default="fp8")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--no-twin", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -235,16 +272,17 @@ def main() -> None:
     for case in args.cases.split(","):
         b, n, p = parse_case(case)
         try:
-            rows += bench_case(cfg, b, n, p, args.reps, twin=not args.no_twin and b * n <= 32768)
+            twin = not args.no_twin and b * n <= 32768
+            rows += bench_case(cfg, b, n, p, args.rows, args.reps, twin)
         except Exception:
             ERRORS.append(traceback.format_exc(limit=4))
             print(ERRORS[-1], flush=True)
         torch.cuda.empty_cache()
     result = dict(device=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"),
-                  rows=rows, errors=ERRORS)  # fmt: skip
+                  pool_rows=args.rows, rows=rows, errors=ERRORS)  # fmt: skip
     Path(args.out, "bench_extend.json").write_text(json.dumps(result, indent=2))
     cols = ["plan", "store", "flush", "index_flush", "picks", "attend", "run"]
-    print(f"\n== extend per layer kind, {result['device']} (ms; Flash dims, bf16 rows) ==")
+    print(f"\n== extend per layer kind, {result['device']} (ms; Flash dims, {args.rows} rows) ==")
     print(f"{'case':>14} {'kind':>4} " + " ".join(f"{c:>11}" for c in cols) + "   tok/s")
     for r in rows:
         cells = [r.get(f"{c}_s") for c in cols]
@@ -254,6 +292,12 @@ def main() -> None:
     for r in twins:
         parts = [f"{k[5:-2]} {1e3 * v:.1f} ms" for k, v in r.items() if k.startswith("twin_")]
         print(f"twin (old per-request path) {r['case']} {r['kind']}: " + ", ".join(parts))
+    measured = [r for r in rows if "flashmla_attend_s" in r]
+    if measured:
+        print("extend_choice.MEASURED rows (kind, heads, tokens, keys, ours ms, FlashMLA ms):")
+    for r in measured:
+        print(f'    ("{r["kind"].lower()}", {cfg.num_heads}, {r["tokens"]}, {r["keys"]}, '
+              f'{1e3 * r["ours_attend_s"]:.3f}, {1e3 * r["flashmla_attend_s"]:.3f}),')  # fmt: skip
     if ERRORS:
         print(f"{len(ERRORS)} case(s) failed (see above)")
 

@@ -33,9 +33,9 @@ def compressor(w, layer: int, which: str) -> CompressorWeights:
 class World:
     """Pools + SGLang-shaped request bookkeeping for a handful of requests."""
 
-    def __init__(self, cfg, device: str = "cpu", dtype=torch.float32):
-        fmt = EntryFormat.FP32 if dtype == torch.float32 else EntryFormat.BF16
-        schema = CacheSchema.from_config(cfg, fmt)
+    def __init__(self, cfg, device: str = "cpu", dtype=torch.float32, fmt=None, index_fmt=None):
+        fmt = fmt or (EntryFormat.FP32 if dtype == torch.float32 else EntryFormat.BF16)
+        schema = CacheSchema.from_config(cfg, fmt, index_fmt)
         n = PAGES * BLOCK
         self.pool = DSV4KVPool(schema, n, n, len(LENGTHS), dtype, device)
         # full page p -> swa page (p * 7) % PAGES + 1: never the identity, never page 0
@@ -65,17 +65,16 @@ class World:
         )
 
 
-def wrapper(cfg, kind: AttnKind, dtype=torch.float32, device="cpu", kernels: bool = False):
-    """The extend wrapper of ``kind`` with the twin ops, or the Triton kernels (``kernels``)."""
+def wrapper(cfg, kind: AttnKind, lk=None, device="cpu", kernels: bool = False):
+    """The extend wrapper of ``kind`` with the twin ops, or the Triton kernels (``kernels``) for
+    the row formats of layer ``lk``."""
     ops = extend_ops(
         kind.value,
+        lk,
         window=cfg.sliding_window,
         n_heads=cfg.num_heads,
-        head_dim=cfg.head_dim,
         index_heads=cfg.index_n_heads,
-        index_head_dim=cfg.index_head_dim,
         topk=cfg.index_topk,
-        row_dtype=dtype,
         device=device,
         kernels=kernels,
         norm_eps=1e-6,

@@ -20,10 +20,11 @@ import torch
 import torch.nn.functional as F
 
 from sglang_dsv4.attention.plan import BatchPlan, RequestPlan, TailMode
-from sglang_dsv4.mem.pools import TailBuffers
+from sglang_dsv4.mem.pools import LayerKV, RowStore, TailBuffers
 from sglang_dsv4.ref.attention import attend
 from sglang_dsv4.ref.compressor import CompressorState, CompressorWeights, compress, project
 from sglang_dsv4.ref.indexer import index_scores, index_topk
+from sglang_dsv4.ref.quant import hadamard
 
 __all__ = [
     "AttendTorch",
@@ -46,31 +47,37 @@ class StoreTorch:
     def plan(self, batch: BatchPlan) -> None:
         self._rows = batch.out_loc_swa  # [T]
 
-    def run(self, raw: torch.Tensor, kv: torch.Tensor) -> None:
-        """``kv`` [T, D] (roped) into ``raw`` at the new tokens' swa slots."""
-        raw[self._rows] = kv.to(raw.dtype)
+    def run(self, lk: LayerKV, kv: torch.Tensor) -> None:
+        """``kv`` [T, D] (roped) into the layer's raw rows at the new tokens' swa slots."""
+        lk.write_raw(self._rows, kv)
 
 
 class StoreTriton(StoreTorch):
-    def __init__(self, layout=None):
+    def __init__(self):
         from sglang_dsv4.kernels.kv_store import store_kv
 
-        self._store, self._layout = store_kv, layout
+        self._store = store_kv
 
-    def run(self, raw: torch.Tensor, kv: torch.Tensor) -> None:
-        self._store(kv, raw, self._rows, layout=self._layout)
+    def run(self, lk: LayerKV, kv: torch.Tensor) -> None:
+        self._store(kv, lk.raw, self._rows, layout=lk.raw_rows.layout)
 
 
 # ---------------------------------------------------------------- flush: one compressor
 
 
 class FlushTorch:
-    """One compressor of a layer kind (c128 main, c4 main or c4 indexer): the new tokens extend
-    each request's tail, completed windows become entries in ``pool``; with ``boundary`` (c4)
-    the a-halves of every window that ends a block are kept at that block's swa page."""
+    """One compressor of a layer kind (c128 main, c4 main, or with ``index`` the c4 indexer's):
+    the new tokens extend each request's tail, completed windows become entries (indexer keys);
+    on c4 layers the a-halves of every window that ends a block are kept at that block's swa
+    page (``boundary``)."""
 
-    def __init__(self, ratio: int):
-        self.ratio = ratio
+    def __init__(self, ratio: int, index: bool = False):
+        self.ratio, self.index = ratio, index
+
+    def _state(self, lk: LayerKV) -> tuple[TailBuffers, TailBuffers | None]:
+        if self.index:
+            return lk.index_tail, lk.index_boundary
+        return lk.tail, lk.boundary
 
     def plan(self, batch: BatchPlan) -> None:
         self._plan = batch
@@ -88,16 +95,11 @@ class FlushTorch:
         return pages, rows
 
     def run(
-        self,
-        x: torch.Tensor,
-        w: CompressorWeights,
-        inv_freq: torch.Tensor,
-        eps: float,
-        pool: torch.Tensor,
-        tail: TailBuffers,
-        boundary: TailBuffers | None = None,
+        self, x: torch.Tensor, w: CompressorWeights, inv_freq: torch.Tensor, eps: float, lk
     ) -> None:
         """``x`` [T, hidden] (compressor input of the batch's new tokens)."""
+        tail, boundary = self._state(lk)
+        write = lk.write_index_keys if self.index else lk.write_entries
         for req, (pages, rows) in zip(self._plan.requests, self._ends, strict=True):
             xr = x[req.tokens]
             state = _load_tail(tail, req, boundary)
@@ -109,28 +111,34 @@ class FlushTorch:
                 boundary.kv[pages] = stream_kv[rows, :d]  # [n_ends, r, D]
                 boundary.score[pages] = stream_score[rows, :d]
             entries, first, state = compress(xr, req.prefix, state, w, inv_freq, eps, (kv, score))
-            _store_entries(pool, req, first, entries, self.ratio)
+            _store_entries(write, req, first, entries, self.ratio)
             tail.kv[req.req_slot], tail.score[req.req_slot] = state.kv, state.score
 
 
 class FlushTriton(FlushTorch):
-    """``out``: the pool's entry format (``CompressorFlush``'s ``"fp8"``, ``"bf16"``, ``"fp32"``,
-    ``"index_fp8"``); ``layout`` its FP8 row / key layout."""
+    """``rows``: the pool's ``RowStore`` of the entries (indexer keys): FP8 rows (keys) or plain
+    bf16 / fp32 rows, the ``CompressorFlush`` output format."""
 
-    def __init__(self, ratio: int, head_dim: int, out: str, layout=None, norm_eps: float = 1e-6):
+    def __init__(self, ratio: int, rows: RowStore, index: bool = False, norm_eps: float = 1e-6):
         from sglang_dsv4.kernels.compressor import CompressorFlush
 
-        super().__init__(ratio)
-        self.kernel = CompressorFlush(ratio, head_dim, out, layout=layout, norm_eps=norm_eps)
-        self.plain = out in ("bf16", "fp32")
+        super().__init__(ratio, index)
+        if rows.layout is not None:
+            out = "index_fp8" if index else "fp8"  # index_fp8 rotates the keys (Hadamard)
+        else:
+            out = _PLAIN_OUT[rows.read_dtype]
+        self.kernel = CompressorFlush(ratio, rows.dim, out, layout=rows.layout, norm_eps=norm_eps)
+        self.plain = rows.layout is None
 
     def plan(self, batch: BatchPlan) -> None:
         self._plan = batch
         reqs = batch.requests
         self.kernel.plan([r.prefix for r in reqs], [r.seq_len - r.prefix for r in reqs])
 
-    def run(self, x, w, inv_freq, eps, pool, tail, boundary=None) -> None:
+    def run(self, x, w, inv_freq, eps, lk) -> None:
         t = self._plan.tables
+        tail, boundary = self._state(lk)
+        pool = lk.index_keys if self.index else lk.entries
         xw = x.to(w.wkv.dtype)
         c4 = boundary is not None
         self.kernel.run(
@@ -149,7 +157,7 @@ class FlushTriton(FlushTorch):
             tail_mode=t.tail_mode if c4 else t.tail_mode_c128,
             rebuild_page=t.rebuild_page,
             boundary=(boundary.kv, boundary.score) if c4 else None,
-            boundary_table=t.boundary_table if c4 else None,
+            boundary_pages=t.boundary_table if c4 else None,
         )
 
 
@@ -160,6 +168,7 @@ class FlushTriton(FlushTorch):
 class Picks:
     rows: torch.Tensor  # [T, K] int32/int64 rows of the flattened entry pool, -1 = none
     lengths: torch.Tensor | None = None  # [T] int32 valid prefix of each row (kernels)
+    ids: torch.Tensor | None = None  # [T, K] the request-local entry ids of ``rows`` (c4)
 
 
 class PicksTorch:
@@ -173,16 +182,16 @@ class PicksTorch:
         self._rows = [_entry_rows(req, self.ratio) for req in batch.requests]  # [E_i]
         self.width = min(self.topk, max((r.numel() for r in self._rows), default=0))
 
-    def run(self, keys: torch.Tensor, q: torch.Tensor, weights: torch.Tensor) -> Picks:
-        """``keys`` the index key pool [pages, B/4, Di]; ``q`` [T, Hi, Di], ``weights`` [T, Hi]."""
-        flat = keys.flatten(0, 1)
-        out = []
+    def run(self, lk: LayerKV, q: torch.Tensor, weights: torch.Tensor) -> Picks:
+        """Over the layer's indexer keys: ``q`` [T, Hi, Di] (roped), ``weights`` [T, Hi]."""
+        out, ids = [], []
         for req, rows in zip(self._plan.requests, self._rows, strict=True):
-            qr, wr = q[req.tokens], weights[req.tokens]
-            picks = _top_k(flat[rows], qr, wr, req, self.ratio, self.topk)  # [n, k] entry ids
+            qr, wr, keys = q[req.tokens], weights[req.tokens], lk.read_index_keys(rows)
+            picks = _top_k(keys, qr, wr, req, self.ratio, self.topk)  # [n, k] entry ids
+            ids.append(F.pad(picks, (0, self.width - picks.shape[1]), value=-1))
             picks = torch.where(picks >= 0, rows[picks.clamp(min=0)], -1)
             out.append(F.pad(picks, (0, self.width - picks.shape[1]), value=-1))
-        return Picks(torch.cat(out))
+        return Picks(torch.cat(out), ids=torch.cat(ids))
 
 
 # Bound on the twin's per-chunk score tensor (a 32K-token prefill would need 17 GB at once).
@@ -208,14 +217,17 @@ def _top_k(keys, q, w, req: RequestPlan, ratio: int, topk: int) -> torch.Tensor:
 
 
 class PicksTriton(PicksTorch):
-    """``key_layout``: the FP8 key layout of the pool, None for plain rows."""
+    """``rows``: the pool's ``RowStore`` of the indexer keys (FP8 keys of the Hadamard-rotated
+    key, or plain rows). Against rotated keys the queries are rotated too (one GEMM with the
+    +-1 Hadamard matrix; its n^-1/2 goes into the head weights)."""
 
-    def __init__(self, topk: int, n_heads: int, head_dim: int, key_layout=None, ratio: int = 4):
+    def __init__(self, topk: int, n_heads: int, rows: RowStore, ratio: int = 4):
         from sglang_dsv4.kernels.indexer_extend import IndexerExtend
 
         super().__init__(topk, ratio)
-        self.kernel = IndexerExtend(topk, n_heads, head_dim, ratio=ratio, key_layout=key_layout)
-        self.plain = key_layout is None
+        self.kernel = IndexerExtend(topk, n_heads, rows.dim, ratio=ratio, key_layout=rows.layout)
+        self.plain = rows.layout is None
+        self._prepare = _identity if self.plain else _rotated
 
     def plan(self, batch: BatchPlan) -> None:
         self._plan = batch
@@ -224,9 +236,11 @@ class PicksTriton(PicksTorch):
         device = batch.out_loc.device
         self.kernel.plan([r.seq_len - r.prefix for r in reqs], [r.seq_len for r in reqs], device)
 
-    def run(self, keys, q, weights) -> Picks:
+    def run(self, lk, q, weights) -> Picks:
         t = self._plan.tables
-        _, rows, lengths = self.kernel.run(
+        q, weights = self._prepare(q, weights)
+        keys = lk.index_keys
+        ids, rows, lengths = self.kernel.run(
             q=q,
             weights=weights,
             keys=keys.flatten(0, 1) if self.plain else keys,
@@ -234,7 +248,24 @@ class PicksTriton(PicksTorch):
             query_req=t.query_req,
             positions=t.positions,
         )
-        return Picks(rows, lengths)
+        return Picks(rows, lengths, ids)
+
+
+def _identity(q: torch.Tensor, weights: torch.Tensor):
+    return q, weights
+
+
+_HADAMARD: dict = {}
+
+
+def _rotated(q: torch.Tensor, weights: torch.Tensor):
+    """(``q`` H, ``weights`` n^-1/2) with H the +-1 Sylvester matrix: scores against keys
+    stored as ``hadamard(k) = k H n^-1/2`` equal those of ``q`` against ``k``."""
+    n = q.shape[-1]
+    key = (n, q.dtype, q.device)
+    if key not in _HADAMARD:  # +-1 entries: exact in bf16
+        _HADAMARD[key] = (hadamard(torch.eye(n, device=q.device)) * n**0.5).round().to(q.dtype)
+    return q @ _HADAMARD[key], weights * n**-0.5
 
 
 # ---------------------------------------------------------------- attend
@@ -247,15 +278,16 @@ class AttendTorch:
     def plan(self, batch: BatchPlan, extra_width: int) -> None:
         self._plan = batch
 
-    def run(self, q, raw, window, sink, scale, entries=None, extra: Picks | None = None):
-        """``q`` [T, H, D], ``window`` [T, W] swa slots, ``entries`` [rows, D] -> [T, H, D]."""
+    def run(self, q, lk: LayerKV, window, sink, scale, extra: Picks | None = None):
+        """``q`` [T, H, D], ``window`` [T, W] swa slots, ``extra`` rows of the layer's entries
+        -> [T, H, D]."""
         out = torch.empty_like(q)
         for req in self._plan.requests:
             win = window[req.tokens]
-            keys, valid = raw[win.clamp(min=0)], win >= 0  # [n, W, D], [n, W]
+            keys, valid = lk.read_raw(win.clamp(min=0)), win >= 0  # [n, W, D], [n, W]
             if extra is not None:
                 rows = extra.rows[req.tokens]
-                keys = torch.cat([keys, entries[rows.clamp(min=0)].to(keys.dtype)], dim=1)
+                keys = torch.cat([keys, lk.read_entries(rows.clamp(min=0)).to(keys.dtype)], 1)
                 valid = torch.cat([valid, rows >= 0], dim=1)
             out[req.tokens] = attend(q[req.tokens], keys, valid, sink, scale)
         return out
@@ -274,14 +306,14 @@ class AttendTriton(AttendTorch):
         self._plan = batch
         self.kernel.plan(int(batch.out_loc.numel()), self.window, extra_width)
 
-    def run(self, q, raw, window, sink, scale, entries=None, extra: Picks | None = None):
+    def run(self, q, lk, window, sink, scale, extra: Picks | None = None):
         more = {}
         if extra is not None and self.kernel.extra_topk:
-            more = {"extra_kv": entries, "extra_indices": extra.rows}
+            more = {"extra_kv": lk.entry_pages(), "extra_indices": extra.rows}
             if extra.lengths is not None:
                 more["extra_lengths"] = extra.lengths
         # the planned output buffer: the layer consumes it before the next layer of the kind
-        return self.kernel.run(q, raw, window, sink, scale, **more)
+        return self.kernel.run(q.to(torch.bfloat16), lk.raw_pages(), window, sink, scale, **more)
 
 
 # ---------------------------------------------------------------- the set of one layer kind
@@ -301,37 +333,37 @@ _PLAIN_OUT = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
 def extend_ops(
     ratio: int,
+    lk: LayerKV | None,
     *,
     window: int,
     n_heads: int,
-    head_dim: int,
     index_heads: int = 0,
-    index_head_dim: int = 0,
     topk: int = 0,
-    row_dtype: torch.dtype,
     device,
     kernels: bool,
     norm_eps: float = 1e-6,
 ) -> ExtendOps:
-    """The ops of one layer kind (``ratio`` 0 SWA, 4 c4, 128 c128) for pools of ``row_dtype``
-    rows: the Triton kernels when ``kernels`` (GPU; CPU tests force them under the Triton
-    interpreter), else the torch twins. The sparse MQA kernel reads bf16 rows only: fp32 pools
-    attend with the twin."""
-    if row_dtype not in _PLAIN_OUT:
-        raise ValueError(f"extend ops for {row_dtype} rows: bf16 or fp32")
-    if not kernels:
+    """The ops of one layer kind (``ratio`` 0 SWA, 4 c4, 128 c128), for the row formats of its
+    layers (``lk``: one of them; None when the model has no layer of the kind): the Triton
+    kernels when ``kernels`` (GPU; CPU tests force them under the Triton interpreter), else the
+    torch twins. The sparse MQA kernel reads bf16 or FP8 rows: fp32 rows attend with the twin."""
+    if not kernels or lk is None:
         flush = FlushTorch(ratio) if ratio else None
-        index_flush = FlushTorch(ratio) if ratio == 4 else None
+        index_flush = FlushTorch(ratio, index=True) if ratio == 4 else None
         picks = PicksTorch(topk, ratio) if ratio == 4 else None
         return ExtendOps(StoreTorch(), AttendTorch(), flush, index_flush, picks)
-    out = _PLAIN_OUT[row_dtype]
-    flush = FlushTriton(ratio, head_dim, out, norm_eps=norm_eps) if ratio else None
+    flush = FlushTriton(ratio, lk.entry_rows, norm_eps=norm_eps) if ratio else None
     index_flush = picks = None
     if ratio == 4:
-        index_flush = FlushTriton(ratio, index_head_dim, out, norm_eps=norm_eps)
-        picks = PicksTriton(topk, index_heads, index_head_dim, ratio=ratio)
-    if row_dtype == torch.bfloat16:
-        attend = AttendTriton(n_heads, head_dim, window, kv_fp8=False, device=device)
+        index_flush = FlushTriton(ratio, lk.key_rows, index=True, norm_eps=norm_eps)
+        picks = PicksTriton(topk, index_heads, lk.key_rows, ratio=ratio)
+    rows = lk.raw_rows
+    if rows.read_dtype == torch.bfloat16:  # bf16 or FP8 rows
+        from sglang_dsv4.attention.extend_choice import attend_choice
+
+        ours = AttendTriton(n_heads, rows.dim, window, kv_fp8=lk.fp8, device=device)
+        kind = {0: "swa", 4: "csa", 128: "hca"}[ratio]
+        attend = attend_choice(kind, n_heads, rows.dim, window, ours, lk, device)
     else:
         attend = AttendTorch()
     return ExtendOps(StoreTriton(), attend, flush, index_flush, picks)
@@ -361,11 +393,8 @@ def _load_tail(
     return state
 
 
-def _store_entries(
-    pool: torch.Tensor, req: RequestPlan, first: int, entries: torch.Tensor, ratio: int
-) -> None:
+def _store_entries(write, req: RequestPlan, first: int, entries: torch.Tensor, ratio: int) -> None:
     if entries.shape[0] == 0:
         return
     ids = torch.arange(first, first + entries.shape[0], device=req.slots.device)
-    rows = req.slots[ids * ratio] // ratio
-    pool.view(-1, pool.shape[-1])[rows] = entries.to(pool.dtype)
+    write(req.slots[ids * ratio] // ratio, entries)

@@ -11,7 +11,9 @@ its compressor tail must be obtained:
              from the ``boundary`` rows kept with the swa page of token ``P-1``, everything else
              is empty
 
-A tail is the request's own iff the slot's recorded owner generation and position match.
+A tail is the request's own iff the slot's recorded owner generation and position match. The
+position lives on the device (``pool.tail_pos``: decode graphs advance it); it is read here once
+per batch, one small copy, never per decode step.
 
 For the batched kernels an extend plan also carries :class:`BatchTables`: the same facts as
 device tensors (one row per request or per token), built once per batch.
@@ -65,7 +67,7 @@ class BatchTables:
     rebuild_page: torch.Tensor  # [B] int32 swa page of token P-1 (REBUILD), else -1
     block_table: torch.Tensor  # [B, n_blocks] int32 full page of each block
     boundary_table: torch.Tensor  # [B, n_blocks] int32 swa page of a block's last token where
-    # that block end lies in (P, S] (its c4 state is kept there), else -1
+    # that block end lies in (P, S] (its c4 state is kept there), else 0 (the dummy page)
     query_req: torch.Tensor  # [T] int32 request of each new token
     positions: torch.Tensor  # [T] int64 position of each new token
 
@@ -94,10 +96,12 @@ def plan_batch(forward_batch, pool, req_to_token_pool) -> BatchPlan:
     generations = req_to_token_pool.req_generation
     block, window = pool.schema.block_size, pool.schema.sliding_window
     to_swa = pool.translate_loc_from_full_to_swa
+    slots_dev = torch.tensor(req_slots, dtype=torch.long, device=pool.tail_pos.device)
+    tail_pos = pool.tail_pos[slots_dev].tolist()
     requests, start = [], 0
-    for slot, prefix, seq_len in zip(req_slots, prefix_lens, seq_lens, strict=True):
+    for slot, pos, prefix, seq_len in zip(req_slots, tail_pos, prefix_lens, seq_lens, strict=True):
         gen = int(generations[slot])
-        if pool.tail_owner[slot] == gen and pool.tail_pos[slot] == prefix:
+        if pool.tail_owner[slot] == gen and pos == prefix:
             mode = TailMode.KEEP
         elif prefix == 0:
             mode = TailMode.FRESH
@@ -106,7 +110,7 @@ def plan_batch(forward_batch, pool, req_to_token_pool) -> BatchPlan:
         else:
             raise RuntimeError(
                 f"request slot {slot}: prefix {prefix} is neither this request's own progress "
-                f"({pool.tail_pos[slot]}) nor a block boundary; its compressor state is lost"
+                f"({pos}) nor a block boundary; its compressor state is lost"
             )
         n = seq_len - prefix
         slots = req_to_token_pool.req_to_token[slot, :seq_len].long()
@@ -137,8 +141,9 @@ def plan_batch(forward_batch, pool, req_to_token_pool) -> BatchPlan:
                 block_ends,
             )
         )
-        pool.tail_owner[slot], pool.tail_pos[slot] = gen, seq_len
+        pool.tail_owner[slot] = gen
         start += n
+    pool.tail_pos[slots_dev] = torch.tensor(seq_lens, device=slots_dev.device)
     out_loc = fb.out_cache_loc.long()
     tables = None if fb.forward_mode.is_decode() else _tables(requests, pool, req_to_token_pool)
     return BatchPlan(tuple(requests), out_loc, to_swa(out_loc), tables)
@@ -184,7 +189,7 @@ def _tables(requests: list[RequestPlan], pool, req_to_token_pool) -> BatchTables
         tail_mode_c128=host[4],
         rebuild_page=host[5],
         block_table=block_table,
-        boundary_table=torch.where(kept, swa_page, -1).int(),
+        boundary_table=torch.where(kept, swa_page, 0).int(),
         query_req=query_req.int().to(device),
         positions=positions.to(device),
     )

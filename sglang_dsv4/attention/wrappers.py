@@ -73,8 +73,8 @@ class SWAWrapper:
         comp: CompressedInputs | None = None,
     ) -> torch.Tensor:
         """``q`` [T, H, D], ``kv`` [T, D] of the new tokens -> ``o`` [T, H, D]."""
-        self.ops.store.run(lk.raw, kv)
-        return self.ops.attend.run(q, lk.raw, self._window_rows, sink, scale)
+        self.ops.store.run(lk, kv)
+        return self.ops.attend.run(q, lk, self._window_rows, sink, scale)
 
     def _window(self, req: RequestPlan) -> torch.Tensor:
         """[n, W] swa slots of each query's ``swa_window`` (-1 before position 0)."""
@@ -101,12 +101,9 @@ class HCAWrapper(SWAWrapper):
         return max((r.seq_len // self.ratio for r in batch.requests), default=0)
 
     def run(self, lk, q, kv, sink, scale, comp: CompressedInputs | None = None):
-        self.ops.store.run(lk.raw, kv)
-        self.ops.flush.run(comp.x, comp.compressor, comp.inv_freq, comp.norm_eps, lk.entries,
-                           lk.tail)  # fmt: skip
-        entries = lk.entries.flatten(0, 1)  # [rows, D]
-        return self.ops.attend.run(q, lk.raw, self._window_rows, sink, scale, entries,
-                                   self._visible)  # fmt: skip
+        self.ops.store.run(lk, kv)
+        self.ops.flush.run(comp.x, comp.compressor, comp.inv_freq, comp.norm_eps, lk)
+        return self.ops.attend.run(q, lk, self._window_rows, sink, scale, self._visible)
 
     def _visible_lists(self, req: RequestPlan) -> torch.Tensor:
         """[n, E] every entry row a query of ``req`` sees (-1 past its visible count)."""
@@ -137,11 +134,8 @@ class CSAWrapper(SWAWrapper):
 
     def run(self, lk, q, kv, sink, scale, comp: CompressedInputs | None = None):
         ops, ix = self.ops, comp.indexer
-        ops.store.run(lk.raw, kv)
-        ops.flush.run(comp.x, comp.compressor, comp.inv_freq, comp.norm_eps, lk.entries, lk.tail,
-                      lk.boundary)  # fmt: skip
-        ops.index_flush.run(comp.x, ix.compressor, comp.inv_freq, comp.norm_eps, lk.index_keys,
-                            lk.index_tail, lk.index_boundary)  # fmt: skip
-        picks = ops.picks.run(lk.index_keys, ix.q, ix.weights)  # [T, topk] entry rows
-        entries = lk.entries.flatten(0, 1)  # [rows, D]
-        return ops.attend.run(q, lk.raw, self._window_rows, sink, scale, entries, picks)
+        ops.store.run(lk, kv)
+        ops.flush.run(comp.x, comp.compressor, comp.inv_freq, comp.norm_eps, lk)
+        ops.index_flush.run(comp.x, ix.compressor, comp.inv_freq, comp.norm_eps, lk)
+        picks = ops.picks.run(lk, ix.q, ix.weights)  # [T, topk] entry rows
+        return ops.attend.run(q, lk, self._window_rows, sink, scale, picks)

@@ -13,10 +13,13 @@ from dataclasses import replace
 
 import pytest
 import torch
-from pool_world import World, inputs, pool_state, wrapper
+from pool_world import BLOCK, World, inputs, pool_state, wrapper
 
 import sglang_dsv4.attention.extend_ops as extend_ops_mod
 from sglang_dsv4.attention.plan import TailMode, plan_batch
+from sglang_dsv4.mem.schema import EntryFormat
+
+FP8 = EntryFormat.FP8
 
 # (request, prefix, new length) per step: fresh prefills; a chunk continuing 131 -> 300 next to
 # a fresh 5-token request; request 3 extends 256 -> 301 over request 0's first two blocks (a
@@ -24,17 +27,17 @@ from sglang_dsv4.attention.plan import TailMode, plan_batch
 STEPS = [[(0, 0, 131), (1, 0, 131)], [(0, 131, 300), (2, 0, 5)], [(3, 256, 301), (1, 131, 140)]]
 
 
-def _run_steps(cfg, weights, layer, device, dtype, kernels, steps=STEPS):
+def _run_steps(cfg, weights, layer, device, dtype, kernels, fmt=None, index_fmt=None):
     spec = cfg.layers[layer]
     gen = torch.Generator().manual_seed(10 + layer)
-    world = World(cfg, device, dtype)
+    world = World(cfg, device, dtype, fmt, index_fmt)
     world.req_to_token[3, :256] = world.req_to_token[0, :256]  # request 3 shares 2 blocks
     lk = world.pool.layer(layer)
-    extend = wrapper(cfg, spec.attn, dtype, device, kernels)
+    extend = wrapper(cfg, spec.attn, lk, device, kernels)
     sink = torch.randn(cfg.num_heads, generator=gen).to(device)
     w = {k: v.to(device) for k, v in weights.items()}
     outs, states, modes = [], [], []
-    for step in steps:
+    for step in STEPS:
         reqs, prefix, seq = (list(x) for x in zip(*step, strict=True))
         fb = world.batch(reqs, prefix, seq, decode=False)
         q, kv, comp = inputs(cfg, w, spec, int(fb.out_cache_loc.numel()), gen)
@@ -45,7 +48,7 @@ def _run_steps(cfg, weights, layer, device, dtype, kernels, steps=STEPS):
         modes.append([r.tail for r in plan.requests])
         extend.plan(plan)
         outs.append(extend.run(lk, q, kv, sink, cfg.head_dim**-0.5, comp).float())
-        states.append(pool_state(lk))
+        states.append(_decoded_state(lk))
     assert modes[2][0] == TailMode.REBUILD and modes[1][0] == TailMode.KEEP
     return outs, states
 
@@ -58,9 +61,26 @@ def _to(comp, device, dtype):
     return replace(comp, x=x, inv_freq=comp.inv_freq.to(device), indexer=ix)
 
 
-def _check(cfg, weights, layer, device, dtype, out_tol, state_tol):
-    want, want_states = _run_steps(cfg, weights, layer, device, dtype, kernels=False)
-    got, got_states = _run_steps(cfg, weights, layer, device, dtype, kernels=True)
+def _decoded_state(lk) -> dict[str, torch.Tensor]:
+    """The pools' values (rows decoded from any format) and the fp32 compressor state."""
+    out = {k: v.float() for k, v in pool_state(lk).items() if "." in k}
+    n_raw = lk.raw_pages().shape[0] * lk.raw_pages().shape[1]
+    out["raw"] = lk.read_raw(torch.arange(BLOCK, n_raw, device=lk.raw.device)).float()
+    for name, rows, read in (
+        ("entries", lk.entry_rows, lk.read_entries),
+        ("index_keys", lk.key_rows, lk.read_index_keys),
+    ):
+        if rows is not None:
+            n = getattr(lk, name).shape[0] * rows.rows_per_page
+            ids = torch.arange(rows.rows_per_page, n, device=lk.raw.device)  # page 0: dummy
+            out[name] = read(ids).float()
+    return out
+
+
+def _check(cfg, weights, layer, device, dtype, out_tol, state_tol, fmt=None, index_fmt=None):
+    args = (cfg, weights, layer, device, dtype)
+    want, want_states = _run_steps(*args, kernels=False, fmt=fmt, index_fmt=index_fmt)
+    got, got_states = _run_steps(*args, kernels=True, fmt=fmt, index_fmt=index_fmt)
     for g, w in zip(got, want, strict=True):
         assert not g.isnan().any()
         rel = ((g - w).norm() / w.norm()).item()
@@ -85,20 +105,33 @@ def test_kernels_with_sparse_mqa_equal_twin_bf16_on_cpu(tiny_cfg, tiny_weights, 
     _check(tiny_cfg, tiny_weights, layer, "cpu", torch.bfloat16, 1e-2, 1e-2)
 
 
+@pytest.mark.parametrize("layer", [0, 2, 3])
+def test_kernels_equal_twin_fp8_on_cpu(tiny_cfg, tiny_weights, layer):
+    # FP8 rows / keys: a value may round to the neighbouring e4m3 step where the kernel's fp32
+    # sums differ from torch's in ulps (<= 2^-4 of its 64-channel block's largest value)
+    _check(tiny_cfg, tiny_weights, layer, "cpu", torch.bfloat16, 2e-2, 7e-2, FP8, FP8)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("layer", [0, 2, 3])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernels_equal_twin_on_gpu(tiny_cfg, tiny_weights, layer, dtype):
-    tol = 1e-4 if dtype == torch.float32 else 1e-2  # fp32 GEMMs may run as TF32 on the GPU
-    _check(tiny_cfg, tiny_weights, layer, "cuda", dtype, tol, tol)
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "bf16+fp8 keys", "fp8"])
+def test_kernels_equal_twin_on_gpu(tiny_cfg, tiny_weights, layer, fmt):
+    formats = {
+        "fp32": (torch.float32, None, None, 1e-4, 1e-4),  # fp32 GEMMs may run as TF32
+        "bf16": (torch.bfloat16, None, None, 1e-2, 1e-2),
+        "bf16+fp8 keys": (torch.bfloat16, EntryFormat.BF16, FP8, 1e-2, 7e-2),
+        "fp8": (torch.bfloat16, FP8, FP8, 2e-2, 7e-2),
+    }
+    dtype, rows, keys, out_tol, state_tol = formats[fmt]
+    _check(tiny_cfg, tiny_weights, layer, "cuda", dtype, out_tol, state_tol, rows, keys)
 
 
 def test_indexer_query_chunks_pick_the_same_entries(tiny_cfg, tiny_weights, monkeypatch):
     cfg = tiny_cfg
-    want, _ = _run_steps(cfg, tiny_weights, 2, "cpu", torch.float32, False)
+    want, _ = _run_steps(cfg, tiny_weights, 2, "cpu", torch.float32, kernels=False)
     # a few queries per chunk instead of all: 131 / 7 and 169 / 7 leave ragged last chunks
     monkeypatch.setattr(extend_ops_mod, "_SCORE_BYTES", 7 * 4 * cfg.index_n_heads * 75)
-    got, _ = _run_steps(cfg, tiny_weights, 2, "cpu", torch.float32, False)
+    got, _ = _run_steps(cfg, tiny_weights, 2, "cpu", torch.float32, kernels=False)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, atol=1e-6, rtol=0)
 
@@ -117,7 +150,7 @@ def test_one_pass_flush_keeps_the_same_block_end_state(tiny_cfg, tiny_weights, k
     for chunks in ([(0, 300)], [(0, 126), (126, 300)]):
         world = World(cfg)
         lk = world.pool.layer(layer)
-        extend = wrapper(cfg, spec.attn, kernels=kernels)
+        extend = wrapper(cfg, spec.attn, lk, kernels=kernels)
         for p, s in chunks:
             fb = world.batch([0], [p], [s], decode=False)
             extend.plan(plan_batch(fb, world.pool, world.rtp))
