@@ -103,7 +103,7 @@ class AttendFlashMLA(AttendTorch):
             lists.append(torch.where(extra.ids >= 0, extra.ids + self._query_base, -1))
         idx = torch.cat(lists, dim=1).int()
         idx = F.pad(idx, (0, -idx.shape[1] % _ALIGN), value=-1)  # [T, K'] (K' % 128 == 0)
-        out, _, _ = self._fwd(q, ws, idx.unsqueeze(1), scale, self.dim, sink, None)
+        out, _, _ = self._fwd(q, ws, idx.unsqueeze(1), scale, self.dim, sink.float(), None)
         return out
 
     def _gather(self, cache, rows, page, out) -> None:

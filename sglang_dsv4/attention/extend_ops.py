@@ -6,12 +6,17 @@ op          torch twin (CPU; the ``ref`` math)         kernels (GPU; one launch 
 ``store``   ``raw[swa slots] = kv``                    ``kernels.kv_store.store_kv``
 ``flush``   ``ref.compressor.compress`` per request    ``kernels.compressor.CompressorFlush``
 ``picks``   ``ref.indexer`` per request, query chunks  ``kernels.indexer_extend.IndexerExtend``
-``attend``  ``ref.attention.attend`` per request       ``kernels.attention.SparseMQA``
+``attend``  ``ref.attention.attend`` per request       ``kernels.attention.SparseMQA`` (or,
+                                                      per batch shape, FlashMLA's sparse
+                                                      prefill: ``extend_choice``)
 ==========  ========================================  ========================================
 
 Every op has ``plan(batch)`` (host work, once per batch, no pool access) and ``run(...)``
-(launches). Key lists are one representation for both: ``window`` [T, W] swa slots of each
+(launches). Pools are read and written in their own row format (FP8 / bf16 / fp32, the layer's
+``RowStore``s): the kernels take the format's layout, the twins go through ``LayerKV.read_*`` /
+``write_*``. Key lists are one representation for both: ``window`` [T, W] swa slots of each
 query's ``swa_window`` and ``extra`` [T, K] rows of the layer's flattened entry pool (-1 = none).
+The kv handed to ``store`` is already normed and roped (the model's projection).
 """
 
 from dataclasses import dataclass

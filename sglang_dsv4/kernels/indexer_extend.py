@@ -101,8 +101,10 @@ def _tile_logits_kernel(
         else:
             k = tl.load(keys_ptr + row[:, None] * DH + dd[None, :], valid[:, None], 0.0)
             kscale = tl.full([BS], 1.0, tl.float32)
-        k = k.to(tl.float32) if DOT_F32 else k.to(tl.bfloat16)
-        s = tl.dot(k, q_t)  # [BS, BQ*H] fp32
+        if DOT_F32:  # fp32 queries (CPU, fp32 models): exact fp32 products, no TF32
+            s = tl.dot(k.to(tl.float32), q_t, input_precision="ieee")  # [BS, BQ*H]
+        else:
+            s = tl.dot(k.to(tl.bfloat16), q_t)  # [BS, BQ*H] fp32 accumulation
         s = tl.maximum(s, 0.0) * (DH**-0.5) * wh[None, :]
         logit = tl.sum(tl.reshape(s, [BS, BQ, H]), axis=2) * kscale[:, None]  # [BS, BQ]
         keep = (i[:, None] < vis[None, :]) & q_ok[None, :]
@@ -193,9 +195,10 @@ class IndexerExtend:
         query_req: torch.Tensor,
         positions: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``q`` [T, H, Dh] (roped; rotated like the keys), ``weights`` [T, H], ``keys`` the key
-        cache (uint8 FP8 layout, or plain rows viewed [n_rows, Dh]), ``block_table`` [B,
-        max_blocks] int32, ``query_req`` [T] int32, ``positions`` [T] int32/int64.
+        """``q`` [T, H, Dh] bf16 (fp32: exact fp32 dots), roped and rotated like the keys;
+        ``weights`` [T, H]; ``keys`` the key cache (uint8 FP8 layout, or plain rows viewed
+        [n_rows, Dh]); ``block_table`` [B, max_blocks] int32; ``query_req`` [T] int32;
+        ``positions`` [T] int32/int64.
 
         Returns the plan's buffers ``(ids, rows, lengths)``: entry ids [T, topk] int32 (-1 past
         the ``min(topk, visible)`` picks), their key / entry rows, the pick counts [T]."""
@@ -236,7 +239,7 @@ class IndexerExtend:
                 RATIO=self.ratio,
                 RPP=rpp,
                 KEYS=1 if plain else 0,
-                DOT_F32=self._dot_f32,
+                DOT_F32=self._dot_f32 or q.dtype == torch.float32,
                 num_warps=8,
                 num_stages=2,
             )
