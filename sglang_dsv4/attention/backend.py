@@ -22,7 +22,7 @@ import logging
 import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
-from sglang_dsv4.attention.decode import DecodeMeta, build_decode_meta, decode_ops
+from sglang_dsv4.attention.decode import DecodeMeta, KVNorm, build_decode_meta, decode_ops
 from sglang_dsv4.attention.extend_ops import extend_ops
 from sglang_dsv4.attention.plan import BatchPlan, plan_batch
 from sglang_dsv4.attention.wrappers import CSAWrapper, HCAWrapper, SWAWrapper
@@ -163,12 +163,28 @@ class DSV4AttnBackend(AttentionBackend):
     def get_cuda_graph_seq_len_fill_value(self) -> int:
         return 1
 
-    def run(self, kind: AttnKind, lk, q, kv, sink, scale: float, comp=None) -> torch.Tensor:
-        """One layer's attention over this batch (``q`` [T, H, D], ``kv`` [T, D])."""
+    def on_after_cuda_graph_warmup(self) -> None:
+        """SGLang runs a graph's forward once eagerly, calls this, then captures."""
+        if self.decode_plan is not None:
+            self.decode_ops.after_warmup(self.decode_plan)
+
+    def run(
+        self,
+        kind: AttnKind,
+        lk,
+        q,
+        kv,
+        sink,
+        scale: float,
+        comp=None,
+        kv_norm: KVNorm | None = None,
+    ) -> torch.Tensor:
+        """One layer's attention over this batch (``q`` [T, H, D], ``kv`` [T, D]: the raw
+        ``wkv(x)`` with ``kv_norm``, which the KV store then applies, else normed and roped)."""
         if self.decode_meta is not None:
             meta, plan = self.decode_meta, self.decode_plan
-            return self.decode_ops.run(plan, kind, lk, meta, q, kv, sink, scale, comp)
-        return self.wrappers[kind].run(lk, q, kv, sink, scale, comp)
+            return self.decode_ops.run(plan, kind, lk, meta, q, kv, sink, scale, comp, kv_norm)
+        return self.wrappers[kind].run(lk, q, kv, sink, scale, comp, kv_norm)
 
     def forward(self, *args, **kwargs):
         raise RuntimeError(

@@ -56,10 +56,11 @@ def flashmla_eligible(fp8_rows: bool, heads: int, head_dim: int, device) -> bool
     return torch.cuda.get_device_capability(dev)[0] == 9
 
 
-def pick(kind: str, heads: int, batch: int, keys: int, eligible: bool) -> str:
-    """The faster kernel for this shape (``kind`` "csa" / "hca" / "swa")."""
+def pick(kind, heads: int, batch: int, keys: int, eligible: bool) -> str:
+    """The faster kernel for this shape (``kind`` an ``AttnKind`` or "csa" / "hca" / "swa")."""
     if not eligible:
         return OURS
+    kind = getattr(kind, "name", kind).lower()
     kind = "hca" if kind == "swa" else kind
     rows = [r for r in MEASURED if r[0] == kind and r[1] == heads]
     if not rows:

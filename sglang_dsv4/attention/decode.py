@@ -10,6 +10,11 @@ the device from four tensors SGLang keeps in graph-static buffers (``req_pool_in
   ``i`` of a c4 / c128 layer is flat entry row ``pages[i // (B/r)] * (B/r) + i % (B/r)``
 * ``tail_rows`` [B]   the requests' tail rows, or the pool's spare row for padding
 * ``valid`` [B]      real tokens: SGLang pads graph batches with token slot 0 (never owned)
+* ``hca_rows`` [B, E] int32: flat c128 entry rows of entries ``0 .. E-1`` (-1 past the visible
+  count; ``E`` = every entry of ``P`` blocks padded to a multiple of 64, FlashMLA's list unit)
+* ``boundary_table`` [B, P] int32: the swa page of this token in its block's column, -1
+  elsewhere and on padded rows (where the kernels keep c4 block-end state, see
+  ``kernels.compressor``)
 
 Compressed layers then run the batched compressor step with its entry / block-end stores gated
 on the device, so no host branch exists. Padded rows write only to page 0, swa slot 0 and the
@@ -19,7 +24,9 @@ Ops (chosen once at backend construction, see ``decode_ops``): :class:`DecodeTor
 twin (the ``ref`` math: ``compress_decode``, ``index_scores`` / ``index_topk``, ``attend`` on rows
 read through ``LayerKV``); ``attention.decode_kernels.DecodeKernels`` the GPU kernels. Both:
 ``plan(bs, pages)`` once per batch (host; returns the batch's kernel state, kept by captured
-graphs) and ``run(plan, kind, lk, meta, q, kv, sink, scale, comp)`` per layer.
+graphs) and ``run(plan, kind, lk, meta, q, kv, sink, scale, comp, kv_norm)`` per layer. With a
+:class:`KVNorm`, ``kv`` is the raw ``wkv(x)`` and the store applies ``kv_norm`` + RoPE (fused
+into the KV-store kernel on the GPU); without, ``kv`` is already normed and roped.
 """
 
 from dataclasses import dataclass
@@ -31,8 +38,41 @@ from sglang_dsv4.mem.pools import LayerKV
 from sglang_dsv4.ref.attention import attend
 from sglang_dsv4.ref.compressor import CompressorWeights, compress_decode
 from sglang_dsv4.ref.indexer import index_scores, index_topk
+from sglang_dsv4.ref.norm import rms_norm
+from sglang_dsv4.ref.rope import apply_rope, rope_cos_sin
 
-__all__ = ["DecodeMeta", "DecodeTorch", "build_decode_meta", "decode_attention", "decode_ops"]
+__all__ = [
+    "DecodeMeta",
+    "DecodeTorch",
+    "KVNorm",
+    "build_decode_meta",
+    "decode_attention",
+    "decode_ops",
+    "hca_list_width",
+]
+
+_LIST_ALIGN = 64  # FlashMLA reads index lists in multiples of 64
+
+
+def hca_list_width(n_pages: int, block: int) -> int:
+    """Width of a decode query's c128 entry list: every entry of ``n_pages`` blocks, padded."""
+    n = max(n_pages * (block // 128), 1)
+    return -(-n // _LIST_ALIGN) * _LIST_ALIGN
+
+
+@dataclass
+class KVNorm:
+    """What turns the raw ``wkv(x)`` [T, D] into the stored KV row: ``kv_norm`` + RoPE."""
+
+    weight: torch.Tensor  # [D] kv_norm weight
+    inv_freq: torch.Tensor  # [rope_dim // 2] fp32, the layer's RoPE
+    positions: torch.Tensor  # [T] int64
+    eps: float
+
+    def apply(self, kv: torch.Tensor) -> torch.Tensor:
+        """The ``ref`` math (``RefDSV4.project``'s kv)."""
+        cos, sin = rope_cos_sin(self.positions, self.inv_freq)
+        return apply_rope(rms_norm(kv, self.weight, self.eps), cos, sin)
 
 
 @dataclass
@@ -50,7 +90,9 @@ class DecodeMeta:
     tail_rows_i32: torch.Tensor
     window_i32: torch.Tensor
     pages_i32: torch.Tensor
-    swa_page_i32: torch.Tensor
+    hca_rows: torch.Tensor
+    hca_lengths: torch.Tensor  # [B] int32 visible c128 entries (the valid prefix of hca_rows)
+    boundary_table: torch.Tensor
 
 
 def build_decode_meta(
@@ -91,8 +133,25 @@ def build_decode_meta(
         tail_rows_i32=tail_rows.int(),
         window_i32=win.int(),
         pages_i32=pages.int(),
-        swa_page_i32=swa_page.int(),
+        hca_rows=_hca_rows(pages, positions, block),
+        hca_lengths=((positions + 1) // 128).clamp(max=hca_list_width(n_pages, block)).int(),
+        boundary_table=torch.where(
+            torch.arange(n_pages, device=positions.device) == (positions // block).unsqueeze(1),
+            torch.where(valid, swa_page, -1).unsqueeze(1),
+            -1,
+        ).int(),
     )
+
+
+def _hca_rows(pages: torch.Tensor, positions: torch.Tensor, block: int) -> torch.Tensor:
+    """See ``DecodeMeta.hca_rows`` (c128: ``block // 128`` entries per page)."""
+    per_page = block // 128
+    offsets = torch.arange(per_page, device=pages.device)
+    rows = (pages.unsqueeze(-1) * per_page + offsets).flatten(1)  # [B, P * per_page]
+    width = hca_list_width(pages.shape[1], block)
+    rows = torch.nn.functional.pad(rows, (0, width - rows.shape[1]), value=-1)
+    ids = torch.arange(width, device=pages.device)
+    return torch.where(ids < ((positions + 1) // 128).unsqueeze(1), rows, -1).int()
 
 
 class DecodeTorch:
@@ -101,6 +160,9 @@ class DecodeTorch:
     def plan(self, bs: int, pages: int) -> None:
         """No host work: the torch ops size themselves."""
         return None
+
+    def after_warmup(self, plan) -> None:
+        """Between a graph's warm-up run and its capture (kernels reset schedules here)."""
 
     def run(
         self,
@@ -113,8 +175,12 @@ class DecodeTorch:
         sink: torch.Tensor,
         scale: float,
         comp=None,
+        kv_norm: KVNorm | None = None,
     ) -> torch.Tensor:
-        """``q`` [B, H, D], ``kv`` [B, D] (normed, roped) -> ``o`` [B, H, D]."""
+        """``q`` [B, H, D], ``kv`` [B, D] (raw with ``kv_norm``, else normed and roped) ->
+        ``o`` [B, H, D]."""
+        if kv_norm is not None:
+            kv = kv_norm.apply(kv)
         return decode_attention(lk, meta, q, kv, sink, scale, comp)
 
 

@@ -16,7 +16,8 @@ Every op has ``plan(batch)`` (host work, once per batch, no pool access) and ``r
 ``RowStore``s): the kernels take the format's layout, the twins go through ``LayerKV.read_*`` /
 ``write_*``. Key lists are one representation for both: ``window`` [T, W] swa slots of each
 query's ``swa_window`` and ``extra`` [T, K] rows of the layer's flattened entry pool (-1 = none).
-The kv handed to ``store`` is already normed and roped (the model's projection).
+The kv handed to ``store`` is the raw ``wkv(x)`` with its ``KVNorm`` (normed and roped in the
+store), or already normed and roped.
 """
 
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from sglang_dsv4.attention.decode import KVNorm
 from sglang_dsv4.attention.plan import BatchPlan, RequestPlan, TailMode
 from sglang_dsv4.mem.pools import LayerKV, RowStore, TailBuffers
 from sglang_dsv4.ref.attention import attend
@@ -52,19 +54,26 @@ class StoreTorch:
     def plan(self, batch: BatchPlan) -> None:
         self._rows = batch.out_loc_swa  # [T]
 
-    def run(self, lk: LayerKV, kv: torch.Tensor) -> None:
-        """``kv`` [T, D] (roped) into the layer's raw rows at the new tokens' swa slots."""
-        lk.write_raw(self._rows, kv)
+    def run(self, lk: LayerKV, kv: torch.Tensor, kv_norm: KVNorm | None = None) -> None:
+        """``kv`` [T, D] into the layer's raw rows at the new tokens' swa slots: the raw
+        ``wkv(x)`` normed and roped here by ``kv_norm``, or (without) already normed and roped."""
+        lk.write_raw(self._rows, kv if kv_norm is None else kv_norm.apply(kv))
 
 
 class StoreTriton(StoreTorch):
+    """One launch: RMSNorm + RoPE (with ``kv_norm``) + quantize + scatter (``store_kv``)."""
+
     def __init__(self):
         from sglang_dsv4.kernels.kv_store import store_kv
 
         self._store = store_kv
 
-    def run(self, lk: LayerKV, kv: torch.Tensor) -> None:
-        self._store(kv, lk.raw, self._rows, layout=lk.raw_rows.layout)
+    def run(self, lk: LayerKV, kv: torch.Tensor, kv_norm: KVNorm | None = None) -> None:
+        norm = {}
+        if kv_norm is not None:
+            norm = dict(norm_weight=kv_norm.weight, positions=kv_norm.positions,
+                        inv_freq=kv_norm.inv_freq.float(), eps=kv_norm.eps)  # fmt: skip
+        self._store(kv, lk.raw, self._rows, layout=lk.raw_rows.layout, **norm)
 
 
 # ---------------------------------------------------------------- flush: one compressor
@@ -162,7 +171,7 @@ class FlushTriton(FlushTorch):
             tail_mode=t.tail_mode if c4 else t.tail_mode_c128,
             rebuild_page=t.rebuild_page,
             boundary=(boundary.kv, boundary.score) if c4 else None,
-            boundary_pages=t.boundary_table if c4 else None,
+            boundary_table=t.boundary_table if c4 else None,
         )
 
 

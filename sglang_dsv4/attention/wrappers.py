@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sglang_dsv4.attention.decode import KVNorm
 from sglang_dsv4.attention.extend_ops import ExtendOps, Picks
 from sglang_dsv4.attention.plan import BatchPlan, RequestPlan
 from sglang_dsv4.mem.pools import LayerKV
@@ -71,9 +72,11 @@ class SWAWrapper:
         sink: torch.Tensor,
         scale: float,
         comp: CompressedInputs | None = None,
+        kv_norm: KVNorm | None = None,
     ) -> torch.Tensor:
-        """``q`` [T, H, D], ``kv`` [T, D] of the new tokens -> ``o`` [T, H, D]."""
-        self.ops.store.run(lk, kv)
+        """``q`` [T, H, D], ``kv`` [T, D] of the new tokens (raw ``wkv(x)`` with ``kv_norm``, or
+        normed and roped) -> ``o`` [T, H, D]."""
+        self.ops.store.run(lk, kv, kv_norm)
         return self.ops.attend.run(q, lk, self._window_rows, sink, scale)
 
     def _window(self, req: RequestPlan) -> torch.Tensor:
@@ -100,8 +103,8 @@ class HCAWrapper(SWAWrapper):
     def _max_entries(self, batch: BatchPlan) -> int:
         return max((r.seq_len // self.ratio for r in batch.requests), default=0)
 
-    def run(self, lk, q, kv, sink, scale, comp: CompressedInputs | None = None):
-        self.ops.store.run(lk, kv)
+    def run(self, lk, q, kv, sink, scale, comp: CompressedInputs | None = None, kv_norm=None):
+        self.ops.store.run(lk, kv, kv_norm)
         self.ops.flush.run(comp.x, comp.compressor, comp.inv_freq, comp.norm_eps, lk)
         return self.ops.attend.run(q, lk, self._window_rows, sink, scale, self._visible)
 
@@ -132,9 +135,9 @@ class CSAWrapper(SWAWrapper):
     def _max_entries(self, batch: BatchPlan) -> int:
         return min(self.topk, max((r.seq_len // self.ratio for r in batch.requests), default=0))
 
-    def run(self, lk, q, kv, sink, scale, comp: CompressedInputs | None = None):
+    def run(self, lk, q, kv, sink, scale, comp: CompressedInputs | None = None, kv_norm=None):
         ops, ix = self.ops, comp.indexer
-        ops.store.run(lk, kv)
+        ops.store.run(lk, kv, kv_norm)
         ops.flush.run(comp.x, comp.compressor, comp.inv_freq, comp.norm_eps, lk)
         ops.index_flush.run(comp.x, ix.compressor, comp.inv_freq, comp.norm_eps, lk)
         picks = ops.picks.run(lk, ix.q, ix.weights)  # [T, topk] entry rows

@@ -9,6 +9,7 @@ from pool_world import BLOCK, LENGTHS, World, inputs, pool_state, wrapper
 from sglang_dsv4.attention.decode import build_decode_meta, decode_attention
 from sglang_dsv4.attention.plan import plan_batch
 from sglang_dsv4.attention.wrappers import CompressedInputs, IndexerInputs
+from sglang_dsv4.config import AttnKind
 
 
 @pytest.mark.parametrize("layer", [0, 2, 3])  # SWA, CSA (c4), HCA (c128)
@@ -89,3 +90,22 @@ def _pad_inputs(q, kv, comp, pad: int):
         p(kv),
         CompressedInputs(p(comp.x), comp.compressor, comp.inv_freq, comp.norm_eps, ix),
     )
+
+
+def test_decode_ops_are_chosen_once_per_pool(tiny_cfg):
+    from sglang_dsv4.attention.decode import DecodeTorch, decode_ops
+    from sglang_dsv4.attention.decode_kernels import DecodeKernels
+    from sglang_dsv4.mem.schema import EntryFormat
+
+    cfg = tiny_cfg
+    args = (cfg.num_heads, cfg.index_topk, cfg.index_n_heads)
+    fp32 = World(cfg).pool
+    assert type(decode_ops(fp32, *args, kernels=False)) is DecodeTorch
+    with pytest.raises(ValueError, match="FP8 or bf16 rows"):
+        decode_ops(fp32, *args, kernels=True)
+    fp8 = World(cfg, "cpu", torch.bfloat16, EntryFormat.FP8, EntryFormat.FP8).pool
+    ops = decode_ops(fp8, *args, kernels=True)
+    assert isinstance(ops, DecodeKernels) and not ops.flashmla  # FlashMLA: sm90 only
+    plan = ops.plan(3, 2)
+    assert set(plan.attn) == {AttnKind.SWA, AttnKind.CSA, AttnKind.HCA}
+    assert set(plan.flush) == {"c4", "c4_index", "c128"} and plan.indexer is not None
