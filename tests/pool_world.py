@@ -4,7 +4,14 @@ from types import SimpleNamespace
 
 import torch
 
-from sglang_dsv4.attention.wrappers import CompressedInputs, IndexerInputs
+from sglang_dsv4.attention.extend_ops import extend_ops
+from sglang_dsv4.attention.wrappers import (
+    CompressedInputs,
+    CSAWrapper,
+    HCAWrapper,
+    IndexerInputs,
+    SWAWrapper,
+)
 from sglang_dsv4.config import AttnKind
 from sglang_dsv4.mem.pools import DSV4KVPool
 from sglang_dsv4.mem.schema import CacheSchema, EntryFormat
@@ -56,6 +63,25 @@ class World:
             req_pool_indices=torch.tensor(reqs),
             out_cache_loc=torch.cat(rows),
         )
+
+
+def wrapper(cfg, kind: AttnKind, lk=None, device="cpu", kernels: bool = False):
+    """The extend wrapper of ``kind`` with the twin ops, or the Triton kernels (``kernels``) for
+    the row formats of layer ``lk``."""
+    ops = extend_ops(
+        kind.value,
+        lk,
+        window=cfg.sliding_window,
+        n_heads=cfg.num_heads,
+        index_heads=cfg.index_n_heads,
+        topk=cfg.index_topk,
+        device=device,
+        kernels=kernels,
+        norm_eps=1e-6,
+    )
+    if kind is AttnKind.CSA:
+        return CSAWrapper(cfg.sliding_window, ops, topk=cfg.index_topk)
+    return {AttnKind.SWA: SWAWrapper, AttnKind.HCA: HCAWrapper}[kind](cfg.sliding_window, ops)
 
 
 def inputs(cfg, w, spec, n: int, gen: torch.Generator):

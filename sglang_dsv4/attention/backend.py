@@ -23,6 +23,7 @@ import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
 from sglang_dsv4.attention.decode import DecodeMeta, KVNorm, build_decode_meta, decode_ops
+from sglang_dsv4.attention.extend_ops import extend_ops
 from sglang_dsv4.attention.plan import BatchPlan, plan_batch
 from sglang_dsv4.attention.wrappers import CSAWrapper, HCAWrapper, SWAWrapper
 from sglang_dsv4.config import AttnKind
@@ -50,10 +51,24 @@ class DSV4AttnBackend(AttentionBackend):
         cfg = model_runner.model.cfg
         self._heads, self._index_topk = cfg.num_heads, cfg.index_topk
         self._use_kernels = pool.device != "cpu" and pool.schema.fmt is not EntryFormat.FP32
+
+        def ops(kind: AttnKind):
+            return extend_ops(
+                kind.value,
+                _first_layer(pool, kind),
+                window=window,
+                n_heads=cfg.num_heads,
+                index_heads=cfg.index_n_heads,
+                topk=cfg.index_topk,
+                device=pool.device,
+                kernels=self._use_kernels,
+                norm_eps=cfg.norm_eps,
+            )
+
         self.wrappers = {
-            AttnKind.SWA: SWAWrapper(window, self._new_kernel()),
-            AttnKind.CSA: CSAWrapper(window, self._new_kernel(), topk=cfg.index_topk),
-            AttnKind.HCA: HCAWrapper(window, self._new_kernel()),
+            AttnKind.SWA: SWAWrapper(window, ops(AttnKind.SWA)),
+            AttnKind.CSA: CSAWrapper(window, ops(AttnKind.CSA), topk=cfg.index_topk),
+            AttnKind.HCA: HCAWrapper(window, ops(AttnKind.HCA)),
         }
         self.decode_ops = decode_ops(
             pool, cfg.num_heads, cfg.index_topk, cfg.index_n_heads, kernels=self._use_kernels
@@ -134,16 +149,6 @@ class DSV4AttnBackend(AttentionBackend):
         # Tail progress stays on the device (no host sync per step); extend plans read it.
         pool.tail_pos[self.decode_meta.tail_rows] = self.decode_meta.positions + 1
 
-    def _new_kernel(self):
-        """A sparse MQA kernel over bf16 rows (GPU), or None: the ``ref`` math runs."""
-        if not self._use_kernels:
-            return None
-        from sglang_dsv4.kernels.attention import SparseMQA
-
-        pool = self.token_to_kv_pool
-        fp8 = pool.schema.fmt is EntryFormat.FP8
-        return SparseMQA(self._heads, pool.schema.head_dim, kv_fp8=fp8, device=pool.device)
-
     def _plan_decode(self, bs: int):
         plan = self.decode_ops.plan(bs, self._decode_pages)
         choice = getattr(plan, "choice", None)
@@ -184,12 +189,16 @@ class DSV4AttnBackend(AttentionBackend):
         if self.decode_meta is not None:
             meta, plan = self.decode_meta, self.decode_plan
             return self.decode_ops.run(plan, kind, lk, meta, q, kv, sink, scale, comp, kv_norm)
-        if kv_norm is not None:  # the extend wrappers store normed rows
-            kv = kv_norm.apply(kv)
-        return self.wrappers[kind].run(lk, q, kv, sink, scale, comp)
+        return self.wrappers[kind].run(lk, q, kv, sink, scale, comp, kv_norm)
 
     def forward(self, *args, **kwargs):
         raise RuntimeError(
             f"{BACKEND_NAME} is driven by the DSV4 model's layers through its wrappers; "
             "RadixAttention layers cannot use it"
         )
+
+
+def _first_layer(pool: DSV4KVPool, kind: AttnKind):
+    """A layer of ``kind`` (its row formats are the kind's), or None if the model has none."""
+    layers = pool.schema.layers_of(kind)
+    return pool.layer(layers[0].layer) if layers else None

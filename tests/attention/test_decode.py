@@ -4,26 +4,18 @@ starts a block, ends a block, ends a c4 window, or sits at position 0 — plus p
 
 import pytest
 import torch
-from pool_world import BLOCK, LENGTHS, World, inputs, pool_state
+from pool_world import BLOCK, LENGTHS, World, inputs, pool_state, wrapper
 
 from sglang_dsv4.attention.decode import build_decode_meta, decode_attention
 from sglang_dsv4.attention.plan import plan_batch
-from sglang_dsv4.attention.wrappers import (
-    CompressedInputs,
-    CSAWrapper,
-    HCAWrapper,
-    IndexerInputs,
-    SWAWrapper,
-)
+from sglang_dsv4.attention.wrappers import CompressedInputs, IndexerInputs
 from sglang_dsv4.config import AttnKind
 
 
 @pytest.mark.parametrize("layer", [0, 2, 3])  # SWA, CSA (c4), HCA (c128)
 def test_decode_equals_extend_path(tiny_cfg, tiny_weights, layer):
     cfg, spec = tiny_cfg, tiny_cfg.layers[layer]
-    wrapper = {AttnKind.SWA: SWAWrapper, AttnKind.CSA: CSAWrapper, AttnKind.HCA: HCAWrapper}[
-        spec.attn
-    ](cfg.sliding_window)
+    extend = wrapper(cfg, spec.attn)
     gen = torch.Generator().manual_seed(layer)
     sink = torch.randn(cfg.num_heads, generator=gen)
     scale = cfg.head_dim**-0.5
@@ -34,16 +26,16 @@ def test_decode_equals_extend_path(tiny_cfg, tiny_weights, layer):
     live = [i for i, n in enumerate(LENGTHS) if n]
     fb = world.batch(live, [0] * len(live), [LENGTHS[i] for i in live], decode=False)
     q0, kv0, comp0 = inputs(cfg, tiny_weights, spec, int(fb.out_cache_loc.numel()), gen)
-    wrapper.plan(plan_batch(fb, world.pool, world.rtp))
-    wrapper.run(lk, q0, kv0, sink, scale, comp0)
+    extend.plan(plan_batch(fb, world.pool, world.rtp))
+    extend.run(lk, q0, kv0, sink, scale, comp0)
     before = pool_state(lk)
 
     n = len(LENGTHS)
     q, kv, comp = inputs(cfg, tiny_weights, spec, n, gen)
     reqs = list(range(n))
     dec = world.batch(reqs, LENGTHS, [s + 1 for s in LENGTHS], decode=True)
-    wrapper.plan(plan_batch(dec, world.pool, world.rtp))
-    want = wrapper.run(lk, q, kv, sink, scale, comp)
+    extend.plan(plan_batch(dec, world.pool, world.rtp))
+    want = extend.run(lk, q, kv, sink, scale, comp)
     want_state = pool_state(lk)
 
     # Restore the pools and replay the step on the static-shape path, with two padded rows.

@@ -7,17 +7,12 @@ c4 window, or sits at position 0, plus padded rows. CPU: Triton interpreter, tin
 import pytest
 import torch
 from pool_world import BLOCK, LENGTHS, World, inputs
+from pool_world import wrapper as extend_wrapper
 
 from sglang_dsv4.attention.decode import DecodeTorch, KVNorm, build_decode_meta
 from sglang_dsv4.attention.decode_kernels import DecodeKernels
 from sglang_dsv4.attention.plan import plan_batch
-from sglang_dsv4.attention.wrappers import (
-    CompressedInputs,
-    CSAWrapper,
-    HCAWrapper,
-    IndexerInputs,
-    SWAWrapper,
-)
+from sglang_dsv4.attention.wrappers import CompressedInputs, IndexerInputs
 from sglang_dsv4.config import AttnKind
 from sglang_dsv4.mem.schema import EntryFormat
 from sglang_dsv4.ref.quant import hadamard
@@ -96,11 +91,7 @@ def _prefilled_world(cfg, weights, layer: int, gen, device="cpu", fmt=EntryForma
     index_fmt = fmt if fmt is EntryFormat.FP32 else EntryFormat.FP8
     world = World(cfg, device, dtype, fmt, index_fmt)
     spec = cfg.layers[layer]
-    wrapper = {AttnKind.SWA: SWAWrapper, AttnKind.CSA: CSAWrapper, AttnKind.HCA: HCAWrapper}[
-        spec.attn
-    ](cfg.sliding_window)
-    if spec.attn is AttnKind.CSA:
-        wrapper.topk = cfg.index_topk
+    wrapper = extend_wrapper(cfg, spec.attn)  # the torch twin
     live = [i for i, n in enumerate(LENGTHS) if n]
     fb = world.batch(live, [0] * len(live), [LENGTHS[i] for i in live], decode=False)
     q, kv, comp = _to(*inputs(cfg, weights, spec, int(fb.out_cache_loc.numel()), gen), device)
