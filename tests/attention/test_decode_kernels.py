@@ -40,7 +40,7 @@ def _decode_inputs(cfg, weights, spec, n: int, gen):
 
 def _pad(q, kv, comp):
     def p(t):
-        return torch.cat([t, torch.zeros(PAD, *t.shape[1:], dtype=t.dtype)])
+        return torch.cat([t, torch.zeros(PAD, *t.shape[1:], dtype=t.dtype, device=t.device)])
 
     if comp is None:
         return p(q), p(kv), None
@@ -91,13 +91,14 @@ def _prefilled_world(cfg, weights, layer: int, gen, device="cpu", fmt=EntryForma
     index_fmt = fmt if fmt is EntryFormat.FP32 else EntryFormat.FP8
     world = World(cfg, device, dtype, fmt, index_fmt)
     spec = cfg.layers[layer]
-    wrapper = extend_wrapper(cfg, spec.attn)  # the torch twin
+    lk = world.pool.layer(layer)
+    wrapper = extend_wrapper(cfg, spec.attn, lk, device)  # the torch twin on the pool's device
     live = [i for i, n in enumerate(LENGTHS) if n]
     fb = world.batch(live, [0] * len(live), [LENGTHS[i] for i in live], decode=False)
     q, kv, comp = _to(*inputs(cfg, weights, spec, int(fb.out_cache_loc.numel()), gen), device)
     wrapper.plan(plan_batch(fb, world.pool, world.rtp))
     sink = torch.randn(cfg.num_heads, generator=gen).to(device)
-    wrapper.run(world.pool.layer(layer), q.to(dtype), kv, sink, cfg.head_dim**-0.5, comp)
+    wrapper.run(lk, q.to(dtype), kv, sink, cfg.head_dim**-0.5, comp)
     return world, sink
 
 
@@ -108,7 +109,9 @@ def _decode_inputs_of_step(world, device):
     return (
         torch.tensor(list(range(n)) + [0] * PAD, device=device),  # padding reuses a live slot
         torch.tensor(LENGTHS + [0] * PAD, device=device),
-        torch.cat([dec.out_cache_loc, torch.zeros(PAD, dtype=torch.long)]).to(device),
+        torch.cat(
+            [dec.out_cache_loc.to(device), torch.zeros(PAD, dtype=torch.long, device=device)]
+        ),
     )
 
 
