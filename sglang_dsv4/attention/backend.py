@@ -99,17 +99,22 @@ class DSV4AttnBackend(AttentionBackend):
         )
 
     def init_forward_metadata(self, forward_batch) -> None:
-        self.init_forward_metadata_out_graph(forward_batch)
+        """An eager forward (SGLang's model runner): plan for this batch, never a graph's."""
+        self._prepare(forward_batch, in_capture=False, replay=False)
         self.init_forward_metadata_in_graph(forward_batch)
 
     def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False) -> None:
+        """SGLang's graph runner: before a capture, or before a replay (the graph's batch size)."""
+        self._prepare(forward_batch, in_capture, replay=not in_capture)
+
+    def _prepare(self, forward_batch, in_capture: bool, replay: bool) -> None:
         fb = forward_batch
         self.plan = self.decode_meta = None
         if fb.forward_mode.is_idle():
             return
         if fb.forward_mode.is_decode():
             bs = fb.seq_lens_cpu.numel()
-            replay = not in_capture and self._graph_pages and bs <= self._graph_bs
+            replay = replay and bool(self._graph_pages)
             if in_capture or replay:
                 self._decode_pages = self._graph_pages
             else:
