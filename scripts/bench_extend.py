@@ -32,6 +32,7 @@ from types import SimpleNamespace
 
 import torch
 
+from sglang_dsv4.attention.decode import KVNorm
 from sglang_dsv4.attention.extend_choice import AttendChoice
 from sglang_dsv4.attention.extend_ops import extend_ops
 from sglang_dsv4.attention.plan import plan_batch
@@ -160,10 +161,16 @@ def layer_inputs(cfg, kind: AttnKind, t: int, gen):
     return q, kv, comp
 
 
-def op_calls(w, lk, q, kv, sink, scale, comp):
+def kv_norm(cfg, positions, gen) -> KVNorm:
+    weight = (torch.rand(cfg.head_dim, generator=gen) + 0.5).to(DEV, torch.bfloat16)
+    inv = 1.0 / 10000 ** (torch.arange(0, 64, 2, device=DEV).float() / 64)
+    return KVNorm(weight, inv, positions, 1e-6)
+
+
+def op_calls(w, lk, q, kv, sink, scale, comp, kv_norm=None):
     """name -> closure, one per op of ``w.run`` (the same calls in the same order)."""
     ops, win = w.ops, w._window_rows
-    calls = {"store": lambda: ops.store.run(lk, kv)}
+    calls = {"store": lambda: ops.store.run(lk, kv, kv_norm)}
     if comp is None:
         calls["attend"] = lambda: ops.attend.run(q, lk, win, sink, scale)
         return calls
@@ -202,9 +209,10 @@ def bench_kind(cfg, world: World, kind: AttnKind, reps: int, twin: bool) -> dict
     w = make_wrapper(cfg, kind, lk, kernels=True)
     q, kv, comp = layer_inputs(cfg, kind, world.b * world.n, gen)
     row = dict(plan_s=host_timed(lambda: w.plan(world.plan()), max(3, reps // 4)))
-    for name, fn in op_calls(w, lk, q, kv, sink, scale, comp).items():
+    norm = kv_norm(cfg, w._plan.tables.positions, gen)  # the served path: raw wkv(x) rows
+    for name, fn in op_calls(w, lk, q, kv, sink, scale, comp, norm).items():
         row[f"{name}_s"] = timed(fn, reps)
-    row["run_s"] = timed(lambda: w.run(lk, q, kv, sink, scale, comp), reps)
+    row["run_s"] = timed(lambda: w.run(lk, q, kv, sink, scale, comp, norm), reps)
     row["tok_per_s"] = world.b * world.n / row["run_s"]
     att = w.ops.attend
     if isinstance(att, AttendChoice):  # FlashMLA can serve this kind: time both

@@ -1,13 +1,14 @@
-"""The extend wrappers on the batched kernels (``attention.extend_ops``: KV store, compressor
-flush, indexer top-k, sparse MQA: one launch per op over the whole batch) equal the torch twins
+"""The extend wrappers on the batched kernels (``attention.extend_ops``: KV store with kv_norm +
+RoPE, compressor flush, indexer top-k, sparse MQA: one launch per op over the batch) equal the
+torch twins
 (the per-request ``ref`` math): outputs and every pool tensor (raw rows, entries, indexer keys,
 tails, block-end state) after each step of a batch sequence with a fresh prefill, a continued
 chunk (tail kept) and an extend over a cached prefix (tail rebuilt from a block end).
 
 CPU runs the kernels under the Triton interpreter: fp32 pools (store / flush / top-k kernels, the
-twin's softmax) and bf16 pools (plus the sparse MQA kernel). The GPU tests run the same at the
-tiny and at Flash dims. Also: the twin's indexer query chunking picks the same entries as one
-pass, and a c4 prefill in one pass keeps the same block-end state as two chunks."""
+twin's softmax), bf16 and FP8 pools (plus the sparse MQA kernel). The GPU tests run the same.
+Also: the twin's indexer query chunking picks the same entries as one pass, and a c4 prefill in
+one pass keeps the same block-end state as two chunks."""
 
 from dataclasses import replace
 
@@ -16,8 +17,10 @@ import torch
 from pool_world import BLOCK, World, inputs, pool_state, wrapper
 
 import sglang_dsv4.attention.extend_ops as extend_ops_mod
+from sglang_dsv4.attention.decode import KVNorm
 from sglang_dsv4.attention.plan import TailMode, plan_batch
 from sglang_dsv4.mem.schema import EntryFormat
+from sglang_dsv4.ref.rope import rope_inv_freq
 
 FP8 = EntryFormat.FP8
 
@@ -47,7 +50,13 @@ def _run_steps(cfg, weights, layer, device, dtype, kernels, fmt=None, index_fmt=
         plan = plan_batch(fb, world.pool, world.rtp)
         modes.append([r.tail for r in plan.requests])
         extend.plan(plan)
-        outs.append(extend.run(lk, q, kv, sink, cfg.head_dim**-0.5, comp).float())
+        # raw wkv(x) rows: the store applies kv_norm + RoPE (fused in the kernel's launch)
+        positions = torch.cat([torch.arange(p, s) for p, s in zip(prefix, seq, strict=True)])
+        norm = KVNorm(w[f"layers.{layer}.attn.kv_norm.weight"].to(dtype),
+                      rope_inv_freq(spec.rope, cfg.rope_dim).to(device), positions.to(device),
+                      1e-6)  # fmt: skip
+        out = extend.run(lk, q, kv, sink, cfg.head_dim**-0.5, comp, norm)
+        outs.append(out.float())
         states.append(_decoded_state(lk))
     assert modes[2][0] == TailMode.REBUILD and modes[1][0] == TailMode.KEEP
     return outs, states
