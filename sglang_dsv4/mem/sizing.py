@@ -75,24 +75,16 @@ class DSV4PoolConfigurator(MemoryPoolConfigurator):
         tails = s.tail_bytes * (self.max_running_requests + 1)
         per_full_slot = s.full_bytes_per_token + self.swa_ratio * s.swa_bytes_per_token
         full = int((available_bytes - tails) // per_full_slot)
-        sizes = self.calculate_pool_sizes_from_max_tokens(max(full, 0), page_size)
         logger.info(
-            "sglang-dsv4 pools: %s rows, %s indexer keys; %d full tokens (%.1f B each) + %d swa "
-            "tokens (%.1f B each, swa ratio %.3g) = %.1f B per full token; tails of %d requests "
-            "%.2f GB; budget %.2f GB",
-            s.fmt.value,
-            s.index_fmt.value,
-            sizes.full_max_total_num_tokens,
-            s.full_bytes_per_token,
-            sizes.swa_max_total_num_tokens,
-            s.swa_bytes_per_token,
-            self.swa_ratio,
-            per_full_slot,
+            "sglang-dsv4 pool budget %.2f GB: tails of %d requests %.2f GB, the rest holds %d "
+            "full tokens at %.1f B each (swa slots included)",
+            available_bytes / 1e9,
             self.max_running_requests,
             tails / 1e9,
-            available_bytes / 1e9,
+            full,
+            per_full_slot,
         )
-        return sizes
+        return self.calculate_pool_sizes_from_max_tokens(max(full, 0), page_size)
 
     def calculate_pool_sizes_from_max_tokens(
         self, max_total_num_tokens: int, page_size: int
@@ -109,6 +101,20 @@ class DSV4PoolConfigurator(MemoryPoolConfigurator):
                 f"hold one request's window ({window}) plus a page ({block}); raise "
                 "--swa-full-tokens-ratio or the memory budget"
             )
+        s = self.schema
+        logger.info(
+            "sglang-dsv4 pools: %s rows, %s indexer keys; %d full tokens (%.1f B each) + %d swa "
+            "tokens (%.1f B each, swa ratio %.3g) = %.1f B per full token, %.2f GB",
+            s.fmt.value,
+            s.index_fmt.value,
+            full,
+            s.full_bytes_per_token,
+            swa,
+            s.swa_bytes_per_token,
+            self.swa_ratio,
+            s.full_bytes_per_token + self.swa_ratio * s.swa_bytes_per_token,
+            (full * s.full_bytes_per_token + swa * s.swa_bytes_per_token) / 1e9,
+        )
         return MemoryPoolConfig(
             max_total_num_tokens=full, full_max_total_num_tokens=full, swa_max_total_num_tokens=swa
         )
