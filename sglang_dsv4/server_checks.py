@@ -270,9 +270,15 @@ def check_structured_output(url: str, model: str | None = None) -> list[dict]:
     return rows
 
 
-def robustness(url: str, vocab_size: int, context_len: int, model: str | None = None) -> dict:
-    """Every robustness check against one running server: bad requests, the request fuzz,
-    structured output, and no slot held at the end. ``ok`` when all pass."""
+def robustness(
+    url: str, vocab_size: int, context_len: int | None = None, model: str | None = None
+) -> dict:
+    """Every robustness check against one running server (the GPU run's entry point): bad
+    requests, the request fuzz, structured output, and no slot held at the end. ``ok`` when all
+    pass. ``context_len`` defaults to the server's (``max_model_len`` of ``/v1/models``)."""
+    if context_len is None or model is None:
+        card = requests.get(url + "/v1/models", timeout=30).json()["data"][0]
+        context_len, model = context_len or card["max_model_len"], model or card["id"]
     bad = check_bad_requests(url, context_len, vocab_size)
     fuzz = fuzz_server(url, vocab_size, context_len, model)
     grammar = check_structured_output(url, model)
@@ -285,3 +291,17 @@ def robustness(url: str, vocab_size: int, context_len: int, model: str | None = 
     )
     return {"ok": ok, "bad_requests": bad, "fuzz": fuzz, "structured_output": grammar,
             "used_tokens": used}  # fmt: skip
+
+
+if __name__ == "__main__":
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(description="robustness checks against a running server")
+    ap.add_argument("url", help="e.g. http://127.0.0.1:30000")
+    ap.add_argument("--vocab-size", type=int, required=True)
+    a = ap.parse_args()
+    report = robustness(a.url.rstrip("/"), a.vocab_size)
+    print(json.dumps(report, indent=2))
+    print("robustness:", "PASS" if report["ok"] else "FAIL")
+    sys.exit(0 if report["ok"] else 1)
