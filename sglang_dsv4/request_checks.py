@@ -216,7 +216,7 @@ _SAMPLING = {
     "skip_special_tokens": lambda n, v, lim: check_bool(n, v),
     "spaces_between_special_tokens": lambda n, v, lim: check_bool(n, v),
     "no_stop_trim": lambda n, v, lim: check_bool(n, v),
-    # the scheduler streams every stream_interval tokens (a modulo: 0 would divide by zero)
+    # the scheduler streams when len(output) % stream_interval hits: a positive int
     "stream_interval": lambda n, v, lim: check_int(n, v, 1, INT32_MAX),
     "logit_bias": _logit_bias,
     "sampling_seed": lambda n, v, lim: check_int(n, v, 0, INT64_MAX),
