@@ -92,6 +92,7 @@ def _register() -> None:
         ),
         (f"{_TM}.generate_request", _check_request, HookType.BEFORE),
         (f"{_TM}._validate_one_request", _check_prompt, HookType.BEFORE),
+        (f"{_TM}.create_abort_task", _abort_task, HookType.AROUND),
         (
             "sglang.srt.constrained.xgrammar_backend._allocate_token_bitmask",
             _grammar_bitmask,
@@ -223,6 +224,25 @@ def _check_prompt(self, obj, input_ids, *args, **kwargs):
 
         check_prompt(obj, input_ids, limits)
     return None
+
+
+def _abort_task(original, self, obj):
+    """A streamed request's disconnect watcher reads ``obj.is_single`` two seconds after the
+    response started, and that attribute only exists once SGLang has normalized the request:
+    for a request refused before (by our checks or SGLang's own input checks) it raised an
+    ``AttributeError`` into the ASGI log. Nothing of such a request reached the scheduler, so
+    the watcher then has nothing to abort."""
+    from starlette.background import BackgroundTasks
+
+    guarded = BackgroundTasks()
+    for task in original(self, obj).tasks:
+
+        async def run(task=task):
+            if hasattr(obj, "is_single"):
+                await task()
+
+        guarded.add_task(run)
+    return guarded
 
 
 def _grammar_bitmask(original, vocab_size: int, batch_size: int):

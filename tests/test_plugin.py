@@ -96,3 +96,26 @@ def test_grammar_bitmask_on_cpu_is_unpinned_and_applied_on_the_logits_device():
     bool_mask = GrammarMask(None, torch.ones(2, vocab, dtype=torch.bool))  # e.g. outlines
     _apply_grammar_mask(lambda *a: seen.append(a), bool_mask, logits)
     assert len(seen) == 1
+
+
+def test_disconnect_watcher_skips_requests_refused_before_normalization():
+    """A refused streamed request has no ``is_single``: SGLang's watcher raised on it."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from starlette.background import BackgroundTasks
+
+    from sglang_dsv4.plugin import _abort_task
+
+    ran = []
+
+    def original(tm, obj):
+        tasks = BackgroundTasks()
+        tasks.add_task(lambda: ran.append(obj.is_single))
+        return tasks
+
+    refused, served = SimpleNamespace(), SimpleNamespace(is_single=True)
+    asyncio.run(_abort_task(original, None, refused)())
+    assert ran == []
+    asyncio.run(_abort_task(original, None, served)())
+    assert ran == [True]

@@ -95,6 +95,7 @@ def test_structured_output_through_the_openai_client_on_cpu(dsv4_server):
 @pytest.mark.server
 def test_fuzzed_requests_never_take_the_server_down(dsv4_server, vocab):
     before = _processes(dsv4_server)
+    log_start = len(dsv4_server.log_path.read_bytes())  # bytes: the log may echo invalid UTF-8
     report = fuzz_server(dsv4_server.url, vocab, CONTEXT, seed=0, count=150, time_budget_s=90)
     print({k: v for k, v in report.items() if k != "failures"})
     assert report["failures"] == [], report["failures"][:5]
@@ -103,3 +104,6 @@ def test_fuzzed_requests_never_take_the_server_down(dsv4_server, vocab):
     assert report["statuses"].get(200, 0) > 0 and report["statuses"].get(400, 0) > 0, report
     assert _processes(dsv4_server) == before  # no scheduler restart
     assert used_tokens(dsv4_server.url) == [0]
+    # nothing failed behind the answers either (a 500, a background task, the scheduler)
+    log = dsv4_server.log_path.read_bytes()[log_start:]
+    assert b"Traceback" not in log, log[-3000:].decode("utf-8", "replace")
