@@ -194,7 +194,6 @@ def _request_limits(tm):
     return Limits(
         vocab_size=tm.model_config.vocab_size,
         context_len=tm.context_len,
-        has_tokenizer=tm.tokenizer is not None,
         has_grammar=not args.skip_tokenizer_init and args.grammar_backend != "none",
     )
 

@@ -53,7 +53,6 @@ class Limits:
 
     vocab_size: int
     context_len: int
-    has_tokenizer: bool  # False under --skip-tokenizer-init
     has_grammar: bool  # a grammar backend (structured output) is loaded
 
     @property
@@ -290,28 +289,29 @@ def _is_set(v) -> bool:
     return v is not None and v is not False and v != {} and v != ""
 
 
-def _prompts(req, lim: Limits) -> tuple[int | None, list | None]:
-    """(batch size or None for a single prompt, the token-id lists when given as ids)."""
+def _batch_size(req, lim: Limits) -> int | None:
+    """The number of prompts of a batch, None for a single prompt (whose token ids, when given,
+    are checked here too)."""
     text, ids = getattr(req, "text", None), getattr(req, "input_ids", None)
     if (text is None) == (ids is None):
         raise RequestError("exactly one of text and input_ids must be given")
     if text is not None:
         if isinstance(text, str):
             check_str("text", text)
-            return None, None
+            return None
         if not isinstance(text, list) or not text:
             raise RequestError(
                 f"text must be a string or a non-empty list of strings, got {_show(text)}"
             )
         for t in text:
             check_str("text (each prompt)", t)
-        return len(text), None
+        return len(text)
     if isinstance(ids, list) and ids and all(isinstance(x, list) for x in ids):
         for one in ids:
             check_token_ids("input_ids (each prompt)", one, lim.vocab_size)
-        return len(ids), ids
+        return len(ids)
     check_token_ids("input_ids", ids, lim.vocab_size)
-    return None, [ids]
+    return None
 
 
 def _per_prompt(req, name: str, batch: int | None) -> list:
@@ -359,7 +359,7 @@ def check_generate_request(req, lim: Limits) -> None:
     for name, why in _UNSUPPORTED.items():
         if _is_set(getattr(req, name, None)):
             raise RequestError(f"{name} is not accepted: {why}")
-    batch, _ = _prompts(req, lim)
+    batch = _batch_size(req, lim)
     params = getattr(req, "sampling_params", None)
     if isinstance(params, list):
         if batch is None or len(params) != batch:

@@ -15,7 +15,7 @@ from sglang_dsv4.request_checks import (
     check_prompt,
 )
 
-LIM = Limits(vocab_size=6144, context_len=4096, has_tokenizer=True, has_grammar=True)
+LIM = Limits(vocab_size=6144, context_len=4096, has_grammar=True)
 
 
 def req(**kw) -> GenerateReqInput:
@@ -111,13 +111,13 @@ def test_sampling_params_are_refused_with_field_and_range(params, words):
 
 
 def test_structured_output_without_a_grammar_backend_is_refused():
-    lim = Limits(vocab_size=6144, context_len=4096, has_tokenizer=False, has_grammar=False)
+    lim = Limits(vocab_size=6144, context_len=4096, has_grammar=False)
     refused(sp(json_schema='{"type": "object"}'), "json_schema", "grammar backend", lim=lim)
 
 
 def test_request_fields_and_batch_shapes():
     refused(req(return_logprob=True, top_logprobs_num=-1), "top_logprobs_num")
-    small = Limits(vocab_size=16, context_len=64, has_tokenizer=True, has_grammar=True)
+    small = Limits(vocab_size=16, context_len=64, has_grammar=True)
     refused(req(top_logprobs_num=17), "top_logprobs_num", "[0, 16]", lim=small)
     refused(req(logprob_start_len=-2), "logprob_start_len", "[-1, 4096]")
     refused(req(token_ids_logprob=[6144]), "token_ids_logprob", "[0, 6144)")
