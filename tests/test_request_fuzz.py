@@ -22,7 +22,7 @@ def dsv4_server(tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / "dsv4_fuzz.log"
     args = ["--model", "dsv4", "--max-total-tokens", "8192", "--context-length", str(CONTEXT),
             "--max-running-requests", "16", "--sleep-on-idle"]  # fmt: skip
-    srv = Server(args, log)
+    srv = Server(args, log, timeout=600)
     yield srv
     srv.stop()
 
