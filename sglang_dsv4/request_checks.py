@@ -104,11 +104,13 @@ def check_str(name: str, v, *, empty: bool = False) -> None:
 def check_token_ids(name: str, ids, vocab: int, *, empty: bool = False) -> None:
     if not isinstance(ids, list) or (not empty and not ids):
         raise RequestError(f"{name} must be a non-empty list of token ids, got {_show(ids)}")
-    bad = next((t for t in ids if not (_is_int(t) and 0 <= t < vocab)), None)
-    if bad is not None:
-        raise RequestError(
-            f"{name} contains token id {_show(bad)}, outside the vocabulary [0, {vocab})"
-        )
+    # builtins first: prompts of many thousand ids come through here
+    if all(type(t) is int for t in ids) and (not ids or (min(ids) >= 0 and max(ids) < vocab)):
+        return
+    bad = next(t for t in ids if not (_is_int(t) and 0 <= t < vocab))
+    raise RequestError(
+        f"{name} contains token id {_show(bad)}, outside the vocabulary [0, {vocab})"
+    )
 
 
 def _str_list(name: str, v, check_one) -> None:
@@ -385,8 +387,9 @@ def check_generate_request(req, lim: Limits) -> None:
 
 
 def check_prompt(req, input_ids, lim: Limits) -> None:
-    """One request once its prompt is token ids (text requests are tokenized by now)."""
-    if input_ids:
+    """One request once its prompt is token ids (text requests are tokenized by now; ids sent
+    as ``input_ids`` were checked with the whole request)."""
+    if input_ids and getattr(req, "input_ids", None) is None:
         check_token_ids("input_ids", list(input_ids), lim.vocab_size)
     start = getattr(req, "logprob_start_len", None)
     n = len(input_ids or ())

@@ -131,6 +131,8 @@ def test_request_fields_and_batch_shapes():
     refused(req(text=[]), "text")
     refused(req(text=None, input_ids=[[5], []]), "input_ids")
     refused(req(text=None, input_ids=[5, -1]), "input_ids", "-1", "[0, 6144)")
+    refused(req(text=None, input_ids=[5, None]), "input_ids", "None")
+    refused(req(text=None, input_ids=[5, True]), "input_ids", "True")
     refused(req(text=None, input_ids=None), "text and input_ids")
     refused(req(priority=2**40), "priority")
 
@@ -151,7 +153,7 @@ def test_prompt_checks_after_tokenization():
     with pytest.raises(RequestError, match=r"logprob_start_len must be in \[-1, 3\]"):
         check_prompt(req(return_logprob=True, logprob_start_len=4), [5, 6, 7], LIM)
     with pytest.raises(RequestError, match=r"token id 6144, outside the vocabulary \[0, 6144\)"):
-        check_prompt(req(), [5, 6144], LIM)
+        check_prompt(req(), [5, 6144], LIM)  # a text prompt whose tokenizer outgrows the model
 
 
 def test_every_sampling_param_of_sglang_is_known():
