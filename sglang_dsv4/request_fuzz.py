@@ -182,6 +182,8 @@ def _set(body: dict, field: str, value) -> None:
     if field.startswith("sampling_params."):
         key = field.split(".", 1)[1]
         params = body.get("sampling_params")
+        if not isinstance(params, (dict, list)):  # the OpenAI schemas: a top-level field
+            body[key] = value
         for p in params if isinstance(params, list) else [params]:
             if isinstance(p, dict):
                 p[key] = value

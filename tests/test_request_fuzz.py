@@ -99,8 +99,8 @@ def test_fuzzed_requests_never_take_the_server_down(dsv4_server, vocab):
     report = fuzz_server(dsv4_server.url, vocab, CONTEXT, seed=0, count=150, time_budget_s=90)
     print({k: v for k, v in report.items() if k != "failures"})
     assert report["failures"] == [], report["failures"][:5]
-    # Bounded in time: a few tenths of a second per case on an idle 2-core machine, but the
-    # shared one has run 7-13 s per case; some cases must run whatever the load.
+    # bounded in time (a loaded shared machine ran 7-13 s per case): some must run whatever
+    # the load
     assert report["cases"] >= 5, report
     assert _processes(dsv4_server) == before  # no scheduler restart
     assert used_tokens(dsv4_server.url) == [0]
