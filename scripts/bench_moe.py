@@ -197,7 +197,7 @@ def sweep(fmt, t, args, bank, results):
             results.append({"fmt": fmt, "tokens": t, "case": f"slots_n{block_n}", "us": us})
             print(results[-1], flush=True)
         for block_m in (16, 32, 64):
-            moe_kernels._sorted_tiles = lambda _p, b=block_m: (b, 4)
+            moe_kernels._sorted_tiles = lambda _p, b=block_m: (b, 8)
             us = time_graph(lambda: moe_experts_sorted(x, chosen, weights, bank, LIMIT, n_exp),
                             args.inner, args.reps)  # fmt: skip
             results.append({"fmt": fmt, "tokens": t, "case": f"sorted_m{block_m}", "us": us})
@@ -224,7 +224,7 @@ def main() -> None:
     ap.add_argument("--inner", type=int, default=10)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--slot-max", type=int, default=256, help="skip the slot form above this T")
-    ap.add_argument("--dense-max", type=int, default=128, help="skip today's path above this T")
+    ap.add_argument("--dense-max", type=int, default=4096, help="skip today's path above this T")
     ap.add_argument("--sweep", action="store_true", help="also time ours per tile size")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()

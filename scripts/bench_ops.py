@@ -1,7 +1,9 @@
 """Time the served model's op families (``sglang_dsv4.ops``) on one GPU: the Triton ops against
-their torch twins (the ``ref`` math the model ran before), at decode batch sizes.
+their torch twins (the ``ref`` math the model ran before), at decode batch sizes and one
+prefill chunk.
 
-    python scripts/bench_ops.py [--config configs/dsv4-flash.json] [--out DIR] [--reps N]
+    python scripts/bench_ops.py [--config configs/dsv4-flash.json] [--tokens 1,32,128,4096]
+                                [--out DIR] [--reps N]
 
 Each op is captured in a CUDA graph (as in a decode step) ``--calls`` times in a row and timed
 by replaying the graph: median of ``--reps`` replays, CUDA events, per call. GPU kernels per call
@@ -24,7 +26,6 @@ from sglang_dsv4.config import load_config
 from sglang_dsv4.ops import HcWeights, build_ops
 from sglang_dsv4.ref.rope import rope_inv_freq
 
-BATCHES = (1, 32, 128)
 DEV = "cuda"
 
 
@@ -105,18 +106,20 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--calls", type=int, default=20)
+    ap.add_argument("--tokens", default="1,32,128,4096", help="token counts (batch at decode)")
     args = ap.parse_args()
+    batches = [int(n) for n in args.tokens.split(",")]
     cfg = load_config(args.config)
     impls = {"triton": build_ops(cfg, DEV), "torch": build_ops(cfg, DEV, kernels=False)}
     rows = []
-    for n in BATCHES:
+    for n in batches:
         for impl, ops in impls.items():
             for name, fn in cases(cfg, ops, n).items():
                 us = graph_time(fn, args.calls, args.reps) * 1e6
                 rows.append({"batch": n, "impl": impl, "op": name, "us": us,
                              "kernels": kernel_count(fn)})  # fmt: skip
                 print(f"{n:4d} {impl:6s} {name:22s} {us:9.1f} us {rows[-1]['kernels']:4d} kernels")
-    for n in BATCHES:
+    for n in batches:
         for impl in impls:
             mine = [r for r in rows if r["batch"] == n and r["impl"] == impl and r["op"] in LAYER]
             us = sum(LAYER[r["op"]] * r["us"] for r in mine)
@@ -129,10 +132,10 @@ def main() -> None:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     print(f"\n{meta['gpu']}, {args.config}; us per call (kernels per call); wrote {path}")
     ops = list(dict.fromkeys(r["op"] for r in rows))
-    print(f"{'op':22s}" + "".join(f" | b={n:<3d} triton      torch     " for n in BATCHES))
+    print(f"{'op':22s}" + "".join(f" | T={n:<4d} triton      torch    " for n in batches))
     for op in ops:
         cells = []
-        for n in BATCHES:
+        for n in batches:
             t, r = (next(x for x in rows if (x["batch"], x["impl"], x["op"]) == (n, i, op))
                     for i in impls)  # fmt: skip
             cells.append(

@@ -31,6 +31,7 @@ from sglang.srt.layers.logits_processor import LogitsProcessor
 from sglang.srt.model_executor.forward_context import get_attn_backend
 from torch import nn
 
+from sglang_dsv4.attention.decode import KVNorm
 from sglang_dsv4.attention.wrappers import CompressedInputs, IndexerInputs
 from sglang_dsv4.config import AttnKind, DSV4Config, LayerSpec
 from sglang_dsv4.model.experts import MoE
@@ -207,7 +208,7 @@ class DeepseekV4ForCausalLM(nn.Module):
         qr = norm.rms(linear(x, w[p + "wq_a.weight"]), w[p + "q_norm.weight"])  # [T, q_lora]
         q = linear(qr, w[p + "wq_b.weight"]).view(x.shape[0], cfg.num_heads, cfg.head_dim)
         q = norm.rms_rope(q, None, positions, inv_freq)  # [T, H, D]
-        kv = self._kv(block, x, positions)
+        kv, kv_norm = self._kv(block, x, positions)
         comp = None
         if spec.attn.compressed:
             indexer = None
@@ -219,16 +220,18 @@ class DeepseekV4ForCausalLM(nn.Module):
                 x, ref.compressor_weights(spec.index), inv_freq, cfg.norm_eps, indexer
             )
         lk = backend.token_to_kv_pool.layer(spec.index)
-        o = backend.run(spec.attn, lk, q, kv, block.attn.attn_sink, cfg.head_dim**-0.5, comp)
+        sink, scale = block.attn.attn_sink, cfg.head_dim**-0.5
+        o = backend.run(spec.attn, lk, q, kv, sink, scale, comp, kv_norm=kv_norm)
         o = norm.rope(o, positions, inv_freq, inverse=True)  # [T, H, D]
         return grouped_output_proj(o, w[p + "wo_a.weight"], w[p + "wo_b.weight"])
 
-    def _kv(self, block: _Block, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """The raw KV row of each token [T, D]: ``kv_norm`` + RoPE of ``wkv(x)``."""
+    def _kv(self, block: _Block, x: torch.Tensor, positions: torch.Tensor):
+        """``wkv(x)`` [T, D] and the ``kv_norm`` + RoPE that make it the stored KV row: the
+        backend applies them inside its KV store (one fused kernel on the GPU decode path)."""
         w, p = self.ref.w, f"layers.{block.spec.index}.attn."
         kv = linear(x, w[p + "wkv.weight"])
         inv_freq = self.ref.inv_freq[block.spec.index]
-        return self.ops.norm.rms_rope(kv, w[p + "kv_norm.weight"], positions, inv_freq)
+        return kv, KVNorm(w[p + "kv_norm.weight"], inv_freq, positions, self.cfg.norm_eps)
 
     def _indexer_query(self, block: _Block, x, qr, positions):
         """``ref.RefDSV4.indexer_query``: (roped indexer queries [T, Hi, Di], raw head weights

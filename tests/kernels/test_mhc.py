@@ -124,7 +124,14 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+@pytest.fixture
+def no_tf32(monkeypatch):
+    """The fp32 reference's matmuls in full fp32 (a library may have switched TF32 on)."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+
+
 @pytest.mark.gpu
+@pytest.mark.usefixtures("no_tf32")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("d", [4096, 7168])
 @pytest.mark.parametrize("n", [1, 32, 128, 1000])
