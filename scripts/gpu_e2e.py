@@ -3,7 +3,8 @@
 Starts ``python -m sglang.launch_server --model dsv4`` (the embedded checkpoint, fp32), checks
 greedy tokens, logprobs and top-20 KL of a few prompts against the reference forward of the
 same checkpoint (``RefDSV4``, fp32; ``sglang_dsv4.evals.reference``), then measures time to
-first token and decode speed at batch 1, 8 and 32.
+first token and decode speed at batch 1, 8 and 32, then runs the robustness checks
+(``server_checks.robustness``: bad requests, request fuzz, structured output, no slot leaked).
 With ``--graph-check`` it then serves the same requests with ``--disable-cuda-graph`` and checks
 that the greedy tokens are identical with and without CUDA graphs (and logprobs within 1e-4).
 Exit status 1 when a correctness gate fails. Results also go to ``$OUT/gpu_e2e.json`` if set.
@@ -27,6 +28,7 @@ from sglang_dsv4.config import DSV4Config
 from sglang_dsv4.embedded import embedded_checkpoint
 from sglang_dsv4.evals.reference import compare_with_reference
 from sglang_dsv4.ref.model import RefDSV4
+from sglang_dsv4.server_checks import robustness
 from sglang_dsv4.server_process import Server
 
 PROMPT_LENS = (5, 300, 1000)
@@ -59,14 +61,17 @@ def measure(server: Server) -> dict:
     return out
 
 
-def serve_and_check(extra: list[str], log: Path, ref: RefDSV4, device: str):
+def serve_and_check(extra: list[str], log: Path, ref: RefDSV4, device: str, robust=False):
+    """Reference comparison and speed; with ``robust``, then the robustness checks
+    (``server_checks.robustness``: bad requests, request fuzz, structured output, no leak)."""
     args = ["--model", "dsv4", "--dtype", "float32", "--max-total-tokens", "65536", *extra]
     server = Server(args, log, timeout=600)
     try:
         rows = compare_with_reference(server, ref, PROMPT_LENS, DECODE, device)
         for r in rows:
             r["greedy_equal"] = r["greedy_agreement"] == 1.0
-        return rows, measure(server)
+        perf = measure(server)
+        return rows, perf, robustness(server.url, ref.cfg.vocab_size) if robust else None
     finally:
         server.stop()
 
@@ -86,11 +91,11 @@ def main() -> int:
     }
     ref = RefDSV4(DSV4Config.from_json(ckpt), weights)
     extra = args.extra_server_args.split()
-    rows, perf = serve_and_check(extra, Path(args.log), ref, device)
+    rows, perf, robust = serve_and_check(extra, Path(args.log), ref, device, robust=True)
     graph = None
     if args.graph_check:
         eager_log = Path(args.log).with_suffix(".eager.log")
-        eager_rows, eager_perf = serve_and_check(
+        eager_rows, eager_perf, _ = serve_and_check(
             [*extra, "--disable-cuda-graph"], eager_log, ref, device
         )
         graph = {
@@ -108,6 +113,7 @@ def main() -> int:
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     perf = {k: v for k, v in perf.items() if not k.endswith("tokens")}
     result = {"device": name, "checks": rows, "perf": perf, "graph_check": graph}
+    result["robustness"] = robust
     result["date"] = time.strftime("%Y-%m-%d")
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "gpu_e2e.json").write_text(json.dumps(result, indent=2))
@@ -135,6 +141,17 @@ def main() -> int:
             f"max |dlogprob| {graph['max_abs_dlogprob']:.1e}"
         )
         ok = ok and graph["tokens_equal"] and graph["max_abs_dlogprob"] <= 1e-4
+    fuzz, bad = robust["fuzz"], robust["bad_requests"]
+    print(
+        f"robustness: bad requests refused {sum(r['refused_with_reason'] for r in bad)}"
+        f"/{len(bad)}, fuzz {fuzz['cases']} requests {fuzz['statuses']} "
+        f"failures {len(fuzz['failures'])}, structured output "
+        f"{[r['name'] for r in robust['structured_output'] if r['ok']]}, "
+        f"slots left {robust['used_tokens']} -> {'ok' if robust['ok'] else 'FAIL'}"
+    )
+    for f in fuzz["failures"][:5]:
+        print("  fuzz failure:", f)
+    ok = ok and robust["ok"]
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1
 

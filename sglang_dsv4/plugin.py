@@ -13,8 +13,11 @@ This is the only module that touches SGLang's registries (see docs/design/sglang
 * HookRegistry: our pool sizing, pools and allocator for DSV4 models (others fall through), no
   SGLang quantization config for DSV4 (our loader reads the released FP8 / MXFP4 format itself),
   ``support_triton`` false for our backend on machines without CUDA, model-name resolution
-  (``--model dsv4``) plus the CPU device default, before any Hugging Face access, and token ids
-  checked against the vocabulary in the tokenizer manager (a bad id would kill the scheduler).
+  (``--model dsv4``) plus the CPU device default, before any Hugging Face access, and every
+  generate request checked in the tokenizer manager before it can reach the scheduler
+  (:mod:`sglang_dsv4.request_checks`: what would kill the scheduler gets a 400 instead);
+* structured output on CPU: xgrammar's token bitmask unpinned without CUDA and applied to CPU
+  logits by xgrammar's CPU kernel (SGLang 0.5.17 has GPU paths only for both).
 
 SGLang logs and swallows exceptions from plugins and would then serve the built-in DSV4 model;
 a failure here must stop the server instead, so it is re-raised as ``SystemExit``.
@@ -30,6 +33,7 @@ __all__ = ["register"]
 
 _ARCH = "DeepseekV4ForCausalLM"
 _KVC = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator"
+_TM = "sglang.srt.managers.tokenizer_manager.TokenizerManager"
 
 
 def register() -> None:
@@ -86,10 +90,18 @@ def _register() -> None:
             _quantization_config,
             HookType.AROUND,
         ),
+        (f"{_TM}.generate_request", _check_request, HookType.BEFORE),
+        (f"{_TM}._validate_one_request", _check_prompt, HookType.BEFORE),
+        (f"{_TM}.create_abort_task", _abort_task, HookType.AROUND),
         (
-            "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request",
-            _check_token_ids,
-            HookType.BEFORE,
+            "sglang.srt.constrained.xgrammar_backend._allocate_token_bitmask",
+            _grammar_bitmask,
+            HookType.AROUND,
+        ),
+        (
+            "sglang.srt.constrained.base_grammar_backend.GrammarMask.apply",
+            _apply_grammar_mask,
+            HookType.AROUND,
         ),
     ]
     for target, fn, kind in hooks:
@@ -171,18 +183,90 @@ def _quantization_config(original, model_config, load_config):
     return original(model_config, load_config)
 
 
-def _check_token_ids(self, obj, input_ids, *args, **kwargs):
-    """Refuse token ids outside ``[0, vocab)`` before they reach the scheduler: an embedding
-    lookup past the table kills the scheduler process (a device assert on GPU). SGLang 0.5.17
-    defines ``_validate_input_ids_in_vocab`` but never calls it; that check would also let
-    negative ids through and quote the whole prompt in its message."""
-    if input_ids and _is_dsv4(self.model_config.hf_config):
-        vocab = self.model_config.vocab_size
-        bad = next((t for t in input_ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ValueError(
-                f"input_ids contains token id {bad}, outside the vocabulary [0, {vocab})"
-            )
+def _request_limits(tm):
+    """What :mod:`sglang_dsv4.request_checks` checks a request against, read from the
+    tokenizer manager ``tm`` (None when the served model is not DSV4)."""
+    if not _is_dsv4(tm.model_config.hf_config):
+        return None
+    from sglang_dsv4.request_checks import Limits
+
+    args = tm.server_args
+    return Limits(
+        vocab_size=tm.model_config.vocab_size,
+        context_len=tm.context_len,
+        has_grammar=not args.skip_tokenizer_init and args.grammar_backend != "none",
+    )
+
+
+def _check_request(self, obj, *args, **kwargs):
+    """The whole generate request, before SGLang normalizes it, batches and all: what the
+    scheduler cannot survive (or decode) is refused with a 400 naming the field
+    (:func:`sglang_dsv4.request_checks.check_generate_request`; docs/robustness.md)."""
+    from sglang.srt.managers.io_struct import GenerateReqInput
+
+    limits = _request_limits(self) if isinstance(obj, GenerateReqInput) else None
+    if limits is not None:
+        from sglang_dsv4.request_checks import check_generate_request
+
+        check_generate_request(obj, limits)
+    return None
+
+
+def _check_prompt(self, obj, input_ids, *args, **kwargs):
+    """Each request once tokenized: token ids inside ``[0, vocab)`` (an embedding lookup past
+    the table kills the scheduler, a device assert on GPU; SGLang 0.5.17 defines
+    ``_validate_input_ids_in_vocab`` but never calls it, and it would let negative ids through)
+    and the logprob start inside the prompt."""
+    limits = _request_limits(self)
+    if limits is not None:
+        from sglang_dsv4.request_checks import check_prompt
+
+        check_prompt(obj, input_ids, limits)
+    return None
+
+
+def _abort_task(original, self, obj):
+    """A streamed request's disconnect watcher reads ``obj.is_single`` two seconds after the
+    response started, and that attribute only exists once SGLang has normalized the request:
+    for a request refused before (by our checks or SGLang's own input checks) it raised an
+    ``AttributeError`` into the ASGI log. Nothing of such a request reached the scheduler, so
+    the watcher then has nothing to abort."""
+    from starlette.background import BackgroundTasks
+
+    guarded = BackgroundTasks()
+    for task in original(self, obj).tasks:
+
+        async def run(task=task):
+            if hasattr(obj, "is_single"):
+                await task()
+
+        guarded.add_task(run)
+    return guarded
+
+
+def _grammar_bitmask(original, vocab_size: int, batch_size: int):
+    """xgrammar's token bitmask is allocated in pinned memory for a fast copy to the GPU, which
+    fails without a CUDA driver ("Found no NVIDIA driver"): unpinned where there is no CUDA."""
+    import torch
+
+    if torch.cuda.is_available():
+        return original(vocab_size, batch_size)
+    from xgrammar import allocate_token_bitmask
+
+    return allocate_token_bitmask(batch_size, vocab_size)
+
+
+def _apply_grammar_mask(original, self, logits):
+    """SGLang applies a grammar's packed int32 bitmask (xgrammar, llguidance: bit ``t % 32`` of
+    word ``t // 32`` allows token ``t``) with GPU kernels only and raises for CPU logits; on
+    CPU, xgrammar's own CPU kernel applies it, on the logits' device."""
+    import torch
+
+    if logits.device.type != "cpu" or self.vocab_mask.dtype != torch.int32:
+        return original(self, logits)
+    from xgrammar import apply_token_bitmask_inplace
+
+    apply_token_bitmask_inplace(logits, self.vocab_mask.to(logits.device))
     return None
 
 

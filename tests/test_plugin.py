@@ -66,3 +66,60 @@ def test_server_args_resolution_for_dsv4():
     assert (device, backend, page, decode) == ("cpu", "dsv4_plugin", "128", "disabled")
     assert kv_dtype == "bfloat16"  # CPU pools keep plain rows (mem.sizing.row_format)
     assert lines["B"] == ["full"]
+
+
+@pytest.mark.skipif(
+    __import__("torch").cuda.is_available(), reason="the CPU grammar path (no CUDA driver)"
+)
+def test_grammar_bitmask_on_cpu_is_unpinned_and_applied_on_the_logits_device():
+    """SGLang 0.5.17 pins xgrammar's bitmask ("Found no NVIDIA driver" without CUDA) and has
+    GPU-only kernels to apply it; ours: an unpinned mask, applied by xgrammar's CPU kernel
+    (bit ``t % 32`` of word ``t // 32`` allows token ``t``), other masks left to SGLang."""
+    import torch
+    from sglang.srt.constrained.base_grammar_backend import GrammarMask
+
+    from sglang_dsv4.plugin import _apply_grammar_mask, _grammar_bitmask
+
+    vocab, allowed = 70, (0, 31, 33, 69)
+    mask = _grammar_bitmask(lambda *a: pytest.fail("SGLang's pinned allocation"), vocab, 2)
+    assert mask.shape == (2, 3) and mask.dtype == torch.int32 and not mask.is_pinned()
+    assert (mask == -1).all()  # all allowed until a grammar fills it
+    words = [0, 0, 0]
+    for t in allowed:
+        words[t // 32] |= 1 << (t % 32)
+    mask[0] = torch.tensor([w - (1 << 32) if w >= 1 << 31 else w for w in words])
+    logits = torch.randn(2, vocab)
+    want = logits.clone()
+    want[0, [t for t in range(vocab) if t not in allowed]] = float("-inf")
+    out = _apply_grammar_mask(
+        lambda *a: pytest.fail("SGLang's GPU path"), GrammarMask(None, mask), logits
+    )
+    assert out is None and torch.equal(logits, want)
+
+    seen = []
+    bool_mask = GrammarMask(None, torch.ones(2, vocab, dtype=torch.bool))  # e.g. outlines
+    _apply_grammar_mask(lambda *a: seen.append(a), bool_mask, logits)
+    assert len(seen) == 1
+
+
+def test_disconnect_watcher_skips_requests_refused_before_normalization():
+    """A refused streamed request has no ``is_single``: SGLang's watcher raised on it."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from starlette.background import BackgroundTasks
+
+    from sglang_dsv4.plugin import _abort_task
+
+    ran = []
+
+    def original(tm, obj):
+        tasks = BackgroundTasks()
+        tasks.add_task(lambda: ran.append(obj.is_single))
+        return tasks
+
+    refused, served = SimpleNamespace(), SimpleNamespace(is_single=True)
+    asyncio.run(_abort_task(original, None, refused)())
+    assert ran == []
+    asyncio.run(_abort_task(original, None, served)())
+    assert ran == [True]
