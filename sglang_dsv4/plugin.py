@@ -11,9 +11,11 @@ This is the only module that touches SGLang's registries (see docs/design/sglang
   upstream's swa / full slot ratio;
 * HookRegistry: our pool sizing, pools and allocator for DSV4 models (others fall through), no
   SGLang quantization config for DSV4 (our loader reads the released FP8 / MXFP4 format itself),
-  ``support_triton`` false for our backend on machines without CUDA, model-name resolution
-  (``--model dsv4``) plus the CPU device default, before any Hugging Face access, and token ids
-  checked against the vocabulary in the tokenizer manager (a bad id would kill the scheduler).
+  ``support_triton`` false for our backend on machines without CUDA, the released config keys
+  SGLang reads (``compress_ratios``) added to configs saved by HF transformers, model-name
+  resolution (``--model dsv4``) plus the CPU device default, before any Hugging Face access, and
+  token ids checked against the vocabulary in the tokenizer manager (a bad id would kill the
+  scheduler).
 
 SGLang logs and swallows exceptions from plugins and would then serve the built-in DSV4 model;
 a failure here must stop the server instead, so it is re-raised as ``SystemExit``.
@@ -74,6 +76,11 @@ def _register() -> None:
             HookType.BEFORE,
         ),
         ("sglang.srt.utils.common.support_triton", _support_triton, HookType.AROUND),
+        (
+            "sglang.srt.utils.hf_transformers.config.HfModelConfigParser.parse",
+            _released_spelling,
+            HookType.AFTER,
+        ),
         (
             "sglang.srt.model_executor.pool_configurator.create_memory_pool_configurator",
             _pool_configurator,
@@ -150,6 +157,23 @@ def _local_dsv4(path) -> bool:
         return json.loads(config.read_text()).get("model_type") == "deepseek_v4"
     except (OSError, ValueError):
         return False
+
+
+def _released_spelling(config, *args, **kwargs):
+    """A config saved by HF transformers (``DeepseekV4ForCausalLM.save_pretrained``) spells the
+    schedule ``layer_types`` + ``compress_rates``; SGLang's ``ModelConfig`` reads
+    ``compress_ratios`` (AttributeError otherwise, before our model is built). Add the released
+    keys, derived by our parser (a bad config stops startup naming the field)."""
+    if getattr(config, "model_type", None) != "deepseek_v4" or getattr(
+        config, "compress_ratios", None
+    ):
+        return None
+    from sglang_dsv4.config import DSV4Config, released_fields
+
+    fields = released_fields(DSV4Config.from_dict(config.to_dict()))
+    logger.info("DSV4: HF-transformers config spelling; derived %s", fields)
+    config.update(fields)
+    return config
 
 
 def _support_triton(original, backend: str) -> bool:

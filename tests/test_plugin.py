@@ -62,3 +62,28 @@ def test_server_args_resolution_for_dsv4():
     assert path.endswith("models/dsv4-tiny") and served == "dsv4"
     assert (device, backend, page, decode) == ("cpu", "dsv4_plugin", "128", "disabled")
     assert lines["B"] == ["full"]
+
+
+@pytest.mark.server
+def test_hf_saved_checkpoint_serves_hf_logprobs(hf_model, tmp_path):
+    """A checkpoint written by HF transformers' ``save_pretrained`` (config spelled
+    ``layer_types`` + ``compress_rates``, no ``compress_ratios``; HF tensor names) starts
+    through SGLang's own ModelConfig and serves HF's logprobs (fp32, CPU)."""
+    import json
+
+    from conftest import SERVER_ARGS
+    from hf_parity import assert_served_equals_hf, seeded_prompt
+    from server import Server
+
+    ckpt = tmp_path / "hf_saved"
+    hf_model.save_pretrained(ckpt)
+    raw = json.loads((ckpt / "config.json").read_text())
+    assert "compress_ratios" not in raw and "layer_types" in raw and "compress_rates" in raw
+    prompts = {n: seeded_prompt(n, seed=3000) for n in (5, 129, 300)}
+    srv = Server(["--model-path", str(ckpt), *SERVER_ARGS], tmp_path / "log")
+    try:
+        outs = {n: srv.generate(ids, 8) for n, ids in prompts.items()}
+        assert "DSV4: HF-transformers config spelling" in srv.log
+    finally:
+        srv.stop()
+    assert_served_equals_hf(hf_model, prompts, outs)
