@@ -50,18 +50,27 @@ def test_server_args_resolution_for_dsv4():
         "a = prepare_server_args(['--model', 'dsv4'])\n"
         "print('A', a.model_path, a.served_model_name, a.device, a.attention_backend, a.page_size,"
         " a.cuda_graph_config.decode.backend)\n"
-        "b = prepare_server_args(['--model', 'dsv4', '--cuda-graph-backend-decode', 'full'])\n"
-        "print('B', b.cuda_graph_config.decode.backend)\n"
+        "b = prepare_server_args(['--model', 'dsv4', '--cuda-graph-backend-decode', 'full',"
+        " '--context-length', '2048', '--max-running-requests', '3'])\n"
+        "print('B', b.cuda_graph_config.decode.backend, b.context_length, b.max_running_requests)\n"
+        "print('C', a.context_length, a.max_running_requests)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     lines = {
-        ln.split()[0]: ln.split()[1:] for ln in out.stdout.splitlines() if ln[:2] in ("A ", "B ")
+        ln.split()[0]: ln.split()[1:]
+        for ln in out.stdout.splitlines()
+        if ln[:2] in ("A ", "B ", "C ")
     }
     assert "A" in lines, out.stderr[-3000:]
     path, served, device, backend, page, decode = lines["A"]
     assert path.endswith("models/dsv4-tiny") and served == "dsv4"
     assert (device, backend, page, decode) == ("cpu", "dsv4_plugin", "128", "disabled")
-    assert lines["B"] == ["full"]
+    # CPU: the embedded model's trained context and a few requests, unless the user says
+    from sglang_dsv4.embedded import EMBEDDED_CONTEXT
+    from sglang_dsv4.mem.sizing import CPU_MAX_RUNNING_REQUESTS
+
+    assert lines["C"] == [str(EMBEDDED_CONTEXT), str(CPU_MAX_RUNNING_REQUESTS)]
+    assert lines["B"] == ["full", "2048", "3"]
 
 
 @pytest.mark.server

@@ -5,7 +5,14 @@ entries (``CacheSchema.full_bytes_per_token``), an swa slot its raw rows and bou
 (``swa_bytes_per_token``, 6-7x more on Flash). As in SGLang's hybrid-SWA sizing, there are
 ``swa_ratio`` swa slots per full slot (``--swa-full-tokens-ratio``). Each request slot costs one
 compressor tail; the tails of ``max_running_requests`` are reserved first.
+
+On CPU (no ``--max-total-tokens``) the pool is not sized from free RAM, which SGLang measures
+for the whole machine (tens of GB, seconds to zero, other processes' memory): it holds
+``context_len x max_running_requests`` full slots at most (:func:`cpu_token_cap`), the budget
+still capping it.
 """
+
+import logging
 
 import torch
 from sglang.srt.model_executor.pool_configurator import MemoryPoolConfig, MemoryPoolConfigurator
@@ -13,7 +20,13 @@ from sglang.srt.model_executor.pool_configurator import MemoryPoolConfig, Memory
 from sglang_dsv4.config import DSV4Config
 from sglang_dsv4.mem.schema import CacheSchema, EntryFormat
 
-__all__ = ["DSV4PoolConfigurator", "row_format"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["CPU_MAX_RUNNING_REQUESTS", "DSV4PoolConfigurator", "cpu_token_cap", "row_format"]
+
+# Requests served at once on CPU unless --max-running-requests says otherwise (set by the
+# plugin's server-args hook): enough for a few users; each costs a whole context of slots.
+CPU_MAX_RUNNING_REQUESTS = 16
 
 
 def row_format(model_dtype: torch.dtype) -> tuple[EntryFormat, torch.dtype]:
@@ -23,11 +36,45 @@ def row_format(model_dtype: torch.dtype) -> tuple[EntryFormat, torch.dtype]:
     return EntryFormat.BF16, torch.bfloat16
 
 
+def cpu_token_cap(kvc) -> tuple[int, str] | None:
+    """(full token slots, why) for a CPU server without ``--max-total-tokens``: every running
+    request can hold a whole context. ``None`` elsewhere (GPU: the measured budget decides)."""
+    args = kvc.server_args
+    if str(kvc.device) != "cpu" or args.max_total_tokens is not None:
+        return None
+    context = kvc.model_config.context_len
+    requests = args.max_running_requests or CPU_MAX_RUNNING_REQUESTS
+    why = (
+        f"context length {context}{_context_source(kvc)} x {requests} requests (CPU: sized "
+        "from the model's context, not from free RAM; --context-length / "
+        "--max-running-requests / --max-total-tokens change it)"
+    )
+    return context * requests, why
+
+
+def _context_source(kvc) -> str:
+    from pathlib import Path
+
+    from sglang_dsv4.embedded import EMBEDDED_CONTEXT, embedded_checkpoint
+
+    path = Path(kvc.model_config.model_path).resolve()
+    if path == embedded_checkpoint() and kvc.model_config.context_len == EMBEDDED_CONTEXT:
+        return " (the embedded model's training length)"
+    return ""
+
+
 class DSV4PoolConfigurator(MemoryPoolConfigurator):
-    def __init__(self, schema: CacheSchema, max_running_requests: int, swa_ratio: float):
+    def __init__(
+        self,
+        schema: CacheSchema,
+        max_running_requests: int,
+        swa_ratio: float,
+        token_cap: tuple[int, str] | None = None,
+    ):
         self.schema = schema
         self.max_running_requests = max_running_requests
         self.swa_ratio = swa_ratio
+        self.token_cap = token_cap
 
     @classmethod
     def from_kv_cache_configurator(cls, kvc) -> "DSV4PoolConfigurator":
@@ -38,6 +85,7 @@ class DSV4PoolConfigurator(MemoryPoolConfigurator):
             CacheSchema.from_config(cfg, fmt),
             args.max_running_requests or 256,
             args.swa_full_tokens_ratio,
+            cpu_token_cap(kvc),
         )
 
     def calculate_pool_sizes(self, available_bytes: int, page_size: int) -> MemoryPoolConfig:
@@ -45,6 +93,11 @@ class DSV4PoolConfigurator(MemoryPoolConfigurator):
         tails = s.tail_bytes * (self.max_running_requests + 1)
         per_full_slot = s.full_bytes_per_token + self.swa_ratio * s.swa_bytes_per_token
         full = int((available_bytes - tails) // per_full_slot)
+        if self.token_cap is not None and self.token_cap[0] < full:
+            cap, why = self.token_cap
+            pool_mib = (tails + cap * per_full_slot) / (1 << 20)
+            logger.info("DSV4 pool: %d full token slots = %s; %.1f MiB", cap, why, pool_mib)
+            full = cap
         return self.calculate_pool_sizes_from_max_tokens(max(full, 0), page_size)
 
     def calculate_pool_sizes_from_max_tokens(
