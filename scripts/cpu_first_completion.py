@@ -1,7 +1,7 @@
 """Time from launch to the first answered completion, and the server's memory, for README's run
-command (``python -m sglang.launch_server --model dsv4``, or the given server arguments):
+command (``bash scripts/serve.sh``: ``--model dsv4``, or the given server arguments):
 
-    python scripts/cpu_first_completion.py [--port 30000] [-- SERVER ARGS...]
+    python scripts/cpu_first_completion.py [--port 30000] [--log FILE] [-- SERVER ARGS...]
 
 Prints seconds until ``/v1/completions`` first answers (the clock starts before the launcher
 process), then the resident memory of every server process (launcher, scheduler,
@@ -13,10 +13,12 @@ import argparse
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import requests
 
+SERVE = Path(__file__).resolve().parent / "serve.sh"
 BODY = {"model": "dsv4", "prompt": "KING HENRY:\nOnce more unto the breach", "max_tokens": 16}
 
 
@@ -50,10 +52,9 @@ def main() -> int:
     ap.add_argument("--port", type=int, default=30000)
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--log", default="/dev/null", help="server output goes here")
-    ap.add_argument("server_args", nargs="*", default=["--model", "dsv4"])
+    ap.add_argument("server_args", nargs="*")
     args = ap.parse_args()
-    cmd = [sys.executable, "-m", "sglang.launch_server", *args.server_args]
-    cmd += ["--port", str(args.port)]
+    cmd = ["bash", str(SERVE), *args.server_args, "--port", str(args.port)]
     t0 = time.perf_counter()
     log = open(args.log, "w")  # noqa: SIM115 - closed with the server
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
