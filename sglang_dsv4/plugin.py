@@ -128,7 +128,8 @@ def _is_dsv4(hf_config) -> bool:
 
 def _resolve_model_and_device(self, *args, **kwargs):
     """Before ServerArgs resolves (it is read-only after): ``--model dsv4`` -> the embedded
-    checkpoint; for DSV4 models, CPU when there is no CUDA device, with CPU defaults."""
+    checkpoint; for DSV4 models, SGLang's DSV4 reasoning and tool-call parsers, CPU when there is
+    no CUDA device, with CPU defaults."""
     from sglang_dsv4.embedded import EMBEDDED, PUBLIC, resolve_model_name
 
     name = self.model_path
@@ -141,6 +142,12 @@ def _resolve_model_and_device(self, *args, **kwargs):
             self.served_model_name = name
     if not (name == EMBEDDED or name in PUBLIC or _local_dsv4(self.model_path)):
         return None
+    # DSV4's own output formats (<think>...</think>, DSML tool calls) parsed into the OpenAI
+    # API's reasoning_content / tool_calls; --reasoning-parser / --tool-call-parser win.
+    if self.reasoning_parser is None:
+        self.reasoning_parser = "deepseek-v4"
+    if self.tool_call_parser is None:
+        self.tool_call_parser = "deepseekv4"
     if self.device is None:
         import torch
 

@@ -54,12 +54,15 @@ def test_server_args_resolution_for_dsv4():
         " '--context-length', '2048', '--max-running-requests', '3'])\n"
         "print('B', b.cuda_graph_config.decode.backend, b.context_length, b.max_running_requests)\n"
         "print('C', a.context_length, a.max_running_requests)\n"
+        "print('D', a.reasoning_parser, a.tool_call_parser)\n"
+        "e = prepare_server_args(['--model', 'dsv4', '--reasoning-parser', 'deepseek-r1'])\n"
+        "print('E', e.reasoning_parser, e.tool_call_parser)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     lines = {
         ln.split()[0]: ln.split()[1:]
         for ln in out.stdout.splitlines()
-        if ln[:2] in ("A ", "B ", "C ")
+        if ln[:2] in ("A ", "B ", "C ", "D ", "E ")
     }
     assert "A" in lines, out.stderr[-3000:]
     path, served, device, backend, page, decode = lines["A"]
@@ -71,6 +74,9 @@ def test_server_args_resolution_for_dsv4():
 
     assert lines["C"] == [str(EMBEDDED_CONTEXT), str(CPU_MAX_RUNNING_REQUESTS)]
     assert lines["B"] == ["full", "2048", "3"]
+    # SGLang's DSV4 parsers by default; the user's flag wins
+    assert lines["D"] == ["deepseek-v4", "deepseekv4"]
+    assert lines["E"] == ["deepseek-r1", "deepseekv4"]
 
 
 @pytest.mark.server
