@@ -6,3 +6,5 @@ _root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 base_python=${PYTHON:-python3.11}
 command -v "$base_python" >/dev/null || base_python=python3
 venv=${DSV4_VENV:-$HOME/.cache/sglang-dsv4/venv-$(cd "$_root" && "$base_python" .ci/venv_key.py)}
+# run directly (`bash scripts/venv.sh`): print the path
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then echo "$venv"; fi

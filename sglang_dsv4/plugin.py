@@ -12,11 +12,11 @@ This is the only module that touches SGLang's registries (see docs/design/sglang
   upstream's swa / full slot ratio;
 * HookRegistry: our pool sizing, pools and allocator for DSV4 models (others fall through), no
   SGLang quantization config for DSV4 (our loader reads the released FP8 / MXFP4 format itself),
-  ``support_triton`` false for our backend on machines without CUDA, the released config keys
-  SGLang reads (``compress_ratios``) added to configs saved by HF transformers, model-name
-  resolution (``--model dsv4``) plus the CPU device default, before any Hugging Face access, and
-  token ids checked against the vocabulary in the tokenizer manager (a bad id would kill the
-  scheduler).
+  ``support_triton`` false for our backend and an unpinned grammar bitmask on machines without
+  CUDA, the released config keys SGLang reads (``compress_ratios``) added to configs saved by
+  HF transformers, model-name resolution (``--model dsv4``) plus the CPU device default, before
+  any Hugging Face access, and token ids checked against the vocabulary in the tokenizer
+  manager (a bad id would kill the scheduler).
 
 SGLang logs and swallows exceptions from plugins and would then serve the built-in DSV4 model;
 a failure here must stop the server instead, so it is re-raised as ``SystemExit``.
@@ -75,6 +75,11 @@ def _register() -> None:
             HookType.BEFORE,
         ),
         ("sglang.srt.utils.common.support_triton", _support_triton, HookType.AROUND),
+        (
+            "sglang.srt.constrained.xgrammar_backend._allocate_token_bitmask",
+            _token_bitmask,
+            HookType.AROUND,
+        ),
         (
             "sglang.srt.utils.hf_transformers.config.HfModelConfigParser.parse",
             _released_spelling,
@@ -214,6 +219,19 @@ def _released_spelling(config, *args, **kwargs):
     logger.info("DSV4: HF-transformers config spelling; derived %s", fields)
     config.update(fields)
     return config
+
+
+def _token_bitmask(original, vocab_size: int, batch_size: int):
+    """SGLang allocates the grammar token bitmask in pinned memory, which needs CUDA: on a
+    machine without it every constrained request (JSON schema, a required tool call) killed
+    the scheduler. Without CUDA the bitmask is allocated in ordinary memory."""
+    import torch
+
+    if torch.cuda.is_available():
+        return original(vocab_size, batch_size)
+    from sglang.srt.constrained import xgrammar_backend as xg
+
+    return torch.full(xg.get_bitmask_shape(batch_size, vocab_size), -1, dtype=xg.bitmask_dtype)
 
 
 def _support_triton(original, backend: str) -> bool:

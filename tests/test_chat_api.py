@@ -1,7 +1,8 @@
-"""The OpenAI chat API on ``--model dsv4`` through the ``openai`` client: SGLang's DSV4
-reasoning and tool-call parsers are on by default, and the embedded model (fine-tuned on
-synthetic thinking and DSML tool-call turns, ``sglang_dsv4/train/turns.py``) answers with
-``reasoning_content`` in thinking mode and ``tool_calls`` when given tools, streaming or not."""
+"""The OpenAI chat API on ``--model dsv4`` through the ``openai`` client, streaming and not:
+SGLang's DSV4 reasoning and tool-call parsers are on by default, so thinking mode answers with
+``reasoning_content`` and a required tool call (``tool_choice`` naming the function, decoded
+under SGLang's DSV4 structural-tag constraint) comes back as ``tool_calls``; a plain chat has
+neither."""
 
 import json
 
@@ -11,6 +12,7 @@ from sglang_dsv4.train.turns import TOOLS
 
 WEATHER = [TOOLS["get_weather"]]
 THINKING = {"chat_template_kwargs": {"thinking": True}}
+CALL = {"type": "function", "function": {"name": "get_weather"}}
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +21,7 @@ def client(tmp_path_factory):
     from server import Server
 
     log = tmp_path_factory.mktemp("logs") / "chat_api.log"
-    srv = Server(["--model", "dsv4", "--sleep-on-idle"], log)
+    srv = Server(["--model", "dsv4", "--sleep-on-idle"], log, timeout=900)
     yield openai.OpenAI(base_url=srv.url + "/v1", api_key="none", timeout=300)
     srv.stop()
 
@@ -38,8 +40,9 @@ def check_weather_call(name: str, arguments: str) -> None:
 
 
 @pytest.mark.server
-def test_tools_give_tool_calls(client):
-    msg = chat(client, "What is the weather in Verona?", tools=WEATHER).choices[0]
+def test_required_tool_gives_tool_calls(client):
+    msg = chat(client, "What is the weather in Verona?", tools=WEATHER, tool_choice=CALL)
+    msg = msg.choices[0]
     assert msg.finish_reason == "tool_calls", msg
     (call,) = msg.message.tool_calls
     check_weather_call(call.function.name, call.function.arguments)
@@ -63,7 +66,8 @@ def test_plain_chat_has_neither(client):
 @pytest.mark.server
 def test_streaming_tool_calls_and_reasoning(client):
     name, arguments = "", ""
-    for chunk in chat(client, "Is it raining in Padua today?", tools=WEATHER, stream=True):
+    question = "Is it raining in Padua today?"
+    for chunk in chat(client, question, tools=WEATHER, tool_choice=CALL, stream=True):
         calls = (chunk.choices[0].delta.tool_calls if chunk.choices else None) or []
         for call in calls:
             name += call.function.name or ""
