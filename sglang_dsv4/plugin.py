@@ -12,11 +12,11 @@ This is the only module that touches SGLang's registries (see docs/design/sglang
   upstream's swa / full slot ratio;
 * HookRegistry: our pool sizing, pools and allocator for DSV4 models (others fall through), no
   SGLang quantization config for DSV4 (our loader reads the released FP8 / MXFP4 format itself),
-  ``support_triton`` false for our backend and an unpinned grammar bitmask on machines without
-  CUDA, the released config keys SGLang reads (``compress_ratios``) added to configs saved by
-  HF transformers, model-name resolution (``--model dsv4``) plus the CPU device default, before
-  any Hugging Face access, and token ids checked against the vocabulary in the tokenizer
-  manager (a bad id would kill the scheduler).
+  ``support_triton`` false for our backend and the grammar bitmask (constrained decoding)
+  allocated and applied on CPU on machines without CUDA, the released config keys SGLang reads
+  (``compress_ratios``) added to configs saved by HF transformers, model-name resolution
+  (``--model dsv4``) plus the CPU device default, before any Hugging Face access, and token ids
+  checked against the vocabulary in the tokenizer manager (a bad id would kill the scheduler).
 
 SGLang logs and swallows exceptions from plugins and would then serve the built-in DSV4 model;
 a failure here must stop the server instead, so it is re-raised as ``SystemExit``.
@@ -78,6 +78,11 @@ def _register() -> None:
         (
             "sglang.srt.constrained.xgrammar_backend._allocate_token_bitmask",
             _token_bitmask,
+            HookType.AROUND,
+        ),
+        (
+            "sglang.srt.constrained.xgrammar_backend.XGrammarGrammar.apply_vocab_mask",
+            _apply_token_bitmask,
             HookType.AROUND,
         ),
         (
@@ -232,6 +237,20 @@ def _token_bitmask(original, vocab_size: int, batch_size: int):
     from sglang.srt.constrained import xgrammar_backend as xg
 
     return torch.full(xg.get_bitmask_shape(batch_size, vocab_size), -1, dtype=xg.bitmask_dtype)
+
+
+def _apply_token_bitmask(original, self, logits, vocab_mask) -> None:
+    """SGLang applies the grammar bitmask on GPUs / NPUs only and raises for CPU logits (which
+    killed the scheduler): on CPU, tokens whose bit is 0 get -inf."""
+    if logits.device.type != "cpu":
+        return original(self, logits, vocab_mask)
+    import torch
+
+    shifts = torch.arange(32, dtype=torch.int32)
+    bits = (vocab_mask.unsqueeze(-1) >> shifts) & 1  # [B, words, 32]
+    allowed = bits.flatten(1)[:, : logits.shape[-1]].bool()  # [B, V]
+    logits.masked_fill_(~allowed[: logits.shape[0]], float("-inf"))
+    return None
 
 
 def _support_triton(original, backend: str) -> bool:

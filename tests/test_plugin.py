@@ -102,3 +102,28 @@ def test_hf_saved_checkpoint_serves_hf_logprobs(hf_model, tmp_path):
     finally:
         srv.stop()
     assert_served_equals_hf(hf_model, prompts, outs)
+
+
+def test_grammar_bitmask_on_cpu_equals_xgrammars():
+    """Constrained decoding on CPU: our bitmask application (SGLang raises for CPU logits)
+    masks exactly the tokens xgrammar's own kernel masks, in fp32 and bf16, odd vocab size."""
+    import torch
+    import xgrammar
+
+    from sglang_dsv4.plugin import _apply_token_bitmask
+
+    g = torch.Generator().manual_seed(0)
+    vocab, batch = 70, 3
+    shape = xgrammar.get_bitmask_shape(batch, vocab)
+    mask = torch.randint(-(2**31), 2**31 - 1, shape, dtype=torch.int32, generator=g)
+    logits = torch.randn(batch, vocab, generator=g)
+    want = logits.clone()
+    xgrammar.apply_token_bitmask_inplace(want, mask)
+    assert 0 < torch.isinf(want).sum() < want.numel()
+    for dtype in (torch.float32, torch.bfloat16):
+        got = logits.to(dtype)
+        _apply_token_bitmask(None, None, got, mask)
+        assert torch.equal(torch.isinf(got), torch.isinf(want))
+        assert torch.equal(
+            got[~torch.isinf(got)].float(), want[~torch.isinf(want)].to(dtype).float()
+        )
