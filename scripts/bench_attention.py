@@ -4,6 +4,11 @@ On the GPU machine (sgl_kernel from the wheelhouse for FlashMLA):
 
     python scripts/bench_attention.py --out $OUT          # sweep, table, $OUT/bench_attention.json
     python scripts/bench_attention.py --plot J.json P.png  # roofline from a saved JSON (no GPU)
+    python scripts/bench_attention.py --pages ours --quick --out $OUT  # the decode choice table
+
+``--pages ours`` lays the caches out as our pools do (SWA pages of 128 rows, c4 32, c128 1:
+``mem.pools``) instead of SGLang's, and prints the rows of ``attention/choice.py``'s ``MEASURED``
+table (paste them there); ``--quick`` skips the tile / split sweeps (default ``TileConfig``).
 
 Cases: CSA (SWA window 128 + c4 top-k 512 Flash / 1024 Pro) and HCA (window + every c128 entry),
 batch {1, 32, 128} x context {4K, 32K, 128K}, HCA also 1M at batch 1. Caches are FlashMLA pages
@@ -221,24 +226,26 @@ HEADER = (
 )
 
 
-def bench(args) -> None:
-    dev = torch.device("cuda")
-    props = torch.cuda.get_device_properties(dev)
-    l2 = props.L2_cache_size
-    try:
-        import sgl_kernel.flash_mla  # noqa: F401
+def use_our_pages() -> None:
+    """Our pools' page sizes (``mem.pools``): one swa page per block, B/r entries per page."""
+    global SWA_PAGE, C4_PAGE, C128_PAGE
+    SWA_PAGE, C4_PAGE, C128_PAGE = 128, 32, 1
 
-        flashmla = True
-    except Exception as e:
-        print(f"FlashMLA unavailable: {e!r}")
-        flashmla = False
-    result = dict(
-        date=datetime.date.today().isoformat(), device=props.name, sms=props.multi_processor_count,
-        l2_bytes=l2, copy_gbps=copy_ceiling_gbps(dev), command=" ".join(sys.argv), sweep=[],
-        cases=[],
-    )  # fmt: skip
-    print(f"{props.name}: copy ceiling {result['copy_gbps']:.0f} GB/s", flush=True)
 
+def choice_rows(cases: list[dict]) -> str:
+    """``attention/choice.py`` ``MEASURED`` rows of the measured cases."""
+    lines = []
+    for r in cases:
+        if "flashmla_us" in r:
+            lines.append(
+                f'    ("{r["kind"]}", {r["heads"]}, {r["batch"]}, {r["keys"]}, '
+                f"{r['ours_us']:.1f}, {r['flashmla_us']:.1f}),"
+            )
+    return "\n".join(lines)
+
+
+def sweep(result: dict, l2: int, dev) -> dict:
+    """Tile configs and split counts of ours; the best config per model."""
     best = {}
     for model in ("flash", "pro"):
         case = Case("csa", model, 128, 32768, l2, dev)
@@ -265,6 +272,29 @@ def bench(args) -> None:
         print(f"splits {kind} {model} b{batch}: {r['splits']} splits {r['ours_us']:.1f} us")
         del case
         torch.cuda.empty_cache()
+    return best
+
+
+def bench(args) -> None:
+    if args.pages == "ours":
+        use_our_pages()
+    dev = torch.device("cuda")
+    props = torch.cuda.get_device_properties(dev)
+    l2 = props.L2_cache_size
+    try:
+        import sgl_kernel.flash_mla  # noqa: F401
+
+        flashmla = True
+    except Exception as e:
+        print(f"FlashMLA unavailable: {e!r}")
+        flashmla = False
+    result = dict(
+        date=datetime.date.today().isoformat(), device=props.name, sms=props.multi_processor_count,
+        l2_bytes=l2, copy_gbps=copy_ceiling_gbps(dev), command=" ".join(sys.argv), sweep=[],
+        cases=[], pages=[SWA_PAGE, C4_PAGE, C128_PAGE],
+    )  # fmt: skip
+    print(f"{props.name}: copy ceiling {result['copy_gbps']:.0f} GB/s", flush=True)
+    best = {m: (TileConfig(), 0.0) for m in MODELS} if args.quick else sweep(result, l2, dev)
 
     for kind in ("csa", "hca"):
         for model in ("flash", "pro"):
@@ -285,6 +315,8 @@ def bench(args) -> None:
     print(HEADER)
     for r in result["cases"]:
         print(fmt_row(r))
+    print(f"\nattention/choice.py MEASURED rows (pages {result['pages']}):")
+    print(choice_rows(result["cases"]))
 
 
 def plot(json_path: str, png_path: str) -> None:
@@ -332,6 +364,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", default=".", help="folder for bench_attention.json")
     ap.add_argument("--plot", nargs=2, metavar=("JSON", "PNG"), help="roofline from a saved JSON")
+    ap.add_argument("--pages", choices=("sglang", "ours"), default="sglang", help="cache pages")
+    ap.add_argument("--quick", action="store_true", help="no tile / split sweep")
     args = ap.parse_args()
     if args.plot:
         plot(*args.plot)

@@ -8,8 +8,9 @@ This is the only module that touches SGLang's registries (see docs/design/sglang
   built-in one, without importing SGLang's ModelRegistry (every model module);
 * attention backends: ``dsv4_plugin`` registered and added to the CLI choices;
 * a model override for ``DeepseekV4ForCausalLM`` (last writer wins over upstream's):
-  our backend, page size = block (128), bf16 KV dtype (our pools pick their own rows) and
-  upstream's swa / full slot ratio;
+  our backend, page size = block (128), the KV dtype our pools read (``--kv-cache-dtype``:
+  FP8 rows by default on the GPU, ``bfloat16`` for bf16 rows; always bf16 on CPU, where the
+  pools keep plain rows in the model dtype) and upstream's swa / full slot ratio;
 * HookRegistry: our pool sizing, pools and allocator for DSV4 models (others fall through), no
   SGLang quantization config for DSV4 (our loader reads the released FP8 / MXFP4 format itself),
   ``support_triton`` false for our backend and the grammar bitmask (constrained decoding)
@@ -56,13 +57,12 @@ def _register() -> None:
 
     @register_model_override(_ARCH)
     def _dsv4_server_args(server_args, hf_config) -> dict:
-        overrides = {
-            "attention_backend": BACKEND_NAME,
-            "page_size": 128,
-            # Our pools pick their row format from the model dtype; upstream only accepts
-            # fp8_e4m3 / bfloat16 here, and bfloat16 keeps its fp8 default out of the way.
-            "kv_cache_dtype": "bfloat16",
-        }
+        overrides = {"attention_backend": BACKEND_NAME, "page_size": 128}
+        # Upstream accepts fp8_e4m3 / bfloat16 here; mem.sizing.row_format maps it to our rows.
+        if server_args.device == "cpu" or server_args.kv_cache_dtype in ("bf16", "bfloat16"):
+            overrides["kv_cache_dtype"] = "bfloat16"
+        elif server_args.kv_cache_dtype == "auto":
+            overrides["kv_cache_dtype"] = "fp8_e4m3"
         if server_args.swa_full_tokens_ratio == type(server_args).swa_full_tokens_ratio:
             # As upstream DSV4: swa slots (raw rows of every layer) cost 6-7x a full slot.
             overrides["swa_full_tokens_ratio"] = 0.1
@@ -304,15 +304,12 @@ def _build_pool(original, self, *, sizes, is_dsa_model, is_dsv4_model, req_to_to
             is_dsv4_model=is_dsv4_model,
             req_to_token_pool=req_to_token_pool,
         )
-    from sglang_dsv4.config import DSV4Config
     from sglang_dsv4.mem.pools import DSV4KVPool
-    from sglang_dsv4.mem.schema import CacheSchema
-    from sglang_dsv4.mem.sizing import row_format
+    from sglang_dsv4.mem.sizing import schema_for
 
-    cfg = DSV4Config.from_dict(self.model_config.hf_config.to_dict())
-    fmt, row_dtype = row_format(self.model_config.dtype)
+    schema, row_dtype = schema_for(self.model_config, self.server_args, self.device)
     return DSV4KVPool(
-        CacheSchema.from_config(cfg, fmt),
+        schema,
         n_full_slots=sizes.full_max_total_num_tokens,
         n_swa_slots=sizes.swa_max_total_num_tokens,
         n_req_slots=req_to_token_pool.req_to_token.shape[0],

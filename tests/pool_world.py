@@ -4,7 +4,14 @@ from types import SimpleNamespace
 
 import torch
 
-from sglang_dsv4.attention.wrappers import CompressedInputs, IndexerInputs
+from sglang_dsv4.attention.extend_ops import extend_ops
+from sglang_dsv4.attention.wrappers import (
+    CompressedInputs,
+    CSAWrapper,
+    HCAWrapper,
+    IndexerInputs,
+    SWAWrapper,
+)
 from sglang_dsv4.config import AttnKind
 from sglang_dsv4.mem.pools import DSV4KVPool
 from sglang_dsv4.mem.schema import CacheSchema, EntryFormat
@@ -26,9 +33,9 @@ def compressor(w, layer: int, which: str) -> CompressorWeights:
 class World:
     """Pools + SGLang-shaped request bookkeeping for a handful of requests."""
 
-    def __init__(self, cfg, device: str = "cpu", dtype=torch.float32):
-        fmt = EntryFormat.FP32 if dtype == torch.float32 else EntryFormat.BF16
-        schema = CacheSchema.from_config(cfg, fmt)
+    def __init__(self, cfg, device: str = "cpu", dtype=torch.float32, fmt=None, index_fmt=None):
+        fmt = fmt or (EntryFormat.FP32 if dtype == torch.float32 else EntryFormat.BF16)
+        schema = CacheSchema.from_config(cfg, fmt, index_fmt)
         n = PAGES * BLOCK
         self.pool = DSV4KVPool(schema, n, n, len(LENGTHS), dtype, device)
         # full page p -> swa page (p * 7) % PAGES + 1: never the identity, never page 0
@@ -56,6 +63,25 @@ class World:
             req_pool_indices=torch.tensor(reqs),
             out_cache_loc=torch.cat(rows),
         )
+
+
+def wrapper(cfg, kind: AttnKind, lk=None, device="cpu", kernels: bool = False):
+    """The extend wrapper of ``kind`` with the twin ops, or the Triton kernels (``kernels``) for
+    the row formats of layer ``lk``."""
+    ops = extend_ops(
+        kind.value,
+        lk,
+        window=cfg.sliding_window,
+        n_heads=cfg.num_heads,
+        index_heads=cfg.index_n_heads,
+        topk=cfg.index_topk,
+        device=device,
+        kernels=kernels,
+        norm_eps=1e-6,
+    )
+    if kind is AttnKind.CSA:
+        return CSAWrapper(cfg.sliding_window, ops, topk=cfg.index_topk)
+    return {AttnKind.SWA: SWAWrapper, AttnKind.HCA: HCAWrapper}[kind](cfg.sliding_window, ops)
 
 
 def inputs(cfg, w, spec, n: int, gen: torch.Generator):

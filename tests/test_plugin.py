@@ -9,6 +9,9 @@ def test_running_server_uses_our_classes(tiny_server):
     assert "model=sglang_dsv4.model.deepseek_v4.DeepseekV4ForCausalLM" in line
     assert "backend=DSV4AttnBackend" in line and "pool=DSV4KVPool" in line
     assert "allocator=sglang_dsv4.mem.allocator.DSV4SWAAllocator" in line
+    # fp32 model on CPU: exact fp32 rows, decode through the torch twin
+    assert "rows=fp32 index_keys=fp32 decode=DecodeTorch" in line
+    assert "sglang-dsv4 pools: fp32 rows, fp32 indexer keys;" in tiny_server.log
     # SGLang's own radix tree, with its swa component (window-aware matching and eviction)
     assert "impl=UnifiedRadixCache hybrid_swa=True" in tiny_server.log
 
@@ -49,7 +52,7 @@ def test_server_args_resolution_for_dsv4():
         "from sglang.srt.server_args import prepare_server_args\n"
         "a = prepare_server_args(['--model', 'dsv4'])\n"
         "print('A', a.model_path, a.served_model_name, a.device, a.attention_backend, a.page_size,"
-        " a.cuda_graph_config.decode.backend)\n"
+        " a.cuda_graph_config.decode.backend, a.kv_cache_dtype)\n"
         "b = prepare_server_args(['--model', 'dsv4', '--cuda-graph-backend-decode', 'full',"
         " '--context-length', '2048', '--max-running-requests', '3'])\n"
         "print('B', b.cuda_graph_config.decode.backend, b.context_length, b.max_running_requests)\n"
@@ -65,9 +68,10 @@ def test_server_args_resolution_for_dsv4():
         if ln[:2] in ("A ", "B ", "C ", "D ", "E ")
     }
     assert "A" in lines, out.stderr[-3000:]
-    path, served, device, backend, page, decode = lines["A"]
+    path, served, device, backend, page, decode, kv_dtype = lines["A"]
     assert path.endswith("models/dsv4-tiny") and served == "dsv4"
     assert (device, backend, page, decode) == ("cpu", "dsv4_plugin", "128", "disabled")
+    assert kv_dtype == "bfloat16"  # CPU pools keep plain rows (mem.sizing.row_format)
     # CPU: the embedded model's trained context and a few requests, unless the user says
     from sglang_dsv4.embedded import EMBEDDED_CONTEXT
     from sglang_dsv4.mem.sizing import CPU_MAX_RUNNING_REQUESTS

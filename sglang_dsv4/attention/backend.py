@@ -6,9 +6,12 @@ shape device work in ``init_forward_metadata_in_graph`` (recorded into the graph
 
 * extend batches: the host builds the batch plan and hands it to one wrapper per layer kind
   (``plan()``), whose ``run()`` the layers call;
-* decode batches: the device builds :class:`DecodeMeta` (``attention.decode``) from SGLang's
-  graph-static buffers, and every layer runs ``decode_attention``; this is what a captured
-  decode graph replays.
+* decode batches: the host plans the step's kernels once (``decode_ops.plan``, kept per captured
+  graph size), the device builds :class:`DecodeMeta` (``attention.decode``) from SGLang's
+  graph-static buffers and advances the tails' progress (``pool.tail_pos``), and every layer
+  runs ``decode_ops.run``; this is what a captured decode graph replays. The decode ops are
+  chosen once here: GPU kernels (``attention.decode_kernels``) for FP8 / bf16 rows on the GPU,
+  the torch twin (``attention.decode.DecodeTorch``) otherwise.
 
 Layers call :meth:`DSV4AttnBackend.run`, which picks one of the two per batch (a host decision
 made once per forward, not per tensor value).
@@ -19,11 +22,13 @@ import logging
 import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
-from sglang_dsv4.attention.decode import DecodeMeta, build_decode_meta, decode_attention
+from sglang_dsv4.attention.decode import DecodeMeta, KVNorm, build_decode_meta, decode_ops
+from sglang_dsv4.attention.extend_ops import extend_ops
 from sglang_dsv4.attention.plan import BatchPlan, plan_batch
 from sglang_dsv4.attention.wrappers import CSAWrapper, HCAWrapper, SWAWrapper
 from sglang_dsv4.config import AttnKind
 from sglang_dsv4.mem.pools import DSV4KVPool
+from sglang_dsv4.mem.schema import EntryFormat
 
 __all__ = ["BACKEND_NAME", "DSV4AttnBackend"]
 
@@ -45,57 +50,81 @@ class DSV4AttnBackend(AttentionBackend):
         window = pool.schema.sliding_window
         cfg = model_runner.model.cfg
         self._heads, self._index_topk = cfg.num_heads, cfg.index_topk
-        self._use_kernels = pool.device != "cpu" and pool.dtype == torch.bfloat16
+        self._use_kernels = pool.device != "cpu" and pool.schema.fmt is not EntryFormat.FP32
+
+        def ops(kind: AttnKind):
+            return extend_ops(
+                kind.value,
+                _first_layer(pool, kind),
+                window=window,
+                n_heads=cfg.num_heads,
+                index_heads=cfg.index_n_heads,
+                topk=cfg.index_topk,
+                device=pool.device,
+                kernels=self._use_kernels,
+                norm_eps=cfg.norm_eps,
+            )
+
         self.wrappers = {
-            AttnKind.SWA: SWAWrapper(window, self._new_kernel()),
-            AttnKind.CSA: CSAWrapper(window, self._new_kernel(), topk=cfg.index_topk),
-            AttnKind.HCA: HCAWrapper(window, self._new_kernel()),
+            AttnKind.SWA: SWAWrapper(window, ops(AttnKind.SWA)),
+            AttnKind.CSA: CSAWrapper(window, ops(AttnKind.CSA), topk=cfg.index_topk),
+            AttnKind.HCA: HCAWrapper(window, ops(AttnKind.HCA)),
         }
+        self.decode_ops = decode_ops(
+            pool, cfg.num_heads, cfg.index_topk, cfg.index_n_heads, kernels=self._use_kernels
+        )
         self.plan: BatchPlan | None = None
         self.decode_meta: DecodeMeta | None = None
+        self.decode_plan = None  # the step's planned decode kernels
         self._decode_pages = 0  # pages per request in the decode metadata
         self._graph_pages = 0  # ... fixed for captured graphs (the context length)
         self._graph_bs = 0
-        self.decode_kernels: dict = {}  # AttnKind -> planned SparseMQA (GPU, bf16 rows)
-        self._graph_kernels: dict[int, dict] = {}
+        self._graph_plans: dict = {}  # graph batch size -> its decode plan (kept alive)
         self._context_len = model_runner.model_config.context_len
         allocator = model_runner.token_to_kv_pool_allocator
         model = model_runner.model
         # One line that says which classes serve (the plugin test reads it from the server log).
         logger.info(
-            "sglang-dsv4 active: model=%s.%s backend=%s pool=%s allocator=%s.%s",
+            "sglang-dsv4 active: model=%s.%s backend=%s pool=%s allocator=%s.%s rows=%s "
+            "index_keys=%s decode=%s",
             type(model).__module__,
             type(model).__name__,
             type(self).__name__,
             type(pool).__name__,
             type(allocator).__module__,
             type(allocator).__name__,
+            pool.schema.fmt.value,
+            pool.schema.index_fmt.value,
+            type(self.decode_ops).__name__,
         )
 
     def init_forward_metadata(self, forward_batch) -> None:
-        self.init_forward_metadata_out_graph(forward_batch)
+        """An eager forward (SGLang's model runner): plan for this batch, never a graph's."""
+        self._prepare(forward_batch, in_capture=False, replay=False)
         self.init_forward_metadata_in_graph(forward_batch)
 
     def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False) -> None:
+        """SGLang's graph runner: before a capture, or before a replay (the graph's batch size)."""
+        self._prepare(forward_batch, in_capture, replay=not in_capture)
+
+    def _prepare(self, forward_batch, in_capture: bool, replay: bool) -> None:
         fb = forward_batch
         self.plan = self.decode_meta = None
         if fb.forward_mode.is_idle():
             return
         if fb.forward_mode.is_decode():
             bs = fb.seq_lens_cpu.numel()
-            replay = not in_capture and self._graph_pages and bs <= self._graph_bs
-            if not in_capture:
-                self._note_decode(fb)
+            replay = replay and bool(self._graph_pages)
             if in_capture or replay:
                 self._decode_pages = self._graph_pages
             else:
                 self._decode_pages = -(-int(fb.seq_lens_cpu.max()) // self._block)
             if in_capture:  # the captured graph keeps these buffers: one plan per graph size
-                self.decode_kernels = self._graph_kernels[bs] = self._plan_kernels(bs)
-            elif replay:
-                self.decode_kernels = self._graph_kernels.get(bs, {})
+                self.decode_plan = self._graph_plans[bs] = self._plan_decode(bs)
+            elif replay:  # the graph replays its own plan; run() is not called
+                self.decode_plan = self._graph_plans.get(bs)
             else:
-                self.decode_kernels = self._plan_kernels(bs)
+                self.decode_plan = self._plan_decode(bs)
             return
         self.plan = plan_batch(fb, self.token_to_kv_pool, self.req_to_token_pool)
         for wrapper in self.wrappers.values():
@@ -117,40 +146,15 @@ class DSV4AttnBackend(AttentionBackend):
             self._block,
             self._decode_pages,
         )
+        # Tail progress stays on the device (no host sync per step); extend plans read it.
+        pool.tail_pos[self.decode_meta.tail_rows] = self.decode_meta.positions + 1
 
-    def _new_kernel(self):
-        """A sparse MQA kernel over bf16 rows (GPU), or None: the ``ref`` math runs."""
-        if not self._use_kernels:
-            return None
-        from sglang_dsv4.kernels.attention import SparseMQA
-
-        pool = self.token_to_kv_pool
-        return SparseMQA(self._heads, pool.schema.head_dim, kv_fp8=False, device=pool.device)
-
-    def _plan_kernels(self, bs: int) -> dict:
-        """Sparse MQA plans of a decode batch: every kind attends its ``swa_window``; c128 adds
-        every entry of ``pages`` blocks, c4 its top-k."""
-        if not self._use_kernels:
-            return {}
-        schema = self.token_to_kv_pool.schema
-        window, pages = schema.sliding_window, self._decode_pages
-        extra = {AttnKind.SWA: 0, AttnKind.HCA: pages, AttnKind.CSA: 0}
-        csa = schema.layers_of(AttnKind.CSA)
-        if csa:
-            extra[AttnKind.CSA] = min(self._index_topk, pages * csa[0].entries_per_block)
-        plans = {}
-        for kind, extra_topk in extra.items():
-            plans[kind] = self._new_kernel()
-            plans[kind].plan(bs, window, extra_topk)
-        return plans
-
-    def _note_decode(self, fb) -> None:
-        """Host bookkeeping of tail progress (an extend of the same owner may follow in mixed
-        batches); decode never changes a tail's owner."""
-        pool = self.token_to_kv_pool
-        slots = fb.req_pool_indices.tolist()
-        for slot, seq_len in zip(slots, fb.seq_lens_cpu.tolist(), strict=True):
-            pool.tail_pos[slot] = int(seq_len)
+    def _plan_decode(self, bs: int):
+        plan = self.decode_ops.plan(bs, self._decode_pages)
+        choice = getattr(plan, "choice", None)
+        if choice:
+            logger.debug("dsv4 decode bs=%d pages=%d attention %s", bs, self._decode_pages, choice)
+        return plan
 
     @property
     def _block(self) -> int:
@@ -164,15 +168,37 @@ class DSV4AttnBackend(AttentionBackend):
     def get_cuda_graph_seq_len_fill_value(self) -> int:
         return 1
 
-    def run(self, kind: AttnKind, lk, q, kv, sink, scale: float, comp=None) -> torch.Tensor:
-        """One layer's attention over this batch (``q`` [T, H, D], ``kv`` [T, D])."""
+    def on_after_cuda_graph_warmup(self) -> None:
+        """SGLang runs a graph's forward once eagerly, calls this, then captures."""
+        if self.decode_plan is not None:
+            self.decode_ops.after_warmup(self.decode_plan)
+
+    def run(
+        self,
+        kind: AttnKind,
+        lk,
+        q,
+        kv,
+        sink,
+        scale: float,
+        comp=None,
+        kv_norm: KVNorm | None = None,
+    ) -> torch.Tensor:
+        """One layer's attention over this batch (``q`` [T, H, D], ``kv`` [T, D]: the raw
+        ``wkv(x)`` with ``kv_norm``, which the KV store then applies, else normed and roped)."""
         if self.decode_meta is not None:
-            kernel = self.decode_kernels.get(kind)
-            return decode_attention(lk, self.decode_meta, q, kv, sink, scale, comp, kernel)
-        return self.wrappers[kind].run(lk, q, kv, sink, scale, comp)
+            meta, plan = self.decode_meta, self.decode_plan
+            return self.decode_ops.run(plan, kind, lk, meta, q, kv, sink, scale, comp, kv_norm)
+        return self.wrappers[kind].run(lk, q, kv, sink, scale, comp, kv_norm)
 
     def forward(self, *args, **kwargs):
         raise RuntimeError(
             f"{BACKEND_NAME} is driven by the DSV4 model's layers through its wrappers; "
             "RadixAttention layers cannot use it"
         )
+
+
+def _first_layer(pool: DSV4KVPool, kind: AttnKind):
+    """A layer of ``kind`` (its row formats are the kind's), or None if the model has none."""
+    layers = pool.schema.layers_of(kind)
+    return pool.layer(layers[0].layer) if layers else None

@@ -11,20 +11,29 @@ its compressor tail must be obtained:
              from the ``boundary`` rows kept with the swa page of token ``P-1``, everything else
              is empty
 
-A tail is the request's own iff the slot's recorded owner generation and position match.
+A tail is the request's own iff the slot's recorded owner generation and position match. The
+position lives on the device (``pool.tail_pos``: decode graphs advance it); it is read here once
+per batch, one small copy, never per decode step.
+
+For the batched kernels an extend plan also carries :class:`BatchTables`: the same facts as
+device tensors (one row per request or per token), built once per batch.
 """
 
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["BatchPlan", "RequestPlan", "TailMode", "plan_batch"]
+__all__ = ["BatchPlan", "BatchTables", "RequestPlan", "TailMode", "plan_batch"]
 
 
 class TailMode:
     KEEP = "keep"
     FRESH = "fresh"
     REBUILD = "rebuild"
+
+
+# the int codes of ``kernels.compressor`` (TAIL_KEEP / TAIL_FRESH / TAIL_REBUILD)
+_MODE_CODE = {TailMode.KEEP: 0, TailMode.FRESH: 1, TailMode.REBUILD: 2}
 
 
 @dataclass(frozen=True)
@@ -47,10 +56,32 @@ class RequestPlan:
 
 
 @dataclass(frozen=True)
+class BatchTables:
+    """Device tensors of an extend batch of ``B`` requests and ``T`` new tokens."""
+
+    req_slots: torch.Tensor  # [B] int32 tail rows (req_pool_idx)
+    prefix: torch.Tensor  # [B] int32 P
+    cu_seqlens: torch.Tensor  # [B+1] int32 token offsets of the requests in the batch
+    tail_mode: torch.Tensor  # [B] int32 compressor tail mode code (c4)
+    tail_mode_c128: torch.Tensor  # [B] int32 the same with REBUILD -> FRESH (no boundary)
+    rebuild_page: torch.Tensor  # [B] int32 swa page of token P-1 (REBUILD), else -1
+    block_table: torch.Tensor  # [B, n_blocks] int32 full page of each block
+    boundary_table: torch.Tensor  # [B, n_blocks] int32 swa page of a block's last token where
+    # that block end lies in (P, S] (its c4 state is kept there), else 0 (the dummy page)
+    query_req: torch.Tensor  # [T] int32 request of each new token
+    positions: torch.Tensor  # [T] int64 position of each new token
+
+    @property
+    def max_blocks(self) -> int:
+        return self.block_table.shape[1]
+
+
+@dataclass(frozen=True)
 class BatchPlan:
     requests: tuple[RequestPlan, ...]
     out_loc: torch.Tensor  # [T] full slots of the new tokens, in batch order
     out_loc_swa: torch.Tensor  # [T] their swa slots
+    tables: BatchTables | None = None  # extend batches
 
 
 def plan_batch(forward_batch, pool, req_to_token_pool) -> BatchPlan:
@@ -65,10 +96,12 @@ def plan_batch(forward_batch, pool, req_to_token_pool) -> BatchPlan:
     generations = req_to_token_pool.req_generation
     block, window = pool.schema.block_size, pool.schema.sliding_window
     to_swa = pool.translate_loc_from_full_to_swa
+    slots_dev = torch.tensor(req_slots, dtype=torch.long, device=pool.tail_pos.device)
+    tail_pos = pool.tail_pos[slots_dev].tolist()
     requests, start = [], 0
-    for slot, prefix, seq_len in zip(req_slots, prefix_lens, seq_lens, strict=True):
+    for slot, pos, prefix, seq_len in zip(req_slots, tail_pos, prefix_lens, seq_lens, strict=True):
         gen = int(generations[slot])
-        if pool.tail_owner[slot] == gen and pool.tail_pos[slot] == prefix:
+        if pool.tail_owner[slot] == gen and pos == prefix:
             mode = TailMode.KEEP
         elif prefix == 0:
             mode = TailMode.FRESH
@@ -77,7 +110,7 @@ def plan_batch(forward_batch, pool, req_to_token_pool) -> BatchPlan:
         else:
             raise RuntimeError(
                 f"request slot {slot}: prefix {prefix} is neither this request's own progress "
-                f"({pool.tail_pos[slot]}) nor a block boundary; its compressor state is lost"
+                f"({pos}) nor a block boundary; its compressor state is lost"
             )
         n = seq_len - prefix
         slots = req_to_token_pool.req_to_token[slot, :seq_len].long()
@@ -108,7 +141,55 @@ def plan_batch(forward_batch, pool, req_to_token_pool) -> BatchPlan:
                 block_ends,
             )
         )
-        pool.tail_owner[slot], pool.tail_pos[slot] = gen, seq_len
+        pool.tail_owner[slot] = gen
         start += n
+    pool.tail_pos[slots_dev] = torch.tensor(seq_lens, device=slots_dev.device)
     out_loc = fb.out_cache_loc.long()
-    return BatchPlan(tuple(requests), out_loc, to_swa(out_loc))
+    tables = None if fb.forward_mode.is_decode() else _tables(requests, pool, req_to_token_pool)
+    return BatchPlan(tuple(requests), out_loc, to_swa(out_loc), tables)
+
+
+def _tables(requests: list[RequestPlan], pool, req_to_token_pool) -> BatchTables:
+    """The device tables of an extend batch: host ints copied once, page tables gathered on the
+    device from ``req_to_token`` (one gather each)."""
+    block = pool.schema.block_size
+    rtt = req_to_token_pool.req_to_token
+    device = rtt.device
+    lens = [r.seq_len - r.prefix for r in requests]
+    cu = torch.tensor([0, *lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    modes = [_MODE_CODE[r.tail] for r in requests]
+    host = torch.tensor(
+        [
+            [r.req_slot for r in requests],
+            [r.prefix for r in requests],
+            [r.seq_len for r in requests],
+            modes,
+            [_MODE_CODE[TailMode.FRESH] if m == 2 else m for m in modes],
+            [r.rebuild_page for r in requests],
+        ],
+        dtype=torch.int32,
+    ).to(device)
+    slots, prefix, seq = host[0], host[1], host[2]
+    n_blocks = max(1, -(-max((r.seq_len for r in requests), default=1) // block))
+    starts = torch.arange(n_blocks, device=device) * block  # [n_blocks]
+    cols = starts.clamp(max=rtt.shape[1] - 1).unsqueeze(0)
+    rows = slots.long().unsqueeze(1)
+    block_table = (rtt[rows, cols].long() // block).int()  # [B, n_blocks]
+    ends = starts + block  # block ends, kept when P < end <= S
+    last = rtt[rows, (ends - 1).clamp(max=rtt.shape[1] - 1).unsqueeze(0)].long()
+    kept = (ends.unsqueeze(0) > prefix.unsqueeze(1)) & (ends.unsqueeze(0) <= seq.unsqueeze(1))
+    swa_page = pool.translate_loc_from_full_to_swa(torch.where(kept, last, 0)) // block
+    positions = torch.cat([torch.arange(r.prefix, r.seq_len) for r in requests])
+    query_req = torch.repeat_interleave(torch.arange(len(requests)), torch.tensor(lens))
+    return BatchTables(
+        req_slots=slots,
+        prefix=prefix,
+        cu_seqlens=cu.to(device),
+        tail_mode=host[3],
+        tail_mode_c128=host[4],
+        rebuild_page=host[5],
+        block_table=block_table,
+        boundary_table=torch.where(kept, swa_page, 0).int(),
+        query_req=query_req.int().to(device),
+        positions=positions.to(device),
+    )

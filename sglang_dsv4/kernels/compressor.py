@@ -24,7 +24,9 @@ needs no host branch and is CUDA-graph capturable. Only tail slots that change a
 
 Optional per-request ``tail_mode`` (0 keep, 1 fresh = empty, 2 rebuild = the c4 a-halves of the
 ``boundary`` rows of ``rebuild_page``), and ``boundary`` output: at every completed window that
-ends a block, its a-halves [r, D] (kv, score with ape) go to ``boundary[page]`` (c4).
+ends a block, its a-halves [r, D] (kv, score with ape) go to ``boundary[page]`` (c4), ``page``
+read from ``boundary_table`` (same shape as the block table, -1 = do not keep; default: the
+block table itself).
 """
 
 from collections.abc import Sequence
@@ -100,7 +102,7 @@ def _load_slots(
     return tl.where(m_new, kv, tkv), tl.where(m_new, sc, tsc)
 
 
-@triton.jit(do_not_specialize=["bt_stride"])
+@triton.jit(do_not_specialize=["bt_stride", "bnd_bt_stride"])
 def _flush_kernel(
     kv_ptr,
     score_ptr,
@@ -119,6 +121,8 @@ def _flush_kernel(
     bnd_score_ptr,
     bt_ptr,
     bt_stride,
+    bnd_bt_ptr,
+    bnd_bt_stride,
     out_ptr,
     eps,
     R: tl.constexpr,
@@ -198,15 +202,18 @@ def _flush_kernel(
             store_index_keys(out_ptr, row, ok, y, 1, D, OUT == 4, RPP)
         if HAS_BOUNDARY:  # noqa: SIM102 (a constexpr test cannot join a run-time one)
             if ((w + 1) * R) % BLOCK == 0:  # this window ends a block: keep its a-halves
-                j = tl.arange(0, R)
-                ch = cols[None, :] + 0 * j[:, None]
+                bpage = tl.load(bnd_bt_ptr + b * bnd_bt_stride + (w * R) // BLOCK).to(tl.int64)
+                # new names: Triton refuses to rebind the pooling loop's j / ch to other shapes
+                jb = tl.arange(0, R)
+                chb = cols[None, :] + 0 * jb[:, None]
                 akv, asc = _load_slots(
-                    w * R + j, ch, kv_ptr, score_ptr, in_stride, ape_ptr, tkv_ptr, tsc_ptr,
+                    w * R + jb, chb, kv_ptr, score_ptr, in_stride, ape_ptr, tkv_ptr, tsc_ptr,
                     bkv_ptr, bsc_ptr, P, n, start, state_base, mode, R, C, D, HAS_MODE,
                 )  # fmt: skip
-                boff = page * (R * D) + j[:, None] * D + cols[None, :]
-                tl.store(bnd_kv_ptr + boff, akv)
-                tl.store(bnd_score_ptr + boff, asc)
+                boff = tl.maximum(bpage, 0) * (R * D) + jb[:, None] * D + cols[None, :]
+                keep = (bpage >= 0) & (chb >= 0)  # [R, D]
+                tl.store(bnd_kv_ptr + boff, akv, keep)
+                tl.store(bnd_score_ptr + boff, asc, keep)
 
     if g == 0:
         tl.debug_barrier()  # this program's entries read the tail it now rewrites
@@ -308,6 +315,7 @@ class CompressorFlush:
         tail_mode: torch.Tensor | None = None,
         rebuild_page: torch.Tensor | None = None,
         boundary: tuple[torch.Tensor, torch.Tensor] | None = None,
+        boundary_table: torch.Tensor | None = None,
     ) -> None:
         """Flush the batch's compressor.
 
@@ -319,7 +327,8 @@ class CompressorFlush:
         ``block_size`` tokens); ``out``: the entry cache (uint8 for FP8 rows / indexer keys, else
         bf16 / fp32 rows [n_rows, D]), written at the entries' rows. ``tail_mode`` /
         ``rebuild_page`` [B] int32 and ``boundary`` = (kv, score) [n_blocks, r, D] fp32 (state,
-        updated) are optional (see module docstring).
+        updated) are optional (see module docstring); ``boundary_table`` [B, max_blocks] int32
+        names the boundary page of each block (-1 = none; default ``block_table``).
         """
         if self._grid is None:
             raise RuntimeError("plan() before run()")
@@ -332,6 +341,7 @@ class CompressorFlush:
         if has_mode and rebuild_page is None:
             raise ValueError("tail_mode needs rebuild_page")
         bkv, bsc = boundary if boundary is not None else (tail_kv, tail_score)
+        bnd_table = block_table if boundary_table is None else boundary_table
         _flush_kernel[self._grid](
             kv,
             score,
@@ -350,6 +360,8 @@ class CompressorFlush:
             bsc,
             block_table,
             block_table.stride(0),
+            bnd_table,
+            bnd_table.stride(0),
             out,
             self.norm_eps,
             R=self.ratio,

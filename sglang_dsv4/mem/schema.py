@@ -17,10 +17,14 @@ place in a block, an ``swa`` slot holds its raw row). The c4 compressor state at
 (``boundary``) is kept with the ``swa`` page of the block's last token: a block end is only a
 valid prefix-hit point while that page is resident anyway. Tails are kv + score in fp32.
 
-Byte sizes follow the entry format: ``fp8`` is the layout FlashMLA's DSV4 kernels read, one
-584-byte record per KV row (``[0, 448)`` e4m3 nope channels, ``[448, 576)`` bf16 RoPE channels,
-``[576, 583)`` one UE8M0 scale per 64 nope channels, 1 pad byte) and 132-byte indexer keys (128
-e4m3 + one fp32 scale); ``bf16`` / ``fp32`` store plain rows (the CPU path).
+Formats (``fmt`` for raw rows and entries, ``index_fmt`` for indexer keys): ``fp8`` is the layout
+FlashMLA's DSV4 kernels read, one 584-byte record per KV row (``[0, 448)`` e4m3 nope channels,
+``[448, 576)`` bf16 RoPE channels, ``[576, 583)`` one UE8M0 scale per 64 nope channels, 1 pad
+byte), stored in FlashMLA pages (``kernels.kv_store.FP8RowLayout.paged``: a page's rows' 576 data
+bytes, then their 8 scale bytes, padded to a multiple of 576), and 132-byte indexer keys (128 e4m3
++ one fp32 scale, ``IndexKeyLayout``); ``bf16`` / ``fp32`` store plain rows (``bf16`` rows keep
+FP8 indexer keys on the GPU: the indexer kernel reads FP8 keys only). Pool sizing counts the page
+bytes actually allocated (``*_page_bytes``); ``block_bytes`` counts logical row bytes.
 """
 
 import enum
@@ -28,6 +32,7 @@ import math
 from dataclasses import dataclass
 
 from sglang_dsv4.config import AttnKind, DSV4Config
+from sglang_dsv4.kernels.kv_store import FP8RowLayout, IndexKeyLayout
 from sglang_dsv4.ref.kv_layout import fp8_row_bytes
 
 __all__ = ["CacheSchema", "EntryFormat", "LayerCacheSpec"]
@@ -47,6 +52,17 @@ class EntryFormat(enum.Enum):
         if self is EntryFormat.FP8:
             return index_head_dim + 4
         return index_head_dim * (2 if self is EntryFormat.BF16 else 4)
+
+    def kv_page_bytes(self, rows: int, head_dim: int, rope_dim: int) -> int:
+        """Bytes of a page of ``rows`` KV rows (FP8: FlashMLA's padded page)."""
+        if self is EntryFormat.FP8:
+            return FP8RowLayout.paged(rows, head_dim, rope_dim).page_bytes
+        return rows * self.kv_row_bytes(head_dim, rope_dim)
+
+    def index_page_bytes(self, rows: int, index_head_dim: int) -> int:
+        if self is EntryFormat.FP8:
+            return IndexKeyLayout("fp8", rows, index_head_dim).page_bytes
+        return rows * self.index_key_bytes(index_head_dim)
 
 
 @dataclass(frozen=True)
@@ -68,9 +84,19 @@ class CacheSchema:
     index_head_dim: int
     fmt: EntryFormat
     layers: tuple[LayerCacheSpec, ...]
+    index_fmt: EntryFormat | None = None  # None: same as ``fmt``
+
+    def __post_init__(self):
+        if self.index_fmt is None:
+            object.__setattr__(self, "index_fmt", self.fmt)
 
     @classmethod
-    def from_config(cls, cfg: DSV4Config, fmt: EntryFormat = EntryFormat.FP8) -> "CacheSchema":
+    def from_config(
+        cls,
+        cfg: DSV4Config,
+        fmt: EntryFormat = EntryFormat.FP8,
+        index_fmt: EntryFormat | None = None,
+    ) -> "CacheSchema":
         block = cfg.block_size
         if block % cfg.sliding_window:
             raise ValueError(f"block {block} must hold whole windows of {cfg.sliding_window}")
@@ -98,6 +124,7 @@ class CacheSchema:
             index_head_dim=cfg.index_head_dim,
             fmt=fmt,
             layers=tuple(layers),
+            index_fmt=index_fmt,
         )
 
     @property
@@ -106,7 +133,20 @@ class CacheSchema:
 
     @property
     def index_key_bytes(self) -> int:
-        return self.fmt.index_key_bytes(self.index_head_dim)
+        return self.index_fmt.index_key_bytes(self.index_head_dim)
+
+    @property
+    def raw_page_bytes(self) -> int:
+        """One swa page (``block_size`` raw rows) of one layer."""
+        return self.fmt.kv_page_bytes(self.block_size, self.head_dim, self.rope_dim)
+
+    def entry_page_bytes(self, lc: LayerCacheSpec) -> int:
+        """One full page's entries (``B/r`` rows) of a compressed layer."""
+        return self.fmt.kv_page_bytes(lc.entries_per_block, self.head_dim, self.rope_dim)
+
+    def index_page_bytes(self, lc: LayerCacheSpec) -> int:
+        """One full page's indexer keys (``B/4`` rows) of a c4 layer."""
+        return self.index_fmt.index_page_bytes(lc.index_keys_per_block, self.index_head_dim)
 
     @property
     def block_bytes(self) -> int:
@@ -129,13 +169,18 @@ class CacheSchema:
 
     @property
     def full_bytes_per_token(self) -> float:
-        """A full slot's share of its block's entries and indexer keys."""
-        return self.block_bytes / self.block_size
+        """A full slot's share of its block's entry and indexer-key pages (as allocated)."""
+        page = sum(
+            (self.entry_page_bytes(lc) if lc.entries_per_block else 0)
+            + (self.index_page_bytes(lc) if lc.index_keys_per_block else 0)
+            for lc in self.layers
+        )
+        return page / self.block_size
 
     @property
     def swa_bytes_per_token(self) -> float:
-        """An ``swa`` slot: the raw KV row of every layer + its share of its page's boundary."""
-        return self.kv_row_bytes * len(self.layers) + self.boundary_bytes / self.block_size
+        """An ``swa`` slot: its share of every layer's raw page and of its page's boundary."""
+        return (self.raw_page_bytes * len(self.layers) + self.boundary_bytes) / self.block_size
 
     @property
     def tail_bytes(self) -> int:

@@ -1,10 +1,23 @@
 """Pool sizing from the memory SGLang measured (``--mem-fraction-static`` already applied).
 
 Two slot kinds share the budget (see ``pools``): a full slot costs its share of its block's
-entries (``CacheSchema.full_bytes_per_token``), an swa slot its raw rows and boundary share
-(``swa_bytes_per_token``, 6-7x more on Flash). As in SGLang's hybrid-SWA sizing, there are
-``swa_ratio`` swa slots per full slot (``--swa-full-tokens-ratio``). Each request slot costs one
+entry and indexer-key pages (``CacheSchema.full_bytes_per_token``), an swa slot its share of
+every layer's raw page and of its page's boundary rows (``swa_bytes_per_token``, 6-7x more on
+Flash). As in SGLang's hybrid-SWA sizing, there are ``swa_ratio`` swa slots per full slot
+(``--swa-full-tokens-ratio``, default 0.1 for DSV4, see ``plugin``). Each request slot costs one
 compressor tail; the tails of ``max_running_requests`` are reserved first.
+
+Row formats (``row_format``): fp32 models keep fp32 rows (the exact CPU path); other models keep
+bf16 rows on CPU and, on the GPU, FlashMLA's FP8 rows unless ``--kv-cache-dtype bfloat16``
+(then bf16 rows; indexer keys stay FP8 on the GPU, the format the indexer kernel reads).
+
+Capacity on the 4-layer Flash-dims model (SWA, c4, c128, c4), FP8: a full token costs 372 B
+(c4 entry pages 2 x 148.5 + c4 key pages 2 x 33 + c128 pages 9), an swa token 2660 B (4 raw
+rows of 585 B with page padding + 2 x 160 B of c4 boundary); at swa ratio 0.1 that is 638 B per
+full token against native SGLang's 724 B, i.e. ~13 % more full tokens per GB. An swa ratio of
+0.1 still leaves ``0.1 * full`` swa slots, tens of thousands of 256-slot request windows on an
+H100, far above any running batch; what it costs is how many cached prefixes keep their last
+window (a prefix hit needs it).
 
 On CPU (no ``--max-total-tokens``) the pool is not sized from free RAM, which SGLang measures
 for the whole machine (tens of GB, seconds to zero, other processes' memory): it holds
@@ -20,20 +33,43 @@ from sglang.srt.model_executor.pool_configurator import MemoryPoolConfig, Memory
 from sglang_dsv4.config import DSV4Config
 from sglang_dsv4.mem.schema import CacheSchema, EntryFormat
 
-logger = logging.getLogger(__name__)
+__all__ = [
+    "CPU_MAX_RUNNING_REQUESTS",
+    "DSV4PoolConfigurator",
+    "cpu_token_cap",
+    "row_format",
+    "schema_for",
+]
 
-__all__ = ["CPU_MAX_RUNNING_REQUESTS", "DSV4PoolConfigurator", "cpu_token_cap", "row_format"]
+logger = logging.getLogger(__name__)
 
 # Requests served at once on CPU unless --max-running-requests says otherwise (set by the
 # plugin's server-args hook): enough for a few users; each costs a whole context of slots.
 CPU_MAX_RUNNING_REQUESTS = 16
 
 
-def row_format(model_dtype: torch.dtype) -> tuple[EntryFormat, torch.dtype]:
-    """Rows are stored in the model dtype: fp32 models keep fp32 rows (exact CPU serving)."""
+def row_format(
+    model_dtype: torch.dtype, device: str = "cpu", kv_cache_dtype: str = "auto"
+) -> tuple[EntryFormat, EntryFormat, torch.dtype]:
+    """-> (row format, indexer key format, row compute dtype); see the module docstring."""
     if model_dtype == torch.float32:
-        return EntryFormat.FP32, torch.float32
-    return EntryFormat.BF16, torch.bfloat16
+        return EntryFormat.FP32, EntryFormat.FP32, torch.float32
+    if torch.device(device).type == "cpu":
+        return EntryFormat.BF16, EntryFormat.BF16, torch.bfloat16
+    if kv_cache_dtype in ("bf16", "bfloat16"):
+        return EntryFormat.BF16, EntryFormat.FP8, torch.bfloat16
+    if kv_cache_dtype not in ("auto", "fp8_e4m3"):
+        raise ValueError(f"--kv-cache-dtype {kv_cache_dtype}: DSV4 pools take fp8_e4m3 or bfloat16")
+    return EntryFormat.FP8, EntryFormat.FP8, torch.bfloat16
+
+
+def schema_for(model_config, server_args, device: str) -> tuple[CacheSchema, torch.dtype]:
+    """The cache schema and row dtype of a served model (one place for sizing and pools)."""
+    cfg = DSV4Config.from_dict(model_config.hf_config.to_dict())
+    fmt, index_fmt, row_dtype = row_format(
+        model_config.dtype, device, getattr(server_args, "kv_cache_dtype", "auto")
+    )
+    return CacheSchema.from_config(cfg, fmt, index_fmt), row_dtype
 
 
 def cpu_token_cap(kvc) -> tuple[int, str] | None:
@@ -78,11 +114,11 @@ class DSV4PoolConfigurator(MemoryPoolConfigurator):
 
     @classmethod
     def from_kv_cache_configurator(cls, kvc) -> "DSV4PoolConfigurator":
-        cfg = DSV4Config.from_dict(kvc.model_config.hf_config.to_dict())
-        fmt, _ = row_format(kvc.model_config.dtype)
         args = kvc.server_args
+        device = getattr(kvc, "device", None) or args.device or "cuda"
+        schema, _ = schema_for(kvc.model_config, args, device)
         return cls(
-            CacheSchema.from_config(cfg, fmt),
+            schema,
             args.max_running_requests or 256,
             args.swa_full_tokens_ratio,
             cpu_token_cap(kvc),
@@ -98,7 +134,24 @@ class DSV4PoolConfigurator(MemoryPoolConfigurator):
             pool_mib = (tails + cap * per_full_slot) / (1 << 20)
             logger.info("DSV4 pool: %d full token slots = %s; %.1f MiB", cap, why, pool_mib)
             full = cap
-        return self.calculate_pool_sizes_from_max_tokens(max(full, 0), page_size)
+        sizes = self.calculate_pool_sizes_from_max_tokens(max(full, 0), page_size)
+        logger.info(
+            "sglang-dsv4 pools: %s rows, %s indexer keys; %d full tokens (%.1f B each) + %d swa "
+            "tokens (%.1f B each, swa ratio %.3g) = %.1f B per full token; tails of %d requests "
+            "%.2f GB; budget %.2f GB",
+            s.fmt.value,
+            s.index_fmt.value,
+            sizes.full_max_total_num_tokens,
+            s.full_bytes_per_token,
+            sizes.swa_max_total_num_tokens,
+            s.swa_bytes_per_token,
+            self.swa_ratio,
+            per_full_slot,
+            self.max_running_requests,
+            tails / 1e9,
+            available_bytes / 1e9,
+        )
+        return sizes
 
     def calculate_pool_sizes_from_max_tokens(
         self, max_total_num_tokens: int, page_size: int

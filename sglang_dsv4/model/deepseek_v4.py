@@ -1,5 +1,7 @@
-"""``DeepseekV4ForCausalLM`` for SGLang: parameters under the released DeepSeek-V4 names, math
-from :class:`~sglang_dsv4.ref.model.RefDSV4` and the attention wrappers (no second copy).
+"""``DeepseekV4ForCausalLM`` for SGLang: parameters under the released DeepSeek-V4 names, the
+math of :class:`~sglang_dsv4.ref.model.RefDSV4` run through ``self.ops``
+(:func:`sglang_dsv4.ops.build_ops`, built once from the device: Triton kernels on CUDA, the
+``ref`` twins on CPU, which give the reference's numbers exactly) and the attention wrappers.
 
 Each layer is built for its frozen kind (SWA / c4 / c128): it holds the matching parameters
 and, at run time, the wrapper of its kind. Weights stream in tensor by tensor through
@@ -12,12 +14,12 @@ Where quantized weights go (decided per released name by
 
 * CPU: everything is dequantized once at load into dense ``nn.Linear`` weights;
 * CUDA: the released FP8 linears (attention ``wq_a wq_b wkv wo_b``, ``indexer.wq_b``, shared
-  experts, routed experts of ``expert_dtype: fp8``) stay FP8 in
-  :class:`~sglang_dsv4.model.linears.FP8Linear` (W8A16 kernel); NVFP4-on-load linears stay NVFP4
-  (:class:`~sglang_dsv4.model.linears.NVFP4Linear`); FP4 routed experts stay FP4 banks run by the
-  grouped kernel (:mod:`sglang_dsv4.model.experts`). ``wo_a`` and the BF16 / FP32 tensors are
-  dense. The reference math calls the quantized modules through
-  :func:`~sglang_dsv4.ref.linear.linear`; all of them are CUDA-graph safe.
+  experts) stay FP8 in :class:`~sglang_dsv4.model.linears.FP8Linear` (W8A16 kernel);
+  NVFP4-on-load linears stay NVFP4 (:class:`~sglang_dsv4.model.linears.NVFP4Linear`); routed
+  experts are one bank per layer (dense, FP8 of ``expert_dtype: fp8`` with the shared expert as
+  a row, or FP4) run by grouped kernels (:mod:`sglang_dsv4.model.experts`, ``self.ops.moe``).
+  ``wo_a`` and the BF16 / FP32 tensors are dense. The reference math calls the quantized
+  modules through :func:`~sglang_dsv4.ref.linear.linear`; all of them are CUDA-graph safe.
 """
 
 import logging
@@ -29,21 +31,23 @@ from sglang.srt.layers.logits_processor import LogitsProcessor
 from sglang.srt.model_executor.forward_context import get_attn_backend
 from torch import nn
 
+from sglang_dsv4.attention.decode import KVNorm
 from sglang_dsv4.attention.wrappers import CompressedInputs, IndexerInputs
 from sglang_dsv4.config import AttnKind, DSV4Config, LayerSpec
-from sglang_dsv4.model.experts import FP4Experts
+from sglang_dsv4.model.experts import MoE
 from sglang_dsv4.model.linears import KeptFormats, QuantLinear, keeps_quantized
-from sglang_dsv4.ref.mhc import hc_post
+from sglang_dsv4.ops import HcWeights, build_ops
+from sglang_dsv4.ref.attention import grouped_output_proj
+from sglang_dsv4.ref.linear import linear
 from sglang_dsv4.ref.model import RefDSV4
-from sglang_dsv4.ref.norm import rms_norm
-from sglang_dsv4.weights.layout import Fmt, StoredWeight
+from sglang_dsv4.weights.layout import StoredWeight
 from sglang_dsv4.weights.loader import TensorMismatchError, WeightStream
 from sglang_dsv4.weights.nvfp4 import CONFIG_KEY as NVFP4_KEY
 from sglang_dsv4.weights.nvfp4 import nvfp4_scope, to_nvfp4
 
 logger = logging.getLogger(__name__)
 
-_EXPERT = re.compile(r"layers\.(\d+)\.ffn\.experts\.(\d+)\.(w[123])\.weight\Z")
+_FFN = re.compile(r"layers\.(\d+)\.ffn\.(.+)\Z")
 
 __all__ = ["DeepseekV4ForCausalLM"]
 
@@ -96,44 +100,6 @@ class _Attention(nn.Module):
             self.indexer = _Indexer(cfg, kept, p + "indexer.")
 
 
-class _Expert(nn.Module):
-    def __init__(self, kept: KeptFormats, p: str, hidden: int, inter: int):
-        super().__init__()
-        self.w1 = kept.linear(p + "w1", hidden, inter)
-        self.w2 = kept.linear(p + "w2", inter, hidden)
-        self.w3 = kept.linear(p + "w3", hidden, inter)
-
-
-class _Gate(nn.Module):
-    def __init__(self, cfg: DSV4Config, hash_moe: bool):
-        super().__init__()
-        self.weight = nn.Parameter(torch.zeros(cfg.n_routed_experts, cfg.hidden_size))
-        if hash_moe:
-            self.register_buffer(
-                "tid2eid", torch.zeros(cfg.vocab_size, cfg.n_experts_per_tok, dtype=torch.long)
-            )
-        else:
-            self.bias = nn.Parameter(torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
-
-
-class _MoE(nn.Module):
-    def __init__(self, cfg: DSV4Config, spec: LayerSpec, kept: KeptFormats, p: str):
-        super().__init__()
-        self.gate = _Gate(cfg, spec.hash_moe)
-        d, inter, n_exp = cfg.hidden_size, cfg.moe_inter_dim, cfg.n_routed_experts
-        fmt = kept.kept(p + "experts.0.w1.weight")
-        self.fp4 = fmt in (Fmt.MXFP4, Fmt.NVFP4)
-        if self.fp4:  # FP4 banks (sglang_dsv4.model.experts)
-            self.experts = FP4Experts(n_exp, d, inter, fmt)
-        else:  # dense or FP8 linears, one module per expert
-            self.experts = nn.ModuleList(
-                _Expert(kept, p + f"experts.{e}.", d, inter) for e in range(n_exp)
-            )
-        if cfg.n_shared_experts:
-            shared = inter * cfg.n_shared_experts
-            self.shared_experts = _Expert(kept, p + "shared_experts.", d, shared)
-
-
 class _Block(nn.Module):
     def __init__(self, cfg: DSV4Config, spec: LayerSpec, kept: KeptFormats):
         super().__init__()
@@ -153,7 +119,7 @@ class _Block(nn.Module):
             )
         p = f"layers.{spec.index}."
         self.attn = _Attention(cfg, spec, kept, p + "attn.")
-        self.ffn = _MoE(cfg, spec, kept, p + "ffn.")
+        self.ffn = MoE(cfg, spec, kept, p + "ffn.")
 
 
 class DeepseekV4ForCausalLM(nn.Module):
@@ -179,6 +145,7 @@ class DeepseekV4ForCausalLM(nn.Module):
         self.head = kept.linear("head", cfg.hidden_size, cfg.vocab_size)
         self.logits_processor = LogitsProcessor(config)
         self._ref: RefDSV4 | None = None
+        self.ops = build_ops(cfg, device)  # Triton kernels on CUDA, the ref twins on CPU
 
     @property
     def ref(self) -> RefDSV4:
@@ -187,6 +154,8 @@ class DeepseekV4ForCausalLM(nn.Module):
             weights = dict(self.named_parameters()) | dict(self.named_buffers())
             # a kept-quantized linear stands in for its weight (ref.linear calls it)
             weights |= {f"{n}.weight": m for n, m in self._quant_linears().items()}
+            for b in self.layers:  # experts held in banks: views (or FP8 row linears) by name
+                weights |= b.ffn.ref_weights(f"layers.{b.spec.index}.ffn.")
             experts = {b.spec.index: b.ffn.experts.routed() for b in self.layers if b.ffn.fp4}
             self._ref = RefDSV4(self.cfg, weights, experts=experts)
         return self._ref
@@ -199,48 +168,79 @@ class DeepseekV4ForCausalLM(nn.Module):
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch, **kwargs):
-        ref, cfg = self.ref, self.cfg
         backend = get_attn_backend()
         positions = positions.long()
-        # Inside a CUDA-graph capture every op must be free of data-dependent shapes.
-        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-        x = ref.embed_streams(input_ids)  # [T, hc, d]
-        for block in self.layers:
-            spec = block.spec
-            p = f"layers.{spec.index}."
-            u, post, comb = ref.hc_pre(x, p + "hc_attn_")
-            h = rms_norm(u, block.attn_norm.weight, cfg.norm_eps)
+        hc, layers = self.ops.hc, self.layers
+        x = self.ref.embed_streams(input_ids)  # [T, hc, d]
+        h, post, comb = hc.pre(x, self._hc_site(layers[0], "attn"))  # h [T, d]: normed input
+        for i, block in enumerate(layers):
             y = self._attention(block, h, positions, backend)
-            x = hc_post(y, x, post, comb)
-            u, post, comb = ref.hc_pre(x, p + "hc_ffn_")
-            h = rms_norm(u, block.ffn_norm.weight, cfg.norm_eps)
-            y = ref.ffn(spec, h, input_ids, graph_safe=capturing)
-            x = hc_post(y, x, post, comb)
-        hidden = ref.final_hidden(x)
+            x, h, post, comb = hc.post_pre(y, x, post, comb, self._hc_site(block, "ffn"))
+            y = self.ops.moe.ffn(block.ffn, h, input_ids)
+            if i + 1 < len(layers):
+                site = self._hc_site(layers[i + 1], "attn")
+                x, h, post, comb = hc.post_pre(y, x, post, comb, site)
+        hidden = hc.post_head(y, x, post, comb, self._head_site())
         return self.logits_processor(input_ids, hidden, self.head, forward_batch)
+
+    @staticmethod
+    def _hc_site(block: _Block, site: str) -> HcWeights:
+        """The mHC weights before ``block``'s ``site`` (attn / ffn) and that block's norm."""
+        norm = block.attn_norm if site == "attn" else block.ffn_norm
+        return HcWeights(
+            getattr(block, f"hc_{site}_fn"),
+            getattr(block, f"hc_{site}_base"),
+            getattr(block, f"hc_{site}_scale"),
+            norm.weight,
+        )
+
+    def _head_site(self) -> HcWeights:
+        return HcWeights(self.hc_head_fn, self.hc_head_base, self.hc_head_scale, self.norm.weight)
 
     def _attention(
         self, block: _Block, x: torch.Tensor, positions: torch.Tensor, backend
     ) -> torch.Tensor:
-        ref, cfg, spec = self.ref, self.cfg, block.spec
-        qr, q, kv = ref.project(spec, x, positions)
+        """``ref.RefDSV4.project`` / ``output`` through ``self.ops``: normed input ``x`` [T, d]
+        -> the attention block's output [T, d]."""
+        ref, cfg, spec, norm = self.ref, self.cfg, block.spec, self.ops.norm
+        w, p = ref.w, f"layers.{spec.index}.attn."
+        inv_freq = ref.inv_freq[spec.index]
+        qr = norm.rms(linear(x, w[p + "wq_a.weight"]), w[p + "q_norm.weight"])  # [T, q_lora]
+        q = linear(qr, w[p + "wq_b.weight"]).view(x.shape[0], cfg.num_heads, cfg.head_dim)
+        q = norm.rms_rope(q, None, positions, inv_freq)  # [T, H, D]
+        kv, kv_norm = self._kv(block, x, positions)
         comp = None
         if spec.attn.compressed:
             indexer = None
             if spec.attn is AttnKind.CSA:
-                iq, iw = ref.indexer_query(spec, x, qr, positions)
+                iq, iw = self._indexer_query(block, x, qr, positions)
                 iw_comp = ref.compressor_weights(spec.index, "indexer.compressor")
                 indexer = IndexerInputs(iq, iw, iw_comp, cfg.index_topk)
             comp = CompressedInputs(
-                x,
-                ref.compressor_weights(spec.index),
-                ref.inv_freq[spec.index],
-                cfg.norm_eps,
-                indexer,
+                x, ref.compressor_weights(spec.index), inv_freq, cfg.norm_eps, indexer
             )
         lk = backend.token_to_kv_pool.layer(spec.index)
-        o = backend.run(spec.attn, lk, q, kv, block.attn.attn_sink, cfg.head_dim**-0.5, comp)
-        return ref.output(spec, o, positions)
+        sink, scale = block.attn.attn_sink, cfg.head_dim**-0.5
+        o = backend.run(spec.attn, lk, q, kv, sink, scale, comp, kv_norm=kv_norm)
+        o = norm.rope(o, positions, inv_freq, inverse=True)  # [T, H, D]
+        return grouped_output_proj(o, w[p + "wo_a.weight"], w[p + "wo_b.weight"])
+
+    def _kv(self, block: _Block, x: torch.Tensor, positions: torch.Tensor):
+        """``wkv(x)`` [T, D] and the ``kv_norm`` + RoPE that make it the stored KV row: the
+        backend applies them inside its KV store (one fused kernel on the GPU decode path)."""
+        w, p = self.ref.w, f"layers.{block.spec.index}.attn."
+        kv = linear(x, w[p + "wkv.weight"])
+        inv_freq = self.ref.inv_freq[block.spec.index]
+        return kv, KVNorm(w[p + "kv_norm.weight"], inv_freq, positions, self.cfg.norm_eps)
+
+    def _indexer_query(self, block: _Block, x, qr, positions):
+        """``ref.RefDSV4.indexer_query``: (roped indexer queries [T, Hi, Di], raw head weights
+        [T, Hi])."""
+        cfg, w, i = self.cfg, self.ref.w, block.spec.index
+        p = f"layers.{i}.attn.indexer."
+        q = linear(qr, w[p + "wq_b.weight"]).view(x.shape[0], cfg.index_n_heads, -1)
+        q = self.ops.norm.rope(q, positions, self.ref.inv_freq[i])
+        return q, linear(x, w[p + "weights_proj.weight"])
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Stream checkpoint tensors (HF or released names, dense or released-format quantized)
@@ -258,10 +258,8 @@ class DeepseekV4ForCausalLM(nn.Module):
                 if (module := quant.get(name)) is not None:
                     module.load(stored)
                     return
-                if (m := _EXPERT.match(name)) and name not in params:  # an FP4 bank slot
-                    layer, expert, proj = m.groups()
-                    self.layers[int(layer)].ffn.experts.store(int(expert), proj, stored)
-                    return
+                if (m := _FFN.match(name)) and self.layers[int(m[1])].ffn.store(m[2], stored):
+                    return  # an expert bank row
             except ValueError as e:
                 raise TensorMismatchError(f"tensor `{name}`: {e}") from None
             param = params[name]
@@ -270,7 +268,7 @@ class DeepseekV4ForCausalLM(nn.Module):
         stats = WeightStream(self.cfg, deliver).run(weights)
         logger.info("DSV4: loaded %d tensors (%s)", stats.delivered, stats.formats)
         kept = [f"{m.fmt.value} linear" for m in quant.values()]
-        kept += [f"{b.ffn.experts.fmt.value} expert bank" for b in self.layers if b.ffn.fp4]
+        kept += [bank for b in self.layers for bank in b.ffn.kept_banks()]
         if kept:
             counts = {k: kept.count(k) for k in dict.fromkeys(kept)}
             logger.info("DSV4: kept quantized (not dequantized): %s", counts)

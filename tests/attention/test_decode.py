@@ -4,26 +4,18 @@ starts a block, ends a block, ends a c4 window, or sits at position 0 — plus p
 
 import pytest
 import torch
-from pool_world import BLOCK, LENGTHS, World, inputs, pool_state
+from pool_world import BLOCK, LENGTHS, World, inputs, pool_state, wrapper
 
 from sglang_dsv4.attention.decode import build_decode_meta, decode_attention
 from sglang_dsv4.attention.plan import plan_batch
-from sglang_dsv4.attention.wrappers import (
-    CompressedInputs,
-    CSAWrapper,
-    HCAWrapper,
-    IndexerInputs,
-    SWAWrapper,
-)
+from sglang_dsv4.attention.wrappers import CompressedInputs, IndexerInputs
 from sglang_dsv4.config import AttnKind
 
 
 @pytest.mark.parametrize("layer", [0, 2, 3])  # SWA, CSA (c4), HCA (c128)
 def test_decode_equals_extend_path(tiny_cfg, tiny_weights, layer):
     cfg, spec = tiny_cfg, tiny_cfg.layers[layer]
-    wrapper = {AttnKind.SWA: SWAWrapper, AttnKind.CSA: CSAWrapper, AttnKind.HCA: HCAWrapper}[
-        spec.attn
-    ](cfg.sliding_window)
+    extend = wrapper(cfg, spec.attn)
     gen = torch.Generator().manual_seed(layer)
     sink = torch.randn(cfg.num_heads, generator=gen)
     scale = cfg.head_dim**-0.5
@@ -34,16 +26,16 @@ def test_decode_equals_extend_path(tiny_cfg, tiny_weights, layer):
     live = [i for i, n in enumerate(LENGTHS) if n]
     fb = world.batch(live, [0] * len(live), [LENGTHS[i] for i in live], decode=False)
     q0, kv0, comp0 = inputs(cfg, tiny_weights, spec, int(fb.out_cache_loc.numel()), gen)
-    wrapper.plan(plan_batch(fb, world.pool, world.rtp))
-    wrapper.run(lk, q0, kv0, sink, scale, comp0)
+    extend.plan(plan_batch(fb, world.pool, world.rtp))
+    extend.run(lk, q0, kv0, sink, scale, comp0)
     before = pool_state(lk)
 
     n = len(LENGTHS)
     q, kv, comp = inputs(cfg, tiny_weights, spec, n, gen)
     reqs = list(range(n))
     dec = world.batch(reqs, LENGTHS, [s + 1 for s in LENGTHS], decode=True)
-    wrapper.plan(plan_batch(dec, world.pool, world.rtp))
-    want = wrapper.run(lk, q, kv, sink, scale, comp)
+    extend.plan(plan_batch(dec, world.pool, world.rtp))
+    want = extend.run(lk, q, kv, sink, scale, comp)
     want_state = pool_state(lk)
 
     # Restore the pools and replay the step on the static-shape path, with two padded rows.
@@ -100,49 +92,20 @@ def _pad_inputs(q, kv, comp, pad: int):
     )
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("layer", [0, 2, 3])
-def test_decode_kernel_equals_torch_path_on_gpu(tiny_cfg, tiny_weights, layer):
-    """The same decode step with bf16 rows: SparseMQA (kernels.attention) vs the torch math."""
-    from sglang_dsv4.kernels.attention import SparseMQA
+def test_decode_ops_are_chosen_once_per_pool(tiny_cfg):
+    from sglang_dsv4.attention.decode import DecodeTorch, decode_ops
+    from sglang_dsv4.attention.decode_kernels import DecodeKernels
+    from sglang_dsv4.mem.schema import EntryFormat
 
-    cfg, spec = tiny_cfg, tiny_cfg.layers[layer]
-    gen = torch.Generator().manual_seed(layer)
-    world = World(cfg, "cuda", torch.bfloat16)
-    lk = world.pool.layer(layer)
-    for t in (lk.raw, lk.entries, lk.index_keys):
-        if t is not None:
-            t.copy_(torch.randn(t.shape, generator=gen))
-    w = {k: v.cuda() for k, v in tiny_weights.items()}
-    q, kv, comp = inputs(cfg, w, spec, len(LENGTHS), gen)
-    q, kv = q.cuda().bfloat16(), kv.cuda()
-    if comp is not None:
-        ix = comp.indexer
-        if ix is not None:
-            ix = IndexerInputs(ix.q.cuda(), ix.weights.cuda(), ix.compressor, ix.topk)
-        comp = CompressedInputs(comp.x.cuda(), comp.compressor, comp.inv_freq.cuda(), 1e-6, ix)
-    positions = torch.tensor(LENGTHS, device="cuda")
-    slots = world.req_to_token[torch.arange(len(LENGTHS)), positions.cpu()].long()
-    n_pages = 4
-    meta = build_decode_meta(
-        torch.arange(len(LENGTHS), device="cuda"),
-        positions,
-        slots,
-        world.req_to_token,
-        world.pool.full_to_swa_index_mapping,
-        world.pool.spare_tail_row,
-        cfg.sliding_window,
-        BLOCK,
-        n_pages,
-    )
-    sink = torch.randn(cfg.num_heads, generator=gen).cuda()
-    state = pool_state(lk)
-    want = decode_attention(lk, meta, q, kv, sink, cfg.head_dim**-0.5, comp).float()
-    _restore(lk, state)
-    extra = {0: 0, 2: min(cfg.index_topk, n_pages * 32), 3: n_pages}[layer]
-    kernel = SparseMQA(cfg.num_heads, cfg.head_dim, kv_fp8=False, device="cuda")
-    kernel.plan(len(LENGTHS), cfg.sliding_window, extra)
-    kernel.out.fill_(float("nan"))
-    got = decode_attention(lk, meta, q, kv, sink, cfg.head_dim**-0.5, comp, kernel).float()
-    rel = (got - want).norm() / want.norm()
-    assert rel <= 2e-2, f"relative L2 {rel:.2e}"
+    cfg = tiny_cfg
+    args = (cfg.num_heads, cfg.index_topk, cfg.index_n_heads)
+    fp32 = World(cfg).pool
+    assert type(decode_ops(fp32, *args, kernels=False)) is DecodeTorch
+    with pytest.raises(ValueError, match="FP8 or bf16 rows"):
+        decode_ops(fp32, *args, kernels=True)
+    fp8 = World(cfg, "cpu", torch.bfloat16, EntryFormat.FP8, EntryFormat.FP8).pool
+    ops = decode_ops(fp8, *args, kernels=True)
+    assert isinstance(ops, DecodeKernels) and not ops.flashmla  # FlashMLA: sm90 only
+    plan = ops.plan(3, 2)
+    assert set(plan.attn) == {AttnKind.SWA, AttnKind.CSA, AttnKind.HCA}
+    assert set(plan.flush) == {"c4", "c4_index", "c128"} and plan.indexer is not None

@@ -272,6 +272,23 @@ def test_tail_modes_and_boundary(mods):
     h.step([(0, 3), (1, 41)], tail_mode=mode, rebuild_page=page, boundary=bnd)
 
 
+def test_boundary_table(mods):
+    """With a ``boundary_table`` the a-halves of a block end go to that table's page (the swa
+    page the wrappers keep them with), not the block table's, and nowhere where it holds -1."""
+    ks, cm = mods
+    h = Harness(ks, cm, 4, 128, "fp32", 32, 1, 400, "cpu")
+    bnd = tuple(torch.full((h.n_pages, 4, 128), NAN) for _ in range(2))
+    table = torch.full_like(h.block_table, -1)
+    table[0, 0] = int(h.block_table[0, 1])  # block 0's end kept at block 1's page; block 1 not
+    h.step([(0, 300)], boundary=bnd, boundary_table=table)
+    _, _, st = compress(torch.cat(h.history[0])[:128], 0, CompressorState.empty(h.weights),
+                        h.weights, h.inv_freq)  # fmt: skip
+    pg = int(table[0, 0])
+    assert torch.equal(bnd[0][pg], st.kv[:4, :128])
+    assert torch.equal(bnd[1][pg], st.score[:4, :128])
+    assert all(bnd[0][p].isnan().all() for p in range(h.n_pages) if p != pg)
+
+
 # ------------------------------------------------------------------ GPU, DSV4 shapes
 
 FLASH_HIDDEN = 4096

@@ -55,6 +55,22 @@ def test_tail_bytes():
 def test_boundary_full_and_swa_bytes():
     s = schema("dsv4-flash", EntryFormat.FP8)
     assert s.boundary_bytes == 21 * 2 * 4 * 4 * (512 + 128)
-    # A full slot carries its block's compressed rows only; raw rows + boundary go with swa.
-    assert s.full_bytes_per_token == (21 * 32 * (584 + 132) + 20 * 584) / 128
-    assert s.swa_bytes_per_token == 584 * 43 + s.boundary_bytes / 128
+    # A full slot carries its block's compressed pages only; raw pages + boundary go with swa.
+    # FP8 pages are FlashMLA's: rows' 576 data bytes, then their 8 scale bytes, padded to 576.
+    c4_page, c128_page = 33 * 576, 2 * 576  # 32 * 584 = 18688 -> 19008; 584 -> 1152
+    assert s.full_bytes_per_token == (21 * (c4_page + 32 * 132) + 20 * c128_page) / 128
+    raw_page = 130 * 576  # 128 * 584 = 74752 -> 74880
+    assert s.swa_bytes_per_token == (raw_page * 43 + s.boundary_bytes) / 128
+
+
+def test_plain_rows_have_no_page_padding():
+    s = schema("dsv4-flash", EntryFormat.BF16)
+    assert s.raw_page_bytes == 128 * 1024
+    assert s.full_bytes_per_token == (21 * 32 * (1024 + 256) + 20 * 1024) / 128
+
+
+def test_bf16_rows_with_fp8_indexer_keys():
+    cfg = DSV4Config.from_json(CONFIGS / "dsv4-flash.json")
+    s = CacheSchema.from_config(cfg, EntryFormat.BF16, EntryFormat.FP8)
+    assert (s.fmt, s.index_fmt, s.index_key_bytes) == (EntryFormat.BF16, EntryFormat.FP8, 132)
+    assert s.full_bytes_per_token == (21 * 32 * (1024 + 132) + 20 * 1024) / 128

@@ -1,7 +1,9 @@
 """The served model with released-format weights kept quantized (its CUDA path): FP8 linears in
-``FP8Linear``, FP4 routed experts as banks run by the grouped kernel, FP8 routed experts as
-``FP8Linear`` per expert; ``wo_a`` dense (NVFP4-on-load linears in ``NVFP4Linear``: on CPU in
-tests/weights/test_nvfp4.py, on the GPU in the graph test here).
+``FP8Linear``, FP4 routed experts as banks run by the grouped kernel, FP8 routed experts (and the
+FP8 shared expert, bank row E) as one e4m3 ``StackedExperts`` bank per layer (next to MXFP4
+experts the shared expert is a one-row FP8 bank); ``wo_a`` dense
+(NVFP4-on-load linears in ``NVFP4Linear``: on CPU in tests/weights/test_nvfp4.py, on the GPU in
+the graph test here).
 
 CPU: the path is forced (the device decision ``keeps_quantized`` monkeypatched) and the kernels
 run under ``TRITON_INTERPRET=1`` (tests/conftest.py), fp32. GPU (``gpu`` marker): the same model
@@ -15,10 +17,11 @@ import logging
 import pytest
 import torch
 from served_model import load_served as load
+from served_model import served_tensors
 from torch import nn
 
 from sglang_dsv4.config import DSV4Config
-from sglang_dsv4.model.experts import FP4Experts
+from sglang_dsv4.model.experts import FP4Experts, StackedExperts
 from sglang_dsv4.model.linears import FP8Linear, NVFP4Linear
 from sglang_dsv4.ref.model import RefDSV4
 from sglang_dsv4.weights.layout import Fmt, logical_shapes
@@ -52,26 +55,34 @@ def test_kept_model_equals_dequantized_reference(released, tiny_cfg, caplog):
     rel_dir, weights, expert_dtype = released
     with caplog.at_level(logging.INFO, logger="sglang_dsv4.model.deepseek_v4"):
         model = load(rel_dir)
-    # 7 per layer (wq_a wq_b wkv wo_b, shared w1 w2 w3) + 2 indexer.wq_b (+ 8 x 3 routed)
+    # 4 per layer (wq_a wq_b wkv wo_b) + 2 indexer.wq_b; the FP8 shared expert is a row of the
+    # layer's FP8 bank (FP8 experts) or a one-row FP8 bank of its own (MXFP4 experts)
     want_log = (
-        "{'fp8 linear': 44, 'mxfp4 expert bank': 6}"
+        "{'fp8 linear': 26, 'mxfp4 expert bank': 6, 'fp8 expert bank': 6}"
         if expert_dtype == "fp4"
-        else ("{'fp8 linear': 188}")
+        else ("{'fp8 linear': 26, 'fp8 expert bank': 6}")
     )
     assert f"kept quantized (not dequantized): {want_log}" in caplog.text
-    params = dict(model.named_parameters()) | dict(model.named_buffers())
+    params = served_tensors(model)
     for i in range(len(model.layers)):
-        for lin in FP8_LINEARS:
+        for lin in FP8_LINEARS[:-1]:
             name = f"layers.{i}.{lin}"
             assert isinstance(model.get_submodule(name), FP8Linear), name
             assert params[name + ".weight"].dtype == torch.float8_e4m3fn  # no dense copy
             assert model.ref.w[name + ".weight"] is model.get_submodule(name)
         assert type(model.layers[i].attn.wo_a) is nn.Linear  # run dense, as the reference
-        experts = model.layers[i].ffn.experts
+        ffn = model.layers[i].ffn
+        experts = ffn.experts
+        shared_w1 = params[f"layers.{i}.{FP8_LINEARS[-1]}.weight"]
+        assert shared_w1.dtype == torch.float8_e4m3fn  # a bank view, no dense copy
         if expert_dtype == "fp4":
             assert isinstance(experts, FP4Experts) and experts.fmt is Fmt.MXFP4
+            assert isinstance(ffn.shared, StackedExperts) and ffn.shared.fmt is Fmt.FP8
+            assert ffn.shared.w13.shape[0] == 1 and ffn.shared_row is None
         else:
-            assert all(isinstance(e.w2, FP8Linear) for e in experts)
+            assert isinstance(experts, StackedExperts) and experts.fmt is Fmt.FP8
+            assert experts.w13.dtype == torch.float8_e4m3fn and experts.w13.shape[0] == 9
+            assert model.layers[i].ffn.shared_row == 8
     assert isinstance(model.layers[2].attn.indexer.wq_b, FP8Linear)
     ids = ids_of(24)
     got = model.ref(ids)
@@ -136,8 +147,10 @@ def test_gpu_kept_model_equals_dequantized_reference(released, tiny_cfg, dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("nvfp4", [None, "linears"])
 def test_gpu_graph_replay_equals_eager(released, tiny_cfg, nvfp4):
-    """A CUDA graph of two MoE blocks (hash and scored routing, graph-safe path) and the FP8 /
-    NVFP4 linears of an attention block, replayed on new inputs, equals eager on those."""
+    """A CUDA graph of two MoE blocks through the served path (``ops.moe``: routing kernel +
+    grouped expert kernels; hash and scored routing) and the FP8 / NVFP4 linears of an
+    attention block, replayed on new inputs, equals eager on those; the MoE blocks equal the
+    reference ``ref.ffn``."""
     rel_dir, _, expert_dtype = released
     model = load(rel_dir, device="cuda", nvfp4=nvfp4)
     ref, attn = model.ref, model.layers[2].attn
@@ -145,7 +158,7 @@ def test_gpu_graph_replay_equals_eager(released, tiny_cfg, nvfp4):
     specs = tiny_cfg.layers[:2]
 
     def step(x: torch.Tensor, ids: torch.Tensor) -> list[torch.Tensor]:
-        outs = [ref.ffn(s, x, ids, graph_safe=True) for s in specs]
+        outs = [model.ops.moe.ffn(model.layers[s.index].ffn, x, ids) for s in specs]
         return [*outs, attn.wq_a(x), attn.wo_b(x[:, : attn.wo_b.in_features])]
 
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -164,10 +177,10 @@ def test_gpu_graph_replay_equals_eager(released, tiny_cfg, nvfp4):
         ids.copy_(torch.randint(2, 1024, ids.shape, device="cuda", generator=g))
         graph.replay()
         eager = step(x, ids)
-        eager_routed = ref.ffn(specs[1], x, ids, graph_safe=False)
         for out, want in zip(static, eager, strict=True):
             assert not out.isnan().any() and rel_l2(out, want) <= 1e-5
-        assert rel_l2(static[1], eager_routed) <= 1e-5
+        for s, out in zip(specs, static, strict=False):
+            assert rel_l2(out, ref.ffn(s, x, ids)) <= 1e-4
     print(f"{expert_dtype} experts, nvfp4={nvfp4}: graph replay == eager")
 
 

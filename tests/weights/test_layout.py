@@ -1,5 +1,6 @@
 import pytest
 import torch
+from served_model import served_tensors
 
 from sglang_dsv4.ref.model import RefDSV4
 from sglang_dsv4.weights.layout import Fmt, logical_shapes, released_fmt, stored_specs
@@ -20,7 +21,7 @@ def test_served_model_parameters_have_the_logical_shapes(tiny_dict, tiny_cfg, mo
 
     monkeypatch.setattr(served, "LogitsProcessor", lambda config: None)  # needs a server
     model = served.DeepseekV4ForCausalLM(DeepseekV4Config(**tiny_dict))
-    params = dict(model.named_parameters()) | dict(model.named_buffers())
+    params = served_tensors(model)
     assert {n: tuple(p.shape) for n, p in params.items()} == logical_shapes(tiny_cfg, mtp=False)
 
 

@@ -6,6 +6,7 @@ import textwrap
 
 import pytest
 import torch
+from served_model import served_tensors
 
 from sglang_dsv4.ref.model import RefDSV4
 from sglang_dsv4.weights.layout import logical_shapes
@@ -118,7 +119,7 @@ def test_served_model_loads_the_released_checkpoint(tiny_ckpt_pair, projected, m
     monkeypatch.setattr(served, "LogitsProcessor", lambda config: None)  # needs a server
     model = served.DeepseekV4ForCausalLM(AutoConfig.from_pretrained(rel_dir))
     model.load_weights(iter_safetensors(rel_dir))
-    params = dict(model.named_parameters()) | dict(model.named_buffers())
+    params = served_tensors(model)
     assert all(torch.equal(params[n], projected[n]) for n in projected)
 
 

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from served_model import served_tensors
 
 from sglang_dsv4.ref.weight_quant import fp8_block_quant, mxfp4_quant, nvfp4_dequant
 from sglang_dsv4.weights.layout import Fmt, StoredWeight
@@ -51,7 +52,7 @@ def test_model_loads_with_nvfp4_experts(tiny_ckpt_pair, monkeypatch, fmt_dir):
     monkeypatch.setattr(served, "LogitsProcessor", lambda config: None)  # needs a server
     model = served.DeepseekV4ForCausalLM(config)
     model.load_weights(iter_safetensors(ckpt))
-    params = dict(model.named_parameters()) | dict(model.named_buffers())
+    params = served_tensors(model)
     experts = [n for n in want if ".ffn.experts." in n]
     others = [n for n in want if ".ffn.experts." not in n]
     assert all(torch.equal(params[n], want[n]) for n in others)

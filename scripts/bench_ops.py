@@ -1,0 +1,148 @@
+"""Time the served model's op families (``sglang_dsv4.ops``) on one GPU: the Triton ops against
+their torch twins (the ``ref`` math the model ran before), at decode batch sizes and one
+prefill chunk.
+
+    python scripts/bench_ops.py [--config configs/dsv4-flash.json] [--tokens 1,32,128,4096]
+                                [--out DIR] [--reps N]
+
+Each op is captured in a CUDA graph (as in a decode step) ``--calls`` times in a row and timed
+by replaying the graph: median of ``--reps`` replays, CUDA events, per call. GPU kernels per call
+come from one eager call under the torch profiler. bf16 streams / activations, fp32 mHC weights
+and maps, the config's dims (Flash: hidden 4096, 64 heads x 512, q_lora 1024, indexer 64 x 128).
+"Layer" sums one layer's share: two mHC boundaries, q_norm, q / kv norm + RoPE, indexer RoPE and
+the inverse RoPE of the output. Writes ``bench_ops.json`` to ``--out`` (default ``$OUT`` or
+``.``) and prints a table.
+"""
+
+import argparse
+import json
+import os
+import statistics
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from sglang_dsv4.config import load_config
+from sglang_dsv4.ops import HcWeights, build_ops
+from sglang_dsv4.ref.rope import rope_inv_freq
+
+DEV = "cuda"
+
+
+def graph_time(fn, calls: int, reps: int) -> float:
+    """Seconds per call of ``fn`` replayed from a CUDA graph of ``calls`` calls."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()  # compile / autotune outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e-3 / calls)
+    return statistics.median(times)
+
+
+def kernel_count(fn) -> int:
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type.name == "CUDA")
+
+
+def cases(cfg, ops, n: int) -> dict:
+    """name -> closure of one op call at ``n`` tokens (fresh random inputs, fixed per case)."""
+    g = torch.Generator(device=DEV).manual_seed(n)
+    hc, d, bf = cfg.hc_mult, cfg.hidden_size, torch.bfloat16
+
+    def rnd(*shape, dtype=bf, s=1.0):
+        return (torch.randn(*shape, device=DEV, generator=g) * s).to(dtype)
+
+    def site(m: int, k: int) -> HcWeights:
+        return HcWeights(rnd(m, hc * d, dtype=torch.float32, s=(hc * d) ** -0.5),
+                         rnd(m, dtype=torch.float32), rnd(k, dtype=torch.float32).abs(),
+                         rnd(d).abs())  # fmt: skip
+
+    mix, head = site(cfg.hc_mix_dim, 3), site(hc, 1)
+    x, y = rnd(n, hc, d), rnd(n, d)
+    _, post, comb = ops.hc.pre(x, mix)
+    pos = torch.randint(0, 1 << 16, (n,), device=DEV, generator=g)
+    inv_freq = rope_inv_freq(cfg.layers[-1].rope, cfg.rope_dim).to(DEV)
+    qa, qa_w = rnd(n, cfg.q_lora_rank), rnd(cfg.q_lora_rank).abs()
+    q, kv, kv_w = rnd(n, cfg.num_heads, cfg.head_dim), rnd(n, cfg.head_dim), rnd(cfg.head_dim)
+    iq, o = rnd(n, cfg.index_n_heads, cfg.index_head_dim), rnd(n, cfg.num_heads, cfg.head_dim)
+    norm = ops.norm
+    return {
+        "hc.pre": lambda: ops.hc.pre(x, mix),
+        "hc.post_pre": lambda: ops.hc.post_pre(y, x, post, comb, mix),
+        "hc.post_head": lambda: ops.hc.post_head(y, x, post, comb, head),
+        "norm.rms q_norm": lambda: norm.rms(qa, qa_w),
+        "norm.rms_rope q": lambda: norm.rms_rope(q, None, pos, inv_freq),
+        "norm.rms_rope kv": lambda: norm.rms_rope(kv, kv_w, pos, inv_freq),
+        "norm.rope indexer q": lambda: norm.rope(iq, pos, inv_freq),
+        "norm.rope o inverse": lambda: norm.rope(o, pos, inv_freq, inverse=True),
+    }
+
+
+LAYER = {"hc.post_pre": 2, "norm.rms q_norm": 1, "norm.rms_rope q": 1, "norm.rms_rope kv": 1,
+         "norm.rope indexer q": 1, "norm.rope o inverse": 1}  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default="configs/dsv4-flash.json")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--calls", type=int, default=20)
+    ap.add_argument("--tokens", default="1,32,128,4096", help="token counts (batch at decode)")
+    args = ap.parse_args()
+    batches = [int(n) for n in args.tokens.split(",")]
+    cfg = load_config(args.config)
+    impls = {"triton": build_ops(cfg, DEV), "torch": build_ops(cfg, DEV, kernels=False)}
+    rows = []
+    for n in batches:
+        for impl, ops in impls.items():
+            for name, fn in cases(cfg, ops, n).items():
+                us = graph_time(fn, args.calls, args.reps) * 1e6
+                rows.append({"batch": n, "impl": impl, "op": name, "us": us,
+                             "kernels": kernel_count(fn)})  # fmt: skip
+                print(f"{n:4d} {impl:6s} {name:22s} {us:9.1f} us {rows[-1]['kernels']:4d} kernels")
+    for n in batches:
+        for impl in impls:
+            mine = [r for r in rows if r["batch"] == n and r["impl"] == impl and r["op"] in LAYER]
+            us = sum(LAYER[r["op"]] * r["us"] for r in mine)
+            kernels = sum(LAYER[r["op"]] * r["kernels"] for r in mine)
+            rows.append({"batch": n, "impl": impl, "op": "layer", "us": us, "kernels": kernels})
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "bench_ops.json")
+    meta = {"gpu": torch.cuda.get_device_name(), "config": args.config, "reps": args.reps}
+    with open(path, "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    print(f"\n{meta['gpu']}, {args.config}; us per call (kernels per call); wrote {path}")
+    ops = list(dict.fromkeys(r["op"] for r in rows))
+    print(f"{'op':22s}" + "".join(f" | T={n:<4d} triton      torch    " for n in batches))
+    for op in ops:
+        cells = []
+        for n in batches:
+            t, r = (next(x for x in rows if (x["batch"], x["impl"], x["op"]) == (n, i, op))
+                    for i in impls)  # fmt: skip
+            cells.append(
+                f" | {t['us']:7.1f} ({t['kernels']:2d}) {r['us']:7.1f} ({r['kernels']:3d})"
+            )
+        print(f"{op:22s}" + "".join(cells))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Compile the decode path's Triton kernels (KV store, compressor flush, indexer scores and
+top-k) for Hopper (sm_90) on a machine without a GPU, at Flash dims, in the variants the decode
+step launches (``attention/decode_kernels.py``).
+
+    PYTHONPATH=$PWD python scripts/compile_decode_sm90.py
+
+The interpreter (the CPU tests) does not lower kernels, so this catches what only the compiler
+sees (e.g. a name rebound to another constexpr shape) before device time is spent. The sparse MQA
+kernels are compiled by their GPU tests (``tests/kernels/test_attention.py``).
+"""
+
+import os
+
+os.environ.pop("TRITON_INTERPRET", None)  # before triton is imported: compiled jit functions
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from sglang_dsv4.kernels import compressor, indexer, kv_store
+
+TARGET = GPUTarget("cuda", 90, 128)
+
+
+def build(fn, types: dict, constexprs: dict, num_warps: int = 4) -> None:
+    """Compile ``fn``: arguments typed by ``types`` (default i32), ``constexprs`` fixed."""
+    names = fn.arg_names
+    sig = {a: "constexpr" if a in constexprs else types.get(a, "i32") for a in names}
+    ce = {(names.index(a),): v for a, v in constexprs.items()}
+    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=ce), target=TARGET,
+                   options={"num_warps": num_warps})  # fmt: skip
+
+
+def flush_variants():
+    types = {a: "*fp32" for a in compressor._flush_kernel.arg_names if a.endswith("_ptr")}
+    for a in ("req_slot_ptr", "prefix_ptr", "cu_ptr", "mode_ptr", "rebuild_ptr", "bt_ptr",
+              "bnd_bt_ptr"):  # fmt: skip
+        types[a] = "*i32"
+    types.update(kv_ptr="*bf16", score_ptr="*bf16", out_ptr="*u8", norm_ptr="*bf16", eps="fp32")
+    # (name, ratio, coff, dim, out index, boundary): c4 main / indexer, c128, bf16 rows
+    cases = (
+        ("c4", 4, 2, 512, 0, True),
+        ("c4 index", 4, 2, 128, 3, True),
+        ("c128", 128, 1, 512, 0, False),
+        ("c4 bf16", 4, 2, 512, 1, True),
+    )
+    for name, r, coff, d, out, bnd in cases:
+        s = coff * r
+        ce = dict(
+            R=r, COFF=coff, D=d, BLOCK=128, EPP=4 if coff == 2 else 1, SC=s if s <= 8 else 16,
+            TSC=min(s, 16), TCC=min(coff * d, 256), OUT=out, LOG2D=d.bit_length() - 1,
+            RPP=32 if r == 4 else 1, PAGE=19008, HAS_MODE=False, HAS_BOUNDARY=bnd,
+        )  # fmt: skip
+        yield f"flush {name}", compressor._flush_kernel, types, ce, 8 if s > 8 else 4
+
+
+def store_variants():
+    types = dict(kv_ptr="*bf16", w_ptr="*bf16", pos_ptr="*i64", inv_freq_ptr="*fp32",
+                 rows_ptr="*i64", cache_ptr="*u8", eps="fp32")  # fmt: skip
+    for norm in (False, True):
+        for fmt in (0, 1):
+            t = dict(types, cache_ptr="*u8" if fmt == 0 else "*bf16")
+            ce = dict(D=512, TB=16, NORM=norm, ROPE=norm, X_BF16=True, W_BF16=norm, FMT=fmt,
+                      RPP=128 if fmt == 0 else 1, PAGE=74880 if fmt == 0 else 1)  # fmt: skip
+            yield f"store_kv fmt={fmt} norm={norm}", kv_store._kv_store_kernel, t, ce, 4
+
+
+def indexer_variants():
+    types = dict(q_ptr="*bf16", w_ptr="*bf16", keys_ptr="*u8", bt_ptr="*i32", qreq_ptr="*i32",
+                 pos_ptr="*i64", logits_ptr="*fp32")  # fmt: skip
+    ce = dict(H=64, DH=128, BS=64, EPB=32, RATIO=4, RPP=32, FP4=False, DOT_F32=False)
+    yield "indexer logits", indexer._logits_kernel, types, ce, 4
+    types = dict(logits_ptr="*fp32", qreq_ptr="*i32", pos_ptr="*i64", bt_ptr="*i32",
+                 ids_ptr="*i32", rows_ptr="*i32", len_ptr="*i32")  # fmt: skip
+    ce = dict(K=512, RATIO=4, EPB=32, CHUNK=2048, KCHUNK=512, WRITE_ROWS=True)
+    yield "indexer top-k", indexer._topk_kernel, types, ce, 8
+
+
+def main() -> None:
+    failed = 0
+    for name, fn, types, ce, warps in (*store_variants(), *flush_variants(), *indexer_variants()):
+        try:
+            build(fn, types, ce, warps)
+            print(f"ok     {name}", flush=True)
+        except Exception as e:  # report every variant, then fail
+            failed += 1
+            print(f"FAILED {name}: {type(e).__name__}: {str(e)[-400:]}", flush=True)
+    raise SystemExit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""Compile the MoE Triton kernels (``kernels/moe_route.py``, ``kernels/moe_experts.py``) for
+Hopper (sm_90) on a machine without a GPU, and print each variant's registers / spills.
+
+    python scripts/compile_moe_sm90.py
+
+Same purpose as ``scripts/compile_ops_sm90.py`` (whose ``build`` it uses): catch what only the
+compiler sees before device time is spent. (Its target says warp size 128; the register counts
+here matched a warp-size-32 target in a check on 2026-12-06.) Variants: every bank format
+(dense bf16, FP8, MXFP4, NVFP4) in both kernel forms as the wrappers launch them at Flash dims
+(top-6 + a shared slot; a zero-top-k call for a shared bank of its own), the fp32 (IEEE) sorted
+form, and the routing kernels for every scoring function, scored and hash, fused (E <= 64) and
+split (E 256).
+"""
+
+import os
+
+os.environ.pop("TRITON_INTERPRET", None)  # before triton is imported: compiled jit functions
+
+from compile_ops_sm90 import build
+
+from sglang_dsv4.kernels import moe_experts as ME
+from sglang_dsv4.kernels import moe_route as MR
+
+WEIGHT = {"dense": "bf16", "fp8": "fp8e4nv", "mxfp4": "u8", "nvfp4": "u8"}
+
+
+def expert_variants():
+    for fmt, dt in WEIGHT.items():
+        sdt = "bf16" if fmt == "dense" else "u8"
+        fmt_ce = dict(FMT=ME.FORMATS[fmt], G=16 if fmt == "nvfp4" else 32, NV=fmt == "nvfp4")
+        types = {a: f"*{dt}" for a in ("w_ptr", "w1_ptr", "w3_ptr")}
+        types |= {a: f"*{sdt}" for a in ("s_ptr", "s1_ptr", "s3_ptr")}
+        types |= {a: "*fp32" for a in ("gs_ptr", "gs1_ptr", "gs3_ptr", "weights_ptr")}
+        types |= {a: "*bf16" for a in ("x_ptr", "h_ptr", "out_ptr", "y_ptr")}
+        types |= {"chosen_ptr": "*i32", "order_ptr": "*i32", "off_ptr": "*i32", "limit": "fp32"}
+        for topk, slots in ((6, 7), (0, 1)):
+            for fn in (ME._slot_w13_kernel, ME._slot_w2_kernel):
+                ce = dict(TOPK=topk, SLOTS=slots, BLOCK_N=16, BLOCK_K=128, **fmt_ce)
+                yield f"{fmt} top-{topk}", fn, types, ce
+        sorted_ce = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_R=32, IEEE=False, **fmt_ce)
+        yield fmt, ME._sorted_w13_kernel, types, dict(SLOTS=7, **sorted_ce)
+        yield fmt, ME._sorted_w2_kernel, types, sorted_ce
+    fp32 = {a: "*fp32" for a in ME._sorted_w13_kernel.arg_names if a.endswith("_ptr")}
+    fp32 |= {"order_ptr": "*i32", "off_ptr": "*i32", "limit": "fp32"}
+    ce = dict(SLOTS=7, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, BLOCK_R=32, IEEE=True, FMT=0, G=32,
+              NV=False)  # fmt: skip
+    yield "fp32", ME._sorted_w13_kernel, fp32, ce
+
+
+def route_variants():
+    types = {"x_ptr": "*bf16", "g_ptr": "*bf16", "bias_ptr": "*fp32", "tid2eid_ptr": "*i64",
+             "ids_ptr": "*i64", "chosen_ptr": "*i32", "weights_ptr": "*fp32", "rsf": "fp32",
+             "out_ptr": "*fp32", "logits_ptr": "*fp32"}  # fmt: skip
+    for hashed in (False, True):
+        for scoring in MR.SCORING.values():
+            ce = dict(TOPK=6, BLOCK_K=8, BLOCK_T=16, BLOCK_E=16, BLOCK_D=64, SCORING=scoring,
+                      HASH=hashed, FP32=False)  # fmt: skip
+            yield f"E16 hash={hashed} scoring={scoring}", MR._route_fused_kernel, types, ce
+    yield "E256", MR._logits_kernel, types, dict(BLOCK_T=16, BLOCK_E=32, BLOCK_D=128, FP32=False)
+    ce = dict(TOPK=8, BLOCK_K=8, BLOCK_T=16, BLOCK_E=256, SCORING=0, HASH=False)
+    yield "E256", MR._select_kernel, types, ce
+
+
+def main() -> None:
+    for tag, fn, types, constexprs in (*expert_variants(), *route_variants()):
+        warps = 8 if fn.fn.__name__.startswith("_sorted") else 4  # as the wrappers launch them
+        print(f"{fn.fn.__name__:22s} {tag}: {build(fn, types, constexprs, warps)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

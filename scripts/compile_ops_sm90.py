@@ -1,0 +1,85 @@
+"""Compile the ops' Triton kernels (``kernels/mhc.py``, ``kernels/norm_rope.py``) for Hopper
+(sm_90) on a machine without a GPU, and print each variant's registers / spills.
+
+    python scripts/compile_ops_sm90.py
+
+The interpreter (the CPU tests) does not lower kernels, so this catches what only the compiler
+sees (layouts, unsupported ops, register spills) before device time is spent. Variants: bf16 and
+fp32 activations at Pro dims (hidden 7168, 128 heads x 512, q_lora 1536, indexer 128).
+"""
+
+import os
+import re
+import subprocess
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)  # before triton is imported: compiled jit functions
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from sglang_dsv4.kernels import mhc, norm_rope
+
+TARGET = GPUTarget("cuda", 90, 128)
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
+
+
+def build(fn, types: dict, constexprs: dict, num_warps: int = 4) -> str:
+    """Compile ``fn``: pointer / float arguments typed by ``types``, others i32."""
+    names = fn.arg_names
+    sig = {a: "constexpr" if a in constexprs else types.get(a, "i32") for a in names}
+    ce = {(names.index(a),): v for a, v in constexprs.items()}
+    src = ASTSource(fn=fn, signature=sig, constexprs=ce)
+    kernel = triton.compile(src, target=TARGET, options={"num_warps": num_warps})
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True)
+    return " ".join(re.findall(r"REG:\d+ STACK:\d+ SHARED:\d+ LOCAL:\d+", usage.stdout))
+
+
+def variants(dt: str):
+    bf = dt == "bf16"
+    act = "*" + dt
+    yield norm_rope._rms_kernel, {"x_ptr": act, "w_ptr": act, "out_ptr": act, "eps": "fp32"}, {
+        "N": 1536, "BN": 2048, "RB": 2, "X_BF16": bf, "W_BF16": bf,
+    }  # fmt: skip
+    rope_types = {"x_ptr": act, "w_ptr": act, "pos_ptr": "*i64", "inv_freq_ptr": "*fp32",
+                  "eps": "fp32"}  # fmt: skip
+    for norm, weighted, inverse in ((1, 0, 0), (1, 1, 0), (0, 0, 0), (0, 0, 1)):
+        yield norm_rope._rms_rope_kernel, rope_types, {
+            "D": 512, "RB": 4 if norm else 32, "NORM": bool(norm), "HAS_W": bool(weighted),
+            "INVERSE": bool(inverse), "X_BF16": bf, "W_BF16": bf and bool(weighted),
+        }  # fmt: skip
+    yield norm_rope._rope_hadamard_kernel, rope_types, {
+        "D": 128, "LOG2D": 7, "RB": 16, "INVERSE": False, "X_BF16": bf,
+    }  # fmt: skip
+    post_types = {"x_ptr": act, "y_ptr": act, "post_ptr": "*fp32", "comb_ptr": "*fp32",
+                  "out_ptr": act}  # fmt: skip
+    yield mhc._hc_post_kernel, post_types, {"D": 7168, "HC": 4, "TB": 4, "BD": 128, "X_BF16": bf}
+    hc_types = {a: "*fp32" for a in mhc._hc_kernel.arg_names if a.endswith("_ptr")}
+    hc_types |= {a: act for a in ("x_ptr", "y_ptr", "x_out_ptr")}
+    hc_types |= {"ticket_ptr": "*i32", "eps": "fp32", "hc_eps": "fp32"}
+    for post, head in ((False, False), (True, False), (True, True)):
+        yield mhc._hc_kernel, hc_types, {
+            "D": 7168, "HC": 4, "NM": 4 if head else 24, "NMP": 16 if head else 32, "TB": 16,
+            "BD": 32, "SB": 8, "ITERS": 20, "POST": post, "HEAD": head, "X_BF16": bf,
+        }  # fmt: skip
+    collapse_types = {"x_ptr": act, "pre_ptr": "*fp32", "w_ptr": act, "h_ptr": act, "eps": "fp32"}
+    yield mhc._collapse_norm_kernel, collapse_types, {
+        "D": 7168, "BD": 8192, "HC": 4, "X_BF16": bf, "W_BF16": bf,
+    }  # fmt: skip
+
+
+def main() -> None:
+    for dt in ("bf16", "fp32"):
+        for fn, types, constexprs in variants(dt):
+            flags = {k: v for k, v in constexprs.items() if isinstance(v, bool)}
+            warps = 8 if fn is mhc._collapse_norm_kernel else 4  # as the wrappers launch them
+            usage = build(fn, types, constexprs, warps)
+            print(f"{fn.fn.__name__:22s} {dt} {flags}: {usage}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

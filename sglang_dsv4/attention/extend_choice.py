@@ -1,0 +1,145 @@
+"""Sparse attention of extend batches through FlashMLA's sparse prefill, and the per-shape choice
+between it and ours (``kernels.attention.SparseMQA`` straight over the pools' rows).
+
+FlashMLA (``sgl_kernel.flash_mla.flash_mla_sparse_fwd``: sm90, 64 / 128 heads of 512) reads one
+bf16 KV buffer. As SGLang's own DSV4 backend does, ``plan()`` lays out a per-batch workspace,
+every request's entries (all of them: c4 top-k picks or c128 visible entries index into them)
+followed by every request's window rows (positions ``window_lo .. S-1``), and each query's index
+list into it; ``run()`` gathers the rows there (FP8 rows dequantized by SGLang's
+``dequantize_k_cache_paged``, bf16 rows copied) and launches once. c4 lists come from the
+indexer's picks (request-local entry ids + the request's workspace base) per layer.
+
+:func:`pick` chooses per batch shape from ``MEASURED`` (``scripts/bench_extend.py --attend``
+prints its rows on the H100): the nearest measured shape's faster kernel. Until a shape is
+measured, ours serves.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from sglang_dsv4.attention.choice import FLASHMLA, OURS, flashmla_eligible
+from sglang_dsv4.attention.extend_ops import AttendTorch, Picks, _entry_rows
+from sglang_dsv4.attention.plan import BatchPlan
+
+__all__ = ["MEASURED", "AttendChoice", "AttendFlashMLA", "pick"]
+
+# (kind, heads, new tokens, keys per query, ours ms, FlashMLA ms): kind "csa" = window + c4
+# top-k, "hca" = window + every c128 entry, "swa" = window only. Empty until measured.
+MEASURED: tuple[tuple[str, int, int, int, float, float], ...] = ()
+
+_ALIGN = 128  # FlashMLA's sparse prefill wants index lists of a multiple of 64 (h64) / 128
+
+
+def pick(kind: str, heads: int, tokens: int, keys: int, eligible: bool) -> str:
+    """The faster kernel for this extend shape, from the nearest measured row (log scale)."""
+    rows = [r for r in MEASURED if r[0] == kind and r[1] == heads]
+    if not eligible or not rows:
+        return OURS
+
+    def distance(r) -> float:
+        return abs(math.log(max(tokens, 1) / r[2])) + abs(math.log(max(keys, 1) / r[3]))
+
+    _, _, _, _, ours, flashmla = min(rows, key=distance)
+    return OURS if ours <= flashmla else FLASHMLA
+
+
+class AttendFlashMLA(AttendTorch):
+    """One ``flash_mla_sparse_fwd`` over a per-batch bf16 workspace (module docstring)."""
+
+    def __init__(
+        self, ratio: int, window: int, fp8: bool, raw_page: int, entry_page: int, dim: int = 512
+    ):
+        from sgl_kernel.flash_mla import flash_mla_sparse_fwd
+
+        self._fwd = flash_mla_sparse_fwd
+        self.ratio, self.window, self.fp8, self.dim = ratio, window, fp8, dim
+        self._pages = (raw_page, entry_page)
+        if fp8:
+            from sglang.kernels.ops.attention.dsv4.dequant_k_cache import (
+                dequantize_k_cache_paged,
+            )
+
+            self._dequant = dequantize_k_cache_paged
+
+    def plan(self, batch: BatchPlan, extra_width: int) -> None:
+        reqs, device = batch.requests, batch.out_loc.device
+        self._plan = batch
+        ent = [_entry_rows(r, self.ratio) if self.ratio else r.slots[:0] for r in reqs]
+        n_ent = sum(e.numel() for e in ent)
+        win_rows = [r.window_slots for r in reqs]  # swa slots of positions window_lo .. S-1
+        self._ent_rows = torch.cat(ent)  # [NE] flat entry rows
+        self._raw_rows = torch.cat(win_rows)  # [NW] swa slots
+        self.n_kv = n_ent + self._raw_rows.numel()
+        ent_base = torch.tensor([0, *[e.numel() for e in ent]], device=device).cumsum(0)[:-1]
+        raw_lens = torch.tensor([0, *[w.numel() for w in win_rows]], device=device)
+        raw_base = n_ent + raw_lens.cumsum(0)[:-1]
+        lists = []
+        for i, req in enumerate(reqs):
+            pos = req.positions.unsqueeze(1)  # [n, 1]
+            j = pos - self.window + 1 + torch.arange(self.window, device=device)  # [n, W]
+            win = torch.where(j >= 0, raw_base[i] + j - req.window_lo, -1)
+            if self.ratio == 128:  # every visible entry
+                e = torch.arange(ent[i].numel(), device=device)
+                vis = torch.where(e < (pos + 1) // self.ratio, ent_base[i] + e, -1)
+                win = torch.cat([win, F.pad(vis, (0, extra_width - vis.shape[1]), value=-1)], 1)
+            lists.append(win)
+        self._fixed = torch.cat(lists)  # [T, W (+ c128 entries)]
+        q_req = torch.repeat_interleave(
+            torch.arange(len(reqs), device=device),
+            torch.tensor([r.seq_len - r.prefix for r in reqs], device=device),
+        )
+        self._query_base = ent_base[q_req].unsqueeze(1).int()  # [T, 1] (c4 picks)
+        self._workspace = torch.empty(self.n_kv, 1, self.dim, dtype=torch.bfloat16, device=device)
+
+    def run(self, q, lk, window, sink, scale, extra: Picks | None = None):
+        ws = self._workspace
+        n_ent = self._ent_rows.numel()
+        self._gather(lk.entries, self._ent_rows, self._pages[1], ws[:n_ent])
+        self._gather(lk.raw, self._raw_rows, self._pages[0], ws[n_ent:])
+        lists = [self._fixed]
+        if self.ratio == 4:  # the picks are request-local entry ids
+            lists.append(torch.where(extra.ids >= 0, extra.ids + self._query_base, -1))
+        idx = torch.cat(lists, dim=1).int()
+        idx = F.pad(idx, (0, -idx.shape[1] % _ALIGN), value=-1)  # [T, K'] (K' % 128 == 0)
+        out, _, _ = self._fwd(q, ws, idx.unsqueeze(1), scale, self.dim, sink.float(), None)
+        return out
+
+    def _gather(self, cache, rows, page, out) -> None:
+        if rows.numel() == 0:
+            return
+        if self.fp8:
+            self._dequant(cache, rows, page_size=page, out=out)
+        else:
+            torch.index_select(cache.view(-1, self.dim), 0, rows, out=out.view(-1, self.dim))
+
+
+class AttendChoice(AttendTorch):
+    """Ours or FlashMLA per batch shape (:func:`pick`), decided in ``plan()``."""
+
+    def __init__(self, kind: str, heads: int, window: int, ours, flashmla):
+        self.kind, self.heads, self.window = kind, heads, window
+        self._ours, self._flashmla = ours, flashmla
+        self.choice = OURS
+
+    def plan(self, batch: BatchPlan, extra_width: int) -> None:
+        tokens = int(batch.out_loc.numel())
+        self.choice = pick(self.kind, self.heads, tokens, self.window + extra_width, True)
+        self._op = self._flashmla if self.choice == FLASHMLA else self._ours
+        self._op.plan(batch, extra_width)
+
+    def run(self, q, lk, window, sink, scale, extra: Picks | None = None):
+        return self._op.run(q, lk, window, sink, scale, extra)
+
+
+def attend_choice(kind: str, heads: int, head_dim: int, window: int, ours, lk, device):
+    """``ours`` alone where FlashMLA cannot run, else the per-shape choice of the two."""
+    if not flashmla_eligible(True, heads, head_dim, device) or lk.raw_rows.read_dtype != (
+        torch.bfloat16
+    ):
+        return ours
+    ratio = {"swa": 0, "csa": 4, "hca": 128}[kind]
+    entry_page = lk.entry_rows.rows_per_page if lk.entry_rows is not None else 1
+    flashmla = AttendFlashMLA(ratio, window, lk.fp8, lk.raw_rows.rows_per_page, entry_page)
+    return AttendChoice(kind, heads, window, ours, flashmla)

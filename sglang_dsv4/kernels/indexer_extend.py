@@ -1,0 +1,267 @@
+"""Lightning indexer of c4 layers for extend batches: many queries per request, tiled over
+queries and keys, then the exact top-k of ``kernels.indexer``.
+
+Twin: ``ref.indexer.index_scores`` + ``index_topk`` per request (the scores formula is in
+``kernels.indexer``). Decode (one query per request) keeps ``IndexerTopK``'s one-query programs;
+an extend has ``n`` queries per request that read the same keys, so here one program owns a
+*query tile*: ``BQ`` consecutive queries of one request (``BQ * H`` query rows, e.g. 4 x 64 heads
+= 256, stationary in shared memory), and streams that request's keys ``BS`` at a time:
+
+    S = K_tile [BS, Dh] @ Q^T [Dh, BQ*H]  ->  ReLU, head weights, sum over each query's H heads
+
+so every key tile is read once per ``BQ`` queries instead of once per query. The causal bound is
+per query (entry ``s`` visible to the query at ``pos`` iff ``s < (pos + 1) // 4``); the tile's
+last query sees the most keys, so the key loop runs to its bound and masks the rest.
+
+Keys: FP8 (``kv_store.IndexKeyLayout("fp8")``: e4m3 + one power-of-2 scale per key, applied after
+the sums) or plain rows (``[n_rows, Dh]`` bf16 / fp32, the CPU and bf16 pools). Entry ``s`` of
+request ``b`` is key row ``block_table[b, s // 32] * 32 + s % 32``.
+
+``plan()`` (host) cuts the batch's queries into tiles and the tiles into workspace chunks (the
+fp32 logits of a chunk's queries must fit ``max_workspace_bytes``); ``run()`` launches, per chunk,
+the tiled logits kernel and ``kernels.indexer``'s radix top-k.
+"""
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from sglang_dsv4.kernels.indexer import _topk_kernel
+from sglang_dsv4.kernels.kv_store import IndexKeyLayout
+
+__all__ = ["IndexerExtend"]
+
+
+@triton.jit(do_not_specialize=["bt_stride", "n_splits", "t_base"])
+def _tile_logits_kernel(
+    q_ptr,
+    q_stride_t,
+    q_stride_h,
+    w_ptr,
+    w_stride,
+    keys_ptr,
+    bt_ptr,
+    bt_stride,
+    tile_start_ptr,
+    tile_len_ptr,
+    qreq_ptr,
+    pos_ptr,
+    logits_ptr,
+    ld,
+    n_splits,
+    t_base,
+    H: tl.constexpr,
+    DH: tl.constexpr,
+    BQ: tl.constexpr,
+    BS: tl.constexpr,
+    EPB: tl.constexpr,
+    RATIO: tl.constexpr,
+    RPP: tl.constexpr,
+    KEYS: tl.constexpr,  # 0 FP8 layout, 1 plain rows
+    DOT_F32: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    split = tl.program_id(1)
+    t0 = tl.load(tile_start_ptr + tile)  # first query (batch token index)
+    n_q = tl.load(tile_len_ptr + tile)
+    b = tl.load(qreq_ptr + t0).to(tl.int64)
+    jq = tl.arange(0, BQ)
+    q_ok = jq < n_q
+    tq = (t0 + tl.minimum(jq, n_q - 1)).to(tl.int64)  # [BQ] clamped: padded rows repeat
+    vis = (tl.load(pos_ptr + tq).to(tl.int32) + 1) // RATIO  # [BQ]
+    vis = tl.where(q_ok, vis, 0)
+    vis_max = tl.max(vis, axis=0)
+    # query rows r = j * H + h: [BQ*H, DH]
+    r = tl.arange(0, BQ * H)
+    rq = tq[:, None] + 0 * tl.arange(0, H)[None, :]  # [BQ, H]
+    rq = tl.reshape(rq, [BQ * H])
+    rh = r % H
+    dd = tl.arange(0, DH)
+    q = tl.load(q_ptr + rq[:, None] * q_stride_t + rh[:, None] * q_stride_h + dd[None, :])
+    q_t = tl.trans(q.to(tl.float32) if DOT_F32 else q.to(tl.bfloat16))  # [DH, BQ*H]
+    wh = tl.load(w_ptr + rq * w_stride + rh).to(tl.float32) * (H**-0.5)  # [BQ*H]
+    PAGE: tl.constexpr = RPP * (DH + 4)
+    out_rows = logits_ptr + (tq - t_base) * ld  # [BQ]
+    for kt in range(split, tl.cdiv(vis_max, BS), n_splits):
+        i = kt * BS + tl.arange(0, BS)
+        valid = i < vis_max
+        blk = tl.load(bt_ptr + b * bt_stride + i // EPB, mask=valid, other=0).to(tl.int64)
+        row = blk * EPB + i % EPB
+        if KEYS == 0:
+            kpage = row // RPP
+            kslot = row - kpage * RPP
+            raw = tl.load(
+                keys_ptr + (kpage * PAGE + kslot * DH)[:, None] + dd[None, :], valid[:, None], 0
+            )
+            k = raw.to(tl.float8e4nv, bitcast=True)
+            sptr = (keys_ptr + kpage * PAGE + RPP * DH + kslot * 4).to(tl.pointer_type(tl.float32))
+            kscale = tl.load(sptr, valid, 0.0)
+        else:
+            k = tl.load(keys_ptr + row[:, None] * DH + dd[None, :], valid[:, None], 0.0)
+            kscale = tl.full([BS], 1.0, tl.float32)
+        if DOT_F32:  # fp32 queries (CPU, fp32 models): exact fp32 products, no TF32
+            s = tl.dot(k.to(tl.float32), q_t, input_precision="ieee")  # [BS, BQ*H]
+        else:
+            s = tl.dot(k.to(tl.bfloat16), q_t)  # [BS, BQ*H] fp32 accumulation
+        s = tl.maximum(s, 0.0) * (DH**-0.5) * wh[None, :]
+        logit = tl.sum(tl.reshape(s, [BS, BQ, H]), axis=2) * kscale[:, None]  # [BS, BQ]
+        keep = (i[:, None] < vis[None, :]) & q_ok[None, :]
+        tl.store(out_rows[None, :] + i[:, None], logit, keep)
+
+
+class IndexerExtend:
+    """Indexer logits + exact top-k of one c4 layer kind over an extend batch. ``plan()`` once
+    per batch (tiles, chunks, buffers), ``run()`` per layer (launches only, no sync)."""
+
+    def __init__(
+        self,
+        topk: int,
+        n_heads: int,
+        head_dim: int = 128,
+        *,
+        ratio: int = 4,
+        block_size: int = 128,
+        key_layout: IndexKeyLayout | None = None,
+        query_rows: int = 256,
+        block_keys: int = 64,
+        max_workspace_bytes: int = 1 << 28,
+    ):
+        if n_heads & (n_heads - 1) or head_dim & (head_dim - 1) or n_heads > query_rows:
+            raise ValueError(f"{n_heads} heads x {head_dim}: powers of 2, <= {query_rows} heads")
+        self.topk, self.n_heads, self.head_dim = topk, n_heads, head_dim
+        self.ratio, self.entries_per_block = ratio, block_size // ratio
+        self.key_layout = key_layout  # None: plain rows
+        if key_layout is not None and (key_layout.fmt, key_layout.head_dim) != ("fp8", head_dim):
+            raise ValueError(f"key layout {key_layout}: FP8 keys of {head_dim} dims or plain rows")
+        self.tile_q = max(1, query_rows // n_heads)  # queries per tile (BQ)
+        self.block_keys = block_keys
+        self.max_workspace_bytes = max_workspace_bytes
+        self._planned = False
+
+    def plan(
+        self,
+        extend_lens: Sequence[int],
+        seq_lens: Sequence[int],
+        device: torch.device | str,
+    ) -> None:
+        """Host lengths of the batch (new tokens ``n_b``, sequence lengths ``S_b``; the batch's
+        tokens are the requests' new tokens in order)."""
+        device = torch.device(device)
+        bq = self.tile_q
+        max_keys = max((s // self.ratio for s in seq_lens), default=0)
+        self.ld = max(16, -(-max_keys // 16) * 16)
+        q_chunk = max(bq, self.max_workspace_bytes // (4 * self.ld))
+        starts, lens, chunks = [], [], []  # chunks: (t0, t1, first tile, n tiles)
+        t, c_t0, c_tile = 0, 0, 0
+        for n in extend_lens:
+            for j in range(0, n, bq):
+                m = min(bq, n - j)
+                if t + m - c_t0 > q_chunk:  # this tile starts a new chunk
+                    chunks.append((c_t0, t, c_tile, len(starts) - c_tile))
+                    c_t0, c_tile = t, len(starts)
+                starts.append(t)
+                lens.append(m)
+                t += m
+        if t > c_t0:
+            chunks.append((c_t0, t, c_tile, len(starts) - c_tile))
+        self.n_queries, self.chunks = t, chunks
+        tiles = torch.tensor([starts, lens], dtype=torch.int32).to(device)
+        self.tile_start, self.tile_len = tiles[0], tiles[1]
+        rows = max((t1 - t0 for t0, t1, _, _ in chunks), default=1)
+        self.logits = torch.empty(rows, self.ld, dtype=torch.float32, device=device)
+        self.ids = torch.empty(t, self.topk, dtype=torch.int32, device=device)
+        self.rows = torch.empty_like(self.ids)
+        self.lengths = torch.empty(t, dtype=torch.int32, device=device)
+        sms = (
+            torch.cuda.get_device_properties(device).multi_processor_count
+            if device.type == "cuda"
+            else 4
+        )
+        key_tiles = triton.cdiv(max(max_keys, 1), self.block_keys)
+        n_tiles = max((n for _, _, _, n in chunks), default=1)
+        # few query tiles (a short chunk over a long prefix): spread each one's keys too
+        self.splits = max(1, min(triton.cdiv(key_tiles, 4), triton.cdiv(2 * sms, n_tiles)))
+        self._dot_f32 = device.type != "cuda"
+        self._planned = True
+
+    def run(
+        self,
+        q: torch.Tensor,
+        weights: torch.Tensor,
+        keys: torch.Tensor,
+        block_table: torch.Tensor,
+        query_req: torch.Tensor,
+        positions: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``q`` [T, H, Dh] bf16 (fp32: exact fp32 dots), roped and rotated like the keys;
+        ``weights`` [T, H]; ``keys`` the key cache (uint8 FP8 layout, or plain rows viewed
+        [n_rows, Dh]); ``block_table`` [B, max_blocks] int32; ``query_req`` [T] int32;
+        ``positions`` [T] int32/int64.
+
+        Returns the plan's buffers ``(ids, rows, lengths)``: entry ids [T, topk] int32 (-1 past
+        the ``min(topk, visible)`` picks), their key / entry rows, the pick counts [T]."""
+        if not self._planned:
+            raise RuntimeError("plan() before run()")
+        if q.shape != (self.n_queries, self.n_heads, self.head_dim):
+            raise ValueError(f"q {tuple(q.shape)} != planned [{self.n_queries}, "
+                             f"{self.n_heads}, {self.head_dim}]")  # fmt: skip
+        if q.stride(2) != 1 or weights.stride(1) != 1:
+            raise ValueError("q and weights need a contiguous last dim")
+        plain = self.key_layout is None
+        if plain and (keys.dim() != 2 or keys.shape[1] != self.head_dim):
+            raise ValueError(f"plain keys must be [n_rows, {self.head_dim}]")
+        rpp = 1 if plain else self.key_layout.rows_per_page
+        for t0, t1, first, n_tiles in self.chunks:
+            _tile_logits_kernel[(n_tiles, self.splits)](
+                q,
+                q.stride(0),
+                q.stride(1),
+                weights,
+                weights.stride(0),
+                keys,
+                block_table,
+                block_table.stride(0),
+                self.tile_start[first:],
+                self.tile_len[first:],
+                query_req,
+                positions,
+                self.logits,
+                self.ld,
+                self.splits,
+                t0,
+                H=self.n_heads,
+                DH=self.head_dim,
+                BQ=self.tile_q,
+                BS=self.block_keys,
+                EPB=self.entries_per_block,
+                RATIO=self.ratio,
+                RPP=rpp,
+                KEYS=1 if plain else 0,
+                DOT_F32=self._dot_f32 or q.dtype == torch.float32,
+                num_warps=8,
+                num_stages=2,
+            )
+            self._select(block_table, query_req, positions, t0, t1)
+        return self.ids, self.rows, self.lengths
+
+    def _select(self, block_table, query_req, positions, t0, t1) -> None:
+        _topk_kernel[(t1 - t0,)](
+            self.logits,
+            self.ld,
+            query_req[t0:t1],
+            positions[t0:t1],
+            block_table,
+            block_table.stride(0),
+            self.ids[t0:t1],
+            self.rows[t0:t1],
+            self.lengths[t0:t1],
+            K=self.topk,
+            RATIO=self.ratio,
+            EPB=self.entries_per_block,
+            CHUNK=2048,
+            KCHUNK=min(1024, triton.next_power_of_2(self.topk)),
+            WRITE_ROWS=True,
+            num_warps=8,
+        )

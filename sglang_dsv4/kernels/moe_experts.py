@@ -1,0 +1,408 @@
+"""Routed (+ shared) experts of one layer, grouped, for dense (bf16 / fp32), FP8 and FP4 banks.
+
+A bank holds every expert of a layer stacked at load (:mod:`sglang_dsv4.model.experts`), one
+:class:`Proj` per projection over ``R`` rows: w1 / w3 [R, I, d], w2 [R, d, I] in the format
+
+* ``dense``: the model dtype;
+* ``fp8``: e4m3 with e8m0 128x128 block scales [R, ceil(N/128), ceil(K/128)];
+* ``mxfp4`` / ``nvfp4``: packed e2m1 codes uint8 [R, N, K/2] with scale bytes [R, N, K/G]
+  (e8m0 per 32 / e4m3 per 16) and an fp32 global scale per row (NVFP4);
+
+w1 and w3 may be views of one ``w13`` [R, 2I, d] tensor (same strides). ``R`` is ``E`` routed
+experts, plus one when the shared expert is stored as row ``E`` (``shared_row``): it then runs as
+one more slot of every token, with weight 1. Quantized tiles are decoded in registers, never to
+memory (the scale is applied to the tile: exact for power-of-two scales).
+
+Each expert computes ``w2(silu(min(w1 x, L)) * clamp(w3 x, -L, L))`` with fp32 accumulation; the
+clamp + SwiGLU is the epilogue of the w1/w3 GEMM (one pass for both), the routing weight the
+epilogue of w2. Two forms, both free of host syncs and data-dependent shapes (CUDA-graph safe):
+
+* :func:`moe_experts_slots` (decode, small T): a program per (token slot, N tile) reads only its
+  chosen expert's rows, as a GEMV; a second kernel per (token, d tile) sums the token's slots
+  through w2. Two launches, and only the chosen experts' weights are read.
+* :func:`moe_experts_sorted` (prefill, large T): (token, slot) pairs sorted by expert; each
+  program owns an M block of one expert (blocks found in-kernel from the group offsets) and runs
+  ``tl.dot`` tiles, so each expert's weights are read once per block row.
+
+Twin: :class:`sglang_dsv4.ref.moe.DenseExperts` and :func:`sglang_dsv4.ref.moe.swiglu` over the
+dequantized weights.
+"""
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from sglang_dsv4.kernels.mxfp4_moe import _fp4_tile
+
+__all__ = ["FORMATS", "ExpertWeights", "Proj", "moe_experts_slots", "moe_experts_sorted"]
+
+FORMATS = {"dense": 0, "fp8": 1, "mxfp4": 2, "nvfp4": 3}
+_GROUP = {"mxfp4": 32, "nvfp4": 16}
+
+
+class Proj(NamedTuple):
+    """One projection of every bank row: ``w`` (codes), ``scale`` (bytes or e8m0; None when
+    dense), ``global_scale`` fp32 [R] (NVFP4 only)."""
+
+    w: torch.Tensor
+    scale: torch.Tensor | None = None
+    global_scale: torch.Tensor | None = None
+
+
+class ExpertWeights(NamedTuple):
+    """One layer's bank (module docstring): projections ``w1``, ``w3``, ``w2`` in ``fmt``."""
+
+    w1: Proj
+    w3: Proj
+    w2: Proj
+    fmt: str = "dense"
+
+    @classmethod
+    def stacked(cls, w13, w2, s13=None, s2=None) -> "ExpertWeights":
+        """A dense (``s13`` None) or FP8 bank stored as ``w13`` [R, 2I, d] (w1 rows then w3
+        rows; FP8 scale rows likewise, w3's from ``ceil(I/128)``) and ``w2`` [R, d, I]."""
+        inter = w13.shape[1] // 2
+        if s13 is None:
+            return cls(Proj(w13[:, :inter]), Proj(w13[:, inter:]), Proj(w2))
+        t = s13.shape[1] // 2
+        w1, w3 = Proj(w13[:, :inter], s13[:, :t]), Proj(w13[:, inter:], s13[:, t:])
+        return cls(w1, w3, Proj(w2, s2), "fp8")
+
+    @property
+    def packing(self) -> int:
+        return 2 if self.fmt in _GROUP else 1
+
+    def check(self, d: int) -> tuple[int, int]:
+        """(rows, inter) after checking shapes against hidden size ``d``."""
+        if self.fmt not in FORMATS:
+            raise ValueError(f"expert bank format {self.fmt!r}: expected one of {list(FORMATS)}")
+        r, inter, d_in = self.w1.w.shape
+        pk = self.packing
+        ok = d_in * pk == d and tuple(self.w2.w.shape) == (r, d, inter // pk)
+        ok = ok and self.w3.w.shape == self.w1.w.shape and self.w3.w.stride() == self.w1.w.stride()
+        if not ok:
+            raise ValueError(
+                f"bank w1 {tuple(self.w1.w.shape)}, w3 {tuple(self.w3.w.shape)}, "
+                f"w2 {tuple(self.w2.w.shape)} ({self.fmt}) for d = {d}"
+            )
+        if self.fmt != "dense" and any(p.scale is None for p in self[:3]):
+            raise ValueError(f"a {self.fmt} bank needs the scales of w1, w3 and w2")
+        if self.fmt == "nvfp4" and any(p.global_scale is None for p in self[:3]):
+            raise ValueError("an nvfp4 bank needs the global scales of w1, w3 and w2")
+        return r, inter
+
+    def operands(self, proj: Proj) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(weight, scale, global scale) pointers of ``proj`` for the kernels; operands a
+        format does not read are stood in for by the weights (never dereferenced)."""
+        w = proj.w.view(torch.uint8) if self.fmt in _GROUP else proj.w
+        scale = w if proj.scale is None else proj.scale.view(torch.uint8)
+        gs = w if proj.global_scale is None else proj.global_scale
+        return w, scale, gs
+
+    def constexprs(self) -> dict:
+        return dict(FMT=FORMATS[self.fmt], G=_GROUP.get(self.fmt, 32), NV=self.fmt == "nvfp4")
+
+
+@triton.jit
+def _w_tile(w_ptr, s_ptr, gs_ptr, e, offs_n, n_ok, k0, K, stride_wn, stride_sn,
+            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr,
+            NV: tl.constexpr):  # fmt: skip
+    """Weight tile [BLOCK_N, BLOCK_K] of rows ``offs_n``, columns ``k0 ...`` of one expert
+    (``w_ptr`` / ``s_ptr`` at its row ``e``): dense in its dtype, quantized formats decoded to
+    fp32 with their scales applied."""
+    if FMT >= 2:  # FP4: codes * block scale * global scale, as the reference multiplies
+        gs = 1.0
+        if NV:  # compile-time: one of the two is built
+            gs = tl.load(gs_ptr + e)
+        w = _fp4_tile(
+            w_ptr, s_ptr, offs_n, n_ok, k0, K, stride_wn, stride_sn, gs, BLOCK_N, BLOCK_K, G, NV
+        )
+    else:
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        ok = n_ok[:, None] & (offs_k < K)[None, :]
+        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=ok, other=0.0)
+        if FMT == 1:  # e4m3 * 2^(b - 127) per 128x128 block: exact in bf16 and fp32
+            sb = tl.load(s_ptr + (offs_n // 128) * stride_sn + k0 // 128, mask=n_ok, other=127)
+            w = w.to(tl.float32) * tl.exp2(sb.to(tl.float32) - 127.0)[:, None]
+    return w
+
+
+@triton.jit
+def _swiglu(g, u, limit):
+    g = tl.minimum(g, limit)
+    u = tl.minimum(tl.maximum(u, -limit), limit)
+    return g * tl.sigmoid(g) * u
+
+
+@triton.jit
+def _slot_w13_kernel(x_ptr, chosen_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, gs1_ptr, gs3_ptr, h_ptr,
+                     D, I, limit, shared_row, stride_xt, stride_we, stride_wn, stride_se,
+                     stride_sn, TOPK: tl.constexpr, SLOTS: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr,
+                     NV: tl.constexpr):  # fmt: skip
+    p = tl.program_id(0)  # token slot: t * SLOTS + j
+    t = p // SLOTS
+    j = p % SLOTS
+    # the slot's chosen expert, or the shared row past top-k
+    e = tl.load(chosen_ptr + t * TOPK + j, mask=j < TOPK, other=0)
+    e = tl.where(j < TOPK, e, shared_row).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < I
+    w1_e, w3_e = w1_ptr + e * stride_we, w3_ptr + e * stride_we
+    s1_e, s3_e = s1_ptr + e * stride_se, s3_ptr + e * stride_se
+    acc_g = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + t * stride_xt + offs_k, mask=offs_k < D, other=0.0).to(tl.float32)
+        wg = _w_tile(w1_e, s1_e, gs1_ptr, e, offs_n, n_ok, k0, D, stride_wn, stride_sn,
+                     BLOCK_N, BLOCK_K, FMT, G, NV)  # fmt: skip
+        wu = _w_tile(w3_e, s3_e, gs3_ptr, e, offs_n, n_ok, k0, D, stride_wn, stride_sn,
+                     BLOCK_N, BLOCK_K, FMT, G, NV)  # fmt: skip
+        acc_g += tl.sum(wg.to(tl.float32) * x[None, :], axis=1)
+        acc_u += tl.sum(wu.to(tl.float32) * x[None, :], axis=1)
+    h = _swiglu(acc_g, acc_u, limit)
+    tl.store(h_ptr + p * I + offs_n, h.to(h_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _slot_w2_kernel(h_ptr, chosen_ptr, weights_ptr, w_ptr, s_ptr, gs_ptr, out_ptr, D, I,
+                    shared_row, stride_we, stride_wn, stride_se, stride_sn, stride_ot,
+                    TOPK: tl.constexpr, SLOTS: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr,
+                    NV: tl.constexpr):  # fmt: skip
+    t = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < D
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for j in tl.static_range(SLOTS):  # j is a compile-time constant: one branch is built
+        if j < TOPK:
+            e = tl.load(chosen_ptr + t * TOPK + j).to(tl.int64)
+            wt = tl.load(weights_ptr + t * TOPK + j)
+        else:  # the shared expert, weight 1
+            e = tl.zeros((), dtype=tl.int64) + shared_row
+            wt = 1.0
+        w_e, s_e = w_ptr + e * stride_we, s_ptr + e * stride_se
+        part = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for k0 in range(0, I, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            h = tl.load(h_ptr + (t * SLOTS + j) * I + offs_k, mask=offs_k < I, other=0.0)
+            w = _w_tile(w_e, s_e, gs_ptr, e, offs_n, n_ok, k0, I, stride_wn, stride_sn,
+                        BLOCK_N, BLOCK_K, FMT, G, NV)  # fmt: skip
+            part += tl.sum(w.to(tl.float32) * h.to(tl.float32)[None, :], axis=1)
+        acc += part * wt
+    tl.store(out_ptr + t * stride_ot + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+def _slot_tiles(t: int) -> int:
+    """BLOCK_N of the slot kernels: narrow tiles at batch 1 so that a few experts still fill the
+    GPU with programs (a guess until bench_moe.py measures it)."""
+    return 16 if t <= 2 else 32
+
+
+def _strides(w: torch.Tensor, s: torch.Tensor) -> dict:
+    return dict(stride_we=w.stride(0), stride_wn=w.stride(1), stride_se=s.stride(0),
+                stride_sn=s.stride(1))  # fmt: skip
+
+
+def moe_experts_slots(
+    x: torch.Tensor,
+    chosen: torch.Tensor,
+    weights: torch.Tensor,
+    bank: ExpertWeights,
+    limit: float,
+    shared_row: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x`` [T, d], ``chosen`` int [T, k], ``weights`` [T, k] -> [T, d] in x's dtype (into
+    ``out`` when given): the sum over slots of weight * expert(x), plus the shared expert when
+    ``shared_row`` is given."""
+    t, d = x.shape
+    _, inter = bank.check(d)
+    topk = chosen.shape[1]
+    slots = topk + (shared_row is not None)
+    x, chosen, weights = x.contiguous(), chosen.contiguous(), weights.float().contiguous()
+    h = torch.empty(t * slots, inter, dtype=x.dtype, device=x.device)  # [T * S, I]
+    out = torch.empty(t, d, dtype=x.dtype, device=x.device) if out is None else out
+    if t == 0:
+        return out
+    (w1, s1, gs1), (w3, s3, gs3), (w2, s2, gs2) = (bank.operands(p) for p in bank[:3])
+    block_n = _slot_tiles(t)
+    row = -1 if shared_row is None else shared_row
+    common = dict(chosen_ptr=chosen, D=d, I=inter, shared_row=row, TOPK=topk, SLOTS=slots,
+                  BLOCK_N=block_n, BLOCK_K=128, num_warps=4, **bank.constexprs())  # fmt: skip
+    _slot_w13_kernel[(t * slots, triton.cdiv(inter, block_n))](
+        x_ptr=x, w1_ptr=w1, w3_ptr=w3, s1_ptr=s1, s3_ptr=s3, gs1_ptr=gs1, gs3_ptr=gs3, h_ptr=h,
+        limit=float(limit), stride_xt=x.stride(0), **_strides(w1, s1), **common,
+    )  # fmt: skip
+    _slot_w2_kernel[(t, triton.cdiv(d, block_n))](
+        h_ptr=h, weights_ptr=weights, w_ptr=w2, s_ptr=s2, gs_ptr=gs2, out_ptr=out,
+        stride_ot=out.stride(0), **_strides(w2, s2), **common,
+    )  # fmt: skip
+    return out
+
+
+@triton.jit
+def _expert_block(off_ptr, R, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
+    """(expert, first row, end row) of this program's M block; expert R: no block (the grid
+    covers the most blocks any routing can need). Expert r's rows are off[r]:off[r+1] of the
+    sorted pairs, split into ceil(rows / BLOCK_M) blocks, blocks of experts in order."""
+    pid = tl.program_id(0)
+    offs_r = tl.arange(0, BLOCK_R)
+    r_ok = offs_r < R
+    lo = tl.load(off_ptr + offs_r, mask=r_ok, other=0)
+    hi = tl.load(off_ptr + offs_r + 1, mask=r_ok, other=0)
+    nb = (hi - lo + BLOCK_M - 1) // BLOCK_M
+    cum = tl.cumsum(nb, axis=0)  # blocks up to and including expert r
+    e = tl.sum((cum <= pid).to(tl.int32), axis=0)
+    this = offs_r == e
+    first = tl.sum(tl.where(this, cum - nb, 0), axis=0)
+    row0 = tl.sum(tl.where(this, lo, 0), axis=0) + (pid - first) * BLOCK_M
+    end = tl.sum(tl.where(this, hi, 0), axis=0)
+    return e, row0, end
+
+
+@triton.jit
+def _dot(a, w, IEEE: tl.constexpr):
+    """a [M, K] @ w [N, K].T in fp32."""
+    if IEEE:
+        return tl.dot(a, tl.trans(w.to(a.dtype)), input_precision="ieee")
+    return tl.dot(a, tl.trans(w.to(a.dtype)))
+
+
+@triton.jit
+def _sorted_w13_kernel(x_ptr, order_ptr, off_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, gs1_ptr,
+                       gs3_ptr, h_ptr, R, D, I, limit, stride_xt, stride_we, stride_wn,
+                       stride_se, stride_sn, SLOTS: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+                       FMT: tl.constexpr, G: tl.constexpr, NV: tl.constexpr,
+                       IEEE: tl.constexpr):  # fmt: skip
+    e, row0, end = _expert_block(off_ptr, R, BLOCK_M, BLOCK_R)
+    if e >= R:
+        return
+    rows = row0 + tl.arange(0, BLOCK_M)
+    m_ok = rows < end
+    tok = tl.load(order_ptr + rows, mask=m_ok, other=0) // SLOTS
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < I
+    e = e.to(tl.int64)
+    w1_e, w3_e = w1_ptr + e * stride_we, w3_ptr + e * stride_we
+    s1_e, s3_e = s1_ptr + e * stride_se, s3_ptr + e * stride_se
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(
+            x_ptr + tok[:, None].to(tl.int64) * stride_xt + offs_k[None, :],
+            mask=m_ok[:, None] & (offs_k < D)[None, :],
+            other=0.0,
+        )
+        wg = _w_tile(w1_e, s1_e, gs1_ptr, e, offs_n, n_ok, k0, D, stride_wn, stride_sn,
+                     BLOCK_N, BLOCK_K, FMT, G, NV)  # fmt: skip
+        wu = _w_tile(w3_e, s3_e, gs3_ptr, e, offs_n, n_ok, k0, D, stride_wn, stride_sn,
+                     BLOCK_N, BLOCK_K, FMT, G, NV)  # fmt: skip
+        acc_g += _dot(a, wg, IEEE)
+        acc_u += _dot(a, wu, IEEE)
+    h = _swiglu(acc_g, acc_u, limit)
+    tl.store(
+        h_ptr + rows[:, None].to(tl.int64) * I + offs_n[None, :],
+        h.to(h_ptr.dtype.element_ty),
+        mask=m_ok[:, None] & n_ok[None, :],
+    )
+
+
+@triton.jit
+def _sorted_w2_kernel(h_ptr, order_ptr, off_ptr, weights_ptr, w_ptr, s_ptr, gs_ptr, y_ptr, R, D,
+                      I, stride_we, stride_wn, stride_se, stride_sn, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+                      FMT: tl.constexpr, G: tl.constexpr, NV: tl.constexpr,
+                      IEEE: tl.constexpr):  # fmt: skip
+    e, row0, end = _expert_block(off_ptr, R, BLOCK_M, BLOCK_R)
+    if e >= R:
+        return
+    rows = row0 + tl.arange(0, BLOCK_M)
+    m_ok = rows < end
+    pair = tl.load(order_ptr + rows, mask=m_ok, other=0).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < D
+    e = e.to(tl.int64)
+    w_e, s_e = w_ptr + e * stride_we, s_ptr + e * stride_se
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, I, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(
+            h_ptr + rows[:, None].to(tl.int64) * I + offs_k[None, :],
+            mask=m_ok[:, None] & (offs_k < I)[None, :],
+            other=0.0,
+        )
+        w = _w_tile(w_e, s_e, gs_ptr, e, offs_n, n_ok, k0, I, stride_wn, stride_sn,
+                    BLOCK_N, BLOCK_K, FMT, G, NV)  # fmt: skip
+        acc += _dot(a, w, IEEE)
+    wt = tl.load(weights_ptr + pair, mask=m_ok, other=0.0)
+    tl.store(
+        y_ptr + pair[:, None] * D + offs_n[None, :],
+        (acc * wt[:, None]).to(y_ptr.dtype.element_ty),
+        mask=m_ok[:, None] & n_ok[None, :],
+    )  # row of the pair in token order: the slot sum needs no inverse permutation
+
+
+def _sorted_tiles(pairs: int) -> tuple[int, int]:
+    """(BLOCK_M, warps) of the sorted kernels by the number of (token, slot) pairs. 8 warps:
+    with 4 the two [M, 64] accumulators of the w1/w3 kernel spill registers on sm_90 (up to
+    688 B of stack per thread, scripts/compile_moe_sm90.py); with 8 none spills."""
+    if pairs <= 512:
+        return 16, 8
+    return (32, 8) if pairs <= 4096 else (64, 8)
+
+
+def moe_experts_sorted(
+    x: torch.Tensor,
+    chosen: torch.Tensor,
+    weights: torch.Tensor,
+    bank: ExpertWeights,
+    limit: float,
+    shared_row: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """As :func:`moe_experts_slots`, as a sorted grouped GEMM (module docstring)."""
+    t, d = x.shape
+    n_rows, inter = bank.check(d)
+    x, weights = x.contiguous(), weights.float()
+    chosen = chosen.long()
+    if shared_row is not None:  # the shared expert: one more slot of every token, weight 1
+        chosen = torch.cat([chosen, chosen.new_full((t, 1), shared_row)], dim=1)
+        weights = torch.cat([weights, weights.new_ones(t, 1)], dim=1)
+    slots = chosen.shape[1]
+    pairs = t * slots
+    out = torch.empty(t, d, dtype=x.dtype, device=x.device) if out is None else out
+    if t == 0:
+        return out
+    # pairs grouped by expert; group r starts at the first sorted id >= r (searchsorted, not
+    # bincount: bincount sizes its output from the data and syncs)
+    sorted_ids, order = torch.sort(chosen.reshape(-1), stable=True)  # [P]
+    bounds = torch.arange(n_rows + 1, device=x.device, dtype=sorted_ids.dtype)
+    offsets = torch.searchsorted(sorted_ids, bounds).to(torch.int32)  # [R + 1]
+    order = order.to(torch.int32)
+    h = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)  # [P, I], sorted order
+    # [P, d] in token order, in x's dtype as the reference rounds each expert's output (half
+    # the bytes of fp32: at an 8K-token prefill chunk with 7 slots this buffer is 470 MB)
+    y = torch.empty(pairs, d, dtype=x.dtype, device=x.device)
+    (w1, s1, gs1), (w3, s3, gs3), (w2, s2, gs2) = (bank.operands(p) for p in bank[:3])
+    block_m, warps = _sorted_tiles(pairs)
+    blocks = triton.cdiv(pairs, block_m) + n_rows
+    common = dict(
+        order_ptr=order, off_ptr=offsets, R=n_rows, D=d, I=inter, BLOCK_M=block_m, BLOCK_N=64,
+        BLOCK_K=64, BLOCK_R=triton.next_power_of_2(n_rows + 1), IEEE=x.dtype == torch.float32,
+        num_warps=warps, num_stages=3, **bank.constexprs(),
+    )  # fmt: skip
+    _sorted_w13_kernel[(blocks, triton.cdiv(inter, 64))](
+        x_ptr=x, w1_ptr=w1, w3_ptr=w3, s1_ptr=s1, s3_ptr=s3, gs1_ptr=gs1, gs3_ptr=gs3, h_ptr=h,
+        limit=float(limit), stride_xt=x.stride(0), SLOTS=slots, **_strides(w1, s1), **common,
+    )  # fmt: skip
+    _sorted_w2_kernel[(blocks, triton.cdiv(d, 64))](
+        h_ptr=h, weights_ptr=weights.reshape(-1).contiguous(), w_ptr=w2, s_ptr=s2, gs_ptr=gs2,
+        y_ptr=y, **_strides(w2, s2), **common,
+    )  # fmt: skip
+    return out.copy_(y.view(t, slots, d).sum(dim=1, dtype=torch.float32))

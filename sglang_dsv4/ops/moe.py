@@ -1,0 +1,107 @@
+"""MoE op (``Ops.moe``): routing, routed experts and the shared expert of one layer.
+
+``ffn(layer, x [T, d], ids [T]) -> [T, d]`` over a layer's :class:`~sglang_dsv4.model.experts.MoE`
+(gate, expert banks, shared expert):
+
+* :class:`MoeTorch` (the twin, the CPU path): the reference math, :mod:`sglang_dsv4.ref.moe`
+  (``route_scores`` + ``route_topk`` / ``route_hash`` + ``route_weights``, then
+  :class:`~sglang_dsv4.ref.moe.DenseExperts` over per-expert views of the banks, then the shared
+  expert), the numbers of ``RefDSV4.ffn`` exactly;
+* :class:`MoeTriton` (CUDA): routing in one kernel
+  (:func:`~sglang_dsv4.kernels.moe_route.moe_route`), then the bank's grouped kernels
+  (:mod:`sglang_dsv4.kernels.moe_experts`, dense / FP8 / FP4 banks; the shared expert is one
+  more slot when it is a routed-bank row, its own one-row bank next to FP4 experts). Three
+  launches per layer at decode for dense / FP8 banks, six for FP4 ones; no host sync, no shape
+  from data: the same code runs eagerly and under CUDA-graph capture (no "every expert on every
+  token").
+
+The kernel form of dense / FP8 banks is picked per token count from :data:`SLOT_MAX_TOKENS`:
+the slot (GEMV) form reads only the chosen experts' rows once per token slot, the best at batch
+1; the sorted grouped GEMM reads each used expert once per M block, the best once tokens share
+experts. The default table is a guess to be replaced by ``scripts/bench_moe.py`` numbers from the
+H100.
+"""
+
+import torch
+
+from sglang_dsv4.config import DSV4Config
+from sglang_dsv4.kernels import moe_route as route_kernels
+from sglang_dsv4.ref.moe import route_hash, route_scores, route_topk, route_weights, swiglu
+from sglang_dsv4.weights.layout import Fmt
+
+__all__ = ["SLOT_MAX_TOKENS", "MoeTorch", "MoeTriton", "moe_ops"]
+
+SLOT_MAX_TOKENS = {"bf16": 4, "fp8": 4, "fp4": 4}
+"""Largest token count run in the slot form, by bank format (above it: the sorted form).
+Default until measured: ``python scripts/bench_moe.py`` prints the crossover it sees."""
+
+
+_FORMS_KEY = {Fmt.FP8: "fp8", Fmt.MXFP4: "fp4", Fmt.NVFP4: "fp4"}
+
+
+class MoeTorch:
+    """The twin: ``ref.moe`` over the layer's banks (module docstring)."""
+
+    def __init__(self, cfg: DSV4Config):
+        self.cfg = cfg
+
+    def route(self, layer, x: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(chosen [T, k], weights fp32 [T, k]) of ``x`` [T, d] (token ``ids`` [T] for hash
+        layers)."""
+        cfg, gate = self.cfg, layer.gate
+        scores = route_scores(x, gate.weight, cfg.scoring_func)
+        if layer.hash_moe:
+            chosen = route_hash(ids, gate.tid2eid)
+        else:
+            chosen = route_topk(scores, gate.bias, cfg.n_experts_per_tok)
+        return chosen, route_weights(scores, chosen, cfg.routed_scaling_factor)
+
+    def ffn(self, layer, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The MoE block of ``layer`` on the normed input ``x`` [T, d] -> [T, d]."""
+        limit = self.cfg.swiglu_limit
+        chosen, weights = self.route(layer, x, ids)
+        # the twin forced on a GPU under CUDA-graph capture: the reference's graph-safe form
+        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+        out = layer.experts.dense()(x, chosen, weights, limit, dense=capturing)
+        if (shared := layer.shared_linears()) is not None:
+            out = out + swiglu(x, *shared, limit)
+        return out
+
+
+class MoeTriton(MoeTorch):
+    """The GPU path: routing kernel + grouped expert kernels (module docstring)."""
+
+    def route(self, layer, x: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg, gate = self.cfg, layer.gate
+        return route_kernels.moe_route(
+            x,
+            gate.weight,
+            None if layer.hash_moe else gate.bias,
+            gate.tid2eid if layer.hash_moe else None,
+            ids if layer.hash_moe else None,
+            cfg.n_experts_per_tok,
+            cfg.routed_scaling_factor,
+            cfg.scoring_func,
+        )
+
+    @staticmethod
+    def form(layer, tokens: int) -> str:
+        """Kernel form for ``tokens`` rows (a static shape: fixed per captured graph)."""
+        fmt = _FORMS_KEY.get(layer.experts.fmt, "bf16")
+        return "slots" if tokens <= SLOT_MAX_TOKENS[fmt] else "sorted"
+
+    def ffn(self, layer, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        limit = self.cfg.swiglu_limit
+        chosen, weights = self.route(layer, x, ids)
+        form = self.form(layer, x.shape[0])
+        out = layer.experts.grouped(x, chosen, weights, limit, form, layer.shared_row)
+        if layer.shared is not None:  # a bank of its own: the same kernels with top-k 0
+            out = out + layer.shared.grouped(x, chosen[:, :0], weights[:, :0], limit, form, 0)
+        elif layer.shared_experts is not None:  # NVFP4 linears
+            out = out + swiglu(x, *layer.shared_experts.linears(), limit)
+        return out
+
+
+def moe_ops(cfg: DSV4Config, device: torch.device, kernels: bool) -> MoeTorch:
+    """The MoE op: Triton kernels when ``kernels`` (CUDA), else the torch twin."""
+    return MoeTriton(cfg) if kernels else MoeTorch(cfg)

@@ -1,0 +1,101 @@
+"""``attention.extend_choice``: the FlashMLA extend path's workspace (entries, then window rows,
+gathered / dequantized per batch) and index lists give the twin's attention, every layer kind,
+bf16 and FP8 rows: on CPU with FlashMLA's sparse prefill replaced by the ``ref`` softmax over
+the same workspace and lists (and the FP8 dequant by the pools' reader), so the host plan, the
+gathers and the c4 id rebasing are what is tested; the GPU test runs FlashMLA itself. Also the
+per-shape choice."""
+
+import pytest
+import torch
+from pool_world import World, inputs
+
+from sglang_dsv4.attention import extend_choice
+from sglang_dsv4.attention.extend_ops import AttendTorch, ExtendOps, extend_ops
+from sglang_dsv4.attention.plan import plan_batch
+from sglang_dsv4.attention.wrappers import CSAWrapper, HCAWrapper, SWAWrapper
+from sglang_dsv4.config import AttnKind
+from sglang_dsv4.kernels.kv_store import FP8RowLayout
+from sglang_dsv4.mem.schema import EntryFormat
+from sglang_dsv4.ref.attention import sparse_attention
+from sglang_dsv4.ref.kv_layout import unpack_fp8_rows
+
+STEPS = [[(0, 0, 131), (1, 0, 131)], [(0, 131, 300), (2, 0, 5)], [(3, 256, 301), (1, 131, 140)]]
+
+
+def _fake_fwd(q, kv, indices, scale, d_v, sink, lengths):
+    """FlashMLA's sparse prefill contract, in the ``ref`` math."""
+    return sparse_attention(q, kv[:, 0], indices[:, 0].long(), sink, scale), None, None
+
+
+def _fake_dequant(cache, rows, page_size, out):
+    layout = FP8RowLayout.paged(page_size, out.shape[-1])
+    out[:, 0] = unpack_fp8_rows(layout.read(cache, rows), out.shape[-1]).to(out.dtype)
+
+
+def _flashmla(ratio, window, lk):
+    op = object.__new__(extend_choice.AttendFlashMLA)  # no sgl_kernel on CPU: the fakes
+    op._fwd, op._dequant = _fake_fwd, _fake_dequant
+    entry_page = lk.entry_rows.rows_per_page if lk.entry_rows is not None else 1
+    op.ratio, op.window, op.fp8, op.dim = ratio, window, lk.fp8, lk.raw_rows.dim
+    op._pages = (lk.raw_rows.rows_per_page, entry_page)
+    return op
+
+
+def _run(cfg, weights, layer, fmt, flashmla: bool):
+    spec = cfg.layers[layer]
+    gen = torch.Generator().manual_seed(3 + layer)
+    world = World(cfg, "cpu", torch.bfloat16, fmt, fmt)
+    world.req_to_token[3, :256] = world.req_to_token[0, :256]
+    lk = world.pool.layer(layer)
+    twin = extend_ops(spec.attn.value, lk, window=cfg.sliding_window, n_heads=cfg.num_heads,
+                      index_heads=cfg.index_n_heads, topk=cfg.index_topk, device="cpu",
+                      kernels=False)  # fmt: skip
+    attend = _flashmla(spec.attn.value, cfg.sliding_window, lk) if flashmla else AttendTorch()
+    ops = ExtendOps(twin.store, attend, twin.flush, twin.index_flush, twin.picks)
+    cls = {AttnKind.SWA: SWAWrapper, AttnKind.CSA: CSAWrapper, AttnKind.HCA: HCAWrapper}
+    w = cls[spec.attn](cfg.sliding_window, ops)
+    if spec.attn is AttnKind.CSA:
+        w.topk = cfg.index_topk
+    sink = torch.randn(cfg.num_heads, generator=gen)
+    outs = []
+    for step in STEPS:
+        reqs, prefix, seq = (list(x) for x in zip(*step, strict=True))
+        fb = world.batch(reqs, prefix, seq, decode=False)
+        q, kv, comp = inputs(cfg, weights, spec, int(fb.out_cache_loc.numel()), gen)
+        w.plan(plan_batch(fb, world.pool, world.rtp))
+        outs.append(w.run(lk, q.bfloat16(), kv, sink, cfg.head_dim**-0.5, comp).float())
+    return outs
+
+
+@pytest.mark.parametrize("layer", [0, 2, 3])
+@pytest.mark.parametrize("fmt", [EntryFormat.BF16, EntryFormat.FP8])
+def test_flashmla_workspace_and_lists_equal_twin(tiny_cfg, tiny_weights, layer, fmt):
+    want = _run(tiny_cfg, tiny_weights, layer, fmt, flashmla=False)
+    got = _run(tiny_cfg, tiny_weights, layer, fmt, flashmla=True)
+    for g, w in zip(got, want, strict=True):
+        assert not g.isnan().any()
+        assert ((g - w).norm() / w.norm()).item() <= 1e-5  # same rows, same softmax
+
+
+def test_pick(monkeypatch):
+    rows = (("csa", 64, 4096, 640, 2.0, 1.0), ("csa", 64, 131072, 640, 10.0, 20.0))
+    monkeypatch.setattr(extend_choice, "MEASURED", rows)
+    assert extend_choice.pick("csa", 64, 8192, 640, True) == extend_choice.FLASHMLA
+    assert extend_choice.pick("csa", 64, 65536 * 2, 640, True) == extend_choice.OURS
+    assert extend_choice.pick("csa", 64, 8192, 640, False) == extend_choice.OURS
+    assert extend_choice.pick("hca", 64, 8192, 640, True) == extend_choice.OURS  # unmeasured
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind,fmt", [("csa", "fp8"), ("hca", "fp8"), ("swa", "bf16")])
+def test_gpu_flashmla_extend_equals_ours(kind, fmt):
+    """FlashMLA's sparse prefill over the workspace vs ours over the pools, at Flash dims."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+    import bench_extend
+
+    got, want = bench_extend.compare_attend(kind, fmt, b=2, n=1000, prefix=300)
+    rel = ((got.float() - want.float()).norm() / want.float().norm()).item()
+    assert rel <= 1e-2, f"rel L2 {rel:.2e}"

@@ -1,0 +1,126 @@
+"""``kernels.indexer_extend.IndexerExtend`` against ``ref.indexer`` on the dequantized keys.
+
+Extend batches: requests with many new tokens over various prefixes (query tiles cross no
+request; ragged last tiles), keys as FP8 (``IndexKeyLayout.write``, paged through a shuffled
+block table) or plain fp32 rows. Per checked query:
+
+* ``lengths = min(topk, visible)``, ids past it and their rows are -1, ids distinct and visible;
+* exact top-k: every picked entry's reference score is >= the reference k-th best, every
+  unpicked visible entry's <= it (within 1e-5 of the row's largest |score|: fp32 sums in
+  another order);
+* rows: ``block_table[b, id // 32] * 32 + id % 32``.
+
+A small workspace forces several chunks (each chunk: tiled logits, then top-k).
+"""
+
+import pytest
+import torch
+
+from sglang_dsv4.kernels.indexer_extend import IndexerExtend
+from sglang_dsv4.kernels.kv_store import IndexKeyLayout
+from sglang_dsv4.ref.indexer import index_scores
+
+BLOCK, RATIO, EPB = 128, 4, 32
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def _setup(fmt, seq_lens, n_heads, head_dim, device, gen):
+    """(keys cache, key reader, block table [B, blocks]) holding every entry of each request."""
+    b = len(seq_lens)
+    blocks = max(1, -(-max(seq_lens) // BLOCK))
+    pages = (torch.randperm(b * blocks + 2, generator=gen)[: b * blocks] + 1).view(b, blocks)
+    bt = pages.int().to(device)
+    n_rows = (b * blocks + 3) * EPB
+    keys = torch.randn(n_rows, head_dim, generator=gen).to(device)
+    keys *= torch.exp2(torch.randint(-3, 3, (n_rows, 1), generator=gen).float()).to(device)
+    if fmt == "plain":
+        return keys, (lambda rows: keys[rows]), None, bt
+    layout = IndexKeyLayout("fp8", 32, head_dim)
+    cache = layout.empty(n_rows, device).fill_(0xFF)
+    layout.write(cache, torch.arange(n_rows, device=device), keys)
+    return cache, (lambda rows: layout.read(cache, rows)), layout, bt
+
+
+def _run(fmt, prefix, extend, topk, n_heads, device, workspace=1 << 28, stride=1, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    head_dim = 128
+    seq = [p + n for p, n in zip(prefix, extend, strict=True)]
+    keys, read, layout, bt = _setup(fmt, seq, n_heads, head_dim, device, gen)
+    t = sum(extend)
+    q = torch.randn(t, n_heads, head_dim, generator=gen).to(device, torch.bfloat16)
+    w = torch.randn(t, n_heads, generator=gen).to(device)
+    qreq = torch.repeat_interleave(torch.arange(len(extend)), torch.tensor(extend))
+    pos = torch.cat([torch.arange(p, s) for p, s in zip(prefix, seq, strict=True)])
+    ix = IndexerExtend(topk, n_heads, head_dim, key_layout=layout, max_workspace_bytes=workspace)
+    ix.plan(extend, seq, device)
+    ix.ids.fill_(-7), ix.rows.fill_(-7), ix.lengths.fill_(-7)  # poison
+    qreq_d, pos_d = qreq.int().to(device), pos.to(device)
+    ids, rows, lengths = ix.run(q, w, keys, bt, qreq_d, pos_d)
+    checked = [*range(0, t - 1, stride), t - 1]
+    for i in checked:
+        b, p = int(qreq[i]), int(pos[i])
+        vis = (p + 1) // RATIO
+        k = min(topk, vis)
+        assert int(lengths[i]) == k
+        assert (ids[i, k:] == -1).all() and (rows[i, k:] == -1).all()
+        if not k:
+            continue
+        ent = torch.arange(vis, device=device)
+        key_rows = bt[b, ent // EPB].long() * EPB + ent % EPB
+        ref = index_scores(q[i : i + 1].float(), w[i : i + 1], read(key_rows))[0]  # [vis]
+        tol = 1e-5 * ref.abs().max().item()
+        sel = ids[i, :k].long()
+        assert sel.unique().numel() == k and ((sel >= 0) & (sel < vis)).all()
+        assert torch.equal(rows[i, :k].long(), key_rows[sel])
+        kth = ref.topk(k).values[-1].item()
+        assert ref[sel].min().item() >= kth - tol
+        unpicked = torch.ones(vis, dtype=torch.bool, device=device)
+        unpicked[sel] = False
+        if unpicked.any():
+            assert ref[unpicked].max().item() <= kth + tol
+    return len(ix.chunks)
+
+
+@pytest.mark.parametrize("fmt", ["plain", "fp8"])
+def test_extend_batch_over_prefixes(fmt):
+    # tiles of 16 queries (16 heads): ragged last tiles, a 1-token extend, queries with no keys
+    _run(fmt, prefix=[0, 400, 5], extend=[37, 1, 130], topk=16, n_heads=16, device="cpu")
+
+
+def test_topk_larger_than_visible_and_32_heads():
+    _run("plain", prefix=[0, 60], extend=[70, 9], topk=64, n_heads=32, device="cpu")
+
+
+def test_workspace_chunks():
+    # ld = 96 logits per query: room for 46 queries -> tiles of 16 split into chunks
+    chunks = _run("fp8", [0, 300], [90, 50], 16, 16, "cpu", workspace=4 * 112 * 40)
+    assert chunks > 3
+
+
+def test_plan_required_and_shapes():
+    ix = IndexerExtend(16, 16, 128)
+    q = torch.zeros(3, 16, 128, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="plan"):
+        ix.run(q, torch.zeros(3, 16), torch.zeros(8, 128), None, None, None)
+    ix.plan([3], [3], "cpu")
+    with pytest.raises(ValueError, match="planned"):
+        ix.run(q[:2], torch.zeros(2, 16), torch.zeros(8, 128), None, None, None)
+    with pytest.raises(ValueError, match="heads"):
+        IndexerExtend(16, 24, 128)
+
+
+# ------------------------------------------------------------------ GPU, DSV4 shapes
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["fp8", "plain"])
+def test_gpu_flash_dims_prefill(fmt):
+    # Flash: 64 indexer heads x 128, top-k 512; one 8K prefill
+    _run(fmt, [0], [8192], 512, 64, "cuda", stride=97)
+
+
+@pytest.mark.gpu
+def test_gpu_flash_dims_extend_batch():
+    # chunks over cached prefixes next to fresh requests, a workspace of a few chunks
+    _run("fp8", [4096, 0, 12288, 128], [1024, 2000, 512, 1], 512, 64, "cuda",
+         workspace=1 << 24, stride=31)  # fmt: skip

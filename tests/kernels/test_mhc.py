@@ -1,0 +1,192 @@
+"""``kernels.mhc`` against ``ref.mhc`` (+ ``ref.norm``): hc_pre / hc_post / hc_head and the fused
+boundary (previous block's hc_post + next block's hc_pre + RMSNorm) in two launches.
+
+CPU: interpreted (tests/conftest.py), fp32, small shapes and every split count (1 program per
+tile up to one split per 32 channels), outputs and workspaces NaN-poisoned. GPU: Flash / Pro
+hidden sizes at decode and prefill token counts, fp32 (tight) and bf16 (against the bf16
+reference, within bf16 rounding), and CUDA-graph replays (the tickets are reset in-kernel).
+"""
+
+import pytest
+import torch
+from poison import poisoned_allocations
+
+from sglang_dsv4.kernels import mhc as K
+from sglang_dsv4.ref import mhc as R
+from sglang_dsv4.ref.norm import rms_norm
+
+HC, ITERS, EPS = 4, 20, 1e-6
+
+
+def site(d: int, head: bool, device, gen) -> tuple[torch.Tensor, ...]:
+    """Random (fn, base, scale, norm weight) of one mHC site with mixes of O(1)."""
+    nm = HC if head else (2 + HC) * HC
+    fn = torch.randn(nm, HC * d, device=device, generator=gen) * (HC * d) ** -0.5 * 3
+    base = torch.randn(nm, device=device, generator=gen) * 0.5
+    scale = torch.rand(1 if head else 3, device=device, generator=gen) + 0.5
+    norm = torch.rand(d, device=device, generator=gen) + 0.5
+    return fn, base, scale, norm
+
+
+def streams(n: int, d: int, dtype, device, gen) -> torch.Tensor:
+    x = torch.randn(n, HC, d, device=device, generator=gen) * 2
+    return x.to(dtype)
+
+
+def ref_maps(n: int, device, gen) -> tuple[torch.Tensor, torch.Tensor]:
+    """Valid previous-block maps (post in (0, 2), comb nearly doubly stochastic)."""
+    post = 2 * torch.rand(n, HC, device=device, generator=gen)
+    comb = R.sinkhorn(torch.rand(n, HC, HC, device=device, generator=gen) + 0.1, ITERS, EPS)
+    return post, comb
+
+
+def want(x, w, head: bool, prev=None):
+    """The reference: [hc_post], then hc_pre / hc_head, then rms_norm."""
+    fn, base, scale, norm = w
+    if prev is not None:
+        x = R.hc_post(*prev[:1], x, *prev[1:])
+    if head:
+        return x, rms_norm(R.hc_head(x, fn, base, scale, EPS, EPS), norm, EPS), None, None
+    u, post, comb = R.hc_pre(x, fn, base, scale, ITERS, EPS, EPS)
+    return x, rms_norm(u, norm, EPS), post, comb
+
+
+def run(x, w, tickets, programs: int, prev=None):
+    with poisoned_allocations():
+        return K.hc_fused(
+            x, *w, tickets, eps=EPS, hc_eps=EPS, iters=ITERS, programs=programs, post_of=prev
+        )
+
+
+def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert not a.isnan().any(), "unwritten (poisoned) output"
+    return (a.float() - b.float()).abs().max().item()
+
+
+def check(got, exp, tol: float):
+    for name, g, e in zip(("streams", "h", "post", "comb"), got, exp, strict=True):
+        if e is None:
+            assert g is None, name
+            continue
+        assert g.shape == e.shape and g.dtype == e.dtype, name
+        err = max_abs(g, e) / max(1.0, e.float().abs().max().item())
+        assert err <= tol, f"{name}: {err:.2e}"
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["pre", "post+pre"])
+@pytest.mark.parametrize("head", [False, True], ids=["sinkhorn", "head"])
+@pytest.mark.parametrize(
+    ("n", "d", "programs"),
+    [(1, 256, 1), (1, 640, 64), (5, 256, 3), (17, 128, 4), (33, 256, 100)],
+)  # splits per tile: 1, 20 (the epilogue reduces 8 + 8 + 4), 3, 2, 8
+def test_hc_fused_interpreted(n, d, programs, head, fused):
+    gen = torch.Generator().manual_seed(n * 7 + programs)
+    x = streams(n, d, torch.float32, "cpu", gen)
+    w = site(d, head, "cpu", gen)
+    prev = (torch.randn(n, d, generator=gen), *ref_maps(n, "cpu", gen)) if fused else None
+    tickets = torch.zeros(K.MAX_TILES, dtype=torch.int32)
+    got = run(x, w, tickets, programs, prev)
+    check(got, want(x, w, head, prev), 1e-5)
+    assert not tickets.any(), "tickets must be left zero for the next launch"
+    again = run(x, w, tickets, programs, prev)  # the same tickets again: same bits
+    for a, b in zip(got, again, strict=True):
+        assert a is None or torch.equal(a, b)
+
+
+@pytest.mark.parametrize("n", [1, 6])
+def test_hc_post_interpreted(n):
+    gen = torch.Generator().manual_seed(n)
+    x, y = streams(n, 128, torch.float32, "cpu", gen), torch.randn(n, 128, generator=gen)
+    post, comb = ref_maps(n, "cpu", gen)
+    with poisoned_allocations():
+        got = K.hc_post(y, x, post, comb)
+    assert max_abs(got, R.hc_post(y, x, post, comb)) <= 1e-5
+
+
+def test_bad_shapes_raise():
+    tickets = torch.zeros(K.MAX_TILES, dtype=torch.int32)
+    w = site(256, False, "cpu", None)
+    with pytest.raises(ValueError, match="contiguous"):
+        K.hc_fused(torch.zeros(2, 256, 4).transpose(1, 2), *w, tickets, eps=EPS, hc_eps=EPS,
+                   iters=ITERS, programs=4)  # fmt: skip
+    with pytest.raises(ValueError, match="multiple of 128"):
+        K.hc_fused(torch.zeros(2, 4, 200), *w, tickets, eps=EPS, hc_eps=EPS, iters=ITERS,
+                   programs=4)  # fmt: skip
+    with pytest.raises(ValueError, match="fn must be contiguous fp32"):
+        K.hc_fused(torch.zeros(2, 4, 256), w[0][:7], *w[1:], tickets, eps=EPS, hc_eps=EPS,
+                   iters=ITERS, programs=4)  # fmt: skip
+
+
+# ---- GPU ---------------------------------------------------------------------------------
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.fixture
+def no_tf32(monkeypatch):
+    """The fp32 reference's matmuls in full fp32 (a library may have switched TF32 on)."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("no_tf32")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("d", [4096, 7168])
+@pytest.mark.parametrize("n", [1, 32, 128, 1000])
+@pytest.mark.parametrize("fused", [False, True], ids=["pre", "post+pre"])
+@pytest.mark.parametrize("head", [False, True], ids=["sinkhorn", "head"])
+def test_gpu_hc_fused(n, d, dtype, fused, head):
+    """fp32: tight. bf16: streams / h within a bf16 ulp or two of the bf16 reference (only the
+    fp32 summation order differs), maps fp32 from the same bf16 inputs."""
+    gen = torch.Generator(device="cuda").manual_seed(n + d)
+    x = streams(n, d, dtype, "cuda", gen)
+    w = site(d, head, "cuda", gen)
+    if dtype == torch.bfloat16:
+        w = (*w[:3], w[3].to(dtype))
+    prev = None
+    if fused:
+        prev = (
+            torch.randn(n, d, device="cuda", generator=gen).to(dtype),
+            *ref_maps(n, "cuda", gen),
+        )
+    tickets = torch.zeros(K.MAX_TILES, dtype=torch.int32, device="cuda")
+    programs = 2 * torch.cuda.get_device_properties(0).multi_processor_count
+    got = run(x, w, tickets, programs, prev)
+    exp = want(x, w, head, prev)
+    if dtype == torch.float32:
+        check(got, exp, 1e-4)
+    else:
+        for g, e in zip(got[:2], exp[:2], strict=True):
+            assert rel_l2(g, e) <= 4e-3, rel_l2(g, e)
+        for g, e in zip(got[2:], exp[2:], strict=True):
+            assert e is None or max_abs(g, e) <= 2e-3
+    assert not tickets.any()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [1, 32])
+def test_gpu_graph_replay_equals_eager(n):
+    d = 4096
+    gen = torch.Generator(device="cuda").manual_seed(n)
+    x = streams(n, d, torch.bfloat16, "cuda", gen)
+    y = torch.randn(n, d, device="cuda", generator=gen).to(torch.bfloat16)
+    post, comb = ref_maps(n, "cuda", gen)
+    w = site(d, False, "cuda", gen)
+    tickets = torch.zeros(K.MAX_TILES, dtype=torch.int32, device="cuda")
+
+    def step():
+        return K.hc_fused(x, *w, tickets, eps=EPS, hc_eps=EPS, iters=ITERS, programs=264,
+                          post_of=(y, post, comb))  # fmt: skip
+
+    step()  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = step()
+    for _ in range(3):
+        x.copy_(streams(n, d, torch.bfloat16, "cuda", gen))
+        y.copy_(torch.randn(n, d, device="cuda", generator=gen))
+        graph.replay()
+        for a, b in zip(static, step(), strict=True):
+            assert torch.equal(a, b)

@@ -1,0 +1,180 @@
+"""``kernels.moe_experts`` (slot and sorted forms; dense, FP8, MXFP4 and NVFP4 banks; shared
+expert as a bank row) against :class:`~sglang_dsv4.ref.moe.DenseExperts` +
+:func:`~sglang_dsv4.ref.moe.swiglu` over the same (dequantized) weights, in fp32.
+
+CPU: interpreted, fp32, small and odd shapes (I not a multiple of 128: w3's FP8 scale rows start
+mid-bank). GPU: Flash dims (d 4096, I 1024 / 2048, E 16 / 256, k 6 / 8) in bf16, and CUDA-graph
+replay on new routing equals eager. Outputs are NaN-poisoned before every launch.
+"""
+
+import importlib
+
+import pytest
+import torch
+
+from sglang_dsv4.ref.moe import DenseExperts, swiglu
+from sglang_dsv4.ref.weight_quant import (
+    fp8_block_dequant,
+    fp8_block_quant,
+    mxfp4_dequant,
+    mxfp4_quant,
+    nvfp4_dequant,
+    nvfp4_quant,
+)
+
+K = importlib.import_module("sglang_dsv4.kernels.moe_experts")  # CPU: interpreted (conftest)
+GPU = torch.cuda.is_available()
+FORMS = {"slots": K.moe_experts_slots, "sorted": K.moe_experts_sorted}
+LIMIT = 10.0
+
+
+def rel_l2(out, ref) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm().clamp(min=1e-30)).item()
+
+
+def quantize(w: torch.Tensor, fmt: str):
+    """One expert's weight [N, K] -> (codes, scale, global scale, fp32 dequantized)."""
+    if fmt == "fp8":
+        q, sc = fp8_block_quant(w)
+        return q, sc, None, fp8_block_dequant(q, sc, torch.float32)
+    if fmt == "mxfp4":
+        q, sc = mxfp4_quant(w)
+        return q.view(torch.uint8), sc.view(torch.uint8), None, mxfp4_dequant(q, sc)
+    q, sc, gs = nvfp4_quant(w)
+    return q.view(torch.uint8), sc.view(torch.uint8), gs.float(), nvfp4_dequant(q, sc, gs)
+
+
+def make_bank(rows, d, inter, fmt, device, dtype, seed=0):
+    """Random bank -> (ExpertWeights, fp32 dense (w1, w2, w3) [R, ...] of the same values)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    w1, w3 = (torch.randn(rows, inter, d, device=device, generator=g) * d**-0.5 for _ in "13")
+    w2 = torch.randn(rows, d, inter, device=device, generator=g) * inter**-0.5
+    if fmt == "dense":
+        bank = K.ExpertWeights.stacked(torch.cat([w1, w3], dim=1).to(dtype), w2.to(dtype))
+        return bank, (w1.to(dtype).float(), w2.to(dtype).float(), w3.to(dtype).float())
+    projs, dense = {}, {}
+    for k, w in (("w1", w1), ("w3", w3), ("w2", w2)):
+        parts = list(zip(*(quantize(w[e], fmt) for e in range(rows)), strict=True))
+        gs = None if parts[2][0] is None else torch.stack(parts[2])
+        projs[k] = K.Proj(torch.stack(parts[0]), torch.stack(parts[1]), gs)
+        dense[k] = torch.stack(parts[3])
+    if fmt == "fp8":  # as the served model stores it: one w13 tensor
+        w13 = torch.cat([projs["w1"].w, projs["w3"].w], dim=1)
+        s13 = torch.cat([projs["w1"].scale, projs["w3"].scale], dim=1)
+        bank = K.ExpertWeights.stacked(w13, projs["w2"].w, s13, projs["w2"].scale)
+    else:
+        bank = K.ExpertWeights(projs["w1"], projs["w3"], projs["w2"], fmt)
+    return bank, (dense["w1"], dense["w2"], dense["w3"])
+
+
+def routing(t, n_exp, topk, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    chosen = torch.stack([torch.randperm(n_exp, generator=g)[:topk] for _ in range(t)])
+    if t > 2:
+        chosen[: t // 2, 0] = 1  # a crowded expert; other ids absent from every row
+    weights = torch.rand(t, topk, generator=g)
+    return chosen.to(device, torch.int32), weights.to(device)
+
+
+def reference(x, chosen, weights, dense, n_exp, shared):
+    w1, w2, w3 = dense
+    x = x.float()
+    out = DenseExperts(w1[:n_exp], w2[:n_exp], w3[:n_exp])(x, chosen.long(), weights, LIMIT)
+    if shared:
+        out = out + swiglu(x, w1[n_exp], w2[n_exp], w3[n_exp], LIMIT)
+    return out
+
+
+def run(form, x, chosen, weights, bank, shared_row):
+    out = torch.full_like(x, float("nan"))
+    y = FORMS[form](x, chosen, weights, bank, LIMIT, shared_row, out=out)
+    assert y is out or torch.equal(y, out)
+    return out
+
+
+# every form x format x shared / routed; the slow-to-interpret FP4 decode at one size
+CASES = [
+    (form, fmt, shared, t, topk)
+    for form in FORMS
+    for fmt in K.FORMATS
+    for shared in (True, False)
+    for t, topk in ((1, 2), (7, 3))
+    if not (fmt.endswith("fp4") and t == 1)
+]
+
+
+@pytest.mark.parametrize(("form", "fmt", "shared", "t", "topk"), CASES)
+def test_experts_interpreted(form, fmt, shared, t, topk):
+    if GPU:
+        pytest.skip("interpreter shapes; the GPU tests cover real shapes")
+    n_exp, d = 6, 192
+    inter = 128 if fmt.endswith("fp4") else 160  # FP4 K tiles: multiples of 64
+    bank, dense = make_bank(n_exp + shared, d, inter, fmt, "cpu", torch.float32)
+    x = torch.randn(t, d) * 3  # large enough for the clamp to bite
+    chosen, weights = routing(t, n_exp, topk, "cpu")
+    got = run(form, x, chosen, weights, bank, n_exp if shared else None)
+    want = reference(x, chosen, weights, dense, n_exp, shared)
+    assert not got.isnan().any() and rel_l2(got, want) <= 1e-5
+
+
+def test_bank_shape_errors_are_clear():
+    bank = K.ExpertWeights.stacked(torch.zeros(2, 64, 32), torch.zeros(2, 32, 16))
+    with pytest.raises(ValueError, match="bank w1"):
+        K.moe_experts_slots(torch.zeros(1, 32), torch.zeros(1, 1, dtype=torch.int32),
+                            torch.ones(1, 1), bank, LIMIT)  # fmt: skip
+    w = torch.zeros(2, 32, 32).to(torch.float8_e4m3fn)
+    fp8 = K.ExpertWeights(K.Proj(w), K.Proj(w), K.Proj(w), "fp8")
+    with pytest.raises(ValueError, match="scales"):
+        fp8.check(32)
+    with pytest.raises(ValueError, match="format"):
+        K.ExpertWeights(K.Proj(w), K.Proj(w), K.Proj(w), "int4").check(32)
+
+
+# ---- GPU ---------------------------------------------------------------------------------
+
+FLASH = [(16, 1024, 6), (256, 2048, 8)]  # (experts, inter, top-k)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("form", list(FORMS))
+@pytest.mark.parametrize("fmt", list(K.FORMATS))
+@pytest.mark.parametrize(("n_exp", "inter", "topk"), FLASH)
+@pytest.mark.parametrize("t", [1, 32, 300])
+def test_experts_gpu_flash_dims(form, fmt, n_exp, inter, topk, t):
+    """bf16 activations against the fp32 twin on the same (bf16 / FP8) weights. E 256 x I 2048
+    keeps 64 experts in the bank (+ shared) so the fp32 copies fit; ids cover all of them."""
+    rows = min(n_exp, 64)
+    bank, dense = make_bank(rows + 1, 4096, inter, fmt, "cuda", torch.bfloat16)
+    x = torch.randn(t, 4096, device="cuda").bfloat16() * 2
+    chosen, weights = routing(t, rows, topk, "cuda")
+    got = run(form, x, chosen, weights, bank, rows)
+    want = reference(x, chosen, weights, dense, rows, True)
+    err = rel_l2(got, want)
+    assert not got.isnan().any() and err <= 1e-2, f"rel L2 {err:.2e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("form", list(FORMS))
+@pytest.mark.parametrize("fmt", list(K.FORMATS))
+def test_experts_gpu_graph_replay_equals_eager(form, fmt):
+    """Captured once (4 tokens, Flash dims, 16 experts + shared), replayed on new tokens and new
+    routing (two tokens on the same experts) equals eager: no host sync, no shape from data."""
+    t, n_exp, topk = 4, 16, 6
+    bank, _ = make_bank(n_exp + 1, 4096, 1024, fmt, "cuda", torch.bfloat16)
+    x = torch.randn(t, 4096, device="cuda").bfloat16()
+    chosen, weights = routing(t, n_exp, topk, "cuda")
+    fn = FORMS[form]
+    fn(x, chosen, weights, bank, LIMIT, n_exp)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = fn(x, chosen, weights, bank, LIMIT, n_exp)
+    for seed in range(3):
+        x.copy_(torch.randn_like(x))
+        new_c, new_w = routing(t, n_exp, topk, "cuda", seed=seed + 1)
+        new_c[0] = new_c[1]
+        chosen.copy_(new_c)
+        weights.copy_(new_w)
+        static.fill_(float("nan"))
+        graph.replay()
+        eager = fn(x, chosen, weights, bank, LIMIT, n_exp)
+        assert not static.isnan().any() and torch.equal(static, eager)

@@ -1,0 +1,23 @@
+"""NaN-poisoned allocations for kernels whose wrappers allocate their outputs themselves."""
+
+import contextlib
+
+import pytest
+import torch
+
+__all__ = ["poisoned_allocations"]
+
+
+@contextlib.contextmanager
+def poisoned_allocations():
+    """Inside: ``torch.empty`` / ``torch.empty_like`` return NaN-filled float tensors (ints: -1),
+    so an output element (or workspace entry) a kernel forgets to write shows up as NaN."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poison(t: torch.Tensor) -> torch.Tensor:
+        return t.fill_(float("nan") if t.is_floating_point() else -1)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
+        mp.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
+        yield
