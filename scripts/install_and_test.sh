@@ -5,10 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PY=${PYTHON:-python3.11}
-command -v "$PY" >/dev/null || PY=python3
-key=$("$PY" .ci/venv_key.py)
-venv=${DSV4_VENV:-$HOME/.cache/sglang-dsv4/venv-$key}
+# shellcheck source=scripts/venv.sh
+source scripts/venv.sh
+PY=$base_python
 
 if [ ! -f "$venv/.complete" ]; then
     echo "building virtualenv $venv (sglang==0.5.17 and its CUDA torch: ~5-10 min)"
@@ -27,3 +26,4 @@ fi
 "$venv/bin/ruff" format --check . || { echo "ruff format would change files (run: ruff format .)"; exit 1; }
 # pytest exits 5 when it collects nothing: that is a failure here, never green.
 "$venv/bin/python" -m pytest -q --durations=12 "$@"
+echo "tests passed; the virtualenv is $venv. Serve the embedded model: bash scripts/serve.sh"

@@ -7,9 +7,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${PYTHON:-}" ]; then
-    key=$(python3 .ci/venv_key.py 2>/dev/null || true)
-    venv=${DSV4_VENV:-$HOME/.cache/sglang-dsv4/venv-$key}
-    if [ -n "$key" ] && [ -x "$venv/bin/python" ]; then PYTHON=$venv/bin/python; else PYTHON=python3; fi
+    # shellcheck source=scripts/venv.sh
+    source scripts/venv.sh
+    if [ -x "$venv/bin/python" ]; then PYTHON=$venv/bin/python; else PYTHON=python3; fi
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 exec "$PYTHON" -m sglang_dsv4.evals.run "$@"

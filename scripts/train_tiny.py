@@ -3,6 +3,10 @@
     python scripts/train_tiny.py [--minutes 7.5] [--out sglang_dsv4/models/dsv4-tiny]
     python scripts/train_tiny.py --device cpu --steps 3 --seq-len 256 --batch 2 --out /tmp/t
     python scripts/train_tiny.py --plot LOG.json PNG       # loss curve from a training log
+    python scripts/train_tiny.py --init sglang_dsv4/models/dsv4-tiny --out /tmp/ft \
+        --device cpu --threads 2 --minutes 12 --seq-len 1024 --batch 4 --micro-batch 4 \
+        --lr 3e-4 --warmup 10 --dense-frac 0 --think-prob 0.1 --tool-prob 0.15 --keep last
+                                                           # fine-tune: thinking + tool calls
 
 Model: ``configs/dsv4-tiny.json`` (layers SWA, SWA, c4, c128, c4, c128; layer 0 hash-routed MoE,
 the others scored; mHC; sinks; 16 indexer heads, top-64) trained with
@@ -26,6 +30,7 @@ import argparse
 import contextlib
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -54,7 +59,14 @@ DEFAULT_OUT = ROOT / "sglang_dsv4" / "models" / "dsv4-tiny"
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    ap.add_argument("--config", type=Path, default=ROOT / "configs" / "dsv4-tiny.json")
+    ap.add_argument("--config", type=Path, help="default: --init's config.json, else dsv4-tiny")
+    ap.add_argument("--init", type=Path, help="start from this checkpoint (fine-tuning)")
+    ap.add_argument("--threads", type=int, help="torch CPU threads")
+    ap.add_argument("--keep", choices=("best", "last"), default="best", help="checkpoint kept")
+    ap.add_argument("--fact-prob", type=float, default=SampleMix.fact_prob)
+    ap.add_argument("--chat-prob", type=float, default=SampleMix.chat_prob)
+    ap.add_argument("--think-prob", type=float, default=SampleMix.think_prob)
+    ap.add_argument("--tool-prob", type=float, default=SampleMix.tool_prob)
     ap.add_argument("--retrain-tokenizer", action="store_true")
     ap.add_argument("--vocab", type=int, default=6144)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -167,12 +179,35 @@ def update_router_bias(model: TrainDSV4, loads: dict[int, torch.Tensor], rate: f
             model.layers[layer].ffn.gate.bias.add_(rate * torch.sign(load.mean() - load))
 
 
+def initial_model(cfg: DSV4Config, args) -> TrainDSV4:
+    """Fresh weights, or --init's (fine-tuning)."""
+    model = TrainDSV4(cfg, dropout=args.dropout)
+    init_weights(model, args.seed)
+    if args.init is not None:
+        from sglang_dsv4.checkpoint import load_state_dict
+
+        start = load_state_dict(args.init)
+        model.load_state_dict(
+            {k: v.float() if v.is_floating_point() else v for k, v in start.items()}
+        )
+    return model
+
+
 def train(args) -> dict:
     torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.config is None:
+        args.config = (args.init or ROOT / "configs") / (
+            "config.json" if args.init else "dsv4-tiny.json"
+        )
     t0 = time.time()
     plays = load_plays()
     tok_file = args.out / "tokenizer.json"
+    if args.init is not None and args.init.resolve() != args.out.resolve():
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(args.init / name, args.out / name)
     if args.retrain_tokenizer or not tok_file.exists():
         train_texts = [text for name, text in plays.items() if name not in HELD_OUT]
         save_tokenizer(build_tokenizer(train_texts, args.vocab), args.out)
@@ -191,14 +226,18 @@ def train(args) -> dict:
         flush=True,
     )
 
-    model = TrainDSV4(cfg, dropout=args.dropout)
-    init_weights(model, args.seed)
+    model = initial_model(cfg, args)
     model.to(args.device).train()
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M parameters, layers {[s.attn.name for s in cfg.layers]}")
     opt = make_optimizer(model, args)
     rng = np.random.default_rng(args.seed)
-    mix = SampleMix()
+    mix = SampleMix(
+        fact_prob=args.fact_prob,
+        chat_prob=args.chat_prob,
+        think_prob=args.think_prob,
+        tool_prob=args.tool_prob,
+    )
     val = eval_crops(corpus.val, args.eval_seqs, args.seq_len)
     budget = args.minutes * 60
     log = {"args": {k: str(v) for k, v in vars(args).items()}, "params": n_params, "curve": []}
@@ -253,7 +292,7 @@ def train(args) -> dict:
 
     # a final validation point, then the best checkpoint, measured as served: fp32, top-k
     val_loss, val_acc, _ = evaluate(model, val, args)
-    if val_loss < best["val_loss"]:
+    if val_loss < best["val_loss"] or args.keep == "last":
         best = {"val_loss": val_loss, "step": step, "state": model.state_dict()}
     model.load_state_dict(best["state"])
     n_test = max(1, (len(corpus.test) - 1) // args.seq_len)

@@ -46,6 +46,7 @@ __all__ = [
     "RopeSpec",
     "YarnSpec",
     "load_config",
+    "released_fields",
 ]
 
 
@@ -205,6 +206,17 @@ class DSV4Config:
 
 def load_config(path: str | Path) -> DSV4Config:
     return DSV4Config.from_json(path)
+
+
+def released_fields(cfg: DSV4Config) -> dict[str, Any]:
+    """The released-spelling keys that SGLang itself reads from a DSV4 config object
+    (``ModelConfig._derive_model_shapes``: ``compress_ratios``, ``qk_rope_head_dim``), derived
+    from the parsed schedule so that a config saved by HF transformers (``layer_types`` +
+    ``compress_rates``) reaches SGLang with the same schedule as ours."""
+    return {
+        "compress_ratios": [s.ratio for s in cfg.layers + cfg.mtp_layers],
+        "qk_rope_head_dim": cfg.rope_dim,
+    }
 
 
 # --------------------------------------------------------------------------------------------

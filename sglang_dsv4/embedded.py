@@ -5,12 +5,17 @@ layers SWA, SWA, c4, c128, c4, c128; hash-routed and scored MoE; mHC; sinks; a 6
 tokenizer with the DSV4 chat markers), shipped inside the package in
 ``sglang_dsv4/models/dsv4-tiny`` (config.json, sharded safetensors under the released tensor
 names, tokenizer files). ``dsv4-flash`` / ``dsv4-pro`` name the public DeepSeek-V4 repos.
+
+The embedded model was trained on :data:`EMBEDDED_CONTEXT`-token samples (its config keeps the
+release's 1M ``max_position_embeddings``); the server uses that as its context length unless
+``--context-length`` says otherwise.
 """
 
 from pathlib import Path
 
 __all__ = [
     "EMBEDDED",
+    "EMBEDDED_CONTEXT",
     "PUBLIC",
     "embedded_checkpoint",
     "randomize_zero_inits",
@@ -19,6 +24,7 @@ __all__ = [
 
 PUBLIC = {"dsv4-flash": "deepseek-ai/DeepSeek-V4-Flash", "dsv4-pro": "deepseek-ai/DeepSeek-V4-Pro"}
 EMBEDDED = "dsv4"
+EMBEDDED_CONTEXT = 4096  # scripts/train_tiny.py --seq-len of the shipped model
 _EMBEDDED_DIR = Path(__file__).resolve().parent / "models" / "dsv4-tiny"
 
 

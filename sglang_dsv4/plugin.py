@@ -4,7 +4,8 @@ SGLang calls :func:`register` in the launcher before arguments are parsed, in ``
 the start of every scheduler process (not in the detokenizer, which needs nothing of ours).
 This is the only module that touches SGLang's registries (see docs/design/sglang_0517_seams.md):
 
-* ``ModelRegistry``: our ``DeepseekV4ForCausalLM`` over the built-in one;
+* model resolution (``get_model_architecture``): our ``DeepseekV4ForCausalLM`` over the
+  built-in one, without importing SGLang's ModelRegistry (every model module);
 * attention backends: ``dsv4_plugin`` registered and added to the CLI choices;
 * a model override for ``DeepseekV4ForCausalLM`` (last writer wins over upstream's):
   our backend, page size = block (128), the KV dtype our pools read (``--kv-cache-dtype``:
@@ -13,8 +14,9 @@ This is the only module that touches SGLang's registries (see docs/design/sglang
 * HookRegistry: our pool sizing, pools and allocator for DSV4 models (others fall through), no
   SGLang quantization config for DSV4 (our loader reads the released FP8 / MXFP4 format itself),
   ``support_triton`` false for our backend on machines without CUDA, model-name resolution
-  (``--model dsv4``) plus the CPU device default, before any Hugging Face access, and every
-  generate request checked in the tokenizer manager before it can reach the scheduler
+  (``--model dsv4``) plus the CPU device default, the released config keys SGLang reads
+  (``compress_ratios``) added to configs saved by HF transformers, before any Hugging Face
+  access, and every generate request checked in the tokenizer manager before it can reach the scheduler
   (:mod:`sglang_dsv4.request_checks`: what would kill the scheduler gets a 400 instead);
 * structured output on CPU: xgrammar's token bitmask unpinned without CUDA and applied to CPU
   logits by xgrammar's CPU kernel (SGLang 0.5.17 has GPU paths only for both).
@@ -46,14 +48,12 @@ def register() -> None:
 def _register() -> None:
     from sglang.srt.arg_groups.overrides import register_model_override
     from sglang.srt.layers.attention.attention_registry import register_attention_backend
-    from sglang.srt.models.registry import ModelRegistry
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
     from sglang.srt.server_args import add_attention_backend_choices
 
+    # The model module is imported here so that a broken one stops the server at startup.
+    import sglang_dsv4.model.deepseek_v4  # noqa: F401
     from sglang_dsv4.attention.backend import BACKEND_NAME, DSV4AttnBackend
-    from sglang_dsv4.model.deepseek_v4 import DeepseekV4ForCausalLM
-
-    ModelRegistry.models[_ARCH] = DeepseekV4ForCausalLM
 
     add_attention_backend_choices([BACKEND_NAME])
     register_attention_backend(BACKEND_NAME)(DSV4AttnBackend)
@@ -78,6 +78,11 @@ def _register() -> None:
             HookType.BEFORE,
         ),
         ("sglang.srt.utils.common.support_triton", _support_triton, HookType.AROUND),
+        (
+            "sglang.srt.utils.hf_transformers.config.HfModelConfigParser.parse",
+            _released_spelling,
+            HookType.AFTER,
+        ),
         (
             "sglang.srt.model_executor.pool_configurator.create_memory_pool_configurator",
             _pool_configurator,
@@ -104,8 +109,28 @@ def _register() -> None:
             HookType.AROUND,
         ),
     ]
+    # ModelRegistry imports every SGLang model module (~half of a process's start-up time and
+    # ~0.1 GB each in the launcher and the scheduler): DSV4 is resolved before it is touched, in
+    # each module that bound get_model_architecture at import.
+    for module in ("sglang.srt.model_loader.utils", "sglang.srt.model_loader.loader"):
+        hooks.append((f"{module}.get_model_architecture", _model_architecture, HookType.AROUND))
     for target, fn, kind in hooks:
         HookRegistry.register(target, fn, kind)
+
+
+def _model_architecture(original, model_config):
+    """Our ``DeepseekV4ForCausalLM`` for DSV4 configs (``--model-impl`` auto / sglang), without
+    importing SGLang's ModelRegistry; other models and implementations fall through."""
+    impl = getattr(model_config.model_impl, "value", model_config.model_impl)
+    if not _is_dsv4(model_config.hf_config) or impl not in ("auto", "sglang"):
+        return original(model_config)
+    from sglang.srt.configs.model_config import ModelImpl
+
+    from sglang_dsv4.model.deepseek_v4 import DeepseekV4ForCausalLM
+
+    model_config._resolved_model_arch = _ARCH
+    model_config._resolved_model_impl = ModelImpl.SGLANG
+    return DeepseekV4ForCausalLM, _ARCH
 
 
 def _is_dsv4(hf_config) -> bool:
@@ -114,8 +139,8 @@ def _is_dsv4(hf_config) -> bool:
 
 def _resolve_model_and_device(self, *args, **kwargs):
     """Before ServerArgs resolves (it is read-only after): ``--model dsv4`` -> the embedded
-    checkpoint; for DSV4 models, CPU when there is no CUDA device (and then no CPU graphs: our
-    decode path is captured by CUDA graphs on GPU only)."""
+    checkpoint; for DSV4 models, SGLang's DSV4 reasoning and tool-call parsers, CPU when there is
+    no CUDA device, with CPU defaults."""
     from sglang_dsv4.embedded import EMBEDDED, PUBLIC, resolve_model_name
 
     name = self.model_path
@@ -128,16 +153,37 @@ def _resolve_model_and_device(self, *args, **kwargs):
             self.served_model_name = name
     if not (name == EMBEDDED or name in PUBLIC or _local_dsv4(self.model_path)):
         return None
+    # DSV4's own output formats (<think>...</think>, DSML tool calls) parsed into the OpenAI
+    # API's reasoning_content / tool_calls; --reasoning-parser / --tool-call-parser win.
+    if self.reasoning_parser is None:
+        self.reasoning_parser = "deepseek-v4"
+    if self.tool_call_parser is None:
+        self.tool_call_parser = "deepseekv4"
     if self.device is None:
         import torch
 
         if not torch.cuda.is_available():
             self.device = "cpu"
     _whole_block_chunks(self)
-    on_cpu = self.device == "cpu"
-    if on_cpu and self.cuda_graph_backend_decode is None and self.cuda_graph_config is None:
-        self.cuda_graph_backend_decode = "disabled"
+    if self.device == "cpu":
+        _cpu_defaults(self, embedded=name == EMBEDDED)
     return None
+
+
+def _cpu_defaults(args, embedded: bool) -> None:
+    """CPU serving defaults a laptop can hold (user flags win): no CPU graphs (our decode path
+    is captured by CUDA graphs on GPU only), the embedded model's trained context instead of the
+    config's 1M, and a few requests at once; the pool is then sized from context x requests
+    (``mem.sizing.cpu_token_cap``), not from free RAM."""
+    from sglang_dsv4.embedded import EMBEDDED_CONTEXT
+    from sglang_dsv4.mem.sizing import CPU_MAX_RUNNING_REQUESTS
+
+    if args.cuda_graph_backend_decode is None and args.cuda_graph_config is None:
+        args.cuda_graph_backend_decode = "disabled"
+    if embedded and args.context_length is None:
+        args.context_length = EMBEDDED_CONTEXT
+    if args.max_running_requests is None:
+        args.max_running_requests = CPU_MAX_RUNNING_REQUESTS
 
 
 def _whole_block_chunks(args) -> None:
@@ -162,6 +208,23 @@ def _local_dsv4(path) -> bool:
         return json.loads(config.read_text()).get("model_type") == "deepseek_v4"
     except (OSError, ValueError):
         return False
+
+
+def _released_spelling(config, *args, **kwargs):
+    """A config saved by HF transformers (``DeepseekV4ForCausalLM.save_pretrained``) spells the
+    schedule ``layer_types`` + ``compress_rates``; SGLang's ``ModelConfig`` reads
+    ``compress_ratios`` (AttributeError otherwise, before our model is built). Add the released
+    keys, derived by our parser (a bad config stops startup naming the field)."""
+    if getattr(config, "model_type", None) != "deepseek_v4" or getattr(
+        config, "compress_ratios", None
+    ):
+        return None
+    from sglang_dsv4.config import DSV4Config, released_fields
+
+    fields = released_fields(DSV4Config.from_dict(config.to_dict()))
+    logger.info("DSV4: HF-transformers config spelling; derived %s", fields)
+    config.update(fields)
+    return config
 
 
 def _support_triton(original, backend: str) -> bool:

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from sglang_dsv4.config import AttnKind, ConfigError, DSV4Config
+from sglang_dsv4.config import AttnKind, ConfigError, DSV4Config, released_fields
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -90,6 +90,9 @@ def test_hf_spelling_parses_to_same_schedule(name):
         theirs.index_topk,
         theirs.hc_mult,
     )
+    # the keys SGLang reads, derived from the HF spelling, are the released file's
+    fields = released_fields(theirs)
+    assert fields == {k: released[k] for k in ("compress_ratios", "qk_rope_head_dim")}
 
 
 def test_modern_hf_fields_without_legacy_keys():

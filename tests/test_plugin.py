@@ -53,19 +53,35 @@ def test_server_args_resolution_for_dsv4():
         "a = prepare_server_args(['--model', 'dsv4'])\n"
         "print('A', a.model_path, a.served_model_name, a.device, a.attention_backend, a.page_size,"
         " a.cuda_graph_config.decode.backend, a.kv_cache_dtype)\n"
-        "b = prepare_server_args(['--model', 'dsv4', '--cuda-graph-backend-decode', 'full'])\n"
-        "print('B', b.cuda_graph_config.decode.backend)\n"
+        "b = prepare_server_args(['--model', 'dsv4', '--cuda-graph-backend-decode', 'full',"
+        " '--context-length', '2048', '--max-running-requests', '3'])\n"
+        "print('B', b.cuda_graph_config.decode.backend, b.context_length, b.max_running_requests)\n"
+        "print('C', a.context_length, a.max_running_requests)\n"
+        "print('D', a.reasoning_parser, a.tool_call_parser)\n"
+        "e = prepare_server_args(['--model', 'dsv4', '--reasoning-parser', 'deepseek-r1'])\n"
+        "print('E', e.reasoning_parser, e.tool_call_parser)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     lines = {
-        ln.split()[0]: ln.split()[1:] for ln in out.stdout.splitlines() if ln[:2] in ("A ", "B ")
+        ln.split()[0]: ln.split()[1:]
+        for ln in out.stdout.splitlines()
+        if ln[:2] in ("A ", "B ", "C ", "D ", "E ")
     }
     assert "A" in lines, out.stderr[-3000:]
     path, served, device, backend, page, decode, kv_dtype = lines["A"]
     assert path.endswith("models/dsv4-tiny") and served == "dsv4"
     assert (device, backend, page, decode) == ("cpu", "dsv4_plugin", "128", "disabled")
     assert kv_dtype == "bfloat16"  # CPU pools keep plain rows (mem.sizing.row_format)
-    assert lines["B"] == ["full"]
+    # CPU: the embedded model's trained context and a few requests, unless the user says
+    from sglang_dsv4.embedded import EMBEDDED_CONTEXT
+    from sglang_dsv4.mem.sizing import CPU_MAX_RUNNING_REQUESTS
+
+    assert lines["C"] == [str(EMBEDDED_CONTEXT), str(CPU_MAX_RUNNING_REQUESTS)]
+    assert lines["B"] == ["full", "2048", "3"]
+    # SGLang's DSV4 parsers by default; the user's flag wins
+    assert lines["D"] == ["deepseek-v4", "deepseekv4"]
+    assert lines["E"] == ["deepseek-r1", "deepseekv4"]
+
 
 
 @pytest.mark.skipif(
@@ -123,3 +139,29 @@ def test_disconnect_watcher_skips_requests_refused_before_normalization():
     assert ran == []
     asyncio.run(_abort_task(original, None, served)())
     assert ran == [True]
+
+
+@pytest.mark.server
+def test_hf_saved_checkpoint_serves_hf_logprobs(hf_model, tmp_path):
+    """A checkpoint written by HF transformers' ``save_pretrained`` (config spelled
+    ``layer_types`` + ``compress_rates``, no ``compress_ratios``; HF tensor names) starts
+    through SGLang's own ModelConfig and serves HF's logprobs (fp32, CPU)."""
+    import json
+
+    from conftest import SERVER_ARGS
+    from hf_parity import assert_served_equals_hf, seeded_prompt
+    from server import Server
+
+    ckpt = tmp_path / "hf_saved"
+    hf_model.save_pretrained(ckpt)
+    raw = json.loads((ckpt / "config.json").read_text())
+    assert "compress_ratios" not in raw and "layer_types" in raw and "compress_rates" in raw
+    prompts = {n: seeded_prompt(n, seed=3000) for n in (5, 129, 300)}
+    srv = Server(["--model-path", str(ckpt), *SERVER_ARGS], tmp_path / "log")
+    try:
+        outs = {n: srv.generate(ids, 8) for n, ids in prompts.items()}
+        assert "DSV4: HF-transformers config spelling" in srv.log
+    finally:
+        srv.stop()
+    assert_served_equals_hf(hf_model, prompts, outs)
+

@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from sglang_dsv4.evals.perplexity import TEXT
+from sglang_dsv4.progress import track
 
 __all__ = ["run_consistency"]
 
@@ -48,7 +49,7 @@ def run_consistency(
 ) -> dict:
     prompts = _prompts(tokenizer, base_len, n, seed)
     result = {}
-    for variant in ("plain", "cache_hit"):
+    for variant in track(("plain", "cache_hit"), "decode vs re-prefill", "pass"):
         server.flush_cache()
         if variant == "cache_hit":
             server.generate(prompts, 0)

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from sglang_dsv4.progress import track
+
 __all__ = ["Scores", "heldout_chunks", "hf_scores", "server_scores", "summarize"]
 
 TEXT = Path(__file__).resolve().parent / "data" / "test_plays.txt"
@@ -37,7 +39,7 @@ def heldout_chunks(tokenizer, chunk_len: int, n_chunks: int) -> list[list[int]]:
 
 def server_scores(server, chunks: list[list[int]]) -> Scores:
     out = Scores([], [])
-    for ids in chunks:
+    for ids in track(chunks, "perplexity (server)", "chunk"):
         r = server.generate(ids, 0, return_logprob=True, logprob_start_len=0, top_logprobs_num=1)[
             "meta_info"
         ]
@@ -58,7 +60,7 @@ def hf_scores(model_path: str, chunks: list[list[int]], device: str) -> Scores:
     model = DeepseekV4ForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     model = model.to(device).eval()
     out = Scores([], [])
-    for ids in chunks:
+    for ids in track(chunks, "perplexity (HF fp32)", "chunk"):
         x = torch.tensor([ids], device=device)
         logp = model(x, use_cache=False).logits[0].float().log_softmax(-1)  # [L, V]
         out.logprobs.append(logp[:-1].gather(1, x[0, 1:, None])[:, 0].tolist())

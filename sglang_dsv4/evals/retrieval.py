@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from sglang_dsv4.evals.perplexity import TEXT
+from sglang_dsv4.progress import track
 from sglang_dsv4.train.data import FACT_KEYS, newline_ids, plant_facts, retrieval_words
 
 __all__ = ["build_prompts", "run_retrieval"]
@@ -59,7 +60,7 @@ def run_retrieval(server, tokenizer, lengths: list[int], n: int, seed: int = 0) 
     per_length = {}
     for length in lengths:
         rows = []
-        for p in build_prompts(tokenizer, length, n, seed):
+        for p in track(build_prompts(tokenizer, length, n, seed), f"retrieval {length}", "prompt"):
             out = server.generate(p["ids"], len(p["answer"]))
             got = out["output_ids"][: len(p["answer"])]
             rows.append(

@@ -18,6 +18,11 @@ full token against native SGLang's 724 B, i.e. ~13 % more full tokens per GB. An
 0.1 still leaves ``0.1 * full`` swa slots, tens of thousands of 256-slot request windows on an
 H100, far above any running batch; what it costs is how many cached prefixes keep their last
 window (a prefix hit needs it).
+
+On CPU (no ``--max-total-tokens``) the pool is not sized from free RAM, which SGLang measures
+for the whole machine (tens of GB, seconds to zero, other processes' memory): it holds
+``context_len x max_running_requests`` full slots at most (:func:`cpu_token_cap`), the budget
+still capping it.
 """
 
 import logging
@@ -28,9 +33,19 @@ from sglang.srt.model_executor.pool_configurator import MemoryPoolConfig, Memory
 from sglang_dsv4.config import DSV4Config
 from sglang_dsv4.mem.schema import CacheSchema, EntryFormat
 
-__all__ = ["DSV4PoolConfigurator", "row_format", "schema_for"]
+__all__ = [
+    "CPU_MAX_RUNNING_REQUESTS",
+    "DSV4PoolConfigurator",
+    "cpu_token_cap",
+    "row_format",
+    "schema_for",
+]
 
 logger = logging.getLogger(__name__)
+
+# Requests served at once on CPU unless --max-running-requests says otherwise (set by the
+# plugin's server-args hook): enough for a few users; each costs a whole context of slots.
+CPU_MAX_RUNNING_REQUESTS = 16
 
 
 def row_format(
@@ -57,24 +72,68 @@ def schema_for(model_config, server_args, device: str) -> tuple[CacheSchema, tor
     return CacheSchema.from_config(cfg, fmt, index_fmt), row_dtype
 
 
+def cpu_token_cap(kvc) -> tuple[int, str] | None:
+    """(full token slots, why) for a CPU server without ``--max-total-tokens``: every running
+    request can hold a whole context. ``None`` elsewhere (GPU: the measured budget decides)."""
+    args = kvc.server_args
+    if str(kvc.device) != "cpu" or args.max_total_tokens is not None:
+        return None
+    context = kvc.model_config.context_len
+    requests = args.max_running_requests or CPU_MAX_RUNNING_REQUESTS
+    why = (
+        f"context length {context}{_context_source(kvc)} x {requests} requests (CPU: sized "
+        "from the model's context, not from free RAM; --context-length / "
+        "--max-running-requests / --max-total-tokens change it)"
+    )
+    return context * requests, why
+
+
+def _context_source(kvc) -> str:
+    from pathlib import Path
+
+    from sglang_dsv4.embedded import EMBEDDED_CONTEXT, embedded_checkpoint
+
+    path = Path(kvc.model_config.model_path).resolve()
+    if path == embedded_checkpoint() and kvc.model_config.context_len == EMBEDDED_CONTEXT:
+        return " (the embedded model's training length)"
+    return ""
+
+
 class DSV4PoolConfigurator(MemoryPoolConfigurator):
-    def __init__(self, schema: CacheSchema, max_running_requests: int, swa_ratio: float):
+    def __init__(
+        self,
+        schema: CacheSchema,
+        max_running_requests: int,
+        swa_ratio: float,
+        token_cap: tuple[int, str] | None = None,
+    ):
         self.schema = schema
         self.max_running_requests = max_running_requests
         self.swa_ratio = swa_ratio
+        self.token_cap = token_cap
 
     @classmethod
     def from_kv_cache_configurator(cls, kvc) -> "DSV4PoolConfigurator":
         args = kvc.server_args
         device = getattr(kvc, "device", None) or args.device or "cuda"
         schema, _ = schema_for(kvc.model_config, args, device)
-        return cls(schema, args.max_running_requests or 256, args.swa_full_tokens_ratio)
+        return cls(
+            schema,
+            args.max_running_requests or 256,
+            args.swa_full_tokens_ratio,
+            cpu_token_cap(kvc),
+        )
 
     def calculate_pool_sizes(self, available_bytes: int, page_size: int) -> MemoryPoolConfig:
         s = self.schema
         tails = s.tail_bytes * (self.max_running_requests + 1)
         per_full_slot = s.full_bytes_per_token + self.swa_ratio * s.swa_bytes_per_token
         full = int((available_bytes - tails) // per_full_slot)
+        if self.token_cap is not None and self.token_cap[0] < full:
+            cap, why = self.token_cap
+            pool_mib = (tails + cap * per_full_slot) / (1 << 20)
+            logger.info("DSV4 pool: %d full token slots = %s; %.1f MiB", cap, why, pool_mib)
+            full = cap
         logger.info(
             "sglang-dsv4 pool budget %.2f GB: tails of %d requests %.2f GB, the rest holds %d "
             "full tokens at %.1f B each (swa slots included)",

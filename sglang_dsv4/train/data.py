@@ -15,7 +15,9 @@ A training sample is ``seq_len + 1`` token ids of one of three kinds:
 * text with planted facts: 1-3 lines ``The secret word of KEY is VALUE.`` inserted at random line
   boundaries of a crop and asked again at its end (``... KEY is`` -> `` VALUE``), so that the
   compressed layers (and the c4 indexer) have a reason to look thousands of tokens back;
-* chat: consecutive speeches of a play as DSV4 chat turns (user speech, assistant reply).
+* chat: consecutive speeches of a play as DSV4 chat turns (user speech, assistant reply);
+* thinking chat and tool calls (fine-tuning shares ``think_prob`` / ``tool_prob``): synthetic
+  turns of :mod:`sglang_dsv4.train.turns`, encoded by SGLang's DSV4 chat encoder.
 
 The planted-fact template and the key / value word lists are shared with the long-context
 retrieval eval (training values and eval values are disjoint).
@@ -30,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from sglang_dsv4.train import turns
 
 __all__ = [
     "HELD_OUT",
@@ -197,11 +201,18 @@ def retrieval_words(tok) -> tuple[list[str], list[str]]:
     return [w for _, w in words[0::2]], [w for _, w in words[1::2]]
 
 
+# A tool-call conversation is ~800 tokens, most of them SGLang's fixed tools preamble; its last
+# TOOL_TAIL tokens hold the schemas, the question and the call, at a third of the cost.
+TOOL_TAIL = 256
+
+
 @dataclass
 class SampleMix:
     fact_prob: float = 0.3
     chat_prob: float = 0.1
     max_facts: int = 3
+    think_prob: float = 0.0
+    tool_prob: float = 0.0
 
 
 class Corpus:
@@ -230,6 +241,13 @@ class Corpus:
     def sample(self, rng: np.random.Generator, n: int, mix: SampleMix) -> np.ndarray:
         """One training sample of ``n`` token ids."""
         r = rng.random()
+        if r < mix.tool_prob:
+            tool_turn = lambda: turns.tool_call_turn(rng, thinking=rng.random() < 0.5)  # noqa: E731
+            return self._packed(n, tool_turn, tail=TOOL_TAIL)
+        r -= mix.tool_prob
+        if r < mix.think_prob:
+            return self._packed(n, lambda: self._thinking(rng))
+        r -= mix.think_prob
         if r < mix.chat_prob:
             return self._chat(rng, n)
         if r < mix.chat_prob + mix.fact_prob:
@@ -254,6 +272,18 @@ class Corpus:
         ids, _ = self.plant(haystack, facts, rng.uniform(0, 0.9, size=k).tolist(), queries)
         ids = ids[-n:]
         return np.asarray([self.eos] * (n - len(ids)) + ids, dtype=np.int64)
+
+    def _packed(self, n: int, conversation, tail: int | None = None) -> np.ndarray:
+        """Encoded conversations (each from BOS to EOS, or its last ``tail`` tokens) back to
+        back, cut at ``n`` tokens."""
+        ids: list[int] = []
+        while len(ids) < n:
+            ids += self.encode(conversation())[-tail if tail else 0 :]
+        return np.asarray(ids[:n], dtype=np.int64)
+
+    def _thinking(self, rng: np.random.Generator) -> str:
+        i = int(rng.integers(0, len(self.speeches) - 1))
+        return turns.thinking_turn(self.speeches[i], self.speeches[i + 1])
 
     def _chat(self, rng: np.random.Generator, n: int) -> np.ndarray:
         ids = [self.bos]

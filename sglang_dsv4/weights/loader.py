@@ -22,6 +22,7 @@ import torch
 from safetensors import safe_open
 
 from sglang_dsv4.config import DSV4Config
+from sglang_dsv4.progress import progress
 from sglang_dsv4.weights.layout import (
     Fmt,
     StoredWeight,
@@ -92,6 +93,8 @@ class WeightStream:
         self._pending: dict[str, dict[str, torch.Tensor]] = {}  # logical -> parts received
         self._done: set[str] = set()
         self._format = "released" if quant else "dense"
+        # on a terminal: logical tensors delivered (dequantizing a large checkpoint takes a while)
+        self._bar = progress(len(self._expected), "DSV4 weights", "tensor")
 
     def feed(self, name: str, tensor: torch.Tensor) -> None:
         if is_mtp_name(name):
@@ -131,10 +134,12 @@ class WeightStream:
         data, *scale = (got[n] for n in exp.parts)
         self.deliver(logical, StoredWeight(exp.fmt, data, scale[0] if scale else None))
         self._done.add(logical)
+        self._bar.update()
         self.stats.delivered += 1
         self.stats.formats[exp.fmt.value] = self.stats.formats.get(exp.fmt.value, 0) + 1
 
     def finish(self) -> LoadStats:
+        self._bar.close()
         missing = [
             part
             for logical, exp in self._expected.items()

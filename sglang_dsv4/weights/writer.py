@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from sglang_dsv4.progress import track
 from sglang_dsv4.weights.layout import Fmt, StoredWeight, pack, released_fmt
 
 __all__ = [
@@ -50,7 +51,7 @@ def project_to_released(tensors: Iterable[tuple[str, torch.Tensor]], expert_dtyp
     """Overwrite each logical tensor (released name, writable view) with the value its released
     storage represents; afterwards :func:`released_tensors` stores it without loss."""
     with torch.no_grad():
-        for name, t in tensors:
+        for name, t in track(tensors, "rounding onto the released grid", "tensor"):
             fmt = released_fmt(name, expert_dtype)
             if fmt in (Fmt.FP32, Fmt.I64):
                 continue
@@ -114,6 +115,7 @@ def write_released(
     shard_bytes: int = 5 << 30,
 ) -> dict[str, str]:
     """Write logical tensors (released names, MTP included) as a released-format checkpoint."""
+    tensors = track(tensors, f"writing {out.name}", "tensor")
     weight_map = write_shards(released_tensors(tensors, expert_dtype), out, shard_bytes)
     config_json = json.dumps(released_config(config, expert_dtype), indent=2)
     (out / "config.json").write_text(config_json + "\n")

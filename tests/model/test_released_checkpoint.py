@@ -7,6 +7,7 @@ import shutil
 import pytest
 import torch
 from conftest import SERVER_ARGS
+from hf_parity import assert_served_equals_hf, seeded_prompt
 from safetensors.torch import load_file, save_file
 
 PROMPT_LENS = (3, 129, 300)
@@ -14,7 +15,7 @@ DECODE = 8
 
 
 def prompt(n: int) -> list[int]:
-    return torch.randint(2, 1024, (n,), generator=torch.Generator().manual_seed(2000 + n)).tolist()
+    return seeded_prompt(n, seed=2000)
 
 
 @pytest.mark.server
@@ -28,20 +29,7 @@ def test_released_checkpoint_serves_hf_logprobs(tiny_ckpt_pair, tmp_path):
         assert "DSV4: loaded 304 tensors" in srv.log and "'mxfp4': 144" in srv.log
     finally:
         srv.stop()
-    for n, out in outs.items():
-        ids, tokens = prompt(n), out["output_ids"]
-        with torch.no_grad():
-            logits = hf_model(input_ids=torch.tensor([ids + tokens]), use_cache=False).logits[0]
-        ref = torch.log_softmax(logits.float(), dim=-1)
-        meta = out["meta_info"]
-        got = [lp for lp, _, _ in meta["input_token_logprobs"][1:]]
-        got += [lp for lp, _, _ in meta["output_token_logprobs"]]
-        want = [ref[i - 1, ids[i]].item() for i in range(1, n)]
-        want += [ref[n - 1 + j, tokens[j]].item() for j in range(DECODE)]
-        assert tokens == ref[n - 1 : n - 1 + DECODE].argmax(-1).tolist(), f"n={n}"
-        diff = max(abs(a - b) for a, b in zip(got, want, strict=True))
-        print(f"n={n}: max |d logprob| served vs HF = {diff:.2e}")
-        assert diff <= 1e-3, f"n={n}: max |d logprob| = {diff:.2e}"
+    assert_served_equals_hf(hf_model, {n: prompt(n) for n in PROMPT_LENS}, outs)
 
 
 @pytest.mark.server
