@@ -16,7 +16,8 @@ This is the only module that touches SGLang's registries (see docs/design/sglang
   ``support_triton`` false for our backend on machines without CUDA, model-name resolution
   (``--model dsv4``) plus the CPU device default, the released config keys SGLang reads
   (``compress_ratios``) added to configs saved by HF transformers, before any Hugging Face
-  access, and every generate request checked in the tokenizer manager before it can reach the scheduler
+  access, and every generate request checked in the tokenizer manager before it can reach the
+  scheduler
   (:mod:`sglang_dsv4.request_checks`: what would kill the scheduler gets a 400 instead);
 * structured output on CPU: xgrammar's token bitmask unpinned without CUDA and applied to CPU
   logits by xgrammar's CPU kernel (SGLang 0.5.17 has GPU paths only for both).
