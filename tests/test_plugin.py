@@ -83,7 +83,6 @@ def test_server_args_resolution_for_dsv4():
     assert lines["E"] == ["deepseek-r1", "deepseekv4"]
 
 
-
 @pytest.mark.skipif(
     __import__("torch").cuda.is_available(), reason="the CPU grammar path (no CUDA driver)"
 )
@@ -164,4 +163,3 @@ def test_hf_saved_checkpoint_serves_hf_logprobs(hf_model, tmp_path):
     finally:
         srv.stop()
     assert_served_equals_hf(hf_model, prompts, outs)
-
