@@ -49,7 +49,7 @@ fi
 
 rc=0
 DSV4_CACHE=/tmp/dsv4c python3 scripts/gpu_e2e.py --graph-check --extra-server-args \
-    "--sampling-backend pytorch --swa-full-tokens-ratio 0.5 --context-length 8192" \
+    "--sampling-backend pytorch --context-length 8192" \
     > "$OUT/tiny.txt" 2>&1 || rc=1
 echo "tiny model done at $(( $(date +%s) - start )) s"
 python3 scripts/gpu_flash_dims.py --work /tmp/fd --native > "$OUT/flash_dims.txt" 2>&1 || rc=1

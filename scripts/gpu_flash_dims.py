@@ -176,7 +176,7 @@ def main() -> int:
     context = max(8192, -(-(args.input_len + args.output_len + 1) // 1024) * 1024)
     server_args = ["--model-path", str(model), "--context-length", str(context)]
     server_args += ["--sampling-backend", "pytorch", "--mem-fraction-static", "0.6"]
-    server_args += ["--cuda-graph-max-bs-decode", "128", "--swa-full-tokens-ratio", "0.5"]
+    server_args += ["--cuda-graph-max-bs-decode", "128"]
     server = Server(server_args, out_dir / "server.log", timeout=600)
     rows, robust = [], None
     try:
