@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sglang_dsv4.kernels.indexer import _topk_kernel
+from sglang_dsv4.kernels.indexer import IndexerTopK
 from sglang_dsv4.kernels.kv_store import IndexKeyLayout
 
 __all__ = ["IndexerExtend"]
@@ -246,22 +246,6 @@ class IndexerExtend:
             self._select(block_table, query_req, positions, t0, t1)
         return self.ids, self.rows, self.lengths
 
-    def _select(self, block_table, query_req, positions, t0, t1) -> None:
-        _topk_kernel[(t1 - t0,)](
-            self.logits,
-            self.ld,
-            query_req[t0:t1],
-            positions[t0:t1],
-            block_table,
-            block_table.stride(0),
-            self.ids[t0:t1],
-            self.rows[t0:t1],
-            self.lengths[t0:t1],
-            K=self.topk,
-            RATIO=self.ratio,
-            EPB=self.entries_per_block,
-            CHUNK=2048,
-            KCHUNK=min(1024, triton.next_power_of_2(self.topk)),
-            WRITE_ROWS=True,
-            num_warps=8,
-        )
+    # the exact radix top-k of the decode indexer, over this class's workspace (same fields)
+    write_rows = True
+    _select = IndexerTopK._select
