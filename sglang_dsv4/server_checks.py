@@ -195,6 +195,12 @@ def _send(url: str, case: Case) -> tuple[int, str]:
     return r.status_code, text
 
 
+# SGLang 0.5.17: a chat body that is not a JSON object reaches a mode="before" validator of
+# ChatCompletionRequest that calls `.get` on it (AttributeError -> 500) while FastAPI validates
+# the body, before any hook can see the request; the server keeps serving (docs/robustness.md).
+KNOWN_500 = {("/v1/chat/completions", "body not an object")}
+
+
 def fuzz_server(
     url: str,
     vocab_size: int,
@@ -206,9 +212,10 @@ def fuzz_server(
 ) -> dict:
     """Send up to ``count`` generated requests (stopping once ``time_budget_s`` is spent), each
     followed by a normal one. A failure: no answer, a 5xx, a 4xx without a message, or the
-    normal request not answered after it."""
+    normal request not answered after it. ``known_gaps``: 500s of :data:`KNOWN_500` (an upstream
+    gap no seam reaches) after which the server still serves; reported, not failures."""
     model = model or requests.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
-    start, statuses, failures, ran = time.perf_counter(), Counter(), [], 0
+    start, statuses, failures, known, ran = time.perf_counter(), Counter(), [], [], 0
     for case in fuzz_cases(seed, count, vocab_size, context_len, model):
         if time.perf_counter() - start > time_budget_s:
             break
@@ -218,14 +225,15 @@ def fuzz_server(
         answered = 200 <= status < 300 or (400 <= status < 500 and _error_message(text))
         served = _serves(url)
         if not (answered and served):
-            failures.append(
-                {"path": case.path, "change": case.note, "status": status,
-                 "served_after": served, "answer": text[:300]}
-            )  # fmt: skip
+            row = {"path": case.path, "change": case.note, "status": status,
+                   "served_after": served, "answer": text[:300]}  # fmt: skip
+            gap = served and status == 500 and (case.path, case.note) in KNOWN_500
+            (known if gap else failures).append(row)
     return {
         "cases": ran,
         "statuses": dict(statuses),
         "failures": failures,
+        "known_gaps": known,
         "wall_s": round(time.perf_counter() - start, 1),
     }
 
