@@ -4,8 +4,8 @@ Per layer, all launches, no host sync, no host branch on values (CUDA-graph capt
 
 * ``kernels.kv_store.store_kv``: the new tokens' raw rows into their swa pages (FP8 584-byte
   rows in FlashMLA pages, or bf16 rows);
-* compressed layers: one GEMM per compressor for ``wkv(x)`` / ``wgate(x)``, then
-  ``kernels.compressor.CompressorFlush`` (``plan_decode``: one program per request, entry and
+* compressed layers: ``kernels.compressor.CompressorFlush`` over the compressors' ``wkv(x)`` /
+  ``wgate(x)`` (views of the model's one input GEMM, ``ops.proj``) (``plan_decode``: one program per request, entry and
   block-end stores gated on the device; boundary rows at the token's swa page): c4 main + c4
   indexer (FP8 keys of the Hadamard-rotated key), c128 main;
 * c4: ``kernels.indexer.IndexerTopK`` over the FP8 keys (queries rotated by one GEMM with the
@@ -22,7 +22,6 @@ import logging
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from sglang_dsv4.attention.choice import FLASHMLA, flashmla_eligible, pick
 from sglang_dsv4.attention.decode import DecodeMeta, DecodeTorch, KVNorm, hca_list_width
@@ -279,10 +278,9 @@ class DecodeKernels(DecodeTorch):
         )  # fmt: skip
 
     def _flush(self, plan: DecodePlan, name: str, out, tail, boundary, meta, comp, w) -> None:
-        """One compressor step of every request: the two projections, then the kernel."""
-        x = comp.x.to(w.wkv.dtype)  # a no-op in a bf16 model
-        kv = F.linear(x, w.wkv)  # [B, coff*D]
-        score = F.linear(x, w.wgate)
+        """One compressor step of every request over its projections (the model's fused input
+        GEMM made them)."""
+        kv, score = comp.projections(index=name == "c4_index")  # [B, coff*D] each
         plan.flush[name].run(
             kv, score, w.ape, w.norm, comp.inv_freq, tail.kv, tail.score, meta.tail_rows_i32,
             meta.positions_i32, plan.cu_seqlens, meta.pages_i32, out,
