@@ -5,9 +5,9 @@ Per layer, all launches, no host sync, no host branch on values (CUDA-graph capt
 * ``kernels.kv_store.store_kv``: the new tokens' raw rows into their swa pages (FP8 584-byte
   rows in FlashMLA pages, or bf16 rows);
 * compressed layers: ``kernels.compressor.CompressorFlush`` over the compressors' ``wkv(x)`` /
-  ``wgate(x)`` (views of the model's one input GEMM, ``ops.proj``) (``plan_decode``: one program per request, entry and
-  block-end stores gated on the device; boundary rows at the token's swa page): c4 main + c4
-  indexer (FP8 keys of the Hadamard-rotated key), c128 main;
+  ``wgate(x)`` (views of the model's one input GEMM, ``ops.proj``; ``plan_decode``: one
+  program per request, entry and block-end stores gated on the device; boundary rows at the
+  token's swa page): c4 main + c4 indexer (FP8 keys of the Hadamard-rotated key), c128 main;
 * c4: ``kernels.indexer.IndexerTopK`` over the FP8 keys (queries rotated by one GEMM with the
   Hadamard matrix), whose key rows are the entry rows of the picks;
 * attention: ``kernels.attention.SparseMQA`` or FlashMLA's sparse FP8 decode
@@ -43,22 +43,40 @@ class FlashMLADecode:
     """FlashMLA's sparse FP8 decode, called as SGLang 0.5.17's ``DeepseekV4AttnBackend`` calls
     it (``flash_mla_with_kvcache`` with ``indices`` / ``extra_indices_in_kvcache``, ``attn_sink``,
     a ``FlashMLASchedMeta`` per plan shared by the layers of a kind). Same ``run`` signature as
-    ``SparseMQA`` (lists may hold -1: FlashMLA skips invalid indices)."""
+    ``SparseMQA`` (lists may hold -1: FlashMLA skips invalid indices).
 
-    def __init__(self, flash_mla, head_dim: int = 512):
+    The tile schedule (FlashMLA's ``get_mla_metadata_kernel``, run by the first call of a plan)
+    splits each query's key blocks over the SMs. For the sparse path its only inputs are the
+    shapes (batch, heads, list widths) and, when given, the per-query ``extra_topk_length``
+    (``csrc/smxx/decode/get_decoding_sched_meta``: ``cur_s_k = ceil(topk, 64) + extra_len``).
+    So ``lengths=False`` (SWA: no extra list; CSA: the top-k list is passed without its count,
+    its -1 tail is skipped) makes the schedule static: the first run of the plan (a captured
+    graph's eager warm-up) computes it and every replay reuses it, no launch per step. CSA
+    loses nothing: past 4 * top-k tokens every query picks all ``topk`` entries, so the
+    schedule is the same. ``lengths=True`` (HCA, whose list spans every c128 entry of the
+    context, mostly -1 on short requests) keeps the per-step schedule from the step's counts:
+    one launch per step, computed inside the graph (``after_warmup`` drops the warm-up's)."""
+
+    def __init__(self, flash_mla, head_dim: int = 512, *, lengths: bool = True):
         self._mla = flash_mla  # the ``sgl_kernel.flash_mla`` module (see ``load_flashmla``)
         self.head_dim = head_dim
+        self.lengths = lengths  # schedule from the per-query extra counts (else static)
+        self._extra_lengths = _at_least_one if lengths else _dropped
 
     def plan(self) -> None:
         # The first run of a plan computes the tile schedule; later layers reuse it.
         self.sched = self._mla.get_mla_metadata()[0]
 
+    def after_warmup(self) -> None:
+        """Between a graph's warm-up run and its capture: a schedule computed from that run's
+        counts is dropped so that the graph computes it per replay; a static one is kept."""
+        if self.lengths:
+            self.plan()
+
     def run(
         self, q, kv, indices, sink, scale, *, extra_kv=None, extra_indices=None, extra_lengths=None
     ):
         fp8 = torch.float8_e4m3fn
-        if extra_lengths is not None:  # as SGLang: lengths of at least 1 (the lists hold -1s)
-            extra_lengths = extra_lengths.clamp(min=1)
         o, _ = self._mla.flash_mla_with_kvcache(
             q=q.unsqueeze(1),  # [B, 1, H, D]
             k_cache=kv.view(fp8),
@@ -72,9 +90,19 @@ class FlashMLADecode:
             attn_sink=sink.float(),  # FlashMLA takes fp32 sinks (a no-op when they are)
             extra_k_cache=None if extra_kv is None else extra_kv.view(fp8),
             extra_indices_in_kvcache=None if extra_indices is None else extra_indices.unsqueeze(1),
-            extra_topk_length=extra_lengths,
+            extra_topk_length=self._extra_lengths(extra_lengths),
         )
         return o.squeeze(1)
+
+
+def _at_least_one(lengths: torch.Tensor | None) -> torch.Tensor | None:
+    """As SGLang: extra lengths of at least 1 (the lists hold -1s past the count)."""
+    return None if lengths is None else lengths.clamp(min=1)
+
+
+def _dropped(lengths: torch.Tensor | None) -> None:
+    """A static schedule: FlashMLA walks the whole list and skips its -1 tail."""
+    return None
 
 
 def load_flashmla():
@@ -174,7 +202,7 @@ class DecodeKernels(DecodeTorch):
         attn, choice = {}, {}
         for kind, extra_topk in extra.items():
             choice[kind] = pick(kind, self.num_heads, bs, window + extra_topk, self.flashmla)
-            attn[kind] = self._attention(choice[kind], bs, window, extra_topk)
+            attn[kind] = self._attention(choice[kind], kind, bs, window, extra_topk)
         flush = {}
         for name, ratio, d, out in self._compressors():
             flush[name] = CompressorFlush(ratio, d, out, layout=self._entry_layout(name, ratio))
@@ -196,9 +224,9 @@ class DecodeKernels(DecodeTorch):
             self._logits = torch.empty(n, dtype=torch.float32, device=self.device)
         return self._logits[:n].view(shape)
 
-    def _attention(self, choice: str, bs: int, window: int, extra_topk: int):
-        if choice == FLASHMLA:
-            k = FlashMLADecode(self._mla, self.schema.head_dim)
+    def _attention(self, choice: str, kind: AttnKind, bs: int, window: int, extra_topk: int):
+        if choice == FLASHMLA:  # a static schedule but on HCA (FlashMLADecode's docstring)
+            k = FlashMLADecode(self._mla, self.schema.head_dim, lengths=kind is AttnKind.HCA)
             k.plan()
         else:
             k = SparseMQA(self.num_heads, self.schema.head_dim, kv_fp8=self.fp8, device=self.device)
@@ -223,11 +251,11 @@ class DecodeKernels(DecodeTorch):
 
     def after_warmup(self, plan: DecodePlan) -> None:
         """Between SGLang's warm-up run of a graph and its capture: FlashMLA's schedules were
-        computed eagerly by the warm-up; fresh ones are computed inside the graph instead (per
-        replay, from that step's lists), as SGLang's DSV4 backend does."""
+        computed eagerly by the warm-up; those that depend on the step's counts are computed
+        inside the graph instead (per replay), static ones are kept (``FlashMLADecode``)."""
         for k in plan.attn.values():
             if isinstance(k, FlashMLADecode):
-                k.plan()
+                k.after_warmup()
 
     # ------------------------------------------------------------------ run (launches)
 

@@ -38,7 +38,6 @@ from sglang_dsv4.model.experts import MoE
 from sglang_dsv4.model.linears import KeptFormats, QuantLinear, keeps_quantized
 from sglang_dsv4.ops import HcWeights, build_ops
 from sglang_dsv4.ref.attention import grouped_output_proj
-from sglang_dsv4.ref.linear import linear
 from sglang_dsv4.ref.model import RefDSV4
 from sglang_dsv4.weights.layout import StoredWeight
 from sglang_dsv4.weights.loader import TensorMismatchError, WeightStream
@@ -105,7 +104,8 @@ class _Attention(nn.Module):
         rank = cfg.o_groups * cfg.o_lora_rank
         self.wo_a = kept.linear(p + "wo_a", cfg.num_heads * d // cfg.o_groups, rank)
         self.wo_b = kept.linear(p + "wo_b", rank, h)
-        self.attn_sink = nn.Parameter(torch.zeros(cfg.num_heads))
+        # fp32 as released (and as FlashMLA / SparseMQA take it: no cast kernel per layer)
+        self.attn_sink = nn.Parameter(torch.zeros(cfg.num_heads, dtype=torch.float32))
         if spec.attn.compressed:
             csa = spec.attn is AttnKind.CSA
             self.compressor = _Compressor(kept, p + "compressor.", h, d, spec.ratio, csa)
@@ -224,7 +224,8 @@ class DeepseekV4ForCausalLM(nn.Module):
         xs = dict(zip(READS[spec.attn][0], self.ops.proj.run(reads_x, x), strict=True))
         qr = norm.rms(xs["wq_a"], w[p + "q_norm.weight"])  # [T, q_lora]
         qs = dict(zip(READS[spec.attn][1], self.ops.proj.run(reads_qr, qr), strict=True))
-        q = norm.rms_rope(qs["wq_b"].view(n, cfg.num_heads, cfg.head_dim), None, positions, inv_freq)
+        q = qs["wq_b"].view(n, cfg.num_heads, cfg.head_dim)
+        q = norm.rms_rope(q, None, positions, inv_freq)  # [T, H, D]
         # raw wkv(x): the backend applies kv_norm + RoPE inside its KV store (one fused kernel
         # on the GPU decode path)
         kv_norm = KVNorm(w[p + "kv_norm.weight"], inv_freq, positions, cfg.norm_eps)
