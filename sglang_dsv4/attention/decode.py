@@ -91,7 +91,9 @@ class DecodeMeta:
     window_i32: torch.Tensor
     pages_i32: torch.Tensor
     hca_rows: torch.Tensor
-    hca_lengths: torch.Tensor  # [B] int32 visible c128 entries (the valid prefix of hca_rows)
+    # [B] int32 visible c128 entries (the valid prefix of hca_rows), at least 1: FlashMLA's
+    # schedule wants a non-empty list (the -1 there is skipped), as SGLang clamps them
+    hca_lengths: torch.Tensor
     boundary_table: torch.Tensor
 
 
@@ -134,7 +136,7 @@ def build_decode_meta(
         window_i32=win.int(),
         pages_i32=pages.int(),
         hca_rows=_hca_rows(pages, positions, block),
-        hca_lengths=((positions + 1) // 128).clamp(max=hca_list_width(n_pages, block)).int(),
+        hca_lengths=((positions + 1) // 128).clamp(min=1, max=hca_list_width(n_pages, block)).int(),
         boundary_table=torch.where(
             torch.arange(n_pages, device=positions.device) == (positions // block).unsqueeze(1),
             torch.where(valid, swa_page, -1).unsqueeze(1),

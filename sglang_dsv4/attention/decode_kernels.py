@@ -8,8 +8,8 @@ Per layer, all launches, no host sync, no host branch on values (CUDA-graph capt
   ``wgate(x)`` (views of the model's one input GEMM, ``ops.proj``; ``plan_decode``: one
   program per request, entry and block-end stores gated on the device; boundary rows at the
   token's swa page): c4 main + c4 indexer (FP8 keys of the Hadamard-rotated key), c128 main;
-* c4: ``kernels.indexer.IndexerTopK`` over the FP8 keys (queries rotated by one GEMM with the
-  Hadamard matrix), whose key rows are the entry rows of the picks;
+* c4: ``kernels.indexer.IndexerTopK`` over the FP8 keys (its score kernel rotates the queries
+  like the keys, ``rotate``), whose key rows are the entry rows of the picks;
 * attention: ``kernels.attention.SparseMQA`` or FlashMLA's sparse FP8 decode
   (:class:`FlashMLADecode`), picked per kind and batch shape in ``plan()`` by
   ``attention.choice.pick`` from the measured table.
@@ -32,7 +32,6 @@ from sglang_dsv4.kernels.indexer import IndexerTopK
 from sglang_dsv4.kernels.kv_store import FP8RowLayout, IndexKeyLayout, store_kv
 from sglang_dsv4.mem.pools import LayerKV
 from sglang_dsv4.mem.schema import CacheSchema, EntryFormat
-from sglang_dsv4.ref.quant import hadamard
 
 __all__ = ["DecodeKernels", "DecodePlan", "FlashMLADecode", "load_flashmla"]
 
@@ -55,13 +54,14 @@ class FlashMLADecode:
     loses nothing: past 4 * top-k tokens every query picks all ``topk`` entries, so the
     schedule is the same. ``lengths=True`` (HCA, whose list spans every c128 entry of the
     context, mostly -1 on short requests) keeps the per-step schedule from the step's counts:
-    one launch per step, computed inside the graph (``after_warmup`` drops the warm-up's)."""
+    one launch per step, computed inside the graph (``after_warmup`` drops the warm-up's); its
+    counts must be >= 1 (FlashMLA wants a non-empty list; ``DecodeMeta.hca_lengths`` is)."""
 
     def __init__(self, flash_mla, head_dim: int = 512, *, lengths: bool = True):
         self._mla = flash_mla  # the ``sgl_kernel.flash_mla`` module (see ``load_flashmla``)
         self.head_dim = head_dim
         self.lengths = lengths  # schedule from the per-query extra counts (else static)
-        self._extra_lengths = _at_least_one if lengths else _dropped
+        self._extra_lengths = _given if lengths else _dropped
 
     def plan(self) -> None:
         # The first run of a plan computes the tile schedule; later layers reuse it.
@@ -95,9 +95,10 @@ class FlashMLADecode:
         return o.squeeze(1)
 
 
-def _at_least_one(lengths: torch.Tensor | None) -> torch.Tensor | None:
-    """As SGLang: extra lengths of at least 1 (the lists hold -1s past the count)."""
-    return None if lengths is None else lengths.clamp(min=1)
+def _given(lengths: torch.Tensor | None) -> torch.Tensor | None:
+    """The per-step counts, at least 1 each (``DecodeMeta.hca_lengths`` is built so, in the
+    step's metadata: no clamp kernel per layer)."""
+    return lengths
 
 
 def _dropped(lengths: torch.Tensor | None) -> None:
@@ -167,14 +168,12 @@ class DecodeKernels(DecodeTorch):
         self.flashmla = self._mla is not None
         self._raw_layout = FP8RowLayout.paged(schema.block_size, d) if self.fp8 else None
         di = schema.index_head_dim
-        h = hadamard(torch.eye(di, device=self.device))  # x @ H = hadamard(x)
-        self._hadamard = {torch.float32: h, torch.bfloat16: h.bfloat16()}  # by query dtype
         self._runs = {AttnKind.SWA: self._swa, AttnKind.HCA: self._hca, AttnKind.CSA: self._csa}
         self._logits: torch.Tensor | None = None  # the indexer's shared score workspace
         # Shapes the kernels cannot serve fail here, at start-up, not at the first decode step.
         SparseMQA(num_heads, d, kv_fp8=self.fp8, device=self.device)
         if schema.layers_of(AttnKind.CSA):
-            IndexerTopK(index_topk, index_heads, di)
+            IndexerTopK(index_topk, index_heads, di, rotate=True)
 
     # ------------------------------------------------------------------ plan (host)
 
@@ -196,6 +195,7 @@ class DecodeKernels(DecodeTorch):
                 self.index_heads,
                 s.index_head_dim,
                 key_layout=IndexKeyLayout("fp8", csa[0].index_keys_per_block, s.index_head_dim),
+                rotate=True,  # FP8 keys hold hadamard(k): the score kernel rotates q
             )
             indexer.plan(bs, pages * csa[0].index_keys_per_block, dev)
             indexer.logits = self._shared_logits(indexer.logits.shape)
@@ -295,10 +295,14 @@ class DecodeKernels(DecodeTorch):
             plan, "c4_index", lk.index_keys, lk.index_tail, lk.index_boundary, meta, comp,
             ix.compressor,
         )  # fmt: skip
-        # FP8 keys hold hadamard(k): score hadamard(q) against them (the same dot product)
-        iq = torch.matmul(ix.q, self._hadamard[ix.q.dtype]).to(torch.bfloat16)  # [B, Hi, Di]
+        # FP8 keys hold hadamard(k): the indexer's score kernel rotates q (``rotate``)
         _, rows, picked = plan.indexer.run(
-            iq, ix.weights, lk.index_keys, meta.pages_i32, plan.query_req, meta.positions
+            ix.q.to(torch.bfloat16),
+            ix.weights,
+            lk.index_keys,
+            meta.pages_i32,
+            plan.query_req,
+            meta.positions,
         )  # rows [B, topk] int32 entry rows of the picks, -1 past their count ``picked`` [B]
         return plan.attn[AttnKind.CSA].run(
             q, lk.raw_pages(), meta.window_i32, sink, scale,

@@ -433,7 +433,7 @@ class _FakeMLA:
 )
 def test_flashmla_schedule_static_without_lengths(lengths, handed, kept):
     """Static schedule: no per-query counts reach FlashMLA and the warm-up's schedule survives
-    the capture; with counts (HCA) they are clamped to >= 1 and the schedule is recomputed."""
+    the capture; with counts (HCA) they are handed over and the schedule is recomputed."""
     from sglang_dsv4.attention.decode_kernels import FlashMLADecode
 
     fake = _FakeMLA()
@@ -442,7 +442,7 @@ def test_flashmla_schedule_static_without_lengths(lengths, handed, kept):
     warm = mla.sched
     q, kv = torch.zeros(3, 4, 16), torch.zeros(2, 1, 1, 16, dtype=torch.uint8)
     idx = torch.zeros(3, 64, dtype=torch.int32)
-    counts = torch.tensor([0, 3, 1], dtype=torch.int32)
+    counts = torch.tensor([1, 3, 1], dtype=torch.int32)
     out = mla.run(
         q, kv, idx, torch.zeros(4), 1.0, extra_kv=kv, extra_indices=idx, extra_lengths=counts
     )
@@ -477,7 +477,7 @@ def test_decode_plan_keeps_flashmla_schedules_static_but_hca(tiny_cfg, monkeypat
 def test_flashmla_static_csa_schedule_equals_per_step_counts(batch):
     """CSA's top-k list without its counts (static schedule, kept from an eager run across a
     graph capture) gives the outputs of the per-step schedule from the counts, at Flash dims,
-    for counts from 0 to top-k (-1 past each count)."""
+    for counts from 1 to top-k (-1 past each count)."""
     from sglang_dsv4.attention.choice import flashmla_eligible
     from sglang_dsv4.attention.decode_kernels import FlashMLADecode, load_flashmla
 
@@ -498,7 +498,7 @@ def test_flashmla_static_csa_schedule_equals_per_step_counts(batch):
 
     def step():
         rows = torch.randint(per_page, n_rows, (batch, topk), device="cuda", generator=gen)
-        counts = torch.randint(0, topk + 1, (batch,), device="cuda", generator=gen)
+        counts = torch.randint(1, topk + 1, (batch,), device="cuda", generator=gen)
         counts[0] = topk
         ids = torch.arange(topk, device="cuda")
         rows = torch.where(ids < counts[:, None], rows, -1).int()
