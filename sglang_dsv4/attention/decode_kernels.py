@@ -295,9 +295,10 @@ class DecodeKernels(DecodeTorch):
             plan, "c4_index", lk.index_keys, lk.index_tail, lk.index_boundary, meta, comp,
             ix.compressor,
         )  # fmt: skip
-        # FP8 keys hold hadamard(k): the indexer's score kernel rotates q (``rotate``)
+        # FP8 keys hold hadamard(k): the indexer's score kernel rotates q (``rotate``; bf16 in a
+        # bf16 model, fp32 queries of tests are rotated before their bf16 rounding on CPU)
         _, rows, picked = plan.indexer.run(
-            ix.q.to(torch.bfloat16),
+            ix.q,
             ix.weights,
             lk.index_keys,
             meta.pages_i32,
