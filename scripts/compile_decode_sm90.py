@@ -1,6 +1,6 @@
-"""Compile the decode path's Triton kernels (KV store, compressor flush, indexer scores and
-top-k) for Hopper (sm_90) on a machine without a GPU, at Flash dims, in the variants the decode
-step launches (``attention/decode_kernels.py``).
+"""Compile the decode path's Triton kernels (step metadata, KV store, compressor flush, indexer
+scores and top-k) for Hopper (sm_90) on a machine without a GPU, at Flash dims, in the variants
+the decode step launches (``attention/decode_kernels.py``).
 
     PYTHONPATH=$PWD python scripts/compile_decode_sm90.py
 
@@ -17,7 +17,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from sglang_dsv4.kernels import compressor, indexer, kv_store
+from sglang_dsv4.kernels import compressor, decode_meta, indexer, kv_store
 
 TARGET = GPUTarget("cuda", 90, 128)
 
@@ -80,9 +80,22 @@ def indexer_variants():
     yield "indexer top-k", indexer._topk_kernel, types, ce, 8
 
 
+def meta_variants():
+    fn = decode_meta._decode_meta_kernel
+    types = {a: "*i64" for a in fn.arg_names if a.endswith("_ptr")}
+    for a in ("r2t_ptr", "tail32_ptr", "pos32_ptr", "win32_ptr", "pages32_ptr", "bnd_ptr",
+              "hca_ptr", "hca_len_ptr"):  # fmt: skip
+        types[a] = "*i32"
+    types["valid_ptr"] = "*i1"
+    ce = dict(W=128, WB=128, BLOCK=128, PP=1, CH=256)
+    for req in ("*i32", "*i64"):  # SGLang's req_pool_indices: either
+        yield f"decode meta req={req}", fn, dict(types, req_ptr=req), ce, 4
+
+
 def main() -> None:
     failed = 0
-    for name, fn, types, ce, warps in (*store_variants(), *flush_variants(), *indexer_variants()):
+    variants = (*store_variants(), *flush_variants(), *indexer_variants(), *meta_variants())
+    for name, fn, types, ce, warps in variants:
         try:
             build(fn, types, ce, warps)
             print(f"ok     {name}", flush=True)

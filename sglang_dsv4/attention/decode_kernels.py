@@ -1,5 +1,6 @@
 """Decode step of every layer kind as GPU kernels (twin: ``attention.decode.DecodeTorch``).
 
+Per step: ``build_meta``, the step's ``DecodeMeta`` in one launch (``kernels.decode_meta``).
 Per layer, all launches, no host sync, no host branch on values (CUDA-graph captured):
 
 * ``kernels.kv_store.store_kv``: the new tokens' raw rows into their swa pages (FP8 584-byte
@@ -28,6 +29,7 @@ from sglang_dsv4.attention.decode import DecodeMeta, DecodeTorch, KVNorm, hca_li
 from sglang_dsv4.config import AttnKind
 from sglang_dsv4.kernels.attention import SparseMQA
 from sglang_dsv4.kernels.compressor import CompressorFlush
+from sglang_dsv4.kernels.decode_meta import decode_meta_fields
 from sglang_dsv4.kernels.indexer import IndexerTopK
 from sglang_dsv4.kernels.kv_store import FP8RowLayout, IndexKeyLayout, store_kv
 from sglang_dsv4.mem.pools import LayerKV
@@ -258,6 +260,28 @@ class DecodeKernels(DecodeTorch):
                 k.after_warmup()
 
     # ------------------------------------------------------------------ run (launches)
+
+    def build_meta(
+        self,
+        req_slots,
+        positions,
+        out_loc,
+        req_to_token,
+        full_to_swa,
+        spare_tail_row: int,
+        tail_pos,
+        *,
+        window: int,
+        block: int,
+        n_pages: int,
+    ) -> DecodeMeta:
+        """``DecodeTorch.build_meta`` in one launch (``kernels.decode_meta``)."""
+        fields = decode_meta_fields(
+            req_slots, positions, out_loc, req_to_token, full_to_swa, spare_tail_row, tail_pos,
+            window=window, block=block, n_pages=n_pages,
+            hca_width=hca_list_width(n_pages, block),
+        )  # fmt: skip
+        return DecodeMeta(**fields)
 
     def run(
         self,

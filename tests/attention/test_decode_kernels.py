@@ -4,6 +4,8 @@ pools: attention outputs, raw rows (byte-exact), entries and indexer keys (up to
 tails and block-end state, for requests whose decode token starts a block, ends a block, ends a
 c4 window, or sits at position 0, plus padded rows. CPU: Triton interpreter, tiny model."""
 
+import dataclasses
+
 import pytest
 import torch
 from pool_world import BLOCK, LENGTHS, World, inputs
@@ -529,3 +531,24 @@ def test_flashmla_static_csa_schedule_equals_per_step_counts(batch):
         torch.cuda.synchronize()
         rel = (out.float() - want).norm() / want.norm()
         assert torch.isfinite(out).all() and rel <= 5e-3, f"static vs per-step rel L2 {rel:.2e}"
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_build_meta_kernel_equals_twin(tiny_cfg, device):
+    """``DecodeKernels.build_meta`` (one launch) == ``DecodeTorch.build_meta`` on the world's
+    decode step with padded rows: every ``DecodeMeta`` field and the advanced ``tail_pos``."""
+    cfg = tiny_cfg
+    world = World(cfg, device, torch.bfloat16, EntryFormat.FP8, EntryFormat.FP8)
+    step = _decode_inputs_of_step(world, device)
+    pool = world.pool
+    ops = DecodeKernels(
+        pool.schema, cfg.num_heads, cfg.index_topk, cfg.index_n_heads, device, flashmla=False
+    )
+    got_tail, want_tail = pool.tail_pos.clone().fill_(-3), pool.tail_pos.clone().fill_(-3)
+    args = (*step, world.req_to_token, pool.full_to_swa_index_mapping, pool.spare_tail_row)
+    kw = {"window": cfg.sliding_window, "block": BLOCK, "n_pages": N_PAGES}
+    want = DecodeTorch().build_meta(*args, want_tail, **kw)
+    got = ops.build_meta(*args, got_tail, **kw)
+    for f in dataclasses.fields(want):
+        assert torch.equal(getattr(got, f.name), getattr(want, f.name)), f.name
+    assert torch.equal(got_tail, want_tail) and (want_tail >= 0).any()
