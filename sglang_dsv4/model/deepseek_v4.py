@@ -37,7 +37,6 @@ from sglang_dsv4.config import AttnKind, DSV4Config, LayerSpec
 from sglang_dsv4.model.experts import MoE
 from sglang_dsv4.model.linears import KeptFormats, QuantLinear, keeps_quantized
 from sglang_dsv4.ops import HcWeights, build_ops
-from sglang_dsv4.ref.attention import grouped_output_proj
 from sglang_dsv4.ref.model import RefDSV4
 from sglang_dsv4.weights.layout import StoredWeight
 from sglang_dsv4.weights.loader import TensorMismatchError, WeightStream
@@ -249,7 +248,7 @@ class DeepseekV4ForCausalLM(nn.Module):
         sink, scale = block.attn.attn_sink, cfg.head_dim**-0.5
         o = backend.run(spec.attn, lk, q, xs["wkv"], sink, scale, comp, kv_norm=kv_norm)
         o = norm.rope(o, positions, inv_freq, inverse=True)  # [T, H, D]
-        return grouped_output_proj(o, w[p + "wo_a.weight"], w[p + "wo_b.weight"])
+        return self.ops.proj.grouped(o, w[p + "wo_a.weight"], w[p + "wo_b.weight"])
 
     @property
     def projections(self) -> dict:

@@ -8,6 +8,10 @@ microseconds plus, often, a cuBLAS split-K reduce: launches, not bytes, dominate
 * ``fuse(weights)`` (once, at load): the linears of one input, in output order -> what ``run``
   takes. The checkpoint keeps its names and tensors: the fused weight is a derived buffer.
 * ``run(fused, x)`` -> one output per linear, ``[..., N_i]`` each, in ``fuse``'s order.
+* ``grouped(o, wo_a, wo_b)``: the grouped output projection
+  (:func:`~sglang_dsv4.ref.attention.grouped_output_proj`); on the GPU one bmm that writes the
+  ``[T, G, R]`` rows ``wo_b`` reads in place (the reference's einsum copies its permuted output
+  once more when ``T > 1``).
 
 :class:`ProjTorch` (the twin, CPU): one :func:`~sglang_dsv4.ref.linear.linear` per weight, the
 reference's numbers exactly. :class:`ProjCat` (GPU): consecutive weights of one storage form are
@@ -25,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from sglang_dsv4.model.linears import FP8Linear
+from sglang_dsv4.ref.attention import grouped_output_proj
 from sglang_dsv4.ref.linear import Weight, linear
 from sglang_dsv4.ref.weight_quant import FP8_BLOCK
 
@@ -52,9 +57,23 @@ class ProjTorch:
             out += y.split(widths, dim=-1) if len(widths) > 1 else [y]
         return tuple(out)
 
+    def grouped(self, o: torch.Tensor, wo_a: torch.Tensor, wo_b: Weight) -> torch.Tensor:
+        """``o`` [T, H, D] -> [T, hidden] (the reference)."""
+        return grouped_output_proj(o, wo_a, wo_b)
+
 
 class ProjCat(ProjTorch):
     """One GEMM per run of concatenable weights (module docstring)."""
+
+    def grouped(self, o: torch.Tensor, wo_a: torch.Tensor, wo_b: Weight) -> torch.Tensor:
+        n_tok, n_heads, head_dim = o.shape
+        n_groups = n_heads * head_dim // wo_a.shape[1]
+        x = o.reshape(n_tok, n_groups, -1)  # [T, G, H/G*D]
+        w = wo_a.view(n_groups, -1, x.shape[-1])  # [G, R, H/G*D]
+        y = torch.empty(n_tok, n_groups, w.shape[1], dtype=o.dtype, device=o.device)
+        # [G, T, R] views of x and y: cuBLAS reads and writes the strided rows, no copies
+        torch.bmm(x.transpose(0, 1), w.transpose(1, 2), out=y.transpose(0, 1))
+        return linear(y.view(n_tok, -1), wo_b)
 
     def fuse(self, weights: Sequence[Weight]) -> Fused:
         runs, group = [], []
