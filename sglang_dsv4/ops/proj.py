@@ -116,7 +116,9 @@ def _concat(group: list[Weight]) -> tuple[Weight, tuple[int, ...]]:
     torch.nn.Module.__init__(fused)
     fused.in_features, fused.out_features = group[0].in_features, sum(widths)
     for key, rows in (("weight", widths), ("scale", tuple(n // FP8_BLOCK for n in widths))):
-        cat = torch.cat([getattr(m, key) for m in group])
+        parts = [getattr(m, key) for m in group]
+        # as bytes: cat kernels need not exist for the float8 dtypes
+        cat = torch.cat([t.view(torch.uint8) for t in parts]).view(parts[0].dtype)
         fused.register_buffer(key, cat)
         for m, part in zip(group, cat.split(rows), strict=True):
             setattr(m, key, part)
