@@ -127,3 +127,18 @@ def test_gpu_attention_input_group_at_flash_dims(t):
         for g, w in zip(got, want, strict=True):
             assert g.shape == w.shape and not g.isnan().any()
             assert rel(g, w) <= 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [1, 32])
+def test_gpu_fp8_group_at_flash_dims(t):
+    """Released FP8 wq_a + wkv (1024 + 512 rows of 4096) on the GPU: one concatenated FP8 GEMM
+    (bytes concatenated on the device) gives the separate linears' outputs."""
+    ws = [fp8(n, 4096, s).cuda() for n, s in ((1024, 1), (512, 2))]
+    x = torch.randn(t, 4096, device="cuda", dtype=torch.bfloat16)
+    want = [w(x).float() for w in ws]
+    fused = ProjCat().fuse(ws)
+    assert len(fused.runs) == 1 and fused.runs[0][0].weight.is_cuda
+    for g, w in zip(ProjCat().run(fused, x), want, strict=True):
+        assert g.shape == w.shape and not g.isnan().any()
+        assert rel(g, w) <= 1e-2
