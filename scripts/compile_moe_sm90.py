@@ -8,8 +8,8 @@ compiler sees before device time is spent. (Its target says warp size 128; the r
 here matched a warp-size-32 target in a check on 2026-12-06.) Variants: every bank format
 (dense bf16, FP8, MXFP4, NVFP4) in both kernel forms as the wrappers launch them at Flash dims
 (top-6 + a shared slot; a zero-top-k call for a shared bank of its own), the fp32 (IEEE) sorted
-form, and the routing kernels for every scoring function, scored and hash, fused (E <= 64) and
-split (E 256).
+form, and the routing kernel for every scoring function, scored and hash, in both forms
+(one-token tiles, 16-token tiles) for E 16 and E 256 (expert blocks).
 """
 
 import os
@@ -50,15 +50,18 @@ def expert_variants():
 def route_variants():
     types = {"x_ptr": "*bf16", "g_ptr": "*bf16", "bias_ptr": "*fp32", "tid2eid_ptr": "*i64",
              "ids_ptr": "*i64", "chosen_ptr": "*i32", "weights_ptr": "*fp32", "rsf": "fp32",
-             "out_ptr": "*fp32", "logits_ptr": "*fp32"}  # fmt: skip
-    for hashed in (False, True):
-        for scoring in MR.SCORING.values():
-            ce = dict(TOPK=6, BLOCK_K=8, BLOCK_T=16, BLOCK_E=16, BLOCK_D=64, SCORING=scoring,
-                      HASH=hashed, FP32=False)  # fmt: skip
-            yield f"E16 hash={hashed} scoring={scoring}", MR._route_fused_kernel, types, ce
-    yield "E256", MR._logits_kernel, types, dict(BLOCK_T=16, BLOCK_E=32, BLOCK_D=128, FP32=False)
-    ce = dict(TOPK=8, BLOCK_K=8, BLOCK_T=16, BLOCK_E=256, SCORING=0, HASH=False)
-    yield "E256", MR._select_kernel, types, ce
+             "part_ptr": "*fp32", "ticket_ptr": "*i32"}  # fmt: skip
+    for dot in (False, True):  # the forms moe_route picks by token count
+        tb, bd = (16, 64) if dot else (1, 128)
+        for hashed in (False, True):
+            for scoring in MR.SCORING.values():
+                ce = dict(D=4096, TOPK=6, BLOCK_K=8, TB=tb, BE=16, BEF=16, BD=bd,
+                          SB=16 if dot else 32, SCORING=scoring, HASH=hashed, FP32=False,
+                          DOT=dot)  # fmt: skip
+                yield f"E16 dot={dot} hash={hashed} scoring={scoring}", MR._route_kernel, types, ce
+        ce = dict(D=7168, TOPK=8, BLOCK_K=8, TB=tb, BE=32, BEF=256, BD=bd, SB=16 // tb,
+                  SCORING=0, HASH=False, FP32=False, DOT=dot)  # fmt: skip
+        yield f"E256 dot={dot}", MR._route_kernel, types, ce
 
 
 def main() -> None:

@@ -69,7 +69,17 @@ class MoeTorch:
 
 
 class MoeTriton(MoeTorch):
-    """The GPU path: routing kernel + grouped expert kernels (module docstring)."""
+    """The GPU path: routing kernel + grouped expert kernels (module docstring). Holds the
+    routing kernel's tickets (zeros, left zero by every launch)."""
+
+    def __init__(self, cfg: DSV4Config, device: torch.device):
+        super().__init__(cfg)
+        device = torch.device(device)
+        self.tickets = torch.zeros(route_kernels.MAX_TILES, dtype=torch.int32, device=device)
+        # ~2 programs per SM (at decode the gate GEMM spreads over the GPU); CPU: a few splits
+        cuda = device.type == "cuda"
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if cuda else 2
+        self.programs = 2 * sms
 
     def route(self, layer, x: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cfg, gate = self.cfg, layer.gate
@@ -82,6 +92,8 @@ class MoeTriton(MoeTorch):
             cfg.n_experts_per_tok,
             cfg.routed_scaling_factor,
             cfg.scoring_func,
+            tickets=self.tickets,
+            programs=self.programs,
         )
 
     @staticmethod
@@ -104,4 +116,4 @@ class MoeTriton(MoeTorch):
 
 def moe_ops(cfg: DSV4Config, device: torch.device, kernels: bool) -> MoeTorch:
     """The MoE op: Triton kernels when ``kernels`` (CUDA), else the torch twin."""
-    return MoeTriton(cfg) if kernels else MoeTorch(cfg)
+    return MoeTriton(cfg, device) if kernels else MoeTorch(cfg)
