@@ -297,7 +297,7 @@ def _grid(n: int, d: int, n_rows: int, programs: int) -> dict:
     return {
         "n_tiles": n_tiles, "n_split": n_split, "per_split": per_split, "TB": tb,
         "DOT": dot, "NMP": max(16, nmp) if dot else nmp,
-        "SB": min(triton.next_power_of_2(n_split), 8 if dot else 256),  # registers
+        "SB": 8 if dot else 256,  # fixed per form (one compile); splits past n_split masked
     }  # fmt: skip
 
 

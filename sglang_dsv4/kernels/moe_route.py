@@ -177,7 +177,7 @@ def _grid(t: int, d: int, n_exp: int, programs: int) -> dict:
     cap = _MAX_SPLIT_DOT if dot else steps
     per_split = -(-steps // max(1, min(steps, cap, programs // (n_tiles * n_eblk))))
     n_split = -(-steps // per_split)
-    sb = min(triton.next_power_of_2(n_split), max(1, 4096 // (tb * bef)))  # <= 4096 loads
+    sb = max(1, 4096 // (tb * bef))  # <= 4096 loads per step; fixed per shape (one compile)
     return {
         "grid": (n_tiles, n_eblk, n_split), "per_split": per_split, "TB": tb, "BE": be,
         "BEF": bef, "BD": bd, "SB": sb, "DOT": dot,
