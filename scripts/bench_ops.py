@@ -4,7 +4,7 @@ prefill chunk: mHC boundaries, norm / RoPE, MoE routing (E 16 as the Flash-dims 
 the config's E).
 
     python scripts/bench_ops.py [--config configs/dsv4-flash.json] [--tokens 1,32,128,4096]
-                                [--out DIR] [--reps N]
+                                [--out DIR] [--reps N] [--impls triton,torch] [--only hc.,moe.]
 
 Each op is captured in a CUDA graph (as in a decode step) ``--calls`` times in a row and timed
 by replaying the graph: median of ``--reps`` replays, CUDA events, per call. GPU kernels per call
@@ -147,14 +147,23 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--tokens", default="1,32,128,4096", help="token counts (batch at decode)")
+    ap.add_argument("--impls", default="triton,torch", help="triton and / or torch (the twins)")
+    ap.add_argument("--only", default="", help="comma-separated op-name prefixes (hc.,moe.)")
     args = ap.parse_args()
     batches = [int(n) for n in args.tokens.split(",")]
     cfg = load_config(args.config)
-    impls = {"triton": build_ops(cfg, DEV), "torch": build_ops(cfg, DEV, kernels=False)}
+    every = {
+        "triton": lambda: build_ops(cfg, DEV),
+        "torch": lambda: build_ops(cfg, DEV, kernels=False),
+    }
+    impls = {name: every[name]() for name in args.impls.split(",")}
+    only = tuple(p for p in args.only.split(",") if p)
     rows = []
     for n in batches:
         for impl, ops in impls.items():
             for name, (fn, moved) in cases(cfg, ops, n).items():
+                if only and not name.startswith(only):
+                    continue
                 us = graph_time(fn, args.calls, args.reps) * 1e6
                 rows.append({"batch": n, "impl": impl, "op": name, "us": us, "bytes": moved,
                              "gbps": moved / us * 1e-3, "kernels": kernel_count(fn)})  # fmt: skip
@@ -171,19 +180,20 @@ def main() -> None:
     meta = {"gpu": torch.cuda.get_device_name(), "config": args.config, "reps": args.reps}
     with open(path, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    print(f"\n{meta['gpu']}, {args.config}; us per call (kernels per call) [triton GB/s]; "
+    print(f"\n{meta['gpu']}, {args.config}; us per call (kernels per call) [GB/s]; "
           f"wrote {path}")  # fmt: skip
     ops = list(dict.fromkeys(r["op"] for r in rows))
-    print(f"{'op':24s}" + "".join(f" | T={n:<4d} triton  [GB/s]     torch    " for n in batches))
+    head = "".join(f" {i:>6s} (kern) [GB/s]" for i in impls)
+    print(f"{'op':24s}" + "".join(f" | T={n:<4d}{head}" for n in batches))
     for op in ops:
         cells = []
         for n in batches:
-            t, r = (next(x for x in rows if (x["batch"], x["impl"], x["op"]) == (n, i, op))
-                    for i in impls)  # fmt: skip
-            gbps = f"{t['gbps']:6.0f}" if "gbps" in t else " " * 6
-            cells.append(
-                f" | {t['us']:7.1f} ({t['kernels']:2d}) [{gbps}] {r['us']:7.1f} ({r['kernels']:3d})"
-            )
+            cell = " |      "
+            for i in impls:
+                r = next(x for x in rows if (x["batch"], x["impl"], x["op"]) == (n, i, op))
+                gbps = f"{r['gbps']:6.0f}" if "gbps" in r else " " * 6
+                cell += f" {r['us']:7.1f} ({r['kernels']:3d}) [{gbps}]"
+            cells.append(cell)
         print(f"{op:24s}" + "".join(cells))
 
 
