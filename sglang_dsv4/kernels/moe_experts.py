@@ -19,7 +19,11 @@ epilogue of w2. Two forms, both free of host syncs and data-dependent shapes (CU
 
 * :func:`moe_experts_slots` (decode, small T): a program per (token slot, N tile) reads only its
   chosen expert's rows, as a GEMV; a second kernel per (token, d tile) sums the token's slots
-  through w2. Two launches, and only the chosen experts' weights are read.
+  through w2. Two launches, and only the chosen experts' weights are read. Both run one GEMV
+  body (``_rows_dot``): N tiles down to 4 rows so that batch 1 still has ~3 programs per SM,
+  wide K tiles (32 weights per thread, products kept per column and reduced once after the
+  loop), FP8 block scales applied to the vector (exact: powers of two). Tiles:
+  :func:`slot_tiles`.
 * :func:`moe_experts_sorted` (prefill, large T): (token, slot) pairs sorted by expert; each
   program owns an M block of one expert (blocks found in-kernel from the group offsets) and runs
   ``tl.dot`` tiles, so each expert's weights are read once per block row.
@@ -36,7 +40,15 @@ import triton.language as tl
 
 from sglang_dsv4.kernels.mxfp4_moe import _fp4_tile
 
-__all__ = ["FORMATS", "ExpertWeights", "Proj", "moe_experts_slots", "moe_experts_sorted"]
+__all__ = [
+    "FORMATS",
+    "ExpertWeights",
+    "Proj",
+    "SlotTiles",
+    "moe_experts_slots",
+    "moe_experts_sorted",
+    "slot_tiles",
+]
 
 FORMATS = {"dense": 0, "fp8": 1, "mxfp4": 2, "nvfp4": 3}
 _GROUP = {"mxfp4": 32, "nvfp4": 16}
@@ -111,7 +123,7 @@ def _w_tile(w_ptr, s_ptr, gs_ptr, e, offs_n, n_ok, k0, K, stride_wn, stride_sn,
             NV: tl.constexpr):  # fmt: skip
     """Weight tile [BLOCK_N, BLOCK_K] of rows ``offs_n``, columns ``k0 ...`` of one expert
     (``w_ptr`` / ``s_ptr`` at its row ``e``): dense in its dtype, quantized formats decoded to
-    fp32 with their scales applied."""
+    fp32 with their scales applied (FP8: ``BLOCK_K`` divides 128, one scale column)."""
     if FMT >= 2:  # FP4: codes * block scale * global scale, as the reference multiplies
         gs = 1.0
         if NV:  # compile-time: one of the two is built
@@ -137,6 +149,55 @@ def _swiglu(g, u, limit):
 
 
 @triton.jit
+def _scaled_vec(v, s_ptr, n0, offs_k, K, stride_sn, FMT: tl.constexpr):
+    """``v`` [BLOCK_K] times the FP8 block scales of rows ``n0 ...`` (one 128-row block: the
+    N tile is at most 128 rows, aligned) at columns ``offs_k``; other formats: ``v``. Scaling
+    the vector instead of the weight tile is exact (powers of two) and keeps the tile's loads
+    free of per-128-column scale broadcasts."""
+    if FMT == 1:
+        sb = tl.load(s_ptr + (n0 // 128) * stride_sn + offs_k // 128, mask=offs_k < K, other=127)
+        v = v * tl.exp2(sb.to(tl.float32) - 127.0)
+    return v
+
+
+@triton.jit
+def _rows_dot(wa_ptr, wb_ptr, sa_ptr, sb_ptr, gsa_ptr, gsb_ptr, e, n0, n_lim, v_ptr, K,
+              stride_wn, stride_sn, PAIR: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr,
+              NV: tl.constexpr):  # fmt: skip
+    """GEMV of the slot kernels: rows ``n0 ... n0 + BLOCK_N`` (< ``n_lim``) of one expert's
+    weight ``a`` (and of ``b`` when ``PAIR``: w1 and w3 in one pass over the vector) times the
+    vector ``v`` [K] -> fp32 [BLOCK_N] each. Products accumulate per column in a
+    [BLOCK_N, BLOCK_K] tile, reduced once after the loop: no cross-thread reduction inside the
+    weight stream."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < n_lim
+    TILE: tl.constexpr = 0 if FMT == 1 else FMT  # FP8 codes load raw; the vector is scaled
+    acc_a = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc_b = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # unused (dropped) unless PAIR
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        v = tl.load(v_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+        wa = _w_tile(wa_ptr, sa_ptr, gsa_ptr, e, offs_n, n_ok, k0, K, stride_wn, stride_sn,
+                     BLOCK_N, BLOCK_K, TILE, G, NV)  # fmt: skip
+        if PAIR:
+            wb = _w_tile(wb_ptr, sb_ptr, gsb_ptr, e, offs_n, n_ok, k0, K, stride_wn, stride_sn,
+                         BLOCK_N, BLOCK_K, TILE, G, NV)  # fmt: skip
+            vb = _scaled_vec(v, sb_ptr, n0, offs_k, K, stride_sn, FMT)
+            acc_b += wb.to(tl.float32) * vb[None, :]
+        va = _scaled_vec(v, sa_ptr, n0, offs_k, K, stride_sn, FMT)
+        acc_a += wa.to(tl.float32) * va[None, :]
+    return tl.sum(acc_a, axis=1), tl.sum(acc_b, axis=1)
+
+
+@triton.jit
+def _slot_expert(chosen_ptr, t, j, shared_row, TOPK: tl.constexpr):
+    """Bank row of token ``t``'s slot ``j``: its chosen expert, or the shared row past top-k."""
+    e = tl.load(chosen_ptr + t * TOPK + j, mask=j < TOPK, other=0)
+    return tl.where(j < TOPK, e, shared_row).to(tl.int64)
+
+
+@triton.jit
 def _slot_w13_kernel(x_ptr, chosen_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, gs1_ptr, gs3_ptr, h_ptr,
                      D, I, limit, shared_row, stride_xt, stride_we, stride_wn, stride_se,
                      stride_sn, TOPK: tl.constexpr, SLOTS: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -144,27 +205,15 @@ def _slot_w13_kernel(x_ptr, chosen_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, gs1_ptr,
                      NV: tl.constexpr):  # fmt: skip
     p = tl.program_id(0)  # token slot: t * SLOTS + j
     t = p // SLOTS
-    j = p % SLOTS
-    # the slot's chosen expert, or the shared row past top-k
-    e = tl.load(chosen_ptr + t * TOPK + j, mask=j < TOPK, other=0)
-    e = tl.where(j < TOPK, e, shared_row).to(tl.int64)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < I
-    w1_e, w3_e = w1_ptr + e * stride_we, w3_ptr + e * stride_we
-    s1_e, s3_e = s1_ptr + e * stride_se, s3_ptr + e * stride_se
-    acc_g = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    acc_u = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + t * stride_xt + offs_k, mask=offs_k < D, other=0.0).to(tl.float32)
-        wg = _w_tile(w1_e, s1_e, gs1_ptr, e, offs_n, n_ok, k0, D, stride_wn, stride_sn,
-                     BLOCK_N, BLOCK_K, FMT, G, NV)  # fmt: skip
-        wu = _w_tile(w3_e, s3_e, gs3_ptr, e, offs_n, n_ok, k0, D, stride_wn, stride_sn,
-                     BLOCK_N, BLOCK_K, FMT, G, NV)  # fmt: skip
-        acc_g += tl.sum(wg.to(tl.float32) * x[None, :], axis=1)
-        acc_u += tl.sum(wu.to(tl.float32) * x[None, :], axis=1)
-    h = _swiglu(acc_g, acc_u, limit)
-    tl.store(h_ptr + p * I + offs_n, h.to(h_ptr.dtype.element_ty), mask=n_ok)
+    e = _slot_expert(chosen_ptr, t, p % SLOTS, shared_row, TOPK)
+    n0 = tl.program_id(1) * BLOCK_N
+    g, u = _rows_dot(w1_ptr + e * stride_we, w3_ptr + e * stride_we, s1_ptr + e * stride_se,
+                     s3_ptr + e * stride_se, gs1_ptr, gs3_ptr, e, n0, I,
+                     x_ptr + t * stride_xt, D, stride_wn, stride_sn, True, BLOCK_N, BLOCK_K,
+                     FMT, G, NV)  # fmt: skip
+    h = _swiglu(g, u, limit)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    tl.store(h_ptr + p * I + offs_n, h.to(h_ptr.dtype.element_ty), mask=offs_n < I)
 
 
 @triton.jit
@@ -174,32 +223,48 @@ def _slot_w2_kernel(h_ptr, chosen_ptr, weights_ptr, w_ptr, s_ptr, gs_ptr, out_pt
                     BLOCK_K: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr,
                     NV: tl.constexpr):  # fmt: skip
     t = tl.program_id(0)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < D
+    n0 = tl.program_id(1) * BLOCK_N
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for j in tl.static_range(SLOTS):  # j is a compile-time constant: one branch is built
-        if j < TOPK:
-            e = tl.load(chosen_ptr + t * TOPK + j).to(tl.int64)
-            wt = tl.load(weights_ptr + t * TOPK + j)
-        else:  # the shared expert, weight 1
-            e = tl.zeros((), dtype=tl.int64) + shared_row
-            wt = 1.0
+    for j in tl.static_range(SLOTS):
+        e = _slot_expert(chosen_ptr, t, j, shared_row, TOPK)
+        # the shared slot weighs 1 (j is a compile-time constant: one branch is built)
+        wt = tl.load(weights_ptr + t * TOPK + j) if j < TOPK else 1.0
         w_e, s_e = w_ptr + e * stride_we, s_ptr + e * stride_se
-        part = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for k0 in range(0, I, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            h = tl.load(h_ptr + (t * SLOTS + j) * I + offs_k, mask=offs_k < I, other=0.0)
-            w = _w_tile(w_e, s_e, gs_ptr, e, offs_n, n_ok, k0, I, stride_wn, stride_sn,
-                        BLOCK_N, BLOCK_K, FMT, G, NV)  # fmt: skip
-            part += tl.sum(w.to(tl.float32) * h.to(tl.float32)[None, :], axis=1)
+        part, _ = _rows_dot(w_e, w_e, s_e, s_e, gs_ptr, gs_ptr, e, n0, D,
+                            h_ptr + (t * SLOTS + j) * I, I, stride_wn, stride_sn, False, BLOCK_N,
+                            BLOCK_K, FMT, G, NV)  # fmt: skip
         acc += part * wt
-    tl.store(out_ptr + t * stride_ot + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    tl.store(out_ptr + t * stride_ot + offs_n, acc.to(out_ptr.dtype.element_ty), mask=offs_n < D)
 
 
-def _slot_tiles(t: int) -> int:
-    """BLOCK_N of the slot kernels: narrow tiles at batch 1 so that a few experts still fill the
-    GPU with programs (a guess until bench_moe.py measures it)."""
-    return 16 if t <= 2 else 32
+class SlotTiles(NamedTuple):
+    """Launch shape of the slot kernels: N and K tiles of the w1/w3 kernel (``block_i``,
+    ``k_i``) and of the w2 kernel (``block_d``, ``k_d``), warps of both."""
+
+    block_i: int
+    k_i: int
+    block_d: int
+    k_d: int
+    warps: int
+
+
+_SMS = 132  # H100 SXM; the tile choice only needs the order of magnitude
+_PER_THREAD = 32  # fp32 accumulator elements per thread and weight: no spills on sm_90
+
+
+def slot_tiles(fmt: str, pairs: int, tokens: int, inter: int, d: int, warps: int = 4) -> SlotTiles:
+    """Slot-kernel tiles. At batch 1 the grid is pairs x N / BLOCK_N programs: narrow N tiles
+    (down to 4 rows) so that a few experts still give >= ~3 programs per SM; each tile holds
+    32 weights per thread (several 16-byte loads in flight per thread and weight), its K width
+    what the N tile leaves. A guess from the HBM model (``fmt`` unused so far) until
+    ``scripts/bench_moe.py --sweep`` measures it."""
+    elems = _PER_THREAD * 32 * warps
+    block_i = next((b for b in (32, 16, 8) if pairs * -(-inter // b) >= 3 * _SMS), 4)
+    block_d = next((b for b in (32, 16, 8) if tokens * -(-d // b) >= 2 * _SMS), 4)
+    k_i = min(elems // block_i, triton.next_power_of_2(d))
+    k_d = min(elems // block_d, triton.next_power_of_2(inter))
+    return SlotTiles(block_i, max(k_i, 64), block_d, max(k_d, 64), warps)
 
 
 def _strides(w: torch.Tensor, s: torch.Tensor) -> dict:
@@ -215,33 +280,61 @@ def moe_experts_slots(
     limit: float,
     shared_row: int | None = None,
     out: torch.Tensor | None = None,
+    tiles: SlotTiles | None = None,
 ) -> torch.Tensor:
     """``x`` [T, d], ``chosen`` int [T, k], ``weights`` [T, k] -> [T, d] in x's dtype (into
     ``out`` when given): the sum over slots of weight * expert(x), plus the shared expert when
-    ``shared_row`` is given."""
+    ``shared_row`` is given. ``tiles``: the launch shape (default :func:`slot_tiles`)."""
     t, d = x.shape
     _, inter = bank.check(d)
-    topk = chosen.shape[1]
-    slots = topk + (shared_row is not None)
-    x, chosen, weights = x.contiguous(), chosen.contiguous(), weights.float().contiguous()
+    slots = chosen.shape[1] + (shared_row is not None)
     h = torch.empty(t * slots, inter, dtype=x.dtype, device=x.device)  # [T * S, I]
     out = torch.empty(t, d, dtype=x.dtype, device=x.device) if out is None else out
     if t == 0:
         return out
-    (w1, s1, gs1), (w3, s3, gs3), (w2, s2, gs2) = (bank.operands(p) for p in bank[:3])
-    block_n = _slot_tiles(t)
-    row = -1 if shared_row is None else shared_row
-    common = dict(chosen_ptr=chosen, D=d, I=inter, shared_row=row, TOPK=topk, SLOTS=slots,
-                  BLOCK_N=block_n, BLOCK_K=128, num_warps=4, **bank.constexprs())  # fmt: skip
-    _slot_w13_kernel[(t * slots, triton.cdiv(inter, block_n))](
-        x_ptr=x, w1_ptr=w1, w3_ptr=w3, s1_ptr=s1, s3_ptr=s3, gs1_ptr=gs1, gs3_ptr=gs3, h_ptr=h,
-        limit=float(limit), stride_xt=x.stride(0), **_strides(w1, s1), **common,
-    )  # fmt: skip
-    _slot_w2_kernel[(t, triton.cdiv(d, block_n))](
-        h_ptr=h, weights_ptr=weights, w_ptr=w2, s_ptr=s2, gs_ptr=gs2, out_ptr=out,
-        stride_ot=out.stride(0), **_strides(w2, s2), **common,
-    )  # fmt: skip
+    tiles = tiles or slot_tiles(bank.fmt, t * slots, t, inter, d)
+    launch = _SlotLaunch(x, chosen, weights, bank, shared_row, tiles)
+    launch.w13(h, limit)
+    launch.w2(h, out)
     return out
+
+
+class _SlotLaunch:
+    """The two slot-kernel launches of one call (apart, so that the benchmark times each)."""
+
+    def __init__(self, x, chosen, weights, bank: ExpertWeights, shared_row, tiles: SlotTiles):
+        self.x, self.chosen = x.contiguous(), chosen.contiguous()
+        self.weights = weights.float().contiguous()
+        self.bank, self.tiles = bank, tiles
+        self.t, self.d = x.shape
+        self.inter = bank.w1.w.shape[1]
+        topk = chosen.shape[1]
+        self.common = dict(
+            chosen_ptr=self.chosen, D=self.d, I=self.inter,
+            shared_row=-1 if shared_row is None else shared_row, TOPK=topk,
+            SLOTS=topk + (shared_row is not None), num_warps=tiles.warps, **bank.constexprs(),
+        )  # fmt: skip
+
+    def w13(self, h: torch.Tensor, limit: float) -> None:
+        """h [T * S, I] = SwiGLU(w1 x, w3 x) of every token slot."""
+        (w1, s1, gs1), (w3, s3, gs3) = (self.bank.operands(p) for p in self.bank[:2])
+        grid = (h.shape[0], triton.cdiv(self.inter, self.tiles.block_i))
+        _slot_w13_kernel[grid](
+            x_ptr=self.x, w1_ptr=w1, w3_ptr=w3, s1_ptr=s1, s3_ptr=s3, gs1_ptr=gs1, gs3_ptr=gs3,
+            h_ptr=h, limit=float(limit), stride_xt=self.x.stride(0), BLOCK_N=self.tiles.block_i,
+            BLOCK_K=self.tiles.k_i,
+            **_strides(w1, s1), **self.common,
+        )  # fmt: skip
+
+    def w2(self, h: torch.Tensor, out: torch.Tensor) -> None:
+        """out [T, d] = sum over slots of weight * w2 h."""
+        w2, s2, gs2 = self.bank.operands(self.bank.w2)
+        _slot_w2_kernel[(self.t, triton.cdiv(self.d, self.tiles.block_d))](
+            h_ptr=h, weights_ptr=self.weights, w_ptr=w2, s_ptr=s2, gs_ptr=gs2, out_ptr=out,
+            stride_ot=out.stride(0), BLOCK_N=self.tiles.block_d, BLOCK_K=self.tiles.k_d,
+            **_strides(w2, s2),
+            **self.common,
+        )  # fmt: skip
 
 
 @triton.jit
