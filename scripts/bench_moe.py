@@ -260,6 +260,22 @@ def crossover(results, shape, fmt) -> int | None:
     return best
 
 
+def print_sweep(results):
+    """The fastest tile per (shape, format, T, kernel) against the default tiles."""
+    best = {}
+    for r in results:
+        if "_n" in r["case"] and "us" in r:
+            kernel = r["case"].split("_n")[0]
+            key = (r["shape"], r["fmt"], r["tokens"], kernel)
+            if key not in best or r["us"] < best[key]["us"]:
+                best[key] = r
+    default = {(r["shape"], r["fmt"], r["tokens"], r["case"]): r for r in results if "us" in r}
+    for key, r in best.items():
+        d = default.get(key, {})
+        print(f"sweep {key}: best {r['case']} {r['us']} us ({r['GBps']} GB/s); "
+              f"default tiles {d.get('us')} us ({d.get('GBps')} GB/s)")  # fmt: skip
+
+
 def print_table(results, shape, formats, tokens):
     rows = [r for r in results if r["shape"] == shape]
     cases = list(dict.fromkeys(r["case"] for r in rows if "_n" not in r["case"]))
@@ -310,6 +326,8 @@ def main() -> None:
         print_table(results, shape, formats, tokens)
         key = {"mxfp4": "fp4"}  # SLOT_MAX_TOKENS has one entry for both FP4 formats
         tables[shape] = {key.get(f, f): crossover(results, shape, f) for f in formats}
+    if args.sweep:
+        print_sweep(results)
     for shape, table in tables.items():
         print(f"\n{shape}: slot form faster up to T = {table}  (ops.moe.SLOT_MAX_TOKENS)")
     if args.out:
