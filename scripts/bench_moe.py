@@ -20,6 +20,7 @@ form beats the sorted one: the values for ``sglang_dsv4.ops.moe.SLOT_MAX_TOKENS`
 """
 
 import argparse
+import itertools
 import json
 import statistics
 
@@ -231,20 +232,20 @@ def bench_route(t, args, results):
 
 
 def sweep(fmt, t, args, bank, results):
-    """The slot kernels per tile choice (N tile x weights per thread x warps), each timed
+    """The slot kernels per tile choice (N tile x weights per thread x warps x unroll), timed
     apart: the data for :func:`~sglang_dsv4.kernels.moe_experts.slot_tiles`."""
     inputs = (torch.randn(t, args.hidden, device="cuda", dtype=torch.bfloat16),
               *routing(t, args.experts, args.topk))  # fmt: skip
     experts = len(set(inputs[1].flatten().tolist())) + 1
-    for block_n in (4, 8, 16, 32):
-        for per_thread in (16, 32, 64):
-            for warps in (4, 8):
-                k = per_thread * 32 * warps // block_n
-                if k < 64 or k > 4096:
-                    continue
-                tiles = SlotTiles(block_n, min(k, args.hidden), block_n, min(k, args.inter), warps)
-                tag = f"_n{block_n}_k{k}_w{warps}"
-                bench_slot_kernels(fmt, t, args, bank, inputs, experts, results, tiles, tag)
+    for block_n, per_thread, warps, unroll in itertools.product(
+        (4, 8, 16, 32), (32, 64), (4, 8), (1, 2)
+    ):
+        k = per_thread * 32 * warps // block_n
+        if 64 <= k <= 4096 and not (unroll > 1 and per_thread > 32):
+            tiles = SlotTiles(block_n, min(k, args.hidden), block_n, min(k, args.inter), warps,
+                              unroll)  # fmt: skip
+            tag = f"_n{block_n}_k{k}_w{warps}_u{unroll}"
+            bench_slot_kernels(fmt, t, args, bank, inputs, experts, results, tiles, tag)
 
 
 def crossover(results, shape, fmt) -> int | None:

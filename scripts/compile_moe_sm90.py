@@ -39,7 +39,8 @@ def expert_variants():
             kernels = ((ME._slot_w13_kernel, tiles.block_i, tiles.k_i),
                        (ME._slot_w2_kernel, tiles.block_d, tiles.k_d))  # fmt: skip
             for fn, block_n, block_k in kernels:
-                ce = dict(TOPK=topk, SLOTS=topk + 1, BLOCK_N=block_n, BLOCK_K=block_k)
+                ce = dict(TOPK=topk, SLOTS=topk + 1, SP=max(2, 1 << topk.bit_length()),
+                          BLOCK_N=block_n, BLOCK_K=block_k, UNROLL=tiles.unroll)  # fmt: skip
                 yield f"{fmt} T{t} top-{topk} {tiles}", fn, types, ce | fmt_ce
         sorted_ce = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_R=32, IEEE=False, **fmt_ce)
         yield fmt, ME._sorted_w13_kernel, types, dict(SLOTS=7, **sorted_ce)

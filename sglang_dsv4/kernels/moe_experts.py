@@ -161,56 +161,72 @@ def _scaled_vec(v, s_ptr, n0, offs_k, K, stride_sn, FMT: tl.constexpr):
 
 
 @triton.jit
-def _rows_dot(wa_ptr, wb_ptr, sa_ptr, sb_ptr, gsa_ptr, gsb_ptr, e, n0, n_lim, v_ptr, K,
-              stride_wn, stride_sn, PAIR: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr,
+def _rows_dot(wa_ptr, wb_ptr, sa_ptr, sb_ptr, gsa_ptr, gsb_ptr, es, wts, n0, n_lim, v_ptr,
+              stride_v, K, stride_we, stride_wn, stride_se, stride_sn, PAIR: tl.constexpr,
+              SEGS: tl.constexpr, SP: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr, UNROLL: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr,
               NV: tl.constexpr):  # fmt: skip
-    """GEMV of the slot kernels: rows ``n0 ... n0 + BLOCK_N`` (< ``n_lim``) of one expert's
-    weight ``a`` (and of ``b`` when ``PAIR``: w1 and w3 in one pass over the vector) times the
-    vector ``v`` [K] -> fp32 [BLOCK_N] each. Products accumulate per column in a
-    [BLOCK_N, BLOCK_K] tile, reduced once after the loop: no cross-thread reduction inside the
-    weight stream."""
+    """GEMV body of both slot kernels: rows ``n0 ... n0 + BLOCK_N`` (< ``n_lim``) of weight
+    ``a`` (and of ``b`` when ``PAIR``: w1 and w3 in one pass) over ``SEGS`` segments of K
+    columns, segment ``j`` from bank row ``es[j]`` times vector ``j`` (``v_ptr + j *
+    stride_v``) weighted by ``wts[j]`` -> fp32 [BLOCK_N] each. w1/w3: one segment (the slot's
+    expert, x); w2: one per slot (its expert, its h). The segments run as one flat loop of K
+    tiles (no per-slot loop to drain); products accumulate per column in a [BLOCK_N, BLOCK_K]
+    tile, reduced once after the loop."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     n_ok = offs_n < n_lim
     TILE: tl.constexpr = 0 if FMT == 1 else FMT  # FP8 codes load raw; the vector is scaled
+    chunks = tl.cdiv(K, BLOCK_K)
     acc_a = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     acc_b = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # unused (dropped) unless PAIR
-    for k0 in range(0, K, BLOCK_K):
+    for c in tl.range(0, SEGS * chunks, loop_unroll_factor=UNROLL):
+        j = c // chunks
+        pick = tl.arange(0, SP) == j
+        e = tl.sum(tl.where(pick, es, 0), axis=0)  # from registers: no load on the way
+        k0 = (c - j * chunks) * BLOCK_K
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        v = tl.load(v_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
-        wa = _w_tile(wa_ptr, sa_ptr, gsa_ptr, e, offs_n, n_ok, k0, K, stride_wn, stride_sn,
-                     BLOCK_N, BLOCK_K, TILE, G, NV)  # fmt: skip
+        v = tl.load(v_ptr + j * stride_v + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+        v = v * tl.sum(tl.where(pick, wts, 0.0), axis=0)
+        wa = _w_tile(wa_ptr + e * stride_we, sa_ptr + e * stride_se, gsa_ptr, e, offs_n, n_ok,
+                     k0, K, stride_wn, stride_sn, BLOCK_N, BLOCK_K, TILE, G, NV)  # fmt: skip
         if PAIR:
-            wb = _w_tile(wb_ptr, sb_ptr, gsb_ptr, e, offs_n, n_ok, k0, K, stride_wn, stride_sn,
-                         BLOCK_N, BLOCK_K, TILE, G, NV)  # fmt: skip
-            vb = _scaled_vec(v, sb_ptr, n0, offs_k, K, stride_sn, FMT)
+            wb = _w_tile(wb_ptr + e * stride_we, sb_ptr + e * stride_se, gsb_ptr, e, offs_n,
+                         n_ok, k0, K, stride_wn, stride_sn, BLOCK_N, BLOCK_K, TILE, G,
+                         NV)  # fmt: skip
+            vb = _scaled_vec(v, sb_ptr + e * stride_se, n0, offs_k, K, stride_sn, FMT)
             acc_b += wb.to(tl.float32) * vb[None, :]
-        va = _scaled_vec(v, sa_ptr, n0, offs_k, K, stride_sn, FMT)
+        va = _scaled_vec(v, sa_ptr + e * stride_se, n0, offs_k, K, stride_sn, FMT)
         acc_a += wa.to(tl.float32) * va[None, :]
     return tl.sum(acc_a, axis=1), tl.sum(acc_b, axis=1)
 
 
 @triton.jit
-def _slot_expert(chosen_ptr, t, j, shared_row, TOPK: tl.constexpr):
-    """Bank row of token ``t``'s slot ``j``: its chosen expert, or the shared row past top-k."""
-    e = tl.load(chosen_ptr + t * TOPK + j, mask=j < TOPK, other=0)
-    return tl.where(j < TOPK, e, shared_row).to(tl.int64)
+def _slot_experts(chosen_ptr, weights_ptr, t, j0, shared_row, TOPK: tl.constexpr,
+                  SP: tl.constexpr):  # fmt: skip
+    """Bank rows int64 [SP] and routing weights [SP] of token ``t``'s slots ``j0 ...``: its
+    chosen experts, past top-k the shared row with weight 1."""
+    j = j0 + tl.arange(0, SP)
+    routed = j < TOPK
+    e = tl.load(chosen_ptr + t * TOPK + j, mask=routed, other=0)
+    wt = tl.load(weights_ptr + t * TOPK + j, mask=routed, other=1.0)
+    return tl.where(routed, e, shared_row).to(tl.int64), wt
 
 
 @triton.jit
-def _slot_w13_kernel(x_ptr, chosen_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, gs1_ptr, gs3_ptr, h_ptr,
-                     D, I, limit, shared_row, stride_xt, stride_we, stride_wn, stride_se,
-                     stride_sn, TOPK: tl.constexpr, SLOTS: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr,
+def _slot_w13_kernel(x_ptr, chosen_ptr, weights_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, gs1_ptr,
+                     gs3_ptr, h_ptr, D, I, limit, shared_row, stride_xt, stride_we, stride_wn,
+                     stride_se, stride_sn, TOPK: tl.constexpr, SLOTS: tl.constexpr,
+                     SP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     UNROLL: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr,
                      NV: tl.constexpr):  # fmt: skip
     p = tl.program_id(0)  # token slot: t * SLOTS + j
     t = p // SLOTS
-    e = _slot_expert(chosen_ptr, t, p % SLOTS, shared_row, TOPK)
+    es, _ = _slot_experts(chosen_ptr, weights_ptr, t, p % SLOTS, shared_row, TOPK, SP)
     n0 = tl.program_id(1) * BLOCK_N
-    g, u = _rows_dot(w1_ptr + e * stride_we, w3_ptr + e * stride_we, s1_ptr + e * stride_se,
-                     s3_ptr + e * stride_se, gs1_ptr, gs3_ptr, e, n0, I,
-                     x_ptr + t * stride_xt, D, stride_wn, stride_sn, True, BLOCK_N, BLOCK_K,
-                     FMT, G, NV)  # fmt: skip
+    ones = tl.full((SP,), 1.0, dtype=tl.float32)  # the routing weight is w2's epilogue
+    g, u = _rows_dot(w1_ptr, w3_ptr, s1_ptr, s3_ptr, gs1_ptr, gs3_ptr, es, ones, n0, I,
+                     x_ptr + t * stride_xt, 0, D, stride_we, stride_wn, stride_se, stride_sn,
+                     True, 1, SP, BLOCK_N, BLOCK_K, UNROLL, FMT, G, NV)  # fmt: skip
     h = _swiglu(g, u, limit)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     tl.store(h_ptr + p * I + offs_n, h.to(h_ptr.dtype.element_ty), mask=offs_n < I)
@@ -219,34 +235,31 @@ def _slot_w13_kernel(x_ptr, chosen_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, gs1_ptr,
 @triton.jit
 def _slot_w2_kernel(h_ptr, chosen_ptr, weights_ptr, w_ptr, s_ptr, gs_ptr, out_ptr, D, I,
                     shared_row, stride_we, stride_wn, stride_se, stride_sn, stride_ot,
-                    TOPK: tl.constexpr, SLOTS: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr,
-                    NV: tl.constexpr):  # fmt: skip
+                    TOPK: tl.constexpr, SLOTS: tl.constexpr, SP: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UNROLL: tl.constexpr,
+                    FMT: tl.constexpr, G: tl.constexpr, NV: tl.constexpr):  # fmt: skip
     t = tl.program_id(0)
+    es, wts = _slot_experts(chosen_ptr, weights_ptr, t, 0, shared_row, TOPK, SP)
     n0 = tl.program_id(1) * BLOCK_N
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for j in tl.static_range(SLOTS):
-        e = _slot_expert(chosen_ptr, t, j, shared_row, TOPK)
-        # the shared slot weighs 1 (j is a compile-time constant: one branch is built)
-        wt = tl.load(weights_ptr + t * TOPK + j) if j < TOPK else 1.0
-        w_e, s_e = w_ptr + e * stride_we, s_ptr + e * stride_se
-        part, _ = _rows_dot(w_e, w_e, s_e, s_e, gs_ptr, gs_ptr, e, n0, D,
-                            h_ptr + (t * SLOTS + j) * I, I, stride_wn, stride_sn, False, BLOCK_N,
-                            BLOCK_K, FMT, G, NV)  # fmt: skip
-        acc += part * wt
+    acc, _ = _rows_dot(w_ptr, w_ptr, s_ptr, s_ptr, gs_ptr, gs_ptr, es, wts, n0, D,
+                       h_ptr + t * SLOTS * I, I, I, stride_we, stride_wn, stride_se, stride_sn,
+                       False, SLOTS, SP, BLOCK_N, BLOCK_K, UNROLL, FMT, G, NV)  # fmt: skip
     offs_n = n0 + tl.arange(0, BLOCK_N)
     tl.store(out_ptr + t * stride_ot + offs_n, acc.to(out_ptr.dtype.element_ty), mask=offs_n < D)
 
 
 class SlotTiles(NamedTuple):
     """Launch shape of the slot kernels: N and K tiles of the w1/w3 kernel (``block_i``,
-    ``k_i``) and of the w2 kernel (``block_d``, ``k_d``), warps of both."""
+    ``k_i``) and of the w2 kernel (``block_d``, ``k_d``), warps and K-loop unroll factor of
+    both (unrolled, the compiler may issue the next tile's loads before this tile's FMAs;
+    ``num_stages`` does not pipeline these loads: they feed no ``tl.dot``)."""
 
     block_i: int
     k_i: int
     block_d: int
     k_d: int
-    warps: int
+    warps: int = 4
+    unroll: int = 1
 
 
 _SMS = 132  # H100 SXM; the tile choice only needs the order of magnitude
@@ -264,7 +277,7 @@ def slot_tiles(fmt: str, pairs: int, tokens: int, inter: int, d: int, warps: int
     block_d = next((b for b in (32, 16, 8) if tokens * -(-d // b) >= 2 * _SMS), 4)
     k_i = min(elems // block_i, triton.next_power_of_2(d))
     k_d = min(elems // block_d, triton.next_power_of_2(inter))
-    return SlotTiles(block_i, max(k_i, 64), block_d, max(k_d, 64), warps)
+    return SlotTiles(block_i, max(k_i, 64), block_d, max(k_d, 64), warps, 1)
 
 
 def _strides(w: torch.Tensor, s: torch.Tensor) -> dict:
@@ -309,10 +322,12 @@ class _SlotLaunch:
         self.t, self.d = x.shape
         self.inter = bank.w1.w.shape[1]
         topk = chosen.shape[1]
+        slots = topk + (shared_row is not None)
         self.common = dict(
             chosen_ptr=self.chosen, D=self.d, I=self.inter,
             shared_row=-1 if shared_row is None else shared_row, TOPK=topk,
-            SLOTS=topk + (shared_row is not None), num_warps=tiles.warps, **bank.constexprs(),
+            SLOTS=slots, SP=max(2, triton.next_power_of_2(slots)), UNROLL=tiles.unroll,
+            weights_ptr=self.weights, num_warps=tiles.warps, **bank.constexprs(),
         )  # fmt: skip
 
     def w13(self, h: torch.Tensor, limit: float) -> None:
@@ -322,18 +337,15 @@ class _SlotLaunch:
         _slot_w13_kernel[grid](
             x_ptr=self.x, w1_ptr=w1, w3_ptr=w3, s1_ptr=s1, s3_ptr=s3, gs1_ptr=gs1, gs3_ptr=gs3,
             h_ptr=h, limit=float(limit), stride_xt=self.x.stride(0), BLOCK_N=self.tiles.block_i,
-            BLOCK_K=self.tiles.k_i,
-            **_strides(w1, s1), **self.common,
+            BLOCK_K=self.tiles.k_i, **_strides(w1, s1), **self.common,
         )  # fmt: skip
 
     def w2(self, h: torch.Tensor, out: torch.Tensor) -> None:
         """out [T, d] = sum over slots of weight * w2 h."""
         w2, s2, gs2 = self.bank.operands(self.bank.w2)
         _slot_w2_kernel[(self.t, triton.cdiv(self.d, self.tiles.block_d))](
-            h_ptr=h, weights_ptr=self.weights, w_ptr=w2, s_ptr=s2, gs_ptr=gs2, out_ptr=out,
-            stride_ot=out.stride(0), BLOCK_N=self.tiles.block_d, BLOCK_K=self.tiles.k_d,
-            **_strides(w2, s2),
-            **self.common,
+            h_ptr=h, w_ptr=w2, s_ptr=s2, gs_ptr=gs2, out_ptr=out, stride_ot=out.stride(0),
+            BLOCK_N=self.tiles.block_d, BLOCK_K=self.tiles.k_d, **_strides(w2, s2), **self.common,
         )  # fmt: skip
 
 

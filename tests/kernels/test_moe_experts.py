@@ -196,14 +196,16 @@ def test_slots_gpu_served_dims_small_batches(fmt, t):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", list(K.FORMATS))
-@pytest.mark.parametrize(("block_n", "block_k", "warps"), [(4, 512, 4), (8, 2048, 8), (32, 64, 4)])
-def test_slots_gpu_every_swept_tile_is_exact(fmt, block_n, block_k, warps):
+@pytest.mark.parametrize(
+    ("block_n", "block_k", "warps", "unroll"), [(4, 512, 4, 2), (8, 2048, 8, 1), (32, 64, 4, 4)]
+)
+def test_slots_gpu_every_swept_tile_is_exact(fmt, block_n, block_k, warps, unroll):
     """Tiles ``scripts/bench_moe.py --sweep`` may pick (N tile 4 ... 32, K tile 64 ... 2048,
     FP8 K tiles across several 128-column scale blocks) give the same numbers."""
     bank, dense = make_bank(17, 4096, 1024, fmt, "cuda", torch.bfloat16)
     x = torch.randn(3, 4096, device="cuda").bfloat16() * 2
     chosen, weights = routing(3, 16, 2, "cuda")
-    tiles = K.SlotTiles(block_n, block_k, block_n, min(block_k, 1024), warps)
+    tiles = K.SlotTiles(block_n, block_k, block_n, min(block_k, 1024), warps, unroll)
     out = torch.full_like(x, float("nan"))
     K.moe_experts_slots(x, chosen, weights, bank, LIMIT, 16, out=out, tiles=tiles)
     err = rel_l2(out, reference(x, chosen, weights, dense, 16, True))
