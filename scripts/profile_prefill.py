@@ -108,37 +108,57 @@ def report_text(row: dict, title: str) -> str:
     return "\n".join(lines)
 
 
+def profile_server(url: str, batch_sizes, opts, title: str) -> tuple[dict, bool]:
+    """Every batch size on one server: ``({"model_path", "batches": [...]}, any failed)``;
+    prints one report per batch size (also run by side_by_side.py --profile-prefill-bs)."""
+    opts.trace_dir.mkdir(parents=True, exist_ok=True)
+    vocab, layers, model_path = model_shape(url)
+    out, failed = {"model_path": model_path, "kind": opts.kind, "batches": []}, False
+    for bs in batch_sizes:
+        try:
+            row = profile_batch(url, bs, vocab, layers, opts)
+            print(
+                report_text(row, f"{title} extend, bs={bs} x {opts.input_len}") + "\n", flush=True
+            )
+        except Exception as e:  # report it, go on with the next batch size
+            failed = True
+            row = {"batch_size": bs, "error": f"{type(e).__name__}: {e}"}
+            print(f"FAILED prefill profile {title} bs={bs}: {row['error']}", flush=True)
+        out["batches"].append(row)
+    return out, failed
+
+
+def add_prefill_options(ap: argparse.ArgumentParser, prefix: str = "") -> None:
+    """Profiling knobs (``prefix`` = "profile-prefill-" in side_by_side.py's options)."""
+    ap.add_argument(f"--{prefix}input-len", type=int, default=4096)
+    ap.add_argument(f"--{prefix}kind", choices=["gpu", "cpu"], default="gpu", help="kernels/ops")
+    ap.add_argument(f"--{prefix}with-stack", action="store_true", help="Python frames of gaps")
+    ap.add_argument(f"--{prefix}top", type=int, default=20)
+    ap.add_argument(f"--{prefix}min-gap-us", type=float, default=20.0)
+    ap.add_argument(f"--{prefix}timeout", type=float, default=600)
+    default = Path("/tmp/profile_prefill/traces")
+    ap.add_argument(f"--{prefix}trace-dir", type=Path, default=default)
+
+
+def prefill_options(args, prefix: str = "", keep_dir=None) -> argparse.Namespace:
+    names = ("input_len", "kind", "with_stack", "top", "min_gap_us", "timeout", "trace_dir")
+    return argparse.Namespace(**{n: getattr(args, prefix + n) for n in names}, keep_dir=keep_dir)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
-    ap.add_argument("--input-len", type=int, default=4096)
-    ap.add_argument("--kind", choices=["gpu", "cpu"], default="gpu", help="kernels / CPU ops")
-    ap.add_argument("--with-stack", action="store_true", help="Python frames of gaps and syncs")
-    ap.add_argument("--top", type=int, default=20)
-    ap.add_argument("--min-gap-us", type=float, default=20.0)
-    ap.add_argument("--timeout", type=float, default=600)
-    ap.add_argument("--trace-dir", type=Path, default=Path("/tmp/profile_prefill/traces"))
+    add_prefill_options(ap)
     add_common_options(ap, "/tmp/profile_prefill")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    args.trace_dir.mkdir(parents=True, exist_ok=True)
-    args.keep_dir = args.out if args.keep_traces else None
     server, url = start_server(args, "profile_prefill")
     report = {"impl": args.impl, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    report |= {"command": " ".join(sys.argv), "batches": []}
-    failed = False
+    report["command"] = " ".join(sys.argv)
     try:
-        vocab, layers, report["model_path"] = model_shape(url)
-        for bs in args.batch_sizes:
-            try:
-                row = profile_batch(url, bs, vocab, layers, args)
-                title = f"{args.impl} extend, bs={bs} x {args.input_len}"
-                print(report_text(row, title) + "\n", flush=True)
-            except Exception as e:  # report it, go on with the next batch size
-                failed = True
-                row = {"batch_size": bs, "error": f"{type(e).__name__}: {e}"}
-                print(f"FAILED profile {args.impl} bs={bs}: {row['error']}", flush=True)
-            report["batches"].append(row)
+        opts = prefill_options(args, keep_dir=args.out if args.keep_traces else None)
+        result, failed = profile_server(url, args.batch_sizes, opts, args.impl)
+        report |= result
     finally:
         if server is not None:
             stop(server)
