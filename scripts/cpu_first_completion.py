@@ -59,14 +59,19 @@ def main() -> int:
     log = open(args.log, "w")  # noqa: SIM115 - closed with the server
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     try:
-        out = first_completion(f"http://127.0.0.1:{args.port}", proc, args.timeout)
+        url = f"http://127.0.0.1:{args.port}"
+        out = first_completion(url, proc, args.timeout)
         seconds = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        requests.post(url + "/v1/completions", json=BODY | {"temperature": 0}, timeout=60)
+        again = time.perf_counter() - t1
         rows = memory(proc.pid)
     finally:
         proc.terminate()
         proc.wait(60)
         log.close()
     print(f"first completion {seconds:.1f} s after launch: {out['choices'][0]['text']!r}")
+    print(f"the same completion again: {again:.2f} s")
     for name, rss, pss in rows:
         print(f"  {name:24s} RSS {rss / 2**30:5.2f} GiB  PSS {pss / 2**30:5.2f} GiB")
     rss, pss = sum(r[1] for r in rows), sum(r[2] for r in rows)
