@@ -43,6 +43,7 @@ _BD = 32  # channels of d per step of the mix (x tile [TB, hc, BD])
 _BE = 128  # channels of d per program of hc_post
 _MAX_SPLIT_DOT = 32  # the dot form's epilogue reduces 16 tokens' partials: few splits
 MAX_TILES = 1 << 16  # tickets per workspace: T <= MAX_TILES * 16 tokens per launch
+FMA_WARPS = 8  # the one-token form: its epilogue holds a whole row (8192 at Pro) per stream
 
 
 @triton.jit
@@ -347,7 +348,7 @@ def hc_fused(
         n_tokens=n, n_split=g["n_split"], per_split=g["per_split"], eps=eps, hc_eps=hc_eps,
         D=d, HC=hc, NM=fn.shape[0], NMP=g["NMP"], TB=g["TB"], BD=_BD, SB=g["SB"], ITERS=iters,
         POST=post_of is not None, HEAD=head, DOT=g["DOT"], COLLAPSE=not g["DOT"], BDN=bdn,
-        X_BF16=x_bf16, W_BF16=w_bf16, num_warps=4 if g["DOT"] else 8,
+        X_BF16=x_bf16, W_BF16=w_bf16, num_warps=4 if g["DOT"] else FMA_WARPS,
     )  # fmt: skip
     if g["DOT"]:
         _collapse_norm_kernel[(n,)](
