@@ -2,6 +2,8 @@
 
     python scripts/bench_extend.py [--cases 1x32768,32x4096,4x4096+28672] [--rows fp8|bf16]
                                    [--reps N] [--no-twin]
+    python scripts/bench_extend.py --measure      # the served extend shapes, for MEASURED
+    python scripts/paste_measured.py $OUT/bench_extend.json   # then, in the repo: the table
 
 Flash dims (``configs/dsv4-flash-dims.json``: 64 heads x 512, indexer 64 x 128, top-k 512,
 window 128) on real DSV4 pools (``mem.pools.DSV4KVPool``; ``--rows fp8``, the GPU default: FP8
@@ -15,7 +17,9 @@ flush and the indexer (the previous per-request path) are timed once for compari
 
 Where FlashMLA's sparse prefill can serve (sm90, FP8 / bf16 rows), the attention is also timed
 both ways (ours over the pools, FlashMLA over its gathered workspace, gather included) and the
-rows of ``attention.extend_choice.MEASURED`` are printed.
+rows of ``attention.extend_choice.MEASURED`` are printed and kept in the JSON (``measured``);
+``--measure`` runs the shapes extend batches have when served (chunks of at most 8192 new
+tokens, after prefixes up to 128K), without the twins.
 
 Writes ``bench_extend.json`` to ``--out`` (default ``$OUT`` or ``.``) and prints a table last.
 """
@@ -46,9 +50,13 @@ from sglang_dsv4.attention.wrappers import (
 from sglang_dsv4.config import AttnKind, load_config
 from sglang_dsv4.mem.pools import DSV4KVPool
 from sglang_dsv4.mem.schema import CacheSchema, EntryFormat
+from sglang_dsv4.perf.measured import extend_rows, render
 from sglang_dsv4.ref.compressor import CompressorWeights
 
 DEV = "cuda"
+# served extend shapes: one short / one 4K prompt, a full 8192-token chunk, many short prompts,
+# and 8192-token chunks after 24K / 120K of prefix (long prompts under chunked prefill)
+MEASURE_CASES = "1x512,16x512,1x4096,2x4096,1x8192+24576,1x8192+122880"
 BLOCK = 128
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "dsv4-flash-dims.json"
 ERRORS: list[str] = []
@@ -273,8 +281,11 @@ def main() -> None:
     ap.add_argument("--rows", choices=["fp8", "bf16"], default="fp8")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--no-twin", action="store_true")
+    ap.add_argument("--measure", action="store_true", help=f"--cases {MEASURE_CASES} --no-twin")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
+    if args.measure:
+        args.cases, args.no_twin = MEASURE_CASES, True
     cfg = load_config(CONFIG)
     rows = []
     for case in args.cases.split(","):
@@ -288,6 +299,7 @@ def main() -> None:
         torch.cuda.empty_cache()
     result = dict(device=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"),
                   pool_rows=args.rows, rows=rows, errors=ERRORS)  # fmt: skip
+    result["measured"] = extend_rows(result, cfg.num_heads)
     Path(args.out, "bench_extend.json").write_text(json.dumps(result, indent=2))
     cols = ["plan", "store", "flush", "index_flush", "picks", "attend", "run"]
     print(f"\n== extend per layer kind, {result['device']} (ms; Flash dims, {args.rows} rows) ==")
@@ -300,12 +312,10 @@ def main() -> None:
     for r in twins:
         parts = [f"{k[5:-2]} {1e3 * v:.1f} ms" for k, v in r.items() if k.startswith("twin_")]
         print(f"twin (old per-request path) {r['case']} {r['kind']}: " + ", ".join(parts))
-    measured = [r for r in rows if "flashmla_attend_s" in r]
-    if measured:
-        print("extend_choice.MEASURED rows (kind, heads, tokens, keys, ours ms, FlashMLA ms):")
-    for r in measured:
-        print(f'    ("{r["kind"].lower()}", {cfg.num_heads}, {r["tokens"]}, {r["keys"]}, '
-              f'{1e3 * r["ours_attend_s"]:.3f}, {1e3 * r["flashmla_attend_s"]:.3f}),')  # fmt: skip
+    if result["measured"]:
+        note = f"{result['date']}, {result['device']}, {args.rows} rows: scripts/bench_extend.py"
+        print("extend_choice.MEASURED (paste: python scripts/paste_measured.py bench_extend.json):")
+        print(render("MEASURED", result["measured"], note))
     if ERRORS:
         print(f"{len(ERRORS)} case(s) failed (see above)")
 

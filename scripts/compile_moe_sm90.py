@@ -33,10 +33,15 @@ def expert_variants():
         types |= {a: "*fp32" for a in ("gs_ptr", "gs1_ptr", "gs3_ptr", "weights_ptr")}
         types |= {a: "*bf16" for a in ("x_ptr", "h_ptr", "out_ptr", "y_ptr")}
         types |= {"chosen_ptr": "*i32", "order_ptr": "*i32", "off_ptr": "*i32", "limit": "fp32"}
-        for topk, slots in ((6, 7), (0, 1)):
-            for fn in (ME._slot_w13_kernel, ME._slot_w2_kernel):
-                ce = dict(TOPK=topk, SLOTS=slots, BLOCK_N=16, BLOCK_K=128, **fmt_ce)
-                yield f"{fmt} top-{topk}", fn, types, ce
+        # the tiles the wrapper picks: served dims at T 1 / 8, Flash at T 1; a one-row bank
+        for t, topk, inter in ((1, 2, 1024), (8, 2, 1024), (1, 6, 2048), (1, 0, 2048)):
+            tiles = ME.slot_tiles(fmt, t * (topk + 1), t, inter, 4096)
+            kernels = ((ME._slot_w13_kernel, tiles.block_i, tiles.k_i),
+                       (ME._slot_w2_kernel, tiles.block_d, tiles.k_d))  # fmt: skip
+            for fn, block_n, block_k in kernels:
+                ce = dict(TOPK=topk, SLOTS=topk + 1, SP=max(2, 1 << topk.bit_length()),
+                          BLOCK_N=block_n, BLOCK_K=block_k, UNROLL=tiles.unroll)  # fmt: skip
+                yield f"{fmt} T{t} top-{topk} {tiles}", fn, types, ce | fmt_ce
         sorted_ce = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_R=32, IEEE=False, **fmt_ce)
         yield fmt, ME._sorted_w13_kernel, types, dict(SLOTS=7, **sorted_ce)
         yield fmt, ME._sorted_w2_kernel, types, sorted_ce

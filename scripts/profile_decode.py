@@ -190,29 +190,40 @@ def model_shape(url: str) -> tuple[int, int | None, str]:
     return cfg.get("vocab_size", 1000), cfg.get("num_hidden_layers"), info["model_path"]
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def start_server(args, name: str) -> tuple[Server | None, str]:
+    """``(server, url)``: a server for ``--model-path`` (log ``OUT/<name>_<impl>.server.log``),
+    or ``(None, --url)`` to attach. Shared with profile_prefill.py."""
+    if (args.url is None) == (args.model_path is None):
+        raise SystemExit("give exactly one of --url (attach) and --model-path (start a server)")
+    if args.url is not None:
+        return None, args.url
+    model = native_model_dir(args.model_path) if args.impl == "native" else args.model_path
+    cmd = server_args(args, args.impl, model, args.context_length)
+    print(f"starting {args.impl}: {' '.join(cmd)}", flush=True)
+    server = Server(cmd, args.out / f"{name}_{args.impl}.server.log",
+                    env=server_env(args, args.impl), timeout=args.startup_timeout)  # fmt: skip
+    return server, server.url
+
+
+def add_common_options(ap: argparse.ArgumentParser, out: str) -> None:
+    """Server / output options of profile_decode.py and profile_prefill.py."""
     ap.add_argument("--url", help="attach to a running server")
     ap.add_argument("--model-path", type=Path, help="start a server on this checkpoint")
     ap.add_argument("--impl", choices=["ours", "native"], default="ours")
-    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--context-length", type=int, default=8192)
-    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/profile_decode")))
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", out)))
     ap.add_argument("--keep-traces", action="store_true", help="copy the traces to --out")
-    add_profile_options(ap)
     add_server_options(ap)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
+    add_common_options(ap, "/tmp/profile_decode")
+    add_profile_options(ap)
     args = ap.parse_args()
-    if (args.url is None) == (args.model_path is None):
-        raise SystemExit("give exactly one of --url (attach) and --model-path (start a server)")
     args.out.mkdir(parents=True, exist_ok=True)
-    server, url = None, args.url
-    if url is None:
-        model = native_model_dir(args.model_path) if args.impl == "native" else args.model_path
-        cmd = server_args(args, args.impl, model, args.context_length)
-        print(f"starting {args.impl}: {' '.join(cmd)}", flush=True)
-        server = Server(cmd, args.out / f"profile_{args.impl}.server.log",
-                        env=server_env(args, args.impl), timeout=args.startup_timeout)  # fmt: skip
-        url = server.url
+    server, url = start_server(args, "profile")
     report = {"impl": args.impl, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     report["command"] = " ".join(sys.argv)
     try:

@@ -18,8 +18,8 @@
 The kernel form of dense / FP8 banks is picked per token count from :data:`SLOT_MAX_TOKENS`:
 the slot (GEMV) form reads only the chosen experts' rows once per token slot, the best at batch
 1; the sorted grouped GEMM reads each used expert once per M block, the best once tokens share
-experts. The default table is a guess to be replaced by ``scripts/bench_moe.py`` numbers from the
-H100.
+experts. Each entry of the table says whether it was measured (``scripts/bench_moe.py`` on the
+H100) or guessed.
 """
 
 import torch
@@ -31,9 +31,14 @@ from sglang_dsv4.weights.layout import Fmt
 
 __all__ = ["SLOT_MAX_TOKENS", "MoeTorch", "MoeTriton", "moe_ops"]
 
-SLOT_MAX_TOKENS = {"bf16": 4, "fp8": 4, "fp4": 4}
-"""Largest token count run in the slot form, by bank format (above it: the sorted form).
-Default until measured: ``python scripts/bench_moe.py`` prints the crossover it sees."""
+SLOT_MAX_TOKENS = {
+    "bf16": 4,  # guess (2026-12-06): not measured since the slot kernels' rewrite
+    "fp8": 4,  # guess
+    "fp4": 4,  # guess
+}
+"""Largest token count run in the slot form, by bank format (above it: the sorted form). Each
+entry says whether it is measured (date, GPU) or a guess: ``python scripts/bench_moe.py
+--shapes served`` prints the crossover it sees at the served shape, the value to write here."""
 
 
 _FORMS_KEY = {Fmt.FP8: "fp8", Fmt.MXFP4: "fp4", Fmt.NVFP4: "fp4"}
