@@ -19,7 +19,7 @@ Where FlashMLA's sparse prefill can serve (sm90, FP8 / bf16 rows), the attention
 both ways (ours over the pools, FlashMLA over its gathered workspace, gather included) and the
 rows of ``attention.extend_choice.MEASURED`` are printed and kept in the JSON (``measured``);
 ``--measure`` runs the shapes extend batches have when served (chunks of at most 8192 new
-tokens, after prefixes up to 128K), without the twins.
+tokens, after prefixes up to 128K): plan, the whole run and the attention both ways, 5 reps.
 
 Writes ``bench_extend.json`` to ``--out`` (default ``$OUT`` or ``.``) and prints a table last.
 """
@@ -195,21 +195,24 @@ def op_calls(w, lk, q, kv, sink, scale, comp, kv_norm=None):
     return calls
 
 
-def bench_case(cfg, b: int, n: int, prefix: int, rows: str, reps: int, twin: bool) -> list[dict]:
+def bench_case(
+    cfg, b: int, n: int, prefix: int, rows: str, reps: int, twin: bool, ops: bool = True
+) -> list[dict]:
     world = World(cfg, b, prefix, n, rows)
     case = f"{b}x{n}" + (f"+{prefix}" if prefix else "")
     rows = []
     for kind in (AttnKind.SWA, AttnKind.CSA, AttnKind.HCA):
         row = dict(case=case, kind=kind.name, tokens=b * n)
-        row.update(bench_kind(cfg, world, kind, reps, twin))
+        row.update(bench_kind(cfg, world, kind, reps, twin, ops))
         rows.append(row)
         print(json.dumps(row), flush=True)
         torch.cuda.empty_cache()
     return rows
 
 
-def bench_kind(cfg, world: World, kind: AttnKind, reps: int, twin: bool) -> dict:
-    """Plan, each op and the whole run of one layer of ``kind`` over the world's batch."""
+def bench_kind(cfg, world: World, kind: AttnKind, reps: int, twin: bool, ops: bool = True) -> dict:
+    """Plan, each op (``ops``) and the whole run of one layer of ``kind`` over the world's
+    batch."""
     gen = torch.Generator().manual_seed(0)
     sink = torch.randn(cfg.num_heads, generator=gen).to(DEV)
     scale = cfg.head_dim**-0.5
@@ -218,7 +221,8 @@ def bench_kind(cfg, world: World, kind: AttnKind, reps: int, twin: bool) -> dict
     q, kv, comp = layer_inputs(cfg, kind, world.b * world.n, gen)
     row = dict(plan_s=host_timed(lambda: w.plan(world.plan()), max(3, reps // 4)))
     norm = kv_norm(cfg, w._plan.tables.positions, gen)  # the served path: raw wkv(x) rows
-    for name, fn in op_calls(w, lk, q, kv, sink, scale, comp, norm).items():
+    calls = op_calls(w, lk, q, kv, sink, scale, comp, norm)  # (CSA: runs the picks once)
+    for name, fn in calls.items() if ops else ():
         row[f"{name}_s"] = timed(fn, reps)
     row["run_s"] = timed(lambda: w.run(lk, q, kv, sink, scale, comp, norm), reps)
     row["tok_per_s"] = world.b * world.n / row["run_s"]
@@ -284,15 +288,15 @@ def main() -> None:
     ap.add_argument("--measure", action="store_true", help=f"--cases {MEASURE_CASES} --no-twin")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
-    if args.measure:
-        args.cases, args.no_twin = MEASURE_CASES, True
+    if args.measure:  # the attention both ways and the whole run; fewer reps (one GPU minute)
+        args.cases, args.no_twin, args.reps = MEASURE_CASES, True, min(args.reps, 5)
     cfg = load_config(CONFIG)
     rows = []
     for case in args.cases.split(","):
         b, n, p = parse_case(case)
         try:
             twin = not args.no_twin and b * n <= 32768
-            rows += bench_case(cfg, b, n, p, args.rows, args.reps, twin)
+            rows += bench_case(cfg, b, n, p, args.rows, args.reps, twin, ops=not args.measure)
         except Exception:
             ERRORS.append(traceback.format_exc(limit=4))
             print(ERRORS[-1], flush=True)

@@ -2,25 +2,25 @@
 kernels by time, and the host's share (GPU idle inside a step, the longest gaps and every host
 sync with the code that caused it), from SGLang's own torch profiler (``/start_profile``).
 
-Per batch size: one untimed warm batch of the same shape (Triton JIT of new shapes), then
-``/start_profile`` (no step count), one ``/generate`` of ``bs`` random-id prompts of
-``--input-len`` tokens with ``max_new_tokens`` 1 (the prefill samples the only token: no decode
+Per cell INPUTxBATCH: one untimed warm batch of the same shape (Triton JIT of new shapes), then
+``/start_profile`` (no step count), one ``/generate`` of BATCH random-id prompts of INPUT tokens
+with ``max_new_tokens`` 1 (the prefill samples the only token: no decode
 step), ``/stop_profile``. SGLang splits the batch into ``step[EXTEND bs=N toks=T]`` forwards of
 at most ``--chunked-prefill-size`` tokens; every one of them is in the trace, parsed by
 ``sglang_dsv4.perf.trace.step_stats`` and ``sglang_dsv4.perf.host_gaps.gap_report``. The
 profiler's own per-op cost inflates host time (more so ``--with-stack``, which names the
 Python frame of each gap and sync).
 
-    python scripts/profile_prefill.py --model-path /tmp/fd/ckpt-bf16 --batch-sizes 1 32
+    python scripts/profile_prefill.py --model-path /tmp/fd/ckpt-bf16 --cells 4096x1,4096x16
     python scripts/profile_prefill.py --impl native --model-path /tmp/fd/ckpt-bf16
     python scripts/profile_prefill.py --url http://127.0.0.1:30000 --with-stack
     # CPU dry run (top-level CPU ops instead of kernels):
     python scripts/profile_prefill.py --model-path sglang_dsv4/models/dsv4-tiny --kind cpu \\
-        --batch-sizes 2 --input-len 300 --chunked-prefill-size 256 \\
+        --cells 300x2 --chunked-prefill-size 256 \\
         --server-args "--dtype float32 --max-total-tokens 16384 --sleep-on-idle"
 
 Writes ``OUT/profile_prefill.json`` (``--out``, default $OUT or /tmp/profile_prefill) and
-prints one report per batch size.
+prints one report per cell (also: ``side_by_side.py run --profile-prefill 4096x1,4096x16``).
 """
 
 import argparse
@@ -35,6 +35,7 @@ import requests
 from profile_decode import add_common_options, model_shape, start_server, wait_trace
 from side_by_side import stop
 
+from sglang_dsv4.perf.cells import Cell, parse_cells
 from sglang_dsv4.perf.host_gaps import format_gaps, gap_report
 from sglang_dsv4.perf.trace import EXTEND_STEP, format_stats, load_trace, step_stats
 
@@ -54,12 +55,13 @@ def prompts(bs: int, n: int, vocab: int, seed: int) -> list[list[int]]:
     return [[rng.randrange(100, vocab) for _ in range(n)] for _ in range(bs)]
 
 
-def profile_batch(url: str, bs: int, vocab: int, layers: int | None, opts) -> dict:
-    """Profile the extend steps of one ``bs``-request batch; the parsed statistics."""
+def profile_batch(url: str, cell: Cell, vocab: int, layers: int | None, opts) -> dict:
+    """Profile the extend steps of one batch of ``cell``; the parsed statistics."""
+    bs, n = cell.batch_size, cell.input_len
     requests.post(url + "/flush_cache", timeout=60)
-    warm_s = generate(url, prompts(bs, opts.input_len, vocab, 1000 + bs), opts.timeout)
+    warm_s = generate(url, prompts(bs, n, vocab, 1000 + bs), opts.timeout)
     requests.post(url + "/flush_cache", timeout=60)  # no prefix hit on the profiled batch
-    prefix = f"extend-bs{bs}-{int(time.time())}"
+    prefix = f"extend-{n}x{bs}-{int(time.time())}"
     body = {
         "output_dir": str(opts.trace_dir),
         "activities": ["CPU", "GPU"] if opts.kind == "gpu" else ["CPU"],
@@ -71,7 +73,7 @@ def profile_batch(url: str, bs: int, vocab: int, layers: int | None, opts) -> di
     if r.status_code != 200:
         raise RuntimeError(f"/start_profile answered {r.status_code}: {r.text}")
     try:
-        profiled_s = generate(url, prompts(bs, opts.input_len, vocab, bs), opts.timeout)
+        profiled_s = generate(url, prompts(bs, n, vocab, bs), opts.timeout)
     finally:
         requests.post(url + "/stop_profile", timeout=600)
     trace = wait_trace(opts.trace_dir, prefix, opts.timeout)
@@ -85,7 +87,7 @@ def profile_batch(url: str, bs: int, vocab: int, layers: int | None, opts) -> di
         shutil.copy(trace, Path(opts.keep_dir) / trace.name)
     return {
         "batch_size": bs,
-        "input_len": opts.input_len,
+        "input_len": n,
         "trace": str(trace),
         "warm_s": warm_s,
         "profiled_s": profiled_s,
@@ -108,29 +110,26 @@ def report_text(row: dict, title: str) -> str:
     return "\n".join(lines)
 
 
-def profile_server(url: str, batch_sizes, opts, title: str) -> tuple[dict, bool]:
-    """Every batch size on one server: ``({"model_path", "batches": [...]}, any failed)``;
-    prints one report per batch size (also run by side_by_side.py --profile-prefill-bs)."""
+def profile_server(url: str, cells: list[Cell], opts, title: str) -> tuple[dict, bool]:
+    """Every cell on one server: ``({"model_path", "batches": [...]}, any failed)``; prints one
+    report per cell (also run by side_by_side.py --profile-prefill)."""
     opts.trace_dir.mkdir(parents=True, exist_ok=True)
     vocab, layers, model_path = model_shape(url)
     out, failed = {"model_path": model_path, "kind": opts.kind, "batches": []}, False
-    for bs in batch_sizes:
+    for cell in cells:
         try:
-            row = profile_batch(url, bs, vocab, layers, opts)
-            print(
-                report_text(row, f"{title} extend, bs={bs} x {opts.input_len}") + "\n", flush=True
-            )
-        except Exception as e:  # report it, go on with the next batch size
+            row = profile_batch(url, cell, vocab, layers, opts)
+            print(report_text(row, f"{title} extend, {cell.key}") + "\n", flush=True)
+        except Exception as e:  # report it, go on with the next cell
             failed = True
-            row = {"batch_size": bs, "error": f"{type(e).__name__}: {e}"}
-            print(f"FAILED prefill profile {title} bs={bs}: {row['error']}", flush=True)
+            row = {"cell": cell.key, "error": f"{type(e).__name__}: {e}"}
+            print(f"FAILED prefill profile {title} {cell.key}: {row['error']}", flush=True)
         out["batches"].append(row)
     return out, failed
 
 
 def add_prefill_options(ap: argparse.ArgumentParser, prefix: str = "") -> None:
     """Profiling knobs (``prefix`` = "profile-prefill-" in side_by_side.py's options)."""
-    ap.add_argument(f"--{prefix}input-len", type=int, default=4096)
     ap.add_argument(f"--{prefix}kind", choices=["gpu", "cpu"], default="gpu", help="kernels/ops")
     ap.add_argument(f"--{prefix}with-stack", action="store_true", help="Python frames of gaps")
     ap.add_argument(f"--{prefix}top", type=int, default=20)
@@ -141,13 +140,13 @@ def add_prefill_options(ap: argparse.ArgumentParser, prefix: str = "") -> None:
 
 
 def prefill_options(args, prefix: str = "", keep_dir=None) -> argparse.Namespace:
-    names = ("input_len", "kind", "with_stack", "top", "min_gap_us", "timeout", "trace_dir")
+    names = ("kind", "with_stack", "top", "min_gap_us", "timeout", "trace_dir")
     return argparse.Namespace(**{n: getattr(args, prefix + n) for n in names}, keep_dir=keep_dir)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--cells", default="4096x1,4096x16", help="INPUTxBATCH,...")
     add_prefill_options(ap)
     add_common_options(ap, "/tmp/profile_prefill")
     args = ap.parse_args()
@@ -157,7 +156,7 @@ def main() -> int:
     report["command"] = " ".join(sys.argv)
     try:
         opts = prefill_options(args, keep_dir=args.out if args.keep_traces else None)
-        result, failed = profile_server(url, args.batch_sizes, opts, args.impl)
+        result, failed = profile_server(url, parse_cells(args.cells), opts, args.impl)
         report |= result
     finally:
         if server is not None:

@@ -347,7 +347,7 @@ def measure_server(args, impl, cells, server, url, deadline, doc, out_json) -> d
     if args.profile_bs:
         doc["profile"], failed = profile(args, impl, url, deadline)
         status += ", profile failed" if failed else ""
-    if args.profile_prefill_bs:
+    if args.profile_prefill:
         doc["profile_prefill"], failed = profile_prefill(args, impl, url, deadline)
         status += ", prefill profile failed" if failed else ""
     return {"status": status}
@@ -370,13 +370,14 @@ def profile_prefill(args, impl: str, url: str, deadline: float) -> tuple[dict, b
     """scripts/profile_prefill.py on this server."""
     from profile_prefill import prefill_options, profile_server
 
-    sizes = [int(b) for b in args.profile_prefill_bs.split(",")]
+    cells = parse_cells(args.profile_prefill)
     left = deadline - time.time()
-    if left < 30 * len(sizes):
+    if left < 30 * len(cells):
         print(f"SKIPPED prefill profile {impl}: {left:.0f} s left before the deadline")
         return {"skipped": f"{left:.0f} s left"}, False
-    print(f"[{time.time() - T0:5.0f} s] profiling {impl} extend at bs {sizes}", flush=True)
-    return profile_server(url, sizes, prefill_options(args, "profile_prefill_"), impl)
+    keys = ",".join(c.key for c in cells)
+    print(f"[{time.time() - T0:5.0f} s] profiling {impl} extend at {keys}", flush=True)
+    return profile_server(url, cells, prefill_options(args, "profile_prefill_"), impl)
 
 
 def run(args) -> int:
@@ -422,7 +423,9 @@ def main() -> int:
     from profile_decode import add_profile_options
 
     add_profile_options(r, "profile-")
-    r.add_argument("--profile-prefill-bs", default="", help="e.g. 1,8: profile_prefill.py too")
+    r.add_argument(
+        "--profile-prefill", default="", help="e.g. 4096x1,4096x16: profile_prefill.py after"
+    )
     from profile_prefill import add_prefill_options
 
     add_prefill_options(r, "profile-prefill-")

@@ -78,6 +78,7 @@ class BatchTables:
     # that block end lies in (P, S] (its c4 state is kept there), else 0 (the dummy page)
     query_req: torch.Tensor  # [T] int32 request of each new token
     positions: torch.Tensor  # [T] int64 position of each new token
+    window_rows: torch.Tensor  # [T, W] int32 swa slots of each query's swa_window (-1: none)
 
     @property
     def max_blocks(self) -> int:
@@ -200,8 +201,12 @@ def _tables(requests: list[RequestPlan], pool, req_to_token_pool) -> BatchTables
     last = rtt[rows, (ends - 1).clamp(max=rtt.shape[1] - 1).unsqueeze(0)].long()
     kept = (ends.unsqueeze(0) > prefix.unsqueeze(1)) & (ends.unsqueeze(0) <= seq.unsqueeze(1))
     swa_page = pool.translate_loc_from_full_to_swa(torch.where(kept, last, 0)) // block
-    positions = torch.cat([torch.arange(r.prefix, r.seq_len) for r in requests])
-    query_req = torch.repeat_interleave(torch.arange(len(requests)), torch.tensor(lens))
+    positions = torch.cat([torch.arange(r.prefix, r.seq_len) for r in requests]).to(device)
+    query_req = torch.repeat_interleave(torch.arange(len(requests)), torch.tensor(lens)).to(device)
+    # every query's window in one gather: positions t-W+1 .. t of its request (ref.window_indices)
+    window = positions.unsqueeze(1) + torch.arange(1 - pool.schema.sliding_window, 1, device=device)
+    full = rtt[slots.long()[query_req].unsqueeze(1), window.clamp(min=0)]  # [T, W] full slots
+    window_rows = torch.where(window >= 0, pool.translate_loc_from_full_to_swa(full), -1)
     return BatchTables(
         req_slots=slots,
         prefix=prefix,
@@ -211,6 +216,7 @@ def _tables(requests: list[RequestPlan], pool, req_to_token_pool) -> BatchTables
         rebuild_page=host[5],
         block_table=block_table,
         boundary_table=torch.where(kept, swa_page, 0).int(),
-        query_req=query_req.int().to(device),
-        positions=positions.to(device),
+        query_req=query_req.int(),
+        positions=positions,
+        window_rows=window_rows.int(),
     )

@@ -18,12 +18,15 @@ With ``kind="cpu"`` (CPU dry runs) gaps are between top-level CPU ops: Python ti
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections import defaultdict
 
 from sglang_dsv4.perf.trace import DECODE_STEP, Op, _complete, step_ops
 
 __all__ = ["format_gaps", "gap_report"]
 
+# gap histogram bins (us): < 2, 2-5, 5-20, >= 20
+BINS = (2.0, 5.0, 20.0)
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 PACKAGE = "sglang_dsv4"
 _LOOK_BACK = 4000
@@ -58,12 +61,13 @@ class HostContext:
         return " > ".join(ops[:3]) if ops else "?"
 
 
-def _gaps(step: list[Op], min_us: float) -> list[tuple[float, Op, Op]]:
-    """(idle us, op before, op after) for every idle interval of at least ``min_us``."""
+def _gaps(step: list[Op], min_us: float = 0.0) -> list[tuple[float, Op, Op]]:
+    """(idle us, op before, op after) for every idle interval longer than 0 and at least
+    ``min_us``."""
     ops = sorted(step, key=lambda o: o.start)
     out, end, last = [], float("-inf"), None
     for op in ops:
-        if last is not None and op.start - end >= min_us:
+        if last is not None and op.start - end > 0 and op.start - end >= min_us:
             out.append((op.start - end, last, op))
         if op.start + op.dur >= end:
             end, last = op.start + op.dur, op
@@ -97,12 +101,13 @@ def gap_report(
     top: int = 12,
     min_gap_us: float = 20.0,
 ) -> dict:
-    """Idle gaps and syncs inside the step spans: totals per step, the ``top`` gaps by length
-    with their host context, and the syncs grouped by host context (count, blocked us)."""
+    """Idle gaps and syncs inside the step spans: a histogram of every gap by length, the gaps of
+    at least ``min_gap_us`` per step, the ``top`` longest gaps (ops on both sides, the host context
+    of the launch after), and the syncs grouped by host context (count, blocked us)."""
     spans, inside, _, _ = step_ops(events, kind, pattern)
     ctx = HostContext(events)
-    gaps = [g for step in inside for g in _gaps(step, min_gap_us)]
-    gaps.sort(key=lambda g: -g[0])
+    every = sorted((g for step in inside for g in _gaps(step)), key=lambda g: -g[0])
+    gaps = [g for g in every if g[0] >= min_gap_us]
     n = len(spans)
     rows = [
         {
@@ -111,7 +116,7 @@ def gap_report(
             "after": after.name,
             "site": ctx.at(after.thread, after.launch_ts),
         }
-        for us, before, after in gaps[:top]
+        for us, before, after in every[:top]  # the longest, whatever their length
     ]
     sites = defaultdict(lambda: [0, 0.0])
     for e in _syncs(events, spans):
@@ -124,6 +129,7 @@ def gap_report(
     ]
     return {
         "steps": n,
+        "histogram": _histogram([g[0] for g in every], n),
         "min_gap_us": min_gap_us,
         "gaps_per_step": len(gaps) / n,
         "gap_us_per_step": sum(g[0] for g in gaps) / n,
@@ -133,11 +139,32 @@ def gap_report(
     }
 
 
-def format_gaps(report: dict, width: int = 70) -> str:
+def _name(name: str, width: int) -> str:
+    name = name.removeprefix("void ")
+    return name if len(name) <= width else name[: width - 3] + "..."
+
+
+def _histogram(gaps_us: list[float], steps: int) -> list[dict]:
+    """Per step: how many idle gaps and how much idle time fall in each bin of ``BINS``."""
+    edges = (0.0, *BINS, float("inf"))
+    rows = []
+    for lo, hi in itertools.pairwise(edges):
+        sel = [g for g in gaps_us if lo <= g < hi]
+        label = f"< {hi:g} us" if lo == 0 else (f">= {lo:g} us" if hi == float("inf") else
+                                                  f"{lo:g}-{hi:g} us")  # fmt: skip
+        rows.append({"bin": label, "per_step": len(sel) / steps, "us_per_step": sum(sel) / steps})
+    return rows
+
+
+def format_gaps(report: dict, width: int = 60) -> str:
+    hist = ", ".join(
+        f"{h['bin']}: {h['per_step']:.1f} ({h['us_per_step']:.1f} us)" for h in report["histogram"]
+    )
     lines = [
+        f"idle gaps per step by length: {hist}",
         f"gaps >= {report['min_gap_us']:g} us per step: {report['gaps_per_step']:.1f} "
         f"({report['gap_us_per_step'] / 1e3:.3f} ms); host syncs per step: "
-        f"{report['syncs_per_step']:.1f}"
+        f"{report['syncs_per_step']:.1f}",
     ]
     if report["syncs"]:
         lines.append(f"{'count':>7} {'/step':>6} {'blocked us':>11}  sync @ host context")
@@ -146,7 +173,10 @@ def format_gaps(report: dict, width: int = 70) -> str:
             f"{s['count']:>7} {s['per_step']:>6.1f} {s['blocked_us']:>11.1f}  {s['site'][:200]}"
         )
     if report["top_gaps"]:
-        lines.append(f"{'idle us':>9}  next op  <- host context of its launch")
+        lines.append(f"{'idle us':>9}  op before -> op after  <- host context of its launch")
     for g in report["top_gaps"]:
-        lines.append(f"{g['idle_us']:>9.1f}  {g['after'][:width]}  <- {g['site'][:160]}")
+        lines.append(
+            f"{g['idle_us']:>9.1f}  {_name(g['before'], width)} -> {_name(g['after'], width)}"
+            f"  <- {g['site'][:160]}"
+        )
     return "\n".join(lines)

@@ -2,7 +2,6 @@
 answers (Python frames, CPU ops, a DtoH copy + stream sync, a late launch), and on a real CPU
 torch.profiler trace."""
 
-import pytest
 import torch
 
 from sglang_dsv4.perf.host_gaps import format_gaps, gap_report
@@ -81,8 +80,30 @@ def test_gaps_and_syncs_named_by_host_context():
     assert report["syncs_per_step"] == 2
     text = format_gaps(report)
     assert "host syncs per step: 2.0" in text and "attn_B" in text
-    # a larger threshold drops the gap, the syncs stay
-    assert gap_report(extend_trace().events, pattern=EXTEND_STEP, min_gap_us=99)["top_gaps"] == []
+    # a larger threshold drops the gap from the per-step count; the longest gaps stay listed
+    high = gap_report(extend_trace().events, pattern=EXTEND_STEP, min_gap_us=99)
+    assert high["gaps_per_step"] == 0 and high["top_gaps"][0]["idle_us"] == 98
+    # the histogram: per step one 98 us gap (>= 20 us), nothing shorter
+    hist = {h["bin"]: (h["per_step"], h["us_per_step"]) for h in report["histogram"]}
+    assert hist == {"< 2 us": (0, 0), "2-5 us": (0, 0), "5-20 us": (0, 0), ">= 20 us": (1, 98)}
+    assert "op before -> op after" in text and ">= 20 us: 1.0 (98.0 us)" in text
+
+
+def test_histogram_bins_short_gaps():
+    """Graph-replay-like step: kernels 1, 3 and 10 us apart fall in the three short bins."""
+    t = Trace()
+    t.cpu("user_annotation", "step[DECODE bs=1]", 0, 500)
+    starts = [100, 111, 124, 144]  # gaps: 1, 3, 10 after 10-us kernels
+    for i, s in enumerate(starts):
+        t.launch(
+            "cudaGraphLaunch" if i == 0 else "cudaLaunchKernel", 10 + i, (f"k{i}", "kernel", s, 10)
+        )
+    report = gap_report(t.events)
+    hist = {h["bin"]: (h["per_step"], h["us_per_step"]) for h in report["histogram"]}
+    assert hist == {"< 2 us": (1, 1), "2-5 us": (1, 3), "5-20 us": (1, 10), ">= 20 us": (0, 0)}
+    assert [g["idle_us"] for g in report["top_gaps"]] == [10, 3, 1]
+    assert (report["top_gaps"][0]["before"], report["top_gaps"][0]["after"]) == ("k2", "k3")
+    assert report["gaps_per_step"] == 0  # none >= 20 us
 
 
 def test_cpu_ops_named_without_stack():
@@ -111,6 +132,6 @@ def test_real_cpu_trace_gaps(tmp_path):
     report = gap_report(events, kind="cpu", pattern=EXTEND_STEP, min_gap_us=1000)
     assert report["gaps_per_step"] == 1
     assert report["top_gaps"][0]["after"] == "aten::add"
-    assert report["gap_us_per_step"] == pytest.approx(5000, rel=0.5)
+    assert report["gap_us_per_step"] >= 4500  # the sleep, at least (more on a loaded machine)
     stats = step_stats(events, kind="cpu", pattern=EXTEND_STEP)
     assert stats["idle_us_per_step"] >= 4000
