@@ -20,6 +20,7 @@ form beats the sorted one: the values for ``sglang_dsv4.ops.moe.SLOT_MAX_TOKENS`
 """
 
 import argparse
+import datetime
 import itertools
 import json
 import statistics
@@ -332,6 +333,10 @@ def main() -> None:
         print_sweep(results)
     for shape, table in tables.items():
         print(f"\n{shape}: slot form faster up to T = {table}  (ops.moe.SLOT_MAX_TOKENS)")
+    if "served" in tables:  # the table's source: paste into sglang_dsv4/ops/moe.py
+        when = f"measured {datetime.date.today()} {torch.cuda.get_device_name()}, bench_moe.py"
+        lines = [f'    "{k}": {v},  # {when}' for k, v in tables["served"].items() if v is not None]
+        print("SLOT_MAX_TOKENS = {\n" + "\n".join(lines) + "\n}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"gpu": torch.cuda.get_device_name(), "args": vars(args),
