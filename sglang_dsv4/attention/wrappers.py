@@ -20,8 +20,13 @@ from sglang_dsv4.attention.extend_ops import ExtendOps, Picks
 from sglang_dsv4.attention.plan import BatchPlan
 from sglang_dsv4.mem.pools import LayerKV
 from sglang_dsv4.ref.compressor import CompressorWeights
+from sglang_dsv4.ref.linear import linear
 
 __all__ = ["CSAWrapper", "CompressedInputs", "HCAWrapper", "IndexerInputs", "SWAWrapper"]
+
+
+Projected = tuple[torch.Tensor, torch.Tensor]
+"""A compressor's ``wkv(x)``, ``wgate(x)`` [T, coff*D] (raw: no ``ape``), in ``x``'s dtype."""
 
 
 @dataclass
@@ -30,6 +35,7 @@ class IndexerInputs:
     weights: torch.Tensor  # [T, Hi] raw weights_proj output
     compressor: CompressorWeights
     topk: int
+    projected: Projected | None = None  # the indexer compressor's, when the model has them
 
 
 @dataclass
@@ -39,6 +45,20 @@ class CompressedInputs:
     inv_freq: torch.Tensor
     norm_eps: float
     indexer: IndexerInputs | None = None
+    # wkv(x), wgate(x) of the main compressor as the model's fused input GEMM made them
+    # (``ops.proj``); None: computed from ``x`` where a kernel needs them (tests, benchmarks)
+    projected: Projected | None = None
+
+    def projections(self, index: bool = False) -> Projected:
+        """The main (``index``: the indexer's) compressor's ``wkv(x)``, ``wgate(x)``. The twins
+        run ``ref.compressor`` on ``x`` instead (its fp32 projection)."""
+        w, got = (self.indexer.compressor, self.indexer.projected) if index else (
+            self.compressor, self.projected
+        )  # fmt: skip
+        if got is not None:
+            return got
+        x = self.x.to(w.wkv.dtype)  # a no-op in a bf16 model
+        return linear(x, w.wkv), linear(x, w.wgate)
 
 
 class SWAWrapper:
