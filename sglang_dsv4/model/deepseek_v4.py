@@ -37,6 +37,7 @@ from sglang_dsv4.config import AttnKind, DSV4Config, LayerSpec
 from sglang_dsv4.model.experts import MoE
 from sglang_dsv4.model.linears import KeptFormats, QuantLinear, keeps_quantized
 from sglang_dsv4.ops import HcWeights, build_ops
+from sglang_dsv4.params import block_specs, declare, model_specs
 from sglang_dsv4.ref.attention import grouped_output_proj
 from sglang_dsv4.ref.linear import linear
 from sglang_dsv4.ref.model import RefDSV4
@@ -52,74 +53,22 @@ _FFN = re.compile(r"layers\.(\d+)\.ffn\.(.+)\Z")
 __all__ = ["DeepseekV4ForCausalLM"]
 
 
-class _Norm(nn.Module):
-    def __init__(self, n: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(n))
-
-
-class _Compressor(nn.Module):
-    def __init__(
-        self, kept: KeptFormats, p: str, hidden: int, head_dim: int, ratio: int, overlap: bool
-    ):
-        super().__init__()
-        coff = 2 if overlap else 1
-        self.wkv = kept.linear(p + "wkv", hidden, coff * head_dim)
-        self.wgate = kept.linear(p + "wgate", hidden, coff * head_dim)
-        self.ape = nn.Parameter(torch.zeros(ratio, coff * head_dim))
-        self.norm = _Norm(head_dim)
-
-
-class _Indexer(nn.Module):
-    def __init__(self, cfg: DSV4Config, kept: KeptFormats, p: str):
-        super().__init__()
-        d = cfg.hidden_size
-        self.wq_b = kept.linear(p + "wq_b", cfg.q_lora_rank, cfg.index_n_heads * cfg.index_head_dim)
-        self.weights_proj = kept.linear(p + "weights_proj", d, cfg.index_n_heads)
-        ratio = AttnKind.CSA.ratio
-        self.compressor = _Compressor(kept, p + "compressor.", d, cfg.index_head_dim, ratio, True)
-
-
-class _Attention(nn.Module):
-    def __init__(self, cfg: DSV4Config, spec: LayerSpec, kept: KeptFormats, p: str):
-        super().__init__()
-        h, d = cfg.hidden_size, cfg.head_dim
-        self.wq_a = kept.linear(p + "wq_a", h, cfg.q_lora_rank)
-        self.q_norm = _Norm(cfg.q_lora_rank)
-        self.wq_b = kept.linear(p + "wq_b", cfg.q_lora_rank, cfg.num_heads * d)
-        self.wkv = kept.linear(p + "wkv", h, d)
-        self.kv_norm = _Norm(d)
-        rank = cfg.o_groups * cfg.o_lora_rank
-        self.wo_a = kept.linear(p + "wo_a", cfg.num_heads * d // cfg.o_groups, rank)
-        self.wo_b = kept.linear(p + "wo_b", rank, h)
-        self.attn_sink = nn.Parameter(torch.zeros(cfg.num_heads))
-        if spec.attn.compressed:
-            csa = spec.attn is AttnKind.CSA
-            self.compressor = _Compressor(kept, p + "compressor.", h, d, spec.ratio, csa)
-        if spec.attn is AttnKind.CSA:
-            self.indexer = _Indexer(cfg, kept, p + "indexer.")
-
-
 class _Block(nn.Module):
-    def __init__(self, cfg: DSV4Config, spec: LayerSpec, kept: KeptFormats):
+    """One decoder block of kind ``spec``: its rows of the parameter-spec table
+    (:func:`sglang_dsv4.params.block_specs`) under ``prefix`` (``layers.{i}.``), the linears
+    as ``kept`` decides, and its MoE (``ffn``) as expert banks
+    (:mod:`sglang_dsv4.model.experts`)."""
+
+    def __init__(self, cfg: DSV4Config, spec: LayerSpec, kept: KeptFormats, prefix: str):
         super().__init__()
         self.spec = spec
-        self.attn_norm = _Norm(cfg.hidden_size)
-        self.ffn_norm = _Norm(cfg.hidden_size)
-        mix, flat = cfg.hc_mix_dim, cfg.hc_mult * cfg.hidden_size
-        for site in ("attn", "ffn"):
-            self.register_parameter(
-                f"hc_{site}_fn", nn.Parameter(torch.zeros(mix, flat, dtype=torch.float32))
-            )
-            self.register_parameter(
-                f"hc_{site}_base", nn.Parameter(torch.zeros(mix, dtype=torch.float32))
-            )
-            self.register_parameter(
-                f"hc_{site}_scale", nn.Parameter(torch.ones(3, dtype=torch.float32))
-            )
-        p = f"layers.{spec.index}."
-        self.attn = _Attention(cfg, spec, kept, p + "attn.")
-        self.ffn = MoE(cfg, spec, kept, p + "ffn.")
+        own = [
+            s
+            for s in block_specs(cfg, spec, prefix).values()
+            if not s.name.startswith(prefix + "ffn.")
+        ]
+        declare(self, own, strip=prefix, linear=kept.linear)
+        self.ffn = MoE(cfg, spec, kept, prefix + "ffn.")
 
 
 class DeepseekV4ForCausalLM(nn.Module):
@@ -135,14 +84,12 @@ class DeepseekV4ForCausalLM(nn.Module):
         self.nvfp4 = nvfp4_scope(getattr(config, NVFP4_KEY, None))  # quantize-on-load option
         device = torch.get_default_device()  # SGLang builds the model under its target device
         kept = KeptFormats(cfg, self.nvfp4, keeps_quantized(device))
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(_Block(cfg, spec, kept) for spec in cfg.layers)
-        self.norm = _Norm(cfg.hidden_size)
-        flat = cfg.hc_mult * cfg.hidden_size
-        self.hc_head_fn = nn.Parameter(torch.zeros(cfg.hc_mult, flat, dtype=torch.float32))
-        self.hc_head_base = nn.Parameter(torch.zeros(cfg.hc_mult, dtype=torch.float32))
-        self.hc_head_scale = nn.Parameter(torch.ones(1, dtype=torch.float32))
-        self.head = kept.linear("head", cfg.hidden_size, cfg.vocab_size)
+        # embed, head, norm, hc_head_*: the table's rows outside the layers
+        top = [s for s in model_specs(cfg).values() if not s.name.startswith("layers.")]
+        declare(self, top, linear=kept.linear)
+        self.layers = nn.ModuleList(
+            _Block(cfg, spec, kept, f"layers.{spec.index}.") for spec in cfg.layers
+        )
         self.logits_processor = LogitsProcessor(config)
         self._ref: RefDSV4 | None = None
         self.ops = build_ops(cfg, device)  # Triton kernels on CUDA, the ref twins on CPU
