@@ -7,7 +7,7 @@ Each layer is built for its frozen kind (SWA / c4 / c128): it holds the matching
 and, at run time, the wrapper of its kind. Weights stream in tensor by tensor through
 :meth:`load_weights` under released or HF transformers names, dense or in the released quantized
 format (:mod:`sglang_dsv4.weights`), optionally re-stored as NVFP4 (config.json
-``nvfp4_on_load``); MTP weights are skipped with a log line.
+``nvfp4_on_load``); MTP weights are left to the speculative draft model (:mod:`.mtp`).
 
 Where quantized weights go (decided per released name by
 :class:`~sglang_dsv4.model.linears.KeptFormats`):
@@ -79,7 +79,7 @@ class DeepseekV4ForCausalLM(nn.Module):
                 "quantized DSV4 checkpoints are not supported yet (got a quant_config)"
             )
         self.config = config
-        self.cfg = DSV4Config.from_dict(config.to_dict())
+        self.cfg = self.full_cfg = DSV4Config.from_dict(config.to_dict())
         cfg = self.cfg
         self.nvfp4 = nvfp4_scope(getattr(config, NVFP4_KEY, None))  # quantize-on-load option
         device = torch.get_default_device()  # SGLang builds the model under its target device
@@ -113,6 +113,10 @@ class DeepseekV4ForCausalLM(nn.Module):
     def get_attention_sliding_window_size(self) -> int:
         return self.cfg.sliding_window
 
+    def get_embed_and_head(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """SGLang's EAGLE worker shares them with the draft model (:mod:`.mtp`)."""
+        return self.embed.weight, self.head.weight
+
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch, **kwargs):
         backend = get_attn_backend()
@@ -127,8 +131,14 @@ class DeepseekV4ForCausalLM(nn.Module):
             if i + 1 < len(layers):
                 site = self._hc_site(layers[i + 1], "attn")
                 x, h, post, comb = hc.post_pre(y, x, post, comb, site)
-        hidden = hc.post_head(y, x, post, comb, self._head_site())
-        return self.logits_processor(input_ids, hidden, self.head, forward_batch)
+        if forward_batch.capture_hidden_mode.need_capture():  # the MTP draft reads the streams
+            x = hc.post(y, x, post, comb)  # [T, hc, d]
+            hidden, streams = hc.head(x, self._head_site()), x.flatten(1)
+        else:
+            hidden, streams = hc.post_head(y, x, post, comb, self._head_site()), None
+        return self.logits_processor(
+            input_ids, hidden, self.head, forward_batch, hidden_states_before_norm=streams
+        )
 
     @staticmethod
     def _hc_site(block: _Block, site: str) -> HcWeights:
@@ -195,11 +205,22 @@ class DeepseekV4ForCausalLM(nn.Module):
         it). Weights the model keeps quantized (module docstring) are copied as they are into
         their modules' buffers; other quantized weights are dequantized once, here. Errors name
         the tensor and the expected / found shape and dtype (:mod:`sglang_dsv4.weights.loader`)."""
+        stats = self._load_stream(weights, mtp=False)
+        if stats.skipped:
+            logger.info("DSV4: skipped %d MTP tensors (the speculative draft's)", stats.skipped)
+
+    def _param_name(self, name: str) -> str:
+        """The parameter holding logical tensor ``name``."""
+        return name
+
+    def _load_stream(self, weights: Iterable[tuple[str, torch.Tensor]], mtp: bool):
+        """Stream the main model's (``mtp``: the MTP layers') tensors into the parameters."""
         params = dict(self.named_parameters()) | dict(self.named_buffers())
         quant = {f"{n}.weight": m for n, m in self._quant_linears().items()}
 
-        def deliver(name: str, stored: StoredWeight) -> None:
-            if self.nvfp4 is not None and self.nvfp4(name):
+        def deliver(logical: str, stored: StoredWeight) -> None:
+            name = self._param_name(logical)
+            if self.nvfp4 is not None and self.nvfp4(logical):
                 stored = to_nvfp4(stored)
             try:
                 if (module := quant.get(name)) is not None:
@@ -208,23 +229,19 @@ class DeepseekV4ForCausalLM(nn.Module):
                 if (m := _FFN.match(name)) and self.layers[int(m[1])].ffn.store(m[2], stored):
                     return  # an expert bank row
             except ValueError as e:
-                raise TensorMismatchError(f"tensor `{name}`: {e}") from None
+                raise TensorMismatchError(f"tensor `{logical}`: {e}") from None
             param = params[name]
             param.data.copy_(stored.dequant(param.dtype) if stored.fmt.quantized else stored.data)
 
-        stats = WeightStream(self.cfg, deliver).run(weights)
+        stats = WeightStream(self.full_cfg, deliver, mtp=mtp).run(weights)
         logger.info("DSV4: loaded %d tensors (%s)", stats.delivered, stats.formats)
         kept = [f"{m.fmt.value} linear" for m in quant.values()]
         kept += [bank for b in self.layers for bank in b.ffn.kept_banks()]
         if kept:
             counts = {k: kept.count(k) for k in dict.fromkeys(kept)}
             logger.info("DSV4: kept quantized (not dequantized): %s", counts)
-        if stats.skipped_mtp:
-            logger.info(
-                "DSV4: skipped %d MTP tensors (speculative decoding is not wired yet)",
-                stats.skipped_mtp,
-            )
         self._ref = None
+        return stats
 
 
 EntryClass = DeepseekV4ForCausalLM

@@ -29,7 +29,7 @@ from sglang_dsv4.ref.linear import Weight, linear
 from sglang_dsv4.ref.model import RefDSV4
 from sglang_dsv4.ref.norm import rms_norm
 
-__all__ = ["RefMTP", "mtp_as_model", "mtp_config", "mtp_input"]
+__all__ = ["RefMTP", "input_weights", "mtp_as_model", "mtp_config", "mtp_input"]
 
 # the MTP rows that stand in for the one-layer model's own (the rest feed ``mtp_input``)
 _AS_MODEL = ("norm.weight", "hc_head_fn", "hc_head_base", "hc_head_scale")
@@ -59,16 +59,23 @@ def mtp_as_model(weights: Mapping[str, Weight], j: int = 0) -> dict[str, Weight]
 
 
 def mtp_input(
-    cfg: DSV4Config, w: Mapping[str, Weight], prefix: str, embeds: torch.Tensor, h: torch.Tensor
+    cfg: DSV4Config,
+    w: tuple[Weight, Weight, Weight, Weight],
+    embeds: torch.Tensor,
+    h: torch.Tensor,
 ) -> torch.Tensor:
     """The MTP layer's input streams [T, hc, d] from the next tokens' embeddings ``embeds``
-    [T, d] and the previous streams ``h`` [T, hc, d]; ``w`` holds ``{prefix}e_proj.weight`` ...
-    (``prefix`` = ``mtp.{j}.``)."""
-    e = linear(
-        rms_norm(embeds, w[prefix + "enorm.weight"], cfg.norm_eps), w[prefix + "e_proj.weight"]
-    )
-    hn = rms_norm(h, w[prefix + "hnorm.weight"], cfg.norm_eps)  # per stream
-    return e.unsqueeze(1) + linear(hn, w[prefix + "h_proj.weight"])  # [T, hc, d]
+    [T, d] and the previous streams ``h`` [T, hc, d]; ``w`` = its (enorm, hnorm, e_proj,
+    h_proj) weights."""
+    enorm, hnorm, e_proj, h_proj = w
+    e = linear(rms_norm(embeds, enorm, cfg.norm_eps), e_proj)  # [T, d]
+    hn = rms_norm(h, hnorm, cfg.norm_eps)  # per stream
+    return e.unsqueeze(1) + linear(hn, h_proj)  # [T, hc, d]
+
+
+def input_weights(w: Mapping[str, Weight], prefix: str) -> tuple[Weight, ...]:
+    """(enorm, hnorm, e_proj, h_proj) of the MTP layer under ``prefix``."""
+    return tuple(w[prefix + n + ".weight"] for n in ("enorm", "hnorm", "e_proj", "h_proj"))
 
 
 class RefMTP:
@@ -87,7 +94,8 @@ class RefMTP:
 
     @torch.no_grad()
     def __call__(self, next_ids: torch.Tensor, h: torch.Tensor):
-        x = mtp_input(self.cfg, self.w, self.prefix, self.w["embed.weight"][next_ids], h)
+        wi = input_weights(self.w, self.prefix)
+        x = mtp_input(self.cfg, wi, self.w["embed.weight"][next_ids], h)
         x = self.body.blocks(x, next_ids)
         return linear(self.body.final_hidden(x), self.w["head.weight"]), x
 
