@@ -84,8 +84,9 @@ class VerifyJournal:
         if e is None or e.generation != generation or not e.prefix <= prefix <= e.prefix + e.n:
             return False
         kept = prefix - e.prefix
-        for layer, (tail, index_tail) in e.tails.items():
-            lk, comp = self.pool.layer(layer), e.inputs[layer]
+        for layer, comp in e.inputs.items():  # the layers the verify ran
+            tail, index_tail = e.tails[layer]
+            lk = self.pool.layer(layer)
             x = comp.x[e.tokens][:kept]  # [kept, hidden]
             _feed(lk.tail, slot, tail, x, e.prefix, comp.compressor, comp)
             if index_tail is not None:
