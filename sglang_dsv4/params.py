@@ -231,7 +231,8 @@ BLOCK_ROWS: tuple[_Row, ...] = (
         lambda c, s: (c.o_groups * c.o_lora_rank, c.num_heads * c.head_dim // c.o_groups),
     ),
     _linear("attn.wo_b.weight", lambda c, s: (c.hidden_size, c.o_groups * c.o_lora_rank)),
-    _Row("attn.attn_sink", lambda c, s: (c.num_heads,), Store.FP32, Role.PARAM),
+    # fp32 as released (and as FlashMLA / SparseMQA take it: no cast kernel per layer)
+    _Row("attn.attn_sink", lambda c, s: (c.num_heads,), Store.FP32, Role.PARAM, DType.FP32),
     *_compressor("attn.compressor.", lambda c: c.head_dim, lambda s: s.ratio, _coff, _compressed),
     _linear(
         "attn.indexer.wq_b.weight",

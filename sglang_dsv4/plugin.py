@@ -34,6 +34,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["register"]
 
+# What the server-args hook decided for a CPU server, logged once logging is configured.
+_CPU_NOTES: list[str] = []
+
 _ARCH = "DeepseekV4ForCausalLM"
 _NEXTN = "DeepseekV4ForCausalLMNextN"  # SGLang's name for a DSV4 speculative draft (MTP)
 _DRAFT = "sglang.srt.speculative.draft_utils.DraftBackendFactory"
@@ -98,6 +101,11 @@ def _register() -> None:
             "sglang.srt.model_loader.loader._get_quantization_config",
             _quantization_config,
             HookType.AROUND,
+        ),
+        (
+            "sglang.srt.entrypoints.engine._set_envs_and_config",
+            _cpu_processes,
+            HookType.AFTER,
         ),
         (f"{_DRAFT}.create_decode_backend", _draft_decode_backend, HookType.AROUND),
         ("sglang.srt.mem_cache.allocation.get_last_loc", _last_loc, HookType.AROUND),
@@ -195,18 +203,44 @@ def _resolve_model_and_device(self, *args, **kwargs):
     return None
 
 
+def _cpu_processes(result, server_args, *args, **kwargs):
+    """After SGLang's process set-up, before the scheduler and detokenizer start: for DSV4 on
+    CPU, one torch thread per process for a small checkpoint, and then ``fork`` instead of
+    ``spawn`` (each spawned child re-imports SGLang and torch: ~10 s per process on an idle
+    2-core machine, several times that under load; forked, they start from the launcher's
+    modules, shared copy-on-write). Why these defaults: :mod:`sglang_dsv4.cpu_serving`."""
+    if server_args.device != "cpu" or not _serves_dsv4(server_args):
+        return result
+    from sglang_dsv4.cpu_serving import cpu_threads
+
+    notes = _CPU_NOTES.copy() or [f"context length {server_args.context_length} (--context-length)"]
+    if cpu_threads(server_args.model_path) == 1:
+        import multiprocessing
+
+        import torch
+
+        torch.set_num_threads(1)
+        multiprocessing.set_start_method("fork", force=True)
+        notes.append("1 torch thread per process (a small checkpoint; OMP_NUM_THREADS=N for more)")
+        notes.append("scheduler and detokenizer forked from the launcher")
+    logger.info("DSV4 on CPU: %s", "; ".join(notes))
+    return result
+
+
 def _cpu_defaults(args, embedded: bool) -> None:
     """CPU serving defaults a laptop can hold (user flags win): no CPU graphs (our decode path
-    is captured by CUDA graphs on GPU only), the embedded model's trained context instead of the
-    config's 1M, and a few requests at once; the pool is then sized from context x requests
+    is captured by CUDA graphs on GPU only), the embedded model's trained context (another
+    checkpoint: at most ``cpu_serving.CPU_CONTEXT``) instead of the config's 1M, and a few
+    requests at once; the pool is then sized from context x requests
     (``mem.sizing.cpu_token_cap``), not from free RAM."""
-    from sglang_dsv4.embedded import EMBEDDED_CONTEXT
+    from sglang_dsv4.cpu_serving import cpu_context
     from sglang_dsv4.mem.sizing import CPU_MAX_RUNNING_REQUESTS
 
     if args.cuda_graph_backend_decode is None and args.cuda_graph_config is None:
         args.cuda_graph_backend_decode = "disabled"
-    if embedded and args.context_length is None:
-        args.context_length = EMBEDDED_CONTEXT
+    if args.context_length is None:
+        args.context_length, why = cpu_context(args.model_path, embedded)
+        _CPU_NOTES[:] = [f"context length {args.context_length} ({why})"]
     if args.max_running_requests is None:
         args.max_running_requests = CPU_MAX_RUNNING_REQUESTS
     if args.speculative_algorithm is not None:
@@ -237,6 +271,13 @@ def _whole_block_chunks(args) -> None:
             size,
             args.chunked_prefill_size,
         )
+
+
+def _serves_dsv4(args) -> bool:
+    """A resolved ``ServerArgs`` serves DSV4: a local DSV4 checkpoint or a public DSV4 repo."""
+    from sglang_dsv4.embedded import PUBLIC
+
+    return args.model_path in PUBLIC.values() or _local_dsv4(args.model_path)
 
 
 def _local_dsv4(path) -> bool:

@@ -65,7 +65,7 @@ class DeepseekV4ForCausalLMNextN(DeepseekV4ForCausalLM):
         self.layers = nn.ModuleList([_Block(self.full_cfg, self.cfg.layers[0], kept, p)])
         self.embed = self.head = None  # the target's: set_embed_and_head
         self.logits_processor = LogitsProcessor(config)
-        self._ref = None
+        self._ref = self._projections = None  # both derived once the weights are in
         self.ops = build_ops(self.cfg, device)
 
     def set_embed_and_head(self, embed: torch.Tensor, head: torch.Tensor) -> None:
@@ -73,7 +73,7 @@ class DeepseekV4ForCausalLMNextN(DeepseekV4ForCausalLM):
         self.embed = nn.Embedding.from_pretrained(embed, freeze=True)
         self.head = nn.Linear(head.shape[1], head.shape[0], bias=False)
         self.head.weight = head if isinstance(head, nn.Parameter) else nn.Parameter(head, False)
-        self._ref = None
+        self._ref = self._projections = None
 
     def _param_name(self, name: str) -> str:
         rel = name.removeprefix(mtp_prefix(0))
