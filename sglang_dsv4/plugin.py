@@ -200,6 +200,10 @@ def _resolve_model_and_device(self, *args, **kwargs):
     _whole_block_chunks(self)
     if self.device == "cpu":
         _cpu_defaults(self, embedded=name == EMBEDDED)
+    elif self.speculative_algorithm is not None and not self.disable_cuda_graph:
+        # our backend plans verify / draft-extend batches on the host: not graph-capturable yet
+        self.disable_cuda_graph = True
+        logger.warning("DSV4 speculative decoding: CUDA graphs off (draft / verify graphs to do)")
     return None
 
 
@@ -220,9 +224,12 @@ def _cpu_processes(result, server_args, *args, **kwargs):
         import torch
 
         torch.set_num_threads(1)
-        multiprocessing.set_start_method("fork", force=True)
         notes.append("1 torch thread per process (a small checkpoint; OMP_NUM_THREADS=N for more)")
-        notes.append("scheduler and detokenizer forked from the launcher")
+        # speculative decoding needs Triton's interpreter (_cpu_speculative_env), which a
+        # process must have from its first Triton import on: spawned, not forked
+        if server_args.speculative_algorithm is None:
+            multiprocessing.set_start_method("fork", force=True)
+            notes.append("scheduler and detokenizer forked from the launcher")
     logger.info("DSV4 on CPU: %s", "; ".join(notes))
     return result
 
@@ -338,6 +345,7 @@ def _request_limits(tm):
         vocab_size=tm.model_config.vocab_size,
         context_len=tm.context_len,
         has_grammar=not args.skip_tokenizer_init and args.grammar_backend != "none",
+        greedy_only=args.speculative_algorithm is not None and args.device == "cpu",
     )
 
 
