@@ -143,7 +143,8 @@ class DeepseekV4ForCausalLM(nn.Module):
             if i + 1 < len(layers):
                 site = self._hc_site(layers[i + 1], "attn")
                 x, h, post, comb = hc.post_pre(y, x, post, comb, site)
-        if forward_batch.capture_hidden_mode.need_capture():  # the MTP draft reads the streams
+        # the MTP draft reads the streams (forward_batch is None in model-only tests)
+        if forward_batch is not None and forward_batch.capture_hidden_mode.need_capture():
             x = hc.post(y, x, post, comb)  # [T, hc, d]
             hidden, streams = hc.head(x, self._head_site()), x.flatten(1)
         else:
