@@ -2,6 +2,8 @@
 
     python scripts/bench_extend.py [--cases 1x32768,32x4096,4x4096+28672] [--rows fp8|bf16]
                                    [--reps N] [--no-twin]
+    python scripts/bench_extend.py --measure      # the served extend shapes, for MEASURED
+    python scripts/paste_measured.py $OUT/bench_extend.json   # then, in the repo: the table
 
 Flash dims (``configs/dsv4-flash-dims.json``: 64 heads x 512, indexer 64 x 128, top-k 512,
 window 128) on real DSV4 pools (``mem.pools.DSV4KVPool``; ``--rows fp8``, the GPU default: FP8
@@ -15,7 +17,9 @@ flush and the indexer (the previous per-request path) are timed once for compari
 
 Where FlashMLA's sparse prefill can serve (sm90, FP8 / bf16 rows), the attention is also timed
 both ways (ours over the pools, FlashMLA over its gathered workspace, gather included) and the
-rows of ``attention.extend_choice.MEASURED`` are printed.
+rows of ``attention.extend_choice.MEASURED`` are printed and kept in the JSON (``measured``);
+``--measure`` runs the shapes extend batches have when served (chunks of at most 8192 new
+tokens, after prefixes up to 128K): plan, the whole run and the attention both ways, 5 reps.
 
 Writes ``bench_extend.json`` to ``--out`` (default ``$OUT`` or ``.``) and prints a table last.
 """
@@ -46,9 +50,13 @@ from sglang_dsv4.attention.wrappers import (
 from sglang_dsv4.config import AttnKind, load_config
 from sglang_dsv4.mem.pools import DSV4KVPool
 from sglang_dsv4.mem.schema import CacheSchema, EntryFormat
+from sglang_dsv4.perf.measured import extend_rows, render
 from sglang_dsv4.ref.compressor import CompressorWeights
 
 DEV = "cuda"
+# served extend shapes: one short / one 4K prompt, a full 8192-token chunk, many short prompts,
+# and 8192-token chunks after 24K / 120K of prefix (long prompts under chunked prefill)
+MEASURE_CASES = "1x512,16x512,1x4096,2x4096,1x8192+24576,1x8192+122880"
 BLOCK = 128
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "dsv4-flash-dims.json"
 ERRORS: list[str] = []
@@ -187,21 +195,24 @@ def op_calls(w, lk, q, kv, sink, scale, comp, kv_norm=None):
     return calls
 
 
-def bench_case(cfg, b: int, n: int, prefix: int, rows: str, reps: int, twin: bool) -> list[dict]:
+def bench_case(
+    cfg, b: int, n: int, prefix: int, rows: str, reps: int, twin: bool, ops: bool = True
+) -> list[dict]:
     world = World(cfg, b, prefix, n, rows)
     case = f"{b}x{n}" + (f"+{prefix}" if prefix else "")
     rows = []
     for kind in (AttnKind.SWA, AttnKind.CSA, AttnKind.HCA):
         row = dict(case=case, kind=kind.name, tokens=b * n)
-        row.update(bench_kind(cfg, world, kind, reps, twin))
+        row.update(bench_kind(cfg, world, kind, reps, twin, ops))
         rows.append(row)
         print(json.dumps(row), flush=True)
         torch.cuda.empty_cache()
     return rows
 
 
-def bench_kind(cfg, world: World, kind: AttnKind, reps: int, twin: bool) -> dict:
-    """Plan, each op and the whole run of one layer of ``kind`` over the world's batch."""
+def bench_kind(cfg, world: World, kind: AttnKind, reps: int, twin: bool, ops: bool = True) -> dict:
+    """Plan, each op (``ops``) and the whole run of one layer of ``kind`` over the world's
+    batch."""
     gen = torch.Generator().manual_seed(0)
     sink = torch.randn(cfg.num_heads, generator=gen).to(DEV)
     scale = cfg.head_dim**-0.5
@@ -210,7 +221,8 @@ def bench_kind(cfg, world: World, kind: AttnKind, reps: int, twin: bool) -> dict
     q, kv, comp = layer_inputs(cfg, kind, world.b * world.n, gen)
     row = dict(plan_s=host_timed(lambda: w.plan(world.plan()), max(3, reps // 4)))
     norm = kv_norm(cfg, w._plan.tables.positions, gen)  # the served path: raw wkv(x) rows
-    for name, fn in op_calls(w, lk, q, kv, sink, scale, comp, norm).items():
+    calls = op_calls(w, lk, q, kv, sink, scale, comp, norm)  # (CSA: runs the picks once)
+    for name, fn in calls.items() if ops else ():
         row[f"{name}_s"] = timed(fn, reps)
     row["run_s"] = timed(lambda: w.run(lk, q, kv, sink, scale, comp, norm), reps)
     row["tok_per_s"] = world.b * world.n / row["run_s"]
@@ -273,21 +285,25 @@ def main() -> None:
     ap.add_argument("--rows", choices=["fp8", "bf16"], default="fp8")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--no-twin", action="store_true")
+    ap.add_argument("--measure", action="store_true", help=f"--cases {MEASURE_CASES} --no-twin")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
+    if args.measure:  # the attention both ways and the whole run; fewer reps (one GPU minute)
+        args.cases, args.no_twin, args.reps = MEASURE_CASES, True, min(args.reps, 5)
     cfg = load_config(CONFIG)
     rows = []
     for case in args.cases.split(","):
         b, n, p = parse_case(case)
         try:
             twin = not args.no_twin and b * n <= 32768
-            rows += bench_case(cfg, b, n, p, args.rows, args.reps, twin)
+            rows += bench_case(cfg, b, n, p, args.rows, args.reps, twin, ops=not args.measure)
         except Exception:
             ERRORS.append(traceback.format_exc(limit=4))
             print(ERRORS[-1], flush=True)
         torch.cuda.empty_cache()
     result = dict(device=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"),
                   pool_rows=args.rows, rows=rows, errors=ERRORS)  # fmt: skip
+    result["measured"] = extend_rows(result, cfg.num_heads)
     Path(args.out, "bench_extend.json").write_text(json.dumps(result, indent=2))
     cols = ["plan", "store", "flush", "index_flush", "picks", "attend", "run"]
     print(f"\n== extend per layer kind, {result['device']} (ms; Flash dims, {args.rows} rows) ==")
@@ -300,12 +316,10 @@ def main() -> None:
     for r in twins:
         parts = [f"{k[5:-2]} {1e3 * v:.1f} ms" for k, v in r.items() if k.startswith("twin_")]
         print(f"twin (old per-request path) {r['case']} {r['kind']}: " + ", ".join(parts))
-    measured = [r for r in rows if "flashmla_attend_s" in r]
-    if measured:
-        print("extend_choice.MEASURED rows (kind, heads, tokens, keys, ours ms, FlashMLA ms):")
-    for r in measured:
-        print(f'    ("{r["kind"].lower()}", {cfg.num_heads}, {r["tokens"]}, {r["keys"]}, '
-              f'{1e3 * r["ours_attend_s"]:.3f}, {1e3 * r["flashmla_attend_s"]:.3f}),')  # fmt: skip
+    if result["measured"]:
+        note = f"{result['date']}, {result['device']}, {args.rows} rows: scripts/bench_extend.py"
+        print("extend_choice.MEASURED (paste: python scripts/paste_measured.py bench_extend.json):")
+        print(render("MEASURED", result["measured"], note))
     if ERRORS:
         print(f"{len(ERRORS)} case(s) failed (see above)")
 

@@ -1,31 +1,39 @@
-"""GPU benchmark of one MoE layer's routed (+ shared) experts at Flash dims: ours (slot and
-sorted forms, :mod:`sglang_dsv4.kernels.moe_experts`), SGLang 0.5.17's Triton ``fused_experts``
-(routed only: it has no shared-expert slot) and today's graph-safe path (bf16 / FP8: every expert
-on every token, :class:`sglang_dsv4.ref.moe.DenseExperts` ``dense=True``; MXFP4: ``fp4_moe``,
-routed only), bf16, FP8 and MXFP4 banks; plus the routing kernel vs the torch routing. Each cell
-is timed as a CUDA graph of ``--inner`` calls (median of ``--reps`` replays, per call), inputs
-fixed, after an untimed warm-up.
+"""GPU benchmark of one MoE layer's routed (+ shared) experts: ours (slot and sorted forms,
+:mod:`sglang_dsv4.kernels.moe_experts`, and the slot form's two kernels apart), SGLang 0.5.17's
+Triton ``fused_experts`` (routed only: it has no shared-expert slot; its global server args are
+published first, as 0.5.17 requires), ``fp4_moe`` for MXFP4 and, with ``--dense-max``, the old
+graph-safe path (every expert on every token), for bf16, FP8 and MXFP4 banks, at two shapes:
 
-    python scripts/bench_moe.py                       # batch 1 / 32 / 128 / 4096, bf16 fp8 mxfp4
-    python scripts/bench_moe.py --tokens 1,4,8,16 --out docs/gpu/bench_moe.json
-    python scripts/bench_moe.py --sweep --formats bf16 --tokens 1,4,32   # tile sizes of ours
+* ``served``: the Flash-dims served model (d 4096, 16 experts of I 1024, top-2, + shared);
+* ``flash``: the real DSV4-Flash layer (d 4096, 256 experts of I 2048, top-6, + shared).
 
-Prints a table (us per call) and the slot/sorted crossover per format, the value for
-``sglang_dsv4.ops.moe.SLOT_MAX_TOKENS``.
+Each cell is timed as a CUDA graph of ``--inner`` calls (median of ``--reps`` replays, per call),
+inputs fixed, after an untimed warm-up; ``GB/s`` is the weight bytes of the distinct experts the
+call needs (what one read of each costs) over its time: the HBM floor is ~3,000 (H100 SXM).
+
+    python scripts/bench_moe.py                       # both shapes, T 1 ... 128, bf16 fp8 mxfp4
+    python scripts/bench_moe.py --shapes served --formats bf16 --sweep --tokens 1,4
+    python scripts/bench_moe.py --out docs/gpu/bench_moe.json
+
+Prints a table (us per call and GB/s) and, per shape and format, the largest T at which the slot
+form beats the sorted one: the values for ``sglang_dsv4.ops.moe.SLOT_MAX_TOKENS`` (served shape).
 """
 
 import argparse
+import itertools
 import json
 import statistics
 
 import torch
 
-import sglang_dsv4.kernels.moe_experts as moe_kernels
 from sglang_dsv4.kernels.moe_experts import (
     ExpertWeights,
     Proj,
+    SlotTiles,
+    _SlotLaunch,
     moe_experts_slots,
     moe_experts_sorted,
+    slot_tiles,
 )
 from sglang_dsv4.kernels.moe_route import moe_route
 from sglang_dsv4.kernels.mxfp4_moe import FP4Bank, fp4_moe
@@ -34,6 +42,8 @@ from sglang_dsv4.ref.moe import DenseExperts, route_scores, route_topk, route_we
 from sglang_dsv4.ref.weight_quant import fp8_block_quant, mxfp4_quant
 
 LIMIT = 10.0
+SHAPES = {"served": (16, 2, 1024), "flash": (256, 6, 2048)}  # experts, top-k, moe_inter
+BYTES_PER_WEIGHT = {"bf16": 2.0, "fp8": 1 + 1 / 128**2, "mxfp4": 0.5 + 1 / 32}
 
 
 def time_graph(fn, inner: int, reps: int) -> float:
@@ -101,6 +111,12 @@ def sglang_fused(raw: dict, n_exp: int, topk: int):
     from sglang.srt.layers.moe.moe_runner.base import MoeRunnerConfig
     from sglang.srt.layers.moe.moe_runner.triton_utils.fused_moe import fused_experts
     from sglang.srt.layers.moe.topk import StandardTopKOutput
+    from sglang.srt.runtime_context import publish
+    from sglang.srt.server_args import ServerArgs
+
+    # 0.5.17's fused_moe reads the process config ("config namespace 'exec' not published"
+    # without it): a default ServerArgs, as a server process publishes its own
+    publish(ServerArgs(model_path="dummy"), role="test")
 
     cfg = MoeRunnerConfig(num_experts=n_exp, num_local_experts=n_exp, top_k=topk, inplace=False,
                           swiglu_limit=LIMIT, gate_up_interleaved=False)  # fmt: skip
@@ -134,32 +150,64 @@ def baselines(fmt, raw, args, x, chosen, weights, results) -> dict:
         fused = sglang_fused(raw, n_exp, topk)
         cases["sglang_fused_routed"] = lambda: fused(x, chosen, weights)
     except Exception as e:  # report, keep benchmarking ours
-        results.append({"fmt": fmt, "tokens": t, "case": "sglang_fused_routed", "error": repr(e)})
+        row = {"shape": args.shape, "fmt": fmt, "tokens": t, "case": "sglang_fused_routed"}
+        results.append(row | {"error": repr(e)[:300]})
     return cases
 
 
-def bench_cell(fmt, t, args, bank, raw, results):
-    d, n_exp, topk = args.hidden, args.experts, args.topk
-    x = torch.randn(t, d, device="cuda", dtype=torch.bfloat16)
+def routing(t, n_exp, topk):
     chosen = torch.stack([torch.randperm(n_exp, device="cuda")[:topk] for _ in range(t)])
-    chosen = chosen.to(torch.int32)
-    weights = torch.rand(t, topk, device="cuda")
+    return chosen.to(torch.int32), torch.rand(t, topk, device="cuda")
+
+
+def expert_bytes(fmt, args) -> float:
+    return 3 * args.hidden * args.inter * BYTES_PER_WEIGHT[fmt]
+
+
+def record(results, fmt, t, name, fn, args, experts: int):
+    """Time ``fn`` and append its row (``experts``: distinct experts it reads, for GB/s)."""
+    row = {"shape": args.shape, "fmt": fmt, "tokens": t, "case": name}
+    try:
+        row["us"] = round(time_graph(fn, args.inner, args.reps), 2)
+        row["GBps"] = round(experts * args.part * expert_bytes(fmt, args) / row["us"] / 1e3)
+    except Exception as e:  # report, keep benchmarking the rest
+        row["error"] = repr(e)[:300]
+    results.append(row)
+    print(row, flush=True)
+
+
+def bench_cell(fmt, t, args, bank, raw, results):
+    n_exp, topk = args.experts, args.topk
+    x = torch.randn(t, args.hidden, device="cuda", dtype=torch.bfloat16)
+    chosen, weights = routing(t, n_exp, topk)
+    routed = len(set(chosen.flatten().tolist()))
     cases = {
         "ours_slots": lambda: moe_experts_slots(x, chosen, weights, bank, LIMIT, n_exp),
-        "ours_slots_routed": lambda: moe_experts_slots(x, chosen, weights, bank, LIMIT),
         "ours_sorted": lambda: moe_experts_sorted(x, chosen, weights, bank, LIMIT, n_exp),
+        "ours_slots_routed": lambda: moe_experts_slots(x, chosen, weights, bank, LIMIT),
         "ours_sorted_routed": lambda: moe_experts_sorted(x, chosen, weights, bank, LIMIT),
     }
     if t > args.slot_max:
         del cases["ours_slots"], cases["ours_slots_routed"]
     cases |= baselines(fmt, raw, args, x, chosen, weights, results)
     for name, fn in cases.items():
-        try:
-            us = time_graph(fn, args.inner, args.reps)
-            results.append({"fmt": fmt, "tokens": t, "case": name, "us": round(us, 2)})
-        except Exception as e:
-            results.append({"fmt": fmt, "tokens": t, "case": name, "error": repr(e)[:300]})
-        print(results[-1], flush=True)
+        record(results, fmt, t, name, fn, args, routed + ("routed" not in name))
+    if t <= args.slot_max:  # the slot form's kernels apart (w13: 2/3 of the bytes, w2: 1/3)
+        bench_slot_kernels(fmt, t, args, bank, (x, chosen, weights), routed + 1, results)
+
+
+def bench_slot_kernels(fmt, t, args, bank, inputs, experts, results, tiles=None, tag=""):
+    x, chosen, weights = inputs
+    slots = args.topk + 1
+    tiles = tiles or slot_tiles(bank.fmt, t * slots, t, args.inter, args.hidden)
+    launch = _SlotLaunch(x, chosen, weights, bank, args.experts, tiles)
+    h = torch.randn(t * slots, args.inter, device="cuda", dtype=x.dtype)
+    out = torch.empty_like(x)
+    for name, part, fn in (("slots_w13", 2 / 3, lambda: launch.w13(h, LIMIT)),
+                           ("slots_w2", 1 / 3, lambda: launch.w2(h, out))):  # fmt: skip
+        args.part = part
+        record(results, fmt, t, name + tag, fn, args, experts)
+    args.part = 1.0
 
 
 def bench_route(t, args, results):
@@ -178,85 +226,115 @@ def bench_route(t, args, results):
     }
     for name, fn in cases.items():
         us = time_graph(fn, args.inner, args.reps)
-        results.append({"fmt": "-", "tokens": t, "case": name, "us": round(us, 2)})
+        results.append({"shape": args.shape, "fmt": "-", "tokens": t, "case": name,
+                        "us": round(us, 2)})  # fmt: skip
         print(results[-1], flush=True)
 
 
 def sweep(fmt, t, args, bank, results):
-    """Ours with each tile choice (the kernels' ``_slot_tiles`` / ``_sorted_tiles`` patched)."""
-    n_exp, topk = args.experts, args.topk
-    x = torch.randn(t, args.hidden, device="cuda", dtype=torch.bfloat16)
-    chosen = torch.stack([torch.randperm(n_exp, device="cuda")[:topk] for _ in range(t)])
-    chosen, weights = chosen.to(torch.int32), torch.rand(t, topk, device="cuda")
-    slot_tiles, sorted_tiles = moe_kernels._slot_tiles, moe_kernels._sorted_tiles
-    try:
-        for block_n in (16, 32, 64) if t <= args.slot_max else ():
-            moe_kernels._slot_tiles = lambda _t, b=block_n: b
-            us = time_graph(lambda: moe_experts_slots(x, chosen, weights, bank, LIMIT, n_exp),
-                            args.inner, args.reps)  # fmt: skip
-            results.append({"fmt": fmt, "tokens": t, "case": f"slots_n{block_n}", "us": us})
-            print(results[-1], flush=True)
-        for block_m in (16, 32, 64):
-            moe_kernels._sorted_tiles = lambda _p, b=block_m: (b, 8)
-            us = time_graph(lambda: moe_experts_sorted(x, chosen, weights, bank, LIMIT, n_exp),
-                            args.inner, args.reps)  # fmt: skip
-            results.append({"fmt": fmt, "tokens": t, "case": f"sorted_m{block_m}", "us": us})
-            print(results[-1], flush=True)
-    finally:
-        moe_kernels._slot_tiles, moe_kernels._sorted_tiles = slot_tiles, sorted_tiles
+    """The slot kernels per tile choice (N tile x weights per thread x warps x unroll), timed
+    apart: the data for :func:`~sglang_dsv4.kernels.moe_experts.slot_tiles`."""
+    inputs = (torch.randn(t, args.hidden, device="cuda", dtype=torch.bfloat16),
+              *routing(t, args.experts, args.topk))  # fmt: skip
+    experts = len(set(inputs[1].flatten().tolist())) + 1
+    for block_n, per_thread, warps, unroll in itertools.product(
+        (4, 8, 16, 32), (32, 64), (4, 8), (1, 2)
+    ):
+        k = per_thread * 32 * warps // block_n
+        if 64 <= k <= 4096 and not (unroll > 1 and per_thread > 32):
+            tiles = SlotTiles(block_n, min(k, args.hidden), block_n, min(k, args.inter), warps,
+                              unroll)  # fmt: skip
+            tag = f"_n{block_n}_k{k}_w{warps}_u{unroll}"
+            bench_slot_kernels(fmt, t, args, bank, inputs, experts, results, tiles, tag)
 
 
-def crossover(results, fmt) -> int | None:
-    """Largest token count at which the slot form is faster than the sorted form."""
-    us = {(r["tokens"], r["case"]): r["us"] for r in results if r["fmt"] == fmt and "us" in r}
-    wins = [t for (t, c) in us if c == "ours_slots" and us[t, c] < us.get((t, "ours_sorted"), 1e30)]
-    return max(wins, default=None)
+def crossover(results, shape, fmt) -> int | None:
+    """Largest token count up to which the slot form is faster than the sorted form."""
+    us = {(r["tokens"], r["case"]): r["us"] for r in results
+          if r["shape"] == shape and r["fmt"] == fmt and "us" in r}  # fmt: skip
+    tokens = sorted({t for t, _ in us})
+    best = None
+    for t in tokens:
+        if us.get((t, "ours_slots"), 1e30) >= us.get((t, "ours_sorted"), 1e30):
+            break
+        best = t
+    return best
+
+
+def print_sweep(results):
+    """The fastest tile per (shape, format, T, kernel) against the default tiles."""
+    best = {}
+    for r in results:
+        if "_n" in r["case"] and "us" in r:
+            kernel = r["case"].split("_n")[0]
+            key = (r["shape"], r["fmt"], r["tokens"], kernel)
+            if key not in best or r["us"] < best[key]["us"]:
+                best[key] = r
+    default = {(r["shape"], r["fmt"], r["tokens"], r["case"]): r for r in results if "us" in r}
+    for key, r in best.items():
+        d = default.get(key, {})
+        print(f"sweep {key}: best {r['case']} {r['us']} us ({r['GBps']} GB/s); "
+              f"default tiles {d.get('us')} us ({d.get('GBps')} GB/s)")  # fmt: skip
+
+
+def print_table(results, shape, formats, tokens):
+    rows = [r for r in results if r["shape"] == shape]
+    cases = list(dict.fromkeys(r["case"] for r in rows if "_n" not in r["case"]))
+    print(f"\n{shape}: us (GB/s)\n{'fmt':5} {'T':>5} " + " ".join(f"{c:>19}" for c in cases))
+    for fmt in [*formats, "-"]:
+        for t in tokens:
+            row = {r["case"]: r for r in rows if r["fmt"] == fmt and r["tokens"] == t}
+            cells = []
+            for c in cases:
+                r = row.get(c, {})
+                cell = "err" if "error" in r else f"{r['us']}" if "us" in r else ""
+                cell += f" ({r['GBps']})" if "GBps" in r else ""
+                cells.append(f"{cell:>19}")
+            if any(c.strip() for c in cells):
+                print(f"{fmt:5} {t:>5} " + " ".join(cells))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tokens", default="1,32,128,4096")
+    ap.add_argument("--shapes", default="served,flash", help=f"of {list(SHAPES)}")
+    ap.add_argument("--tokens", default="1,2,4,8,16,32,128")
     ap.add_argument("--formats", default="bf16,fp8,mxfp4")
     ap.add_argument("--hidden", type=int, default=4096)
-    ap.add_argument("--inter", type=int, default=1024)
-    ap.add_argument("--experts", type=int, default=16)
-    ap.add_argument("--topk", type=int, default=6)
     ap.add_argument("--inner", type=int, default=10)
     ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--slot-max", type=int, default=256, help="skip the slot form above this T")
-    ap.add_argument("--dense-max", type=int, default=4096, help="skip today's path above this T")
-    ap.add_argument("--sweep", action="store_true", help="also time ours per tile size")
+    ap.add_argument("--slot-max", type=int, default=128, help="skip the slot form above this T")
+    ap.add_argument("--dense-max", type=int, default=0, help="old dense path up to this T")
+    ap.add_argument("--sweep", action="store_true", help="also time the slot kernels per tile")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
-    tokens = [int(t) for t in args.tokens.split(",")]
-    results = []
-    print(f"GPU: {torch.cuda.get_device_name()}; d {args.hidden}, E {args.experts} (+1 shared), "
-          f"I {args.inter}, top-{args.topk}")  # fmt: skip
-    for fmt in args.formats.split(","):
-        bank, raw = make_bank(args.experts + 1, args.hidden, args.inter, fmt)
+    args.part = 1.0
+    tokens, formats = [int(t) for t in args.tokens.split(",")], args.formats.split(",")
+    results, tables = [], {}
+    print(f"GPU: {torch.cuda.get_device_name()}")
+    for shape in args.shapes.split(","):
+        args.shape = shape
+        args.experts, args.topk, args.inter = SHAPES[shape]
+        for fmt in formats:
+            bank, raw = make_bank(args.experts + 1, args.hidden, args.inter, fmt)
+            for t in tokens:
+                bench_cell(fmt, t, args, bank, raw, results)
+                if args.sweep:
+                    sweep(fmt, t, args, bank, results)
+            del bank, raw
+            torch.cuda.empty_cache()
         for t in tokens:
-            bench_cell(fmt, t, args, bank, raw, results)
-            if args.sweep:
-                sweep(fmt, t, args, bank, results)
-        del bank, raw
-        torch.cuda.empty_cache()
-    for t in tokens:
-        bench_route(t, args, results)
-    cases = list(dict.fromkeys(r["case"] for r in results))
-    print(f"\n{'fmt':5} {'T':>5} " + " ".join(f"{c:>20}" for c in cases))
-    for fmt in [*args.formats.split(","), "-"]:
-        for t in tokens:
-            row = {r["case"]: r for r in results if r["fmt"] == fmt and r["tokens"] == t}
-            cells = [f"{row[c].get('us', 'err')!s:>20}" if c in row else f"{'':>20}" for c in cases]
-            if any(c.strip() for c in cells):
-                print(f"{fmt:5} {t:>5} " + " ".join(cells))
-    key = {"mxfp4": "fp4"}  # SLOT_MAX_TOKENS has one entry for both FP4 formats
-    table = {key.get(fmt, fmt): crossover(results, fmt) for fmt in args.formats.split(",")}
-    print(f"\nslot form faster up to T = {table}  (ops.moe.SLOT_MAX_TOKENS)")
+            bench_route(t, args, results)
+        print_table(results, shape, formats, tokens)
+        key = {"mxfp4": "fp4"}  # SLOT_MAX_TOKENS has one entry for both FP4 formats
+        tables[shape] = {key.get(f, f): crossover(results, shape, f) for f in formats}
+    if args.sweep:
+        print_sweep(results)
+    for shape, table in tables.items():
+        print(f"\n{shape}: slot form faster up to T = {table}  (ops.moe.SLOT_MAX_TOKENS)")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"gpu": torch.cuda.get_device_name(), "args": vars(args),
-                       "results": results, "slot_max_tokens": table}, f, indent=1)  # fmt: skip
+                       "results": results, "slot_max_tokens": tables}, f, indent=1)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,23 +1,26 @@
 """Time the served model's op families (``sglang_dsv4.ops``) on one GPU: the Triton ops against
 their torch twins (the ``ref`` math the model ran before), at decode batch sizes and one
-prefill chunk.
+prefill chunk: mHC boundaries, norm / RoPE, MoE routing (E 16 as the Flash-dims test model and
+the config's E).
 
     python scripts/bench_ops.py [--config configs/dsv4-flash.json] [--tokens 1,32,128,4096]
-                                [--out DIR] [--reps N]
+                                [--out DIR] [--reps N] [--impls triton,torch] [--only hc.,moe.]
 
 Each op is captured in a CUDA graph (as in a decode step) ``--calls`` times in a row and timed
 by replaying the graph: median of ``--reps`` replays, CUDA events, per call. GPU kernels per call
-come from one eager call under the torch profiler. bf16 streams / activations, fp32 mHC weights
-and maps, the config's dims (Flash: hidden 4096, 64 heads x 512, q_lora 1024, indexer 64 x 128).
-"Layer" sums one layer's share: two mHC boundaries, q_norm, q / kv norm + RoPE, indexer RoPE and
-the inverse RoPE of the output. Writes ``bench_ops.json`` to ``--out`` (default ``$OUT`` or
-``.``) and prints a table.
+come from one eager call under the torch profiler. GB/s: the bytes an op must move at least
+(weights read once, activations read / written once) over its time. bf16 streams /
+activations, fp32 mHC weights and maps, the config's dims (Flash: hidden 4096, 64 heads x 512,
+q_lora 1024, indexer 64 x 128). "Layer" sums one layer's share: two mHC boundaries, q_norm,
+q / kv norm + RoPE, indexer RoPE, the inverse RoPE of the output and the routing (E 16,
+scored). Writes ``bench_ops.json`` to ``--out`` (default ``$OUT`` or ``.``) and prints a table.
 """
 
 import argparse
 import json
 import os
 import statistics
+from types import SimpleNamespace
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -62,8 +65,28 @@ def kernel_count(fn) -> int:
     return sum(1 for e in prof.events() if e.device_type.name == "CUDA")
 
 
+def route_cases(cfg, ops, n: int, rnd) -> dict:
+    """MoE routing (scored and hash layers) at E 16 and the config's E -> (closure, bytes)."""
+    out = {}
+    for n_exp in dict.fromkeys((16, cfg.n_routed_experts)):
+        gate = SimpleNamespace(weight=rnd(n_exp, cfg.hidden_size, s=cfg.hidden_size**-0.5),
+                               bias=rnd(n_exp, dtype=torch.float32, s=0.1),
+                               tid2eid=torch.randint(0, n_exp, (1000, cfg.n_experts_per_tok),
+                                                     device=DEV))  # fmt: skip
+        x, ids = rnd(n, cfg.hidden_size), torch.randint(0, 1000, (n,), device=DEV)
+        moved = (n_exp + n) * cfg.hidden_size * 2
+        for kind in ("scored", "hash"):
+            layer = SimpleNamespace(gate=gate, hash_moe=kind == "hash")
+            out[f"moe.route E{n_exp} {kind}"] = (
+                lambda layer=layer, x=x, ids=ids: ops.moe.route(layer, x, ids),
+                moved,
+            )
+    return out
+
+
 def cases(cfg, ops, n: int) -> dict:
-    """name -> closure of one op call at ``n`` tokens (fresh random inputs, fixed per case)."""
+    """name -> (closure of one op call at ``n`` tokens, bytes it must move); fresh random
+    inputs, fixed per case."""
     g = torch.Generator(device=DEV).manual_seed(n)
     hc, d, bf = cfg.hc_mult, cfg.hidden_size, torch.bfloat16
 
@@ -84,20 +107,37 @@ def cases(cfg, ops, n: int) -> dict:
     q, kv, kv_w = rnd(n, cfg.num_heads, cfg.head_dim), rnd(n, cfg.head_dim), rnd(cfg.head_dim)
     iq, o = rnd(n, cfg.index_n_heads, cfg.index_head_dim), rnd(n, cfg.num_heads, cfg.head_dim)
     norm = ops.norm
+    size = x.element_size()
+    streams, row = x.numel() * size, y.numel() * size  # [T, hc, d] / [T, d] once
+    fn_mix, fn_head = mix.fn.numel() * 4, head.fn.numel() * 4
+
+    def rw(t):  # read + write once
+        return 2 * t.numel() * t.element_size()
+
     return {
-        "hc.pre": lambda: ops.hc.pre(x, mix),
-        "hc.post_pre": lambda: ops.hc.post_pre(y, x, post, comb, mix),
-        "hc.post_head": lambda: ops.hc.post_head(y, x, post, comb, head),
-        "norm.rms q_norm": lambda: norm.rms(qa, qa_w),
-        "norm.rms_rope q": lambda: norm.rms_rope(q, None, pos, inv_freq),
-        "norm.rms_rope kv": lambda: norm.rms_rope(kv, kv_w, pos, inv_freq),
-        "norm.rope indexer q": lambda: norm.rope(iq, pos, inv_freq),
-        "norm.rope o inverse": lambda: norm.rope(o, pos, inv_freq, inverse=True),
-    }
+        "hc.pre": (lambda: ops.hc.pre(x, mix), fn_mix + streams + row),
+        # reads streams + y, writes new streams + h
+        "hc.post_pre": (
+            lambda: ops.hc.post_pre(y, x, post, comb, mix),
+            fn_mix + 2 * streams + 2 * row,
+        ),
+        "hc.post_head": (
+            lambda: ops.hc.post_head(y, x, post, comb, head),
+            fn_head + streams + 2 * row,
+        ),
+        "norm.rms q_norm": (lambda: norm.rms(qa, qa_w), rw(qa)),
+        "norm.rms_rope q": (lambda: norm.rms_rope(q, None, pos, inv_freq), rw(q)),
+        "norm.rms_rope kv": (lambda: norm.rms_rope(kv, kv_w, pos, inv_freq), rw(kv)),
+        "norm.rope indexer q": (lambda: norm.rope(iq, pos, inv_freq), n * cfg.index_n_heads * 256),
+        "norm.rope o inverse": (
+            lambda: norm.rope(o, pos, inv_freq, inverse=True),
+            n * cfg.num_heads * 256,
+        ),
+    } | route_cases(cfg, ops, n, rnd)
 
 
 LAYER = {"hc.post_pre": 2, "norm.rms q_norm": 1, "norm.rms_rope q": 1, "norm.rms_rope kv": 1,
-         "norm.rope indexer q": 1, "norm.rope o inverse": 1}  # fmt: skip
+         "norm.rope indexer q": 1, "norm.rope o inverse": 1, "moe.route E16 scored": 1}  # fmt: skip
 
 
 def main() -> None:
@@ -107,18 +147,28 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--tokens", default="1,32,128,4096", help="token counts (batch at decode)")
+    ap.add_argument("--impls", default="triton,torch", help="triton and / or torch (the twins)")
+    ap.add_argument("--only", default="", help="comma-separated op-name prefixes (hc.,moe.)")
     args = ap.parse_args()
     batches = [int(n) for n in args.tokens.split(",")]
     cfg = load_config(args.config)
-    impls = {"triton": build_ops(cfg, DEV), "torch": build_ops(cfg, DEV, kernels=False)}
+    every = {
+        "triton": lambda: build_ops(cfg, DEV),
+        "torch": lambda: build_ops(cfg, DEV, kernels=False),
+    }
+    impls = {name: every[name]() for name in args.impls.split(",")}
+    only = tuple(p for p in args.only.split(",") if p)
     rows = []
     for n in batches:
         for impl, ops in impls.items():
-            for name, fn in cases(cfg, ops, n).items():
+            for name, (fn, moved) in cases(cfg, ops, n).items():
+                if only and not name.startswith(only):
+                    continue
                 us = graph_time(fn, args.calls, args.reps) * 1e6
-                rows.append({"batch": n, "impl": impl, "op": name, "us": us,
-                             "kernels": kernel_count(fn)})  # fmt: skip
-                print(f"{n:4d} {impl:6s} {name:22s} {us:9.1f} us {rows[-1]['kernels']:4d} kernels")
+                rows.append({"batch": n, "impl": impl, "op": name, "us": us, "bytes": moved,
+                             "gbps": moved / us * 1e-3, "kernels": kernel_count(fn)})  # fmt: skip
+                print(f"{n:4d} {impl:6s} {name:24s} {us:9.1f} us {rows[-1]['gbps']:7.1f} GB/s "
+                      f"{rows[-1]['kernels']:4d} kernels")  # fmt: skip
     for n in batches:
         for impl in impls:
             mine = [r for r in rows if r["batch"] == n and r["impl"] == impl and r["op"] in LAYER]
@@ -130,18 +180,21 @@ def main() -> None:
     meta = {"gpu": torch.cuda.get_device_name(), "config": args.config, "reps": args.reps}
     with open(path, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    print(f"\n{meta['gpu']}, {args.config}; us per call (kernels per call); wrote {path}")
+    print(f"\n{meta['gpu']}, {args.config}; us per call (kernels per call) [GB/s]; "
+          f"wrote {path}")  # fmt: skip
     ops = list(dict.fromkeys(r["op"] for r in rows))
-    print(f"{'op':22s}" + "".join(f" | T={n:<4d} triton      torch    " for n in batches))
+    head = "".join(f" {i:>6s} (kern) [GB/s]" for i in impls)
+    print(f"{'op':24s}" + "".join(f" | T={n:<4d}{head}" for n in batches))
     for op in ops:
         cells = []
         for n in batches:
-            t, r = (next(x for x in rows if (x["batch"], x["impl"], x["op"]) == (n, i, op))
-                    for i in impls)  # fmt: skip
-            cells.append(
-                f" | {t['us']:7.1f} ({t['kernels']:2d}) {r['us']:7.1f} ({r['kernels']:3d})"
-            )
-        print(f"{op:22s}" + "".join(cells))
+            cell = " |      "
+            for i in impls:
+                r = next(x for x in rows if (x["batch"], x["impl"], x["op"]) == (n, i, op))
+                gbps = f"{r['gbps']:6.0f}" if "gbps" in r else " " * 6
+                cell += f" {r['us']:7.1f} ({r['kernels']:3d}) [{gbps}]"
+            cells.append(cell)
+        print(f"{op:24s}" + "".join(cells))
 
 
 if __name__ == "__main__":

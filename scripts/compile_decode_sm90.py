@@ -1,6 +1,6 @@
-"""Compile the decode path's Triton kernels (KV store, compressor flush, indexer scores and
-top-k) for Hopper (sm_90) on a machine without a GPU, at Flash dims, in the variants the decode
-step launches (``attention/decode_kernels.py``).
+"""Compile the decode path's Triton kernels (step metadata, KV store, compressor flush, indexer
+scores and top-k) for Hopper (sm_90) on a machine without a GPU, at Flash dims, in the variants
+the decode step launches (``attention/decode_kernels.py``).
 
     PYTHONPATH=$PWD python scripts/compile_decode_sm90.py
 
@@ -17,7 +17,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from sglang_dsv4.kernels import compressor, indexer, kv_store
+from sglang_dsv4.kernels import compressor, decode_meta, indexer, kv_store
 
 TARGET = GPUTarget("cuda", 90, 128)
 
@@ -68,17 +68,34 @@ def store_variants():
 def indexer_variants():
     types = dict(q_ptr="*bf16", w_ptr="*bf16", keys_ptr="*u8", bt_ptr="*i32", qreq_ptr="*i32",
                  pos_ptr="*i64", logits_ptr="*fp32")  # fmt: skip
-    ce = dict(H=64, DH=128, BS=64, EPB=32, RATIO=4, RPP=32, FP4=False, DOT_F32=False)
-    yield "indexer logits", indexer._logits_kernel, types, ce, 4
+    # rotate: the queries rotated in the kernel (decode: bf16 queries; fp32 ones in tests)
+    for rotate, q in ((False, "*bf16"), (True, "*bf16"), (True, "*fp32")):
+        ce = dict(H=64, DH=128, BS=64, EPB=32, RATIO=4, RPP=32, FP4=False, DOT_F32=False,
+                  ROTATE=rotate)  # fmt: skip
+        t = dict(types, q_ptr=q)
+        yield f"indexer logits rotate={rotate} q={q}", indexer._logits_kernel, t, ce, 4
     types = dict(logits_ptr="*fp32", qreq_ptr="*i32", pos_ptr="*i64", bt_ptr="*i32",
                  ids_ptr="*i32", rows_ptr="*i32", len_ptr="*i32")  # fmt: skip
     ce = dict(K=512, RATIO=4, EPB=32, CHUNK=2048, KCHUNK=512, WRITE_ROWS=True)
     yield "indexer top-k", indexer._topk_kernel, types, ce, 8
 
 
+def meta_variants():
+    fn = decode_meta._decode_meta_kernel
+    types = {a: "*i64" for a in fn.arg_names if a.endswith("_ptr")}
+    for a in ("r2t_ptr", "tail32_ptr", "pos32_ptr", "win32_ptr", "pages32_ptr", "bnd_ptr",
+              "hca_ptr", "hca_len_ptr"):  # fmt: skip
+        types[a] = "*i32"
+    types["valid_ptr"] = "*i1"
+    ce = dict(W=128, WB=128, BLOCK=128, PP=1, CH=256)
+    for req in ("*i32", "*i64"):  # SGLang's req_pool_indices: either
+        yield f"decode meta req={req}", fn, dict(types, req_ptr=req), ce, 4
+
+
 def main() -> None:
     failed = 0
-    for name, fn, types, ce, warps in (*store_variants(), *flush_variants(), *indexer_variants()):
+    variants = (*store_variants(), *flush_variants(), *indexer_variants(), *meta_variants())
+    for name, fn, types, ce, warps in variants:
         try:
             build(fn, types, ce, warps)
             print(f"ok     {name}", flush=True)

@@ -8,8 +8,8 @@ compiler sees before device time is spent. (Its target says warp size 128; the r
 here matched a warp-size-32 target in a check on 2026-12-06.) Variants: every bank format
 (dense bf16, FP8, MXFP4, NVFP4) in both kernel forms as the wrappers launch them at Flash dims
 (top-6 + a shared slot; a zero-top-k call for a shared bank of its own), the fp32 (IEEE) sorted
-form, and the routing kernels for every scoring function, scored and hash, fused (E <= 64) and
-split (E 256).
+form, and the routing kernel for every scoring function, scored and hash, in both forms
+(one-token tiles, 16-token tiles) for E 16 and E 256 (expert blocks).
 """
 
 import os
@@ -33,10 +33,15 @@ def expert_variants():
         types |= {a: "*fp32" for a in ("gs_ptr", "gs1_ptr", "gs3_ptr", "weights_ptr")}
         types |= {a: "*bf16" for a in ("x_ptr", "h_ptr", "out_ptr", "y_ptr")}
         types |= {"chosen_ptr": "*i32", "order_ptr": "*i32", "off_ptr": "*i32", "limit": "fp32"}
-        for topk, slots in ((6, 7), (0, 1)):
-            for fn in (ME._slot_w13_kernel, ME._slot_w2_kernel):
-                ce = dict(TOPK=topk, SLOTS=slots, BLOCK_N=16, BLOCK_K=128, **fmt_ce)
-                yield f"{fmt} top-{topk}", fn, types, ce
+        # the tiles the wrapper picks: served dims at T 1 / 8, Flash at T 1; a one-row bank
+        for t, topk, inter in ((1, 2, 1024), (8, 2, 1024), (1, 6, 2048), (1, 0, 2048)):
+            tiles = ME.slot_tiles(fmt, t * (topk + 1), t, inter, 4096)
+            kernels = ((ME._slot_w13_kernel, tiles.block_i, tiles.k_i),
+                       (ME._slot_w2_kernel, tiles.block_d, tiles.k_d))  # fmt: skip
+            for fn, block_n, block_k in kernels:
+                ce = dict(TOPK=topk, SLOTS=topk + 1, SP=max(2, 1 << topk.bit_length()),
+                          BLOCK_N=block_n, BLOCK_K=block_k, UNROLL=tiles.unroll)  # fmt: skip
+                yield f"{fmt} T{t} top-{topk} {tiles}", fn, types, ce | fmt_ce
         sorted_ce = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_R=32, IEEE=False, **fmt_ce)
         yield fmt, ME._sorted_w13_kernel, types, dict(SLOTS=7, **sorted_ce)
         yield fmt, ME._sorted_w2_kernel, types, sorted_ce
@@ -50,15 +55,18 @@ def expert_variants():
 def route_variants():
     types = {"x_ptr": "*bf16", "g_ptr": "*bf16", "bias_ptr": "*fp32", "tid2eid_ptr": "*i64",
              "ids_ptr": "*i64", "chosen_ptr": "*i32", "weights_ptr": "*fp32", "rsf": "fp32",
-             "out_ptr": "*fp32", "logits_ptr": "*fp32"}  # fmt: skip
-    for hashed in (False, True):
-        for scoring in MR.SCORING.values():
-            ce = dict(TOPK=6, BLOCK_K=8, BLOCK_T=16, BLOCK_E=16, BLOCK_D=64, SCORING=scoring,
-                      HASH=hashed, FP32=False)  # fmt: skip
-            yield f"E16 hash={hashed} scoring={scoring}", MR._route_fused_kernel, types, ce
-    yield "E256", MR._logits_kernel, types, dict(BLOCK_T=16, BLOCK_E=32, BLOCK_D=128, FP32=False)
-    ce = dict(TOPK=8, BLOCK_K=8, BLOCK_T=16, BLOCK_E=256, SCORING=0, HASH=False)
-    yield "E256", MR._select_kernel, types, ce
+             "part_ptr": "*fp32", "ticket_ptr": "*i32"}  # fmt: skip
+    for dot in (False, True):  # the forms moe_route picks by token count
+        tb, bd = (16, 64) if dot else (1, 128)
+        for hashed in (False, True):
+            for scoring in MR.SCORING.values():
+                ce = dict(D=4096, TOPK=6, BLOCK_K=8, TB=tb, BE=16, BEF=16, BD=bd,
+                          SB=16 if dot else 32, SCORING=scoring, HASH=hashed, FP32=False,
+                          DOT=dot)  # fmt: skip
+                yield f"E16 dot={dot} hash={hashed} scoring={scoring}", MR._route_kernel, types, ce
+        ce = dict(D=7168, TOPK=8, BLOCK_K=8, TB=tb, BE=32, BEF=256, BD=bd, SB=16 // tb,
+                  SCORING=0, HASH=False, FP32=False, DOT=dot)  # fmt: skip
+        yield f"E256 dot={dot}", MR._route_kernel, types, ce
 
 
 def main() -> None:

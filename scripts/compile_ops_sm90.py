@@ -30,7 +30,9 @@ def build(fn, types: dict, constexprs: dict, num_warps: int = 4) -> str:
     names = fn.arg_names
     sig = {a: "constexpr" if a in constexprs else types.get(a, "i32") for a in names}
     ce = {(names.index(a),): v for a, v in constexprs.items()}
-    src = ASTSource(fn=fn, signature=sig, constexprs=ce)
+    # pointers 16-byte aligned, as the launcher specializes torch's allocations (vector loads)
+    aligned = {(names.index(a),): [["tt.divisibility", 16]] for a, t in sig.items() if "*" in t}
+    src = ASTSource(fn=fn, signature=sig, constexprs=ce, attrs=aligned)
     kernel = triton.compile(src, target=TARGET, options={"num_warps": num_warps})
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
@@ -59,13 +61,16 @@ def variants(dt: str):
                   "out_ptr": act}  # fmt: skip
     yield mhc._hc_post_kernel, post_types, {"D": 7168, "HC": 4, "TB": 4, "BD": 128, "X_BF16": bf}
     hc_types = {a: "*fp32" for a in mhc._hc_kernel.arg_names if a.endswith("_ptr")}
-    hc_types |= {a: act for a in ("x_ptr", "y_ptr", "x_out_ptr")}
+    hc_types |= {a: act for a in ("x_ptr", "y_ptr", "x_out_ptr", "norm_w_ptr", "h_ptr")}
     hc_types |= {"ticket_ptr": "*i32", "eps": "fp32", "hc_eps": "fp32"}
-    for post, head in ((False, False), (True, False), (True, True)):
-        yield mhc._hc_kernel, hc_types, {
-            "D": 7168, "HC": 4, "NM": 4 if head else 24, "NMP": 16 if head else 32, "TB": 16,
-            "BD": 32, "SB": 8, "ITERS": 20, "POST": post, "HEAD": head, "X_BF16": bf,
-        }  # fmt: skip
+    for dot in (False, True):  # the forms hc_fused picks by token count
+        for post, head in ((False, False), (True, False), (True, True)):
+            nmp = (8 if head else 32) if not dot else (16 if head else 32)
+            yield mhc._hc_kernel, hc_types, {
+                "D": 7168, "HC": 4, "NM": 4 if head else 24, "NMP": nmp, "TB": 16 if dot else 1,
+                "BD": 32, "SB": 8 if dot else 256, "ITERS": 20, "POST": post, "HEAD": head,
+                "DOT": dot, "COLLAPSE": not dot, "BDN": 8192, "X_BF16": bf, "W_BF16": bf,
+            }  # fmt: skip
     collapse_types = {"x_ptr": act, "pre_ptr": "*fp32", "w_ptr": act, "h_ptr": act, "eps": "fp32"}
     yield mhc._collapse_norm_kernel, collapse_types, {
         "D": 7168, "BD": 8192, "HC": 4, "X_BF16": bf, "W_BF16": bf,
@@ -76,7 +81,9 @@ def main() -> None:
     for dt in ("bf16", "fp32"):
         for fn, types, constexprs in variants(dt):
             flags = {k: v for k, v in constexprs.items() if isinstance(v, bool)}
-            warps = 8 if fn is mhc._collapse_norm_kernel else 4  # as the wrappers launch them
+            warps = 4 if constexprs.get("DOT", False) else 8  # as the wrappers launch them
+            if fn not in (mhc._hc_kernel, mhc._collapse_norm_kernel):
+                warps = 4
             usage = build(fn, types, constexprs, warps)
             print(f"{fn.fn.__name__:22s} {dt} {flags}: {usage}", flush=True)
 

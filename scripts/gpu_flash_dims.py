@@ -6,7 +6,8 @@ Flash compressor / indexer sizes, layers SWA, CSA, HCA, CSA, small MoE), random 
    fp32 reference forward of the same checkpoint (``RefDSV4`` on the GPU): KL(served || ref)
    over the served top-20 tokens of every position, greedy agreement, max |Δ logprob|;
 3. robustness (``sglang_dsv4.server_checks``): bad requests refused with a reason while the
-   server keeps serving; 64 concurrent requests over 4 shared 2K-token prefixes; no slot left;
+   server keeps serving; the request fuzz and structured output (``server_checks.robustness``);
+   64 concurrent requests over 4 shared 2K-token prefixes; no slot left;
 4. speed through SGLang's own ``sglang.bench_one_batch_server`` (random token ids, batch sizes
    1 / 32 / 128, ``--input-len``), the server's context sized to the benchmark;
 5. with ``--native``: tries SGLang's own DSV4 path on the same checkpoint
@@ -14,6 +15,9 @@ Flash compressor / indexer sizes, layers SWA, CSA, HCA, CSA, small MoE), random 
 
     python scripts/gpu_flash_dims.py --work /tmp/fd [--native]             # checks + 4K bench
     python scripts/gpu_flash_dims.py --work /tmp/fd --bench-only --input-len 32768
+    python scripts/gpu_flash_dims.py --work /tmp/fd --no-bench --kv-cache-dtype bfloat16
+
+``--kv-cache-dtype`` picks the pool rows (auto: FP8 584-byte rows, the GPU default; bfloat16).
 """
 
 import argparse
@@ -27,11 +31,12 @@ from pathlib import Path
 import requests
 import torch
 
+from sglang_dsv4 import server_checks
 from sglang_dsv4.checkpoint import hf_to_released, load_state_dict
 from sglang_dsv4.config import DSV4Config
 from sglang_dsv4.evals.reference import compare_with_reference
 from sglang_dsv4.ref.model import RefDSV4
-from sglang_dsv4.server_checks import check_bad_requests, shared_prefix_load, used_tokens
+from sglang_dsv4.server_checks import shared_prefix_load, used_tokens
 from sglang_dsv4.server_process import Server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,9 +128,10 @@ def bench(model: Path, url: str, input_len: int, batch_sizes, output_len: int, o
 def robustness(server: Server, context_len: int, vocab_size: int) -> dict:
     """Bad requests refused (server keeps serving), 64 concurrent shared-prefix requests, no
     slot left after a cache flush (``sglang_dsv4.server_checks``)."""
-    bad = check_bad_requests(server.url, context_len, vocab_size)
     load = shared_prefix_load(server.url, vocab_size, prefix_len=2048, suffix_len=64)
-    return {"bad_requests": bad, "load": load, "used_after_flush": used_tokens(server.url)}
+    full = server_checks.robustness(server.url, vocab_size, context_len)
+    return {"bad_requests": full["bad_requests"], "load": load, "full": full,
+            "used_after_flush": used_tokens(server.url)}  # fmt: skip
 
 
 def native(model: Path, out_dir: Path) -> str:
@@ -158,6 +164,10 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=Path("/tmp/flash_dims"))
     ap.add_argument("--config", type=Path, default=ROOT / "configs" / "dsv4-flash-dims.json")
     ap.add_argument("--bench-only", action="store_true", help="skip the checks")
+    ap.add_argument("--no-bench", action="store_true", help="the checks only")
+    ap.add_argument(
+        "--kv-cache-dtype", default="auto", help="pool rows: auto (FP8 584-B rows) or bfloat16"
+    )
     ap.add_argument("--input-len", type=int, default=4096, help="benchmark prompt length")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32, 128])
     ap.add_argument("--output-len", type=int, default=64)
@@ -176,9 +186,9 @@ def main() -> int:
     context = max(8192, -(-(args.input_len + args.output_len + 1) // 1024) * 1024)
     server_args = ["--model-path", str(model), "--context-length", str(context)]
     server_args += ["--sampling-backend", "pytorch", "--mem-fraction-static", "0.6"]
-    server_args += ["--cuda-graph-max-bs-decode", "128"]
+    server_args += ["--cuda-graph-max-bs-decode", "128", "--kv-cache-dtype", args.kv_cache_dtype]
     server = Server(server_args, out_dir / "server.log", timeout=600)
-    rows, robust = [], None
+    rows, robust, perf = [], None, []
     try:
         if not args.bench_only:
             # dense fp32 weights (released: dequantized) of the same checkpoint
@@ -192,16 +202,21 @@ def main() -> int:
             del ref, weights
             torch.cuda.empty_cache()
             robust = robustness(server, context, cfg.vocab_size)
-        perf = bench(model, server.url, args.input_len, args.batch_sizes, args.output_len, out_dir)
+        if not args.no_bench:
+            perf = bench(
+                model, server.url, args.input_len, args.batch_sizes, args.output_len, out_dir
+            )
     finally:
         server.stop()
     native_result = native(model, out_dir) if args.native else "not run"
     report = {"format": args.format, "build_s": t_build, "context_length": context}
+    report["kv_cache_dtype"] = args.kv_cache_dtype
     report["checks"] = rows
     report |= {"robustness": robust, "bench": perf, "native": native_result}
     report["date"] = time.strftime("%Y-%m-%d")
     report["device"] = torch.cuda.get_device_name()
-    name = f"flash_dims_{args.format}_{args.input_len}{'_bench' if args.bench_only else ''}.json"
+    kind = "_bench" if args.bench_only else "_checks" if args.no_bench else ""
+    name = f"flash_dims_{args.format}_kv-{args.kv_cache_dtype}_{args.input_len}{kind}.json"
     (out_dir / name).write_text(json.dumps(report, indent=2))
     ok = print_report(report)
     print("PASS" if ok else "FAIL")
@@ -212,7 +227,8 @@ def print_report(report: dict) -> bool:
     """The short table; returns whether every gate holds."""
     rows, robust = report["checks"], report["robustness"]
     fmt = {"bf16": "bf16", "released": "FP8 linears + MXFP4 experts"}[report["format"]]
-    print(f"\n== Flash-dims DSV4 ({fmt}, random) on {report['device']} ==")
+    kv = report["kv_cache_dtype"]
+    print(f"\n== Flash-dims DSV4 ({fmt}, random, kv rows {kv}) on {report['device']} ==")
     if rows:
         print(f"{'prompt':>7} {'KL top20 mean':>14} {'max':>9} {'greedy':>7} {'max|dlp|':>9}")
     for r in rows:
@@ -234,6 +250,15 @@ def print_report(report: dict) -> bool:
         )
         ok &= refused == len(bad) and load["errors"] == 0 and load["short_outputs"] == 0
         ok &= load["hits"] >= load["requests"] // 2 and robust["used_after_flush"] == [0]
+        full = robust["full"]
+        fuzz, grammar = full["fuzz"], full["structured_output"]
+        print(
+            f"fuzz: {fuzz['cases']} requests {fuzz['statuses']}, failures {len(fuzz['failures'])}"
+            f"; structured output {sum(r['ok'] for r in grammar)}/{len(grammar)} ok"
+        )
+        for f in fuzz["failures"][:5]:
+            print("  fuzz failure:", f)
+        ok &= full["ok"]
     print(f"{'batch':>6} {'input':>6} {'output':>6} {'TTFT s':>8} {'decode tok/s':>13}")
     for p in report["bench"]:
         print(

@@ -5,7 +5,9 @@ Per batch size: a batch of random-id prompts is streamed with ``ignore_eos``; on
 has ``--warm-tokens`` tokens (all of them decoding), ``/start_profile`` records ``--steps``
 forward passes (activities CPU + GPU: the CPU side holds the ``step[DECODE bs=N]`` spans and the
 launch calls the kernels are matched to) and SGLang writes the trace itself when they are done.
-The trace is parsed by ``sglang_dsv4.perf.trace.step_stats``.
+The trace is parsed by ``sglang_dsv4.perf.trace.step_stats`` and
+``sglang_dsv4.perf.host_gaps.gap_report`` (idle gaps between the step's kernels: a histogram by
+length and the longest gaps with the kernels on both sides).
 
     python scripts/profile_decode.py --model-path /tmp/fd/ckpt-bf16            # starts our server
     python scripts/profile_decode.py --impl native --model-path /tmp/fd/ckpt-bf16
@@ -32,6 +34,7 @@ from pathlib import Path
 import requests
 from side_by_side import add_server_options, native_model_dir, server_args, server_env, stop
 
+from sglang_dsv4.perf.host_gaps import format_gaps, gap_report
 from sglang_dsv4.perf.trace import format_stats, load_trace, step_stats
 from sglang_dsv4.server_process import Server
 
@@ -140,10 +143,13 @@ def profile_batch(url: str, bs: int, vocab: int, layers: int | None, opts) -> di
         raise RuntimeError(f"the decode batch failed: {error}")
     if trace is None:
         raise RuntimeError(f"no trace {prefix}-*.trace.json.gz in {opts.trace_dir}")
-    stats = step_stats(load_trace(trace), kind=opts.kind, top=opts.top, layers=layers)
+    events = load_trace(trace)
+    stats = step_stats(events, kind=opts.kind, top=opts.top, layers=layers)
+    gaps = gap_report(events, kind=opts.kind, top=opts.top)  # idle gaps between kernels
     if opts.keep_dir is not None:
         shutil.copy(trace, Path(opts.keep_dir) / trace.name)
-    return {"batch_size": bs, "trace": str(trace), "trace_wait_s": time.time() - t0, **stats}
+    return {"batch_size": bs, "trace": str(trace), "trace_wait_s": time.time() - t0, **stats,
+            "host_gaps": gaps}  # fmt: skip
 
 
 def profile_server(url: str, batch_sizes, opts, title: str) -> tuple[dict, bool]:
@@ -155,7 +161,8 @@ def profile_server(url: str, batch_sizes, opts, title: str) -> tuple[dict, bool]
     for bs in batch_sizes:
         try:
             row = profile_batch(url, bs, vocab, layers, opts)
-            print(format_stats(row, f"{title} decode, bs={bs}") + "\n", flush=True)
+            text = format_stats(row, f"{title} decode, bs={bs}")
+            print(text + "\n" + format_gaps(row["host_gaps"]) + "\n", flush=True)
         except Exception as e:  # report it, go on with the next batch size
             failed = True
             row = {"batch_size": bs, "error": f"{type(e).__name__}: {e}"}
@@ -190,29 +197,40 @@ def model_shape(url: str) -> tuple[int, int | None, str]:
     return cfg.get("vocab_size", 1000), cfg.get("num_hidden_layers"), info["model_path"]
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def start_server(args, name: str) -> tuple[Server | None, str]:
+    """``(server, url)``: a server for ``--model-path`` (log ``OUT/<name>_<impl>.server.log``),
+    or ``(None, --url)`` to attach. Shared with profile_prefill.py."""
+    if (args.url is None) == (args.model_path is None):
+        raise SystemExit("give exactly one of --url (attach) and --model-path (start a server)")
+    if args.url is not None:
+        return None, args.url
+    model = native_model_dir(args.model_path) if args.impl == "native" else args.model_path
+    cmd = server_args(args, args.impl, model, args.context_length)
+    print(f"starting {args.impl}: {' '.join(cmd)}", flush=True)
+    server = Server(cmd, args.out / f"{name}_{args.impl}.server.log",
+                    env=server_env(args, args.impl), timeout=args.startup_timeout)  # fmt: skip
+    return server, server.url
+
+
+def add_common_options(ap: argparse.ArgumentParser, out: str) -> None:
+    """Server / output options of profile_decode.py and profile_prefill.py."""
     ap.add_argument("--url", help="attach to a running server")
     ap.add_argument("--model-path", type=Path, help="start a server on this checkpoint")
     ap.add_argument("--impl", choices=["ours", "native"], default="ours")
-    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--context-length", type=int, default=8192)
-    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/profile_decode")))
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", out)))
     ap.add_argument("--keep-traces", action="store_true", help="copy the traces to --out")
-    add_profile_options(ap)
     add_server_options(ap)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
+    add_common_options(ap, "/tmp/profile_decode")
+    add_profile_options(ap)
     args = ap.parse_args()
-    if (args.url is None) == (args.model_path is None):
-        raise SystemExit("give exactly one of --url (attach) and --model-path (start a server)")
     args.out.mkdir(parents=True, exist_ok=True)
-    server, url = None, args.url
-    if url is None:
-        model = native_model_dir(args.model_path) if args.impl == "native" else args.model_path
-        cmd = server_args(args, args.impl, model, args.context_length)
-        print(f"starting {args.impl}: {' '.join(cmd)}", flush=True)
-        server = Server(cmd, args.out / f"profile_{args.impl}.server.log",
-                        env=server_env(args, args.impl), timeout=args.startup_timeout)  # fmt: skip
-        url = server.url
+    server, url = start_server(args, "profile")
     report = {"impl": args.impl, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     report["command"] = " ".join(sys.argv)
     try:

@@ -347,6 +347,9 @@ def measure_server(args, impl, cells, server, url, deadline, doc, out_json) -> d
     if args.profile_bs:
         doc["profile"], failed = profile(args, impl, url, deadline)
         status += ", profile failed" if failed else ""
+    if args.profile_prefill:
+        doc["profile_prefill"], failed = profile_prefill(args, impl, url, deadline)
+        status += ", prefill profile failed" if failed else ""
     return {"status": status}
 
 
@@ -361,6 +364,20 @@ def profile(args, impl: str, url: str, deadline: float) -> tuple[dict, bool]:
         return {"skipped": f"{left:.0f} s left"}, False
     print(f"[{time.time() - T0:5.0f} s] profiling {impl} decode at bs {sizes}", flush=True)
     return profile_server(url, sizes, profile_options(args, "profile_"), impl)
+
+
+def profile_prefill(args, impl: str, url: str, deadline: float) -> tuple[dict, bool]:
+    """scripts/profile_prefill.py on this server."""
+    from profile_prefill import prefill_options, profile_server
+
+    cells = parse_cells(args.profile_prefill)
+    left = deadline - time.time()
+    if left < 30 * len(cells):
+        print(f"SKIPPED prefill profile {impl}: {left:.0f} s left before the deadline")
+        return {"skipped": f"{left:.0f} s left"}, False
+    keys = ",".join(c.key for c in cells)
+    print(f"[{time.time() - T0:5.0f} s] profiling {impl} extend at {keys}", flush=True)
+    return profile_server(url, cells, prefill_options(args, "profile_prefill_"), impl)
 
 
 def run(args) -> int:
@@ -406,6 +423,12 @@ def main() -> int:
     from profile_decode import add_profile_options
 
     add_profile_options(r, "profile-")
+    r.add_argument(
+        "--profile-prefill", default="", help="e.g. 4096x1,4096x16: profile_prefill.py after"
+    )
+    from profile_prefill import add_prefill_options
+
+    add_prefill_options(r, "profile-prefill-")
     args = ap.parse_args()
     return build(args) if args.cmd == "build" else run(args)
 

@@ -22,7 +22,7 @@ import logging
 import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
-from sglang_dsv4.attention.decode import DecodeMeta, KVNorm, build_decode_meta, decode_ops
+from sglang_dsv4.attention.decode import DecodeMeta, KVNorm, decode_ops
 from sglang_dsv4.attention.extend_ops import extend_ops
 from sglang_dsv4.attention.plan import BatchPlan, plan_batch
 from sglang_dsv4.attention.wrappers import CSAWrapper, HCAWrapper, SWAWrapper
@@ -135,19 +135,19 @@ class DSV4AttnBackend(AttentionBackend):
         if not fb.forward_mode.is_decode():
             return
         pool = self.token_to_kv_pool
-        self.decode_meta = build_decode_meta(
+        # one launch on the GPU; it also advances the tails' progress on the device
+        self.decode_meta = self.decode_ops.build_meta(
             fb.req_pool_indices,
             fb.positions,
             fb.out_cache_loc,
             self.req_to_token_pool.req_to_token,
             pool.full_to_swa_index_mapping,
             pool.spare_tail_row,
-            pool.schema.sliding_window,
-            self._block,
-            self._decode_pages,
+            pool.tail_pos,
+            window=pool.schema.sliding_window,
+            block=self._block,
+            n_pages=self._decode_pages,
         )
-        # Tail progress stays on the device (no host sync per step); extend plans read it.
-        pool.tail_pos[self.decode_meta.tail_rows] = self.decode_meta.positions + 1
 
     def _plan_decode(self, bs: int):
         plan = self.decode_ops.plan(bs, self._decode_pages)

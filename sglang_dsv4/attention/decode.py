@@ -23,8 +23,10 @@ spare tail row.
 Ops (chosen once at backend construction, see ``decode_ops``): :class:`DecodeTorch` is the
 twin (the ``ref`` math: ``compress_decode``, ``index_scores`` / ``index_topk``, ``attend`` on rows
 read through ``LayerKV``); ``attention.decode_kernels.DecodeKernels`` the GPU kernels. Both:
-``plan(bs, pages)`` once per batch (host; returns the batch's kernel state, kept by captured
-graphs) and ``run(plan, kind, lk, meta, q, kv, sink, scale, comp, kv_norm)`` per layer. With a
+``build_meta(...)`` once per step (the twin: :func:`build_decode_meta`'s ~45 torch ops; the
+kernels: one launch, ``kernels.decode_meta``), ``plan(bs, pages)`` once per batch (host;
+returns the batch's kernel state, kept by captured graphs) and
+``run(plan, kind, lk, meta, q, kv, sink, scale, comp, kv_norm)`` per layer. With a
 :class:`KVNorm`, ``kv`` is the raw ``wkv(x)`` and the store applies ``kv_norm`` + RoPE (fused
 into the KV-store kernel on the GPU); without, ``kv`` is already normed and roped.
 """
@@ -91,7 +93,9 @@ class DecodeMeta:
     window_i32: torch.Tensor
     pages_i32: torch.Tensor
     hca_rows: torch.Tensor
-    hca_lengths: torch.Tensor  # [B] int32 visible c128 entries (the valid prefix of hca_rows)
+    # [B] int32 visible c128 entries (the valid prefix of hca_rows), at least 1: FlashMLA's
+    # schedule wants a non-empty list (the -1 there is skipped), as SGLang clamps them
+    hca_lengths: torch.Tensor
     boundary_table: torch.Tensor
 
 
@@ -134,7 +138,7 @@ def build_decode_meta(
         window_i32=win.int(),
         pages_i32=pages.int(),
         hca_rows=_hca_rows(pages, positions, block),
-        hca_lengths=((positions + 1) // 128).clamp(max=hca_list_width(n_pages, block)).int(),
+        hca_lengths=((positions + 1) // 128).clamp(min=1, max=hca_list_width(n_pages, block)).int(),
         boundary_table=torch.where(
             torch.arange(n_pages, device=positions.device) == (positions // block).unsqueeze(1),
             torch.where(valid, swa_page, -1).unsqueeze(1),
@@ -156,6 +160,30 @@ def _hca_rows(pages: torch.Tensor, positions: torch.Tensor, block: int) -> torch
 
 class DecodeTorch:
     """The twin: the ``ref`` math of a decode step on the pools (CPU, fp32 / bf16 rows)."""
+
+    def build_meta(
+        self,
+        req_slots: torch.Tensor,
+        positions: torch.Tensor,
+        out_loc: torch.Tensor,
+        req_to_token: torch.Tensor,
+        full_to_swa: torch.Tensor,
+        spare_tail_row: int,
+        tail_pos: torch.Tensor,
+        *,
+        window: int,
+        block: int,
+        n_pages: int,
+    ) -> DecodeMeta:
+        """The step's :class:`DecodeMeta` (:func:`build_decode_meta`, device ops only) and the
+        tails' progress ``tail_pos[tail_row] = pos + 1`` (on the device: no host sync per step;
+        extend plans read it)."""
+        meta = build_decode_meta(
+            req_slots, positions, out_loc, req_to_token, full_to_swa, spare_tail_row, window,
+            block, n_pages,
+        )  # fmt: skip
+        tail_pos[meta.tail_rows] = meta.positions + 1
+        return meta
 
     def plan(self, bs: int, pages: int) -> None:
         """No host work: the torch ops size themselves."""

@@ -1,15 +1,16 @@
 """Decode step of every layer kind as GPU kernels (twin: ``attention.decode.DecodeTorch``).
 
+Per step: ``build_meta``, the step's ``DecodeMeta`` in one launch (``kernels.decode_meta``).
 Per layer, all launches, no host sync, no host branch on values (CUDA-graph captured):
 
 * ``kernels.kv_store.store_kv``: the new tokens' raw rows into their swa pages (FP8 584-byte
   rows in FlashMLA pages, or bf16 rows);
-* compressed layers: one GEMM per compressor for ``wkv(x)`` / ``wgate(x)``, then
-  ``kernels.compressor.CompressorFlush`` (``plan_decode``: one program per request, entry and
-  block-end stores gated on the device; boundary rows at the token's swa page): c4 main + c4
-  indexer (FP8 keys of the Hadamard-rotated key), c128 main;
-* c4: ``kernels.indexer.IndexerTopK`` over the FP8 keys (queries rotated by one GEMM with the
-  Hadamard matrix), whose key rows are the entry rows of the picks;
+* compressed layers: ``kernels.compressor.CompressorFlush`` over the compressors' ``wkv(x)`` /
+  ``wgate(x)`` (views of the model's one input GEMM, ``ops.proj``; ``plan_decode``: one
+  program per request, entry and block-end stores gated on the device; boundary rows at the
+  token's swa page): c4 main + c4 indexer (FP8 keys of the Hadamard-rotated key), c128 main;
+* c4: ``kernels.indexer.IndexerTopK`` over the FP8 keys (its score kernel rotates the queries
+  like the keys, ``rotate``), whose key rows are the entry rows of the picks;
 * attention: ``kernels.attention.SparseMQA`` or FlashMLA's sparse FP8 decode
   (:class:`FlashMLADecode`), picked per kind and batch shape in ``plan()`` by
   ``attention.choice.pick`` from the measured table.
@@ -22,18 +23,17 @@ import logging
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from sglang_dsv4.attention.choice import FLASHMLA, flashmla_eligible, pick
 from sglang_dsv4.attention.decode import DecodeMeta, DecodeTorch, KVNorm, hca_list_width
 from sglang_dsv4.config import AttnKind
 from sglang_dsv4.kernels.attention import SparseMQA
 from sglang_dsv4.kernels.compressor import CompressorFlush
+from sglang_dsv4.kernels.decode_meta import decode_meta_fields
 from sglang_dsv4.kernels.indexer import IndexerTopK
 from sglang_dsv4.kernels.kv_store import FP8RowLayout, IndexKeyLayout, store_kv
 from sglang_dsv4.mem.pools import LayerKV
 from sglang_dsv4.mem.schema import CacheSchema, EntryFormat
-from sglang_dsv4.ref.quant import hadamard
 
 __all__ = ["DecodeKernels", "DecodePlan", "FlashMLADecode", "load_flashmla"]
 
@@ -44,22 +44,41 @@ class FlashMLADecode:
     """FlashMLA's sparse FP8 decode, called as SGLang 0.5.17's ``DeepseekV4AttnBackend`` calls
     it (``flash_mla_with_kvcache`` with ``indices`` / ``extra_indices_in_kvcache``, ``attn_sink``,
     a ``FlashMLASchedMeta`` per plan shared by the layers of a kind). Same ``run`` signature as
-    ``SparseMQA`` (lists may hold -1: FlashMLA skips invalid indices)."""
+    ``SparseMQA`` (lists may hold -1: FlashMLA skips invalid indices).
 
-    def __init__(self, flash_mla, head_dim: int = 512):
+    The tile schedule (FlashMLA's ``get_mla_metadata_kernel``, run by the first call of a plan)
+    splits each query's key blocks over the SMs. For the sparse path its only inputs are the
+    shapes (batch, heads, list widths) and, when given, the per-query ``extra_topk_length``
+    (``csrc/smxx/decode/get_decoding_sched_meta``: ``cur_s_k = ceil(topk, 64) + extra_len``).
+    So ``lengths=False`` (SWA: no extra list; CSA: the top-k list is passed without its count,
+    its -1 tail is skipped) makes the schedule static: the first run of the plan (a captured
+    graph's eager warm-up) computes it and every replay reuses it, no launch per step. CSA
+    loses nothing: past 4 * top-k tokens every query picks all ``topk`` entries, so the
+    schedule is the same. ``lengths=True`` (HCA, whose list spans every c128 entry of the
+    context, mostly -1 on short requests) keeps the per-step schedule from the step's counts:
+    one launch per step, computed inside the graph (``after_warmup`` drops the warm-up's); its
+    counts must be >= 1 (FlashMLA wants a non-empty list; ``DecodeMeta.hca_lengths`` is)."""
+
+    def __init__(self, flash_mla, head_dim: int = 512, *, lengths: bool = True):
         self._mla = flash_mla  # the ``sgl_kernel.flash_mla`` module (see ``load_flashmla``)
         self.head_dim = head_dim
+        self.lengths = lengths  # schedule from the per-query extra counts (else static)
+        self._extra_lengths = _given if lengths else _dropped
 
     def plan(self) -> None:
         # The first run of a plan computes the tile schedule; later layers reuse it.
         self.sched = self._mla.get_mla_metadata()[0]
 
+    def after_warmup(self) -> None:
+        """Between a graph's warm-up run and its capture: a schedule computed from that run's
+        counts is dropped so that the graph computes it per replay; a static one is kept."""
+        if self.lengths:
+            self.plan()
+
     def run(
         self, q, kv, indices, sink, scale, *, extra_kv=None, extra_indices=None, extra_lengths=None
     ):
         fp8 = torch.float8_e4m3fn
-        if extra_lengths is not None:  # as SGLang: lengths of at least 1 (the lists hold -1s)
-            extra_lengths = extra_lengths.clamp(min=1)
         o, _ = self._mla.flash_mla_with_kvcache(
             q=q.unsqueeze(1),  # [B, 1, H, D]
             k_cache=kv.view(fp8),
@@ -73,9 +92,20 @@ class FlashMLADecode:
             attn_sink=sink.float(),  # FlashMLA takes fp32 sinks (a no-op when they are)
             extra_k_cache=None if extra_kv is None else extra_kv.view(fp8),
             extra_indices_in_kvcache=None if extra_indices is None else extra_indices.unsqueeze(1),
-            extra_topk_length=extra_lengths,
+            extra_topk_length=self._extra_lengths(extra_lengths),
         )
         return o.squeeze(1)
+
+
+def _given(lengths: torch.Tensor | None) -> torch.Tensor | None:
+    """The per-step counts, at least 1 each (``DecodeMeta.hca_lengths`` is built so, in the
+    step's metadata: no clamp kernel per layer)."""
+    return lengths
+
+
+def _dropped(lengths: torch.Tensor | None) -> None:
+    """A static schedule: FlashMLA walks the whole list and skips its -1 tail."""
+    return None
 
 
 def load_flashmla():
@@ -140,14 +170,12 @@ class DecodeKernels(DecodeTorch):
         self.flashmla = self._mla is not None
         self._raw_layout = FP8RowLayout.paged(schema.block_size, d) if self.fp8 else None
         di = schema.index_head_dim
-        h = hadamard(torch.eye(di, device=self.device))  # x @ H = hadamard(x)
-        self._hadamard = {torch.float32: h, torch.bfloat16: h.bfloat16()}  # by query dtype
         self._runs = {AttnKind.SWA: self._swa, AttnKind.HCA: self._hca, AttnKind.CSA: self._csa}
         self._logits: torch.Tensor | None = None  # the indexer's shared score workspace
         # Shapes the kernels cannot serve fail here, at start-up, not at the first decode step.
         SparseMQA(num_heads, d, kv_fp8=self.fp8, device=self.device)
         if schema.layers_of(AttnKind.CSA):
-            IndexerTopK(index_topk, index_heads, di)
+            IndexerTopK(index_topk, index_heads, di, rotate=True)
 
     # ------------------------------------------------------------------ plan (host)
 
@@ -169,13 +197,14 @@ class DecodeKernels(DecodeTorch):
                 self.index_heads,
                 s.index_head_dim,
                 key_layout=IndexKeyLayout("fp8", csa[0].index_keys_per_block, s.index_head_dim),
+                rotate=True,  # FP8 keys hold hadamard(k): the score kernel rotates q
             )
             indexer.plan(bs, pages * csa[0].index_keys_per_block, dev)
             indexer.logits = self._shared_logits(indexer.logits.shape)
         attn, choice = {}, {}
         for kind, extra_topk in extra.items():
             choice[kind] = pick(kind, self.num_heads, bs, window + extra_topk, self.flashmla)
-            attn[kind] = self._attention(choice[kind], bs, window, extra_topk)
+            attn[kind] = self._attention(choice[kind], kind, bs, window, extra_topk)
         flush = {}
         for name, ratio, d, out in self._compressors():
             flush[name] = CompressorFlush(ratio, d, out, layout=self._entry_layout(name, ratio))
@@ -197,9 +226,9 @@ class DecodeKernels(DecodeTorch):
             self._logits = torch.empty(n, dtype=torch.float32, device=self.device)
         return self._logits[:n].view(shape)
 
-    def _attention(self, choice: str, bs: int, window: int, extra_topk: int):
-        if choice == FLASHMLA:
-            k = FlashMLADecode(self._mla, self.schema.head_dim)
+    def _attention(self, choice: str, kind: AttnKind, bs: int, window: int, extra_topk: int):
+        if choice == FLASHMLA:  # a static schedule but on HCA (FlashMLADecode's docstring)
+            k = FlashMLADecode(self._mla, self.schema.head_dim, lengths=kind is AttnKind.HCA)
             k.plan()
         else:
             k = SparseMQA(self.num_heads, self.schema.head_dim, kv_fp8=self.fp8, device=self.device)
@@ -224,13 +253,35 @@ class DecodeKernels(DecodeTorch):
 
     def after_warmup(self, plan: DecodePlan) -> None:
         """Between SGLang's warm-up run of a graph and its capture: FlashMLA's schedules were
-        computed eagerly by the warm-up; fresh ones are computed inside the graph instead (per
-        replay, from that step's lists), as SGLang's DSV4 backend does."""
+        computed eagerly by the warm-up; those that depend on the step's counts are computed
+        inside the graph instead (per replay), static ones are kept (``FlashMLADecode``)."""
         for k in plan.attn.values():
             if isinstance(k, FlashMLADecode):
-                k.plan()
+                k.after_warmup()
 
     # ------------------------------------------------------------------ run (launches)
+
+    def build_meta(
+        self,
+        req_slots,
+        positions,
+        out_loc,
+        req_to_token,
+        full_to_swa,
+        spare_tail_row: int,
+        tail_pos,
+        *,
+        window: int,
+        block: int,
+        n_pages: int,
+    ) -> DecodeMeta:
+        """``DecodeTorch.build_meta`` in one launch (``kernels.decode_meta``)."""
+        fields = decode_meta_fields(
+            req_slots, positions, out_loc, req_to_token, full_to_swa, spare_tail_row, tail_pos,
+            window=window, block=block, n_pages=n_pages,
+            hca_width=hca_list_width(n_pages, block),
+        )  # fmt: skip
+        return DecodeMeta(**fields)
 
     def run(
         self,
@@ -268,10 +319,15 @@ class DecodeKernels(DecodeTorch):
             plan, "c4_index", lk.index_keys, lk.index_tail, lk.index_boundary, meta, comp,
             ix.compressor,
         )  # fmt: skip
-        # FP8 keys hold hadamard(k): score hadamard(q) against them (the same dot product)
-        iq = torch.matmul(ix.q, self._hadamard[ix.q.dtype]).to(torch.bfloat16)  # [B, Hi, Di]
+        # FP8 keys hold hadamard(k): the indexer's score kernel rotates q (``rotate``; bf16 in a
+        # bf16 model, fp32 queries of tests are rotated before their bf16 rounding on CPU)
         _, rows, picked = plan.indexer.run(
-            iq, ix.weights, lk.index_keys, meta.pages_i32, plan.query_req, meta.positions
+            ix.q,
+            ix.weights,
+            lk.index_keys,
+            meta.pages_i32,
+            plan.query_req,
+            meta.positions,
         )  # rows [B, topk] int32 entry rows of the picks, -1 past their count ``picked`` [B]
         return plan.attn[AttnKind.CSA].run(
             q, lk.raw_pages(), meta.window_i32, sink, scale,
@@ -279,10 +335,9 @@ class DecodeKernels(DecodeTorch):
         )  # fmt: skip
 
     def _flush(self, plan: DecodePlan, name: str, out, tail, boundary, meta, comp, w) -> None:
-        """One compressor step of every request: the two projections, then the kernel."""
-        x = comp.x.to(w.wkv.dtype)  # a no-op in a bf16 model
-        kv = F.linear(x, w.wkv)  # [B, coff*D]
-        score = F.linear(x, w.wgate)
+        """One compressor step of every request over its projections (the model's fused input
+        GEMM made them)."""
+        kv, score = comp.projections(index=name == "c4_index")  # [B, coff*D] each
         plan.flush[name].run(
             kv, score, w.ape, w.norm, comp.inv_freq, tail.kv, tail.score, meta.tail_rows_i32,
             meta.positions_i32, plan.cu_seqlens, meta.pages_i32, out,

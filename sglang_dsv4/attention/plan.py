@@ -19,6 +19,7 @@ For the batched kernels an extend plan also carries :class:`BatchTables`: the sa
 device tensors (one row per request or per token), built once per batch.
 """
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -47,12 +48,19 @@ class RequestPlan:
     window_slots: torch.Tensor  # [S - window_lo] int64 swa slots of positions window_lo..S-1
     tail: str  # TailMode
     rebuild_page: int  # REBUILD: the swa page holding token P-1 (its boundary rows); else -1
-    # (position, swa page of the token before it) per block end in (P, S]
-    block_ends: tuple[tuple[int, int], ...]
+    block: int  # tokens per block (the schema's block size)
 
     @property
     def positions(self) -> torch.Tensor:
         return torch.arange(self.prefix, self.seq_len, device=self.slots.device)
+
+    @functools.cached_property
+    def block_ends(self) -> tuple[tuple[int, int], ...]:
+        """(position, swa page of the token before it) per block end in (P, S]: what the torch
+        twin of the flush needs (a host read; the kernels use ``BatchTables``)."""
+        ends = range((self.prefix // self.block + 1) * self.block, self.seq_len + 1, self.block)
+        pages = self.window_slots[[e - 1 - self.window_lo for e in ends]] // self.block
+        return tuple(zip(ends, pages.tolist(), strict=True))
 
 
 @dataclass(frozen=True)
@@ -70,6 +78,7 @@ class BatchTables:
     # that block end lies in (P, S] (its c4 state is kept there), else 0 (the dummy page)
     query_req: torch.Tensor  # [T] int32 request of each new token
     positions: torch.Tensor  # [T] int64 position of each new token
+    window_rows: torch.Tensor  # [T, W] int32 swa slots of each query's swa_window (-1: none)
 
     @property
     def max_blocks(self) -> int:
@@ -96,10 +105,13 @@ def plan_batch(forward_batch, pool, req_to_token_pool) -> BatchPlan:
     generations = req_to_token_pool.req_generation
     block, window = pool.schema.block_size, pool.schema.sliding_window
     to_swa = pool.translate_loc_from_full_to_swa
-    slots_dev = torch.tensor(req_slots, dtype=torch.long, device=pool.tail_pos.device)
-    tail_pos = pool.tail_pos[slots_dev].tolist()
+    device = pool.tail_pos.device
+    slots_dev = torch.tensor(req_slots, dtype=torch.long, device=device)
+    facts = _device_facts(pool, req_to_token_pool, slots_dev, prefix_lens)
     requests, start = [], 0
-    for slot, pos, prefix, seq_len in zip(req_slots, tail_pos, prefix_lens, seq_lens, strict=True):
+    for slot, (pos, window_ok, last_page), prefix, seq_len in zip(
+        req_slots, facts, prefix_lens, seq_lens, strict=True
+    ):
         gen = int(generations[slot])
         if pool.tail_owner[slot] == gen and pos == prefix:
             mode = TailMode.KEEP
@@ -112,21 +124,15 @@ def plan_batch(forward_batch, pool, req_to_token_pool) -> BatchPlan:
                 f"request slot {slot}: prefix {prefix} is neither this request's own progress "
                 f"({pos}) nor a block boundary; its compressor state is lost"
             )
-        n = seq_len - prefix
-        slots = req_to_token_pool.req_to_token[slot, :seq_len].long()
         window_lo = max(0, prefix - window + 1)
-        window_slots = to_swa(slots[window_lo:])
-        if not bool((window_slots[: prefix - window_lo] > 0).all()):
+        if not window_ok:
             raise RuntimeError(
                 f"request slot {slot}: the swa rows of positions {window_lo}..{prefix - 1} "
                 "were freed while its queries still need them"
             )
-        ends = range((prefix // block + 1) * block, seq_len + 1, block)
-        pages = window_slots[[e - 1 - window_lo for e in ends]] // block
-        block_ends = tuple(zip(ends, pages.tolist(), strict=True))
-        rebuild_page = (
-            int(window_slots[prefix - 1 - window_lo]) // block if mode == TailMode.REBUILD else -1
-        )
+        n = seq_len - prefix
+        slots = req_to_token_pool.req_to_token[slot, :seq_len].long()
+        rebuild_page = last_page if mode == TailMode.REBUILD else -1
         requests.append(
             RequestPlan(
                 slot,
@@ -135,18 +141,34 @@ def plan_batch(forward_batch, pool, req_to_token_pool) -> BatchPlan:
                 slice(start, start + n),
                 slots,
                 window_lo,
-                window_slots,
+                to_swa(slots[window_lo:]),
                 mode,
                 rebuild_page,
-                block_ends,
+                block,
             )
         )
         pool.tail_owner[slot] = gen
         start += n
-    pool.tail_pos[slots_dev] = torch.tensor(seq_lens, device=slots_dev.device)
+    pool.tail_pos[slots_dev] = torch.tensor(seq_lens, device=device)
     out_loc = fb.out_cache_loc.long()
     tables = None if fb.forward_mode.is_decode() else _tables(requests, pool, req_to_token_pool)
     return BatchPlan(tuple(requests), out_loc, to_swa(out_loc), tables)
+
+
+def _device_facts(pool, req_to_token_pool, slots_dev, prefix_lens) -> list[tuple[int, int, int]]:
+    """``(tail progress, prefix window still held, swa page of token P-1)`` per request, in ONE
+    device-to-host read for the batch (a read per request would drain the GPU queue each time).
+    "Held": every swa slot of positions ``max(0, P - window + 1) .. P-1`` is nonzero."""
+    window, block = pool.schema.sliding_window, pool.schema.block_size
+    rtt, to_swa = req_to_token_pool.req_to_token, pool.translate_loc_from_full_to_swa
+    prefix = torch.tensor(prefix_lens, dtype=torch.long).to(slots_dev.device)  # [B]
+    back = torch.arange(max(1, window - 1), device=slots_dev.device)  # [W-1]
+    pos = prefix.unsqueeze(1) - 1 - back  # [B, W-1] positions P-1, P-2, .. (< 0: none)
+    rows = slots_dev.unsqueeze(1)
+    held = ((to_swa(rtt[rows, pos.clamp(min=0)]) > 0) | (pos < 0)).all(1)  # [B]
+    last = to_swa(rtt[slots_dev, (prefix - 1).clamp(min=0)]) // block  # [B]
+    facts = torch.stack([pool.tail_pos[slots_dev].long(), held.long(), last.long()], 1)
+    return [tuple(r) for r in facts.tolist()]
 
 
 def _tables(requests: list[RequestPlan], pool, req_to_token_pool) -> BatchTables:
@@ -179,8 +201,12 @@ def _tables(requests: list[RequestPlan], pool, req_to_token_pool) -> BatchTables
     last = rtt[rows, (ends - 1).clamp(max=rtt.shape[1] - 1).unsqueeze(0)].long()
     kept = (ends.unsqueeze(0) > prefix.unsqueeze(1)) & (ends.unsqueeze(0) <= seq.unsqueeze(1))
     swa_page = pool.translate_loc_from_full_to_swa(torch.where(kept, last, 0)) // block
-    positions = torch.cat([torch.arange(r.prefix, r.seq_len) for r in requests])
-    query_req = torch.repeat_interleave(torch.arange(len(requests)), torch.tensor(lens))
+    positions = torch.cat([torch.arange(r.prefix, r.seq_len) for r in requests]).to(device)
+    query_req = torch.repeat_interleave(torch.arange(len(requests)), torch.tensor(lens)).to(device)
+    # every query's window in one gather: positions t-W+1 .. t of its request (ref.window_indices)
+    window = positions.unsqueeze(1) + torch.arange(1 - pool.schema.sliding_window, 1, device=device)
+    full = rtt[slots.long()[query_req].unsqueeze(1), window.clamp(min=0)]  # [T, W] full slots
+    window_rows = torch.where(window >= 0, pool.translate_loc_from_full_to_swa(full), -1)
     return BatchTables(
         req_slots=slots,
         prefix=prefix,
@@ -190,6 +216,7 @@ def _tables(requests: list[RequestPlan], pool, req_to_token_pool) -> BatchTables
         rebuild_page=host[5],
         block_table=block_table,
         boundary_table=torch.where(kept, swa_page, 0).int(),
-        query_req=query_req.int().to(device),
-        positions=positions.to(device),
+        query_req=query_req.int(),
+        positions=positions,
+        window_rows=window_rows.int(),
     )

@@ -17,12 +17,16 @@ import torch
 
 from sglang_dsv4.attention.decode import KVNorm
 from sglang_dsv4.attention.extend_ops import ExtendOps, Picks
-from sglang_dsv4.attention.plan import BatchPlan, RequestPlan
+from sglang_dsv4.attention.plan import BatchPlan
 from sglang_dsv4.mem.pools import LayerKV
-from sglang_dsv4.ref.attention import window_indices
 from sglang_dsv4.ref.compressor import CompressorWeights
+from sglang_dsv4.ref.linear import linear
 
 __all__ = ["CSAWrapper", "CompressedInputs", "HCAWrapper", "IndexerInputs", "SWAWrapper"]
+
+
+Projected = tuple[torch.Tensor, torch.Tensor]
+"""A compressor's ``wkv(x)``, ``wgate(x)`` [T, coff*D] (raw: no ``ape``), in ``x``'s dtype."""
 
 
 @dataclass
@@ -31,6 +35,7 @@ class IndexerInputs:
     weights: torch.Tensor  # [T, Hi] raw weights_proj output
     compressor: CompressorWeights
     topk: int
+    projected: Projected | None = None  # the indexer compressor's, when the model has them
 
 
 @dataclass
@@ -40,6 +45,20 @@ class CompressedInputs:
     inv_freq: torch.Tensor
     norm_eps: float
     indexer: IndexerInputs | None = None
+    # wkv(x), wgate(x) of the main compressor as the model's fused input GEMM made them
+    # (``ops.proj``); None: computed from ``x`` where a kernel needs them (tests, benchmarks)
+    projected: Projected | None = None
+
+    def projections(self, index: bool = False) -> Projected:
+        """The main (``index``: the indexer's) compressor's ``wkv(x)``, ``wgate(x)``. The twins
+        run ``ref.compressor`` on ``x`` instead (its fp32 projection)."""
+        w, got = (self.indexer.compressor, self.indexer.projected) if index else (
+            self.compressor, self.projected
+        )  # fmt: skip
+        if got is not None:
+            return got
+        x = self.x.to(w.wkv.dtype)  # a no-op in a bf16 model
+        return linear(x, w.wkv), linear(x, w.wgate)
 
 
 class SWAWrapper:
@@ -56,7 +75,7 @@ class SWAWrapper:
 
     def plan(self, batch: BatchPlan) -> None:
         self._plan = batch
-        self._window_rows = torch.cat([self._window(req) for req in batch.requests]).int()
+        self._window_rows = batch.tables.window_rows  # [T, W] (one gather in plan_batch)
         self.ops.store.plan(batch)
         self.ops.attend.plan(batch, self._max_entries(batch))
 
@@ -79,11 +98,6 @@ class SWAWrapper:
         self.ops.store.run(lk, kv, kv_norm)
         return self.ops.attend.run(q, lk, self._window_rows, sink, scale)
 
-    def _window(self, req: RequestPlan) -> torch.Tensor:
-        """[n, W] swa slots of each query's ``swa_window`` (-1 before position 0)."""
-        idx = window_indices(req.positions, self.window, -req.window_lo)
-        return torch.where(idx >= 0, req.window_slots[idx.clamp(min=0)], -1)
-
 
 class HCAWrapper(SWAWrapper):
     """c128: the compressor flush, then every visible entry joins the key list."""
@@ -93,12 +107,7 @@ class HCAWrapper(SWAWrapper):
     def plan(self, batch: BatchPlan) -> None:
         super().plan(batch)
         self.ops.flush.plan(batch)
-        visible = [self._visible_lists(req) for req in batch.requests]  # [n_i, E_i]
-        width = self._max_entries(batch)
-        self._visible = Picks(
-            torch.cat([torch.nn.functional.pad(v, (0, width - v.shape[1]), value=-1)
-                       for v in visible]).int()
-        )  # fmt: skip
+        self._visible = Picks(self._visible_rows(batch))
 
     def _max_entries(self, batch: BatchPlan) -> int:
         return max((r.seq_len // self.ratio for r in batch.requests), default=0)
@@ -108,13 +117,16 @@ class HCAWrapper(SWAWrapper):
         self.ops.flush.run(comp.x, comp.compressor, comp.inv_freq, comp.norm_eps, lk)
         return self.ops.attend.run(q, lk, self._window_rows, sink, scale, self._visible)
 
-    def _visible_lists(self, req: RequestPlan) -> torch.Tensor:
-        """[n, E] every entry row a query of ``req`` sees (-1 past its visible count)."""
-        n = req.seq_len // self.ratio
-        rows = req.slots[: n * self.ratio : self.ratio] // self.ratio  # entry i -> flat row
-        visible = (req.positions + 1) // self.ratio  # [n]
-        ids = torch.arange(rows.numel(), device=rows.device)
-        return torch.where(ids < visible.unsqueeze(1), rows, -1)
+    def _visible_rows(self, batch: BatchPlan) -> torch.Tensor:
+        """[T, E] every entry row a query sees (-1 past its visible count), E the batch's most
+        entries. A c128 entry is one per block: entry ``i`` of a request sits at row
+        ``slot(128 i) // 128``, the block's full page (``block_table``)."""
+        t = batch.tables
+        width = self._max_entries(batch)
+        ids = torch.arange(width, device=t.positions.device)  # [E]
+        rows = t.block_table[t.query_req.long(), :width]  # [T, E]
+        visible = (t.positions + 1) // self.ratio  # [T]
+        return torch.where(ids < visible.unsqueeze(1), rows, -1).int()
 
 
 class CSAWrapper(SWAWrapper):

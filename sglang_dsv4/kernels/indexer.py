@@ -9,9 +9,12 @@ request ``b`` at position ``pos``, over entries ``s < (pos + 1) // 4`` (the caus
 the sums, which is exact) or the dequantized e2m1 values (FP4 keys: per-32 scales applied before
 the dot). Keys are addressed through the request's block table: entry ``s`` is key row
 ``block_table[b, s // 32] * 32 + s % 32`` (32 c4 entries per 128-token block), laid out by
-``kv_store.IndexKeyLayout``. ``q`` is bf16 and must already carry RoPE (and the Hadamard
-rotation when the keys were rotated); the dots run on bf16 tensor cores with fp32 accumulation
-(e4m3 -> bf16 is exact).
+``kv_store.IndexKeyLayout``. ``q`` is bf16 and must already carry RoPE; against keys stored
+Hadamard-rotated, either ``q`` carries the rotation too or ``IndexerTopK(rotate=True)`` applies
+it in the score kernel (``q S`` with ``S`` the +-1 Sylvester matrix, generated in registers, one
+tensor-core dot per program; its ``Dh^-1/2`` goes into the head weights, since ReLU is positively
+homogeneous): no separate rotation GEMM per layer. The dots run on bf16 tensor cores with fp32
+accumulation (e4m3 -> bf16 is exact).
 
 Two launches: (1) scores into an fp32 workspace ``[T, max_keys]``, grid (queries, key splits),
 each program striding over 64-key tiles of its query (decode spreads one query over the GPU);
@@ -53,6 +56,7 @@ def _logits_kernel(
     RPP: tl.constexpr,
     FP4: tl.constexpr,
     DOT_F32: tl.constexpr,
+    ROTATE: tl.constexpr,
 ):
     t = tl.program_id(0)
     split = tl.program_id(1)
@@ -61,10 +65,19 @@ def _logits_kernel(
     hh = tl.arange(0, H)
     dd = tl.arange(0, DH)
     q = tl.load(q_ptr + t.to(tl.int64) * q_stride_t + hh[:, None] * q_stride_h + dd[None, :])
+    wh = tl.load(w_ptr + t.to(tl.int64) * w_stride + hh).to(tl.float32) * (H**-0.5)
+    if ROTATE:  # q S, S[i, j] = (-1)^popcount(i & j) (Dh <= 256); S's Dh^-1/2 into the weights
+        par = dd[:, None] & dd[None, :]
+        par = par ^ (par >> 4)
+        par = par ^ (par >> 2)
+        par = par ^ (par >> 1)
+        mat_t = tl.float32 if DOT_F32 else tl.bfloat16
+        sylv = tl.where((par & 1) == 0, 1.0, -1.0).to(mat_t)  # [DH, DH], exact in bf16
+        q = tl.dot(q.to(mat_t), sylv)  # [H, DH] fp32, rounded to bf16 below on the GPU
+        wh = wh * (DH**-0.5)
     # keys are the MMA's M side (64 per tile, from registers), heads its N side: the head sum
     # is then a row reduction inside each thread's accumulator fragment
     q_t = tl.trans(q.to(tl.float32) if DOT_F32 else q.to(tl.bfloat16))  # [DH, H]
-    wh = tl.load(w_ptr + t.to(tl.int64) * w_stride + hh).to(tl.float32) * (H**-0.5)
     DATA: tl.constexpr = DH // 2 if FP4 else DH
     SCALE: tl.constexpr = DH // 32 if FP4 else 4
     PAGE: tl.constexpr = RPP * (DATA + SCALE)
@@ -206,9 +219,13 @@ class IndexerTopK:
         key_layout: IndexKeyLayout | None = None,
         write_rows: bool = True,
         max_workspace_bytes: int = 1 << 28,
+        rotate: bool = False,
     ):
         if n_heads & (n_heads - 1) or n_heads < 16 or head_dim & (head_dim - 1):
             raise ValueError(f"{n_heads} heads x {head_dim}: powers of 2, >= 16 heads")
+        if rotate and not 16 <= head_dim <= 256:
+            raise ValueError(f"the in-kernel Hadamard rotation takes 16..256 dims, got {head_dim}")
+        self.rotate = rotate  # q unrotated, keys rotated: the score kernel rotates q
         self.topk, self.n_heads, self.head_dim = topk, n_heads, head_dim
         self.ratio, self.entries_per_block = ratio, block_size // ratio
         self.key_layout = key_layout or IndexKeyLayout("fp8", head_dim=head_dim)
@@ -252,10 +269,10 @@ class IndexerTopK:
         query_req: torch.Tensor,
         positions: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``q`` [T, H, Dh] bf16 (roped; rotated like the keys), ``weights`` [T, H] (raw
-        ``weights_proj`` output), ``keys`` the indexer key cache (uint8, ``key_layout``),
-        ``block_table`` [B, max_blocks] int32, ``query_req`` [T] int32 (row of ``block_table``
-        of each query), ``positions`` [T] int32/int64.
+        """``q`` [T, H, Dh] bf16 (roped; rotated like the keys unless ``rotate``), ``weights``
+        [T, H] (raw ``weights_proj`` output), ``keys`` the indexer key cache (uint8,
+        ``key_layout``), ``block_table`` [B, max_blocks] int32, ``query_req`` [T] int32 (row of
+        ``block_table`` of each query), ``positions`` [T] int32/int64.
 
         Returns ``(ids, rows, lengths)``: entry ids [T, topk] int32 (-1 = none), their key rows
         (= entry rows, same addressing) [T, topk] int32 (``ids`` itself if ``write_rows`` is
@@ -299,6 +316,7 @@ class IndexerTopK:
             RPP=lay.rows_per_page,
             FP4=lay.fmt == "fp4",
             DOT_F32=self._dot_f32,
+            ROTATE=self.rotate,
             num_warps=4,
             num_stages=3,
         )

@@ -1,24 +1,32 @@
-"""mHC (``ref.mhc``) as Triton kernels: two launches per block boundary.
+"""mHC (``ref.mhc``) as Triton kernels: one launch per block boundary at decode, two above.
 
 :func:`hc_fused` runs, on streams ``x`` [T, hc, d] (optionally first updated by the previous
-block's ``hc_post``: ``x'_k = post_k * y + sum_j comb[j, k] x_j``, written to a new tensor):
+block's ``hc_post``: ``x'_k = post_k * y + sum_j comb[j, k] x_j``, written to a new tensor), one
+``_hc_kernel`` launch over a grid of (token tile, chunk of ``d``) programs:
 
-1. ``_hc_kernel``: the mix ``x @ fn^T`` [T, (2+hc)*hc] and the sum of squares of the flattened
-   streams, split over ``d``: ``SPLIT`` programs per tile of ``TB`` tokens write partial sums to
-   a workspace (at decode one token's ``fn`` read spreads over many SMs). The last program of a
-   tile to finish (an atomic ticket per tile, reset by that program for the next launch, so
-   CUDA-graph replays need no memset) reduces the partials and computes the maps in registers:
-   the unweighted RMS scale, the sigmoid maps, the row softmax and ``sinkhorn_iters`` Sinkhorn
-   rounds on the hc x hc matrix.
-2. ``_collapse_norm_kernel``: one program per token, the pre-weighted collapse
-   ``sum_j pre_j x_j`` and the following RMSNorm (``attn_norm`` / ``ffn_norm``) with the row in
-   registers. A separate launch because both steps reduce over ``d``: done by the last program
-   of a 16-token tile, the collapse would stream 16 tokens' streams through one SM.
+1. every program forms its tile's new streams over its chunk of ``d`` (all ``hc`` streams: the
+   post mixes them per channel) and the partial mix ``x @ fn^T`` [TB, (2+hc)*hc] with the
+   partial sum of squares (one more column), written to an fp32 workspace. The mix is a
+   [T, hc*d] x [hc*d, 24] reduction: at decode its cost is latency, so it is split over ~all SMs
+   (one 32-channel step per program at T=1: ``fn`` is read once, 12 KB per program).
+2. the last program of a tile to finish (an atomic ticket per tile, reset by that program for
+   the next launch, so CUDA-graph replays need no memset) sums the partials and computes the
+   maps in registers: the unweighted RMS scale, the sigmoid maps, the row softmax and
+   ``sinkhorn_iters`` Sinkhorn rounds on the hc x hc matrix; with one token per tile it then
+   also forms the pre-weighted collapse ``sum_j pre_j x_j`` and the following RMSNorm
+   (``attn_norm`` / ``ffn_norm``) of its token.
 
-``hc_head`` is the same pair with ``fn`` [hc, hc*d] (pre map only, no Sinkhorn) and the final
-norm. Maps are fp32 (as ``ref.mhc``); the streams and the normed block input keep the streams'
-dtype. bf16 values are rounded where ``ref`` rounds them (through fp32, round to nearest even),
-so the two differ by fp32 summation order only.
+Two forms, picked per token count (a static shape, fixed per captured graph): up to
+``FMA_MAX_TOKENS`` tokens one token per tile, the mix as elementwise FMAs into a [NMP, hc, BD]
+accumulator (no wasted rows), the collapse in the epilogue (tiles run their epilogues in
+parallel); above, 16-token tiles through ``tl.dot`` (fp32, ieee) so that ``fn`` is read once per
+16 tokens, and the collapse + norm in a second launch (``_collapse_norm_kernel``, one program
+per token: done by one program per 16-token tile it would stream 16 tokens through one SM).
+
+``hc_head`` is the same with ``fn`` [hc, hc*d] (pre map only, no Sinkhorn) and the final norm.
+Maps are fp32 (as ``ref.mhc``); the streams and the normed block input keep the streams' dtype.
+bf16 values are rounded where ``ref`` rounds them (through fp32, round to nearest even), so the
+two differ by fp32 summation order only.
 """
 
 import torch
@@ -27,13 +35,13 @@ import triton.language as tl
 
 from sglang_dsv4.kernels.kv_store import norm_apply, round_bf16
 
-__all__ = ["MAX_TILES", "hc_fused", "hc_post"]
+__all__ = ["FMA_MAX_TOKENS", "MAX_TILES", "hc_fused", "hc_post"]
 
-_TB = 16  # tokens per tile: tl.dot needs M >= 16
+FMA_MAX_TOKENS = 8  # up to this many tokens: one token per tile (module docstring)
+_TB = 16  # tokens per tile of the tl.dot form: tl.dot needs M >= 16
 _BD = 32  # channels of d per step of the mix (x tile [TB, hc, BD])
 _BE = 128  # channels of d per program of hc_post
-_SB = 8  # partials (splits) reduced per step of the epilogue
-_MAX_SPLIT = 32  # more splits buy little fn bandwidth and lengthen the epilogue's reduction
+_MAX_SPLIT_DOT = 32  # the dot form's epilogue reduces 16 tokens' partials: few splits
 MAX_TILES = 1 << 16  # tickets per workspace: T <= MAX_TILES * 16 tokens per launch
 
 
@@ -68,8 +76,58 @@ def _post_tile(x_ptr, y_ptr, out_ptr, t, tok, row, dd, p, c, D: tl.constexpr, X_
 
 
 @triton.jit
+def _streams_tile(x_ptr, y_ptr, x_out_ptr, t, tok, row, dd, p_in, c_in, D: tl.constexpr,
+                  POST: tl.constexpr, X_BF16: tl.constexpr):  # fmt: skip
+    """The tile's streams [TB, hc, BD] (fp32) at channels ``dd``: after the previous block's
+    post (stored) when ``POST``, else as loaded."""
+    if POST:
+        return _post_tile(x_ptr, y_ptr, x_out_ptr, t, tok, row, dd, p_in, c_in, D, X_BF16)
+    return tl.load(x_ptr + row + dd[None, None, :], tok[:, None, None], 0.0).to(tl.float32)
+
+
+@triton.jit
+def _partial_mix(
+    x_ptr, y_ptr, x_out_ptr, fn_ptr, t, tok, p_in, c_in, s_lo, s_hi,
+    D: tl.constexpr, HC: tl.constexpr, NM: tl.constexpr, NMP: tl.constexpr, TB: tl.constexpr,
+    BD: tl.constexpr, POST: tl.constexpr, DOT: tl.constexpr, X_BF16: tl.constexpr,
+):  # fmt: skip
+    """This program's share of the mix over steps [s_lo, s_hi) (``BD`` channels each, a
+    multiple of BD: aligned vector loads) of every stream -> [TB, NMP]:
+    columns < NM the partial ``x @ fn^T``, column NM the partial sum of squares of ``x``."""
+    j = tl.arange(0, HC)
+    m = tl.arange(0, NMP)
+    row = t.to(tl.int64)[:, None, None] * (HC * D) + j[None, :, None] * D  # [TB, hc, 1]
+    w_row = m[:, None, None] * (HC * D) + j[None, :, None] * D  # [NMP, hc, 1]
+    w_ok = (m < NM)[:, None, None]
+    if DOT:
+        acc = tl.zeros([TB, NMP], tl.float32)
+        ss = tl.zeros([TB], tl.float32)
+    else:  # elementwise FMAs, reduced once at the end (no cross-thread sums in the loop)
+        acc4 = tl.zeros([TB, NMP, HC, BD], tl.float32)
+        sq = tl.zeros([TB, HC, BD], tl.float32)
+    for step in range(s_lo, s_hi):
+        dd = step * BD + tl.arange(0, BD)
+        x = _streams_tile(x_ptr, y_ptr, x_out_ptr, t, tok, row, dd, p_in, c_in, D, POST, X_BF16)
+        if DOT:
+            ss += tl.sum(tl.sum(x * x, axis=2), axis=1)
+            for jj in tl.static_range(HC):  # K = BD per dot: fn's rows load contiguous in dd
+                xj = tl.sum(tl.where(j[None, :, None] == jj, x, 0.0), axis=1)  # [TB, BD]
+                w_ptr = fn_ptr + m[None, :] * (HC * D) + jj * D + dd[:, None]  # [BD, NMP]
+                wj = tl.load(w_ptr, (m < NM)[None, :], 0.0)
+                acc += tl.dot(xj, wj, input_precision="ieee")
+        else:
+            w = tl.load(fn_ptr + w_row + dd[None, None, :], mask=w_ok, other=0.0)  # [NMP, hc, BD]
+            sq += x * x
+            acc4 += x[:, None, :, :] * w[None, :, :, :]
+    if not DOT:
+        acc = tl.sum(tl.sum(acc4, axis=3), axis=2)
+        ss = tl.sum(tl.sum(sq, axis=2), axis=1)
+    return tl.where(m[None, :] == NM, ss[:, None], acc)
+
+
+@triton.jit
 def _reduce_mix(
-    part_ptr, ss_ptr, tile, tok, n_split, eps, TB: tl.constexpr, HC: tl.constexpr,
+    part_ptr, tile, tok, n_split, eps, TB: tl.constexpr, HC: tl.constexpr, NM: tl.constexpr,
     NMP: tl.constexpr, D: tl.constexpr, SB: tl.constexpr, HEAD: tl.constexpr,
 ):  # fmt: skip
     """Sum the ``n_split`` partials of a tile -> the RMS-scaled mix split into its three maps'
@@ -93,7 +151,7 @@ def _reduce_mix(
             ok4 = ok[:, :, None, None]
             part = tl.load(row[:, :, :, None] + comb_col, ok4, 0.0, cache_modifier=".cg")
             m_comb += tl.sum(part, axis=0)
-        ss += tl.sum(tl.load(ss_ptr + slot, ok, 0.0, cache_modifier=".cg"), axis=0)
+        ss += tl.sum(tl.load(part_ptr + slot * NMP + NM, ok, 0.0, cache_modifier=".cg"), axis=0)
     inv = tl.math.div_rn(1.0, tl.sqrt_rn(ss / (HC * D) + eps))  # [TB]
     return m_pre * inv[:, None], m_post * inv[:, None], m_comb * inv[:, None, None]
 
@@ -111,20 +169,46 @@ def _sinkhorn(logits, hc_eps, ITERS: tl.constexpr):
 
 
 @triton.jit
-def _collapse_norm_kernel(
-    x_ptr, pre_ptr, w_ptr, h_ptr, eps,
-    D: tl.constexpr, BD: tl.constexpr, HC: tl.constexpr, X_BF16: tl.constexpr,
-    W_BF16: tl.constexpr,
+def _maps(
+    part_ptr, base_ptr, scale_ptr, pre_ptr, post_ptr, comb_ptr, tile, t, tok, n_split, eps,
+    hc_eps, D: tl.constexpr, HC: tl.constexpr, NM: tl.constexpr, NMP: tl.constexpr,
+    TB: tl.constexpr, SB: tl.constexpr, ITERS: tl.constexpr, HEAD: tl.constexpr,
 ):  # fmt: skip
-    """One token: ``h = rms_norm(sum_j pre_j x_j, w)`` [d], the collapse rounded to the streams'
-    dtype first (as ``ref`` rounds it); the whole row stays in registers (one pass)."""
-    t = tl.program_id(0).to(tl.int64)
-    dd = tl.arange(0, BD)
+    """The epilogue's maps of a tile from its partials: stores pre / post / comb, returns pre
+    [TB, hc]."""
+    j = tl.arange(0, HC)
+    m_pre, m_post, m_comb = _reduce_mix(
+        part_ptr, tile, tok, n_split, eps, TB, HC, NM, NMP, D, SB, HEAD
+    )
+    t64 = t.to(tl.int64)
+    pre = tl.sigmoid(m_pre * tl.load(scale_ptr) + tl.load(base_ptr + j)[None, :]) + hc_eps
+    tl.store(pre_ptr + t64[:, None] * HC + j[None, :], pre, mask=tok[:, None])
+    if not HEAD:
+        post = 2 * tl.sigmoid(m_post * tl.load(scale_ptr + 1) + tl.load(base_ptr + HC + j)[None, :])
+        tl.store(post_ptr + t64[:, None] * HC + j[None, :], post, mask=tok[:, None])
+        cc = j[:, None] * HC + j[None, :]  # [hc, hc]
+        logits = m_comb * tl.load(scale_ptr + 2) + tl.load(base_ptr + 2 * HC + cc)[None, :, :]
+        comb = _sinkhorn(logits, hc_eps, ITERS)
+        off = t64[:, None, None] * (HC * HC) + cc[None, :, :]
+        tl.store(comb_ptr + off, comb, mask=tok[:, None, None])
+    return pre
+
+
+@triton.jit
+def _collapse_norm(x_ptr, pre, w_ptr, h_ptr, t, eps, D: tl.constexpr, BDN: tl.constexpr,
+                   HC: tl.constexpr, X_BF16: tl.constexpr, W_BF16: tl.constexpr):  # fmt: skip
+    """Token ``t``: ``h = rms_norm(sum_j pre_j x_j, w)`` [d] from ``pre`` [1, hc] (registers),
+    the collapse rounded to the streams' dtype first (as ``ref`` rounds it); the whole row in
+    registers (one pass). L1 is bypassed: other programs of this launch wrote the streams."""
+    t = t.to(tl.int64)
+    dd = tl.arange(0, BDN)
     ok = dd < D
-    u = tl.zeros([BD], tl.float32)
-    for j in tl.static_range(HC):  # independent loads of the hc streams
-        x = tl.load(x_ptr + (t * HC + j) * D + dd, mask=ok, other=0.0).to(tl.float32)
-        u += tl.load(pre_ptr + t * HC + j) * x
+    j = tl.arange(0, HC)
+    u = tl.zeros([BDN], tl.float32)
+    for jj in tl.static_range(HC):  # independent loads of the hc streams
+        p = tl.sum(tl.sum(tl.where(j[None, :] == jj, pre, 0.0), axis=1), axis=0)
+        x = tl.load(x_ptr + (t * HC + jj) * D + dd, mask=ok, other=0.0, cache_modifier=".cg")
+        u += p * x.to(tl.float32)
     if X_BF16:
         u = round_bf16(u)
     inv = tl.math.div_rn(1.0, tl.sqrt_rn(tl.sum(u * u, axis=0) / D + eps))
@@ -133,64 +217,54 @@ def _collapse_norm_kernel(
     tl.store(h_ptr + t * D + dd[None, :], h, mask=ok[None, :])
 
 
-@triton.jit(do_not_specialize=["n_tokens", "n_split", "d_chunk"])
+@triton.jit
+def _collapse_norm_kernel(
+    x_ptr, pre_ptr, w_ptr, h_ptr, eps,
+    D: tl.constexpr, BD: tl.constexpr, HC: tl.constexpr, X_BF16: tl.constexpr,
+    W_BF16: tl.constexpr,
+):  # fmt: skip
+    """One token per program (the dot form's second launch): :func:`_collapse_norm`."""
+    t = tl.program_id(0)
+    pre = tl.load(pre_ptr + t.to(tl.int64) * HC + tl.arange(0, HC))[None, :]
+    _collapse_norm(x_ptr, pre, w_ptr, h_ptr, t, eps, D, BD, HC, X_BF16, W_BF16)
+
+
+@triton.jit(do_not_specialize=["n_tokens", "n_split", "per_split"])
 def _hc_kernel(
     x_ptr, y_ptr, post_in_ptr, comb_in_ptr, x_out_ptr,  # streams, [previous block's hc_post]
-    fn_ptr, base_ptr, scale_ptr,  # this site's weights
-    pre_ptr, post_ptr, comb_ptr,  # outputs: the maps
-    part_ptr, ss_ptr, ticket_ptr,  # workspace: partial mixes, partial sums of squares, tickets
-    n_tokens, n_split, d_chunk, eps, hc_eps,
+    fn_ptr, base_ptr, scale_ptr, norm_w_ptr,  # this site's weights
+    pre_ptr, post_ptr, comb_ptr, h_ptr,  # outputs: the maps, [the normed block input]
+    part_ptr, ticket_ptr,  # workspace: partial mixes + sums of squares, tickets
+    n_tokens, n_split, per_split, eps, hc_eps,
     D: tl.constexpr, HC: tl.constexpr, NM: tl.constexpr, NMP: tl.constexpr, TB: tl.constexpr,
     BD: tl.constexpr, SB: tl.constexpr, ITERS: tl.constexpr, POST: tl.constexpr,
-    HEAD: tl.constexpr, X_BF16: tl.constexpr,
+    HEAD: tl.constexpr, DOT: tl.constexpr, COLLAPSE: tl.constexpr, BDN: tl.constexpr,
+    X_BF16: tl.constexpr, W_BF16: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
     split = tl.program_id(1)
     t = tile * TB + tl.arange(0, TB)
     tok = t < n_tokens
-    j = tl.arange(0, HC)
-    m = tl.arange(0, NMP)
-    row = t.to(tl.int64)[:, None, None] * (HC * D) + j[None, :, None] * D  # [TB, hc, 1]
+    p_in, c_in = post_in_ptr, comb_in_ptr
     if POST:
         p_in, c_in = _load_maps(post_in_ptr, comb_in_ptr, t, tok, HC, X_BF16)
-    acc = tl.zeros([TB, NMP], tl.float32)
-    ss = tl.zeros([TB], tl.float32)
-    d_lo = split * d_chunk
-    for d0 in range(d_lo, tl.minimum(d_lo + d_chunk, D), BD):
-        dd = d0 + tl.arange(0, BD)
-        if POST:
-            x = _post_tile(x_ptr, y_ptr, x_out_ptr, t, tok, row, dd, p_in, c_in, D, X_BF16)
-        else:
-            x = tl.load(x_ptr + row + dd[None, None, :], tok[:, None, None], 0.0).to(tl.float32)
-        ss += tl.sum(tl.sum(x * x, axis=2), axis=1)
-        k = tl.reshape(j[:, None] * D + dd[None, :], [HC * BD])  # flattened (stream, channel)
-        w = tl.load(fn_ptr + m[None, :] * (HC * D) + k[:, None], (m < NM)[None, :], 0.0)
-        acc += tl.dot(tl.reshape(x, [TB, HC * BD]), w, input_precision="ieee")  # [TB, NMP]
+    s_lo = split * per_split
+    part = _partial_mix(
+        x_ptr, y_ptr, x_out_ptr, fn_ptr, t, tok, p_in, c_in, s_lo,
+        tl.minimum(s_lo + per_split, D // BD), D, HC, NM, NMP, TB, BD, POST, DOT, X_BF16,
+    )  # fmt: skip
     slot = (tile * n_split + split) * TB + tl.arange(0, TB)
-    tl.store(part_ptr + slot[:, None] * NMP + m[None, :], acc)
-    tl.store(ss_ptr + slot, ss)
-    tl.debug_barrier()  # every thread's partials before the release of the ticket
+    tl.store(part_ptr + slot[:, None] * NMP + tl.arange(0, NMP)[None, :], part)
+    tl.debug_barrier()  # every thread's partials (and new streams) before the ticket's release
     if tl.atomic_add(ticket_ptr + tile, 1, sem="acq_rel") == n_split - 1:
         tl.debug_barrier()
-        m_pre, m_post, m_comb = _reduce_mix(
-            part_ptr, ss_ptr, tile, tok, n_split, eps, TB, HC, NMP, D, SB, HEAD
-        )
-        t64 = t.to(tl.int64)
-        pre = tl.sigmoid(m_pre * tl.load(scale_ptr) + tl.load(base_ptr + j)[None, :]) + hc_eps
-        tl.store(pre_ptr + t64[:, None] * HC + j[None, :], pre, mask=tok[:, None])
-        if not HEAD:
-            post = 2 * tl.sigmoid(
-                m_post * tl.load(scale_ptr + 1) + tl.load(base_ptr + HC + j)[None, :]
-            )
-            tl.store(post_ptr + t64[:, None] * HC + j[None, :], post, mask=tok[:, None])
-            cc = j[:, None] * HC + j[None, :]  # [hc, hc]
-            logits = m_comb * tl.load(scale_ptr + 2) + tl.load(base_ptr + 2 * HC + cc)[None, :, :]
-            comb = _sinkhorn(logits, hc_eps, ITERS)
-            tl.store(
-                comb_ptr + t64[:, None, None] * (HC * HC) + cc[None, :, :],
-                comb,
-                mask=tok[:, None, None],
-            )
+        pre = _maps(
+            part_ptr, base_ptr, scale_ptr, pre_ptr, post_ptr, comb_ptr, tile, t, tok, n_split,
+            eps, hc_eps, D, HC, NM, NMP, TB, SB, ITERS, HEAD,
+        )  # fmt: skip
+        if COLLAPSE:  # one token per tile (TB == 1)
+            xs_ptr = x_out_ptr if POST else x_ptr
+            _collapse_norm(xs_ptr, pre, norm_w_ptr, h_ptr, tile, eps, D, BDN, HC, X_BF16, W_BF16)
         tl.store(ticket_ptr + tile, 0)  # ready for the next launch (graph replays included)
 
 
@@ -208,6 +282,23 @@ def _check(x: torch.Tensor, fn: torch.Tensor) -> tuple[int, int, int]:
     if -(-n // _TB) > MAX_TILES:
         raise ValueError(f"{n} tokens: at most {MAX_TILES * _TB} per launch")
     return n, hc, d
+
+
+def _grid(n: int, d: int, n_rows: int, programs: int) -> dict:
+    """The launch shape for ``n`` tokens: tile size, form, splits of ``d`` (``programs``: about
+    how many programs to launch in all)."""
+    dot = n > FMA_MAX_TOKENS
+    tb = _TB if dot else 1
+    n_tiles, steps = -(-n // tb), d // _BD
+    cap = _MAX_SPLIT_DOT if dot else steps
+    per_split = -(-steps // max(1, min(steps, cap, programs // n_tiles)))  # BD steps
+    n_split = -(-steps // per_split)
+    nmp = triton.next_power_of_2(n_rows + 1)  # + the sum of squares column
+    return {
+        "n_tiles": n_tiles, "n_split": n_split, "per_split": per_split, "TB": tb,
+        "DOT": dot, "NMP": max(16, nmp) if dot else nmp,
+        "SB": 8 if dot else 256,  # fixed per form (one compile); splits past n_split masked
+    }  # fmt: skip
 
 
 def hc_fused(
@@ -243,28 +334,26 @@ def hc_fused(
     y, post_in, comb_in = post_of if post_of is not None else (x, x, x)
     if post_of is not None and (y.shape != (n, d) or not y.is_contiguous()):
         raise ValueError(f"block output must be contiguous [T, d] = [{n}, {d}], got {y.shape}")
-    n_tiles, steps = -(-n // _TB), d // _BD
-    per_split = -(-steps // max(1, min(steps, _MAX_SPLIT, programs // n_tiles)))  # BD steps
-    n_split = -(-steps // per_split)
-    nmp = max(16, triton.next_power_of_2(fn.shape[0]))
-    part = torch.empty(n_tiles * n_split * _TB * nmp, **f32)
-    ss = torch.empty(n_tiles * n_split * _TB, **f32)
+    g = _grid(n, d, fn.shape[0], programs)
+    part = torch.empty(g["n_tiles"] * g["n_split"] * g["TB"] * g["NMP"], **f32)
     x_bf16 = x.dtype == torch.bfloat16
-    _hc_kernel[(n_tiles, n_split)](
+    w_bf16 = x_bf16 and norm_w.dtype == torch.bfloat16
+    bdn = triton.next_power_of_2(d)
+    _hc_kernel[(g["n_tiles"], g["n_split"])](
         x_ptr=x, y_ptr=y, post_in_ptr=post_in, comb_in_ptr=comb_in, x_out_ptr=streams,
-        fn_ptr=fn, base_ptr=base, scale_ptr=scale,
-        pre_ptr=pre, post_ptr=pre if head else post, comb_ptr=pre if head else comb,
-        part_ptr=part, ss_ptr=ss, ticket_ptr=tickets,
-        n_tokens=n, n_split=n_split, d_chunk=per_split * _BD, eps=eps, hc_eps=hc_eps,
-        D=d, HC=hc, NM=fn.shape[0], NMP=nmp, TB=_TB, BD=_BD, SB=_SB, ITERS=iters,
-        POST=post_of is not None, HEAD=head, X_BF16=x_bf16, num_warps=4,
+        fn_ptr=fn, base_ptr=base, scale_ptr=scale, norm_w_ptr=norm_w,
+        pre_ptr=pre, post_ptr=pre if head else post, comb_ptr=pre if head else comb, h_ptr=h,
+        part_ptr=part, ticket_ptr=tickets,
+        n_tokens=n, n_split=g["n_split"], per_split=g["per_split"], eps=eps, hc_eps=hc_eps,
+        D=d, HC=hc, NM=fn.shape[0], NMP=g["NMP"], TB=g["TB"], BD=_BD, SB=g["SB"], ITERS=iters,
+        POST=post_of is not None, HEAD=head, DOT=g["DOT"], COLLAPSE=not g["DOT"], BDN=bdn,
+        X_BF16=x_bf16, W_BF16=w_bf16, num_warps=4 if g["DOT"] else 8,
     )  # fmt: skip
-    bd = triton.next_power_of_2(d)
-    _collapse_norm_kernel[(n,)](
-        x_ptr=streams, pre_ptr=pre, w_ptr=norm_w, h_ptr=h, eps=eps, D=d, BD=bd, HC=hc,
-        X_BF16=x_bf16, W_BF16=x_bf16 and norm_w.dtype == torch.bfloat16,
-        num_warps=8 if bd >= 4096 else 4,
-    )  # fmt: skip
+    if g["DOT"]:
+        _collapse_norm_kernel[(n,)](
+            x_ptr=streams, pre_ptr=pre, w_ptr=norm_w, h_ptr=h, eps=eps, D=d, BD=bdn, HC=hc,
+            X_BF16=x_bf16, W_BF16=w_bf16, num_warps=8 if bdn >= 4096 else 4,
+        )  # fmt: skip
     return streams, h, post, comb
 
 

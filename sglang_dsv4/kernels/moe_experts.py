@@ -19,7 +19,11 @@ epilogue of w2. Two forms, both free of host syncs and data-dependent shapes (CU
 
 * :func:`moe_experts_slots` (decode, small T): a program per (token slot, N tile) reads only its
   chosen expert's rows, as a GEMV; a second kernel per (token, d tile) sums the token's slots
-  through w2. Two launches, and only the chosen experts' weights are read.
+  through w2. Two launches, and only the chosen experts' weights are read. Both run one GEMV
+  body (``_rows_dot``): N tiles down to 4 rows so that batch 1 still has ~3 programs per SM,
+  wide K tiles (32 weights per thread, products kept per column and reduced once after the
+  loop), FP8 block scales applied to the vector (exact: powers of two). Tiles:
+  :func:`slot_tiles`.
 * :func:`moe_experts_sorted` (prefill, large T): (token, slot) pairs sorted by expert; each
   program owns an M block of one expert (blocks found in-kernel from the group offsets) and runs
   ``tl.dot`` tiles, so each expert's weights are read once per block row.
@@ -36,7 +40,15 @@ import triton.language as tl
 
 from sglang_dsv4.kernels.mxfp4_moe import _fp4_tile
 
-__all__ = ["FORMATS", "ExpertWeights", "Proj", "moe_experts_slots", "moe_experts_sorted"]
+__all__ = [
+    "FORMATS",
+    "ExpertWeights",
+    "Proj",
+    "SlotTiles",
+    "moe_experts_slots",
+    "moe_experts_sorted",
+    "slot_tiles",
+]
 
 FORMATS = {"dense": 0, "fp8": 1, "mxfp4": 2, "nvfp4": 3}
 _GROUP = {"mxfp4": 32, "nvfp4": 16}
@@ -111,7 +123,7 @@ def _w_tile(w_ptr, s_ptr, gs_ptr, e, offs_n, n_ok, k0, K, stride_wn, stride_sn,
             NV: tl.constexpr):  # fmt: skip
     """Weight tile [BLOCK_N, BLOCK_K] of rows ``offs_n``, columns ``k0 ...`` of one expert
     (``w_ptr`` / ``s_ptr`` at its row ``e``): dense in its dtype, quantized formats decoded to
-    fp32 with their scales applied."""
+    fp32 with their scales applied (FP8: ``BLOCK_K`` divides 128, one scale column)."""
     if FMT >= 2:  # FP4: codes * block scale * global scale, as the reference multiplies
         gs = 1.0
         if NV:  # compile-time: one of the two is built
@@ -137,69 +149,135 @@ def _swiglu(g, u, limit):
 
 
 @triton.jit
-def _slot_w13_kernel(x_ptr, chosen_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, gs1_ptr, gs3_ptr, h_ptr,
-                     D, I, limit, shared_row, stride_xt, stride_we, stride_wn, stride_se,
-                     stride_sn, TOPK: tl.constexpr, SLOTS: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr,
+def _scaled_vec(v, s_ptr, n0, offs_k, K, stride_sn, FMT: tl.constexpr):
+    """``v`` [BLOCK_K] times the FP8 block scales of rows ``n0 ...`` (one 128-row block: the
+    N tile is at most 128 rows, aligned) at columns ``offs_k``; other formats: ``v``. Scaling
+    the vector instead of the weight tile is exact (powers of two) and keeps the tile's loads
+    free of per-128-column scale broadcasts."""
+    if FMT == 1:
+        sb = tl.load(s_ptr + (n0 // 128) * stride_sn + offs_k // 128, mask=offs_k < K, other=127)
+        v = v * tl.exp2(sb.to(tl.float32) - 127.0)
+    return v
+
+
+@triton.jit
+def _rows_dot(wa_ptr, wb_ptr, sa_ptr, sb_ptr, gsa_ptr, gsb_ptr, es, wts, n0, n_lim, v_ptr,
+              stride_v, K, stride_we, stride_wn, stride_se, stride_sn, PAIR: tl.constexpr,
+              SEGS: tl.constexpr, SP: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr, UNROLL: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr,
+              NV: tl.constexpr):  # fmt: skip
+    """GEMV body of both slot kernels: rows ``n0 ... n0 + BLOCK_N`` (< ``n_lim``) of weight
+    ``a`` (and of ``b`` when ``PAIR``: w1 and w3 in one pass) over ``SEGS`` segments of K
+    columns, segment ``j`` from bank row ``es[j]`` times vector ``j`` (``v_ptr + j *
+    stride_v``) weighted by ``wts[j]`` -> fp32 [BLOCK_N] each. w1/w3: one segment (the slot's
+    expert, x); w2: one per slot (its expert, its h). The segments run as one flat loop of K
+    tiles (no per-slot loop to drain); products accumulate per column in a [BLOCK_N, BLOCK_K]
+    tile, reduced once after the loop."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < n_lim
+    TILE: tl.constexpr = 0 if FMT == 1 else FMT  # FP8 codes load raw; the vector is scaled
+    chunks = tl.cdiv(K, BLOCK_K)
+    acc_a = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc_b = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # unused (dropped) unless PAIR
+    for c in tl.range(0, SEGS * chunks, loop_unroll_factor=UNROLL):
+        j = c // chunks
+        pick = tl.arange(0, SP) == j
+        e = tl.sum(tl.where(pick, es, 0), axis=0)  # from registers: no load on the way
+        k0 = (c - j * chunks) * BLOCK_K
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        v = tl.load(v_ptr + j * stride_v + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+        v = v * tl.sum(tl.where(pick, wts, 0.0), axis=0)
+        wa = _w_tile(wa_ptr + e * stride_we, sa_ptr + e * stride_se, gsa_ptr, e, offs_n, n_ok,
+                     k0, K, stride_wn, stride_sn, BLOCK_N, BLOCK_K, TILE, G, NV)  # fmt: skip
+        if PAIR:
+            wb = _w_tile(wb_ptr + e * stride_we, sb_ptr + e * stride_se, gsb_ptr, e, offs_n,
+                         n_ok, k0, K, stride_wn, stride_sn, BLOCK_N, BLOCK_K, TILE, G,
+                         NV)  # fmt: skip
+            vb = _scaled_vec(v, sb_ptr + e * stride_se, n0, offs_k, K, stride_sn, FMT)
+            acc_b += wb.to(tl.float32) * vb[None, :]
+        va = _scaled_vec(v, sa_ptr + e * stride_se, n0, offs_k, K, stride_sn, FMT)
+        acc_a += wa.to(tl.float32) * va[None, :]
+    return tl.sum(acc_a, axis=1), tl.sum(acc_b, axis=1)
+
+
+@triton.jit
+def _slot_experts(chosen_ptr, weights_ptr, t, j0, shared_row, TOPK: tl.constexpr,
+                  SP: tl.constexpr):  # fmt: skip
+    """Bank rows int64 [SP] and routing weights [SP] of token ``t``'s slots ``j0 ...``: its
+    chosen experts, past top-k the shared row with weight 1."""
+    j = j0 + tl.arange(0, SP)
+    routed = j < TOPK
+    e = tl.load(chosen_ptr + t * TOPK + j, mask=routed, other=0)
+    wt = tl.load(weights_ptr + t * TOPK + j, mask=routed, other=1.0)
+    return tl.where(routed, e, shared_row).to(tl.int64), wt
+
+
+@triton.jit
+def _slot_w13_kernel(x_ptr, chosen_ptr, weights_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, gs1_ptr,
+                     gs3_ptr, h_ptr, D, I, limit, shared_row, stride_xt, stride_we, stride_wn,
+                     stride_se, stride_sn, TOPK: tl.constexpr, SLOTS: tl.constexpr,
+                     SP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     UNROLL: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr,
                      NV: tl.constexpr):  # fmt: skip
     p = tl.program_id(0)  # token slot: t * SLOTS + j
     t = p // SLOTS
-    j = p % SLOTS
-    # the slot's chosen expert, or the shared row past top-k
-    e = tl.load(chosen_ptr + t * TOPK + j, mask=j < TOPK, other=0)
-    e = tl.where(j < TOPK, e, shared_row).to(tl.int64)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < I
-    w1_e, w3_e = w1_ptr + e * stride_we, w3_ptr + e * stride_we
-    s1_e, s3_e = s1_ptr + e * stride_se, s3_ptr + e * stride_se
-    acc_g = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    acc_u = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + t * stride_xt + offs_k, mask=offs_k < D, other=0.0).to(tl.float32)
-        wg = _w_tile(w1_e, s1_e, gs1_ptr, e, offs_n, n_ok, k0, D, stride_wn, stride_sn,
-                     BLOCK_N, BLOCK_K, FMT, G, NV)  # fmt: skip
-        wu = _w_tile(w3_e, s3_e, gs3_ptr, e, offs_n, n_ok, k0, D, stride_wn, stride_sn,
-                     BLOCK_N, BLOCK_K, FMT, G, NV)  # fmt: skip
-        acc_g += tl.sum(wg.to(tl.float32) * x[None, :], axis=1)
-        acc_u += tl.sum(wu.to(tl.float32) * x[None, :], axis=1)
-    h = _swiglu(acc_g, acc_u, limit)
-    tl.store(h_ptr + p * I + offs_n, h.to(h_ptr.dtype.element_ty), mask=n_ok)
+    es, _ = _slot_experts(chosen_ptr, weights_ptr, t, p % SLOTS, shared_row, TOPK, SP)
+    n0 = tl.program_id(1) * BLOCK_N
+    ones = tl.full((SP,), 1.0, dtype=tl.float32)  # the routing weight is w2's epilogue
+    g, u = _rows_dot(w1_ptr, w3_ptr, s1_ptr, s3_ptr, gs1_ptr, gs3_ptr, es, ones, n0, I,
+                     x_ptr + t * stride_xt, 0, D, stride_we, stride_wn, stride_se, stride_sn,
+                     True, 1, SP, BLOCK_N, BLOCK_K, UNROLL, FMT, G, NV)  # fmt: skip
+    h = _swiglu(g, u, limit)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    tl.store(h_ptr + p * I + offs_n, h.to(h_ptr.dtype.element_ty), mask=offs_n < I)
 
 
 @triton.jit
 def _slot_w2_kernel(h_ptr, chosen_ptr, weights_ptr, w_ptr, s_ptr, gs_ptr, out_ptr, D, I,
                     shared_row, stride_we, stride_wn, stride_se, stride_sn, stride_ot,
-                    TOPK: tl.constexpr, SLOTS: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr,
-                    NV: tl.constexpr):  # fmt: skip
+                    TOPK: tl.constexpr, SLOTS: tl.constexpr, SP: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UNROLL: tl.constexpr,
+                    FMT: tl.constexpr, G: tl.constexpr, NV: tl.constexpr):  # fmt: skip
     t = tl.program_id(0)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < D
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for j in tl.static_range(SLOTS):  # j is a compile-time constant: one branch is built
-        if j < TOPK:
-            e = tl.load(chosen_ptr + t * TOPK + j).to(tl.int64)
-            wt = tl.load(weights_ptr + t * TOPK + j)
-        else:  # the shared expert, weight 1
-            e = tl.zeros((), dtype=tl.int64) + shared_row
-            wt = 1.0
-        w_e, s_e = w_ptr + e * stride_we, s_ptr + e * stride_se
-        part = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for k0 in range(0, I, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            h = tl.load(h_ptr + (t * SLOTS + j) * I + offs_k, mask=offs_k < I, other=0.0)
-            w = _w_tile(w_e, s_e, gs_ptr, e, offs_n, n_ok, k0, I, stride_wn, stride_sn,
-                        BLOCK_N, BLOCK_K, FMT, G, NV)  # fmt: skip
-            part += tl.sum(w.to(tl.float32) * h.to(tl.float32)[None, :], axis=1)
-        acc += part * wt
-    tl.store(out_ptr + t * stride_ot + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+    es, wts = _slot_experts(chosen_ptr, weights_ptr, t, 0, shared_row, TOPK, SP)
+    n0 = tl.program_id(1) * BLOCK_N
+    acc, _ = _rows_dot(w_ptr, w_ptr, s_ptr, s_ptr, gs_ptr, gs_ptr, es, wts, n0, D,
+                       h_ptr + t * SLOTS * I, I, I, stride_we, stride_wn, stride_se, stride_sn,
+                       False, SLOTS, SP, BLOCK_N, BLOCK_K, UNROLL, FMT, G, NV)  # fmt: skip
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    tl.store(out_ptr + t * stride_ot + offs_n, acc.to(out_ptr.dtype.element_ty), mask=offs_n < D)
 
 
-def _slot_tiles(t: int) -> int:
-    """BLOCK_N of the slot kernels: narrow tiles at batch 1 so that a few experts still fill the
-    GPU with programs (a guess until bench_moe.py measures it)."""
-    return 16 if t <= 2 else 32
+class SlotTiles(NamedTuple):
+    """Launch shape of the slot kernels: N and K tiles of the w1/w3 kernel (``block_i``,
+    ``k_i``) and of the w2 kernel (``block_d``, ``k_d``), warps and K-loop unroll factor of
+    both (unrolled, the compiler may issue the next tile's loads before this tile's FMAs;
+    ``num_stages`` does not pipeline these loads: they feed no ``tl.dot``)."""
+
+    block_i: int
+    k_i: int
+    block_d: int
+    k_d: int
+    warps: int = 4
+    unroll: int = 1
+
+
+_SMS = 132  # H100 SXM; the tile choice only needs the order of magnitude
+_PER_THREAD = 32  # fp32 accumulator elements per thread and weight: no spills on sm_90
+
+
+def slot_tiles(fmt: str, pairs: int, tokens: int, inter: int, d: int, warps: int = 4) -> SlotTiles:
+    """Slot-kernel tiles. At batch 1 the grid is pairs x N / BLOCK_N programs: narrow N tiles
+    (down to 4 rows) so that a few experts still give >= ~3 programs per SM; each tile holds
+    32 weights per thread (several 16-byte loads in flight per thread and weight), its K width
+    what the N tile leaves. A guess from the HBM model (``fmt`` unused so far) until
+    ``scripts/bench_moe.py --sweep`` measures it."""
+    elems = _PER_THREAD * 32 * warps
+    block_i = next((b for b in (32, 16, 8) if pairs * -(-inter // b) >= 3 * _SMS), 4)
+    block_d = next((b for b in (32, 16, 8) if tokens * -(-d // b) >= 2 * _SMS), 4)
+    k_i = min(elems // block_i, triton.next_power_of_2(d))
+    k_d = min(elems // block_d, triton.next_power_of_2(inter))
+    return SlotTiles(block_i, max(k_i, 64), block_d, max(k_d, 64), warps, 1)
 
 
 def _strides(w: torch.Tensor, s: torch.Tensor) -> dict:
@@ -215,33 +293,60 @@ def moe_experts_slots(
     limit: float,
     shared_row: int | None = None,
     out: torch.Tensor | None = None,
+    tiles: SlotTiles | None = None,
 ) -> torch.Tensor:
     """``x`` [T, d], ``chosen`` int [T, k], ``weights`` [T, k] -> [T, d] in x's dtype (into
     ``out`` when given): the sum over slots of weight * expert(x), plus the shared expert when
-    ``shared_row`` is given."""
+    ``shared_row`` is given. ``tiles``: the launch shape (default :func:`slot_tiles`)."""
     t, d = x.shape
     _, inter = bank.check(d)
-    topk = chosen.shape[1]
-    slots = topk + (shared_row is not None)
-    x, chosen, weights = x.contiguous(), chosen.contiguous(), weights.float().contiguous()
+    slots = chosen.shape[1] + (shared_row is not None)
     h = torch.empty(t * slots, inter, dtype=x.dtype, device=x.device)  # [T * S, I]
     out = torch.empty(t, d, dtype=x.dtype, device=x.device) if out is None else out
     if t == 0:
         return out
-    (w1, s1, gs1), (w3, s3, gs3), (w2, s2, gs2) = (bank.operands(p) for p in bank[:3])
-    block_n = _slot_tiles(t)
-    row = -1 if shared_row is None else shared_row
-    common = dict(chosen_ptr=chosen, D=d, I=inter, shared_row=row, TOPK=topk, SLOTS=slots,
-                  BLOCK_N=block_n, BLOCK_K=128, num_warps=4, **bank.constexprs())  # fmt: skip
-    _slot_w13_kernel[(t * slots, triton.cdiv(inter, block_n))](
-        x_ptr=x, w1_ptr=w1, w3_ptr=w3, s1_ptr=s1, s3_ptr=s3, gs1_ptr=gs1, gs3_ptr=gs3, h_ptr=h,
-        limit=float(limit), stride_xt=x.stride(0), **_strides(w1, s1), **common,
-    )  # fmt: skip
-    _slot_w2_kernel[(t, triton.cdiv(d, block_n))](
-        h_ptr=h, weights_ptr=weights, w_ptr=w2, s_ptr=s2, gs_ptr=gs2, out_ptr=out,
-        stride_ot=out.stride(0), **_strides(w2, s2), **common,
-    )  # fmt: skip
+    tiles = tiles or slot_tiles(bank.fmt, t * slots, t, inter, d)
+    launch = _SlotLaunch(x, chosen, weights, bank, shared_row, tiles)
+    launch.w13(h, limit)
+    launch.w2(h, out)
     return out
+
+
+class _SlotLaunch:
+    """The two slot-kernel launches of one call (apart, so that the benchmark times each)."""
+
+    def __init__(self, x, chosen, weights, bank: ExpertWeights, shared_row, tiles: SlotTiles):
+        self.x, self.chosen = x.contiguous(), chosen.contiguous()
+        self.weights = weights.float().contiguous()
+        self.bank, self.tiles = bank, tiles
+        self.t, self.d = x.shape
+        self.inter = bank.w1.w.shape[1]
+        topk = chosen.shape[1]
+        slots = topk + (shared_row is not None)
+        self.common = dict(
+            chosen_ptr=self.chosen, D=self.d, I=self.inter,
+            shared_row=-1 if shared_row is None else shared_row, TOPK=topk,
+            SLOTS=slots, SP=max(2, triton.next_power_of_2(slots)), UNROLL=tiles.unroll,
+            weights_ptr=self.weights, num_warps=tiles.warps, **bank.constexprs(),
+        )  # fmt: skip
+
+    def w13(self, h: torch.Tensor, limit: float) -> None:
+        """h [T * S, I] = SwiGLU(w1 x, w3 x) of every token slot."""
+        (w1, s1, gs1), (w3, s3, gs3) = (self.bank.operands(p) for p in self.bank[:2])
+        grid = (h.shape[0], triton.cdiv(self.inter, self.tiles.block_i))
+        _slot_w13_kernel[grid](
+            x_ptr=self.x, w1_ptr=w1, w3_ptr=w3, s1_ptr=s1, s3_ptr=s3, gs1_ptr=gs1, gs3_ptr=gs3,
+            h_ptr=h, limit=float(limit), stride_xt=self.x.stride(0), BLOCK_N=self.tiles.block_i,
+            BLOCK_K=self.tiles.k_i, **_strides(w1, s1), **self.common,
+        )  # fmt: skip
+
+    def w2(self, h: torch.Tensor, out: torch.Tensor) -> None:
+        """out [T, d] = sum over slots of weight * w2 h."""
+        w2, s2, gs2 = self.bank.operands(self.bank.w2)
+        _slot_w2_kernel[(self.t, triton.cdiv(self.d, self.tiles.block_d))](
+            h_ptr=h, w_ptr=w2, s_ptr=s2, gs_ptr=gs2, out_ptr=out, stride_ot=out.stride(0),
+            BLOCK_N=self.tiles.block_d, BLOCK_K=self.tiles.k_d, **_strides(w2, s2), **self.common,
+        )  # fmt: skip
 
 
 @triton.jit

@@ -1,5 +1,4 @@
-"""MoE routing in one kernel (two when the experts do not fit one tile): gate GEMM, scoring,
-expert choice and weights.
+"""MoE routing in one kernel: gate GEMM, scoring, expert choice and weights.
 
 For a block of tokens: ``logits = x @ gate.T`` (fp32 accumulation), scores ``s`` = sqrtsoftplus /
 sigmoid / softmax of the logits, chosen experts = top-k of ``s + bias`` (``noaux_tc``: the bias
@@ -9,47 +8,57 @@ the chosen *unbiased* scores normalized to sum 1, times ``routed_scaling_factor`
 safe). Expert ids are clamped into [0, E) so that a NaN row cannot send the expert kernels out of
 bounds.
 
-With up to ``_FUSED_MAX_E`` experts one program holds a token block's whole logit row and does
-everything; above that (the real Flash has 256) a first kernel spreads the gate GEMM over expert
-tiles (one program reading the whole 2 MB gate would be latency-bound at decode) and a second one
-selects. Twin: :func:`sglang_dsv4.ref.moe.route_scores`, ``route_topk`` / ``route_hash``,
-``route_weights``.
+The gate GEMM is a [T, d] x [d, E] reduction: at decode its cost is latency (one program reading
+the 128 KB bf16 gate of 16 experts took ~23 us on the H100), so it is split over a grid of
+(token tile, expert block, chunk of ``d``) programs writing fp32 partial logits to a workspace;
+the last program of a tile to finish (an atomic ticket per tile, reset by that program, so
+CUDA-graph replays need no memset) sums them and selects. Up to ``FMA_MAX_TOKENS`` tokens one
+token per tile with elementwise FMAs (no wasted rows); above, 16-token tiles through ``tl.dot``
+(the gate read once per 16 tokens). Twin: :func:`sglang_dsv4.ref.moe.route_scores`,
+``route_topk`` / ``route_hash``, ``route_weights``.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["SCORING", "moe_route"]
+__all__ = ["FMA_MAX_TOKENS", "MAX_TILES", "SCORING", "moe_route"]
 
 SCORING = {"sqrtsoftplus": 0, "sigmoid": 1, "softmax": 2}
-_FUSED_MAX_E = 64
-_BLOCK_T = 16  # tl.dot's smallest M
+FMA_MAX_TOKENS = 8  # up to this many tokens: one token per tile (module docstring)
+_TB = 16  # tokens per tile of the tl.dot form: tl.dot's smallest M
+_BE_MAX = 64  # experts per program; more are spread over expert blocks of 32
+_MAX_SPLIT_DOT = 32  # the dot form's epilogue reduces 16 tokens' partials: few splits
+MAX_TILES = 1 << 16  # tickets per workspace: T <= MAX_TILES * 16 tokens per launch
 
 
 @triton.jit
-def _logits_tile(x_ptr, g_ptr, offs_t, t_ok, offs_e, e_ok, D, stride_xt, stride_ge,
-                 BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
-                 FP32: tl.constexpr):  # fmt: skip
-    """``x[offs_t] @ gate[offs_e].T`` [BLOCK_T, BLOCK_E] in fp32."""
-    offs_d = tl.arange(0, BLOCK_D)
-    acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        d_ok = (d0 + offs_d) < D
-        x = tl.load(
-            x_ptr + offs_t[:, None] * stride_xt + (d0 + offs_d)[None, :],
-            mask=t_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
-        g = tl.load(
-            g_ptr + offs_e[:, None] * stride_ge + (d0 + offs_d)[None, :],
-            mask=e_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
-        if FP32:  # the reference's fp32 product (inputs of mixed or fp32 dtype)
+def _partial_logits(x_ptr, g_ptr, offs_t, t_ok, offs_e, e_ok, s_lo, s_hi, stride_xt, stride_ge,
+                    D: tl.constexpr, TB: tl.constexpr, BE: tl.constexpr, BD: tl.constexpr,
+                    DOT: tl.constexpr, FP32: tl.constexpr):  # fmt: skip
+    """``x[offs_t] @ gate[offs_e].T`` over steps [s_lo, s_hi) of ``BD`` channels -> [TB, BE]
+    fp32: elementwise FMAs reduced once at the end (one-token tiles) or ``tl.dot``."""
+    offs_d = tl.arange(0, BD)
+    t64 = offs_t.to(tl.int64)
+    if DOT:
+        acc = tl.zeros((TB, BE), dtype=tl.float32)
+    else:
+        acc3 = tl.zeros((TB, BE, BD), dtype=tl.float32)
+    for step in range(s_lo, s_hi):
+        d = step * BD + offs_d
+        d_ok = d < D
+        x_ok = t_ok[:, None] & d_ok[None, :]
+        x = tl.load(x_ptr + t64[:, None] * stride_xt + d[None, :], mask=x_ok, other=0.0)
+        g_ok = e_ok[:, None] & d_ok[None, :]
+        g = tl.load(g_ptr + offs_e[:, None] * stride_ge + d[None, :], mask=g_ok, other=0.0)
+        if DOT and FP32:  # the reference's fp32 product (inputs of mixed or fp32 dtype)
             acc += tl.dot(x.to(tl.float32), tl.trans(g.to(tl.float32)), input_precision="ieee")
-        else:  # bf16 x bf16 products are exact in the fp32 accumulator
+        elif DOT:  # bf16 x bf16 products are exact in the fp32 accumulator
             acc += tl.dot(x, tl.trans(g))
+        else:
+            acc3 += x.to(tl.float32)[:, None, :] * g.to(tl.float32)[None, :, :]
+    if not DOT:
+        acc = tl.sum(acc3, axis=2)
     return acc
 
 
@@ -116,56 +125,63 @@ def _select(logits, offs_t, t_ok, offs_e, E, bias_ptr, tid2eid_ptr, ids_ptr, cho
     tl.store(weights_ptr + out, w_k, mask=ok)
 
 
-@triton.jit
-def _route_fused_kernel(x_ptr, g_ptr, bias_ptr, tid2eid_ptr, ids_ptr, chosen_ptr, weights_ptr,
-                        T, D, E, stride_xt, stride_ge, stride_tid, rsf, TOPK: tl.constexpr,
-                        BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
-                        BLOCK_D: tl.constexpr, SCORING: tl.constexpr, HASH: tl.constexpr,
-                        FP32: tl.constexpr):  # fmt: skip
-    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+@triton.jit(do_not_specialize=["T", "n_split", "per_split"])
+def _route_kernel(
+    x_ptr, g_ptr, bias_ptr, tid2eid_ptr, ids_ptr, chosen_ptr, weights_ptr, part_ptr, ticket_ptr,
+    T, E, n_split, per_split, stride_xt, stride_ge, stride_tid, rsf,
+    D: tl.constexpr, TOPK: tl.constexpr, BLOCK_K: tl.constexpr, TB: tl.constexpr,
+    BE: tl.constexpr, BEF: tl.constexpr, BD: tl.constexpr, SB: tl.constexpr,
+    SCORING: tl.constexpr, HASH: tl.constexpr, FP32: tl.constexpr, DOT: tl.constexpr,
+):  # fmt: skip
+    tile, e_blk, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_t = tile * TB + tl.arange(0, TB)
     t_ok = offs_t < T
-    offs_e = tl.arange(0, BLOCK_E)
-    logits = _logits_tile(
-        x_ptr, g_ptr, offs_t, t_ok, offs_e, offs_e < E, D, stride_xt, stride_ge,
-        BLOCK_T, BLOCK_E, BLOCK_D, FP32,
+    offs_e = e_blk * BE + tl.arange(0, BE)
+    e_ok = offs_e < E
+    s_lo = split * per_split
+    part = _partial_logits(
+        x_ptr, g_ptr, offs_t, t_ok, offs_e, e_ok, s_lo, tl.minimum(s_lo + per_split, -(-D // BD)),
+        stride_xt, stride_ge, D, TB, BE, BD, DOT, FP32,
     )  # fmt: skip
-    _select(
-        logits, offs_t, t_ok, offs_e, E, bias_ptr, tid2eid_ptr, ids_ptr, chosen_ptr, weights_ptr,
-        stride_tid, rsf, TOPK, BLOCK_K, SCORING, HASH,
-    )  # fmt: skip
+    slot = (tile * n_split + split) * TB + tl.arange(0, TB)  # [TB] rows of E partial logits
+    tl.store(part_ptr + slot[:, None] * E + offs_e[None, :], part, mask=e_ok[None, :])
+    tl.debug_barrier()  # every thread's partials before the ticket's release
+    last = n_split * tl.num_programs(1) - 1
+    if tl.atomic_add(ticket_ptr + tile, 1, sem="acq_rel") == last:
+        tl.debug_barrier()
+        offs_f = tl.arange(0, BEF)
+        f_ok = offs_f < E
+        logits = tl.zeros((TB, BEF), dtype=tl.float32)
+        for s0 in range(0, n_split, SB):  # SB splits' loads in flight per step
+            s = s0 + tl.arange(0, SB)
+            row = ((tile * n_split + s)[:, None] * TB + tl.arange(0, TB)[None, :]) * E  # [SB, TB]
+            ok = ((s < n_split)[:, None] & t_ok[None, :])[:, :, None] & f_ok[None, None, :]
+            ptr = part_ptr + row[:, :, None] + offs_f[None, None, :]
+            logits += tl.sum(tl.load(ptr, mask=ok, other=0.0, cache_modifier=".cg"), axis=0)
+        _select(
+            logits, offs_t, t_ok, offs_f, E, bias_ptr, tid2eid_ptr, ids_ptr, chosen_ptr,
+            weights_ptr, stride_tid, rsf, TOPK, BLOCK_K, SCORING, HASH,
+        )  # fmt: skip
+        tl.store(ticket_ptr + tile, 0)  # ready for the next launch (graph replays included)
 
 
-@triton.jit
-def _logits_kernel(x_ptr, g_ptr, out_ptr, T, D, E, stride_xt, stride_ge, BLOCK_T: tl.constexpr,
-                   BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, FP32: tl.constexpr):  # fmt: skip
-    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
-    t_ok, e_ok = offs_t < T, offs_e < E
-    logits = _logits_tile(
-        x_ptr, g_ptr, offs_t, t_ok, offs_e, e_ok, D, stride_xt, stride_ge,
-        BLOCK_T, BLOCK_E, BLOCK_D, FP32,
-    )  # fmt: skip
-    ok = t_ok[:, None] & e_ok[None, :]
-    tl.store(out_ptr + offs_t[:, None] * E + offs_e[None, :], logits, mask=ok)
-
-
-@triton.jit
-def _select_kernel(logits_ptr, bias_ptr, tid2eid_ptr, ids_ptr, chosen_ptr, weights_ptr, T, E,
-                   stride_tid, rsf, TOPK: tl.constexpr, BLOCK_K: tl.constexpr,
-                   BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, SCORING: tl.constexpr,
-                   HASH: tl.constexpr):  # fmt: skip
-    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_e = tl.arange(0, BLOCK_E)
-    t_ok = offs_t < T
-    logits = tl.load(
-        logits_ptr + offs_t[:, None] * E + offs_e[None, :],
-        mask=t_ok[:, None] & (offs_e < E)[None, :],
-        other=0.0,
-    )
-    _select(
-        logits, offs_t, t_ok, offs_e, E, bias_ptr, tid2eid_ptr, ids_ptr, chosen_ptr, weights_ptr,
-        stride_tid, rsf, TOPK, BLOCK_K, SCORING, HASH,
-    )  # fmt: skip
+def _grid(t: int, d: int, n_exp: int, programs: int) -> dict:
+    """Launch shape for ``t`` tokens: tile size and form, expert blocks, splits of ``d``
+    (``programs``: about how many programs to launch in all)."""
+    dot = t > FMA_MAX_TOKENS
+    tb = _TB if dot else 1
+    bd = 64 if dot else 128
+    bef = max(16, triton.next_power_of_2(n_exp))
+    be = bef if bef <= _BE_MAX else 32
+    n_tiles, n_eblk, steps = -(-t // tb), -(-n_exp // be), -(-d // bd)
+    cap = _MAX_SPLIT_DOT if dot else steps
+    per_split = -(-steps // max(1, min(steps, cap, programs // (n_tiles * n_eblk))))
+    n_split = -(-steps // per_split)
+    sb = max(1, 4096 // (tb * bef))  # <= 4096 loads per step; fixed per shape (one compile)
+    return {
+        "grid": (n_tiles, n_eblk, n_split), "per_split": per_split, "TB": tb, "BE": be,
+        "BEF": bef, "BD": bd, "SB": sb, "DOT": dot,
+    }  # fmt: skip
 
 
 def moe_route(
@@ -178,10 +194,15 @@ def moe_route(
     routed_scaling_factor: float,
     scoring_func: str = "sqrtsoftplus",
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    *,
+    tickets: torch.Tensor | None = None,
+    programs: int = 264,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``x`` [T, d], ``gate`` [E, d]; ``bias`` [E] (scored layers) or ``tid2eid`` [vocab, k] and
     token ``ids`` [T] (hash layers) -> (chosen int32 [T, k], weights fp32 [T, k]), written into
-    ``out`` when given (contiguous, those dtypes)."""
+    ``out`` when given (contiguous, those dtypes). ``tickets``: int32 zeros [MAX_TILES] on x's
+    device reused across launches (the kernel leaves them zero; None: fresh zeros, one more
+    launch). ``programs``: about how many programs to launch (2 per SM on the H100)."""
     if scoring_func not in SCORING:
         raise ValueError(f"unknown scoring_func {scoring_func!r}")
     hashed = tid2eid is not None
@@ -191,6 +212,8 @@ def moe_route(
     n_exp = gate.shape[0]
     if gate.shape[1] != d or (hashed and tid2eid.shape[1] != topk) or topk > n_exp:
         raise ValueError(f"x {tuple(x.shape)}, gate {tuple(gate.shape)}, top-k {topk}")
+    if -(-t // _TB) > MAX_TILES:
+        raise ValueError(f"{t} tokens: at most {MAX_TILES * _TB} per launch")
     x, gate = x.contiguous(), gate.contiguous()
     if out is None:
         out = (
@@ -200,35 +223,22 @@ def moe_route(
     chosen, weights = out
     if t == 0:
         return chosen, weights
+    if tickets is None:
+        tickets = torch.zeros(MAX_TILES, dtype=torch.int32, device=x.device)
+    g = _grid(t, d, n_exp, programs)
+    n_tiles, _, n_split = g["grid"]
+    part = torch.empty(n_tiles * n_split * g["TB"] * n_exp, dtype=torch.float32, device=x.device)
     dummy = chosen  # stands in for the pointers a layer kind does not use
     tid2eid_ = tid2eid if hashed else dummy
-    common = dict(
-        bias_ptr=bias if bias is not None else dummy,
-        tid2eid_ptr=tid2eid_,
-        ids_ptr=ids if hashed else dummy,
-        chosen_ptr=chosen,
-        weights_ptr=weights,
-        stride_tid=tid2eid_.stride(0),
-        rsf=float(routed_scaling_factor),
-        TOPK=topk,
-        BLOCK_K=triton.next_power_of_2(topk),
-        BLOCK_T=_BLOCK_T,
-        SCORING=SCORING[scoring_func],
-        HASH=hashed,
-    )
-    fp32 = not (x.dtype == gate.dtype and x.dtype in (torch.bfloat16, torch.float16))
-    block_e = max(16, triton.next_power_of_2(n_exp))
-    grid_t = triton.cdiv(t, _BLOCK_T)
-    if n_exp <= _FUSED_MAX_E:
-        _route_fused_kernel[(grid_t,)](
-            x_ptr=x, g_ptr=gate, T=t, D=d, E=n_exp, stride_xt=x.stride(0),
-            stride_ge=gate.stride(0), BLOCK_E=block_e, BLOCK_D=64, FP32=fp32, **common,
-        )  # fmt: skip
-        return chosen, weights
-    logits = torch.empty(t, n_exp, dtype=torch.float32, device=x.device)
-    _logits_kernel[(grid_t, triton.cdiv(n_exp, 32))](
-        x_ptr=x, g_ptr=gate, out_ptr=logits, T=t, D=d, E=n_exp, stride_xt=x.stride(0),
-        stride_ge=gate.stride(0), BLOCK_T=_BLOCK_T, BLOCK_E=32, BLOCK_D=128, FP32=fp32,
+    _route_kernel[g["grid"]](
+        x_ptr=x, g_ptr=gate, bias_ptr=bias if bias is not None else dummy, tid2eid_ptr=tid2eid_,
+        ids_ptr=ids if hashed else dummy, chosen_ptr=chosen, weights_ptr=weights, part_ptr=part,
+        ticket_ptr=tickets, T=t, E=n_exp, n_split=n_split, per_split=g["per_split"],
+        stride_xt=x.stride(0), stride_ge=gate.stride(0), stride_tid=tid2eid_.stride(0),
+        rsf=float(routed_scaling_factor), D=d, TOPK=topk, BLOCK_K=triton.next_power_of_2(topk),
+        TB=g["TB"], BE=g["BE"], BEF=g["BEF"], BD=g["BD"], SB=g["SB"],
+        SCORING=SCORING[scoring_func], HASH=hashed,
+        FP32=not (x.dtype == gate.dtype and x.dtype in (torch.bfloat16, torch.float16)),
+        DOT=g["DOT"], num_warps=4,
     )  # fmt: skip
-    _select_kernel[(grid_t,)](logits_ptr=logits, T=t, E=n_exp, BLOCK_E=block_e, **common)
     return chosen, weights

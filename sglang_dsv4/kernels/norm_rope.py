@@ -23,7 +23,6 @@ from sglang_dsv4.kernels.kv_store import (
     hadamard_rows,
     norm_apply,
     rms_inv,
-    rope_pairs,
     rope_rows,
     round_bf16,
 )
@@ -81,28 +80,22 @@ def _rms_rope_kernel(
     D: tl.constexpr, RB: tl.constexpr, NORM: tl.constexpr, HAS_W: tl.constexpr,
     INVERSE: tl.constexpr, X_BF16: tl.constexpr, W_BF16: tl.constexpr,
 ):  # fmt: skip
-    r = tl.program_id(0) * RB + tl.arange(0, RB)  # rows = (token, head) pairs
+    """Rows = (token, head) pairs: with ``NORM`` the whole head row is loaded once (vector
+    loads), normed and rotated in registers; without, only its last 64 channels."""
+    r = tl.program_id(0) * RB + tl.arange(0, RB)
     ok = (r < n_rows)[:, None]
     t = r // n_heads
     base = x_ptr + t.to(tl.int64)[:, None] * stride_t + (r % n_heads)[:, None] * stride_h
-    pair = D - 64 + 2 * tl.arange(0, 32)  # the RoPE pairs, de-interleaved (same cache lines)
-    re = tl.load(base + pair[None, :], mask=ok, other=0.0).to(tl.float32)  # [RB, 32]
-    im = tl.load(base + pair[None, :] + 1, mask=ok, other=0.0).to(tl.float32)
-    if NORM:
-        cols = tl.arange(0, D)
-        x = tl.load(base + cols[None, :], mask=ok, other=0.0).to(tl.float32)  # [RB, D]
-        inv = rms_inv(x, eps, D)
-        w = tl.load(w_ptr + cols) if HAS_W else cols
-        w_re = tl.load(w_ptr + pair) if HAS_W else pair
-        w_im = tl.load(w_ptr + pair + 1) if HAS_W else pair
-        x = _scale_rows(x, inv, w, HAS_W, X_BF16, W_BF16)
-        re = _scale_rows(re, inv, w_re, HAS_W, X_BF16, W_BF16)
-        im = _scale_rows(im, inv, w_im, HAS_W, X_BF16, W_BF16)
-        tl.store(base + cols[None, :], x, mask=ok & (cols < D - 64)[None, :])
     pos = tl.load(pos_ptr + t, mask=r < n_rows, other=0)
-    re, im = rope_pairs(re, im, -pos if INVERSE else pos, inv_freq_ptr, X_BF16)
-    tl.store(base + pair[None, :], re, mask=ok)
-    tl.store(base + pair[None, :] + 1, im, mask=ok)
+    pos = -pos if INVERSE else pos
+    W: tl.constexpr = D if NORM else 64  # channels read and written
+    cols = D - W + tl.arange(0, W)
+    x = tl.load(base + cols[None, :], mask=ok, other=0.0).to(tl.float32)  # [RB, W]
+    if NORM:
+        w = tl.load(w_ptr + cols) if HAS_W else cols
+        x = _scale_rows(x, rms_inv(x, eps, D), w, HAS_W, X_BF16, W_BF16)
+    x = rope_rows(x, pos, inv_freq_ptr, RB, W, X_BF16)
+    tl.store(base + cols[None, :], x, mask=ok)
 
 
 def rms_rope_(

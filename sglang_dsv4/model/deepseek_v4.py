@@ -37,8 +37,6 @@ from sglang_dsv4.config import AttnKind, DSV4Config, LayerSpec
 from sglang_dsv4.model.experts import MoE
 from sglang_dsv4.model.linears import KeptFormats, QuantLinear, keeps_quantized
 from sglang_dsv4.ops import HcWeights, build_ops
-from sglang_dsv4.ref.attention import grouped_output_proj
-from sglang_dsv4.ref.linear import linear
 from sglang_dsv4.ref.model import RefDSV4
 from sglang_dsv4.weights.layout import StoredWeight
 from sglang_dsv4.weights.loader import TensorMismatchError, WeightStream
@@ -48,6 +46,19 @@ from sglang_dsv4.weights.nvfp4 import nvfp4_scope, to_nvfp4
 logger = logging.getLogger(__name__)
 
 _FFN = re.compile(r"layers\.(\d+)\.ffn\.(.+)\Z")
+
+_X_SWA = ("wq_a", "wkv")
+_X_HCA = (*_X_SWA, "compressor.wkv", "compressor.wgate")
+_X_CSA = (*_X_HCA, "indexer.compressor.wkv", "indexer.compressor.wgate", "indexer.weights_proj")
+READS: dict[AttnKind, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    AttnKind.SWA: (_X_SWA, ("wq_b",)),
+    AttnKind.HCA: (_X_HCA, ("wq_b",)),
+    AttnKind.CSA: (_X_CSA, ("wq_b", "indexer.wq_b")),
+}
+"""The one table of the linears that share an input, by layer kind (names under
+``layers.i.attn.``, in output order): those reading the normed attention input ``x``, then
+those reading the normed ``q_lora`` row. The checkpoint keeps these names; ``ops.proj`` fuses
+each tuple into one GEMM at load (a derived buffer)."""
 
 __all__ = ["DeepseekV4ForCausalLM"]
 
@@ -92,7 +103,8 @@ class _Attention(nn.Module):
         rank = cfg.o_groups * cfg.o_lora_rank
         self.wo_a = kept.linear(p + "wo_a", cfg.num_heads * d // cfg.o_groups, rank)
         self.wo_b = kept.linear(p + "wo_b", rank, h)
-        self.attn_sink = nn.Parameter(torch.zeros(cfg.num_heads))
+        # fp32 as released (and as FlashMLA / SparseMQA take it: no cast kernel per layer)
+        self.attn_sink = nn.Parameter(torch.zeros(cfg.num_heads, dtype=torch.float32))
         if spec.attn.compressed:
             csa = spec.attn is AttnKind.CSA
             self.compressor = _Compressor(kept, p + "compressor.", h, d, spec.ratio, csa)
@@ -145,6 +157,7 @@ class DeepseekV4ForCausalLM(nn.Module):
         self.head = kept.linear("head", cfg.hidden_size, cfg.vocab_size)
         self.logits_processor = LogitsProcessor(config)
         self._ref: RefDSV4 | None = None
+        self._projections: dict | None = None  # derived from the weights at load
         self.ops = build_ops(cfg, device)  # Triton kernels on CUDA, the ref twins on CPU
 
     @property
@@ -201,46 +214,58 @@ class DeepseekV4ForCausalLM(nn.Module):
         self, block: _Block, x: torch.Tensor, positions: torch.Tensor, backend
     ) -> torch.Tensor:
         """``ref.RefDSV4.project`` / ``output`` through ``self.ops``: normed input ``x`` [T, d]
-        -> the attention block's output [T, d]."""
+        -> the attention block's output [T, d]. The linears that read ``x`` (and those that
+        read ``q_lora``) run as one GEMM each (``ops.proj``, :data:`READS`)."""
         ref, cfg, spec, norm = self.ref, self.cfg, block.spec, self.ops.norm
-        w, p = ref.w, f"layers.{spec.index}.attn."
+        w, p, n = ref.w, f"layers.{spec.index}.attn.", x.shape[0]
         inv_freq = ref.inv_freq[spec.index]
-        qr = norm.rms(linear(x, w[p + "wq_a.weight"]), w[p + "q_norm.weight"])  # [T, q_lora]
-        q = linear(qr, w[p + "wq_b.weight"]).view(x.shape[0], cfg.num_heads, cfg.head_dim)
+        reads_x, reads_qr = self.projections[spec.index]
+        xs = dict(zip(READS[spec.attn][0], self.ops.proj.run(reads_x, x), strict=True))
+        qr = norm.rms(xs["wq_a"], w[p + "q_norm.weight"])  # [T, q_lora]
+        qs = dict(zip(READS[spec.attn][1], self.ops.proj.run(reads_qr, qr), strict=True))
+        q = qs["wq_b"].view(n, cfg.num_heads, cfg.head_dim)
         q = norm.rms_rope(q, None, positions, inv_freq)  # [T, H, D]
-        kv, kv_norm = self._kv(block, x, positions)
+        # raw wkv(x): the backend applies kv_norm + RoPE inside its KV store (one fused kernel
+        # on the GPU decode path)
+        kv_norm = KVNorm(w[p + "kv_norm.weight"], inv_freq, positions, cfg.norm_eps)
         comp = None
         if spec.attn.compressed:
             indexer = None
             if spec.attn is AttnKind.CSA:
-                iq, iw = self._indexer_query(block, x, qr, positions)
-                iw_comp = ref.compressor_weights(spec.index, "indexer.compressor")
-                indexer = IndexerInputs(iq, iw, iw_comp, cfg.index_topk)
+                iq = qs["indexer.wq_b"].view(n, cfg.index_n_heads, cfg.index_head_dim)
+                indexer = IndexerInputs(
+                    norm.rope(iq, positions, inv_freq),  # [T, Hi, Di] roped
+                    xs["indexer.weights_proj"],  # [T, Hi]
+                    ref.compressor_weights(spec.index, "indexer.compressor"),
+                    cfg.index_topk,
+                    (xs["indexer.compressor.wkv"], xs["indexer.compressor.wgate"]),
+                )
             comp = CompressedInputs(
-                x, ref.compressor_weights(spec.index), inv_freq, cfg.norm_eps, indexer
-            )
+                x, ref.compressor_weights(spec.index), inv_freq, cfg.norm_eps, indexer,
+                (xs["compressor.wkv"], xs["compressor.wgate"]),
+            )  # fmt: skip
         lk = backend.token_to_kv_pool.layer(spec.index)
         sink, scale = block.attn.attn_sink, cfg.head_dim**-0.5
-        o = backend.run(spec.attn, lk, q, kv, sink, scale, comp, kv_norm=kv_norm)
+        o = backend.run(spec.attn, lk, q, xs["wkv"], sink, scale, comp, kv_norm=kv_norm)
         o = norm.rope(o, positions, inv_freq, inverse=True)  # [T, H, D]
-        return grouped_output_proj(o, w[p + "wo_a.weight"], w[p + "wo_b.weight"])
+        return self.ops.proj.grouped(o, w[p + "wo_a.weight"], w[p + "wo_b.weight"])
 
-    def _kv(self, block: _Block, x: torch.Tensor, positions: torch.Tensor):
-        """``wkv(x)`` [T, D] and the ``kv_norm`` + RoPE that make it the stored KV row: the
-        backend applies them inside its KV store (one fused kernel on the GPU decode path)."""
-        w, p = self.ref.w, f"layers.{block.spec.index}.attn."
-        kv = linear(x, w[p + "wkv.weight"])
-        inv_freq = self.ref.inv_freq[block.spec.index]
-        return kv, KVNorm(w[p + "kv_norm.weight"], inv_freq, positions, self.cfg.norm_eps)
+    @property
+    def projections(self) -> dict:
+        """Layer index -> what ``ops.proj.run`` takes for the linears reading ``x`` and those
+        reading ``q_lora`` (:data:`READS`), derived from the loaded weights once."""
+        if self._projections is None:
+            self._projections = self._fuse_projections()
+        return self._projections
 
-    def _indexer_query(self, block: _Block, x, qr, positions):
-        """``ref.RefDSV4.indexer_query``: (roped indexer queries [T, Hi, Di], raw head weights
-        [T, Hi])."""
-        cfg, w, i = self.cfg, self.ref.w, block.spec.index
-        p = f"layers.{i}.attn.indexer."
-        q = linear(qr, w[p + "wq_b.weight"]).view(x.shape[0], cfg.index_n_heads, -1)
-        q = self.ops.norm.rope(q, positions, self.ref.inv_freq[i])
-        return q, linear(x, w[p + "weights_proj.weight"])
+    def _fuse_projections(self) -> dict:
+        w, fuse = self.ref.w, self.ops.proj.fuse
+        out = {}
+        for b in self.layers:
+            p = f"layers.{b.spec.index}.attn."
+            groups = READS[b.spec.attn]
+            out[b.spec.index] = tuple(fuse([w[f"{p}{n}.weight"] for n in g]) for g in groups)
+        return out
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Stream checkpoint tensors (HF or released names, dense or released-format quantized)
@@ -278,6 +303,9 @@ class DeepseekV4ForCausalLM(nn.Module):
                 stats.skipped_mtp,
             )
         self._ref = None
+        # after the weights are in: concatenated projections (the GPU's ops.proj) are derived
+        # buffers whose parts become views, so later loads write through them
+        self._projections = self._fuse_projections()
 
 
 EntryClass = DeepseekV4ForCausalLM

@@ -18,7 +18,7 @@ constructor call in :func:`build_ops`.
 
 Families: ``hc`` (mHC pre / post / head with the following RMSNorm, :mod:`.mhc`), ``norm``
 (RMSNorm and RoPE of the attention block, :mod:`.norm`), ``moe`` (routed + shared experts,
-:mod:`.moe`).
+:mod:`.moe`), ``proj`` (the linears that read one input as one GEMM, :mod:`.proj`).
 """
 
 from dataclasses import dataclass
@@ -29,6 +29,7 @@ from sglang_dsv4.config import DSV4Config
 from sglang_dsv4.ops.mhc import HcTorch, HcWeights, hc_ops
 from sglang_dsv4.ops.moe import MoeTorch, moe_ops
 from sglang_dsv4.ops.norm import NormTorch, norm_ops
+from sglang_dsv4.ops.proj import ProjTorch, proj_ops
 
 __all__ = ["HcWeights", "Ops", "build_ops"]
 
@@ -38,6 +39,7 @@ class Ops:
     hc: HcTorch
     norm: NormTorch
     moe: MoeTorch
+    proj: ProjTorch
 
 
 def build_ops(cfg: DSV4Config, device: torch.device | str, *, kernels: bool | None = None) -> Ops:
@@ -49,4 +51,5 @@ def build_ops(cfg: DSV4Config, device: torch.device | str, *, kernels: bool | No
         hc=hc_ops(cfg, device, use),
         norm=norm_ops(cfg, device, use),
         moe=moe_ops(cfg, device, use),
+        proj=proj_ops(use),
     )

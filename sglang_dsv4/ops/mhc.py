@@ -7,8 +7,10 @@ later boundary (the previous block's ``hc_post`` and the next block's ``hc_pre``
 
 * :class:`HcTorch` -- the twin: ``ref.mhc`` then ``ref.norm.rms_norm`` (the CPU path, exactly
   the reference's numbers; the test oracle).
-* :class:`HcTriton` -- :mod:`sglang_dsv4.kernels.mhc`: two launches per boundary (mix + maps, then
-  collapse + norm per token); ``post`` alone is one.
+* :class:`HcTriton` -- :mod:`sglang_dsv4.kernels.mhc`: one launch per boundary up to
+  ``FMA_MAX_TOKENS`` tokens (mix split over the SMs, maps + collapse + norm in the last program
+  of each token), two above (collapse + norm per token in a second launch); ``post`` alone is
+  one.
 """
 
 from dataclasses import dataclass

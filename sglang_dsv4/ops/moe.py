@@ -18,8 +18,8 @@
 The kernel form of dense / FP8 banks is picked per token count from :data:`SLOT_MAX_TOKENS`:
 the slot (GEMV) form reads only the chosen experts' rows once per token slot, the best at batch
 1; the sorted grouped GEMM reads each used expert once per M block, the best once tokens share
-experts. The default table is a guess to be replaced by ``scripts/bench_moe.py`` numbers from the
-H100.
+experts. Each entry of the table says whether it was measured (``scripts/bench_moe.py`` on the
+H100) or guessed.
 """
 
 import torch
@@ -31,9 +31,14 @@ from sglang_dsv4.weights.layout import Fmt
 
 __all__ = ["SLOT_MAX_TOKENS", "MoeTorch", "MoeTriton", "moe_ops"]
 
-SLOT_MAX_TOKENS = {"bf16": 4, "fp8": 4, "fp4": 4}
-"""Largest token count run in the slot form, by bank format (above it: the sorted form).
-Default until measured: ``python scripts/bench_moe.py`` prints the crossover it sees."""
+SLOT_MAX_TOKENS = {
+    "bf16": 4,  # guess (2026-12-06): not measured since the slot kernels' rewrite
+    "fp8": 4,  # guess
+    "fp4": 4,  # guess
+}
+"""Largest token count run in the slot form, by bank format (above it: the sorted form). Each
+entry says whether it is measured (date, GPU) or a guess: ``python scripts/bench_moe.py
+--shapes served`` prints the crossover it sees at the served shape, the value to write here."""
 
 
 _FORMS_KEY = {Fmt.FP8: "fp8", Fmt.MXFP4: "fp4", Fmt.NVFP4: "fp4"}
@@ -69,7 +74,17 @@ class MoeTorch:
 
 
 class MoeTriton(MoeTorch):
-    """The GPU path: routing kernel + grouped expert kernels (module docstring)."""
+    """The GPU path: routing kernel + grouped expert kernels (module docstring). Holds the
+    routing kernel's tickets (zeros, left zero by every launch)."""
+
+    def __init__(self, cfg: DSV4Config, device: torch.device):
+        super().__init__(cfg)
+        device = torch.device(device)
+        self.tickets = torch.zeros(route_kernels.MAX_TILES, dtype=torch.int32, device=device)
+        # ~2 programs per SM (at decode the gate GEMM spreads over the GPU); CPU: a few splits
+        cuda = device.type == "cuda"
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if cuda else 2
+        self.programs = 2 * sms
 
     def route(self, layer, x: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cfg, gate = self.cfg, layer.gate
@@ -82,6 +97,8 @@ class MoeTriton(MoeTorch):
             cfg.n_experts_per_tok,
             cfg.routed_scaling_factor,
             cfg.scoring_func,
+            tickets=self.tickets,
+            programs=self.programs,
         )
 
     @staticmethod
@@ -104,4 +121,4 @@ class MoeTriton(MoeTorch):
 
 def moe_ops(cfg: DSV4Config, device: torch.device, kernels: bool) -> MoeTorch:
     """The MoE op: Triton kernels when ``kernels`` (CUDA), else the torch twin."""
-    return MoeTriton(cfg) if kernels else MoeTorch(cfg)
+    return MoeTriton(cfg, device) if kernels else MoeTorch(cfg)

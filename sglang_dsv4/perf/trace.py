@@ -9,6 +9,10 @@ kernel of the graph carries its id -- ran on the span's thread inside the span. 
 launched outside every decode span (sampling after the forward, cache flushes) are counted
 apart, as are operations whose launch is not in the trace.
 
+Extend passes (``EXTEND_STEP``) are eager: each kernel has its own launch, and the time the GPU
+sits idle inside a step (first-to-last op minus the union of op intervals) is host time the GPU
+waited for: Python, launches, syncs (``perf.host_gaps`` says where).
+
 ``kind="cpu"`` counts top-level ``cpu_op`` events (aten ops not nested in another op) inside the
 spans instead: what a CPU server runs per step, and what the CPU tests check the parser with.
 """
@@ -24,9 +28,10 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["DECODE_STEP", "format_stats", "load_trace", "step_stats"]
+__all__ = ["DECODE_STEP", "EXTEND_STEP", "format_stats", "load_trace", "step_ops", "step_stats"]
 
 DECODE_STEP = r"^step\[DECODE bs=(\d+)\]$"
+EXTEND_STEP = r"^step\[EXTEND bs=(\d+) toks=(\d+)\]$"
 KERNEL_CAT = "kernel"
 COPY_CATS = ("gpu_memcpy", "gpu_memset")
 LAUNCH_CATS = ("cuda_runtime", "cuda_driver")
@@ -147,19 +152,10 @@ def _top(step_ops: list[list[Op]], top: int) -> list[dict]:
     ]
 
 
-def step_stats(
-    events: list[dict],
-    kind: str = "gpu",
-    pattern: str = DECODE_STEP,
-    top: int = 15,
-    layers: int | None = None,
-) -> dict:
-    """Per-step counts and times of the operations launched inside the step spans.
-
-    Returns medians over the steps (a step cut short by the profiler's stop does not move them),
-    the per-step rows, the top ``top`` operations by total time (name, count, per step, total
-    us, share of the steps' time) and the per-layer kernel count ``kernels / layers`` (the LM
-    head and sampling prologue included: an upper bound per layer)."""
+def step_ops(events: list[dict], kind: str = "gpu", pattern: str = DECODE_STEP):
+    """``(spans, ops per span, ops outside every span, ops without a launch event)`` of the step
+    spans matching ``pattern`` (sorted by start); ``kind`` "gpu" (kernels and copies) or "cpu"
+    (top-level CPU ops)."""
     if kind == "gpu":
         ops, unlinked = gpu_ops(events)
         if not ops:
@@ -173,32 +169,67 @@ def step_stats(
         raise ValueError(f"kind must be 'gpu' or 'cpu', got {kind!r}")
     spans = _spans(events, pattern)
     inside, outside = _attribute(ops, spans)
-    rows = []
-    for span, step in zip(spans, inside, strict=True):
-        m = re.search(r"bs=(\d+)", span["name"])
-        rows.append(
-            {
-                "name": span["name"],
-                "bs": int(m.group(1)) if m else None,
-                "kernels": sum(op.cat in (KERNEL_CAT, "cpu_op") for op in step),
-                "copies": sum(op.cat in COPY_CATS for op in step),
-                "device_us": sum(op.dur for op in step),
-                "span_us": (max(o.start + o.dur for o in step) - min(o.start for o in step))
-                if step
-                else 0.0,
-            }
-        )
+    return spans, inside, outside, unlinked
+
+
+def busy_us(ops: list[Op]) -> float:
+    """Length of the union of the ops' intervals (overlapping streams counted once)."""
+    total, end = 0.0, float("-inf")
+    for op in sorted(ops, key=lambda o: o.start):
+        lo, hi = max(op.start, end), op.start + op.dur
+        if hi > lo:
+            total += hi - lo
+        end = max(end, hi)
+    return total
+
+
+def _row(span: dict, step: list[Op]) -> dict:
+    bs, toks = re.search(r"bs=(\d+)", span["name"]), re.search(r"toks=(\d+)", span["name"])
+    first = min((o.start for o in step), default=0.0)
+    span_us = max(o.start + o.dur for o in step) - first if step else 0.0
+    return {
+        "name": span["name"],
+        "bs": int(bs.group(1)) if bs else None,
+        "toks": int(toks.group(1)) if toks else None,
+        "kernels": sum(op.cat in (KERNEL_CAT, "cpu_op") for op in step),
+        "copies": sum(op.cat in COPY_CATS for op in step),
+        "device_us": sum(op.dur for op in step),
+        "span_us": span_us,
+        "idle_us": span_us - busy_us(step),  # inside the step, nothing ran: host time
+        "host_us": float(span["dur"]),  # the forward's CPU span
+    }
+
+
+def step_stats(
+    events: list[dict],
+    kind: str = "gpu",
+    pattern: str = DECODE_STEP,
+    top: int = 15,
+    layers: int | None = None,
+) -> dict:
+    """Per-step counts and times of the operations launched inside the step spans.
+
+    Returns medians over the steps (a step cut short by the profiler's stop does not move them),
+    the per-step rows, the top ``top`` operations by total time (name, count, per step, total
+    us, share of the steps' time) and the per-layer kernel count ``kernels / layers`` (the LM
+    head and sampling prologue included: an upper bound per layer)."""
+    spans, inside, outside, unlinked = step_ops(events, kind, pattern)
+    rows = [_row(span, step) for span, step in zip(spans, inside, strict=True)]
     kernels = statistics.median(r["kernels"] for r in rows)
+    toks = [r["toks"] for r in rows if r["toks"]]
     return {
         "kind": kind,
         "steps": len(rows),
         "batch_sizes": sorted({r["bs"] for r in rows if r["bs"] is not None}),
+        "tokens_per_step": statistics.median(toks) if toks else None,
         "kernels_per_step": kernels,
         "kernels_per_step_min": min(r["kernels"] for r in rows),
         "kernels_per_step_max": max(r["kernels"] for r in rows),
         "copies_per_step": statistics.median(r["copies"] for r in rows),
         "device_us_per_step": statistics.median(r["device_us"] for r in rows),
         "span_us_per_step": statistics.median(r["span_us"] for r in rows),
+        "idle_us_per_step": statistics.median(r["idle_us"] for r in rows),
+        "host_us_per_step": statistics.median(r["host_us"] for r in rows),
         "layers": layers,
         "kernels_per_layer": kernels / layers if layers else None,
         "outside_steps": len(outside),
@@ -217,7 +248,9 @@ def format_stats(stats: dict, title: str = "", width: int = 90) -> str:
     """The printed summary: counts and times per step, then the top operations."""
     unit = "GPU" if stats["kind"] == "gpu" else "CPU"
     what = "kernels" if stats["kind"] == "gpu" else "top-level ops"
-    lines = [f"== {title or 'decode steps'} ({stats['steps']} steps, bs {stats['batch_sizes']})"]
+    toks = stats.get("tokens_per_step")
+    toks = f", {toks:g} tokens per step" if toks else ""
+    lines = [f"== {title or 'steps'} ({stats['steps']} steps, bs {stats['batch_sizes']}{toks})"]
     lines.append(
         f"{what} per step: {stats['kernels_per_step']:g} (min {stats['kernels_per_step_min']},"
         f" max {stats['kernels_per_step_max']}); copies/memsets per step: "
@@ -232,8 +265,14 @@ def format_stats(stats: dict, title: str = "", width: int = 90) -> str:
         f"{unit} time per step: {stats['device_us_per_step'] / 1e3:.3f} ms (sum of op times), "
         f"{stats['span_us_per_step'] / 1e3:.3f} ms first-to-last op"
     )
+    if "idle_us_per_step" in stats:
+        lines.append(
+            f"idle inside a step (first-to-last minus busy): "
+            f"{stats['idle_us_per_step'] / 1e3:.3f} ms; host span of the step: "
+            f"{stats['host_us_per_step'] / 1e3:.3f} ms"
+        )
     lines.append(
-        f"outside decode steps: {stats['outside_steps']} ops; without a launch event: "
+        f"outside the steps: {stats['outside_steps']} ops; without a launch event: "
         f"{stats['unlinked']}"
     )
     in_steps = sum(r["kernels"] + r["copies"] for r in stats["per_step"])

@@ -4,6 +4,8 @@ pools: attention outputs, raw rows (byte-exact), entries and indexer keys (up to
 tails and block-end state, for requests whose decode token starts a block, ends a block, ends a
 c4 window, or sits at position 0, plus padded rows. CPU: Triton interpreter, tiny model."""
 
+import dataclasses
+
 import pytest
 import torch
 from pool_world import BLOCK, LENGTHS, World, inputs
@@ -15,6 +17,7 @@ from sglang_dsv4.attention.plan import plan_batch
 from sglang_dsv4.attention.wrappers import CompressedInputs, IndexerInputs
 from sglang_dsv4.config import AttnKind
 from sglang_dsv4.mem.schema import EntryFormat
+from sglang_dsv4.ops.proj import ProjCat
 from sglang_dsv4.ref.quant import hadamard
 from sglang_dsv4.ref.rope import rope_inv_freq
 
@@ -130,8 +133,27 @@ def _decode_meta(world, cfg, device, step_inputs=None):
     )
 
 
+def _fused_projections(comp) -> None:
+    """The compressors' projections as the served model hands them over: strided views of one
+    concatenated GEMM output (``ops.proj.ProjCat``)."""
+    ix = comp.indexer
+    ws = [comp.compressor.wkv, comp.compressor.wgate]
+    ws += [] if ix is None else [ix.compressor.wkv, ix.compressor.wgate]
+    ys = ProjCat().run(ProjCat().fuse([w.detach().clone() for w in ws]), comp.x)
+    assert comp.x.shape[0] == 1 or not ys[0].is_contiguous()
+    comp.projected = ys[:2]
+    if ix is not None:
+        ix.projected = ys[2:]
+
+
 def _check_kernels_equal_twin(
-    cfg, weights, layer: int, device: str, fmt: EntryFormat, fused_norm: bool = False
+    cfg,
+    weights,
+    layer: int,
+    device: str,
+    fmt: EntryFormat,
+    fused_norm: bool = False,
+    fused_proj: bool = False,
 ):
     spec = cfg.layers[layer]
     gen = torch.Generator().manual_seed(100 + layer)
@@ -139,6 +161,8 @@ def _check_kernels_equal_twin(
     lk = world.pool.layer(layer)
     n = len(LENGTHS)
     q, kv, comp = _to(*_pad(*_decode_inputs(cfg, weights, spec, n, gen)), device)
+    if fused_proj:
+        _fused_projections(comp)
     meta = _decode_meta(world, cfg, device)
     scale = cfg.head_dim**-0.5
     kv_norm = None
@@ -181,6 +205,12 @@ def _check_kernels_equal_twin(
         if "." in k:
             part = slice(None, -1) if "tail" in k else slice(1, None)
             torch.testing.assert_close(got_state[k][part], v[part], atol=1e-4, rtol=1e-4, msg=k)
+
+
+@pytest.mark.parametrize("layer", [2, 3])  # CSA (c4), HCA (c128)
+def test_decode_kernels_take_the_fused_projections(tiny_cfg, tiny_weights, layer):
+    fmt = EntryFormat.FP8
+    _check_kernels_equal_twin(tiny_cfg, tiny_weights, layer, "cpu", fmt, fused_proj=True)
 
 
 @pytest.mark.parametrize("layer", [0, 2, 3])  # SWA, CSA (c4), HCA (c128)
@@ -383,3 +413,142 @@ def test_flashmla_equals_ours_on_the_same_fp8_cache(kind, batch):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out.float(), got)
+
+
+class _FakeMLA:
+    """Stands in for ``sgl_kernel.flash_mla`` on CPU: records what ``FlashMLADecode`` hands it."""
+
+    def __init__(self):
+        self.calls = []
+
+    def get_mla_metadata(self):
+        return object(), None  # a fresh FlashMLASchedMeta
+
+    def flash_mla_with_kvcache(self, **kw):
+        self.calls.append(kw)
+        b, _, h, _ = kw["q"].shape
+        return torch.zeros(b, 1, h, kw["head_dim_v"]), None
+
+
+@pytest.mark.parametrize(
+    ("lengths", "handed", "kept"), [(False, None, True), (True, [1, 3, 1], False)]
+)
+def test_flashmla_schedule_static_without_lengths(lengths, handed, kept):
+    """Static schedule: no per-query counts reach FlashMLA and the warm-up's schedule survives
+    the capture; with counts (HCA) they are handed over and the schedule is recomputed."""
+    from sglang_dsv4.attention.decode_kernels import FlashMLADecode
+
+    fake = _FakeMLA()
+    mla = FlashMLADecode(fake, 8, lengths=lengths)
+    mla.plan()
+    warm = mla.sched
+    q, kv = torch.zeros(3, 4, 16), torch.zeros(2, 1, 1, 16, dtype=torch.uint8)
+    idx = torch.zeros(3, 64, dtype=torch.int32)
+    counts = torch.tensor([1, 3, 1], dtype=torch.int32)
+    out = mla.run(
+        q, kv, idx, torch.zeros(4), 1.0, extra_kv=kv, extra_indices=idx, extra_lengths=counts
+    )
+    assert out.shape == (3, 4, 8) and fake.calls[-1]["tile_scheduler_metadata"] is warm
+    got = fake.calls[-1]["extra_topk_length"]
+    assert (got if got is None else got.tolist()) == handed
+    mla.after_warmup()
+    assert (mla.sched is warm) is kept
+
+
+def test_decode_plan_keeps_flashmla_schedules_static_but_hca(tiny_cfg, monkeypatch):
+    """One FlashMLA schedule launch per step at most: SWA and CSA static, HCA per step."""
+    import sglang_dsv4.attention.decode_kernels as dk
+
+    monkeypatch.setattr(dk, "load_flashmla", _FakeMLA)
+    monkeypatch.setattr(dk, "pick", lambda *a: dk.FLASHMLA)
+    world = World(tiny_cfg, "cpu", torch.bfloat16, EntryFormat.FP8, EntryFormat.FP8)
+    cfg = tiny_cfg
+    ops = DecodeKernels(
+        world.pool.schema, cfg.num_heads, cfg.index_topk, cfg.index_n_heads, "cpu", flashmla=True
+    )
+    plan = ops.plan(2, N_PAGES)
+    assert {k: v.lengths for k, v in plan.attn.items()} == {
+        AttnKind.SWA: False,
+        AttnKind.CSA: False,
+        AttnKind.HCA: True,
+    }
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 5, 64])
+def test_flashmla_static_csa_schedule_equals_per_step_counts(batch):
+    """CSA's top-k list without its counts (static schedule, kept from an eager run across a
+    graph capture) gives the outputs of the per-step schedule from the counts, at Flash dims,
+    for counts from 1 to top-k (-1 past each count)."""
+    from sglang_dsv4.attention.choice import flashmla_eligible
+    from sglang_dsv4.attention.decode_kernels import FlashMLADecode, load_flashmla
+
+    cfg = _flash_dims()
+    if not flashmla_eligible(True, cfg.num_heads, cfg.head_dim, "cuda"):
+        pytest.skip("FlashMLA's sparse decode needs sm90")
+    gen = torch.Generator(device="cuda").manual_seed(batch)
+    world = World(cfg, "cuda", torch.bfloat16, EntryFormat.FP8, EntryFormat.FP8)
+    lk = next(x for x in world.pool.layers if x.kind is AttnKind.CSA)
+    n_swa, d, topk = world.pool.n_swa_slots + BLOCK, cfg.head_dim, cfg.index_topk
+    lk.write_raw(torch.arange(n_swa, device="cuda"), torch.randn(n_swa, d, device="cuda"))
+    per_page = lk.entry_rows.rows_per_page
+    n_rows = lk.entries.shape[0] * per_page
+    lk.write_entries(torch.arange(n_rows, device="cuda"), torch.randn(n_rows, d, device="cuda"))
+    window = torch.randint(BLOCK, n_swa, (batch, cfg.sliding_window), device="cuda", generator=gen)
+    window[0, :5] = -1
+    window = window.int()
+
+    def step():
+        rows = torch.randint(per_page, n_rows, (batch, topk), device="cuda", generator=gen)
+        counts = torch.randint(1, topk + 1, (batch,), device="cuda", generator=gen)
+        counts[0] = topk
+        ids = torch.arange(topk, device="cuda")
+        rows = torch.where(ids < counts[:, None], rows, -1).int()
+        q = torch.randn(batch, cfg.num_heads, d, device="cuda", generator=gen).bfloat16()
+        return q, rows, counts.int()
+
+    sink = torch.randn(cfg.num_heads, device="cuda", generator=gen)
+    scale, pages = d**-0.5, lk.raw_pages()
+    q, rows, counts = step()
+    static = FlashMLADecode(load_flashmla(), d, lengths=False)
+    static.plan()
+    kw = {"extra_kv": lk.entry_pages()}
+    static.run(q, pages, window, sink, scale, extra_indices=rows, **kw)  # the eager warm-up
+    static.after_warmup()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = static.run(q, pages, window, sink, scale, extra_indices=rows, **kw)
+    for _ in range(2):  # new queries, lists and counts under the kept schedule
+        q_new, rows_new, counts_new = step()
+        q.copy_(q_new), rows.copy_(rows_new), counts.copy_(counts_new)
+        out.fill_(float("nan"))
+        graph.replay()
+        per_step = FlashMLADecode(load_flashmla(), d, lengths=True)
+        per_step.plan()
+        want = per_step.run(
+            q, pages, window, sink, scale, extra_indices=rows, extra_lengths=counts, **kw
+        ).float()
+        torch.cuda.synchronize()
+        rel = (out.float() - want).norm() / want.norm()
+        assert torch.isfinite(out).all() and rel <= 5e-3, f"static vs per-step rel L2 {rel:.2e}"
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_build_meta_kernel_equals_twin(tiny_cfg, device):
+    """``DecodeKernels.build_meta`` (one launch) == ``DecodeTorch.build_meta`` on the world's
+    decode step with padded rows: every ``DecodeMeta`` field and the advanced ``tail_pos``."""
+    cfg = tiny_cfg
+    world = World(cfg, device, torch.bfloat16, EntryFormat.FP8, EntryFormat.FP8)
+    step = _decode_inputs_of_step(world, device)
+    pool = world.pool
+    ops = DecodeKernels(
+        pool.schema, cfg.num_heads, cfg.index_topk, cfg.index_n_heads, device, flashmla=False
+    )
+    got_tail, want_tail = pool.tail_pos.clone().fill_(-3), pool.tail_pos.clone().fill_(-3)
+    args = (*step, world.req_to_token, pool.full_to_swa_index_mapping, pool.spare_tail_row)
+    kw = {"window": cfg.sliding_window, "block": BLOCK, "n_pages": N_PAGES}
+    want = DecodeTorch().build_meta(*args, want_tail, **kw)
+    got = ops.build_meta(*args, got_tail, **kw)
+    for f in dataclasses.fields(want):
+        assert torch.equal(getattr(got, f.name), getattr(want, f.name)), f.name
+    assert torch.equal(got_tail, want_tail) and (want_tail >= 0).any()

@@ -19,6 +19,7 @@ from triton_cpu import interpreted
 
 from sglang_dsv4.kernels import indexer, kv_store
 from sglang_dsv4.ref.indexer import index_scores, index_topk
+from sglang_dsv4.ref.quant import hadamard
 
 BLOCK, RATIO, EPB = 128, 4, 32
 # the interpreter turns 1-element arrays into loop bounds
@@ -59,17 +60,28 @@ def _queries(seq_lens, per_req, device):
             torch.tensor(pos, dtype=torch.int32, device=device))  # fmt: skip
 
 
-def _check(ix, layout, cache, bt, q, w, qreq, pos, topk, stride=1):
+def _rotated_query(q: torch.Tensor) -> torch.Tensor:
+    """What ``IndexerTopK(rotate=True)`` scores: ``q S`` (+-1 Sylvester matrix) times
+    ``Dh^-1/2`` = ``hadamard(q)``, rounded to bf16 on the GPU (the tensor-core dot's input);
+    the interpreter's fp32 dots keep it fp32 (its fp32 -> bf16 cast truncates)."""
+    dh = q.shape[-1]
+    sylv = (hadamard(torch.eye(dh, device=q.device)) * dh**0.5).round()
+    kept = torch.bfloat16 if q.is_cuda else torch.float32
+    return (q.float() @ sylv).to(kept).float() * dh**-0.5
+
+
+def _check(ix, layout, cache, bt, q, w, qreq, pos, topk, stride=1, rtol=1e-5):
     ids, rows, lengths = ix.run(q, w, cache, bt, qreq, pos)
+    q_ref = _rotated_query(q) if ix.rotate else q.float()
     n_q = q.shape[0]
     for t in [*range(0, n_q - 1, stride), n_q - 1]:
         b, p = int(qreq[t]), int(pos[t])
         n_ent = max(1, (p + 1) // RATIO)
         ent = torch.arange(n_ent, device=q.device)
         keys = layout.read(cache, bt[b, ent // EPB].long() * EPB + ent % EPB)
-        ref_scores = index_scores(q[t : t + 1].float(), w[t : t + 1], keys)  # [1, E]
+        ref_scores = index_scores(q_ref[t : t + 1], w[t : t + 1], keys)  # [1, E]
         vis = (p + 1) // RATIO
-        tol = 1e-5 * ref_scores[0, :vis].abs().max().item() if vis else 0.0
+        tol = rtol * ref_scores[0, :vis].abs().max().item() if vis else 0.0
         if ix.q_chunk >= n_q and vis:
             assert (ix.logits[t, :vis] - ref_scores[0, :vis]).abs().max().item() <= tol
         k = min(topk, vis)
@@ -90,19 +102,35 @@ def _check(ix, layout, cache, bt, q, w, qreq, pos, topk, stride=1):
 
 
 def _run_case(
-    ks, ix_mod, fmt, heads, topk, seq_lens, per_req, device, workspace=1 << 28, stride=1, zeros=0.0
+    ks,
+    ix_mod,
+    fmt,
+    heads,
+    topk,
+    seq_lens,
+    per_req,
+    device,
+    workspace=1 << 28,
+    stride=1,
+    zeros=0.0,
+    rotate=False,
 ):
     layout, cache, bt = _setup(ks, fmt, seq_lens, device, zero_frac=zeros)
     qreq, pos = _queries(seq_lens, per_req, device)
     n_q = qreq.numel()
     q = torch.randn(n_q, heads, 128, device=device).bfloat16()
     w = torch.randn(n_q, heads, device=device)
-    ix = ix_mod.IndexerTopK(topk, heads, key_layout=layout, max_workspace_bytes=workspace)
+    ix = ix_mod.IndexerTopK(
+        topk, heads, key_layout=layout, max_workspace_bytes=workspace, rotate=rotate
+    )
     ix.plan(n_q, max(seq_lens) // RATIO, device)
     ix.ids.fill_(-7)
     ix.rows.fill_(-7)
     ix.lengths.fill_(-7)
-    _check(ix, layout, cache, bt, q, w, qreq, pos, topk, stride)
+    ix.logits.fill_(float("nan"))
+    # rotated: on the GPU the reference's q S may round one ulp off the kernel's (fp32 order)
+    rtol = 1e-3 if rotate and q.is_cuda else 1e-5
+    _check(ix, layout, cache, bt, q, w, qreq, pos, topk, stride, rtol)
     return ix, (layout, cache, bt, q, w, qreq, pos)
 
 
@@ -114,6 +142,12 @@ def test_decode(mods, fmt):
     """One query per request (the newest position), visible counts around the k of 8."""
     ks, ix = mods
     _run_case(ks, ix, fmt, 16, 8, [1, 3, 4, 35, 36, 300, 129], 1, "cpu")
+
+
+def test_decode_rotates_queries_in_the_kernel(mods):
+    """``rotate``: unrotated queries against keys stored rotated (no rotation GEMM outside)."""
+    ks, ix = mods
+    _run_case(ks, ix, "fp8", 16, 8, [1, 3, 4, 35, 36, 300, 129], 1, "cpu", rotate=True)
 
 
 def test_prefill_many_queries(mods):
@@ -163,6 +197,15 @@ def test_gpu_ties_at_zero():
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("seq_lens", [[4097], "129"])
+def test_gpu_decode_rotated(seq_lens):
+    if seq_lens == "129":
+        seq_lens = torch.randint(1, 8000, (129,)).tolist()
+    _run_case(kv_store, indexer, "fp8", 64, 512, seq_lens, 1, "cuda", rotate=True)
+
+
+@pytest.mark.gpu
 def test_gpu_long_context_decode():
     """128K tokens (32K entries) at batch 1: the query spread over many programs."""
     _run_case(kv_store, indexer, "fp8", 64, 512, [131073], 1, "cuda")
@@ -200,7 +243,7 @@ class _Replayed:
     """Presents a replayed graph's outputs through ``run`` (for ``_check``)."""
 
     def __init__(self, ix, graph):
-        self.ix, self.logits, self.q_chunk = ix, ix.logits, ix.q_chunk
+        self.ix, self.logits, self.q_chunk, self.rotate = ix, ix.logits, ix.q_chunk, ix.rotate
 
     def run(self, *args):
         return self.ix.ids, self.ix.rows, self.ix.lengths

@@ -1,8 +1,9 @@
 """``kernels.mhc`` against ``ref.mhc`` (+ ``ref.norm``): hc_pre / hc_post / hc_head and the fused
 boundary (previous block's hc_post + next block's hc_pre + RMSNorm) in two launches.
 
-CPU: interpreted (tests/conftest.py), fp32, small shapes and every split count (1 program per
-tile up to one split per 32 channels), outputs and workspaces NaN-poisoned. GPU: Flash / Pro
+CPU: interpreted (tests/conftest.py), fp32, small shapes, both forms (one-token tiles up to
+``FMA_MAX_TOKENS``, 16-token tiles above) and every split count (1 program per tile up to one
+split per 32 channels), outputs and workspaces NaN-poisoned. GPU: Flash / Pro
 hidden sizes at decode and prefill token counts, fp32 (tight) and bf16 (against the bf16
 reference, within bf16 rounding), and CUDA-graph replays (the tickets are reset in-kernel).
 """
@@ -75,10 +76,14 @@ def check(got, exp, tol: float):
 
 @pytest.mark.parametrize("fused", [False, True], ids=["pre", "post+pre"])
 @pytest.mark.parametrize("head", [False, True], ids=["sinkhorn", "head"])
+# one-token tiles (FMA form, collapse in the epilogue) up to K.FMA_MAX_TOKENS = 8: splits per
+# tile 1, 20, 1 (8 steps each), 4; then 16-token tiles (dot form): 1, 8, 20 splits per tile (the
+# epilogue reduces 8 + 8 + 4)
 @pytest.mark.parametrize(
     ("n", "d", "programs"),
-    [(1, 256, 1), (1, 640, 64), (5, 256, 3), (17, 128, 4), (33, 256, 100)],
-)  # splits per tile: 1, 20 (the epilogue reduces 8 + 8 + 4), 3, 2, 8
+    [(1, 256, 1), (1, 640, 64), (5, 256, 3), (8, 128, 40), (9, 128, 4), (33, 256, 100),
+     (17, 640, 64)],
+)  # fmt: skip
 def test_hc_fused_interpreted(n, d, programs, head, fused):
     gen = torch.Generator().manual_seed(n * 7 + programs)
     x = streams(n, d, torch.float32, "cpu", gen)
@@ -134,7 +139,7 @@ def no_tf32(monkeypatch):
 @pytest.mark.usefixtures("no_tf32")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("d", [4096, 7168])
-@pytest.mark.parametrize("n", [1, 32, 128, 1000])
+@pytest.mark.parametrize("n", [1, 3, 8, 9, 32, 129, 1000])
 @pytest.mark.parametrize("fused", [False, True], ids=["pre", "post+pre"])
 @pytest.mark.parametrize("head", [False, True], ids=["sinkhorn", "head"])
 def test_gpu_hc_fused(n, d, dtype, fused, head):
@@ -166,7 +171,7 @@ def test_gpu_hc_fused(n, d, dtype, fused, head):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("n", [1, 32])
+@pytest.mark.parametrize("n", [1, 3, 32])
 def test_gpu_graph_replay_equals_eager(n):
     d = 4096
     gen = torch.Generator(device="cuda").manual_seed(n)

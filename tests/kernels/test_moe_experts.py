@@ -178,3 +178,43 @@ def test_experts_gpu_graph_replay_equals_eager(form, fmt):
         graph.replay()
         eager = fn(x, chosen, weights, bank, LIMIT, n_exp)
         assert not static.isnan().any() and torch.equal(static, eager)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", list(K.FORMATS))
+@pytest.mark.parametrize("t", [1, 2, 3, 5, 8])
+def test_slots_gpu_served_dims_small_batches(fmt, t):
+    """The served Flash-dims layer (16 experts of 1024, top-2, shared row) in the slot form at
+    the decode batch sizes whose tiles differ (:func:`slot_tiles`), odd T included."""
+    bank, dense = make_bank(17, 4096, 1024, fmt, "cuda", torch.bfloat16)
+    x = torch.randn(t, 4096, device="cuda").bfloat16() * 2
+    chosen, weights = routing(t, 16, 2, "cuda")
+    got = run("slots", x, chosen, weights, bank, 16)
+    err = rel_l2(got, reference(x, chosen, weights, dense, 16, True))
+    assert not got.isnan().any() and err <= 1e-2, f"rel L2 {err:.2e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", list(K.FORMATS))
+@pytest.mark.parametrize(
+    ("block_n", "block_k", "warps", "unroll"), [(4, 512, 4, 2), (8, 2048, 8, 1), (32, 64, 4, 4)]
+)
+def test_slots_gpu_every_swept_tile_is_exact(fmt, block_n, block_k, warps, unroll):
+    """Tiles ``scripts/bench_moe.py --sweep`` may pick (N tile 4 ... 32, K tile 64 ... 2048,
+    FP8 K tiles across several 128-column scale blocks) give the same numbers."""
+    bank, dense = make_bank(17, 4096, 1024, fmt, "cuda", torch.bfloat16)
+    x = torch.randn(3, 4096, device="cuda").bfloat16() * 2
+    chosen, weights = routing(3, 16, 2, "cuda")
+    tiles = K.SlotTiles(block_n, block_k, block_n, min(block_k, 1024), warps, unroll)
+    out = torch.full_like(x, float("nan"))
+    K.moe_experts_slots(x, chosen, weights, bank, LIMIT, 16, out=out, tiles=tiles)
+    err = rel_l2(out, reference(x, chosen, weights, dense, 16, True))
+    assert not out.isnan().any() and err <= 1e-2, f"rel L2 {err:.2e}"
+
+
+def test_slot_tiles_fill_the_gpu_at_batch_1():
+    """Batch 1 of the served shape (3 slots of 1024 rows): narrow N tiles, >= 3 programs per
+    SM in the w1/w3 kernel, 32 weights per thread."""
+    tiles = K.slot_tiles("dense", 3, 1, 1024, 4096)
+    assert 3 * 1024 // tiles.block_i >= 3 * 132
+    assert tiles.block_i * tiles.k_i == tiles.block_d * tiles.k_d == 32 * 32 * tiles.warps
