@@ -106,7 +106,14 @@ def report_text(row: dict, title: str) -> str:
         f"({toks / max(busy_ms, 1e-9):.0f} tok/ms of {unit} time); wall of the profiled batch "
         f"{row['profiled_s']:.3f} s (warm batch unprofiled: {row['warm_s']:.3f} s)",
         format_gaps(row["host_gaps"]),
+        f"per step: {'bs':>4} {'toks':>6} {'kernels':>7} {unit + ' ms':>8} {'idle ms':>8} "
+        f"{'host ms':>8}",
     ]
+    for r in row["per_step"][:24]:
+        lines.append(
+            f"          {r['bs'] or 0:>4} {r['toks'] or 0:>6} {r['kernels']:>7} "
+            f"{r['device_us'] / 1e3:>8.2f} {r['idle_us'] / 1e3:>8.2f} {r['host_us'] / 1e3:>8.2f}"
+        )
     return "\n".join(lines)
 
 
