@@ -26,9 +26,7 @@ SGLang logs and swallows exceptions from plugins and would then serve the built-
 a failure here must stop the server instead, so it is re-raised as ``SystemExit``.
 """
 
-import json
 import logging
-from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
@@ -174,6 +172,7 @@ def _resolve_model_and_device(self, *args, **kwargs):
     """Before ServerArgs resolves (it is read-only after): ``--model dsv4`` -> the embedded
     checkpoint; for DSV4 models, SGLang's DSV4 reasoning and tool-call parsers, CPU when there is
     no CUDA device, with CPU defaults."""
+    from sglang_dsv4.arg_rules import is_local_dsv4, whole_block_chunk_size
     from sglang_dsv4.embedded import EMBEDDED, PUBLIC, resolve_model_name
 
     name = self.model_path
@@ -184,7 +183,7 @@ def _resolve_model_and_device(self, *args, **kwargs):
             self.tokenizer_path = resolved
         if self.served_model_name in (None, name):
             self.served_model_name = name
-    if not (name == EMBEDDED or name in PUBLIC or _local_dsv4(self.model_path)):
+    if not (name == EMBEDDED or name in PUBLIC or is_local_dsv4(self.model_path)):
         return None
     # DSV4's own output formats (<think>...</think>, DSML tool calls) parsed into the OpenAI
     # API's reasoning_content / tool_calls; --reasoning-parser / --tool-call-parser win.
@@ -197,7 +196,13 @@ def _resolve_model_and_device(self, *args, **kwargs):
 
         if not torch.cuda.is_available():
             self.device = "cpu"
-    _whole_block_chunks(self)
+    chunk = whole_block_chunk_size(self.chunked_prefill_size)
+    if chunk is not None:  # a DSV4 page is a 128-token block (sglang_dsv4.arg_rules)
+        size = self.chunked_prefill_size
+        logger.warning(
+            "DSV4: --chunked-prefill-size %d rounded up to %d (whole blocks)", size, chunk
+        )
+        self.chunked_prefill_size = chunk
     if self.device == "cpu":
         _cpu_defaults(self, embedded=name == EMBEDDED)
     elif self.speculative_algorithm is not None and not self.disable_cuda_graph:
@@ -213,7 +218,9 @@ def _cpu_processes(result, server_args, *args, **kwargs):
     ``spawn`` (each spawned child re-imports SGLang and torch: ~10 s per process on an idle
     2-core machine, several times that under load; forked, they start from the launcher's
     modules, shared copy-on-write). Why these defaults: :mod:`sglang_dsv4.cpu_serving`."""
-    if server_args.device != "cpu" or not _serves_dsv4(server_args):
+    from sglang_dsv4.arg_rules import serves_dsv4
+
+    if server_args.device != "cpu" or not serves_dsv4(server_args.model_path):
         return result
     from sglang_dsv4.cpu_serving import cpu_threads
 
@@ -251,50 +258,10 @@ def _cpu_defaults(args, embedded: bool) -> None:
     if args.max_running_requests is None:
         args.max_running_requests = CPU_MAX_RUNNING_REQUESTS
     if args.speculative_algorithm is not None:
-        _cpu_speculative_env()
+        from sglang_dsv4.arg_rules import cpu_speculative_env
 
-
-def _cpu_speculative_env() -> None:
-    """SGLang's speculative workers run Triton kernels with no CPU twin (slot assignment, draft
-    cache locations) and ``torch.compile`` a helper (``select_top_k_tokens``), which compiles
-    for minutes on CPU: in the server processes (spawned after this, inheriting the
-    environment), Triton's interpreter and no dynamo."""
-    import os
-
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-    logger.info("DSV4 speculative decoding on CPU: TRITON_INTERPRET=1, TORCHDYNAMO_DISABLE=1")
-
-
-def _whole_block_chunks(args) -> None:
-    """SGLang asserts ``chunked_prefill_size % page_size == 0`` and a DSV4 page is a block (128
-    tokens, lcm of the compression ratios): round a finer chunk up to whole blocks instead of
-    failing. Chunking is exact, so only the split points move."""
-    size, block = args.chunked_prefill_size, 128
-    if size is not None and size > 0 and size % block:
-        args.chunked_prefill_size = -(-size // block) * block
-        logger.warning(
-            "DSV4: --chunked-prefill-size %d rounded up to %d (whole 128-token blocks)",
-            size,
-            args.chunked_prefill_size,
-        )
-
-
-def _serves_dsv4(args) -> bool:
-    """A resolved ``ServerArgs`` serves DSV4: a local DSV4 checkpoint or a public DSV4 repo."""
-    from sglang_dsv4.embedded import PUBLIC
-
-    return args.model_path in PUBLIC.values() or _local_dsv4(args.model_path)
-
-
-def _local_dsv4(path) -> bool:
-    config = Path(str(path)) / "config.json"
-    if not config.is_file():
-        return False
-    try:
-        return json.loads(config.read_text()).get("model_type") == "deepseek_v4"
-    except (OSError, ValueError):
-        return False
+        env = cpu_speculative_env()
+        logger.info("DSV4 speculative decoding on CPU: %s (sglang_dsv4.arg_rules)", env)
 
 
 def _released_spelling(config, *args, **kwargs):
@@ -616,5 +583,6 @@ def _extend_cache_locs(
             draft_token_num,
             device,
         )
-    rows = zip(req_pool_indices.tolist(), start_offset.tolist(), end_offset.tolist(), strict=True)
-    return torch.cat([req_to_token[r, s:e] for r, s, e in rows]).to(torch.int64)
+    from sglang_dsv4.spec_torch import extend_cache_locs
+
+    return extend_cache_locs(req_pool_indices, req_to_token, start_offset, end_offset)

@@ -7,7 +7,7 @@ position ``seq_len + i`` and follows token ``i - 1``.
 
 import torch
 
-__all__ = ["build_chain", "verify_chain_greedy"]
+__all__ = ["build_chain", "extend_cache_locs", "verify_chain_greedy"]
 
 
 def build_chain(bonus_tokens, draft_tokens, seq_lens, n: int, full_mask: bool):
@@ -51,3 +51,10 @@ def verify_chain_greedy(predicts, accept_index, accept_token_num, candidates, ta
         predicts[ids] = flat_target[ids].to(predicts.dtype)
     accept_token_num.copy_(kept.to(accept_token_num.dtype))
     return predicts, accept_index, accept_token_num
+
+
+def extend_cache_locs(req_pool_indices, req_to_token, start_offset, end_offset):
+    """``assign_extend_cache_locs_func``: the verify tokens' cache slots, ``req_to_token[r,
+    start:end]`` of each request in batch order, flat (int64)."""
+    rows = zip(req_pool_indices.tolist(), start_offset.tolist(), end_offset.tolist(), strict=True)
+    return torch.cat([req_to_token[r, s:e] for r, s, e in rows]).to(torch.int64)

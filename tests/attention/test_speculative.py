@@ -18,7 +18,7 @@ from pool_world import World, inputs, pool_state, wrapper
 
 from sglang_dsv4.attention.plan import plan_batch
 from sglang_dsv4.attention.speculative import VerifyJournal
-from sglang_dsv4.spec_torch import build_chain, verify_chain_greedy
+from sglang_dsv4.spec_torch import build_chain, extend_cache_locs, verify_chain_greedy
 
 CASES = [(126, 4, k) for k in range(5)] + [(130, 3, 1), (125, 3, 3)]  # (P, n, kept)
 END = 140  # the continuation's end (past every verify)
@@ -118,3 +118,12 @@ def test_chain_twins_match_sglang_semantics():
     verify_chain_greedy(predicts, accept, num, cand, target)
     assert num.tolist() == [2, 1] and accept.tolist() == [[0, 1, 2], [3, 4, -1]]
     assert predicts.tolist() == [10, 11, 12, 20, 99, 0]
+
+
+def test_extend_cache_locs_takes_each_requests_slots_in_batch_order():
+    """``assign_extend_cache_locs_func`` twin: ``req_to_token[r, start:end]`` per request."""
+    req_to_token = torch.arange(40, dtype=torch.int32).view(4, 10)
+    locs = extend_cache_locs(
+        torch.tensor([2, 0]), req_to_token, torch.tensor([5, 1]), torch.tensor([8, 4])
+    )
+    assert locs.dtype == torch.int64 and locs.tolist() == [25, 26, 27, 1, 2, 3]
