@@ -1,0 +1,115 @@
+"""Accept length of the MTP draft through the real server (EAGLE, top-k 1), greedy.
+
+    python scripts/mtp_accept.py [--model dsv4] [--steps 1,2,3] [--prompts 4] [--new 64]
+                                 [--out docs/mtp_accept.json]
+
+Prompts: crops of the held-out test plays (``hamlet``, ``the-tempest``; never trained on), as
+token ids. For each ``--steps`` value ``s`` one server runs with ``--speculative-algorithm EAGLE
+--speculative-num-steps s --speculative-eagle-topk 1 --speculative-num-draft-tokens s+1``, plus
+one server without speculation: every speculative output must equal the plain greedy output
+(speculation is exact), and the accept length is SGLang's own ``meta_info``
+``spec_accept_length`` (completion tokens / verify passes, bonus token included), pooled over
+the prompts as sum(tokens) / sum(verify passes). On a CPU-only machine SGLang's speculative
+workers need greedy requests (the plugin refuses others there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sglang_dsv4.server_process import Server  # noqa: E402
+
+SERVER_ARGS = ["--sleep-on-idle", "--max-running-requests", "4"]
+
+
+def spec_flags(steps: int) -> list[str]:
+    return [
+        "--speculative-algorithm", "EAGLE",
+        "--speculative-num-steps", str(steps),
+        "--speculative-eagle-topk", "1",
+        "--speculative-num-draft-tokens", str(steps + 1),
+    ]  # fmt: skip
+
+
+def test_play_prompts(tokenizer_file: Path, n: int, length: int) -> list[list[int]]:
+    """``n`` crops of ``length`` tokens, spread over the test plays at fixed offsets."""
+    from tokenizers import Tokenizer
+
+    from sglang_dsv4.train.data import TEST_PLAYS, load_plays
+
+    tok = Tokenizer.from_file(str(tokenizer_file))
+    plays = load_plays()
+    prompts = []
+    for i in range(n):
+        ids = tok.encode(plays[TEST_PLAYS[i % len(TEST_PLAYS)]]).ids
+        start = (i // len(TEST_PLAYS) + 1) * len(ids) // (n // len(TEST_PLAYS) + 2)
+        prompts.append(ids[start : start + length])
+    return prompts
+
+
+def run_server(model_args: list[str], extra: list[str], prompts, new: int, log: Path) -> dict:
+    t0 = time.time()
+    srv = Server([*model_args, *SERVER_ARGS, *extra], log, timeout=900)
+    try:
+        outs = [srv.generate(ids, new, timeout=1800, return_logprob=False) for ids in prompts]
+    finally:
+        srv.stop()
+    metas = [o["meta_info"] for o in outs]
+    row = {"output_ids": [o["output_ids"] for o in outs], "seconds": round(time.time() - t0, 1)}
+    if extra:
+        tokens = sum(m["completion_tokens"] for m in metas)
+        verifies = sum(m.get("spec_verify_ct", 0) for m in metas)
+        row["accept_length"] = tokens / verifies if verifies else None
+        row["per_prompt"] = [m.get("spec_accept_length") for m in metas]
+        row["verify_passes"] = verifies
+        row["tokens"] = tokens
+    return row
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--model", default="dsv4", help="--model / --model-path of the server")
+    ap.add_argument("--steps", default="1,2,3")
+    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--prompt-len", type=int, default=200)
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+
+    from sglang_dsv4.embedded import resolve_model_name
+
+    path = Path(resolve_model_name(args.model) or args.model)
+    prompts = test_play_prompts(path / "tokenizer.json", args.prompts, args.prompt_len)
+    model_args = ["--model-path", str(path)]
+    logs = Path(tempfile.mkdtemp(prefix="mtp_accept_"))
+    result = {"model": args.model, "prompt_tokens": [len(p) for p in prompts], "new": args.new}
+    plain = run_server(model_args, [], prompts, args.new, logs / "plain.log")
+    result["plain_seconds"] = plain["seconds"]
+    result["speculative"] = {}
+    for steps in map(int, args.steps.split(",")):
+        row = run_server(model_args, spec_flags(steps), prompts, args.new, logs / f"s{steps}.log")
+        row["equal_to_plain"] = row.pop("output_ids") == plain["output_ids"]
+        result["speculative"][steps] = row
+        accept, per = row["accept_length"], row["per_prompt"]
+        print(
+            f"steps {steps} (draft tokens {steps + 1}): accept length {accept:.3f}, per prompt "
+            f"{per}, equal to plain {row['equal_to_plain']} ({row['seconds']} s)",
+            flush=True,
+        )
+    print(json.dumps(result, indent=1))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    ok = all(r["equal_to_plain"] for r in result["speculative"].values())
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
