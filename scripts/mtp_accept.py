@@ -39,22 +39,6 @@ def spec_flags(steps: int) -> list[str]:
     ]  # fmt: skip
 
 
-def test_play_prompts(tokenizer_file: Path, n: int, length: int) -> list[list[int]]:
-    """``n`` crops of ``length`` tokens, spread over the test plays at fixed offsets."""
-    from tokenizers import Tokenizer
-
-    from sglang_dsv4.train.data import TEST_PLAYS, load_plays
-
-    tok = Tokenizer.from_file(str(tokenizer_file))
-    plays = load_plays()
-    prompts = []
-    for i in range(n):
-        ids = tok.encode(plays[TEST_PLAYS[i % len(TEST_PLAYS)]]).ids
-        start = (i // len(TEST_PLAYS) + 1) * len(ids) // (n // len(TEST_PLAYS) + 2)
-        prompts.append(ids[start : start + length])
-    return prompts
-
-
 def run_server(model_args: list[str], extra: list[str], prompts, new: int, log: Path) -> dict:
     t0 = time.time()
     srv = Server([*model_args, *SERVER_ARGS, *extra], log, timeout=900)
@@ -87,7 +71,12 @@ def main() -> int:
     from sglang_dsv4.embedded import resolve_model_name
 
     path = Path(resolve_model_name(args.model) or args.model)
-    prompts = test_play_prompts(path / "tokenizer.json", args.prompts, args.prompt_len)
+    from tokenizers import Tokenizer
+
+    from sglang_dsv4.train.data import held_out_crops
+
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    prompts = held_out_crops(tok, args.prompts, args.prompt_len)
     model_args = ["--model-path", str(path)]
     logs = Path(tempfile.mkdtemp(prefix="mtp_accept_"))
     result = {"model": args.model, "prompt_tokens": [len(p) for p in prompts], "new": args.new}

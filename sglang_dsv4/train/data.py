@@ -46,6 +46,7 @@ __all__ = [
     "clean_play",
     "fact_line",
     "fact_query",
+    "held_out_crops",
     "load_plays",
     "newline_ids",
     "plant_facts",
@@ -348,3 +349,16 @@ def _speeches(play: str) -> list[str]:
         elif cur is not None:
             cur.append(line)
     return [" ".join(s) for s in out if s]
+
+
+def held_out_crops(tok, n: int, length: int) -> list[list[int]]:
+    """``n`` prompts of ``length`` token ids from the held-out :data:`TEST_PLAYS` (alternating
+    plays, at fixed fractions of each play): evaluation prompts never trained on."""
+    per_play = -(-n // len(TEST_PLAYS))
+    plays = load_plays()
+    crops = []
+    for i in range(n):
+        ids = tok.encode(plays[TEST_PLAYS[i % len(TEST_PLAYS)]]).ids
+        start = (i // len(TEST_PLAYS) + 1) * len(ids) // (per_play + 1)
+        crops.append(ids[start : start + length])
+    return crops
