@@ -139,6 +139,23 @@ def _flush_setup(kind, prefix, lens, in_dtype=torch.float32):
     return fl, call, kv, score, nbytes, entries
 
 
+def _flush_row(kind, mode, ctx, prefix, lens, reps) -> dict:
+    """Time one flush over ``len(prefix)`` requests (decode: one new token each, planned for
+    decode; prefill: ``lens`` new tokens after ``prefix``), inputs rotated across copies."""
+    b = len(prefix)
+    fl, call, kv, score, nbytes, entries = _flush_setup(kind, prefix, lens)
+    if mode == "decode":
+        fl.plan_decode(b)
+    else:
+        fl.plan(prefix, lens)
+    calls = [call] + [
+        functools.partial(call, torch.randn_like(kv), torch.randn_like(score))
+        for _ in range(copies(nbytes) - 1)
+    ]
+    return dict(kernel=f"flush_{kind}", mode=mode, batch=b, ctx=ctx, s=timed(calls, reps),
+                bytes=nbytes, entries=entries)  # fmt: skip
+
+
 def bench_compressor_decode(reps):
     res = []
     gen = torch.Generator().manual_seed(0)
@@ -146,17 +163,7 @@ def bench_compressor_decode(reps):
         for b in BATCHES:
             for ctx in CONTEXTS:
                 prefix = (ctx + torch.randint(0, 128, (b,), generator=gen)).tolist()
-
-                def case(kind=kind, b=b, ctx=ctx, prefix=prefix):
-                    fl, call, kv, score, nbytes, entries = _flush_setup(kind, prefix, [1] * b)
-                    fl.plan_decode(b)
-                    calls = [call] + [
-                        functools.partial(call, torch.randn_like(kv), torch.randn_like(score))
-                        for _ in range(copies(nbytes) - 1)
-                    ]
-                    return dict(kernel=f"flush_{kind}", mode="decode", batch=b, ctx=ctx,
-                                s=timed(calls, reps), bytes=nbytes, entries=entries)  # fmt: skip
-
+                case = functools.partial(_flush_row, kind, "decode", ctx, prefix, [1] * b, reps)
                 res.append(guarded(case))
     return [r for r in res if r]
 
@@ -165,17 +172,7 @@ def bench_compressor_prefill(reps):
     res = []
     for kind in KINDS:
         for b, ctx in ((1, 4096), (1, 32768), (1, 131072), (32, 4096), (32, 32768), (128, 4096)):
-
-            def case(kind=kind, b=b, ctx=ctx):
-                fl, call, kv, score, nbytes, entries = _flush_setup(kind, [0] * b, [ctx] * b)
-                fl.plan([0] * b, [ctx] * b)
-                calls = [call] + [
-                    functools.partial(call, torch.randn_like(kv), torch.randn_like(score))
-                    for _ in range(copies(nbytes) - 1)
-                ]
-                return dict(kernel=f"flush_{kind}", mode="prefill", batch=b, ctx=ctx,
-                            s=timed(calls, reps), bytes=nbytes, entries=entries)  # fmt: skip
-
+            case = functools.partial(_flush_row, kind, "prefill", ctx, [0] * b, [ctx] * b, reps)
             res.append(guarded(case))
             torch.cuda.empty_cache()
     return [r for r in res if r]
