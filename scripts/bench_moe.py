@@ -20,6 +20,7 @@ form beats the sorted one: the values for ``sglang_dsv4.ops.moe.SLOT_MAX_TOKENS`
 """
 
 import argparse
+import datetime
 import itertools
 import json
 import statistics
@@ -177,6 +178,7 @@ def record(results, fmt, t, name, fn, args, experts: int):
 
 
 def bench_cell(fmt, t, args, bank, raw, results):
+    """Every case at ``t`` tokens; returns the inputs (the sweep reuses them)."""
     n_exp, topk = args.experts, args.topk
     x = torch.randn(t, args.hidden, device="cuda", dtype=torch.bfloat16)
     chosen, weights = routing(t, n_exp, topk)
@@ -194,6 +196,7 @@ def bench_cell(fmt, t, args, bank, raw, results):
         record(results, fmt, t, name, fn, args, routed + ("routed" not in name))
     if t <= args.slot_max:  # the slot form's kernels apart (w13: 2/3 of the bytes, w2: 1/3)
         bench_slot_kernels(fmt, t, args, bank, (x, chosen, weights), routed + 1, results)
+    return x, chosen, weights
 
 
 def bench_slot_kernels(fmt, t, args, bank, inputs, experts, results, tiles=None, tag=""):
@@ -231,11 +234,10 @@ def bench_route(t, args, results):
         print(results[-1], flush=True)
 
 
-def sweep(fmt, t, args, bank, results):
+def sweep(fmt, t, args, bank, inputs, results):
     """The slot kernels per tile choice (N tile x weights per thread x warps x unroll), timed
-    apart: the data for :func:`~sglang_dsv4.kernels.moe_experts.slot_tiles`."""
-    inputs = (torch.randn(t, args.hidden, device="cuda", dtype=torch.bfloat16),
-              *routing(t, args.experts, args.topk))  # fmt: skip
+    apart on the inputs of the default cell: the data for
+    :func:`~sglang_dsv4.kernels.moe_experts.slot_tiles`."""
     experts = len(set(inputs[1].flatten().tolist())) + 1
     for block_n, per_thread, warps, unroll in itertools.product(
         (4, 8, 16, 32), (32, 64), (4, 8), (1, 2)
@@ -317,9 +319,9 @@ def main() -> None:
         for fmt in formats:
             bank, raw = make_bank(args.experts + 1, args.hidden, args.inter, fmt)
             for t in tokens:
-                bench_cell(fmt, t, args, bank, raw, results)
+                inputs = bench_cell(fmt, t, args, bank, raw, results)
                 if args.sweep:
-                    sweep(fmt, t, args, bank, results)
+                    sweep(fmt, t, args, bank, inputs, results)
             del bank, raw
             torch.cuda.empty_cache()
         for t in tokens:
@@ -331,6 +333,10 @@ def main() -> None:
         print_sweep(results)
     for shape, table in tables.items():
         print(f"\n{shape}: slot form faster up to T = {table}  (ops.moe.SLOT_MAX_TOKENS)")
+    if "served" in tables:  # the table's source: paste into sglang_dsv4/ops/moe.py
+        when = f"measured {datetime.date.today()} {torch.cuda.get_device_name()}, bench_moe.py"
+        lines = [f'    "{k}": {v},  # {when}' for k, v in tables["served"].items() if v is not None]
+        print("SLOT_MAX_TOKENS = {\n" + "\n".join(lines) + "\n}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"gpu": torch.cuda.get_device_name(), "args": vars(args),

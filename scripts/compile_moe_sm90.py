@@ -9,7 +9,7 @@ here matched a warp-size-32 target in a check on 2026-12-06.) Variants: every ba
 (dense bf16, FP8, MXFP4, NVFP4) in both kernel forms as the wrappers launch them at Flash dims
 (top-6 + a shared slot; a zero-top-k call for a shared bank of its own), the fp32 (IEEE) sorted
 form, and the routing kernel for every scoring function, scored and hash, in both forms
-(one-token tiles, 16-token tiles) for E 16 and E 256 (expert blocks).
+(one-token tiles, 16-token tiles) for E 16, 256 and 384 (expert blocks).
 """
 
 import os
@@ -64,9 +64,11 @@ def route_variants():
                           SB=16 if dot else 32, SCORING=scoring, HASH=hashed, FP32=False,
                           DOT=dot)  # fmt: skip
                 yield f"E16 dot={dot} hash={hashed} scoring={scoring}", MR._route_kernel, types, ce
-        ce = dict(D=7168, TOPK=8, BLOCK_K=8, TB=tb, BE=32, BEF=256, BD=bd, SB=16 // tb,
-                  SCORING=0, HASH=False, FP32=False, DOT=dot)  # fmt: skip
-        yield f"E256 dot={dot}", MR._route_kernel, types, ce
+        for n_exp, bef in ((256, 256), (384, 512)):  # Flash, Pro
+            ce = dict(D=7168, TOPK=8, BLOCK_K=8, TB=tb, BE=32, BEF=bef, BD=bd,
+                      SB=max(1, 4096 // (tb * bef)), SCORING=0, HASH=False, FP32=False,
+                      DOT=dot)  # fmt: skip
+            yield f"E{n_exp} dot={dot}", MR._route_kernel, types, ce
 
 
 def main() -> None:

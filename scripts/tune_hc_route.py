@@ -1,8 +1,9 @@
 """Sweep the launch shapes of the mHC boundary kernel and the routing kernel on one GPU: both
-forms (one-token FMA tiles / 16-token ``tl.dot`` tiles) forced at every token count, and the
-program budget, to set ``FMA_MAX_TOKENS`` and ``programs`` from measurements.
+forms (one-token FMA tiles with 4 or 8 warps / 16-token ``tl.dot`` tiles) forced at every token
+count, and the program budget, to set ``FMA_MAX_TOKENS``, ``FMA_WARPS`` and ``programs`` from
+measurements.
 
-    python scripts/tune_hc_route.py [--tokens 1,2,4,8,9,16,32,64,128] [--programs 132,264,528]
+    python scripts/tune_hc_route.py [--tokens 1,2,4,8,9,16,32,128] [--programs 132,264,528]
 
 Flash dims (hidden 4096, hc 4, bf16 streams, fp32 mHC weights; gate 16 x 4096 bf16, top-2,
 sqrtsoftplus). Each point: ``hc_fused`` with the previous block's post (a decode boundary) and
@@ -21,7 +22,8 @@ from bench_ops import graph_time
 from sglang_dsv4.kernels import mhc, moe_route
 
 DEV, D, HC, E = "cuda", 4096, 4, 16
-FORMS = {"fma": 1 << 30, "dot": 0}  # FMA_MAX_TOKENS forcing each form
+# (name, FMA_MAX_TOKENS forcing the form, FMA_WARPS)
+FORMS = (("dot", 0, 4), ("fma4", 1 << 30, 4), ("fma8", 1 << 30, 8))
 
 
 def hc_call(n: int, programs: int, gen):
@@ -54,7 +56,7 @@ KERNELS = (("hc", hc_call, mhc), ("route", route_call, moe_route))
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tokens", default="1,2,4,8,9,16,32,64,128")
+    ap.add_argument("--tokens", default="1,2,4,8,9,16,32,128")
     ap.add_argument("--programs", default="132,264,528")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -63,9 +65,9 @@ def main() -> None:
     rows = []
     for n in (int(v) for v in args.tokens.split(",")):
         for progs in (int(v) for v in args.programs.split(",")):
-            for form, fma_max in FORMS.items():
+            for form, fma_max, warps in FORMS:
                 for kernel, make, module in KERNELS:
-                    module.FMA_MAX_TOKENS = fma_max
+                    module.FMA_MAX_TOKENS, module.FMA_WARPS = fma_max, warps
                     us = graph_time(make(n, progs, gen), 20, args.reps) * 1e6
                     rows.append({"op": kernel, "tokens": n, "programs": progs, "form": form,
                                  "us": us})  # fmt: skip

@@ -38,6 +38,9 @@ __all__ = ["register"]
 _CPU_NOTES: list[str] = []
 
 _ARCH = "DeepseekV4ForCausalLM"
+_NEXTN = "DeepseekV4ForCausalLMNextN"  # SGLang's name for a DSV4 speculative draft (MTP)
+_DRAFT = "sglang.srt.speculative.draft_utils.DraftBackendFactory"
+_EAGLE = "sglang.srt.speculative.eagle_utils"
 _KVC = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator"
 _TM = "sglang.srt.managers.tokenizer_manager.TokenizerManager"
 
@@ -104,6 +107,16 @@ def _register() -> None:
             _cpu_processes,
             HookType.AFTER,
         ),
+        (f"{_DRAFT}.create_decode_backend", _draft_decode_backend, HookType.AROUND),
+        ("sglang.srt.mem_cache.allocation.get_last_loc", _last_loc, HookType.AROUND),
+        (f"{_EAGLE}.build_tree_kernel_efficient", _build_tree, HookType.AROUND),
+        (
+            "sglang.kernels.ops.speculative.cache_locs.assign_extend_cache_locs_func",
+            _extend_cache_locs,
+            HookType.AROUND,
+        ),
+        (f"{_EAGLE}.verify_tree_greedy_func", _verify_greedy, HookType.AROUND),
+        (f"{_DRAFT}.create_draft_extend_backend", _draft_extend_backend, HookType.AROUND),
         (f"{_TM}.generate_request", _check_request, HookType.BEFORE),
         (f"{_TM}._validate_one_request", _check_prompt, HookType.BEFORE),
         (f"{_TM}.create_abort_task", _abort_task, HookType.AROUND),
@@ -135,15 +148,26 @@ def _model_architecture(original, model_config):
         return original(model_config)
     from sglang.srt.configs.model_config import ModelImpl
 
-    from sglang_dsv4.model.deepseek_v4 import DeepseekV4ForCausalLM
+    if _NEXTN in _archs(model_config.hf_config):
+        from sglang_dsv4.model.mtp import DeepseekV4ForCausalLMNextN as cls
 
-    model_config._resolved_model_arch = _ARCH
+        arch = _NEXTN
+    else:
+        from sglang_dsv4.model.deepseek_v4 import DeepseekV4ForCausalLM as cls
+
+        arch = _ARCH
+    model_config._resolved_model_arch = arch
     model_config._resolved_model_impl = ModelImpl.SGLANG
-    return DeepseekV4ForCausalLM, _ARCH
+    return cls, arch
+
+
+def _archs(hf_config) -> list[str]:
+    return list(getattr(hf_config, "architectures", None) or [])
 
 
 def _is_dsv4(hf_config) -> bool:
-    return _ARCH in (getattr(hf_config, "architectures", None) or [])
+    """The DSV4 model or its MTP draft (SGLang renames a draft's architecture)."""
+    return bool({_ARCH, _NEXTN} & set(_archs(hf_config)))
 
 
 def _resolve_model_and_device(self, *args, **kwargs):
@@ -176,6 +200,10 @@ def _resolve_model_and_device(self, *args, **kwargs):
     _whole_block_chunks(self)
     if self.device == "cpu":
         _cpu_defaults(self, embedded=name == EMBEDDED)
+    elif self.speculative_algorithm is not None and not self.disable_cuda_graph:
+        # our backend plans verify / draft-extend batches on the host: not graph-capturable yet
+        self.disable_cuda_graph = True
+        logger.warning("DSV4 speculative decoding: CUDA graphs off (draft / verify graphs to do)")
     return None
 
 
@@ -196,9 +224,12 @@ def _cpu_processes(result, server_args, *args, **kwargs):
         import torch
 
         torch.set_num_threads(1)
-        multiprocessing.set_start_method("fork", force=True)
         notes.append("1 torch thread per process (a small checkpoint; OMP_NUM_THREADS=N for more)")
-        notes.append("scheduler and detokenizer forked from the launcher")
+        # speculative decoding needs Triton's interpreter (_cpu_speculative_env), which a
+        # process must have from its first Triton import on: spawned, not forked
+        if server_args.speculative_algorithm is None:
+            multiprocessing.set_start_method("fork", force=True)
+            notes.append("scheduler and detokenizer forked from the launcher")
     logger.info("DSV4 on CPU: %s", "; ".join(notes))
     return result
 
@@ -219,6 +250,20 @@ def _cpu_defaults(args, embedded: bool) -> None:
         _CPU_NOTES[:] = [f"context length {args.context_length} ({why})"]
     if args.max_running_requests is None:
         args.max_running_requests = CPU_MAX_RUNNING_REQUESTS
+    if args.speculative_algorithm is not None:
+        _cpu_speculative_env()
+
+
+def _cpu_speculative_env() -> None:
+    """SGLang's speculative workers run Triton kernels with no CPU twin (slot assignment, draft
+    cache locations) and ``torch.compile`` a helper (``select_top_k_tokens``), which compiles
+    for minutes on CPU: in the server processes (spawned after this, inheriting the
+    environment), Triton's interpreter and no dynamo."""
+    import os
+
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+    logger.info("DSV4 speculative decoding on CPU: TRITON_INTERPRET=1, TORCHDYNAMO_DISABLE=1")
 
 
 def _whole_block_chunks(args) -> None:
@@ -300,6 +345,7 @@ def _request_limits(tm):
         vocab_size=tm.model_config.vocab_size,
         context_len=tm.context_len,
         has_grammar=not args.skip_tokenizer_init and args.grammar_backend != "none",
+        greedy_only=args.speculative_algorithm is not None and args.device == "cpu",
     )
 
 
@@ -410,7 +456,10 @@ def _build_allocator(original, self, *, sizes, token_to_kv_pool, **kwargs):
     from sglang_dsv4.mem.allocator import DSV4SWAAllocator
     from sglang_dsv4.mem.pools import DSV4KVPool
 
-    if not isinstance(token_to_kv_pool, DSV4KVPool):
+    # a speculative draft shares the target's allocator: SGLang registers its full -> swa
+    # mapping with the draft pool
+    shared = kwargs.get("token_to_kv_pool_allocator") is not None
+    if not isinstance(token_to_kv_pool, DSV4KVPool) or shared:
         return original(self, sizes=sizes, token_to_kv_pool=token_to_kv_pool, **kwargs)
     return DSV4SWAAllocator(
         sizes.full_max_total_num_tokens,
@@ -421,3 +470,151 @@ def _build_allocator(original, self, *, sizes, token_to_kv_pool, **kwargs):
         kvcache=token_to_kv_pool,
         need_sort=False,
     )
+
+
+def _ours(factory, backend_name: str) -> bool:
+    """Whether the draft's ``backend_name`` phase resolves to our backend (as SGLang's
+    ``DraftBackendFactory._create_backend`` resolves it)."""
+    from sglang_dsv4.attention.backend import BACKEND_NAME
+
+    args = factory.server_args
+    chosen = factory.draft_attn_backend or getattr(args, backend_name, None)
+    return (chosen or args.attention_backend) == BACKEND_NAME
+
+
+def _draft_decode_backend(original, self):
+    """The MTP draft's decode steps on our backend (SGLang's table names built-in backends
+    only): one backend per step (:class:`sglang_dsv4.attention.speculative.DraftDecodeSteps`)."""
+    if not _ours(self, "decode_attention_backend"):
+        return original(self)
+    if self.speculative_num_steps <= 1:
+        return None
+    from sglang_dsv4.attention.speculative import DraftDecodeSteps
+
+    return DraftDecodeSteps(self.draft_model_runner, self.topk, self.speculative_num_steps)
+
+
+def _draft_extend_backend(original, self):
+    """The MTP draft's extend batches (after prefill, after each verify) on our backend."""
+    from sglang.srt.runtime_context import get_spec
+
+    mode = get_spec().speculative_attention_mode
+    phase = "decode_attention_backend" if mode == "decode" else "prefill_attention_backend"
+    if not _ours(self, phase):
+        return original(self)
+    from sglang_dsv4.attention.backend import DSV4AttnBackend
+
+    return DSV4AttnBackend(self.draft_model_runner)
+
+
+def _last_loc(original, req_to_token, req_pool_indices, prefix_lens):
+    """SGLang picks a Triton kernel for every backend but two (speculative decoding's slot
+    allocation calls it); without CUDA its torch twin."""
+    import torch
+
+    if torch.cuda.is_available():
+        return original(req_to_token, req_pool_indices, prefix_lens)
+    from sglang.srt.mem_cache.allocation import get_last_loc_torch
+
+    return get_last_loc_torch(req_to_token, req_pool_indices, prefix_lens)
+
+
+def _build_tree(
+    original,
+    bonus_tokens,
+    parent_list,
+    top_scores_index,
+    draft_tokens,
+    seq_lens,
+    seq_lens_sum,
+    topk,
+    spec_steps,
+    num_verify_tokens,
+    *args,
+    **kwargs,
+):
+    """Without CUDA, SGLang 0.5.17 builds the verify tree only with its CPU kernel build
+    (``SGLANG_USE_CPU_ENGINE``): our torch twin for the top-k 1 chain."""
+    import torch
+
+    if torch.cuda.is_available() or topk != 1:
+        return original(
+            bonus_tokens,
+            parent_list,
+            top_scores_index,
+            draft_tokens,
+            seq_lens,
+            seq_lens_sum,
+            topk,
+            spec_steps,
+            num_verify_tokens,
+            *args,
+            **kwargs,
+        )
+    from sglang.srt.speculative.eagle_utils import TreeMaskMode
+
+    from sglang_dsv4.spec_torch import build_chain
+
+    mode = kwargs.get("tree_mask_mode", args[0] if args else TreeMaskMode.FULL_MASK)
+    full = mode == TreeMaskMode.FULL_MASK
+    return build_chain(bonus_tokens, draft_tokens, seq_lens, num_verify_tokens, full)
+
+
+def _verify_greedy(
+    original,
+    predicts,
+    accept_index,
+    accept_token_num,
+    candidates,
+    retrieve_index,
+    retrieve_next_token,
+    retrieve_next_sibling,
+    target_predict,
+    topk=-1,
+):
+    """Greedy verify without CUDA (see :func:`_build_tree`): the chain's torch twin."""
+    import torch
+
+    if torch.cuda.is_available() or topk != 1:
+        return original(
+            predicts,
+            accept_index,
+            accept_token_num,
+            candidates,
+            retrieve_index,
+            retrieve_next_token,
+            retrieve_next_sibling,
+            target_predict,
+            topk,
+        )
+    from sglang_dsv4.spec_torch import verify_chain_greedy
+
+    return verify_chain_greedy(predicts, accept_index, accept_token_num, candidates, target_predict)
+
+
+def _extend_cache_locs(
+    original,
+    req_pool_indices,
+    req_to_token,
+    start_offset,
+    end_offset,
+    batch_size,
+    draft_token_num,
+    device,
+):
+    """The verify tokens' cache slots (``req_to_token[r, start:end]`` of each request, in batch
+    order): SGLang 0.5.17 returns None on a CPU-only machine without its CPU kernel build."""
+    import torch
+
+    if torch.cuda.is_available():
+        return original(
+            req_pool_indices,
+            req_to_token,
+            start_offset,
+            end_offset,
+            batch_size,
+            draft_token_num,
+            device,
+        )
+    rows = zip(req_pool_indices.tolist(), start_offset.tolist(), end_offset.tolist(), strict=True)
+    return torch.cat([req_to_token[r, s:e] for r, s, e in rows]).to(torch.int64)

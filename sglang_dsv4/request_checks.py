@@ -54,6 +54,7 @@ class Limits:
     vocab_size: int
     context_len: int
     has_grammar: bool  # a grammar backend (structured output) is loaded
+    greedy_only: bool = False  # speculative decoding on CPU: SGLang samples it on CUDA only
 
     @property
     def max_top_logprobs(self) -> int:
@@ -376,6 +377,9 @@ def check_generate_request(req, lim: Limits) -> None:
             check_sampling_params(
                 p, lim, "sampling_params" if batch is None else f"sampling_params[{i}]"
             )
+    if lim.greedy_only:
+        for p in params if isinstance(params, list) else [params or {}]:
+            _check_greedy(p)
     _check_logprob_fields(req, batch, lim)
     for name in ("rid", "custom_logit_processor", "extra_key"):
         for v in _per_prompt(req, name, batch):
@@ -384,6 +388,17 @@ def check_generate_request(req, lim: Limits) -> None:
     priority = getattr(req, "priority", None)
     if priority is not None:
         check_int("priority", priority, -INT32_MAX, INT32_MAX)
+
+
+def _check_greedy(p) -> None:
+    """Greedy = temperature 0 or top_k 1 (SGLang's ``is_all_greedy``); the default is 1.0."""
+    p = p if isinstance(p, dict) else {}
+    temperature = 1.0 if p.get("temperature") is None else p["temperature"]
+    if temperature != 0 and p.get("top_k") != 1:
+        raise RequestError(
+            "temperature: this CPU server decodes speculatively and samples greedily only "
+            f"(temperature 0 or top_k 1), got temperature {temperature}"
+        )
 
 
 def check_prompt(req, input_ids, lim: Limits) -> None:

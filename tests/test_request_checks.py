@@ -167,3 +167,12 @@ def test_every_sampling_param_of_sglang_is_known():
                 "is_normalized"}  # fmt: skip
     api = {f.name for f in msgspec.structs.fields(SamplingParams)} - internal
     assert api == set(_SAMPLING)
+
+
+def test_speculative_cpu_server_takes_greedy_requests_only():
+    lim = Limits(vocab_size=6144, context_len=4096, has_grammar=True, greedy_only=True)
+    check_generate_request(sp(temperature=0), lim)
+    check_generate_request(sp(temperature=0.7, top_k=1), lim)
+    refused(sp(temperature=0.7), "temperature", "greedily", lim=lim)
+    refused(req(), "temperature 1.0", lim=lim)  # SGLang's default
+    check_generate_request(sp(temperature=0.7), LIM)  # without speculation: any

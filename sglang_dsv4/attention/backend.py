@@ -25,6 +25,7 @@ from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang_dsv4.attention.decode import DecodeMeta, KVNorm, decode_ops
 from sglang_dsv4.attention.extend_ops import extend_ops
 from sglang_dsv4.attention.plan import BatchPlan, plan_batch
+from sglang_dsv4.attention.speculative import VerifyJournal
 from sglang_dsv4.attention.wrappers import CSAWrapper, HCAWrapper, SWAWrapper
 from sglang_dsv4.config import AttnKind
 from sglang_dsv4.mem.pools import DSV4KVPool
@@ -74,6 +75,8 @@ class DSV4AttnBackend(AttentionBackend):
             pool, cfg.num_heads, cfg.index_topk, cfg.index_n_heads, kernels=self._use_kernels
         )
         self.plan: BatchPlan | None = None
+        self.journal = VerifyJournal(pool)  # target verify: the rejected tokens' tails undone
+        self._verify = False
         self.decode_meta: DecodeMeta | None = None
         self.decode_plan = None  # the step's planned decode kernels
         self._decode_pages = 0  # pages per request in the decode metadata
@@ -110,6 +113,7 @@ class DSV4AttnBackend(AttentionBackend):
     def _prepare(self, forward_batch, in_capture: bool, replay: bool) -> None:
         fb = forward_batch
         self.plan = self.decode_meta = None
+        self._verify = False
         if fb.forward_mode.is_idle():
             return
         if fb.forward_mode.is_decode():
@@ -126,20 +130,36 @@ class DSV4AttnBackend(AttentionBackend):
             else:
                 self.decode_plan = self._plan_decode(bs)
             return
-        self.plan = plan_batch(fb, self.token_to_kv_pool, self.req_to_token_pool)
+        pool, rtp = self.token_to_kv_pool, self.req_to_token_pool
+        self.plan = plan_batch(fb, pool, rtp, commit=self.journal.commit)
+        self._verify = fb.forward_mode.is_target_verify()
+        if self._verify:
+            self.journal.begin(self.plan, rtp.req_generation)
         for wrapper in self.wrappers.values():
             wrapper.plan(self.plan)
 
     def init_forward_metadata_in_graph(self, forward_batch) -> None:
         fb = forward_batch
-        if not fb.forward_mode.is_decode():
-            return
+        if fb.forward_mode.is_decode():
+            self._decode_meta(fb, fb.positions, fb.out_cache_loc)
+
+    def init_step_metadata(self, forward_batch, positions, out_cache_loc) -> None:
+        """A draft decode step (:class:`~sglang_dsv4.attention.speculative.DraftDecodeSteps`):
+        the batch's requests at ``positions`` [B] writing ``out_cache_loc`` [B]."""
+        fb = forward_batch
+        self.plan = None
+        last = int(fb.seq_lens_cpu.max()) + int((positions - fb.positions).max()) + 1
+        self._decode_pages = -(-last // self._block)
+        self.decode_plan = self._plan_decode(fb.seq_lens_cpu.numel())
+        self._decode_meta(fb, positions, out_cache_loc)
+
+    def _decode_meta(self, fb, positions, out_cache_loc) -> None:
         pool = self.token_to_kv_pool
         # one launch on the GPU; it also advances the tails' progress on the device
         self.decode_meta = self.decode_ops.build_meta(
             fb.req_pool_indices,
-            fb.positions,
-            fb.out_cache_loc,
+            positions,
+            out_cache_loc,
             self.req_to_token_pool.req_to_token,
             pool.full_to_swa_index_mapping,
             pool.spare_tail_row,
@@ -189,6 +209,8 @@ class DSV4AttnBackend(AttentionBackend):
         if self.decode_meta is not None:
             meta, plan = self.decode_meta, self.decode_plan
             return self.decode_ops.run(plan, kind, lk, meta, q, kv, sink, scale, comp, kv_norm)
+        if self._verify and comp is not None:
+            self.journal.record(lk.layer, comp)
         return self.wrappers[kind].run(lk, q, kv, sink, scale, comp, kv_norm)
 
     def forward(self, *args, **kwargs):

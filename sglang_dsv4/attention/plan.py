@@ -93,12 +93,18 @@ class BatchPlan:
     tables: BatchTables | None = None  # extend batches
 
 
-def plan_batch(forward_batch, pool, req_to_token_pool) -> BatchPlan:
-    """Build the plan of an extend or decode batch (see module docstring)."""
+def plan_batch(forward_batch, pool, req_to_token_pool, commit=None) -> BatchPlan:
+    """Build the plan of an extend, target-verify or decode batch (see module docstring).
+    ``commit(slot, generation, prefix) -> bool``: makes a request's tails those after
+    ``prefix`` tokens when its last batch was a verify that went further (the rejected tokens'
+    updates undone, :class:`~sglang_dsv4.attention.speculative.VerifyJournal`)."""
     fb = forward_batch
     seq_lens = [int(s) for s in fb.seq_lens_cpu.tolist()]
     if fb.forward_mode.is_decode():
         prefix_lens = [s - 1 for s in seq_lens]
+    elif fb.forward_mode.is_target_verify():  # seq_lens exclude the draft tokens
+        n = int(fb.spec_info.draft_token_num)
+        prefix_lens, seq_lens = seq_lens, [s + n for s in seq_lens]
     else:
         prefix_lens = [int(p) for p in fb.extend_prefix_lens.tolist()]
     req_slots = [int(r) for r in fb.req_pool_indices.tolist()]
@@ -108,12 +114,16 @@ def plan_batch(forward_batch, pool, req_to_token_pool) -> BatchPlan:
     device = pool.tail_pos.device
     slots_dev = torch.tensor(req_slots, dtype=torch.long, device=device)
     facts = _device_facts(pool, req_to_token_pool, slots_dev, prefix_lens)
+    compressed = any(lc.kind.compressed for lc in pool.schema.layers)
     requests, start = [], 0
     for slot, (pos, window_ok, last_page), prefix, seq_len in zip(
         req_slots, facts, prefix_lens, seq_lens, strict=True
     ):
         gen = int(generations[slot])
-        if pool.tail_owner[slot] == gen and pos == prefix:
+        own = pool.tail_owner[slot] == gen
+        if own and pos > prefix and commit is not None and commit(slot, gen, prefix):
+            pos = prefix  # a verify's rejected tokens undone
+        if (own and pos == prefix) or not compressed:  # no tails: nothing to resume
             mode = TailMode.KEEP
         elif prefix == 0:
             mode = TailMode.FRESH

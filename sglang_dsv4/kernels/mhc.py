@@ -43,6 +43,7 @@ _BD = 32  # channels of d per step of the mix (x tile [TB, hc, BD])
 _BE = 128  # channels of d per program of hc_post
 _MAX_SPLIT_DOT = 32  # the dot form's epilogue reduces 16 tokens' partials: few splits
 MAX_TILES = 1 << 16  # tickets per workspace: T <= MAX_TILES * 16 tokens per launch
+FMA_WARPS = 8  # the one-token form: its epilogue holds a whole row (8192 at Pro) per stream
 
 
 @triton.jit
@@ -195,20 +196,30 @@ def _maps(
 
 
 @triton.jit
-def _collapse_norm(x_ptr, pre, w_ptr, h_ptr, t, eps, D: tl.constexpr, BDN: tl.constexpr,
+def _stream_rows(x_ptr, t, D: tl.constexpr, BDN: tl.constexpr, HC: tl.constexpr):
+    """Token ``t``'s streams [hc, BDN] in their dtype (channels >= D zero). L1 is bypassed:
+    other programs of this launch wrote them. Issued before the epilogue's maps so that their
+    latency hides behind the Sinkhorn rounds."""
+    dd = tl.arange(0, BDN)
+    rows = (t.to(tl.int64) * HC + tl.arange(0, HC))[:, None] * D + dd[None, :]
+    return tl.load(x_ptr + rows, mask=(dd < D)[None, :], other=0.0, cache_modifier=".cg")
+
+
+@triton.jit
+def _collapse_norm(rows, pre, w_ptr, h_ptr, t, eps, D: tl.constexpr, BDN: tl.constexpr,
                    HC: tl.constexpr, X_BF16: tl.constexpr, W_BF16: tl.constexpr):  # fmt: skip
-    """Token ``t``: ``h = rms_norm(sum_j pre_j x_j, w)`` [d] from ``pre`` [1, hc] (registers),
-    the collapse rounded to the streams' dtype first (as ``ref`` rounds it); the whole row in
-    registers (one pass). L1 is bypassed: other programs of this launch wrote the streams."""
+    """Token ``t``: ``h = rms_norm(sum_j pre_j x_j, w)`` [d] from its streams ``rows`` [hc, BDN]
+    and ``pre`` [1, hc] (registers), the collapse rounded to the streams' dtype first (as
+    ``ref`` rounds it); the whole row in registers (one pass)."""
     t = t.to(tl.int64)
     dd = tl.arange(0, BDN)
     ok = dd < D
     j = tl.arange(0, HC)
     u = tl.zeros([BDN], tl.float32)
-    for jj in tl.static_range(HC):  # independent loads of the hc streams
+    for jj in tl.static_range(HC):  # in the reference's order: ((p0 x0 + p1 x1) + ...)
         p = tl.sum(tl.sum(tl.where(j[None, :] == jj, pre, 0.0), axis=1), axis=0)
-        x = tl.load(x_ptr + (t * HC + jj) * D + dd, mask=ok, other=0.0, cache_modifier=".cg")
-        u += p * x.to(tl.float32)
+        x = tl.sum(tl.where(j[:, None] == jj, rows.to(tl.float32), 0.0), axis=0)  # exact pick
+        u += p * x
     if X_BF16:
         u = round_bf16(u)
     inv = tl.math.div_rn(1.0, tl.sqrt_rn(tl.sum(u * u, axis=0) / D + eps))
@@ -226,7 +237,8 @@ def _collapse_norm_kernel(
     """One token per program (the dot form's second launch): :func:`_collapse_norm`."""
     t = tl.program_id(0)
     pre = tl.load(pre_ptr + t.to(tl.int64) * HC + tl.arange(0, HC))[None, :]
-    _collapse_norm(x_ptr, pre, w_ptr, h_ptr, t, eps, D, BD, HC, X_BF16, W_BF16)
+    rows = _stream_rows(x_ptr, t, D, BD, HC)
+    _collapse_norm(rows, pre, w_ptr, h_ptr, t, eps, D, BD, HC, X_BF16, W_BF16)
 
 
 @triton.jit(do_not_specialize=["n_tokens", "n_split", "per_split"])
@@ -258,13 +270,14 @@ def _hc_kernel(
     tl.debug_barrier()  # every thread's partials (and new streams) before the ticket's release
     if tl.atomic_add(ticket_ptr + tile, 1, sem="acq_rel") == n_split - 1:
         tl.debug_barrier()
+        if COLLAPSE:  # one token per tile (TB == 1): its streams' loads in flight from here
+            rows = _stream_rows(x_out_ptr if POST else x_ptr, tile, D, BDN, HC)
         pre = _maps(
             part_ptr, base_ptr, scale_ptr, pre_ptr, post_ptr, comb_ptr, tile, t, tok, n_split,
             eps, hc_eps, D, HC, NM, NMP, TB, SB, ITERS, HEAD,
         )  # fmt: skip
-        if COLLAPSE:  # one token per tile (TB == 1)
-            xs_ptr = x_out_ptr if POST else x_ptr
-            _collapse_norm(xs_ptr, pre, norm_w_ptr, h_ptr, tile, eps, D, BDN, HC, X_BF16, W_BF16)
+        if COLLAPSE:
+            _collapse_norm(rows, pre, norm_w_ptr, h_ptr, tile, eps, D, BDN, HC, X_BF16, W_BF16)
         tl.store(ticket_ptr + tile, 0)  # ready for the next launch (graph replays included)
 
 
@@ -347,7 +360,7 @@ def hc_fused(
         n_tokens=n, n_split=g["n_split"], per_split=g["per_split"], eps=eps, hc_eps=hc_eps,
         D=d, HC=hc, NM=fn.shape[0], NMP=g["NMP"], TB=g["TB"], BD=_BD, SB=g["SB"], ITERS=iters,
         POST=post_of is not None, HEAD=head, DOT=g["DOT"], COLLAPSE=not g["DOT"], BDN=bdn,
-        X_BF16=x_bf16, W_BF16=w_bf16, num_warps=4 if g["DOT"] else 8,
+        X_BF16=x_bf16, W_BF16=w_bf16, num_warps=4 if g["DOT"] else FMA_WARPS,
     )  # fmt: skip
     if g["DOT"]:
         _collapse_norm_kernel[(n,)](

@@ -30,6 +30,7 @@ _TB = 16  # tokens per tile of the tl.dot form: tl.dot's smallest M
 _BE_MAX = 64  # experts per program; more are spread over expert blocks of 32
 _MAX_SPLIT_DOT = 32  # the dot form's epilogue reduces 16 tokens' partials: few splits
 MAX_TILES = 1 << 16  # tickets per workspace: T <= MAX_TILES * 16 tokens per launch
+FMA_WARPS = 4
 
 
 @triton.jit
@@ -239,6 +240,6 @@ def moe_route(
         TB=g["TB"], BE=g["BE"], BEF=g["BEF"], BD=g["BD"], SB=g["SB"],
         SCORING=SCORING[scoring_func], HASH=hashed,
         FP32=not (x.dtype == gate.dtype and x.dtype in (torch.bfloat16, torch.float16)),
-        DOT=g["DOT"], num_warps=4,
+        DOT=g["DOT"], num_warps=4 if g["DOT"] else FMA_WARPS,
     )  # fmt: skip
     return chosen, weights

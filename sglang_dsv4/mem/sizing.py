@@ -64,8 +64,13 @@ def row_format(
 
 
 def schema_for(model_config, server_args, device: str) -> tuple[CacheSchema, torch.dtype]:
-    """The cache schema and row dtype of a served model (one place for sizing and pools)."""
+    """The cache schema and row dtype of a served model (one place for sizing and pools); a
+    speculative draft model (SGLang's ``is_draft_model``) caches its MTP layer only."""
     cfg = DSV4Config.from_dict(model_config.hf_config.to_dict())
+    if getattr(model_config, "is_draft_model", False):
+        from sglang_dsv4.ref.mtp import mtp_config
+
+        cfg = mtp_config(cfg)
     fmt, index_fmt, row_dtype = row_format(
         model_config.dtype, device, getattr(server_args, "kv_cache_dtype", "auto")
     )

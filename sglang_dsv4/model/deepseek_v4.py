@@ -7,7 +7,7 @@ Each layer is built for its frozen kind (SWA / c4 / c128): it holds the matching
 and, at run time, the wrapper of its kind. Weights stream in tensor by tensor through
 :meth:`load_weights` under released or HF transformers names, dense or in the released quantized
 format (:mod:`sglang_dsv4.weights`), optionally re-stored as NVFP4 (config.json
-``nvfp4_on_load``); MTP weights are skipped with a log line.
+``nvfp4_on_load``); MTP weights are left to the speculative draft model (:mod:`.mtp`).
 
 Where quantized weights go (decided per released name by
 :class:`~sglang_dsv4.model.linears.KeptFormats`):
@@ -37,6 +37,7 @@ from sglang_dsv4.config import AttnKind, DSV4Config, LayerSpec
 from sglang_dsv4.model.experts import MoE
 from sglang_dsv4.model.linears import KeptFormats, QuantLinear, keeps_quantized
 from sglang_dsv4.ops import HcWeights, build_ops
+from sglang_dsv4.params import block_specs, declare, model_specs
 from sglang_dsv4.ref.model import RefDSV4
 from sglang_dsv4.weights.layout import StoredWeight
 from sglang_dsv4.weights.loader import TensorMismatchError, WeightStream
@@ -63,75 +64,22 @@ each tuple into one GEMM at load (a derived buffer)."""
 __all__ = ["DeepseekV4ForCausalLM"]
 
 
-class _Norm(nn.Module):
-    def __init__(self, n: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(n))
-
-
-class _Compressor(nn.Module):
-    def __init__(
-        self, kept: KeptFormats, p: str, hidden: int, head_dim: int, ratio: int, overlap: bool
-    ):
-        super().__init__()
-        coff = 2 if overlap else 1
-        self.wkv = kept.linear(p + "wkv", hidden, coff * head_dim)
-        self.wgate = kept.linear(p + "wgate", hidden, coff * head_dim)
-        self.ape = nn.Parameter(torch.zeros(ratio, coff * head_dim))
-        self.norm = _Norm(head_dim)
-
-
-class _Indexer(nn.Module):
-    def __init__(self, cfg: DSV4Config, kept: KeptFormats, p: str):
-        super().__init__()
-        d = cfg.hidden_size
-        self.wq_b = kept.linear(p + "wq_b", cfg.q_lora_rank, cfg.index_n_heads * cfg.index_head_dim)
-        self.weights_proj = kept.linear(p + "weights_proj", d, cfg.index_n_heads)
-        ratio = AttnKind.CSA.ratio
-        self.compressor = _Compressor(kept, p + "compressor.", d, cfg.index_head_dim, ratio, True)
-
-
-class _Attention(nn.Module):
-    def __init__(self, cfg: DSV4Config, spec: LayerSpec, kept: KeptFormats, p: str):
-        super().__init__()
-        h, d = cfg.hidden_size, cfg.head_dim
-        self.wq_a = kept.linear(p + "wq_a", h, cfg.q_lora_rank)
-        self.q_norm = _Norm(cfg.q_lora_rank)
-        self.wq_b = kept.linear(p + "wq_b", cfg.q_lora_rank, cfg.num_heads * d)
-        self.wkv = kept.linear(p + "wkv", h, d)
-        self.kv_norm = _Norm(d)
-        rank = cfg.o_groups * cfg.o_lora_rank
-        self.wo_a = kept.linear(p + "wo_a", cfg.num_heads * d // cfg.o_groups, rank)
-        self.wo_b = kept.linear(p + "wo_b", rank, h)
-        # fp32 as released (and as FlashMLA / SparseMQA take it: no cast kernel per layer)
-        self.attn_sink = nn.Parameter(torch.zeros(cfg.num_heads, dtype=torch.float32))
-        if spec.attn.compressed:
-            csa = spec.attn is AttnKind.CSA
-            self.compressor = _Compressor(kept, p + "compressor.", h, d, spec.ratio, csa)
-        if spec.attn is AttnKind.CSA:
-            self.indexer = _Indexer(cfg, kept, p + "indexer.")
-
-
 class _Block(nn.Module):
-    def __init__(self, cfg: DSV4Config, spec: LayerSpec, kept: KeptFormats):
+    """One decoder block of kind ``spec``: its rows of the parameter-spec table
+    (:func:`sglang_dsv4.params.block_specs`) under ``prefix`` (``layers.{i}.``), the linears
+    as ``kept`` decides, and its MoE (``ffn``) as expert banks
+    (:mod:`sglang_dsv4.model.experts`)."""
+
+    def __init__(self, cfg: DSV4Config, spec: LayerSpec, kept: KeptFormats, prefix: str):
         super().__init__()
         self.spec = spec
-        self.attn_norm = _Norm(cfg.hidden_size)
-        self.ffn_norm = _Norm(cfg.hidden_size)
-        mix, flat = cfg.hc_mix_dim, cfg.hc_mult * cfg.hidden_size
-        for site in ("attn", "ffn"):
-            self.register_parameter(
-                f"hc_{site}_fn", nn.Parameter(torch.zeros(mix, flat, dtype=torch.float32))
-            )
-            self.register_parameter(
-                f"hc_{site}_base", nn.Parameter(torch.zeros(mix, dtype=torch.float32))
-            )
-            self.register_parameter(
-                f"hc_{site}_scale", nn.Parameter(torch.ones(3, dtype=torch.float32))
-            )
-        p = f"layers.{spec.index}."
-        self.attn = _Attention(cfg, spec, kept, p + "attn.")
-        self.ffn = MoE(cfg, spec, kept, p + "ffn.")
+        own = [
+            s
+            for s in block_specs(cfg, spec, prefix).values()
+            if not s.name.startswith(prefix + "ffn.")
+        ]
+        declare(self, own, strip=prefix, linear=kept.linear)
+        self.ffn = MoE(cfg, spec, kept, prefix + "ffn.")
 
 
 class DeepseekV4ForCausalLM(nn.Module):
@@ -142,19 +90,17 @@ class DeepseekV4ForCausalLM(nn.Module):
                 "quantized DSV4 checkpoints are not supported yet (got a quant_config)"
             )
         self.config = config
-        self.cfg = DSV4Config.from_dict(config.to_dict())
+        self.cfg = self.full_cfg = DSV4Config.from_dict(config.to_dict())
         cfg = self.cfg
         self.nvfp4 = nvfp4_scope(getattr(config, NVFP4_KEY, None))  # quantize-on-load option
         device = torch.get_default_device()  # SGLang builds the model under its target device
         kept = KeptFormats(cfg, self.nvfp4, keeps_quantized(device))
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(_Block(cfg, spec, kept) for spec in cfg.layers)
-        self.norm = _Norm(cfg.hidden_size)
-        flat = cfg.hc_mult * cfg.hidden_size
-        self.hc_head_fn = nn.Parameter(torch.zeros(cfg.hc_mult, flat, dtype=torch.float32))
-        self.hc_head_base = nn.Parameter(torch.zeros(cfg.hc_mult, dtype=torch.float32))
-        self.hc_head_scale = nn.Parameter(torch.ones(1, dtype=torch.float32))
-        self.head = kept.linear("head", cfg.hidden_size, cfg.vocab_size)
+        # embed, head, norm, hc_head_*: the table's rows outside the layers
+        top = [s for s in model_specs(cfg).values() if not s.name.startswith("layers.")]
+        declare(self, top, linear=kept.linear)
+        self.layers = nn.ModuleList(
+            _Block(cfg, spec, kept, f"layers.{spec.index}.") for spec in cfg.layers
+        )
         self.logits_processor = LogitsProcessor(config)
         self._ref: RefDSV4 | None = None
         self._projections: dict | None = None  # derived from the weights at load
@@ -179,6 +125,10 @@ class DeepseekV4ForCausalLM(nn.Module):
     def get_attention_sliding_window_size(self) -> int:
         return self.cfg.sliding_window
 
+    def get_embed_and_head(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """SGLang's EAGLE worker shares them with the draft model (:mod:`.mtp`)."""
+        return self.embed.weight, self.head.weight
+
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch, **kwargs):
         backend = get_attn_backend()
@@ -193,8 +143,15 @@ class DeepseekV4ForCausalLM(nn.Module):
             if i + 1 < len(layers):
                 site = self._hc_site(layers[i + 1], "attn")
                 x, h, post, comb = hc.post_pre(y, x, post, comb, site)
-        hidden = hc.post_head(y, x, post, comb, self._head_site())
-        return self.logits_processor(input_ids, hidden, self.head, forward_batch)
+        # the MTP draft reads the streams (forward_batch is None in model-only tests)
+        if forward_batch is not None and forward_batch.capture_hidden_mode.need_capture():
+            x = hc.post(y, x, post, comb)  # [T, hc, d]
+            hidden, streams = hc.head(x, self._head_site()), x.flatten(1)
+        else:
+            hidden, streams = hc.post_head(y, x, post, comb, self._head_site()), None
+        return self.logits_processor(
+            input_ids, hidden, self.head, forward_batch, hidden_states_before_norm=streams
+        )
 
     @staticmethod
     def _hc_site(block: _Block, site: str) -> HcWeights:
@@ -273,11 +230,25 @@ class DeepseekV4ForCausalLM(nn.Module):
         it). Weights the model keeps quantized (module docstring) are copied as they are into
         their modules' buffers; other quantized weights are dequantized once, here. Errors name
         the tensor and the expected / found shape and dtype (:mod:`sglang_dsv4.weights.loader`)."""
+        stats = self._load_stream(weights, mtp=False)
+        if stats.skipped:
+            logger.info("DSV4: skipped %d MTP tensors (the speculative draft's)", stats.skipped)
+        # after the weights are in: concatenated projections (the GPU's ops.proj) are derived
+        # buffers whose parts become views, so later loads write through them
+        self._projections = self._fuse_projections()
+
+    def _param_name(self, name: str) -> str:
+        """The parameter holding logical tensor ``name``."""
+        return name
+
+    def _load_stream(self, weights: Iterable[tuple[str, torch.Tensor]], mtp: bool):
+        """Stream the main model's (``mtp``: the MTP layers') tensors into the parameters."""
         params = dict(self.named_parameters()) | dict(self.named_buffers())
         quant = {f"{n}.weight": m for n, m in self._quant_linears().items()}
 
-        def deliver(name: str, stored: StoredWeight) -> None:
-            if self.nvfp4 is not None and self.nvfp4(name):
+        def deliver(logical: str, stored: StoredWeight) -> None:
+            name = self._param_name(logical)
+            if self.nvfp4 is not None and self.nvfp4(logical):
                 stored = to_nvfp4(stored)
             try:
                 if (module := quant.get(name)) is not None:
@@ -286,26 +257,19 @@ class DeepseekV4ForCausalLM(nn.Module):
                 if (m := _FFN.match(name)) and self.layers[int(m[1])].ffn.store(m[2], stored):
                     return  # an expert bank row
             except ValueError as e:
-                raise TensorMismatchError(f"tensor `{name}`: {e}") from None
+                raise TensorMismatchError(f"tensor `{logical}`: {e}") from None
             param = params[name]
             param.data.copy_(stored.dequant(param.dtype) if stored.fmt.quantized else stored.data)
 
-        stats = WeightStream(self.cfg, deliver).run(weights)
+        stats = WeightStream(self.full_cfg, deliver, mtp=mtp).run(weights)
         logger.info("DSV4: loaded %d tensors (%s)", stats.delivered, stats.formats)
         kept = [f"{m.fmt.value} linear" for m in quant.values()]
         kept += [bank for b in self.layers for bank in b.ffn.kept_banks()]
         if kept:
             counts = {k: kept.count(k) for k in dict.fromkeys(kept)}
             logger.info("DSV4: kept quantized (not dequantized): %s", counts)
-        if stats.skipped_mtp:
-            logger.info(
-                "DSV4: skipped %d MTP tensors (speculative decoding is not wired yet)",
-                stats.skipped_mtp,
-            )
         self._ref = None
-        # after the weights are in: concatenated projections (the GPU's ops.proj) are derived
-        # buffers whose parts become views, so later loads write through them
-        self._projections = self._fuse_projections()
+        return stats
 
 
 EntryClass = DeepseekV4ForCausalLM

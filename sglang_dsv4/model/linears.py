@@ -130,7 +130,7 @@ class KeptFormats:
 
     def __init__(self, cfg: DSV4Config, nvfp4: Callable[[str], bool] | None, on_gpu: bool):
         self.cfg, self.nvfp4, self.on_gpu = cfg, nvfp4, on_gpu
-        self._shapes = logical_shapes(cfg, mtp=False)
+        self._shapes = logical_shapes(cfg)
 
     def kept(self, name: str) -> Fmt | None:
         """Format the logical tensor ``name`` (``layers.0.attn.wq_a.weight``) is held in on the

@@ -71,8 +71,9 @@ class ProjCat(ProjTorch):
         x = o.reshape(n_tok, n_groups, -1)  # [T, G, H/G*D]
         w = wo_a.view(n_groups, -1, x.shape[-1])  # [G, R, H/G*D]
         y = torch.empty(n_tok, n_groups, w.shape[1], dtype=o.dtype, device=o.device)
-        # [G, T, R] views of x and y: cuBLAS reads and writes the strided rows, no copies
-        torch.bmm(x.transpose(0, 1), w.transpose(1, 2), out=y.transpose(0, 1))
+        with torch.no_grad():  # inference only (``out=`` has no autograd)
+            # [G, T, R] views of x and y: cuBLAS reads and writes the strided rows, no copies
+            torch.bmm(x.transpose(0, 1), w.transpose(1, 2), out=y.transpose(0, 1))
         return linear(y.view(n_tok, -1), wo_b)
 
     def fuse(self, weights: Sequence[Weight]) -> Fused:

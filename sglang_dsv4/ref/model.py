@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from sglang_dsv4.config import AttnKind, DSV4Config, LayerSpec
+from sglang_dsv4.params import model_specs
 from sglang_dsv4.ref.attention import grouped_output_proj, sparse_attention, window_indices
 from sglang_dsv4.ref.compressor import CompressorState, CompressorWeights, compress
 from sglang_dsv4.ref.indexer import index_scores, index_topk
@@ -93,50 +94,8 @@ class RefDSV4:
         )
 
     def required_names(self) -> list[str]:
-        cfg = self.cfg
-        names = [
-            "embed.weight",
-            "head.weight",
-            "norm.weight",
-            "hc_head_fn",
-            "hc_head_base",
-            "hc_head_scale",
-        ]
-        for s in cfg.layers:
-            p = f"layers.{s.index}."
-            names += [p + n for n in ("attn_norm.weight", "ffn_norm.weight")]
-            names += [
-                p + f"hc_{site}_{k}" for site in ("attn", "ffn") for k in ("fn", "base", "scale")
-            ]
-            names += [
-                p + f"attn.{n}.weight"
-                for n in ("wq_a", "q_norm", "wq_b", "wkv", "kv_norm", "wo_a", "wo_b")
-            ]
-            names.append(p + "attn.attn_sink")
-            comps = {
-                AttnKind.SWA: [],
-                AttnKind.CSA: ["compressor", "indexer.compressor"],
-                AttnKind.HCA: ["compressor"],
-            }
-            for c in comps[s.attn]:
-                names += [
-                    p + f"attn.{c}.{n}"
-                    for n in ("wkv.weight", "wgate.weight", "ape", "norm.weight")
-                ]
-            if s.attn is AttnKind.CSA:
-                names += [p + "attn.indexer.wq_b.weight", p + "attn.indexer.weights_proj.weight"]
-            names += [
-                p + "ffn.gate.weight",
-                p + ("ffn.gate.tid2eid" if s.hash_moe else "ffn.gate.bias"),
-            ]
-            names += [
-                p + f"ffn.experts.{e}.{k}.weight"
-                for e in range(cfg.n_routed_experts)
-                for k in ("w1", "w2", "w3")
-            ]
-            if cfg.n_shared_experts:
-                names += [p + f"ffn.shared_experts.{k}.weight" for k in ("w1", "w2", "w3")]
-        return names
+        """The main model's tensors (:func:`sglang_dsv4.params.model_specs`)."""
+        return list(model_specs(self.cfg))
 
     def compressor_weights(self, layer: int, which: str = "compressor") -> CompressorWeights:
         p = f"layers.{layer}.attn.{which}."
@@ -147,9 +106,19 @@ class RefDSV4:
 
     @torch.no_grad()
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        return linear(self.final_hidden(self.streams(ids)), self.w["head.weight"])
+
+    @torch.no_grad()
+    def streams(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [S] -> the residual streams after the last layer [S, hc, d] (what the head
+        reads through ``final_hidden``, and what an MTP layer reads: :mod:`sglang_dsv4.ref.mtp`)."""
+        return self.blocks(self.embed_streams(ids), ids)
+
+    def blocks(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Every layer over a whole sequence from positions 0: streams ``x`` [S, hc, d] of
+        tokens ``ids`` [S] -> streams [S, hc, d]."""
         cfg, w = self.cfg, self.w
         positions = torch.arange(ids.shape[0], device=ids.device)
-        x = self.embed_streams(ids)
         for spec in cfg.layers:
             p = f"layers.{spec.index}."
             u, post, comb = self.hc_pre(x, p + "hc_attn_")
@@ -160,7 +129,7 @@ class RefDSV4:
             u, post, comb = self.hc_pre(x, p + "hc_ffn_")
             y = self.ffn(spec, rms_norm(u, w[p + "ffn_norm.weight"], cfg.norm_eps), ids)
             x = hc_post(y, x, post, comb)
-        return linear(self.final_hidden(x), w["head.weight"])
+        return x
 
     def embed_streams(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids [T] -> ``hc_mult`` identical residual streams [T, hc, d]."""

@@ -1,7 +1,8 @@
 """A batched, differentiable DSV4 for training: the math of :mod:`sglang_dsv4.ref` over ``[B, S]``.
 
-The module tree spells the released tensor names (``layers.{i}.attn.wq_a.weight``,
-``layers.{i}.ffn.experts.{e}.w1.weight``, ``hc_head_fn`` ...), so ``state_dict()`` is a checkpoint
+The module tree is built from the parameter-spec table (:mod:`sglang_dsv4.params`), so it spells
+the released tensor names (``layers.{i}.attn.wq_a.weight``,
+``layers.{i}.ffn.experts.{e}.w1.weight``, ``hc_head_fn`` ...) and ``state_dict()`` is a checkpoint
 that our server and HF transformers load as is (:func:`export_state_dict` picks the dtypes).
 Token-wise parts (mHC, norms, MoE, head) reuse the reference functions on the flattened
 ``N = B * S`` tokens; the sequence-mixing parts are written for whole training sequences:
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sglang_dsv4.config import AttnKind, DSV4Config, LayerSpec
+from sglang_dsv4.params import Store, block_specs, declare, model_specs, store_of
 from sglang_dsv4.ref.attention import grouped_output_proj
 from sglang_dsv4.ref.mhc import hc_head, hc_post, hc_pre
 from sglang_dsv4.ref.moe import route_scores, route_weights
@@ -41,129 +43,47 @@ from sglang_dsv4.ref.rope import apply_rope, rope_cos_sin, rope_inv_freq
 
 __all__ = ["ForwardOut", "TrainDSV4", "export_state_dict", "init_weights"]
 
-# fp32 in the released checkpoints (everything else there is bf16, tid2eid int64)
-_FP32_SUFFIXES = ("attn_sink", ".ape", "gate.bias", "_fn", "_base", "_scale")
+
+def _compress(comp: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float):
+    """Compressor ``comp`` (rows ``*.compressor.*`` of :mod:`sglang_dsv4.params`): ``x``
+    [B, S, d] -> entries [B, S // ratio, D] of every complete window; ``cos``/``sin``
+    [S // ratio, rope_dim / 2] at the entries' positions ``i * ratio``."""
+    b, s, _ = x.shape
+    r, d = comp.ape.shape[0], comp.norm.weight.shape[0]
+    overlap = comp.ape.shape[1] == 2 * d
+    n = s // r
+    kv = comp.wkv(x[:, : n * r]).float().view(b, n, r, -1)  # [B, E, r, coff*D]
+    score = comp.wgate(x[:, : n * r]).float().view(b, n, r, -1) + comp.ape.float()
+    if overlap:  # entry i pools the a-half of window i-1 and the b-half of window i
+        prev_kv = F.pad(kv[:, :-1, :, :d], (0, 0, 0, 0, 1, 0))
+        prev_score = F.pad(score[:, :-1, :, :d], (0, 0, 0, 0, 1, 0), value=float("-inf"))
+        kv = torch.cat([prev_kv, kv[..., d:]], dim=2)  # [B, E, 2r, D]
+        score = torch.cat([prev_score, score[..., d:]], dim=2)
+    entries = (kv * score.softmax(dim=2)).sum(dim=2)  # [B, E, D]
+    entries = rms_norm(entries, comp.norm.weight.float(), eps)
+    return _rope(entries, cos, sin)
 
 
-def _linear(n_in: int, n_out: int) -> nn.Linear:
-    return nn.Linear(n_in, n_out, bias=False)
-
-
-class _Norm(nn.Module):
-    def __init__(self, n: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(n))
-
-
-class _Compressor(nn.Module):
-    def __init__(self, hidden: int, head_dim: int, ratio: int, overlap: bool):
-        super().__init__()
-        coff = 2 if overlap else 1
-        self.ratio, self.head_dim, self.overlap = ratio, head_dim, overlap
-        self.wkv = _linear(hidden, coff * head_dim)
-        self.wgate = _linear(hidden, coff * head_dim)
-        self.ape = nn.Parameter(torch.zeros(ratio, coff * head_dim))
-        self.norm = _Norm(head_dim)
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float):
-        """``x`` [B, S, d] -> entries [B, S // ratio, D] of every complete window; ``cos``/``sin``
-        [S // ratio, rope_dim / 2] at the entries' positions ``i * ratio``."""
-        b, s, _ = x.shape
-        r, d = self.ratio, self.head_dim
-        n = s // r
-        kv = self.wkv(x[:, : n * r]).float().view(b, n, r, -1)  # [B, E, r, coff*D]
-        score = self.wgate(x[:, : n * r]).float().view(b, n, r, -1) + self.ape.float()
-        if self.overlap:  # entry i pools the a-half of window i-1 and the b-half of window i
-            prev_kv = F.pad(kv[:, :-1, :, :d], (0, 0, 0, 0, 1, 0))
-            prev_score = F.pad(score[:, :-1, :, :d], (0, 0, 0, 0, 1, 0), value=float("-inf"))
-            kv = torch.cat([prev_kv, kv[..., d:]], dim=2)  # [B, E, 2r, D]
-            score = torch.cat([prev_score, score[..., d:]], dim=2)
-        entries = (kv * score.softmax(dim=2)).sum(dim=2)  # [B, E, D]
-        entries = rms_norm(entries, self.norm.weight.float(), eps)
-        return _rope(entries, cos, sin)
-
-
-class _Indexer(nn.Module):
-    def __init__(self, cfg: DSV4Config):
-        super().__init__()
-        self.n_heads, self.head_dim = cfg.index_n_heads, cfg.index_head_dim
-        self.wq_b = _linear(cfg.q_lora_rank, cfg.index_n_heads * cfg.index_head_dim)
-        self.weights_proj = _linear(cfg.hidden_size, cfg.index_n_heads)
-        self.compressor = _Compressor(cfg.hidden_size, cfg.index_head_dim, 4, overlap=True)
-
-    def forward(self, x, qr, cos, sin, ecos, esin, eps) -> torch.Tensor:
-        """Scores [B, S, E] (eq. 16) of queries at every position against every entry."""
-        b, s, _ = x.shape
-        keys = self.compressor(x, ecos, esin, eps)  # [B, E, Di]
-        q = _rope(self.wq_b(qr).view(b, s, self.n_heads, self.head_dim), cos, sin)
-        w = self.weights_proj(x).float() * self.n_heads**-0.5  # [B, S, Hi]
-        # [B, S, Hi, E]: the largest activation of training (bf16 under autocast)
-        dots = torch.einsum("bshd,bed->bshe", q, keys).relu() * self.head_dim**-0.5
-        return torch.einsum("bshe,bsh->bse", dots, w.to(dots.dtype)).float()
-
-
-class _Attention(nn.Module):
-    def __init__(self, cfg: DSV4Config, spec: LayerSpec):
-        super().__init__()
-        h, d = cfg.hidden_size, cfg.head_dim
-        self.wq_a = _linear(h, cfg.q_lora_rank)
-        self.q_norm = _Norm(cfg.q_lora_rank)
-        self.wq_b = _linear(cfg.q_lora_rank, cfg.num_heads * d)
-        self.wkv = _linear(h, d)
-        self.kv_norm = _Norm(d)
-        self.wo_a = _linear(cfg.num_heads * d // cfg.o_groups, cfg.o_groups * cfg.o_lora_rank)
-        self.wo_b = _linear(cfg.o_groups * cfg.o_lora_rank, h)
-        self.attn_sink = nn.Parameter(torch.zeros(cfg.num_heads))
-        if spec.attn.compressed:
-            self.compressor = _Compressor(h, d, spec.ratio, overlap=spec.attn is AttnKind.CSA)
-        if spec.attn is AttnKind.CSA:
-            self.indexer = _Indexer(cfg)
-
-
-class _Expert(nn.Module):
-    def __init__(self, hidden: int, inter: int):
-        super().__init__()
-        self.w1 = _linear(hidden, inter)
-        self.w2 = _linear(inter, hidden)
-        self.w3 = _linear(hidden, inter)
-
-
-class _Gate(nn.Module):
-    def __init__(self, cfg: DSV4Config, hash_moe: bool):
-        super().__init__()
-        self.weight = nn.Parameter(torch.zeros(cfg.n_routed_experts, cfg.hidden_size))
-        if hash_moe:
-            self.register_buffer(
-                "tid2eid", torch.zeros(cfg.vocab_size, cfg.n_experts_per_tok, dtype=torch.long)
-            )
-        else:  # noaux_tc selection bias: moved by the load-balancing rule, not by gradients
-            self.register_buffer("bias", torch.zeros(cfg.n_routed_experts))
-
-
-class _MoE(nn.Module):
-    def __init__(self, cfg: DSV4Config, spec: LayerSpec):
-        super().__init__()
-        self.gate = _Gate(cfg, spec.hash_moe)
-        self.experts = nn.ModuleList(
-            _Expert(cfg.hidden_size, cfg.moe_inter_dim) for _ in range(cfg.n_routed_experts)
-        )
-        if cfg.n_shared_experts:
-            self.shared_experts = _Expert(cfg.hidden_size, cfg.moe_inter_dim * cfg.n_shared_experts)
+def _index_scores(indexer: nn.Module, cfg: DSV4Config, x, qr, cos, sin, ecos, esin):
+    """Indexer scores [B, S, E] (eq. 16) of queries at every position against every entry."""
+    b, s, _ = x.shape
+    n_heads, head_dim = cfg.index_n_heads, cfg.index_head_dim
+    keys = _compress(indexer.compressor, x, ecos, esin, cfg.norm_eps)  # [B, E, Di]
+    q = _rope(indexer.wq_b(qr).view(b, s, n_heads, head_dim), cos, sin)
+    w = indexer.weights_proj(x).float() * n_heads**-0.5  # [B, S, Hi]
+    # [B, S, Hi, E]: the largest activation of training (bf16 under autocast)
+    dots = torch.einsum("bshd,bed->bshe", q, keys).relu() * head_dim**-0.5
+    return torch.einsum("bshe,bsh->bse", dots, w.to(dots.dtype)).float()
 
 
 class _Block(nn.Module):
-    def __init__(self, cfg: DSV4Config, spec: LayerSpec):
+    """One decoder block: every row of :func:`sglang_dsv4.params.block_specs` (experts as
+    plain linears)."""
+
+    def __init__(self, cfg: DSV4Config, spec: LayerSpec, prefix: str):
         super().__init__()
         self.spec = spec
-        self.attn_norm = _Norm(cfg.hidden_size)
-        self.ffn_norm = _Norm(cfg.hidden_size)
-        mix, flat = cfg.hc_mix_dim, cfg.hc_mult * cfg.hidden_size
-        for site in ("attn", "ffn"):
-            self.register_parameter(f"hc_{site}_fn", nn.Parameter(torch.zeros(mix, flat)))
-            self.register_parameter(f"hc_{site}_base", nn.Parameter(torch.zeros(mix)))
-            self.register_parameter(f"hc_{site}_scale", nn.Parameter(torch.ones(3)))
-        self.attn = _Attention(cfg, spec)
-        self.ffn = _MoE(cfg, spec)
+        declare(self, block_specs(cfg, spec, prefix).values(), strip=prefix)
 
 
 @dataclass
@@ -182,14 +102,11 @@ class TrainDSV4(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.dropout = dropout
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(_Block(cfg, spec) for spec in cfg.layers)
-        self.norm = _Norm(cfg.hidden_size)
-        flat = cfg.hc_mult * cfg.hidden_size
-        self.hc_head_fn = nn.Parameter(torch.zeros(cfg.hc_mult, flat))
-        self.hc_head_base = nn.Parameter(torch.zeros(cfg.hc_mult))
-        self.hc_head_scale = nn.Parameter(torch.ones(1))
-        self.head = _linear(cfg.hidden_size, cfg.vocab_size)
+        # embed, head, norm, hc_head_*, then the layers: the parameter-spec table's rows
+        declare(self, [s for s in model_specs(cfg).values() if not s.name.startswith("layers.")])
+        self.layers = nn.ModuleList(
+            _Block(cfg, spec, f"layers.{spec.index}.") for spec in cfg.layers
+        )
         for spec in cfg.layers:
             self.register_buffer(
                 f"inv_freq_{spec.index}", rope_inv_freq(spec.rope, cfg.rope_dim), persistent=False
@@ -275,7 +192,7 @@ class TrainDSV4(nn.Module):
         if spec.attn.compressed:
             r = spec.ratio
             ecos, esin = rope_cos_sin(torch.arange(s // r, device=x.device) * r, inv_freq)
-            entries = attn.compressor(x, ecos, esin, cfg.norm_eps).to(q.dtype)  # [B, E, D]
+            entries = _compress(attn.compressor, x, ecos, esin, cfg.norm_eps).to(q.dtype)
             comp_logits = torch.einsum("bshd,bed->bshe", q, entries) * scale  # [B, S, H, E]
             visible = _visible(s, r, x.device)  # [S, E]
             mask = visible.expand(b, -1, -1)
@@ -304,7 +221,7 @@ class TrainDSV4(nn.Module):
         if not need_scores:
             return visible.expand(x.shape[0], -1, -1), aux
         with torch.set_grad_enabled(want_kl and torch.is_grad_enabled()):
-            scores = indexer(x.detach(), qr.detach(), *rope, cfg.norm_eps)
+            scores = _index_scores(indexer, cfg, x.detach(), qr.detach(), *rope)
         scores = scores.masked_fill(~visible, float("-inf"))  # [B, S, E]
         k = min(cfg.index_topk, scores.shape[-1])
         picks = scores.detach().topk(k, dim=-1).indices  # [B, S, k]
@@ -404,12 +321,12 @@ def init_weights(model: TrainDSV4, seed: int, std: float = 0.02) -> None:
 
 
 def export_state_dict(model: TrainDSV4) -> dict[str, torch.Tensor]:
-    """Released names and dtypes: fp32 for sinks, ape, mHC and router bias, int64 ``tid2eid``,
-    bf16 for every other tensor."""
+    """Released names and dtypes (the table's :class:`~sglang_dsv4.params.Store`): fp32 for
+    sinks, ape, mHC and router bias, int64 ``tid2eid``, bf16 for every other tensor."""
     out = {}
     for name, t in model.state_dict().items():
         t = t.detach().cpu()
         if t.dtype.is_floating_point:
-            t = t.float() if name.endswith(_FP32_SUFFIXES) else t.to(torch.bfloat16)
+            t = t.float() if store_of(name) is Store.FP32 else t.to(torch.bfloat16)
         out[name] = t.contiguous()
     return out

@@ -1,7 +1,8 @@
 """What a DSV4 checkpoint holds: every tensor's logical shape and, per format, how it is stored.
 
 Logical tensors are the dense weights the math uses, under released names
-(:func:`logical_shapes`; MTP layers as ``mtp.{j}.*``). A checkpoint stores each one as
+(:func:`logical_shapes`; MTP layers as ``mtp.{j}.*``), as listed once by the parameter-spec table
+(:mod:`sglang_dsv4.params`). A checkpoint stores each one as
 
 * ``Fmt.DENSE``: one floating tensor of the logical shape (HF-transformers checkpoints, our fp32
   tiny models; any floating dtype);
@@ -24,12 +25,12 @@ The packing of FP8 / MXFP4 is defined in :mod:`sglang_dsv4.ref.weight_quant`.
 """
 
 import enum
-import re
 from dataclasses import dataclass
 
 import torch
 
-from sglang_dsv4.config import AttnKind, DSV4Config, LayerSpec
+from sglang_dsv4.config import DSV4Config
+from sglang_dsv4.params import Store, param_specs, store_of
 from sglang_dsv4.ref.weight_quant import (
     FP8_BLOCK,
     MXFP4_BLOCK,
@@ -114,30 +115,16 @@ class StoredWeight:
         return sum(t.numel() * t.element_size() for t in parts if t is not None)
 
 
-# released name (without the ``.weight`` / no suffix) -> format; first match wins
-_RELEASED_RULES: tuple[tuple[str, Fmt | str], ...] = (
-    (r".*\.ffn\.experts\.\d+\.w[123]\.weight", "experts"),
-    (r".*\.(hc_(attn|ffn)_(fn|base|scale)|hc_head_(fn|base|scale))", Fmt.FP32),
-    (r"hc_head_(fn|base|scale)", Fmt.FP32),
-    (r".*\.attn\.attn_sink|.*\.compressor\.ape|.*\.ffn\.gate\.bias", Fmt.FP32),
-    (r".*\.ffn\.gate\.tid2eid", Fmt.I64),
-    (r".*\.attn\.(wq_a|wq_b|wkv|wo_a|wo_b)\.weight", Fmt.FP8),
-    (r".*\.attn\.indexer\.wq_b\.weight", Fmt.FP8),
-    (r".*\.ffn\.shared_experts\.w[123]\.weight", Fmt.FP8),
-    (r"mtp\.\d+\.(e_proj|h_proj)\.weight", Fmt.FP8),
-    (r".*", Fmt.BF16),  # embed, head, norms, compressor wkv/wgate, weights_proj, gate.weight
-)
-_RELEASED = tuple((re.compile(p + r"\Z"), f) for p, f in _RELEASED_RULES)
+_STORE_FMT = {Store.FP8: Fmt.FP8, Store.BF16: Fmt.BF16, Store.FP32: Fmt.FP32, Store.I64: Fmt.I64}
 
 
 def released_fmt(name: str, expert_dtype: str) -> Fmt:
-    """Storage format of logical tensor ``name`` in the released checkpoint."""
-    for pattern, fmt in _RELEASED:
-        if pattern.match(name):
-            if fmt == "experts":
-                return Fmt.MXFP4 if expert_dtype == "fp4" else Fmt.FP8
-            return fmt
-    raise AssertionError("unreachable: the last rule matches everything")
+    """Storage format of logical tensor ``name`` in the released checkpoint (the row's
+    :class:`~sglang_dsv4.params.Store`; routed experts by ``expert_dtype``)."""
+    store = store_of(name)
+    if store is Store.EXPERT:
+        return Fmt.MXFP4 if expert_dtype == "fp4" else Fmt.FP8
+    return _STORE_FMT[store]
 
 
 def stored_specs(name: str, shape: tuple[int, ...], fmt: Fmt) -> dict[str, TensorSpec]:
@@ -193,81 +180,6 @@ def pack(t: torch.Tensor, fmt: Fmt) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 def logical_shapes(cfg: DSV4Config, mtp: bool = True) -> dict[str, tuple[int, ...]]:
-    """Every logical tensor of the model (and of its MTP layers) with its dense shape."""
-    d, hc = cfg.hidden_size, cfg.hc_mult
-    shapes = {
-        "embed.weight": (cfg.vocab_size, d),
-        "head.weight": (cfg.vocab_size, d),
-        "norm.weight": (d,),
-        "hc_head_fn": (hc, hc * d),
-        "hc_head_base": (hc,),
-        "hc_head_scale": (1,),
-    }
-    for spec in cfg.layers:
-        shapes |= _block_shapes(cfg, spec, f"layers.{spec.index}.")
-    if mtp:
-        for j, spec in enumerate(cfg.mtp_layers):
-            p = f"mtp.{j}."
-            shapes |= _block_shapes(cfg, spec, p)
-            shapes |= {p + f"{n}.weight": (d, d) for n in ("e_proj", "h_proj")}
-            shapes |= {p + f"{n}.weight": (d,) for n in ("enorm", "hnorm", "norm")}
-            shapes |= {p + "hc_head_fn": (hc, hc * d), p + "hc_head_base": (hc,)}
-            shapes[p + "hc_head_scale"] = (1,)
-    return shapes
-
-
-def _block_shapes(cfg: DSV4Config, spec: LayerSpec, p: str) -> dict[str, tuple[int, ...]]:
-    d, hd, hc = cfg.hidden_size, cfg.head_dim, cfg.hc_mult
-    s = {p + "attn_norm.weight": (d,), p + "ffn_norm.weight": (d,)}
-    for site in ("attn", "ffn"):
-        s |= {
-            p + f"hc_{site}_fn": (cfg.hc_mix_dim, hc * d),
-            p + f"hc_{site}_base": (cfg.hc_mix_dim,),
-            p + f"hc_{site}_scale": (3,),
-        }
-    a = p + "attn."
-    s |= {
-        a + "wq_a.weight": (cfg.q_lora_rank, d),
-        a + "q_norm.weight": (cfg.q_lora_rank,),
-        a + "wq_b.weight": (cfg.num_heads * hd, cfg.q_lora_rank),
-        a + "wkv.weight": (hd, d),
-        a + "kv_norm.weight": (hd,),
-        a + "wo_a.weight": (cfg.o_groups * cfg.o_lora_rank, cfg.num_heads * hd // cfg.o_groups),
-        a + "wo_b.weight": (d, cfg.o_groups * cfg.o_lora_rank),
-        a + "attn_sink": (cfg.num_heads,),
-    }
-    if spec.attn.compressed:
-        s |= _compressor_shapes(a + "compressor.", d, hd, spec.ratio, spec.attn is AttnKind.CSA)
-    if spec.attn is AttnKind.CSA:
-        ihd, ratio = cfg.index_head_dim, AttnKind.CSA.ratio
-        s |= {
-            a + "indexer.wq_b.weight": (cfg.index_n_heads * ihd, cfg.q_lora_rank),
-            a + "indexer.weights_proj.weight": (cfg.index_n_heads, d),
-        }
-        s |= _compressor_shapes(a + "indexer.compressor.", d, ihd, ratio, overlap=True)
-    f = p + "ffn."
-    s[f + "gate.weight"] = (cfg.n_routed_experts, d)
-    if spec.hash_moe:
-        s[f + "gate.tid2eid"] = (cfg.vocab_size, cfg.n_experts_per_tok)
-    else:
-        s[f + "gate.bias"] = (cfg.n_routed_experts,)
-    inter = cfg.moe_inter_dim
-    for e in range(cfg.n_routed_experts):
-        s |= _expert_shapes(f + f"experts.{e}.", d, inter)
-    if cfg.n_shared_experts:
-        s |= _expert_shapes(f + "shared_experts.", d, inter * cfg.n_shared_experts)
-    return s
-
-
-def _compressor_shapes(p: str, d: int, hd: int, ratio: int, overlap: bool):
-    coff = 2 if overlap else 1
-    return {
-        p + "wkv.weight": (coff * hd, d),
-        p + "wgate.weight": (coff * hd, d),
-        p + "ape": (ratio, coff * hd),
-        p + "norm.weight": (hd,),
-    }
-
-
-def _expert_shapes(p: str, d: int, inter: int):
-    return {p + "w1.weight": (inter, d), p + "w2.weight": (d, inter), p + "w3.weight": (inter, d)}
+    """Every logical tensor of the model (and of its MTP layers) with its dense shape: the
+    shapes of :func:`sglang_dsv4.params.param_specs`."""
+    return {n: s.shape for n, s in param_specs(cfg, mtp).items()}

@@ -5,7 +5,8 @@ iterator goes shard by shard) and hands every logical tensor, as a :class:`Store
 ``deliver(name, stored)`` callback as soon as all of its parts have arrived: a quantized weight
 waits only for its ``.scale`` partner, so host memory holds the current shard plus at most a few
 unpaired halves, never the model. Names go through the one HF -> released table
-(:mod:`sglang_dsv4.weights.names`). MTP tensors (``mtp.*``) are counted and skipped.
+(:mod:`sglang_dsv4.weights.names`). MTP tensors (``mtp.*``) are counted and skipped, or, for
+the speculative draft model (``mtp=True``), are the ones collected.
 
 Which tensors must be there and how they are stored comes from the config: with a
 ``quantization_config`` the released layout (:func:`~sglang_dsv4.weights.layout.released_fmt`),
@@ -66,7 +67,7 @@ class TensorMismatchError(CheckpointError):
 @dataclass
 class LoadStats:
     delivered: int = 0
-    skipped_mtp: int = 0
+    skipped: int = 0  # MTP tensors when loading the main model, main ones for the MTP layers
     formats: dict[str, int] = field(default_factory=dict)
 
 
@@ -77,15 +78,23 @@ class _Expected:
 
 
 class WeightStream:
-    """``feed`` checkpoint tensors one by one, then ``finish``; see the module docstring."""
+    """``feed`` checkpoint tensors one by one, then ``finish``; see the module docstring.
+    ``mtp``: collect the MTP layers' tensors instead (the speculative draft model's), skipping
+    the main model's."""
 
-    def __init__(self, cfg: DSV4Config, deliver: Callable[[str, StoredWeight], None]):
+    def __init__(
+        self, cfg: DSV4Config, deliver: Callable[[str, StoredWeight], None], mtp: bool = False
+    ):
         self.deliver = deliver
         self.stats = LoadStats()
+        self.mtp = mtp
         self._expected: dict[str, _Expected] = {}  # logical name -> what to collect
         self._owner: dict[str, str] = {}  # checkpoint name -> logical name
         quant = cfg.quant
-        for name, shape in logical_shapes(cfg, mtp=False).items():
+        shapes = logical_shapes(cfg, mtp=mtp)
+        if mtp:
+            shapes = {n: s for n, s in shapes.items() if is_mtp_name(n)}
+        for name, shape in shapes.items():
             fmt = released_fmt(name, quant.expert_dtype) if quant else Fmt.DENSE
             parts = stored_specs(name, shape, fmt)
             self._expected[name] = _Expected(fmt, parts)
@@ -97,8 +106,8 @@ class WeightStream:
         self._bar = progress(len(self._expected), "DSV4 weights", "tensor")
 
     def feed(self, name: str, tensor: torch.Tensor) -> None:
-        if is_mtp_name(name):
-            self.stats.skipped_mtp += 1
+        if is_mtp_name(name) != self.mtp:
+            self.stats.skipped += 1
             return
         try:
             pairs = list(to_released_names(name, tensor))
@@ -151,6 +160,12 @@ class WeightStream:
             first = missing[0]
             spec = self._expected[self._owner[first]].parts[first]
             more = f", and {len(missing) - 1} more, e.g. {missing[1:4]}" if missing[1:] else ""
+            if self.mtp and len(missing) == sum(len(e.parts) for e in self._expected.values()):
+                raise MissingTensorError(
+                    "the checkpoint has no MTP layer (no `mtp.*` tensors, e.g. "
+                    f"`{first}`): speculative decoding drafts with it; serve without "
+                    "--speculative-algorithm, or a checkpoint that has one"
+                )
             raise MissingTensorError(
                 f"tensor `{first}` ({spec.describe()}) is missing from the checkpoint{more}"
             )

@@ -455,8 +455,10 @@ def test_flashmla_schedule_static_without_lengths(lengths, handed, kept):
     assert (mla.sched is warm) is kept
 
 
-def test_decode_plan_keeps_flashmla_schedules_static_but_hca(tiny_cfg, monkeypatch):
-    """One FlashMLA schedule launch per step at most: SWA and CSA static, HCA per step."""
+@pytest.mark.parametrize("pages", [4, 160])  # c128 lists of 64 (static) / 192 entries
+def test_decode_plan_keeps_flashmla_schedules_static_but_long_hca(tiny_cfg, monkeypatch, pages):
+    """One FlashMLA schedule launch per step at most: SWA, CSA and short HCA lists static, HCA
+    lists past ``STATIC_HCA_ENTRIES`` per step."""
     import sglang_dsv4.attention.decode_kernels as dk
 
     monkeypatch.setattr(dk, "load_flashmla", _FakeMLA)
@@ -466,30 +468,37 @@ def test_decode_plan_keeps_flashmla_schedules_static_but_hca(tiny_cfg, monkeypat
     ops = DecodeKernels(
         world.pool.schema, cfg.num_heads, cfg.index_topk, cfg.index_n_heads, "cpu", flashmla=True
     )
-    plan = ops.plan(2, N_PAGES)
+    plan = ops.plan(2, pages)
     assert {k: v.lengths for k, v in plan.attn.items()} == {
         AttnKind.SWA: False,
         AttnKind.CSA: False,
-        AttnKind.HCA: True,
+        AttnKind.HCA: pages * BLOCK // 128 > dk.STATIC_HCA_ENTRIES,
     }
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kind", [AttnKind.CSA, AttnKind.HCA])
 @pytest.mark.parametrize("batch", [1, 5, 64])
-def test_flashmla_static_csa_schedule_equals_per_step_counts(batch):
-    """CSA's top-k list without its counts (static schedule, kept from an eager run across a
-    graph capture) gives the outputs of the per-step schedule from the counts, at Flash dims,
-    for counts from 1 to top-k (-1 past each count)."""
+def test_flashmla_static_schedule_equals_per_step_counts(kind, batch):
+    """A c4 top-k list (512) / a short c128 list (``STATIC_HCA_ENTRIES``) without its counts
+    (static schedule, kept from an eager run across a graph capture) gives the outputs of the
+    per-step schedule from the counts, at Flash dims, for counts from 1 to the list width (-1
+    past each count)."""
     from sglang_dsv4.attention.choice import flashmla_eligible
-    from sglang_dsv4.attention.decode_kernels import FlashMLADecode, load_flashmla
+    from sglang_dsv4.attention.decode_kernels import (
+        STATIC_HCA_ENTRIES,
+        FlashMLADecode,
+        load_flashmla,
+    )
 
     cfg = _flash_dims()
     if not flashmla_eligible(True, cfg.num_heads, cfg.head_dim, "cuda"):
         pytest.skip("FlashMLA's sparse decode needs sm90")
     gen = torch.Generator(device="cuda").manual_seed(batch)
     world = World(cfg, "cuda", torch.bfloat16, EntryFormat.FP8, EntryFormat.FP8)
-    lk = next(x for x in world.pool.layers if x.kind is AttnKind.CSA)
-    n_swa, d, topk = world.pool.n_swa_slots + BLOCK, cfg.head_dim, cfg.index_topk
+    lk = next(x for x in world.pool.layers if x.kind is kind)
+    n_swa, d = world.pool.n_swa_slots + BLOCK, cfg.head_dim
+    topk = cfg.index_topk if kind is AttnKind.CSA else STATIC_HCA_ENTRIES
     lk.write_raw(torch.arange(n_swa, device="cuda"), torch.randn(n_swa, d, device="cuda"))
     per_page = lk.entry_rows.rows_per_page
     n_rows = lk.entries.shape[0] * per_page

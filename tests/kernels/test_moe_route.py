@@ -3,8 +3,8 @@
 
 Chosen sets are compared as sets (top-k order is free: the experts' sum does not depend on it),
 weights matched by expert id. CPU: interpreted, fp32, small and odd shapes, both kernel forms
-and split counts, tickets left zero. GPU: Flash / Pro dims (d 4096 / 7168, E 16 / 256, k 2 / 6 /
-8, T 1 .. 4096) in bf16 against the fp32 twin on the same bf16 inputs; rows whose
+and split counts, tickets left zero. GPU: Flash / Pro dims (d 4096 / 7168, E 16 / 256 / 384,
+k 2 / 6 / 8, T 1 .. 4096) in bf16 against the fp32 twin on the same bf16 inputs; rows whose
 k-th and (k+1)-th biased scores are closer than the accumulation-order noise may pick either.
 """
 
@@ -112,7 +112,7 @@ def test_nan_row_stays_in_range():
 @pytest.mark.parametrize(
     ("t", "n_exp", "topk"),
     [(1, 16, 6), (1, 16, 2), (3, 16, 2), (9, 16, 2), (128, 16, 6), (129, 16, 2), (1, 256, 8),
-     (32, 256, 8), (4096, 256, 8)],
+     (32, 256, 8), (4096, 256, 8), (1, 384, 6), (33, 384, 6)],
 )  # fmt: skip
 def test_route_gpu_flash_dims(hashed, t, n_exp, topk, d):
     """Flash (d 4096, the test model's E 16 and the real 256) and Pro (d 7168) dims, both

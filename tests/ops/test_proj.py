@@ -86,6 +86,7 @@ def test_mixed_forms_split_into_runs():
 @pytest.mark.parametrize("t", [1, 3])
 def test_grouped_output_projection_equals_the_reference(t):
     o, wo_a, wo_b = torch.randn(t, 8, 16), torch.randn(4 * 12, 2 * 16), torch.randn(20, 48)
+    o.requires_grad_(), wo_a.requires_grad_()  # outside no_grad: still served
     want = grouped_output_proj(o, wo_a, wo_b)
     assert torch.equal(ProjTorch().grouped(o, wo_a, wo_b), want)
     got = ProjCat().grouped(o, wo_a, wo_b)

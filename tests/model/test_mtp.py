@@ -1,0 +1,169 @@
+"""The MTP layer as SGLang's speculative draft (EAGLE, top-k 1) through our backend and pools.
+
+Model level: the draft model loads the checkpoint's ``mtp.0.*`` tensors under the one-layer view
+and its reference math is :class:`~sglang_dsv4.ref.mtp.RefMTP`'s. Server level (CPU, fp32, the
+tiny released checkpoint with a random MTP layer): greedy output with speculation equals the
+output without it for prompts across block boundaries, 64 tokens each, 8 at once, with prefix-cache
+hits; the pool drains to empty; bad speculative configurations stop startup with a clear error.
+(A random MTP layer's drafts are nearly always rejected, so the server run exercises the
+rejection path on every verify; tests/attention/test_speculative.py covers every accepted
+count on the pools.)
+"""
+
+import concurrent.futures
+
+import pytest
+import torch
+from conftest import SERVER_ARGS
+
+from sglang_dsv4.server_checks import used_tokens
+
+PROMPT_LENS = (1, 127, 128, 129, 300, 650)
+NEW = 64
+SPEC = [
+    "--speculative-algorithm",
+    "EAGLE",
+    "--speculative-num-steps",
+    "3",
+    "--speculative-eagle-topk",
+    "1",
+    "--speculative-num-draft-tokens",
+    "4",
+]
+
+
+def prompt(n: int, seed: int = 0) -> list[int]:
+    g = torch.Generator().manual_seed(2000 + n + seed)
+    return torch.randint(2, 1024, (n,), generator=g).tolist()
+
+
+# 8 requests at once: the six lengths, and two that share 640 / 256 tokens with the 650 one
+def _requests() -> dict[str, list[int]]:
+    out = {str(n): prompt(n) for n in PROMPT_LENS}
+    out["650+"] = prompt(650)[:640] + prompt(20, seed=1)
+    out["300+"] = prompt(650)[:256] + prompt(44, seed=2)
+    return out
+
+
+def _generate_all(server, reqs: dict[str, list[int]]) -> dict[str, list[int]]:
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        futures = {
+            k: pool.submit(server.generate, ids, NEW, timeout=1800, return_logprob=False)
+            for k, ids in reqs.items()
+        }
+        return {k: f.result() for k, f in futures.items()}
+
+
+def test_draft_model_loads_the_mtp_layer(tiny_ckpt_pair, monkeypatch):
+    from transformers import AutoConfig
+
+    import sglang_dsv4.model.mtp as mtp_mod
+    from sglang_dsv4.checkpoint import load_state_dict
+    from sglang_dsv4.weights.loader import iter_safetensors
+
+    _, rel_dir, _ = tiny_ckpt_pair
+    monkeypatch.setattr(mtp_mod, "LogitsProcessor", lambda config: None)
+    model = mtp_mod.DeepseekV4ForCausalLMNextN(AutoConfig.from_pretrained(rel_dir))
+    model.load_weights(iter_safetensors(rel_dir))
+    want = load_state_dict(rel_dir)  # dequantized main model
+    from sglang_dsv4.weights.loader import WeightStream
+
+    mtp = {}
+    WeightStream(model.full_cfg, lambda n, s: mtp.update({n: s}), mtp=True).run(
+        iter_safetensors(rel_dir)
+    )
+    model.set_embed_and_head(want["embed.weight"], want["head.weight"])
+    w = model.ref.w
+    for name in ("attn.wq_a.weight", "attn.attn_sink", "ffn.gate.bias", "hc_attn_fn"):
+        stored = mtp[f"mtp.0.{name}"]
+        t = stored.dequant(torch.float32) if stored.fmt.quantized else stored.data.float()
+        assert torch.equal(w[f"layers.0.{name}"].float(), t), name
+    for name in ("enorm.weight", "e_proj.weight", "norm.weight", "hc_head_fn"):
+        stored = mtp[f"mtp.0.{name}"]
+        t = stored.dequant(torch.float32) if stored.fmt.quantized else stored.data.float()
+        assert torch.equal(w[name].float(), t), name
+    assert w["embed.weight"].data_ptr() == want["embed.weight"].data_ptr()  # shared, no copy
+
+
+def test_checkpoint_without_mtp_layer_is_refused(tiny_checkpoint, monkeypatch):
+    from transformers import AutoConfig
+
+    import sglang_dsv4.model.mtp as mtp_mod
+    from sglang_dsv4.weights.loader import MissingTensorError, iter_safetensors
+
+    monkeypatch.setattr(mtp_mod, "LogitsProcessor", lambda config: None)
+    model = mtp_mod.DeepseekV4ForCausalLMNextN(AutoConfig.from_pretrained(tiny_checkpoint))
+    with pytest.raises(MissingTensorError, match="no MTP layer"):
+        model.load_weights(iter_safetensors(tiny_checkpoint))
+
+
+@pytest.fixture(scope="module")
+def plain_results(tiny_ckpt_pair, tmp_path_factory):
+    """Greedy output without speculation (same weights, HF format)."""
+    from server import Server
+
+    hf_dir, _, _ = tiny_ckpt_pair
+    log = tmp_path_factory.mktemp("logs") / "plain.log"
+    srv = Server(["--model-path", str(hf_dir), *SERVER_ARGS], log, timeout=900)
+    try:
+        return _generate_all(srv, _requests())
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def spec_server(tiny_ckpt_pair, tmp_path_factory):
+    from server import Server
+
+    _, rel_dir, _ = tiny_ckpt_pair
+    log = tmp_path_factory.mktemp("logs") / "spec.log"
+    srv = Server(["--model-path", str(rel_dir), *SERVER_ARGS, *SPEC], log, timeout=900)
+    yield srv
+    srv.stop()
+
+
+@pytest.mark.server
+def test_speculative_greedy_equals_plain(spec_server, plain_results):
+    reqs = _requests()
+    got = _generate_all(spec_server, reqs)
+    for k in reqs:
+        assert got[k]["output_ids"] == plain_results[k]["output_ids"], f"prompt {k}"
+        meta = got[k]["meta_info"]
+        assert meta.get("spec_verify_ct", 0) > 0, meta  # it did speculate
+    # prefix-cache hits: the same requests again reuse the cached blocks
+    again = _generate_all(spec_server, reqs)
+    assert again["650"]["meta_info"]["cached_tokens"] >= 640
+    for k in reqs:
+        assert again[k]["output_ids"] == plain_results[k]["output_ids"], f"prompt {k} (cached)"
+    used = used_tokens(spec_server.url)  # after a cache flush
+    assert used == [0] * len(used), used
+
+
+@pytest.mark.server
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--speculative-eagle-topk", "2"], "topk == 1"),
+        (["--speculative-algorithm", "NGRAM"], "Only EAGLE and DSPARK"),
+    ],
+)
+def test_bad_speculative_configuration_fails_startup(tiny_ckpt_pair, tmp_path, flags, message):
+    from server import launch_and_expect_failure
+
+    _, rel_dir, _ = tiny_ckpt_pair
+    args = SPEC.copy()
+    for flag, value in zip(flags[::2], flags[1::2], strict=True):
+        args[args.index(flag) + 1] = value
+    log = launch_and_expect_failure(
+        ["--model-path", str(rel_dir), *SERVER_ARGS, *args], tmp_path / "log"
+    )
+    assert message in log, log[-3000:]
+
+
+@pytest.mark.server
+def test_speculation_without_an_mtp_layer_fails_startup(tiny_checkpoint, tmp_path):
+    from server import launch_and_expect_failure
+
+    args = ["--model-path", str(tiny_checkpoint), *SERVER_ARGS, *SPEC]
+    log = launch_and_expect_failure(args, tmp_path / "log")
+    assert "no MTP layer" in log, log[-3000:]
