@@ -32,9 +32,14 @@ from sglang_dsv4.weights.layout import Fmt
 __all__ = ["SLOT_MAX_TOKENS", "MoeTorch", "MoeTriton", "moe_ops"]
 
 SLOT_MAX_TOKENS = {
-    "bf16": 4,  # guess (2026-12-06): not measured since the slot kernels' rewrite
-    "fp8": 4,  # guess
-    "fp4": 4,  # guess
+    # guesses (2026-12-06, not measured since the slot kernels' rewrite), served shape (16
+    # experts, top-2 + shared): at T = 8 the slot form's 24 pair reads hit ~11 distinct experts,
+    # its duplicate rows mostly served by L2 (the pair index is the grid's fastest axis), HBM
+    # ~ the distinct bytes; the sorted form fills only ~11 x 16 tile programs there and adds
+    # its sort launches. At T = 16 the slot form's L2 traffic (48 pair reads) nears the HBM time.
+    "bf16": 8,
+    "fp8": 8,
+    "fp4": 4,  # FP4 decode costs ALU per weight and pair: fewer pairs before it binds
 }
 """Largest token count run in the slot form, by bank format (above it: the sorted form). Each
 entry says whether it is measured (date, GPU) or a guess: ``python scripts/bench_moe.py

@@ -66,7 +66,7 @@ def served_logits(model, ids: torch.Tensor, monkeypatch) -> torch.Tensor:
     backend = OneSequence(model.cfg.sliding_window)
     monkeypatch.setattr(served, "get_attn_backend", lambda: backend)
     head = model.ref.w["head.weight"]
-    model.logits_processor = lambda ids, hidden, lm_head, batch: linear(hidden, head)
+    model.logits_processor = lambda ids, hidden, lm_head, batch, **kw: linear(hidden, head)
     return model(ids, torch.arange(ids.shape[0], device=ids.device), None)
 
 
