@@ -86,8 +86,19 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--eval-seqs", type=int, default=8)
     ap.add_argument("--test-seqs", type=int, default=0, help="cap on test crops (0: all)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--mtp-weight", type=float, default=0.0,
+        help="train the MTP layer (mtp.0.*, the speculative draft) with this loss weight",
+    )  # fmt: skip
+    ap.add_argument(
+        "--mtp-only", action="store_true",
+        help="with --init: train only the MTP layer (the main model stays as it is)",
+    )  # fmt: skip
     ap.add_argument("--plot", nargs=2, metavar=("LOG", "PNG"))
-    return ap.parse_args()
+    args = ap.parse_args()
+    if args.mtp_only and not (args.mtp_weight > 0 and args.init is not None):
+        ap.error("--mtp-only trains the MTP layer of --init's model: give --init and --mtp-weight")
+    return args
 
 
 class Progress:
@@ -164,6 +175,9 @@ def evaluate(model: TrainDSV4, crops: torch.Tensor, args, fp32: bool = False, re
         loss_sum += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
         hits += (logits.argmax(-1) == targets).sum().item()
         count += targets.numel()
+        if out.mtp_logits is not None:  # the draft's top-1 = its chance of being accepted
+            mtp_hits = (out.mtp_logits[:, :-1].argmax(-1) == chunk[:, 2:]).sum().item()
+            recalls.setdefault("mtp_top1", []).append(torch.tensor(mtp_hits / targets.numel()))
         for layer, r in out.recall.items():
             recalls.setdefault(layer, []).append(r.cpu())
     model.train()
@@ -181,15 +195,20 @@ def update_router_bias(model: TrainDSV4, loads: dict[int, torch.Tensor], rate: f
 
 def initial_model(cfg: DSV4Config, args) -> TrainDSV4:
     """Fresh weights, or --init's (fine-tuning)."""
-    model = TrainDSV4(cfg, dropout=args.dropout)
+    model = TrainDSV4(cfg, dropout=args.dropout, mtp=args.mtp_weight > 0)
     init_weights(model, args.seed)
     if args.init is not None:
         from sglang_dsv4.checkpoint import load_state_dict
 
-        start = load_state_dict(args.init)
-        model.load_state_dict(
-            {k: v.float() if v.is_floating_point() else v for k, v in start.items()}
+        start = load_state_dict(args.init)  # a checkpoint without an MTP layer: drawn fresh
+        missing, unexpected = model.load_state_dict(
+            {k: v.float() if v.is_floating_point() else v for k, v in start.items()}, strict=False
         )
+        if unexpected or any(not k.startswith("mtp.") for k in missing):
+            raise ValueError(f"--init does not fit: missing {missing}, unexpected {unexpected}")
+    if args.mtp_only:
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith("mtp."))
     return model
 
 
@@ -269,7 +288,8 @@ def train(args) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        update_router_bias(model, loads, args.bias_rate)
+        if not args.mtp_only:
+            update_router_bias(model, loads, args.bias_rate)
         step += 1
         row = {"step": step, "time": round(time.time() - start, 2), "lr": lr, "sparse": sparse}
         if step % 5 == 0 or step == 1:
@@ -299,6 +319,7 @@ def train(args) -> dict:
     n_test = min(n_test, args.test_seqs) if args.test_seqs else n_test
     test = eval_crops(corpus.test, n_test, args.seq_len)
     test_loss, test_acc, recall = evaluate(model, test, args, fp32=True, recall=True)
+    mtp_top1 = recall.pop("mtp_top1", None)  # the MTP draft's next-next-token top-1
     final = {
         "steps": step,
         "train_seconds": train_s,
@@ -308,6 +329,7 @@ def train(args) -> dict:
         "test_loss_fp32": test_loss,
         "test_ppl_fp32": math.exp(test_loss),
         "test_top1_fp32": test_acc,
+        "test_mtp_top1_fp32": mtp_top1,
         "test_tokens": int(test[:, 1:].numel()),
         "indexer_recall": {
             str(k): {"set_recall": v[0], "mass_recall": v[1], "queries_per_seq": v[2]}
@@ -354,7 +376,13 @@ def _step(model, batch, micro, sparse, args):
         with autocast(args.device):
             out = model(part[:, :-1], sparse=sparse, indexer_kl=True)
         lm = F.cross_entropy(out.logits.float().flatten(0, 1), part[:, 1:].flatten())
-        loss = (lm + out.indexer_kl) / len(parts)
+        loss = lm + out.indexer_kl
+        if out.mtp_logits is not None:  # position t predicts token t+2
+            mtp = out.mtp_logits[:, :-1].float().flatten(0, 1)
+            loss = loss + args.mtp_weight * F.cross_entropy(mtp, part[:, 2:].flatten())
+        if args.mtp_only:
+            loss = args.mtp_weight * F.cross_entropy(mtp, part[:, 2:].flatten())
+        loss = loss / len(parts)
         loss.backward()
         lm_total += lm.detach() / len(parts)
         kl_total += out.indexer_kl.detach() / len(parts)
@@ -401,8 +429,9 @@ def hf_check(model: TrainDSV4, out: Path, ids: torch.Tensor) -> dict:
     hf = DeepseekV4ForCausalLM.from_pretrained(str(out), dtype=torch.float32).to(device).eval()
     from sglang_dsv4.checkpoint import load_state_dict
 
-    saved = load_state_dict(out)
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in saved.items()})
+    saved = load_state_dict(out)  # the main model (HF has no MTP layer)
+    saved = {k: v.float() if v.is_floating_point() else v for k, v in saved.items()}
+    model.load_state_dict(saved, strict=model.mtp is None)
     model.eval()
     with torch.no_grad():
         ours = model(ids.to(device)).logits

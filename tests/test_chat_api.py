@@ -1,8 +1,11 @@
 """The OpenAI chat API on ``--model dsv4`` through the ``openai`` client: SGLang's DSV4
-reasoning and tool-call parsers are on by default, so thinking mode answers with
-``reasoning_content``, a required tool call (``tool_choice`` naming the function, decoded under
-SGLang's DSV4 structural-tag constraint) streams as ``tool_calls``, and a plain chat has
-neither. Spontaneous tool calls need the model fine-tuned on ``sglang_dsv4/train/turns.py``."""
+reasoning and tool-call parsers are on by default, and the shipped model was fine-tuned on the
+thinking and DSML tool-call turns of ``sglang_dsv4/train/turns.py``: thinking mode answers with
+``reasoning_content`` and then ``content``, ``tools`` alone get ``tool_calls`` (streamed too),
+a required tool call (``tool_choice`` naming the function, decoded under SGLang's DSV4
+structural-tag constraint) streams as ``tool_calls``, and a plain chat has neither."""
+
+import json
 
 import pytest
 
@@ -32,12 +35,45 @@ def chat(client, content, **kw):
 
 
 @pytest.mark.server
-def test_thinking_gives_reasoning_content(client):
-    """Thinking mode: the text after ``<think>`` comes back as ``reasoning_content``, without
-    the markers (the shipped model does not close its thinking yet: content may be empty)."""
+def test_thinking_gives_reasoning_content_then_content(client):
+    """Thinking mode: the model closes its thinking; the text between ``<think>`` and
+    ``</think>`` comes back as ``reasoning_content``, the answer after it as ``content``."""
     msg = chat(client, "Who goes there?", extra_body=THINKING).choices[0].message
     assert msg.reasoning_content and "think>" not in msg.reasoning_content, msg
-    assert "think>" not in (msg.content or ""), msg
+    assert msg.content and "think>" not in msg.content, msg
+
+
+@pytest.mark.server
+def test_thinking_streams_reasoning_then_content(client):
+    reasoning, content = "", ""
+    for chunk in chat(client, "What news from Verona?", extra_body=THINKING, stream=True):
+        delta = chunk.choices[0].delta if chunk.choices else None
+        reasoning += (getattr(delta, "reasoning_content", None) or "") if delta else ""
+        content += (delta.content or "") if delta else ""
+    assert reasoning and content and "think>" not in reasoning + content
+
+
+@pytest.mark.server
+@pytest.mark.parametrize(
+    "question", ["Is it raining in Padua today?", "What is the weather in Rome?"]
+)
+def test_tools_alone_give_tool_calls(client, question):
+    """``tools`` without ``tool_choice``: the model itself writes a DSML tool call, which the
+    deepseekv4 parser returns as ``tool_calls`` with JSON arguments (the tiny model does not
+    reliably copy the city: only the call's shape is checked)."""
+    msg = chat(client, question, tools=WEATHER).choices[0].message
+    assert msg.tool_calls and msg.tool_calls[0].function.name == "get_weather", msg
+    assert set(json.loads(msg.tool_calls[0].function.arguments)) == {"city"}, msg
+
+
+@pytest.mark.server
+def test_tools_alone_stream_as_tool_calls(client):
+    name, arguments = "", ""
+    for chunk in chat(client, "Tell me the weather of Athens.", tools=WEATHER, stream=True):
+        calls = (chunk.choices[0].delta.tool_calls if chunk.choices else None) or []
+        name += "".join(call.function.name or "" for call in calls)
+        arguments += "".join(call.function.arguments or "" for call in calls)
+    assert name == "get_weather" and set(json.loads(arguments)) == {"city"}
 
 
 @pytest.mark.server

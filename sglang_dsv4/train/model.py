@@ -34,7 +34,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from sglang_dsv4.config import AttnKind, DSV4Config, LayerSpec
-from sglang_dsv4.params import Store, block_specs, declare, model_specs, store_of
+from sglang_dsv4.params import (
+    Store,
+    block_specs,
+    declare,
+    model_specs,
+    mtp_prefix,
+    mtp_specs,
+    store_of,
+)
 from sglang_dsv4.ref.attention import grouped_output_proj
 from sglang_dsv4.ref.mhc import hc_head, hc_post, hc_pre
 from sglang_dsv4.ref.moe import route_scores, route_weights
@@ -80,10 +88,11 @@ class _Block(nn.Module):
     """One decoder block: every row of :func:`sglang_dsv4.params.block_specs` (experts as
     plain linears)."""
 
-    def __init__(self, cfg: DSV4Config, spec: LayerSpec, prefix: str):
+    def __init__(self, cfg: DSV4Config, spec: LayerSpec, prefix: str, mtp: int | None = None):
         super().__init__()
         self.spec = spec
-        declare(self, block_specs(cfg, spec, prefix).values(), strip=prefix)
+        specs = block_specs(cfg, spec, prefix) if mtp is None else mtp_specs(cfg, mtp, prefix)
+        declare(self, specs.values(), strip=prefix)
 
 
 @dataclass
@@ -92,13 +101,14 @@ class ForwardOut:
     indexer_kl: torch.Tensor | None = None  # mean over c4 layers
     expert_load: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [E] counts
     recall: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [2] (set, mass)
+    mtp_logits: torch.Tensor | None = None  # [B, S, vocab]: position t predicts token t+2
 
 
 class TrainDSV4(nn.Module):
     """``TrainDSV4(cfg)(ids [B, S]) -> ForwardOut``. ``dropout`` (training mode only) applies to
     the embedding and to every block output before it enters the residual streams."""
 
-    def __init__(self, cfg: DSV4Config, dropout: float = 0.0):
+    def __init__(self, cfg: DSV4Config, dropout: float = 0.0, mtp: bool = False):
         super().__init__()
         self.cfg = cfg
         self.dropout = dropout
@@ -107,7 +117,13 @@ class TrainDSV4(nn.Module):
         self.layers = nn.ModuleList(
             _Block(cfg, spec, f"layers.{spec.index}.") for spec in cfg.layers
         )
-        for spec in cfg.layers:
+        # MTP layer 0 (``mtp.0.*``: its block and the MTP rows), trained next to the model
+        self.mtp = None
+        if mtp:
+            if not cfg.mtp_layers:
+                raise ValueError("mtp=True needs num_nextn_predict_layers >= 1 in the config")
+            self.mtp = nn.ModuleList([_Block(cfg, cfg.mtp_layers[0], mtp_prefix(0), mtp=0)])
+        for spec in cfg.layers + cfg.mtp_layers:
             self.register_buffer(
                 f"inv_freq_{spec.index}", rope_inv_freq(spec.rope, cfg.rope_dim), persistent=False
             )
@@ -133,28 +149,53 @@ class TrainDSV4(nn.Module):
         x = x.unsqueeze(1).expand(-1, cfg.hc_mult, -1).contiguous()  # [N, hc, d]
         flat_ids = ids.flatten()
         for block in self.layers:
-            spec = block.spec
-            u, post, comb = self._hc_pre(block, "attn", x)
-            h = rms_norm(u, block.attn_norm.weight, cfg.norm_eps).view(b, s, -1)
-            y, aux = self._attention(block, h, sparse, indexer_kl, recall)
-            if aux.get("kl") is not None:
-                kls.append(aux["kl"])
-            if aux.get("recall") is not None:
-                out.recall[spec.index] = aux["recall"]
-            x = hc_post(self._drop(y), x, post, comb)
-            u, post, comb = self._hc_pre(block, "ffn", x)
-            h = rms_norm(u, block.ffn_norm.weight, cfg.norm_eps)
-            y, load = self._moe(block, h, flat_ids)
-            if load is not None:
-                out.expert_load[spec.index] = load
-            x = hc_post(self._drop(y), x, post, comb)
-        u = hc_head(
-            x, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, cfg.hc_eps, cfg.norm_eps
-        )
-        out.logits = self.head(rms_norm(u, self.norm.weight, cfg.norm_eps)).view(b, s, -1)
+            x = self._block(block, x, flat_ids, (b, s), (sparse, indexer_kl, recall), out, kls)
+        out.logits = self._logits(self, x).view(b, s, -1)
         if kls:
             out.indexer_kl = torch.stack(kls).mean()
+        if self.mtp is not None:
+            out.mtp_logits = self._mtp(ids, x, sparse)
         return out
+
+    def _block(self, block, x, flat_ids, shape, flags, out: ForwardOut, kls: list):
+        """One decoder block over the streams ``x`` [N, hc, d] (``shape`` = (B, S))."""
+        cfg, spec = self.cfg, block.spec
+        u, post, comb = self._hc_pre(block, "attn", x)
+        h = rms_norm(u, block.attn_norm.weight, cfg.norm_eps).view(*shape, -1)
+        y, aux = self._attention(block, h, *flags)
+        if aux.get("kl") is not None:
+            kls.append(aux["kl"])
+        if aux.get("recall") is not None:
+            out.recall[spec.index] = aux["recall"]
+        x = hc_post(self._drop(y), x, post, comb)
+        u, post, comb = self._hc_pre(block, "ffn", x)
+        h = rms_norm(u, block.ffn_norm.weight, cfg.norm_eps)
+        y, load = self._moe(block, h, flat_ids)
+        if load is not None:
+            out.expert_load[spec.index] = load
+        return hc_post(self._drop(y), x, post, comb)
+
+    def _logits(self, owner, x: torch.Tensor) -> torch.Tensor:
+        """Streams [N, hc, d] -> logits [N, vocab] through ``owner``'s hc_head and norm."""
+        cfg = self.cfg
+        u = hc_head(
+            x, owner.hc_head_fn, owner.hc_head_base, owner.hc_head_scale, cfg.hc_eps, cfg.norm_eps
+        )
+        return self.head(rms_norm(u, owner.norm.weight, cfg.norm_eps))
+
+    def _mtp(self, ids: torch.Tensor, x: torch.Tensor, sparse: bool) -> torch.Tensor:
+        """MTP layer 0 (:mod:`sglang_dsv4.ref.mtp`): position ``t`` pairs the main streams
+        ``x[t]`` with token ``t+1`` and predicts token ``t+2``; logits [B, S, vocab] (the last
+        two positions have no target)."""
+        cfg, m = self.cfg, self.mtp[0]
+        b, s = ids.shape
+        nxt = torch.cat([ids[:, 1:], ids[:, -1:]], dim=1)  # [B, S]; the last row is padding
+        e = m.e_proj(rms_norm(self.embed(nxt).flatten(0, 1), m.enorm.weight, cfg.norm_eps))
+        xm = e.unsqueeze(1) + m.h_proj(rms_norm(x, m.hnorm.weight, cfg.norm_eps))  # [N, hc, d]
+        xm = self._block(
+            m, xm, nxt.flatten(), (b, s), (sparse, False, False), ForwardOut(logits=e), []
+        )
+        return self._logits(m, xm).view(b, s, -1)
 
     def _drop(self, x: torch.Tensor) -> torch.Tensor:
         return F.dropout(x, self.dropout, self.training) if self.dropout else x

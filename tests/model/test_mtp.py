@@ -99,12 +99,12 @@ def test_checkpoint_without_mtp_layer_is_refused(tiny_checkpoint, monkeypatch):
 
 @pytest.fixture(scope="module")
 def plain_results(tiny_ckpt_pair, tmp_path_factory):
-    """Greedy output without speculation (same weights, HF format)."""
+    """Greedy output without speculation (the same checkpoint: the same kernels on a GPU)."""
     from server import Server
 
-    hf_dir, _, _ = tiny_ckpt_pair
+    _, rel_dir, _ = tiny_ckpt_pair
     log = tmp_path_factory.mktemp("logs") / "plain.log"
-    srv = Server(["--model-path", str(hf_dir), *SERVER_ARGS], log, timeout=900)
+    srv = Server(["--model-path", str(rel_dir), *SERVER_ARGS], log, timeout=900)
     try:
         return _generate_all(srv, _requests())
     finally:

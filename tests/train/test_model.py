@@ -75,3 +75,34 @@ def test_export_uses_the_released_dtypes(model):
     assert sd["layers.2.attn.wq_a.weight"].dtype == torch.bfloat16
     assert sd["embed.weight"].dtype == torch.bfloat16
     assert set(sd) == set(RefDSV4(model.cfg, sd).required_names())
+
+
+def test_mtp_head_equals_the_reference_mtp_layer():
+    """``TrainDSV4(mtp=True)``: the MTP logits are :class:`~sglang_dsv4.ref.mtp.RefMTP`'s over
+    the main model's final streams, and the export carries ``mtp.0.*`` in released dtypes."""
+    from sglang_dsv4.ref.mtp import RefMTP
+
+    cfg = DSV4Config.from_dict(tiny_config_dict())
+    m = TrainDSV4(cfg, mtp=True)
+    init_weights(m, seed=4, std=0.05)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith(("attn_sink", "_base")):
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(5)) * 0.5)
+    m.eval()
+    ids = torch.randint(0, cfg.vocab_size, (1, 256), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        out = m(ids, sparse=True)
+    sd = dict(m.state_dict())
+    main = RefDSV4(cfg, sd)
+    h = main.streams(ids[0])
+    nxt = torch.cat([ids[0, 1:], ids[0, -1:]])
+    want, _ = RefMTP(cfg, sd)(nxt, h)
+    assert (out.mtp_logits[0] - want).abs().max().item() <= 1e-4
+    assert want.abs().max() > 0.1
+    exported = export_state_dict(m)
+    assert exported["mtp.0.hc_head_fn"].dtype == torch.float32
+    assert exported["mtp.0.e_proj.weight"].dtype == torch.bfloat16
+    assert {n for n in exported if n.startswith("mtp.")} == {
+        n for n in sd if n.startswith("mtp.")
+    } and len([n for n in sd if n.startswith("mtp.")]) > 50
