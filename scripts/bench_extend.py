@@ -84,7 +84,7 @@ class World:
     def plan(self):
         b, p, n = self.b, self.prefix, self.n
         fb = SimpleNamespace(
-            forward_mode=SimpleNamespace(is_decode=lambda: False),
+            forward_mode=SimpleNamespace(is_decode=lambda: False, is_target_verify=lambda: False),
             seq_lens_cpu=torch.tensor([p + n] * b),
             extend_prefix_lens=torch.tensor([p] * b),
             req_pool_indices=torch.arange(b),
@@ -156,13 +156,12 @@ def op_calls(w, lk, q, kv, sink, scale, comp, kv_norm=None):
     if comp is None:
         calls["attend"] = lambda: ops.attend.run(q, lk, win, sink, scale)
         return calls
-    eps, inv = comp.norm_eps, comp.inv_freq
-    calls["flush"] = lambda: ops.flush.run(comp.x, comp.compressor, inv, eps, lk)
+    calls["flush"] = lambda: ops.flush.run(comp, lk)
     if comp.indexer is None:
         calls["attend"] = lambda: ops.attend.run(q, lk, win, sink, scale, w._visible)
         return calls
     ix = comp.indexer
-    calls["index_flush"] = lambda: ops.index_flush.run(comp.x, ix.compressor, inv, eps, lk)
+    calls["index_flush"] = lambda: ops.index_flush.run(comp, lk)
     calls["picks"] = lambda: ops.picks.run(lk, ix.q, ix.weights)
     picks = ops.picks.run(lk, ix.q, ix.weights)
     calls["attend"] = lambda: ops.attend.run(q, lk, win, sink, scale, picks)
