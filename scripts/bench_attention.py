@@ -26,7 +26,6 @@ import argparse
 import datetime
 import json
 import math
-import statistics
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -34,6 +33,7 @@ from pathlib import Path
 import torch
 
 from sglang_dsv4.kernels.attention import SparseMQA, TileConfig, fp8_page_bytes
+from sglang_dsv4.perf.timing import gbps, graph_seconds, write_json
 
 D, ROW, WINDOW = 512, 584, 128
 SWA_PAGE, C4_PAGE, C128_PAGE = 256, 64, 2
@@ -103,26 +103,7 @@ class Case:
 
 def time_graph(calls, reps: int = 7) -> float:
     """Median µs per call of a CUDA graph replaying ``calls`` (one per rotation)."""
-    for c in calls:
-        c()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for c in calls:
-            c()
-    graph.replay()
-    torch.cuda.synchronize()
-    n = max(1, 200 // len(calls))
-    times = []
-    for _ in range(reps):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(n):
-            graph.replay()
-        stop.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(stop) * 1e3 / (n * len(calls)))
-    return statistics.median(times)
+    return graph_seconds(calls, reps, replays=max(1, 200 // len(calls))) * 1e6
 
 
 def ours_calls(case: Case, cfg: TileConfig, splits: int | None = None):
@@ -200,12 +181,11 @@ def copy_ceiling_gbps(dev) -> float:
         y.copy_(x)
     stop.record()
     torch.cuda.synchronize()
-    return 2 * 10 * x.numel() / (start.elapsed_time(stop) * 1e-3) / 1e9
+    return gbps(2 * 10 * x.numel(), start.elapsed_time(stop) * 1e-3)
 
 
 def save(result: dict, out: str) -> None:
-    Path(out).mkdir(parents=True, exist_ok=True)
-    (Path(out) / "bench_attention.json").write_text(json.dumps(result, indent=1))
+    write_json(Path(out) / "bench_attention.json", result)
 
 
 def fmt_row(r: dict) -> str:

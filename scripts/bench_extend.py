@@ -28,7 +28,6 @@ import argparse
 import functools
 import json
 import os
-import statistics
 import time
 import traceback
 from pathlib import Path
@@ -51,6 +50,8 @@ from sglang_dsv4.config import AttnKind, load_config
 from sglang_dsv4.mem.pools import DSV4KVPool
 from sglang_dsv4.mem.schema import CacheSchema, EntryFormat
 from sglang_dsv4.perf.measured import extend_rows, render
+from sglang_dsv4.perf.timing import event_seconds as timed
+from sglang_dsv4.perf.timing import host_seconds as host_timed
 from sglang_dsv4.ref.compressor import CompressorWeights
 
 DEV = "cuda"
@@ -60,33 +61,6 @@ MEASURE_CASES = "1x512,16x512,1x4096,2x4096,1x8192+24576,1x8192+122880"
 BLOCK = 128
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "dsv4-flash-dims.json"
 ERRORS: list[str] = []
-
-
-def timed(fn, reps: int) -> float:
-    """Median seconds of ``fn()`` (CUDA events), after one warm-up call."""
-    fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        out.append(a.elapsed_time(b) * 1e-3)
-    return statistics.median(out)
-
-
-def host_timed(fn, reps: int) -> float:
-    """Median wall seconds of ``fn()`` including a device sync (host work: plans)."""
-    out = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        out.append(time.perf_counter() - t)
-    return statistics.median(out)
 
 
 class World:
@@ -110,7 +84,7 @@ class World:
     def plan(self):
         b, p, n = self.b, self.prefix, self.n
         fb = SimpleNamespace(
-            forward_mode=SimpleNamespace(is_decode=lambda: False),
+            forward_mode=SimpleNamespace(is_decode=lambda: False, is_target_verify=lambda: False),
             seq_lens_cpu=torch.tensor([p + n] * b),
             extend_prefix_lens=torch.tensor([p] * b),
             req_pool_indices=torch.arange(b),
@@ -182,13 +156,12 @@ def op_calls(w, lk, q, kv, sink, scale, comp, kv_norm=None):
     if comp is None:
         calls["attend"] = lambda: ops.attend.run(q, lk, win, sink, scale)
         return calls
-    eps, inv = comp.norm_eps, comp.inv_freq
-    calls["flush"] = lambda: ops.flush.run(comp.x, comp.compressor, inv, eps, lk)
+    calls["flush"] = lambda: ops.flush.run(comp, lk)
     if comp.indexer is None:
         calls["attend"] = lambda: ops.attend.run(q, lk, win, sink, scale, w._visible)
         return calls
     ix = comp.indexer
-    calls["index_flush"] = lambda: ops.index_flush.run(comp.x, ix.compressor, inv, eps, lk)
+    calls["index_flush"] = lambda: ops.index_flush.run(comp, lk)
     calls["picks"] = lambda: ops.picks.run(lk, ix.q, ix.weights)
     picks = ops.picks.run(lk, ix.q, ix.weights)
     calls["attend"] = lambda: ops.attend.run(q, lk, win, sink, scale, picks)

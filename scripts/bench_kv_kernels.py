@@ -12,18 +12,19 @@ device-to-device copy ceiling measured in the same run. Writes ``bench_kv_kernel
 
 import argparse
 import functools
-import json
 import math
 import os
-import statistics
 import time
 import traceback
+from pathlib import Path
 
 import torch
 
 from sglang_dsv4.kernels.compressor import CompressorFlush
 from sglang_dsv4.kernels.indexer import IndexerTopK
 from sglang_dsv4.kernels.kv_store import FP8RowLayout, IndexKeyLayout, store_kv
+from sglang_dsv4.perf.timing import gbps, write_json
+from sglang_dsv4.perf.timing import graph_seconds as timed
 
 ROTATE_BYTES = 200 << 20
 MAX_COPIES = 64
@@ -45,28 +46,6 @@ def guarded(fn):
         return None
 
 
-def timed(calls, reps: int) -> float:
-    """Seconds per call of ``calls`` (a list of closures, one per rotated copy), graph-replayed."""
-    for c in calls:
-        c()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for c in calls:
-            c()
-    graph.replay()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        out.append(a.elapsed_time(b) * 1e-3 / len(calls))
-    return statistics.median(out)
-
-
 def copies(bytes_per_call: int) -> int:
     return max(1, min(MAX_COPIES, math.ceil(ROTATE_BYTES / max(bytes_per_call, 1))))
 
@@ -75,7 +54,7 @@ def copy_ceiling(reps: int) -> float:
     a = torch.empty(1 << 30, dtype=torch.uint8, device=DEV)
     b = torch.empty_like(a)
     t = timed([lambda: b.copy_(a)], reps)
-    return 2 * a.numel() / t / 1e9
+    return gbps(2 * a.numel(), t)
 
 
 # ----------------------------------------------------------------------------- KV store
@@ -160,6 +139,23 @@ def _flush_setup(kind, prefix, lens, in_dtype=torch.float32):
     return fl, call, kv, score, nbytes, entries
 
 
+def _flush_row(kind, mode, ctx, prefix, lens, reps) -> dict:
+    """Time one flush over ``len(prefix)`` requests (decode: one new token each, planned for
+    decode; prefill: ``lens`` new tokens after ``prefix``), inputs rotated across copies."""
+    b = len(prefix)
+    fl, call, kv, score, nbytes, entries = _flush_setup(kind, prefix, lens)
+    if mode == "decode":
+        fl.plan_decode(b)
+    else:
+        fl.plan(prefix, lens)
+    calls = [call] + [
+        functools.partial(call, torch.randn_like(kv), torch.randn_like(score))
+        for _ in range(copies(nbytes) - 1)
+    ]
+    return dict(kernel=f"flush_{kind}", mode=mode, batch=b, ctx=ctx, s=timed(calls, reps),
+                bytes=nbytes, entries=entries)  # fmt: skip
+
+
 def bench_compressor_decode(reps):
     res = []
     gen = torch.Generator().manual_seed(0)
@@ -167,17 +163,7 @@ def bench_compressor_decode(reps):
         for b in BATCHES:
             for ctx in CONTEXTS:
                 prefix = (ctx + torch.randint(0, 128, (b,), generator=gen)).tolist()
-
-                def case(kind=kind, b=b, ctx=ctx, prefix=prefix):
-                    fl, call, kv, score, nbytes, entries = _flush_setup(kind, prefix, [1] * b)
-                    fl.plan_decode(b)
-                    calls = [call] + [
-                        functools.partial(call, torch.randn_like(kv), torch.randn_like(score))
-                        for _ in range(copies(nbytes) - 1)
-                    ]
-                    return dict(kernel=f"flush_{kind}", mode="decode", batch=b, ctx=ctx,
-                                s=timed(calls, reps), bytes=nbytes, entries=entries)  # fmt: skip
-
+                case = functools.partial(_flush_row, kind, "decode", ctx, prefix, [1] * b, reps)
                 res.append(guarded(case))
     return [r for r in res if r]
 
@@ -186,17 +172,7 @@ def bench_compressor_prefill(reps):
     res = []
     for kind in KINDS:
         for b, ctx in ((1, 4096), (1, 32768), (1, 131072), (32, 4096), (32, 32768), (128, 4096)):
-
-            def case(kind=kind, b=b, ctx=ctx):
-                fl, call, kv, score, nbytes, entries = _flush_setup(kind, [0] * b, [ctx] * b)
-                fl.plan([0] * b, [ctx] * b)
-                calls = [call] + [
-                    functools.partial(call, torch.randn_like(kv), torch.randn_like(score))
-                    for _ in range(copies(nbytes) - 1)
-                ]
-                return dict(kernel=f"flush_{kind}", mode="prefill", batch=b, ctx=ctx,
-                            s=timed(calls, reps), bytes=nbytes, entries=entries)  # fmt: skip
-
+            case = functools.partial(_flush_row, kind, "prefill", ctx, [0] * b, [ctx] * b, reps)
             res.append(guarded(case))
             torch.cuda.empty_cache()
     return [r for r in res if r]
@@ -292,7 +268,7 @@ def main():
         print(f"[{name}] {time.time() - t1:.1f} s", flush=True)
     for r in rows:
         r["us"] = r["s"] * 1e6
-        r["GBps"] = r["bytes"] / r["s"] / 1e9
+        r["GBps"] = gbps(r["bytes"], r["s"])
         r["pct_copy"] = 100 * r["GBps"] / ceiling
         if "flops" in r:
             r["TFLOPs"] = r["flops"] / r["s"] / 1e12
@@ -303,9 +279,8 @@ def main():
         date=time.strftime("%Y-%m-%d"),
         seconds=time.time() - t0,
     )
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "bench_kv_kernels.json"), "w") as f:
-        json.dump(dict(meta=meta, rows=rows, errors=errors + ERRORS), f, indent=1)
+    write_json(Path(args.out, "bench_kv_kernels.json"),
+               dict(meta=meta, rows=rows, errors=errors + ERRORS))  # fmt: skip
     print(f"\n{meta['gpu']}  copy ceiling {ceiling:.0f} GB/s  ({meta['seconds']:.0f} s)")
     print(f"{'kernel':<20}{'mode':<8}{'B':>7}{'ctx':>8}{'us':>10}{'GB/s':>8}{'%cp':>5}"
           f"{'TF/s':>7}{'  scores/topk us':>17}")  # fmt: skip

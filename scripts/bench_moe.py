@@ -22,8 +22,6 @@ form beats the sorted one: the values for ``sglang_dsv4.ops.moe.SLOT_MAX_TOKENS`
 import argparse
 import datetime
 import itertools
-import json
-import statistics
 
 import torch
 
@@ -39,6 +37,7 @@ from sglang_dsv4.kernels.moe_experts import (
 from sglang_dsv4.kernels.moe_route import moe_route
 from sglang_dsv4.kernels.mxfp4_moe import FP4Bank, fp4_moe
 from sglang_dsv4.model.experts import FP8Rows
+from sglang_dsv4.perf.timing import graph_seconds, write_json
 from sglang_dsv4.ref.moe import DenseExperts, route_scores, route_topk, route_weights, swiglu
 from sglang_dsv4.ref.weight_quant import fp8_block_quant, mxfp4_quant
 
@@ -49,25 +48,7 @@ BYTES_PER_WEIGHT = {"bf16": 2.0, "fp8": 1 + 1 / 128**2, "mxfp4": 0.5 + 1 / 32}
 
 def time_graph(fn, inner: int, reps: int) -> float:
     """Median microseconds per call of ``fn`` captured ``inner`` times in one CUDA graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()  # compile / autotune outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(inner):
-            fn()
-    graph.replay()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / inner)
-    return statistics.median(times)
+    return graph_seconds([fn] * inner, reps) * 1e6
 
 
 def make_bank(rows: int, d: int, inter: int, fmt: str) -> tuple[ExpertWeights, dict]:
@@ -338,9 +319,8 @@ def main() -> None:
         lines = [f'    "{k}": {v},  # {when}' for k, v in tables["served"].items() if v is not None]
         print("SLOT_MAX_TOKENS = {\n" + "\n".join(lines) + "\n}")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"gpu": torch.cuda.get_device_name(), "args": vars(args),
-                       "results": results, "slot_max_tokens": tables}, f, indent=1)  # fmt: skip
+        write_json(args.out, {"gpu": torch.cuda.get_device_name(), "args": vars(args),
+                              "results": results, "slot_max_tokens": tables})  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ scored). Writes ``bench_ops.json`` to ``--out`` (default ``$OUT`` or ``.``) and 
 import argparse
 import json
 import os
-import statistics
 from types import SimpleNamespace
 
 import torch
@@ -27,6 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from sglang_dsv4.config import load_config
 from sglang_dsv4.ops import HcWeights, build_ops
+from sglang_dsv4.perf.timing import graph_seconds
 from sglang_dsv4.ref.rope import rope_inv_freq
 
 DEV = "cuda"
@@ -34,26 +34,7 @@ DEV = "cuda"
 
 def graph_time(fn, calls: int, reps: int) -> float:
     """Seconds per call of ``fn`` replayed from a CUDA graph of ``calls`` calls."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()  # compile / autotune outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e-3 / calls)
-    return statistics.median(times)
+    return graph_seconds([fn] * calls, reps)
 
 
 def kernel_count(fn) -> int:

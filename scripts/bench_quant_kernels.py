@@ -22,6 +22,7 @@ from triton.testing import do_bench
 
 from sglang_dsv4.kernels.fp8_linear import fp8_block_linear
 from sglang_dsv4.kernels.mxfp4_moe import ExpertBank, fp4_moe
+from sglang_dsv4.perf.timing import capture
 from sglang_dsv4.ref.moe import moe
 from sglang_dsv4.ref.weight_quant import (
     fp8_block_dequant,
@@ -46,11 +47,7 @@ def warm_up(seconds: float = 2.0) -> None:
 
 def graph_time(fn) -> float:
     """Median ms of ``fn`` replayed from a CUDA graph (captured after one eager warm-up)."""
-    fn()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return do_bench(graph.replay)
+    return do_bench(capture([fn]).replay)
 
 
 def bench_fp8(shapes: dict, ms: tuple[int, ...]) -> None:

@@ -4,8 +4,7 @@ the decode step launches (``attention/decode_kernels.py``).
 
     PYTHONPATH=$PWD python scripts/compile_decode_sm90.py
 
-The interpreter (the CPU tests) does not lower kernels, so this catches what only the compiler
-sees (e.g. a name rebound to another constexpr shape) before device time is spent. The sparse MQA
+Why, and the shared machinery: ``sglang_dsv4/perf/sm90_compile.py``. The sparse MQA
 kernels are compiled by their GPU tests (``tests/kernels/test_attention.py``).
 """
 
@@ -13,22 +12,8 @@ import os
 
 os.environ.pop("TRITON_INTERPRET", None)  # before triton is imported: compiled jit functions
 
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-
 from sglang_dsv4.kernels import compressor, decode_meta, indexer, kv_store
-
-TARGET = GPUTarget("cuda", 90, 128)
-
-
-def build(fn, types: dict, constexprs: dict, num_warps: int = 4) -> None:
-    """Compile ``fn``: arguments typed by ``types`` (default i32), ``constexprs`` fixed."""
-    names = fn.arg_names
-    sig = {a: "constexpr" if a in constexprs else types.get(a, "i32") for a in names}
-    ce = {(names.index(a),): v for a, v in constexprs.items()}
-    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=ce), target=TARGET,
-                   options={"num_warps": num_warps})  # fmt: skip
+from sglang_dsv4.perf.sm90_compile import check_all
 
 
 def flush_variants():
@@ -92,18 +77,10 @@ def meta_variants():
         yield f"decode meta req={req}", fn, dict(types, req_ptr=req), ce, 4
 
 
-def main() -> None:
-    failed = 0
-    variants = (*store_variants(), *flush_variants(), *indexer_variants(), *meta_variants())
-    for name, fn, types, ce, warps in variants:
-        try:
-            build(fn, types, ce, warps)
-            print(f"ok     {name}", flush=True)
-        except Exception as e:  # report every variant, then fail
-            failed += 1
-            print(f"FAILED {name}: {type(e).__name__}: {str(e)[-400:]}", flush=True)
-    raise SystemExit(1 if failed else 0)
+def main() -> int:
+    """Compile every variant; the number that failed."""
+    return check_all((*store_variants(), *flush_variants(), *indexer_variants(), *meta_variants()))
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(1 if main() else 0)

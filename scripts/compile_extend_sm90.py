@@ -14,9 +14,10 @@ from pathlib import Path
 os.environ.pop("TRITON_INTERPRET", None)  # before triton is imported: compiled jit functions
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from compile_decode_sm90 import build, flush_variants
+from compile_decode_sm90 import flush_variants
 
 from sglang_dsv4.kernels import indexer_extend
+from sglang_dsv4.perf.sm90_compile import check_all
 
 
 def tile_logits_variants():
@@ -37,17 +38,10 @@ def extend_flush_variants():
         yield f"{name} (tail modes)", fn, types, dict(ce, HAS_MODE=True), warps
 
 
-def main() -> None:
-    failed = 0
-    for name, fn, types, ce, warps in (*tile_logits_variants(), *extend_flush_variants()):
-        try:
-            build(fn, types, ce, warps)
-            print(f"ok     {name}", flush=True)
-        except Exception as e:  # report every variant, then fail
-            failed += 1
-            print(f"FAILED {name}: {type(e).__name__}: {str(e)[-600:]}", flush=True)
-    raise SystemExit(1 if failed else 0)
+def main() -> int:
+    """Compile every variant; the number that failed."""
+    return check_all((*tile_logits_variants(), *extend_flush_variants()), tail=600)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(1 if main() else 0)

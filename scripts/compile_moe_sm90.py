@@ -3,9 +3,7 @@ Hopper (sm_90) on a machine without a GPU, and print each variant's registers / 
 
     python scripts/compile_moe_sm90.py
 
-Same purpose as ``scripts/compile_ops_sm90.py`` (whose ``build`` it uses): catch what only the
-compiler sees before device time is spent. (Its target says warp size 128; the register counts
-here matched a warp-size-32 target in a check on 2026-12-06.) Variants: every bank format
+Why, and the shared machinery: ``sglang_dsv4/perf/sm90_compile.py``. Variants: every bank format
 (dense bf16, FP8, MXFP4, NVFP4) in both kernel forms as the wrappers launch them at Flash dims
 (top-6 + a shared slot; a zero-top-k call for a shared bank of its own), the fp32 (IEEE) sorted
 form, and the routing kernel for every scoring function, scored and hash, in both forms
@@ -16,10 +14,9 @@ import os
 
 os.environ.pop("TRITON_INTERPRET", None)  # before triton is imported: compiled jit functions
 
-from compile_ops_sm90 import build
-
 from sglang_dsv4.kernels import moe_experts as ME
 from sglang_dsv4.kernels import moe_route as MR
+from sglang_dsv4.perf.sm90_compile import build, resource_usage
 
 WEIGHT = {"dense": "bf16", "fp8": "fp8e4nv", "mxfp4": "u8", "nvfp4": "u8"}
 
@@ -74,7 +71,8 @@ def route_variants():
 def main() -> None:
     for tag, fn, types, constexprs in (*expert_variants(), *route_variants()):
         warps = 8 if fn.fn.__name__.startswith("_sorted") else 4  # as the wrappers launch them
-        print(f"{fn.fn.__name__:22s} {tag}: {build(fn, types, constexprs, warps)}", flush=True)
+        usage = resource_usage(build(fn, types, constexprs, warps))
+        print(f"{fn.fn.__name__:22s} {tag}: {usage}", flush=True)
 
 
 if __name__ == "__main__":

@@ -3,42 +3,16 @@
 
     python scripts/compile_ops_sm90.py
 
-The interpreter (the CPU tests) does not lower kernels, so this catches what only the compiler
-sees (layouts, unsupported ops, register spills) before device time is spent. Variants: bf16 and
+Why, and the shared machinery: ``sglang_dsv4/perf/sm90_compile.py``. Variants: bf16 and
 fp32 activations at Pro dims (hidden 7168, 128 heads x 512, q_lora 1536, indexer 128).
 """
 
 import os
-import re
-import subprocess
-import tempfile
 
 os.environ.pop("TRITON_INTERPRET", None)  # before triton is imported: compiled jit functions
 
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-
 from sglang_dsv4.kernels import mhc, norm_rope
-
-TARGET = GPUTarget("cuda", 90, 128)
-CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
-
-
-def build(fn, types: dict, constexprs: dict, num_warps: int = 4) -> str:
-    """Compile ``fn``: pointer / float arguments typed by ``types``, others i32."""
-    names = fn.arg_names
-    sig = {a: "constexpr" if a in constexprs else types.get(a, "i32") for a in names}
-    ce = {(names.index(a),): v for a, v in constexprs.items()}
-    # pointers 16-byte aligned, as the launcher specializes torch's allocations (vector loads)
-    aligned = {(names.index(a),): [["tt.divisibility", 16]] for a, t in sig.items() if "*" in t}
-    src = ASTSource(fn=fn, signature=sig, constexprs=ce, attrs=aligned)
-    kernel = triton.compile(src, target=TARGET, options={"num_warps": num_warps})
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
-        f.flush()
-        usage = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True)
-    return " ".join(re.findall(r"REG:\d+ STACK:\d+ SHARED:\d+ LOCAL:\d+", usage.stdout))
+from sglang_dsv4.perf.sm90_compile import build, resource_usage
 
 
 def variants(dt: str):
@@ -84,7 +58,7 @@ def main() -> None:
             warps = 4 if constexprs.get("DOT", False) else 8  # as the wrappers launch them
             if fn not in (mhc._hc_kernel, mhc._collapse_norm_kernel):
                 warps = 4
-            usage = build(fn, types, constexprs, warps)
+            usage = resource_usage(build(fn, types, constexprs, warps))
             print(f"{fn.fn.__name__:22s} {dt} {flags}: {usage}", flush=True)
 
 

@@ -57,7 +57,7 @@ class World:
     def batch(self, reqs: list[int], prefix: list[int], seq: list[int], decode: bool):
         rows = [self.req_to_token[r, p:s].long() for r, p, s in zip(reqs, prefix, seq, strict=True)]
         return SimpleNamespace(
-            forward_mode=SimpleNamespace(is_decode=lambda: decode),
+            forward_mode=SimpleNamespace(is_decode=lambda: decode, is_target_verify=lambda: False),
             seq_lens_cpu=torch.tensor(seq),
             extend_prefix_lens=torch.tensor(prefix),
             req_pool_indices=torch.tensor(reqs),

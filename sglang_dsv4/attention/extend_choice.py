@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from sglang_dsv4.attention.choice import FLASHMLA, OURS, flashmla_eligible
-from sglang_dsv4.attention.extend_ops import AttendTorch, Picks, _entry_rows
+from sglang_dsv4.attention.extend_ops import AttendTorch, Picks
 from sglang_dsv4.attention.plan import BatchPlan
 
 __all__ = ["MEASURED", "AttendChoice", "AttendFlashMLA", "pick"]
@@ -64,34 +64,42 @@ class AttendFlashMLA(AttendTorch):
             self._dequant = dequantize_k_cache_paged
 
     def plan(self, batch: BatchPlan, extra_width: int) -> None:
-        reqs, device = batch.requests, batch.out_loc.device
+        """The workspace layout and every query's index list, whole-batch tensor ops (no
+        per-request loop): request ``b``'s entries at ``ent_base[b]``, its window rows
+        (positions ``window_lo .. S-1``) at ``raw_base[b]``."""
+        reqs, t = batch.requests, batch.tables
+        device = batch.out_loc.device
         self._plan = batch
-        ent = [_entry_rows(r, self.ratio) if self.ratio else r.slots[:0] for r in reqs]
-        n_ent = sum(e.numel() for e in ent)
-        win_rows = [r.window_slots for r in reqs]  # swa slots of positions window_lo .. S-1
-        self._ent_rows = torch.cat(ent)  # [NE] flat entry rows
-        self._raw_rows = torch.cat(win_rows)  # [NW] swa slots
-        self.n_kv = n_ent + self._raw_rows.numel()
-        ent_base = torch.tensor([0, *[e.numel() for e in ent]], device=device).cumsum(0)[:-1]
-        raw_lens = torch.tensor([0, *[w.numel() for w in win_rows]], device=device)
-        raw_base = n_ent + raw_lens.cumsum(0)[:-1]
-        lists = []
-        for i, req in enumerate(reqs):
-            pos = req.positions.unsqueeze(1)  # [n, 1]
-            j = pos - self.window + 1 + torch.arange(self.window, device=device)  # [n, W]
-            win = torch.where(j >= 0, raw_base[i] + j - req.window_lo, -1)
-            if self.ratio == 128:  # every visible entry
-                e = torch.arange(ent[i].numel(), device=device)
-                vis = torch.where(e < (pos + 1) // self.ratio, ent_base[i] + e, -1)
-                win = torch.cat([win, F.pad(vis, (0, extra_width - vis.shape[1]), value=-1)], 1)
-            lists.append(win)
-        self._fixed = torch.cat(lists)  # [T, W (+ c128 entries)]
-        q_req = torch.repeat_interleave(
-            torch.arange(len(reqs), device=device),
-            torch.tensor([r.seq_len - r.prefix for r in reqs], device=device),
-        )
-        self._query_base = ent_base[q_req].unsqueeze(1).int()  # [T, 1] (c4 picks)
+        n_ent = [r.seq_len // self.ratio if self.ratio else 0 for r in reqs]
+        host = torch.tensor([[0, *n_ent], [0, *(r.window_slots.numel() for r in reqs)]]).cumsum(1)
+        ent_base, raw_base = host[0, :-1].to(device), (host[0, -1] + host[1, :-1]).to(device)
+        window_lo = torch.tensor([r.window_lo for r in reqs]).to(device)  # [B]
+        self._ent_rows = self._entry_rows(t, torch.tensor(n_ent), int(host[0, -1]), device)
+        self._raw_rows = torch.cat([r.window_slots for r in reqs])  # [NW] swa slots
+        self.n_kv = int(host[0, -1]) + self._raw_rows.numel()
+        req, pos = t.query_req.long(), t.positions.unsqueeze(1)  # [T], [T, 1]
+        j = pos - self.window + 1 + torch.arange(self.window, device=device)  # [T, W]
+        lists = [torch.where(j >= 0, (raw_base - window_lo)[req].unsqueeze(1) + j, -1)]
+        if self.ratio == 128:  # every visible entry
+            e = torch.arange(extra_width, device=device)
+            vis = e < (pos + 1) // self.ratio  # [T, E]
+            lists.append(torch.where(vis, ent_base[req].unsqueeze(1) + e, -1))
+        self._fixed = torch.cat(lists, dim=1)  # [T, W (+ c128 entries)]
+        self._query_base = ent_base[req].unsqueeze(1).int()  # [T, 1] (c4 picks)
         self._workspace = torch.empty(self.n_kv, 1, self.dim, dtype=torch.bfloat16, device=device)
+
+    def _entry_rows(self, t, n_ent: torch.Tensor, total: int, device) -> torch.Tensor:
+        """[NE] flat entry rows of every request's entries ``0 .. S//r - 1`` in order: entry
+        ``i`` of request ``b`` is row ``block_table[b, i // epb] * epb + i % epb`` (``epb`` =
+        entries per block = rows per entry page), i.e. ``slot(i*r) // r`` as
+        ``extend_ops._entry_rows`` reads it."""
+        if total == 0:
+            return torch.empty(0, dtype=torch.long, device=device)
+        epb = self._pages[1]
+        req = torch.repeat_interleave(torch.arange(n_ent.numel()), n_ent).to(device)  # [NE]
+        first = torch.cat([torch.zeros(1, dtype=torch.long), n_ent.cumsum(0)[:-1]]).to(device)
+        i = torch.arange(total, device=device) - first[req]
+        return t.block_table[req, i // epb].long() * epb + i % epb
 
     def run(self, q, lk, window, sink, scale, extra: Picks | None = None):
         ws = self._workspace

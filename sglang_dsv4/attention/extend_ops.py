@@ -108,10 +108,13 @@ class FlushTorch:
         rows = (ends - start).unsqueeze(1) + torch.arange(-self.ratio, 0, device=device)
         return pages, rows
 
-    def run(
-        self, x: torch.Tensor, w: CompressorWeights, inv_freq: torch.Tensor, eps: float, lk
-    ) -> None:
-        """``x`` [T, hidden] (compressor input of the batch's new tokens)."""
+    def _weights(self, comp) -> CompressorWeights:
+        return comp.indexer.compressor if self.index else comp.compressor
+
+    def run(self, comp, lk) -> None:
+        """``comp`` (``wrappers.CompressedInputs``): the twin runs ``ref.compressor`` on
+        ``comp.x`` [T, hidden], the compressor input of the batch's new tokens."""
+        x, w, inv_freq, eps = comp.x, self._weights(comp), comp.inv_freq, comp.norm_eps
         tail, boundary = self._state(lk)
         write = lk.write_index_keys if self.index else lk.write_entries
         for req, (pages, rows) in zip(self._plan.requests, self._ends, strict=True):
@@ -149,18 +152,21 @@ class FlushTriton(FlushTorch):
         reqs = batch.requests
         self.kernel.plan([r.prefix for r in reqs], [r.seq_len - r.prefix for r in reqs])
 
-    def run(self, x, w, inv_freq, eps, lk) -> None:
+    def run(self, comp, lk) -> None:
+        """The kernel over ``comp.projections()``: ``wkv(x)``, ``wgate(x)`` as the model's fused
+        input GEMM made them (computed here only when the caller has none)."""
         t = self._plan.tables
         tail, boundary = self._state(lk)
         pool = lk.index_keys if self.index else lk.entries
-        xw = x.to(w.wkv.dtype)
+        w = self._weights(comp)
+        kv, score = comp.projections(index=self.index)  # [T, coff*D] each
         c4 = boundary is not None
         self.kernel.run(
-            kv=F.linear(xw, w.wkv),  # [T, coff*D]
-            score=F.linear(xw, w.wgate),
+            kv=kv,
+            score=score,
             ape=w.ape.float(),
             norm_weight=w.norm.float(),
-            inv_freq=inv_freq.float(),
+            inv_freq=comp.inv_freq.float(),
             tail_kv=tail.kv,
             tail_score=tail.score,
             req_slots=t.req_slots,

@@ -114,7 +114,7 @@ class HCAWrapper(SWAWrapper):
 
     def run(self, lk, q, kv, sink, scale, comp: CompressedInputs | None = None, kv_norm=None):
         self.ops.store.run(lk, kv, kv_norm)
-        self.ops.flush.run(comp.x, comp.compressor, comp.inv_freq, comp.norm_eps, lk)
+        self.ops.flush.run(comp, lk)
         return self.ops.attend.run(q, lk, self._window_rows, sink, scale, self._visible)
 
     def _visible_rows(self, batch: BatchPlan) -> torch.Tensor:
@@ -150,7 +150,7 @@ class CSAWrapper(SWAWrapper):
     def run(self, lk, q, kv, sink, scale, comp: CompressedInputs | None = None, kv_norm=None):
         ops, ix = self.ops, comp.indexer
         ops.store.run(lk, kv, kv_norm)
-        ops.flush.run(comp.x, comp.compressor, comp.inv_freq, comp.norm_eps, lk)
-        ops.index_flush.run(comp.x, ix.compressor, comp.inv_freq, comp.norm_eps, lk)
+        ops.flush.run(comp, lk)
+        ops.index_flush.run(comp, lk)
         picks = ops.picks.run(lk, ix.q, ix.weights)  # [T, topk] entry rows
         return ops.attend.run(q, lk, self._window_rows, sink, scale, picks)

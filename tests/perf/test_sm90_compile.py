@@ -1,0 +1,45 @@
+"""``perf.sm90_compile``: the signature Triton is given, and one real sm_90 compile of a tiny
+kernel (in a subprocess: the test process's kernels are decorated for the interpreter)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from sglang_dsv4.perf.sm90_compile import signature
+
+
+def test_signature_types_default_i32_and_constexprs_by_index():
+    sig, ce = signature(["x_ptr", "n", "eps", "BLOCK"], {"x_ptr": "*bf16", "eps": "fp32"},
+                        {"BLOCK": 128})  # fmt: skip
+    assert sig == {"x_ptr": "*bf16", "n": "i32", "eps": "fp32", "BLOCK": "constexpr"}
+    assert ce == {(3,): 128}
+
+
+KERNEL = textwrap.dedent("""
+    import os
+    os.environ.pop("TRITON_INTERPRET", None)
+    import triton
+    import triton.language as tl
+    from sglang_dsv4.perf.sm90_compile import build, resource_usage
+
+    @triton.jit
+    def _scale(x_ptr, n, BLOCK: tl.constexpr):
+        i = tl.arange(0, BLOCK)
+        tl.store(x_ptr + i, tl.load(x_ptr + i, mask=i < n) * 2, mask=i < n)
+
+    print(resource_usage(build(_scale, {"x_ptr": "*fp32"}, {"BLOCK": 128})))
+    print(build(_scale, {"x_ptr": "*fp32"}, {"BLOCK": 64}, aligned=False).name)
+""")
+
+
+def test_build_compiles_for_sm90_and_reports_registers(tmp_path):
+    script = tmp_path / "kernel.py"  # triton.jit needs the source in a file
+    script.write_text(KERNEL)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    usage, name = out.stdout.split("\n")[:2]
+    assert usage.startswith("REG:") and "LOCAL:0" in usage, usage
+    assert name == "_scale"
