@@ -77,7 +77,7 @@ def main() -> int:
 
     tok = Tokenizer.from_file(str(path / "tokenizer.json"))
     prompts = held_out_crops(tok, args.prompts, args.prompt_len)
-    model_args = ["--model-path", str(path)]
+    model_args = ["--model-path", args.model]  # the plugin resolves "dsv4"
     logs = Path(tempfile.mkdtemp(prefix="mtp_accept_"))
     result = {"model": args.model, "prompt_tokens": [len(p) for p in prompts], "new": args.new}
     plain = run_server(model_args, [], prompts, args.new, logs / "plain.log")

@@ -13,15 +13,16 @@ def test_public_names_map_to_repo_ids():
 
 
 def test_embedded_checkpoint_is_the_shipped_trained_model():
-    """All three layer kinds, hash + scored MoE, >= 16 indexer heads, in <= 25 MB, inside the
-    package; the tokenizer is an HF fast tokenizer with the DSV4 chat markers."""
+    """All three layer kinds, hash + scored MoE, >= 16 indexer heads, in <= 27 MiB (the main
+    model 23.6 MB, its MTP layer 2.7 MB), inside the package; the tokenizer is an HF fast
+    tokenizer with the DSV4 chat markers."""
     from transformers import AutoTokenizer
 
     from sglang_dsv4.config import AttnKind, DSV4Config
 
     path = embedded_checkpoint()
     assert path.parent.name == "models" and path.parent.parent.name == "sglang_dsv4"
-    assert sum(f.stat().st_size for f in path.iterdir()) <= 25 * 1024 * 1024
+    assert sum(f.stat().st_size for f in path.iterdir()) <= 27 * 1024 * 1024
     cfg = DSV4Config.from_json(path)
     kinds = {s.attn for s in cfg.layers}
     assert kinds == {AttnKind.SWA, AttnKind.CSA, AttnKind.HCA}
