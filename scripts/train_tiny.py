@@ -98,6 +98,8 @@ def parse_args() -> argparse.Namespace:
     args = ap.parse_args()
     if args.mtp_only and not (args.mtp_weight > 0 and args.init is not None):
         ap.error("--mtp-only trains the MTP layer of --init's model: give --init and --mtp-weight")
+    if args.mtp_only:  # the validation loss tracked is the main model's: it does not change
+        args.keep = "last"
     return args
 
 
@@ -276,7 +278,7 @@ def train(args) -> dict:
             np.stack([corpus.sample(rng, args.seq_len + 1, mix) for _ in range(args.batch)])
         )
         try:
-            lm_loss, kl, loads = _step(model, batch, micro, sparse, args)
+            lm_loss, kl, loads, mtp_loss = _step(model, batch, micro, sparse, args)
         except torch.cuda.OutOfMemoryError:
             if micro == 1:
                 raise
@@ -294,6 +296,8 @@ def train(args) -> dict:
         row = {"step": step, "time": round(time.time() - start, 2), "lr": lr, "sparse": sparse}
         if step % 5 == 0 or step == 1:
             row |= {"loss": lm_loss.item(), "indexer_kl": kl.item()}
+            if mtp_loss is not None:
+                row["mtp_loss"] = mtp_loss.item()
         now = time.time() - start
         if now - last_eval >= args.eval_every or (args.steps and step == args.steps):
             last_eval = now
@@ -366,8 +370,10 @@ def log_last(log: dict, key: str) -> float:
 
 
 def _step(model, batch, micro, sparse, args):
-    """Forward + backward of ``batch`` [B, S+1] in micro-batches; returns (lm loss, kl, loads)."""
+    """Forward + backward of ``batch`` [B, S+1] in micro-batches; returns (lm loss, kl, loads,
+    MTP loss or None)."""
     lm_total = torch.zeros((), device=args.device)
+    mtp_total = None
     kl_total = torch.zeros((), device=args.device)
     loads: dict[int, torch.Tensor] = {}
     parts = batch.split(micro)
@@ -379,16 +385,17 @@ def _step(model, batch, micro, sparse, args):
         loss = lm + out.indexer_kl
         if out.mtp_logits is not None:  # position t predicts token t+2
             mtp = out.mtp_logits[:, :-1].float().flatten(0, 1)
-            loss = loss + args.mtp_weight * F.cross_entropy(mtp, part[:, 2:].flatten())
-        if args.mtp_only:
-            loss = args.mtp_weight * F.cross_entropy(mtp, part[:, 2:].flatten())
+            mtp_loss = F.cross_entropy(mtp, part[:, 2:].flatten())
+            mtp_total = (0 if mtp_total is None else mtp_total) + mtp_loss.detach() / len(parts)
+            # --mtp-only: the main model gets no gradient, so its loss terms are left out
+            loss = args.mtp_weight * mtp_loss + (0 if args.mtp_only else loss)
         loss = loss / len(parts)
         loss.backward()
         lm_total += lm.detach() / len(parts)
         kl_total += out.indexer_kl.detach() / len(parts)
         for layer, load in out.expert_load.items():
             loads[layer] = loads.get(layer, 0) + load
-    return lm_total, kl_total, loads
+    return lm_total, kl_total, loads, mtp_total
 
 
 def save_checkpoint(model: TrainDSV4, raw_cfg: dict, out: Path, shard_mb: float = 12) -> None:
