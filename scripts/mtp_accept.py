@@ -9,8 +9,11 @@ token ids. For each ``--steps`` value ``s`` one server runs with ``--speculative
 one server without speculation: every speculative output must equal the plain greedy output
 (speculation is exact), and the accept length is SGLang's own ``meta_info``
 ``spec_accept_length`` (completion tokens / verify passes, bonus token included), pooled over
-the prompts as sum(tokens) / sum(verify passes). On a CPU-only machine SGLang's speculative
-workers need greedy requests (the plugin refuses others there).
+the prompts as sum(tokens) / sum(verify passes). The servers run in ``--dtype float32`` by
+default: there speculation is exact; in bfloat16 a verify pass (an extend over the draft
+tokens) rounds differently from a decode step, so greedy outputs may part at near-ties
+(``first_difference``). On a CPU-only machine SGLang's speculative workers need greedy requests
+(the plugin refuses others there).
 """
 
 from __future__ import annotations
@@ -58,6 +61,11 @@ def run_server(model_args: list[str], extra: list[str], prompts, new: int, log: 
     return row
 
 
+def _first_difference(a: list[int], b: list[int]) -> int | None:
+    """Index of the first generated token where ``a`` and ``b`` differ (None: equal)."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), None)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", default="dsv4", help="--model / --model-path of the server")
@@ -66,6 +74,11 @@ def main() -> int:
     ap.add_argument("--prompt-len", type=int, default=200)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--out", type=Path)
+    ap.add_argument(
+        "--dtype", default="float32",
+        help="server --dtype: float32 (default) makes speculative output equal plain output; "
+        "in bfloat16 a verify pass (an extend) and a decode step round differently",
+    )  # fmt: skip
     args = ap.parse_args()
 
     from sglang_dsv4.embedded import resolve_model_name
@@ -77,15 +90,24 @@ def main() -> int:
 
     tok = Tokenizer.from_file(str(path / "tokenizer.json"))
     prompts = held_out_crops(tok, args.prompts, args.prompt_len)
-    model_args = ["--model-path", args.model]  # the plugin resolves "dsv4"
+    model_args = ["--model-path", args.model, "--dtype", args.dtype]  # the plugin resolves "dsv4"
     logs = Path(tempfile.mkdtemp(prefix="mtp_accept_"))
-    result = {"model": args.model, "prompt_tokens": [len(p) for p in prompts], "new": args.new}
+    result = {
+        "model": args.model,
+        "dtype": args.dtype,
+        "prompt_tokens": [len(p) for p in prompts],
+        "new": args.new,
+    }
     plain = run_server(model_args, [], prompts, args.new, logs / "plain.log")
     result["plain_seconds"] = plain["seconds"]
     result["speculative"] = {}
     for steps in map(int, args.steps.split(",")):
         row = run_server(model_args, spec_flags(steps), prompts, args.new, logs / f"s{steps}.log")
-        row["equal_to_plain"] = row.pop("output_ids") == plain["output_ids"]
+        outs = row.pop("output_ids")
+        row["equal_to_plain"] = outs == plain["output_ids"]
+        row["first_difference"] = [
+            _first_difference(a, b) for a, b in zip(outs, plain["output_ids"], strict=True)
+        ]
         result["speculative"][steps] = row
         accept, per = row["accept_length"], row["per_prompt"]
         print(
