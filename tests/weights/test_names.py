@@ -44,7 +44,7 @@ def test_every_5_17_tensor_lands_on_its_released_name(tiny6l):
     for name, (shape, total, weighted) in SAVED_517.items():
         pairs = list(to_released_names(name, torch.zeros(shape)))
         assert len(pairs) == 1, name
-        target, t = pairs[0]
+        target, _ = pairs[0]
         assert target not in mapped, f"{name} and {mapped.get(target)} both map to {target}"
         mapped[target] = name
         assert list(released[target].shape) == shape, name
