@@ -43,6 +43,7 @@ class BadRequest:
     body: object  # a JSON value: a /generate request, or not an object at all
     words: tuple[str, ...]  # the error message names the problem with one of these
     path: str = "/generate"
+    content_type: str = "application/json"
 
 
 def bad_requests(context_len: int, vocab_size: int) -> list[BadRequest]:
@@ -62,6 +63,10 @@ def bad_requests(context_len: int, vocab_size: int) -> list[BadRequest]:
         # SGLang 0.5.17 alone: a 500 from the chat model's validators (sglang_dsv4.http_body)
         BadRequest("chat body not an object", [1, 2], ("json object",), "/v1/chat/completions"),
         BadRequest("completions body not an object", "x", ("json object",), "/v1/completions"),
+        BadRequest("chat body sent as a form (curl -d)",
+                   {"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+                   ("application/json",), "/v1/chat/completions",
+                   "application/x-www-form-urlencoded"),
     ]  # fmt: skip
 
 
@@ -70,7 +75,12 @@ def check_bad_requests(url: str, context_len: int, vocab_size: int) -> list[dict
     served-after, the message head."""
     rows = []
     for bad in bad_requests(context_len, vocab_size):
-        r = requests.post(url + bad.path, json=bad.body, timeout=300)
+        r = requests.post(
+            url + bad.path,
+            data=json.dumps(bad.body),
+            headers={"Content-Type": bad.content_type},
+            timeout=300,
+        )
         text = r.text.lower()
         good = requests.post(
             url + "/generate",

@@ -11,7 +11,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, model_validator
 from starlette.testclient import TestClient
 
-from sglang_dsv4.http_body import OBJECT_ROUTES, JsonObjectBody, not_an_object
+from sglang_dsv4.http_body import OBJECT_ROUTES, JsonObjectBody, is_json_type, not_an_object
 
 
 class ChatLike(BaseModel):
@@ -102,6 +102,35 @@ def test_objects_reach_the_app_unchanged():
     assert client.post("/v1/chat/completions", json={"messages": 5}).status_code == 422
 
 
+@pytest.mark.parametrize(
+    "ctype,ok",
+    [("application/json", True), ("Application/JSON; charset=utf-8", True),
+     ("application/vnd.api+json", True), ("", False), ("text/plain", False),
+     ("application/x-www-form-urlencoded", False), ("text/json", False)],
+)  # fmt: skip
+def test_json_content_types(ctype, ok):
+    assert is_json_type(ctype) is ok
+
+
+def test_a_content_type_that_is_not_json_gets_a_400_naming_it():
+    form = {"content-type": "application/x-www-form-urlencoded"}  # what curl -d sends
+    body = '{"messages": [1]}'
+    # FastAPI hands the validator the raw bytes (strict content type): SGLang's 500
+    bare = TestClient(_app(False), raise_server_exceptions=False)
+    assert bare.post("/v1/chat/completions", content=body, headers=form).status_code == 500
+    client = TestClient(_app(True), raise_server_exceptions=False)
+    r = client.post("/v1/chat/completions", content=body, headers=form)
+    assert r.status_code == 400
+    assert r.json()["message"] == (
+        "request body must be a JSON object sent as application/json, "
+        "got Content-Type 'application/x-www-form-urlencoded'"
+    )
+    r = client.post("/v1/completions", content=body)
+    assert r.status_code == 400 and r.json()["message"].endswith("got no Content-Type")
+    r = client.post("/v1/chat/completions", content=body, headers={"content-type": "a/b+json"})
+    assert r.status_code == 400  # only application/*+json is JSON to FastAPI
+
+
 def test_streaming_response_after_replay():
     client = TestClient(_app(True))
     with client.stream("POST", "/v1/completions", json={"n": 4}) as r:
@@ -136,7 +165,8 @@ async def _run(chunks, tail):
             if message["type"] == "http.disconnect":
                 return
 
-    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions"}
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions",
+             "headers": [(b"content-type", b"application/json")]}  # fmt: skip
     await JsonObjectBody(app)(scope, receive, send)
     return seen, sent
 
