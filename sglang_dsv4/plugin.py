@@ -513,103 +513,54 @@ def _last_loc(original, req_to_token, req_pool_indices, prefix_lens):
     return get_last_loc_torch(req_to_token, req_pool_indices, prefix_lens)
 
 
-def _build_tree(
-    original,
-    bonus_tokens,
-    parent_list,
-    top_scores_index,
-    draft_tokens,
-    seq_lens,
-    seq_lens_sum,
-    topk,
-    spec_steps,
-    num_verify_tokens,
-    *args,
-    **kwargs,
-):
+def _named(original, args, kwargs) -> dict:
+    """The arguments of a call of ``original`` by parameter name, defaults included."""
+    import inspect
+
+    bound = inspect.signature(original).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return bound.arguments
+
+
+def _build_tree(original, *args, **kwargs):
     """Without CUDA, SGLang 0.5.17 builds the verify tree only with its CPU kernel build
     (``SGLANG_USE_CPU_ENGINE``): our torch twin for the top-k 1 chain."""
     import torch
 
-    if torch.cuda.is_available() or topk != 1:
-        return original(
-            bonus_tokens,
-            parent_list,
-            top_scores_index,
-            draft_tokens,
-            seq_lens,
-            seq_lens_sum,
-            topk,
-            spec_steps,
-            num_verify_tokens,
-            *args,
-            **kwargs,
-        )
+    a = {} if torch.cuda.is_available() else _named(original, args, kwargs)
+    if a.get("topk") != 1:
+        return original(*args, **kwargs)
     from sglang.srt.speculative.eagle_utils import TreeMaskMode
 
     from sglang_dsv4.spec_torch import build_chain
 
-    mode = kwargs.get("tree_mask_mode", args[0] if args else TreeMaskMode.FULL_MASK)
-    full = mode == TreeMaskMode.FULL_MASK
-    return build_chain(bonus_tokens, draft_tokens, seq_lens, num_verify_tokens, full)
+    full = a["tree_mask_mode"] == TreeMaskMode.FULL_MASK
+    tokens = (a["bonus_tokens"], a["draft_tokens"], a["seq_lens"], a["num_verify_tokens"])
+    return build_chain(*tokens, full)
 
 
-def _verify_greedy(
-    original,
-    predicts,
-    accept_index,
-    accept_token_num,
-    candidates,
-    retrieve_index,
-    retrieve_next_token,
-    retrieve_next_sibling,
-    target_predict,
-    topk=-1,
-):
+def _verify_greedy(original, *args, **kwargs):
     """Greedy verify without CUDA (see :func:`_build_tree`): the chain's torch twin."""
     import torch
 
-    if torch.cuda.is_available() or topk != 1:
-        return original(
-            predicts,
-            accept_index,
-            accept_token_num,
-            candidates,
-            retrieve_index,
-            retrieve_next_token,
-            retrieve_next_sibling,
-            target_predict,
-            topk,
-        )
+    a = {} if torch.cuda.is_available() else _named(original, args, kwargs)
+    if a.get("topk") != 1:
+        return original(*args, **kwargs)
     from sglang_dsv4.spec_torch import verify_chain_greedy
 
-    return verify_chain_greedy(predicts, accept_index, accept_token_num, candidates, target_predict)
+    names = ("predicts", "accept_index", "accept_token_num", "candidates", "target_predict")
+    return verify_chain_greedy(*(a[n] for n in names))
 
 
-def _extend_cache_locs(
-    original,
-    req_pool_indices,
-    req_to_token,
-    start_offset,
-    end_offset,
-    batch_size,
-    draft_token_num,
-    device,
-):
+def _extend_cache_locs(original, *args, **kwargs):
     """The verify tokens' cache slots (``req_to_token[r, start:end]`` of each request, in batch
     order): SGLang 0.5.17 returns None on a CPU-only machine without its CPU kernel build."""
     import torch
 
     if torch.cuda.is_available():
-        return original(
-            req_pool_indices,
-            req_to_token,
-            start_offset,
-            end_offset,
-            batch_size,
-            draft_token_num,
-            device,
-        )
+        return original(*args, **kwargs)
     from sglang_dsv4.spec_torch import extend_cache_locs
 
-    return extend_cache_locs(req_pool_indices, req_to_token, start_offset, end_offset)
+    a = _named(original, args, kwargs)
+    names = ("req_pool_indices", "req_to_token", "start_offset", "end_offset")
+    return extend_cache_locs(*(a[n] for n in names))

@@ -163,3 +163,67 @@ def test_hf_saved_checkpoint_serves_hf_logprobs(hf_model, tmp_path):
     finally:
         srv.stop()
     assert_served_equals_hf(hf_model, prompts, outs)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the CPU speculative twins")
+def test_speculative_hooks_call_the_twins_however_sglang_passes_arguments():
+    """Without CUDA the tree-build / greedy-verify / verify-slot hooks answer with the torch
+    twins, whether SGLang passes arguments by position or by name; top-k > 1 falls through."""
+    import functools
+
+    import torch
+    from sglang.kernels.ops.speculative.cache_locs import assign_extend_cache_locs_func
+    from sglang.srt.speculative.eagle_utils import (
+        TreeMaskMode,
+        build_tree_kernel_efficient,
+        verify_tree_greedy_func,
+    )
+
+    from sglang_dsv4.plugin import _build_tree, _extend_cache_locs, _verify_greedy
+    from sglang_dsv4.spec_torch import build_chain
+
+    bonus, drafts, seq_lens = (
+        torch.tensor([1, 2]),
+        torch.tensor([[10, 11], [20, 21]]),
+        torch.tensor([7, 3]),
+    )
+    want = build_chain(bonus, drafts, seq_lens, 3, full_mask=False)
+    pos = (bonus, None, None, drafts, seq_lens, 10, 1, 2, 3, TreeMaskMode.QLEN_ONLY)
+    for args, kwargs in [(pos, {}), (pos[:9], {"tree_mask_mode": TreeMaskMode.QLEN_ONLY})]:
+        got = _build_tree(build_tree_kernel_efficient, *args, **kwargs)
+        assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+    full = _build_tree(build_tree_kernel_efficient, *pos[:9])  # default: FULL_MASK
+    assert full[0].numel() == (7 + 3 + 3 + 3) * 3
+
+    cand = want[5].view(2, 3)
+    target = torch.tensor([[10, 11, 12], [20, 99, 98]])
+
+    def verify(**named):
+        out = (torch.zeros(6, dtype=torch.int32), torch.full((2, 3), -1, dtype=torch.int32))
+        num = torch.empty(2, dtype=torch.int32)
+        unused = torch.zeros(2, 3, dtype=torch.long)
+        _verify_greedy(
+            verify_tree_greedy_func, *out, num, cand, unused, unused, unused, target, **named
+        )
+        return num.tolist(), out[1].tolist()
+
+    assert verify(topk=1) == ([2, 1], [[0, 1, 2], [3, 4, -1]])
+    # top-k > 1 is SGLang's own path (CUDA / CPU kernel build): the original is called
+    for original, hook, kwargs in [
+        (verify_tree_greedy_func, _verify_greedy, {}),
+        (build_tree_kernel_efficient, _build_tree, {"spec_steps": 2, "num_verify_tokens": 3}),
+    ]:
+        spy = functools.wraps(original)(lambda *a, **k: "original")  # its signature
+        positional = range(8 if hook is _verify_greedy else 6)
+        assert hook(spy, *positional, topk=2, **kwargs) == "original"
+
+    req_to_token = torch.arange(40, dtype=torch.int32).view(4, 10)
+    idx, start, end = torch.tensor([2, 0]), torch.tensor([5, 1]), torch.tensor([8, 4])
+    locs = _extend_cache_locs(
+        assign_extend_cache_locs_func, idx, req_to_token, start, end, 2, 3, "cpu"
+    )
+    named = _extend_cache_locs(
+        assign_extend_cache_locs_func, idx, req_to_token, start_offset=start, end_offset=end,
+        batch_size=2, draft_token_num=3, device="cpu",
+    )  # fmt: skip
+    assert locs.tolist() == named.tolist() == [25, 26, 27, 1, 2, 3]
