@@ -19,6 +19,8 @@ This is the only module that touches SGLang's registries (see docs/design/sglang
   access, and every generate request checked in the tokenizer manager before it can reach the
   scheduler
   (:mod:`sglang_dsv4.request_checks`: what would kill the scheduler gets a 400 instead);
+* the HTTP app: a JSON body that is not an object gets a 400 on the request routes
+  (:mod:`sglang_dsv4.http_body`; SGLang 0.5.17 answers some of them with a 500);
 * structured output on CPU: xgrammar's token bitmask unpinned without CUDA and applied to CPU
   logits by xgrammar's CPU kernel (SGLang 0.5.17 has GPU paths only for both).
 
@@ -120,6 +122,11 @@ def _register() -> None:
         (f"{_TM}.generate_request", _check_request, HookType.BEFORE),
         (f"{_TM}._validate_one_request", _check_prompt, HookType.BEFORE),
         (f"{_TM}.create_abort_task", _abort_task, HookType.AROUND),
+        (
+            "sglang.srt.entrypoints.http_server._setup_and_run_http_server",
+            _json_object_bodies,
+            HookType.BEFORE,
+        ),
         (
             "sglang.srt.constrained.xgrammar_backend._allocate_token_bitmask",
             _grammar_bitmask,
@@ -360,6 +367,26 @@ def _check_request(self, obj, *args, **kwargs):
         from sglang_dsv4.request_checks import check_generate_request
 
         check_generate_request(obj, limits)
+    return None
+
+
+def _json_object_bodies(server_args, tokenizer_manager=None, *args, **kwargs):
+    """Before uvicorn starts (the app's middleware stack is built on the first request): JSON
+    bodies that are not objects get a 400 on the request routes (:mod:`sglang_dsv4.http_body`).
+    SGLang 0.5.17's OpenAI request models call ``.get`` on the body in ``mode="before"``
+    validators while FastAPI parses it, before any route or tokenizer-manager hook runs, so the
+    app is the first place that sees the body. Innermost (appended), so that SGLang's CORS and
+    decompression middleware still wrap the answer and the body."""
+    hf_config = getattr(getattr(tokenizer_manager, "model_config", None), "hf_config", None)
+    if hf_config is None or not _is_dsv4(hf_config):
+        return None
+    from sglang.srt.entrypoints.http_server import app
+    from starlette.middleware import Middleware
+
+    from sglang_dsv4.http_body import JsonObjectBody
+
+    if all(m.cls is not JsonObjectBody for m in app.user_middleware):
+        app.user_middleware.append(Middleware(JsonObjectBody))
     return None
 
 

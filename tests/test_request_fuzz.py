@@ -105,10 +105,5 @@ def test_fuzzed_requests_never_take_the_server_down(dsv4_server, vocab):
     assert _processes(dsv4_server) == before  # no scheduler restart
     assert used_tokens(dsv4_server.url) == [0]
     # nothing failed behind the answers either (a 500, a background task, the scheduler)
-    # (the known-gap 500s of server_checks.KNOWN_500 each log SGLang's AttributeError; any
-    # other traceback fails)
     log = dsv4_server.log_path.read_bytes()[log_start:]
-    tracebacks = log.split(b"Traceback")[1:]
-    unexplained = [t for t in tracebacks if b"object has no attribute 'get'" not in t]
-    assert len(tracebacks) <= len(report["known_gaps"]), log[-3000:].decode("utf-8", "replace")
-    assert not unexplained, unexplained[0][-3000:].decode("utf-8", "replace")
+    assert b"Traceback" not in log, log[-3000:].decode("utf-8", "replace")

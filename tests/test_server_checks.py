@@ -12,7 +12,7 @@ def test_bad_requests_are_refused_and_server_keeps_serving(tiny_server, tiny_dic
     rows = check_bad_requests(tiny_server.url, 4096, tiny_dict["vocab_size"])
     for row in rows:
         print(row)
-    assert len(rows) == 7
+    assert len(rows) == 10
     assert all(r["refused_with_reason"] and r["served_after"] for r in rows), rows
 
 

@@ -90,7 +90,7 @@ class BatchPlan:
     requests: tuple[RequestPlan, ...]
     out_loc: torch.Tensor  # [T] full slots of the new tokens, in batch order
     out_loc_swa: torch.Tensor  # [T] their swa slots
-    tables: BatchTables | None = None  # extend batches
+    tables: BatchTables | None = None
 
 
 def plan_batch(forward_batch, pool, req_to_token_pool, commit=None) -> BatchPlan:
@@ -161,7 +161,9 @@ def plan_batch(forward_batch, pool, req_to_token_pool, commit=None) -> BatchPlan
         start += n
     pool.tail_pos[slots_dev] = torch.tensor(seq_lens, device=device)
     out_loc = fb.out_cache_loc.long()
-    tables = None if fb.forward_mode.is_decode() else _tables(requests, pool, req_to_token_pool)
+    # decode batches too: served decode never plans here, but the extend wrappers are the decode
+    # path's oracle in tests (tests/attention/test_decode.py) and need the same tables
+    tables = _tables(requests, pool, req_to_token_pool)
     return BatchPlan(tuple(requests), out_loc, to_swa(out_loc), tables)
 
 

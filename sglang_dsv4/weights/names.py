@@ -2,7 +2,8 @@
 
 The released names (``layers.{i}.attn.wq_a.weight``, ``layers.{i}.ffn.experts.{e}.w1.weight``,
 ``hc_head_fn`` ...) are canonical inside this package. HF transformers 5.12.1 saves its internal
-names (``model.layers.{i}.self_attn.q_a_proj.weight``, stacked ``mlp.experts.gate_up_proj`` ...);
+names (``model.layers.{i}.self_attn.q_a_proj.weight``, stacked ``mlp.experts.gate_up_proj`` ...),
+5.17 mostly released names under ``model.`` (``model.layers.{i}.attn.attn_sink``);
 :func:`to_released_names` maps one such tensor to released names (splitting stacked experts into
 views, so writing into them writes the HF tensor), :func:`hf_to_released` a whole state dict.
 Quantized checkpoints only exist under released names (HF has no name for ``.scale``).
@@ -16,8 +17,9 @@ import torch
 __all__ = ["HF_NAME_TABLE", "hf_to_released", "is_hf_name", "is_mtp_name", "to_released_names"]
 
 # (HF pattern, released template); ``{0}``, ``{1}`` ... = the pattern's groups (``{0}`` = layer).
-# Order does not matter: the patterns are anchored and disjoint. transformers 5.12.1 saves a mix:
-# internal names, but ``head.weight`` and per-expert ``mlp.experts.{e}.w1.weight``.
+# Order does not matter: the patterns are anchored and disjoint (tests/weights/test_names.py).
+# transformers 5.12.1 saves a mix: internal names, but ``head.weight`` and per-expert
+# ``mlp.experts.{e}.w1.weight``; 5.17's spelling follows them.
 HF_NAME_TABLE: tuple[tuple[str, str], ...] = (
     (r"model\.embed_tokens\.weight", "embed.weight"),
     (r"(?:lm_)?head\.weight", "head.weight"),
@@ -102,6 +104,29 @@ HF_NAME_TABLE: tuple[tuple[str, str], ...] = (
         "layers.{0}.ffn.experts.{e}.w1|w3.weight",
     ),
     (r"model\.layers\.(\d+)\.mlp\.experts\.down_proj", "layers.{0}.ffn.experts.{e}.w2.weight"),
+    # transformers 5.17 saves through the reverse of its load-time renames (conversion_mapping.py,
+    # "deepseek_v4"): a layer's released names under ``model.``, except that reversing
+    # ``.norm.`` -> ``.kv_norm.`` turns the attention's ``kv_norm`` into ``attn.norm``. Top-level
+    # tensors keep the names above (its reverse renames are anchored at ``^`` and miss ``model.``).
+    (
+        r"model\.layers\.(\d+)\.((?:attn|ffn)_norm\.weight|hc_(?:attn|ffn)_(?:fn|base|scale))",
+        "layers.{0}.{1}",
+    ),
+    (
+        r"model\.layers\.(\d+)\.(attn\.(?:(?:wq_a|wq_b|wkv|wo_a|wo_b|q_norm|kv_norm)\.weight|attn_sink))",
+        "layers.{0}.{1}",
+    ),
+    (r"model\.layers\.(\d+)\.attn\.norm\.weight", "layers.{0}.attn.kv_norm.weight"),
+    (
+        r"model\.layers\.(\d+)\.(attn\.(?:indexer\.)?compressor\.(?:(?:wkv|wgate|norm)\.weight|ape))",
+        "layers.{0}.{1}",
+    ),
+    (r"model\.layers\.(\d+)\.(attn\.indexer\.(?:wq_b|weights_proj)\.weight)", "layers.{0}.{1}"),
+    (r"model\.layers\.(\d+)\.(ffn\.gate\.(?:weight|bias|tid2eid))", "layers.{0}.{1}"),
+    (
+        r"model\.layers\.(\d+)\.(ffn\.(?:shared_experts|experts\.\d+)\.w[123]\.weight)",
+        "layers.{0}.{1}",
+    ),
 )
 _COMPILED = tuple((re.compile(p + r"\Z"), t) for p, t in HF_NAME_TABLE)
 
