@@ -37,27 +37,33 @@ def variants(dt: str):
     hc_types = {a: "*fp32" for a in mhc._hc_kernel.arg_names if a.endswith("_ptr")}
     hc_types |= {a: act for a in ("x_ptr", "y_ptr", "x_out_ptr", "norm_w_ptr", "h_ptr")}
     hc_types |= {"ticket_ptr": "*i32", "eps": "fp32", "hc_eps": "fp32"}
-    for dot in (False, True):  # the forms hc_fused picks by token count
-        for post, head in ((False, False), (True, False), (True, True)):
-            nmp = (8 if head else 32) if not dot else (16 if head else 32)
-            yield mhc._hc_kernel, hc_types, {
-                "D": 7168, "HC": 4, "NM": 4 if head else 24, "NMP": nmp, "TB": 16 if dot else 1,
-                "BD": 32, "SB": 8 if dot else 256, "ITERS": 20, "POST": post, "HEAD": head,
-                "DOT": dot, "COLLAPSE": not dot, "BDN": 8192, "X_BF16": bf, "W_BF16": bf,
+    for post, head in ((False, False), (True, False), (True, True)):  # the one-token form
+        yield mhc._hc_kernel, hc_types, {
+            "D": 7168, "HC": 4, "NM": 4 if head else 24, "NMP": 8 if head else 32, "BD": 32,
+            "SB": 256, "ITERS": 20, "POST": post, "HEAD": head, "BDN": 8192, "X_BF16": bf,
+            "W_BF16": bf,
+        }  # fmt: skip
+    gemm_types = {"x_ptr": act, "fn_ptr": "*fp32", "part_ptr": "*fp32"}
+    for tm in (16, 64):  # the GEMM form
+        for head in (False, True):
+            yield mhc._mix_gemm_kernel, gemm_types, {
+                "K": 4 * 7168, "NM": 4 if head else 24, "NMP": 16 if head else 32, "TM": tm,
+                "BK": 64,
             }  # fmt: skip
-    collapse_types = {"x_ptr": act, "pre_ptr": "*fp32", "w_ptr": act, "h_ptr": act, "eps": "fp32"}
-    yield mhc._collapse_norm_kernel, collapse_types, {
-        "D": 7168, "BD": 8192, "HC": 4, "X_BF16": bf, "W_BF16": bf,
-    }  # fmt: skip
+    maps_types = {a: "*fp32" for a in mhc._maps_collapse_kernel.arg_names if a.endswith("_ptr")}
+    maps_types |= {"x_ptr": act, "norm_w_ptr": act, "h_ptr": act, "eps": "fp32", "hc_eps": "fp32"}
+    for head in (False, True):
+        yield mhc._maps_collapse_kernel, maps_types, {
+            "D": 7168, "HC": 4, "NM": 4 if head else 24, "NMP": 16 if head else 32, "SB": 64,
+            "ITERS": 20, "HEAD": head, "BDN": 8192, "X_BF16": bf, "W_BF16": bf,
+        }  # fmt: skip
 
 
 def main() -> None:
     for dt in ("bf16", "fp32"):
         for fn, types, constexprs in variants(dt):
             flags = {k: v for k, v in constexprs.items() if isinstance(v, bool)}
-            warps = 4 if constexprs.get("DOT", False) else 8  # as the wrappers launch them
-            if fn not in (mhc._hc_kernel, mhc._collapse_norm_kernel):
-                warps = 4
+            warps = 8 if fn in (mhc._hc_kernel, mhc._maps_collapse_kernel) else 4  # as launched
             usage = resource_usage(build(fn, types, constexprs, warps))
             print(f"{fn.fn.__name__:22s} {dt} {flags}: {usage}", flush=True)
 

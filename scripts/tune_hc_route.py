@@ -1,7 +1,7 @@
-"""Sweep the launch shapes of the mHC boundary kernel and the routing kernel on one GPU: both
-forms (one-token FMA tiles with 4 or 8 warps / 16-token ``tl.dot`` tiles) forced at every token
-count, and the program budget, to set ``FMA_MAX_TOKENS``, ``FMA_WARPS`` and ``programs`` from
-measurements.
+"""Sweep the launch shapes of the mHC boundary kernels and the routing kernel on one GPU: both
+forms (one-token FMA tiles with 4 or 8 warps / the tile form: mHC's post + tensor-core GEMM +
+per-token maps, routing's 16-token ``tl.dot`` tiles) forced at every token count, and the
+program budget, to set ``FMA_MAX_TOKENS``, ``FMA_WARPS`` and ``programs`` from measurements.
 
     python scripts/tune_hc_route.py [--tokens 1,2,4,8,9,16,32,128] [--programs 132,264,528]
 

@@ -1,32 +1,29 @@
-"""mHC (``ref.mhc``) as Triton kernels: one launch per block boundary at decode, two above.
+"""mHC (``ref.mhc``) as Triton kernels: one launch per block boundary at decode, three above.
 
 :func:`hc_fused` runs, on streams ``x`` [T, hc, d] (optionally first updated by the previous
-block's ``hc_post``: ``x'_k = post_k * y + sum_j comb[j, k] x_j``, written to a new tensor), one
-``_hc_kernel`` launch over a grid of (token tile, chunk of ``d``) programs:
+block's ``hc_post``: ``x'_k = post_k * y + sum_j comb[j, k] x_j``), the mix ``x @ fn^T``
+[T, (2+hc)*hc] with the sum of squares of the flattened streams, the maps (unweighted RMS
+scale, sigmoids, row softmax, ``sinkhorn_iters`` Sinkhorn rounds on the hc x hc matrix), the
+pre-weighted collapse ``sum_j pre_j x_j`` and the RMSNorm that follows it (``attn_norm`` /
+``ffn_norm``). The mix is a [T, hc*d] x [hc*d, 24] reduction. Two forms, picked per token count
+(a static shape, fixed per captured graph):
 
-1. every program forms its tile's new streams over its chunk of ``d`` (all ``hc`` streams: the
-   post mixes them per channel) and the partial mix ``x @ fn^T`` [TB, (2+hc)*hc] with the
-   partial sum of squares (one more column), written to an fp32 workspace. The mix is a
-   [T, hc*d] x [hc*d, 24] reduction: at decode its cost is latency, so it is split over ~all SMs
-   (one 32-channel step per program at T=1: ``fn`` is read once, 12 KB per program).
-2. the last program of a tile to finish (an atomic ticket per tile, reset by that program for
-   the next launch, so CUDA-graph replays need no memset) sums the partials and computes the
-   maps in registers: the unweighted RMS scale, the sigmoid maps, the row softmax and
-   ``sinkhorn_iters`` Sinkhorn rounds on the hc x hc matrix; with one token per tile it then
-   also forms the pre-weighted collapse ``sum_j pre_j x_j`` and the following RMSNorm
-   (``attn_norm`` / ``ffn_norm``) of its token.
-
-Two forms, picked per token count (a static shape, fixed per captured graph): up to
-``FMA_MAX_TOKENS`` tokens one token per tile, the mix as elementwise FMAs into a [NMP, hc, BD]
-accumulator (no wasted rows), the collapse in the epilogue (tiles run their epilogues in
-parallel); above, 16-token tiles through ``tl.dot`` (fp32, ieee) so that ``fn`` is read once per
-16 tokens, and the collapse + norm in a second launch (``_collapse_norm_kernel``, one program
-per token: done by one program per 16-token tile it would stream 16 tokens through one SM).
+* up to ``FMA_MAX_TOKENS`` tokens (decode), one launch of ``_hc_kernel``: programs (token, chunk
+  of ``d``), ~all SMs (T=1 Flash: 128 programs of one 32-channel step, ``fn`` read once, 12 KB
+  each): each forms its chunk of the new streams (all ``hc`` of them: the post mixes them per
+  channel) and its partial mix as elementwise FMAs into an fp32 workspace; the token's last
+  program (an atomic ticket per token, reset by that program, so CUDA-graph replays need no
+  memset) sums the partials and computes the maps, the collapse and the norm in registers.
+* above, the post as its own streaming launch (``hc_post``), the mix as a split-K GEMM on
+  tensor cores (``_mix_gemm_kernel``: tiles of 16 / 64 tokens read ``fn`` once per tile,
+  ``tf32x3``: fp32-accurate, bf16 streams exact in tf32), then one program per token for the
+  maps, collapse and norm (``_maps_collapse_kernel``). (A CUDA-core fp32 ``tl.dot`` form took
+  42-128 us at T=32-128 and 3.7 ms at T=8192 on the H100, 2026-12-06.)
 
 ``hc_head`` is the same with ``fn`` [hc, hc*d] (pre map only, no Sinkhorn) and the final norm.
 Maps are fp32 (as ``ref.mhc``); the streams and the normed block input keep the streams' dtype.
 bf16 values are rounded where ``ref`` rounds them (through fp32, round to nearest even), so the
-two differ by fp32 summation order only.
+two differ by fp32 summation order (and tf32x3's ~2^-21 relative product error) only.
 """
 
 import torch
@@ -38,11 +35,11 @@ from sglang_dsv4.kernels.kv_store import norm_apply, round_bf16
 __all__ = ["FMA_MAX_TOKENS", "MAX_TILES", "hc_fused", "hc_post"]
 
 FMA_MAX_TOKENS = 8  # up to this many tokens: one token per tile (module docstring)
-_TB = 16  # tokens per tile of the tl.dot form: tl.dot needs M >= 16
-_BD = 32  # channels of d per step of the mix (x tile [TB, hc, BD])
+_BD = 32  # channels of d per step of the one-token form's mix (x tile [1, hc, BD])
 _BE = 128  # channels of d per program of hc_post
-_MAX_SPLIT_DOT = 32  # the dot form's epilogue reduces 16 tokens' partials: few splits
-MAX_TILES = 1 << 16  # tickets per workspace: T <= MAX_TILES * 16 tokens per launch
+_TM, _TM_LARGE = 16, 64  # tokens per GEMM tile (64 from 256 tokens: fn re-read per 64 tokens)
+_BK = 64  # K (= hc*d) per GEMM step
+MAX_TILES = 1 << 16  # tickets per workspace (one per token of the one-token form)
 FMA_WARPS = 8  # the one-token form: its epilogue holds a whole row (8192 at Pro) per stream
 
 
@@ -90,49 +87,38 @@ def _streams_tile(x_ptr, y_ptr, x_out_ptr, t, tok, row, dd, p_in, c_in, D: tl.co
 def _partial_mix(
     x_ptr, y_ptr, x_out_ptr, fn_ptr, t, tok, p_in, c_in, s_lo, s_hi,
     D: tl.constexpr, HC: tl.constexpr, NM: tl.constexpr, NMP: tl.constexpr, TB: tl.constexpr,
-    BD: tl.constexpr, POST: tl.constexpr, DOT: tl.constexpr, X_BF16: tl.constexpr,
+    BD: tl.constexpr, POST: tl.constexpr, X_BF16: tl.constexpr,
 ):  # fmt: skip
     """This program's share of the mix over steps [s_lo, s_hi) (``BD`` channels each, a
-    multiple of BD: aligned vector loads) of every stream -> [TB, NMP]:
-    columns < NM the partial ``x @ fn^T``, column NM the partial sum of squares of ``x``."""
+    multiple of BD: aligned vector loads) of every stream -> [TB, NMP]: columns < NM the
+    partial ``x @ fn^T``, column NM the partial sum of squares of ``x``. Elementwise FMAs into
+    an accumulator reduced once at the end (no cross-thread sums in the loop)."""
     j = tl.arange(0, HC)
     m = tl.arange(0, NMP)
     row = t.to(tl.int64)[:, None, None] * (HC * D) + j[None, :, None] * D  # [TB, hc, 1]
     w_row = m[:, None, None] * (HC * D) + j[None, :, None] * D  # [NMP, hc, 1]
     w_ok = (m < NM)[:, None, None]
-    if DOT:
-        acc = tl.zeros([TB, NMP], tl.float32)
-        ss = tl.zeros([TB], tl.float32)
-    else:  # elementwise FMAs, reduced once at the end (no cross-thread sums in the loop)
-        acc4 = tl.zeros([TB, NMP, HC, BD], tl.float32)
-        sq = tl.zeros([TB, HC, BD], tl.float32)
+    acc4 = tl.zeros([TB, NMP, HC, BD], tl.float32)
+    sq = tl.zeros([TB, HC, BD], tl.float32)
     for step in range(s_lo, s_hi):
         dd = step * BD + tl.arange(0, BD)
         x = _streams_tile(x_ptr, y_ptr, x_out_ptr, t, tok, row, dd, p_in, c_in, D, POST, X_BF16)
-        if DOT:
-            ss += tl.sum(tl.sum(x * x, axis=2), axis=1)
-            for jj in tl.static_range(HC):  # K = BD per dot: fn's rows load contiguous in dd
-                xj = tl.sum(tl.where(j[None, :, None] == jj, x, 0.0), axis=1)  # [TB, BD]
-                w_ptr = fn_ptr + m[None, :] * (HC * D) + jj * D + dd[:, None]  # [BD, NMP]
-                wj = tl.load(w_ptr, (m < NM)[None, :], 0.0)
-                acc += tl.dot(xj, wj, input_precision="ieee")
-        else:
-            w = tl.load(fn_ptr + w_row + dd[None, None, :], mask=w_ok, other=0.0)  # [NMP, hc, BD]
-            sq += x * x
-            acc4 += x[:, None, :, :] * w[None, :, :, :]
-    if not DOT:
-        acc = tl.sum(tl.sum(acc4, axis=3), axis=2)
-        ss = tl.sum(tl.sum(sq, axis=2), axis=1)
+        w = tl.load(fn_ptr + w_row + dd[None, None, :], mask=w_ok, other=0.0)  # [NMP, hc, BD]
+        sq += x * x
+        acc4 += x[:, None, :, :] * w[None, :, :, :]
+    acc = tl.sum(tl.sum(acc4, axis=3), axis=2)
+    ss = tl.sum(tl.sum(sq, axis=2), axis=1)
     return tl.where(m[None, :] == NM, ss[:, None], acc)
 
 
 @triton.jit
 def _reduce_mix(
-    part_ptr, tile, tok, n_split, eps, TB: tl.constexpr, HC: tl.constexpr, NM: tl.constexpr,
-    NMP: tl.constexpr, D: tl.constexpr, SB: tl.constexpr, HEAD: tl.constexpr,
+    part_ptr, slot0, split_stride, tok, n_split, eps, TB: tl.constexpr, HC: tl.constexpr,
+    NM: tl.constexpr, NMP: tl.constexpr, D: tl.constexpr, SB: tl.constexpr, HEAD: tl.constexpr,
 ):  # fmt: skip
-    """Sum the ``n_split`` partials of a tile -> the RMS-scaled mix split into its three maps'
-    logits: pre [TB, hc], post [TB, hc], comb [TB, hc, hc] (post / comb zero for the head).
+    """Sum the ``n_split`` partial rows (split ``s`` of token ``i`` of the tile at row
+    ``slot0 + s * split_stride + i``) -> the RMS-scaled mix split into its three maps' logits:
+    pre [TB, hc], post [TB, hc], comb [TB, hc, hc] (post / comb zero for the head).
     ``SB`` splits per step: independent loads in flight instead of one L2 round trip each."""
     j = tl.arange(0, HC)
     m_pre = tl.zeros([TB, HC], tl.float32)
@@ -142,7 +128,7 @@ def _reduce_mix(
     comb_col = 2 * HC + j[:, None] * HC + j[None, :]  # [hc, hc]
     for s0 in range(0, n_split, SB):
         s = s0 + tl.arange(0, SB)
-        slot = (tile * n_split + s)[:, None] * TB + tl.arange(0, TB)[None, :]  # [SB, TB]
+        slot = slot0 + s[:, None] * split_stride + tl.arange(0, TB)[None, :]  # [SB, TB]
         ok = (s < n_split)[:, None] & tok[None, :]
         row = (part_ptr + slot * NMP)[:, :, None]  # [SB, TB, 1]
         m_pre += tl.sum(tl.load(row + j, ok[:, :, None], 0.0, cache_modifier=".cg"), axis=0)
@@ -171,15 +157,15 @@ def _sinkhorn(logits, hc_eps, ITERS: tl.constexpr):
 
 @triton.jit
 def _maps(
-    part_ptr, base_ptr, scale_ptr, pre_ptr, post_ptr, comb_ptr, tile, t, tok, n_split, eps,
-    hc_eps, D: tl.constexpr, HC: tl.constexpr, NM: tl.constexpr, NMP: tl.constexpr,
+    part_ptr, base_ptr, scale_ptr, pre_ptr, post_ptr, comb_ptr, slot0, split_stride, t, tok,
+    n_split, eps, hc_eps, D: tl.constexpr, HC: tl.constexpr, NM: tl.constexpr, NMP: tl.constexpr,
     TB: tl.constexpr, SB: tl.constexpr, ITERS: tl.constexpr, HEAD: tl.constexpr,
 ):  # fmt: skip
     """The epilogue's maps of a tile from its partials: stores pre / post / comb, returns pre
     [TB, hc]."""
     j = tl.arange(0, HC)
     m_pre, m_post, m_comb = _reduce_mix(
-        part_ptr, tile, tok, n_split, eps, TB, HC, NM, NMP, D, SB, HEAD
+        part_ptr, slot0, split_stride, tok, n_split, eps, TB, HC, NM, NMP, D, SB, HEAD
     )
     t64 = t.to(tl.int64)
     pre = tl.sigmoid(m_pre * tl.load(scale_ptr) + tl.load(base_ptr + j)[None, :]) + hc_eps
@@ -228,34 +214,21 @@ def _collapse_norm(rows, pre, w_ptr, h_ptr, t, eps, D: tl.constexpr, BDN: tl.con
     tl.store(h_ptr + t * D + dd[None, :], h, mask=ok[None, :])
 
 
-@triton.jit
-def _collapse_norm_kernel(
-    x_ptr, pre_ptr, w_ptr, h_ptr, eps,
-    D: tl.constexpr, BD: tl.constexpr, HC: tl.constexpr, X_BF16: tl.constexpr,
-    W_BF16: tl.constexpr,
-):  # fmt: skip
-    """One token per program (the dot form's second launch): :func:`_collapse_norm`."""
-    t = tl.program_id(0)
-    pre = tl.load(pre_ptr + t.to(tl.int64) * HC + tl.arange(0, HC))[None, :]
-    rows = _stream_rows(x_ptr, t, D, BD, HC)
-    _collapse_norm(rows, pre, w_ptr, h_ptr, t, eps, D, BD, HC, X_BF16, W_BF16)
-
-
 @triton.jit(do_not_specialize=["n_tokens", "n_split", "per_split"])
 def _hc_kernel(
     x_ptr, y_ptr, post_in_ptr, comb_in_ptr, x_out_ptr,  # streams, [previous block's hc_post]
     fn_ptr, base_ptr, scale_ptr, norm_w_ptr,  # this site's weights
-    pre_ptr, post_ptr, comb_ptr, h_ptr,  # outputs: the maps, [the normed block input]
+    pre_ptr, post_ptr, comb_ptr, h_ptr,  # outputs: the maps, the normed block input
     part_ptr, ticket_ptr,  # workspace: partial mixes + sums of squares, tickets
     n_tokens, n_split, per_split, eps, hc_eps,
-    D: tl.constexpr, HC: tl.constexpr, NM: tl.constexpr, NMP: tl.constexpr, TB: tl.constexpr,
-    BD: tl.constexpr, SB: tl.constexpr, ITERS: tl.constexpr, POST: tl.constexpr,
-    HEAD: tl.constexpr, DOT: tl.constexpr, COLLAPSE: tl.constexpr, BDN: tl.constexpr,
-    X_BF16: tl.constexpr, W_BF16: tl.constexpr,
+    D: tl.constexpr, HC: tl.constexpr, NM: tl.constexpr, NMP: tl.constexpr, BD: tl.constexpr,
+    SB: tl.constexpr, ITERS: tl.constexpr, POST: tl.constexpr, HEAD: tl.constexpr,
+    BDN: tl.constexpr, X_BF16: tl.constexpr, W_BF16: tl.constexpr,
 ):  # fmt: skip
-    tile = tl.program_id(0)
+    """The one-token form: program (token, chunk of d); the token's last program finishes."""
+    tile = tl.program_id(0)  # = the token
     split = tl.program_id(1)
-    t = tile * TB + tl.arange(0, TB)
+    t = tile + tl.arange(0, 1)
     tok = t < n_tokens
     p_in, c_in = post_in_ptr, comb_in_ptr
     if POST:
@@ -263,22 +236,69 @@ def _hc_kernel(
     s_lo = split * per_split
     part = _partial_mix(
         x_ptr, y_ptr, x_out_ptr, fn_ptr, t, tok, p_in, c_in, s_lo,
-        tl.minimum(s_lo + per_split, D // BD), D, HC, NM, NMP, TB, BD, POST, DOT, X_BF16,
+        tl.minimum(s_lo + per_split, D // BD), D, HC, NM, NMP, 1, BD, POST, X_BF16,
     )  # fmt: skip
-    slot = (tile * n_split + split) * TB + tl.arange(0, TB)
+    slot = tile * n_split + split + tl.arange(0, 1)
     tl.store(part_ptr + slot[:, None] * NMP + tl.arange(0, NMP)[None, :], part)
     tl.debug_barrier()  # every thread's partials (and new streams) before the ticket's release
     if tl.atomic_add(ticket_ptr + tile, 1, sem="acq_rel") == n_split - 1:
         tl.debug_barrier()
-        if COLLAPSE:  # one token per tile (TB == 1): its streams' loads in flight from here
-            rows = _stream_rows(x_out_ptr if POST else x_ptr, tile, D, BDN, HC)
+        # the token's stream rows: loads in flight from here, behind the maps' work
+        rows = _stream_rows(x_out_ptr if POST else x_ptr, tile, D, BDN, HC)
         pre = _maps(
-            part_ptr, base_ptr, scale_ptr, pre_ptr, post_ptr, comb_ptr, tile, t, tok, n_split,
-            eps, hc_eps, D, HC, NM, NMP, TB, SB, ITERS, HEAD,
+            part_ptr, base_ptr, scale_ptr, pre_ptr, post_ptr, comb_ptr, tile * n_split, 1, t,
+            tok, n_split, eps, hc_eps, D, HC, NM, NMP, 1, SB, ITERS, HEAD,
         )  # fmt: skip
-        if COLLAPSE:
-            _collapse_norm(rows, pre, norm_w_ptr, h_ptr, tile, eps, D, BDN, HC, X_BF16, W_BF16)
+        _collapse_norm(rows, pre, norm_w_ptr, h_ptr, tile, eps, D, BDN, HC, X_BF16, W_BF16)
         tl.store(ticket_ptr + tile, 0)  # ready for the next launch (graph replays included)
+
+
+@triton.jit(do_not_specialize=["n_tokens", "per_split"])
+def _mix_gemm_kernel(
+    x_ptr, fn_ptr, part_ptr, n_tokens, per_split,
+    K: tl.constexpr, NM: tl.constexpr, NMP: tl.constexpr, TM: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    """The GEMM form's mix: streams ``x`` [T, K = hc*d] @ ``fn^T`` [K, NM] over a chunk of K
+    for a tile of ``TM`` tokens, on tensor cores (tf32x3: fp32-accurate; bf16 streams are exact
+    in tf32) -> partial rows [split, T, NMP] (column NM: the partial sum of squares)."""
+    tile, split = tl.program_id(0), tl.program_id(1)
+    t = tile * TM + tl.arange(0, TM)
+    tok = t < n_tokens
+    m = tl.arange(0, NMP)
+    kk = tl.arange(0, BK)
+    acc = tl.zeros([TM, NMP], tl.float32)
+    ss = tl.zeros([TM], tl.float32)
+    s_lo = split * per_split
+    for step in range(s_lo, tl.minimum(s_lo + per_split, K // BK)):
+        k = step * BK + kk
+        x = tl.load(x_ptr + t.to(tl.int64)[:, None] * K + k[None, :], tok[:, None], 0.0)
+        x = x.to(tl.float32)  # [TM, BK]
+        w = tl.load(fn_ptr + m[None, :] * K + k[:, None], (m < NM)[None, :], 0.0)  # [BK, NMP]
+        ss += tl.sum(x * x, axis=1)
+        acc = tl.dot(x, w, acc, input_precision="tf32x3")
+    out = tl.where(m[None, :] == NM, ss[:, None], acc)
+    row = split.to(tl.int64) * n_tokens + t
+    tl.store(part_ptr + row[:, None] * NMP + m[None, :], out, mask=tok[:, None])
+
+
+@triton.jit(do_not_specialize=["n_tokens", "n_split"])
+def _maps_collapse_kernel(
+    x_ptr, part_ptr, base_ptr, scale_ptr, norm_w_ptr, pre_ptr, post_ptr, comb_ptr, h_ptr,
+    n_tokens, n_split, eps, hc_eps,
+    D: tl.constexpr, HC: tl.constexpr, NM: tl.constexpr, NMP: tl.constexpr, SB: tl.constexpr,
+    ITERS: tl.constexpr, HEAD: tl.constexpr, BDN: tl.constexpr, X_BF16: tl.constexpr,
+    W_BF16: tl.constexpr,
+):  # fmt: skip
+    """The GEMM form's second launch, one token per program: its partials summed, the maps,
+    the collapse and the norm."""
+    t = tl.program_id(0)
+    tv = t + tl.arange(0, 1)
+    rows = _stream_rows(x_ptr, t, D, BDN, HC)
+    pre = _maps(
+        part_ptr, base_ptr, scale_ptr, pre_ptr, post_ptr, comb_ptr, t, n_tokens, tv,
+        tv < n_tokens, n_split, eps, hc_eps, D, HC, NM, NMP, 1, SB, ITERS, HEAD,
+    )  # fmt: skip
+    _collapse_norm(rows, pre, norm_w_ptr, h_ptr, t, eps, D, BDN, HC, X_BF16, W_BF16)
 
 
 def _check(x: torch.Tensor, fn: torch.Tensor) -> tuple[int, int, int]:
@@ -292,26 +312,62 @@ def _check(x: torch.Tensor, fn: torch.Tensor) -> tuple[int, int, int]:
         raise ValueError(
             f"fn must be contiguous fp32 [hc or (2+hc)*hc, hc*d], got {fn.dtype} {tuple(fn.shape)}"
         )
-    if -(-n // _TB) > MAX_TILES:
-        raise ValueError(f"{n} tokens: at most {MAX_TILES * _TB} per launch")
     return n, hc, d
 
 
-def _grid(n: int, d: int, n_rows: int, programs: int) -> dict:
-    """The launch shape for ``n`` tokens: tile size, form, splits of ``d`` (``programs``: about
-    how many programs to launch in all)."""
-    dot = n > FMA_MAX_TOKENS
-    tb = _TB if dot else 1
-    n_tiles, steps = -(-n // tb), d // _BD
-    cap = _MAX_SPLIT_DOT if dot else steps
-    per_split = -(-steps // max(1, min(steps, cap, programs // n_tiles)))  # BD steps
-    n_split = -(-steps // per_split)
-    nmp = triton.next_power_of_2(n_rows + 1)  # + the sum of squares column
-    return {
-        "n_tiles": n_tiles, "n_split": n_split, "per_split": per_split, "TB": tb,
-        "DOT": dot, "NMP": max(16, nmp) if dot else nmp,
-        "SB": 8 if dot else 256,  # fixed per form (one compile); splits past n_split masked
-    }  # fmt: skip
+def _splits(steps: int, tiles: int, programs: int) -> tuple[int, int]:
+    """(steps per split, splits) spreading ``steps`` over about ``programs // tiles`` splits."""
+    per_split = -(-steps // max(1, min(steps, programs // tiles)))
+    return per_split, -(-steps // per_split)
+
+
+def _fma_form(x, fn, base, scale, norm_w, tickets, outs, post_of, eps, hc_eps, iters, programs):
+    """One launch: one-token tiles (module docstring)."""
+    streams, h, pre, post, comb = outs
+    n, hc, d = x.shape
+    per_split, n_split = _splits(d // _BD, n, programs)
+    nmp = triton.next_power_of_2(fn.shape[0] + 1)  # + the sum of squares column
+    part = torch.empty(n * n_split * nmp, dtype=torch.float32, device=x.device)
+    y, post_in, comb_in = post_of if post_of is not None else (x, x, x)
+    head = post is None
+    _hc_kernel[(n, n_split)](
+        x_ptr=x, y_ptr=y, post_in_ptr=post_in, comb_in_ptr=comb_in, x_out_ptr=streams,
+        fn_ptr=fn, base_ptr=base, scale_ptr=scale, norm_w_ptr=norm_w,
+        pre_ptr=pre, post_ptr=pre if head else post, comb_ptr=pre if head else comb, h_ptr=h,
+        part_ptr=part, ticket_ptr=tickets,
+        n_tokens=n, n_split=n_split, per_split=per_split, eps=eps, hc_eps=hc_eps,
+        D=d, HC=hc, NM=fn.shape[0], NMP=nmp, BD=_BD, SB=256, ITERS=iters,
+        POST=post_of is not None, HEAD=head, BDN=triton.next_power_of_2(d),
+        X_BF16=x.dtype == torch.bfloat16,
+        W_BF16=x.dtype == torch.bfloat16 and norm_w.dtype == torch.bfloat16,
+        num_warps=FMA_WARPS,
+    )  # fmt: skip
+
+
+def _gemm_form(fn, base, scale, norm_w, outs, eps, hc_eps, iters, programs):
+    """Two launches on the (already post-updated) streams: the mix as a split-K GEMM on tensor
+    cores, then one program per token for the maps, collapse and norm."""
+    streams, h, pre, post, comb = outs
+    n, hc, d = streams.shape
+    tm = _TM_LARGE if n >= 4 * _TM_LARGE else _TM
+    n_tiles = -(-n // tm)
+    per_split, n_split = _splits(hc * d // _BK, n_tiles, programs)
+    nmp = max(16, triton.next_power_of_2(fn.shape[0] + 1))
+    part = torch.empty(n_split * n * nmp, dtype=torch.float32, device=streams.device)
+    _mix_gemm_kernel[(n_tiles, n_split)](
+        x_ptr=streams, fn_ptr=fn, part_ptr=part, n_tokens=n, per_split=per_split, K=hc * d,
+        NM=fn.shape[0], NMP=nmp, TM=tm, BK=_BK, num_warps=4,
+    )  # fmt: skip
+    head = post is None
+    x_bf16 = streams.dtype == torch.bfloat16
+    _maps_collapse_kernel[(n,)](
+        x_ptr=streams, part_ptr=part, base_ptr=base, scale_ptr=scale, norm_w_ptr=norm_w,
+        pre_ptr=pre, post_ptr=pre if head else post, comb_ptr=pre if head else comb, h_ptr=h,
+        n_tokens=n, n_split=n_split, eps=eps, hc_eps=hc_eps, D=d, HC=hc, NM=fn.shape[0],
+        NMP=nmp, SB=min(256, triton.next_power_of_2(n_split)), ITERS=iters, HEAD=head,
+        BDN=triton.next_power_of_2(d), X_BF16=x_bf16,
+        W_BF16=x_bf16 and norm_w.dtype == torch.bfloat16, num_warps=8,
+    )  # fmt: skip
 
 
 def hc_fused(
@@ -341,32 +397,20 @@ def hc_fused(
     pre = torch.empty(n, hc, **f32)
     post = None if head else torch.empty(n, hc, **f32)
     comb = None if head else torch.empty(n, hc, hc, **f32)
-    streams = x if post_of is None else torch.empty_like(x)
-    if n == 0:
-        return streams, h, post, comb
-    y, post_in, comb_in = post_of if post_of is not None else (x, x, x)
-    if post_of is not None and (y.shape != (n, d) or not y.is_contiguous()):
+    y = post_of[0] if post_of is not None else None
+    if y is not None and (y.shape != (n, d) or not y.is_contiguous()):
         raise ValueError(f"block output must be contiguous [T, d] = [{n}, {d}], got {y.shape}")
-    g = _grid(n, d, fn.shape[0], programs)
-    part = torch.empty(g["n_tiles"] * g["n_split"] * g["TB"] * g["NMP"], **f32)
-    x_bf16 = x.dtype == torch.bfloat16
-    w_bf16 = x_bf16 and norm_w.dtype == torch.bfloat16
-    bdn = triton.next_power_of_2(d)
-    _hc_kernel[(g["n_tiles"], g["n_split"])](
-        x_ptr=x, y_ptr=y, post_in_ptr=post_in, comb_in_ptr=comb_in, x_out_ptr=streams,
-        fn_ptr=fn, base_ptr=base, scale_ptr=scale, norm_w_ptr=norm_w,
-        pre_ptr=pre, post_ptr=pre if head else post, comb_ptr=pre if head else comb, h_ptr=h,
-        part_ptr=part, ticket_ptr=tickets,
-        n_tokens=n, n_split=g["n_split"], per_split=g["per_split"], eps=eps, hc_eps=hc_eps,
-        D=d, HC=hc, NM=fn.shape[0], NMP=g["NMP"], TB=g["TB"], BD=_BD, SB=g["SB"], ITERS=iters,
-        POST=post_of is not None, HEAD=head, DOT=g["DOT"], COLLAPSE=not g["DOT"], BDN=bdn,
-        X_BF16=x_bf16, W_BF16=w_bf16, num_warps=4 if g["DOT"] else FMA_WARPS,
-    )  # fmt: skip
-    if g["DOT"]:
-        _collapse_norm_kernel[(n,)](
-            x_ptr=streams, pre_ptr=pre, w_ptr=norm_w, h_ptr=h, eps=eps, D=d, BD=bdn, HC=hc,
-            X_BF16=x_bf16, W_BF16=w_bf16, num_warps=8 if bdn >= 4096 else 4,
-        )  # fmt: skip
+    if n > FMA_MAX_TOKENS:  # post (streaming) first, then the GEMM form on the new streams
+        streams = x if post_of is None else hc_post(y, x, *post_of[1:])
+        outs = (streams, h, pre, post, comb)
+        _gemm_form(fn, base, scale, norm_w, outs, eps, hc_eps, iters, programs)
+        return streams, h, post, comb
+    if n > tickets.numel():
+        raise ValueError(f"{n} tokens: at most {tickets.numel()} (tickets) in the one-token form")
+    streams = x if post_of is None else torch.empty_like(x)
+    if n > 0:
+        outs = (streams, h, pre, post, comb)
+        _fma_form(x, fn, base, scale, norm_w, tickets, outs, post_of, eps, hc_eps, iters, programs)
     return streams, h, post, comb
 
 

@@ -9,8 +9,8 @@ later boundary (the previous block's ``hc_post`` and the next block's ``hc_pre``
   the reference's numbers; the test oracle).
 * :class:`HcTriton` -- :mod:`sglang_dsv4.kernels.mhc`: one launch per boundary up to
   ``FMA_MAX_TOKENS`` tokens (mix split over the SMs, maps + collapse + norm in the last program
-  of each token), two above (collapse + norm per token in a second launch); ``post`` alone is
-  one.
+  of each token); above, the post, a split-K tensor-core GEMM for the mix and one program per
+  token for the maps, collapse and norm; ``post`` alone is one.
 """
 
 from dataclasses import dataclass

@@ -2,7 +2,7 @@
 boundary (previous block's hc_post + next block's hc_pre + RMSNorm) in two launches.
 
 CPU: interpreted (tests/conftest.py), fp32, small shapes, both forms (one-token tiles up to
-``FMA_MAX_TOKENS``, 16-token tiles above) and every split count (1 program per tile up to one
+``FMA_MAX_TOKENS``, the GEMM form above) and every split count (1 program per tile up to one
 split per 32 channels), outputs and workspaces NaN-poisoned. GPU: Flash / Pro
 hidden sizes at decode and prefill token counts, fp32 (tight) and bf16 (against the bf16
 reference, within bf16 rounding), and CUDA-graph replays (the tickets are reset in-kernel).
@@ -76,13 +76,13 @@ def check(got, exp, tol: float):
 
 @pytest.mark.parametrize("fused", [False, True], ids=["pre", "post+pre"])
 @pytest.mark.parametrize("head", [False, True], ids=["sinkhorn", "head"])
-# one-token tiles (FMA form, collapse in the epilogue) up to K.FMA_MAX_TOKENS = 8: splits per
-# tile 1, 20, 1 (8 steps each), 4; then 16-token tiles (dot form): 1, 8, 20 splits per tile (the
-# epilogue reduces 8 + 8 + 4)
+# one-token form (one launch) up to K.FMA_MAX_TOKENS = 8: splits per token 1, 20, 1 (8 steps
+# each), 4; then the GEMM form (post, split-K GEMM, maps per token): 16-token tiles with 1, 8,
+# 20 splits of K, 64-token tiles (from 256 tokens) with 4 splits
 @pytest.mark.parametrize(
     ("n", "d", "programs"),
     [(1, 256, 1), (1, 640, 64), (5, 256, 3), (8, 128, 40), (9, 128, 4), (33, 256, 100),
-     (17, 640, 64)],
+     (17, 640, 64), (300, 128, 20)],
 )  # fmt: skip
 def test_hc_fused_interpreted(n, d, programs, head, fused):
     gen = torch.Generator().manual_seed(n * 7 + programs)
