@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from sglang_dsv4.attention.choice import FLASHMLA, OURS, flashmla_eligible
 from sglang_dsv4.attention.extend_ops import AttendTorch, Picks
 from sglang_dsv4.attention.plan import BatchPlan
+from sglang_dsv4.mem.h2d import to_device
 
 __all__ = ["MEASURED", "AttendChoice", "AttendFlashMLA", "pick"]
 
@@ -72,8 +73,11 @@ class AttendFlashMLA(AttendTorch):
         self._plan = batch
         n_ent = [r.seq_len // self.ratio if self.ratio else 0 for r in reqs]
         host = torch.tensor([[0, *n_ent], [0, *(r.window_slots.numel() for r in reqs)]]).cumsum(1)
-        ent_base, raw_base = host[0, :-1].to(device), (host[0, -1] + host[1, :-1]).to(device)
-        window_lo = torch.tensor([r.window_lo for r in reqs]).to(device)  # [B]
+        ent_base, raw_base = (
+            to_device(host[0, :-1], device),
+            to_device(host[0, -1] + host[1, :-1], device),
+        )
+        window_lo = to_device(torch.tensor([r.window_lo for r in reqs]), device)  # [B]
         self._ent_rows = self._entry_rows(t, torch.tensor(n_ent), int(host[0, -1]), device)
         self._raw_rows = torch.cat([r.window_slots for r in reqs])  # [NW] swa slots
         self.n_kv = int(host[0, -1]) + self._raw_rows.numel()
@@ -96,8 +100,10 @@ class AttendFlashMLA(AttendTorch):
         if total == 0:
             return torch.empty(0, dtype=torch.long, device=device)
         epb = self._pages[1]
-        req = torch.repeat_interleave(torch.arange(n_ent.numel()), n_ent).to(device)  # [NE]
-        first = torch.cat([torch.zeros(1, dtype=torch.long), n_ent.cumsum(0)[:-1]]).to(device)
+        req = to_device(torch.repeat_interleave(torch.arange(n_ent.numel()), n_ent), device)  # [NE]
+        first = to_device(
+            torch.cat([torch.zeros(1, dtype=torch.long), n_ent.cumsum(0)[:-1]]), device
+        )
         i = torch.arange(total, device=device) - first[req]
         return t.block_table[req, i // epb].long() * epb + i % epb
 

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sglang_dsv4.mem.h2d import to_device
+
 __all__ = ["BatchPlan", "BatchTables", "RequestPlan", "TailMode", "plan_batch"]
 
 
@@ -43,7 +45,7 @@ class RequestPlan:
     prefix: int  # P: tokens already in the cache
     seq_len: int  # S: tokens in the cache after this forward
     tokens: slice  # this request's rows in the batch's token dim
-    slots: torch.Tensor  # [S] int64 full slots of positions 0..S-1
+    slots: torch.Tensor  # [S] int32 full slots of positions 0..S-1 (a view of req_to_token)
     window_lo: int  # first position a query of this forward sees: max(0, P - window + 1)
     window_slots: torch.Tensor  # [S - window_lo] int64 swa slots of positions window_lo..S-1
     tail: str  # TailMode
@@ -97,29 +99,27 @@ def plan_batch(forward_batch, pool, req_to_token_pool, commit=None) -> BatchPlan
     """Build the plan of an extend, target-verify or decode batch (see module docstring).
     ``commit(slot, generation, prefix) -> bool``: makes a request's tails those after
     ``prefix`` tokens when its last batch was a verify that went further (the rejected tokens'
-    updates undone, :class:`~sglang_dsv4.attention.speculative.VerifyJournal`)."""
+    updates undone, :class:`~sglang_dsv4.attention.speculative.VerifyJournal`).
+
+    Host syncs: one device-to-host read per batch (:func:`_device_facts`); the lengths come from
+    SGLang's host copies, and every host-to-device copy is queued without a sync
+    (:func:`~sglang_dsv4.mem.h2d.to_device`)."""
     fb = forward_batch
-    seq_lens = [int(s) for s in fb.seq_lens_cpu.tolist()]
-    if fb.forward_mode.is_decode():
-        prefix_lens = [s - 1 for s in seq_lens]
-    elif fb.forward_mode.is_target_verify():  # seq_lens exclude the draft tokens
-        n = int(fb.spec_info.draft_token_num)
-        prefix_lens, seq_lens = seq_lens, [s + n for s in seq_lens]
-    else:
-        prefix_lens = [int(p) for p in fb.extend_prefix_lens.tolist()]
-    req_slots = [int(r) for r in fb.req_pool_indices.tolist()]
-    generations = req_to_token_pool.req_generation
+    prefix_lens, seq_lens = _host_lengths(fb)
     block, window = pool.schema.block_size, pool.schema.sliding_window
-    to_swa = pool.translate_loc_from_full_to_swa
     device = pool.tail_pos.device
-    slots_dev = torch.tensor(req_slots, dtype=torch.long, device=device)
+    slots_dev = fb.req_pool_indices.to(device).long()
     facts = _device_facts(pool, req_to_token_pool, slots_dev, prefix_lens)
+    req_slots = [f[0] for f in facts]
+    generations = [int(g) for g in req_to_token_pool.req_generation[req_slots].tolist()]
+    lows = [max(0, p - window + 1) for p in prefix_lens]
+    window_slots = _window_slots(pool, req_to_token_pool, slots_dev, lows, seq_lens)
     compressed = any(lc.kind.compressed for lc in pool.schema.layers)
+    rtt = req_to_token_pool.req_to_token
     requests, start = [], 0
-    for slot, (pos, window_ok, last_page), prefix, seq_len in zip(
-        req_slots, facts, prefix_lens, seq_lens, strict=True
+    for (slot, pos, window_ok, last_page), gen, prefix, seq_len, window_lo, win in zip(
+        facts, generations, prefix_lens, seq_lens, lows, window_slots, strict=True
     ):
-        gen = int(generations[slot])
         own = pool.tail_owner[slot] == gen
         if own and pos > prefix and commit is not None and commit(slot, gen, prefix):
             pos = prefix  # a verify's rejected tokens undone
@@ -134,14 +134,12 @@ def plan_batch(forward_batch, pool, req_to_token_pool, commit=None) -> BatchPlan
                 f"request slot {slot}: prefix {prefix} is neither this request's own progress "
                 f"({pos}) nor a block boundary; its compressor state is lost"
             )
-        window_lo = max(0, prefix - window + 1)
         if not window_ok:
             raise RuntimeError(
                 f"request slot {slot}: the swa rows of positions {window_lo}..{prefix - 1} "
                 "were freed while its queries still need them"
             )
         n = seq_len - prefix
-        slots = req_to_token_pool.req_to_token[slot, :seq_len].long()
         rebuild_page = last_page if mode == TailMode.REBUILD else -1
         requests.append(
             RequestPlan(
@@ -149,9 +147,9 @@ def plan_batch(forward_batch, pool, req_to_token_pool, commit=None) -> BatchPlan
                 prefix,
                 seq_len,
                 slice(start, start + n),
-                slots,
+                rtt[slot, :seq_len],  # a view: no copy, no launch
                 window_lo,
-                to_swa(slots[window_lo:]),
+                win,
                 mode,
                 rebuild_page,
                 block,
@@ -159,40 +157,78 @@ def plan_batch(forward_batch, pool, req_to_token_pool, commit=None) -> BatchPlan
         )
         pool.tail_owner[slot] = gen
         start += n
-    pool.tail_pos[slots_dev] = torch.tensor(seq_lens, device=device)
+    pool.tail_pos[slots_dev] = to_device(torch.tensor(seq_lens), device)
     out_loc = fb.out_cache_loc.long()
     # decode batches too: served decode never plans here, but the extend wrappers are the decode
     # path's oracle in tests (tests/attention/test_decode.py) and need the same tables
-    tables = _tables(requests, pool, req_to_token_pool)
-    return BatchPlan(tuple(requests), out_loc, to_swa(out_loc), tables)
+    tables = _tables(requests, pool, req_to_token_pool, slots_dev)
+    return BatchPlan(tuple(requests), out_loc, pool.translate_loc_from_full_to_swa(out_loc), tables)
 
 
-def _device_facts(pool, req_to_token_pool, slots_dev, prefix_lens) -> list[tuple[int, int, int]]:
-    """``(tail progress, prefix window still held, swa page of token P-1)`` per request, in ONE
-    device-to-host read for the batch (a read per request would drain the GPU queue each time).
+def _host_lengths(fb) -> tuple[list[int], list[int]]:
+    """``(P, S)`` per request from SGLang's host copies (``seq_lens_cpu``, and for an extend
+    ``extend_prefix_lens_cpu``; its device tensor is read only where SGLang kept no host copy)."""
+    seq_lens = fb.seq_lens_cpu.tolist()
+    if fb.forward_mode.is_decode():
+        return [s - 1 for s in seq_lens], seq_lens
+    if fb.forward_mode.is_target_verify():  # seq_lens exclude the draft tokens
+        n = int(fb.spec_info.draft_token_num)
+        return seq_lens, [s + n for s in seq_lens]
+    host = getattr(fb, "extend_prefix_lens_cpu", None)
+    prefix_lens = list(host) if host is not None else fb.extend_prefix_lens.tolist()
+    return [int(p) for p in prefix_lens], seq_lens
+
+
+def _device_facts(
+    pool, req_to_token_pool, slots_dev, prefix_lens
+) -> list[tuple[int, int, int, int]]:
+    """``(request slot, tail progress, prefix window still held, swa page of token P-1)`` per
+    request, in ONE device-to-host read for the batch (a read per request would drain the GPU
+    queue each time; the slots ride along: SGLang keeps no host copy in the forward batch).
     "Held": every swa slot of positions ``max(0, P - window + 1) .. P-1`` is nonzero."""
     window, block = pool.schema.sliding_window, pool.schema.block_size
     rtt, to_swa = req_to_token_pool.req_to_token, pool.translate_loc_from_full_to_swa
-    prefix = torch.tensor(prefix_lens, dtype=torch.long).to(slots_dev.device)  # [B]
+    prefix = to_device(torch.tensor(prefix_lens, dtype=torch.long), slots_dev.device)  # [B]
     back = torch.arange(max(1, window - 1), device=slots_dev.device)  # [W-1]
     pos = prefix.unsqueeze(1) - 1 - back  # [B, W-1] positions P-1, P-2, .. (< 0: none)
     rows = slots_dev.unsqueeze(1)
     held = ((to_swa(rtt[rows, pos.clamp(min=0)]) > 0) | (pos < 0)).all(1)  # [B]
     last = to_swa(rtt[slots_dev, (prefix - 1).clamp(min=0)]) // block  # [B]
-    facts = torch.stack([pool.tail_pos[slots_dev].long(), held.long(), last.long()], 1)
+    facts = torch.stack([slots_dev, pool.tail_pos[slots_dev], held.long(), last.long()], 1)
     return [tuple(r) for r in facts.tolist()]
 
 
-def _tables(requests: list[RequestPlan], pool, req_to_token_pool) -> BatchTables:
-    """The device tables of an extend batch: host ints copied once, page tables gathered on the
-    device from ``req_to_token`` (one gather each)."""
+def _window_slots(pool, req_to_token_pool, slots_dev, lows, seq_lens) -> list[torch.Tensor]:
+    """Per request the swa slots of positions ``window_lo .. S-1`` [S - window_lo] int64, as
+    views of one gather for the batch (a gather per request is a launch per request)."""
+    device = slots_dev.device
+    sizes = torch.tensor([s - lo for lo, s in zip(lows, seq_lens, strict=True)])
+    req, pos = _ragged(sizes, torch.tensor(lows))
+    idx = to_device(torch.stack([req, pos]), device)  # [2, M]: one copy
+    full = req_to_token_pool.req_to_token[slots_dev[idx[0]], idx[1]]  # [M]
+    return list(pool.translate_loc_from_full_to_swa(full).split(sizes.tolist()))
+
+
+def _ragged(sizes: torch.Tensor, starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Host ``(request, position)`` [sum sizes] of positions ``starts[b] .. starts[b] +
+    sizes[b] - 1`` of every request ``b`` in order (``ref.window_indices``' batch form)."""
+    req = torch.repeat_interleave(torch.arange(sizes.numel()), sizes)
+    first = sizes.cumsum(0) - sizes  # [B] offset of request b in the flat list
+    return req, torch.arange(int(sizes.sum())) - first[req] + starts[req]
+
+
+def _tables(requests: list[RequestPlan], pool, req_to_token_pool, slots_dev) -> BatchTables:
+    """The device tables of an extend batch: host ints copied in two queued copies (int32 and
+    the int64 positions), page tables gathered on the device from ``req_to_token`` (one gather
+    each). ``slots_dev`` [B] int64: the requests' slots on the device."""
     block = pool.schema.block_size
     rtt = req_to_token_pool.req_to_token
     device = rtt.device
-    lens = [r.seq_len - r.prefix for r in requests]
-    cu = torch.tensor([0, *lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    b = len(requests)
+    lens = torch.tensor([r.seq_len - r.prefix for r in requests])
+    query_req, positions = _ragged(lens, torch.tensor([r.prefix for r in requests]))  # [T]
     modes = [_MODE_CODE[r.tail] for r in requests]
-    host = torch.tensor(
+    per_req = torch.tensor(
         [
             [r.req_slot for r in requests],
             [r.prefix for r in requests],
@@ -200,35 +236,36 @@ def _tables(requests: list[RequestPlan], pool, req_to_token_pool) -> BatchTables
             modes,
             [_MODE_CODE[TailMode.FRESH] if m == 2 else m for m in modes],
             [r.rebuild_page for r in requests],
-        ],
-        dtype=torch.int32,
-    ).to(device)
-    slots, prefix, seq = host[0], host[1], host[2]
+        ]
+    )  # [6, B]
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)])  # [B+1]
+    i32 = to_device(torch.cat([per_req.flatten(), cu, query_req]).int(), device)
+    host, cu, query_req = i32[: 6 * b].view(6, b), i32[6 * b : 7 * b + 1], i32[7 * b + 1 :]
+    positions = to_device(positions, device)  # [T] int64
+    prefix, seq = host[1], host[2]
     n_blocks = max(1, -(-max((r.seq_len for r in requests), default=1) // block))
     starts = torch.arange(n_blocks, device=device) * block  # [n_blocks]
     cols = starts.clamp(max=rtt.shape[1] - 1).unsqueeze(0)
-    rows = slots.long().unsqueeze(1)
-    block_table = (rtt[rows, cols].long() // block).int()  # [B, n_blocks]
+    rows = slots_dev.unsqueeze(1)
+    block_table = (rtt[rows, cols] // block).int()  # [B, n_blocks]
     ends = starts + block  # block ends, kept when P < end <= S
-    last = rtt[rows, (ends - 1).clamp(max=rtt.shape[1] - 1).unsqueeze(0)].long()
+    last = rtt[rows, (ends - 1).clamp(max=rtt.shape[1] - 1).unsqueeze(0)]
     kept = (ends.unsqueeze(0) > prefix.unsqueeze(1)) & (ends.unsqueeze(0) <= seq.unsqueeze(1))
     swa_page = pool.translate_loc_from_full_to_swa(torch.where(kept, last, 0)) // block
-    positions = torch.cat([torch.arange(r.prefix, r.seq_len) for r in requests]).to(device)
-    query_req = torch.repeat_interleave(torch.arange(len(requests)), torch.tensor(lens)).to(device)
     # every query's window in one gather: positions t-W+1 .. t of its request (ref.window_indices)
     window = positions.unsqueeze(1) + torch.arange(1 - pool.schema.sliding_window, 1, device=device)
-    full = rtt[slots.long()[query_req].unsqueeze(1), window.clamp(min=0)]  # [T, W] full slots
+    full = rtt[slots_dev[query_req].unsqueeze(1), window.clamp(min=0)]  # [T, W] full slots
     window_rows = torch.where(window >= 0, pool.translate_loc_from_full_to_swa(full), -1)
     return BatchTables(
-        req_slots=slots,
+        req_slots=host[0],
         prefix=prefix,
-        cu_seqlens=cu.to(device),
+        cu_seqlens=cu,
         tail_mode=host[3],
         tail_mode_c128=host[4],
         rebuild_page=host[5],
         block_table=block_table,
         boundary_table=torch.where(kept, swa_page, 0).int(),
-        query_req=query_req.int(),
+        query_req=query_req,
         positions=positions,
         window_rows=window_rows.int(),
     )

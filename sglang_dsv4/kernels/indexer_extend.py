@@ -30,6 +30,7 @@ import triton.language as tl
 
 from sglang_dsv4.kernels.indexer import IndexerTopK
 from sglang_dsv4.kernels.kv_store import IndexKeyLayout
+from sglang_dsv4.mem.h2d import to_device
 
 __all__ = ["IndexerExtend"]
 
@@ -167,7 +168,7 @@ class IndexerExtend:
         if t > c_t0:
             chunks.append((c_t0, t, c_tile, len(starts) - c_tile))
         self.n_queries, self.chunks = t, chunks
-        tiles = torch.tensor([starts, lens], dtype=torch.int32).to(device)
+        tiles = to_device(torch.tensor([starts, lens], dtype=torch.int32), device)  # no sync
         self.tile_start, self.tile_len = tiles[0], tiles[1]
         rows = max((t1 - t0 for t0, t1, _, _ in chunks), default=1)
         self.logits = torch.empty(rows, self.ld, dtype=torch.float32, device=device)

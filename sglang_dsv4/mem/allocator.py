@@ -8,6 +8,7 @@ Free counts: ``full_available_size()`` / ``swa_available_size()`` (tokens), or
 ``free_page_count`` of each side.
 """
 
+import numpy as np
 import torch
 from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator, alloc_extend_naive
 from sglang.srt.mem_cache.allocator.swa import SWATokenToKVPoolAllocator
@@ -101,8 +102,10 @@ class DSV4SWAAllocator(SWATokenToKVPoolAllocator):
 
     def alloc_decode(self, seq_lens, seq_lens_cpu, last_loc):
         # Upstream allocates full then swa and returns None if either fails, leaking the other
-        # side's pages; check both sides first (one new page per request opening a page).
-        opening = int(((seq_lens_cpu.long() - 1) % self.page_size == 0).sum())
+        # side's pages; check both sides first (one new page per request opening a page). Every
+        # decode step runs this on the host: numpy on the tensor's memory (~2 us) instead of
+        # four torch CPU ops (~10 us each of dispatch).
+        opening = int(np.count_nonzero((seq_lens_cpu.numpy() - 1) % self.page_size == 0))
         if not self.new_pages_available(opening, opening):
             return None
         return super().alloc_decode(seq_lens, seq_lens_cpu, last_loc)

@@ -1,0 +1,183 @@
+"""Host microseconds of the attention backend's per-step work (one command, CPU or GPU).
+
+    python scripts/bench_plan_host.py [--device cpu|cuda] [--reps N] [--profile CASE]
+
+What SGLang's model runner calls on our backend per step, timed on the host:
+
+* ``decode-replay bsN``: ``init_forward_metadata_out_graph(fb_view)`` before a CUDA-graph replay
+  (SGLang's ``DecodeCudaGraphRunner.replay_prepare``; the graph of that size captured first);
+* ``decode-eager bsN``: ``init_forward_metadata(fb)`` of an eager decode step (plan + the
+  step's metadata: the torch twin's ~45 ops on CPU, one kernel launch on the GPU);
+* ``extend BxN``: ``init_forward_metadata(fb)`` of an extend batch of ``B`` fresh prompts of
+  ``N`` tokens (``plan_batch`` + every wrapper's ``plan()``).
+
+The backend is built as SGLang builds it (``DSV4AttnBackend(model_runner)``) over real DSV4 pools
+of the tiny config (``configs/tiny-6l.json``: SWA, SWA, CSA, HCA, CSA, HCA; host work does not
+depend on head dims), fp32 rows on CPU, FP8 rows + kernels on CUDA. Each call's wall time is
+taken on its own (median of ``--reps``); on CUDA the device is synchronized outside the timed
+region, and the host syncs a call makes are counted (``torch.cuda.set_sync_debug_mode``).
+``--profile CASE`` prints cProfile's top functions of that case. Output: a table, and
+``bench_plan_host.json`` in ``--out`` (default ``$OUT`` or ``.``).
+"""
+
+import argparse
+import cProfile
+import os
+import pstats
+import statistics
+import time
+import warnings
+from types import SimpleNamespace
+
+import torch
+from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+from sglang_dsv4.attention.backend import DSV4AttnBackend
+from sglang_dsv4.config import load_config
+from sglang_dsv4.mem.pools import DSV4KVPool
+from sglang_dsv4.mem.schema import CacheSchema, EntryFormat
+from sglang_dsv4.perf.timing import write_json
+
+CONTEXT = 8192  # tokens per request slot (req_to_token width, the graphs' page count)
+DECODE_BS = (1, 32, 128)
+EXTEND_CASES = ((2, 4096), (16, 4096))
+
+
+class Host:
+    """A backend over DSV4 pools sized for ``n_req`` requests of ``CONTEXT`` tokens."""
+
+    def __init__(self, cfg, n_req: int, device: str):
+        block = cfg.block_size
+        fmt = EntryFormat.FP32 if device == "cpu" else EntryFormat.FP8
+        schema = CacheSchema.from_config(cfg, fmt)
+        n_full, n_swa = n_req * CONTEXT, n_req * 4 * block
+        row_dtype = torch.float32 if device == "cpu" else torch.bfloat16
+        self.pool = DSV4KVPool(schema, n_full, n_swa, n_req, row_dtype, device)
+        # full slot f -> swa slot block + f mod n_swa (never page 0): a request's recent tokens
+        # are resident, as under SGLang's swa eviction
+        full = torch.arange(n_full + block)
+        swa = torch.where(full >= block, block + (full - block) % n_swa, 0)
+        self.pool.register_mapping(torch.cat([swa, torch.tensor([-1])]).to(device))
+        # request r owns full slots block + r * CONTEXT .. (page 0 is SGLang's dummy page)
+        rtt = block + torch.arange(n_req).unsqueeze(1) * CONTEXT + torch.arange(CONTEXT)
+        rtt = rtt.clamp(max=n_full + block - 1)
+        self.rtp = SimpleNamespace(
+            req_to_token=rtt.int().to(device), req_generation=torch.ones(n_req, dtype=torch.long)
+        )
+        runner = SimpleNamespace(
+            token_to_kv_pool=self.pool,
+            req_to_token_pool=self.rtp,
+            model=SimpleNamespace(cfg=cfg),
+            model_config=SimpleNamespace(context_len=CONTEXT),
+            token_to_kv_pool_allocator=SimpleNamespace(),
+        )
+        self.backend = DSV4AttnBackend(runner)
+        self.device = device
+
+    def decode_batch(self, bs: int, seq: int) -> SimpleNamespace:
+        """A decode batch of ``bs`` requests at length ``seq`` (the new token's slot included),
+        shaped like SGLang's graph-runner view (``build_replay_fb_view``)."""
+        dev = self.device
+        slots = torch.arange(bs, device=dev)
+        positions = torch.full((bs,), seq - 1, dtype=torch.long, device=dev)
+        return SimpleNamespace(
+            batch_size=bs,
+            forward_mode=ForwardMode.DECODE,
+            req_pool_indices=slots,
+            seq_lens=positions + 1,
+            seq_lens_cpu=torch.full((bs,), seq, dtype=torch.int32),
+            positions=positions,
+            out_cache_loc=self.rtp.req_to_token[slots, seq - 1].long(),
+            spec_info=None,
+        )
+
+    def extend_batch(self, b: int, n: int) -> SimpleNamespace:
+        """``b`` fresh prompts of ``n`` tokens, as ``ForwardBatch.init_new`` builds them."""
+        dev = self.device
+        slots = torch.arange(b, device=dev)
+        locs = self.rtp.req_to_token[:b, :n].long().flatten()
+        return SimpleNamespace(
+            batch_size=b,
+            forward_mode=ForwardMode.EXTEND,
+            req_pool_indices=slots,
+            seq_lens=torch.full((b,), n, device=dev),
+            seq_lens_cpu=torch.full((b,), n, dtype=torch.int64),
+            extend_prefix_lens=torch.zeros(b, dtype=torch.int32, device=dev),
+            extend_prefix_lens_cpu=[0] * b,
+            extend_seq_lens=torch.full((b,), n, dtype=torch.int32, device=dev),
+            extend_seq_lens_cpu=[n] * b,
+            positions=torch.arange(n, device=dev).repeat(b),
+            out_cache_loc=locs,
+            spec_info=None,
+        )
+
+
+def time_calls(fn, reps: int, device: str) -> dict:
+    """Median / min host microseconds of ``fn()`` and host syncs per call (CUDA only)."""
+    fn()  # warm: lazy imports, Triton compiles
+    us, syncs = [], 0
+    for _ in range(reps):
+        if device != "cpu":
+            torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if device != "cpu":
+                torch.cuda.set_sync_debug_mode("warn")
+            t = time.perf_counter()
+            fn()
+            dt = time.perf_counter() - t
+            if device != "cpu":
+                torch.cuda.set_sync_debug_mode("default")
+        syncs += sum("synchroniz" in str(w.message) for w in caught)
+        us.append(dt * 1e6)
+    return {"median_us": statistics.median(us), "min_us": min(us), "syncs_per_call": syncs / reps}
+
+
+def cases(cfg, device: str):
+    """(name, callable) of every timed case; decode graphs of each size captured first."""
+    host = Host(cfg, max(max(DECODE_BS), max(b for b, _ in EXTEND_CASES)), device)
+    backend = host.backend
+    backend.init_cuda_graph_state(max(DECODE_BS), max(DECODE_BS))
+    for bs in DECODE_BS:
+        fb = host.decode_batch(bs, 4097)
+        backend.init_forward_metadata_out_graph(fb, in_capture=True)  # what capture plans
+        yield f"decode-replay bs{bs}", lambda fb=fb: backend.init_forward_metadata_out_graph(fb)
+    for bs in DECODE_BS:
+        fb = host.decode_batch(bs, 4097)
+        yield f"decode-eager bs{bs}", lambda fb=fb: backend.init_forward_metadata(fb)
+    for b, n in EXTEND_CASES:
+        fb = host.extend_batch(b, n)
+        yield f"extend {b}x{n}", lambda fb=fb: backend.init_forward_metadata(fb)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--config", default="configs/tiny-6l.json")
+    ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--profile", default=None, help="a case name, e.g. 'extend 16x4096'")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+    torch.set_num_threads(1)  # the scheduler process's setting on CPU; host work is 1-thread
+    cfg = load_config(args.config)
+    rows = {}
+    print(f"device {args.device}, {args.reps} reps, config {args.config}")
+    print(f"{'case':<20} {'median us':>10} {'min us':>10} {'syncs':>6}")
+    for name, fn in cases(cfg, args.device):
+        reps = args.reps if not name.startswith("extend") else max(3, args.reps // 10)
+        r = rows[name] = time_calls(fn, reps, args.device)
+        print(
+            f"{name:<20} {r['median_us']:>10.1f} {r['min_us']:>10.1f} {r['syncs_per_call']:>6.1f}"
+        )
+        if name == args.profile:
+            prof = cProfile.Profile()
+            prof.runcall(fn)
+            pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+    path = write_json(
+        os.path.join(args.out, "bench_plan_host.json"), {"device": args.device, "rows": rows}
+    )
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
