@@ -16,12 +16,16 @@ of the tiny config (``configs/tiny-6l.json``: SWA, SWA, CSA, HCA, CSA, HCA; host
 depend on head dims), fp32 rows on CPU, FP8 rows + kernels on CUDA. Each call's wall time is
 taken on its own (median of ``--reps``); on CUDA the device is synchronized outside the timed
 region, and the host syncs a call makes are counted (``torch.cuda.set_sync_debug_mode``).
-``--profile CASE`` prints cProfile's top functions of that case. Output: a table, and
-``bench_plan_host.json`` in ``--out`` (default ``$OUT`` or ``.``).
+On CUDA, ``graph-replay N nodes`` times ``CUDAGraph.replay()`` of a graph of ``N`` tiny kernels
+(the launch of a captured decode step, unprofiled). ``--profile CASE`` prints cProfile's top
+functions of that case. Output: a table, and ``bench_plan_host.json`` in ``--out`` (default
+``$OUT`` or ``.``).
 """
 
 import argparse
 import cProfile
+import functools
+import itertools
 import os
 import pstats
 import statistics
@@ -31,12 +35,13 @@ from types import SimpleNamespace
 
 import torch
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from sglang_dsv4.attention.backend import DSV4AttnBackend
 from sglang_dsv4.config import load_config
 from sglang_dsv4.mem.pools import DSV4KVPool
 from sglang_dsv4.mem.schema import CacheSchema, EntryFormat
-from sglang_dsv4.perf.timing import write_json
+from sglang_dsv4.perf.timing import capture, write_json
 
 CONTEXT = 8192  # tokens per request slot (req_to_token width, the graphs' page count)
 DECODE_BS = (1, 32, 128)
@@ -112,9 +117,25 @@ class Host:
         )
 
 
+class _CountOps(TorchDispatchMode):
+    """Counts the torch ops a call dispatches (each a kernel launch on the GPU, ~5-10 us of
+    host time; views included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
 def time_calls(fn, reps: int, device: str) -> dict:
-    """Median / min host microseconds of ``fn()`` and host syncs per call (CUDA only)."""
+    """Median / min host microseconds of ``fn()``, torch ops per call, and host syncs per call
+    (CUDA only)."""
     fn()  # warm: lazy imports, Triton compiles
+    with _CountOps() as ops:
+        fn()
     us, syncs = [], 0
     for _ in range(reps):
         if device != "cpu":
@@ -130,7 +151,12 @@ def time_calls(fn, reps: int, device: str) -> dict:
                 torch.cuda.set_sync_debug_mode("default")
         syncs += sum("synchroniz" in str(w.message) for w in caught)
         us.append(dt * 1e6)
-    return {"median_us": statistics.median(us), "min_us": min(us), "syncs_per_call": syncs / reps}
+    return {
+        "median_us": statistics.median(us),
+        "min_us": min(us),
+        "torch_ops": ops.n,
+        "syncs_per_call": syncs / reps,
+    }
 
 
 def cases(cfg, device: str):
@@ -150,24 +176,36 @@ def cases(cfg, device: str):
         yield f"extend {b}x{n}", lambda fb=fb: backend.init_forward_metadata(fb)
 
 
+def graph_launch_cases(nodes: list[int]):
+    """(name, callable): ``CUDAGraph.replay()`` of graphs of ``n`` tiny kernels, the host cost
+    of a decode step's launch (86 kernels at batch 1, 157 at 32 on 2026-12-06)."""
+    x = torch.zeros(1, device="cuda")
+    for n in nodes:
+        graph = capture([functools.partial(x.add_, 1)] * n)
+        yield f"graph-replay {n} nodes", graph.replay
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--config", default="configs/tiny-6l.json")
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--profile", default=None, help="a case name, e.g. 'extend 16x4096'")
+    ap.add_argument("--graph-nodes", default="86,157", help="CUDA only: graph launch cases")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     torch.set_num_threads(1)  # the scheduler process's setting on CPU; host work is 1-thread
     cfg = load_config(args.config)
     rows = {}
     print(f"device {args.device}, {args.reps} reps, config {args.config}")
-    print(f"{'case':<20} {'median us':>10} {'min us':>10} {'syncs':>6}")
-    for name, fn in cases(cfg, args.device):
+    print(f"{'case':<20} {'median us':>10} {'min us':>10} {'torch ops':>9} {'syncs':>6}")
+    graphs = [int(n) for n in args.graph_nodes.split(",") if n] if args.device != "cpu" else []
+    for name, fn in itertools.chain(cases(cfg, args.device), graph_launch_cases(graphs)):
         reps = args.reps if not name.startswith("extend") else max(3, args.reps // 10)
         r = rows[name] = time_calls(fn, reps, args.device)
         print(
-            f"{name:<20} {r['median_us']:>10.1f} {r['min_us']:>10.1f} {r['syncs_per_call']:>6.1f}"
+            f"{name:<20} {r['median_us']:>10.1f} {r['min_us']:>10.1f} {r['torch_ops']:>9} "
+            f"{r['syncs_per_call']:>6.1f}"
         )
         if name == args.profile:
             prof = cProfile.Profile()
