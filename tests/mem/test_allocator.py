@@ -47,3 +47,22 @@ def test_no_room_returns_none_and_free_restores():
     assert a.alloc_decode(torch.tensor([257]), torch.tensor([257]), out[-1:]) is None
     a.free(out)
     assert a.available_size() == 2 * PAGE
+
+
+def test_swa_decode_checks_both_sides_before_allocating(tiny_cfg):
+    """A decode step opening a page on a full side with room and an exhausted swa side gets
+    None and takes no full page (upstream would leak it); a step opening no page proceeds."""
+    from sglang_dsv4.mem.allocator import DSV4SWAAllocator
+    from tests.pool_world import World
+
+    pool = World(tiny_cfg).pool
+    a = DSV4SWAAllocator(8 * PAGE, 2 * PAGE, PAGE, torch.int64, "cpu", pool, need_sort=False)
+    prefix, seq = torch.tensor([0, 0]), torch.tensor([PAGE, 100])
+    out = a.alloc_extend(prefix, prefix, seq, seq, torch.tensor([-1, -1]), PAGE + 100)
+    assert out is not None and a.swa_available_size() == 0
+    full_free = a.full_available_size()
+    last = torch.stack([out[PAGE - 1], out[-1]])
+    assert a.alloc_decode(seq + 1, seq + 1, last) is None  # request 0 opens a page
+    assert a.full_available_size() == full_free
+    step = a.alloc_decode(seq[1:] + 1, seq[1:] + 1, last[1:])  # inside request 1's page
+    assert step is not None and int(step[0]) == int(out[-1]) + 1
