@@ -12,6 +12,8 @@ import os
 
 os.environ.pop("TRITON_INTERPRET", None)  # before triton is imported: compiled jit functions
 
+import torch
+
 from sglang_dsv4.kernels import compressor, decode_meta, indexer, kv_store
 from sglang_dsv4.perf.sm90_compile import check_all
 
@@ -67,11 +69,11 @@ def indexer_variants():
 
 def meta_variants():
     fn = decode_meta._decode_meta_kernel
-    types = {a: "*i64" for a in fn.arg_names if a.endswith("_ptr")}
-    for a in ("r2t_ptr", "tail32_ptr", "pos32_ptr", "win32_ptr", "pages32_ptr", "bnd_ptr",
-              "hca_ptr", "hca_len_ptr"):  # fmt: skip
-        types[a] = "*i32"
-    types["valid_ptr"] = "*i1"
+    types = {a: "*i64" for a in fn.arg_names if a.endswith("_ptr")}  # SGLang's int64 buffers
+    # the outputs as decode_meta_fields allocates them (one table: decode_meta._OUTPUTS)
+    ptr = {torch.int64: "*i64", torch.int32: "*i32", torch.bool: "*i1"}
+    types.update({f"{name}_ptr": ptr[dtype] for name, _, dtype in decode_meta._OUTPUTS})
+    types["r2t_ptr"] = "*i32"
     ce = dict(W=128, WB=128, BLOCK=128, PP=1, CH=256)
     for req in ("*i32", "*i64"):  # SGLang's req_pool_indices: either
         yield f"decode meta req={req}", fn, dict(types, req_ptr=req), ce, 4

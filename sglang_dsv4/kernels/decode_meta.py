@@ -28,27 +28,47 @@ __all__ = ["decode_meta_fields"]
 
 _CHUNK = 256  # pages / entries per loop step
 
+# Every field of ``DecodeMeta`` the kernel writes (its argument ``<name>_ptr``): shape in units of
+# B requests, W window, P pages, E c128 list width, and dtype. ``positions`` is SGLang's buffer.
+_OUTPUTS = (
+    ("valid", "B", torch.bool),
+    ("tail_rows", "B", torch.int64),
+    ("tail_rows_i32", "B", torch.int32),
+    ("positions_i32", "B", torch.int32),
+    ("out_swa", "B", torch.int64),
+    ("swa_page", "B", torch.int64),
+    ("entry_page", "B", torch.int64),
+    ("window", "BW", torch.int64),
+    ("window_i32", "BW", torch.int32),
+    ("pages", "BP", torch.int64),
+    ("pages_i32", "BP", torch.int32),
+    ("boundary_table", "BP", torch.int32),
+    ("hca_rows", "BE", torch.int32),
+    ("hca_lengths", "B", torch.int32),
+)
+
 
 @triton.jit(do_not_specialize=["n_pages", "width", "r2t_stride", "spare", "r2t_cols"])
 def _decode_meta_kernel(
-    req_ptr, pos_ptr, loc_ptr, r2t_ptr, r2t_stride, r2t_cols, f2s_ptr, spare, tail_pos_ptr,
-    valid_ptr, tail_ptr, tail32_ptr, pos32_ptr, out_swa_ptr, swa_page_ptr, entry_page_ptr,
-    win_ptr, win32_ptr, pages_ptr, pages32_ptr, bnd_ptr, hca_ptr, hca_len_ptr,
+    req_ptr, positions_ptr, loc_ptr, r2t_ptr, r2t_stride, r2t_cols, f2s_ptr, spare, tail_pos_ptr,
+    valid_ptr, tail_rows_ptr, tail_rows_i32_ptr, positions_i32_ptr, out_swa_ptr, swa_page_ptr,
+    entry_page_ptr, window_ptr, window_i32_ptr, pages_ptr, pages_i32_ptr, boundary_table_ptr,
+    hca_rows_ptr, hca_lengths_ptr,
     n_pages, width,
     W: tl.constexpr, WB: tl.constexpr, BLOCK: tl.constexpr, PP: tl.constexpr, CH: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     req = tl.load(req_ptr + b).to(tl.int64)
-    pos = tl.load(pos_ptr + b).to(tl.int64)
+    pos = tl.load(positions_ptr + b).to(tl.int64)
     loc = tl.load(loc_ptr + b).to(tl.int64)
     valid = loc > 0
     tail = tl.where(valid, req, spare)
     out_swa = tl.load(f2s_ptr + loc).to(tl.int64)
     swa_page = tl.where(valid, out_swa // BLOCK, 0)
     tl.store(valid_ptr + b, valid)
-    tl.store(tail_ptr + b, tail)
-    tl.store(tail32_ptr + b, tail.to(tl.int32))
-    tl.store(pos32_ptr + b, pos.to(tl.int32))
+    tl.store(tail_rows_ptr + b, tail)
+    tl.store(tail_rows_i32_ptr + b, tail.to(tl.int32))
+    tl.store(positions_i32_ptr + b, pos.to(tl.int32))
     tl.store(out_swa_ptr + b, out_swa)
     tl.store(swa_page_ptr + b, swa_page)
     tl.store(entry_page_ptr + b, tl.where(valid, loc // BLOCK, 0))
@@ -59,8 +79,8 @@ def _decode_meta_kernel(
     full = tl.load(row + tl.maximum(cols, 0), mask=j < W, other=0).to(tl.int64)
     slot = tl.load(f2s_ptr + full, mask=(j < W) & (cols >= 0), other=0).to(tl.int64)
     win = tl.where(cols >= 0, slot, -1)
-    tl.store(win_ptr + b * W + j, win, mask=j < W)
-    tl.store(win32_ptr + b * W + j, win.to(tl.int32), mask=j < W)
+    tl.store(window_ptr + b * W + j, win, mask=j < W)
+    tl.store(window_i32_ptr + b * W + j, win.to(tl.int32), mask=j < W)
     blk = pos // BLOCK
     for c in range(0, n_pages, CH):
         i = c + tl.arange(0, CH)
@@ -68,9 +88,9 @@ def _decode_meta_kernel(
         start = tl.minimum(i.to(tl.int64) * BLOCK, r2t_cols - 1)
         page = tl.load(row + start, mask=ok & valid, other=0).to(tl.int64) // BLOCK
         tl.store(pages_ptr + b * n_pages + i, page, mask=ok)
-        tl.store(pages32_ptr + b * n_pages + i, page.to(tl.int32), mask=ok)
+        tl.store(pages_i32_ptr + b * n_pages + i, page.to(tl.int32), mask=ok)
         bnd = tl.where((i == blk) & valid, swa_page, -1)
-        tl.store(bnd_ptr + b * n_pages + i, bnd.to(tl.int32), mask=ok)
+        tl.store(boundary_table_ptr + b * n_pages + i, bnd.to(tl.int32), mask=ok)
     visible = (pos + 1) // 128
     for c in range(0, width, CH):
         e = c + tl.arange(0, CH)
@@ -78,8 +98,8 @@ def _decode_meta_kernel(
         start = tl.minimum((e // PP).to(tl.int64) * BLOCK, r2t_cols - 1)
         page = tl.load(row + start, mask=inside & valid, other=0).to(tl.int64) // BLOCK
         hca = tl.where(inside & (e < visible), page * PP + e % PP, -1)
-        tl.store(hca_ptr + b * width + e, hca.to(tl.int32), mask=e < width)
-    tl.store(hca_len_ptr + b, tl.minimum(tl.maximum(visible, 1), width).to(tl.int32))
+        tl.store(hca_rows_ptr + b * width + e, hca.to(tl.int32), mask=e < width)
+    tl.store(hca_lengths_ptr + b, tl.minimum(tl.maximum(visible, 1), width).to(tl.int32))
 
 
 def decode_meta_fields(
@@ -102,37 +122,15 @@ def decode_meta_fields(
     bs, dev = positions.shape[0], positions.device
     if req_to_token.stride(1) != 1:
         raise ValueError("req_to_token rows must be contiguous")
-
-    def new(*shape, dtype=torch.int64):
-        return torch.empty(*shape, dtype=dtype, device=dev)
-
-    f = {
-        "positions": positions.long(),  # SGLang's int64 buffer itself (no copy)
-        "valid": new(bs, dtype=torch.bool),
-        "tail_rows": new(bs),
-        "tail_rows_i32": new(bs, dtype=torch.int32),
-        "positions_i32": new(bs, dtype=torch.int32),
-        "out_swa": new(bs),
-        "swa_page": new(bs),
-        "entry_page": new(bs),
-        "window": new(bs, window),
-        "window_i32": new(bs, window, dtype=torch.int32),
-        "pages": new(bs, n_pages),
-        "pages_i32": new(bs, n_pages, dtype=torch.int32),
-        "boundary_table": new(bs, n_pages, dtype=torch.int32),
-        "hca_rows": new(bs, hca_width, dtype=torch.int32),
-        "hca_lengths": new(bs, dtype=torch.int32),
-    }
+    dims = {"B": bs, "W": window, "P": n_pages, "E": hca_width}
+    f = {"positions": positions.long()}  # SGLang's int64 buffer itself (no copy)
+    for name, shape, dtype in _OUTPUTS:
+        f[name] = torch.empty(*(dims[d] for d in shape), dtype=dtype, device=dev)
     _decode_meta_kernel[(bs,)](
-        req_ptr=req_slots, pos_ptr=f["positions"], loc_ptr=out_loc, r2t_ptr=req_to_token,
+        req_ptr=req_slots, loc_ptr=out_loc, r2t_ptr=req_to_token,
         r2t_stride=req_to_token.stride(0), r2t_cols=req_to_token.shape[1], f2s_ptr=full_to_swa,
-        spare=spare_tail_row, tail_pos_ptr=tail_pos, valid_ptr=f["valid"],
-        tail_ptr=f["tail_rows"], tail32_ptr=f["tail_rows_i32"], pos32_ptr=f["positions_i32"],
-        out_swa_ptr=f["out_swa"], swa_page_ptr=f["swa_page"], entry_page_ptr=f["entry_page"],
-        win_ptr=f["window"], win32_ptr=f["window_i32"], pages_ptr=f["pages"],
-        pages32_ptr=f["pages_i32"], bnd_ptr=f["boundary_table"], hca_ptr=f["hca_rows"],
-        hca_len_ptr=f["hca_lengths"], n_pages=n_pages, width=hca_width, W=window,
-        WB=triton.next_power_of_2(window), BLOCK=block, PP=block // 128, CH=_CHUNK,
-        num_warps=4,
+        spare=spare_tail_row, tail_pos_ptr=tail_pos, n_pages=n_pages, width=hca_width, W=window,
+        WB=triton.next_power_of_2(window), BLOCK=block, PP=block // 128, CH=_CHUNK, num_warps=4,
+        **{f"{name}_ptr": t for name, t in f.items()},
     )  # fmt: skip
     return f
