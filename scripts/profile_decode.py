@@ -199,7 +199,7 @@ def model_shape(url: str) -> tuple[int, int | None, str]:
 
 def start_server(args, name: str) -> tuple[Server | None, str]:
     """``(server, url)``: a server for ``--model-path`` (log ``OUT/<name>_<impl>.server.log``),
-    or ``(None, --url)`` to attach. Shared with profile_prefill.py."""
+    or ``(None, --url)`` to attach."""
     if (args.url is None) == (args.model_path is None):
         raise SystemExit("give exactly one of --url (attach) and --model-path (start a server)")
     if args.url is not None:
@@ -223,25 +223,34 @@ def add_common_options(ap: argparse.ArgumentParser, out: str) -> None:
     add_server_options(ap)
 
 
+def serve_and_profile(args, name: str, run) -> int:
+    """Start a server for ``--model-path`` (or attach to ``--url``), ``run(url) -> (result,
+    any failed)``, stop it, write ``OUT/<name>.json`` (impl, date, command, result); the exit
+    status. Shared with profile_prefill.py."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    server, url = start_server(args, name)
+    report = {"impl": args.impl, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    report["command"] = " ".join(sys.argv)
+    try:
+        result, failed = run(url)
+        report |= result
+    finally:
+        if server is not None:
+            stop(server)
+    (args.out / f"{name}.json").write_text(json.dumps(report, indent=2))
+    return 1 if failed else 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
     add_common_options(ap, "/tmp/profile_decode")
     add_profile_options(ap)
     args = ap.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    server, url = start_server(args, "profile")
-    report = {"impl": args.impl, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    report["command"] = " ".join(sys.argv)
-    try:
-        opts = profile_options(args, keep_dir=args.out if args.keep_traces else None)
-        result, failed = profile_server(url, args.batch_sizes, opts, args.impl)
-        report |= result
-    finally:
-        if server is not None:
-            stop(server)
-    (args.out / "profile_decode.json").write_text(json.dumps(report, indent=2))
-    return 1 if failed else 0
+    opts = profile_options(args, keep_dir=args.out if args.keep_traces else None)
+    return serve_and_profile(
+        args, "profile_decode", lambda url: profile_server(url, args.batch_sizes, opts, args.impl)
+    )
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ prints one report per cell (also: ``side_by_side.py run --profile-prefill 4096x1
 """
 
 import argparse
-import json
 import random
 import shutil
 import sys
@@ -32,8 +31,7 @@ import time
 from pathlib import Path
 
 import requests
-from profile_decode import add_common_options, model_shape, start_server, wait_trace
-from side_by_side import stop
+from profile_decode import add_common_options, model_shape, serve_and_profile, wait_trace
 
 from sglang_dsv4.perf.cells import Cell, parse_cells
 from sglang_dsv4.perf.host_gaps import format_gaps, gap_report
@@ -157,19 +155,11 @@ def main() -> int:
     add_prefill_options(ap)
     add_common_options(ap, "/tmp/profile_prefill")
     args = ap.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    server, url = start_server(args, "profile_prefill")
-    report = {"impl": args.impl, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    report["command"] = " ".join(sys.argv)
-    try:
-        opts = prefill_options(args, keep_dir=args.out if args.keep_traces else None)
-        result, failed = profile_server(url, parse_cells(args.cells), opts, args.impl)
-        report |= result
-    finally:
-        if server is not None:
-            stop(server)
-    (args.out / "profile_prefill.json").write_text(json.dumps(report, indent=2))
-    return 1 if failed else 0
+    opts = prefill_options(args, keep_dir=args.out if args.keep_traces else None)
+    cells = parse_cells(args.cells)
+    return serve_and_profile(
+        args, "profile_prefill", lambda url: profile_server(url, cells, opts, args.impl)
+    )
 
 
 if __name__ == "__main__":
