@@ -21,7 +21,7 @@ import bisect
 import itertools
 from collections import defaultdict
 
-from sglang_dsv4.perf.trace import DECODE_STEP, Op, _complete, step_ops
+from sglang_dsv4.perf.trace import DECODE_STEP, Op, _complete, span_windows, step_ops, sweep
 
 __all__ = ["format_gaps", "gap_report"]
 
@@ -64,21 +64,16 @@ class HostContext:
 def _gaps(step: list[Op], min_us: float = 0.0) -> list[tuple[float, Op, Op]]:
     """(idle us, op before, op after) for every idle interval longer than 0 and at least
     ``min_us``."""
-    ops = sorted(step, key=lambda o: o.start)
-    out, end, last = [], float("-inf"), None
-    for op in ops:
-        if last is not None and op.start - end > 0 and op.start - end >= min_us:
-            out.append((op.start - end, last, op))
-        if op.start + op.dur >= end:
-            end, last = op.start + op.dur, op
-    return out
+    return [
+        (op.start - end, last, op)
+        for op, end, last in sweep(step)
+        if last is not None and op.start - end > 0 and op.start - end >= min_us
+    ]
 
 
 def _syncs(events: list[dict], spans: list[dict]) -> list[dict]:
     """Runtime calls that block the host inside the spans (same thread)."""
-    windows = defaultdict(list)
-    for s in spans:
-        windows[(s["pid"], s["tid"])].append((float(s["ts"]), float(s["ts"]) + s["dur"]))
+    windows = span_windows(spans)
     dtoh = set()  # correlation ids of device-to-host copies
     for e in _complete(events, ("gpu_memcpy",)):
         if "DtoH" in e["name"] or "Device -> Pageable" in e["name"]:
@@ -89,7 +84,7 @@ def _syncs(events: list[dict], spans: list[dict]) -> list[dict]:
         if e["name"] not in SYNC_CALLS and corr not in dtoh:
             continue
         ts, thread = float(e["ts"]), (e["pid"], e["tid"])
-        if any(lo <= ts <= hi for lo, hi in windows.get(thread, ())):
+        if any(lo <= ts <= hi for lo, hi, _ in windows.get(thread, ())):
             out.append(e)
     return out
 

@@ -115,9 +115,7 @@ def _spans(events: list[dict], pattern: str) -> list[dict]:
 
 def _attribute(ops: list[Op], spans: list[dict]) -> tuple[list[list[Op]], list[Op]]:
     """Ops per span (launch inside the span, same thread) and the ops outside every span."""
-    per_thread = defaultdict(list)  # thread -> [(start, end, span index)]
-    for i, s in enumerate(spans):
-        per_thread[(s["pid"], s["tid"])].append((float(s["ts"]), float(s["ts"]) + s["dur"], i))
+    per_thread = span_windows(spans)
     starts = {k: [v[0] for v in vs] for k, vs in per_thread.items()}
     inside, outside = [[] for _ in spans], []
     for op in ops:
@@ -174,13 +172,26 @@ def step_ops(events: list[dict], kind: str = "gpu", pattern: str = DECODE_STEP):
 
 def busy_us(ops: list[Op]) -> float:
     """Length of the union of the ops' intervals (overlapping streams counted once)."""
-    total, end = 0.0, float("-inf")
+    return sum(max(0.0, op.start + op.dur - max(op.start, end)) for op, end, _ in sweep(ops))
+
+
+def sweep(ops: list[Op]):
+    """``(op, end, last)`` for the ops in start order: ``end`` the latest end of the ops before
+    it (-inf for the first), ``last`` the op that ends there (the timeline's one walk: busy time
+    here, idle gaps in ``host_gaps``)."""
+    end, last = float("-inf"), None
     for op in sorted(ops, key=lambda o: o.start):
-        lo, hi = max(op.start, end), op.start + op.dur
-        if hi > lo:
-            total += hi - lo
-        end = max(end, hi)
-    return total
+        yield op, end, last
+        if op.start + op.dur >= end:
+            end, last = op.start + op.dur, op
+
+
+def span_windows(spans: list[dict]) -> dict[tuple, list[tuple[float, float, int]]]:
+    """Per host thread, ``(start, end, span index)`` of its step spans, in span order."""
+    per_thread = defaultdict(list)
+    for i, s in enumerate(spans):
+        per_thread[(s["pid"], s["tid"])].append((float(s["ts"]), float(s["ts"]) + s["dur"], i))
+    return per_thread
 
 
 def _row(span: dict, step: list[Op]) -> dict:
