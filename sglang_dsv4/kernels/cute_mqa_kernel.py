@@ -401,7 +401,7 @@ class SparseMQAKernel:
                     pair[0] = (o_mn[r, j] * inv).to(BFloat16)
                     pair[1] = (o_mn[r, j + 1] * inv).to(BFloat16)
                     _store(pair, BFloat16, base + (j // 2) * 16, 4)
-                if cutlass.const_expr(self.write_lse):
+                if cutlass.const_expr(self.write_lse):  # noqa: SIM102 - a compile-time switch
                     if ct < 128 and lane % 4 == 0:
                         cute.make_tensor(lse, cute.make_layout(1 << 30))[t * self.heads + head] = (
                             row_lse * LN2
@@ -457,11 +457,10 @@ class SparseMQAKernel:
                 y.store((acc.load() * inv).to(BFloat16))
                 at = out.toint() + (Int64(t) * geo.o_st + Int64(head) * geo.o_sh + col) * 2
                 cute.autovec_copy(y, _gmem(BFloat16, at, 32, 16))
-            if cutlass.const_expr(self.write_lse):
-                if ct % 4 == 0:
-                    cute.make_tensor(lse, cute.make_layout(1 << 30))[t * self.heads + head] = (
-                        top + cute.math.log2(total, fastmath=False)
-                    ) * LN2
+            if cutlass.const_expr(self.write_lse) and ct % 4 == 0:
+                cute.make_tensor(lse, cute.make_layout(1 << 30))[t * self.heads + head] = (
+                    top + cute.math.log2(total, fastmath=False)
+                ) * LN2
             if ct == 0:
                 cute.make_tensor(counters, cute.make_layout(1 << 30))[cidx] = Int32(0)
 

@@ -32,7 +32,10 @@ _TILE_TO_SPLIT_COST = 25.0
 
 @functools.cache
 def cute_available() -> bool:
-    """nvidia-cutlass-dsl importable (the GPU machine gets it from install_cutlass_dsl.sh)."""
+    """nvidia-cutlass-dsl importable (the GPU machine gets it from install_cutlass_dsl.sh). The
+    DSL reads its target once, at import: sm_90a unless ``CUTE_DSL_ARCH`` says otherwise (its
+    own default is sm_100a when no GPU is found, e.g. compiling on a CPU machine)."""
+    os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
     try:
         import cutlass.cute  # noqa: F401
     except Exception:
@@ -81,7 +84,8 @@ def _fake_args(key: KernelKey):
 def compile_kernel(key: KernelKey):
     """The compiled kernel of one static configuration (cached per process). Compiles for
     ``CUTE_DSL_ARCH`` (default sm_90a): no GPU needed."""
-    os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
+    if not cute_available():
+        raise RuntimeError("nvidia-cutlass-dsl is not importable (scripts/install_cutlass_dsl.sh)")
     import cutlass.cute as cute
 
     from sglang_dsv4.kernels.cute_mqa_kernel import SparseMQAKernel
