@@ -11,22 +11,25 @@
 #        PYVER      target CPython (default 3.12, the GPU machine's); 3.11 builds a tree this
 #                   2-core machine can import, to check the trim (VERIFY=1)
 #        PART_MIB   largest part (default 20)
+#        G0_MIB     parts up to this many MiB go to OUTDIR/g0, the rest to OUTDIR/g1 (default 20:
+#                   g0 rides with the 38 MiB wheelhouse in one call, g1 (~41 MiB) in the next)
 #        VERIFY=1   after trimming, import cutlass from the trimmed tree with $PYTHON and compile
 #                   a tiny kernel for sm_90a (no GPU needed); needs PYVER = $PYTHON's version
 #        VERIFY_ONLY=1 stops after the check (no archive)
 #        KEEP_STAGE=1 keeps the staging dir
 #
-# OUTDIR gets:
+# OUTDIR gets g0/ and g1/, each with some of
 #   cutlass_dsl.tar.xz.partNN   the archive, split (cat them in order); members are paths under
 #                               the site dir: nvidia_cutlass_dsl/..., *.dist-info/...
-#   cutlass_dsl.manifest        one line per part: sha256, size, name (the installer checks it)
-#   install_cutlass_dsl.sh      copied from beside this script; runs on the GPU machine
+#   and both with cutlass_dsl.manifest: one line per part: sha256, size, name (the installer,
+#   scripts/install_cutlass_dsl.sh, checks each part and unpacks once all are there).
+# Carry one group per device call (OUTDIR must be git-ignored: .gitignore has /.cutlass_dsl/).
 #
 # Trimmed (each one checked by VERIFY=1 on the 3.11 tree, 2026-12-06; the cp312 tree has the
 # same files under other tags): cu13/lib/stubs (aarch64 Linux / QNX link-time stubs for AOT
 # cross-compiling), cu13/lib/libcuda_dialect_runtime_static.a and cu13/include (AOT linking into
 # C programs), *.pyi stubs, __pycache__. Kept: cutlass/jax (cutlass/__init__ imports it), the 193 MB
-# _cutlass_ir .so as shipped (its sha256 is checked at import by _cutlass_ir_version_cu13.py),
+# _cutlass_ir .so as shipped (stripped already),
 # libcute_dsl_runtime.so (the JIT's host launches go through it), iket (imported by
 # cutlass.cute.experimental, which cutlass.cute imports).
 set -euo pipefail
@@ -39,8 +42,6 @@ PYVER=${PYVER:-3.12}
 TAG=cp${PYVER/./}
 PART_MIB=${PART_MIB:-20}
 VER=4.8.1
-INSTALLER=$HERE/install_cutlass_dsl.sh
-[ -f "$INSTALLER" ] || { echo "ERROR: $INSTALLER (kept beside this script) is missing" >&2; exit 1; }
 T0=$(date +%s)
 phase() { echo "== $1  (+$(( $(date +%s) - T0 )) s)"; }
 
@@ -85,12 +86,22 @@ if [ "${VERIFY:-0}" = 1 ]; then
 fi
 
 phase "4. tar | xz -9e -T2, split into ${PART_MIB} MiB parts"
-rm -f "$OUT"/cutlass_dsl.tar.xz.part* "$OUT/cutlass_dsl.manifest"
+rm -rf "$OUT/g0" "$OUT/g1" "$OUT"/cutlass_dsl.tar.xz.part* "$OUT/cutlass_dsl.manifest"
 tar -C "$STAGE" --sort=name --owner=0 --group=0 --numeric-owner -cf - . \
   | nice xz -9e -T2 | split -b "${PART_MIB}M" -d -a 2 - "$OUT/cutlass_dsl.tar.xz.part"
 ( cd "$OUT" && for f in cutlass_dsl.tar.xz.part*; do echo "$(sha256sum "$f" | cut -d' ' -f1) $(stat -c %s "$f") $f"; done ) > "$OUT/cutlass_dsl.manifest"
-cp "$INSTALLER" "$OUT/install_cutlass_dsl.sh"; chmod +x "$OUT/install_cutlass_dsl.sh"
 TOTAL=$(awk '{s+=$2} END{print s}' "$OUT/cutlass_dsl.manifest")
-awk '{printf "   %-26s %6.2f MiB\n", $3, $2/1048576}' "$OUT/cutlass_dsl.manifest"
 awk -v s="$TOTAL" -v r="$RAW" 'BEGIN{printf "   total %.2f MiB (%d bytes) for %.1f MiB unpacked\n", s/1048576, s, r/1048576}'
-phase "done: $OUT/cutlass_dsl.tar.xz.part* + cutlass_dsl.manifest + install_cutlass_dsl.sh"
+
+phase "5. groups: g0 <= ${G0_MIB:-20} MiB, g1 the rest"
+mkdir -p "$OUT/g0" "$OUT/g1"
+acc=0
+while read -r _ size name; do
+  acc=$((acc + size))
+  if [ "$acc" -le $(( ${G0_MIB:-20} * 1048576 )) ]; then g=g0; else g=g1; fi
+  mv "$OUT/$name" "$OUT/$g/"
+  printf '   %s/%-26s %6.2f MiB\n' "$g" "$name" "$(echo "$size / 1048576" | bc -l)"
+done < "$OUT/cutlass_dsl.manifest"
+cp "$OUT/cutlass_dsl.manifest" "$OUT/g0/"; mv "$OUT/cutlass_dsl.manifest" "$OUT/g1/"
+du -sb "$OUT/g0" "$OUT/g1" | awk '{printf "   %-40s %6.2f MiB\n", $2, $1/1048576}'
+phase "done: $OUT/g0, $OUT/g1 (carry one per call; scripts/install_cutlass_dsl.sh DIR takes them)"

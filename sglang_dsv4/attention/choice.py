@@ -84,6 +84,7 @@ def pick(kind, heads: int, batch: int, keys: int, eligible: bool, cute: bool = F
     times = {OURS: ours}
     if eligible:
         times[FLASHMLA] = flashmla
-    if cute:
-        times.update({CUTE: r[4] for r in CUTE_MEASURED if r[:4] == key})
+    for r in CUTE_MEASURED if cute else ():
+        if r[:4] == key:
+            times[CUTE] = r[4]
     return min(times, key=times.get)  # ties: the first inserted (ours)

@@ -38,7 +38,10 @@ DATA = 576  # bytes of a row's nope + RoPE part
 SCALE_BYTES = 8  # 7 UE8M0 exponents + 1 pad
 STAGES = 2
 THREADS = 384
-PRODUCER_REGS, CONSUMER_REGS = 64, 224  # 128 * 64 + 256 * 224 = 65536 registers
+# setmaxnreg moves registers between warpgroups inside the CTA's launch allocation (168 a thread
+# at 384 threads = 64512): 128 * 64 + 256 * 216 = 63488. More than that and the consumers'
+# increase waits forever.
+PRODUCER_REGS, CONSUMER_REGS = 64, 216
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 _FLOOR = -1.0e30  # finite floor of the running max: exp2(m - m_new) stays defined
