@@ -218,7 +218,7 @@ class DecodeKernels(DecodeTorch):
         attn, choice = {}, {}
         for kind, extra_topk in extra.items():
             choice[kind] = pick(
-                kind, self.num_heads, bs, window + extra_topk, self.flashmla, cute=self.cute
+                kind, self.num_heads, bs, window + extra_topk, self.flashmla, self.cute
             )
             attn[kind] = self._attention(choice[kind], kind, bs, window, extra_topk)
         flush = {}
