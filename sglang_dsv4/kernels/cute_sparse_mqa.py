@@ -165,13 +165,29 @@ class CuteSparseMQA:
         int32 (-1 = none), optional extra cache / indices / valid lengths, ``sink`` [H] fp32.
         Writes and returns ``out`` [T, H, 512] bf16; the natural-log LSE to ``lse``."""
         import cuda.bindings.driver as cuda
+
+        out = self.out if out is None else out
+        key, args = self.launch_args(
+            q, kv, indices, sink, scale, extra_kv=extra_kv, extra_indices=extra_indices,
+            lengths=lengths, extra_lengths=extra_lengths, out=out,
+            lse=self.lse if lse is None else lse,
+        )  # fmt: skip
+        stream = cuda.CUstream(torch.cuda.current_stream(q.device).cuda_stream)
+        compile_kernel(key)(*args, stream)
+        return out
+
+    def launch_args(self, q, kv, indices, sink, scale, *, extra_kv, extra_indices, lengths,
+                    extra_lengths, out, lse) -> tuple[KernelKey, tuple]:  # fmt: skip
+        """The kernel's configuration and arguments (all but the stream) for ``run``'s inputs.
+        Every runtime value is a DSL ``Int32`` / ``Float32``: a plain Python number would be
+        traced as a compile-time constant and silently ignored by the compiled kernel."""
         import cutlass
         from cutlass.cute.runtime import make_ptr
 
         from sglang_dsv4.kernels.cute_mqa_kernel import Geometry
 
-        out = self.out if out is None else out
-        lse = self.lse if lse is None else lse
+        _check_rows(q, "q")
+        _check_rows(out, "out")
         indices = _flat(indices)
         kv, page, pstride = _cache_geometry(kv)
         has_extra = extra_kv is not None
@@ -180,11 +196,11 @@ class CuteSparseMQA:
             xkv, xpage, xpstride = _cache_geometry(extra_kv)
         else:
             xkv, extra_indices, xpage, xpstride = kv, indices, page, pstride
+        sink = sink.float()  # a no-op for fp32 sinks (the kernel reads fp32)
         key = KernelKey(
             self.num_heads, has_extra, lengths is not None,
             has_extra and extra_lengths is not None, self.num_splits > 1, lse is not None,
         )  # fmt: skip
-        fn = compile_kernel(key)
         gmem = cutlass.cute.AddressSpace.gmem
 
         def ptr(t, dtype, align=16):
@@ -196,7 +212,7 @@ class CuteSparseMQA:
             extra_indices.stride(0), page, pstride, xpage, xpstride, self.topk,
             self.extra_topk if has_extra else 0, self.chunk,
         )  # fmt: skip
-        fn(
+        args = (
             ptr(q, bf16), ptr(kv, u8), ptr(indices, i32, 4),
             ptr(lengths if lengths is not None else indices, i32, 4), ptr(xkv, u8),
             ptr(extra_indices, i32, 4),
@@ -205,6 +221,13 @@ class CuteSparseMQA:
             ptr(self.part_o, f32), ptr(self.part_lse, f32, 4), ptr(self.counters, i32, 4),
             Geometry(*[i32(v) for v in geo]), f32(scale * 1.4426950408889634),
             i32(self.num_tokens), i32(self.num_splits),
-            cuda.CUstream(torch.cuda.current_stream(q.device).cuda_stream),
         )  # fmt: skip
-        return out
+        return key, args
+
+
+def _check_rows(x: torch.Tensor, name: str) -> None:
+    """[T, H, 512] bf16 rows read / written 16 bytes at a time."""
+    if x.dtype != torch.bfloat16 or x.stride(-1) != 1:
+        raise ValueError(f"{name} must be bf16 with contiguous channels, got {x.dtype}")
+    if x.stride(0) % 8 or x.stride(1) % 8 or x.data_ptr() % 16:
+        raise ValueError(f"{name} rows must be 16-byte aligned (strides {x.stride()})")

@@ -213,3 +213,34 @@ def test_gpu_cuda_graph_replay(t):
         torch.cuda.synchronize()
         assert torch.equal(out, eager)
         assert not attn.counters.any()
+
+
+@needs_cute
+def test_launch_args_reach_the_kernel_as_runtime_values():
+    """Every shape, stride and scalar is a runtime argument of the compiled kernel (a Python
+    number would be folded in at compile time and ignored): 13 pointers + 13 geometry values +
+    scale, rows, splits + the stream = 30 launch arguments. No GPU: CPU tensors, no launch."""
+    import cuda.bindings.driver as cuda
+
+    from sglang_dsv4.kernels.attention import fp8_rows_to_pages
+    from sglang_dsv4.ref.kv_layout import pack_fp8_rows
+
+    t, h = 3, 64
+    attn = C.CuteSparseMQA(h, device="cpu", num_sms=132)
+    attn.plan(t, 128, 64, num_splits=2, return_lse=True)
+    cache = fp8_rows_to_pages(pack_fp8_rows(torch.randn(300, 512)), 64)
+    q = torch.randn(t, h, 512).bfloat16()
+    idx = torch.zeros(t, 128, dtype=torch.int32)
+    xidx = torch.zeros(t, 64, dtype=torch.int32)
+    key, args = attn.launch_args(
+        q, cache, idx, torch.zeros(h), 0.04, extra_kv=cache, extra_indices=xidx, lengths=None,
+        extra_lengths=torch.full((t,), 64, dtype=torch.int32), out=attn.out, lse=attn.lse,
+    )  # fmt: skip
+    assert key == C.KernelKey(64, True, False, True, True, True)
+    packed, _ = C.compile_kernel(key).generate_execution_args(*args, cuda.CUstream(0))
+    assert len(packed) == 30
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        attn.launch_args(
+            q[:, :, 1:], cache, idx, torch.zeros(h), 0.04, extra_kv=None, extra_indices=None,
+            lengths=None, extra_lengths=None, out=attn.out, lse=None,
+        )  # fmt: skip
