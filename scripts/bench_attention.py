@@ -113,7 +113,11 @@ def time_graph(calls, reps: int = 7) -> float:
 
 
 def ours_calls(case: Case, cfg: TileConfig, splits: int | None = None):
-    attn = SparseMQA(case.heads, D, config=cfg)
+    return planned_calls(case, SparseMQA(case.heads, D, config=cfg), splits)
+
+
+def planned_calls(case: Case, attn, splits: int | None = None):
+    """``attn`` (SparseMQA or CuteSparseMQA) planned for the case, one call per rotation."""
     attn.plan(case.batch, WINDOW, case.xk, num_splits=splits)
     scale = D**-0.5
     calls = [
@@ -151,26 +155,12 @@ def flashmla_calls(case: Case):
     return [lambda j=j: call(j) for j in range(case.rot)]
 
 
-def cute_calls(case: Case, splits: int | None = None):
-    from sglang_dsv4.kernels.cute_sparse_mqa import CuteSparseMQA
-
-    attn = CuteSparseMQA(case.heads, D)
-    attn.plan(case.batch, WINDOW, case.xk, num_splits=splits)
-    scale = D**-0.5
-    calls = [
-        lambda j=j: attn.run(
-            case.qs[j], case.swa, case.idx[j], case.sink, scale,
-            extra_kv=case.xcache, extra_indices=case.xidx[j],
-        )
-        for j in range(case.rot)
-    ]  # fmt: skip
-    return attn, calls
-
-
 def measure_cute(case: Case, row: dict, ours0: torch.Tensor, fm0: torch.Tensor | None) -> None:
     """The CuTe kernel's columns of ``row`` (an error is recorded, not raised)."""
     try:
-        attn, calls = cute_calls(case)
+        from sglang_dsv4.kernels.cute_sparse_mqa import CuteSparseMQA
+
+        attn, calls = planned_calls(case, CuteSparseMQA(case.heads, D))
         got = calls[0]().clone()
         row["cute_splits"] = attn.num_splits
         row["cute_diff_vs_ours"] = rel_l2(got, ours0)

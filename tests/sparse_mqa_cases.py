@@ -11,17 +11,28 @@ from sglang_dsv4.ref.kv_layout import pack_fp8_rows, unpack_fp8_rows
 __all__ = [
     "C4_PAGE",
     "C128_PAGE",
+    "CSA_CASES",
     "DEV",
     "SWA_PAGE",
     "cut_lists",
     "dsv4_case",
     "fp8_cache",
+    "graph_replay_matches_eager",
     "reference",
     "rel_l2",
     "run_checked",
 ]  # fmt: skip
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
+# (heads, c4 top-k, query rows, context): Flash and Pro CSA decode at batches 1, 3, 129
+CSA_CASES = [
+    (64, 512, 1, 4097),
+    (64, 512, 3, 32768),
+    (64, 512, 129, 4097),
+    (128, 1024, 1, 8192),
+    (128, 1024, 3, 4097),
+    (128, 1024, 129, 32768),
+]
 
 
 def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -89,3 +100,28 @@ def dsv4_case(t: int, h: int, context: int, topk: int | None, lengths: bool = Fa
     q = torch.randn(t, h, 512, device=DEV, dtype=torch.bfloat16)
     sink = torch.randn(h, device=DEV)
     return q, (swa, swa_rows, idx), (xcache, xrows, xidx, xlen), sink
+
+
+def graph_replay_matches_eager(attn, t: int, replays: int, check=None) -> None:
+    """``attn.run`` (a SparseMQA-like kernel, 64 heads) captured once in a CUDA graph over a CSA
+    Flash case, replayed on new values written into the same tensors: equal to eager each time,
+    and ``check()`` (optional) true after each replay."""
+    q, (swa, _, idx), (xc, _, xidx, _), sink = dsv4_case(t, 64, 32768, 512)
+    attn.plan(t, 128, 512)
+    kw = dict(extra_kv=xc, extra_indices=xidx)
+    attn.run(q, swa, idx, sink, 512**-0.5, **kw)  # compile outside the capture
+    out = torch.empty_like(q)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        attn.run(q, swa, idx, sink, 512**-0.5, out=out, **kw)
+    for _ in range(replays):
+        q.copy_(torch.randn_like(q))
+        xidx.copy_(xidx.roll(1, 0))
+        rows = pack_fp8_rows(torch.randn(t * SWA_PAGE, 512, device=DEV))
+        swa.copy_(fp8_rows_to_pages(rows, SWA_PAGE))
+        out.fill_(float("nan"))
+        graph.replay()
+        eager = attn.run(q, swa, idx, sink, 512**-0.5, **kw)
+        torch.cuda.synchronize()
+        assert torch.equal(out, eager)
+        assert check is None or check()

@@ -53,11 +53,12 @@ def _interpreter_in_this_process(request):
 
 
 from sparse_mqa_cases import (  # noqa: E402
+    CSA_CASES,
     DEV,
-    SWA_PAGE,
     cut_lists,
     dsv4_case,
     fp8_cache,
+    graph_replay_matches_eager,
     reference,
     rel_l2,
     run_checked,
@@ -184,17 +185,7 @@ def test_fp8_rows_to_pages_layout():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(
-    ("h", "topk", "t", "context"),
-    [
-        (64, 512, 1, 4097),
-        (64, 512, 3, 32768),
-        (64, 512, 129, 4097),
-        (128, 1024, 1, 8192),
-        (128, 1024, 3, 4097),
-        (128, 1024, 129, 32768),
-    ],
-)
+@pytest.mark.parametrize(("h", "topk", "t", "context"), CSA_CASES)
 @pytest.mark.parametrize(
     ("dequant", "prefetch", "block_n"),
     [(0, 0, 64), (1, 0, 64), (2, 0, 32), (3, 0, 64), (3, 1, 32), (3, 2, 32)],
@@ -246,25 +237,7 @@ def test_gpu_bf16_cache():
 @pytest.mark.parametrize("t", [1, 32])
 def test_gpu_cuda_graph_replay(t):
     """run() captured once, replayed on new values written into the same tensors."""
-    q, (swa, _, idx), (xc, _, xidx, _), sink = dsv4_case(t, 64, 32768, 512)
-    attn = K.SparseMQA(64, 512)
-    attn.plan(t, 128, 512)
-    kw = dict(extra_kv=xc, extra_indices=xidx)
-    attn.run(q, swa, idx, sink, 512**-0.5, **kw)  # compile outside the capture
-    out = torch.empty_like(q)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        attn.run(q, swa, idx, sink, 512**-0.5, out=out, **kw)
-    for _ in range(2):
-        q.copy_(torch.randn_like(q))
-        xidx.copy_(xidx.roll(1, 0))
-        rows = pack_fp8_rows(torch.randn(t * SWA_PAGE, 512, device=DEV))
-        swa.copy_(K.fp8_rows_to_pages(rows, SWA_PAGE))
-        out.fill_(float("nan"))
-        graph.replay()
-        eager = attn.run(q, swa, idx, sink, 512**-0.5, **kw)
-        torch.cuda.synchronize()
-        assert torch.equal(out, eager)
+    graph_replay_matches_eager(K.SparseMQA(64, 512), t, replays=2)
 
 
 @pytest.mark.skipif(IN_PROCESS, reason="the CPU tests ran in this process")

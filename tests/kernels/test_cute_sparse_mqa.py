@@ -17,7 +17,14 @@ import subprocess
 
 import pytest
 import torch
-from sparse_mqa_cases import DEV, dsv4_case, reference, rel_l2, run_checked
+from sparse_mqa_cases import (
+    CSA_CASES,
+    dsv4_case,
+    graph_replay_matches_eager,
+    reference,
+    rel_l2,
+    run_checked,
+)
 
 from sglang_dsv4.kernels import cute_sparse_mqa as C
 
@@ -129,17 +136,7 @@ def _check(h, t, context, topk, *, lengths=False, num_splits=None):
 
 @pytest.mark.gpu
 @needs_cute
-@pytest.mark.parametrize(
-    ("h", "topk", "t", "context"),
-    [
-        (64, 512, 1, 4097),
-        (64, 512, 3, 32768),
-        (64, 512, 129, 4097),
-        (128, 1024, 1, 8192),
-        (128, 1024, 3, 4097),
-        (128, 1024, 129, 32768),
-    ],
-)
+@pytest.mark.parametrize(("h", "topk", "t", "context"), CSA_CASES)
 def test_gpu_csa_decode(h, topk, t, context):
     _check(h, t, context, topk)
 
@@ -163,7 +160,7 @@ def test_gpu_hca_decode(h, t, context, lengths):
 
 @pytest.mark.gpu
 @needs_cute
-@pytest.mark.parametrize(("h", "t", "splits"), [(64, 3, 1), (64, 3, 4), (128, 1, 10)])
+@pytest.mark.parametrize(("h", "t", "splits"), [(64, 3, 1), (64, 3, 4), (128, 1, 9)])
 def test_gpu_forced_splits(h, t, splits):
     """One split (direct bf16 epilogue) and several (partials + the last CTA's combine)."""
     attn = _check(h, t, 32768, 512 if h == 64 else 1024, num_splits=splits)
@@ -190,29 +187,8 @@ def test_gpu_window_only(h):
 def test_gpu_cuda_graph_replay(t):
     """run() captured once, replayed on new values written into the same tensors (batch 1
     splits: the combine counters must be back at 0 after every replay)."""
-    from sglang_dsv4.kernels.attention import fp8_rows_to_pages
-    from sglang_dsv4.ref.kv_layout import pack_fp8_rows
-
-    q, (swa, _, idx), (xc, _, xidx, _), sink = dsv4_case(t, 64, 32768, 512)
     attn = C.CuteSparseMQA(64, 512)
-    attn.plan(t, 128, 512)
-    kw = dict(extra_kv=xc, extra_indices=xidx)
-    attn.run(q, swa, idx, sink, 512**-0.5, **kw)  # compile outside the capture
-    out = torch.empty_like(q)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        attn.run(q, swa, idx, sink, 512**-0.5, out=out, **kw)
-    for _ in range(3):
-        q.copy_(torch.randn_like(q))
-        xidx.copy_(xidx.roll(1, 0))
-        rows = pack_fp8_rows(torch.randn(t * 256, 512, device=DEV))
-        swa.copy_(fp8_rows_to_pages(rows, 256))
-        out.fill_(float("nan"))
-        graph.replay()
-        eager = attn.run(q, swa, idx, sink, 512**-0.5, **kw)
-        torch.cuda.synchronize()
-        assert torch.equal(out, eager)
-        assert not attn.counters.any()
+    graph_replay_matches_eager(attn, t, replays=3, check=lambda: not attn.counters.any())
 
 
 @needs_cute
