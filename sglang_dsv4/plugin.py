@@ -22,7 +22,9 @@ This is the only module that touches SGLang's registries (see docs/design/sglang
 * the HTTP app: a JSON body that is not an object gets a 400 on the request routes
   (:mod:`sglang_dsv4.http_body`; SGLang 0.5.17 answers some of them with a 500);
 * structured output on CPU: xgrammar's token bitmask unpinned without CUDA and applied to CPU
-  logits by xgrammar's CPU kernel (SGLang 0.5.17 has GPU paths only for both).
+  logits by xgrammar's CPU kernel (SGLang 0.5.17 has GPU paths only for both);
+* ``--tp N`` (docs/multi_gpu.md): layouts the model cannot split refused at startup; on CPU no
+  PyNccl, each rank's cores, and no head padding of the DSV4 config.
 
 SGLang logs and swallows exceptions from plugins and would then serve the built-in DSV4 model;
 a failure here must stop the server instead, so it is re-raised as ``SystemExit``.
@@ -137,14 +139,12 @@ def _register() -> None:
             _apply_grammar_mask,
             HookType.AROUND,
         ),
+        (f"{_MR}.adjust_config_with_unaligned_cpu_tp", _cpu_tp_config, HookType.AROUND),
+        (f"{_PS}.init_model_parallel_group", _group_without_cuda, HookType.AROUND),
     ]
     # ModelRegistry imports every SGLang model module (~half of a process's start-up time and
     # ~0.1 GB each in the launcher and the scheduler): DSV4 is resolved before it is touched, in
     # each module that bound get_model_architecture at import.
-    hooks += [
-        (f"{_MR}.adjust_config_with_unaligned_cpu_tp", _cpu_tp_config, HookType.AROUND),
-        (f"{_PS}.init_model_parallel_group", _group_without_cuda, HookType.AROUND),
-    ]
     for module in ("sglang.srt.model_loader.utils", "sglang.srt.model_loader.loader"):
         hooks.append((f"{module}.get_model_architecture", _model_architecture, HookType.AROUND))
     for target, fn, kind in hooks:
@@ -227,17 +227,16 @@ def _resolve_model_and_device(self, *args, **kwargs):
 
 
 def _cpu_tp_config(original, model_config, load_config, tp_size):
-    """On CPU, SGLang pads heads (and MoE widths) that ``--tp`` does not divide, and DSV4's one
-    K=V head always is: it would become ``tp`` heads. DSV4 splits its own dims or refuses at
-    startup (:func:`sglang_dsv4.arg_rules.check_parallel`), so its config stays as released."""
+    """On CPU SGLang pads heads ``--tp`` does not divide (DSV4's one K=V head would become
+    ``tp``); DSV4 splits its own dims or refuses at startup, so its config stays as released."""
     if _is_dsv4(model_config.hf_config):
         return model_config
     return original(model_config, load_config, tp_size)
 
 
 def _group_without_cuda(original, *args, **kwargs):
-    """Without CUDA no PyNccl communicator (it enters a CUDA device context and fails on CPU
-    when the NCCL library is installed, as it is with torch): SGLang's CPU all-reduce is gloo."""
+    """Without CUDA no PyNccl (it loads torch's NCCL library, then fails entering a CUDA device
+    context for CPU): SGLang's CPU all-reduce is then gloo's."""
     import torch
 
     if not torch.cuda.is_available():
