@@ -157,7 +157,7 @@ def test_tp2_server_equals_one_rank(tiny_server, tp2_server):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-def test_tp2_gpu_server_equals_one_gpu(tiny_server, tiny_checkpoint, tmp_path):
+def test_tp2_gpu_server_equals_one_gpu(tiny_checkpoint, tmp_path):
     """On 2 GPUs (NCCL, CUDA graphs): every prompt logprob of the fp32 tiny model within 1e-3
     of one GPU (bf16 cache rows, rounded from inputs that differ by the all-reduce's summation
     order) and the same first greedy token."""
