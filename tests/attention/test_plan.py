@@ -63,6 +63,8 @@ def test_plan_reads_the_device_once(tiny_cfg):
 
     world = World(tiny_cfg, device="cuda")
     fb = _batch(world, STEP, host_prefix=True)
+    fb.req_pool_indices = fb.req_pool_indices.cuda()  # SGLang's device tensor
+    torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
