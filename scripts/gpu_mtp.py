@@ -31,17 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from mtp_accept import spec_flags  # noqa: E402
+
 from sglang_dsv4.server_process import Server  # noqa: E402
-
-
-def spec_flags(steps: int) -> list[str]:
-    return [
-        "--speculative-algorithm", "EAGLE",
-        "--speculative-num-steps", str(steps),
-        "--speculative-eagle-topk", "1",
-        "--speculative-num-draft-tokens", str(steps + 1),
-    ]  # fmt: skip
-
 
 COMMON = ["--max-running-requests", "16", "--cuda-graph-max-bs-decode", "16"]
 COMMON += ["--mem-fraction-static", "0.6", "--sampling-backend", "pytorch"]
@@ -132,17 +124,23 @@ def run_batch(url: str, prompts: list[list[int]], new: int) -> dict:
 
 def prompts_for(model: str, n: int, length: int) -> list[list[int]]:
     if model == "dsv4":  # held-out text: the trained MTP layer's drafts are accepted
-        from tokenizers import Tokenizer
-
-        from sglang_dsv4.embedded import embedded_checkpoint
-        from sglang_dsv4.train.data import held_out_crops
-
-        tok = Tokenizer.from_file(str(embedded_checkpoint() / "tokenizer.json"))
-        return held_out_crops(tok, n, length)
+        return held_out_prompts(n, length)
     import random
 
     rng = random.Random(0)
     return [[rng.randrange(100, 100000) for _ in range(length)] for _ in range(n)]
+
+
+def held_out_prompts(n: int, length: int) -> list[list[int]]:
+    """``n`` chunks of ``length`` tokens of the held-out plays shipped with the package (the
+    embedded tokenizer; no corpus download on the device)."""
+    from transformers import AutoTokenizer
+
+    from sglang_dsv4.embedded import embedded_checkpoint
+    from sglang_dsv4.evals.perplexity import heldout_chunks
+
+    tok = AutoTokenizer.from_pretrained(str(embedded_checkpoint()))
+    return heldout_chunks(tok, length, n)
 
 
 def server_setup(args, model: str, mode: str) -> tuple[list[str], dict]:

@@ -17,33 +17,15 @@ SITE=${SITE:-/tmp/site}
 WORK=${WORK:-/tmp/fd}
 RESULTS=${OUT:-/tmp/gpu_mtp}
 mkdir -p "$RESULTS"
+T0=$(date +%s)
+log() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
 die() { echo "ERROR: $*" >&2; exit 2; }
+# shellcheck source=scripts/device_setup.sh
+source scripts/device_setup.sh
 
-if [ -f "$WH/install_on_device.sh" ]; then
-    # shellcheck disable=SC1091
-    source "$WH/install_on_device.sh" "$WH" > "$RESULTS/install.log" 2>&1 \
-        || { tail -n 40 "$RESULTS/install.log"; die "wheelhouse install failed"; }
-elif [ -d "$SITE/sglang" ]; then
-    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
-else
-    die "no $WH carried and $SITE/sglang missing"
-fi
-python3 -m pip install -q --upgrade --no-deps --no-build-isolation --target "$SITE" . \
-    >> "$RESULTS/install.log" 2>&1 || { tail -n 30 "$RESULTS/install.log"; die "pip install of this package failed"; }
-
+site_install "$RESULTS"
 if [[ " $* " == *" --native "* ]]; then
-    if [ -f "$NX/install_native_extra.sh" ] && [ -f "$NX/dsv4_native_extra.tar.xz" ]; then
-        # shellcheck disable=SC1091
-        source "$NX/install_native_extra.sh" "$NX" > "$RESULTS/native_install.log" 2>&1 \
-            || { tail -n 40 "$RESULTS/native_install.log"; die "native packages did not install"; }
-    elif [ -d "$SITE/deep_gemm" ] && [ -d "$SITE/tilelang" ]; then
-        export CUDA_HOME=/usr/local/cuda PATH="/usr/local/cuda/bin:$PATH"
-        export LD_LIBRARY_PATH="/tmp/z3lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-        export DG_JIT_CACHE_DIR=/tmp/jitcache/deep_gemm TILELANG_CACHE_DIR=/tmp/jitcache/tilelang
-        export TVM_FFI_CACHE_DIR=/tmp/jitcache/tvm-ffi
-    else
-        die "--native needs DeepGEMM / TileLang: carry .native (see scripts/gpu_side_by_side.sh)"
-    fi
+    native_packages "$RESULTS"
 fi
 
 if [ ! -f "$WORK/ckpt-bf16/config.json" ]; then

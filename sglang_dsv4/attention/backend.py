@@ -92,6 +92,7 @@ class DSV4AttnBackend(AttentionBackend):
         self._graph_bs = 0
         self._graph_plans: dict = {}  # graph batch size -> its decode plan (kept alive)
         self._context_len = model_runner.model_config.context_len
+        self.max_context_len = self._context_len  # SGLang's verify-input build may size by it
         allocator = model_runner.token_to_kv_pool_allocator
         model = model_runner.model
         # One line that says which classes serve (the plugin test reads it from the server log).

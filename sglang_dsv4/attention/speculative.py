@@ -39,6 +39,7 @@ from sglang_dsv4.ref.attention import attend
 
 __all__ = [
     "DraftDecodeSteps",
+    "RequestTables",
     "VerifyJournal",
     "VerifyMeta",
     "VerifyTorch",
@@ -172,19 +173,27 @@ def _commit_tail(j: _Journaled, rows, p0, prefix, act, n: int) -> None:
 
 
 @dataclass
-class VerifyMeta(DecodeMeta):
-    """The ``B * n`` rows' decode metadata (row ``b*n + i``: token ``i`` of request ``b``) and
-    each request's, for its compressors (request ``b``'s first row)."""
+class RequestTables:
+    """A verify batch's per-request tables, named as ``DecodeMeta``'s per-row ones (what the
+    compressor flush reads: the decode kernels' flush takes them as they are)."""
 
-    n: int
-    req_valid: torch.Tensor  # [B] bool (padded requests: False)
-    req_tail_rows: torch.Tensor  # [B] int64 tail rows (spare row for padding)
-    req_prefix_i32: torch.Tensor  # [B] int32 P
-    req_tail_rows_i32: torch.Tensor  # [B] int32
-    req_pages_i32: torch.Tensor  # [B, P] int32 full pages
+    valid: torch.Tensor  # [B] bool (padded requests: False)
+    tail_rows: torch.Tensor  # [B] int64 tail rows (spare row for padding)
+    tail_rows_i32: torch.Tensor  # [B] int32
+    positions_i32: torch.Tensor  # [B] int32 P, the first verify token's position
+    pages_i32: torch.Tensor  # [B, P] int32 full pages
     # [B, P] int32: the swa page of the block's last token where it is a verify token (its c4
     # state is kept there), else -1
-    req_boundary: torch.Tensor
+    boundary_table: torch.Tensor
+
+
+@dataclass
+class VerifyMeta(DecodeMeta):
+    """The ``B * n`` rows' decode metadata (row ``b*n + i``: token ``i`` of request ``b``) and
+    each request's tables (request ``b``'s first row), for its compressors."""
+
+    n: int
+    requests: RequestTables
 
 
 def verify_metadata(journal: VerifyJournal, ops, fb, req_to_token, *, n: int, n_pages: int):
@@ -233,12 +242,14 @@ def verify_meta(
     return VerifyMeta(
         **{f.name: getattr(meta, f.name) for f in fields(DecodeMeta)},
         n=n,
-        req_valid=meta.valid[first],
-        req_tail_rows=tail_rows,
-        req_prefix_i32=meta.positions_i32[first],
-        req_tail_rows_i32=meta.tail_rows_i32[first],
-        req_pages_i32=meta.pages_i32[first],
-        req_boundary=boundary.int(),
+        requests=RequestTables(
+            valid=meta.valid[first],
+            tail_rows=tail_rows,
+            tail_rows_i32=meta.tail_rows_i32[first],
+            positions_i32=meta.positions_i32[first],
+            pages_i32=meta.pages_i32[first],
+            boundary_table=boundary.int(),
+        ),
     )
 
 
@@ -291,7 +302,7 @@ def _flush_steps(write, per_page, tail, boundary, meta: VerifyMeta, comp, w, jou
         score.append(x.float() @ w.wgate.float().T)
         _flush(write, per_page, tail, boundary, step, x, w, comp)
     kv, score = torch.stack(kv, 1).flatten(0, 1), torch.stack(score, 1).flatten(0, 1)
-    journal.record(tail, meta.req_tail_rows, meta.positions, kv, score, w.ape)
+    journal.record(tail, meta.requests.tail_rows, meta.positions, kv, score, w.ape)
 
 
 def _rows_of(meta: DecodeMeta, rows: slice) -> DecodeMeta:

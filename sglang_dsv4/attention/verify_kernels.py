@@ -49,12 +49,8 @@ class VerifyKernels(DecodeKernels):
         return plan
 
     def _flush(self, plan: DecodePlan, name: str, out, tail, boundary, meta, comp, w) -> None:
-        """Each request's compressor fed its ``n`` tokens (``meta``: a ``VerifyMeta``)."""
+        """Each request's compressor fed its ``n`` tokens: the decode flush over the request
+        tables (``meta``: a ``VerifyMeta``), then the tokens' slot values into the journal."""
+        super()._flush(plan, name, out, tail, boundary, meta.requests, comp, w)
         kv, score = comp.projections(index=name == "c4_index")  # [B*n, coff*D] each
-        plan.flush[name].run(
-            kv, score, w.ape, w.norm, comp.inv_freq, tail.kv, tail.score, meta.req_tail_rows_i32,
-            meta.req_prefix_i32, plan.cu_seqlens, meta.req_pages_i32, out,
-            boundary=None if boundary is None else (boundary.kv, boundary.score),
-            boundary_table=meta.req_boundary,
-        )  # fmt: skip
-        self.journal.record(tail, meta.req_tail_rows, meta.positions, kv, score, w.ape)
+        self.journal.record(tail, meta.requests.tail_rows, meta.positions, kv, score, w.ape)

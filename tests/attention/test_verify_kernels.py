@@ -18,6 +18,7 @@ from attention.test_decode_kernels import (
     _restore,
     _state,
     _to,
+    check_entries_and_state,
 )
 from pool_world import LENGTHS
 
@@ -109,26 +110,21 @@ def _check_verify_kernels_equal_twin(cfg, weights, layer: int, device: str, fmt:
     rel = (got[:real] - want[:real]).norm() / want[:real].norm()
     assert rel <= 1e-2, f"attention rel L2 {rel:.2e}"
     got_state = _state(lk)
-    for name in ("raw", "entries", "index_keys"):
-        if name in want_state:
-            _check_rows(lk, name, got_state[name], want_state[name])
-    for k, v in want_state.items():
-        if "." in k:
-            part = slice(None, -1) if "tail" in k else slice(1, None)
-            torch.testing.assert_close(got_state[k][part], v[part], atol=1e-4, rtol=1e-4, msg=k)
+    _check_rows(lk, "raw", got_state["raw"], want_state["raw"])
+    check_entries_and_state(lk, got_state, want_state)
     got_journal = _journal_state(journal)
     for k, v in want_journal.items():  # the spare row takes the padded requests
         torch.testing.assert_close(got_journal[k][:-1], v[:-1], atol=1e-4, rtol=1e-4, msg=k)
 
 
-@pytest.mark.parametrize("layer", [0, 2, 3])  # SWA, CSA (c4), HCA (c128)
-def test_verify_kernels_equal_torch_twin_on_fp8_pools(tiny_cfg, tiny_weights, layer):
-    _check_verify_kernels_equal_twin(tiny_cfg, tiny_weights, layer, "cpu", EntryFormat.FP8)
+# (layer, pool rows): SWA, CSA (c4), HCA (c128) on FP8 rows, the compressed ones on bf16 rows
+CPU_CASES = [(0, EntryFormat.FP8), (2, EntryFormat.FP8), (3, EntryFormat.FP8)]
+CPU_CASES += [(2, EntryFormat.BF16), (3, EntryFormat.BF16)]
 
 
-@pytest.mark.parametrize("layer", [2, 3])
-def test_verify_kernels_equal_torch_twin_on_bf16_rows(tiny_cfg, tiny_weights, layer):
-    _check_verify_kernels_equal_twin(tiny_cfg, tiny_weights, layer, "cpu", EntryFormat.BF16)
+@pytest.mark.parametrize(("layer", "fmt"), CPU_CASES)
+def test_verify_kernels_equal_torch_twin(tiny_cfg, tiny_weights, layer, fmt):
+    _check_verify_kernels_equal_twin(tiny_cfg, tiny_weights, layer, "cpu", fmt)
 
 
 @pytest.mark.gpu

@@ -279,14 +279,15 @@ def _check_speculation_with_graphs(model_args, reqs, tmp_path, exact: bool) -> N
 @pytest.mark.gpu
 @pytest.mark.server
 def test_embedded_speculation_with_cuda_graphs_equals_plain_fp32(tmp_path):
-    """The shipped dsv4 (trained MTP layer: drafts accepted, commits at every kept count)."""
-    from tokenizers import Tokenizer
+    """The shipped dsv4 (trained MTP layer: drafts accepted, commits at every kept count) on
+    the held-out plays shipped with the package."""
+    from transformers import AutoTokenizer
 
     from sglang_dsv4.embedded import embedded_checkpoint
-    from sglang_dsv4.train.data import held_out_crops
+    from sglang_dsv4.evals.perplexity import heldout_chunks
 
-    tok = Tokenizer.from_file(str(embedded_checkpoint() / "tokenizer.json"))
-    reqs = _gpu_requests(held_out_crops(tok, 4, 300))
+    tok = AutoTokenizer.from_pretrained(str(embedded_checkpoint()))
+    reqs = _gpu_requests(heldout_chunks(tok, 300, 4))
     args = ["--model", "dsv4", "--dtype", "float32"]
     _check_speculation_with_graphs(args, reqs, tmp_path, exact=True)
 
