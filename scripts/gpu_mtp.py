@@ -6,6 +6,7 @@ checkpoint. One server per (model, mode); a table last, JSON to ``--out`` (rewri
 measurement, so a call stopped at its time limit keeps what it measured).
 
     bash scripts/gpu_mtp.sh [--models dsv4,flash] [--steps 3] [--batches 1,8] [--native]
+    bash scripts/gpu_mtp.sh --models "" --native       # SGLang's native MTP only (Flash dims)
 
 (``gpu_mtp.sh`` installs this package into /tmp/site and builds the Flash-dims checkpoint.)
 Decode tok/s of a batch: its requests start together (streamed, greedy, ``ignore_eos``);
@@ -174,8 +175,10 @@ def measure(args, model: str, mode: str, doc: dict, save) -> None:
     srv = Server(server_args, log, env=env or None, timeout=900)
     try:
         row["startup_s"] = round(time.time() - t, 1)
-        graphs = [line for line in srv.log.splitlines() if "CUDA graph end" in line]
-        row["graph_captures"] = graphs[-4:]
+        # SGLang's "Engine startup timings" line: seconds of each graph capture (target_verify,
+        # draft_decode, draft_extend), 0 where none was captured
+        lines = srv.log.splitlines()
+        row["graph_captures"] = [line for line in lines if "cuda_graph={" in line][-1:]
         prompts = prompts_for(model, max(args.batches), args.prompt_len)
         run_batch(srv.url, prompts[:1], 8)  # warm-up
         for bs in args.batches:
@@ -253,7 +256,8 @@ def main() -> int:
         out_json.write_text(json.dumps(doc, indent=1) + "\n")
 
     failed = []
-    jobs = [(m, mode) for m in args.models.split(",") for mode in ("plain", "mtp")]
+    models = [m for m in args.models.split(",") if m]  # --models "" --native: native only
+    jobs = [(m, mode) for m in models for mode in ("plain", "mtp")]
     if args.native:
         jobs += [("flash", "native plain"), ("flash", "native mtp")]
     for model, mode in jobs:

@@ -219,10 +219,11 @@ def _gpu_requests(ids: list[list[int]]) -> dict[str, list[int]]:
 
 def _serve_all(args: list[str], reqs: dict, log, top: bool = False) -> dict:
     """Greedy outputs of ``reqs`` (8 at once); with ``top`` each token's top-2 logprobs; then
-    the pool must be back to empty."""
+    the pool must be back to empty. SGLang logs every decode / verify graph replay."""
     from server import Server
 
-    srv = Server([*args, *GPU_ARGS], log, timeout=1200)
+    env = {"SGLANG_LOG_DECODE_GRAPH_KEY": "1"}
+    srv = Server([*args, *GPU_ARGS], log, env=env, timeout=1200)
     try:
         extra = {"return_logprob": top, "logprob_start_len": -1}
         if top:
@@ -265,6 +266,8 @@ def _check_speculation_with_graphs(model_args, reqs, tmp_path, exact: bool) -> N
         assert spec[k]["meta_info"].get("spec_verify_ct", 0) > 0, k  # it did speculate
     log = (tmp_path / "spec.log").read_text()
     assert "Capture draft decode CUDA graph end" in log, "no draft decode graph"
+    assert "mode=TARGET_VERIFY" in log, "no verify graph replayed"
+    assert "mode=TARGET_VERIFY" not in (tmp_path / "spec_eager.log").read_text()
     for name, got in (("speculative + graphs", spec), ("speculative eager", spec_eager)):
         partings = _partings(got, plain)
         print(f"{name}: {len(partings)} of {len(reqs)} outputs part from plain: {partings}")
