@@ -12,6 +12,7 @@
 #     and prints the two tables last. Exit status 1 if a gate fails.
 #   bash scripts/gpu_e2e.sh --bench 32768    install, then only the Flash-dims benchmark at
 #                                            that input length (own server, context to match).
+#   bash scripts/gpu_e2e.sh --tp 1 2         install, then TP1 vs TP2 (scripts/gpu_tp.sh).
 #   bash scripts/gpu_e2e.sh --released       install, then the Flash-dims checks, robustness and
 #                                            4K benchmark on a released-format checkpoint (FP8
 #                                            linears + MXFP4 experts, kept quantized on the GPU).
@@ -35,6 +36,16 @@ if [ "${1:-}" = "--released" ]; then
         > "$OUT/flash_dims_released.txt" 2>&1
     rc=$?
     grep -A 30 "^== Flash-dims" "$OUT/flash_dims_released.txt" || tail -n 30 "$OUT/flash_dims_released.txt"
+    echo "total $(( $(date +%s) - start )) s, exit $rc"
+    exit $rc
+fi
+if [ "${1:-}" = "--tp" ]; then  # scripts/gpu_tp.sh: TP1 vs TP-N (docs/multi_gpu.md)
+    shift
+    [ $# -eq 0 ] && set -- 1 2
+    echo "$(nvidia-smi -L | wc -l) GPUs; --tp $*"
+    python3 scripts/gpu_tp.py --work /tmp/tp_flash_dims --tp "$@" > "$OUT/gpu_tp.txt" 2>&1
+    rc=$?
+    grep -A 40 "^== Flash-dims" "$OUT/gpu_tp.txt" || tail -n 40 "$OUT/gpu_tp.txt"
     echo "total $(( $(date +%s) - start )) s, exit $rc"
     exit $rc
 fi

@@ -6,7 +6,11 @@ hook applies them; keeping them here keeps :mod:`sglang_dsv4.plugin` to the hook
 * :func:`whole_block_chunk_size`: SGLang asserts ``chunked_prefill_size % page_size == 0`` and a
   DSV4 page is a block (128 tokens, lcm of the compression ratios), so a finer chunk is rounded
   up to whole blocks instead of failing (chunking is exact: only the split points move);
-* :func:`cpu_speculative_env`: what a CPU server that speculates needs in its environment.
+* :func:`cpu_speculative_env`: what a CPU server that speculates needs in its environment;
+* :func:`check_parallel`: the parallel layouts the DSV4 model serves (``--tp N`` with the
+  dims it splits divisible by N; not expert parallelism, DP attention, pipeline parallelism or
+  speculative decoding under TP), a clear startup error otherwise (docs/multi_gpu.md);
+* :func:`cpu_tp_env`: what a CPU server with ``--tp N`` needs in its environment.
 """
 
 import json
@@ -15,7 +19,15 @@ from pathlib import Path
 
 from sglang_dsv4.embedded import PUBLIC
 
-__all__ = ["BLOCK", "cpu_speculative_env", "is_local_dsv4", "serves_dsv4", "whole_block_chunk_size"]
+__all__ = [
+    "BLOCK",
+    "check_parallel",
+    "cpu_speculative_env",
+    "cpu_tp_env",
+    "is_local_dsv4",
+    "serves_dsv4",
+    "whole_block_chunk_size",
+]
 
 BLOCK = 128  # tokens per DSV4 page (lcm of the compression ratios 4 and 128)
 
@@ -56,3 +68,51 @@ def cpu_speculative_env(environ=os.environ) -> dict[str, str]:
     for key, value in _CPU_SPECULATIVE_ENV.items():
         environ.setdefault(key, value)
     return {key: environ[key] for key in _CPU_SPECULATIVE_ENV}
+
+
+def check_parallel(args) -> None:
+    """Raise ``ValueError`` naming the flag when the parallel layout of server arguments
+    ``args`` (SGLang's ``ServerArgs`` fields) is one the DSV4 model cannot serve; a local
+    checkpoint's dims are checked against ``--tp`` here, a public repo's when the model is
+    built (the same :func:`sglang_dsv4.model.tp.check_split`)."""
+    tp = args.tp_size
+    refused = {
+        "--ep-size > 1 (routed experts are split by columns over the TP ranks instead)": (
+            args.ep_size != 1 or args.moe_a2a_backend not in (None, "none")
+        ),
+        "--enable-dp-attention (attention is tensor-parallel)": args.enable_dp_attention,
+        "--pp-size > 1": args.pp_size != 1,
+        "speculative decoding with --tp > 1": tp > 1 and args.speculative_algorithm is not None,
+    }
+    for what, bad in refused.items():
+        if bad:
+            raise ValueError(f"DSV4 does not support {what} yet (docs/multi_gpu.md)")
+    if tp > 1 and is_local_dsv4(args.model_path):
+        from sglang_dsv4.config import DSV4Config
+        from sglang_dsv4.model.tp import check_split
+
+        check_split(DSV4Config.from_json(args.model_path), tp)
+
+
+def cpu_tp_env(tp: int, environ=os.environ) -> dict[str, str]:
+    """For ``--tp tp`` on CPU, set where the user did not: the cores of each rank
+    (``SGLANG_CPU_OMP_THREADS_BIND``; SGLang otherwise wants one NUMA node per rank) split
+    evenly from this process's cores (a core is shared when there are fewer than ranks).
+    Returns the values in effect."""
+    cores = sorted(os.sched_getaffinity(0))
+    n = max(1, len(cores) // tp)
+    ranks = [cores[(r * n) % len(cores) :][:n] for r in range(tp)]
+    environ.setdefault(_BIND, "|".join(_cpu_list(c) for c in ranks))
+    return {_BIND: environ[_BIND]}
+
+
+def _cpu_list(cores: list[int]) -> str:
+    """SGLang's spelling of a rank's cores: ``0``, ``0-3`` (contiguous) or ``0,2,5``."""
+    if len(cores) == 1:
+        return str(cores[0])
+    if cores == list(range(cores[0], cores[-1] + 1)):
+        return f"{cores[0]}-{cores[-1]}"
+    return ",".join(map(str, cores))
+
+
+_BIND = "SGLANG_CPU_OMP_THREADS_BIND"

@@ -22,7 +22,9 @@ This is the only module that touches SGLang's registries (see docs/design/sglang
 * the HTTP app: a JSON body that is not an object gets a 400 on the request routes
   (:mod:`sglang_dsv4.http_body`; SGLang 0.5.17 answers some of them with a 500);
 * structured output on CPU: xgrammar's token bitmask unpinned without CUDA and applied to CPU
-  logits by xgrammar's CPU kernel (SGLang 0.5.17 has GPU paths only for both).
+  logits by xgrammar's CPU kernel (SGLang 0.5.17 has GPU paths only for both);
+* ``--tp N`` (docs/multi_gpu.md): layouts the model cannot split refused at startup; on CPU no
+  PyNccl, each rank's cores, and no head padding of the DSV4 config.
 
 SGLang logs and swallows exceptions from plugins and would then serve the built-in DSV4 model;
 a failure here must stop the server instead, so it is re-raised as ``SystemExit``.
@@ -43,6 +45,8 @@ _DRAFT = "sglang.srt.speculative.draft_utils.DraftBackendFactory"
 _EAGLE = "sglang.srt.speculative.eagle_utils"
 _KVC = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator"
 _TM = "sglang.srt.managers.tokenizer_manager.TokenizerManager"
+_MR = "sglang.srt.model_executor.model_runner"
+_PS = "sglang.srt.distributed.parallel_state"
 
 
 def register() -> None:
@@ -135,6 +139,8 @@ def _register() -> None:
             _apply_grammar_mask,
             HookType.AROUND,
         ),
+        (f"{_MR}.adjust_config_with_unaligned_cpu_tp", _cpu_tp_config, HookType.AROUND),
+        (f"{_PS}.init_model_parallel_group", _group_without_cuda, HookType.AROUND),
     ]
     # ModelRegistry imports every SGLang model module (~half of a process's start-up time and
     # ~0.1 GB each in the launcher and the scheduler): DSV4 is resolved before it is touched, in
@@ -179,7 +185,7 @@ def _resolve_model_and_device(self, *args, **kwargs):
     """Before ServerArgs resolves (it is read-only after): ``--model dsv4`` -> the embedded
     checkpoint; for DSV4 models, SGLang's DSV4 reasoning and tool-call parsers, CPU when there is
     no CUDA device, with CPU defaults."""
-    from sglang_dsv4.arg_rules import is_local_dsv4, whole_block_chunk_size
+    from sglang_dsv4.arg_rules import check_parallel, is_local_dsv4, whole_block_chunk_size
     from sglang_dsv4.embedded import EMBEDDED, PUBLIC, resolve_model_name
 
     name = self.model_path
@@ -192,6 +198,7 @@ def _resolve_model_and_device(self, *args, **kwargs):
             self.served_model_name = name
     if not (name == EMBEDDED or name in PUBLIC or is_local_dsv4(self.model_path)):
         return None
+    check_parallel(self)  # --tp / --ep / DP attention the model can serve, or a clear error
     # DSV4's own output formats (<think>...</think>, DSML tool calls) parsed into the OpenAI
     # API's reasoning_content / tool_calls; --reasoning-parser / --tool-call-parser win.
     if self.reasoning_parser is None:
@@ -213,6 +220,24 @@ def _resolve_model_and_device(self, *args, **kwargs):
     if self.device == "cpu":
         _cpu_defaults(self, embedded=name == EMBEDDED)
     return None
+
+
+def _cpu_tp_config(original, model_config, load_config, tp_size):
+    """On CPU SGLang pads heads ``--tp`` does not divide (DSV4's one K=V head would become
+    ``tp``); DSV4 splits its own dims or refuses at startup, so its config stays as released."""
+    if _is_dsv4(model_config.hf_config):
+        return model_config
+    return original(model_config, load_config, tp_size)
+
+
+def _group_without_cuda(original, *args, **kwargs):
+    """Without CUDA no PyNccl (it loads torch's NCCL library, then fails entering a CUDA device
+    context for CPU): SGLang's CPU all-reduce is then gloo's."""
+    import torch
+
+    if not torch.cuda.is_available():
+        kwargs["use_pynccl"] = False
+    return original(*args, **kwargs)
 
 
 def _cpu_processes(result, server_args, *args, **kwargs):
@@ -260,6 +285,10 @@ def _cpu_defaults(args, embedded: bool) -> None:
         _CPU_NOTES[:] = [f"context length {args.context_length} ({why})"]
     if args.max_running_requests is None:
         args.max_running_requests = CPU_MAX_RUNNING_REQUESTS
+    if args.tp_size > 1:
+        from sglang_dsv4.arg_rules import cpu_tp_env
+
+        logger.info("DSV4 --tp %d on CPU (gloo): %s", args.tp_size, cpu_tp_env(args.tp_size))
     if args.speculative_algorithm is not None:
         from sglang_dsv4.arg_rules import cpu_speculative_env
 

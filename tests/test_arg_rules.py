@@ -1,12 +1,15 @@
 """DSV4 server-argument rules (``sglang_dsv4/arg_rules.py``), without SGLang."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
 from sglang_dsv4.arg_rules import (
     BLOCK,
+    check_parallel,
     cpu_speculative_env,
+    cpu_tp_env,
     is_local_dsv4,
     serves_dsv4,
     whole_block_chunk_size,
@@ -51,3 +54,58 @@ def test_cpu_speculative_env_keeps_user_values():
     assert cpu_speculative_env(env) == {"TRITON_INTERPRET": "0", "TORCHDYNAMO_DISABLE": "1"}
     assert env == {"TRITON_INTERPRET": "0", "TORCHDYNAMO_DISABLE": "1"}
     assert cpu_speculative_env({}) == {"TRITON_INTERPRET": "1", "TORCHDYNAMO_DISABLE": "1"}
+
+
+def _args(model_path, **kw):
+    """The ServerArgs fields :func:`check_parallel` reads, SGLang's defaults unless given."""
+    base = dict(
+        tp_size=1,
+        ep_size=1,
+        moe_a2a_backend="none",
+        enable_dp_attention=False,
+        pp_size=1,
+        speculative_algorithm=None,
+        model_path=str(model_path),
+    )
+    return SimpleNamespace(**{**base, **kw})
+
+
+def test_check_parallel_accepts_tp_that_divides_the_model():
+    tiny = embedded_checkpoint()  # 4 heads, 2 output groups, expert width 128
+    check_parallel(_args(tiny))
+    check_parallel(_args(tiny, tp_size=2))
+    check_parallel(_args(PUBLIC["dsv4-flash"], tp_size=8))  # remote: checked when built
+
+
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        ({"tp_size": 4}, "o_groups = 2 is not divisible"),
+        ({"tp_size": 3}, "num_attention_heads = 4 is not divisible"),
+        ({"tp_size": 2, "ep_size": 2}, "--ep-size"),
+        ({"tp_size": 2, "moe_a2a_backend": "deepep"}, "--ep-size"),
+        ({"tp_size": 2, "enable_dp_attention": True}, "--enable-dp-attention"),
+        ({"pp_size": 2}, "--pp-size"),
+        ({"tp_size": 2, "speculative_algorithm": "EAGLE"}, "speculative decoding with --tp"),
+    ],
+)
+def test_check_parallel_refuses_with_the_reason(flags, named):
+    with pytest.raises(ValueError, match=named):
+        check_parallel(_args(embedded_checkpoint(), **flags))
+
+
+def test_check_parallel_leaves_speculation_at_one_rank():
+    check_parallel(_args(embedded_checkpoint(), speculative_algorithm="EAGLE"))
+
+
+def test_cpu_tp_env_splits_the_cores_and_keeps_user_values():
+    cores = sorted(__import__("os").sched_getaffinity(0))
+    env = {}
+    bind = cpu_tp_env(2, env)["SGLANG_CPU_OMP_THREADS_BIND"]
+    ranks = bind.split("|")
+    assert len(ranks) == 2 and env["SGLANG_CPU_OMP_THREADS_BIND"] == bind
+    if len(cores) >= 2:  # each rank its own cores
+        assert ranks[0] != ranks[1]
+    assert cpu_tp_env(2, {"SGLANG_CPU_OMP_THREADS_BIND": "0-3|4-7"}) == {
+        "SGLANG_CPU_OMP_THREADS_BIND": "0-3|4-7"
+    }

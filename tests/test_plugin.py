@@ -23,6 +23,17 @@ def test_plugin_is_declared_as_entry_point():
     assert ep.value == "sglang_dsv4.plugin:register"
 
 
+@pytest.mark.server
+def test_parallel_layout_the_model_cannot_split_stops_startup(tmp_path):
+    """``--tp 3`` for a 4-head model: the launcher exits before any scheduler starts, naming
+    the dimension (:func:`sglang_dsv4.arg_rules.check_parallel`)."""
+    from server import launch_and_expect_failure
+
+    log = launch_and_expect_failure(["--model", "dsv4", "--tp", "3"], tmp_path / "log")
+    assert "DSV4 --tp 3: num_attention_heads = 4 is not divisible by the TP size" in log
+    assert "Scheduler" not in log
+
+
 def test_import_error_in_our_model_stops_sglang_instead_of_falling_back():
     """SGLang logs and swallows plugin exceptions (then serves its built-in DSV4); ours must
     turn them into a process exit that names the error."""

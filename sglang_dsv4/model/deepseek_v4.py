@@ -36,6 +36,7 @@ from sglang_dsv4.attention.wrappers import CompressedInputs, IndexerInputs
 from sglang_dsv4.config import AttnKind, DSV4Config, LayerSpec
 from sglang_dsv4.model.experts import MoE
 from sglang_dsv4.model.linears import KeptFormats, QuantLinear, keeps_quantized
+from sglang_dsv4.model.tp import current_tp
 from sglang_dsv4.ops import HcWeights, build_ops
 from sglang_dsv4.params import block_specs, declare, model_specs
 from sglang_dsv4.ref.model import RefDSV4
@@ -90,14 +91,21 @@ class DeepseekV4ForCausalLM(nn.Module):
                 "quantized DSV4 checkpoints are not supported yet (got a quant_config)"
             )
         self.config = config
-        self.cfg = self.full_cfg = DSV4Config.from_dict(config.to_dict())
-        cfg = self.cfg
+        self.full_cfg = DSV4Config.from_dict(config.to_dict())
+        # --tp N: this rank's heads, output groups and expert columns (sglang_dsv4.model.tp)
+        self.tp = current_tp()
+        self.cfg = cfg = self.tp.local_cfg(self.full_cfg)
         self.nvfp4 = nvfp4_scope(getattr(config, NVFP4_KEY, None))  # quantize-on-load option
         device = torch.get_default_device()  # SGLang builds the model under its target device
         kept = KeptFormats(cfg, self.nvfp4, keeps_quantized(device))
         # embed, head, norm, hc_head_*: the table's rows outside the layers
         top = [s for s in model_specs(cfg).values() if not s.name.startswith("layers.")]
         declare(self, top, linear=kept.linear)
+        if self.tp.size > 1:  # vocabulary rows split as SGLang's DeepSeek models split them
+            self.embed, self.head = self.tp.vocab_modules(cfg)
+        self._kept, self._dtype = kept, torch.get_default_dtype()
+        # chosen once: the table read, or the vocabulary-parallel lookup under TP
+        self._embed_streams = self._parallel_streams if self.tp.size > 1 else self._table_streams
         self.layers = nn.ModuleList(
             _Block(cfg, spec, kept, f"layers.{spec.index}.") for spec in cfg.layers
         )
@@ -133,13 +141,13 @@ class DeepseekV4ForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch, **kwargs):
         backend = get_attn_backend()
         positions = positions.long()
-        hc, layers = self.ops.hc, self.layers
-        x = self.ref.embed_streams(input_ids)  # [T, hc, d]
+        hc, layers, reduce = self.ops.hc, self.layers, self.tp.reduce
+        x = self._embed_streams(input_ids)  # [T, hc, d]
         h, post, comb = hc.pre(x, self._hc_site(layers[0], "attn"))  # h [T, d]: normed input
         for i, block in enumerate(layers):
-            y = self._attention(block, h, positions, backend)
+            y = reduce(self._attention(block, h, positions, backend))  # TP: partial sums
             x, h, post, comb = hc.post_pre(y, x, post, comb, self._hc_site(block, "ffn"))
-            y = self.ops.moe.ffn(block.ffn, h, input_ids)
+            y = reduce(self.ops.moe.ffn(block.ffn, h, input_ids))
             if i + 1 < len(layers):
                 site = self._hc_site(layers[i + 1], "attn")
                 x, h, post, comb = hc.post_pre(y, x, post, comb, site)
@@ -152,6 +160,16 @@ class DeepseekV4ForCausalLM(nn.Module):
         return self.logits_processor(
             input_ids, hidden, self.head, forward_batch, hidden_states_before_norm=streams
         )
+
+    def _table_streams(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [T] -> the ``hc_mult`` residual streams [T, hc, d]."""
+        return self.ref.embed_streams(input_ids)
+
+    def _parallel_streams(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """:meth:`_table_streams` under TP: SGLang's vocabulary-parallel lookup (masked rows of
+        this rank's part + all-reduce)."""
+        h = self.embed(input_ids)  # [T, d]
+        return h.unsqueeze(1).expand(-1, self.cfg.hc_mult, -1).contiguous()
 
     @staticmethod
     def _hc_site(block: _Block, site: str) -> HcWeights:
@@ -251,6 +269,7 @@ class DeepseekV4ForCausalLM(nn.Module):
             if self.nvfp4 is not None and self.nvfp4(logical):
                 stored = to_nvfp4(stored)
             try:
+                stored = self.tp.shard(logical, stored, self._dtype, self._kept.kept)  # TP part
                 if (module := quant.get(name)) is not None:
                     module.load(stored)
                     return
@@ -259,6 +278,8 @@ class DeepseekV4ForCausalLM(nn.Module):
             except ValueError as e:
                 raise TensorMismatchError(f"tensor `{logical}`: {e}") from None
             param = params[name]
+            if (load := getattr(param, "weight_loader", None)) is not None:
+                return load(param, stored.data)  # SGLang's vocabulary-parallel rows
             param.data.copy_(stored.dequant(param.dtype) if stored.fmt.quantized else stored.data)
 
         stats = WeightStream(self.full_cfg, deliver, mtp=mtp).run(weights)

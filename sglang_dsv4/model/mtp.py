@@ -26,6 +26,7 @@ from torch import nn
 from sglang_dsv4.config import DSV4Config
 from sglang_dsv4.model.deepseek_v4 import DeepseekV4ForCausalLM, _Block
 from sglang_dsv4.model.linears import KeptFormats, keeps_quantized
+from sglang_dsv4.model.tp import TP
 from sglang_dsv4.ops import build_ops
 from sglang_dsv4.params import MTP_ROWS, declare, mtp_prefix, mtp_specs
 from sglang_dsv4.ref.mtp import input_weights, mtp_config, mtp_input
@@ -59,6 +60,8 @@ class DeepseekV4ForCausalLMNextN(DeepseekV4ForCausalLM):
         self.nvfp4 = nvfp4_scope(getattr(config, NVFP4_KEY, None))
         device = torch.get_default_device()
         kept = KeptFormats(self.full_cfg, self.nvfp4, keeps_quantized(device))
+        # one rank: speculative decoding with --tp > 1 is refused at startup (arg_rules)
+        self.tp, self._kept, self._dtype = TP(), kept, torch.get_default_dtype()
         p = mtp_prefix(0)
         own = [s for s in mtp_specs(self.full_cfg, 0).values() if s.name.removeprefix(p) in _OWN]
         declare(self, own, strip=p, linear=kept.linear)

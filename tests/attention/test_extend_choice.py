@@ -74,7 +74,10 @@ def test_flashmla_workspace_and_lists_equal_twin(tiny_cfg, tiny_weights, layer, 
     got = _run(tiny_cfg, tiny_weights, layer, fmt, flashmla=True)
     for g, w in zip(got, want, strict=True):
         assert not g.isnan().any()
-        assert ((g - w).norm() / w.norm()).item() <= 1e-5  # same rows, same softmax
+        # same rows, same softmax: only summation order differs (a wrong or missing row moves
+        # it by >1e-2); 1e-4, not 1e-5: CPU bf16 matmul kernels differ by machine (2.2e-5 seen on
+        # a 2026-12-06 CI machine)
+        assert ((g - w).norm() / w.norm()).item() <= 1e-4
 
 
 def test_pick(monkeypatch):
