@@ -5,6 +5,12 @@ On the GPU machine (sgl_kernel from the wheelhouse for FlashMLA):
     python scripts/bench_attention.py --out $OUT          # sweep, table, $OUT/bench_attention.json
     python scripts/bench_attention.py --plot J.json P.png  # roofline from a saved JSON (no GPU)
     python scripts/bench_attention.py --pages ours --quick --out $OUT  # the decode choice table
+    python scripts/bench_attention.py --quick --cute --out $OUT  # + our CuTe DSL kernel's column
+
+``--cute`` adds ``kernels.cute_sparse_mqa.CuteSparseMQA`` (needs nvidia-cutlass-dsl:
+``scripts/install_cutlass_dsl.sh``) on the same caches: its time, GB/s, speedup over FlashMLA and
+its output's relative L2 to ours; a case it fails on prints the error and keeps going.
+``--batches`` / ``--contexts`` narrow the grid.
 
 ``--pages ours`` lays the caches out as our pools do (SWA pages of 128 rows, c4 32, c128 1:
 ``mem.pools``) instead of SGLang's, and prints the rows of ``attention/choice.py``'s ``MEASURED``
@@ -107,7 +113,11 @@ def time_graph(calls, reps: int = 7) -> float:
 
 
 def ours_calls(case: Case, cfg: TileConfig, splits: int | None = None):
-    attn = SparseMQA(case.heads, D, config=cfg)
+    return planned_calls(case, SparseMQA(case.heads, D, config=cfg), splits)
+
+
+def planned_calls(case: Case, attn, splits: int | None = None):
+    """``attn`` (SparseMQA or CuteSparseMQA) planned for the case, one call per rotation."""
     attn.plan(case.batch, WINDOW, case.xk, num_splits=splits)
     scale = D**-0.5
     calls = [
@@ -145,11 +155,33 @@ def flashmla_calls(case: Case):
     return [lambda j=j: call(j) for j in range(case.rot)]
 
 
+def measure_cute(case: Case, row: dict, ours0: torch.Tensor, fm0: torch.Tensor | None) -> None:
+    """The CuTe kernel's columns of ``row`` (an error is recorded, not raised)."""
+    try:
+        from sglang_dsv4.kernels.cute_sparse_mqa import CuteSparseMQA
+
+        attn, calls = planned_calls(case, CuteSparseMQA(case.heads, D))
+        got = calls[0]().clone()
+        row["cute_splits"] = attn.num_splits
+        row["cute_diff_vs_ours"] = rel_l2(got, ours0)
+        if fm0 is not None:
+            row["cute_diff_vs_flashmla"] = rel_l2(got, fm0)
+        row["cute_us"] = time_graph(calls)
+    except Exception as e:  # keep the sweep going: the table shows which case failed
+        row["cute_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        print(f"CuTe failed on {case.kind} {case.model} b{case.batch}: {row['cute_error']}")
+        return
+    if "flashmla_us" in row:
+        row["cute_speedup"] = row["flashmla_us"] / row["cute_us"]
+
+
 def rel_l2(a, b) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def measure(case: Case, cfg: TileConfig, flashmla: bool, splits: int | None = None) -> dict:
+def measure(
+    case: Case, cfg: TileConfig, flashmla: bool, splits: int | None = None, cute: bool = False
+) -> dict:
     attn, calls = ours_calls(case, cfg, splits)
     flops, nbytes = case.cost()
     row = dict(
@@ -158,13 +190,16 @@ def measure(case: Case, cfg: TileConfig, flashmla: bool, splits: int | None = No
         config=asdict(attn.config), flops=flops, bytes=nbytes,
     )  # fmt: skip
     row["ours_us"] = time_graph(calls)
+    ours0, fm0 = calls[0]().clone(), None
     if flashmla:
         fm = flashmla_calls(case)
-        ours0 = calls[0]().clone()
-        row["diff_vs_flashmla"] = rel_l2(ours0, fm[0]())
+        fm0 = fm[0]().clone()
+        row["diff_vs_flashmla"] = rel_l2(ours0, fm0)
         row["flashmla_us"] = time_graph(fm)
         row["speedup"] = row["flashmla_us"] / row["ours_us"]
-    for who in ("ours", "flashmla"):
+    if cute:
+        measure_cute(case, row, ours0, fm0)
+    for who in ("ours", "flashmla", "cute"):
         if f"{who}_us" in row:
             row[f"{who}_gbps"] = nbytes / row[f"{who}_us"] / 1e3
             row[f"{who}_tflops"] = flops / row[f"{who}_us"] / 1e6
@@ -193,16 +228,25 @@ def fmt_row(r: dict) -> str:
     fm_s = f"{fm:8.1f} {r['flashmla_gbps']:6.0f}" if fm else f"{'-':>8} {'-':>6}"
     sp = f"{r['speedup']:5.2f}x" if fm else "   -  "
     diff = f"{r['diff_vs_flashmla']:.1e}" if fm else "-"
-    return (
+    line = (
         f"{r['kind']:4} {r['model']:5} {r['batch']:4d} {r['context'] // 1024:5d}K {r['keys']:5d} "
         f"{r['splits']:3d} {r['ours_us']:8.1f} {r['ours_gbps']:6.0f} {r['ours_tflops']:6.1f} "
         f"{fm_s} {sp} {diff:>8}"
     )
+    if "cute_us" in r:
+        csp = f"{r['cute_speedup']:5.2f}x" if "cute_speedup" in r else "   -  "
+        line += (
+            f" {r['cute_us']:8.1f} {r['cute_gbps']:6.0f} {r['cute_splits']:3d} {csp} "
+            f"{r['cute_diff_vs_ours']:8.1e}"
+        )
+    elif "cute_error" in r:
+        line += "   CuTe failed: " + r["cute_error"][:60]
+    return line
 
 
 HEADER = (
-    "kind model batch   ctx  keys spl  ours_us  GB/s  TF/s   fm_us   GB/s speedup  diff\n"
-    + "-" * 88
+    "kind model batch   ctx  keys spl  ours_us  GB/s  TF/s   fm_us   GB/s speedup  diff"
+    "  cute_us   GB/s spl cu/fm  cu-ours\n" + "-" * 124
 )
 
 
@@ -221,6 +265,13 @@ def choice_rows(cases: list[dict]) -> str:
                 f'    ("{r["kind"]}", {r["heads"]}, {r["batch"]}, {r["keys"]}, '
                 f"{r['ours_us']:.1f}, {r['flashmla_us']:.1f}),"
             )
+    cute = [r for r in cases if "cute_us" in r]
+    if cute:
+        lines.append("CUTE_MEASURED rows (same runs):")
+        lines += [
+            f'    ("{r["kind"]}", {r["heads"]}, {r["batch"]}, {r["keys"]}, {r["cute_us"]:.1f}),'
+            for r in cute
+        ]
     return "\n".join(lines)
 
 
@@ -278,12 +329,12 @@ def bench(args) -> None:
 
     for kind in ("csa", "hca"):
         for model in ("flash", "pro"):
-            grid = [(b, c) for b in (1, 32, 128) for c in (4096, 32768, 131072)]
-            if kind == "hca":
+            grid = [(b, c) for b in args.batches for c in args.contexts]
+            if kind == "hca" and 1 in args.batches and args.million:
                 grid.append((1, 1 << 20))
             for batch, context in grid:
                 case = Case(kind, model, batch, context, l2, dev)
-                r = measure(case, best[model][0], flashmla)
+                r = measure(case, best[model][0], flashmla, cute=args.cute)
                 result["cases"].append(r)
                 print(fmt_row(r), flush=True)
                 save(result, args.out)
@@ -319,7 +370,7 @@ def plot(json_path: str, png_path: str) -> None:
         ("hca", "pro"): "D",
     }
 
-    for who, color in (("ours", "tab:blue"), ("flashmla", "tab:orange")):
+    for who, color in (("ours", "tab:blue"), ("flashmla", "tab:orange"), ("cute", "tab:green")):
         for key, marker in styles.items():
             rows = [r for r in res["cases"] if (r["kind"], r["model"]) == key and f"{who}_us" in r]
             if not rows:
@@ -346,6 +397,11 @@ def main() -> None:
     ap.add_argument("--plot", nargs=2, metavar=("JSON", "PNG"), help="roofline from a saved JSON")
     ap.add_argument("--pages", choices=("sglang", "ours"), default="sglang", help="cache pages")
     ap.add_argument("--quick", action="store_true", help="no tile / split sweep")
+    ap.add_argument("--cute", action="store_true", help="add our CuTe DSL kernel's column")
+    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    ap.add_argument("--batches", type=ints, default=[1, 32, 128], help="e.g. 1,32,128")
+    ap.add_argument("--contexts", type=ints, default=[4096, 32768, 131072], help="tokens")
+    ap.add_argument("--no-million", dest="million", action="store_false", help="no 1M HCA case")
     args = ap.parse_args()
     if args.plot:
         plot(*args.plot)

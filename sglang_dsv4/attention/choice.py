@@ -1,5 +1,6 @@
-"""Which sparse-MQA decode kernel serves a shape: ours (``kernels.attention.SparseMQA``) or
-FlashMLA's sparse FP8 decode (``sgl_kernel.flash_mla``), from measured times kept here.
+"""Which sparse-MQA decode kernel serves a shape: ours (``kernels.attention.SparseMQA``, Triton),
+FlashMLA's sparse FP8 decode (``sgl_kernel.flash_mla``) or our CuTe DSL kernel
+(``kernels.cute_sparse_mqa.CuteSparseMQA``), from measured times kept here.
 
 ``MEASURED`` is the table of docs/perf/attention.md (H100 SXM, 2026-11-22,
 ``scripts/bench_attention.py``, CUDA-graph replays, same FP8 caches for both): per (kind, heads,
@@ -9,13 +10,18 @@ faster kernel. FlashMLA only runs where it can: FP8 rows, 64 or 128 query heads,
 a CUDA device with sgl_kernel's FlashMLA (sm90); everywhere else ours serves. On the measured
 shapes FlashMLA is faster (ours 0.34x-0.72x), so today ours serves the shapes FlashMLA lacks;
 re-measure (``scripts/bench_attention.py --pages ours``) and update the table when ours improves.
+
+``CUTE_MEASURED`` holds the CuTe kernel's microseconds for rows of ``MEASURED`` (same key, same
+run of ``scripts/bench_attention.py --cute``). The CuTe kernel is a candidate only where the
+nearest ``MEASURED`` row has a CuTe time and that time is the smallest: with no measured rows (as
+now, 2026-12-06: it has not run on a GPU yet) it is never picked.
 """
 
 import math
 
-__all__ = ["FLASHMLA", "MEASURED", "OURS", "flashmla_eligible", "pick"]
+__all__ = ["CUTE", "CUTE_MEASURED", "FLASHMLA", "MEASURED", "OURS", "flashmla_eligible", "pick"]
 
-OURS, FLASHMLA = "ours", "flashmla"
+OURS, FLASHMLA, CUTE = "ours", "flashmla", "cute"
 
 # (kind, heads, batch, keys per query, ours us, FlashMLA us); kind "csa" = window + c4 top-k,
 # "hca" = window + every c128 entry. SWA-only layers use the "hca" rows with the fewest keys.
@@ -45,6 +51,9 @@ MEASURED: tuple[tuple[str, int, int, int, float, float], ...] = (
     ("hca", 128, 128, 1152, 309.2, 103.8),
 )
 
+# (kind, heads, batch, keys per query, CuTe us): rows of MEASURED's runs. None measured yet.
+CUTE_MEASURED: tuple[tuple[str, int, int, int, float], ...] = ()
+
 
 def flashmla_eligible(fp8_rows: bool, heads: int, head_dim: int, device) -> bool:
     """FlashMLA's sparse decode runs FP8 rows, 64 / 128 heads of 512 on sm90 only."""
@@ -56,9 +65,10 @@ def flashmla_eligible(fp8_rows: bool, heads: int, head_dim: int, device) -> bool
     return torch.cuda.get_device_capability(dev)[0] == 9
 
 
-def pick(kind, heads: int, batch: int, keys: int, eligible: bool) -> str:
-    """The faster kernel for this shape (``kind`` an ``AttnKind`` or "csa" / "hca" / "swa")."""
-    if not eligible:
+def pick(kind, heads: int, batch: int, keys: int, eligible: bool, cute: bool = False) -> str:
+    """The fastest kernel for this shape (``kind`` an ``AttnKind`` or "csa" / "hca" / "swa").
+    ``eligible``: FlashMLA can run; ``cute``: the CuTe kernel can run (``cute_eligible``)."""
+    if not (eligible or cute):
         return OURS
     kind = getattr(kind, "name", kind).lower()
     kind = "hca" if kind == "swa" else kind
@@ -69,5 +79,12 @@ def pick(kind, heads: int, batch: int, keys: int, eligible: bool) -> str:
     def distance(r) -> float:
         return abs(math.log(max(batch, 1) / r[2])) + abs(math.log(max(keys, 1) / r[3]))
 
-    _, _, _, _, ours, flashmla = min(rows, key=distance)
-    return OURS if ours <= flashmla else FLASHMLA
+    nearest = min(rows, key=distance)
+    key, ours, flashmla = nearest[:4], nearest[4], nearest[5]
+    times = {OURS: ours}
+    if eligible:
+        times[FLASHMLA] = flashmla
+    for r in CUTE_MEASURED if cute else ():
+        if r[:4] == key:
+            times[CUTE] = r[4]
+    return min(times, key=times.get)  # ties: the first inserted (ours)

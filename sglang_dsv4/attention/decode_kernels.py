@@ -11,9 +11,10 @@ Per layer, all launches, no host sync, no host branch on values (CUDA-graph capt
   token's swa page): c4 main + c4 indexer (FP8 keys of the Hadamard-rotated key), c128 main;
 * c4: ``kernels.indexer.IndexerTopK`` over the FP8 keys (its score kernel rotates the queries
   like the keys, ``rotate``), whose key rows are the entry rows of the picks;
-* attention: ``kernels.attention.SparseMQA`` or FlashMLA's sparse FP8 decode
-  (:class:`FlashMLADecode`), picked per kind and batch shape in ``plan()`` by
-  ``attention.choice.pick`` from the measured table.
+* attention: ``kernels.attention.SparseMQA``, FlashMLA's sparse FP8 decode
+  (:class:`FlashMLADecode`) or our CuTe DSL kernel (``kernels.cute_sparse_mqa.CuteSparseMQA``,
+  where nvidia-cutlass-dsl is installed), picked per kind and batch shape in ``plan()`` by
+  ``attention.choice.pick`` from the measured tables.
 
 ``plan(bs, pages)`` (host, once per batch) returns a :class:`DecodePlan` holding the planned
 kernel objects and their buffers; captured graphs keep theirs alive.
@@ -24,11 +25,12 @@ from dataclasses import dataclass
 
 import torch
 
-from sglang_dsv4.attention.choice import FLASHMLA, flashmla_eligible, pick
+from sglang_dsv4.attention.choice import CUTE, FLASHMLA, flashmla_eligible, pick
 from sglang_dsv4.attention.decode import DecodeMeta, DecodeTorch, KVNorm, hca_list_width
 from sglang_dsv4.config import AttnKind
 from sglang_dsv4.kernels.attention import SparseMQA
 from sglang_dsv4.kernels.compressor import CompressorFlush
+from sglang_dsv4.kernels.cute_sparse_mqa import CuteSparseMQA, cute_eligible
 from sglang_dsv4.kernels.decode_meta import decode_meta_fields
 from sglang_dsv4.kernels.indexer import IndexerTopK
 from sglang_dsv4.kernels.kv_store import FP8RowLayout, IndexKeyLayout, store_kv
@@ -138,7 +140,7 @@ class DecodePlan:
     indexer: IndexerTopK | None
     cu_seqlens: torch.Tensor  # [B + 1] int32: one token per request
     query_req: torch.Tensor  # [B] int32
-    choice: dict  # AttnKind -> "ours" / "flashmla" (logged)
+    choice: dict  # AttnKind -> "ours" / "flashmla" / "cute" (logged)
 
 
 def _norm_args(kv_norm: KVNorm | None, meta: DecodeMeta) -> dict:
@@ -154,8 +156,8 @@ def _norm_args(kv_norm: KVNorm | None, meta: DecodeMeta) -> dict:
 
 
 class DecodeKernels(DecodeTorch):
-    """GPU decode ops of one pool schema (module docstring). ``flashmla`` False keeps ours
-    everywhere (tests, or hosts without FlashMLA)."""
+    """GPU decode ops of one pool schema (module docstring). ``flashmla`` / ``cute`` False keep
+    those kernels out of the choice (tests, or hosts without them); None: wherever they run."""
 
     def __init__(
         self,
@@ -166,6 +168,7 @@ class DecodeKernels(DecodeTorch):
         device,
         *,
         flashmla: bool | None = None,
+        cute: bool | None = None,
     ):
         if schema.fmt is EntryFormat.FP32 or schema.index_fmt is not EntryFormat.FP8:
             raise ValueError("decode kernels need FP8 or bf16 rows and FP8 indexer keys")
@@ -177,6 +180,8 @@ class DecodeKernels(DecodeTorch):
             flashmla = flashmla_eligible(self.fp8, num_heads, d, self.device)
         self._mla = load_flashmla() if flashmla else None  # imported once, here
         self.flashmla = self._mla is not None
+        # a candidate only where choice.CUTE_MEASURED says it wins (no rows yet)
+        self.cute = cute_eligible(self.fp8, num_heads, d, self.device) if cute is None else cute
         self._raw_layout = FP8RowLayout.paged(schema.block_size, d) if self.fp8 else None
         di = schema.index_head_dim
         self._runs = {AttnKind.SWA: self._swa, AttnKind.HCA: self._hca, AttnKind.CSA: self._csa}
@@ -212,7 +217,9 @@ class DecodeKernels(DecodeTorch):
             indexer.logits = self._shared_logits(indexer.logits.shape)
         attn, choice = {}, {}
         for kind, extra_topk in extra.items():
-            choice[kind] = pick(kind, self.num_heads, bs, window + extra_topk, self.flashmla)
+            choice[kind] = pick(
+                kind, self.num_heads, bs, window + extra_topk, self.flashmla, self.cute
+            )
             attn[kind] = self._attention(choice[kind], kind, bs, window, extra_topk)
         flush = {}
         for name, ratio, d, out in self._compressors():
@@ -241,6 +248,9 @@ class DecodeKernels(DecodeTorch):
             lengths = kind is AttnKind.HCA and extra_topk > STATIC_HCA_ENTRIES
             k = FlashMLADecode(self._mla, self.schema.head_dim, lengths=lengths)
             k.plan()
+        elif choice == CUTE:
+            k = CuteSparseMQA(self.num_heads, self.schema.head_dim, device=self.device)
+            k.plan(bs, window, extra_topk)
         else:
             k = SparseMQA(self.num_heads, self.schema.head_dim, kv_fp8=self.fp8, device=self.device)
             k.plan(bs, window, extra_topk)

@@ -1,7 +1,7 @@
 import pytest
 
 from sglang_dsv4.attention import choice
-from sglang_dsv4.attention.choice import FLASHMLA, OURS, flashmla_eligible, pick
+from sglang_dsv4.attention.choice import CUTE, FLASHMLA, OURS, flashmla_eligible, pick
 from sglang_dsv4.config import AttnKind
 
 
@@ -34,3 +34,23 @@ def test_layer_kinds_name_their_rows():
     assert pick(AttnKind.CSA, 64, 128, 640, eligible=True) == FLASHMLA
     assert pick(AttnKind.SWA, 64, 1, 128, eligible=True) == FLASHMLA
     assert pick(AttnKind.HCA, 64, 1, 192, eligible=True) == FLASHMLA
+
+
+def test_cute_never_picked_without_a_measured_row():
+    assert choice.CUTE_MEASURED == ()  # nothing measured yet: the CuTe kernel must not serve
+    for kind, heads, batch, keys, *_ in choice.MEASURED:
+        assert pick(kind, heads, batch, keys, eligible=True, cute=True) != CUTE
+        assert pick(kind, heads, batch, keys, eligible=False, cute=True) == OURS
+
+
+def test_cute_picked_only_where_its_row_wins(monkeypatch):
+    table = (("csa", 64, 1, 640, 19.7, 12.7), ("csa", 64, 128, 640, 111.9, 47.2))
+    monkeypatch.setattr(choice, "MEASURED", table)
+    monkeypatch.setattr(choice, "CUTE_MEASURED", (("csa", 64, 128, 640, 40.0),))
+    assert pick("csa", 64, 128, 640, eligible=True, cute=True) == CUTE
+    assert pick("csa", 64, 100, 600, eligible=True, cute=True) == CUTE  # nearest row: 128 x 640
+    assert pick("csa", 64, 1, 640, eligible=True, cute=True) == FLASHMLA  # no CuTe time there
+    assert pick("csa", 64, 128, 640, eligible=True, cute=False) == FLASHMLA  # cannot run
+    monkeypatch.setattr(choice, "CUTE_MEASURED", (("csa", 64, 128, 640, 50.0),))
+    assert pick("csa", 64, 128, 640, eligible=True, cute=True) == FLASHMLA  # slower: not picked
+    assert pick("csa", 64, 128, 640, eligible=False, cute=True) == CUTE  # faster than ours

@@ -27,8 +27,8 @@ IN_PROCESS = not CPU or "triton" not in sys.modules or os.environ.get("TRITON_IN
 if CPU:
     os.environ["TRITON_INTERPRET"] = "1"
 
-from sglang_dsv4.ref.attention import sparse_attention, window_indices  # noqa: E402
-from sglang_dsv4.ref.kv_layout import pack_fp8_rows, unpack_fp8_rows  # noqa: E402
+from sglang_dsv4.ref.attention import window_indices  # noqa: E402
+from sglang_dsv4.ref.kv_layout import pack_fp8_rows  # noqa: E402
 
 
 def _kernels():
@@ -52,45 +52,19 @@ def _interpreter_in_this_process(request):
         pytest.skip("triton was imported without TRITON_INTERPRET: test_cpu_in_fresh_process")
 
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
+from sparse_mqa_cases import (  # noqa: E402
+    CSA_CASES,
+    DEV,
+    cut_lists,
+    dsv4_case,
+    fp8_cache,
+    graph_replay_matches_eager,
+    reference,
+    rel_l2,
+    run_checked,
+)
+
 TOL = 1e-2 if DEV == "cuda" else 5e-3
-
-
-def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.float() - ref.float()).norm() / ref.float().norm().clamp(min=1e-30)).item()
-
-
-def fp8_cache(n: int, d: int, page: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fresh random rows -> (cache the kernel reads, fp32 rows the reference reads)."""
-    rows = pack_fp8_rows(torch.randn(n, d, device=DEV))
-    deq = unpack_fp8_rows(rows, d)
-    cache = rows if page is None else K.fp8_rows_to_pages(rows, page, d)
-    return cache, deq
-
-
-def reference(q, rows, idx, sink, scale, xrows=None, xidx=None, lengths=None, xlengths=None):
-    """One list over the concatenation of both caches, lengths applied as -1."""
-    idx = _cut(idx, lengths)
-    if xrows is not None:
-        xidx = _cut(xidx, xlengths)
-        idx = torch.cat([idx, torch.where(xidx >= 0, xidx + rows.shape[0], -1)], dim=1)
-        rows = torch.cat([rows, xrows])
-    return sparse_attention(q.float(), rows.float(), idx, sink, scale)
-
-
-def _cut(idx, lengths):
-    if lengths is None:
-        return idx
-    pos = torch.arange(idx.shape[1], device=idx.device)
-    return torch.where(pos[None, :] < lengths[:, None], idx, -1)
-
-
-def run_checked(attn, q, *args, **kw):
-    """Launch into a NaN-poisoned output and require every element written."""
-    out = torch.full_like(q, float("nan"))
-    attn.run(q, *args, out=out, **kw)
-    assert not out.isnan().any(), "unwritten output"
-    return out
 
 
 def random_lists(t: int, k: int, n: int, holes: float = 0.2) -> torch.Tensor:
@@ -145,8 +119,8 @@ def test_fp8_extra_cache_lengths_and_lse(splits, prefetch):
     assert rel_l2(out, ref) < TOL
     assert out[2].abs().max() == 0  # both lists cut to nothing
     # LSE of the logits without the sink.
-    xcut = _cut(xidx, xlengths)
-    all_idx = torch.cat([_cut(idx, lengths), torch.where(xcut >= 0, xcut + 90, -1)], 1)
+    xcut = cut_lists(xidx, xlengths)
+    all_idx = torch.cat([cut_lists(idx, lengths), torch.where(xcut >= 0, xcut + 90, -1)], 1)
     keys = torch.cat([rows, xrows])[all_idx.clamp(min=0).long()]  # [T, K, D]
     logits = torch.einsum("thd,tkd->thk", q.float(), keys) * 0.3
     logits = logits.masked_fill((all_idx < 0)[:, None, :], float("-inf"))
@@ -209,48 +183,9 @@ def test_fp8_rows_to_pages_layout():
 
 # --- GPU: DSV4 shapes ------------------------------------------------------------------------
 
-SWA_PAGE, C4_PAGE, C128_PAGE = 256, 64, 2
-
-
-def dsv4_case(t: int, h: int, context: int, topk: int | None, lengths: bool = False):
-    """SWA window rows (main, 256-row pages) + c4 top-k (``topk``) or all visible c128 entries
-    (``topk=None``) in FlashMLA pages; per query its own rows."""
-    swa, swa_rows = fp8_cache(t * SWA_PAGE, 512, SWA_PAGE)
-    idx = torch.arange(t, device=DEV)[:, None] * SWA_PAGE + torch.arange(128, device=DEV)
-    idx = idx.to(torch.int32)
-    ratio, page = (4, C4_PAGE) if topk else (128, C128_PAGE)
-    n_entries = context // ratio
-    xcache, xrows = fp8_cache(t * n_entries, 512, page)
-    base = torch.arange(t, device=DEV)[:, None] * n_entries
-    if topk:
-        picks = torch.rand(t, n_entries, device=DEV).topk(min(topk, n_entries), dim=1).indices
-        xidx = torch.full((t, topk), -1, dtype=torch.int32, device=DEV)
-        xidx[:, : picks.shape[1]] = (picks + base).to(torch.int32)
-    else:
-        width = -(-n_entries // 64) * 64
-        ids = torch.arange(width, device=DEV).expand(t, -1)
-        xidx = torch.where(ids < n_entries, ids + base, -1).to(torch.int32)
-    xlen = None
-    if lengths:
-        xlen = torch.randint(0, xidx.shape[1] + 1, (t,), dtype=torch.int32, device=DEV)
-        xlen[0] = xidx.shape[1]
-    q = torch.randn(t, h, 512, device=DEV, dtype=torch.bfloat16)
-    sink = torch.randn(h, device=DEV)
-    return q, (swa, swa_rows, idx), (xcache, xrows, xidx, xlen), sink
-
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(
-    ("h", "topk", "t", "context"),
-    [
-        (64, 512, 1, 4097),
-        (64, 512, 3, 32768),
-        (64, 512, 129, 4097),
-        (128, 1024, 1, 8192),
-        (128, 1024, 3, 4097),
-        (128, 1024, 129, 32768),
-    ],
-)
+@pytest.mark.parametrize(("h", "topk", "t", "context"), CSA_CASES)
 @pytest.mark.parametrize(
     ("dequant", "prefetch", "block_n"),
     [(0, 0, 64), (1, 0, 64), (2, 0, 32), (3, 0, 64), (3, 1, 32), (3, 2, 32)],
@@ -302,25 +237,7 @@ def test_gpu_bf16_cache():
 @pytest.mark.parametrize("t", [1, 32])
 def test_gpu_cuda_graph_replay(t):
     """run() captured once, replayed on new values written into the same tensors."""
-    q, (swa, _, idx), (xc, _, xidx, _), sink = dsv4_case(t, 64, 32768, 512)
-    attn = K.SparseMQA(64, 512)
-    attn.plan(t, 128, 512)
-    kw = dict(extra_kv=xc, extra_indices=xidx)
-    attn.run(q, swa, idx, sink, 512**-0.5, **kw)  # compile outside the capture
-    out = torch.empty_like(q)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        attn.run(q, swa, idx, sink, 512**-0.5, out=out, **kw)
-    for _ in range(2):
-        q.copy_(torch.randn_like(q))
-        xidx.copy_(xidx.roll(1, 0))
-        rows = pack_fp8_rows(torch.randn(t * SWA_PAGE, 512, device=DEV))
-        swa.copy_(K.fp8_rows_to_pages(rows, SWA_PAGE))
-        out.fill_(float("nan"))
-        graph.replay()
-        eager = attn.run(q, swa, idx, sink, 512**-0.5, **kw)
-        torch.cuda.synchronize()
-        assert torch.equal(out, eager)
+    graph_replay_matches_eager(K.SparseMQA(64, 512), t, replays=2)
 
 
 @pytest.mark.skipif(IN_PROCESS, reason="the CPU tests ran in this process")
