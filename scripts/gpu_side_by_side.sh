@@ -34,46 +34,20 @@ RESULTS=${OUT:-$SBS}
 mkdir -p "$SBS" "$RESULTS"
 log() { echo "[$(( $(date +%s) - SBS_T0 )) s] $*"; }
 die() { echo "ERROR: $*" >&2; exit 2; }
+# shellcheck source=scripts/device_setup.sh
+source scripts/device_setup.sh
 
 # 1. sglang + this package in $SITE
 if [ "${SKIP_INSTALL:-0}" = 1 ]; then
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
     log "SKIP_INSTALL=1: current environment, package from $PWD"
 else
-    if [ -f "$WH/install_on_device.sh" ]; then
-        # shellcheck disable=SC1091
-        source "$WH/install_on_device.sh" "$WH" > "$SBS/install.log" 2>&1 \
-            || { cat "$SBS/install.log"; die "wheelhouse install failed"; }
-        log "wheelhouse installed into $SITE"
-    elif [ -d "$SITE/sglang" ]; then
-        export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
-        log "no wheelhouse carried: reusing $SITE from an earlier call"
-    else
-        die "no $WH carried and $SITE/sglang missing: not the warm machine of call 1 (run call 1 again, carrying .wheelhouse)"
-    fi
-    python3 -m pip install -q --upgrade --no-deps --no-build-isolation --target "$SITE" . \
-        >> "$SBS/install.log" 2>&1 || { tail -n 30 "$SBS/install.log"; die "pip install of this package failed"; }
+    site_install "$SBS"
 fi
 
 # 2. the native path's packages (DeepGEMM, TileLang, libz3)
 if [[ ",$IMPL," == *",native,"* ]]; then
-    if [ -f "$NX/install_native_extra.sh" ] && [ -f "$NX/dsv4_native_extra.tar.xz" ]; then
-        # shellcheck disable=SC1091
-        source "$NX/install_native_extra.sh" "$NX" > "$SBS/native_install.log" 2>&1 \
-            || { cat "$SBS/native_install.log"; die "native packages did not install"; }
-        log "native packages unpacked into $SITE"
-    elif [ -d "$SITE/deep_gemm" ] && [ -d "$SITE/tilelang" ]; then
-        # unpacked by an earlier call on this machine: set what install_native_extra.sh sets
-        export CUDA_HOME=/usr/local/cuda PATH="/usr/local/cuda/bin:$PATH"
-        export LD_LIBRARY_PATH="/tmp/z3lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-        export DG_JIT_CACHE_DIR=/tmp/jitcache/deep_gemm TILELANG_CACHE_DIR=/tmp/jitcache/tilelang
-        export TVM_FFI_CACHE_DIR=/tmp/jitcache/tvm-ffi
-        log "native packages already in $SITE (earlier call)"
-    else
-        die "native needs DeepGEMM / TileLang: carry .native/dsv4_native_extra.tar.xz and .native/install_native_extra.sh (bash ../shared/device/build_native_extra.sh .native)"
-    fi
-    python3 -c "import deep_gemm, tilelang" > "$SBS/native_import.log" 2>&1 \
-        || { tail -n 30 "$SBS/native_import.log"; die "deep_gemm / tilelang do not import"; }
+    native_packages "$SBS"
 fi
 
 # 3. the checkpoint (seeded: every call and both servers read the same weights)

@@ -219,10 +219,6 @@ def _resolve_model_and_device(self, *args, **kwargs):
         self.chunked_prefill_size = chunk
     if self.device == "cpu":
         _cpu_defaults(self, embedded=name == EMBEDDED)
-    elif self.speculative_algorithm is not None and not self.disable_cuda_graph:
-        # our backend plans verify / draft-extend batches on the host: not graph-capturable yet
-        self.disable_cuda_graph = True
-        logger.warning("DSV4 speculative decoding: CUDA graphs off (draft / verify graphs to do)")
     return None
 
 

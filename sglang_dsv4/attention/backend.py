@@ -18,6 +18,7 @@ made once per forward, not per tensor value).
 """
 
 import logging
+from functools import partial
 
 import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
@@ -25,7 +26,12 @@ from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang_dsv4.attention.decode import DecodeMeta, KVNorm, decode_ops
 from sglang_dsv4.attention.extend_ops import extend_ops
 from sglang_dsv4.attention.plan import BatchPlan, plan_batch
-from sglang_dsv4.attention.speculative import VerifyJournal
+from sglang_dsv4.attention.speculative import (
+    VerifyJournal,
+    verify_metadata,
+    verify_ops,
+    verify_tokens,
+)
 from sglang_dsv4.attention.wrappers import CSAWrapper, HCAWrapper, SWAWrapper
 from sglang_dsv4.config import AttnKind
 from sglang_dsv4.mem.pools import DSV4KVPool
@@ -75,8 +81,10 @@ class DSV4AttnBackend(AttentionBackend):
             pool, cfg.num_heads, cfg.index_topk, cfg.index_n_heads, kernels=self._use_kernels
         )
         self.plan: BatchPlan | None = None
-        self.journal = VerifyJournal(pool)  # target verify: the rejected tokens' tails undone
-        self._verify = False
+        # target verify: the rejected tokens' tails undone (attention.speculative)
+        self.journal = VerifyJournal(pool, _verify_width(model_runner))
+        self._verify_ops = None  # built at the first verify batch (attention.speculative)
+        self._ops = self.decode_ops  # the ops of this batch's static-shape step
         self.decode_meta: DecodeMeta | None = None
         self.decode_plan = None  # the step's planned decode kernels
         self._decode_pages = 0  # pages per request in the decode metadata
@@ -84,6 +92,7 @@ class DSV4AttnBackend(AttentionBackend):
         self._graph_bs = 0
         self._graph_plans: dict = {}  # graph batch size -> its decode plan (kept alive)
         self._context_len = model_runner.model_config.context_len
+        self.max_context_len = self._context_len  # SGLang's verify-input build may size by it
         allocator = model_runner.token_to_kv_pool_allocator
         model = model_runner.model
         # One line that says which classes serve (the plugin test reads it from the server log).
@@ -113,44 +122,64 @@ class DSV4AttnBackend(AttentionBackend):
     def _prepare(self, forward_batch, in_capture: bool, replay: bool) -> None:
         fb = forward_batch
         self.plan = self.decode_meta = None
-        self._verify = False
+        self._ops = self.decode_ops
         if fb.forward_mode.is_idle():
             return
         if fb.forward_mode.is_decode():
             bs = fb.seq_lens_cpu.numel()
-            replay = replay and bool(self._graph_pages)
-            if in_capture or replay:
-                self._decode_pages = self._graph_pages
-            else:
-                self._decode_pages = -(-int(fb.seq_lens_cpu.max()) // self._block)
-            if in_capture:  # the captured graph keeps these buffers: one plan per graph size
-                self.decode_plan = self._graph_plans[bs] = self._plan_decode(bs)
-            elif replay:  # the graph replays its own plan; run() is not called
-                self.decode_plan = self._graph_plans.get(bs)
-            else:
-                self.decode_plan = self._plan_decode(bs)
+            self._plan_step(fb, bs, 0, in_capture, replay, partial(self._plan_decode, bs))
+            return
+        if fb.forward_mode.is_target_verify():  # a static-shape step of bs * n rows
+            bs, n = fb.batch_size, verify_tokens(fb)
+            if self._verify_ops is None:
+                self._verify_ops = verify_ops(self.decode_ops, self.journal)
+            self._ops = self._verify_ops
+            make = partial(self._plan_verify, bs, n)
+            self._plan_step(fb, ("verify", bs), n, in_capture, replay, make)
             return
         pool, rtp = self.token_to_kv_pool, self.req_to_token_pool
         self.plan = plan_batch(fb, pool, rtp, commit=self.journal.commit)
-        self._verify = fb.forward_mode.is_target_verify()
-        if self._verify:
-            self.journal.begin(self.plan, rtp.req_generation)
+        self.journal.forget(self.plan.tables.req_slots)  # the plan resumed what it keeps
         for wrapper in self.wrappers.values():
             wrapper.plan(self.plan)
+
+    def _plan_step(self, fb, key, ahead: int, in_capture, replay, make) -> None:
+        """Host work of a static-shape step (decode, verify, draft decode): its pages (the
+        context under a graph, else the batch's longest ``seq_lens + ahead``) and its planned
+        kernels, kept per graph ``key`` for captured graphs, which replay their own."""
+        replay = replay and bool(self._graph_pages)
+        if in_capture or replay:
+            self._decode_pages = self._graph_pages
+        else:
+            self._decode_pages = -(-(int(fb.seq_lens_cpu.max()) + ahead) // self._block)
+        if in_capture:  # the captured graph keeps these buffers: one plan per graph size
+            self.decode_plan = self._graph_plans[key] = make()
+        elif replay:  # the graph replays its own plan; run() is not called
+            self.decode_plan = self._graph_plans.get(key)
+        else:
+            self.decode_plan = make()
 
     def init_forward_metadata_in_graph(self, forward_batch) -> None:
         fb = forward_batch
         if fb.forward_mode.is_decode():
             self._decode_meta(fb, fb.positions, fb.out_cache_loc)
+        elif fb.forward_mode.is_target_verify():  # commit the last verify, journal this one
+            self.decode_meta = verify_metadata(
+                self.journal, self._ops, fb, self.req_to_token_pool.req_to_token,
+                n=verify_tokens(fb), n_pages=self._decode_pages,
+            )  # fmt: skip
 
-    def init_step_metadata(self, forward_batch, positions, out_cache_loc) -> None:
-        """A draft decode step (:class:`~sglang_dsv4.attention.speculative.DraftDecodeSteps`):
-        the batch's requests at ``positions`` [B] writing ``out_cache_loc`` [B]."""
-        fb = forward_batch
+    def plan_step(self, fb, step: int, in_capture: bool = False, replay: bool = False) -> None:
+        """Draft decode step ``step`` (:class:`~sglang_dsv4.attention.speculative.
+        DraftDecodeSteps`), host work: the batch's tokens sit at ``positions + step``."""
         self.plan = None
-        last = int(fb.seq_lens_cpu.max()) + int((positions - fb.positions).max()) + 1
-        self._decode_pages = -(-last // self._block)
-        self.decode_plan = self._plan_decode(fb.seq_lens_cpu.numel())
+        self._ops = self.decode_ops
+        bs = fb.batch_size
+        self._plan_step(fb, bs, step + 1, in_capture, replay, partial(self._plan_decode, bs))
+
+    def step_metadata(self, fb, positions, out_cache_loc) -> None:
+        """Draft decode step, device work: the requests at ``positions`` [B] writing
+        ``out_cache_loc`` [B]."""
         self._decode_meta(fb, positions, out_cache_loc)
 
     def _decode_meta(self, fb, positions, out_cache_loc) -> None:
@@ -176,6 +205,9 @@ class DSV4AttnBackend(AttentionBackend):
             logger.debug("dsv4 decode bs=%d pages=%d attention %s", bs, self._decode_pages, choice)
         return plan
 
+    def _plan_verify(self, bs: int, n: int):
+        return self._ops.plan_verify(bs, n, self._decode_pages)
+
     @property
     def _block(self) -> int:
         return self.token_to_kv_pool.schema.block_size
@@ -191,7 +223,11 @@ class DSV4AttnBackend(AttentionBackend):
     def on_after_cuda_graph_warmup(self) -> None:
         """SGLang runs a graph's forward once eagerly, calls this, then captures."""
         if self.decode_plan is not None:
-            self.decode_ops.after_warmup(self.decode_plan)
+            self._ops.after_warmup(self.decode_plan)
+
+    def update_verify_buffers_to_fill_after_draft(self, spec_info, cuda_graph_bs) -> None:
+        """With SGLang's overlap plan stream: nothing to redo, a verify's device metadata is
+        built inside its forward (``init_forward_metadata_in_graph``) from the batch's tensors."""
 
     def run(
         self,
@@ -206,11 +242,9 @@ class DSV4AttnBackend(AttentionBackend):
     ) -> torch.Tensor:
         """One layer's attention over this batch (``q`` [T, H, D], ``kv`` [T, D]: the raw
         ``wkv(x)`` with ``kv_norm``, which the KV store then applies, else normed and roped)."""
-        if self.decode_meta is not None:
+        if self.decode_meta is not None:  # decode or verify: the step's ops
             meta, plan = self.decode_meta, self.decode_plan
-            return self.decode_ops.run(plan, kind, lk, meta, q, kv, sink, scale, comp, kv_norm)
-        if self._verify and comp is not None:
-            self.journal.record(lk.layer, comp)
+            return self._ops.run(plan, kind, lk, meta, q, kv, sink, scale, comp, kv_norm)
         return self.wrappers[kind].run(lk, q, kv, sink, scale, comp, kv_norm)
 
     def forward(self, *args, **kwargs):
@@ -218,6 +252,15 @@ class DSV4AttnBackend(AttentionBackend):
             f"{BACKEND_NAME} is driven by the DSV4 model's layers through its wrappers; "
             "RadixAttention layers cannot use it"
         )
+
+
+def _verify_width(model_runner) -> int:
+    """Tokens per request of the target's verify batches (0 when not speculating, or for the
+    draft model, whose own batches need no journal)."""
+    args = model_runner.server_args
+    if getattr(args, "speculative_algorithm", None) is None or model_runner.is_draft_worker:
+        return 0
+    return int(args.speculative_num_draft_tokens)
 
 
 def _first_layer(pool: DSV4KVPool, kind: AttnKind):

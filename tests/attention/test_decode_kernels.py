@@ -198,6 +198,12 @@ def _check_kernels_equal_twin(
         assert torch.equal(got_state["raw"][1:], want_state["raw"][1:])
     else:
         assert torch.equal(got_state["raw"][BLOCK:], want_state["raw"][BLOCK:])
+    check_entries_and_state(lk, got_state, want_state)
+
+
+def check_entries_and_state(lk, got_state, want_state) -> None:
+    """Entries / indexer keys within one FP8 step, tails and block-end state within fp32
+    rounding (page 0, swa page 0 and the spare tail row take padded writes: not compared)."""
     for name in ("entries", "index_keys"):
         if name in want_state:
             _check_rows(lk, name, got_state[name], want_state[name])

@@ -200,3 +200,107 @@ def test_embedded_mtp_layer_is_trained(tmp_path):
     assert meta["completion_tokens"] == TRAINED_NEW
     accept = meta["spec_accept_length"]  # SGLang's: completion tokens / verify passes
     assert accept > TRAINED_ACCEPT_BOUND, (accept, meta)
+
+
+# ---------------------------------------------------------------- GPU: CUDA graphs
+
+GPU_PROMPT_LENS = (1, 127, 128, 129, 300)
+GPU_ARGS = ["--sleep-on-idle", "--max-running-requests", "16", "--cuda-graph-max-bs-decode", "16"]
+NEAR_TIE = 0.1  # nats between the reference's top-2 tokens where bf16 rounding may pick either
+
+
+def _gpu_requests(ids: list[list[int]]) -> dict[str, list[int]]:
+    """8 requests at once: the five lengths, then three more (129 / 300 / 128 tokens of other
+    text), from the token lists ``ids`` (each >= 300 tokens)."""
+    out = {str(n): ids[0][:n] for n in GPU_PROMPT_LENS}
+    out.update({"129b": ids[1][:129], "300b": ids[2][:300], "128c": ids[3][:128]})
+    return out
+
+
+def _serve_all(args: list[str], reqs: dict, log, top: bool = False) -> dict:
+    """Greedy outputs of ``reqs`` (8 at once); with ``top`` each token's top-2 logprobs; then
+    the pool must be back to empty. SGLang logs every decode / verify graph replay."""
+    from server import Server
+
+    env = {"SGLANG_LOG_DECODE_GRAPH_KEY": "1"}
+    srv = Server([*args, *GPU_ARGS], log, env=env, timeout=1200)
+    try:
+        extra = {"return_logprob": top, "logprob_start_len": -1}
+        if top:
+            extra["top_logprobs_num"] = 2
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            futures = {
+                k: pool.submit(srv.generate, ids, NEW, timeout=1800, **extra)
+                for k, ids in reqs.items()
+            }
+            outs = {k: f.result() for k, f in futures.items()}
+        used = used_tokens(srv.url)
+        assert used == [0] * len(used), f"pool not back to empty: {used} ({log})"
+    finally:
+        srv.stop()
+    return outs
+
+
+def _partings(got: dict, want: dict) -> list[tuple[str, int, float]]:
+    """(request, first differing token, the reference's top-2 logprob gap there) per request
+    whose greedy output differs from ``want`` (which carries top-2 logprobs)."""
+    out = []
+    for k, w in want.items():
+        a, b = got[k]["output_ids"], w["output_ids"]
+        i = next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), None)
+        if i is not None:
+            top = w["meta_info"]["output_top_logprobs"][i]
+            out.append((k, i, float(top[0][0]) - float(top[1][0])))
+    return out
+
+
+def _check_speculation_with_graphs(model_args, reqs, tmp_path, exact: bool) -> None:
+    """Greedy output with speculation, CUDA graphs on, equals the output without speculation
+    and the output with speculation in eager mode (``exact``; else they may part only where
+    the reference's top-2 tokens are within ``NEAR_TIE``: bf16 rounding of other GEMM shapes)."""
+    plain = _serve_all(model_args, reqs, tmp_path / "plain.log", top=True)
+    spec = _serve_all([*model_args, *SPEC], reqs, tmp_path / "spec.log")
+    eager = [*model_args, *SPEC, "--disable-cuda-graph"]
+    spec_eager = _serve_all(eager, reqs, tmp_path / "spec_eager.log")
+    for k in reqs:
+        assert spec[k]["meta_info"].get("spec_verify_ct", 0) > 0, k  # it did speculate
+    log = (tmp_path / "spec.log").read_text()
+    assert "Capture draft decode CUDA graph end" in log, "no draft decode graph"
+    assert "mode=TARGET_VERIFY" in log, "no verify graph replayed"
+    assert "mode=TARGET_VERIFY" not in (tmp_path / "spec_eager.log").read_text()
+    for name, got in (("speculative + graphs", spec), ("speculative eager", spec_eager)):
+        partings = _partings(got, plain)
+        print(f"{name}: {len(partings)} of {len(reqs)} outputs part from plain: {partings}")
+        if exact:
+            assert not partings, (name, partings)
+        assert all(gap < NEAR_TIE for _, _, gap in partings), (name, partings)
+    both = [k for k in reqs if spec[k]["output_ids"] != spec_eager[k]["output_ids"]]
+    if exact:
+        assert not both, f"graph vs eager speculation differ on {both}"
+
+
+@pytest.mark.gpu
+@pytest.mark.server
+def test_embedded_speculation_with_cuda_graphs_equals_plain_fp32(tmp_path):
+    """The shipped dsv4 (trained MTP layer: drafts accepted, commits at every kept count) on
+    the held-out plays shipped with the package."""
+    from transformers import AutoTokenizer
+
+    from sglang_dsv4.embedded import embedded_checkpoint
+    from sglang_dsv4.evals.perplexity import heldout_chunks
+
+    tok = AutoTokenizer.from_pretrained(str(embedded_checkpoint()))
+    reqs = _gpu_requests(heldout_chunks(tok, 300, 4))
+    args = ["--model", "dsv4", "--dtype", "float32"]
+    _check_speculation_with_graphs(args, reqs, tmp_path, exact=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.server
+def test_random_model_speculation_with_cuda_graphs_bf16(tiny_ckpt_pair, tmp_path):
+    """The tiny released checkpoint (random MTP layer: drafts mostly rejected) in bf16 with
+    FP8 pools: the verify kernels (``VerifyKernels``) under CUDA graphs."""
+    _, rel_dir, _ = tiny_ckpt_pair
+    reqs = _gpu_requests([prompt(300, seed=s) for s in range(4)])
+    args = ["--model-path", str(rel_dir), "--skip-tokenizer-init", "--dtype", "bfloat16"]
+    _check_speculation_with_graphs(args, reqs, tmp_path, exact=False)

@@ -1,0 +1,44 @@
+# Sourced by the one-command GPU scripts (gpu_side_by_side.sh, gpu_mtp.sh): the device
+# machine's Python set-up. Needs WH (wheelhouse dir), NX (.native dir), SITE, and log / die.
+#
+#   site_install LOGDIR    sglang from the carried wheelhouse, or $SITE of an earlier call on
+#                          this warm machine; then this checkout's package into $SITE
+#   native_packages LOGDIR SGLang's native DSV4 packages (DeepGEMM, TileLang, libz3)
+
+site_install() {
+    local logs=$1
+    if [ -f "$WH/install_on_device.sh" ]; then
+        # shellcheck disable=SC1091
+        source "$WH/install_on_device.sh" "$WH" > "$logs/install.log" 2>&1 \
+            || { cat "$logs/install.log"; die "wheelhouse install failed"; }
+        log "wheelhouse installed into $SITE"
+    elif [ -d "$SITE/sglang" ]; then
+        export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+        log "no wheelhouse carried: reusing $SITE from an earlier call"
+    else
+        die "no $WH carried and $SITE/sglang missing: not the warm machine of call 1 (run call 1 again, carrying .wheelhouse)"
+    fi
+    python3 -m pip install -q --upgrade --no-deps --no-build-isolation --target "$SITE" . \
+        >> "$logs/install.log" 2>&1 || { tail -n 30 "$logs/install.log"; die "pip install of this package failed"; }
+}
+
+native_packages() {
+    local logs=$1
+    if [ -f "$NX/install_native_extra.sh" ] && [ -f "$NX/dsv4_native_extra.tar.xz" ]; then
+        # shellcheck disable=SC1091
+        source "$NX/install_native_extra.sh" "$NX" > "$logs/native_install.log" 2>&1 \
+            || { cat "$logs/native_install.log"; die "native packages did not install"; }
+        log "native packages unpacked into $SITE"
+    elif [ -d "$SITE/deep_gemm" ] && [ -d "$SITE/tilelang" ]; then
+        # unpacked by an earlier call on this machine: set what install_native_extra.sh sets
+        export CUDA_HOME=/usr/local/cuda PATH="/usr/local/cuda/bin:$PATH"
+        export LD_LIBRARY_PATH="/tmp/z3lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+        export DG_JIT_CACHE_DIR=/tmp/jitcache/deep_gemm TILELANG_CACHE_DIR=/tmp/jitcache/tilelang
+        export TVM_FFI_CACHE_DIR=/tmp/jitcache/tvm-ffi
+        log "native packages already in $SITE (earlier call)"
+    else
+        die "native needs DeepGEMM / TileLang: carry .native/dsv4_native_extra.tar.xz and .native/install_native_extra.sh (bash ../shared/device/build_native_extra.sh .native)"
+    fi
+    python3 -c "import deep_gemm, tilelang" > "$logs/native_import.log" 2>&1 \
+        || { tail -n 30 "$logs/native_import.log"; die "deep_gemm / tilelang do not import"; }
+}
