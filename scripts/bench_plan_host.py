@@ -75,6 +75,8 @@ class Host:
             model=SimpleNamespace(cfg=cfg),
             model_config=SimpleNamespace(context_len=CONTEXT),
             token_to_kv_pool_allocator=SimpleNamespace(),
+            server_args=SimpleNamespace(speculative_algorithm=None),  # no verify journal
+            is_draft_worker=False,
         )
         self.backend = DSV4AttnBackend(runner)
         self.device = device
@@ -179,7 +181,7 @@ def cases(cfg, device: str):
 def graph_launch_cases(nodes: list[int]):
     """(name, callable): ``CUDAGraph.replay()`` of graphs of ``n`` tiny kernels, the host cost
     of a decode step's launch (86 kernels at batch 1, 157 at 32 on 2026-12-06)."""
-    x = torch.zeros(1, device="cuda")
+    x = torch.zeros(1, device="cuda") if nodes else None
     for n in nodes:
         graph = capture([functools.partial(x.add_, 1)] * n)
         yield f"graph-replay {n} nodes", graph.replay
