@@ -36,6 +36,7 @@ from sglang_dsv4.attention.wrappers import CSAWrapper, HCAWrapper, SWAWrapper
 from sglang_dsv4.config import AttnKind
 from sglang_dsv4.mem.pools import DSV4KVPool
 from sglang_dsv4.mem.schema import EntryFormat
+from sglang_dsv4.mem.sizing import verify_width
 
 __all__ = ["BACKEND_NAME", "DSV4AttnBackend"]
 
@@ -82,7 +83,9 @@ class DSV4AttnBackend(AttentionBackend):
         )
         self.plan: BatchPlan | None = None
         # target verify: the rejected tokens' tails undone (attention.speculative)
-        self.journal = VerifyJournal(pool, _verify_width(model_runner))
+        # (its memory: reserved by the pool sizing, mem.sizing, from the same width)
+        width = verify_width(model_runner.server_args, model_runner.is_draft_worker)
+        self.journal = VerifyJournal(pool, width)
         self._verify_ops = None  # built at the first verify batch (attention.speculative)
         self._ops = self.decode_ops  # the ops of this batch's static-shape step
         self.decode_meta: DecodeMeta | None = None
@@ -252,15 +255,6 @@ class DSV4AttnBackend(AttentionBackend):
             f"{BACKEND_NAME} is driven by the DSV4 model's layers through its wrappers; "
             "RadixAttention layers cannot use it"
         )
-
-
-def _verify_width(model_runner) -> int:
-    """Tokens per request of the target's verify batches (0 when not speculating, or for the
-    draft model, whose own batches need no journal)."""
-    args = model_runner.server_args
-    if getattr(args, "speculative_algorithm", None) is None or model_runner.is_draft_worker:
-        return 0
-    return int(args.speculative_num_draft_tokens)
 
 
 def _first_layer(pool: DSV4KVPool, kind: AttnKind):

@@ -75,7 +75,8 @@ class _Journaled:
 class VerifyJournal:
     """Device-side undo of the rejected verify tokens' tail updates (module docstring). ``n``:
     verify tokens per request (0: not speculating, nothing kept). Memory: about one more copy
-    of the pool's tails."""
+    of the pool's tails, ``schema.journal_bytes(n)`` per tail row, which the pool sizing
+    reserves (``mem.sizing``)."""
 
     def __init__(self, pool, n: int):
         self.pool, self.n = pool, n
@@ -84,13 +85,14 @@ class VerifyJournal:
         device = pool.tail_pos.device
         for lc in pool.schema.layers if n else ():
             lk = pool.layer(lc.layer)
-            for tail in (lk.tail, lk.index_tail):
+            shapes = pool.schema.journal_shapes(lc, n)  # (main, indexer), as sizing counts
+            for tail, shape in zip((lk.tail, lk.index_tail), shapes, strict=True):
                 if tail is not None:
-                    shape = (tail.kv.shape[1] + n, tail.kv.shape[2])
                     ext = TailBuffers.empty(n_slots, shape, device)
                     self.tails[tail.kv.data_ptr()] = _Journaled(tail, lc.kind.ratio, ext)
         # [n_slots] int64: P of the request slot's last verify, -1 when nothing is journaled
-        self.prefix = torch.full((n_slots,), -1, dtype=torch.int64, device=device)
+        # (empty when not speculating: the sizing reserved nothing, ``schema.journal_bytes``)
+        self.prefix = torch.full((n_slots if n else 0,), -1, dtype=torch.int64, device=device)
 
     def _rows(self, slots: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Journal rows of the batch's requests; invalid (padded) rows go to the spare row."""

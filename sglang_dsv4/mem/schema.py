@@ -185,7 +185,27 @@ class CacheSchema:
     @property
     def tail_bytes(self) -> int:
         """Compressor state of one request over all layers (kv + score, fp32)."""
-        shapes = [s for lc in self.layers for s in (lc.tail_shape, lc.index_tail_shape) if s]
+        return self._tail_rows_bytes(0)
+
+    @staticmethod
+    def journal_shapes(lc: LayerCacheSpec, n: int) -> tuple[tuple[int, int] | None, ...]:
+        """(main, indexer) shapes of one request slot's rows of ``lc``'s compressor tails
+        followed by ``n`` more slots (``n = 0``: the tails): the speculative verify journal
+        (``attention.speculative.VerifyJournal``) keeps the tails before a verify, then its
+        ``n`` tokens' slot values. ``None`` where the layer has no such tail."""
+        return tuple(
+            (shape[0] + n, shape[1]) if shape else None
+            for shape in (lc.tail_shape, lc.index_tail_shape)
+        )
+
+    def journal_bytes(self, n: int) -> int:
+        """The verify journal of one request slot, ``n`` verify tokens per request (0: not
+        speculating, no journal): :meth:`journal_shapes` (kv + score, fp32) and its int64
+        prefix (``VerifyJournal.prefix``)."""
+        return self._tail_rows_bytes(n) + 8 if n else 0
+
+    def _tail_rows_bytes(self, n: int) -> int:
+        shapes = [s for lc in self.layers for s in self.journal_shapes(lc, n) if s]
         return sum(2 * 4 * a * b for a, b in shapes)
 
     def blocks_for(self, num_tokens: int) -> int:

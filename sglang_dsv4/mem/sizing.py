@@ -5,7 +5,17 @@ entry and indexer-key pages (``CacheSchema.full_bytes_per_token``), an swa slot 
 every layer's raw page and of its page's boundary rows (``swa_bytes_per_token``, 6-7x more on
 Flash). As in SGLang's hybrid-SWA sizing, there are ``swa_ratio`` swa slots per full slot
 (``--swa-full-tokens-ratio``, default 0.1 for DSV4, see ``plugin``). Each request slot costs one
-compressor tail; the tails of ``max_running_requests`` are reserved first.
+compressor tail; the tails of ``max_running_requests`` are reserved first (:func:`tail_rows`:
+SGLang's request slots, its padding row and our spare row).
+
+Speculative decoding (``--speculative-algorithm``) adds the target's verify journal
+(``attention.speculative.VerifyJournal``): per tail row, the tails before a verify and the slot
+values of its ``--speculative-num-draft-tokens`` tokens (``CacheSchema.journal_bytes``, the
+shapes it allocates), reserved with the tails only when speculating (:func:`verify_width`). On
+real DeepSeek-V4-Flash (``configs/dsv4-flash.json``: 21 c4 + 20 c128 layers) that is 13.4 MB per
+request at 4 draft tokens against 12.2 MB of tails: 3.46 GB for SGLang's default 256 requests
+(258 tail rows; the tails: 3.15 GB), most of it the c128 tails (128 slots x 512 channels, kv +
+score fp32). Not speculating, nothing is reserved for it (and the backend allocates none).
 
 Row formats (``row_format``): fp32 models keep fp32 rows (the exact CPU path); other models keep
 bf16 rows on CPU and, on the GPU, FlashMLA's FP8 rows unless ``--kv-cache-dtype bfloat16``
@@ -39,6 +49,8 @@ __all__ = [
     "cpu_token_cap",
     "row_format",
     "schema_for",
+    "tail_rows",
+    "verify_width",
 ]
 
 logger = logging.getLogger(__name__)
@@ -77,6 +89,20 @@ def schema_for(model_config, server_args, device: str) -> tuple[CacheSchema, tor
     return CacheSchema.from_config(cfg, fmt, index_fmt), row_dtype
 
 
+def verify_width(server_args, is_draft: bool) -> int:
+    """Tokens per request of the target's verify batches: the verify journal's extra slots (0
+    when not speculating, or for the draft model, whose own batches need no journal)."""
+    if getattr(server_args, "speculative_algorithm", None) is None or is_draft:
+        return 0
+    return int(server_args.speculative_num_draft_tokens)
+
+
+def tail_rows(max_running_requests: int) -> int:
+    """Tail (and journal) rows of the pool: SGLang's ``ReqToTokenPool`` has one row per
+    request + padding row 0 (``DSV4KVPool``'s ``n_req_slots``), and the pool one spare row."""
+    return max_running_requests + 2
+
+
 def cpu_token_cap(kvc) -> tuple[int, str] | None:
     """(full token slots, why) for a CPU server without ``--max-total-tokens``: every running
     request can hold a whole context. ``None`` elsewhere (GPU: the measured budget decides)."""
@@ -105,17 +131,22 @@ def _context_source(kvc) -> str:
 
 
 class DSV4PoolConfigurator(MemoryPoolConfigurator):
+    """``verify_tokens``: tokens per request of a speculative verify (:func:`verify_width`),
+    0 when not speculating."""
+
     def __init__(
         self,
         schema: CacheSchema,
         max_running_requests: int,
         swa_ratio: float,
         token_cap: tuple[int, str] | None = None,
+        verify_tokens: int = 0,
     ):
         self.schema = schema
         self.max_running_requests = max_running_requests
         self.swa_ratio = swa_ratio
         self.token_cap = token_cap
+        self.verify_tokens = verify_tokens
 
     @classmethod
     def from_kv_cache_configurator(cls, kvc) -> "DSV4PoolConfigurator":
@@ -127,24 +158,38 @@ class DSV4PoolConfigurator(MemoryPoolConfigurator):
             args.max_running_requests or 256,
             args.swa_full_tokens_ratio,
             cpu_token_cap(kvc),
+            verify_width(args, getattr(kvc, "is_draft_worker", False)),
         )
+
+    @property
+    def tails_bytes(self) -> int:
+        """The compressor tails of every tail row."""
+        return self.schema.tail_bytes * tail_rows(self.max_running_requests)
+
+    @property
+    def journal_bytes(self) -> int:
+        """The verify journal of every tail row (0 when not speculating)."""
+        return self.schema.journal_bytes(self.verify_tokens) * tail_rows(self.max_running_requests)
 
     def calculate_pool_sizes(self, available_bytes: int, page_size: int) -> MemoryPoolConfig:
         s = self.schema
-        tails = s.tail_bytes * (self.max_running_requests + 1)
+        reserved = self.tails_bytes + self.journal_bytes
         per_full_slot = s.full_bytes_per_token + self.swa_ratio * s.swa_bytes_per_token
-        full = int((available_bytes - tails) // per_full_slot)
+        full = int((available_bytes - reserved) // per_full_slot)
         if self.token_cap is not None and self.token_cap[0] < full:
             cap, why = self.token_cap
-            pool_mib = (tails + cap * per_full_slot) / (1 << 20)
+            pool_mib = (reserved + cap * per_full_slot) / (1 << 20)
             logger.info("DSV4 pool: %d full token slots = %s; %.1f MiB", cap, why, pool_mib)
             full = cap
         logger.info(
-            "sglang-dsv4 pool budget %.2f GB: tails of %d requests %.2f GB, the rest holds %d "
-            "full tokens at %.1f B each (swa slots included)",
+            "sglang-dsv4 pool budget %.2f GB: tails of %d requests %.2f GB, verify journal "
+            "%.2f GB (%d tokens per verify; 0: not speculating), the rest holds %d full tokens "
+            "at %.1f B each (swa slots included)",
             available_bytes / 1e9,
             self.max_running_requests,
-            tails / 1e9,
+            self.tails_bytes / 1e9,
+            self.journal_bytes / 1e9,
+            self.verify_tokens,
             full,
             per_full_slot,
         )

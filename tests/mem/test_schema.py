@@ -74,3 +74,16 @@ def test_bf16_rows_with_fp8_indexer_keys():
     s = CacheSchema.from_config(cfg, EntryFormat.BF16, EntryFormat.FP8)
     assert (s.fmt, s.index_fmt, s.index_key_bytes) == (EntryFormat.BF16, EntryFormat.FP8, 132)
     assert s.full_bytes_per_token == (21 * 32 * (1024 + 132) + 20 * 1024) / 128
+
+
+def test_journal_is_the_tails_plus_n_slots_per_tail_and_nothing_without_speculation():
+    s = schema("dsv4-flash", EntryFormat.FP8)
+    assert s.journal_bytes(0) == 0  # not speculating
+    # per extra slot: 21 c4 layers x (1024 + 256) channels, 20 c128 layers x 512; kv + score
+    per_slot = 2 * 4 * (21 * (1024 + 256) + 20 * 512)
+    assert s.tail_bytes == 2 * 4 * (21 * 8 * (1024 + 256) + 20 * 128 * 512)
+    for n in (2, 4):
+        assert s.journal_bytes(n) == s.tail_bytes + n * per_slot + 8  # + the int64 prefix
+    csa = s.layers[2]
+    assert s.journal_shapes(csa, 4) == ((12, 1024), (12, 256))
+    assert s.journal_shapes(s.layers[0], 4) == (None, None)  # SWA: no tail, no journal

@@ -12,6 +12,7 @@ from sglang_dsv4.mem.sizing import (
     DSV4PoolConfigurator,
     cpu_token_cap,
     row_format,
+    tail_rows,
 )
 
 CONFIGS = Path(__file__).resolve().parents[2] / "sglang_dsv4" / "configs"
@@ -43,7 +44,7 @@ def test_fp8_capacity_at_least_native_at_the_default_swa_ratio():
     used = (
         sizes.full_max_total_num_tokens * s.full_bytes_per_token
         + sizes.swa_max_total_num_tokens * s.swa_bytes_per_token
-        + 257 * s.tail_bytes
+        + tail_rows(256) * s.tail_bytes
     )
     assert used <= budget
 
@@ -127,3 +128,86 @@ def test_cap_bounds_a_large_budget_and_a_small_budget_still_bounds_it(schema, ca
     below = free.calculate_pool_sizes(small, 128)
     assert 0 < below.full_max_total_num_tokens < 65536
     assert capped.calculate_pool_sizes(small, 128) == below
+
+
+# speculative decoding: the verify journal
+
+
+def test_speculation_reserves_exactly_the_verify_journal(caplog):
+    s, budget = flash_dims(), 10**10
+    plain = DSV4PoolConfigurator(s, 256, 0.1)
+    spec = DSV4PoolConfigurator(s, 256, 0.1, verify_tokens=4)
+    assert plain.journal_bytes == 0 and plain.tails_bytes == spec.tails_bytes
+    assert spec.journal_bytes == s.journal_bytes(4) * tail_rows(256) > 0
+    with caplog.at_level(logging.INFO, logger="sglang_dsv4.mem.sizing"):
+        with_journal = spec.calculate_pool_sizes(budget, 128)
+    assert "verify journal 0.20 GB (4 tokens per verify" in caplog.text
+    # the same pools as without speculation on a budget smaller by the journal, not more
+    assert with_journal == plain.calculate_pool_sizes(budget - spec.journal_bytes, 128)
+    assert with_journal != plain.calculate_pool_sizes(budget, 128)
+
+
+def test_real_flash_journal_at_256_requests_is_the_documented_3_46_gb():
+    cfg = DSV4Config.from_json(CONFIGS / "dsv4-flash.json")
+    spec = DSV4PoolConfigurator(CacheSchema.from_config(cfg), 256, 0.1, verify_tokens=4)
+    assert round(spec.journal_bytes / 1e9, 2) == 3.46  # docs/speculative.md, mem.sizing
+    assert round(spec.tails_bytes / 1e9, 2) == 3.15
+
+
+def spec_kvc(tiny_dict, algorithm, draft_worker=False, draft_tokens=4, device="cuda"):
+    """An SGLang KV-cache configurator as ``from_kv_cache_configurator`` reads it."""
+    args = SimpleNamespace(
+        device=device, kv_cache_dtype="auto", max_total_tokens=1024, max_running_requests=8,
+        swa_full_tokens_ratio=0.1, speculative_algorithm=algorithm,
+        speculative_num_draft_tokens=draft_tokens,
+    )  # fmt: skip
+    hf_config = SimpleNamespace(to_dict=lambda: tiny_dict)
+    model_config = SimpleNamespace(
+        hf_config=hf_config, dtype=torch.bfloat16, is_draft_model=False, context_len=512
+    )
+    return SimpleNamespace(
+        device=device, server_args=args, model_config=model_config, is_draft_worker=draft_worker
+    )
+
+
+def test_speculation_comes_from_the_server_args(tiny_dict):
+    def width(*args, **kwargs):
+        return DSV4PoolConfigurator.from_kv_cache_configurator(spec_kvc(*args, **kwargs))
+
+    assert width(tiny_dict, "EAGLE", draft_tokens=3).verify_tokens == 3
+    assert width(tiny_dict, None).verify_tokens == 0
+    assert width(tiny_dict, "EAGLE", draft_worker=True).verify_tokens == 0  # no journal there
+    assert width(tiny_dict, "EAGLE").journal_bytes > 0 == width(tiny_dict, None).journal_bytes
+
+
+@pytest.mark.parametrize("algorithm", ["EAGLE", None])
+def test_the_backends_journal_is_what_sizing_reserved(tiny_dict, tiny_cfg, algorithm):
+    """Pools and backend built as SGLang builds them (``plugin._build_pool``: a request slot per
+    ``ReqToTokenPool`` row) from the server args the sizing read: the journal's tensors take
+    exactly the bytes it reserved (none without speculation)."""
+    from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
+
+    from sglang_dsv4.attention.backend import DSV4AttnBackend
+    from sglang_dsv4.mem.pools import DSV4KVPool
+    from sglang_dsv4.mem.sizing import schema_for
+
+    kvc = spec_kvc(tiny_dict, algorithm, device="cpu")
+    sizing = DSV4PoolConfigurator.from_kv_cache_configurator(kvc)
+    args = kvc.server_args
+    rtp = ReqToTokenPool(args.max_running_requests, 512, "cpu", enable_memory_saver=False)
+    schema, row_dtype = schema_for(kvc.model_config, args, "cpu")
+    n_req = rtp.req_to_token.shape[0]
+    pool = DSV4KVPool(schema, 1024, 1024, n_req, row_dtype, "cpu")
+    runner = SimpleNamespace(
+        token_to_kv_pool=pool, req_to_token_pool=rtp, model=SimpleNamespace(cfg=tiny_cfg),
+        model_config=kvc.model_config, token_to_kv_pool_allocator=SimpleNamespace(),
+        server_args=args, is_draft_worker=False,
+    )  # fmt: skip
+    journal = DSV4AttnBackend(runner).journal
+    ext = [t for j in journal.tails.values() for t in (j.ext.kv, j.ext.score)]
+    allocated = sum(t.nbytes for t in ext) + journal.prefix.nbytes
+    assert allocated == sizing.journal_bytes
+    assert (allocated > 0) == (algorithm is not None)
+    bufs = [b for lk in pool.layers for b in (lk.tail, lk.index_tail) if b is not None]
+    tails = [t for b in bufs for t in (b.kv, b.score)]
+    assert sum(t.nbytes for t in tails) == sizing.tails_bytes  # the tails' rows, likewise
