@@ -8,6 +8,9 @@ import torch
 # interpreter, so set it before anything imports triton. Server subprocesses drop it again.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # The CuTe DSL reads its target once, at its import, and defaults to sm_100a without a GPU;
+    # in a whole-suite run something imports cutlass before the kernel module can set it.
+    os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
 
 from hf_tiny import build_hf_model, tiny_config_dict
 
