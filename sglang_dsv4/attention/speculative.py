@@ -109,7 +109,8 @@ class VerifyJournal:
         for j in self.tails.values():
             _commit_tail(j, rows, p0, prefix, act, self.n)
         self.pool.tail_pos[rows] = torch.where(act, prefix, self.pool.tail_pos[rows])
-        self.prefix[rows] = -1
+        # index_fill_, not ``[rows] = -1``: that copies a CPU scalar (refused under capture)
+        self.prefix.index_fill_(0, rows, -1)
         return act
 
     def begin_rows(self, slots, prefix, valid) -> None:
