@@ -108,7 +108,7 @@ def capacity(server_info: dict) -> dict:
 _CAPACITY_LOG = re.compile(
     r"max_total_num_tokens=|KV Cache is allocated|#tokens|token_capacity|sglang-dsv4 active"
     r"|swa_full_tokens_ratio to|page_size to|Memory pool end|pool size|full tokens"
-    r"|DeepSeekV4TokenToKVPool|kv.cache.dtype",
+    r"|DeepSeekV4TokenToKVPool|kv.cache.dtype|sglang-dsv4 pools",
     re.IGNORECASE,
 )
 
@@ -123,7 +123,12 @@ def capacity_log_lines(log: str, limit: int = 20) -> list[str]:
 
 def logged_kv_dtype(lines: list[str]) -> str | None:
     """The pool dtype a server logged (``KV Cache is allocated. dtype: torch.float8_e4m3fn``):
-    our plugin's pools do not follow ``--kv-cache-dtype``, so /server_info's value can differ."""
+    our plugin's pools do not follow ``--kv-cache-dtype``, so /server_info's value can differ.
+    Ours first: SGLang's line reports our pool's compute dtype (bfloat16) over FP8 rows."""
+    for ln in lines:
+        m = re.search(r"sglang-dsv4 pools: (\w+) rows", ln)
+        if m:
+            return f"{m.group(1)} rows"
     for ln in lines:
         m = re.search(r"dtype: torch\.(\w+)", ln)
         if m:

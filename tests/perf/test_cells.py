@@ -86,6 +86,12 @@ def test_capacity_log_lines():
     assert len(lines) == 3 and lines[0].endswith("#tokens: 61500000")
     assert logged_kv_dtype(lines) == "float8_e4m3fn"
     assert logged_kv_dtype(["nothing here"]) is None
+    ours = [
+        "KV Cache is allocated. dtype: torch.bfloat16, #tokens: 71314816, KV size: 42.54 GB",
+        "sglang-dsv4 pools: fp8 rows, fp8 indexer keys; 71314816 full tokens (372.0 B each)",
+    ]
+    assert capacity_log_lines("\n".join(ours)) == ours  # our pool line is kept
+    assert logged_kv_dtype(ours) == "fp8 rows"  # not SGLang's compute-dtype line
 
 
 def test_summarize_medians_skip_failed_runs():
