@@ -238,3 +238,24 @@ def test_speculative_hooks_call_the_twins_however_sglang_passes_arguments():
         batch_size=2, draft_token_num=3, device="cpu",
     )  # fmt: skip
     assert locs.tolist() == named.tolist() == [25, 26, 27, 1, 2, 3]
+
+
+def test_prefill_batches_carry_their_request_slots_on_the_host():
+    """``ForwardBatch.init_new``'s hook: EXTEND / MIXED batches get each request's slot (the
+    extend plan then reads nothing back); draft extends keep the device read."""
+    from types import SimpleNamespace
+
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    from sglang_dsv4.plugin import _host_slots
+
+    batch = SimpleNamespace(reqs=[SimpleNamespace(req_pool_idx=i) for i in (5, 2, 9)])
+    for mode, want in [
+        (ForwardMode.EXTEND, [5, 2, 9]),
+        (ForwardMode.MIXED, [5, 2, 9]),
+        (ForwardMode.DRAFT_EXTEND_V2, None),
+        (ForwardMode.TARGET_VERIFY, None),
+    ]:
+        fb = SimpleNamespace(forward_mode=mode)
+        assert _host_slots(fb, object, batch, None, return_hidden_states_before_norm=False) is None
+        assert getattr(fb, "dsv4_req_slots", None) == want
