@@ -98,7 +98,7 @@ def test_freed_window_is_raised_at_the_next_plan(tiny_cfg):
     world = World(tiny_cfg)
     world.req_to_token[2, BLOCK - 3 : BLOCK] = 0  # the REBUILD request's window rows freed
     plan_batch(_batch(world, STEP, host_slots=True), world.pool, world.rtp)  # no read: no error
-    with pytest.raises(RuntimeError, match="request slot 2: the swa rows .* were freed"):
+    with pytest.raises(RuntimeError, match=r"request slot 2: the swa rows .* were freed"):
         plan_batch(_batch(world, [(4, 0, 5)], host_slots=True), world.pool, world.rtp)
     plan_batch(_batch(world, [(4, 0, 5)], host_slots=True), world.pool, world.rtp)  # reported once
 
@@ -108,7 +108,7 @@ def test_lost_tail_progress_is_raised_at_the_next_plan(tiny_cfg):
     plan_batch(_batch(world, STEP[:1], host_slots=True), world.pool, world.rtp)
     world.pool.tail_pos[0] = 7  # not what request 0 has seen (131)
     plan_batch(_batch(world, NEXT[:1], host_slots=True), world.pool, world.rtp)
-    with pytest.raises(RuntimeError, match="request slot 0: its compressor tail .* prefix 131"):
+    with pytest.raises(RuntimeError, match=r"request slot 0: its compressor tail .* prefix 131"):
         plan_batch(_batch(world, [(4, 0, 5)], host_slots=True), world.pool, world.rtp)
 
 
