@@ -275,16 +275,20 @@ def _cpu_processes(result, server_args, *args, **kwargs):
 
 
 def _host_slots(forward_batch, cls, batch, *args, **kwargs):
-    """``ForwardBatch.init_new``, after: a prefill's request slots on the host
-    (``dsv4_req_slots``: each request's ``req_pool_idx``, what ``req_pool_indices`` holds on the
-    device), so that the extend plan reads nothing back (``attention.plan_facts``). SGLang's
-    forward batch keeps the device tensor only, and ``ScheduleBatch.req_pool_indices_cpu`` is
-    stale in the speculative draft window: the draft modes keep the plan's device read."""
+    """``ForwardBatch.init_new``, after: a prefill's request slots on the host (each request's
+    ``req_pool_idx``, what ``req_pool_indices`` holds on the device) ride on its host prefix
+    lengths (``attention.plan_facts.SlottedLens``), so that the extend plan reads nothing back.
+    SGLang's forward batch keeps the device tensor only, and ``ScheduleBatch.
+    req_pool_indices_cpu`` is stale in the speculative draft window: draft modes keep the read."""
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
-    if forward_batch.forward_mode in (ForwardMode.EXTEND, ForwardMode.MIXED):
+    from sglang_dsv4.attention.plan_facts import SlottedLens
+
+    lens = forward_batch.extend_prefix_lens_cpu
+    if forward_batch.forward_mode in (ForwardMode.EXTEND, ForwardMode.MIXED) and lens is not None:
         slots = [r.req_pool_idx for r in batch.reqs]
-        forward_batch.dsv4_req_slots = None if None in slots else slots
+        if None not in slots:
+            forward_batch.extend_prefix_lens_cpu = SlottedLens(lens, slots)
 
 
 def _released_spelling(config, *args, **kwargs):

@@ -112,7 +112,7 @@ def plan_batch(forward_batch, pool, req_to_token_pool, commit=None, commit_rows=
     updates undone, :class:`~sglang_dsv4.attention.speculative.VerifyJournal`);
     ``commit_rows``: the same for a batch, device ops only (the journal's ``commit_rows``).
 
-    Host syncs: none where SGLang gave the request slots on the host (``dsv4_req_slots``:
+    Host syncs: none where SGLang gave the request slots on the host (``SlottedLens``:
     :func:`~sglang_dsv4.attention.plan_facts.host_facts`, checks raised at the next plan), else
     one device-to-host read per batch; the lengths come from SGLang's host copies, and every
     host-to-device copy is queued without a sync (:func:`~sglang_dsv4.mem.h2d.to_device`)."""

@@ -6,7 +6,8 @@ are still held, and the swa page of token ``P-1`` (whose boundary rows a REBUILD
 * :func:`device_facts`: one device-to-host read per batch (the host waits for the previous
   forward to finish). Used where SGLang gave no host copy of the request slots.
 * :func:`host_facts`: no read. The slots are SGLang's host values (each request's
-  ``req_pool_idx``, ``forward_batch.dsv4_req_slots`` set by the plugin), and the progress follows
+  ``req_pool_idx``, carried by the plugin on ``extend_prefix_lens_cpu``: :class:`SlottedLens`),
+  and the progress follows
   from host state: a slot whose tail owner is the request's own generation holds the request's
   own tail, which has seen exactly its cached prefix ``P`` (an extend leaves it at ``S``, a
   decode step advances it by one token, a verify's overshoot is rewound by the journal's commit,
@@ -21,13 +22,32 @@ import torch
 
 from sglang_dsv4.mem.h2d import HostCopy, to_device
 
-__all__ = ["PendingChecks", "check_pending", "device_facts", "host_facts", "host_slots"]
+__all__ = [
+    "PendingChecks",
+    "SlottedLens",
+    "check_pending",
+    "device_facts",
+    "host_facts",
+    "host_slots",
+]
+
+
+class SlottedLens(list):
+    """``forward_batch.extend_prefix_lens_cpu`` as the plugin leaves it: the same prefix lengths,
+    carrying the batch's request slots ``req_slots``. On a field, not on the batch: SGLang's
+    runners rebuild the forward batch with ``dataclasses.replace`` before the attention backend
+    sees it, which drops attributes of the batch and carries its fields by reference (a runner
+    that sets new lengths drops the slots too: the plan then reads them back)."""
+
+    def __init__(self, lens, req_slots: list[int]):
+        super().__init__(lens)
+        self.req_slots = req_slots
 
 
 def host_slots(fb, n: int) -> list[int] | None:
     """The batch's request slots on the host, or None where SGLang's batch gave none (or a
     padded batch: ``n`` lengths but another number of slots)."""
-    slots = getattr(fb, "dsv4_req_slots", None)
+    slots = getattr(getattr(fb, "extend_prefix_lens_cpu", None), "req_slots", None)
     return None if slots is None or len(slots) != n else [int(s) for s in slots]
 
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from sglang_dsv4.attention.plan import TailMode, plan_batch
+from sglang_dsv4.attention.plan_facts import SlottedLens
 from tests.pool_world import BLOCK, World
 
 # (request slot, prefix, seq): fresh prompts and a prefix hit at a block end (REBUILD) ...
@@ -52,9 +53,8 @@ def _on_device(world):
 def _batch(world, step, host_slots: bool, dev: bool = False):
     reqs, prefix, seq = (list(x) for x in zip(*step, strict=True))
     fb = world.batch(reqs, prefix, seq, decode=False)
-    fb.extend_prefix_lens_cpu = prefix
-    if host_slots:
-        fb.dsv4_req_slots = reqs  # the plugin's ForwardBatch.init_new hook
+    # the plugin's ForwardBatch.init_new hook: slots on the host prefix lengths
+    fb.extend_prefix_lens_cpu = SlottedLens(prefix, reqs) if host_slots else prefix
     if dev:
         fb.req_pool_indices = fb.req_pool_indices.as_subclass(_Dev)
         fb.out_cache_loc = fb.out_cache_loc.as_subclass(_Dev)
@@ -117,7 +117,7 @@ def test_padded_batch_keeps_the_device_read(tiny_cfg):
     world = World(tiny_cfg)
     _on_device(world)
     fb = _batch(world, STEP, host_slots=True, dev=True)
-    fb.dsv4_req_slots = [0, 1]
+    fb.extend_prefix_lens_cpu = SlottedLens(fb.extend_prefix_lens_cpu, [0, 1])
     _Dev.reads = 0
     plan_batch(fb, world.pool, world.rtp)
     assert _Dev.reads == 1
