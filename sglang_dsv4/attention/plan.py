@@ -40,6 +40,7 @@ class TailMode:
 
 # the int codes of ``kernels.compressor`` (TAIL_KEEP / TAIL_FRESH / TAIL_REBUILD)
 _MODE_CODE = {TailMode.KEEP: 0, TailMode.FRESH: 1, TailMode.REBUILD: 2}
+_CODE_MODE = {c: m for m, c in _MODE_CODE.items()}
 
 
 @dataclass(frozen=True)
@@ -51,20 +52,24 @@ class RequestPlan:
     slots: torch.Tensor  # [S] int32 full slots of positions 0..S-1 (a view of req_to_token)
     window_lo: int  # first position a query of this forward sees: max(0, P - window + 1)
     window_slots: torch.Tensor  # [S - window_lo] int64 swa slots of positions window_lo..S-1
-    tail: str  # TailMode
-    rebuild_src: int | torch.Tensor  # REBUILD: the swa page holding token P-1 (its boundary
-    # rows; a 0-d device tensor where the plan read nothing back); else -1
+    tail_src: str | torch.Tensor  # TailMode, or its code as a 0-d device tensor where the
+    # device decided it (plan_facts.host_facts: an own tail whose progress is not P)
+    last_page: int | torch.Tensor  # the swa page holding token P-1 (a 0-d device tensor where
+    # the plan read nothing back)
     block: int  # tokens per block (the schema's block size)
 
     @property
-    def rebuild_page(self) -> int:
-        """``rebuild_src`` as an int (a host read for the torch twin; the kernels use
-        ``BatchTables.rebuild_page``)."""
-        return int(self.rebuild_src)
+    def tail(self) -> str:
+        """The TailMode (a host read for the torch twin where the device decided it)."""
+        if isinstance(self.tail_src, str):
+            return self.tail_src
+        return _CODE_MODE[int(self.tail_src)]
 
     @property
-    def positions(self) -> torch.Tensor:
-        return torch.arange(self.prefix, self.seq_len, device=self.slots.device)
+    def rebuild_page(self) -> int:
+        """REBUILD: the swa page of token P-1 (its boundary rows), else -1 (a host read for the
+        torch twin; the kernels use ``BatchTables.rebuild_page``)."""
+        return int(self.last_page) if self.tail == TailMode.REBUILD else -1
 
     @functools.cached_property
     def block_ends(self) -> tuple[tuple[int, int], ...]:
@@ -127,29 +132,31 @@ def plan_batch(forward_batch, pool, req_to_token_pool, commit=None, commit_rows=
     to_swa = pool.translate_loc_from_full_to_swa
     last_dev = to_swa(rtt[slots_dev, (prefix_dev - 1).clamp(min=0)]) // block  # [B] page of P-1
     slots = host_slots(fb, len(seq_lens))
+    progress_dev = None
     if slots is None:
         facts = device_facts(pool, req_to_token_pool, slots_dev, prefix_dev, last_dev)
     else:
-        facts = host_facts(pool, req_to_token_pool, slots, slots_dev, prefix_lens, prefix_dev,
-                           last_dev, commit_rows)  # fmt: skip
+        facts, progress_dev = host_facts(pool, req_to_token_pool, slots, slots_dev, prefix_lens,
+                                         prefix_dev, last_dev, commit_rows)  # fmt: skip
     req_slots = [f[0] for f in facts]
     generations = [int(g) for g in req_to_token_pool.req_generation[req_slots].tolist()]
     lows = [max(0, p - window + 1) for p in prefix_lens]
     window_slots = _window_slots(pool, req_to_token_pool, slots_dev, lows, seq_lens)
     compressed = any(lc.kind.compressed for lc in pool.schema.layers)
-    requests, start = [], 0
-    for (slot, pos, window_ok, last_page), gen, prefix, seq_len, window_lo, win in zip(
-        facts, generations, prefix_lens, seq_lens, lows, window_slots, strict=True
+    modes, alts = [], []
+    for (slot, pos, window_ok, _), gen, prefix, window_lo in zip(
+        facts, generations, prefix_lens, lows, strict=True
     ):
         own = pool.tail_owner[slot] == gen
-        if own and pos > prefix and commit is not None and commit(slot, gen, prefix):
-            pos = prefix  # a verify's rejected tokens undone
+        if own and pos is not None and pos > prefix and commit is not None:
+            pos = prefix if commit(slot, gen, prefix) else pos  # a verify's rejected tokens undone
+        alt = TailMode.FRESH if prefix == 0 else TailMode.REBUILD if prefix % block == 0 else None
         if (own and pos == prefix) or not compressed:  # no tails: nothing to resume
             mode = TailMode.KEEP
-        elif prefix == 0:
-            mode = TailMode.FRESH
-        elif prefix % block == 0:
-            mode = TailMode.REBUILD
+        elif own and pos is None:
+            mode = None  # the device decides: KEEP where its progress is P, else ``alt``
+        elif alt is not None:
+            mode = alt
         else:
             raise RuntimeError(
                 f"request slot {slot}: prefix {prefix} is neither this request's own progress "
@@ -160,30 +167,51 @@ def plan_batch(forward_batch, pool, req_to_token_pool, commit=None, commit_rows=
                 f"request slot {slot}: the swa rows of positions {window_lo}..{prefix - 1} "
                 "were freed while its queries still need them"
             )
+        modes.append(mode)
+        alts.append(alt)
+        pool.tail_owner[slot] = gen
+    mode_dev = _device_modes(modes, alts, progress_dev, prefix_dev)  # [B] int32
+    requests, start = [], 0
+    for b, ((slot, _, _, last), prefix, seq_len, window_lo, win, mode) in enumerate(
+        zip(facts, prefix_lens, seq_lens, lows, window_slots, modes, strict=True)
+    ):
         n = seq_len - prefix
-        rebuild = last_page if mode == TailMode.REBUILD else -1
+        rows = rtt[slot, :seq_len]  # a view: no copy, no launch
+        tail = mode if mode is not None else mode_dev[b]
         requests.append(
             RequestPlan(
                 slot,
                 prefix,
                 seq_len,
                 slice(start, start + n),
-                rtt[slot, :seq_len],  # a view: no copy, no launch
+                rows,
                 window_lo,
                 win,
-                mode,
-                rebuild,
+                tail,
+                last,
                 block,
             )
         )
-        pool.tail_owner[slot] = gen
         start += n
     pool.tail_pos[slots_dev] = to_device(torch.tensor(seq_lens), device)
     out_loc = fb.out_cache_loc.long()
     # decode batches too: served decode never plans here, but the extend wrappers are the decode
     # path's oracle in tests (tests/attention/test_decode.py) and need the same tables
-    tables = _tables(requests, pool, req_to_token_pool, slots_dev, last_dev)
+    tables = _tables(requests, pool, req_to_token_pool, slots_dev, mode_dev, last_dev)
     return BatchPlan(tuple(requests), out_loc, pool.translate_loc_from_full_to_swa(out_loc), tables)
+
+
+def _device_modes(modes, alts, progress_dev, prefix_dev) -> torch.Tensor:
+    """[B] int32 tail mode codes on the device: ``modes`` where the host decided, else KEEP if
+    the request's tail progress ``progress_dev`` [B] is its prefix, else its ``alts`` mode (none:
+    left KEEP, the pending check raises at the next plan)."""
+    codes = [_MODE_CODE[m or TailMode.KEEP] for m in modes]
+    rows = [codes, [-1 if a is None else _MODE_CODE[a] for a in alts], [m is None for m in modes]]
+    host = to_device(torch.tensor(rows, dtype=torch.int32), prefix_dev.device)  # [3, B]
+    if progress_dev is None:
+        return host[0]
+    moved = host[2].bool() & (progress_dev != prefix_dev) & (host[1] >= 0)
+    return torch.where(moved, host[1], host[0])
 
 
 def _host_lengths(fb) -> tuple[list[int], list[int]]:
@@ -220,31 +248,28 @@ def _ragged(sizes: torch.Tensor, starts: torch.Tensor) -> tuple[torch.Tensor, to
 
 
 def _tables(
-    requests: list[RequestPlan], pool, req_to_token_pool, slots_dev, last_dev
+    requests: list[RequestPlan], pool, req_to_token_pool, slots_dev, mode_dev, last_dev
 ) -> BatchTables:
     """The device tables of an extend batch: host ints copied in two queued copies (int32 and
     the int64 positions), page tables gathered on the device from ``req_to_token`` (one gather
-    each). ``slots_dev`` [B] int64: the requests' slots on the device; ``last_dev`` [B]: the swa
-    page of each request's token P-1."""
+    each). ``slots_dev`` [B] int64: the requests' slots on the device; ``mode_dev`` [B] int32
+    their tail mode codes; ``last_dev`` [B]: the swa page of each request's token P-1."""
     block = pool.schema.block_size
     rtt = req_to_token_pool.req_to_token
     device = rtt.device
     b = len(requests)
     lens = torch.tensor([r.seq_len - r.prefix for r in requests])
     query_req, positions = _ragged(lens, torch.tensor([r.prefix for r in requests]))  # [T]
-    modes = [_MODE_CODE[r.tail] for r in requests]
     per_req = torch.tensor(
         [
             [r.req_slot for r in requests],
             [r.prefix for r in requests],
             [r.seq_len for r in requests],
-            modes,
-            [_MODE_CODE[TailMode.FRESH] if m == 2 else m for m in modes],
         ]
-    )  # [5, B]
+    )  # [3, B]
     cu = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)])  # [B+1]
     i32 = to_device(torch.cat([per_req.flatten(), cu, query_req]).int(), device)
-    host, cu, query_req = i32[: 5 * b].view(5, b), i32[5 * b : 6 * b + 1], i32[6 * b + 1 :]
+    host, cu, query_req = i32[: 3 * b].view(3, b), i32[3 * b : 4 * b + 1], i32[4 * b + 1 :]
     positions = to_device(positions, device)  # [T] int64
     prefix, seq = host[1], host[2]
     n_blocks = max(1, -(-max((r.seq_len for r in requests), default=1) // block))
@@ -260,13 +285,14 @@ def _tables(
     window = positions.unsqueeze(1) + torch.arange(1 - pool.schema.sliding_window, 1, device=device)
     full = rtt[slots_dev[query_req].unsqueeze(1), window.clamp(min=0)]  # [T, W] full slots
     window_rows = torch.where(window >= 0, pool.translate_loc_from_full_to_swa(full), -1)
+    rebuild = _MODE_CODE[TailMode.REBUILD]
     return BatchTables(
         req_slots=host[0],
         prefix=prefix,
         cu_seqlens=cu,
-        tail_mode=host[3],
-        tail_mode_c128=host[4],
-        rebuild_page=torch.where(host[3] == _MODE_CODE[TailMode.REBUILD], last_dev, -1).int(),
+        tail_mode=mode_dev,
+        tail_mode_c128=torch.where(mode_dev == rebuild, _MODE_CODE[TailMode.FRESH], mode_dev),
+        rebuild_page=torch.where(mode_dev == rebuild, last_dev, -1).int(),
         block_table=block_table,
         boundary_table=torch.where(kept, swa_page, 0).int(),
         query_req=query_req,

@@ -72,25 +72,28 @@ def device_facts(pool, req_to_token_pool, slots_dev, prefix_dev, last_dev):
 
 def host_facts(pool, req_to_token_pool, slots, slots_dev, prefix_lens, prefix_dev, last_dev,
                commit_rows=None):  # fmt: skip
-    """The same tuples as :func:`device_facts` without a read (module docstring): progress
-    ``P`` for a request's own tail (-1 for a new owner: unused), window held, and the page of
-    token ``P-1`` as a 0-d device tensor. ``commit_rows(slots, prefix, valid)``: the journal's
-    device-only commit of own tails a verify took past ``P``. Leaves the checks pending on
-    ``pool.plan_checks``."""
+    """The tuples of :func:`device_facts` without a read (module docstring): progress None for a
+    request's own tail (the device compares it with ``P``: returned [B], after the commit), -1
+    for a new owner (unused), window held, and the page of token ``P-1`` as a 0-d device tensor.
+    ``commit_rows(slots, prefix, valid)``: the journal's device-only commit of own tails a
+    verify took past ``P``. Leaves the checks pending on ``pool.plan_checks``."""
     gens = req_to_token_pool.req_generation[slots].tolist()  # a host tensor in SGLang
     own = [pool.tail_owner[s] == int(g) for s, g in zip(slots, gens, strict=True)]
     own_dev = to_device(torch.tensor(own), slots_dev.device)  # [B] bool
     if commit_rows is not None:
         commit_rows(slots_dev, prefix_dev, own_dev & (pool.tail_pos[slots_dev] > prefix_dev))
     compressed = any(lc.kind.compressed for lc in pool.schema.layers)
-    progress = pool.tail_pos[slots_dev] == prefix_dev  # after the commit
-    progress_ok = progress | ~own_dev | (not compressed)
+    progress = pool.tail_pos[slots_dev].clone()  # [B] after the commit, before this plan's update
+    # an own tail elsewhere than P restarts FRESH / REBUILD at a block end; elsewhere it is lost
+    progress_ok = (progress == prefix_dev) | ~own_dev | (prefix_dev % pool.schema.block_size == 0)
+    progress_ok |= not compressed
     ok = held(pool, req_to_token_pool, slots_dev, prefix_dev)
     pool.plan_checks = PendingChecks(slots, prefix_lens, torch.stack([progress_ok, ok]))
-    return [
-        (s, p if o else -1, 1, last_dev[b])
-        for b, (s, p, o) in enumerate(zip(slots, prefix_lens, own, strict=True))
+    facts = [
+        (s, None if o else -1, 1, last_dev[b])
+        for b, (s, o) in enumerate(zip(slots, own, strict=True))
     ]
+    return facts, progress
 
 
 class PendingChecks:
@@ -106,8 +109,8 @@ class PendingChecks:
                                       strict=True):  # fmt: skip
             if not p:
                 raise RuntimeError(
-                    f"request slot {slot}: its compressor tail had not seen exactly its prefix "
-                    f"{prefix} when its last batch was planned; its compressor state is lost"
+                    f"request slot {slot}: prefix {prefix} was neither its own tail's progress nor "
+                    "a block boundary when its last batch was planned; its compressor state is lost"
                 )
             if not h:
                 raise RuntimeError(

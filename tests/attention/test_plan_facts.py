@@ -94,6 +94,21 @@ def test_host_slots_plan_what_the_device_read_plans(tiny_cfg):
     assert tails == [[TailMode.FRESH, TailMode.FRESH, TailMode.REBUILD], [TailMode.KEEP] * 3]
 
 
+def test_own_tail_elsewhere_restarts_as_the_device_read_decides(tiny_cfg):
+    """An own request re-planned from 0 or a block end (a retraction keeps its slot): its tail's
+    progress is not P, so the device picks FRESH / REBUILD, as the read path does on the host."""
+    a, b = World(tiny_cfg), World(tiny_cfg)
+    again = [(0, 0, 131), (2, BLOCK, 300)]  # after STEP: progress 131 / 300
+    for step in (STEP, again):
+        x = plan_batch(_batch(a, step, host_slots=True), a.pool, a.rtp)
+        y = plan_batch(_batch(b, step, host_slots=False), b.pool, b.rtp)
+        for name in x.tables.__dataclass_fields__:
+            assert torch.equal(getattr(x.tables, name), getattr(y.tables, name)), name
+    assert [r.tail for r in x.requests] == [TailMode.FRESH, TailMode.REBUILD]
+    assert [r.rebuild_page for r in x.requests] == [r.rebuild_page for r in y.requests]
+    plan_batch(_batch(a, NEXT[:1], host_slots=True), a.pool, a.rtp)  # no error pending
+
+
 def test_freed_window_is_raised_at_the_next_plan(tiny_cfg):
     world = World(tiny_cfg)
     world.req_to_token[2, BLOCK - 3 : BLOCK] = 0  # the REBUILD request's window rows freed
@@ -108,7 +123,9 @@ def test_lost_tail_progress_is_raised_at_the_next_plan(tiny_cfg):
     plan_batch(_batch(world, STEP[:1], host_slots=True), world.pool, world.rtp)
     world.pool.tail_pos[0] = 7  # not what request 0 has seen (131)
     plan_batch(_batch(world, NEXT[:1], host_slots=True), world.pool, world.rtp)
-    with pytest.raises(RuntimeError, match=r"request slot 0: its compressor tail .* prefix 131"):
+    with pytest.raises(
+        RuntimeError, match=r"request slot 0: prefix 131 was neither its own tail's progress"
+    ):
         plan_batch(_batch(world, [(4, 0, 5)], host_slots=True), world.pool, world.rtp)
 
 
