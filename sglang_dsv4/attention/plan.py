@@ -71,6 +71,10 @@ class RequestPlan:
         torch twin; the kernels use ``BatchTables.rebuild_page``)."""
         return int(self.last_page) if self.tail == TailMode.REBUILD else -1
 
+    @property
+    def positions(self) -> torch.Tensor:
+        return torch.arange(self.prefix, self.seq_len, device=self.slots.device)
+
     @functools.cached_property
     def block_ends(self) -> tuple[tuple[int, int], ...]:
         """(position, swa page of the token before it) per block end in (P, S]: what the torch
