@@ -175,12 +175,25 @@ def plan_batch(forward_batch, pool, req_to_token_pool, commit=None, commit_rows=
         alts.append(alt)
         pool.tail_owner[slot] = gen
     mode_dev = _device_modes(modes, alts, progress_dev, prefix_dev)  # [B] int32
+    rows = (facts, prefix_lens, seq_lens, lows, window_slots, modes)
+    requests = _requests(rows, mode_dev, req_to_token_pool.req_to_token, block)
+    pool.tail_pos[slots_dev] = to_device(torch.tensor(seq_lens), device)
+    out_loc = fb.out_cache_loc.long()
+    # decode batches too: served decode never plans here, but the extend wrappers are the decode
+    # path's oracle in tests (tests/attention/test_decode.py) and need the same tables
+    tables = _tables(requests, pool, req_to_token_pool, slots_dev, mode_dev, last_dev)
+    return BatchPlan(tuple(requests), out_loc, pool.translate_loc_from_full_to_swa(out_loc), tables)
+
+
+def _requests(rows, mode_dev, rtt, block: int) -> list[RequestPlan]:
+    """The RequestPlans of ``rows`` = (facts, prefix lens, seq lens, window starts, window
+    slots, host modes) per request; an undecided mode is the device's ``mode_dev[b]``."""
     requests, start = [], 0
     for b, ((slot, _, _, last), prefix, seq_len, window_lo, win, mode) in enumerate(
-        zip(facts, prefix_lens, seq_lens, lows, window_slots, modes, strict=True)
+        zip(*rows, strict=True)
     ):
         n = seq_len - prefix
-        rows = rtt[slot, :seq_len]  # a view: no copy, no launch
+        full = rtt[slot, :seq_len]  # a view: no copy, no launch
         tail = mode if mode is not None else mode_dev[b]
         requests.append(
             RequestPlan(
@@ -188,7 +201,7 @@ def plan_batch(forward_batch, pool, req_to_token_pool, commit=None, commit_rows=
                 prefix,
                 seq_len,
                 slice(start, start + n),
-                rows,
+                full,
                 window_lo,
                 win,
                 tail,
@@ -197,12 +210,7 @@ def plan_batch(forward_batch, pool, req_to_token_pool, commit=None, commit_rows=
             )
         )
         start += n
-    pool.tail_pos[slots_dev] = to_device(torch.tensor(seq_lens), device)
-    out_loc = fb.out_cache_loc.long()
-    # decode batches too: served decode never plans here, but the extend wrappers are the decode
-    # path's oracle in tests (tests/attention/test_decode.py) and need the same tables
-    tables = _tables(requests, pool, req_to_token_pool, slots_dev, mode_dev, last_dev)
-    return BatchPlan(tuple(requests), out_loc, pool.translate_loc_from_full_to_swa(out_loc), tables)
+    return requests
 
 
 def _device_modes(modes, alts, progress_dev, prefix_dev) -> torch.Tensor:
