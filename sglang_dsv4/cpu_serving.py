@@ -17,16 +17,20 @@ and ``OMP_NUM_THREADS`` win).
 """
 
 import json
+import logging
 import os
 from pathlib import Path
 
 from sglang_dsv4.embedded import EMBEDDED_CONTEXT
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "CPU_CONTEXT",
     "SMALL_CHECKPOINT_BYTES",
     "checkpoint_bytes",
     "cpu_context",
+    "cpu_defaults",
     "cpu_threads",
 ]
 
@@ -51,6 +55,35 @@ def cpu_context(model_path: str, embedded: bool) -> tuple[int, str]:
         return limit, "the checkpoint's max_position_embeddings"
     allows = f"the checkpoint allows {limit}" if limit else "no local config.json"
     return CPU_CONTEXT, f"DSV4 CPU default ({allows}; --context-length to change)"
+
+
+def cpu_defaults(args, embedded: bool) -> str | None:
+    """CPU serving defaults a laptop can hold (user flags win), set on SGLang's ``ServerArgs``
+    ``args``: no CPU graphs (our decode path is captured by CUDA graphs on GPU only), the
+    embedded model's trained context (another checkpoint: at most :data:`CPU_CONTEXT`) instead
+    of the config's 1M, and a few requests at once; the pool is then sized from context x
+    requests (``mem.sizing.cpu_token_cap``), not from free RAM. Returns the note on the context
+    length it chose (None: the user set one)."""
+    from sglang_dsv4.mem.sizing import CPU_MAX_RUNNING_REQUESTS
+
+    note = None
+    if args.cuda_graph_backend_decode is None and args.cuda_graph_config is None:
+        args.cuda_graph_backend_decode = "disabled"
+    if args.context_length is None:
+        args.context_length, why = cpu_context(args.model_path, embedded)
+        note = f"context length {args.context_length} ({why})"
+    if args.max_running_requests is None:
+        args.max_running_requests = CPU_MAX_RUNNING_REQUESTS
+    if args.tp_size > 1:
+        from sglang_dsv4.arg_rules import cpu_tp_env
+
+        logger.info("DSV4 --tp %d on CPU (gloo): %s", args.tp_size, cpu_tp_env(args.tp_size))
+    if args.speculative_algorithm is not None:
+        from sglang_dsv4.arg_rules import cpu_speculative_env
+
+        env = cpu_speculative_env()
+        logger.info("DSV4 speculative decoding on CPU: %s (sglang_dsv4.arg_rules)", env)
+    return note
 
 
 def cpu_threads(model_path: str, environ=os.environ) -> int | None:

@@ -47,6 +47,7 @@ _KVC = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator"
 _TM = "sglang.srt.managers.tokenizer_manager.TokenizerManager"
 _MR = "sglang.srt.model_executor.model_runner"
 _PS = "sglang.srt.distributed.parallel_state"
+_FB = "sglang.srt.model_executor.forward_batch_info"
 
 
 def register() -> None:
@@ -140,6 +141,7 @@ def _register() -> None:
             HookType.AROUND,
         ),
         (f"{_MR}.adjust_config_with_unaligned_cpu_tp", _cpu_tp_config, HookType.AROUND),
+        (f"{_FB}.ForwardBatch.init_new", _host_slots, HookType.AFTER),
         (f"{_PS}.init_model_parallel_group", _group_without_cuda, HookType.AROUND),
     ]
     # ModelRegistry imports every SGLang model module (~half of a process's start-up time and
@@ -218,7 +220,10 @@ def _resolve_model_and_device(self, *args, **kwargs):
         )
         self.chunked_prefill_size = chunk
     if self.device == "cpu":
-        _cpu_defaults(self, embedded=name == EMBEDDED)
+        from sglang_dsv4.cpu_serving import cpu_defaults
+
+        if note := cpu_defaults(self, embedded=name == EMBEDDED):
+            _CPU_NOTES[:] = [note]
     return None
 
 
@@ -269,31 +274,21 @@ def _cpu_processes(result, server_args, *args, **kwargs):
     return result
 
 
-def _cpu_defaults(args, embedded: bool) -> None:
-    """CPU serving defaults a laptop can hold (user flags win): no CPU graphs (our decode path
-    is captured by CUDA graphs on GPU only), the embedded model's trained context (another
-    checkpoint: at most ``cpu_serving.CPU_CONTEXT``) instead of the config's 1M, and a few
-    requests at once; the pool is then sized from context x requests
-    (``mem.sizing.cpu_token_cap``), not from free RAM."""
-    from sglang_dsv4.cpu_serving import cpu_context
-    from sglang_dsv4.mem.sizing import CPU_MAX_RUNNING_REQUESTS
+def _host_slots(forward_batch, cls, batch, *args, **kwargs):
+    """``ForwardBatch.init_new``, after: a prefill's request slots on the host (each request's
+    ``req_pool_idx``, what ``req_pool_indices`` holds on the device) ride on its host prefix
+    lengths (``attention.plan_facts.SlottedLens``), so that the extend plan reads nothing back.
+    SGLang's forward batch keeps the device tensor only, and ``ScheduleBatch.
+    req_pool_indices_cpu`` is stale in the speculative draft window: draft modes keep the read."""
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
-    if args.cuda_graph_backend_decode is None and args.cuda_graph_config is None:
-        args.cuda_graph_backend_decode = "disabled"
-    if args.context_length is None:
-        args.context_length, why = cpu_context(args.model_path, embedded)
-        _CPU_NOTES[:] = [f"context length {args.context_length} ({why})"]
-    if args.max_running_requests is None:
-        args.max_running_requests = CPU_MAX_RUNNING_REQUESTS
-    if args.tp_size > 1:
-        from sglang_dsv4.arg_rules import cpu_tp_env
+    from sglang_dsv4.attention.plan_facts import SlottedLens
 
-        logger.info("DSV4 --tp %d on CPU (gloo): %s", args.tp_size, cpu_tp_env(args.tp_size))
-    if args.speculative_algorithm is not None:
-        from sglang_dsv4.arg_rules import cpu_speculative_env
-
-        env = cpu_speculative_env()
-        logger.info("DSV4 speculative decoding on CPU: %s (sglang_dsv4.arg_rules)", env)
+    lens = forward_batch.extend_prefix_lens_cpu
+    if forward_batch.forward_mode in (ForwardMode.EXTEND, ForwardMode.MIXED) and lens is not None:
+        slots = [r.req_pool_idx for r in batch.reqs]
+        if None not in slots:
+            forward_batch.extend_prefix_lens_cpu = SlottedLens(lens, slots)
 
 
 def _released_spelling(config, *args, **kwargs):

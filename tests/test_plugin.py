@@ -238,3 +238,32 @@ def test_speculative_hooks_call_the_twins_however_sglang_passes_arguments():
         batch_size=2, draft_token_num=3, device="cpu",
     )  # fmt: skip
     assert locs.tolist() == named.tolist() == [25, 26, 27, 1, 2, 3]
+
+
+def test_prefill_batches_carry_their_request_slots_on_the_host():
+    """``ForwardBatch.init_new``'s hook: EXTEND / MIXED batches carry each request's slot on
+    their host prefix lengths (the extend plan then reads nothing back), a field that survives
+    the runners' ``dataclasses.replace``; draft / verify batches keep the device read."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
+
+    from sglang_dsv4.attention.plan_facts import SlottedLens, host_slots
+    from sglang_dsv4.plugin import _host_slots
+
+    batch = SimpleNamespace(reqs=[SimpleNamespace(req_pool_idx=i) for i in (5, 2, 9)])
+    for mode, want in [
+        (ForwardMode.EXTEND, [5, 2, 9]),
+        (ForwardMode.MIXED, [5, 2, 9]),
+        (ForwardMode.DRAFT_EXTEND_V2, None),
+        (ForwardMode.TARGET_VERIFY, None),
+    ]:
+        fb = ForwardBatch(forward_mode=mode, batch_size=3, input_ids=None, req_pool_indices=None,
+                          seq_lens=None, out_cache_loc=None, seq_lens_sum=0)  # fmt: skip
+        fb.extend_prefix_lens_cpu = [0, 3, 7]
+        assert _host_slots(fb, ForwardBatch, batch, None) is None
+        view = dataclasses.replace(fb)  # what SGLang's runners hand the attention backend
+        assert view.extend_prefix_lens_cpu == [0, 3, 7]
+        assert host_slots(view, 3) == want
+        assert isinstance(view.extend_prefix_lens_cpu, SlottedLens) == (want is not None)

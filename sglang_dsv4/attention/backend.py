@@ -141,7 +141,8 @@ class DSV4AttnBackend(AttentionBackend):
             self._plan_step(fb, ("verify", bs), n, in_capture, replay, make)
             return
         pool, rtp = self.token_to_kv_pool, self.req_to_token_pool
-        self.plan = plan_batch(fb, pool, rtp, commit=self.journal.commit)
+        rows = self.journal.commit_rows if self.journal.tails else None
+        self.plan = plan_batch(fb, pool, rtp, commit=self.journal.commit, commit_rows=rows)
         self.journal.forget(self.plan.tables.req_slots)  # the plan resumed what it keeps
         for wrapper in self.wrappers.values():
             wrapper.plan(self.plan)

@@ -12,8 +12,10 @@ its compressor tail must be obtained:
              is empty
 
 A tail is the request's own iff the slot's recorded owner generation and position match. The
-position lives on the device (``pool.tail_pos``: decode graphs advance it); it is read here once
-per batch, one small copy, never per decode step.
+position lives on the device (``pool.tail_pos``: decode graphs advance it); with the request
+slots on the host it is not read at all (own tails have seen exactly ``P``, checked on the device
+and raised at the next plan), else once per batch in one small copy
+(:mod:`~sglang_dsv4.attention.plan_facts`), never per decode step.
 
 For the batched kernels an extend plan also carries :class:`BatchTables`: the same facts as
 device tensors (one row per request or per token), built once per batch.
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sglang_dsv4.attention.plan_facts import check_pending, device_facts, host_facts, host_slots
 from sglang_dsv4.mem.h2d import to_device
 
 __all__ = ["BatchPlan", "BatchTables", "RequestPlan", "TailMode", "plan_batch"]
@@ -37,6 +40,7 @@ class TailMode:
 
 # the int codes of ``kernels.compressor`` (TAIL_KEEP / TAIL_FRESH / TAIL_REBUILD)
 _MODE_CODE = {TailMode.KEEP: 0, TailMode.FRESH: 1, TailMode.REBUILD: 2}
+_CODE_MODE = {c: m for m, c in _MODE_CODE.items()}
 
 
 @dataclass(frozen=True)
@@ -48,9 +52,24 @@ class RequestPlan:
     slots: torch.Tensor  # [S] int32 full slots of positions 0..S-1 (a view of req_to_token)
     window_lo: int  # first position a query of this forward sees: max(0, P - window + 1)
     window_slots: torch.Tensor  # [S - window_lo] int64 swa slots of positions window_lo..S-1
-    tail: str  # TailMode
-    rebuild_page: int  # REBUILD: the swa page holding token P-1 (its boundary rows); else -1
+    tail_src: str | torch.Tensor  # TailMode, or its code as a 0-d device tensor where the
+    # device decided it (plan_facts.host_facts: an own tail whose progress is not P)
+    last_page: int | torch.Tensor  # the swa page holding token P-1 (a 0-d device tensor where
+    # the plan read nothing back)
     block: int  # tokens per block (the schema's block size)
+
+    @property
+    def tail(self) -> str:
+        """The TailMode (a host read for the torch twin where the device decided it)."""
+        if isinstance(self.tail_src, str):
+            return self.tail_src
+        return _CODE_MODE[int(self.tail_src)]
+
+    @property
+    def rebuild_page(self) -> int:
+        """REBUILD: the swa page of token P-1 (its boundary rows), else -1 (a host read for the
+        torch twin; the kernels use ``BatchTables.rebuild_page``)."""
+        return int(self.last_page) if self.tail == TailMode.REBUILD else -1
 
     @property
     def positions(self) -> torch.Tensor:
@@ -95,40 +114,53 @@ class BatchPlan:
     tables: BatchTables | None = None
 
 
-def plan_batch(forward_batch, pool, req_to_token_pool, commit=None) -> BatchPlan:
+def plan_batch(forward_batch, pool, req_to_token_pool, commit=None, commit_rows=None) -> BatchPlan:
     """Build the plan of an extend, target-verify or decode batch (see module docstring).
     ``commit(slot, generation, prefix) -> bool``: makes a request's tails those after
     ``prefix`` tokens when its last batch was a verify that went further (the rejected tokens'
-    updates undone, :class:`~sglang_dsv4.attention.speculative.VerifyJournal`).
+    updates undone, :class:`~sglang_dsv4.attention.speculative.VerifyJournal`);
+    ``commit_rows``: the same for a batch, device ops only (the journal's ``commit_rows``).
 
-    Host syncs: one device-to-host read per batch (:func:`_device_facts`); the lengths come from
-    SGLang's host copies, and every host-to-device copy is queued without a sync
-    (:func:`~sglang_dsv4.mem.h2d.to_device`)."""
+    Host syncs: none where SGLang gave the request slots on the host (``SlottedLens``:
+    :func:`~sglang_dsv4.attention.plan_facts.host_facts`, checks raised at the next plan), else
+    one device-to-host read per batch; the lengths come from SGLang's host copies, and every
+    host-to-device copy is queued without a sync (:func:`~sglang_dsv4.mem.h2d.to_device`)."""
     fb = forward_batch
+    check_pending(pool)
     prefix_lens, seq_lens = _host_lengths(fb)
     block, window = pool.schema.block_size, pool.schema.sliding_window
     device = pool.tail_pos.device
     slots_dev = fb.req_pool_indices.to(device).long()
-    facts = _device_facts(pool, req_to_token_pool, slots_dev, prefix_lens)
+    prefix_dev = to_device(torch.tensor(prefix_lens, dtype=torch.long), device)  # [B]
+    rtt = req_to_token_pool.req_to_token
+    to_swa = pool.translate_loc_from_full_to_swa
+    last_dev = to_swa(rtt[slots_dev, (prefix_dev - 1).clamp(min=0)]) // block  # [B] page of P-1
+    slots = host_slots(fb, len(seq_lens))
+    progress_dev = None
+    if slots is None:
+        facts = device_facts(pool, req_to_token_pool, slots_dev, prefix_dev, last_dev)
+    else:
+        facts, progress_dev = host_facts(pool, req_to_token_pool, slots, slots_dev, prefix_lens,
+                                         prefix_dev, last_dev, commit_rows)  # fmt: skip
     req_slots = [f[0] for f in facts]
     generations = [int(g) for g in req_to_token_pool.req_generation[req_slots].tolist()]
     lows = [max(0, p - window + 1) for p in prefix_lens]
     window_slots = _window_slots(pool, req_to_token_pool, slots_dev, lows, seq_lens)
     compressed = any(lc.kind.compressed for lc in pool.schema.layers)
-    rtt = req_to_token_pool.req_to_token
-    requests, start = [], 0
-    for (slot, pos, window_ok, last_page), gen, prefix, seq_len, window_lo, win in zip(
-        facts, generations, prefix_lens, seq_lens, lows, window_slots, strict=True
+    modes, alts = [], []
+    for (slot, pos, window_ok, _), gen, prefix, window_lo in zip(
+        facts, generations, prefix_lens, lows, strict=True
     ):
         own = pool.tail_owner[slot] == gen
-        if own and pos > prefix and commit is not None and commit(slot, gen, prefix):
-            pos = prefix  # a verify's rejected tokens undone
+        if own and pos is not None and pos > prefix and commit is not None:
+            pos = prefix if commit(slot, gen, prefix) else pos  # a verify's rejected tokens undone
+        alt = TailMode.FRESH if prefix == 0 else TailMode.REBUILD if prefix % block == 0 else None
         if (own and pos == prefix) or not compressed:  # no tails: nothing to resume
             mode = TailMode.KEEP
-        elif prefix == 0:
-            mode = TailMode.FRESH
-        elif prefix % block == 0:
-            mode = TailMode.REBUILD
+        elif own and pos is None:
+            mode = None  # the device decides: KEEP where its progress is P, else ``alt``
+        elif alt is not None:
+            mode = alt
         else:
             raise RuntimeError(
                 f"request slot {slot}: prefix {prefix} is neither this request's own progress "
@@ -139,30 +171,59 @@ def plan_batch(forward_batch, pool, req_to_token_pool, commit=None) -> BatchPlan
                 f"request slot {slot}: the swa rows of positions {window_lo}..{prefix - 1} "
                 "were freed while its queries still need them"
             )
+        modes.append(mode)
+        alts.append(alt)
+        pool.tail_owner[slot] = gen
+    mode_dev = _device_modes(modes, alts, progress_dev, prefix_dev)  # [B] int32
+    rows = (facts, prefix_lens, seq_lens, lows, window_slots, modes)
+    requests = _requests(rows, mode_dev, req_to_token_pool.req_to_token, block)
+    pool.tail_pos[slots_dev] = to_device(torch.tensor(seq_lens), device)
+    out_loc = fb.out_cache_loc.long()
+    # decode batches too: served decode never plans here, but the extend wrappers are the decode
+    # path's oracle in tests (tests/attention/test_decode.py) and need the same tables
+    tables = _tables(requests, pool, req_to_token_pool, slots_dev, mode_dev, last_dev)
+    return BatchPlan(tuple(requests), out_loc, pool.translate_loc_from_full_to_swa(out_loc), tables)
+
+
+def _requests(rows, mode_dev, rtt, block: int) -> list[RequestPlan]:
+    """The RequestPlans of ``rows`` = (facts, prefix lens, seq lens, window starts, window
+    slots, host modes) per request; an undecided mode is the device's ``mode_dev[b]``."""
+    requests, start = [], 0
+    for b, ((slot, _, _, last), prefix, seq_len, window_lo, win, mode) in enumerate(
+        zip(*rows, strict=True)
+    ):
         n = seq_len - prefix
-        rebuild_page = last_page if mode == TailMode.REBUILD else -1
+        full = rtt[slot, :seq_len]  # a view: no copy, no launch
+        tail = mode if mode is not None else mode_dev[b]
         requests.append(
             RequestPlan(
                 slot,
                 prefix,
                 seq_len,
                 slice(start, start + n),
-                rtt[slot, :seq_len],  # a view: no copy, no launch
+                full,
                 window_lo,
                 win,
-                mode,
-                rebuild_page,
+                tail,
+                last,
                 block,
             )
         )
-        pool.tail_owner[slot] = gen
         start += n
-    pool.tail_pos[slots_dev] = to_device(torch.tensor(seq_lens), device)
-    out_loc = fb.out_cache_loc.long()
-    # decode batches too: served decode never plans here, but the extend wrappers are the decode
-    # path's oracle in tests (tests/attention/test_decode.py) and need the same tables
-    tables = _tables(requests, pool, req_to_token_pool, slots_dev)
-    return BatchPlan(tuple(requests), out_loc, pool.translate_loc_from_full_to_swa(out_loc), tables)
+    return requests
+
+
+def _device_modes(modes, alts, progress_dev, prefix_dev) -> torch.Tensor:
+    """[B] int32 tail mode codes on the device: ``modes`` where the host decided, else KEEP if
+    the request's tail progress ``progress_dev`` [B] is its prefix, else its ``alts`` mode (none:
+    left KEEP, the pending check raises at the next plan)."""
+    codes = [_MODE_CODE[m or TailMode.KEEP] for m in modes]
+    rows = [codes, [-1 if a is None else _MODE_CODE[a] for a in alts], [m is None for m in modes]]
+    host = to_device(torch.tensor(rows, dtype=torch.int32), prefix_dev.device)  # [3, B]
+    if progress_dev is None:
+        return host[0]
+    moved = host[2].bool() & (progress_dev != prefix_dev) & (host[1] >= 0)
+    return torch.where(moved, host[1], host[0])
 
 
 def _host_lengths(fb) -> tuple[list[int], list[int]]:
@@ -177,25 +238,6 @@ def _host_lengths(fb) -> tuple[list[int], list[int]]:
     host = getattr(fb, "extend_prefix_lens_cpu", None)
     prefix_lens = list(host) if host is not None else fb.extend_prefix_lens.tolist()
     return [int(p) for p in prefix_lens], seq_lens
-
-
-def _device_facts(
-    pool, req_to_token_pool, slots_dev, prefix_lens
-) -> list[tuple[int, int, int, int]]:
-    """``(request slot, tail progress, prefix window still held, swa page of token P-1)`` per
-    request, in ONE device-to-host read for the batch (a read per request would drain the GPU
-    queue each time; the slots ride along: SGLang keeps no host copy in the forward batch).
-    "Held": every swa slot of positions ``max(0, P - window + 1) .. P-1`` is nonzero."""
-    window, block = pool.schema.sliding_window, pool.schema.block_size
-    rtt, to_swa = req_to_token_pool.req_to_token, pool.translate_loc_from_full_to_swa
-    prefix = to_device(torch.tensor(prefix_lens, dtype=torch.long), slots_dev.device)  # [B]
-    back = torch.arange(max(1, window - 1), device=slots_dev.device)  # [W-1]
-    pos = prefix.unsqueeze(1) - 1 - back  # [B, W-1] positions P-1, P-2, .. (< 0: none)
-    rows = slots_dev.unsqueeze(1)
-    held = ((to_swa(rtt[rows, pos.clamp(min=0)]) > 0) | (pos < 0)).all(1)  # [B]
-    last = to_swa(rtt[slots_dev, (prefix - 1).clamp(min=0)]) // block  # [B]
-    facts = torch.stack([slots_dev, pool.tail_pos[slots_dev], held.long(), last.long()], 1)
-    return [tuple(r) for r in facts.tolist()]
 
 
 def _window_slots(pool, req_to_token_pool, slots_dev, lows, seq_lens) -> list[torch.Tensor]:
@@ -217,30 +259,29 @@ def _ragged(sizes: torch.Tensor, starts: torch.Tensor) -> tuple[torch.Tensor, to
     return req, torch.arange(int(sizes.sum())) - first[req] + starts[req]
 
 
-def _tables(requests: list[RequestPlan], pool, req_to_token_pool, slots_dev) -> BatchTables:
+def _tables(
+    requests: list[RequestPlan], pool, req_to_token_pool, slots_dev, mode_dev, last_dev
+) -> BatchTables:
     """The device tables of an extend batch: host ints copied in two queued copies (int32 and
     the int64 positions), page tables gathered on the device from ``req_to_token`` (one gather
-    each). ``slots_dev`` [B] int64: the requests' slots on the device."""
+    each). ``slots_dev`` [B] int64: the requests' slots on the device; ``mode_dev`` [B] int32
+    their tail mode codes; ``last_dev`` [B]: the swa page of each request's token P-1."""
     block = pool.schema.block_size
     rtt = req_to_token_pool.req_to_token
     device = rtt.device
     b = len(requests)
     lens = torch.tensor([r.seq_len - r.prefix for r in requests])
     query_req, positions = _ragged(lens, torch.tensor([r.prefix for r in requests]))  # [T]
-    modes = [_MODE_CODE[r.tail] for r in requests]
     per_req = torch.tensor(
         [
             [r.req_slot for r in requests],
             [r.prefix for r in requests],
             [r.seq_len for r in requests],
-            modes,
-            [_MODE_CODE[TailMode.FRESH] if m == 2 else m for m in modes],
-            [r.rebuild_page for r in requests],
         ]
-    )  # [6, B]
+    )  # [3, B]
     cu = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)])  # [B+1]
     i32 = to_device(torch.cat([per_req.flatten(), cu, query_req]).int(), device)
-    host, cu, query_req = i32[: 6 * b].view(6, b), i32[6 * b : 7 * b + 1], i32[7 * b + 1 :]
+    host, cu, query_req = i32[: 3 * b].view(3, b), i32[3 * b : 4 * b + 1], i32[4 * b + 1 :]
     positions = to_device(positions, device)  # [T] int64
     prefix, seq = host[1], host[2]
     n_blocks = max(1, -(-max((r.seq_len for r in requests), default=1) // block))
@@ -256,13 +297,14 @@ def _tables(requests: list[RequestPlan], pool, req_to_token_pool, slots_dev) -> 
     window = positions.unsqueeze(1) + torch.arange(1 - pool.schema.sliding_window, 1, device=device)
     full = rtt[slots_dev[query_req].unsqueeze(1), window.clamp(min=0)]  # [T, W] full slots
     window_rows = torch.where(window >= 0, pool.translate_loc_from_full_to_swa(full), -1)
+    rebuild = _MODE_CODE[TailMode.REBUILD]
     return BatchTables(
         req_slots=host[0],
         prefix=prefix,
         cu_seqlens=cu,
-        tail_mode=host[3],
-        tail_mode_c128=host[4],
-        rebuild_page=host[5],
+        tail_mode=mode_dev,
+        tail_mode_c128=torch.where(mode_dev == rebuild, _MODE_CODE[TailMode.FRESH], mode_dev),
+        rebuild_page=torch.where(mode_dev == rebuild, last_dev, -1).int(),
         block_table=block_table,
         boundary_table=torch.where(kept, swa_page, 0).int(),
         query_req=query_req,

@@ -227,6 +227,9 @@ class DSV4KVPool(BaseSWAKVPool):
         # advanced (device: decode graphs advance it without a host round trip).
         self.tail_pos = torch.zeros(n_req_slots + 1, dtype=torch.int64, device=device)
         self.tail_owner = [-1] * n_req_slots
+        # The last host-planned extend's device checks, raised at the next plan
+        # (attention.plan_facts.PendingChecks)
+        self.plan_checks = None
         self._finalize_allocation_log(n_full_slots)
 
     def _layer(self, lc, n_full_pages: int, n_swa_pages: int, n_tails: int) -> LayerKV:
