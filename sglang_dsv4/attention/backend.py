@@ -94,8 +94,8 @@ class DSV4AttnBackend(AttentionBackend):
         self._graph_pages = 0  # ... fixed for captured graphs (the context length)
         self._graph_bs = 0
         self._graph_plans: dict = {}  # graph batch size -> its decode plan (kept alive)
-        self._context_len = model_runner.model_config.context_len
-        self.max_context_len = self._context_len  # SGLang's verify-input build may size by it
+        # SGLang's verify-input build may size by it; the graphs' pages come from it
+        self.max_context_len = model_runner.model_config.context_len
         allocator = model_runner.token_to_kv_pool_allocator
         model = model_runner.model
         # One line that says which classes serve (the plugin test reads it from the server log).
@@ -219,7 +219,7 @@ class DSV4AttnBackend(AttentionBackend):
     # CUDA graphs (decode): all per-batch tensors are derived in init_forward_metadata_in_graph.
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int) -> None:
         self._graph_bs = max_bs
-        self._graph_pages = -(-self._context_len // self._block)
+        self._graph_pages = -(-self.max_context_len // self._block)
 
     def get_cuda_graph_seq_len_fill_value(self) -> int:
         return 1
