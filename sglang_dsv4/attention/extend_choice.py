@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from sglang_dsv4.attention.choice import FLASHMLA, OURS, flashmla_eligible
 from sglang_dsv4.attention.extend_ops import AttendTorch, Picks
-from sglang_dsv4.attention.plan import BatchPlan
+from sglang_dsv4.attention.plan import BatchPlan, _ragged
 from sglang_dsv4.mem.h2d import to_device
 
 __all__ = ["MEASURED", "AttendChoice", "AttendFlashMLA", "pick"]
@@ -100,11 +100,7 @@ class AttendFlashMLA(AttendTorch):
         if total == 0:
             return torch.empty(0, dtype=torch.long, device=device)
         epb = self._pages[1]
-        req = to_device(torch.repeat_interleave(torch.arange(n_ent.numel()), n_ent), device)  # [NE]
-        first = to_device(
-            torch.cat([torch.zeros(1, dtype=torch.long), n_ent.cumsum(0)[:-1]]), device
-        )
-        i = torch.arange(total, device=device) - first[req]
+        req, i = to_device(torch.stack(_ragged(n_ent, torch.zeros_like(n_ent))), device)  # [NE]
         return t.block_table[req, i // epb].long() * epb + i % epb
 
     def run(self, q, lk, window, sink, scale, extra: Picks | None = None):
