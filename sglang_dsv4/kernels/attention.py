@@ -50,9 +50,9 @@ from sglang_dsv4.kernels.attention_kernels import (
     sparse_mqa_fwd,
 )
 
-__all__ = ["SparseMQA", "TileConfig", "fp8_page_bytes", "fp8_rows_to_pages"]
+__all__ = ["SparseMQA", "TileConfig", "fp8_page_bytes", "fp8_rows_to_pages", "plan_splits"]
 
-# See SparseMQA.plan: a 64-row tile costs ~25x the write + combine of one more split's partial.
+# See plan_splits: a 64-row tile costs ~25x the write + combine of one more split's partial.
 _TILE_TO_SPLIT_COST = 25.0
 
 
@@ -107,6 +107,27 @@ def _cache_geometry(cache: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
 def _flat_indices(indices: torch.Tensor) -> torch.Tensor:
     """[T, K] or FlashMLA's [B, S_q, K] -> [T, K] (a view)."""
     return indices.flatten(0, -2) if indices.dim() == 3 else indices
+
+
+def plan_splits(
+    keys: int, block_n: int, units: int, num_sms: int, num_splits: int | None = None
+) -> tuple[int, int]:
+    """(keys per split, splits) for lists of ``keys`` slots in blocks of ``block_n``, ``units``
+    programs per split (rows x head blocks). ``num_splits`` overrides the heuristic: split the
+    lists until the grid covers the SMs once."""
+    tiles = max(1, -(-keys // block_n))
+    if num_splits is None:
+        # One program per SM (255 registers a thread), one wave: units * splits <= SMs.
+        # Each split adds a fp32 [H, D] partial to write and combine:
+        # time ~ tile_cost * tiles / splits + split_cost * splits, minimal at
+        # sqrt(tiles * tile_cost / split_cost); the ratio is ~25 on an H100 (1M-context HCA
+        # at batch 1: 130 splits 53 us, 65 splits 40 us, 33 splits 47 us).
+        num_splits = min(
+            num_sms // max(1, units), max(1, round(math.sqrt(_TILE_TO_SPLIT_COST * tiles)))
+        )
+    num_splits = max(1, min(num_splits, tiles))
+    chunk = -(-tiles // num_splits) * block_n
+    return chunk, -(-max(1, keys) // chunk)
 
 
 class SparseMQA:
@@ -171,20 +192,9 @@ class SparseMQA:
         cfg = self.config
         self.num_tokens, self.topk, self.extra_topk = num_tokens, topk, extra_topk
         head_blocks = -(-self.num_heads // cfg.block_h)
-        tiles = max(1, -(-(topk + extra_topk) // cfg.block_n))
-        if num_splits is None:
-            # One program per SM (255 registers a thread), one wave: units * splits <= SMs.
-            # Each split adds a fp32 [H, D] partial to write and combine:
-            # time ~ tile_cost * tiles / splits + split_cost * splits, minimal at
-            # sqrt(tiles * tile_cost / split_cost); the ratio is ~25 on an H100 (1M-context HCA
-            # at batch 1: 130 splits 53 us, 65 splits 40 us, 33 splits 47 us).
-            num_splits = min(
-                self.num_sms // max(1, num_tokens * head_blocks),
-                max(1, round(math.sqrt(_TILE_TO_SPLIT_COST * tiles))),
-            )
-        num_splits = max(1, min(num_splits, tiles))
-        self.chunk = -(-tiles // num_splits) * cfg.block_n
-        self.num_splits = -(-max(1, topk + extra_topk) // self.chunk)
+        self.chunk, self.num_splits = plan_splits(
+            topk + extra_topk, cfg.block_n, num_tokens * head_blocks, self.num_sms, num_splits
+        )
         self.grid = (max(1, num_tokens) * head_blocks, self.num_splits)
         dev = self.device
         h, d = self.num_heads, self.head_dim

@@ -16,18 +16,17 @@ shape (rows, splits, list widths, strides, page geometry) is a kernel argument.
 from __future__ import annotations
 
 import functools
-import math
 import os
 from typing import NamedTuple
 
 import torch
 
+from sglang_dsv4.kernels.attention import plan_splits
+
 __all__ = ["CuteSparseMQA", "KernelKey", "compile_kernel", "cute_available", "cute_eligible"]
 
 BLOCK_N = 64
 HEADS_PER_CTA = 64
-# See kernels.attention._TILE_TO_SPLIT_COST: a 64-row block costs ~25x one more split's partial.
-_TILE_TO_SPLIT_COST = 25.0
 
 
 @functools.cache
@@ -136,15 +135,9 @@ class CuteSparseMQA:
         once (``num_splits`` overrides)."""
         self.num_tokens, self.topk, self.extra_topk = num_tokens, topk, extra_topk
         head_blocks = self.num_heads // HEADS_PER_CTA
-        blocks = max(1, -(-(topk + extra_topk) // BLOCK_N))
-        if num_splits is None:
-            num_splits = min(
-                self.num_sms // max(1, num_tokens * head_blocks),
-                max(1, round(math.sqrt(_TILE_TO_SPLIT_COST * blocks))),
-            )
-        num_splits = max(1, min(num_splits, blocks))
-        self.chunk = -(-blocks // num_splits) * BLOCK_N
-        self.num_splits = -(-max(1, topk + extra_topk) // self.chunk)
+        self.chunk, self.num_splits = plan_splits(
+            topk + extra_topk, BLOCK_N, num_tokens * head_blocks, self.num_sms, num_splits
+        )
         dev, h, d = self.device, self.num_heads, self.head_dim
         self.out = torch.empty(num_tokens, h, d, dtype=torch.bfloat16, device=dev)
         self.lse = torch.empty(num_tokens, h, device=dev) if return_lse else None
