@@ -229,27 +229,33 @@ def decode_attention(
     sink: torch.Tensor,
     scale: float,
     comp=None,
+    flush=None,
 ) -> torch.Tensor:
     """``q`` [B, H, D], ``kv`` [B, D] of the new tokens -> ``o`` [B, H, D] (all layer kinds:
-    ``comp`` carries the compressor / indexer inputs of c4 and c128 layers), the ``ref`` math."""
+    ``comp`` carries the compressor / indexer inputs of c4 and c128 layers), the ``ref`` math.
+    ``flush(write, per_page, tail, boundary, meta, comp, w)`` feeds the compressors (default:
+    one token per row; a speculative verify feeds each request's tokens in order)."""
+    flush = flush or _flush_rows
     lk.write_raw(meta.out_swa, kv)
     keys = lk.read_raw(meta.window.clamp(min=0))  # [B, W, D]
     valid = meta.window >= 0
     if comp is not None:
         per_page = lk.entry_rows.rows_per_page
-        _flush(
-            lk.write_entries, per_page, lk.tail, lk.boundary, meta, comp.x, comp.compressor, comp
-        )
+        flush(lk.write_entries, per_page, lk.tail, lk.boundary, meta, comp, comp.compressor)
         if comp.indexer is not None:
-            ix = comp.indexer
-            _flush(
-                lk.write_index_keys, per_page, lk.index_tail, lk.index_boundary, meta, comp.x,
-                ix.compressor, comp,
+            flush(
+                lk.write_index_keys, per_page, lk.index_tail, lk.index_boundary, meta, comp,
+                comp.indexer.compressor,
             )  # fmt: skip
         rows, ok = _entry_rows(lk, meta, comp)  # [B, K] flat entry rows each query attends
         keys = torch.cat([keys, lk.read_entries(rows.clamp(min=0)).to(keys.dtype)], dim=1)
         valid = torch.cat([valid, ok], dim=1)
     return attend(q, keys, valid, sink, scale)
+
+
+def _flush_rows(write, per_page: int, tail, boundary, meta: DecodeMeta, comp, w) -> None:
+    """Each row's token into its request's compressor (a decode step)."""
+    _flush(write, per_page, tail, boundary, meta, comp.x, w, comp)
 
 
 def _entry_rows(lk: LayerKV, meta: DecodeMeta, comp) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,12 +30,12 @@ positions and cache slots.
 """
 
 from dataclasses import dataclass, fields
+from functools import partial
 
 import torch
 
-from sglang_dsv4.attention.decode import DecodeMeta, DecodeTorch, _entry_rows, _flush
+from sglang_dsv4.attention.decode import DecodeMeta, DecodeTorch, _flush, decode_attention
 from sglang_dsv4.mem.pools import TailBuffers
-from sglang_dsv4.ref.attention import attend
 
 __all__ = [
     "DraftDecodeSteps",
@@ -274,23 +274,8 @@ class VerifyTorch(DecodeTorch):
 def verify_attention(lk, meta: VerifyMeta, q, kv, sink, scale, comp, journal) -> torch.Tensor:
     """``decode_attention`` of ``B * n`` rows whose compressors take each request's ``n``
     tokens in order (``q`` [B*n, H, D], ``kv`` [B*n, D] normed and roped)."""
-    lk.write_raw(meta.out_swa, kv)
-    keys = lk.read_raw(meta.window.clamp(min=0))  # [B*n, W, D]
-    valid = meta.window >= 0
-    if comp is not None:
-        per_page = lk.entry_rows.rows_per_page
-        _flush_steps(
-            lk.write_entries, per_page, lk.tail, lk.boundary, meta, comp, comp.compressor, journal
-        )
-        if comp.indexer is not None:
-            _flush_steps(
-                lk.write_index_keys, per_page, lk.index_tail, lk.index_boundary, meta, comp,
-                comp.indexer.compressor, journal,
-            )  # fmt: skip
-        rows, ok = _entry_rows(lk, meta, comp)  # [B*n, K]
-        keys = torch.cat([keys, lk.read_entries(rows.clamp(min=0)).to(keys.dtype)], dim=1)
-        valid = torch.cat([valid, ok], dim=1)
-    return attend(q, keys, valid, sink, scale)
+    flush = partial(_flush_steps, journal=journal)
+    return decode_attention(lk, meta, q, kv, sink, scale, comp, flush=flush)
 
 
 def _flush_steps(write, per_page, tail, boundary, meta: VerifyMeta, comp, w, journal) -> None:
