@@ -37,6 +37,9 @@ BLOCK = 128  # tokens per DSV4 page (lcm of the compression ratios 4 and 128)
 # interpreter and no dynamo.
 _CPU_SPECULATIVE_ENV = {"TRITON_INTERPRET": "1", "TORCHDYNAMO_DISABLE": "1"}
 
+# The cores of each rank of a CPU server with --tp N (cpu_tp_env)
+_BIND = "SGLANG_CPU_OMP_THREADS_BIND"
+
 
 def is_local_dsv4(path) -> bool:
     """``path`` is a directory whose ``config.json`` has ``model_type`` ``deepseek_v4``."""
@@ -113,6 +116,3 @@ def _cpu_list(cores: list[int]) -> str:
     if cores == list(range(cores[0], cores[-1] + 1)):
         return f"{cores[0]}-{cores[-1]}"
     return ",".join(map(str, cores))
-
-
-_BIND = "SGLANG_CPU_OMP_THREADS_BIND"
