@@ -280,12 +280,14 @@ def _host_slots(forward_batch, cls, batch, *args, **kwargs):
     lengths (``attention.plan_facts.SlottedLens``), so that the extend plan reads nothing back.
     SGLang's forward batch keeps the device tensor only, and ``ScheduleBatch.
     req_pool_indices_cpu`` is stale in the speculative draft window: draft modes keep the read."""
+    lens = forward_batch.extend_prefix_lens_cpu
+    if lens is None:  # decode (every step): no imports, nothing to carry
+        return
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
     from sglang_dsv4.attention.plan_facts import SlottedLens
 
-    lens = forward_batch.extend_prefix_lens_cpu
-    if forward_batch.forward_mode in (ForwardMode.EXTEND, ForwardMode.MIXED) and lens is not None:
+    if forward_batch.forward_mode in (ForwardMode.EXTEND, ForwardMode.MIXED):
         slots = [r.req_pool_idx for r in batch.reqs]
         if None not in slots:
             forward_batch.extend_prefix_lens_cpu = SlottedLens(lens, slots)
