@@ -90,8 +90,8 @@ def build(config_path: Path, out: Path, fmt: str = "bf16", device: str = "cuda")
     return out
 
 
-def check(server: Server, ref: RefDSV4) -> list[dict]:
-    rows = compare_with_reference(server, ref, PROMPTS, DECODE, "cuda", vocab_hi=129000)
+def check(server: Server, ref: RefDSV4, prompts=PROMPTS) -> list[dict]:
+    rows = compare_with_reference(server, ref, prompts, DECODE, "cuda", vocab_hi=129000)
     return [{k: v for k, v in r.items() if k not in ("tokens", "logprobs")} for r in rows]
 
 
@@ -170,6 +170,9 @@ def main() -> int:
     )
     ap.add_argument("--input-len", type=int, default=4096, help="benchmark prompt length")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32, 128])
+    # a prompt of >= 4K tokens is one extend step where plan() picks FlashMLA's sparse prefill
+    # (extend_choice.MEASURED): the KL gate then covers that path too
+    ap.add_argument("--prompts", type=int, nargs="+", default=list(PROMPTS), help="KL prompts")
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--native", action="store_true", help="also try SGLang's own DSV4 path")
     ap.add_argument(
@@ -198,7 +201,7 @@ def main() -> int:
             }
             cfg = DSV4Config.from_json(model / "config.json")
             ref = RefDSV4(cfg, weights)
-            rows = check(server, ref)
+            rows = check(server, ref, args.prompts)
             del ref, weights
             torch.cuda.empty_cache()
             robust = robustness(server, context, cfg.vocab_size)
