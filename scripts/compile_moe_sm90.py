@@ -7,8 +7,9 @@ Why, and the shared machinery: ``sglang_dsv4/perf/sm90_compile.py``. Variants: e
 (dense bf16, FP8, MXFP4, NVFP4) in both kernel forms as the wrappers launch them at Flash dims
 (top-6 + a shared slot; a zero-top-k call for a shared bank of its own), the fp32 (IEEE) sorted
 form, every sorted-kernel tile (``kernels.moe_sorted_tiles``: today's, the candidates and the
-measured rows) for dense bf16 and FP8 banks, and the routing kernel for every scoring function, scored and hash, in both forms
-(one-token tiles, 16-token tiles) for E 16, 256 and 384 (expert blocks).
+measured rows) for dense bf16 and FP8 banks, and the routing kernel for every scoring function,
+scored and hash, in both forms (one-token tiles, 16-token tiles) for E 16, 256 and 384 (expert
+blocks).
 """
 
 import os

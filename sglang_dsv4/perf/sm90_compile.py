@@ -49,7 +49,8 @@ def build(fn, types: dict, constexprs: dict, num_warps: int = 4, *, aligned: boo
     hinted = [a for a, t in sig.items() if ("*" in t and aligned) or a in divisible]
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in hinted}
     src = ASTSource(fn=fn, signature=sig, constexprs=ce, attrs=attrs)
-    return triton.compile(src, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages})
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    return triton.compile(src, target=TARGET, options=options)
 
 
 def resource_usage(kernel) -> str:
