@@ -64,24 +64,16 @@ DEFAULT: tuple[tuple[int | None, GemmTiles], ...] = (
 # compiles for sm_90a (wgmma, cp.async pipelined) without register spills and fits shared memory
 # in bf16 and FP8 (``scripts/compile_moe_sm90.py --sorted``, 2026-12-06: at most 255 registers,
 # 0 bytes of stack; none dropped). The first is today's large-T tile.
+# (M, N, K, warps, stages, N tiles fast) beyond today's large-T tile in both raster orders
+_BEYOND = {
+    "w13": ((128, 64, 64, 8, 3, True), (128, 64, 64, 8, 4, True), (64, 128, 64, 8, 4, True),
+            (128, 128, 64, 8, 3, True), (128, 64, 64, 4, 4, True)),
+    "w2": ((128, 128, 64, 8, 3, True), (128, 128, 64, 8, 4, True), (128, 128, 64, 4, 4, True),
+           (128, 256, 64, 8, 3, True)),
+}  # fmt: skip
 CANDIDATES: dict[str, tuple[GemmTiles, ...]] = {
-    "w13": (
-        GemmTiles(64),
-        GemmTiles(64, n_fast=True),
-        GemmTiles(128, 64, 64, 8, 3, True),
-        GemmTiles(128, 64, 64, 8, 4, True),
-        GemmTiles(64, 128, 64, 8, 4, True),
-        GemmTiles(128, 128, 64, 8, 3, True),
-        GemmTiles(128, 64, 64, 4, 4, True),
-    ),
-    "w2": (
-        GemmTiles(64),
-        GemmTiles(64, n_fast=True),
-        GemmTiles(128, 128, 64, 8, 3, True),
-        GemmTiles(128, 128, 64, 8, 4, True),
-        GemmTiles(128, 128, 64, 4, 4, True),
-        GemmTiles(128, 256, 64, 8, 3, True),
-    ),
+    k: (GemmTiles(64), GemmTiles(64, n_fast=True), *(GemmTiles(*t) for t in more))
+    for k, more in _BEYOND.items()
 }
 
 # (format, kernel, pair count, tiles, us): the fastest candidate at that pair count, pasted from

@@ -119,10 +119,15 @@ def test_experts_interpreted(form, fmt, shared, t, topk):
     assert not got.isnan().any() and rel_l2(got, want) <= 1e-5
 
 
-# every tile a sorted launch may use: today's by pair count, each kernel's candidates
-SORTED_TILES = list(dict.fromkeys(
-    [t for _, t in ST.DEFAULT] + [t for tiles in ST.CANDIDATES.values() for t in tiles]
-))  # fmt: skip
+# every tile a sorted launch may use: today's by pair count (both kernels), each kernel's
+# candidates (the other kernel at today's large-T tile: a w2 tile may not fit the w13 kernel)
+SORTED_CASES = [("both", t) for _, t in ST.DEFAULT]
+SORTED_CASES += [(k, t) for k, ts in ST.CANDIDATES.items() for t in ts if t != ST.GemmTiles(64)]
+
+
+def case_tiles(kernel: str, tile):
+    other = ST.GemmTiles(64)
+    return ST.SortedTiles(other if kernel == "w2" else tile, other if kernel == "w13" else tile)
 
 
 @pytest.fixture
@@ -143,10 +148,10 @@ def bf16_dot(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("tile", SORTED_TILES, ids=str)
-def test_sorted_every_tile_matches_twin_interpreted(tile, dtype, bf16_dot):
-    """Each tile (M block up to 128, N up to 256, both rasters) run as both kernels' tiles: the
-    twin's numbers, with a crowded expert spanning several M blocks (300 tokens -> 150 + 300
+@pytest.mark.parametrize(("kernel", "tile"), SORTED_CASES, ids=str)
+def test_sorted_every_tile_matches_twin_interpreted(kernel, tile, dtype, bf16_dot):
+    """Each tile (M block up to 128, N up to 256, both rasters) for its kernel: the twin's
+    numbers, with a crowded expert spanning several M blocks (300 tokens -> 150 + 300
     pairs on two rows) and N / K tails (d 192, I 160 are not multiples of the tiles)."""
     if GPU:
         pytest.skip("interpreter shapes; the GPU tests cover real shapes")
@@ -155,7 +160,7 @@ def test_sorted_every_tile_matches_twin_interpreted(tile, dtype, bf16_dot):
     x = (torch.randn(t, d) * 3).to(dtype)
     chosen, weights = routing(t, n_exp, 2, "cpu")
     out = torch.full_like(x, float("nan"))
-    K.moe_experts_sorted(x, chosen, weights, bank, LIMIT, n_exp, out, ST.SortedTiles(tile, tile))
+    K.moe_experts_sorted(x, chosen, weights, bank, LIMIT, n_exp, out, case_tiles(kernel, tile))
     err = rel_l2(out, reference(x, chosen, weights, dense, n_exp, True))
     assert not out.isnan().any() and err <= (1e-5 if dtype == torch.float32 else 1e-2), err
 
@@ -284,17 +289,17 @@ def test_slots_gpu_every_swept_tile_is_exact(fmt, block_n, block_k, warps, unrol
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", ["dense", "fp8"])
-@pytest.mark.parametrize("tile", SORTED_TILES, ids=str)
-def test_sorted_gpu_served_prefill_every_tile(fmt, tile):
+@pytest.mark.parametrize(("kernel", "tile"), SORTED_CASES, ids=str)
+def test_sorted_gpu_served_prefill_every_tile(fmt, kernel, tile):
     """The served Flash-dims layer (16 experts of 1024, top-2, shared row) at an 8K-token
-    prefill (24,576 pairs) with each tile as both kernels' tiles: the twin's numbers, and the
-    picked tiles' bits equal today's large-T tiles' up to the fp32 accumulation order."""
+    prefill (24,576 pairs) with each tile for its kernel: the twin's numbers, and the table's
+    tiles give the same up to the fp32 accumulation order."""
     t = 8192
     bank, dense = make_bank(17, 4096, 1024, fmt, "cuda", torch.bfloat16)
     x = torch.randn(t, 4096, device="cuda").bfloat16() * 2
     chosen, weights = routing(t, 16, 2, "cuda")
     out = torch.full_like(x, float("nan"))
-    K.moe_experts_sorted(x, chosen, weights, bank, LIMIT, 16, out, ST.SortedTiles(tile, tile))
+    K.moe_experts_sorted(x, chosen, weights, bank, LIMIT, 16, out, case_tiles(kernel, tile))
     want = reference(x, chosen, weights, dense, 16, True)
     err = rel_l2(out, want)
     assert not out.isnan().any() and err <= 1e-2, f"rel L2 {err:.2e}"
