@@ -1,6 +1,12 @@
 """``kernels.moe_sorted_tiles``: the pick of the sorted kernels' tiles from the measured table
 (defaults below the smallest measured pair count and for unmeasured formats, the largest
-measured pair count not above the call's otherwise, per kernel), and the table's own rows."""
+measured pair count not above the call's otherwise, per kernel), the table's own rows, and
+that every tile compiles for sm_90 without spills."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 from sglang_dsv4.kernels.moe_sorted_tiles import (
     CANDIDATES,
@@ -50,3 +56,16 @@ def test_tile_format_keys_dense_banks_by_dtype():
     assert tile_format("dense", "bf16") == "bf16"
     assert tile_format("dense", "fp32") == "fp32"
     assert tile_format("fp8", "bf16") == "fp8"
+
+
+def test_every_sorted_tile_compiles_for_sm90_without_spills():
+    """``scripts/compile_moe_sm90.py --sorted`` (Triton's compile-only path to an sm_90 cubin,
+    with the launcher's alignment hints): no candidate, default or measured tile spills
+    registers or overflows shared memory (a subprocess: this one's kernels are interpreted)."""
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=str(root))
+    run = subprocess.run([sys.executable, str(root / "scripts/compile_moe_sm90.py"), "--sorted"],
+                         capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.count("_sorted_w") >= sum(map(len, CANDIDATES.values()))
+    assert run.stdout.rstrip().endswith("spill or do not fit:\n  none"), run.stdout[-2000:]
