@@ -66,9 +66,9 @@ DEFAULT: tuple[tuple[int | None, GemmTiles], ...] = (
 # 0 bytes of stack; none dropped). The first is today's large-T tile.
 # (M, N, K, warps, stages, N tiles fast) beyond today's large-T tile in both raster orders
 _BEYOND = {
-    "w13": ((128, 64, 64, 8, 3, True), (128, 64, 64, 8, 4, True), (64, 128, 64, 8, 4, True),
+    "w13": ((128, 64, 64, 8, 4, True), (128, 64, 128, 8, 3, True), (64, 128, 64, 8, 4, True),
             (128, 128, 64, 8, 3, True), (128, 64, 64, 4, 4, True)),
-    "w2": ((128, 128, 64, 8, 3, True), (128, 128, 64, 8, 4, True), (128, 128, 64, 4, 4, True),
+    "w2": ((128, 128, 64, 8, 4, True), (128, 128, 128, 8, 3, True), (128, 128, 64, 4, 4, True),
            (128, 256, 64, 8, 3, True)),
 }  # fmt: skip
 CANDIDATES: dict[str, tuple[GemmTiles, ...]] = {
