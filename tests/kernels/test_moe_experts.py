@@ -4,7 +4,9 @@ expert as a bank row) against :class:`~sglang_dsv4.ref.moe.DenseExperts` +
 
 CPU: interpreted, fp32, small and odd shapes (I not a multiple of 128: w3's FP8 scale rows start
 mid-bank). GPU: Flash dims (d 4096, I 1024 / 2048, E 16 / 256, k 6 / 8) in bf16, and CUDA-graph
-replay on new routing equals eager. Outputs are NaN-poisoned before every launch.
+replay on new routing equals eager. Outputs are NaN-poisoned before every launch. The sorted
+form at every tile of ``kernels.moe_sorted_tiles`` (defaults, candidates): interpreted in fp32 and
+bf16, and on the GPU at an 8K-token prefill of the served shape.
 """
 
 import importlib
