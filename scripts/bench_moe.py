@@ -17,6 +17,15 @@ call needs (what one read of each costs) over its time: the HBM floor is ~3,000 
 
 Prints a table (us per call and GB/s) and, per shape and format, the largest T at which the slot
 form beats the sorted one: the values for ``sglang_dsv4.ops.moe.SLOT_MAX_TOKENS`` (served shape).
+
+``--sorted`` instead times the sorted form at prefill sizes (served shape, T 4096 / 8192 / 16384,
+bf16 and FP8; ~60-90 s on an H100): each kernel at every tile of
+``kernels.moe_sorted_tiles.CANDIDATES`` (us and TFLOP/s), the slot sum before / after dropping its
+fp32 intermediate, whole calls with the table's tiles and with this run's fastest tiles (with
+and without the shared slot) and SGLang's ``fused_experts`` (routed only). It prints the rows to
+paste into ``moe_sorted_tiles.MEASURED``:
+
+    python scripts/bench_moe.py --sorted --out bench_moe_sorted.json
 """
 
 import argparse
@@ -30,11 +39,13 @@ from sglang_dsv4.kernels.moe_experts import (
     Proj,
     SlotTiles,
     _SlotLaunch,
+    _SortedLaunch,
     moe_experts_slots,
     moe_experts_sorted,
     slot_tiles,
 )
 from sglang_dsv4.kernels.moe_route import moe_route
+from sglang_dsv4.kernels.moe_sorted_tiles import CANDIDATES, SortedTiles, sorted_tiles
 from sglang_dsv4.kernels.mxfp4_moe import FP4Bank, fp4_moe
 from sglang_dsv4.model.experts import FP8Rows
 from sglang_dsv4.perf.timing import graph_seconds, write_json
@@ -138,7 +149,8 @@ def baselines(fmt, raw, args, x, chosen, weights, results) -> dict:
 
 
 def routing(t, n_exp, topk):
-    chosen = torch.stack([torch.randperm(n_exp, device="cuda")[:topk] for _ in range(t)])
+    """``topk`` distinct uniformly random experts per token (one launch at prefill sizes)."""
+    chosen = torch.rand(t, n_exp, device="cuda").argsort(dim=1)[:, :topk]
     return chosen.to(torch.int32), torch.rand(t, topk, device="cuda")
 
 
@@ -277,6 +289,111 @@ def print_table(results, shape, formats, tokens):
                 print(f"{fmt:5} {t:>5} " + " ".join(cells))
 
 
+def _tile(t) -> str:
+    return f"GemmTiles({', '.join(map(str, t))})"
+
+
+def sorted_cell(fmt, t, args, bank, raw, results):
+    """The sorted form at ``t`` tokens: each kernel per candidate tile, the slot sum both ways,
+    whole calls (table tiles, this run's fastest tiles) and SGLang's fused_experts."""
+    n_exp, topk, d, inter = args.experts, args.topk, args.hidden, args.inter
+    x = torch.randn(t, d, device="cuda", dtype=torch.bfloat16)
+    chosen, weights = routing(t, n_exp, topk)
+    launch = _SortedLaunch(x, chosen, weights, bank, n_exp)
+    pairs = launch.pairs
+    h = torch.empty(pairs, inter, device="cuda", dtype=x.dtype)
+    y = torch.empty(pairs, d, device="cuda", dtype=x.dtype)
+    out = torch.empty_like(x)
+    launch.w13(h, LIMIT, sorted_tiles(pairs, fmt).w13)  # real activations for w2
+    flops = 2 * pairs * d * inter * 2  # w1 and w3; w2 is half of it
+    runs = {"w13": (lambda g: lambda: launch.w13(h, LIMIT, g), flops),
+            "w2": (lambda g: lambda: launch.w2(h, y, g), flops / 2)}  # fmt: skip
+    best = {}
+    for kernel, (make, fl) in runs.items():
+        for tile in CANDIDATES[kernel]:
+            row = {"shape": "served", "fmt": fmt, "tokens": t, "pairs": pairs, "kernel": kernel,
+                   "case": f"{kernel} {_tile(tile)}", "tile": list(tile)}  # fmt: skip
+            try:
+                row["us"] = round(time_graph(make(tile), args.inner, args.reps), 1)
+                row["TFLOPs"] = round(fl / row["us"] / 1e6, 1)
+                if kernel not in best or row["us"] < best[kernel][1]:
+                    best[kernel] = (tile, row["us"])
+            except Exception as e:  # e.g. out of shared memory: report, time the rest
+                row["error"] = repr(e)[:300]
+            results.append(row)
+            print(row, flush=True)
+    view = y.view(t, launch.slots, d)
+    tuned = SortedTiles(*(best.get(k, CANDIDATES[k])[0] for k in ("w13", "w2")))
+    cases = {
+        "sum fp32+copy (before)": lambda: out.copy_(view.sum(dim=1, dtype=torch.float32)),
+        "sum into out": lambda: launch.slot_sum(y, out),
+        "ours table tiles": lambda: moe_experts_sorted(x, chosen, weights, bank, LIMIT, n_exp),
+        "ours best tiles": lambda: moe_experts_sorted(x, chosen, weights, bank, LIMIT, n_exp,
+                                                      tiles=tuned),
+        "ours best routed": lambda: moe_experts_sorted(x, chosen, weights, bank, LIMIT,
+                                                       tiles=tuned),
+    }  # fmt: skip
+    try:
+        fused = sglang_fused(raw, n_exp, topk)
+        cases["sglang fused routed"] = lambda: fused(x, chosen, weights)
+    except Exception as e:  # report, keep ours
+        results.append({"fmt": fmt, "tokens": t, "case": "sglang fused routed",
+                        "error": repr(e)[:300]})  # fmt: skip
+    for name, fn in cases.items():
+        row = {"shape": "served", "fmt": fmt, "tokens": t, "pairs": pairs, "case": name}
+        try:
+            row["us"] = round(time_graph(fn, args.inner, args.reps), 1)
+        except Exception as e:  # report, time the rest
+            row["error"] = repr(e)[:300]
+        results.append(row)
+        print(row, flush=True)
+
+
+def sorted_measured(results) -> list[tuple]:
+    """The fastest tile per (format, kernel, pair count): rows of ``MEASURED``."""
+    best = {}
+    for r in results:
+        if "kernel" in r and "us" in r:
+            key = (r["fmt"], r["kernel"], r["pairs"])
+            if key not in best or r["us"] < best[key][4]:
+                best[key] = (*key, tuple(r["tile"]), r["us"])
+    return [best[k] for k in sorted(best)]
+
+
+def print_sorted(results) -> None:
+    """Per format and T: each case's us (TFLOP/s), then the MEASURED rows to paste."""
+    for fmt in dict.fromkeys(r["fmt"] for r in results):
+        rows = [r for r in results if r["fmt"] == fmt]
+        tokens = sorted({r["tokens"] for r in rows})
+        cases = list(dict.fromkeys(r["case"] for r in rows))
+        print(f"\n{fmt}: us (TFLOP/s) at T = {tokens}")
+        for c in cases:
+            cells = []
+            for t in tokens:
+                r = next((r for r in rows if r["case"] == c and r["tokens"] == t), {})
+                cell = "err" if "error" in r else str(r.get("us", ""))
+                cell += f" ({r['TFLOPs']})" if "TFLOPs" in r else ""
+                cells.append(f"{cell:>18}")
+            print(f"  {c:44s}" + "".join(cells))
+    when = f"{datetime.date.today()} {torch.cuda.get_device_name()}"
+    print(f"\nMEASURED rows (kernels/moe_sorted_tiles.py), {when}, bench_moe.py --sorted:")
+    for fmt, kernel, pairs, tile, us in sorted_measured(results):
+        print(f'    ("{fmt}", "{kernel}", {pairs}, {_tile(tile)}, {us}),')
+
+
+def run_sorted(args) -> list:
+    results = []
+    args.experts, args.topk, args.inter = SHAPES["served"]
+    for fmt in args.formats.split(","):
+        bank, raw = make_bank(args.experts + 1, args.hidden, args.inter, fmt)
+        for t in (int(t) for t in args.tokens.split(",")):
+            sorted_cell(fmt, t, args, bank, raw, results)
+        del bank, raw
+        torch.cuda.empty_cache()
+    print_sorted(results)
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default="served,flash", help=f"of {list(SHAPES)}")
@@ -289,8 +406,22 @@ def main() -> None:
     ap.add_argument("--dense-max", type=int, default=0, help="old dense path up to this T")
     ap.add_argument("--sweep", action="store_true", help="also time the slot kernels per tile")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--sorted", action="store_true", help="the sorted form at prefill sizes")
     args = ap.parse_args()
     args.part = 1.0
+    if args.sorted:
+        defaults = dict(tokens="1,2,4,8,16,32,128", formats="bf16,fp8,mxfp4", inner=10, reps=20)
+        prefill = dict(tokens="4096,8192,16384", formats="bf16,fp8", inner=3, reps=5)
+        for k, v in prefill.items():  # the prefill defaults unless given
+            if getattr(args, k) == defaults[k]:
+                setattr(args, k, v)
+        print(f"GPU: {torch.cuda.get_device_name()}")
+        results = run_sorted(args)
+        if args.out:
+            rows = sorted_measured(results)
+            write_json(args.out, {"gpu": torch.cuda.get_device_name(), "args": vars(args),
+                                  "results": results, "measured": rows})  # fmt: skip
+        return
     tokens, formats = [int(t) for t in args.tokens.split(",")], args.formats.split(",")
     results, tables = [], {}
     print(f"GPU: {torch.cuda.get_device_name()}")

@@ -1,21 +1,25 @@
 """Compile the MoE Triton kernels (``kernels/moe_route.py``, ``kernels/moe_experts.py``) for
 Hopper (sm_90) on a machine without a GPU, and print each variant's registers / spills.
 
-    python scripts/compile_moe_sm90.py
+    python scripts/compile_moe_sm90.py            # --sorted: the sorted kernels' tiles only
 
 Why, and the shared machinery: ``sglang_dsv4/perf/sm90_compile.py``. Variants: every bank format
 (dense bf16, FP8, MXFP4, NVFP4) in both kernel forms as the wrappers launch them at Flash dims
 (top-6 + a shared slot; a zero-top-k call for a shared bank of its own), the fp32 (IEEE) sorted
-form, and the routing kernel for every scoring function, scored and hash, in both forms
-(one-token tiles, 16-token tiles) for E 16, 256 and 384 (expert blocks).
+form, every sorted-kernel tile (``kernels.moe_sorted_tiles``: today's, the candidates and the
+measured rows) for dense bf16 and FP8 banks, and the routing kernel for every scoring function,
+scored and hash, in both forms (one-token tiles, 16-token tiles) for E 16, 256 and 384 (expert
+blocks).
 """
 
 import os
+import sys
 
 os.environ.pop("TRITON_INTERPRET", None)  # before triton is imported: compiled jit functions
 
 from sglang_dsv4.kernels import moe_experts as ME
 from sglang_dsv4.kernels import moe_route as MR
+from sglang_dsv4.kernels import moe_sorted_tiles as ST
 from sglang_dsv4.perf.sm90_compile import build, resource_usage
 
 WEIGHT = {"dense": "bf16", "fp8": "fp8e4nv", "mxfp4": "u8", "nvfp4": "u8"}
@@ -38,15 +42,37 @@ def expert_variants():
             for fn, block_n, block_k in kernels:
                 ce = dict(TOPK=topk, SLOTS=topk + 1, SP=max(2, 1 << topk.bit_length()),
                           BLOCK_N=block_n, BLOCK_K=block_k, UNROLL=tiles.unroll)  # fmt: skip
-                yield f"{fmt} T{t} top-{topk} {tiles}", fn, types, ce | fmt_ce
-        sorted_ce = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_R=32, IEEE=False, **fmt_ce)
-        yield fmt, ME._sorted_w13_kernel, types, dict(SLOTS=7, **sorted_ce)
-        yield fmt, ME._sorted_w2_kernel, types, sorted_ce
+                yield f"{fmt} T{t} top-{topk} {tiles}", fn, types, ce | fmt_ce, None
+        # FP4 banks run only today's tiles (never measured): the large-T one
+        tiles = sorted_variants() if fmt in ("dense", "fp8") else [("w13", ST.GemmTiles(64))]
+        for kernel, tile in tiles:
+            for fn in (SORTED[kernel],) if fmt in ("dense", "fp8") else SORTED.values():
+                ce = {k: v for k, v in sorted_ce(tile, False).items() if k in fn.arg_names}
+                yield f"{fmt} {tile}", fn, types, ce | fmt_ce, tile
     fp32 = {a: "*fp32" for a in ME._sorted_w13_kernel.arg_names if a.endswith("_ptr")}
     fp32 |= {"order_ptr": "*i32", "off_ptr": "*i32", "limit": "fp32"}
-    ce = dict(SLOTS=7, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, BLOCK_R=32, IEEE=True, FMT=0, G=32,
-              NV=False)  # fmt: skip
-    yield "fp32", ME._sorted_w13_kernel, fp32, ce
+    ce = sorted_ce(ST.GemmTiles(16), True) | dict(FMT=0, G=32, NV=False)  # w13: SLOTS too
+    yield "fp32", ME._sorted_w13_kernel, fp32, ce, ST.GemmTiles(16)
+
+
+SORTED = {"w13": ME._sorted_w13_kernel, "w2": ME._sorted_w2_kernel}
+SMEM_SM90 = 232448  # bytes of shared memory one block may use on an H100
+# multiples of 16 at every Flash-dims launch, as the launcher specializes them (perf.sm90_compile)
+DIVISIBLE = ("D", "I", "stride_xt", "stride_we", "stride_wn", "stride_se", "stride_sn")
+
+
+def sorted_ce(tile, ieee: bool) -> dict:
+    """Constexprs of a sorted kernel launched with ``tile`` (served shape: 3 slots, 17 rows)."""
+    return dict(SLOTS=3, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
+                BLOCK_R=32, IEEE=ieee, N_FAST=tile.n_fast)  # fmt: skip
+
+
+def sorted_variants() -> list:
+    """(kernel, tiles) of every sorted tile a launch may use: defaults, candidates, measured."""
+    out = [(k, t) for _, t in ST.DEFAULT for k in SORTED]
+    out += [(k, t) for k, tiles in ST.CANDIDATES.items() for t in tiles]
+    out += [(r[1], r[3]) for r in ST.MEASURED]
+    return list(dict.fromkeys(out))
 
 
 def route_variants():
@@ -60,20 +86,32 @@ def route_variants():
                 ce = dict(D=4096, TOPK=6, BLOCK_K=8, TB=tb, BE=16, BEF=16, BD=bd,
                           SB=16 if dot else 32, SCORING=scoring, HASH=hashed, FP32=False,
                           DOT=dot)  # fmt: skip
-                yield f"E16 dot={dot} hash={hashed} scoring={scoring}", MR._route_kernel, types, ce
+                tag = f"E16 dot={dot} hash={hashed} scoring={scoring}"
+                yield tag, MR._route_kernel, types, ce, None
         for n_exp, bef in ((256, 256), (384, 512)):  # Flash, Pro
             ce = dict(D=7168, TOPK=8, BLOCK_K=8, TB=tb, BE=32, BEF=bef, BD=bd,
                       SB=max(1, 4096 // (tb * bef)), SCORING=0, HASH=False, FP32=False,
                       DOT=dot)  # fmt: skip
-            yield f"E{n_exp} dot={dot}", MR._route_kernel, types, ce
+            yield f"E{n_exp} dot={dot}", MR._route_kernel, types, ce, None
 
 
-def main() -> None:
-    for tag, fn, types, constexprs in (*expert_variants(), *route_variants()):
-        warps = 8 if fn.fn.__name__.startswith("_sorted") else 4  # as the wrappers launch them
-        usage = resource_usage(build(fn, types, constexprs, warps))
+def main(only_sorted: bool = False) -> None:
+    """Print every variant's usage (``only_sorted``: the sorted kernels'); the sorted tiles
+    that spill or overflow shared memory are listed last (drop them from
+    ``moe_sorted_tiles.CANDIDATES``)."""
+    spills = []
+    for tag, fn, types, constexprs, tile in (*expert_variants(), *route_variants()):
+        if only_sorted and tile is None:
+            continue
+        warps, stages = (tile.warps, tile.stages) if tile else (4, 3)  # as the wrappers launch
+        divisible = DIVISIBLE if tile else ()
+        kernel = build(fn, types, constexprs, warps, num_stages=stages, divisible=divisible)
+        usage = f"{resource_usage(kernel)} dynamic shared {kernel.metadata.shared}"
         print(f"{fn.fn.__name__:22s} {tag}: {usage}", flush=True)
+        if tile and ("STACK:0 " not in usage or kernel.metadata.shared > SMEM_SM90):
+            spills.append(f"{fn.fn.__name__} {tag}: {usage}")
+    print("sorted tiles that spill or do not fit:", *spills or ["none"], sep="\n  ")
 
 
 if __name__ == "__main__":
-    main()
+    main(only_sorted="--sorted" in sys.argv)

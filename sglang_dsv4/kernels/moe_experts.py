@@ -25,8 +25,9 @@ epilogue of w2. Two forms, both free of host syncs and data-dependent shapes (CU
   loop), FP8 block scales applied to the vector (exact: powers of two). Tiles:
   :func:`slot_tiles`.
 * :func:`moe_experts_sorted` (prefill, large T): (token, slot) pairs sorted by expert; each
-  program owns an M block of one expert (blocks found in-kernel from the group offsets) and runs
-  ``tl.dot`` tiles, so each expert's weights are read once per block row.
+  program owns an [M, N] tile of one expert (blocks found in-kernel from the group offsets) and
+  runs ``tl.dot`` tiles, so each expert's weights are read once per block row. Tiles and raster
+  order per kernel: :mod:`sglang_dsv4.kernels.moe_sorted_tiles` (measured table).
 
 Twin: :class:`sglang_dsv4.ref.moe.DenseExperts` and :func:`sglang_dsv4.ref.moe.swiglu` over the
 dequantized weights.
@@ -38,6 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
+from sglang_dsv4.kernels.moe_sorted_tiles import GemmTiles, SortedTiles, sorted_tiles, tile_format
 from sglang_dsv4.kernels.mxfp4_moe import _fp4_tile
 
 __all__ = [
@@ -350,23 +352,34 @@ class _SlotLaunch:
 
 
 @triton.jit
-def _expert_block(off_ptr, R, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
-    """(expert, first row, end row) of this program's M block; expert R: no block (the grid
-    covers the most blocks any routing can need). Expert r's rows are off[r]:off[r+1] of the
-    sorted pairs, split into ceil(rows / BLOCK_M) blocks, blocks of experts in order."""
+def _block_of(off_ptr, R, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_R: tl.constexpr, N_FAST: tl.constexpr):  # fmt: skip
+    """(expert, first row, end row, first column) of this program's [M, N] tile; expert R: no
+    block (the grid covers the most blocks any routing can need). Expert r's rows are
+    off[r]:off[r+1] of the sorted pairs, split into ceil(rows / BLOCK_M) blocks, blocks of experts
+    in order. One grid axis; ``N_FAST``: a block's N tiles are consecutive programs (its rows stay
+    in L2 across them), else M blocks are (kernels.moe_sorted_tiles)."""
     pid = tl.program_id(0)
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    if N_FAST:
+        pid_m = pid // n_tiles
+        pid_n = pid % n_tiles
+    else:
+        m_blocks = tl.num_programs(0) // n_tiles
+        pid_m = pid % m_blocks
+        pid_n = pid // m_blocks
     offs_r = tl.arange(0, BLOCK_R)
     r_ok = offs_r < R
     lo = tl.load(off_ptr + offs_r, mask=r_ok, other=0)
     hi = tl.load(off_ptr + offs_r + 1, mask=r_ok, other=0)
     nb = (hi - lo + BLOCK_M - 1) // BLOCK_M
     cum = tl.cumsum(nb, axis=0)  # blocks up to and including expert r
-    e = tl.sum((cum <= pid).to(tl.int32), axis=0)
+    e = tl.sum((cum <= pid_m).to(tl.int32), axis=0)
     this = offs_r == e
     first = tl.sum(tl.where(this, cum - nb, 0), axis=0)
-    row0 = tl.sum(tl.where(this, lo, 0), axis=0) + (pid - first) * BLOCK_M
+    row0 = tl.sum(tl.where(this, lo, 0), axis=0) + (pid_m - first) * BLOCK_M
     end = tl.sum(tl.where(this, hi, 0), axis=0)
-    return e, row0, end
+    return e, row0, end, pid_n * BLOCK_N
 
 
 @triton.jit
@@ -383,14 +396,14 @@ def _sorted_w13_kernel(x_ptr, order_ptr, off_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr
                        stride_se, stride_sn, SLOTS: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
                        FMT: tl.constexpr, G: tl.constexpr, NV: tl.constexpr,
-                       IEEE: tl.constexpr):  # fmt: skip
-    e, row0, end = _expert_block(off_ptr, R, BLOCK_M, BLOCK_R)
+                       IEEE: tl.constexpr, N_FAST: tl.constexpr):  # fmt: skip
+    e, row0, end, n0 = _block_of(off_ptr, R, I, BLOCK_M, BLOCK_N, BLOCK_R, N_FAST)
     if e >= R:
         return
     rows = row0 + tl.arange(0, BLOCK_M)
     m_ok = rows < end
     tok = tl.load(order_ptr + rows, mask=m_ok, other=0) // SLOTS
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     n_ok = offs_n < I
     e = e.to(tl.int64)
     w1_e, w3_e = w1_ptr + e * stride_we, w3_ptr + e * stride_we
@@ -423,14 +436,14 @@ def _sorted_w2_kernel(h_ptr, order_ptr, off_ptr, weights_ptr, w_ptr, s_ptr, gs_p
                       I, stride_we, stride_wn, stride_se, stride_sn, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
                       FMT: tl.constexpr, G: tl.constexpr, NV: tl.constexpr,
-                      IEEE: tl.constexpr):  # fmt: skip
-    e, row0, end = _expert_block(off_ptr, R, BLOCK_M, BLOCK_R)
+                      IEEE: tl.constexpr, N_FAST: tl.constexpr):  # fmt: skip
+    e, row0, end, n0 = _block_of(off_ptr, R, D, BLOCK_M, BLOCK_N, BLOCK_R, N_FAST)
     if e >= R:
         return
     rows = row0 + tl.arange(0, BLOCK_M)
     m_ok = rows < end
     pair = tl.load(order_ptr + rows, mask=m_ok, other=0).to(tl.int64)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     n_ok = offs_n < D
     e = e.to(tl.int64)
     w_e, s_e = w_ptr + e * stride_we, s_ptr + e * stride_se
@@ -453,13 +466,68 @@ def _sorted_w2_kernel(h_ptr, order_ptr, off_ptr, weights_ptr, w_ptr, s_ptr, gs_p
     )  # row of the pair in token order: the slot sum needs no inverse permutation
 
 
-def _sorted_tiles(pairs: int) -> tuple[int, int]:
-    """(BLOCK_M, warps) of the sorted kernels by the number of (token, slot) pairs. 8 warps:
-    with 4 the two [M, 64] accumulators of the w1/w3 kernel spill registers on sm_90 (up to
-    688 B of stack per thread, scripts/compile_moe_sm90.py); with 8 none spills."""
-    if pairs <= 512:
-        return 16, 8
-    return (32, 8) if pairs <= 4096 else (64, 8)
+_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+class _SortedLaunch:
+    """The sorted form's launches of one call: pairs grouped by expert at construction, then
+    the two GEMMs and the slot sum (apart, so that the benchmark times each)."""
+
+    def __init__(self, x, chosen, weights, bank: ExpertWeights, shared_row):
+        self.t, self.d = x.shape
+        self.n_rows, self.inter = bank.check(self.d)
+        self.x, self.bank = x.contiguous(), bank
+        chosen, weights = chosen.long(), weights.float()
+        if shared_row is not None:  # the shared expert: one more slot of every token, weight 1
+            chosen = torch.cat([chosen, chosen.new_full((self.t, 1), shared_row)], dim=1)
+            weights = torch.cat([weights, weights.new_ones(self.t, 1)], dim=1)
+        self.slots = chosen.shape[1]
+        self.pairs = self.t * self.slots
+        self.weights = weights.reshape(-1).contiguous()  # [P] in token order
+        # pairs grouped by expert; group r starts at the first sorted id >= r (searchsorted, not
+        # bincount: bincount sizes its output from the data and syncs)
+        sorted_ids, order = torch.sort(chosen.reshape(-1), stable=True)  # [P]
+        bounds = torch.arange(self.n_rows + 1, device=x.device, dtype=sorted_ids.dtype)
+        self.offsets = torch.searchsorted(sorted_ids, bounds).to(torch.int32)  # [R + 1]
+        self.order = order.to(torch.int32)  # sorted position -> pair (t * slots + j)
+        self.key = tile_format(bank.fmt, _DTYPES.get(x.dtype, str(x.dtype)))
+
+    def _launch(self, tiles: GemmTiles, n: int) -> tuple[tuple[int], dict]:
+        """(grid, common arguments) of a sorted kernel with ``n`` output columns."""
+        blocks = triton.cdiv(self.pairs, tiles.block_m) + self.n_rows  # <= 1 partial per row
+        common = dict(
+            order_ptr=self.order, off_ptr=self.offsets, R=self.n_rows, D=self.d, I=self.inter,
+            BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+            BLOCK_R=triton.next_power_of_2(self.n_rows + 1), IEEE=self.x.dtype == torch.float32,
+            N_FAST=tiles.n_fast, num_warps=tiles.warps, num_stages=tiles.stages,
+            **self.bank.constexprs(),
+        )  # fmt: skip
+        return (blocks * triton.cdiv(n, tiles.block_n),), common
+
+    def w13(self, h: torch.Tensor, limit: float, tiles: GemmTiles) -> None:
+        """h [P, I] (sorted order) = SwiGLU(w1 x, w3 x) of every pair."""
+        (w1, s1, gs1), (w3, s3, gs3) = (self.bank.operands(p) for p in self.bank[:2])
+        grid, common = self._launch(tiles, self.inter)
+        _sorted_w13_kernel[grid](
+            x_ptr=self.x, w1_ptr=w1, w3_ptr=w3, s1_ptr=s1, s3_ptr=s3, gs1_ptr=gs1, gs3_ptr=gs3,
+            h_ptr=h, limit=float(limit), stride_xt=self.x.stride(0), SLOTS=self.slots,
+            **_strides(w1, s1), **common,
+        )  # fmt: skip
+
+    def w2(self, h: torch.Tensor, y: torch.Tensor, tiles: GemmTiles) -> None:
+        """y [P, d] (token order) = weight * w2 h of every pair."""
+        w2, s2, gs2 = self.bank.operands(self.bank.w2)
+        grid, common = self._launch(tiles, self.d)
+        _sorted_w2_kernel[grid](
+            h_ptr=h, weights_ptr=self.weights, w_ptr=w2, s_ptr=s2, gs_ptr=gs2, y_ptr=y,
+            **_strides(w2, s2), **common,
+        )  # fmt: skip
+
+    def slot_sum(self, y: torch.Tensor, out: torch.Tensor) -> None:
+        """out [T, d] = the sum of each token's slot rows of y, written in out's dtype. torch
+        sums bf16 / fp16 in fp32 and rounds once, as the fp32 sum + copy did, without the fp32
+        [T, d] intermediate (one write and one read of it fewer)."""
+        torch.sum(y.view(self.t, self.slots, self.d), dim=1, out=out)
 
 
 def moe_experts_sorted(
@@ -470,44 +538,22 @@ def moe_experts_sorted(
     limit: float,
     shared_row: int | None = None,
     out: torch.Tensor | None = None,
+    tiles: SortedTiles | None = None,
 ) -> torch.Tensor:
-    """As :func:`moe_experts_slots`, as a sorted grouped GEMM (module docstring)."""
+    """As :func:`moe_experts_slots`, as a sorted grouped GEMM (module docstring). ``tiles``:
+    the launch shapes (default :func:`~sglang_dsv4.kernels.moe_sorted_tiles.sorted_tiles`)."""
     t, d = x.shape
-    n_rows, inter = bank.check(d)
-    x, weights = x.contiguous(), weights.float()
-    chosen = chosen.long()
-    if shared_row is not None:  # the shared expert: one more slot of every token, weight 1
-        chosen = torch.cat([chosen, chosen.new_full((t, 1), shared_row)], dim=1)
-        weights = torch.cat([weights, weights.new_ones(t, 1)], dim=1)
-    slots = chosen.shape[1]
-    pairs = t * slots
     out = torch.empty(t, d, dtype=x.dtype, device=x.device) if out is None else out
     if t == 0:
+        bank.check(d)
         return out
-    # pairs grouped by expert; group r starts at the first sorted id >= r (searchsorted, not
-    # bincount: bincount sizes its output from the data and syncs)
-    sorted_ids, order = torch.sort(chosen.reshape(-1), stable=True)  # [P]
-    bounds = torch.arange(n_rows + 1, device=x.device, dtype=sorted_ids.dtype)
-    offsets = torch.searchsorted(sorted_ids, bounds).to(torch.int32)  # [R + 1]
-    order = order.to(torch.int32)
-    h = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)  # [P, I], sorted order
+    launch = _SortedLaunch(x, chosen, weights, bank, shared_row)
+    tiles = tiles or sorted_tiles(launch.pairs, launch.key)
+    h = torch.empty(launch.pairs, launch.inter, dtype=x.dtype, device=x.device)  # [P, I]
     # [P, d] in token order, in x's dtype as the reference rounds each expert's output (half
     # the bytes of fp32: at an 8K-token prefill chunk with 7 slots this buffer is 470 MB)
-    y = torch.empty(pairs, d, dtype=x.dtype, device=x.device)
-    (w1, s1, gs1), (w3, s3, gs3), (w2, s2, gs2) = (bank.operands(p) for p in bank[:3])
-    block_m, warps = _sorted_tiles(pairs)
-    blocks = triton.cdiv(pairs, block_m) + n_rows
-    common = dict(
-        order_ptr=order, off_ptr=offsets, R=n_rows, D=d, I=inter, BLOCK_M=block_m, BLOCK_N=64,
-        BLOCK_K=64, BLOCK_R=triton.next_power_of_2(n_rows + 1), IEEE=x.dtype == torch.float32,
-        num_warps=warps, num_stages=3, **bank.constexprs(),
-    )  # fmt: skip
-    _sorted_w13_kernel[(blocks, triton.cdiv(inter, 64))](
-        x_ptr=x, w1_ptr=w1, w3_ptr=w3, s1_ptr=s1, s3_ptr=s3, gs1_ptr=gs1, gs3_ptr=gs3, h_ptr=h,
-        limit=float(limit), stride_xt=x.stride(0), SLOTS=slots, **_strides(w1, s1), **common,
-    )  # fmt: skip
-    _sorted_w2_kernel[(blocks, triton.cdiv(d, 64))](
-        h_ptr=h, weights_ptr=weights.reshape(-1).contiguous(), w_ptr=w2, s_ptr=s2, gs_ptr=gs2,
-        y_ptr=y, **_strides(w2, s2), **common,
-    )  # fmt: skip
-    return out.copy_(y.view(t, slots, d).sum(dim=1, dtype=torch.float32))
+    y = torch.empty(launch.pairs, d, dtype=x.dtype, device=x.device)
+    launch.w13(h, limit, tiles.w13)
+    launch.w2(h, y, tiles.w2)
+    launch.slot_sum(y, out)
+    return out

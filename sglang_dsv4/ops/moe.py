@@ -19,7 +19,8 @@ The kernel form of dense / FP8 banks is picked per token count from :data:`SLOT_
 the slot (GEMV) form reads only the chosen experts' rows once per token slot, the best at batch
 1; the sorted grouped GEMM reads each used expert once per M block, the best once tokens share
 experts. Each entry of the table says whether it was measured (``scripts/bench_moe.py`` on the
-H100) or guessed.
+H100) or guessed. The sorted form's tiles per pair count: ``kernels.moe_sorted_tiles.MEASURED``
+(``scripts/bench_moe.py --sorted``).
 """
 
 import torch

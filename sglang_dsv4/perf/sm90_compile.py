@@ -35,18 +35,22 @@ def signature(arg_names: list[str], types: dict, constexprs: dict) -> tuple[dict
     return sig, {(arg_names.index(a),): v for a, v in constexprs.items()}
 
 
-def build(fn, types: dict, constexprs: dict, num_warps: int = 4, *, aligned: bool = True):
-    """Compile ``fn`` for :data:`TARGET` and return the compiled kernel.
+def build(fn, types: dict, constexprs: dict, num_warps: int = 4, *, aligned: bool = True,
+          num_stages: int = 3, divisible: tuple[str, ...] = ()):  # fmt: skip
+    """Compile ``fn`` for :data:`TARGET` and return the compiled kernel (``num_stages``: as a
+    launch passes it; 3 is Triton's default).
 
     ``aligned``: pointers 16-byte aligned, as the launcher specializes torch's allocations (vector
-    loads); the decode / extend scripts compile without that hint."""
+    loads); the decode / extend scripts compile without that hint. ``divisible``: integer
+    arguments a launch passes as multiples of 16 (strides, dims), which the launcher specializes
+    too: without the hint a gather's rows look unaligned and the K loop is neither vectorized
+    nor software-pipelined (no cp.async), unlike the launched kernel."""
     sig, ce = signature(fn.arg_names, types, constexprs)
-    attrs = {}
-    if aligned:
-        attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a, t in sig.items()
-                 if "*" in t}  # fmt: skip
+    hinted = [a for a, t in sig.items() if ("*" in t and aligned) or a in divisible]
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in hinted}
     src = ASTSource(fn=fn, signature=sig, constexprs=ce, attrs=attrs)
-    return triton.compile(src, target=TARGET, options={"num_warps": num_warps})
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    return triton.compile(src, target=TARGET, options=options)
 
 
 def resource_usage(kernel) -> str:

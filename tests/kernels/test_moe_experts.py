@@ -4,13 +4,16 @@ expert as a bank row) against :class:`~sglang_dsv4.ref.moe.DenseExperts` +
 
 CPU: interpreted, fp32, small and odd shapes (I not a multiple of 128: w3's FP8 scale rows start
 mid-bank). GPU: Flash dims (d 4096, I 1024 / 2048, E 16 / 256, k 6 / 8) in bf16, and CUDA-graph
-replay on new routing equals eager. Outputs are NaN-poisoned before every launch.
+replay on new routing equals eager. Outputs are NaN-poisoned before every launch. The sorted
+form at every tile of ``kernels.moe_sorted_tiles`` (defaults, candidates): interpreted in fp32 and
+bf16, and on the GPU at an 8K-token prefill of the served shape.
 """
 
 import importlib
 
 import pytest
 import torch
+import triton.language as tl
 
 from sglang_dsv4.ref.moe import DenseExperts, swiglu
 from sglang_dsv4.ref.weight_quant import (
@@ -23,6 +26,7 @@ from sglang_dsv4.ref.weight_quant import (
 )
 
 K = importlib.import_module("sglang_dsv4.kernels.moe_experts")  # CPU: interpreted (conftest)
+ST = importlib.import_module("sglang_dsv4.kernels.moe_sorted_tiles")
 GPU = torch.cuda.is_available()
 FORMS = {"slots": K.moe_experts_slots, "sorted": K.moe_experts_sorted}
 LIMIT = 10.0
@@ -115,6 +119,79 @@ def test_experts_interpreted(form, fmt, shared, t, topk):
     got = run(form, x, chosen, weights, bank, n_exp if shared else None)
     want = reference(x, chosen, weights, dense, n_exp, shared)
     assert not got.isnan().any() and rel_l2(got, want) <= 1e-5
+
+
+# every tile a sorted launch may use: today's by pair count (both kernels), each kernel's
+# candidates (the other kernel at today's large-T tile: a w2 tile may not fit the w13 kernel)
+SORTED_CASES = [("both", t) for _, t in ST.DEFAULT]
+SORTED_CASES += [(k, t) for k, ts in ST.CANDIDATES.items() for t in ts if t != ST.GemmTiles(64)]
+
+
+def case_tiles(kernel: str, tile):
+    other = ST.GemmTiles(64)
+    return ST.SortedTiles(other if kernel == "w2" else tile, other if kernel == "w13" else tile)
+
+
+@pytest.fixture
+def bf16_dot(monkeypatch):
+    """Triton 3.6's interpreter multiplies bf16 ``tl.dot`` operands as their raw uint16 bits
+    (``create_dot`` widens only 8-bit floats; the sorted form's bf16 output was ~1e10 off on
+    main too): widen them to fp32 first, as the tensor cores multiply bf16 exactly."""
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    dot = builder.create_dot
+
+    def widened(self, a, b, d, *args):
+        a, b = (self.cast_impl(v, tl.float32) if v.dtype == tl.bfloat16 else v for v in (a, b))
+        return dot(self, a, b, d, *args)
+
+    monkeypatch.setattr(builder, "create_dot", widened)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(("kernel", "tile"), SORTED_CASES, ids=str)
+def test_sorted_every_tile_matches_twin_interpreted(kernel, tile, dtype, bf16_dot):
+    """Each tile (M block up to 128, N up to 256, both rasters) for its kernel: the twin's
+    numbers, with a crowded expert spanning several M blocks (300 tokens -> 150 + 300
+    pairs on two rows) and N / K tails (d 192, I 160 are not multiples of the tiles)."""
+    if GPU:
+        pytest.skip("interpreter shapes; the GPU tests cover real shapes")
+    n_exp, d, inter, t = 6, 192, 160, 300
+    bank, dense = make_bank(n_exp + 1, d, inter, "dense", "cpu", dtype)
+    x = (torch.randn(t, d) * 3).to(dtype)
+    chosen, weights = routing(t, n_exp, 2, "cpu")
+    out = torch.full_like(x, float("nan"))
+    K.moe_experts_sorted(x, chosen, weights, bank, LIMIT, n_exp, out, case_tiles(kernel, tile))
+    err = rel_l2(out, reference(x, chosen, weights, dense, n_exp, True))
+    assert not out.isnan().any() and err <= (1e-5 if dtype == torch.float32 else 1e-2), err
+
+
+def test_sorted_raster_order_does_not_change_numbers_interpreted():
+    """N tiles or M blocks as the fast grid axis: the same programs, the same bits."""
+    if GPU:
+        pytest.skip("interpreter shapes")
+    bank, _ = make_bank(7, 192, 160, "fp8", "cpu", torch.float32)
+    x = torch.randn(40, 192) * 3
+    chosen, weights = routing(40, 6, 2, "cpu")
+    outs = []
+    for n_fast in (False, True):
+        tile = ST.GemmTiles(16, 64, 64, 4, 2, n_fast)
+        outs.append(K.moe_experts_sorted(x, chosen, weights, bank, LIMIT, 6,
+                                         tiles=ST.SortedTiles(tile, tile)))  # fmt: skip
+    assert not outs[0].isnan().any() and torch.equal(*outs)
+
+
+def test_sorted_slot_sum_rounds_once_like_the_fp32_sum():
+    """The slot sum into out (bf16) equals the fp32 sum rounded once, as before (no fp32
+    intermediate)."""
+    x, chosen = torch.zeros(5, 8).bfloat16(), torch.zeros(5, 2, dtype=torch.int32)
+    bank = K.ExpertWeights.stacked(torch.zeros(3, 32, 8), torch.zeros(3, 8, 16))
+    launch = K._SortedLaunch(x, chosen, torch.ones(5, 2), bank, 2)
+    y = (torch.randn(5 * 3, 8) * 100).bfloat16()
+    out = torch.full_like(x, float("nan"))
+    launch.slot_sum(y, out)
+    assert torch.equal(out, y.view(5, 3, 8).sum(dim=1, dtype=torch.float32).bfloat16())
 
 
 def test_bank_shape_errors_are_clear():
@@ -210,6 +287,26 @@ def test_slots_gpu_every_swept_tile_is_exact(fmt, block_n, block_k, warps, unrol
     K.moe_experts_slots(x, chosen, weights, bank, LIMIT, 16, out=out, tiles=tiles)
     err = rel_l2(out, reference(x, chosen, weights, dense, 16, True))
     assert not out.isnan().any() and err <= 1e-2, f"rel L2 {err:.2e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["dense", "fp8"])
+@pytest.mark.parametrize(("kernel", "tile"), SORTED_CASES, ids=str)
+def test_sorted_gpu_served_prefill_every_tile(fmt, kernel, tile):
+    """The served Flash-dims layer (16 experts of 1024, top-2, shared row) at an 8K-token
+    prefill (24,576 pairs) with each tile for its kernel: the twin's numbers, and the table's
+    tiles give the same up to the fp32 accumulation order."""
+    t = 8192
+    bank, dense = make_bank(17, 4096, 1024, fmt, "cuda", torch.bfloat16)
+    x = torch.randn(t, 4096, device="cuda").bfloat16() * 2
+    chosen, weights = routing(t, 16, 2, "cuda")
+    out = torch.full_like(x, float("nan"))
+    K.moe_experts_sorted(x, chosen, weights, bank, LIMIT, 16, out, case_tiles(kernel, tile))
+    want = reference(x, chosen, weights, dense, 16, True)
+    err = rel_l2(out, want)
+    assert not out.isnan().any() and err <= 1e-2, f"rel L2 {err:.2e}"
+    picked = K.moe_experts_sorted(x, chosen, weights, bank, LIMIT, 16)  # the table's tiles
+    assert rel_l2(picked, out) <= 1e-2
 
 
 def test_slot_tiles_fill_the_gpu_at_batch_1():
