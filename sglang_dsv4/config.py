@@ -366,7 +366,59 @@ def _parse_quant(f: _Fields) -> QuantConfig | None:
     return QuantConfig(weight_block=(128, 128), scale_fmt="ue8m0", expert_dtype=expert_dtype)
 
 
+def _rope_dim(f: _Fields, head_dim: int) -> int:
+    """RoPE channels per head: released ``qk_rope_head_dim``, else HF's ``partial_rotary_factor``
+    of ``head_dim``, else the released 64. Even (rotated in pairs) and within the head."""
+    if f.has("qk_rope_head_dim"):
+        rope_dim = f.integer("qk_rope_head_dim")
+    elif f.has("partial_rotary_factor"):
+        rope_dim = round(head_dim * f.number("partial_rotary_factor"))
+    else:
+        rope_dim = 64
+    if rope_dim % 2 or rope_dim > head_dim:
+        raise ConfigError("qk_rope_head_dim", f"an even number <= head_dim = {head_dim}", rope_dim)
+    return rope_dim
+
+
+def _routing(f: _Fields) -> tuple[int, int, str]:
+    """(routed experts, experts per token, scoring function) of the MoE router; its top-k is
+    DeepSeek's ``noaux_tc`` (bias-corrected scores), the only method implemented."""
+    n_experts = f.integer("n_routed_experts", 256)
+    topk_experts = f.integer("num_experts_per_tok", 6)
+    if topk_experts > n_experts:
+        raise ConfigError(
+            "num_experts_per_tok", f"at most n_routed_experts = {n_experts}", topk_experts
+        )
+    scoring = f.get("scoring_func", "sqrtsoftplus")
+    if scoring not in ("sqrtsoftplus", "sigmoid", "softmax"):
+        raise ConfigError("scoring_func", '"sqrtsoftplus", "sigmoid" or "softmax"', scoring)
+    topk_method = f.get("topk_method", "noaux_tc")
+    if topk_method != "noaux_tc":
+        raise ConfigError("topk_method", '"noaux_tc"', topk_method)
+    return n_experts, topk_experts, scoring
+
+
+def _layer_specs(f: _Fields, n_layers: int, n_mtp: int) -> list[LayerSpec]:
+    """The frozen schedule: main layers, then MTP layers (never hash-routed); compressed layers
+    take the compress RoPE, SWA layers the main one."""
+    main_rope, compress_rope = _rope_specs(f)
+    kinds = _attn_schedule(f, n_layers, n_mtp)
+    hashed = _hash_schedule(f, n_layers) + [False] * n_mtp
+    return [
+        LayerSpec(
+            index=i,
+            attn=kind,
+            hash_moe=hashed[i],
+            rope=compress_rope if kind.compressed else main_rope,
+            is_mtp=i >= n_layers,
+        )
+        for i, kind in enumerate(kinds)
+    ]
+
+
 def _parse(raw: dict[str, Any]) -> DSV4Config:
+    """Either spelling of config.json -> :class:`DSV4Config`; fields are checked in this order, so
+    the first bad one is the one reported."""
     if not isinstance(raw, dict):
         raise ConfigError("<root>", "a JSON object", type(raw).__name__)
     f = _Fields(raw)
@@ -384,49 +436,15 @@ def _parse(raw: dict[str, Any]) -> DSV4Config:
             "num_key_value_heads", "1 (DSV4 shares one K=V head)", f.get("num_key_value_heads")
         )
 
-    if f.has("qk_rope_head_dim"):
-        rope_dim = f.integer("qk_rope_head_dim")
-    elif f.has("partial_rotary_factor"):
-        rope_dim = round(head_dim * f.number("partial_rotary_factor"))
-    else:
-        rope_dim = 64
-    if rope_dim % 2 or rope_dim > head_dim:
-        raise ConfigError("qk_rope_head_dim", f"an even number <= head_dim = {head_dim}", rope_dim)
-
+    rope_dim = _rope_dim(f, head_dim)
     o_groups = f.integer("o_groups", 8)
     if n_heads % o_groups:
         raise ConfigError("o_groups", f"a divisor of num_attention_heads = {n_heads}", o_groups)
-
-    n_experts = f.integer("n_routed_experts", 256)
-    topk_experts = f.integer("num_experts_per_tok", 6)
-    if topk_experts > n_experts:
-        raise ConfigError(
-            "num_experts_per_tok", f"at most n_routed_experts = {n_experts}", topk_experts
-        )
-    scoring = f.get("scoring_func", "sqrtsoftplus")
-    if scoring not in ("sqrtsoftplus", "sigmoid", "softmax"):
-        raise ConfigError("scoring_func", '"sqrtsoftplus", "sigmoid" or "softmax"', scoring)
-    topk_method = f.get("topk_method", "noaux_tc")
-    if topk_method != "noaux_tc":
-        raise ConfigError("topk_method", '"noaux_tc"', topk_method)
-
+    n_experts, topk_experts, scoring = _routing(f)
     index_head_dim = f.integer("index_head_dim", 128)
     if index_head_dim < rope_dim:
         raise ConfigError("index_head_dim", f">= qk_rope_head_dim = {rope_dim}", index_head_dim)
-
-    main_rope, compress_rope = _rope_specs(f)
-    kinds = _attn_schedule(f, n_layers, n_mtp)
-    hashed = _hash_schedule(f, n_layers) + [False] * n_mtp
-    specs = [
-        LayerSpec(
-            index=i,
-            attn=kind,
-            hash_moe=hashed[i],
-            rope=compress_rope if kind.compressed else main_rope,
-            is_mtp=i >= n_layers,
-        )
-        for i, kind in enumerate(kinds)
-    ]
+    specs = _layer_specs(f, n_layers, n_mtp)
 
     eos = f.get("eos_token_id", 1)
     return DSV4Config(
