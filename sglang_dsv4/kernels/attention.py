@@ -234,9 +234,34 @@ class SparseMQA:
         when planned with ``return_lse``)."""
         if q.dtype != torch.bfloat16:
             raise ValueError(f"q must be bf16, got {q.dtype}")
-        cfg = self.config
         out = self.out if out is None else out
         lse = self.lse if lse is None else lse
+        self._launch_fwd(
+            q, kv, indices, lengths, extra_kv, extra_indices, extra_lengths, sink, scale, out, lse
+        )
+        if self.num_splits > 1:
+            self._launch_combine(sink, out, lse)
+        return out
+
+    def _launch_fwd(
+        self,
+        q: torch.Tensor,
+        kv: torch.Tensor,
+        indices: torch.Tensor,
+        lengths: torch.Tensor | None,
+        extra_kv: torch.Tensor | None,
+        extra_indices: torch.Tensor | None,
+        extra_lengths: torch.Tensor | None,
+        sink: torch.Tensor,
+        scale: float,
+        out: torch.Tensor,
+        lse: torch.Tensor | None,
+    ) -> None:
+        """The attention kernel over both lists: final output with one split, else the fp32
+        partials of every split. An absent optional tensor is replaced by some tensor of the
+        right kind (the kernel never reads it: its constexpr flag is off), since Triton takes no
+        ``None`` for a pointer."""
+        cfg = self.config
         indices = _flat_indices(indices)
         kv, page, page_stride, row_stride = _cache_geometry(kv)
         has_extra = extra_kv is not None
@@ -245,41 +270,42 @@ class SparseMQA:
             xkv, xpage, xpage_stride, xrow_stride = _cache_geometry(extra_kv)
         else:
             xkv, extra_indices, xpage, xpage_stride, xrow_stride = kv, indices, 1, 0, 0
+        # The bit-placement dequant leaves keys 2^-KSHIFT too small: scale logits and output back.
         shift = 2.0**KSHIFT if cfg.dequant else 1.0
         split = self.num_splits > 1
         d = self.head_dim
         sparse_mqa_fwd[self.grid](
-            q,
-            q.stride(0),
-            q.stride(1),
-            kv,
-            indices,
-            indices.stride(0),
-            lengths if lengths is not None else indices,
-            page,
-            page_stride,
-            row_stride,
-            self.topk,
-            xkv,
-            extra_indices,
-            extra_indices.stride(0),
-            extra_lengths if extra_lengths is not None else indices,
-            xpage,
-            xpage_stride,
-            xrow_stride,
-            self.extra_topk,
-            sink,
-            scale * LOG2E * shift,
-            shift,
-            out,
-            out.stride(0),
-            out.stride(1),
-            lse if lse is not None else sink,
-            self.part_o if split else out,
-            self.part_lse if split else sink,
-            self.num_heads,
-            self.chunk,
-            self.num_splits,
+            q_ptr=q,
+            stride_qt=q.stride(0),
+            stride_qh=q.stride(1),
+            kv=kv,
+            idx_ptr=indices,
+            stride_it=indices.stride(0),
+            len_ptr=lengths if lengths is not None else indices,
+            page_size=page,
+            page_stride=page_stride,
+            row_stride=row_stride,
+            K=self.topk,
+            xkv=xkv,
+            xidx_ptr=extra_indices,
+            stride_xt=extra_indices.stride(0),
+            xlen_ptr=extra_lengths if extra_lengths is not None else indices,
+            xpage_size=xpage,
+            xpage_stride=xpage_stride,
+            xrow_stride=xrow_stride,
+            K2=self.extra_topk,
+            sink_ptr=sink,
+            qk_scale=scale * LOG2E * shift,
+            out_scale=shift,
+            out_ptr=out,
+            stride_ot=out.stride(0),
+            stride_oh=out.stride(1),
+            lse_ptr=lse if lse is not None else sink,
+            part_o_ptr=self.part_o if split else out,
+            part_lse_ptr=self.part_lse if split else sink,
+            H=self.num_heads,
+            chunk=self.chunk,
+            num_splits=self.num_splits,
             D=d,
             NOPE_BLOCKS=(d - ROPE_DIM) // 64,
             BH=cfg.block_h,
@@ -297,22 +323,25 @@ class SparseMQA:
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )
-        if split:
-            sparse_mqa_combine[self.comb_grid](
-                self.part_o,
-                self.part_lse,
-                sink,
-                out,
-                out.stride(0),
-                out.stride(1),
-                lse if lse is not None else sink,
-                self.num_heads,
-                self.num_splits,
-                D=d,
-                CH=self.comb_h,
-                CD=self.comb_d,
-                BS=triton.next_power_of_2(self.num_splits),
-                WRITE_LSE=lse is not None,
-                num_warps=4,
-            )
-        return out
+
+    def _launch_combine(
+        self, sink: torch.Tensor, out: torch.Tensor, lse: torch.Tensor | None
+    ) -> None:
+        """Merge the splits' partials (and the sink) into ``out`` / ``lse``."""
+        sparse_mqa_combine[self.comb_grid](
+            part_o_ptr=self.part_o,
+            part_lse_ptr=self.part_lse,
+            sink_ptr=sink,
+            out_ptr=out,
+            stride_ot=out.stride(0),
+            stride_oh=out.stride(1),
+            lse_ptr=lse if lse is not None else sink,
+            H=self.num_heads,
+            num_splits=self.num_splits,
+            D=self.head_dim,
+            CH=self.comb_h,
+            CD=self.comb_d,
+            BS=triton.next_power_of_2(self.num_splits),
+            WRITE_LSE=lse is not None,
+            num_warps=4,
+        )
