@@ -330,40 +330,34 @@ class CompressorFlush:
         updated) are optional (see module docstring); ``boundary_table`` [B, max_blocks] int32
         names the boundary page of each block (-1 = none; default ``block_table``).
         """
-        if self._grid is None:
-            raise RuntimeError("plan() before run()")
-        d, c = self.head_dim, self.coff * self.head_dim
-        if kv.shape[-1] != c or score.shape != kv.shape or kv.stride() != score.stride():
-            raise ValueError(f"kv / score must be matching [T, {c}] tensors")
-        if tail_kv.shape[1:] != (self.coff * self.ratio, c) or not tail_kv.is_contiguous():
-            raise ValueError(f"tail must be contiguous [n, {self.coff * self.ratio}, {c}]")
+        self._check_inputs(kv, score, tail_kv, tail_mode, rebuild_page)
+        d = self.head_dim
         has_mode = tail_mode is not None
-        if has_mode and rebuild_page is None:
-            raise ValueError("tail_mode needs rebuild_page")
         bkv, bsc = boundary if boundary is not None else (tail_kv, tail_score)
         bnd_table = block_table if boundary_table is None else boundary_table
         _flush_kernel[self._grid](
-            kv,
-            score,
-            kv.stride(0),
-            ape,
-            norm_weight,
-            inv_freq,
-            tail_kv,
-            tail_score,
-            req_slots,
-            prefix_lens,
-            cu_seqlens,
-            tail_mode if has_mode else req_slots,
-            rebuild_page if has_mode else req_slots,
-            bkv,
-            bsc,
-            block_table,
-            block_table.stride(0),
-            bnd_table,
-            bnd_table.stride(0),
-            out,
-            self.norm_eps,
+            kv_ptr=kv,
+            score_ptr=score,
+            in_stride=kv.stride(0),
+            ape_ptr=ape,
+            norm_ptr=norm_weight,
+            inv_freq_ptr=inv_freq,
+            tail_kv_ptr=tail_kv,
+            tail_score_ptr=tail_score,
+            req_slot_ptr=req_slots,
+            prefix_ptr=prefix_lens,
+            cu_ptr=cu_seqlens,
+            # Without a mode the kernel reads neither: any int32 tensor stands in for the pointer.
+            mode_ptr=tail_mode if has_mode else req_slots,
+            rebuild_ptr=rebuild_page if has_mode else req_slots,
+            bnd_kv_ptr=bkv,
+            bnd_score_ptr=bsc,
+            bt_ptr=block_table,
+            bt_stride=block_table.stride(0),
+            bnd_bt_ptr=bnd_table,
+            bnd_bt_stride=bnd_table.stride(0),
+            out_ptr=out,
+            eps=self.norm_eps,
             R=self.ratio,
             COFF=self.coff,
             D=d,
@@ -381,3 +375,24 @@ class CompressorFlush:
             num_warps=8 if self.coff * self.ratio > 8 else 4,
             enable_fp_fusion=False,
         )
+
+    def _check_inputs(
+        self,
+        kv: torch.Tensor,
+        score: torch.Tensor,
+        tail_kv: torch.Tensor,
+        tail_mode: torch.Tensor | None,
+        rebuild_page: torch.Tensor | None,
+    ) -> None:
+        """What the kernel assumes but cannot check: a plan, one row stride shared by ``kv`` and
+        ``score``, tail rows at a fixed ``coff*r*coff*D`` pitch, and a rebuild page for every
+        tail mode."""
+        if self._grid is None:
+            raise RuntimeError("plan() before run()")
+        c = self.coff * self.head_dim
+        if kv.shape[-1] != c or score.shape != kv.shape or kv.stride() != score.stride():
+            raise ValueError(f"kv / score must be matching [T, {c}] tensors")
+        if tail_kv.shape[1:] != (self.coff * self.ratio, c) or not tail_kv.is_contiguous():
+            raise ValueError(f"tail must be contiguous [n, {self.coff * self.ratio}, {c}]")
+        if tail_mode is not None and rebuild_page is None:
+            raise ValueError("tail_mode needs rebuild_page")
