@@ -60,7 +60,7 @@ def register() -> None:
 def _register() -> None:
     from sglang.srt.arg_groups.overrides import register_model_override
     from sglang.srt.layers.attention.attention_registry import register_attention_backend
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+    from sglang.srt.plugins.hook_registry import HookRegistry
     from sglang.srt.server_args import add_attention_backend_choices
 
     # The model module is imported here so that a broken one stops the server at startup.
@@ -69,19 +69,30 @@ def _register() -> None:
 
     add_attention_backend_choices([BACKEND_NAME])
     register_attention_backend(BACKEND_NAME)(DSV4AttnBackend)
+    register_model_override(_ARCH)(_dsv4_server_args)
+    for target, fn, kind in _hooks():
+        HookRegistry.register(target, fn, kind)
 
-    @register_model_override(_ARCH)
-    def _dsv4_server_args(server_args, hf_config) -> dict:
-        overrides = {"attention_backend": BACKEND_NAME, "page_size": 128}
-        # Upstream accepts fp8_e4m3 / bfloat16 here; mem.sizing.row_format maps it to our rows.
-        if server_args.device == "cpu" or server_args.kv_cache_dtype in ("bf16", "bfloat16"):
-            overrides["kv_cache_dtype"] = "bfloat16"
-        elif server_args.kv_cache_dtype == "auto":
-            overrides["kv_cache_dtype"] = "fp8_e4m3"
-        if server_args.swa_full_tokens_ratio == type(server_args).swa_full_tokens_ratio:
-            # As upstream DSV4: swa slots (raw rows of every layer) cost 6-7x a full slot.
-            overrides["swa_full_tokens_ratio"] = 0.1
-        return overrides
+
+def _dsv4_server_args(server_args, hf_config) -> dict:
+    """Server arguments of a DSV4 model (a model override: ours is registered last, so it wins)."""
+    from sglang_dsv4.attention.backend import BACKEND_NAME
+
+    overrides = {"attention_backend": BACKEND_NAME, "page_size": 128}
+    # Upstream accepts fp8_e4m3 / bfloat16 here; mem.sizing.row_format maps it to our rows.
+    if server_args.device == "cpu" or server_args.kv_cache_dtype in ("bf16", "bfloat16"):
+        overrides["kv_cache_dtype"] = "bfloat16"
+    elif server_args.kv_cache_dtype == "auto":
+        overrides["kv_cache_dtype"] = "fp8_e4m3"
+    if server_args.swa_full_tokens_ratio == type(server_args).swa_full_tokens_ratio:
+        # As upstream DSV4: swa slots (raw rows of every layer) cost 6-7x a full slot.
+        overrides["swa_full_tokens_ratio"] = 0.1
+    return overrides
+
+
+def _hooks() -> list[tuple]:
+    """(SGLang function, our hook, HookType) of every hook (the module docstring says why each)."""
+    from sglang.srt.plugins.hook_registry import HookType
 
     hooks = [
         (
@@ -149,8 +160,7 @@ def _register() -> None:
     # each module that bound get_model_architecture at import.
     for module in ("sglang.srt.model_loader.utils", "sglang.srt.model_loader.loader"):
         hooks.append((f"{module}.get_model_architecture", _model_architecture, HookType.AROUND))
-    for target, fn, kind in hooks:
-        HookRegistry.register(target, fn, kind)
+    return hooks
 
 
 def _model_architecture(original, model_config):
