@@ -33,6 +33,48 @@ from sglang_dsv4.kernels.kv_store import IndexKeyLayout
 __all__ = ["IndexerTopK"]
 
 
+@triton.jit
+def _rotate_q(q, dd, DOT_F32: tl.constexpr):
+    """q S with S[i, j] = (-1)^popcount(i & j) (Dh <= 256), the unnormalized Sylvester Hadamard
+    the keys were rotated by; the caller folds its Dh^-1/2 into the head weights. ``q`` [H, DH]
+    -> fp32 [H, DH] (rounded to bf16 by the caller on the GPU)."""
+    par = dd[:, None] & dd[None, :]
+    par = par ^ (par >> 4)
+    par = par ^ (par >> 2)
+    par = par ^ (par >> 1)
+    mat_t = tl.float32 if DOT_F32 else tl.bfloat16
+    sylv = tl.where((par & 1) == 0, 1.0, -1.0).to(mat_t)  # [DH, DH], exact in bf16
+    return tl.dot(q.to(mat_t), sylv)
+
+
+@triton.jit
+def _load_keys(keys_ptr, dbase, sbase, valid, dd, BS: tl.constexpr, DH: tl.constexpr,
+               FP4: tl.constexpr):  # fmt: skip
+    """One tile of index keys, dequantized apart from a per-row factor: ``k`` [BS, DH] and
+    ``kscale`` [BS] (FP8 keeps its fp32 row scale for after the dot; MXFP4's per-32 UE8M0 scales
+    vary along DH, so they are applied here and ``kscale`` is 1). ``dbase`` / ``sbase`` [BS]:
+    byte offsets of each row's data / scale part; invalid rows read as zeros."""
+    if FP4:
+        raw = tl.load(keys_ptr + dbase[:, None] + tl.arange(0, DH // 2)[None, :], valid[:, None], 0)
+        nib = tl.reshape(tl.join(raw & 15, raw >> 4), [BS, DH]).to(tl.int32)
+        e = (nib >> 1) & 3
+        mag = tl.where(
+            e == 0, 0.5 * (nib & 1), (1.0 + 0.5 * (nib & 1)) * (1 << tl.maximum(e - 1, 0))
+        )
+        val = tl.where(nib >= 8, -mag, mag)
+        sexp = tl.load(
+            keys_ptr + sbase[:, None] + tl.arange(0, DH // 32)[None, :], valid[:, None], 127
+        )
+        sc = ((sexp.to(tl.int32) & 0xFF) << 23).to(tl.float32, bitcast=True)  # 2^(byte - 127)
+        k = tl.reshape(tl.reshape(val, [BS, DH // 32, 32]) * sc[:, :, None], [BS, DH])
+        kscale = tl.full([BS], 1.0, tl.float32)
+    else:
+        raw = tl.load(keys_ptr + dbase[:, None] + dd[None, :], valid[:, None], 0)
+        k = raw.to(tl.float8e4nv, bitcast=True)
+        kscale = tl.load((keys_ptr + sbase).to(tl.pointer_type(tl.float32)), valid, 0.0)
+    return k, kscale
+
+
 @triton.jit(do_not_specialize=["bt_stride", "n_splits"])
 def _logits_kernel(
     q_ptr,
@@ -66,15 +108,9 @@ def _logits_kernel(
     dd = tl.arange(0, DH)
     q = tl.load(q_ptr + t.to(tl.int64) * q_stride_t + hh[:, None] * q_stride_h + dd[None, :])
     wh = tl.load(w_ptr + t.to(tl.int64) * w_stride + hh).to(tl.float32) * (H**-0.5)
-    if ROTATE:  # q S, S[i, j] = (-1)^popcount(i & j) (Dh <= 256); S's Dh^-1/2 into the weights
-        par = dd[:, None] & dd[None, :]
-        par = par ^ (par >> 4)
-        par = par ^ (par >> 2)
-        par = par ^ (par >> 1)
-        mat_t = tl.float32 if DOT_F32 else tl.bfloat16
-        sylv = tl.where((par & 1) == 0, 1.0, -1.0).to(mat_t)  # [DH, DH], exact in bf16
-        q = tl.dot(q.to(mat_t), sylv)  # [H, DH] fp32, rounded to bf16 below on the GPU
-        wh = wh * (DH**-0.5)
+    if ROTATE:
+        q = _rotate_q(q, dd, DOT_F32)
+        wh = wh * (DH**-0.5)  # the Hadamard's normalization, moved from q into the weights
     # keys are the MMA's M side (64 per tile, from registers), heads its N side: the head sum
     # is then a row reduction inside each thread's accumulator fragment
     q_t = tl.trans(q.to(tl.float32) if DOT_F32 else q.to(tl.bfloat16))  # [DH, H]
@@ -91,26 +127,7 @@ def _logits_kernel(
         kslot = row - kpage * RPP
         dbase = kpage * PAGE + kslot * DATA
         sbase = kpage * PAGE + RPP * DATA + kslot * SCALE
-        if FP4:
-            raw = tl.load(
-                keys_ptr + dbase[:, None] + tl.arange(0, DH // 2)[None, :], valid[:, None], 0
-            )
-            nib = tl.reshape(tl.join(raw & 15, raw >> 4), [BS, DH]).to(tl.int32)
-            e = (nib >> 1) & 3
-            mag = tl.where(
-                e == 0, 0.5 * (nib & 1), (1.0 + 0.5 * (nib & 1)) * (1 << tl.maximum(e - 1, 0))
-            )
-            val = tl.where(nib >= 8, -mag, mag)
-            sexp = tl.load(
-                keys_ptr + sbase[:, None] + tl.arange(0, DH // 32)[None, :], valid[:, None], 127
-            )
-            sc = ((sexp.to(tl.int32) & 0xFF) << 23).to(tl.float32, bitcast=True)  # 2^(byte - 127)
-            k = tl.reshape(tl.reshape(val, [BS, DH // 32, 32]) * sc[:, :, None], [BS, DH])
-            kscale = tl.full([BS], 1.0, tl.float32)
-        else:
-            raw = tl.load(keys_ptr + dbase[:, None] + dd[None, :], valid[:, None], 0)
-            k = raw.to(tl.float8e4nv, bitcast=True)
-            kscale = tl.load((keys_ptr + sbase).to(tl.pointer_type(tl.float32)), valid, 0.0)
+        k, kscale = _load_keys(keys_ptr, dbase, sbase, valid, dd, BS, DH, FP4)
         k = k.to(tl.float32) if DOT_F32 else k.to(tl.bfloat16)
         s = tl.dot(k, q_t)  # [BS, H] fp32
         s = tl.maximum(s, 0.0) * (DH**-0.5)
