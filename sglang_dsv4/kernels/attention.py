@@ -109,6 +109,38 @@ def _flat_indices(indices: torch.Tensor) -> torch.Tensor:
     return indices.flatten(0, -2) if indices.dim() == 3 else indices
 
 
+# sparse_mqa_fwd's arguments for the main and the extra list, in _list_args's order.
+_MAIN_ARGS = (
+    "kv",
+    "idx_ptr",
+    "stride_it",
+    "len_ptr",
+    "page_size",
+    "page_stride",
+    "row_stride",
+    "K",
+)
+_EXTRA_ARGS = ("xkv", "xidx_ptr", "stride_xt", "xlen_ptr", "xpage_size", "xpage_stride",
+               "xrow_stride", "K2")  # fmt: skip
+
+
+def _list_args(
+    names: tuple[str, ...],
+    kv: torch.Tensor,
+    indices: torch.Tensor,
+    lengths: torch.Tensor | None,
+    topk: int,
+) -> dict:
+    """Kernel arguments of one row list (``names``: which list): its cache and geometry, its
+    [T, topk] indices and per-query lengths (the indices stand in when there are none: the
+    kernel's HAS_LEN / HAS_XLEN is then off and it reads no length)."""
+    indices = _flat_indices(indices)
+    kv, page, page_stride, row_stride = _cache_geometry(kv)
+    lens = indices if lengths is None else lengths
+    values = (kv, indices, indices.stride(0), lens, page, page_stride, row_stride, topk)
+    return dict(zip(names, values, strict=True))
+
+
 def plan_splits(
     keys: int, block_n: int, units: int, num_sms: int, num_splits: int | None = None
 ) -> tuple[int, int]:
@@ -262,14 +294,15 @@ class SparseMQA:
         right kind (the kernel never reads it: its constexpr flag is off), since Triton takes no
         ``None`` for a pointer."""
         cfg = self.config
-        indices = _flat_indices(indices)
-        kv, page, page_stride, row_stride = _cache_geometry(kv)
+        main = _list_args(_MAIN_ARGS, kv, indices, lengths, self.topk)
         has_extra = extra_kv is not None
         if has_extra:
-            extra_indices = _flat_indices(extra_indices)
-            xkv, xpage, xpage_stride, xrow_stride = _cache_geometry(extra_kv)
-        else:
-            xkv, extra_indices, xpage, xpage_stride, xrow_stride = kv, indices, 1, 0, 0
+            extra = _list_args(_EXTRA_ARGS, extra_kv, extra_indices, extra_lengths, self.extra_topk)
+        else:  # never read (HAS_EXTRA off): the main list stands in, at a fixed geometry
+            idx = main["idx_ptr"]
+            xlen = idx if extra_lengths is None else extra_lengths
+            values = (main["kv"], idx, idx.stride(0), xlen, 1, 0, 0, self.extra_topk)
+            extra = dict(zip(_EXTRA_ARGS, values, strict=True))
         # The bit-placement dequant leaves keys 2^-KSHIFT too small: scale logits and output back.
         shift = 2.0**KSHIFT if cfg.dequant else 1.0
         split = self.num_splits > 1
@@ -278,22 +311,8 @@ class SparseMQA:
             q_ptr=q,
             stride_qt=q.stride(0),
             stride_qh=q.stride(1),
-            kv=kv,
-            idx_ptr=indices,
-            stride_it=indices.stride(0),
-            len_ptr=lengths if lengths is not None else indices,
-            page_size=page,
-            page_stride=page_stride,
-            row_stride=row_stride,
-            K=self.topk,
-            xkv=xkv,
-            xidx_ptr=extra_indices,
-            stride_xt=extra_indices.stride(0),
-            xlen_ptr=extra_lengths if extra_lengths is not None else indices,
-            xpage_size=xpage,
-            xpage_stride=xpage_stride,
-            xrow_stride=xrow_stride,
-            K2=self.extra_topk,
+            **main,
+            **extra,
             sink_ptr=sink,
             qk_scale=scale * LOG2E * shift,
             out_scale=shift,

@@ -330,9 +330,11 @@ class CompressorFlush:
         updated) are optional (see module docstring); ``boundary_table`` [B, max_blocks] int32
         names the boundary page of each block (-1 = none; default ``block_table``).
         """
-        self._check_inputs(kv, score, tail_kv, tail_mode, rebuild_page)
+        self._check_shapes(kv, score, tail_kv)
         d = self.head_dim
         has_mode = tail_mode is not None
+        if has_mode and rebuild_page is None:
+            raise ValueError("tail_mode needs rebuild_page")
         bkv, bsc = boundary if boundary is not None else (tail_kv, tail_score)
         bnd_table = block_table if boundary_table is None else boundary_table
         _flush_kernel[self._grid](
@@ -376,17 +378,9 @@ class CompressorFlush:
             enable_fp_fusion=False,
         )
 
-    def _check_inputs(
-        self,
-        kv: torch.Tensor,
-        score: torch.Tensor,
-        tail_kv: torch.Tensor,
-        tail_mode: torch.Tensor | None,
-        rebuild_page: torch.Tensor | None,
-    ) -> None:
+    def _check_shapes(self, kv: torch.Tensor, score: torch.Tensor, tail_kv: torch.Tensor) -> None:
         """What the kernel assumes but cannot check: a plan, one row stride shared by ``kv`` and
-        ``score``, tail rows at a fixed ``coff*r*coff*D`` pitch, and a rebuild page for every
-        tail mode."""
+        ``score`` (it takes one), and contiguous tail rows of ``coff*r`` slots x ``coff*D``."""
         if self._grid is None:
             raise RuntimeError("plan() before run()")
         c = self.coff * self.head_dim
@@ -394,5 +388,3 @@ class CompressorFlush:
             raise ValueError(f"kv / score must be matching [T, {c}] tensors")
         if tail_kv.shape[1:] != (self.coff * self.ratio, c) or not tail_kv.is_contiguous():
             raise ValueError(f"tail must be contiguous [n, {self.coff * self.ratio}, {c}]")
-        if tail_mode is not None and rebuild_page is None:
-            raise ValueError("tail_mode needs rebuild_page")
