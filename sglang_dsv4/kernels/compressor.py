@@ -102,6 +102,116 @@ def _load_slots(
     return tl.where(m_new, kv, tkv), tl.where(m_new, sc, tsc)
 
 
+@triton.jit
+def _pool_entry(w, cols, kv_ptr, score_ptr, in_stride, ape_ptr, tkv_ptr, tsc_ptr, bkv_ptr, bsc_ptr,
+                P, n, start, state_base, mode, R: tl.constexpr, COFF: tl.constexpr,
+                D: tl.constexpr, SC: tl.constexpr, HAS_MODE: tl.constexpr):  # fmt: skip
+    """Entry ``w`` before its norm, [D] fp32: per channel, the softmax over the window's
+    ``COFF*R`` slots of their scores, weighting their kv; ``SC`` slots at a time (registers)."""
+    C: tl.constexpr = COFF * D
+    S: tl.constexpr = COFF * R
+    if S == SC:  # one chunk: the softmax of the reference, term by term
+        j = tl.arange(0, SC)
+        ch = (j // R * D)[:, None] + cols[None, :]
+        kv, sc = _load_slots(
+            (w - COFF + 1) * R + j, ch, kv_ptr, score_ptr, in_stride, ape_ptr, tkv_ptr,
+            tsc_ptr, bkv_ptr, bsc_ptr, P, n, start, state_base, mode, R, C, D, HAS_MODE,
+        )  # fmt: skip
+        p = tl.exp(sc - tl.max(sc, axis=0)[None, :])
+        pooled = tl.sum(kv * (p / tl.sum(p, axis=0)[None, :]), axis=0)
+    else:  # online softmax over slot chunks (a complete window: no column is all -inf)
+        m = tl.full([D], float("-inf"), tl.float32)
+        den = tl.zeros([D], tl.float32)
+        acc = tl.zeros([D], tl.float32)
+        for j0 in tl.static_range(0, S, SC):
+            j = j0 + tl.arange(0, SC)
+            ch = (j // R * D)[:, None] + cols[None, :]
+            kv, sc = _load_slots(
+                (w - COFF + 1) * R + j, ch, kv_ptr, score_ptr, in_stride, ape_ptr, tkv_ptr,
+                tsc_ptr, bkv_ptr, bsc_ptr, P, n, start, state_base, mode, R, C, D, HAS_MODE,
+            )  # fmt: skip
+            m_new = tl.maximum(m, tl.max(sc, axis=0))
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(sc - m_new[None, :])
+            den = den * alpha + tl.sum(p, axis=0)
+            acc = acc * alpha + tl.sum(p * kv, axis=0)
+            m = m_new
+        pooled = acc / den
+    return pooled
+
+
+@triton.jit
+def _store_entry(pooled, w, b, norm_ptr, inv_freq_ptr, bt_ptr, bt_stride, out_ptr, eps,
+                 R: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, OUT: tl.constexpr,
+                 LOG2D: tl.constexpr, RPP: tl.constexpr, PAGE: tl.constexpr):  # fmt: skip
+    """RMSNorm and RoPE (at position ``w R``) of entry ``w``, stored in the cache's format (OUT,
+    see ``_OUTS``) at its row under request ``b``'s block table (a page < 0 drops it)."""
+    y = rms_norm_rows(pooled[None, :], norm_ptr, eps, D, False, False)
+    y = rope_rows(y, tl.full([1], 0, tl.int32) + w * R, inv_freq_ptr, 1, D, False)
+    page = tl.load(bt_ptr + b * bt_stride + (w * R) // BLOCK).to(tl.int64)
+    row = tl.full([1], 0, tl.int64) + page * (BLOCK // R) + (w * R % BLOCK) // R
+    ok = row >= 0
+    if OUT == 0:
+        store_fp8_rows(out_ptr, row, ok, y, 1, D, RPP, PAGE)
+    elif OUT <= 2:
+        store_plain_rows(out_ptr, row, ok, y, D, OUT == 1, D)
+    else:
+        y = hadamard_rows(y, 1, D, LOG2D)
+        store_index_keys(out_ptr, row, ok, y, 1, D, OUT == 4, RPP)
+
+
+@triton.jit
+def _keep_a_halves(w, b, cols, bnd_bt_ptr, bnd_bt_stride, kv_ptr, score_ptr, in_stride, ape_ptr,
+                   tkv_ptr, tsc_ptr, bkv_ptr, bsc_ptr, bnd_kv_ptr, bnd_score_ptr, P, n, start,
+                   state_base, mode, R: tl.constexpr, C: tl.constexpr, D: tl.constexpr,
+                   BLOCK: tl.constexpr, HAS_MODE: tl.constexpr):  # fmt: skip
+    """Window ``w`` ends a block: its a-halves [R, D] (kv, score with ape) go to the boundary page
+    of that block, from which a later request sharing the block as a cached prefix rebuilds the
+    c4 tail (``tail_mode`` rebuild)."""
+    bpage = tl.load(bnd_bt_ptr + b * bnd_bt_stride + (w * R) // BLOCK).to(tl.int64)
+    j = tl.arange(0, R)
+    ch = cols[None, :] + 0 * j[:, None]
+    akv, asc = _load_slots(
+        w * R + j, ch, kv_ptr, score_ptr, in_stride, ape_ptr, tkv_ptr, tsc_ptr,
+        bkv_ptr, bsc_ptr, P, n, start, state_base, mode, R, C, D, HAS_MODE,
+    )  # fmt: skip
+    boff = tl.maximum(bpage, 0) * (R * D) + j[:, None] * D + cols[None, :]
+    keep = (bpage >= 0) & (ch >= 0)  # [R, D]
+    tl.store(bnd_kv_ptr + boff, akv, keep)
+    tl.store(bnd_score_ptr + boff, asc, keep)
+
+
+@triton.jit
+def _rewrite_tail(first, end, kv_ptr, score_ptr, in_stride, ape_ptr, tkv_ptr, tsc_ptr, bkv_ptr,
+                  bsc_ptr, P, n, start, state_base, mode, R: tl.constexpr, COFF: tl.constexpr,
+                  C: tl.constexpr, D: tl.constexpr, TSC: tl.constexpr, TCC: tl.constexpr,
+                  HAS_MODE: tl.constexpr):  # fmt: skip
+    """The tail after this step: the slots of windows ``end - COFF + 1 .. end``, ``TSC`` slots x
+    ``TCC`` channels at a time. Only the new tokens' slots change unless a window completed or
+    the mode replaces the tail."""
+    S: tl.constexpr = COFF * R
+    qbase = (end - COFF + 1) * R  # position of new slot 0
+    rewrite = end != first
+    if HAS_MODE:
+        rewrite = rewrite | (mode != _KEEP)
+    lo = tl.where(rewrite, 0, P - qbase)  # else only the new tokens' slots change
+    hi = tl.where(rewrite, S, P + n - qbase)
+    for s0 in range(lo // TSC * TSC, hi, TSC):
+        s = s0 + tl.arange(0, TSC)
+        write = ((s >= lo) & (s < hi))[:, None]
+        for c0 in tl.static_range(0, C, TCC):
+            ch = c0 + tl.arange(0, TCC)[None, :] + 0 * s[:, None]
+            kv, sc = _load_slots(
+                qbase + s, ch, kv_ptr, score_ptr, in_stride, ape_ptr, tkv_ptr, tsc_ptr,
+                bkv_ptr, bsc_ptr, P, n, start, state_base, mode, R, C, D, HAS_MODE,
+            )  # fmt: skip
+            tl.debug_barrier()  # slot s may be read (as s + r) by another warp
+            off = s[:, None] * C + ch
+            tl.store(tkv_ptr + off, kv, write)
+            tl.store(tsc_ptr + off, sc, write)
+            tl.debug_barrier()
+
+
 @triton.jit(do_not_specialize=["bt_stride", "bnd_bt_stride"])
 def _flush_kernel(
     kv_ptr,
@@ -161,82 +271,28 @@ def _flush_kernel(
 
     for e in range(g * EPP, tl.minimum(g * EPP + EPP, end - first)):
         w = first + e
-        if S == SC:  # one chunk: the softmax of the reference, term by term
-            j = tl.arange(0, SC)
-            ch = (j // R * D)[:, None] + cols[None, :]
-            kv, sc = _load_slots(
-                (w - COFF + 1) * R + j, ch, kv_ptr, score_ptr, in_stride, ape_ptr, tkv_ptr,
-                tsc_ptr, bkv_ptr, bsc_ptr, P, n, start, state_base, mode, R, C, D, HAS_MODE,
-            )  # fmt: skip
-            p = tl.exp(sc - tl.max(sc, axis=0)[None, :])
-            pooled = tl.sum(kv * (p / tl.sum(p, axis=0)[None, :]), axis=0)
-        else:  # online softmax over slot chunks (a complete window: no column is all -inf)
-            m = tl.full([D], float("-inf"), tl.float32)
-            den = tl.zeros([D], tl.float32)
-            acc = tl.zeros([D], tl.float32)
-            for j0 in tl.static_range(0, S, SC):
-                j = j0 + tl.arange(0, SC)
-                ch = (j // R * D)[:, None] + cols[None, :]
-                kv, sc = _load_slots(
-                    (w - COFF + 1) * R + j, ch, kv_ptr, score_ptr, in_stride, ape_ptr, tkv_ptr,
-                    tsc_ptr, bkv_ptr, bsc_ptr, P, n, start, state_base, mode, R, C, D, HAS_MODE,
-                )  # fmt: skip
-                m_new = tl.maximum(m, tl.max(sc, axis=0))
-                alpha = tl.exp(m - m_new)
-                p = tl.exp(sc - m_new[None, :])
-                den = den * alpha + tl.sum(p, axis=0)
-                acc = acc * alpha + tl.sum(p * kv, axis=0)
-                m = m_new
-            pooled = acc / den
-        y = rms_norm_rows(pooled[None, :], norm_ptr, eps, D, False, False)
-        y = rope_rows(y, tl.full([1], 0, tl.int32) + w * R, inv_freq_ptr, 1, D, False)
-        page = tl.load(bt_ptr + b * bt_stride + (w * R) // BLOCK).to(tl.int64)
-        row = tl.full([1], 0, tl.int64) + page * (BLOCK // R) + (w * R % BLOCK) // R
-        ok = row >= 0
-        if OUT == 0:
-            store_fp8_rows(out_ptr, row, ok, y, 1, D, RPP, PAGE)
-        elif OUT <= 2:
-            store_plain_rows(out_ptr, row, ok, y, D, OUT == 1, D)
-        else:
-            y = hadamard_rows(y, 1, D, LOG2D)
-            store_index_keys(out_ptr, row, ok, y, 1, D, OUT == 4, RPP)
+        pooled = _pool_entry(
+            w, cols, kv_ptr, score_ptr, in_stride, ape_ptr, tkv_ptr, tsc_ptr, bkv_ptr, bsc_ptr, P,
+            n, start, state_base, mode, R, COFF, D, SC, HAS_MODE,
+        )  # fmt: skip
+        _store_entry(
+            pooled, w, b, norm_ptr, inv_freq_ptr, bt_ptr, bt_stride, out_ptr, eps, R, D, BLOCK, OUT,
+            LOG2D, RPP, PAGE,
+        )  # fmt: skip
         if HAS_BOUNDARY:  # noqa: SIM102 (a constexpr test cannot join a run-time one)
             if ((w + 1) * R) % BLOCK == 0:  # this window ends a block: keep its a-halves
-                bpage = tl.load(bnd_bt_ptr + b * bnd_bt_stride + (w * R) // BLOCK).to(tl.int64)
-                # new names: Triton refuses to rebind the pooling loop's j / ch to other shapes
-                jb = tl.arange(0, R)
-                chb = cols[None, :] + 0 * jb[:, None]
-                akv, asc = _load_slots(
-                    w * R + jb, chb, kv_ptr, score_ptr, in_stride, ape_ptr, tkv_ptr, tsc_ptr,
-                    bkv_ptr, bsc_ptr, P, n, start, state_base, mode, R, C, D, HAS_MODE,
+                _keep_a_halves(
+                    w, b, cols, bnd_bt_ptr, bnd_bt_stride, kv_ptr, score_ptr, in_stride, ape_ptr,
+                    tkv_ptr, tsc_ptr, bkv_ptr, bsc_ptr, bnd_kv_ptr, bnd_score_ptr, P, n, start,
+                    state_base, mode, R, C, D, BLOCK, HAS_MODE,
                 )  # fmt: skip
-                boff = tl.maximum(bpage, 0) * (R * D) + jb[:, None] * D + cols[None, :]
-                keep = (bpage >= 0) & (chb >= 0)  # [R, D]
-                tl.store(bnd_kv_ptr + boff, akv, keep)
-                tl.store(bnd_score_ptr + boff, asc, keep)
 
     if g == 0:
         tl.debug_barrier()  # this program's entries read the tail it now rewrites
-        qbase = (end - COFF + 1) * R  # position of new slot 0
-        rewrite = end != first
-        if HAS_MODE:
-            rewrite = rewrite | (mode != _KEEP)
-        lo = tl.where(rewrite, 0, P - qbase)  # else only the new tokens' slots change
-        hi = tl.where(rewrite, S, P + n - qbase)
-        for s0 in range(lo // TSC * TSC, hi, TSC):
-            s = s0 + tl.arange(0, TSC)
-            write = ((s >= lo) & (s < hi))[:, None]
-            for c0 in tl.static_range(0, C, TCC):
-                ch = c0 + tl.arange(0, TCC)[None, :] + 0 * s[:, None]
-                kv, sc = _load_slots(
-                    qbase + s, ch, kv_ptr, score_ptr, in_stride, ape_ptr, tkv_ptr, tsc_ptr,
-                    bkv_ptr, bsc_ptr, P, n, start, state_base, mode, R, C, D, HAS_MODE,
-                )  # fmt: skip
-                tl.debug_barrier()  # slot s may be read (as s + r) by another warp
-                off = s[:, None] * C + ch
-                tl.store(tkv_ptr + off, kv, write)
-                tl.store(tsc_ptr + off, sc, write)
-                tl.debug_barrier()
+        _rewrite_tail(
+            first, end, kv_ptr, score_ptr, in_stride, ape_ptr, tkv_ptr, tsc_ptr, bkv_ptr, bsc_ptr,
+            P, n, start, state_base, mode, R, COFF, C, D, TSC, TCC, HAS_MODE,
+        )  # fmt: skip
 
 
 class CompressorFlush:
