@@ -139,11 +139,13 @@ def plan_batch(forward_batch, pool, req_to_token_pool, commit=None, commit_rows=
     progress_dev = None
     if slots is None:
         facts = device_facts(pool, req_to_token_pool, slots_dev, prefix_dev, last_dev)
+        generations = _generations(req_to_token_pool, [f[0] for f in facts])
     else:
-        facts, progress_dev = host_facts(pool, req_to_token_pool, slots, slots_dev, prefix_lens,
-                                         prefix_dev, last_dev, commit_rows)  # fmt: skip
-    req_slots = [f[0] for f in facts]
-    generations = [int(g) for g in req_to_token_pool.req_generation[req_slots].tolist()]
+        generations = _generations(req_to_token_pool, slots)
+        facts, progress_dev = host_facts(
+            pool, req_to_token_pool, slots, generations, slots_dev, prefix_lens, prefix_dev,
+            last_dev, commit_rows,
+        )  # fmt: skip
     lows = [max(0, p - window + 1) for p in prefix_lens]
     window_slots = _window_slots(pool, req_to_token_pool, slots_dev, lows, seq_lens)
     compressed = any(lc.kind.compressed for lc in pool.schema.layers)
@@ -183,6 +185,11 @@ def plan_batch(forward_batch, pool, req_to_token_pool, commit=None, commit_rows=
     # path's oracle in tests (tests/attention/test_decode.py) and need the same tables
     tables = _tables(requests, pool, req_to_token_pool, slots_dev, mode_dev, last_dev)
     return BatchPlan(tuple(requests), out_loc, pool.translate_loc_from_full_to_swa(out_loc), tables)
+
+
+def _generations(req_to_token_pool, slots: list[int]) -> list[int]:
+    """The requests' generations (``req_generation`` is a host tensor in SGLang: no sync)."""
+    return [int(g) for g in req_to_token_pool.req_generation[slots].tolist()]
 
 
 def _requests(rows, mode_dev, rtt, block: int) -> list[RequestPlan]:

@@ -70,15 +70,15 @@ def device_facts(pool, req_to_token_pool, slots_dev, prefix_dev, last_dev):
     return [tuple(r) for r in facts.tolist()]
 
 
-def host_facts(pool, req_to_token_pool, slots, slots_dev, prefix_lens, prefix_dev, last_dev,
+def host_facts(pool, req_to_token_pool, slots, gens, slots_dev, prefix_lens, prefix_dev, last_dev,
                commit_rows=None):  # fmt: skip
     """The tuples of :func:`device_facts` without a read (module docstring): progress None for a
     request's own tail (the device compares it with ``P``: returned [B], after the commit), -1
     for a new owner (unused), window held, and the page of token ``P-1`` as a 0-d device tensor.
-    ``commit_rows(slots, prefix, valid)``: the journal's device-only commit of own tails a
-    verify took past ``P``. Leaves the checks pending on ``pool.plan_checks``."""
-    gens = req_to_token_pool.req_generation[slots].tolist()  # a host tensor in SGLang
-    own = [pool.tail_owner[s] == int(g) for s, g in zip(slots, gens, strict=True)]
+    ``gens``: the requests' generations (host ints, the plan's). ``commit_rows(slots, prefix,
+    valid)``: the journal's device-only commit of own tails a verify took past ``P``. Leaves the
+    checks pending on ``pool.plan_checks``."""
+    own = [pool.tail_owner[s] == g for s, g in zip(slots, gens, strict=True)]
     own_dev = to_device(torch.tensor(own), slots_dev.device)  # [B] bool
     if commit_rows is not None:
         commit_rows(slots_dev, prefix_dev, own_dev & (pool.tail_pos[slots_dev] > prefix_dev))
