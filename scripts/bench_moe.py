@@ -394,14 +394,21 @@ def run_sorted(args) -> list:
     return results
 
 
+# --tokens / --formats / --inner / --reps unless given: decode sizes, or (--sorted) prefill sizes
+MODE_DEFAULTS = {
+    False: dict(tokens="1,2,4,8,16,32,128", formats="bf16,fp8,mxfp4", inner=10, reps=20),
+    True: dict(tokens="4096,8192,16384", formats="bf16,fp8", inner=3, reps=5),
+}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default="served,flash", help=f"of {list(SHAPES)}")
-    ap.add_argument("--tokens", default="1,2,4,8,16,32,128")
-    ap.add_argument("--formats", default="bf16,fp8,mxfp4")
+    ap.add_argument("--tokens", default=None, help="default: per mode (MODE_DEFAULTS)")
+    ap.add_argument("--formats", default=None, help="default: per mode")
     ap.add_argument("--hidden", type=int, default=4096)
-    ap.add_argument("--inner", type=int, default=10)
-    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--inner", type=int, default=None, help="default: per mode")
+    ap.add_argument("--reps", type=int, default=None, help="default: per mode")
     ap.add_argument("--slot-max", type=int, default=128, help="skip the slot form above this T")
     ap.add_argument("--dense-max", type=int, default=0, help="old dense path up to this T")
     ap.add_argument("--sweep", action="store_true", help="also time the slot kernels per tile")
@@ -409,12 +416,10 @@ def main() -> None:
     ap.add_argument("--sorted", action="store_true", help="the sorted form at prefill sizes")
     args = ap.parse_args()
     args.part = 1.0
+    for k, v in MODE_DEFAULTS[args.sorted].items():  # what was not given
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     if args.sorted:
-        defaults = dict(tokens="1,2,4,8,16,32,128", formats="bf16,fp8,mxfp4", inner=10, reps=20)
-        prefill = dict(tokens="4096,8192,16384", formats="bf16,fp8", inner=3, reps=5)
-        for k, v in prefill.items():  # the prefill defaults unless given
-            if getattr(args, k) == defaults[k]:
-                setattr(args, k, v)
         print(f"GPU: {torch.cuda.get_device_name()}")
         results = run_sorted(args)
         if args.out:
