@@ -44,11 +44,11 @@ def expert_variants():
                           BLOCK_N=block_n, BLOCK_K=block_k, UNROLL=tiles.unroll)  # fmt: skip
                 yield f"{fmt} T{t} top-{topk} {tiles}", fn, types, ce | fmt_ce, None
         # FP4 banks run only today's tiles (never measured): the large-T one
-        tiles = sorted_variants() if fmt in ("dense", "fp8") else [("w13", ST.GemmTiles(64))]
-        for kernel, tile in tiles:
-            for fn in (SORTED[kernel],) if fmt in ("dense", "fp8") else SORTED.values():
-                ce = {k: v for k, v in sorted_ce(tile, False).items() if k in fn.arg_names}
-                yield f"{fmt} {tile}", fn, types, ce | fmt_ce, tile
+        large = [(k, ST.GemmTiles(64)) for k in SORTED]
+        for kernel, tile in sorted_variants() if fmt in ("dense", "fp8") else large:
+            fn = SORTED[kernel]
+            ce = {k: v for k, v in sorted_ce(tile, False).items() if k in fn.arg_names}
+            yield f"{fmt} {tile}", fn, types, ce | fmt_ce, tile
     fp32 = {a: "*fp32" for a in ME._sorted_w13_kernel.arg_names if a.endswith("_ptr")}
     fp32 |= {"order_ptr": "*i32", "off_ptr": "*i32", "limit": "fp32"}
     ce = sorted_ce(ST.GemmTiles(16), True) | dict(FMT=0, G=32, NV=False)  # w13: SLOTS too
