@@ -218,6 +218,53 @@ def train(args) -> dict:
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
+    corpus, raw_cfg, cfg = prepare(args)
+    model = initial_model(cfg, args)
+    model.to(args.device).train()
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {n_params / 1e6:.2f}M parameters, layers {[s.attn.name for s in cfg.layers]}")
+    opt = make_optimizer(model, args)
+    val = eval_crops(corpus.val, args.eval_seqs, args.seq_len)
+    log = {"args": {k: str(v) for k, v in vars(args).items()}, "params": n_params, "curve": []}
+    step, micro, best, train_s = fit(model, opt, corpus, val, log, args)
+    tokens = step * args.batch * args.seq_len
+    print(f"trained {step} steps, {tokens / 1e6:.1f}M tokens in {train_s:.0f}s", flush=True)
+
+    # a final validation point, then the best checkpoint, measured as served: fp32, top-k
+    val_loss = evaluate(model, val, args)[0]
+    if val_loss < best["val_loss"] or args.keep == "last":
+        best = {"val_loss": val_loss, "step": step, "state": model.state_dict()}
+    model.load_state_dict(best["state"])
+    n_test = max(1, (len(corpus.test) - 1) // args.seq_len)
+    n_test = min(n_test, args.test_seqs) if args.test_seqs else n_test
+    test = eval_crops(corpus.test, n_test, args.seq_len)
+    final = {
+        "steps": step,
+        "train_seconds": train_s,
+        "tokens": tokens,
+        "best_step": best["step"],
+        "val_loss": best["val_loss"],
+    }
+    final |= evaluate_test(model, test, args)
+    final["micro_batch"] = micro
+    final["device"] = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    # random top-k picks cover index_topk / visible entries on average (visible ~ uniform in t)
+    k, entries = cfg.index_topk, args.seq_len // 4
+    final["indexer_recall_random"] = _random_recall(k, entries)
+    log["final"] = final
+    save_checkpoint(model, raw_cfg, args.out)
+    try:
+        final["hf_check"] = hf_check(model, args.out, test[:1, :-1])
+    except Exception as e:  # informative only: the shipped check runs on transformers 5.12.1
+        final["hf_check"] = {"error": f"{type(e).__name__}: {e}"}
+    (args.out / "train_log.json").write_text(json.dumps(log, indent=1) + "\n")
+    print(json.dumps(final, indent=1))
+    return log
+
+
+def prepare(args) -> tuple[Corpus, dict, DSV4Config]:
+    """The plays, the tokenizer (``--init``'s, the one in ``--out``, or trained now), the corpus
+    and the config (its vocabulary the tokenizer's) -> (corpus, raw config dict, config)."""
     args.out.mkdir(parents=True, exist_ok=True)
     if args.config is None:
         args.config = (args.init or ROOT / "configs") / (
@@ -246,12 +293,13 @@ def train(args) -> dict:
         f"prep {time.time() - t0:.1f}s",
         flush=True,
     )
+    return corpus, raw_cfg, cfg
 
-    model = initial_model(cfg, args)
-    model.to(args.device).train()
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {n_params / 1e6:.2f}M parameters, layers {[s.attn.name for s in cfg.layers]}")
-    opt = make_optimizer(model, args)
+
+def fit(model: TrainDSV4, opt, corpus: Corpus, val: torch.Tensor, log: dict, args):
+    """Optimizer steps until ``--steps`` or the ``--minutes`` budget is spent, appending the
+    curve to ``log``; an out-of-memory step is retried with half the micro-batch. -> (steps,
+    micro-batch, best {val_loss, step, state} of the validation points, training seconds)."""
     rng = np.random.default_rng(args.seed)
     mix = SampleMix(
         fact_prob=args.fact_prob,
@@ -259,9 +307,7 @@ def train(args) -> dict:
         think_prob=args.think_prob,
         tool_prob=args.tool_prob,
     )
-    val = eval_crops(corpus.val, args.eval_seqs, args.seq_len)
     budget = args.minutes * 60
-    log = {"args": {k: str(v) for k, v in vars(args).items()}, "params": n_params, "curve": []}
     best = {"val_loss": float("inf"), "step": -1, "state": None}
     bar = Progress(args.steps or budget, "steps" if args.steps else "s")
     step, start, last_eval, micro = 0, time.time(), 0.0, args.micro_batch
@@ -310,26 +356,15 @@ def train(args) -> dict:
         info = {"loss": f"{log_last(log, 'loss'):.3f}", "val": f"{best['val_loss']:.3f}"}
         bar.update(step if args.steps else min(now, budget), step=step, **info)
     bar.close()
-    train_s = time.time() - start
-    tokens = step * args.batch * args.seq_len
-    print(f"trained {step} steps, {tokens / 1e6:.1f}M tokens in {train_s:.0f}s", flush=True)
+    return step, micro, best, time.time() - start
 
-    # a final validation point, then the best checkpoint, measured as served: fp32, top-k
-    val_loss, val_acc, _ = evaluate(model, val, args)
-    if val_loss < best["val_loss"] or args.keep == "last":
-        best = {"val_loss": val_loss, "step": step, "state": model.state_dict()}
-    model.load_state_dict(best["state"])
-    n_test = max(1, (len(corpus.test) - 1) // args.seq_len)
-    n_test = min(n_test, args.test_seqs) if args.test_seqs else n_test
-    test = eval_crops(corpus.test, n_test, args.seq_len)
+
+def evaluate_test(model: TrainDSV4, test: torch.Tensor, args) -> dict:
+    """The kept model on the test crops as served (fp32, top-k): loss, perplexity, top-1, the
+    MTP draft's top-1 and the c4 indexers' recall of the attention's top entries."""
     test_loss, test_acc, recall = evaluate(model, test, args, fp32=True, recall=True)
     mtp_top1 = recall.pop("mtp_top1", None)  # the MTP draft's next-next-token top-1
-    final = {
-        "steps": step,
-        "train_seconds": train_s,
-        "tokens": tokens,
-        "best_step": best["step"],
-        "val_loss": best["val_loss"],
+    return {
         "test_loss_fp32": test_loss,
         "test_ppl_fp32": math.exp(test_loss),
         "test_top1_fp32": test_acc,
@@ -339,21 +374,7 @@ def train(args) -> dict:
             str(k): {"set_recall": v[0], "mass_recall": v[1], "queries_per_seq": v[2]}
             for k, v in recall.items()
         },
-        "micro_batch": micro,
-        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
     }
-    # random top-k picks cover index_topk / visible entries on average (visible ~ uniform in t)
-    k, entries = cfg.index_topk, args.seq_len // 4
-    final["indexer_recall_random"] = _random_recall(k, entries)
-    log["final"] = final
-    save_checkpoint(model, raw_cfg, args.out)
-    try:
-        final["hf_check"] = hf_check(model, args.out, test[:1, :-1])
-    except Exception as e:  # informative only: the shipped check runs on transformers 5.12.1
-        final["hf_check"] = {"error": f"{type(e).__name__}: {e}"}
-    (args.out / "train_log.json").write_text(json.dumps(log, indent=1) + "\n")
-    print(json.dumps(final, indent=1))
-    return log
 
 
 def _random_recall(k: int, entries: int) -> float:
