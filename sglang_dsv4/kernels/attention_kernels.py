@@ -2,9 +2,10 @@
 
 ``sparse_mqa_fwd``: grid (query rows x head blocks, splits). A program loads its ``[BH, D]``
 query tile once, walks its part of the main list then of the extra list ``BN`` rows at a time
-(``_kv_load`` gathers, ``_kv_dequant`` turns e4m3 + UE8M0 into bf16 in registers,
-``_softmax_step`` does ``S = Q K^T``, the online softmax in the exp2 domain and ``O += P K``), and
-writes either the bf16 output (sink applied) or an fp32 partial ``(o / l, m + log2 l)``.
+(``_attend_list``: ``_kv_load`` gathers, ``_kv_dequant`` turns e4m3 + UE8M0 into bf16 in
+registers, ``_softmax_step`` does ``S = Q K^T``, the online softmax in the exp2 domain and
+``O += P K``), and writes either the bf16 output (sink applied) or an fp32 partial
+``(o / l, m + log2 l)`` (``_store_output``).
 ``sparse_mqa_combine`` merges the partials of the splits of each query row and applies the sink.
 """
 
@@ -215,6 +216,31 @@ def _attend_list(
 
 
 @triton.jit
+def _store_output(m, l, acc, t, split, heads, hmask, dims, sink_ptr, out_scale, out_ptr,
+                  stride_ot, stride_oh, lse_ptr, part_o_ptr, part_lse_ptr, H, num_splits,
+                  D: tl.constexpr, SPLIT: tl.constexpr, WRITE_LSE: tl.constexpr):  # fmt: skip
+    """Query row ``t``'s heads ``heads`` [BH] from the softmax state: with one split the bf16
+    output (sink applied) and optionally the natural-log LSE, else split ``split``'s fp32
+    partial ``(o / l, m + log2 l)`` for ``sparse_mqa_combine``."""
+    if SPLIT:
+        # l is 0 (no valid row, acc = 0) or >= 1 (the max logit contributes exp2(0)).
+        o = acc * (out_scale / tl.maximum(l, 1.0))[:, None]
+        at = (t * num_splits + split) * H + heads  # [BH] rows of [T, S, H]
+        tl.store(part_o_ptr + at.to(tl.int64)[:, None] * D + dims[None, :], o, mask=hmask[:, None])
+        tl.store(part_lse_ptr + at, m + tl.log2(l), mask=hmask)
+    else:
+        sink = tl.load(sink_ptr + heads, mask=hmask, other=0.0) * _LOG2E
+        o = acc * (out_scale / (l + tl.exp2(sink - m)))[:, None]
+        tl.store(
+            out_ptr + t.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + dims[None, :],
+            o.to(tl.bfloat16),
+            mask=hmask[:, None],
+        )
+        if WRITE_LSE:
+            tl.store(lse_ptr + t * H + heads, (m + tl.log2(l)) * _LN2, mask=hmask)
+
+
+@triton.jit
 def sparse_mqa_fwd(
     q_ptr,
     stride_qt,
@@ -268,82 +294,31 @@ def sparse_mqa_fwd(
     heads = (pid % head_blocks) * BH + tl.arange(0, BH)
     hmask = heads < H
     dims = tl.arange(0, D)
-    q = tl.load(
-        q_ptr + t.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + dims[None, :],
-        mask=hmask[:, None],
-        other=0.0,
-    ).to(DOT_T)  # [BH, D]
+    q_at = q_ptr + t.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + dims[None, :]
+    q = tl.load(q_at, mask=hmask[:, None], other=0.0).to(DOT_T)  # [BH, D]
     # A finite floor keeps exp2(m - m_new) defined while every logit so far is -inf.
     m = tl.full([BH], -1.0e30, tl.float32)
     l = tl.zeros([BH], tl.float32)
     acc = tl.zeros([BH, D], tl.float32)
-    lo = split * chunk
+    lo = split * chunk  # this split's positions of the concatenated list (main, then extra)
     hi = lo + chunk
-    n_main = K
-    if HAS_LEN:
-        n_main = tl.minimum(n_main, tl.load(len_ptr + t))
+    n_main = tl.minimum(K, tl.load(len_ptr + t)) if HAS_LEN else K
     m, l, acc = _attend_list(
-        q,
-        m,
-        l,
-        acc,
-        kv,
-        idx_ptr + t.to(tl.int64) * stride_it,
-        lo,
-        tl.minimum(hi, n_main),
-        page_size,
-        page_stride,
-        row_stride,
-        qk_scale,
-        D,
-        NOPE_BLOCKS,
-        FP8,
-        DEQUANT,
-        BN,
-        PREFETCH,
+        q, m, l, acc, kv, idx_ptr + t.to(tl.int64) * stride_it, lo, tl.minimum(hi, n_main),
+        page_size, page_stride, row_stride, qk_scale, D, NOPE_BLOCKS, FP8, DEQUANT, BN, PREFETCH,
         DOT_T,
-    )
-    if HAS_EXTRA:
-        n_extra = K2
-        if HAS_XLEN:
-            n_extra = tl.minimum(n_extra, tl.load(xlen_ptr + t))
+    )  # fmt: skip
+    if HAS_EXTRA:  # extra position p is position K + p
+        n_extra = tl.minimum(K2, tl.load(xlen_ptr + t)) if HAS_XLEN else K2
         m, l, acc = _attend_list(
-            q,
-            m,
-            l,
-            acc,
-            xkv,
-            xidx_ptr + t.to(tl.int64) * stride_xt,
-            tl.maximum(lo - K, 0),
-            tl.minimum(hi - K, n_extra),
-            xpage_size,
-            xpage_stride,
-            xrow_stride,
-            qk_scale,
-            D,
-            NOPE_BLOCKS,
-            FP8,
-            DEQUANT,
-            BN,
-            PREFETCH,
-            DOT_T,
-        )
-    if SPLIT:
-        # l is 0 (no valid row, acc = 0) or >= 1 (the max logit contributes exp2(0)).
-        o = acc * (out_scale / tl.maximum(l, 1.0))[:, None]
-        at = (t * num_splits + split) * H + heads  # [BH] rows of [T, S, H]
-        tl.store(part_o_ptr + at.to(tl.int64)[:, None] * D + dims[None, :], o, mask=hmask[:, None])
-        tl.store(part_lse_ptr + at, m + tl.log2(l), mask=hmask)
-    else:
-        sink = tl.load(sink_ptr + heads, mask=hmask, other=0.0) * _LOG2E
-        o = acc * (out_scale / (l + tl.exp2(sink - m)))[:, None]
-        tl.store(
-            out_ptr + t.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + dims[None, :],
-            o.to(tl.bfloat16),
-            mask=hmask[:, None],
-        )
-        if WRITE_LSE:
-            tl.store(lse_ptr + t * H + heads, (m + tl.log2(l)) * _LN2, mask=hmask)
+            q, m, l, acc, xkv, xidx_ptr + t.to(tl.int64) * stride_xt, tl.maximum(lo - K, 0),
+            tl.minimum(hi - K, n_extra), xpage_size, xpage_stride, xrow_stride, qk_scale, D,
+            NOPE_BLOCKS, FP8, DEQUANT, BN, PREFETCH, DOT_T,
+        )  # fmt: skip
+    _store_output(
+        m, l, acc, t, split, heads, hmask, dims, sink_ptr, out_scale, out_ptr, stride_ot,
+        stride_oh, lse_ptr, part_o_ptr, part_lse_ptr, H, num_splits, D, SPLIT, WRITE_LSE,
+    )  # fmt: skip
 
 
 @triton.jit
