@@ -413,7 +413,10 @@ def main() -> int:
     r.add_argument("--url", help="attach to a running server instead of starting one")
     r.add_argument("--cells", default="4096x1,4096x32,4096x128", help="INPUTxBATCH,...")
     r.add_argument("--repeats", type=int, default=3, help="timed runs per cell (median)")
-    r.add_argument("--output-len", type=int, default=64)
+    # 256, not 64: decode tok/s is batch * output_len / (latency - last TTFT), and at 64 tokens
+    # the batch-1 window is ~0.1 s, where host jitter swung single runs 397-630 tok/s in both
+    # servers (H100, 2026-12-06 late lease: docs/gpu/sbs_20261206d); 256 costs ~0.3-3 s a run.
+    r.add_argument("--output-len", type=int, default=256, help="tokens out per request")
     r.add_argument("--no-warm", action="store_true", help="skip the untimed warm pass")
     r.add_argument("--out", type=Path, default=Path(os.environ.get("SBS", "/tmp/sbs")))
     r.add_argument("--deadline-s", type=float, default=540, help="s after SBS_T0 (the call start)")
