@@ -110,16 +110,8 @@ def _flat_indices(indices: torch.Tensor) -> torch.Tensor:
 
 
 # sparse_mqa_fwd's arguments for the main and the extra list, in _list_args's order.
-_MAIN_ARGS = (
-    "kv",
-    "idx_ptr",
-    "stride_it",
-    "len_ptr",
-    "page_size",
-    "page_stride",
-    "row_stride",
-    "K",
-)
+_MAIN_ARGS = ("kv", "idx_ptr", "stride_it", "len_ptr", "page_size", "page_stride", "row_stride",
+              "K")  # fmt: skip
 _EXTRA_ARGS = ("xkv", "xidx_ptr", "stride_xt", "xlen_ptr", "xpage_size", "xpage_stride",
                "xrow_stride", "K2")  # fmt: skip
 
@@ -299,10 +291,8 @@ class SparseMQA:
         if has_extra:
             extra = _list_args(_EXTRA_ARGS, extra_kv, extra_indices, extra_lengths, self.extra_topk)
         else:  # never read (HAS_EXTRA off): the main list stands in, at a fixed geometry
-            idx = main["idx_ptr"]
-            xlen = idx if extra_lengths is None else extra_lengths
-            values = (main["kv"], idx, idx.stride(0), xlen, 1, 0, 0, self.extra_topk)
-            extra = dict(zip(_EXTRA_ARGS, values, strict=True))
+            extra = _list_args(_EXTRA_ARGS, kv, indices, extra_lengths, self.extra_topk)
+            extra |= {"xpage_size": 1, "xpage_stride": 0, "xrow_stride": 0}
         # The bit-placement dequant leaves keys 2^-KSHIFT too small: scale logits and output back.
         shift = 2.0**KSHIFT if cfg.dequant else 1.0
         split = self.num_splits > 1
