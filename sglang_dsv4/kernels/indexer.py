@@ -146,19 +146,24 @@ def _order_key(x):
 
 
 @triton.jit
+def _chunk_keys(src, c0, hi, x, CHUNK: tl.constexpr):
+    """The chunk of entries ``c0 ..`` (below ``hi``) whose scores ``x`` were loaded one step
+    before: its mask, order keys, and the next chunk's scores, whose load is in flight while
+    this chunk is counted (the passes are compute-bound; this hides the load's latency)."""
+    idx = c0 + tl.arange(0, CHUNK)
+    x_next = tl.load(src + idx + CHUNK, idx + CHUNK < hi, 0.0)
+    return idx < hi, _order_key(x), x_next
+
+
+@triton.jit
 def _pass_hist(src, lo, hi, prefix, PASS: tl.constexpr, CHUNK: tl.constexpr):
     """Radix pass ``PASS``: 256-bin histogram of byte ``PASS`` (from the top) of the order keys
-    of entries ``lo .. hi-1`` that match ``prefix`` in the bytes above it. The next chunk's
-    load is in flight while one is counted."""
+    of entries ``lo .. hi-1`` that match ``prefix`` in the bytes above it."""
     SHIFT: tl.constexpr = 24 - 8 * PASS
     hist = tl.zeros([256], tl.int32)
     x = tl.load(src + lo + tl.arange(0, CHUNK), lo + tl.arange(0, CHUNK) < hi, 0.0)
     for c0 in range(lo, hi, CHUNK):
-        idx = c0 + tl.arange(0, CHUNK)
-        m = idx < hi
-        x_next = tl.load(src + idx + CHUNK, idx + CHUNK < hi, 0.0)
-        key = _order_key(x)
-        x = x_next
+        m, key, x = _chunk_keys(src, c0, hi, x, CHUNK)
         if PASS == 0:
             digit = ((key >> 24) & 0xFF) ^ 0x80  # the sign bit orders the top byte
             match = m
@@ -191,11 +196,8 @@ def _write_picks(src, lo, hi, prefix, need, taken, equal_seen, ids, rows, bt_row
     entry order from slot ``taken`` of ``ids`` (and their rows through ``bt_row``)."""
     x = tl.load(src + lo + tl.arange(0, CHUNK), lo + tl.arange(0, CHUNK) < hi, 0.0)
     for c0 in range(lo, hi, CHUNK):
+        m, key, x = _chunk_keys(src, c0, hi, x, CHUNK)
         idx = c0 + tl.arange(0, CHUNK)
-        m = idx < hi
-        x_next = tl.load(src + idx + CHUNK, idx + CHUNK < hi, 0.0)
-        key = _order_key(x)
-        x = x_next
         eq = (m & (key == prefix)).to(tl.int32)
         take = (m & (key > prefix)) | ((eq != 0) & (equal_seen + tl.cumsum(eq, 0) <= need))
         take_i = take.to(tl.int32)
