@@ -256,6 +256,14 @@ def test_split_select_nan_scores(mods):
     assert {7, 290} <= set(one[0][0].tolist()) and 0 in one[0][1].tolist()
 
 
+def test_split_select_in_query_chunks(mods):
+    """Queries in several workspace chunks: the split select's table rows follow the chunk."""
+    ks, ix = mods
+    ix_obj, _ = _run_case(ks, ix, "fp8", 16, 8, [70, 41], None, "cpu", workspace=4 * 32 * 40,
+                          splits=2)  # fmt: skip
+    assert ix_obj.q_chunk < 111 and ix_obj.topk_splits == 2
+
+
 def test_split_count_by_shape(mods):
     """plan() picks the split select for few queries over many entries, the one-program select
     when the queries fill the SMs or the entries are few; run() uses what plan() picked."""
