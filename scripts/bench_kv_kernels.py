@@ -213,10 +213,14 @@ def bench_indexer_decode(reps):
         caches = [cache] + [cache.clone() for _ in range(copies(nbytes) - 1)]
         full = [functools.partial(ix.run, q, w, c, bt, qreq, pos) for c in caches]
         scores = [functools.partial(ix._scores, q, w, c, bt, qreq, pos, 0, b) for c in caches]
-        select = [functools.partial(ix._select, bt, qreq, pos, 0, b)]
+        # s_topk: the select plan() picked (split over topk_splits programs per query at small
+        # batch); s_topk_one: the one-program select at the same shape
+        select = [functools.partial(ix._select_topk, bt, qreq, pos, 0, b)]
+        one = [functools.partial(ix._select, bt, qreq, pos, 0, b)]
         row = dict(kernel=f"indexer_top{topk}" + ("_fp4" if fmt == "fp4" else ""), mode="decode",
                    batch=b, ctx=ctx, s=timed(full, reps), bytes=nbytes,
-                   s_scores=timed(scores, reps), s_topk=timed(select, reps))  # fmt: skip
+                   s_scores=timed(scores, reps), s_topk=timed(select, reps),
+                   s_topk_one=timed(one, reps), topk_splits=ix.topk_splits)  # fmt: skip
         row["flops"] = 2 * 64 * 128 * b * (ctx // 4)
         res.append(row)
         ix = caches = cache = full = scores = None
@@ -283,9 +287,12 @@ def main():
                dict(meta=meta, rows=rows, errors=errors + ERRORS))  # fmt: skip
     print(f"\n{meta['gpu']}  copy ceiling {ceiling:.0f} GB/s  ({meta['seconds']:.0f} s)")
     print(f"{'kernel':<20}{'mode':<8}{'B':>7}{'ctx':>8}{'us':>10}{'GB/s':>8}{'%cp':>5}"
-          f"{'TF/s':>7}{'  scores/topk us':>17}")  # fmt: skip
+          f"{'TF/s':>7}{'  scores/topk us (one program, ranges)':>17}")  # fmt: skip
     for r in rows:
-        split = f"{r['s_scores'] * 1e6:7.1f}/{r['s_topk'] * 1e6:.1f}" if "s_topk" in r else ""
+        split = ""
+        if "s_topk" in r:
+            split = (f"{r['s_scores'] * 1e6:7.1f}/{r['s_topk'] * 1e6:.1f} "
+                     f"({r['s_topk_one'] * 1e6:.1f}, {r['topk_splits']})")  # fmt: skip
         tf = f"{r['TFLOPs']:7.1f}" if "TFLOPs" in r else " " * 7
         print(f"{r['kernel']:<20}{r['mode']:<8}{r['batch']:>7}{r['ctx']:>8}{r['us']:>10.1f}"
               f"{r['GBps']:>8.0f}{r['pct_copy']:>5.0f}{tf}  {split}")  # fmt: skip
