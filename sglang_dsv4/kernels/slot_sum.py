@@ -54,14 +54,15 @@ def _slot_sum_kernel(
 def slot_sum(y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out [T, d] = the sum over slots of y [T * S, d] (both contiguous; module docstring)."""
     t, d = out.shape
-    if y.dim() != 2 or y.shape[1] != d or (t == 0) != (y.shape[0] == 0) or t and y.shape[0] % t:
+    slots = y.shape[0] // max(t, 1)
+    if y.dim() != 2 or y.shape[1] != d or y.shape[0] != t * slots or (t and not slots):
         raise ValueError(f"y [T * S, d] for out [T, d] expected, got {tuple(y.shape)}, {(t, d)}")
     if not (y.is_contiguous() and out.is_contiguous()):
         raise ValueError("y and out must be contiguous")
     if t == 0:
         return out
     _slot_sum_kernel[(t, triton.cdiv(d, BLOCK_D))](
-        y_ptr=y, out_ptr=out, D=d, SLOTS=y.shape[0] // t, BLOCK_D=BLOCK_D,
+        y_ptr=y, out_ptr=out, D=d, SLOTS=slots, BLOCK_D=BLOCK_D,
         OUT_BF16=out.dtype == torch.bfloat16, num_warps=4,
     )  # fmt: skip
     return out
