@@ -5,7 +5,7 @@
 #   bash scripts/gpu_moe_sorted.sh   install, then
 #     1. scripts/bench_moe.py --sorted (~60-90 s on an H100): each sorted kernel at every
 #        candidate tile of kernels/moe_sorted_tiles.py, T 4096 / 8192 / 16384, bf16 and FP8, the
-#        slot sum before / after, whole calls vs SGLang's fused_experts; prints the table and
+#        slot sum (torch vs kernels.slot_sum), whole calls vs SGLang's fused_experts; prints the table and
 #        the MEASURED rows to paste last;
 #     2. the sorted form's GPU tests (~2-3 min): every tile against the twin at an 8K-token
 #        prefill, Flash dims in every format, CUDA-graph replay, the sm_90 compile check.
