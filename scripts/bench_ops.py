@@ -39,6 +39,7 @@ from torch.profiler import ProfilerActivity, profile
 from sglang_dsv4.config import load_config
 from sglang_dsv4.kernels.norm_rope import rms_rope_
 from sglang_dsv4.kernels.norm_rope_shapes import CANDIDATES, default_shape
+from sglang_dsv4.kernels.slot_sum import slot_sum, slot_sum_torch
 from sglang_dsv4.ops import HcWeights, build_ops
 from sglang_dsv4.perf.timing import graph_seconds
 from sglang_dsv4.ref.rope import rope_inv_freq
@@ -197,6 +198,26 @@ def print_rope_shapes(rows: list[dict], batches) -> None:
         print(f"({d}, {norm}, {n_rows}, RopeShape{shape}, {us:.1f}),")
 
 
+def slot_sum_rows(cfg, batches, calls: int, reps: int) -> list[dict]:
+    """The slot-sum kernel and torch's sum at every T and slot count: us, GB/s, same bits."""
+    rows, d = [], cfg.hidden_size
+    for n in batches:
+        for s in dict.fromkeys((cfg.n_experts_per_tok + 1, 7)):
+            y = torch.randn(n * s, d, device=DEV).to(torch.bfloat16)
+            outs = {k: torch.empty(n, d, device=DEV, dtype=y.dtype) for k in ("triton", "torch")}
+            fns = {"triton": partial(slot_sum, y, outs["triton"]),
+                   "torch": partial(slot_sum_torch, y, outs["torch"])}  # fmt: skip
+            us = {impl: graph_time(fn, calls, reps) * 1e6 for impl, fn in fns.items()}
+            same = torch.equal(*(o.view(torch.uint8) for o in outs.values()))
+            moved = (s + 1) * n * d * 2  # y read once, out written once
+            for impl, t_us in us.items():
+                rows.append({"tokens": n, "slots": s, "impl": impl, "us": t_us,
+                             "same_bits": same, "gbps": moved / t_us * 1e-3})  # fmt: skip
+                print(f"slot sum T={n:5d} S={s} {impl:6s} {t_us:8.1f} us "
+                      f"{rows[-1]['gbps']:7.1f} GB/s same bits {same}", flush=True)  # fmt: skip
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="configs/dsv4-flash.json")
@@ -207,9 +228,16 @@ def main() -> None:
     ap.add_argument("--impls", default="triton,torch", help="triton and / or torch (the twins)")
     ap.add_argument("--only", default="", help="comma-separated op-name prefixes (hc.,moe.)")
     ap.add_argument("--rope-shapes", action="store_true", help="rms_rope_ launch shapes")
+    ap.add_argument("--slot-sum", action="store_true", help="the MoE slot sum vs torch's")
     args = ap.parse_args()
     batches = [int(n) for n in args.tokens.split(",")]
     cfg = load_config(args.config)
+    if args.slot_sum:
+        rows = slot_sum_rows(cfg, batches, args.calls, args.reps)
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "bench_slot_sum.json"), "w") as f:
+            json.dump({"gpu": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+        return
     if args.rope_shapes:
         rows = rope_shape_rows(cfg, batches, args.calls, args.reps)
         os.makedirs(args.out, exist_ok=True)
