@@ -14,15 +14,9 @@
 #      TESTS=0 skips step 2. Exit status: the bench's, else the tests'.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-WH=${WHEELHOUSE:-.wheelhouse}
-OUT=${OUT:-/tmp/gpu_moe_sorted}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-start=$(date +%s)
-# shellcheck disable=SC1091
-source "$WH/install_on_device.sh" "$WH" > "$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
-export PYTHONPATH="$PWD:$PYTHONPATH"  # this checkout's package, the wheelhouse's sglang
-echo "installed in $(( $(date +%s) - start )) s"
+# shellcheck source=scripts/device_setup.sh
+source scripts/device_setup.sh
+wheelhouse_start gpu_moe_sorted || exit 1  # sets WH, OUT, start
 python3 scripts/bench_moe.py --sorted --out "$OUT/bench_moe_sorted.json" \
     > "$OUT/bench_moe_sorted.txt" 2>&1
 rc=$?
