@@ -125,7 +125,7 @@ def rms_rope_(
         raise ValueError("a norm weight without norm=True")
     if n == 0 or n_heads == 0:
         return x
-    shape = shape or rope_shape(n * n_heads, d, norm)
+    shape = shape or rope_shape(n * n_heads, d, norm, x.element_size() == 2)
     x_bf16 = x.dtype == torch.bfloat16
     _rms_rope_kernel[(triton.cdiv(n * n_heads, shape.rows),)](
         x_ptr=heads, w_ptr=weight if weight is not None else heads, pos_ptr=positions,

@@ -7,12 +7,15 @@ at the served prefill (8K tokens x 64 heads) the default shapes run ~2x off HBM 
 the q norm + RoPE [T, 64, 512] and read only 4-8 KB per program, so more rows or other warp
 counts per program may be faster; at decode (T 1: 64 rows) fewer rows spread over more SMs.
 
-Every candidate gives the default's bits. Without the norm each element's RoPE is the same
-arithmetic whatever the layout. With it the row's sum of squares is a ``tl.sum`` whose order is
-the register layout's: the D = 512 candidates keep the default's layout of a row -- 8
-contiguous channels per thread (16-byte loads: rows x 512 / (32 x warps) >= 8, i.e. rows >=
-warps / 2), 32 lanes, 2 warps across the row (warps >= 2) -- so the same adds in the same order
-(checked bit for bit on the GPU: ``tests/kernels/test_norm_rope_shapes.py``).
+Every candidate gives the default's bits on 2-byte activations (bf16, what the model serves).
+Without the norm each element's RoPE is the same arithmetic whatever the layout. With it the
+row's sum of squares is a ``tl.sum`` whose order is the register layout's: the D = 512
+candidates keep the default's layout of a row -- 8 contiguous channels per thread (16-byte
+loads: rows x 512 / (32 x warps) >= 8, i.e. rows >= warps / 2), 32 lanes, 2 warps across the
+row (warps >= 2) -- so the same adds in the same order (the sm_90 layouts:
+``scripts/compile_ops_sm90.py --rope-shapes``; the bits: the GPU tests of
+``tests/kernels/test_norm_rope_shapes.py``). fp32 loads (4 channels per thread) lay rows out
+otherwise, so other dtypes always run the default.
 
 :func:`rope_shape` is a pure function of (rows of the call, D, norm): below the smallest row
 count measured for (D, norm), and for keys never measured, :func:`default_shape` (the shape the
@@ -58,9 +61,10 @@ CANDIDATES: dict[tuple[int, bool], tuple[RopeShape, ...]] = {
 MEASURED: tuple[tuple[int, bool, int, RopeShape, float], ...] = ()
 
 
-def rope_shape(n_rows: int, d: int, norm: bool, measured=None) -> RopeShape:
+def rope_shape(n_rows: int, d: int, norm: bool, two_byte: bool, measured=None) -> RopeShape:
     """The launch shape of ``rms_rope_`` over ``n_rows`` (token, head) rows of head dim ``d``
-    (module docstring); ``measured`` defaults to :data:`MEASURED`."""
-    measured = MEASURED if measured is None else measured
+    (module docstring): the default unless the activations are ``two_byte`` (bf16 / fp16);
+    ``measured`` defaults to :data:`MEASURED`."""
+    measured = (MEASURED if measured is None else measured) if two_byte else ()
     rows = [r for r in measured if r[0] == d and r[1] == norm and r[2] <= n_rows]
     return max(rows, key=lambda r: r[2])[3] if rows else default_shape(d, norm)

@@ -1,12 +1,19 @@
 """``kernels.norm_rope_shapes``: the pick of ``rms_rope_``'s launch shape from the measured
-table (the default below the smallest measured row count and for unmeasured keys, the largest
-measured row count not above the call's otherwise), the table's own rows, and that every
-candidate gives the default shape's bits (in place: against a copy run with the default).
+table (the default below the smallest measured row count, for unmeasured keys and for
+non-2-byte activations; the largest measured row count not above the call's otherwise), the
+table's own rows, that every candidate's norm splits rows as the default does on sm_90, and
+that every candidate gives the default shape's bits (in place: against a copy run with the
+default).
 
 CPU: interpreted, small shapes, fp32 and bf16. GPU: the served uses at T 1 / 32 / 128 / 8192
 (64 heads: q norm + RoPE [T, 64, 512], the output's inverse RoPE [T, 64, 512], the indexer's
 RoPE [T, 64, 128]) and the weighted KV norm + RoPE [T, 512], every candidate bit for bit.
 """
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,21 +41,38 @@ def test_defaults_are_todays_shapes():
     assert default_shape(512, True) == RopeShape(4, 4) == CANDIDATES[(512, True)][0]
     assert default_shape(128, True) == RopeShape(16, 4)
     assert default_shape(512, False) == RopeShape(32, 4) == CANDIDATES[(128, False)][0]
-    assert rope_shape(10**7, 256, True, measured=()) == RopeShape(8, 4)
+    assert rope_shape(10**7, 256, True, True, measured=()) == RopeShape(8, 4)
 
 
-def test_measured_rows_apply_from_their_row_count_per_key():
-    assert rope_shape(4095, 512, True, measured=ROWS) == default_shape(512, True)
-    assert rope_shape(4096, 512, True, measured=ROWS) == RopeShape(8, 4)
-    assert rope_shape(10**6, 512, True, measured=ROWS) == RopeShape(16, 8)
-    assert rope_shape(10**6, 512, False, measured=ROWS) == default_shape(512, False)
-    assert rope_shape(64, 128, False, measured=ROWS) == RopeShape(8, 1)
+def test_measured_rows_apply_from_their_row_count_per_key_to_two_byte_activations():
+    assert rope_shape(4095, 512, True, True, measured=ROWS) == default_shape(512, True)
+    assert rope_shape(4096, 512, True, True, measured=ROWS) == RopeShape(8, 4)
+    assert rope_shape(10**6, 512, True, True, measured=ROWS) == RopeShape(16, 8)
+    assert rope_shape(10**6, 512, False, True, measured=ROWS) == default_shape(512, False)
+    assert rope_shape(64, 128, False, True, measured=ROWS) == RopeShape(8, 1)
+    assert rope_shape(10**6, 512, True, False, measured=ROWS) == default_shape(512, True)  # fp32
 
 
 def test_table_rows_are_candidates():
     """Every MEASURED row names a candidate of its key (those checked bit for bit here)."""
     for d, norm, n_rows, shape, us in MEASURED:
         assert shape in CANDIDATES[(d, norm)] and n_rows > 0 and us > 0
+
+
+def test_every_candidate_splits_the_norms_rows_as_the_default_on_sm90():
+    """``scripts/compile_ops_sm90.py --rope-shapes``: compiled for sm_90 (a subprocess: this
+    one's kernels are interpreted), every candidate's norm sums a row in the default's split
+    (channels per thread, lanes, warps), so in the same order, and none spills."""
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=str(root))
+    run = subprocess.run([sys.executable, str(root / "scripts/compile_ops_sm90.py"),
+                          "--rope-shapes"], capture_output=True, text=True, env=env,
+                         timeout=600)  # fmt: skip
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    lines = [x for x in run.stdout.splitlines() if x.startswith("D ")]
+    assert len(lines) >= sum(map(len, CANDIDATES.values())) + len(CANDIDATES[(512, True)])
+    assert sum("row split (8, 32, 2)" in x for x in lines) == 2 * len(CANDIDATES[(512, True)])
+    assert all("LOCAL:0" in x for x in lines)
 
 
 def _inputs(use, t: int, dtype, device):
