@@ -1,5 +1,6 @@
-"""Compile the ops' Triton kernels (``kernels/mhc.py``, ``kernels/norm_rope.py``) for Hopper
-(sm_90) on a machine without a GPU, and print each variant's registers / spills.
+"""Compile the ops' Triton kernels (``kernels/mhc.py``, ``kernels/norm_rope.py``, the MoE's
+``kernels/slot_sum.py``) for Hopper (sm_90) on a machine without a GPU, and print each
+variant's registers / spills.
 
     python scripts/compile_ops_sm90.py
     python scripts/compile_ops_sm90.py --rope-shapes
@@ -19,7 +20,7 @@ import sys
 
 os.environ.pop("TRITON_INTERPRET", None)  # before triton is imported: compiled jit functions
 
-from sglang_dsv4.kernels import mhc, norm_rope
+from sglang_dsv4.kernels import mhc, norm_rope, slot_sum
 from sglang_dsv4.kernels.norm_rope_shapes import CANDIDATES, default_shape
 from sglang_dsv4.perf.sm90_compile import axis_split, build, reduce_layouts, resource_usage
 
@@ -40,6 +41,10 @@ def variants(dt: str):
     yield norm_rope._rope_hadamard_kernel, rope_types, {
         "D": 128, "LOG2D": 7, "RB": 16, "INVERSE": False, "X_BF16": bf,
     }  # fmt: skip
+    for slots in (3, 7):  # the sorted MoE's slot sum: Flash dims, top-2 / top-6 + shared
+        yield slot_sum._slot_sum_kernel, {"y_ptr": act, "out_ptr": act}, {
+            "SLOTS": slots, "BLOCK_D": slot_sum.BLOCK_D, "OUT_BF16": bf,
+        }  # fmt: skip
     post_types = {"x_ptr": act, "y_ptr": act, "post_ptr": "*fp32", "comb_ptr": "*fp32",
                   "out_ptr": act}  # fmt: skip
     yield mhc._hc_post_kernel, post_types, {"D": 7168, "HC": 4, "TB": 4, "BD": 128, "X_BF16": bf}

@@ -22,7 +22,7 @@ wheelhouse_start gpu_rope_slot || exit 1  # sets WH, OUT, start
 python3 -m pytest -q -p no:cacheprovider -rfE -m gpu tests/kernels/test_slot_sum.py \
     tests/kernels/test_norm_rope_shapes.py tests/kernels/test_norm_rope.py \
     tests/kernels/test_moe_experts.py \
-    -k "(slot_sum or candidate or rope or rms or sorted) and not every_tile" \
+    -k "(slot_sum or candidate or rope or rms or sorted) and not every_tile and not 256-2048" \
     2>&1 | tail -n 30
 rc=${PIPESTATUS[0]}
 echo "tests exit $rc at $(( $(date +%s) - start )) s"
