@@ -247,6 +247,34 @@ def test_split_select_ties_by_entry_order(mods, values):
         assert torch.equal(a, b)
 
 
+def test_select_resolved_in_an_early_pass(mods):
+    """The one-program select stops once a pass's chosen bin holds exactly the picks still
+    needed: here the top byte alone separates the 8 largest scores (~2^40, distinct mantissas)
+    from the rest (|s| <= 1), and two of them share the top two bytes with scores just below;
+    rows where fewer entries are visible than k take every entry without a pass."""
+    _, ix = mods
+    n_q, ld, topk = 3, 300, 8
+    scores = torch.rand(n_q, ld) * 2 - 1
+    big = torch.randperm(ld)[:topk]
+    scores[:, big] = (1 + torch.rand(n_q, topk)) * 2.0**40
+    scores[1, big[:2]] = torch.tensor([1.5, 1.5 + 2.0**-20]) * 2.0**40  # equal top 2 bytes
+    scores[1, big[2]] = 1.5 * 2.0**40 - 2.0**22  # just below them, same top byte
+    obj = ix.IndexerTopK(topk, 16)
+    for visible in ([300, 300, 300], [300, 8, 5]):
+        pos = torch.tensor([v * RATIO - 1 for v in visible], dtype=torch.int32)
+        qreq = torch.zeros(n_q, dtype=torch.int32)
+        bt = (torch.randperm(64) + 1).view(1, 64).int()
+        obj.plan(n_q, ld, "cpu")
+        obj.logits.fill_(float("nan"))
+        obj.logits[:, :ld].copy_(scores)
+        obj.ids.fill_(-7)
+        obj._select(bt, qreq, pos, 0, n_q)
+        for t, v in enumerate(visible):
+            want = _exact_topk(scores[t], v, min(topk, v))
+            assert obj.ids[t, : len(want)].tolist() == want
+            assert (obj.ids[t, len(want) :] == -1).all() and int(obj.lengths[t]) == len(want)
+
+
 def test_split_select_nan_scores(mods):
     """NaN scores (a poisoned key) order above every number in both selects alike."""
     _, ix = mods
