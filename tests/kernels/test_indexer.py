@@ -247,32 +247,37 @@ def test_split_select_ties_by_entry_order(mods, values):
         assert torch.equal(a, b)
 
 
-def test_select_resolved_in_an_early_pass(mods):
-    """The one-program select stops once a pass's chosen bin holds exactly the picks still
-    needed: here the top byte alone separates the 8 largest scores (~2^40, distinct mantissas)
-    from the rest (|s| <= 1), and two of them share the top two bytes with scores just below;
-    rows where fewer entries are visible than k take every entry without a pass."""
+def test_select_takes_every_visible_entry_without_passes(mods):
+    """Rows with at most k visible entries (``k == visible``: no radix pass runs) pick every
+    visible entry in entry order, the NaN-poisoned scores past them unread; rows with more
+    visible entries than k run the passes, over the same workspace."""
     _, ix = mods
-    n_q, ld, topk = 3, 300, 8
+    n_q, ld, topk = 4, 300, 8
     scores = torch.rand(n_q, ld) * 2 - 1
-    big = torch.randperm(ld)[:topk]
-    scores[:, big] = (1 + torch.rand(n_q, topk)) * 2.0**40
-    scores[1, big[:2]] = torch.tensor([1.5, 1.5 + 2.0**-20]) * 2.0**40  # equal top 2 bytes
-    scores[1, big[2]] = 1.5 * 2.0**40 - 2.0**22  # just below them, same top byte
+    scores[:, 3] = -0.0  # order keys: -0.0 below +0.0, both picks when visible
+    scores[:, 4] = float("nan")  # ordered above every number
     obj = ix.IndexerTopK(topk, 16)
-    for visible in ([300, 300, 300], [300, 8, 5]):
-        pos = torch.tensor([v * RATIO - 1 for v in visible], dtype=torch.int32)
-        qreq = torch.zeros(n_q, dtype=torch.int32)
-        bt = (torch.randperm(64) + 1).view(1, 64).int()
-        obj.plan(n_q, ld, "cpu")
-        obj.logits.fill_(float("nan"))
-        obj.logits[:, :ld].copy_(scores)
-        obj.ids.fill_(-7)
-        obj._select(bt, qreq, pos, 0, n_q)
-        for t, v in enumerate(visible):
-            want = _exact_topk(scores[t], v, min(topk, v))
-            assert obj.ids[t, : len(want)].tolist() == want
-            assert (obj.ids[t, len(want) :] == -1).all() and int(obj.lengths[t]) == len(want)
+    visible = [8, 5, 1, 300]
+    pos = torch.tensor([v * RATIO - 1 for v in visible], dtype=torch.int32)
+    qreq = torch.zeros(n_q, dtype=torch.int32)
+    bt = (torch.randperm(64) + 1).view(1, 64).int()
+    obj.plan(n_q, ld, "cpu")
+    obj.logits.fill_(float("nan"))
+    obj.logits[:, :ld].copy_(scores)
+    for t, v in enumerate(visible):
+        obj.logits[t, v:] = float("nan")  # past the visible entries: must not be picked
+    obj.ids.fill_(-7)
+    obj.rows.fill_(-7)
+    obj._select(bt, qreq, pos, 0, n_q)
+    for t, v in enumerate(visible):
+        want = list(range(v)) if v <= topk else _exact_topk(scores[t], v, topk)
+        assert obj.ids[t, : len(want)].tolist() == want
+        assert (obj.ids[t, len(want) :] == -1).all() and int(obj.lengths[t]) == len(want)
+        sel = torch.tensor(want, dtype=torch.long)
+        assert (
+            obj.rows[t, : len(want)].long().tolist()
+            == (bt[0, sel // EPB].long() * EPB + sel % EPB).tolist()
+        )
 
 
 def test_split_select_nan_scores(mods):
