@@ -58,7 +58,25 @@ CANDIDATES: dict[tuple[int, bool], tuple[RopeShape, ...]] = {
 
 # (D, norm, rows of the call (T x H), shape, us): the fastest candidate at that row count,
 # pasted from ``scripts/bench_ops.py --rope-shapes`` (date and GPU in a comment above each run).
-MEASURED: tuple[tuple[int, bool, int, RopeShape, float], ...] = ()
+MEASURED: tuple[tuple[int, bool, int, RopeShape, float], ...] = (
+    # 2026-12-07, NVIDIA H100 80GB HBM3: scripts/bench_ops.py --rope-shapes (q norm + RoPE at
+    # T = 8192 x 64 heads: 741 -> 617 us; the output's inverse RoPE 62 -> 58 us)
+    (128, False, 64, RopeShape(16, 4), 2.1),
+    (128, False, 2048, RopeShape(16, 4), 2.4),
+    (128, False, 8192, RopeShape(16, 2), 3.1),
+    (128, False, 65536, RopeShape(16, 4), 7.9),
+    (128, False, 524288, RopeShape(16, 4), 56.1),
+    (512, False, 64, RopeShape(16, 4), 2.2),
+    (512, False, 2048, RopeShape(16, 4), 2.7),
+    (512, False, 8192, RopeShape(16, 4), 2.7),
+    (512, False, 65536, RopeShape(16, 4), 7.9),
+    (512, False, 524288, RopeShape(16, 4), 57.8),
+    (512, True, 64, RopeShape(1, 2), 2.7),
+    (512, True, 2048, RopeShape(1, 2), 4.8),
+    (512, True, 8192, RopeShape(1, 2), 11.9),
+    (512, True, 65536, RopeShape(1, 2), 81.2),
+    (512, True, 524288, RopeShape(1, 2), 617.2),
+)
 
 
 def rope_shape(n_rows: int, d: int, norm: bool, two_byte: bool, measured=None) -> RopeShape:
