@@ -80,7 +80,7 @@ CANDIDATES: dict[str, tuple[GemmTiles, ...]] = {
 # ``scripts/bench_moe.py --sorted`` (date and GPU in the comment above each run's rows).
 MEASURED: tuple[tuple[str, str, int, GemmTiles, float], ...] = (
     # 2026-12-07, NVIDIA H100 80GB HBM3: scripts/bench_moe.py --sorted (served shape; 8192
-    # tokens = 24576 pairs: w13 + w2 2272 us with the default tiles -> 1139 us)
+    # tokens = 24576 pairs: the w13 + w2 kernels 2112 us with the default tiles -> 1139 us)
     ("bf16", "w13", 12288, GemmTiles(128, 128, 64, 8, 3, True), 381.6),
     ("bf16", "w13", 24576, GemmTiles(128, 128, 64, 8, 3, True), 743.9),
     ("bf16", "w13", 49152, GemmTiles(128, 128, 64, 8, 3, True), 1357.7),
