@@ -72,4 +72,5 @@ def test_plan_reads_the_device_once(tiny_cfg):
             plan_batch(fb, world.pool, world.rtp)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    assert sum("synchroniz" in str(w.message) for w in caught) == 1
+    syncs = [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, syncs  # the Python lines whose torch call synchronized
