@@ -241,36 +241,90 @@ def bench_indexer_prefill(reps):
     return [r for r in res if r]
 
 
-def _extend_row(ctx, n, reps):
+def _extend_setup(ctx, n, **shape):
+    """One request's chunk of ``n`` queries at positions ``ctx - n .. ctx - 1`` over its FP8
+    keys, planned; ``shape``: ``IndexerExtend``'s launch shape (query_rows, block_keys, warps,
+    stages)."""
     layout = IndexKeyLayout("fp8", 32)
     blocks = -(-ctx // 128)
+    gen = torch.Generator(device=DEV).manual_seed(ctx)  # the same inputs for every shape
     cache = layout.empty(blocks * 32, DEV)
-    cache.view(torch.uint8).random_(0, 120)  # finite e4m3 codes
+    cache.view(torch.uint8).random_(0, 120, generator=gen)  # finite e4m3 codes
     cache[:, 32 * 128 :].view(torch.float32).fill_(0.5)  # power-of-2 scales
-    bt = torch.randperm(blocks, device=DEV).view(1, blocks).int()
+    bt = torch.randperm(blocks, device=DEV, generator=gen).view(1, blocks).int()
     qreq = torch.zeros(n, device=DEV, dtype=torch.int32)
     pos = torch.arange(ctx - n, ctx, device=DEV, dtype=torch.int32)
-    q = torch.randn(n, 64, 128, device=DEV, dtype=torch.bfloat16)
-    w = torch.randn(n, 64, device=DEV)
-    ix = IndexerExtend(512, 64, key_layout=layout, max_workspace_bytes=1 << 30)
+    q = torch.randn(n, 64, 128, device=DEV, generator=gen).bfloat16()
+    w = torch.randn(n, 64, device=DEV, generator=gen)
+    ix = IndexerExtend(512, 64, key_layout=layout, max_workspace_bytes=1 << 30, **shape)
     ix.plan([n], [ctx], DEV)
     if len(ix.chunks) != 1:
         raise RuntimeError(f"{len(ix.chunks)} workspace chunks: time one")
+    return ix, (q, w, cache, bt, qreq, pos)
+
+
+def _extend_row(ctx, n, reps):
+    ix, args = _extend_setup(ctx, n)
+    bt, qreq, pos = args[3:]
     pairs = sum((t + 1) // 4 for t in range(ctx - n, ctx))
     nbytes = n * (64 * 128 * 2 + 64 * 4 + 512 * 8) + (ctx // 4) * 132
     reps = max(3, reps // 5)
-    s = timed([functools.partial(ix.run, q, w, cache, bt, qreq, pos)], reps)
+    s = timed([functools.partial(ix.run, *args)], reps)
     s_topk = timed([functools.partial(ix._select, bt, qreq, pos, 0, n)], reps)
     return dict(kernel="indexer_top512", mode="extend", batch=n, ctx=ctx, s=s, bytes=nbytes,
                 flops=2 * 64 * 128 * pairs, s_scores=s - s_topk, s_topk=s_topk,
                 s_topk_one=s_topk, topk_splits=1)  # fmt: skip
 
 
+# (query_rows, block_keys, warps, stages) of the extend logits launch; the first is the default
+# (sm_90 compile, 2026-12-07: all wgmma, no spills; 126-168 registers, 255 for (256, 128, 8, 2)
+# and (512, 64, 8, 2); the default holds one program per SM, 126-register shapes two or four)
+EXTEND_SHAPES = ((256, 64, 8, 2), (256, 64, 8, 3), (256, 128, 8, 2), (128, 64, 8, 2),
+                 (128, 64, 4, 2), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 2),
+                 (64, 128, 4, 2), (512, 64, 8, 2))  # fmt: skip
+
+
+def sweep_indexer_extend(reps):
+    """The extend logits at the served 32K / 64K chunk for every :data:`EXTEND_SHAPES` entry:
+    us of the whole run and of the logits alone (run minus the select), and whether the logits
+    match the default shape's (max |diff| over the row's largest |logit|; the picks follow)."""
+    res = []
+    for ctx in (32768, 65536):
+        base = None
+        for shape in EXTEND_SHAPES:
+            res.append(guarded(functools.partial(_sweep_row, ctx, shape, reps, base)))
+            if base is None and res[-1] is not None:
+                base = res[-1].pop("_logits")
+            elif res[-1] is not None:
+                res[-1].pop("_logits")
+            torch.cuda.empty_cache()
+    return [r for r in res if r]
+
+
+def _sweep_row(ctx, shape, reps, base):
+    n = 8192
+    ix, args = _extend_setup(ctx, n, **dict(zip(("query_rows", "block_keys", "warps", "stages"),
+                                               shape, strict=True)))  # fmt: skip
+    bt, qreq, pos = args[3:]
+    reps = max(3, reps // 5)
+    s = timed([functools.partial(ix.run, *args)], reps)
+    s_topk = timed([functools.partial(ix._select, bt, qreq, pos, 0, n)], reps)
+    ix.logits.fill_(float("nan"))
+    ix.run(*args)
+    vis = ((pos.long() + 1) // 4)[:, None] > torch.arange(ix.ld, device=DEV)[None, :]
+    logits = torch.where(vis, ix.logits[:n], 0.0)
+    diff = 0.0 if base is None else float(((logits - base).abs().amax(1) /
+                                           base.abs().amax(1).clamp(min=1e-30)).max())  # fmt: skip
+    return dict(kernel=f"ix_extend {shape}", mode="sweep", batch=n, ctx=ctx, s=s, bytes=1,
+                s_scores=s - s_topk, s_topk=s_topk, s_topk_one=s_topk, topk_splits=1,
+                logits_rel_diff=diff, _logits=logits)  # fmt: skip
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--reps", type=int, default=30)
-    ap.add_argument("--only", default="", help="comma list: kv,cdec,cpre,idec,ipre")
+    ap.add_argument("--only", default="", help="comma list: kv,cdec,cpre,idec,ipre,isweep")
     args = ap.parse_args()
     torch.manual_seed(0)
     t0 = time.time()
@@ -281,6 +335,7 @@ def main():
         "cpre": bench_compressor_prefill,
         "idec": bench_indexer_decode,
         "ipre": bench_indexer_prefill,
+        "isweep": sweep_indexer_extend,
     }
     rows, errors = [], []
     for name, fn in parts.items():
@@ -317,6 +372,8 @@ def main():
             split = (f"{r['s_scores'] * 1e6:7.1f}/{r['s_topk'] * 1e6:.1f} "
                      f"({r['s_topk_one'] * 1e6:.1f}, {r['topk_splits']})")  # fmt: skip
         tf = f"{r['TFLOPs']:7.1f}" if "TFLOPs" in r else " " * 7
+        if "logits_rel_diff" in r:  # a sweep row: its logits against the default shape's
+            split += f"  logits diff {r['logits_rel_diff']:.1e}"
         print(f"{r['kernel']:<20}{r['mode']:<8}{r['batch']:>7}{r['ctx']:>8}{r['us']:>10.1f}"
               f"{r['GBps']:>8.0f}{r['pct_copy']:>5.0f}{tf}  {split}")  # fmt: skip
     if errors or ERRORS:

@@ -127,6 +127,8 @@ class IndexerExtend:
         key_layout: IndexKeyLayout | None = None,
         query_rows: int = 256,
         block_keys: int = 64,
+        warps: int = 8,
+        stages: int = 2,
         max_workspace_bytes: int = 1 << 28,
     ):
         if n_heads & (n_heads - 1) or head_dim & (head_dim - 1) or n_heads > query_rows:
@@ -137,7 +139,8 @@ class IndexerExtend:
         if key_layout is not None and (key_layout.fmt, key_layout.head_dim) != ("fp8", head_dim):
             raise ValueError(f"key layout {key_layout}: FP8 keys of {head_dim} dims or plain rows")
         self.tile_q = max(1, query_rows // n_heads)  # queries per tile (BQ)
-        self.block_keys = block_keys
+        # the logits launch's shape: ``bench_kv_kernels.py --only isweep`` times alternatives
+        self.block_keys, self.warps, self.stages = block_keys, warps, stages
         self.max_workspace_bytes = max_workspace_bytes
         self._planned = False
 
@@ -241,8 +244,8 @@ class IndexerExtend:
                 RPP=rpp,
                 KEYS=1 if plain else 0,
                 DOT_F32=self._dot_f32 or q.dtype == torch.float32,
-                num_warps=8,
-                num_stages=2,
+                num_warps=self.warps,
+                num_stages=self.stages,
             )
             self._select(block_table, query_req, positions, t0, t1)
         return self.ids, self.rows, self.lengths

@@ -41,7 +41,7 @@ def _setup(fmt, seq_lens, n_heads, head_dim, device, gen):
     return cache, (lambda rows: layout.read(cache, rows)), layout, bt
 
 
-def _run(fmt, prefix, extend, topk, n_heads, device, workspace=1 << 28, stride=1, seed=0):
+def _run(fmt, prefix, extend, topk, n_heads, device, workspace=1 << 28, stride=1, seed=0, **shape):
     gen = torch.Generator().manual_seed(seed)
     head_dim = 128
     seq = [p + n for p, n in zip(prefix, extend, strict=True)]
@@ -51,7 +51,8 @@ def _run(fmt, prefix, extend, topk, n_heads, device, workspace=1 << 28, stride=1
     w = torch.randn(t, n_heads, generator=gen).to(device)
     qreq = torch.repeat_interleave(torch.arange(len(extend)), torch.tensor(extend))
     pos = torch.cat([torch.arange(p, s) for p, s in zip(prefix, seq, strict=True)])
-    ix = IndexerExtend(topk, n_heads, head_dim, key_layout=layout, max_workspace_bytes=workspace)
+    ix = IndexerExtend(topk, n_heads, head_dim, key_layout=layout, max_workspace_bytes=workspace,
+                       **shape)  # fmt: skip
     ix.plan(extend, seq, device)
     ix.ids.fill_(-7), ix.rows.fill_(-7), ix.lengths.fill_(-7)  # poison
     qreq_d, pos_d = qreq.int().to(device), pos.to(device)
@@ -97,6 +98,14 @@ def test_workspace_chunks():
     assert chunks > 3
 
 
+@pytest.mark.parametrize(("query_rows", "block_keys"), [(32, 16), (16, 128), (64, 32)])
+def test_launch_shapes(query_rows, block_keys):
+    """Other query tiles (queries per program) and key tiles: the same picks, the same
+    logits to fp32 order (warps / stages only matter compiled: the GPU test below)."""
+    _run("fp8", [0, 300], [90, 50], 16, 16, "cpu", query_rows=query_rows,
+         block_keys=block_keys, warps=4, stages=3)  # fmt: skip
+
+
 def test_plan_required_and_shapes():
     ix = IndexerExtend(16, 16, 128)
     q = torch.zeros(3, 16, 128, dtype=torch.bfloat16)
@@ -124,3 +133,15 @@ def test_gpu_flash_dims_extend_batch():
     # chunks over cached prefixes next to fresh requests, a workspace of a few chunks
     _run("fp8", [4096, 0, 12288, 128], [1024, 2000, 512, 1], 512, 64, "cuda",
          workspace=1 << 24, stride=31)  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "shape", [(128, 64, 8, 2), (64, 64, 4, 2), (256, 128, 8, 2), (512, 64, 8, 2)]
+)
+def test_gpu_launch_shapes(shape):
+    """The shapes ``bench_kv_kernels.py --only isweep`` times, at the Flash dims over a cached
+    prefix (the served 32K chunk's layout, shorter)."""
+    rows, keys, warps, stages = shape
+    _run("fp8", [6144], [2048], 512, 64, "cuda", stride=61, query_rows=rows, block_keys=keys,
+         warps=warps, stages=stages)  # fmt: skip
