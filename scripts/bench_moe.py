@@ -100,6 +100,25 @@ def dense_today(raw: dict, n_exp: int, inter: int):
     return lambda x, c, w: routed(x, c, w, LIMIT, dense=True) + swiglu(x, *per[n_exp], LIMIT)
 
 
+def _one_rank_tp_group() -> None:
+    """A one-rank tensor-parallel group, as a tp-1 server sets up: fused_experts enters
+    ``get_tp_group()``'s symmetric-memory context (H100, 2026-12-07: "tensor model parallel
+    group is not initialized" without it, so SGLang's kernel was never timed)."""
+    import socket
+
+    from sglang.srt.distributed import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    ps.init_distributed_environment(world_size=1, rank=0, local_rank=0, backend=backend,
+                                    distributed_init_method=f"tcp://127.0.0.1:{port}")  # fmt: skip
+    ps.initialize_model_parallel(tensor_model_parallel_size=1)
+
+
 def sglang_fused(raw: dict, n_exp: int, topk: int):
     """SGLang's Triton fused_experts over the same bank (routed experts only; FP8 as its
     W8A8 block path, activations quantized per 128)."""
@@ -112,6 +131,7 @@ def sglang_fused(raw: dict, n_exp: int, topk: int):
     # 0.5.17's fused_moe reads the process config ("config namespace 'exec' not published"
     # without it): a default ServerArgs, as a server process publishes its own
     publish(ServerArgs(model_path="dummy"), role="test")
+    _one_rank_tp_group()
 
     cfg = MoeRunnerConfig(num_experts=n_exp, num_local_experts=n_exp, top_k=topk, inplace=False,
                           swiglu_limit=LIMIT, gate_up_interleaved=False)  # fmt: skip
