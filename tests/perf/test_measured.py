@@ -43,10 +43,12 @@ def test_paste_into_module_copy(tmp_path):
     path = tmp_path / "extend_choice.py"
     shutil.copy(extend_choice.__file__, path)
     before = path.read_text()
+    table = _table(path)  # the module's measured rows: the paste merges into them
     rows = extend_rows(BENCH, heads=64)
     paste(path, rows, note="test run")
     after = path.read_text()
-    assert _table(path) == sorted(rows)
+    assert _table(path) == merge(table, rows) and set(rows) <= set(_table(path))
+    assert len(_table(path)) == len({r[:4] for r in table} | {r[:4] for r in rows})
     assert "# test run" in after
     # everything outside the assignment is unchanged
     head = before[: before.index("MEASURED: tuple")]
@@ -55,6 +57,10 @@ def test_paste_into_module_copy(tmp_path):
     compile(after, str(path), "exec")
     # a second paste with a new time for one shape replaces it, keeps the other
     paste(path, [("csa", 64, 8192, 640, 1.0, 3.0)])
-    assert _table(path) == [("csa", 64, 8192, 640, 1.0, 3.0), ("swa", 64, 4096, 128, 0.4, 0.5)]
+    want = [r for r in merge(table, rows) if r[:4] != ("csa", 64, 8192, 640)]
+    assert _table(path) == merge(want, [("csa", 64, 8192, 640, 1.0, 3.0)])
+    final = _table(path)
+    assert ("csa", 64, 8192, 640, 1.0, 3.0) in final and ("swa", 64, 4096, 128, 0.4, 0.5) in final
+    assert ("csa", 64, 8192, 640, 2.0, 1.5) not in final
     with pytest.raises(ValueError, match="no top-level assignment"):
         paste(path, rows, name="NOT_THERE")
