@@ -182,15 +182,20 @@ def bench_compressor_prefill(reps):
 # ----------------------------------------------------------------------------- indexer
 
 
-def _index_setup(b, ctx, topk, fmt="fp8", queries_per_req=1):
+def _index_keys(b, ctx, fmt="fp8", gen=None):
+    """(layout, key cache, block table [b, blocks]) of ``b`` requests of ``ctx`` tokens."""
     layout = IndexKeyLayout(fmt, 32)
     blocks = -(-ctx // 128)
-    n_rows = b * blocks * 32
-    cache = layout.empty(n_rows, DEV)
-    cache.view(torch.uint8).random_(0, 120)  # finite e4m3 / e2m1 codes, small scales
+    cache = layout.empty(b * blocks * 32, DEV)
+    cache.view(torch.uint8).random_(0, 120, generator=gen)  # finite e4m3 / e2m1 codes
     if fmt == "fp8":  # scales: a power of 2 as fp32
         cache[:, 32 * 128 :].view(torch.float32).fill_(0.5)
-    bt = torch.randperm(b * blocks, device=DEV).view(b, blocks).int()
+    bt = torch.randperm(b * blocks, device=DEV, generator=gen).view(b, blocks).int()
+    return layout, cache, bt
+
+
+def _index_setup(b, ctx, topk, fmt="fp8", queries_per_req=1):
+    layout, cache, bt = _index_keys(b, ctx, fmt)
     t = b * queries_per_req
     qreq = torch.arange(b, device=DEV, dtype=torch.int32).repeat_interleave(queries_per_req)
     pos = (ctx - queries_per_req + torch.arange(t, device=DEV) % queries_per_req).int()
@@ -245,13 +250,8 @@ def _extend_setup(ctx, n, **shape):
     """One request's chunk of ``n`` queries at positions ``ctx - n .. ctx - 1`` over its FP8
     keys, planned; ``shape``: ``IndexerExtend``'s launch shape (query_rows, block_keys, warps,
     stages)."""
-    layout = IndexKeyLayout("fp8", 32)
-    blocks = -(-ctx // 128)
     gen = torch.Generator(device=DEV).manual_seed(ctx)  # the same inputs for every shape
-    cache = layout.empty(blocks * 32, DEV)
-    cache.view(torch.uint8).random_(0, 120, generator=gen)  # finite e4m3 codes
-    cache[:, 32 * 128 :].view(torch.float32).fill_(0.5)  # power-of-2 scales
-    bt = torch.randperm(blocks, device=DEV, generator=gen).view(1, blocks).int()
+    layout, cache, bt = _index_keys(1, ctx, gen=gen)
     qreq = torch.zeros(n, device=DEV, dtype=torch.int32)
     pos = torch.arange(ctx - n, ctx, device=DEV, dtype=torch.int32)
     q = torch.randn(n, 64, 128, device=DEV, generator=gen).bfloat16()
@@ -263,17 +263,22 @@ def _extend_setup(ctx, n, **shape):
     return ix, (q, w, cache, bt, qreq, pos)
 
 
-def _extend_row(ctx, n, reps):
-    ix, args = _extend_setup(ctx, n)
+def _extend_times(ix, args, reps) -> dict:
+    """The planned extend's whole run and its select alone (over the logits the run left),
+    CUDA-graph replays: the row fields the table prints."""
     bt, qreq, pos = args[3:]
-    pairs = sum((t + 1) // 4 for t in range(ctx - n, ctx))
-    nbytes = n * (64 * 128 * 2 + 64 * 4 + 512 * 8) + (ctx // 4) * 132
     reps = max(3, reps // 5)
     s = timed([functools.partial(ix.run, *args)], reps)
-    s_topk = timed([functools.partial(ix._select, bt, qreq, pos, 0, n)], reps)
-    return dict(kernel="indexer_top512", mode="extend", batch=n, ctx=ctx, s=s, bytes=nbytes,
-                flops=2 * 64 * 128 * pairs, s_scores=s - s_topk, s_topk=s_topk,
-                s_topk_one=s_topk, topk_splits=1)  # fmt: skip
+    s_topk = timed([functools.partial(ix._select, bt, qreq, pos, 0, ix.n_queries)], reps)
+    return dict(s=s, s_scores=s - s_topk, s_topk=s_topk, s_topk_one=s_topk, topk_splits=1)
+
+
+def _extend_row(ctx, n, reps):
+    ix, args = _extend_setup(ctx, n)
+    pairs = sum((t + 1) // 4 for t in range(ctx - n, ctx))
+    nbytes = n * (64 * 128 * 2 + 64 * 4 + 512 * 8) + (ctx // 4) * 132
+    return dict(kernel="indexer_top512", mode="extend", batch=n, ctx=ctx, bytes=nbytes,
+                flops=2 * 64 * 128 * pairs, **_extend_times(ix, args, reps))  # fmt: skip
 
 
 # (query_rows, block_keys, warps, stages) of the extend logits launch; the first is the default
@@ -290,34 +295,32 @@ def sweep_indexer_extend(reps):
     match the default shape's (max |diff| over the row's largest |logit|; the picks follow)."""
     res = []
     for ctx in (32768, 65536):
-        base = None
+        base = None  # the first shape's logits (the default's)
         for shape in EXTEND_SHAPES:
-            res.append(guarded(functools.partial(_sweep_row, ctx, shape, reps, base)))
-            if base is None and res[-1] is not None:
-                base = res[-1].pop("_logits")
-            elif res[-1] is not None:
-                res[-1].pop("_logits")
+            out = guarded(functools.partial(_sweep_row, ctx, shape, reps, base))
+            if out is not None:
+                res.append(out[0])
+                base = out[1] if base is None else base
             torch.cuda.empty_cache()
-    return [r for r in res if r]
+    return res
 
 
 def _sweep_row(ctx, shape, reps, base):
+    """(table row, visible logits [n, ld]) of one launch shape."""
     n = 8192
     ix, args = _extend_setup(ctx, n, **dict(zip(("query_rows", "block_keys", "warps", "stages"),
                                                shape, strict=True)))  # fmt: skip
-    bt, qreq, pos = args[3:]
-    reps = max(3, reps // 5)
-    s = timed([functools.partial(ix.run, *args)], reps)
-    s_topk = timed([functools.partial(ix._select, bt, qreq, pos, 0, n)], reps)
+    row = _extend_times(ix, args, reps)
     ix.logits.fill_(float("nan"))
     ix.run(*args)
+    pos = args[5]
     vis = ((pos.long() + 1) // 4)[:, None] > torch.arange(ix.ld, device=DEV)[None, :]
     logits = torch.where(vis, ix.logits[:n], 0.0)
     diff = 0.0 if base is None else float(((logits - base).abs().amax(1) /
                                            base.abs().amax(1).clamp(min=1e-30)).max())  # fmt: skip
-    return dict(kernel=f"ix_extend {shape}", mode="sweep", batch=n, ctx=ctx, s=s, bytes=1,
-                s_scores=s - s_topk, s_topk=s_topk, s_topk_one=s_topk, topk_splits=1,
-                logits_rel_diff=diff, _logits=logits)  # fmt: skip
+    row |= dict(kernel=f"ix_extend {shape}", mode="sweep", batch=n, ctx=ctx, bytes=1,
+                logits_rel_diff=diff)  # fmt: skip
+    return row, logits
 
 
 def main():

@@ -104,15 +104,13 @@ def _one_rank_tp_group() -> None:
     """A one-rank tensor-parallel group, as a tp-1 server sets up: fused_experts enters
     ``get_tp_group()``'s symmetric-memory context (H100, 2026-12-07: "tensor model parallel
     group is not initialized" without it, so SGLang's kernel was never timed)."""
-    import socket
-
     from sglang.srt.distributed import parallel_state as ps
+
+    from sglang_dsv4.server_process import free_port
 
     if ps.model_parallel_is_initialized():
         return
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     ps.init_distributed_environment(world_size=1, rank=0, local_rank=0, backend=backend,
                                     distributed_init_method=f"tcp://127.0.0.1:{port}")  # fmt: skip

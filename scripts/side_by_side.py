@@ -356,7 +356,7 @@ def measure_server(args, impl, cells, server, url, deadline, doc, out_json) -> d
 def profile_reserve_s(args) -> float:
     """Seconds kept before the deadline for the profiles asked for (the cells' timed runs stop
     that early): without it the last round of runs used the time and every profile was skipped."""
-    sizes = [b for b in args.profile_bs.split(",") if b] if args.profile_bs else []
+    sizes = [b for b in args.profile_bs.split(",") if b]
     prefill = parse_cells(args.profile_prefill) if args.profile_prefill else []
     return 50.0 * len(sizes) + 40.0 * len(prefill)
 
