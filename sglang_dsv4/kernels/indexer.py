@@ -461,12 +461,15 @@ class IndexerTopK:
         )  # fmt: skip
 
     def _select(self, block_table, query_req, positions, t0, t1) -> None:
-        """One program per query (many queries: they fill the GPU)."""
+        """One program per query (many queries: they fill the GPU). A pass counts whole
+        chunks, masked entries included: rows of at most 1024 scores (a 4K prompt's extend)
+        take chunks of their own width, not 2048."""
+        chunk = min(2048, max(256, triton.next_power_of_2(self.ld)))
         _topk_kernel[(t1 - t0,)](
             logits_ptr=self.logits, ld=self.ld, qreq_ptr=query_req[t0:t1],
             pos_ptr=positions[t0:t1], bt_ptr=block_table, bt_stride=block_table.stride(0),
             ids_ptr=self.ids[t0:t1], rows_ptr=self.rows[t0:t1], len_ptr=self.lengths[t0:t1],
-            K=self.topk, RATIO=self.ratio, EPB=self.entries_per_block, CHUNK=2048,
+            K=self.topk, RATIO=self.ratio, EPB=self.entries_per_block, CHUNK=chunk,
             KCHUNK=self._kchunk, WRITE_ROWS=self.write_rows, num_warps=8,
         )  # fmt: skip
 
