@@ -1,5 +1,5 @@
 """Exact top-k of score rows held in registers: ``kernels.indexer``'s one-program select (same
-picks, same order) for rows of at most 16384 entries.
+picks, same order) for rows of at most ``topk_shapes.MAX_ROW`` (16384) entries.
 
 Contract (``IndexerTopK``'s select): for query ``t`` with ``vis = (pos + 1) // RATIO`` visible
 entries of its fp32 score row, the ``k = min(K, vis)`` largest by the signed order of their int32
@@ -12,9 +12,9 @@ of every pass (sm_90 SASS: ~2.9 warp instructions per entry per pass, four passe
 pass of ~3.5, one 148-register program per SM: ~110K warp instructions per 8K-entry row). Here a
 program loads its row once into registers (``ROW / (32 * warps)`` per thread) and finds the
 k-th largest order key by bisection on its 32 bits: per bit a compare and an add per entry and
-one sum over the row (~0.13 warp instructions per entry and bit). ``EARLY``: stop at the first
-candidate with exactly ``k`` keys at or above it (Gaussian scores, k 512 of 4K-16K: ~19 of the
-32 bits). Rows with ``k == vis`` skip the search (every visible entry is a pick), as the radix
+one sum over the row (~0.13 warp instructions per entry and bit), stopping at the first
+candidate with exactly ``k`` keys at or above it (Gaussian scores, k 512 of 4K-16K entries: ~19
+of the 32 bits; ties at the k-th key run all 32). Rows with ``k == vis`` skip the search (every visible entry is a pick), as the radix
 select does. The picks are then written from the reloaded row (L2), ``WCHUNK`` entries a step,
 so the row's registers are free again (80 registers at 8K x 8 warps: three programs per SM):
 with ``gt`` the keys above the threshold and ``eq`` those equal to it, of which the first
@@ -27,19 +27,20 @@ import triton.language as tl
 
 from sglang_dsv4.kernels.indexer import _order_key, _pad_picks
 
-__all__ = ["MAX_ROW"]
+__all__ = []
 
-MAX_ROW = 16384  # entries of a row held in registers (and the packed scan's bound)
 _INT_MIN = tl.constexpr(-2147483648)  # the order key at or below every score's
 
 
 @triton.jit
-def _bisect(key, k, EARLY: tl.constexpr):
+def _bisect(key, k):
     """``(prefix, need)`` of :func:`_write_packed` for order keys ``key`` [ROW] (non-entries at
     INT_MIN): the k-th largest key and how many keys equal to it are picks. Bits ``v`` in the
     unsigned order (``v ^ INT_MIN`` is the signed key) are set from the top: a bit stays when at
     least ``k`` keys lie at or above the candidate. ``n_gt``, the keys above the final ``v``, is
-    the count of the last candidate that failed (it was ``v + 1``: every bit below it stayed)."""
+    the count of the last candidate that failed (it was ``v + 1``: every bit below it stayed).
+    A candidate ``c`` with exactly ``k`` keys at or above it ends the search: the picks are the
+    keys above ``c - 1``, none equal to it."""
     v = tl.zeros([], tl.int32)
     n_gt = tl.zeros([], tl.int32)
     bit = tl.full([], _INT_MIN, tl.int32)
@@ -49,12 +50,10 @@ def _bisect(key, k, EARLY: tl.constexpr):
         n = tl.sum((key >= (c ^ _INT_MIN)).to(tl.int32))
         v = tl.where(n >= k, c, v)
         n_gt = tl.where(n >= k, n_gt, n)
+        v = tl.where(n == k, c - 1, v)
+        n_gt = tl.where(n == k, k, n_gt)
         bit = (bit >> 1) & 0x7FFFFFFF
-        go = bit != 0
-        if EARLY:  # exactly k keys at or above c: the picks are the keys above c - 1
-            v = tl.where(n == k, c - 1, v)
-            n_gt = tl.where(n == k, k, n_gt)
-            go = go & (n != k)
+        go = (bit != 0) & (n != k)
     return v ^ _INT_MIN, k - n_gt
 
 
@@ -87,7 +86,7 @@ def _write_packed(src, vis, prefix, need, ids, rows, bt_row, EPB: tl.constexpr,
 def _rows_topk_kernel(
     logits_ptr, ld, qreq_ptr, pos_ptr, bt_ptr, bt_stride, ids_ptr, rows_ptr, len_ptr,
     K: tl.constexpr, RATIO: tl.constexpr, EPB: tl.constexpr, ROW: tl.constexpr,
-    WCHUNK: tl.constexpr, KCHUNK: tl.constexpr, WRITE_ROWS: tl.constexpr, EARLY: tl.constexpr,
+    WCHUNK: tl.constexpr, KCHUNK: tl.constexpr, WRITE_ROWS: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0)
     vis = (tl.load(pos_ptr + t).to(tl.int32) + 1) // RATIO
@@ -98,7 +97,7 @@ def _rows_topk_kernel(
     if k < vis:
         e = tl.arange(0, ROW)
         x = tl.load(src + e, e < tl.cdiv(vis, 16) * 16, 0.0)
-        prefix, need = _bisect(tl.where(e < vis, _order_key(x), _INT_MIN), k, EARLY)
+        prefix, need = _bisect(tl.where(e < vis, _order_key(x), _INT_MIN), k)
     bt_row = bt_ptr + tl.load(qreq_ptr + t).to(tl.int64) * bt_stride
     ids = ids_ptr + t.to(tl.int64) * K
     rows = rows_ptr + t.to(tl.int64) * K

@@ -1,0 +1,83 @@
+"""Launch shapes of the extend indexer's exact top-k (``IndexerExtend``'s select), picked in
+``plan()`` from measured times kept here.
+
+Two kernels give the same picks in the same order (``tests/kernels/test_topk_rows.py``):
+
+* ``radix``: ``kernels.indexer._topk_kernel`` (four 8-bit histogram passes over the row, then a
+  write pass), ``chunk`` entries a loop step, 8 warps; what the extend always ran;
+* ``rows``: ``kernels.topk_rows._rows_topk_kernel`` (the row in registers, bisection on the
+  order keys' bits), ``warps`` warps, for rows of at most :data:`MAX_ROW` entries.
+
+On sm_90 (``scripts/compile_extend_sm90.py --topk-shapes``), per 8K-entry row of the served 32K
+chunk: radix ~110K warp instructions, 148 registers (one program per SM); rows at 8 warps ~35K,
+80 registers (three per SM). Which is faster where is measured, not assumed:
+``python scripts/bench_kv_kernels.py --only tsweep`` times every :func:`candidates` entry at
+the last 8192-query chunk of 4K-64K prompts, checks each one's ids / rows / lengths against the
+default's bit for bit, and prints the fastest per shape as rows to paste into :data:`MEASURED`.
+
+:func:`select_shape` is a pure function of (the plan's row width ``ld``, top-k): for keys never
+measured and below the smallest measured width, :func:`default_shape`; else the shape of the
+measured row with the largest width not above ``ld`` that can run it (a ``rows`` shape only up
+to :data:`MAX_ROW` entries).
+"""
+
+from typing import NamedTuple
+
+__all__ = ["MAX_ROW", "MEASURED", "SelectShape", "candidates", "default_shape", "select_shape"]
+
+MAX_ROW = 16384  # entries of a row the ``rows`` kernel holds (registers; its packed scan's bound)
+
+
+class SelectShape(NamedTuple):
+    """One launch of the select: ``kind`` "radix" or "rows", its warps, and the radix loop step
+    (entries; unused by "rows", which writes ``128 * warps`` entries a step)."""
+
+    kind: str
+    warps: int = 8
+    chunk: int = 2048
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def radix_chunk(ld: int) -> int:
+    """The radix select's loop step for rows of ``ld`` entries: as wide as the row up to 2048
+    (a pass counts whole steps, masked entries included), 256 at least."""
+    return min(2048, max(256, _next_pow2(ld)))
+
+
+def default_shape(ld: int) -> SelectShape:
+    """The select before any measurement: the radix kernel, 8 warps."""
+    return SelectShape("radix", 8, radix_chunk(ld))
+
+
+def fits(shape: SelectShape, ld: int) -> bool:
+    """Whether ``shape`` can select over rows of ``ld`` entries."""
+    return shape.kind == "radix" or ld <= MAX_ROW
+
+
+def candidates(ld: int) -> tuple[SelectShape, ...]:
+    """The shapes the sweep times at row width ``ld``, the default first: the radix kernel at a
+    2048 step too (before rows were narrower), the rows kernel at 4 to 16 warps (4 to 64 entries
+    of the row per thread)."""
+    out = [default_shape(ld)]
+    if out[0].chunk != 2048:
+        out.append(SelectShape("radix", 8, 2048))
+    if ld <= MAX_ROW:
+        row = _next_pow2(ld)
+        out += [SelectShape("rows", w) for w in (2, 4, 8, 16) if 4 <= row // (32 * w) <= 64]
+    return tuple(out)
+
+
+# (ld, topk, shape, us): the fastest candidate at that row width, pasted from
+# ``scripts/bench_kv_kernels.py --only tsweep`` (date and GPU in a comment above each run).
+MEASURED: tuple[tuple[int, int, SelectShape, float], ...] = ()
+
+
+def select_shape(ld: int, topk: int, measured=None) -> SelectShape:
+    """The select's shape for rows of ``ld`` entries and ``topk`` picks (module docstring);
+    ``measured`` defaults to :data:`MEASURED`."""
+    rows = [r for r in (MEASURED if measured is None else measured)
+            if r[1] == topk and r[0] <= ld and fits(r[2], ld)]  # fmt: skip
+    return max(rows, key=lambda r: r[0])[2] if rows else default_shape(ld)
