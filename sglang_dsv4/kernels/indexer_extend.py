@@ -267,14 +267,13 @@ class IndexerExtend:
 
     def _select_rows(self, block_table, query_req, positions, t0, t1) -> None:
         """``topk_rows``: one program per query, its row in registers."""
-        warps = self.select_shape.warps
         _rows_topk_kernel[(t1 - t0,)](
             logits_ptr=self.logits, ld=self.ld, qreq_ptr=query_req[t0:t1],
             pos_ptr=positions[t0:t1], bt_ptr=block_table, bt_stride=block_table.stride(0),
             ids_ptr=self.ids[t0:t1], rows_ptr=self.rows[t0:t1], len_ptr=self.lengths[t0:t1],
             K=self.topk, RATIO=self.ratio, EPB=self.entries_per_block,
-            ROW=triton.next_power_of_2(self.ld), WCHUNK=128 * warps, KCHUNK=self._kchunk,
-            WRITE_ROWS=True, num_warps=warps,
+            ROW=triton.next_power_of_2(self.ld), WCHUNK=self.select_shape.chunk,
+            KCHUNK=self._kchunk, WRITE_ROWS=True, num_warps=self.select_shape.warps,
         )  # fmt: skip
 
     # the exact radix top-k of the decode indexer, over this class's workspace (same fields)

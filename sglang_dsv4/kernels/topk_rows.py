@@ -9,17 +9,19 @@ them, ``k`` to ``lengths[t]``.
 
 Why: the radix select re-reads a row per pass and pays ``tl.histogram``'s ballots for every entry
 of every pass (sm_90 SASS: ~2.9 warp instructions per entry per pass, four passes and a write
-pass of ~3.5, one 148-register program per SM: ~110K warp instructions per 8K-entry row). Here a
-program loads its row once into registers (``ROW / (32 * warps)`` per thread) and finds the
-k-th largest order key by bisection on its 32 bits: per bit a compare and an add per entry and
-one sum over the row (~0.13 warp instructions per entry and bit), stopping at the first
+pass of ~3.5; 148 registers, one program per SM: ~110K warp instructions per 8K-entry row).
+Here a program loads its row once into registers (``ROW / (32 * warps)`` per thread) and finds
+the k-th largest order key by bisection on its 32 bits: per bit a compare and an add per entry
+and one sum over the row (~0.13 warp instructions per entry and bit), stopping at the first
 candidate with exactly ``k`` keys at or above it (Gaussian scores, k 512 of 4K-16K entries: ~19
-of the 32 bits; ties at the k-th key run all 32). Rows with ``k == vis`` skip the search (every visible entry is a pick), as the radix
-select does. The picks are then written from the reloaded row (L2), ``WCHUNK`` entries a step,
-so the row's registers are free again (80 registers at 8K x 8 warps: three programs per SM):
-with ``gt`` the keys above the threshold and ``eq`` those equal to it, of which the first
-``need`` in entry order are picks, an entry's slot is ``cumsum(gt) + min(cumsum(eq), need)``,
-one scan of ``gt + (eq << 16)`` (``gt`` counts below k, ``eq`` below 2^15: 16384 entries).
+of the 32 bits; ties at the k-th key run all 32). Rows with ``k == vis`` skip the search (every
+visible entry is a pick), as the radix select does.
+
+The picks are then written from the row reloaded (from L2), ``WCHUNK`` entries a step, so the
+row's registers are free again (80 registers at 8K entries x 8 warps: three programs per SM).
+With ``gt`` the keys above the threshold and ``eq`` those equal to it, of which the first
+``need`` in entry order are picks, an entry's slot is ``cumsum(gt) + min(cumsum(eq), need)``:
+one scan of ``gt + (eq << 16)`` (``gt`` counts stay below k, ``eq`` ones below 2^15).
 """
 
 import triton

@@ -29,8 +29,8 @@ MAX_ROW = 16384  # entries of a row the ``rows`` kernel holds (registers; its pa
 
 
 class SelectShape(NamedTuple):
-    """One launch of the select: ``kind`` "radix" or "rows", its warps, and the radix loop step
-    (entries; unused by "rows", which writes ``128 * warps`` entries a step)."""
+    """One launch of the select: ``kind`` "radix" or "rows", its warps, and its loop step in
+    entries (radix: every pass's; rows: the write's, after the search over the whole row)."""
 
     kind: str
     warps: int = 8
@@ -59,14 +59,15 @@ def fits(shape: SelectShape, ld: int) -> bool:
 
 def candidates(ld: int) -> tuple[SelectShape, ...]:
     """The shapes the sweep times at row width ``ld``, the default first: the radix kernel at a
-    2048 step too (before rows were narrower), the rows kernel at 4 to 16 warps (4 to 64 entries
-    of the row per thread)."""
+    2048 step too (before rows were narrower), the rows kernel at 2 to 16 warps (4 to 64 entries
+    of the row per thread; its write 4 entries per thread a step)."""
     out = [default_shape(ld)]
     if out[0].chunk != 2048:
         out.append(SelectShape("radix", 8, 2048))
     if ld <= MAX_ROW:
         row = _next_pow2(ld)
-        out += [SelectShape("rows", w) for w in (2, 4, 8, 16) if 4 <= row // (32 * w) <= 64]
+        out += [SelectShape("rows", w, 128 * w) for w in (2, 4, 8, 16)
+                if 4 <= row // (32 * w) <= 64]  # fmt: skip
     return tuple(out)
 
 

@@ -108,7 +108,7 @@ def test_launch_shapes(query_rows, block_keys):
          block_keys=block_keys, warps=4, stages=3)  # fmt: skip
 
 
-@pytest.mark.parametrize("select", [SelectShape("rows", 4), SelectShape("radix", 8, 2048)])
+@pytest.mark.parametrize("select", [SelectShape("rows", 4, 128), SelectShape("radix", 8, 2048)])
 def test_select_shapes(select):
     """The top-k's other launches (``topk_shapes``): the whole run's picks, in workspace chunks."""
     _run("fp8", [0, 300], [90, 50], 16, 16, "cpu", workspace=4 * 112 * 40, select=select)
@@ -117,7 +117,7 @@ def test_select_shapes(select):
 def test_plan_picks_the_measured_select(monkeypatch):
     """No ``select``: plan() takes ``topk_shapes.MEASURED``'s row for the widest measured
     rows not above the batch's, the default (radix) below them."""
-    rows = SelectShape("rows", 8)
+    rows = SelectShape("rows", 8, 1024)
     monkeypatch.setattr(topk_shapes, "MEASURED", ((256, 16, rows, 1.0),))
     ix = IndexerExtend(16, 16, 128)
     ix.plan([8], [4 * 300], "cpu")
@@ -154,7 +154,7 @@ def test_gpu_flash_dims_rows_select(warps):
     """The rows select (``topk_rows``) in the whole run at Flash dims: the last 8192-token chunk
     of a 24K prompt and a short chunk of a fresh request, against the reference."""
     _run("fp8", [16384, 0], [8192, 3000], 512, 64, "cuda", stride=89,
-         select=SelectShape("rows", warps))  # fmt: skip
+         select=SelectShape("rows", warps, 128 * warps))  # fmt: skip
 
 
 @pytest.mark.gpu

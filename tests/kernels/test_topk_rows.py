@@ -4,7 +4,7 @@
 their bits, -1 past ``min(k, visible)``, rows through the block table, counts), bit for bit
 against the radix kernel over the same workspace.
 
-CPU: interpreted, small rows (several write steps of ``128 * warps`` entries, ties across
+CPU: interpreted, small rows (several write steps of 256-1024 entries, ties across
 them, every bit searched when the k-th key is tied). GPU: every ``topk_shapes.candidates``
 shape at the served extend's last 8192-query chunk of 4K-64K prompts (top-512, real widths),
 Gaussian, tied and NaN scores, against the default select bit for bit.
@@ -20,7 +20,7 @@ from sglang_dsv4.kernels.topk_shapes import MAX_ROW, SelectShape, candidates
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 RADIX = SelectShape("radix", 8, 256)
-ROWS = [SelectShape("rows", w) for w in (2, 4, 8)]
+ROWS = [SelectShape("rows", w, 128 * w) for w in (2, 4, 8)]
 # visible counts: none, below / at / above k (8), across write steps of 256-1024 entries
 VISIBLE = [0, 1, 3, 7, 8, 9, 40, 333, 1000]
 # 2.0 rare, 1.0 common: the k-th score tied, larger ones after the ties in entry order

@@ -14,9 +14,9 @@ from sglang_dsv4.kernels.topk_shapes import (
     select_shape,
 )
 
-ROWS8 = SelectShape("rows", 8)
-TABLE = ((1024, 512, SelectShape("rows", 4), 90.0), (4096, 512, ROWS8, 300.0),
-         (16384, 512, SelectShape("rows", 16), 900.0),
+ROWS8 = SelectShape("rows", 8, 1024)
+TABLE = ((1024, 512, SelectShape("rows", 4, 512), 90.0), (4096, 512, ROWS8, 300.0),
+         (16384, 512, SelectShape("rows", 16, 2048), 900.0),
          (8192, 1024, SelectShape("radix", 8, 1024), 700.0))  # fmt: skip
 
 
@@ -36,7 +36,7 @@ def test_candidates():
         rows = [s for s in c if s.kind == "rows"]
         assert bool(rows) == (ld <= MAX_ROW)
         row = 1 << (ld - 1).bit_length()
-        assert all(4 <= row // (32 * s.warps) <= 64 for s in rows)
+        assert all(4 <= row // (32 * s.warps) <= 64 and s.chunk == 128 * s.warps for s in rows)
     assert SelectShape("radix", 8, 2048) in candidates(1024)
     assert [s.warps for s in candidates(8192) if s.kind == "rows"] == [4, 8, 16]
     assert [s.warps for s in candidates(16384) if s.kind == "rows"] == [8, 16]
@@ -44,9 +44,9 @@ def test_candidates():
 
 def test_pick_from_the_table():
     assert select_shape(1008, 512, TABLE) == default_shape(1008)  # below the smallest
-    assert select_shape(1024, 512, TABLE) == SelectShape("rows", 4)
+    assert select_shape(1024, 512, TABLE) == SelectShape("rows", 4, 512)
     assert select_shape(6144, 512, TABLE) == ROWS8
-    assert select_shape(16384, 512, TABLE) == SelectShape("rows", 16)
+    assert select_shape(16384, 512, TABLE) == SelectShape("rows", 16, 2048)
     # past MAX_ROW no rows shape runs: the widest measured one that can, else the default
     assert select_shape(16400, 512, TABLE) == default_shape(16400)
     assert select_shape(9000, 1024, TABLE) == SelectShape("radix", 8, 1024)
