@@ -15,15 +15,9 @@
 #      skips step 2. Exit status: the tests', else the bench's.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-WH=${WHEELHOUSE:-.wheelhouse}
-OUT=${OUT:-/tmp/gpu_topk}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-start=$(date +%s)
-# shellcheck disable=SC1091
-source "$WH/install_on_device.sh" "$WH" > "$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
-export PYTHONPATH="$PWD:$PYTHONPATH"  # this checkout's package, the wheelhouse's sglang
-echo "installed in $(( $(date +%s) - start )) s"
+# shellcheck source=scripts/device_setup.sh
+source scripts/device_setup.sh
+wheelhouse_start gpu_topk || exit 1  # sets WH, OUT, start
 python3 -m pytest -q -p no:cacheprovider -rfE -m gpu tests/kernels/test_topk_rows.py \
     tests/kernels/test_indexer_extend.py 2>&1 | tail -n 30
 rc=${PIPESTATUS[0]}

@@ -4,7 +4,7 @@
 
 import torch
 
-__all__ = ["RATIO", "exact_topk", "extend_select", "neg_nan"]
+__all__ = ["RATIO", "exact_topk", "extend_select"]
 
 RATIO, EPB = 4, 32
 
@@ -16,11 +16,6 @@ def exact_topk(scores: torch.Tensor, vis: int, k: int) -> list[int]:
     key = torch.where(u < 0, u ^ 0x7FFFFFFF, u)
     order = torch.sort(key.long(), descending=True, stable=True).indices
     return sorted(order[:k].tolist())
-
-
-def neg_nan() -> float:
-    """The NaN whose bits are all ones: its order key is INT_MIN, the lowest there is."""
-    return torch.tensor([-1], dtype=torch.int32).view(torch.float32).item()
 
 
 def extend_select(ie_mod, select, scores: torch.Tensor, visible: list[int], topk: int):

@@ -12,7 +12,7 @@ Gaussian, tied and NaN scores, against the default select bit for bit.
 
 import pytest
 import torch
-from topk_cases import extend_select, neg_nan
+from topk_cases import extend_select
 from triton_cpu import interpreted
 
 from sglang_dsv4.kernels import indexer, indexer_extend, topk_rows
@@ -69,13 +69,13 @@ def test_rows_select_nan_and_signed_zeros(ie):
     the order key the search also gives non-entries), -0.0 below +0.0."""
     scores = _scores(4, 300)
     scores[0, [7, 290]] = float("nan")
-    scores[1, :] = neg_nan()  # 3 numbers among all-ones NaNs: the first 5 NaNs are picks
+    scores.view(torch.int32)[1, :] = -1  # all-ones NaNs (order key INT_MIN) around 3 numbers:
     scores[1, [4, 11, 15]] = torch.tensor([-1.0, 0.5, -3.0])
     scores[2, ::3] = 0.0
     scores[2, 1::3] = -0.0
     (ids, _, _), _ = extend_select(ie, ROWS[1], scores, [300, 20, 299, 300], 8)
     assert {7, 290} <= set(ids[0].tolist())
-    assert ids[1].tolist() == [0, 1, 2, 3, 4, 5, 11, 15]  # 4, 11, 15 and the first 5 NaNs
+    assert ids[1].tolist() == [0, 1, 2, 3, 4, 5, 11, 15]  # the numbers and the first 5 NaNs
     _both(ie, scores, [300, 20, 299, 300], 8, ROWS)
 
 
@@ -114,7 +114,7 @@ def test_gpu_candidates_equal_default(ctx, kind):
         scores = scores.mul(4).round().div(4)  # ~30 distinct values: the k-th key tied
     elif kind == "nan":
         scores.view(-1)[::997] = float("nan")
-        scores.view(-1)[5::1009] = neg_nan()
+        scores.view(torch.int32).view(-1)[5::1009] = -1  # all-ones NaN: order key INT_MIN
         scores.view(-1)[7::13] = -0.0
     shapes = candidates(ld)
     base, _ = extend_select(indexer_extend, shapes[0], scores, visible, 512)
