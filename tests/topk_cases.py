@@ -27,7 +27,10 @@ def extend_select(ie_mod, select, scores: torch.Tensor, visible: list[int], topk
     the same query count."""
     device = scores.device
     n_q, ld = scores.shape
-    ix = ie_mod.IndexerExtend(topk, 16, select=select)
+    # one workspace chunk for all the rows (the default workspace splits 8192 x 16384 scores)
+    ix = ie_mod.IndexerExtend(
+        topk, 16, select=select, max_workspace_bytes=max(n_q * ld * 4, 1 << 20)
+    )
     ix.plan([n_q], [ld * RATIO], device)
     pos = torch.tensor([max(v * RATIO - 1, 0) for v in visible], dtype=torch.int32, device=device)
     qreq = torch.arange(n_q, dtype=torch.int32, device=device).flip(0)

@@ -73,7 +73,17 @@ def candidates(ld: int) -> tuple[SelectShape, ...]:
 
 # (ld, topk, shape, us): the fastest candidate at that row width, pasted from
 # ``scripts/bench_kv_kernels.py --only tsweep`` (date and GPU in a comment above each run).
-MEASURED: tuple[tuple[int, int, SelectShape, float], ...] = ()
+MEASURED: tuple[tuple[int, int, SelectShape, float], ...] = (
+    # 2026-12-07, NVIDIA H100 80GB HBM3: scripts/bench_kv_kernels.py --only tsweep (the last
+    # 8192-query chunk of a ctx = 4 * ld prompt; every candidate's picks == the default's).
+    # us of the radix default (w8, chunk 2048) at the same rows: 221.6 / 606.9 / 1284.7 /
+    # 2397.5 / 4497.0 (docs/gpu/lease_20261207b/bench_topk.txt)
+    (1024, 512, SelectShape("rows", 2, 256), 26.1),  # ctx 4096
+    (2048, 512, SelectShape("rows", 2, 256), 81.9),  # ctx 8192
+    (4096, 512, SelectShape("rows", 2, 256), 200.6),  # ctx 16384
+    (8192, 512, SelectShape("rows", 4, 512), 438.3),  # ctx 32768
+    (16384, 512, SelectShape("rows", 8, 1024), 1061.4),  # ctx 65536
+)
 
 
 def select_shape(ld: int, topk: int, measured=None) -> SelectShape:
