@@ -92,8 +92,8 @@ class FlashMLADecode:
     (:func:`static_hca_schedule`: e.g. one HCA layer at batch 1 up to ~6400 entries, an 800K
     context; 21 layers up to ~300), it is static too; longer lists keep ``lengths=True``: the
     per-step schedule from the step's counts, one launch per step, computed inside the graph
-    (``after_warmup`` drops the warm-up's); its counts must be >= 1 (FlashMLA wants a non-empty list;
-    ``DecodeMeta.hca_lengths`` is)."""
+    (``after_warmup`` drops the warm-up's); its counts must be >= 1 (FlashMLA wants a non-empty
+    list; ``DecodeMeta.hca_lengths`` is)."""
 
     def __init__(self, flash_mla, head_dim: int = 512, *, lengths: bool = True):
         self._mla = flash_mla  # the ``sgl_kernel.flash_mla`` module (see ``load_flashmla``)
