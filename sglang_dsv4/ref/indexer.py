@@ -9,7 +9,19 @@ holds its ``min(topk, visible)`` best entries and -1 elsewhere.
 
 import torch
 
-__all__ = ["index_scores", "index_topk"]
+from sglang_dsv4.ref.quant import fp8_e4m3_fake_quant
+
+__all__ = ["fp8_queries", "index_scores", "index_topk"]
+
+
+def fp8_queries(q: torch.Tensor) -> torch.Tensor:
+    """The queries an indexer over FP8 keys scores (``kernels.indexer_extend``, as SGLang's
+    native ``fused_q_indexer_rope_hadamard_quant``): every (token, head) row of ``q`` [..., Dh]
+    rounded to e4m3 with one power-of-2 scale ``2^ceil(log2(amax / 448))`` (round to nearest
+    even), dequantized; same dtype. Native's scale is ``amax / 448`` itself; a power of 2 keeps
+    the kernel's scaling exact (folded into the head weight). The model's QAT rounds indexer q
+    to FP4 (e2m1, power-of-2 scales per 32): e4m3 is finer than what it was trained to see."""
+    return fp8_e4m3_fake_quant(q, block=q.shape[-1])
 
 
 def index_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
