@@ -28,8 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from sglang_dsv4.kernels.indexer import IndexerTopK
-from sglang_dsv4.kernels.kv_store import IndexKeyLayout, e4m3_codes, pow2, ue8m0_exponent
+from sglang_dsv4.kernels.indexer import IndexerTopK, quantize_queries
+from sglang_dsv4.kernels.kv_store import IndexKeyLayout
 from sglang_dsv4.mem.h2d import to_device
 
 __all__ = ["IndexerExtend"]
@@ -84,7 +84,7 @@ def _tile_logits_kernel(
     q = tl.load(q_ptr + rq[:, None] * q_stride_t + rh[:, None] * q_stride_h + dd[None, :])
     wh = tl.load(w_ptr + rq * w_stride + rh).to(tl.float32) * (H**-0.5)  # [BQ*H]
     if Q_FP8:
-        q, wh = _fp8_rows(q, wh)
+        q, wh = quantize_queries(q, wh)
     mma: tl.constexpr = tl.float32 if DOT_F32 else (tl.float8e4nv if Q_FP8 else tl.bfloat16)
     q_t = tl.trans(q.to(mma))  # [DH, BQ*H]
     PAGE: tl.constexpr = RPP * (DH + 4)
@@ -116,19 +116,6 @@ def _tile_logits_kernel(
         logit = tl.sum(tl.reshape(s, [BS, BQ, H]), axis=2) * kscale[:, None]  # [BS, BQ]
         keep = (i[:, None] < vis[None, :]) & q_ok[None, :]
         tl.store(out_rows[None, :] + i[:, None], logit, keep)
-
-
-@triton.jit
-def _fp8_rows(q, wh):
-    """Query rows ``q`` [R, DH] as e4m3 with one power-of-2 scale per row (``2^ceil(log2(amax /
-    448))``, round to nearest even: ``ref.quant.fp8_e4m3_fake_quant(q, block=DH)``), the scale
-    moved into the row's head weight ``wh`` [R]: exact, ReLU being positively homogeneous and
-    the scaling a power of 2. Integer rounding (``kv_store.e4m3_codes``): the same bits on the
-    GPU and under the interpreter, whose fp8 casts truncate."""
-    qf = q.to(tl.float32)
-    e = ue8m0_exponent(tl.max(tl.abs(qf), axis=1), 8, 0x600000)  # [R]
-    codes = e4m3_codes(qf * pow2(-e)[:, None])
-    return codes.to(tl.uint8).to(tl.float8e4nv, bitcast=True), wh * pow2(e)
 
 
 class IndexerExtend:
