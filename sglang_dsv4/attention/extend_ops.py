@@ -293,7 +293,8 @@ def _rotated(q: torch.Tensor, weights: torch.Tensor):
     key = (n, q.dtype, q.device)
     if key not in _HADAMARD:  # +-1 entries: exact in bf16
         _HADAMARD[key] = (hadamard(torch.eye(n, device=q.device)) * n**0.5).round().to(q.dtype)
-    return q @ _HADAMARD[key], weights * n**-0.5
+    # fp32 weights: n^-1/2 is not a power of 2, a bf16 product would round every weight
+    return q @ _HADAMARD[key], weights.float() * n**-0.5
 
 
 # ---------------------------------------------------------------- attend
