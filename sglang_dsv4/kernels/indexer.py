@@ -13,8 +13,11 @@ the dot). Keys are addressed through the request's block table: entry ``s`` is k
 Hadamard-rotated, either ``q`` carries the rotation too or ``IndexerTopK(rotate=True)`` applies
 it in the score kernel (``q S`` with ``S`` the +-1 Sylvester matrix, generated in registers, one
 tensor-core dot per program; its ``Dh^-1/2`` goes into the head weights, since ReLU is positively
-homogeneous): no separate rotation GEMM per layer. The dots run on bf16 tensor cores with fp32
-accumulation (e4m3 -> bf16 is exact).
+homogeneous): no separate rotation GEMM per layer. Over FP8 keys the (rotated, bf16-rounded)
+queries are then rounded to e4m3 per head as ``IndexerExtend`` rounds them
+(:func:`quantize_queries`), so a token's picks are the same function of its q in a prefill chunk
+and in a decode step. The dots run on bf16 tensor cores with fp32 accumulation (e4m3 -> bf16 is
+exact; decode is memory-bound: no FP8 MMA here).
 
 Two launches: (1) scores into an fp32 workspace ``[T, max_keys]``, grid (queries, key splits),
 each program striding over 64-key tiles of its query (decode spreads one query over the GPU);

@@ -15,7 +15,12 @@ last query sees the most keys, so the key loop runs to its bound and masks the r
 
 Keys: FP8 (``kv_store.IndexKeyLayout("fp8")``: e4m3 + one power-of-2 scale per key, applied after
 the sums) or plain rows (``[n_rows, Dh]`` bf16 / fp32, the CPU and bf16 pools). Entry ``s`` of
-request ``b`` is key row ``block_table[b, s // 32] * 32 + s % 32``.
+request ``b`` is key row ``block_table[b, s // 32] * 32 + s % 32``. Over FP8 keys the program
+rounds its query rows to e4m3 once (``indexer.quantize_queries``: a power-of-2 scale per (token,
+head), moved into the head weight; twin ``ref.indexer.fp8_queries``) and the MMA is FP8 x FP8,
+both operands from shared memory (SGLang's native path: ``fused_q_indexer_rope_hadamard_quant``,
+then DeepGEMM's ``fp8_mqa_logits``). Its accumulator keeps 13 mantissa bits (H100), a few 2^-14
+of sum |q_d k_d| per dot; the CPU's fp32 dots are exact.
 
 ``plan()`` (host) cuts the batch's queries into tiles and the tiles into workspace chunks (the
 fp32 logits of a chunk's queries must fit ``max_workspace_bytes``); ``run()`` launches, per chunk,
