@@ -156,6 +156,19 @@ def test_gpu_flash_dims_prefill(fmt):
 
 
 @pytest.mark.gpu
+def test_gpu_flash_dims_32k_chunk():
+    # the last 8192-token chunk of a 32K prompt (the served prefill step of issue 14)
+    _run("fp8", [24576], [8192], 512, 64, "cuda", stride=97)
+
+
+@pytest.mark.gpu
+def test_gpu_flash_dims_odd_sizes():
+    # prefixes and chunks off every tile / block / window boundary, in a small workspace
+    _run("fp8", [3001, 0, 777, 130], [4099, 13, 2047, 5], 512, 64, "cuda", workspace=1 << 25,
+         stride=37, seed=3)  # fmt: skip
+
+
+@pytest.mark.gpu
 def test_gpu_flash_dims_extend_batch():
     # chunks over cached prefixes next to fresh requests, a workspace of a few chunks
     _run("fp8", [4096, 0, 12288, 128], [1024, 2000, 512, 1], 512, 64, "cuda",
