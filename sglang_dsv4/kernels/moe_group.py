@@ -176,18 +176,22 @@ def group_pairs(
     n_rows: int,
     shared_row: int | None = None,
     chunk: int | None = None,
+    out: Grouping | None = None,
 ) -> Grouping:
     """``chosen`` int [T, k] (ids in ``[0, n_rows)``), ``weights`` [T, k] (+ ``shared_row`` as
-    slot k with weight 1) grouped by expert (module docstring). ``chunk``: pairs per program of
-    the chunked form (default: one program up to :data:`ONE_PROGRAM_MAX` pairs, else
-    :func:`group_chunk`)."""
+    slot k with weight 1) grouped by expert (module docstring), into ``out`` when given.
+    ``chunk``: pairs per program of the chunked form (default: one program up to
+    :data:`ONE_PROGRAM_MAX` pairs, else :func:`group_chunk`)."""
     t, topk = chosen.shape
     slots = topk + (shared_row is not None)
     pairs, dev = t * slots, chosen.device
-    order = torch.empty(pairs, dtype=torch.int32, device=dev)
-    offsets = torch.zeros(n_rows + 1, dtype=torch.int32, device=dev)  # T = 0: no launch
-    w_out = torch.empty(pairs, dtype=torch.float32, device=dev)
+    order, offsets, w_out = out or (
+        torch.empty(pairs, dtype=torch.int32, device=dev),
+        torch.empty(n_rows + 1, dtype=torch.int32, device=dev),
+        torch.empty(pairs, dtype=torch.float32, device=dev),
+    )
     if pairs == 0:
+        offsets.zero_()
         return Grouping(order, offsets, w_out)
     chunk = chunk or (pairs if pairs <= ONE_PROGRAM_MAX else group_chunk(pairs))
     args = dict(
