@@ -62,7 +62,7 @@ from sglang_dsv4.kernels.moe_sorted_tiles import CANDIDATES, SortedTiles, sorted
 from sglang_dsv4.kernels.mxfp4_moe import FP4Bank, fp4_moe
 from sglang_dsv4.kernels.slot_sum import slot_sum_torch
 from sglang_dsv4.model.experts import FP8Rows
-from sglang_dsv4.perf.timing import graph_seconds, write_json
+from sglang_dsv4.perf.timing import graph_seconds, kernel_count, write_json
 from sglang_dsv4.ref.moe import DenseExperts, route_scores, route_topk, route_weights, swiglu
 from sglang_dsv4.ref.weight_quant import fp8_block_quant, mxfp4_quant
 
@@ -428,18 +428,6 @@ def run_sorted(args) -> list:
 
 
 GROUP_SHAPES = {"served": (16, 2), "flash": (256, 6), "pro": (384, 6)}  # experts, top-k
-
-
-def kernel_count(fn) -> int:
-    """CUDA kernels one eager call of ``fn`` launches (torch profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return sum(1 for e in prof.events() if e.device_type.name == "CUDA")
 
 
 def group_cell(shape, t, args, results) -> None:
