@@ -7,8 +7,9 @@
 #     1. the GPU tests of tests/kernels/test_moe_group.py and tests/perf/test_timing.py (the
 #        bench's kernel count) (~40-60 s on an H100, most of it Triton compiles): order /
 #        offsets / weights bit for bit against the torch ops at T 1 / 32 / 128 / 8192,
-#        R 17 / 256 / 257 / 384 / 385, k 2 / 6 / 8, every chunk size; CUDA-graph replay on new routing, no host sync; the whole sorted MoE call (bf16, FP8)
-#        with the kernel grouping has the bits of the torch grouping's;
+#        R 17 / 256 / 257 / 384 / 385, k 2 / 6 / 8, every chunk size; CUDA-graph replay on
+#        new routing, no host sync; the whole sorted MoE call (bf16, FP8) with the kernel
+#        grouping has the bits of the torch grouping's;
 #     2. scripts/bench_moe.py --group (~20 s): the grouping alone, torch ops vs the kernel (us,
 #        kernels per call, same bits) at the served / Flash / Pro routings, T 1 / 32 / 128 /
 #        8192, each chunk size above one program; the fastest chunk per pair count last;
