@@ -45,7 +45,9 @@ __all__ = [
 CHUNKS = (256, 512, 1024, 2048)  # chunk sizes the benchmark times
 ONE_PROGRAM_MAX = 512
 """Most pairs grouped by one program (a decode step: batch 32 x 7 slots is 224): above it, the
-two-launch chunked form spreads the pairs over the GPU."""
+two-launch chunked form spreads the pairs over the GPU. A guess: ``scripts/bench_moe.py
+--group`` at T 128 (896 pairs) times one program (its chunk 1024 and 2048 rows) against the
+chunked form."""
 SUB = 64  # pairs per scatter step: a [64, 64] rank comparison, 16 elements per thread
 WARPS = 8  # sm_90: 118 registers at SUB 64 (4 warps: 239, next to the 255 limit)
 _COUNT_MAX = 1024  # pairs per histogram step: 4 ids per thread
