@@ -29,7 +29,7 @@ def routing(t, k, n_exp, kind="random", device="cpu", dtype=torch.int32, seed=0)
     g = torch.Generator().manual_seed(seed)
     span = n_exp if kind == "random" else max(k, n_exp // 2)
     chosen = torch.rand(t, span, generator=g).argsort(dim=1)[:, :k]
-    if kind == "crowded":
+    if kind == "crowded" and k:
         chosen[: t // 2, 0] = 1
     if kind == "one":
         chosen.zero_()
@@ -170,7 +170,9 @@ def test_sorted_moe_same_bits_with_either_grouping_interpreted():
     assert not want.isnan().any() and torch.equal(got.view(torch.int32), want.view(torch.int32))
 
 
-SERVED = [(17, 2, 16), (17, 6, 16), (256, 8, None), (257, 6, 256), (384, 8, None), (385, 8, 384)]
+# (R, k, shared row); (1, 0, 0): a shared expert in a bank of its own (ops.moe: top-k 0)
+SERVED = [(17, 2, 16), (17, 6, 16), (256, 8, None), (257, 6, 256), (384, 8, None), (385, 8, 384),
+          (1, 0, 0)]  # fmt: skip
 
 
 @pytest.mark.gpu
