@@ -5,7 +5,7 @@
 #
 #   bash scripts/gpu_moegroup.sh   install, then
 #     1. the GPU tests of tests/kernels/test_moe_group.py and tests/perf/test_timing.py (the
-#        bench's kernel count) (~40-60 s on an H100, most of it Triton compiles): order /
+#        bench's kernel count) (~1-2 min on an H100, most of it Triton compiles): order /
 #        offsets / weights bit for bit against the torch ops at T 1 / 32 / 128 / 8192,
 #        R 17 / 256 / 257 / 384 / 385, k 2 / 6 / 8, every chunk size; CUDA-graph replay on
 #        new routing, no host sync; the whole sorted MoE call (bf16, FP8) with the kernel

@@ -184,7 +184,7 @@ def test_group_gpu_served_shapes(t, n_rows, k, shared):
         chosen, weights = routing(t, k, n_exp, kind, device="cuda", dtype=torch.int32, seed=t)
         check(chosen, weights, n_rows, shared)
         check(chosen.long(), weights.bfloat16(), n_rows, shared)
-        if t * (k + (shared is not None)) > G.ONE_PROGRAM_MAX:
+        if t == 8192:  # every chunk size the benchmark times (T 128: the default one)
             for chunk in G.CHUNKS:
                 check(chosen, weights, n_rows, shared, chunk)
 
