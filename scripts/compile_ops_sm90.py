@@ -1,6 +1,6 @@
 """Compile the ops' Triton kernels (``kernels/mhc.py``, ``kernels/norm_rope.py``, the MoE's
-``kernels/slot_sum.py``) for Hopper (sm_90) on a machine without a GPU, and print each
-variant's registers / spills.
+``kernels/slot_sum.py`` and ``kernels/moe_group.py``) for Hopper (sm_90) on a machine without a
+GPU, and print each variant's registers / spills.
 
     python scripts/compile_ops_sm90.py
     python scripts/compile_ops_sm90.py --rope-shapes
@@ -20,7 +20,7 @@ import sys
 
 os.environ.pop("TRITON_INTERPRET", None)  # before triton is imported: compiled jit functions
 
-from sglang_dsv4.kernels import mhc, norm_rope, slot_sum
+from sglang_dsv4.kernels import mhc, moe_group, norm_rope, slot_sum
 from sglang_dsv4.kernels.norm_rope_shapes import CANDIDATES, default_shape
 from sglang_dsv4.perf.sm90_compile import axis_split, build, reduce_layouts, resource_usage
 
@@ -45,6 +45,7 @@ def variants(dt: str):
         yield slot_sum._slot_sum_kernel, {"y_ptr": act, "out_ptr": act}, {
             "SLOTS": slots, "BLOCK_D": slot_sum.BLOCK_D, "OUT_BF16": bf,
         }  # fmt: skip
+    yield from group_variants(dt)
     post_types = {"x_ptr": act, "y_ptr": act, "post_ptr": "*fp32", "comb_ptr": "*fp32",
                   "out_ptr": act}  # fmt: skip
     yield mhc._hc_post_kernel, post_types, {"D": 7168, "HC": 4, "TB": 4, "BD": 128, "X_BF16": bf}
@@ -70,6 +71,20 @@ def variants(dt: str):
         yield mhc._maps_collapse_kernel, maps_types, {
             "D": 7168, "HC": 4, "NM": 4 if head else 24, "NMP": 16 if head else 32, "SB": 64,
             "ITERS": 20, "HEAD": head, "BDN": 8192, "X_BF16": bf, "W_BF16": bf,
+        }  # fmt: skip
+
+
+def group_variants(dt: str):
+    """The sorted MoE's grouping (``moe_group``): the served (16 + shared, top-2), Flash (256 +
+    shared, top-6) and Pro (384 + shared, top-6) bins; int32 ids, weights in ``dt``."""
+    types = {"chosen_ptr": "*i32", "weights_ptr": "*" + dt, "hist_ptr": "*i32",
+             "order_ptr": "*i32", "off_ptr": "*i32", "w_out_ptr": "*fp32"}  # fmt: skip
+    for rows, topk in ((17, 2), (257, 6), (385, 6)):
+        ce = {"TOPK": topk, "SLOTS": topk + 1, "RB": moe_group.bins(rows)}
+        yield moe_group._group_one_kernel, types, ce | {"SUB": moe_group.SUB, "COUNT": 256}
+        yield moe_group._group_count_kernel, types, ce | {"COUNT": 1024, "CHUNK": 1024}
+        yield moe_group._group_place_kernel, types, ce | {
+            "SUB": moe_group.SUB, "CHUNK": 1024, "ROWS": moe_group._TABLE_ROWS,
         }  # fmt: skip
 
 
@@ -104,6 +119,9 @@ def main() -> None:
         for fn, types, constexprs in variants(dt):
             flags = {k: v for k, v in constexprs.items() if isinstance(v, bool)}
             warps = 8 if fn in (mhc._hc_kernel, mhc._maps_collapse_kernel) else 4  # as launched
+            if fn.fn.__module__ == moe_group.__name__:  # its launch's warps; which bins / top-k
+                warps = moe_group.WARPS
+                flags |= {k: constexprs[k] for k in ("RB", "TOPK")}
             usage = resource_usage(build(fn, types, constexprs, warps))
             print(f"{fn.fn.__name__:22s} {dt} {flags}: {usage}", flush=True)
 
