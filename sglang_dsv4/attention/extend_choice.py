@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from sglang_dsv4.attention.choice import FLASHMLA, OURS, flashmla_eligible
 from sglang_dsv4.attention.extend_ops import AttendTorch, Picks
 from sglang_dsv4.attention.plan import BatchPlan, _ragged
-from sglang_dsv4.mem.h2d import to_device
 
 __all__ = ["MEASURED", "AttendChoice", "AttendFlashMLA", "pick"]
 
@@ -80,25 +79,24 @@ class AttendFlashMLA(AttendTorch):
             self._dequant = dequantize_k_cache_paged
 
     def plan(self, batch: BatchPlan, extra_width: int) -> None:
-        """The workspace layout and every query's index list, whole-batch tensor ops (no
-        per-request loop): request ``b``'s entries at ``ent_base[b]``, its window rows
-        (positions ``window_lo .. S-1``) at ``raw_base[b]``."""
+        """The workspace layout and every query's index list, whole-batch device ops from the
+        plan's [B] tables (no host tensor, no copy): request ``b``'s entries at ``ent_base[b]``,
+        its window rows (positions ``window_lo .. S-1``) at ``raw_base[b]``."""
         reqs, t = batch.requests, batch.tables
         device = batch.out_loc.device
         self._plan = batch
-        n_ent = [r.seq_len // self.ratio if self.ratio else 0 for r in reqs]
-        host = torch.tensor([[0, *n_ent], [0, *(r.window_slots.numel() for r in reqs)]]).cumsum(1)
-        ent_base, raw_base = (
-            to_device(host[0, :-1], device),
-            to_device(host[0, -1] + host[1, :-1], device),
-        )
-        window_lo = to_device(torch.tensor([r.window_lo for r in reqs]), device)  # [B]
-        self._ent_rows = self._entry_rows(t, torch.tensor(n_ent), int(host[0, -1]), device)
-        self._raw_rows = torch.cat([r.window_slots for r in reqs])  # [NW] swa slots
-        self.n_kv = int(host[0, -1]) + self._raw_rows.numel()
+        ratio = max(self.ratio, 1)  # SWA: no entries
+        n_ent = t.seq_lens.long() // ratio if self.ratio else torch.zeros_like(t.seq_lens).long()
+        total_ent = sum(r.seq_len // ratio for r in reqs) if self.ratio else 0  # host ints
+        n_raw = (t.seq_lens - t.window_lo).long()  # [B] window rows per request
+        ent_base = n_ent.cumsum(0) - n_ent  # [B] exclusive prefix sums
+        raw_base = total_ent + n_raw.cumsum(0) - n_raw
+        self._ent_rows = self._entry_rows(t, n_ent, total_ent, device)
+        self._raw_rows = t.window_slots  # [NW] swa slots
+        self.n_kv = total_ent + self._raw_rows.numel()
         req, pos = t.query_req.long(), t.positions.unsqueeze(1)  # [T], [T, 1]
         j = pos - self.window + 1 + torch.arange(self.window, device=device)  # [T, W]
-        lists = [torch.where(j >= 0, (raw_base - window_lo)[req].unsqueeze(1) + j, -1)]
+        lists = [torch.where(j >= 0, (raw_base - t.window_lo)[req].unsqueeze(1) + j, -1)]
         if self.ratio == 128:  # every visible entry
             e = torch.arange(extra_width, device=device)
             vis = e < (pos + 1) // self.ratio  # [T, E]
@@ -111,11 +109,11 @@ class AttendFlashMLA(AttendTorch):
         """[NE] flat entry rows of every request's entries ``0 .. S//r - 1`` in order: entry
         ``i`` of request ``b`` is row ``block_table[b, i // epb] * epb + i % epb`` (``epb`` =
         entries per block = rows per entry page), i.e. ``slot(i*r) // r`` as
-        ``extend_ops._entry_rows`` reads it."""
+        ``extend_ops._entry_rows`` reads it. ``n_ent`` [B] device, ``total`` its sum (host)."""
         if total == 0:
             return torch.empty(0, dtype=torch.long, device=device)
         epb = self._pages[1]
-        req, i = to_device(torch.stack(_ragged(n_ent, torch.zeros_like(n_ent))), device)  # [NE]
+        req, i = _ragged(n_ent, torch.zeros_like(n_ent), total)  # [NE] each, on the device
         return t.block_table[req, i // epb].long() * epb + i % epb
 
     def run(self, q, lk, window, sink, scale, extra: Picks | None = None):
