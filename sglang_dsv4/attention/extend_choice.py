@@ -80,28 +80,29 @@ class AttendFlashMLA(AttendTorch):
 
     def plan(self, batch: BatchPlan, extra_width: int) -> None:
         """The workspace layout and every query's index list, whole-batch device ops from the
-        plan's [B] tables (no host tensor, no copy): request ``b``'s entries at ``ent_base[b]``,
-        its window rows (positions ``window_lo .. S-1``) at ``raw_base[b]``."""
+        plan's tables (no host tensor, no copy): request ``b``'s entries at ``ent_base[b]``,
+        then every request's window rows (positions ``window_lo .. S-1``), in the order of the
+        plan's ``window_slots`` (a query's window ids are ``window_ids`` after the entries)."""
         reqs, t = batch.requests, batch.tables
         device = batch.out_loc.device
         self._plan = batch
         ratio = max(self.ratio, 1)  # SWA: no entries
         n_ent = t.seq_lens.long() // ratio if self.ratio else torch.zeros_like(t.seq_lens).long()
         total_ent = sum(r.seq_len // ratio for r in reqs) if self.ratio else 0  # host ints
-        n_raw = (t.seq_lens - t.window_lo).long()  # [B] window rows per request
         ent_base = n_ent.cumsum(0) - n_ent  # [B] exclusive prefix sums
-        raw_base = total_ent + n_raw.cumsum(0) - n_raw
         self._ent_rows = self._entry_rows(t, n_ent, total_ent, device)
         self._raw_rows = t.window_slots  # [NW] swa slots
         self.n_kv = total_ent + self._raw_rows.numel()
-        req, pos = t.query_req.long(), t.positions.unsqueeze(1)  # [T], [T, 1]
-        j = pos - self.window + 1 + torch.arange(self.window, device=device)  # [T, W]
-        lists = [torch.where(j >= 0, (raw_base - t.window_lo)[req].unsqueeze(1) + j, -1)]
+        req = t.query_req.long()  # [T]
+        # the window rows sit after the entries in the order of the plan's window slots
+        window = t.window_ids
+        if total_ent:
+            window = torch.where(window >= 0, window + total_ent, -1)  # [T, W]
         if self.ratio == 128:  # every visible entry
             e = torch.arange(extra_width, device=device)
-            vis = e < (pos + 1) // self.ratio  # [T, E]
-            lists.append(torch.where(vis, ent_base[req].unsqueeze(1) + e, -1))
-        self._fixed = torch.cat(lists, dim=1)  # [T, W (+ c128 entries)]
+            vis = e < (t.positions.unsqueeze(1) + 1) // self.ratio  # [T, E]
+            window = torch.cat([window, torch.where(vis, ent_base[req].unsqueeze(1) + e, -1)], 1)
+        self._fixed = window  # [T, W (+ c128 entries)]
         self._query_base = ent_base[req].unsqueeze(1).int()  # [T, 1] (c4 picks)
         self._workspace = torch.empty(self.n_kv, 1, self.dim, dtype=torch.bfloat16, device=device)
 

@@ -104,6 +104,8 @@ class BatchTables:
     window_rows: torch.Tensor  # [T, W] int32 swa slots of each query's swa_window (-1: none)
     window_slots: torch.Tensor  # [M] int64 swa slots of positions window_lo..S-1 of every
     # request in order (M = sum of S - window_lo; ``RequestPlan.window_slots`` are its views)
+    window_ids: torch.Tensor  # [T, W] int64 id in ``window_slots`` of each query's swa_window
+    # positions (-1: none); ``window_rows = window_slots[window_ids]``
 
     @property
     def max_blocks(self) -> int:
@@ -320,10 +322,14 @@ def _tables(requests: list[RequestPlan], pool, rtt, facts_dev) -> BatchTables:
     last = rtt[rows, (ends - 1).clamp(max=rtt.shape[1] - 1).unsqueeze(0)]
     kept = (ends.unsqueeze(0) > prefix.unsqueeze(1)) & (ends.unsqueeze(0) <= seq.unsqueeze(1))
     swa_page = pool.translate_loc_from_full_to_swa(torch.where(kept, last, 0)) // block
-    # every query's window in one gather: positions t-W+1 .. t of its request (ref.window_indices)
+    # every query's window (positions t-W+1 .. t of its request, ref.window_indices) as ids into
+    # the batch's window slots (they hold positions window_lo .. S-1 of each request in order):
+    # one gather of rows already translated, not a [T, W] gather of req_to_token + translation
+    n_win = seq - lo  # [B] window slots per request
+    first = (n_win.cumsum(0) - n_win - lo)[query_req]  # [T] id of position 0 of its request
     window = positions.unsqueeze(1) + torch.arange(1 - pool.schema.sliding_window, 1, device=device)
-    full = rtt[slots_dev[query_req].unsqueeze(1), window.clamp(min=0)]  # [T, W] full slots
-    window_rows = torch.where(window >= 0, pool.translate_loc_from_full_to_swa(full), -1)
+    window_ids = torch.where(window >= 0, first.unsqueeze(1) + window, -1)  # [T, W]
+    window_rows = torch.where(window >= 0, window_slots[window_ids.clamp(min=0)], -1)
     rebuild = _MODE_CODE[TailMode.REBUILD]
     return BatchTables(
         req_slots=slots_dev.int(),
@@ -340,4 +346,5 @@ def _tables(requests: list[RequestPlan], pool, rtt, facts_dev) -> BatchTables:
         positions=positions,
         window_rows=window_rows.int(),
         window_slots=window_slots,
+        window_ids=window_ids,
     )
