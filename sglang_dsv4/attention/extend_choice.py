@@ -17,7 +17,6 @@ measured, ours serves.
 import math
 
 import torch
-import torch.nn.functional as F
 
 from sglang_dsv4.attention.choice import FLASHMLA, OURS, flashmla_eligible
 from sglang_dsv4.attention.extend_ops import AttendTorch, Picks
@@ -104,6 +103,7 @@ class AttendFlashMLA(AttendTorch):
             window = torch.cat([window, torch.where(vis, ent_base[req].unsqueeze(1) + e, -1)], 1)
         self._fixed = window  # [T, W (+ c128 entries)]
         self._query_base = ent_base[req].unsqueeze(1).int()  # [T, 1] (c4 picks)
+        self._lists: dict[int, torch.Tensor] = {}  # picks width -> the batch's index lists
         self._workspace = torch.empty(self.n_kv, 1, self.dim, dtype=torch.bfloat16, device=device)
 
     def _entry_rows(self, t, n_ent: torch.Tensor, total: int, device) -> torch.Tensor:
@@ -122,13 +122,29 @@ class AttendFlashMLA(AttendTorch):
         n_ent = self._ent_rows.numel()
         self._gather(lk.entries, self._ent_rows, self._pages[1], ws[:n_ent])
         self._gather(lk.raw, self._raw_rows, self._pages[0], ws[n_ent:])
-        lists = [self._fixed]
+        picks = 0
         if self.ratio == 4:  # the picks are request-local entry ids
-            lists.append(torch.where(extra.ids >= 0, extra.ids + self._query_base, -1))
-        idx = torch.cat(lists, dim=1).int()
-        idx = F.pad(idx, (0, -idx.shape[1] % _ALIGN), value=-1)  # [T, K'] (K' % 128 == 0)
+            picks = extra.ids.shape[1]
+        idx = self._index_lists(picks)  # [T, K'] int32 (K' % 128 == 0)
+        if picks:  # this layer's picks after the fixed lists, rebased onto the workspace
+            k = self._fixed.shape[1]
+            idx[:, k : k + picks] = torch.where(extra.ids >= 0, extra.ids + self._query_base, -1)
         out, _, _ = self._fwd(q, ws, idx.unsqueeze(1), scale, self.dim, sink.float(), None)
         return out
+
+    def _index_lists(self, picks: int) -> torch.Tensor:
+        """[T, K'] int32 index lists of the batch: the fixed lists (window rows, c128 entries),
+        room for ``picks`` ids per query, -1 up to a multiple of 128 columns. Built by the
+        batch's first layer of the kind (a shape, not a value: the picks' width is the top-k
+        kernel's, fixed per batch); the later layers only write their picks into it."""
+        if picks not in self._lists:
+            t, k = self._fixed.shape
+            idx = self._fixed.new_full(
+                (t, k + picks + (-(k + picks) % _ALIGN)), -1, dtype=torch.int32
+            )
+            idx[:, :k] = self._fixed
+            self._lists[picks] = idx
+        return self._lists[picks]
 
     def _gather(self, cache, rows, page, out) -> None:
         if rows.numel() == 0:
