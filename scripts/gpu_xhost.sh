@@ -34,7 +34,7 @@ bench() {  # NAME PYTHONPATH-FIRST
         > "$OUT/bench_$1.txt" 2>&1
     local brc=$?
     echo "== $1 ($2), exit $brc at $(( $(date +%s) - start )) s"
-    grep -A 7 "^case" "$OUT/bench_$1.txt"
+    grep -E "^(case|extend|decode)" "$OUT/bench_$1.txt"
     grep -A 22 "Ordered by" "$OUT/bench_$1.txt" | cut -c 1-150
     return $brc
 }

@@ -328,14 +328,16 @@ def _tables(requests: list[RequestPlan], pool, rtt, facts_dev) -> BatchTables:
     n_win = seq - lo  # [B] window slots per request
     first = (n_win.cumsum(0) - n_win - lo)[query_req]  # [T] id of position 0 of its request
     window = positions.unsqueeze(1) + torch.arange(1 - pool.schema.sliding_window, 1, device=device)
-    window_ids = torch.where(window >= 0, first.unsqueeze(1) + window, -1)  # [T, W]
-    window_rows = torch.where(window >= 0, window_slots[window_ids.clamp(min=0)], -1)
+    valid = window >= 0
+    window_ids = torch.where(valid, first.unsqueeze(1) + window, -1)  # [T, W]
+    window_rows = torch.where(valid, window_slots[window_ids.clamp(min=0)], -1)
+    ints = torch.stack([slots_dev, prefix, seq, lo]).int()  # [4, B]: one conversion
     rebuild = _MODE_CODE[TailMode.REBUILD]
     return BatchTables(
-        req_slots=slots_dev.int(),
-        prefix=prefix.int(),
-        seq_lens=seq.int(),
-        window_lo=lo.int(),
+        req_slots=ints[0],
+        prefix=ints[1],
+        seq_lens=ints[2],
+        window_lo=ints[3],
         cu_seqlens=cu,
         tail_mode=mode_dev,
         tail_mode_c128=torch.where(mode_dev == rebuild, _MODE_CODE[TailMode.FRESH], mode_dev),
