@@ -62,6 +62,8 @@ def pick(kind: str, heads: int, tokens: int, keys: int, eligible: bool) -> str:
 class AttendFlashMLA(AttendTorch):
     """One ``flash_mla_sparse_fwd`` over a per-batch bf16 workspace (module docstring)."""
 
+    reads_rows = False  # its lists are planned (c4: the picks' ids), no extra rows read
+
     def __init__(
         self, ratio: int, window: int, fp8: bool, raw_page: int, entry_page: int, dim: int = 512
     ):
@@ -162,6 +164,10 @@ class AttendChoice(AttendTorch):
         self.kind, self.heads, self.window = kind, heads, window
         self._ours, self._flashmla = ours, flashmla
         self.choice = OURS
+
+    @property
+    def reads_rows(self) -> bool:
+        return self._op.reads_rows
 
     def plan(self, batch: BatchPlan, extra_width: int) -> None:
         tokens = int(batch.out_loc.numel())
