@@ -304,6 +304,9 @@ class AttendTorch:
     """One softmax with sink per query over its window rows in ``raw`` and its ``extra`` rows of
     the flattened entries (``ref.attention.attend``), request by request."""
 
+    # reads the extra keys as rows (``Picks.rows``): a c128 layer lists its visible entries
+    reads_rows = True
+
     def plan(self, batch: BatchPlan, extra_width: int) -> None:
         self._plan = batch
 
