@@ -27,8 +27,8 @@ from sglang_dsv4.kernels.kv_store import round_bf16
 __all__ = ["hc_post", "mix_partials", "split_steps"]
 
 _TM, _TM_LARGE = 16, 64  # tokens per tile (64 from 256 tokens: fn re-read per 64 tokens)
-_BD = 64  # channels per step (a 128-byte bf16 row per token and stream)
-_WARPS, _WARPS_LARGE = 4, 8  # per tile size: 8 warps hold 64 x 64 x hc values in registers
+_TILE = 1024  # TM x BD per step: 8 values a thread per stream at 4 warps (sm_90: no spills)
+_WARPS = 4  # one warpgroup: 8 warps split the wgmma two ways, converting the accumulator
 _BE = 128  # d must be a multiple of this (as kernels.mhc checks)
 
 
@@ -70,6 +70,29 @@ def _new_stream(xs, y, ps, cs, k: tl.constexpr, HC: tl.constexpr, X_BF16: tl.con
 
 
 @triton.jit
+def _tf32_split(v):
+    """``v`` (fp32) as ``hi + lo``: ``hi`` rounded to tf32's 10 mantissa bits (ties away from
+    zero), ``lo`` the exact rest (the tensor cores read its top 10 bits: ~2^-22 relative)."""
+    hi = ((v.to(tl.uint32, bitcast=True) + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    return hi, v - hi
+
+
+@triton.jit
+def _mix_dot(w, xk, acc, X_BF16: tl.constexpr):
+    """``acc + w @ xk^T`` (``w`` [MW, BD] fp32, ``xk`` [TM, BD]) to ~fp32 accuracy as tf32
+    products (``tf32x3`` by hand: every product into the one accumulator, no per-dot zeroed
+    partial sum and layout change; bf16 streams are exact in tf32, so two products suffice)."""
+    w_hi, w_lo = _tf32_split(w)
+    if X_BF16:
+        x_hi = tl.trans(xk)
+    else:
+        x_hi, x_lo = _tf32_split(tl.trans(xk))
+        acc = tl.dot(w_hi, x_lo, acc, input_precision="tf32")
+    acc = tl.dot(w_lo, x_hi, acc, input_precision="tf32")
+    return tl.dot(w_hi, x_hi, acc, input_precision="tf32")
+
+
+@triton.jit
 def _post_loads(x_ptr, y_ptr, t64, ok, row, dd, D: tl.constexpr, HC: tl.constexpr):
     """The step's old streams (tuple of hc [TM, BD], stream dtype) and ``y`` [TM, BD] (fp32)."""
     y = tl.load(y_ptr + t64[:, None] * D + dd[None, :], mask=ok, other=0.0).to(tl.float32)
@@ -83,8 +106,9 @@ def _post_loads(x_ptr, y_ptr, t64, ok, row, dd, D: tl.constexpr, HC: tl.constexp
 def _tile_kernel(
     x_ptr, y_ptr, post_ptr, comb_ptr, out_ptr,  # streams [T, hc, d], [previous block's post]
     fn_ptr, part_ptr, n_tokens, per_split,  # [the mix: weights, partial rows [split, T, NMP]]
-    D: tl.constexpr, HC: tl.constexpr, NM: tl.constexpr, NMP: tl.constexpr, TM: tl.constexpr,
-    BD: tl.constexpr, POST: tl.constexpr, MIX: tl.constexpr, X_BF16: tl.constexpr,
+    D: tl.constexpr, HC: tl.constexpr, NM: tl.constexpr, NMP: tl.constexpr, MW: tl.constexpr,
+    TM: tl.constexpr, BD: tl.constexpr, POST: tl.constexpr, MIX: tl.constexpr,
+    X_BF16: tl.constexpr,
 ):  # fmt: skip
     """Program (token tile, chunk of d): the new streams (``POST``), the partial mix and sum
     of squares (``MIX``; column NM) of the streams (new ones with ``POST``) over the chunk."""
@@ -95,9 +119,9 @@ def _tile_kernel(
     ok = tok[:, None]
     if POST:
         ps, cs = _post_maps(post_ptr, comb_ptr, t, tok, HC, X_BF16)
-    m = tl.arange(0, NMP)
-    w_row = m[None, :] * (HC * D) + tl.arange(0, BD)[:, None]  # [BD, NMP]: fn^T, stream 0
-    acc = tl.zeros([TM, NMP], tl.float32)
+    m = tl.arange(0, MW)
+    w_row = m[:, None] * (HC * D) + tl.arange(0, BD)[None, :]  # [MW, BD]: fn, stream 0
+    acc = tl.zeros([MW, TM], tl.float32)  # the mix transposed
     ss = tl.zeros([TM], tl.float32)
     s_lo = split * per_split
     for step in range(s_lo, tl.minimum(s_lo + per_split, D // BD)):
@@ -112,13 +136,14 @@ def _tile_kernel(
             else:
                 xk = tl.load(x_ptr + row + k * D, mask=ok, other=0.0).to(tl.float32)
             if MIX:
-                w = tl.load(fn_ptr + w_row + (k * D + step * BD), (m < NM)[None, :], 0.0)
+                w = tl.load(fn_ptr + w_row + (k * D + step * BD), (m < NM)[:, None], 0.0)
                 ss += tl.sum(xk * xk, axis=1)
-                acc = tl.dot(xk, w, acc, input_precision="tf32x3")
+                acc = _mix_dot(w, xk, acc, X_BF16)
     if MIX:
-        out = tl.where(m[None, :] == NM, ss[:, None], acc)
+        out = tl.where(m[:, None] == NM, ss[None, :], acc)
         prow = split.to(tl.int64) * n_tokens + t
-        tl.store(part_ptr + prow[:, None] * NMP + m[None, :], out, mask=ok)
+        ok = (m < NMP)[:, None] & tok[None, :]
+        tl.store(part_ptr + prow[None, :] * NMP + m[:, None], out, mask=ok)
 
 
 def split_steps(steps: int, tiles: int, programs: int) -> tuple[int, int]:
@@ -131,7 +156,7 @@ def _geometry(n: int, d: int, programs: int) -> tuple[int, int, int, int]:
     """(tokens per tile, tiles, steps per split, splits of d) of a launch over ``n`` tokens."""
     tm = _TM_LARGE if n >= 4 * _TM_LARGE else _TM
     n_tiles = -(-n // tm)
-    return tm, n_tiles, *split_steps(d // _BD, n_tiles, programs)
+    return tm, n_tiles, *split_steps(d * tm // _TILE, n_tiles, programs)
 
 
 def _launch(x, out, post_of, fn, part, nmp: int, programs: int) -> None:
@@ -143,8 +168,8 @@ def _launch(x, out, post_of, fn, part, nmp: int, programs: int) -> None:
         x_ptr=x, y_ptr=y, post_ptr=post, comb_ptr=comb, out_ptr=out,
         fn_ptr=x if fn is None else fn, part_ptr=x if part is None else part,
         n_tokens=n, per_split=per_split, D=d, HC=hc, NM=0 if fn is None else fn.shape[0],
-        NMP=nmp, TM=tm, BD=_BD, POST=post_of is not None, MIX=fn is not None,
-        X_BF16=x.dtype == torch.bfloat16, num_warps=_WARPS_LARGE if tm == _TM_LARGE else _WARPS,
+        NMP=nmp, MW=max(64, nmp), TM=tm, BD=_TILE // tm, POST=post_of is not None,
+        MIX=fn is not None, X_BF16=x.dtype == torch.bfloat16, num_warps=_WARPS,
     )  # fmt: skip
 
 
