@@ -1,5 +1,6 @@
-"""Compile the ops' Triton kernels (``kernels/mhc.py``, ``kernels/norm_rope.py``) for Hopper
-(sm_90) on a machine without a GPU, and print each variant's registers / spills.
+"""Compile the ops' Triton kernels (``kernels/mhc.py``, ``kernels/mhc_gemm.py``,
+``kernels/norm_rope.py``) for Hopper (sm_90) on a machine without a GPU, and print each
+variant's registers / spills.
 
     python scripts/compile_ops_sm90.py
 
@@ -11,7 +12,7 @@ import os
 
 os.environ.pop("TRITON_INTERPRET", None)  # before triton is imported: compiled jit functions
 
-from sglang_dsv4.kernels import mhc, norm_rope
+from sglang_dsv4.kernels import mhc, mhc_gemm, norm_rope
 from sglang_dsv4.perf.sm90_compile import build, resource_usage
 
 
@@ -31,9 +32,6 @@ def variants(dt: str):
     yield norm_rope._rope_hadamard_kernel, rope_types, {
         "D": 128, "LOG2D": 7, "RB": 16, "INVERSE": False, "X_BF16": bf,
     }  # fmt: skip
-    post_types = {"x_ptr": act, "y_ptr": act, "post_ptr": "*fp32", "comb_ptr": "*fp32",
-                  "out_ptr": act}  # fmt: skip
-    yield mhc._hc_post_kernel, post_types, {"D": 7168, "HC": 4, "TB": 4, "BD": 128, "X_BF16": bf}
     hc_types = {a: "*fp32" for a in mhc._hc_kernel.arg_names if a.endswith("_ptr")}
     hc_types |= {a: act for a in ("x_ptr", "y_ptr", "x_out_ptr", "norm_w_ptr", "h_ptr")}
     hc_types |= {"ticket_ptr": "*i32", "eps": "fp32", "hc_eps": "fp32"}
@@ -43,12 +41,15 @@ def variants(dt: str):
             "SB": 256, "ITERS": 20, "POST": post, "HEAD": head, "BDN": 8192, "X_BF16": bf,
             "W_BF16": bf,
         }  # fmt: skip
-    gemm_types = {"x_ptr": act, "fn_ptr": "*fp32", "part_ptr": "*fp32"}
-    for tm in (16, 64):  # the GEMM form
-        for head in (False, True):
-            yield mhc._mix_gemm_kernel, gemm_types, {
-                "K": 4 * 7168, "NM": 4 if head else 24, "NMP": 16 if head else 32, "TM": tm,
-                "BK": 64,
+    tile_types = {a: "*fp32" for a in mhc_gemm._tile_kernel.arg_names if a.endswith("_ptr")}
+    tile_types |= {"x_ptr": act, "y_ptr": act, "out_ptr": act}
+    for tm in (16, 64):  # the GEMM form: [post +] mix per token tile; hc_post alone
+        for post, mix, head in ((True, True, False), (True, True, True), (False, True, False),
+                                (True, False, False)):  # fmt: skip
+            yield mhc_gemm._tile_kernel, tile_types, {
+                "D": 7168, "HC": 4, "NM": 4 if head else 24, "NMP": 16 if head else 32,
+                "MW": 64, "TM": tm, "BD": mhc_gemm._TILE // tm, "POST": post, "MIX": mix,
+                "X_BF16": bf,
             }  # fmt: skip
     maps_types = {a: "*fp32" for a in mhc._maps_collapse_kernel.arg_names if a.endswith("_ptr")}
     maps_types |= {"x_ptr": act, "norm_w_ptr": act, "h_ptr": act, "eps": "fp32", "hc_eps": "fp32"}
@@ -62,8 +63,10 @@ def variants(dt: str):
 def main() -> None:
     for dt in ("bf16", "fp32"):
         for fn, types, constexprs in variants(dt):
-            flags = {k: v for k, v in constexprs.items() if isinstance(v, bool)}
+            flags = {k: v for k, v in constexprs.items() if isinstance(v, bool) or k == "TM"}
             warps = 8 if fn in (mhc._hc_kernel, mhc._maps_collapse_kernel) else 4  # as launched
+            if fn is mhc_gemm._tile_kernel:
+                warps = mhc_gemm._WARPS
             usage = resource_usage(build(fn, types, constexprs, warps))
             print(f"{fn.fn.__name__:22s} {dt} {flags}: {usage}", flush=True)
 

@@ -5,13 +5,24 @@
 ``FMA_MAX_TOKENS`` tokens). Program (tile of ``TM`` tokens, chunk of ``d``) walks its chunk
 ``BD`` channels at a time; each step loads every stream's tile ``x_j`` [TM, BD] and, with the
 previous block's output ``y`` [TM, BD] and maps, forms each new stream ``x'_k = post_k * y +
-sum_j comb[j, k] x_j`` (stored), then adds ``x'_k @ fn[:, k*d + chunk]^T`` (tf32x3: fp32-accurate,
-bf16 streams exact in tf32) and its sum of squares to the tile's partial row [TM, NMP]. The old
-streams are read once and the new ones written once; before, the post was its own launch and the
-GEMM re-read the new streams. Without a post it is the plain split-K mix; :func:`hc_post` is the
-same launch without the mix. Per ``k`` over 2-D tiles: the maps are loaded once per program as
-[TM] vectors, not per thread as a [TB, hc, hc] block (the old post kernel's L1 traffic was ~6x its
-data).
+sum_j comb[j, k] x_j`` (stored), then adds ``fn[:, k*d + chunk] @ x'_k^T`` and its sum of
+squares to the tile's partial rows. The old streams are read once and the new ones written once
+(before: the post as its own launch, then a GEMM launch re-reading the new streams). Without a
+post it is the plain split-K mix; :func:`hc_post` is the same launch without the mix.
+
+Why this shape (sm_90 compiles, ``scripts/compile_ops_sm90.py``):
+
+* the mix runs transposed, ``acc [MW=64, TM] += fn_tile [64, BD] @ x'^T``: the new streams are
+  the wgmma B operand, stored to shared memory from the registers that computed them. As the A
+  operand (in registers) the compiler recomputed the whole post once per operand layout.
+* ``tf32x3`` by hand (``_mix_dot``): every product into the one accumulator; Triton's
+  ``tf32x3`` zeroes a partial sum per dot, moves the accumulator between two wgmma layouts
+  each time, and waits on each product (255 registers and spills). bf16 streams are exact in
+  tf32: two products.
+* per ``k`` over 2-D tiles with the maps loaded once per program as [TM] vectors: the old post
+  kernel's [4 tokens, hc, hc, 128] product had each of its 128 threads load the 4 tokens'
+  whole ``comb`` (32 KB of L1 reads per program for 9 KB of streams).
+* 1024-value steps at 4 warps (8 values a thread per stream): 80-204 registers, no spills.
 
 The new streams round as ``ref.mhc.hc_post`` and the one-token form (``kernels.mhc._post_tile``):
 maps rounded to the streams' dtype, ``round(round(post_k * y) + round(sum_j comb[j, k] x_j))``
