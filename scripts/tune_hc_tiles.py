@@ -1,0 +1,88 @@
+"""Sweep the launch shape of mHC's tiled (prefill) pass (``kernels/mhc_gemm.py``) on one GPU:
+tokens per tile, values per step, warps and the program budget, at prefill token counts.
+
+    python scripts/tune_hc_tiles.py [--tokens 300,8192] [--programs 264,528,1056]
+
+Flash dims (hidden 4096, hc 4, bf16 streams, fp32 weights). Per point, each captured 20 times in
+a CUDA graph, median of ``--reps`` replays (CUDA events), us per call and GB/s of the bytes it
+must move: ``post+mix`` (``mix_partials`` with the previous block's post: read x, y, write the
+new streams), ``boundary`` (``hc_fused`` with the post: + the maps launch re-reading the new
+streams and writing h) and ``post`` (``hc_post`` alone). Shapes that spill on sm_90 are left
+out (``scripts/compile_ops_sm90.py``). Prints a table and writes ``tune_hc_tiles.json`` to
+``--out`` (default ``$OUT`` or ``.``).
+"""
+
+import argparse
+import json
+import os
+
+import torch
+from bench_ops import graph_time
+
+from sglang_dsv4.kernels import mhc, mhc_gemm
+
+DEV, D, HC = "cuda", 4096, 4
+# (tokens per large tile, TM x BD per step, warps); the first is the module's default. BD >= 16
+# (tl.dot); 8 warps split the wgmma two ways (the accumulator changes layout once a step)
+SHAPES = ((64, 1024, 4), (32, 1024, 4), (32, 512, 4), (64, 2048, 8), (128, 2048, 8))
+
+
+def calls(n: int, programs: int, gen) -> dict:
+    """name -> (closure, bytes it must move) at ``n`` tokens."""
+    x = torch.randn(n, HC, D, device=DEV, generator=gen).bfloat16()
+    y = torch.randn(n, D, device=DEV, generator=gen).bfloat16()
+    post = torch.rand(n, HC, device=DEV, generator=gen) * 2
+    comb = torch.rand(n, HC, HC, device=DEV, generator=gen) / HC
+    fn = torch.randn(24, HC * D, device=DEV, generator=gen) * (HC * D) ** -0.5
+    base, scale = torch.randn(24, device=DEV, generator=gen), torch.ones(3, device=DEV)
+    norm = torch.ones(D, device=DEV).bfloat16()
+    tickets = torch.zeros(mhc.MAX_TILES, dtype=torch.int32, device=DEV)
+    streams, row = x.numel() * 2, y.numel() * 2
+    return {
+        "post+mix": (lambda: mhc_gemm.mix_partials(x, fn, programs, (y, post, comb)),
+                     2 * streams + row),
+        "boundary": (lambda: mhc.hc_fused(x, fn, base, scale, norm, tickets, eps=1e-6,
+                                          hc_eps=1e-6, iters=20, programs=programs,
+                                          post_of=(y, post, comb)), 3 * streams + 3 * row),
+        "post": (lambda: mhc_gemm.hc_post(y, x, post, comb, programs=programs),
+                 2 * streams + row),
+    }  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", default="300,8192")
+    ap.add_argument("--programs", default="264,528,1056")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    rows = []
+    for n in (int(v) for v in args.tokens.split(",")):
+        for progs in (int(v) for v in args.programs.split(",")):
+            for tm, tile, warps in SHAPES:
+                mhc_gemm._TM_LARGE, mhc_gemm._TILE, mhc_gemm._WARPS = tm, tile, warps
+                for name, (fn, moved) in calls(n, progs, gen).items():
+                    us = graph_time(fn, 20, args.reps) * 1e6
+                    rows.append({"op": name, "tokens": n, "programs": progs, "tm": tm,
+                                 "tile": tile, "warps": warps, "us": us,
+                                 "gbps": moved / us * 1e-3})  # fmt: skip
+                    print(f"{name:9s} T={n:5d} programs={progs:5d} TM={tm:3d} tile={tile:5d} "
+                          f"warps={warps}: {us:8.1f} us {rows[-1]['gbps']:7.1f} GB/s",
+                          flush=True)  # fmt: skip
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "tune_hc_tiles.json")
+    with open(path, "w") as f:
+        json.dump({"gpu": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+    print(f"\n{torch.cuda.get_device_name()}; best per op and token count; {path}")
+    for op in dict.fromkeys(r["op"] for r in rows):
+        for n in dict.fromkeys(r["tokens"] for r in rows):
+            best = min((r for r in rows if r["op"] == op and r["tokens"] == n),
+                       key=lambda r: r["us"])  # fmt: skip
+            print(f"{op:9s} T={n:5d}: {best['us']:8.1f} us {best['gbps']:7.1f} GB/s at "
+                  f"programs={best['programs']} TM={best['tm']} tile={best['tile']} "
+                  f"warps={best['warps']}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
