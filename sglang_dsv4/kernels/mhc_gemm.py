@@ -171,7 +171,8 @@ def _geometry(n: int, d: int, programs: int) -> tuple[int, int, int, int]:
 
 
 def _launch(x, out, post_of, fn, part, nmp: int, programs: int) -> None:
-    """One :func:`_tile_kernel` launch over ``x`` [T, hc, d] (``fn`` / ``part`` None: no mix)."""
+    """One :func:`_tile_kernel` launch over ``x`` [T, hc, d] (``fn`` / ``part`` None: no mix;
+    pointers a variant does not read are passed as ``x``)."""
     n, hc, d = x.shape
     tm, n_tiles, per_split, n_split = _geometry(n, d, programs)
     y, post, comb = post_of if post_of is not None else (x, x, x)
@@ -206,7 +207,7 @@ def hc_post(
     post: torch.Tensor,
     comb: torch.Tensor,
     *,
-    programs: int = 264,
+    programs: int,
 ) -> torch.Tensor:
     """``ref.mhc.hc_post`` alone: block output ``y`` [T, d], streams ``x`` [T, hc, d], maps
     ``post`` [T, hc] / ``comb`` [T, hc, hc] (fp32) -> new streams [T, hc, d]. ``programs``:

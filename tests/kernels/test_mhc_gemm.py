@@ -128,10 +128,10 @@ def test_hc_post_bad_shapes_raise():
     x, y = torch.zeros(2, 4, 192), torch.zeros(2, 192)
     maps = (torch.zeros(2, 4), torch.zeros(2, 4, 4))
     with pytest.raises(ValueError, match="multiple of 128"):
-        G.hc_post(y, x, *maps)
+        G.hc_post(y, x, *maps, programs=4)
     x = torch.zeros(2, 256, 4).transpose(1, 2)
     with pytest.raises(ValueError, match="contiguous"):
-        G.hc_post(torch.zeros(2, 256), x, *maps)
+        G.hc_post(torch.zeros(2, 256), x, *maps, programs=4)
 
 
 # ---- GPU ---------------------------------------------------------------------------------
