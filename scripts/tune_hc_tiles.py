@@ -7,8 +7,9 @@ Flash dims (hidden 4096, hc 4, bf16 streams, fp32 weights). Per point, each capt
 a CUDA graph, median of ``--reps`` replays (CUDA events), us per call and GB/s of the bytes it
 must move: ``post+mix`` (``mix_partials`` with the previous block's post: read x, y, write the
 new streams), ``boundary`` (``hc_fused`` with the post: + the maps launch re-reading the new
-streams and writing h) and ``post`` (``hc_post`` alone). Shapes that spill on sm_90 are left
-out (``scripts/compile_ops_sm90.py``). Prints a table and writes ``tune_hc_tiles.json`` to
+streams and writing h) and ``post`` (``hc_post`` alone, whose grid ignores ``--programs``: it
+sweeps ``_POST_STEPS`` instead). Shapes that spill on sm_90 are left out
+(``scripts/compile_ops_sm90.py``). Prints a table and writes ``tune_hc_tiles.json`` to
 ``--out`` (default ``$OUT`` or ``.``).
 """
 
@@ -25,6 +26,7 @@ DEV, D, HC = "cuda", 4096, 4
 # (tokens per large tile, TM x BD per step, warps); the first is the module's default. BD >= 16
 # (tl.dot); 8 warps split the wgmma two ways (the accumulator changes layout once a step)
 SHAPES = ((64, 1024, 4), (32, 1024, 4), (32, 512, 4), (64, 2048, 8), (128, 2048, 8))
+POST_STEPS = (4, 1, 16)  # hc_post alone: steps per program (the first is the default)
 
 
 def calls(n: int, programs: int, gen) -> dict:
@@ -44,9 +46,38 @@ def calls(n: int, programs: int, gen) -> dict:
         "boundary": (lambda: mhc.hc_fused(x, fn, base, scale, norm, tickets, eps=1e-6,
                                           hc_eps=1e-6, iters=20, programs=programs,
                                           post_of=(y, post, comb)), 3 * streams + 3 * row),
-        "post": (lambda: mhc_gemm.hc_post(y, x, post, comb, programs=programs),
-                 2 * streams + row),
+        "post": (lambda: mhc_gemm.hc_post(y, x, post, comb), 2 * streams + row),
     }  # fmt: skip
+
+
+def point(rows: list, name: str, fn, moved: int, reps: int, **where) -> None:
+    """Time one closure, append its row and print it."""
+    us = graph_time(fn, 20, reps) * 1e6
+    rows.append({"op": name, **where, "us": us, "gbps": moved / us * 1e-3})
+    print(f"{name:9s} " + " ".join(f"{k}={v}" for k, v in where.items())
+          + f": {us:8.1f} us {rows[-1]['gbps']:7.1f} GB/s", flush=True)  # fmt: skip
+
+
+def sweep(tokens: list[int], programs: list[int], reps: int) -> list[dict]:
+    """Every shape x program budget for the mix (post+mix, boundary); ``_POST_STEPS`` for
+    ``hc_post`` alone (default shape)."""
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    default = (mhc_gemm._TM_LARGE, mhc_gemm._TILE, mhc_gemm._WARPS)
+    rows = []
+    for n in tokens:
+        for progs in programs:
+            for tm, tile, warps in SHAPES:
+                mhc_gemm._TM_LARGE, mhc_gemm._TILE, mhc_gemm._WARPS = tm, tile, warps
+                for name, (fn, moved) in calls(n, progs, gen).items():
+                    if name != "post":
+                        point(rows, name, fn, moved, reps, tokens=n, programs=progs, tm=tm,
+                              tile=tile, warps=warps)  # fmt: skip
+        mhc_gemm._TM_LARGE, mhc_gemm._TILE, mhc_gemm._WARPS = default
+        for steps in POST_STEPS:
+            mhc_gemm._POST_STEPS = steps
+            fn, moved = calls(n, programs[0], gen)["post"]
+            point(rows, "post", fn, moved, reps, tokens=n, post_steps=steps)
+    return rows
 
 
 def main() -> None:
@@ -56,32 +87,19 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
-    gen = torch.Generator(device=DEV).manual_seed(0)
-    rows = []
-    for n in (int(v) for v in args.tokens.split(",")):
-        for progs in (int(v) for v in args.programs.split(",")):
-            for tm, tile, warps in SHAPES:
-                mhc_gemm._TM_LARGE, mhc_gemm._TILE, mhc_gemm._WARPS = tm, tile, warps
-                for name, (fn, moved) in calls(n, progs, gen).items():
-                    us = graph_time(fn, 20, args.reps) * 1e6
-                    rows.append({"op": name, "tokens": n, "programs": progs, "tm": tm,
-                                 "tile": tile, "warps": warps, "us": us,
-                                 "gbps": moved / us * 1e-3})  # fmt: skip
-                    print(f"{name:9s} T={n:5d} programs={progs:5d} TM={tm:3d} tile={tile:5d} "
-                          f"warps={warps}: {us:8.1f} us {rows[-1]['gbps']:7.1f} GB/s",
-                          flush=True)  # fmt: skip
+    tokens = [int(v) for v in args.tokens.split(",")]
+    rows = sweep(tokens, [int(v) for v in args.programs.split(",")], args.reps)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "tune_hc_tiles.json")
     with open(path, "w") as f:
         json.dump({"gpu": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
     print(f"\n{torch.cuda.get_device_name()}; best per op and token count; {path}")
     for op in dict.fromkeys(r["op"] for r in rows):
-        for n in dict.fromkeys(r["tokens"] for r in rows):
+        for n in tokens:
             best = min((r for r in rows if r["op"] == op and r["tokens"] == n),
                        key=lambda r: r["us"])  # fmt: skip
-            print(f"{op:9s} T={n:5d}: {best['us']:8.1f} us {best['gbps']:7.1f} GB/s at "
-                  f"programs={best['programs']} TM={best['tm']} tile={best['tile']} "
-                  f"warps={best['warps']}")  # fmt: skip
+            where = " ".join(f"{k}={v}" for k, v in best.items() if k not in ("op", "us", "gbps"))
+            print(f"{op:9s} {best['us']:8.1f} us {best['gbps']:7.1f} GB/s at {where}")
 
 
 if __name__ == "__main__":

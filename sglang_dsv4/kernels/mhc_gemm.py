@@ -40,6 +40,8 @@ __all__ = ["hc_post", "mix_partials", "split_steps"]
 _TM, _TM_LARGE = 16, 64  # tokens per tile (64 from 256 tokens: fn re-read per 64 tokens)
 _TILE = 1024  # TM x BD per step: 8 values a thread per stream at 4 warps (sm_90: no spills)
 _WARPS = 4  # one warpgroup: 8 warps split the wgmma two ways, converting the accumulator
+_POST_STEPS = 4  # hc_post alone: steps per program (its loop has no dot, so Triton does not
+# software-pipeline its loads: many short programs keep loads in flight instead)
 _BE = 128  # d must be a multiple of this (as kernels.mhc checks)
 
 
@@ -163,14 +165,18 @@ def split_steps(steps: int, tiles: int, programs: int) -> tuple[int, int]:
     return per_split, -(-steps // per_split)
 
 
-def _geometry(n: int, d: int, programs: int) -> tuple[int, int, int, int]:
-    """(tokens per tile, tiles, steps per split, splits of d) of a launch over ``n`` tokens."""
+def _geometry(n: int, d: int, programs: int | None) -> tuple[int, int, int, int]:
+    """(tokens per tile, tiles, steps per split, splits of d) of a launch over ``n`` tokens;
+    ``programs`` None: ``_POST_STEPS`` steps per split."""
     tm = _TM_LARGE if n >= 4 * _TM_LARGE else _TM
     n_tiles = -(-n // tm)
-    return tm, n_tiles, *split_steps(d * tm // _TILE, n_tiles, programs)
+    steps = d * tm // _TILE
+    if programs is None:
+        return tm, n_tiles, _POST_STEPS, -(-steps // _POST_STEPS)
+    return tm, n_tiles, *split_steps(steps, n_tiles, programs)
 
 
-def _launch(x, out, post_of, fn, part, nmp: int, programs: int) -> None:
+def _launch(x, out, post_of, fn, part, nmp: int, programs: int | None) -> None:
     """One :func:`_tile_kernel` launch over ``x`` [T, hc, d] (``fn`` / ``part`` None: no mix;
     pointers a variant does not read are passed as ``x``)."""
     n, hc, d = x.shape
@@ -206,12 +212,9 @@ def hc_post(
     x: torch.Tensor,
     post: torch.Tensor,
     comb: torch.Tensor,
-    *,
-    programs: int,
 ) -> torch.Tensor:
     """``ref.mhc.hc_post`` alone: block output ``y`` [T, d], streams ``x`` [T, hc, d], maps
-    ``post`` [T, hc] / ``comb`` [T, hc, hc] (fp32) -> new streams [T, hc, d]. ``programs``:
-    about how many programs to launch (splits of d)."""
+    ``post`` [T, hc] / ``comb`` [T, hc, hc] (fp32) -> new streams [T, hc, d]."""
     n, _, d = x.shape
     out = torch.empty_like(x)
     if n == 0:
@@ -220,5 +223,5 @@ def hc_post(
         raise ValueError(
             f"contiguous streams with d a multiple of {_BE} needed, got {tuple(x.shape)}"
         )
-    _launch(x, out, (y, post.contiguous(), comb.contiguous()), None, None, 16, programs)
+    _launch(x, out, (y, post.contiguous(), comb.contiguous()), None, None, 16, None)
     return out

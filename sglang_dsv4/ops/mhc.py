@@ -96,7 +96,7 @@ class HcTriton(HcTorch):
         return self._run(x, w)[1:]
 
     def post(self, y, x, post, comb):
-        return mhc_gemm.hc_post(y, x, post, comb, programs=self.programs)
+        return mhc_gemm.hc_post(y, x, post, comb)
 
     def post_pre(self, y, x, post, comb, w):
         return self._run(x, w, y, post, comb)

@@ -79,7 +79,7 @@ def test_post_mix_streams_equal_one_token_form(monkeypatch, n, d, programs, head
     one_token = forced(monkeypatch, 1 << 30, x, w, prev, programs)
     assert torch.equal(tiled[0], one_token[0])
     with poisoned_allocations():
-        alone = G.hc_post(*prev[:1], x, *prev[1:], programs=programs)
+        alone = G.hc_post(*prev[:1], x, *prev[1:])
     assert torch.equal(alone, one_token[0])
     close_forms(tiled, one_token, dtype)
     exp = want(x, w, head, prev)
@@ -113,9 +113,9 @@ def test_mix_partials_interpreted(n, d, nm, programs, fused, dtype):
 @pytest.mark.parametrize("n", [1, 6, 300])
 def test_hc_post_interpreted(n, dtype):
     gen = torch.Generator().manual_seed(n)
-    x, _, (y, post, comb) = boundary(n, 128, dtype, False, "cpu", gen)
+    x, _, (y, post, comb) = boundary(n, 384, dtype, False, "cpu", gen)  # 6 steps: 4 + 2
     with poisoned_allocations():
-        got = G.hc_post(y, x, post, comb, programs=5)
+        got = G.hc_post(y, x, post, comb)
     exp = R.hc_post(y, x, post, comb)
     assert got.dtype == dtype
     if dtype == torch.float32:
@@ -128,10 +128,10 @@ def test_hc_post_bad_shapes_raise():
     x, y = torch.zeros(2, 4, 192), torch.zeros(2, 192)
     maps = (torch.zeros(2, 4), torch.zeros(2, 4, 4))
     with pytest.raises(ValueError, match="multiple of 128"):
-        G.hc_post(y, x, *maps, programs=4)
+        G.hc_post(y, x, *maps)
     x = torch.zeros(2, 256, 4).transpose(1, 2)
     with pytest.raises(ValueError, match="contiguous"):
-        G.hc_post(torch.zeros(2, 256), x, *maps, programs=4)
+        G.hc_post(torch.zeros(2, 256), x, *maps)
 
 
 # ---- GPU ---------------------------------------------------------------------------------
@@ -153,5 +153,5 @@ def test_gpu_prefill_shapes(monkeypatch, n, head, dtype):
     check_device(got, exp, dtype)
     one_token = forced(monkeypatch, 1 << 30, x, w, prev, programs)
     assert torch.equal(got[0], one_token[0])
-    assert torch.equal(G.hc_post(*prev[:1], x, *prev[1:], programs=programs), got[0])
+    assert torch.equal(G.hc_post(*prev[:1], x, *prev[1:]), got[0])
     close_forms(got, one_token, dtype)
