@@ -63,7 +63,8 @@ def variants(dt: str):
 def main() -> None:
     for dt in ("bf16", "fp32"):
         for fn, types, constexprs in variants(dt):
-            flags = {k: v for k, v in constexprs.items() if isinstance(v, bool) or k == "TM"}
+            shown = ("TM", "NM")  # the tile variants differ in these too
+            flags = {k: v for k, v in constexprs.items() if isinstance(v, bool) or k in shown}
             warps = 8 if fn in (mhc._hc_kernel, mhc._maps_collapse_kernel) else 4  # as launched
             if fn is mhc_gemm._tile_kernel:
                 warps = mhc_gemm._WARPS
