@@ -1,6 +1,6 @@
 """Compile the ops' Triton kernels (``kernels/mhc.py``, ``kernels/mhc_gemm.py``,
 ``kernels/norm_rope.py``) for Hopper (sm_90) on a machine without a GPU, and print each
-variant's registers / spills.
+variant's registers / spills and shared memory (static, and the launch's dynamic total).
 
     python scripts/compile_ops_sm90.py
 
@@ -43,12 +43,12 @@ def variants(dt: str):
         }  # fmt: skip
     tile_types = {a: "*fp32" for a in mhc_gemm._tile_kernel.arg_names if a.endswith("_ptr")}
     tile_types |= {"x_ptr": act, "y_ptr": act, "out_ptr": act}
-    for tm in (16, 64):  # the GEMM form: [post +] mix per token tile; hc_post alone
+    for tm, bd in ((mhc_gemm._TM, mhc_gemm._BD), (mhc_gemm._TM_LARGE, mhc_gemm._BD_LARGE)):
         for post, mix, head in ((True, True, False), (True, True, True), (False, True, False),
                                 (True, False, False)):  # fmt: skip
             yield mhc_gemm._tile_kernel, tile_types, {
                 "D": 7168, "HC": 4, "NM": 4 if head else 24, "NMP": 16 if head else 32,
-                "MW": 64, "TM": tm, "BD": mhc_gemm._TILE // tm, "POST": post, "MIX": mix,
+                "MW": 64, "TM": tm, "BD": bd, "POST": post, "MIX": mix,
                 "X_BF16": bf,
             }  # fmt: skip
     maps_types = {a: "*fp32" for a in mhc._maps_collapse_kernel.arg_names if a.endswith("_ptr")}
@@ -68,7 +68,8 @@ def main() -> None:
             warps = 8 if fn in (mhc._hc_kernel, mhc._maps_collapse_kernel) else 4  # as launched
             if fn is mhc_gemm._tile_kernel:
                 warps = mhc_gemm._WARPS
-            usage = resource_usage(build(fn, types, constexprs, warps))
+            kernel = build(fn, types, constexprs, warps)
+            usage = f"{resource_usage(kernel)} DYN_SHARED:{kernel.metadata.shared}"  # + pipeline
             print(f"{fn.fn.__name__:22s} {dt} {flags}: {usage}", flush=True)
 
 

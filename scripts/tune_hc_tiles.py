@@ -1,5 +1,5 @@
 """Sweep the launch shape of mHC's tiled (prefill) pass (``kernels/mhc_gemm.py``) on one GPU:
-tokens per tile, values per step, warps and the program budget, at prefill token counts.
+tokens per tile, channels per step, warps and the program budget, at prefill token counts.
 
     python scripts/tune_hc_tiles.py [--tokens 300,8192] [--programs 264,528,1056]
 
@@ -23,9 +23,9 @@ from bench_ops import graph_time
 from sglang_dsv4.kernels import mhc, mhc_gemm
 
 DEV, D, HC = "cuda", 4096, 4
-# (tokens per large tile, TM x BD per step, warps); the first is the module's default. BD >= 16
+# (tokens per large tile, channels per step, warps); the first is the module's default. BD >= 16
 # (tl.dot); 8 warps split the wgmma two ways (the accumulator changes layout once a step)
-SHAPES = ((64, 1024, 4), (32, 1024, 4), (32, 512, 4), (64, 2048, 8), (128, 2048, 8))
+SHAPES = ((64, 16, 4), (32, 32, 4), (32, 16, 4), (64, 32, 8), (128, 16, 8))
 POST_STEPS = (4, 1, 16)  # hc_post alone: steps per program (the first is the default)
 
 
@@ -62,17 +62,17 @@ def sweep(tokens: list[int], programs: list[int], reps: int) -> list[dict]:
     """Every shape x program budget for the mix (post+mix, boundary); ``_POST_STEPS`` for
     ``hc_post`` alone (default shape)."""
     gen = torch.Generator(device=DEV).manual_seed(0)
-    default = (mhc_gemm._TM_LARGE, mhc_gemm._TILE, mhc_gemm._WARPS)
+    default = (mhc_gemm._TM_LARGE, mhc_gemm._BD_LARGE, mhc_gemm._WARPS)
     rows = []
     for n in tokens:
         for progs in programs:
-            for tm, tile, warps in SHAPES:
-                mhc_gemm._TM_LARGE, mhc_gemm._TILE, mhc_gemm._WARPS = tm, tile, warps
+            for tm, bd, warps in SHAPES:
+                mhc_gemm._TM_LARGE, mhc_gemm._BD_LARGE, mhc_gemm._WARPS = tm, bd, warps
                 for name, (fn, moved) in calls(n, progs, gen).items():
                     if name != "post":
                         point(rows, name, fn, moved, reps, tokens=n, programs=progs, tm=tm,
-                              tile=tile, warps=warps)  # fmt: skip
-        mhc_gemm._TM_LARGE, mhc_gemm._TILE, mhc_gemm._WARPS = default
+                              bd=bd, warps=warps)  # fmt: skip
+        mhc_gemm._TM_LARGE, mhc_gemm._BD_LARGE, mhc_gemm._WARPS = default
         for steps in POST_STEPS:
             mhc_gemm._POST_STEPS = steps
             fn, moved = calls(n, programs[0], gen)["post"]

@@ -22,7 +22,8 @@ Why this shape (sm_90 compiles, ``scripts/compile_ops_sm90.py``):
 * per ``k`` over 2-D tiles with the maps loaded once per program as [TM] vectors: the old post
   kernel's [4 tokens, hc, hc, 128] product had each of its 128 threads load the 4 tokens'
   whole ``comb`` (32 KB of L1 reads per program for 9 KB of streams).
-* 1024-value steps at 4 warps (8 values a thread per stream): 80-204 registers, no spills.
+* steps of 64 tokens x 16 channels (16 x 32 below 256 tokens) at 4 warps: 56-204 registers,
+  no spills, 57 / 78 KB of shared memory (bf16).
 
 The new streams round as ``ref.mhc.hc_post`` and the one-token form (``kernels.mhc._post_tile``):
 maps rounded to the streams' dtype, ``round(round(post_k * y) + round(sum_j comb[j, k] x_j))``
@@ -38,7 +39,10 @@ from sglang_dsv4.kernels.kv_store import round_bf16
 __all__ = ["hc_post", "mix_partials", "split_steps"]
 
 _TM, _TM_LARGE = 16, 64  # tokens per tile (64 from 256 tokens: fn re-read per 64 tokens)
-_TILE = 1024  # TM x BD per step: 8 values a thread per stream at 4 warps (sm_90: no spills)
+# channels per step. Registers: TM x BD / 128 values a thread per stream (8 at 64 x 16: no
+# spills); shared memory: the fn tile [64, BD] fp32 per stream, double-buffered, 2 KB x BD
+# (16 x 64: 156 KB, one program per SM; 16 x 32: 78 KB)
+_BD, _BD_LARGE = 32, 16
 _WARPS = 4  # one warpgroup: 8 warps split the wgmma two ways, converting the accumulator
 _POST_STEPS = 4  # hc_post alone: steps per program (its loop has no dot, so Triton does not
 # software-pipeline its loads: many short programs keep loads in flight instead)
@@ -165,29 +169,28 @@ def split_steps(steps: int, tiles: int, programs: int) -> tuple[int, int]:
     return per_split, -(-steps // per_split)
 
 
-def _geometry(n: int, d: int, programs: int | None) -> tuple[int, int, int, int]:
-    """(tokens per tile, tiles, steps per split, splits of d) of a launch over ``n`` tokens;
-    ``programs`` None: ``_POST_STEPS`` steps per split."""
-    tm = _TM_LARGE if n >= 4 * _TM_LARGE else _TM
-    n_tiles = -(-n // tm)
-    steps = d * tm // _TILE
+def _geometry(n: int, d: int, programs: int | None) -> tuple[int, int, int, int, int]:
+    """(tokens per tile, channels per step, tiles, steps per split, splits of d) of a launch
+    over ``n`` tokens; ``programs`` None: ``_POST_STEPS`` steps per split."""
+    tm, bd = (_TM_LARGE, _BD_LARGE) if n >= 4 * _TM_LARGE else (_TM, _BD)
+    n_tiles, steps = -(-n // tm), d // bd
     if programs is None:
-        return tm, n_tiles, _POST_STEPS, -(-steps // _POST_STEPS)
-    return tm, n_tiles, *split_steps(steps, n_tiles, programs)
+        return tm, bd, n_tiles, _POST_STEPS, -(-steps // _POST_STEPS)
+    return tm, bd, n_tiles, *split_steps(steps, n_tiles, programs)
 
 
 def _launch(x, out, post_of, fn, part, nmp: int, programs: int | None) -> None:
     """One :func:`_tile_kernel` launch over ``x`` [T, hc, d] (``fn`` / ``part`` None: no mix;
     pointers a variant does not read are passed as ``x``)."""
     n, hc, d = x.shape
-    tm, n_tiles, per_split, n_split = _geometry(n, d, programs)
+    tm, bd, n_tiles, per_split, n_split = _geometry(n, d, programs)
     y, post, comb = post_of if post_of is not None else (x, x, x)
     _tile_kernel[(n_tiles, n_split)](
         x_ptr=x, y_ptr=y, post_ptr=post, comb_ptr=comb, out_ptr=out,
         fn_ptr=x if fn is None else fn, part_ptr=x if part is None else part,
         n_tokens=n, per_split=per_split, D=d, HC=hc, NM=0 if fn is None else fn.shape[0],
-        NMP=nmp, MW=max(64, nmp), TM=tm, BD=_TILE // tm, POST=post_of is not None,
-        MIX=fn is not None, X_BF16=x.dtype == torch.bfloat16, num_warps=_WARPS,
+        NMP=nmp, MW=max(64, nmp), TM=tm, BD=bd, POST=post_of is not None, MIX=fn is not None,
+        X_BF16=x.dtype == torch.bfloat16, num_warps=_WARPS,
     )  # fmt: skip
 
 
@@ -199,7 +202,7 @@ def mix_partials(x, fn, programs: int, post_of=None):
     over a chunk of d; column nm: its sum of squares)."""
     n, _, d = x.shape
     nmp = max(16, triton.next_power_of_2(fn.shape[0] + 1))  # + the sum of squares column
-    n_split = _geometry(n, d, programs)[3]
+    n_split = _geometry(n, d, programs)[4]
     part = torch.empty(n_split * n * nmp, dtype=torch.float32, device=x.device)
     streams = x if post_of is None else torch.empty_like(x)
     post_of = None if post_of is None else tuple(m.contiguous() for m in post_of)

@@ -28,8 +28,8 @@ def run(x, w, tickets, programs: int, prev=None):
 @pytest.mark.parametrize("head", [False, True], ids=["sinkhorn", "head"])
 # one-token form (one launch) up to K.FMA_MAX_TOKENS = 8: splits per token 1, 20, 1 (8 steps
 # each), 4; then the GEMM form ([post +] split-K GEMM in one pass, maps per token): 16-token
-# tiles (64-channel steps) with 3 splits of d (4, 4, 2 steps), 4 splits of one step, 1 split
-# of 10 steps; 64-token tiles (from 256 tokens, 16-channel steps) with 4 splits of 2 steps
+# tiles (32-channel steps) with 3 splits of d (7, 7, 6 steps), 8 splits of one step, 1 split
+# of 20 steps; 64-token tiles (from 256 tokens, 16-channel steps) with 4 splits of 2 steps
 @pytest.mark.parametrize(
     ("n", "d", "programs"),
     [(1, 256, 1), (1, 640, 64), (5, 256, 3), (8, 128, 40), (9, 640, 3), (33, 256, 100),

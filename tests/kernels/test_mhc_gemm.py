@@ -113,7 +113,7 @@ def test_mix_partials_interpreted(n, d, nm, programs, fused, dtype):
 @pytest.mark.parametrize("n", [1, 6, 300])
 def test_hc_post_interpreted(n, dtype):
     gen = torch.Generator().manual_seed(n)
-    x, _, (y, post, comb) = boundary(n, 384, dtype, False, "cpu", gen)  # 6 steps: 4 + 2
+    x, _, (y, post, comb) = boundary(n, 384, dtype, False, "cpu", gen)  # 3 / 6 splits
     with poisoned_allocations():
         got = G.hc_post(y, x, post, comb)
     exp = R.hc_post(y, x, post, comb)
