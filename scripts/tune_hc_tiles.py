@@ -13,16 +13,16 @@ sweeps ``_POST_STEPS`` instead). Shapes that spill on sm_90 are left out
 ``--out`` (default ``$OUT`` or ``.``).
 """
 
-import argparse
 import json
 import os
 
 import torch
 from bench_ops import graph_time
+from tune_hc_route import hc_boundary, hc_call, sweep_args
 
-from sglang_dsv4.kernels import mhc, mhc_gemm
+from sglang_dsv4.kernels import mhc_gemm
 
-DEV, D, HC = "cuda", 4096, 4
+DEV = "cuda"
 # (tokens per large tile, channels per step, warps); the first is the module's default. BD >= 16
 # (tl.dot); 8 warps split the wgmma two ways (the accumulator changes layout once a step)
 SHAPES = ((64, 16, 4), (32, 32, 4), (32, 16, 4), (64, 32, 8), (128, 16, 8))
@@ -31,21 +31,13 @@ POST_STEPS = (4, 1, 16)  # hc_post alone: steps per program (the first is the de
 
 def calls(n: int, programs: int, gen) -> dict:
     """name -> (closure, bytes it must move) at ``n`` tokens."""
-    x = torch.randn(n, HC, D, device=DEV, generator=gen).bfloat16()
-    y = torch.randn(n, D, device=DEV, generator=gen).bfloat16()
-    post = torch.rand(n, HC, device=DEV, generator=gen) * 2
-    comb = torch.rand(n, HC, HC, device=DEV, generator=gen) / HC
-    fn = torch.randn(24, HC * D, device=DEV, generator=gen) * (HC * D) ** -0.5
-    base, scale = torch.randn(24, device=DEV, generator=gen), torch.ones(3, device=DEV)
-    norm = torch.ones(D, device=DEV).bfloat16()
-    tickets = torch.zeros(mhc.MAX_TILES, dtype=torch.int32, device=DEV)
+    b = hc_boundary(n, gen)
+    x, y, post, comb = b.x, b.y, b.post, b.comb
     streams, row = x.numel() * 2, y.numel() * 2
     return {
-        "post+mix": (lambda: mhc_gemm.mix_partials(x, fn, programs, (y, post, comb)),
+        "post+mix": (lambda: mhc_gemm.mix_partials(x, b.fn, programs, (y, post, comb)),
                      2 * streams + row),
-        "boundary": (lambda: mhc.hc_fused(x, fn, base, scale, norm, tickets, eps=1e-6,
-                                          hc_eps=1e-6, iters=20, programs=programs,
-                                          post_of=(y, post, comb)), 3 * streams + 3 * row),
+        "boundary": (hc_call(n, programs, gen, b), 3 * streams + 3 * row),
         "post": (lambda: mhc_gemm.hc_post(y, x, post, comb), 2 * streams + row),
     }  # fmt: skip
 
@@ -81,12 +73,7 @@ def sweep(tokens: list[int], programs: list[int], reps: int) -> list[dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--tokens", default="300,8192")
-    ap.add_argument("--programs", default="264,528,1056")
-    ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    args = ap.parse_args()
+    args = sweep_args("300,8192", "264,528,1056", 20)
     tokens = [int(v) for v in args.tokens.split(",")]
     rows = sweep(tokens, [int(v) for v in args.programs.split(",")], args.reps)
     os.makedirs(args.out, exist_ok=True)
