@@ -159,8 +159,8 @@ def _tile_kernel(
     if MIX:
         out = tl.where(m[:, None] == NM, ss[None, :], acc)
         prow = split.to(tl.int64) * n_tokens + t
-        ok = (m < NMP)[:, None] & tok[None, :]
-        tl.store(part_ptr + prow[None, :] * NMP + m[:, None], out, mask=ok)
+        keep = (m < NMP)[:, None] & tok[None, :]  # [MW, TM]: rows past NMP are padding
+        tl.store(part_ptr + prow[None, :] * NMP + m[:, None], out, mask=keep)
 
 
 def split_steps(steps: int, tiles: int, programs: int) -> tuple[int, int]:
