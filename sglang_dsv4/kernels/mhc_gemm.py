@@ -25,9 +25,12 @@ Why this shape (sm_90 compiles, ``scripts/compile_ops_sm90.py``):
 * steps of 64 tokens x 16 channels (16 x 32 below 256 tokens) at 4 warps: 56-204 registers,
   no spills, 57 / 78 KB of shared memory (bf16).
 
-The new streams round as ``ref.mhc.hc_post`` and the one-token form (``kernels.mhc._post_tile``):
-maps rounded to the streams' dtype, ``round(round(post_k * y) + round(sum_j comb[j, k] x_j))``
-for bf16 with the sum over ``j`` in order; the forms' new streams are bit-identical.
+The new streams round as ``ref.mhc.hc_post`` and ``kernels.mhc._post_tile`` (the one-token
+form's post, and the GEMM form's before this module): maps rounded to the streams' dtype,
+``round(round(post_k * y) + round(sum_j comb[j, k] x_j))`` for bf16, the sum over ``j`` in
+order (as the old tiled post kernel summed in-thread on sm_90; the one-token form's 4-D product
+splits ``j`` over two warps there, ``(p0 + p2) + (p1 + p3)``, so its fp32 sums may round
+differently on the GPU; interpreted, every form sums in order and the streams are equal).
 """
 
 import torch
@@ -76,7 +79,7 @@ def _post_maps(post_ptr, comb_ptr, t, tok, HC: tl.constexpr, X_BF16: tl.constexp
 def _new_stream(xs, y, ps, cs, k: tl.constexpr, HC: tl.constexpr, X_BF16: tl.constexpr):
     """New stream ``k`` [TM, BD] (fp32 holding stream-dtype values) from the old ones ``xs``
     (tuple of hc [TM, BD], stream dtype) and ``y`` [TM, BD] (fp32): the sum over ``j`` in
-    order, as the one-token form's per-thread reduction (and numpy's, interpreted)."""
+    order (module docstring); with bf16 streams every product is exact, so an FMA is too."""
     mixed = cs[k][:, None] * xs[0].to(tl.float32)
     for j in tl.static_range(1, HC):
         mixed = mixed + cs[j * HC + k][:, None] * xs[j].to(tl.float32)
