@@ -162,7 +162,7 @@ def test_hc_post_bad_shapes_raise():
 def test_gpu_prefill_shapes(monkeypatch, n, head, dtype):
     """Flash hidden size, 300 / 8192 tokens: the twin's tolerances of
     ``test_mhc.test_gpu_hc_fused``; bf16 streams as ``post_in_order`` rounds them, ``hc_post``
-    alone equal to the fused pass; close to the one-token form."""
+    alone equal to the fused pass; within the twin's tolerances of the one-token form."""
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     gen = torch.Generator(device="cuda").manual_seed(n)
     x, w, prev = boundary(n, 4096, dtype, head, "cuda", gen)
@@ -175,4 +175,6 @@ def test_gpu_prefill_shapes(monkeypatch, n, head, dtype):
     assert torch.equal(G.hc_post(*prev[:1], x, *prev[1:]), got[0])
     one_token = forced(monkeypatch, 1 << 30, x, w, prev, programs)
     assert rel_l2(got[0], one_token[0]) <= (1e-6 if dtype == torch.float32 else 1e-3)
-    close_forms(got, one_token, dtype)
+    # only close on the device (module docstring): the twin's GPU tolerances, not the
+    # interpreted 1e-5 (H100, 2026-12-07: h differed by 1.6e-5 at T = 300 in fp32, |h| ~ 4)
+    check_device(got, one_token, dtype)
