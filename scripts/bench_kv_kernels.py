@@ -22,6 +22,7 @@ import torch
 
 from sglang_dsv4.kernels.compressor import CompressorFlush
 from sglang_dsv4.kernels.indexer import IndexerTopK
+from sglang_dsv4.kernels.indexer_extend import IndexerExtend
 from sglang_dsv4.kernels.kv_store import FP8RowLayout, IndexKeyLayout, store_kv
 from sglang_dsv4.perf.timing import gbps, write_json
 from sglang_dsv4.perf.timing import graph_seconds as timed
@@ -213,10 +214,14 @@ def bench_indexer_decode(reps):
         caches = [cache] + [cache.clone() for _ in range(copies(nbytes) - 1)]
         full = [functools.partial(ix.run, q, w, c, bt, qreq, pos) for c in caches]
         scores = [functools.partial(ix._scores, q, w, c, bt, qreq, pos, 0, b) for c in caches]
-        select = [functools.partial(ix._select, bt, qreq, pos, 0, b)]
+        # s_topk: the select plan() picked (split over topk_splits programs per query at small
+        # batch); s_topk_one: the one-program select at the same shape
+        select = [functools.partial(ix._select_topk, bt, qreq, pos, 0, b)]
+        one = [functools.partial(ix._select, bt, qreq, pos, 0, b)]
         row = dict(kernel=f"indexer_top{topk}" + ("_fp4" if fmt == "fp4" else ""), mode="decode",
                    batch=b, ctx=ctx, s=timed(full, reps), bytes=nbytes,
-                   s_scores=timed(scores, reps), s_topk=timed(select, reps))  # fmt: skip
+                   s_scores=timed(scores, reps), s_topk=timed(select, reps),
+                   s_topk_one=timed(one, reps), topk_splits=ix.topk_splits)  # fmt: skip
         row["flops"] = 2 * 64 * 128 * b * (ctx // 4)
         res.append(row)
         ix = caches = cache = full = scores = None
@@ -225,18 +230,40 @@ def bench_indexer_decode(reps):
 
 
 def bench_indexer_prefill(reps):
-    """One request, every position a query: FLOPs = 2 * 64 * 128 * sum_t (t + 1) // 4."""
+    """The served extend indexer (``IndexerExtend``): one request's chunk of ``n`` new tokens at
+    positions ``ctx - n .. ctx - 1`` (the last 8192-token chunk of a ``ctx`` prompt, as chunked
+    prefill runs it) over its ``ctx // 4`` entries; FLOPs = 2 * 64 * 128 * sum_t (t + 1) // 4.
+    ``s_topk`` times the select alone over the logits the full run left in the workspace."""
     res = []
-    for ctx in (4096, 16384, 32768):
-        ix, _, cache, bt, q, w, qreq, pos = _index_setup(1, ctx, 512, "fp8", ctx)
-        pairs = sum((t + 1) // 4 for t in range(ctx))
-        nbytes = ctx * (64 * 128 * 2 + 64 * 4 + 512 * 8) + (ctx // 4) * 132
-        s = timed([functools.partial(ix.run, q, w, cache, bt, qreq, pos)], max(3, reps // 5))
-        res.append(dict(kernel="indexer_top512", mode="prefill", batch=1, ctx=ctx, s=s,
-                        bytes=nbytes, flops=2 * 64 * 128 * pairs, q_chunk=ix.q_chunk))  # fmt: skip
-        ix = cache = q = w = None
+    for ctx, n in ((4096, 4096), (8192, 8192), (16384, 8192), (32768, 8192), (65536, 8192)):
+        res.append(guarded(functools.partial(_extend_row, ctx, n, reps)))
         torch.cuda.empty_cache()
-    return res
+    return [r for r in res if r]
+
+
+def _extend_row(ctx, n, reps):
+    layout = IndexKeyLayout("fp8", 32)
+    blocks = -(-ctx // 128)
+    cache = layout.empty(blocks * 32, DEV)
+    cache.view(torch.uint8).random_(0, 120)  # finite e4m3 codes
+    cache[:, 32 * 128 :].view(torch.float32).fill_(0.5)  # power-of-2 scales
+    bt = torch.randperm(blocks, device=DEV).view(1, blocks).int()
+    qreq = torch.zeros(n, device=DEV, dtype=torch.int32)
+    pos = torch.arange(ctx - n, ctx, device=DEV, dtype=torch.int32)
+    q = torch.randn(n, 64, 128, device=DEV, dtype=torch.bfloat16)
+    w = torch.randn(n, 64, device=DEV)
+    ix = IndexerExtend(512, 64, key_layout=layout, max_workspace_bytes=1 << 30)
+    ix.plan([n], [ctx], DEV)
+    if len(ix.chunks) != 1:
+        raise RuntimeError(f"{len(ix.chunks)} workspace chunks: time one")
+    pairs = sum((t + 1) // 4 for t in range(ctx - n, ctx))
+    nbytes = n * (64 * 128 * 2 + 64 * 4 + 512 * 8) + (ctx // 4) * 132
+    reps = max(3, reps // 5)
+    s = timed([functools.partial(ix.run, q, w, cache, bt, qreq, pos)], reps)
+    s_topk = timed([functools.partial(ix._select, bt, qreq, pos, 0, n)], reps)
+    return dict(kernel="indexer_top512", mode="extend", batch=n, ctx=ctx, s=s, bytes=nbytes,
+                flops=2 * 64 * 128 * pairs, s_scores=s - s_topk, s_topk=s_topk,
+                s_topk_one=s_topk, topk_splits=1)  # fmt: skip
 
 
 def main():
@@ -283,9 +310,12 @@ def main():
                dict(meta=meta, rows=rows, errors=errors + ERRORS))  # fmt: skip
     print(f"\n{meta['gpu']}  copy ceiling {ceiling:.0f} GB/s  ({meta['seconds']:.0f} s)")
     print(f"{'kernel':<20}{'mode':<8}{'B':>7}{'ctx':>8}{'us':>10}{'GB/s':>8}{'%cp':>5}"
-          f"{'TF/s':>7}{'  scores/topk us':>17}")  # fmt: skip
+          f"{'TF/s':>7}{'  scores/topk us (one program, ranges)':>17}")  # fmt: skip
     for r in rows:
-        split = f"{r['s_scores'] * 1e6:7.1f}/{r['s_topk'] * 1e6:.1f}" if "s_topk" in r else ""
+        split = ""
+        if "s_topk" in r:
+            split = (f"{r['s_scores'] * 1e6:7.1f}/{r['s_topk'] * 1e6:.1f} "
+                     f"({r['s_topk_one'] * 1e6:.1f}, {r['topk_splits']})")  # fmt: skip
         tf = f"{r['TFLOPs']:7.1f}" if "TFLOPs" in r else " " * 7
         print(f"{r['kernel']:<20}{r['mode']:<8}{r['batch']:>7}{r['ctx']:>8}{r['us']:>10.1f}"
               f"{r['GBps']:>8.0f}{r['pct_copy']:>5.0f}{tf}  {split}")  # fmt: skip

@@ -20,9 +20,10 @@ form beats the sorted one: the values for ``sglang_dsv4.ops.moe.SLOT_MAX_TOKENS`
 
 ``--sorted`` instead times the sorted form at prefill sizes (served shape, T 4096 / 8192 / 16384,
 bf16 and FP8; ~60-90 s on an H100): each kernel at every tile of
-``kernels.moe_sorted_tiles.CANDIDATES`` (us and TFLOP/s), the slot sum before / after dropping its
-fp32 intermediate, whole calls with the table's tiles and with this run's fastest tiles (with
-and without the shared slot) and SGLang's ``fused_experts`` (routed only). It prints the rows to
+``kernels.moe_sorted_tiles.CANDIDATES`` (us and TFLOP/s), the slot sum three ways (fp32 sum +
+copy, torch's sum into out, the ``kernels.slot_sum`` launch), whole calls with the table's tiles
+and with this run's fastest tiles (with and without the shared slot) and SGLang's
+``fused_experts`` (routed only). It prints the rows to
 paste into ``moe_sorted_tiles.MEASURED``:
 
     python scripts/bench_moe.py --sorted --out bench_moe_sorted.json
@@ -47,6 +48,7 @@ from sglang_dsv4.kernels.moe_experts import (
 from sglang_dsv4.kernels.moe_route import moe_route
 from sglang_dsv4.kernels.moe_sorted_tiles import CANDIDATES, SortedTiles, sorted_tiles
 from sglang_dsv4.kernels.mxfp4_moe import FP4Bank, fp4_moe
+from sglang_dsv4.kernels.slot_sum import slot_sum_torch
 from sglang_dsv4.model.experts import FP8Rows
 from sglang_dsv4.perf.timing import graph_seconds, write_json
 from sglang_dsv4.ref.moe import DenseExperts, route_scores, route_topk, route_weights, swiglu
@@ -326,7 +328,8 @@ def sorted_cell(fmt, t, args, bank, raw, results):
     tuned = SortedTiles(*(best.get(k, CANDIDATES[k])[0] for k in ("w13", "w2")))
     cases = {
         "sum fp32+copy (before)": lambda: out.copy_(view.sum(dim=1, dtype=torch.float32)),
-        "sum into out": lambda: launch.slot_sum(y, out),
+        "sum torch into out": lambda: slot_sum_torch(y, out),
+        "sum triton (slot_sum)": lambda: launch.slot_sum(y, out),
         "ours table tiles": lambda: moe_experts_sorted(x, chosen, weights, bank, LIMIT, n_exp),
         "ours best tiles": lambda: moe_experts_sorted(x, chosen, weights, bank, LIMIT, n_exp,
                                                       tiles=tuned),

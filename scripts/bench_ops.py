@@ -14,17 +14,32 @@ activations, fp32 mHC weights and maps, the config's dims (Flash: hidden 4096, 6
 q_lora 1024, indexer 64 x 128). "Layer" sums one layer's share: two mHC boundaries, q_norm,
 q / kv norm + RoPE, indexer RoPE, the inverse RoPE of the output and the routing (E 16,
 scored). Writes ``bench_ops.json`` to ``--out`` (default ``$OUT`` or ``.``) and prints a table.
+
+``--rope-shapes`` instead times ``kernels.norm_rope.rms_rope_`` at every launch shape of
+``kernels.norm_rope_shapes.CANDIDATES`` for the three served uses (q norm + RoPE [T, H, 512],
+the output's inverse RoPE [T, H, 512], the indexer's RoPE [T, H_idx, 128]) at ``--tokens``,
+checks each candidate's bits against the default shape's, writes ``bench_rope_shapes.json`` and
+prints a table, then the rows to paste into ``norm_rope_shapes.MEASURED`` (the fastest candidate
+with the default's bits per use and T):
+
+    python scripts/bench_ops.py --rope-shapes --config configs/dsv4-flash-dims.json \
+        --tokens 1,32,128,1024,8192
 """
 
 import argparse
+import datetime
 import json
 import os
+from functools import partial
 from types import SimpleNamespace
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from sglang_dsv4.config import load_config
+from sglang_dsv4.kernels.norm_rope import rms_rope_
+from sglang_dsv4.kernels.norm_rope_shapes import CANDIDATES, default_shape
+from sglang_dsv4.kernels.slot_sum import slot_sum, slot_sum_torch
 from sglang_dsv4.ops import HcWeights, build_ops
 from sglang_dsv4.perf.timing import graph_seconds
 from sglang_dsv4.ref.rope import rope_inv_freq
@@ -123,6 +138,88 @@ LAYER = {"hc.post_pre": 2, "norm.rms q_norm": 1, "norm.rms_rope q": 1, "norm.rms
          "norm.rope indexer q": 1, "norm.rope o inverse": 1, "moe.route E16 scored": 1}  # fmt: skip
 
 
+def rope_uses(cfg, n: int) -> dict:
+    """The served ``rms_rope_`` uses at ``n`` tokens: name -> (x, norm, inverse, bytes moved)."""
+    g = torch.Generator(device=DEV).manual_seed(n)
+
+    def rnd(*shape):
+        return torch.randn(*shape, device=DEV, generator=g).to(torch.bfloat16)
+
+    q = rnd(n, cfg.num_heads, cfg.head_dim)
+    return {
+        "q norm+rope": (q, True, False, 2 * q.numel() * 2),
+        "o inverse rope": (rnd(n, cfg.num_heads, cfg.head_dim), False, True,
+                           n * cfg.num_heads * 256),
+        "indexer q rope": (rnd(n, cfg.index_n_heads, cfg.index_head_dim), False, False,
+                           n * cfg.index_n_heads * 256),
+    }  # fmt: skip
+
+
+def rope_shape_rows(cfg, batches, calls: int, reps: int) -> list[dict]:
+    """Every candidate launch shape of every served use at every T: us, GB/s, same bits as the
+    default shape (one call each on a copy of the same input)."""
+    inv_freq = rope_inv_freq(cfg.layers[-1].rope, cfg.rope_dim).to(DEV)
+    rows = []
+    for n in batches:
+        pos = torch.randint(0, 1 << 16, (n,), device=DEV)
+        for use, (x, norm, inverse, moved) in rope_uses(cfg, n).items():
+            d = x.shape[-1]
+            kw = dict(norm=norm, inverse=inverse)
+            want = rms_rope_(x.clone(), pos, inv_freq, shape=default_shape(d, norm), **kw)
+            for shape in CANDIDATES[(d, norm)]:
+                got = rms_rope_(x.clone(), pos, inv_freq, shape=shape, **kw)
+                same = torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+                work = x.clone()  # timed in place on a copy: x stays every candidate's input
+                call = partial(rms_rope_, work, pos, inv_freq, shape=shape, **kw)
+                us = graph_time(call, calls, reps) * 1e6
+                del work
+                rows.append({"tokens": n, "use": use, "d": d, "norm": norm,
+                             "rows": n * x.shape[1], "shape": list(shape), "us": us,
+                             "gbps": moved / us * 1e-3, "same_bits": same})  # fmt: skip
+                print(f"{n:5d} {use:15s} {shape} {us:8.1f} us {rows[-1]['gbps']:7.1f} GB/s"
+                      f"{'' if same else '  BITS DIFFER'}", flush=True)  # fmt: skip
+    return rows
+
+
+def print_rope_shapes(rows: list[dict], batches) -> None:
+    """Per use and T: the default's us, the fastest same-bits candidate; then MEASURED rows."""
+    print(f"\n{torch.cuda.get_device_name()}: rms_rope_ us per call, default -> fastest")
+    paste = []
+    for use in dict.fromkeys(r["use"] for r in rows):
+        cells = []
+        for n in batches:
+            mine = [r for r in rows if r["use"] == use and r["tokens"] == n]
+            best = min((r for r in mine if r["same_bits"]), key=lambda r: r["us"])
+            base = mine[0]  # the default shape comes first in CANDIDATES
+            cells.append(f"T={n}: {base['us']:.1f} -> {best['us']:.1f} {tuple(best['shape'])}")
+            paste.append((best["d"], best["norm"], best["rows"], tuple(best["shape"]), best["us"]))
+        print(f"{use:15s} " + " | ".join(cells))
+    print(f"\n# {datetime.date.today()}, {torch.cuda.get_device_name()}: "
+          "scripts/bench_ops.py --rope-shapes")  # fmt: skip
+    for d, norm, n_rows, shape, us in sorted(set(paste)):
+        print(f"({d}, {norm}, {n_rows}, RopeShape{shape}, {us:.1f}),")
+
+
+def slot_sum_rows(cfg, batches, calls: int, reps: int) -> list[dict]:
+    """The slot-sum kernel and torch's sum at every T and slot count: us, GB/s, same bits."""
+    rows, d = [], cfg.hidden_size
+    for n in batches:
+        for s in dict.fromkeys((cfg.n_experts_per_tok + 1, 7)):
+            y = torch.randn(n * s, d, device=DEV).to(torch.bfloat16)
+            outs = {k: torch.empty(n, d, device=DEV, dtype=y.dtype) for k in ("triton", "torch")}
+            fns = {"triton": partial(slot_sum, y, outs["triton"]),
+                   "torch": partial(slot_sum_torch, y, outs["torch"])}  # fmt: skip
+            us = {impl: graph_time(fn, calls, reps) * 1e6 for impl, fn in fns.items()}
+            same = torch.equal(*(o.view(torch.uint8) for o in outs.values()))
+            moved = (s + 1) * n * d * 2  # y read once, out written once
+            for impl, t_us in us.items():
+                rows.append({"tokens": n, "slots": s, "impl": impl, "us": t_us,
+                             "same_bits": same, "gbps": moved / t_us * 1e-3})  # fmt: skip
+                print(f"slot sum T={n:5d} S={s} {impl:6s} {t_us:8.1f} us "
+                      f"{rows[-1]['gbps']:7.1f} GB/s same bits {same}", flush=True)  # fmt: skip
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="configs/dsv4-flash.json")
@@ -132,9 +229,24 @@ def main() -> None:
     ap.add_argument("--tokens", default="1,32,128,4096", help="token counts (batch at decode)")
     ap.add_argument("--impls", default="triton,torch", help="triton and / or torch (the twins)")
     ap.add_argument("--only", default="", help="comma-separated op-name prefixes (hc.,moe.)")
+    ap.add_argument("--rope-shapes", action="store_true", help="rms_rope_ launch shapes")
+    ap.add_argument("--slot-sum", action="store_true", help="the MoE slot sum vs torch's")
     args = ap.parse_args()
     batches = [int(n) for n in args.tokens.split(",")]
     cfg = load_config(args.config)
+    if args.slot_sum:
+        rows = slot_sum_rows(cfg, batches, args.calls, args.reps)
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "bench_slot_sum.json"), "w") as f:
+            json.dump({"gpu": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+        return
+    if args.rope_shapes:
+        rows = rope_shape_rows(cfg, batches, args.calls, args.reps)
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "bench_rope_shapes.json"), "w") as f:
+            json.dump({"gpu": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+        print_rope_shapes(rows, batches)
+        return
     every = {
         "triton": lambda: build_ops(cfg, DEV),
         "torch": lambda: build_ops(cfg, DEV, kernels=False),

@@ -1,15 +1,21 @@
 """Host microseconds of the attention backend's per-step work (one command, CPU or GPU).
 
     python scripts/bench_plan_host.py [--device cpu|cuda] [--reps N] [--profile CASE]
+        [--contexts 4096,32768,131072] [--decode-bs 1,32,128]
 
-What SGLang's model runner calls on our backend per step, timed on the host:
+What SGLang's model runner calls on our backend per step, timed on the host, per context length
+``C`` (the server's ``--context-length``: request slot width, the captured graphs' pages; decode
+requests sit at position ``C - 2``, their longest):
 
-* ``decode-replay bsN``: ``init_forward_metadata_out_graph(fb_view)`` before a CUDA-graph replay
-  (SGLang's ``DecodeCudaGraphRunner.replay_prepare``; the graph of that size captured first);
-* ``decode-eager bsN``: ``init_forward_metadata(fb)`` of an eager decode step (plan + the
+* ``decode-replay C bsN``: ``init_forward_metadata_out_graph(fb_view)`` before a CUDA-graph
+  replay (SGLang's ``DecodeCudaGraphRunner.replay_prepare``; the graph of that size captured
+  first);
+* ``decode-capture C bsN``: the same call at capture (plans the graph's kernels: once per graph
+  size at start-up, not per step);
+* ``decode-eager C bsN``: ``init_forward_metadata(fb)`` of an eager decode step (plan + the
   step's metadata: the torch twin's ~45 ops on CPU, one kernel launch on the GPU);
 * ``extend BxN``: ``init_forward_metadata(fb)`` of an extend batch of ``B`` fresh prompts of
-  ``N`` tokens (``plan_batch`` + every wrapper's ``plan()``).
+  ``N`` tokens (``plan_batch`` + every wrapper's ``plan()``; the first context only).
 
 The backend is built as SGLang builds it (``DSV4AttnBackend(model_runner)``) over real DSV4 pools
 of the tiny config (``configs/tiny-6l.json``: SWA, SWA, CSA, HCA, CSA, HCA; host work does not
@@ -43,19 +49,19 @@ from sglang_dsv4.mem.pools import DSV4KVPool
 from sglang_dsv4.mem.schema import CacheSchema, EntryFormat
 from sglang_dsv4.perf.timing import capture, write_json
 
-CONTEXT = 8192  # tokens per request slot (req_to_token width, the graphs' page count)
-DECODE_BS = (1, 32, 128)
+CONTEXTS = "8192"  # tokens per request slot (req_to_token width, the graphs' page count)
+DECODE_BS = "1,32,128"
 EXTEND_CASES = ((2, 4096), (16, 4096))
 
 
 class Host:
-    """A backend over DSV4 pools sized for ``n_req`` requests of ``CONTEXT`` tokens."""
+    """A backend over DSV4 pools sized for ``n_req`` requests of ``context`` tokens."""
 
-    def __init__(self, cfg, n_req: int, device: str):
+    def __init__(self, cfg, n_req: int, device: str, context: int):
         block = cfg.block_size
         fmt = EntryFormat.FP32 if device == "cpu" else EntryFormat.FP8
         schema = CacheSchema.from_config(cfg, fmt)
-        n_full, n_swa = n_req * CONTEXT, n_req * 4 * block
+        n_full, n_swa = n_req * context, n_req * 4 * block
         row_dtype = torch.float32 if device == "cpu" else torch.bfloat16
         self.pool = DSV4KVPool(schema, n_full, n_swa, n_req, row_dtype, device)
         # full slot f -> swa slot block + f mod n_swa (never page 0): a request's recent tokens
@@ -63,8 +69,8 @@ class Host:
         full = torch.arange(n_full + block)
         swa = torch.where(full >= block, block + (full - block) % n_swa, 0)
         self.pool.register_mapping(torch.cat([swa, torch.tensor([-1])]).to(device))
-        # request r owns full slots block + r * CONTEXT .. (page 0 is SGLang's dummy page)
-        rtt = block + torch.arange(n_req).unsqueeze(1) * CONTEXT + torch.arange(CONTEXT)
+        # request r owns full slots block + r * context .. (page 0 is SGLang's dummy page)
+        rtt = block + torch.arange(n_req).unsqueeze(1) * context + torch.arange(context)
         rtt = rtt.clamp(max=n_full + block - 1)
         self.rtp = SimpleNamespace(
             req_to_token=rtt.int().to(device), req_generation=torch.ones(n_req, dtype=torch.long)
@@ -73,7 +79,7 @@ class Host:
             token_to_kv_pool=self.pool,
             req_to_token_pool=self.rtp,
             model=SimpleNamespace(cfg=cfg),
-            model_config=SimpleNamespace(context_len=CONTEXT),
+            model_config=SimpleNamespace(context_len=context),
             token_to_kv_pool_allocator=SimpleNamespace(),
             server_args=SimpleNamespace(speculative_algorithm=None),  # no verify journal
             is_draft_worker=False,
@@ -161,21 +167,34 @@ def time_calls(fn, reps: int, device: str) -> dict:
     }
 
 
-def cases(cfg, device: str):
+def cases(cfg, device: str, contexts: list[int], decode_bs: list[int], extend: bool):
     """(name, callable) of every timed case; decode graphs of each size captured first."""
-    host = Host(cfg, max(max(DECODE_BS), max(b for b, _ in EXTEND_CASES)), device)
-    backend = host.backend
-    backend.init_cuda_graph_state(max(DECODE_BS), max(DECODE_BS))
-    for bs in DECODE_BS:
-        fb = host.decode_batch(bs, 4097)
-        backend.init_forward_metadata_out_graph(fb, in_capture=True)  # what capture plans
-        yield f"decode-replay bs{bs}", lambda fb=fb: backend.init_forward_metadata_out_graph(fb)
-    for bs in DECODE_BS:
-        fb = host.decode_batch(bs, 4097)
-        yield f"decode-eager bs{bs}", lambda fb=fb: backend.init_forward_metadata(fb)
-    for b, n in EXTEND_CASES:
-        fb = host.extend_batch(b, n)
-        yield f"extend {b}x{n}", lambda fb=fb: backend.init_forward_metadata(fb)
+    for i, context in enumerate(contexts):
+        first = extend and not i  # the extend cases run at the first context only
+        n_req = max(*decode_bs, *(b for b, _ in EXTEND_CASES)) if first else max(decode_bs)
+        host = Host(cfg, n_req, device, context)
+        yield from _decode_cases(host, context, decode_bs)
+        if first:
+            for b, n in EXTEND_CASES:
+                fb = host.extend_batch(b, n)
+                yield f"extend {b}x{n}", functools.partial(host.backend.init_forward_metadata, fb)
+        del host  # the next context's pools replace these
+
+
+def _decode_cases(host: Host, context: int, decode_bs: list[int]):
+    """A decode step's host work at ``context``: the requests at their last position."""
+    backend, seq = host.backend, context - 1
+    backend.init_cuda_graph_state(max(decode_bs), max(decode_bs))
+    for bs in decode_bs:
+        fb = host.decode_batch(bs, seq)
+        capture = functools.partial(backend.init_forward_metadata_out_graph, fb, in_capture=True)
+        yield f"decode-capture {context} bs{bs}", capture
+        capture()  # the graph's plan, kept by size: what the replays below reuse
+        replay = functools.partial(backend.init_forward_metadata_out_graph, fb)
+        yield f"decode-replay {context} bs{bs}", replay
+    for bs in decode_bs:
+        fb = host.decode_batch(bs, seq)
+        yield f"decode-eager {context} bs{bs}", functools.partial(backend.init_forward_metadata, fb)
 
 
 def graph_launch_cases(nodes: list[int]):
@@ -187,6 +206,10 @@ def graph_launch_cases(nodes: list[int]):
         yield f"graph-replay {n} nodes", graph.replay
 
 
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -194,19 +217,25 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--profile", default=None, help="a case name, e.g. 'extend 16x4096'")
     ap.add_argument("--graph-nodes", default="86,157", help="CUDA only: graph launch cases")
+    ap.add_argument("--contexts", default=CONTEXTS, help="context lengths (request slot widths)")
+    ap.add_argument("--decode-bs", default=DECODE_BS, help="decode batch sizes")
+    ap.add_argument("--no-extend", action="store_true", help="decode cases only")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     torch.set_num_threads(1)  # the scheduler process's setting on CPU; host work is 1-thread
     cfg = load_config(args.config)
     rows = {}
     print(f"device {args.device}, {args.reps} reps, config {args.config}")
-    print(f"{'case':<20} {'median us':>10} {'min us':>10} {'torch ops':>9} {'syncs':>6}")
+    print(f"{'case':<28} {'median us':>10} {'min us':>10} {'torch ops':>9} {'syncs':>6}")
     graphs = [int(n) for n in args.graph_nodes.split(",") if n] if args.device != "cpu" else []
-    for name, fn in itertools.chain(cases(cfg, args.device), graph_launch_cases(graphs)):
-        reps = args.reps if not name.startswith("extend") else max(3, args.reps // 10)
+    contexts, decode_bs = _ints(args.contexts), _ints(args.decode_bs)
+    timed = cases(cfg, args.device, contexts, decode_bs, not args.no_extend)
+    for name, fn in itertools.chain(timed, graph_launch_cases(graphs)):
+        one_off = name.startswith(("extend", "decode-capture"))
+        reps = max(3, args.reps // 10) if one_off else args.reps
         r = rows[name] = time_calls(fn, reps, args.device)
         print(
-            f"{name:<20} {r['median_us']:>10.1f} {r['min_us']:>10.1f} {r['torch_ops']:>9} "
+            f"{name:<28} {r['median_us']:>10.1f} {r['min_us']:>10.1f} {r['torch_ops']:>9} "
             f"{r['syncs_per_call']:>6.1f}"
         )
         if name == args.profile:

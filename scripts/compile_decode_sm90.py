@@ -13,6 +13,7 @@ import os
 os.environ.pop("TRITON_INTERPRET", None)  # before triton is imported: compiled jit functions
 
 import torch
+import triton
 
 from sglang_dsv4.kernels import compressor, decode_meta, indexer, kv_store
 from sglang_dsv4.perf.sm90_compile import check_all
@@ -65,6 +66,15 @@ def indexer_variants():
                  ids_ptr="*i32", rows_ptr="*i32", len_ptr="*i32")  # fmt: skip
     ce = dict(K=512, RATIO=4, EPB=32, CHUNK=2048, KCHUNK=512, WRITE_ROWS=True)
     yield "indexer top-k", indexer._topk_kernel, types, ce, 8
+    # the split select (few queries): 16 ranges at batch 1, 4 / 3 at batch 32 / 33 (SB 4)
+    types["hist_ptr"] = "*i32"
+    for splits in (16, 3):
+        ce = dict(K=512, RATIO=4, SPLITS=splits, SB=triton.next_power_of_2(splits), CHUNK=512)
+        for p in range(4):
+            yield f"indexer split top-k s={splits} pass {p}", indexer._split_hist_kernel, types, \
+                dict(ce, PASS=p), 4  # fmt: skip
+        ce.update(EPB=32, KCHUNK=512, WRITE_ROWS=True)
+        yield f"indexer split top-k s={splits} write", indexer._split_write_kernel, types, ce, 4
 
 
 def meta_variants():

@@ -1,19 +1,29 @@
 """Compile the ops' Triton kernels (``kernels/mhc.py``, ``kernels/mhc_gemm.py``,
-``kernels/norm_rope.py``) for Hopper (sm_90) on a machine without a GPU, and print each
-variant's registers / spills and shared memory (static, and the launch's dynamic total).
+``kernels/norm_rope.py``, the MoE's ``kernels/slot_sum.py``) for Hopper (sm_90) on a machine
+without a GPU, and print each variant's registers / spills and shared memory (static, and the
+launch's dynamic total).
 
     python scripts/compile_ops_sm90.py
+    python scripts/compile_ops_sm90.py --rope-shapes
 
 Why, and the shared machinery: ``sglang_dsv4/perf/sm90_compile.py``. Variants: bf16 and
 fp32 activations at Pro dims (hidden 7168, 128 heads x 512, q_lora 1536, indexer 128).
+
+``--rope-shapes``: ``_rms_rope_kernel`` in bf16 at every launch shape of
+``kernels.norm_rope_shapes.CANDIDATES`` (the norm weighted and not), each with its registers and
+the split of a row in its norm's sum of squares (channels per thread, lanes, warps); exits 1
+when a candidate splits rows otherwise than the default shape (its adds would run in another
+order: other bits).
 """
 
 import os
+import sys
 
 os.environ.pop("TRITON_INTERPRET", None)  # before triton is imported: compiled jit functions
 
-from sglang_dsv4.kernels import mhc, mhc_gemm, norm_rope
-from sglang_dsv4.perf.sm90_compile import build, resource_usage
+from sglang_dsv4.kernels import mhc, mhc_gemm, norm_rope, slot_sum
+from sglang_dsv4.kernels.norm_rope_shapes import CANDIDATES, default_shape
+from sglang_dsv4.perf.sm90_compile import axis_split, build, reduce_layouts, resource_usage
 
 
 def variants(dt: str):
@@ -32,6 +42,10 @@ def variants(dt: str):
     yield norm_rope._rope_hadamard_kernel, rope_types, {
         "D": 128, "LOG2D": 7, "RB": 16, "INVERSE": False, "X_BF16": bf,
     }  # fmt: skip
+    for slots in (3, 7):  # the sorted MoE's slot sum: Flash dims, top-2 / top-6 + shared
+        yield slot_sum._slot_sum_kernel, {"y_ptr": act, "out_ptr": act}, {
+            "SLOTS": slots, "BLOCK_D": slot_sum.BLOCK_D, "OUT_BF16": bf,
+        }  # fmt: skip
     hc_types = {a: "*fp32" for a in mhc._hc_kernel.arg_names if a.endswith("_ptr")}
     hc_types |= {a: act for a in ("x_ptr", "y_ptr", "x_out_ptr", "norm_w_ptr", "h_ptr")}
     hc_types |= {"ticket_ptr": "*i32", "eps": "fp32", "hc_eps": "fp32"}
@@ -60,7 +74,33 @@ def variants(dt: str):
         }  # fmt: skip
 
 
+def rope_shapes() -> int:
+    """Compile every candidate shape (module docstring); returns how many split the norm's rows
+    otherwise than the default."""
+    types = {"x_ptr": "*bf16", "w_ptr": "*bf16", "pos_ptr": "*i64", "inv_freq_ptr": "*fp32",
+             "eps": "fp32"}  # fmt: skip
+    differ = 0
+    for (d, norm), shapes in CANDIDATES.items():
+        for weighted in (False, True) if norm else (False,):
+            ce = {"D": d, "NORM": norm, "HAS_W": weighted, "INVERSE": False, "X_BF16": True,
+                  "W_BF16": weighted}  # fmt: skip
+            first = None
+            for shape in dict.fromkeys((default_shape(d, norm), *shapes)):
+                k = build(norm_rope._rms_rope_kernel, types, ce | {"RB": shape.rows},
+                          shape.warps, divisible=("stride_t", "stride_h"))  # fmt: skip
+                split = axis_split(reduce_layouts(k)[0], 1) if norm else "no norm"
+                first = first or split
+                differ += split != first
+                mark = "" if split == first else "  ROW SPLIT DIFFERS"
+                print(f"D {d} norm {norm} w {weighted} {shape}: {resource_usage(k)} "
+                      f"row split {split}{mark}", flush=True)  # fmt: skip
+    print(f"candidates that split the norm's rows otherwise than the default: {differ}")
+    return differ
+
+
 def main() -> None:
+    if "--rope-shapes" in sys.argv[1:]:
+        sys.exit(1 if rope_shapes() else 0)
     for dt in ("bf16", "fp32"):
         for fn, types, constexprs in variants(dt):
             shown = ("TM", "NM")  # the tile variants differ in these too

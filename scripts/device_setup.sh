@@ -4,6 +4,10 @@
 #   site_install LOGDIR    sglang from the carried wheelhouse, or $SITE of an earlier call on
 #                          this warm machine; then this checkout's package into $SITE
 #   native_packages LOGDIR SGLang's native DSV4 packages (DeepGEMM, TileLang, libz3)
+#   wheelhouse_start NAME  the short kernel scripts' start (gpu_moe_sorted.sh, gpu_rope_slot.sh):
+#                          WH (default .wheelhouse), OUT (default /tmp/NAME) made, start time,
+#                          the wheelhouse installed, this checkout first on PYTHONPATH (not
+#                          pip-installed); no log / die needed
 
 site_install() {
     local logs=$1
@@ -41,4 +45,17 @@ native_packages() {
     fi
     python3 -c "import deep_gemm, tilelang" > "$logs/native_import.log" 2>&1 \
         || { tail -n 30 "$logs/native_import.log"; die "deep_gemm / tilelang do not import"; }
+}
+
+wheelhouse_start() {
+    WH=${WHEELHOUSE:-.wheelhouse}
+    OUT=${OUT:-/tmp/$1}
+    mkdir -p "$OUT"
+    export PYTHONUNBUFFERED=1
+    start=$(date +%s)
+    # shellcheck disable=SC1091
+    source "$WH/install_on_device.sh" "$WH" > "$OUT/install.log" 2>&1 \
+        || { cat "$OUT/install.log"; return 1; }
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's package, the wheelhouse's sglang
+    echo "installed in $(( $(date +%s) - start )) s"
 }

@@ -5,7 +5,7 @@
 #   bash scripts/gpu_moe_sorted.sh   install, then
 #     1. scripts/bench_moe.py --sorted (~60-90 s on an H100): each sorted kernel at every
 #        candidate tile of kernels/moe_sorted_tiles.py, T 4096 / 8192 / 16384, bf16 and FP8, the
-#        slot sum before / after, whole calls vs SGLang's fused_experts; prints the table and
+#        slot sum (torch vs kernels.slot_sum), whole calls vs SGLang's fused_experts; prints the table and
 #        the MEASURED rows to paste last;
 #     2. the sorted form's GPU tests (~2-3 min): every tile against the twin at an 8K-token
 #        prefill, Flash dims in every format, CUDA-graph replay, the sm_90 compile check.
@@ -14,15 +14,9 @@
 #      TESTS=0 skips step 2. Exit status: the bench's, else the tests'.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-WH=${WHEELHOUSE:-.wheelhouse}
-OUT=${OUT:-/tmp/gpu_moe_sorted}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-start=$(date +%s)
-# shellcheck disable=SC1091
-source "$WH/install_on_device.sh" "$WH" > "$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
-export PYTHONPATH="$PWD:$PYTHONPATH"  # this checkout's package, the wheelhouse's sglang
-echo "installed in $(( $(date +%s) - start )) s"
+# shellcheck source=scripts/device_setup.sh
+source scripts/device_setup.sh
+wheelhouse_start gpu_moe_sorted || exit 1  # sets WH, OUT, start
 python3 scripts/bench_moe.py --sorted --out "$OUT/bench_moe_sorted.json" \
     > "$OUT/bench_moe_sorted.txt" 2>&1
 rc=$?

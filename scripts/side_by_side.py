@@ -324,7 +324,7 @@ def measure_server(args, impl, cells, server, url, deadline, doc, out_json) -> d
             runnable,
             args.repeats,
             timed,
-            deadline=deadline,
+            deadline=deadline - profile_reserve_s(args),
             warm=not args.no_warm,
             margin_s=10.0,
             on_update=update,
@@ -351,6 +351,14 @@ def measure_server(args, impl, cells, server, url, deadline, doc, out_json) -> d
         doc["profile_prefill"], failed = profile_prefill(args, impl, url, deadline)
         status += ", prefill profile failed" if failed else ""
     return {"status": status}
+
+
+def profile_reserve_s(args) -> float:
+    """Seconds kept before the deadline for the profiles asked for (the cells' timed runs stop
+    that early): without it the last round of runs used the time and every profile was skipped."""
+    sizes = [b for b in args.profile_bs.split(",") if b] if args.profile_bs else []
+    prefill = parse_cells(args.profile_prefill) if args.profile_prefill else []
+    return 50.0 * len(sizes) + 40.0 * len(prefill)
 
 
 def profile(args, impl: str, url: str, deadline: float) -> tuple[dict, bool]:

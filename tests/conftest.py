@@ -32,6 +32,18 @@ def _deterministic():
     torch.set_num_threads(2)
 
 
+@pytest.fixture(autouse=True)
+def _sync_sites(monkeypatch):
+    """``DSV4_SYNC_ERROR=1``: the sync-counting GPU tests' ``set_sync_debug_mode("warn")`` raises
+    instead, so the failing test's traceback names the synchronizing call (a count says only
+    how many there were)."""
+    if os.environ.get("DSV4_SYNC_ERROR") == "1" and torch.cuda.is_available():
+        original = torch.cuda.set_sync_debug_mode
+        monkeypatch.setattr(
+            torch.cuda, "set_sync_debug_mode", lambda m: original("error" if m == "warn" else m)
+        )
+
+
 @pytest.fixture(scope="session")
 def tiny_dict() -> dict:
     return tiny_config_dict()

@@ -27,8 +27,23 @@ from sglang_dsv4.mem.h2d import to_device
 __all__ = ["MEASURED", "AttendChoice", "AttendFlashMLA", "pick"]
 
 # (kind, heads, new tokens, keys per query, ours ms, FlashMLA ms): kind "csa" = window + c4
-# top-k, "hca" = window + every c128 entry, "swa" = window only. Empty until measured.
-MEASURED: tuple[tuple[str, int, int, int, float, float], ...] = ()
+# top-k, "hca" = window + every c128 entry, "swa" = window only. Ours serves unmeasured shapes.
+MEASURED: tuple[tuple[str, int, int, int, float, float], ...] = (
+    # 2026-12-06, NVIDIA H100 80GB HBM3, fp8 rows: scripts/bench_extend.py
+    ("csa", 64, 512, 256, 0.214, 0.31),
+    ("csa", 64, 4096, 640, 2.069, 0.811),
+    ("csa", 64, 8192, 256, 2.12, 1.493),
+    ("csa", 64, 8192, 640, 4.717, 1.447),
+    ("hca", 64, 512, 132, 0.192, 0.202),
+    ("hca", 64, 4096, 160, 1.014, 0.501),
+    ("hca", 64, 8192, 132, 1.902, 0.883),
+    ("hca", 64, 8192, 160, 1.903, 0.868),
+    ("hca", 64, 8192, 384, 3.054, 0.99),
+    ("hca", 64, 8192, 1152, 7.675, 2.106),
+    ("swa", 64, 512, 128, 0.135, 0.171),
+    ("swa", 64, 4096, 128, 0.614, 0.392),
+    ("swa", 64, 8192, 128, 1.124, 0.695),
+)
 
 _ALIGN = 128  # FlashMLA's sparse prefill wants index lists of a multiple of 64 (h64) / 128
 

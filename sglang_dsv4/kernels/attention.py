@@ -290,9 +290,10 @@ class SparseMQA:
         has_extra = extra_kv is not None
         if has_extra:
             extra = _list_args(_EXTRA_ARGS, extra_kv, extra_indices, extra_lengths, self.extra_topk)
-        else:  # never read (HAS_EXTRA off): the main list stands in, at a fixed geometry
-            extra = _list_args(_EXTRA_ARGS, kv, indices, extra_lengths, self.extra_topk)
-            extra |= {"xpage_size": 1, "xpage_stride": 0, "xrow_stride": 0}
+        else:  # never read (HAS_EXTRA, HAS_XLEN off): the main list's tensors stand in, at a
+            # fixed geometry (one compiled variant whatever the main cache's pages)
+            extra = dict(zip(_EXTRA_ARGS, main.values(), strict=True))
+            extra |= {"xpage_size": 1, "xpage_stride": 0, "xrow_stride": 0, "K2": self.extra_topk}
         # The bit-placement dequant leaves keys 2^-KSHIFT too small: scale logits and output back.
         shift = 2.0**KSHIFT if cfg.dequant else 1.0
         split = self.num_splits > 1

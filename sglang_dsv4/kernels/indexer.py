@@ -20,7 +20,10 @@ Two launches: (1) scores into an fp32 workspace ``[T, max_keys]``, grid (queries
 each program striding over 64-key tiles of its query (decode spreads one query over the GPU);
 (2) exact top-k per query by radix select on the order-preserving int32 image of the scores (four
 8-bit histogram passes find the k-th largest value, a fifth pass writes every larger entry and
-the first entries equal to it, in entry order). Outputs: entry ids [T, topk] (``-1`` past the
+the first entries equal to it, in entry order): one program per query, or, for few queries over
+many entries (decode at small batch; chosen by ``plan()`` from the shape), each query's entries
+cut into ranges of one program each, a launch per pass (five), same picks in the same order.
+Outputs: entry ids [T, topk] (``-1`` past the
 ``min(topk, visible)`` picks), optionally their key / entry rows, and the pick counts [T].
 """
 
@@ -142,6 +145,101 @@ def _order_key(x):
     return tl.where(u < 0, u ^ 0x7FFFFFFF, u)
 
 
+@triton.jit
+def _chunk_keys(src, c0, hi, x, CHUNK: tl.constexpr):
+    """The chunk of entries ``c0 ..`` (below ``hi``) whose scores ``x`` were loaded one step
+    before: its mask, order keys, and the next chunk's scores, whose load is in flight while
+    this chunk is counted (the passes are compute-bound; this hides the load's latency)."""
+    idx = c0 + tl.arange(0, CHUNK)
+    x_next = tl.load(src + idx + CHUNK, idx + CHUNK < hi, 0.0)
+    return idx < hi, _order_key(x), x_next
+
+
+@triton.jit
+def _pass_hist(src, lo, hi, prefix, PASS: tl.constexpr, CHUNK: tl.constexpr):
+    """Radix pass ``PASS``: 256-bin histogram of byte ``PASS`` (from the top) of the order keys
+    of entries ``lo .. hi-1`` that match ``prefix`` in the bytes above it."""
+    SHIFT: tl.constexpr = 24 - 8 * PASS
+    hist = tl.zeros([256], tl.int32)
+    x = tl.load(src + lo + tl.arange(0, CHUNK), lo + tl.arange(0, CHUNK) < hi, 0.0)
+    for c0 in range(lo, hi, CHUNK):
+        m, key, x = _chunk_keys(src, c0, hi, x, CHUNK)
+        if PASS == 0:
+            digit = ((key >> 24) & 0xFF) ^ 0x80  # the sign bit orders the top byte
+            match = m
+        else:
+            digit = (key >> SHIFT) & 0xFF
+            match = m & ((key >> (SHIFT + 8)) == (prefix >> (SHIFT + 8)))
+        hist += tl.histogram(digit, 256, mask=match)
+    return hist
+
+
+@triton.jit
+def _next_digit(hist, need, prefix, PASS: tl.constexpr):
+    """From pass ``PASS``'s histogram [256]: the bin ``d`` holding the ``need``-th largest
+    matching key, ``need`` less the entries in higher bins, ``prefix`` with byte ``PASS`` set."""
+    bins = tl.arange(0, 256)
+    at_least = tl.cumsum(hist, 0, reverse=True)  # entries with digit >= d
+    d = tl.max(tl.where(at_least >= need, bins, 0))
+    need -= tl.sum(tl.where(bins > d, hist, 0))
+    byte = d
+    if PASS == 0:
+        byte = d ^ 0x80
+    return d, need, prefix | (byte << (24 - 8 * PASS))
+
+
+@triton.jit
+def _write_picks(src, lo, hi, prefix, need, taken, equal_seen, ids, rows, bt_row,
+                 EPB: tl.constexpr, CHUNK: tl.constexpr, WRITE_ROWS: tl.constexpr):  # fmt: skip
+    """Entries ``lo .. hi-1`` above ``prefix`` (the k-th largest key), and those equal to it
+    while fewer than ``need`` came before (``equal_seen`` of them before ``lo``), written in
+    entry order from slot ``taken`` of ``ids`` (and their rows through ``bt_row``)."""
+    x = tl.load(src + lo + tl.arange(0, CHUNK), lo + tl.arange(0, CHUNK) < hi, 0.0)
+    for c0 in range(lo, hi, CHUNK):
+        m, key, x = _chunk_keys(src, c0, hi, x, CHUNK)
+        idx = c0 + tl.arange(0, CHUNK)
+        eq = (m & (key == prefix)).to(tl.int32)
+        take = (m & (key > prefix)) | ((eq != 0) & (equal_seen + tl.cumsum(eq, 0) <= need))
+        take_i = take.to(tl.int32)
+        slot = taken + tl.cumsum(take_i, 0) - 1
+        tl.store(ids + slot, idx, take)
+        if WRITE_ROWS:
+            blk = tl.load(bt_row + idx // EPB, mask=take, other=0)
+            tl.store(rows + slot, blk * EPB + idx % EPB, take)
+        taken += tl.sum(take_i)
+        equal_seen += tl.sum(eq)
+
+
+@triton.jit
+def _pad_picks(ids, rows, k, K: tl.constexpr, KCHUNK: tl.constexpr, WRITE_ROWS: tl.constexpr):
+    """-1 in slots ``k .. K-1``."""
+    for c0 in tl.static_range(0, K, KCHUNK):
+        j = c0 + tl.arange(0, KCHUNK)
+        pad = (j >= k) & (j < K)
+        tl.store(ids + j, tl.full([KCHUNK], -1, tl.int32), pad)
+        if WRITE_ROWS:
+            tl.store(rows + j, tl.full([KCHUNK], -1, tl.int32), pad)
+
+
+@triton.jit
+def _radix_threshold(src, vis, k, CHUNK: tl.constexpr):
+    """``(prefix, need)`` for :func:`_write_picks` over entries ``0 .. vis-1``: the k-th largest
+    order key and how many entries equal to it are picks (4 radix passes), or, when every
+    visible entry is a pick (``k == vis``: half the queries of a 4K prompt at top-512), no pass:
+    a prefix at or below every key and ``need = vis`` (H100, 2026-12-07: the extend select of
+    a 4096-token prompt 257 -> 183 us). Stopping after the pass whose bin holds exactly the
+    picks still needed was measured slower at 16K-64K prompts (+6-12 %): not done."""
+    prefix = tl.full([], -2147483648, tl.int32)  # below or equal to every order key
+    need = vis
+    if k < vis:
+        prefix = tl.zeros([], tl.int32)
+        need = k
+        for p in tl.static_range(4):
+            hist = _pass_hist(src, 0, vis, prefix, p, CHUNK)
+            _, need, prefix = _next_digit(hist, need, prefix, p)
+    return prefix, need
+
+
 @triton.jit(do_not_specialize=["bt_stride"])
 def _topk_kernel(
     logits_ptr,
@@ -164,66 +262,98 @@ def _topk_kernel(
     vis = (tl.load(pos_ptr + t).to(tl.int32) + 1) // RATIO
     k = tl.minimum(vis, K)
     src = logits_ptr + t.to(tl.int64) * ld
-    bins = tl.arange(0, 256)
-    # radix select: after the 4 passes ``prefix`` is the k-th largest key and ``need`` the
-    # number of entries equal to it that belong to the top k
-    prefix = tl.zeros([], tl.int32)
-    need = k
-    for p in tl.static_range(4):
-        SHIFT = 24 - 8 * p
-        hist = tl.zeros([256], tl.int32)
-        x = tl.load(src + tl.arange(0, CHUNK), tl.arange(0, CHUNK) < vis, 0.0)
-        for c0 in range(0, vis, CHUNK):
-            idx = c0 + tl.arange(0, CHUNK)
-            m = idx < vis
-            x_next = tl.load(src + idx + CHUNK, idx + CHUNK < vis, 0.0)  # in flight meanwhile
-            key = _order_key(x)
-            x = x_next
-            if p == 0:
-                digit = ((key >> 24) & 0xFF) ^ 0x80  # the sign bit orders the top byte
-                match = m
-            else:
-                digit = (key >> SHIFT) & 0xFF
-                match = m & ((key >> (SHIFT + 8)) == (prefix >> (SHIFT + 8)))
-            hist += tl.histogram(digit, 256, mask=match)
-        at_least = tl.cumsum(hist, 0, reverse=True)  # entries with digit >= d
-        d = tl.max(tl.where(at_least >= need, bins, 0))
-        need -= tl.sum(tl.where(bins > d, hist, 0))
-        if p == 0:
-            d = d ^ 0x80
-        prefix = prefix | (d << SHIFT)
-    taken = tl.zeros([], tl.int32)
-    equal_seen = tl.zeros([], tl.int32)
-    x = tl.load(src + tl.arange(0, CHUNK), tl.arange(0, CHUNK) < vis, 0.0)
-    for c0 in range(0, vis, CHUNK):
-        idx = c0 + tl.arange(0, CHUNK)
-        m = idx < vis
-        x_next = tl.load(src + idx + CHUNK, idx + CHUNK < vis, 0.0)
-        key = _order_key(x)
-        x = x_next
-        eq = (m & (key == prefix)).to(tl.int32)
-        take = (m & (key > prefix)) | ((eq != 0) & (equal_seen + tl.cumsum(eq, 0) <= need))
-        take_i = take.to(tl.int32)
-        slot = taken + tl.cumsum(take_i, 0) - 1
-        tl.store(ids_ptr + t * K + slot, idx, take)
-        if WRITE_ROWS:
-            b = tl.load(qreq_ptr + t).to(tl.int64)
-            blk = tl.load(bt_ptr + b * bt_stride + idx // EPB, mask=take, other=0)
-            tl.store(rows_ptr + t * K + slot, blk * EPB + idx % EPB, take)
-        taken += tl.sum(take_i)
-        equal_seen += tl.sum(eq)
-    for c0 in tl.static_range(0, K, KCHUNK):
-        j = c0 + tl.arange(0, KCHUNK)
-        pad = (j >= k) & (j < K)
-        tl.store(ids_ptr + t * K + j, tl.full([KCHUNK], -1, tl.int32), pad)
-        if WRITE_ROWS:
-            tl.store(rows_ptr + t * K + j, tl.full([KCHUNK], -1, tl.int32), pad)
+    prefix, need = _radix_threshold(src, vis, k, CHUNK)
+    bt_row = bt_ptr + tl.load(qreq_ptr + t).to(tl.int64) * bt_stride
+    zero = tl.zeros([], tl.int32)
+    _write_picks(src, 0, vis, prefix, need, zero, zero, ids_ptr + t * K, rows_ptr + t * K,
+                 bt_row, EPB, CHUNK, WRITE_ROWS)  # fmt: skip
+    _pad_picks(ids_ptr + t * K, rows_ptr + t * K, k, K, KCHUNK, WRITE_ROWS)
     tl.store(len_ptr + t, k)
+
+
+# --------------------------------------------------------------- top-k split over programs
+# Few queries (decode at small batch): the one-program select above leaves the GPU idle while
+# one SM walks ctx/4 scores five times (H100, 2026-11-22: 43 us at 32K tokens, 147 us at 128K,
+# batch 1 or 32). Here each query's entries are cut into SPLITS contiguous ranges, one program
+# each: every radix pass is a launch whose programs histogram their range into their own row of
+# ``hist`` [T, 4, SPLITS, 256] (no atomics, nothing to zero: each row is rewritten every step),
+# and every program re-derives the passes before it from those rows. The last launch writes
+# each range's picks at its offset: the larger entries and the equal ones taken before it,
+# known from the rows of the ranges before it. Same picks in the same (entry) order.
+
+
+@triton.jit
+def _split_prefix(hist, need, PASSES: tl.constexpr, SPLITS: tl.constexpr, SB: tl.constexpr):
+    """The select's state after passes ``0 .. PASSES-1`` from the ranges' histograms ``hist``
+    (one query's [4, SPLITS, 256]): ``prefix``, ``need``, and per range [SB] the entries above
+    the prefix so far and those equal to it in the last pass's byte."""
+    sp = tl.arange(0, SB)
+    bins = tl.arange(0, 256)
+    prefix = tl.zeros([], tl.int32)
+    above = tl.zeros([SB], tl.int32)
+    equal = tl.zeros([SB], tl.int32)
+    for p in tl.static_range(PASSES):
+        rows = tl.load(hist + (p * SPLITS + sp[:, None]) * 256 + bins[None, :],
+                       mask=sp[:, None] < SPLITS, other=0)  # fmt: skip
+        d, need, prefix = _next_digit(tl.sum(rows, 0), need, prefix, p)
+        above += tl.sum(tl.where(bins[None, :] > d, rows, 0), 1)
+        equal = tl.sum(tl.where(bins[None, :] == d, rows, 0), 1)
+    return prefix, need, above, equal
+
+
+@triton.jit
+def _split_range(vis, s, SPLITS: tl.constexpr):
+    """Entries ``lo .. hi-1`` of range ``s`` (contiguous: entry order is range order)."""
+    span = tl.cdiv(vis, SPLITS)
+    lo = tl.minimum(s * span, vis)
+    return lo, tl.minimum(lo + span, vis)
+
+
+@triton.jit
+def _split_hist_kernel(
+    logits_ptr, ld, pos_ptr, hist_ptr,
+    K: tl.constexpr, RATIO: tl.constexpr, SPLITS: tl.constexpr, SB: tl.constexpr,
+    PASS: tl.constexpr, CHUNK: tl.constexpr,
+):  # fmt: skip
+    t = tl.program_id(0)
+    s = tl.program_id(1)
+    vis = (tl.load(pos_ptr + t).to(tl.int32) + 1) // RATIO
+    hist = hist_ptr + t.to(tl.int64) * (4 * SPLITS * 256)
+    prefix, _, _, _ = _split_prefix(hist, tl.minimum(vis, K), PASS, SPLITS, SB)
+    lo, hi = _split_range(vis, s, SPLITS)
+    counts = _pass_hist(logits_ptr + t.to(tl.int64) * ld, lo, hi, prefix, PASS, CHUNK)
+    tl.store(hist + (PASS * SPLITS + s) * 256 + tl.arange(0, 256), counts)
+
+
+@triton.jit(do_not_specialize=["bt_stride"])
+def _split_write_kernel(
+    logits_ptr, ld, pos_ptr, hist_ptr, qreq_ptr, bt_ptr, bt_stride, ids_ptr, rows_ptr, len_ptr,
+    K: tl.constexpr, RATIO: tl.constexpr, SPLITS: tl.constexpr, SB: tl.constexpr,
+    EPB: tl.constexpr, CHUNK: tl.constexpr, KCHUNK: tl.constexpr, WRITE_ROWS: tl.constexpr,
+):  # fmt: skip
+    t = tl.program_id(0)
+    s = tl.program_id(1)
+    vis = (tl.load(pos_ptr + t).to(tl.int32) + 1) // RATIO
+    k = tl.minimum(vis, K)
+    hist = hist_ptr + t.to(tl.int64) * (4 * SPLITS * 256)
+    prefix, need, above, equal = _split_prefix(hist, k, 4, SPLITS, SB)
+    before = tl.arange(0, SB) < s  # the ranges before this one
+    equal_seen = tl.sum(tl.where(before, equal, 0))
+    taken = tl.sum(tl.where(before, above, 0)) + tl.minimum(equal_seen, need)
+    lo, hi = _split_range(vis, s, SPLITS)
+    bt_row = bt_ptr + tl.load(qreq_ptr + t).to(tl.int64) * bt_stride
+    _write_picks(logits_ptr + t.to(tl.int64) * ld, lo, hi, prefix, need, taken, equal_seen,
+                 ids_ptr + t * K, rows_ptr + t * K, bt_row, EPB, CHUNK, WRITE_ROWS)  # fmt: skip
+    if s == 0:
+        _pad_picks(ids_ptr + t * K, rows_ptr + t * K, k, K, KCHUNK, WRITE_ROWS)
+        tl.store(len_ptr + t, k)
 
 
 class IndexerTopK:
     """Indexer scores + top-k of one c4 layer kind. ``plan()`` once per batch (sizes, grid,
-    workspace), ``run()`` per layer (two launches, no sync, no allocation, no host branch)."""
+    workspace, which select), ``run()`` per layer (two launches, six with the split select; no
+    sync, no allocation, no host branch). ``topk_splits``: ranges per query of the select (1:
+    one program per query); None lets ``plan()`` pick by shape."""
 
     def __init__(
         self,
@@ -237,6 +367,7 @@ class IndexerTopK:
         write_rows: bool = True,
         max_workspace_bytes: int = 1 << 28,
         rotate: bool = False,
+        topk_splits: int | None = None,
     ):
         if n_heads & (n_heads - 1) or n_heads < 16 or head_dim & (head_dim - 1):
             raise ValueError(f"{n_heads} heads x {head_dim}: powers of 2, >= 16 heads")
@@ -251,6 +382,7 @@ class IndexerTopK:
         self.write_rows = write_rows
         self.max_workspace_bytes = max_workspace_bytes
         self.block_keys = 64
+        self._topk_splits = topk_splits  # None: plan() picks by shape (``_split_count``)
         self._planned = False
 
     def plan(self, n_queries: int, max_keys: int, device: torch.device | str) -> None:
@@ -274,6 +406,13 @@ class IndexerTopK:
         # decode: spread a query's tiles over the GPU, ~2 programs per SM (>= 4 tiles each);
         # 128-key tiles with ~4 programs per SM measured slower (docs/perf)
         self.splits = max(1, min(triton.cdiv(tiles, 4), triton.cdiv(2 * sms, self.q_chunk)))
+        self.topk_splits = self._topk_splits or _split_count(self.q_chunk, max_keys, sms)
+        # the select, chosen here by shape: run() has no branch
+        self._select_topk = self._select if self.topk_splits == 1 else self._select_split
+        self.hist = torch.empty(
+            self.q_chunk if self.topk_splits > 1 else 0, 4, self.topk_splits, 256,
+            dtype=torch.int32, device=device,
+        )  # fmt: skip
         self._dot_f32 = device.type != "cuda"
         self._planned = True
 
@@ -306,54 +445,59 @@ class IndexerTopK:
         for t0 in range(0, t_all, self.q_chunk):
             t1 = min(t_all, t0 + self.q_chunk)
             self._scores(q, weights, keys, block_table, query_req, positions, t0, t1)
-            self._select(block_table, query_req, positions, t0, t1)
+            self._select_topk(block_table, query_req, positions, t0, t1)
         return self.ids, self.rows, self.lengths
 
     def _scores(self, q, weights, keys, block_table, query_req, positions, t0, t1) -> None:
         lay = self.key_layout
         _logits_kernel[(t1 - t0, self.splits)](
-            q[t0:t1],
-            q.stride(0),
-            q.stride(1),
-            weights[t0:t1],
-            weights.stride(0),
-            keys,
-            block_table,
-            block_table.stride(0),
-            query_req[t0:t1],
-            positions[t0:t1],
-            self.logits,
-            self.ld,
-            self.splits,
-            H=self.n_heads,
-            DH=self.head_dim,
-            BS=self.block_keys,
-            EPB=self.entries_per_block,
-            RATIO=self.ratio,
-            RPP=lay.rows_per_page,
-            FP4=lay.fmt == "fp4",
-            DOT_F32=self._dot_f32,
-            ROTATE=self.rotate,
-            num_warps=4,
-            num_stages=3,
-        )
+            q_ptr=q[t0:t1], q_stride_t=q.stride(0), q_stride_h=q.stride(1),
+            w_ptr=weights[t0:t1], w_stride=weights.stride(0), keys_ptr=keys,
+            bt_ptr=block_table, bt_stride=block_table.stride(0), qreq_ptr=query_req[t0:t1],
+            pos_ptr=positions[t0:t1], logits_ptr=self.logits, ld=self.ld, n_splits=self.splits,
+            H=self.n_heads, DH=self.head_dim, BS=self.block_keys, EPB=self.entries_per_block,
+            RATIO=self.ratio, RPP=lay.rows_per_page, FP4=lay.fmt == "fp4",
+            DOT_F32=self._dot_f32, ROTATE=self.rotate, num_warps=4, num_stages=3,
+        )  # fmt: skip
 
     def _select(self, block_table, query_req, positions, t0, t1) -> None:
+        """One program per query (many queries: they fill the GPU)."""
         _topk_kernel[(t1 - t0,)](
-            self.logits,
-            self.ld,
-            query_req[t0:t1],
-            positions[t0:t1],
-            block_table,
-            block_table.stride(0),
-            self.ids[t0:t1],
-            self.rows[t0:t1],
-            self.lengths[t0:t1],
-            K=self.topk,
-            RATIO=self.ratio,
-            EPB=self.entries_per_block,
-            CHUNK=2048,
-            KCHUNK=min(1024, triton.next_power_of_2(self.topk)),
-            WRITE_ROWS=self.write_rows,
-            num_warps=8,
-        )
+            logits_ptr=self.logits, ld=self.ld, qreq_ptr=query_req[t0:t1],
+            pos_ptr=positions[t0:t1], bt_ptr=block_table, bt_stride=block_table.stride(0),
+            ids_ptr=self.ids[t0:t1], rows_ptr=self.rows[t0:t1], len_ptr=self.lengths[t0:t1],
+            K=self.topk, RATIO=self.ratio, EPB=self.entries_per_block, CHUNK=2048,
+            KCHUNK=self._kchunk, WRITE_ROWS=self.write_rows, num_warps=8,
+        )  # fmt: skip
+
+    def _select_split(self, block_table, query_req, positions, t0, t1) -> None:
+        """``topk_splits`` programs per query: four histogram launches, then the writes."""
+        grid = (t1 - t0, self.topk_splits)
+        common = dict(
+            logits_ptr=self.logits, ld=self.ld, pos_ptr=positions[t0:t1], hist_ptr=self.hist,
+            K=self.topk, RATIO=self.ratio, SPLITS=self.topk_splits,
+            SB=triton.next_power_of_2(self.topk_splits), CHUNK=_SPLIT_CHUNK,
+        )  # fmt: skip
+        for p in range(4):
+            _split_hist_kernel[grid](**common, PASS=p, num_warps=4)
+        _split_write_kernel[grid](
+            **common, qreq_ptr=query_req[t0:t1], bt_ptr=block_table,
+            bt_stride=block_table.stride(0), ids_ptr=self.ids[t0:t1], rows_ptr=self.rows[t0:t1],
+            len_ptr=self.lengths[t0:t1], EPB=self.entries_per_block, KCHUNK=self._kchunk,
+            WRITE_ROWS=self.write_rows, num_warps=4,
+        )  # fmt: skip
+
+    @property
+    def _kchunk(self) -> int:
+        return min(1024, triton.next_power_of_2(self.topk))
+
+
+_SPLIT_CHUNK = 512  # scores per loop step of a split top-k program (a range at 32K, batch 1)
+_SPLIT_KEYS = 512  # at least this many entries per range (at the plan's max_keys)
+_MAX_SPLITS = 16  # ranges per query: each program sums SPLITS x 256 counts per pass
+
+
+def _split_count(n_queries: int, max_keys: int, sms: int) -> int:
+    """Ranges per query of the top-k: 1 (one program per query) unless the queries leave most
+    SMs idle; then enough ranges to fill them, ``_SPLIT_KEYS`` entries each at least."""
+    return max(1, min(_MAX_SPLITS, triton.cdiv(max(max_keys, 1), _SPLIT_KEYS), sms // n_queries))

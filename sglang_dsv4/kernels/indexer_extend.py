@@ -250,3 +250,4 @@ class IndexerExtend:
     # the exact radix top-k of the decode indexer, over this class's workspace (same fields)
     write_rows = True
     _select = IndexerTopK._select
+    _kchunk = IndexerTopK._kchunk

@@ -41,6 +41,7 @@ import triton.language as tl
 
 from sglang_dsv4.kernels.moe_sorted_tiles import GemmTiles, SortedTiles, sorted_tiles, tile_format
 from sglang_dsv4.kernels.mxfp4_moe import _fp4_tile
+from sglang_dsv4.kernels.slot_sum import slot_sum
 
 __all__ = [
     "FORMATS",
@@ -524,10 +525,10 @@ class _SortedLaunch:
         )  # fmt: skip
 
     def slot_sum(self, y: torch.Tensor, out: torch.Tensor) -> None:
-        """out [T, d] = the sum of each token's slot rows of y, written in out's dtype. torch
-        sums bf16 / fp16 in fp32 and rounds once, as the fp32 sum + copy did, without the fp32
-        [T, d] intermediate (one write and one read of it fewer)."""
-        torch.sum(y.view(self.t, self.slots, self.d), dim=1, out=out)
+        """out [T, d] = the sum of each token's slot rows of y, written in out's dtype: one
+        Triton launch with the bits of ``torch.sum(y.view(T, S, d), dim=1, out=out)`` on CUDA
+        (:mod:`~sglang_dsv4.kernels.slot_sum`), y read once at bandwidth."""
+        slot_sum(y, out)
 
 
 def moe_experts_sorted(

@@ -79,6 +79,10 @@ CANDIDATES: dict[str, tuple[GemmTiles, ...]] = {
 # (format, kernel, pair count, tiles, us): the fastest candidate at that pair count, pasted from
 # ``scripts/bench_moe.py --sorted`` (date and GPU in the comment above each run's rows).
 MEASURED: tuple[tuple[str, str, int, GemmTiles, float], ...] = ()
+# Rows measured on the H100 (2026-12-07: the 8192-token w13 + w2 kernels 2112 -> 1139 us) wait
+# on branch ``moe-tiles`` until ``tests/kernels/test_moe_experts.py``'s GPU test of every
+# candidate tile (``test_sorted_gpu_served_prefill_every_tile``) has run: no tile serves
+# before its numbers are checked on the device.
 
 
 def tile_format(fmt: str, dtype_name: str) -> str:

@@ -26,6 +26,7 @@ from sglang_dsv4.kernels.kv_store import (
     rope_rows,
     round_bf16,
 )
+from sglang_dsv4.kernels.norm_rope_shapes import RopeShape, rope_shape
 
 __all__ = ["rms_norm", "rms_rope_", "rope_hadamard_"]
 
@@ -107,10 +108,13 @@ def rms_rope_(
     weight: torch.Tensor | None = None,
     inverse: bool = False,
     eps: float = 1e-6,
+    shape: RopeShape | None = None,
 ) -> torch.Tensor:
     """In place on ``x`` [T, H, D] or [T, D] (channels contiguous): ``rms_norm(x, weight)``
     over each head when ``norm``, then RoPE (``inverse``: the inverse rotation) of the last 64
-    channels at ``positions`` [T] with ``inv_freq`` [32] (fp32). Returns ``x``."""
+    channels at ``positions`` [T] with ``inv_freq`` [32] (fp32). ``shape``: the launch shape
+    (default :func:`~sglang_dsv4.kernels.norm_rope_shapes.rope_shape`, the same bits whatever
+    it is). Returns ``x``."""
     heads = x.unsqueeze(1) if x.dim() == 2 else x
     if heads.dim() != 3 or heads.stride(2) != 1:
         raise ValueError(f"[T, H, D] or [T, D] with contiguous channels expected, {x.shape}")
@@ -121,14 +125,15 @@ def rms_rope_(
         raise ValueError("a norm weight without norm=True")
     if n == 0 or n_heads == 0:
         return x
-    rb = max(1, 2048 // d) if norm else 32  # (token, head) rows per program
+    shape = shape or rope_shape(n * n_heads, d, norm, x.element_size() == 2)
     x_bf16 = x.dtype == torch.bfloat16
-    _rms_rope_kernel[(triton.cdiv(n * n_heads, rb),)](
+    _rms_rope_kernel[(triton.cdiv(n * n_heads, shape.rows),)](
         x_ptr=heads, w_ptr=weight if weight is not None else heads, pos_ptr=positions,
         inv_freq_ptr=inv_freq, n_rows=n * n_heads, n_heads=n_heads, stride_t=heads.stride(0),
-        stride_h=heads.stride(1), eps=eps, D=d, RB=rb, NORM=norm, HAS_W=weight is not None,
-        INVERSE=inverse, X_BF16=x_bf16,
-        W_BF16=x_bf16 and weight is not None and weight.dtype == torch.bfloat16, num_warps=4,
+        stride_h=heads.stride(1), eps=eps, D=d, RB=shape.rows, NORM=norm,
+        HAS_W=weight is not None, INVERSE=inverse, X_BF16=x_bf16,
+        W_BF16=x_bf16 and weight is not None and weight.dtype == torch.bfloat16,
+        num_warps=shape.warps,
     )  # fmt: skip
     return x
 

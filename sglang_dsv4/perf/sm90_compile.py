@@ -63,6 +63,26 @@ def resource_usage(kernel) -> str:
     return " ".join(USAGE.findall(usage.stdout))
 
 
+_LAYOUT = re.compile(r"^(#[\w.]+) = (#ttg\.\w+<.*>)$", re.M)
+_REDUCE = re.compile(r"\"?tt\.reduce\"?\(%[\w#]+\).*?\(tensor<[^>]*?, (#[\w.]+)>\)", re.S)
+
+
+def reduce_layouts(kernel) -> list[str]:
+    """The register layout (``#ttg.blocked<...>`` text) of each ``tt.reduce``'s operand in a
+    compiled kernel's TTGIR, in program order: the order of a ``tl.sum``'s adds follows it."""
+    ttgir = kernel.asm["ttgir"]
+    layouts = dict(_LAYOUT.findall(ttgir))
+    return [layouts.get(name, name) for name in _REDUCE.findall(ttgir)]
+
+
+def axis_split(layout: str, axis: int) -> tuple[int, int, int]:
+    """(elements per thread, lanes, warps) of a ``#ttg.blocked`` layout along ``axis``: what
+    sets the order of a reduction over that axis (the other axes only replicate it)."""
+    fields = ("sizePerThread", "threadsPerWarp", "warpsPerCTA")
+    lists = (re.search(rf"{f} = \[([\d, ]+)\]", layout)[1].split(",") for f in fields)
+    return tuple(int(v[axis]) for v in lists)
+
+
 def check_all(variants: Iterable[tuple], *, tail: int = 400, aligned: bool = False) -> int:
     """Compile every ``(name, fn, types, constexprs, num_warps)``, printing ``ok`` / ``FAILED``
     (the last ``tail`` characters of the error) for each; returns the number that failed."""

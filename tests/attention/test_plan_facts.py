@@ -6,6 +6,7 @@ import torch
 
 from sglang_dsv4.attention.plan import TailMode, plan_batch
 from sglang_dsv4.attention.plan_facts import SlottedLens
+from sglang_dsv4.mem.h2d import to_device
 from tests.pool_world import BLOCK, World
 
 # (request slot, prefix, seq): fresh prompts and a prefix hit at a block end (REBUILD) ...
@@ -153,7 +154,9 @@ def test_plan_with_host_slots_does_not_sync(tiny_cfg):
         try:
             for step in (STEP, NEXT):
                 fb = _batch(world, step, host_slots=True)
-                fb.req_pool_indices = fb.req_pool_indices.cuda()  # SGLang's device tensor
+                # SGLang's device tensor, copied as SGLang copies it (pinned, queued): a
+                # pageable .cuda() here is itself a synchronizing copy under torch 2.11
+                fb.req_pool_indices = to_device(fb.req_pool_indices, "cuda")
                 plan = plan_batch(fb, world.pool, world.rtp)
         finally:
             torch.cuda.set_sync_debug_mode("default")

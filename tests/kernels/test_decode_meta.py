@@ -91,9 +91,11 @@ def test_narrow_table_clamps_page_starts(mod):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("n_pages", [64, 1025])
 @pytest.mark.parametrize("bs", [1, 32, 128])
-def test_gpu_fields_equal_the_twin(bs):
+def test_gpu_fields_equal_the_twin(bs, n_pages):
+    """8K and 131K-token graph contexts (1025 pages: 5 programs per request)."""
     g = torch.Generator().manual_seed(bs)
-    positions = torch.randint(0, 8191, (bs,), generator=g).tolist()
+    positions = torch.randint(0, n_pages * BLOCK - 1, (bs,), generator=g).tolist()
     positions[0] = 0
-    _check(decode_meta, positions, n_pages=64, window=128, pad=3, device="cuda", seed=bs)
+    _check(decode_meta, positions, n_pages=n_pages, window=128, pad=3, device="cuda", seed=bs)

@@ -114,20 +114,28 @@ def _run_case(
     stride=1,
     zeros=0.0,
     rotate=False,
+    splits=None,
+    inputs=None,
 ):
-    layout, cache, bt = _setup(ks, fmt, seq_lens, device, zero_frac=zeros)
-    qreq, pos = _queries(seq_lens, per_req, device)
+    """``inputs``: a previous case's (layout, cache, bt, q, w, qreq, pos), run again."""
+    if inputs is None:
+        layout, cache, bt = _setup(ks, fmt, seq_lens, device, zero_frac=zeros)
+        qreq, pos = _queries(seq_lens, per_req, device)
+        q = torch.randn(qreq.numel(), heads, 128, device=device).bfloat16()
+        w = torch.randn(qreq.numel(), heads, device=device)
+    else:
+        layout, cache, bt, q, w, qreq, pos = inputs
     n_q = qreq.numel()
-    q = torch.randn(n_q, heads, 128, device=device).bfloat16()
-    w = torch.randn(n_q, heads, device=device)
     ix = ix_mod.IndexerTopK(
-        topk, heads, key_layout=layout, max_workspace_bytes=workspace, rotate=rotate
-    )
+        topk, heads, key_layout=layout, max_workspace_bytes=workspace, rotate=rotate,
+        topk_splits=splits,
+    )  # fmt: skip
     ix.plan(n_q, max(seq_lens) // RATIO, device)
     ix.ids.fill_(-7)
     ix.rows.fill_(-7)
     ix.lengths.fill_(-7)
     ix.logits.fill_(float("nan"))
+    ix.hist.fill_(-7)
     # rotated: on the GPU the reference's q S may round one ulp off the kernel's (fp32 order)
     rtol = 1e-3 if rotate and q.is_cuda else 1e-5
     _check(ix, layout, cache, bt, q, w, qreq, pos, topk, stride, rtol)
@@ -166,6 +174,151 @@ def test_ties_at_zero(mods):
     """60% of the keys are zero: the k-th score sits inside a bucket of exact ties at 0."""
     ks, ix = mods
     _run_case(ks, ix, "fp8", 16, 32, [700, 401, 9], 2, "cpu", zeros=0.6)
+
+
+def _exact_topk(scores: torch.Tensor, vis: int, k: int) -> list[int]:
+    """The select's contract: the ``k`` largest of ``scores[:vis]`` by the order of their int32
+    image (NaNs included, -0.0 below +0.0), ties by entry, listed in entry order."""
+    u = scores[:vis].contiguous().view(torch.int32)
+    key = torch.where(u < 0, u ^ 0x7FFFFFFF, u)
+    order = torch.sort(key.long(), descending=True, stable=True).indices
+    return sorted(order[:k].tolist())
+
+
+def _select_case(ix_mod, visible, topk, splits, values=None, nan_at=()):
+    """Both selects over the same workspace: scores from ``values`` (ties) or random, the
+    outputs and the split's histograms poisoned first. Returns (one-program, split) outputs."""
+    n_q, ld = len(visible), max(16, max(visible))
+    pos = torch.tensor([max(v * RATIO - 1, 0) for v in visible], dtype=torch.int32)
+    qreq = torch.arange(n_q, dtype=torch.int32).flip(0)
+    bt = (torch.randperm(n_q * 64)[: n_q * 64] + 1).view(n_q, 64).int()
+    if values is None:
+        scores = torch.randn(n_q, ld)
+    else:
+        scores = torch.tensor(values)[torch.randint(len(values), (n_q, ld))]
+    for t, e in nan_at:
+        scores[t, e] = float("nan")
+    out = []
+    for n in (1, splits):
+        ix = ix_mod.IndexerTopK(topk, 16, topk_splits=n)
+        ix.plan(n_q, ld, "cpu")
+        assert ix.topk_splits == n
+        ix.logits.fill_(float("nan"))  # past each query's visible entries: never read
+        ix.logits[:, :ld].copy_(scores)
+        for buf in (ix.ids, ix.rows, ix.lengths, ix.hist):
+            buf.random_(-(2**20), 2**20)
+        ix._select_topk(bt, qreq, pos, 0, n_q)
+        out.append((ix.ids.clone(), ix.rows.clone(), ix.lengths.clone()))
+    for t, v in enumerate(visible):
+        k = min(topk, v)
+        want = _exact_topk(scores[t], v, k)
+        for ids, rows, lengths in out:
+            assert int(lengths[t]) == k
+            assert ids[t, :k].tolist() == want and (ids[t, k:] == -1).all()
+            sel = torch.tensor(want, dtype=torch.long)
+            want_rows = bt[int(qreq[t]), sel // EPB].long() * EPB + sel % EPB
+            assert rows[t, :k].long().tolist() == want_rows.tolist()
+            assert (rows[t, k:] == -1).all()
+    return out
+
+
+@pytest.mark.parametrize("splits", [2, 3, 5])
+def test_split_select_matches_one_program(mods, splits):
+    """The split top-k picks what the one-program select picks, in the same order: visible
+    counts below / at / above k, 0 and 1 visible, fewer visible entries than ranges."""
+    _, ix = mods
+    (one, split) = _select_case(ix, [0, 1, 3, 7, 8, 9, 40, 333, 1100], 8, splits)
+    for a, b in zip(one, split, strict=True):
+        assert torch.equal(a, b)
+
+
+# 2.0 rare, 1.0 common: the ties at the k-th score (1.0) run out in the first range, larger
+# scores (2.0) follow in every range, at offsets past those ties
+_RARE_ABOVE_TIES = [2.0] + [1.0] * 8 + [0.0] * 7
+
+
+@pytest.mark.parametrize("values", [[0.0, 1.0, -1.0, 2.5], [0.0, -0.0], [3.0], _RARE_ABOVE_TIES])
+def test_split_select_ties_by_entry_order(mods, values):
+    """Few distinct values: the k-th score is tied across ranges; the first tied entries in
+    entry order are taken (-0.0 orders below +0.0 in both selects)."""
+    _, ix = mods
+    (one, split) = _select_case(ix, [5, 64, 65, 700], 64, 4, values=values)
+    for a, b in zip(one, split, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_select_takes_every_visible_entry_without_passes(mods):
+    """Rows with at most k visible entries (``k == visible``: no radix pass runs) pick every
+    visible entry in entry order, the NaN-poisoned scores past them unread; rows with more
+    visible entries than k run the passes, over the same workspace."""
+    _, ix = mods
+    n_q, ld, topk = 4, 300, 8
+    scores = torch.rand(n_q, ld) * 2 - 1
+    scores[:, 3] = -0.0  # order keys: -0.0 below +0.0, both picks when visible
+    scores[:, 4] = float("nan")  # ordered above every number
+    obj = ix.IndexerTopK(topk, 16)
+    visible = [8, 5, 1, 300]
+    pos = torch.tensor([v * RATIO - 1 for v in visible], dtype=torch.int32)
+    qreq = torch.zeros(n_q, dtype=torch.int32)
+    bt = (torch.randperm(64) + 1).view(1, 64).int()
+    obj.plan(n_q, ld, "cpu")
+    obj.logits.fill_(float("nan"))
+    obj.logits[:, :ld].copy_(scores)
+    for t, v in enumerate(visible):
+        obj.logits[t, v:] = float("nan")  # past the visible entries: must not be picked
+    obj.ids.fill_(-7)
+    obj.rows.fill_(-7)
+    obj._select(bt, qreq, pos, 0, n_q)
+    for t, v in enumerate(visible):
+        want = list(range(v)) if v <= topk else _exact_topk(scores[t], v, topk)
+        assert obj.ids[t, : len(want)].tolist() == want
+        assert (obj.ids[t, len(want) :] == -1).all() and int(obj.lengths[t]) == len(want)
+        sel = torch.tensor(want, dtype=torch.long)
+        assert (
+            obj.rows[t, : len(want)].long().tolist()
+            == (bt[0, sel // EPB].long() * EPB + sel % EPB).tolist()
+        )
+
+
+def test_split_select_nan_scores(mods):
+    """NaN scores (a poisoned key) order above every number in both selects alike."""
+    _, ix = mods
+    (one, split) = _select_case(ix, [300, 40], 16, 3, nan_at=((0, 7), (0, 290), (1, 0)))
+    for a, b in zip(one, split, strict=True):
+        assert torch.equal(a, b)
+    assert {7, 290} <= set(one[0][0].tolist()) and 0 in one[0][1].tolist()
+
+
+def test_split_select_in_query_chunks(mods):
+    """Queries in several workspace chunks: the split select's table rows follow the chunk."""
+    ks, ix = mods
+    ix_obj, _ = _run_case(ks, ix, "fp8", 16, 8, [70, 41], None, "cpu", workspace=4 * 32 * 40,
+                          splits=2)  # fmt: skip
+    assert ix_obj.q_chunk < 111 and ix_obj.topk_splits == 2
+
+
+def test_split_count_by_shape(mods):
+    """plan() picks the split select for few queries over many entries, the one-program select
+    when the queries fill the SMs or the entries are few; run() uses what plan() picked."""
+    _, ix = mods
+    assert ix._split_count(1, 8192, 132) == 16
+    assert ix._split_count(1, 2048, 132) == 4
+    assert ix._split_count(32, 8192, 132) == 4
+    assert ix._split_count(128, 32768, 132) == 1
+    assert ix._split_count(1, 100, 132) == 1
+    obj = ix.IndexerTopK(8, 16)
+    obj.plan(1, 4096, "cpu")  # the CPU plan assumes 4 SMs
+    assert obj.topk_splits == 4 and obj._select_topk == obj._select_split
+    assert tuple(obj.hist.shape) == (1, 4, 4, 256)
+    obj.plan(7, 4096, "cpu")
+    assert obj.topk_splits == 1 and obj._select_topk == obj._select
+
+
+def test_decode_split_select(mods):
+    """The whole run (scores + split select) against the reference, ties at zero included."""
+    ks, ix = mods
+    ix_obj, _ = _run_case(ks, ix, "fp8", 16, 32, [700, 9, 401], 1, "cpu", zeros=0.6, splits=3)
+    assert ix_obj.topk_splits == 3
 
 
 def test_plan_required_and_shapes(mods):
@@ -209,6 +362,24 @@ def test_gpu_decode_rotated(seq_lens):
 def test_gpu_long_context_decode():
     """128K tokens (32K entries) at batch 1: the query spread over many programs."""
     _run_case(kv_store, indexer, "fp8", 64, 512, [131073], 1, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("entries", [8192, 32768])
+@pytest.mark.parametrize("batch", [1, 32])
+def test_gpu_split_select_equals_one_program(entries, batch):
+    """DSV4 shapes (64 heads x 128, top-k 512, FP8 keys, rotated) at 8K / 32K entries (32K /
+    128K tokens): the select plan() picks for few queries (ranges per query) returns the ids,
+    rows and counts of the one-program select exactly, and both pass the reference check."""
+    seq_lens = [entries * RATIO + 3, *torch.randint(1, entries * RATIO, (batch - 1,)).tolist()]
+    ix, inputs = _run_case(kv_store, indexer, "fp8", 64, 512, seq_lens, 1, "cuda", rotate=True)
+    assert ix.topk_splits > 1  # plan() chose the split select at this shape
+    split = [t.clone() for t in (ix.ids, ix.rows, ix.lengths)]
+    one, _ = _run_case(kv_store, indexer, "fp8", 64, 512, seq_lens, 1, "cuda", rotate=True,
+                       splits=1, inputs=inputs)  # fmt: skip
+    assert one.topk_splits == 1
+    for a, b in zip(split, (one.ids, one.rows, one.lengths), strict=True):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.gpu

@@ -15,6 +15,7 @@ import pytest
 import torch
 import triton.language as tl
 
+from sglang_dsv4.kernels.slot_sum import slot_sum_torch
 from sglang_dsv4.ref.moe import DenseExperts, swiglu
 from sglang_dsv4.ref.weight_quant import (
     fp8_block_dequant,
@@ -307,6 +308,28 @@ def test_sorted_gpu_served_prefill_every_tile(fmt, kernel, tile):
     assert not out.isnan().any() and err <= 1e-2, f"rel L2 {err:.2e}"
     picked = K.moe_experts_sorted(x, chosen, weights, bank, LIMIT, 16)  # the table's tiles
     assert rel_l2(picked, out) <= 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("topk", "shared"), [(2, True), (6, True), (2, False)])
+def test_sorted_gpu_slot_sum_same_bits_as_torch_sum(topk, shared):
+    """The sorted form's slot sum (``kernels.slot_sum``) on the expert outputs of an 8K-token
+    prefill (16 experts of 1024; S = top-k + shared row) has the bits of torch's sum it
+    replaced."""
+    t = 8192
+    bank, _ = make_bank(17, 4096, 1024, "fp8", "cuda", torch.bfloat16)
+    x = torch.randn(t, 4096, device="cuda").bfloat16() * 2
+    chosen, weights = routing(t, 16, topk, "cuda")
+    launch = K._SortedLaunch(x, chosen, weights, bank, 16 if shared else None)
+    tiles = ST.sorted_tiles(launch.pairs, launch.key)
+    h = torch.empty(launch.pairs, 1024, device="cuda", dtype=x.dtype)
+    y = torch.empty(launch.pairs, 4096, device="cuda", dtype=x.dtype)
+    launch.w13(h, LIMIT, tiles.w13)
+    launch.w2(h, y, tiles.w2)
+    got, want = torch.full_like(x, float("nan")), torch.full_like(x, float("nan"))
+    launch.slot_sum(y, got)
+    slot_sum_torch(y, want)
+    assert not want.isnan().any() and torch.equal(got.view(torch.int16), want.view(torch.int16))
 
 
 def test_slot_tiles_fill_the_gpu_at_batch_1():

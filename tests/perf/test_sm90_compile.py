@@ -7,7 +7,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from sglang_dsv4.perf.sm90_compile import signature
+from sglang_dsv4.perf.sm90_compile import axis_split, signature
 
 
 def test_signature_types_default_i32_and_constexprs_by_index():
@@ -15,6 +15,13 @@ def test_signature_types_default_i32_and_constexprs_by_index():
                         {"BLOCK": 128})  # fmt: skip
     assert sig == {"x_ptr": "*bf16", "n": "i32", "eps": "fp32", "BLOCK": "constexpr"}
     assert ce == {(3,): 128}
+
+
+def test_axis_split_reads_one_axis_of_a_blocked_layout():
+    layout = ("#ttg.blocked<{sizePerThread = [1, 8], threadsPerWarp = [2, 16], "
+              "warpsPerCTA = [4, 2], order = [1, 0]}>")  # fmt: skip
+    assert axis_split(layout, 1) == (8, 16, 2)
+    assert axis_split(layout, 0) == (1, 2, 4)
 
 
 KERNEL = textwrap.dedent("""
