@@ -1,4 +1,4 @@
-"""mHC (``ref.mhc``) as Triton kernels: one launch per block boundary at decode, three above.
+"""mHC (``ref.mhc``) as Triton kernels: one launch per block boundary at decode, two above.
 
 :func:`hc_fused` runs, on streams ``x`` [T, hc, d] (optionally first updated by the previous
 block's ``hc_post``: ``x'_k = post_k * y + sum_j comb[j, k] x_j``), the mix ``x @ fn^T``
@@ -14,11 +14,12 @@ pre-weighted collapse ``sum_j pre_j x_j`` and the RMSNorm that follows it (``att
   channel) and its partial mix as elementwise FMAs into an fp32 workspace; the token's last
   program (an atomic ticket per token, reset by that program, so CUDA-graph replays need no
   memset) sums the partials and computes the maps, the collapse and the norm in registers.
-* above, the post as its own streaming launch (``hc_post``), the mix as a split-K GEMM on
-  tensor cores (``_mix_gemm_kernel``: tiles of 16 / 64 tokens read ``fn`` once per tile,
-  ``tf32x3``: fp32-accurate, bf16 streams exact in tf32), then one program per token for the
-  maps, collapse and norm (``_maps_collapse_kernel``). (A CUDA-core fp32 ``tl.dot`` form took
-  42-128 us at T=32-128 and 3.7 ms at T=8192 on the H100, 2026-12-06.)
+* above, the post and the mix in one pass over the streams (:mod:`.mhc_gemm`: programs (tile
+  of 16 / 64 tokens, chunk of ``d``) form the new streams and their partial mix as a split-K
+  GEMM on tensor cores, ``tf32x3``: fp32-accurate, bf16 streams exact in tf32), then one
+  program per token for the maps, collapse and norm (``_maps_collapse_kernel``). (A CUDA-core
+  fp32 ``tl.dot`` form took 42-128 us at T=32-128 and 3.7 ms at T=8192 on the H100,
+  2026-12-06; the post as its own launch before the GEMM read the streams twice more.)
 
 ``hc_head`` is the same with ``fn`` [hc, hc*d] (pre map only, no Sinkhorn) and the final norm.
 Maps are fp32 (as ``ref.mhc``); the streams and the normed block input keep the streams' dtype.
@@ -30,15 +31,15 @@ import torch
 import triton
 import triton.language as tl
 
+from sglang_dsv4.kernels import mhc_gemm
 from sglang_dsv4.kernels.kv_store import norm_apply, round_bf16
+from sglang_dsv4.kernels.mhc_gemm import split_steps
 
-__all__ = ["FMA_MAX_TOKENS", "MAX_TILES", "hc_fused", "hc_post"]
+__all__ = ["FMA_MAX_TOKENS", "MAX_TILES", "hc_fused"]
 
 FMA_MAX_TOKENS = 8  # up to this many tokens: one token per tile (module docstring)
 _BD = 32  # channels of d per step of the one-token form's mix (x tile [1, hc, BD])
-_BE = 128  # channels of d per program of hc_post
-_TM, _TM_LARGE = 16, 64  # tokens per GEMM tile (64 from 256 tokens: fn re-read per 64 tokens)
-_BK = 64  # K (= hc*d) per GEMM step
+_BE = 128  # d must be a multiple of this (the tiled form's steps, vector loads)
 MAX_TILES = 1 << 16  # tickets per workspace (one per token of the one-token form)
 FMA_WARPS = 8  # the one-token form: its epilogue holds a whole row (8192 at Pro) per stream
 
@@ -253,34 +254,6 @@ def _hc_kernel(
         tl.store(ticket_ptr + tile, 0)  # ready for the next launch (graph replays included)
 
 
-@triton.jit(do_not_specialize=["n_tokens", "per_split"])
-def _mix_gemm_kernel(
-    x_ptr, fn_ptr, part_ptr, n_tokens, per_split,
-    K: tl.constexpr, NM: tl.constexpr, NMP: tl.constexpr, TM: tl.constexpr, BK: tl.constexpr,
-):  # fmt: skip
-    """The GEMM form's mix: streams ``x`` [T, K = hc*d] @ ``fn^T`` [K, NM] over a chunk of K
-    for a tile of ``TM`` tokens, on tensor cores (tf32x3: fp32-accurate; bf16 streams are exact
-    in tf32) -> partial rows [split, T, NMP] (column NM: the partial sum of squares)."""
-    tile, split = tl.program_id(0), tl.program_id(1)
-    t = tile * TM + tl.arange(0, TM)
-    tok = t < n_tokens
-    m = tl.arange(0, NMP)
-    kk = tl.arange(0, BK)
-    acc = tl.zeros([TM, NMP], tl.float32)
-    ss = tl.zeros([TM], tl.float32)
-    s_lo = split * per_split
-    for step in range(s_lo, tl.minimum(s_lo + per_split, K // BK)):
-        k = step * BK + kk
-        x = tl.load(x_ptr + t.to(tl.int64)[:, None] * K + k[None, :], tok[:, None], 0.0)
-        x = x.to(tl.float32)  # [TM, BK]
-        w = tl.load(fn_ptr + m[None, :] * K + k[:, None], (m < NM)[None, :], 0.0)  # [BK, NMP]
-        ss += tl.sum(x * x, axis=1)
-        acc = tl.dot(x, w, acc, input_precision="tf32x3")
-    out = tl.where(m[None, :] == NM, ss[:, None], acc)
-    row = split.to(tl.int64) * n_tokens + t
-    tl.store(part_ptr + row[:, None] * NMP + m[None, :], out, mask=tok[:, None])
-
-
 @triton.jit(do_not_specialize=["n_tokens", "n_split"])
 def _maps_collapse_kernel(
     x_ptr, part_ptr, base_ptr, scale_ptr, norm_w_ptr, pre_ptr, post_ptr, comb_ptr, h_ptr,
@@ -315,17 +288,11 @@ def _check(x: torch.Tensor, fn: torch.Tensor) -> tuple[int, int, int]:
     return n, hc, d
 
 
-def _splits(steps: int, tiles: int, programs: int) -> tuple[int, int]:
-    """(steps per split, splits) spreading ``steps`` over about ``programs // tiles`` splits."""
-    per_split = -(-steps // max(1, min(steps, programs // tiles)))
-    return per_split, -(-steps // per_split)
-
-
 def _fma_form(x, fn, base, scale, norm_w, tickets, outs, post_of, eps, hc_eps, iters, programs):
     """One launch: one-token tiles (module docstring)."""
     streams, h, pre, post, comb = outs
     n, hc, d = x.shape
-    per_split, n_split = _splits(d // _BD, n, programs)
+    per_split, n_split = split_steps(d // _BD, n, programs)
     nmp = triton.next_power_of_2(fn.shape[0] + 1)  # + the sum of squares column
     part = torch.empty(n * n_split * nmp, dtype=torch.float32, device=x.device)
     y, post_in, comb_in = post_of if post_of is not None else (x, x, x)
@@ -344,22 +311,15 @@ def _fma_form(x, fn, base, scale, norm_w, tickets, outs, post_of, eps, hc_eps, i
     )  # fmt: skip
 
 
-def _gemm_form(fn, base, scale, norm_w, outs, eps, hc_eps, iters, programs):
-    """Two launches on the (already post-updated) streams: the mix as a split-K GEMM on tensor
-    cores, then one program per token for the maps, collapse and norm."""
-    streams, h, pre, post, comb = outs
-    n, hc, d = streams.shape
-    tm = _TM_LARGE if n >= 4 * _TM_LARGE else _TM
-    n_tiles = -(-n // tm)
-    per_split, n_split = _splits(hc * d // _BK, n_tiles, programs)
-    nmp = max(16, triton.next_power_of_2(fn.shape[0] + 1))
-    part = torch.empty(n_split * n * nmp, dtype=torch.float32, device=streams.device)
-    _mix_gemm_kernel[(n_tiles, n_split)](
-        x_ptr=streams, fn_ptr=fn, part_ptr=part, n_tokens=n, per_split=per_split, K=hc * d,
-        NM=fn.shape[0], NMP=nmp, TM=tm, BK=_BK, num_warps=4,
-    )  # fmt: skip
+def _gemm_form(x, fn, base, scale, norm_w, outs, post_of, eps, hc_eps, iters, programs):
+    """Two launches: [the previous block's post and] the mix as a split-K GEMM on tensor cores
+    in one pass over the streams (``mhc_gemm``), then one program per token for the maps,
+    collapse and norm. Returns the streams (``x`` or the new ones)."""
+    h, pre, post, comb = outs
+    n, hc, d = x.shape
+    streams, part, n_split, nmp = mhc_gemm.mix_partials(x, fn, programs, post_of)
     head = post is None
-    x_bf16 = streams.dtype == torch.bfloat16
+    x_bf16 = x.dtype == torch.bfloat16
     _maps_collapse_kernel[(n,)](
         x_ptr=streams, part_ptr=part, base_ptr=base, scale_ptr=scale, norm_w_ptr=norm_w,
         pre_ptr=pre, post_ptr=pre if head else post, comb_ptr=pre if head else comb, h_ptr=h,
@@ -368,6 +328,7 @@ def _gemm_form(fn, base, scale, norm_w, outs, eps, hc_eps, iters, programs):
         BDN=triton.next_power_of_2(d), X_BF16=x_bf16,
         W_BF16=x_bf16 and norm_w.dtype == torch.bfloat16, num_warps=8,
     )  # fmt: skip
+    return streams
 
 
 def hc_fused(
@@ -400,10 +361,10 @@ def hc_fused(
     y = post_of[0] if post_of is not None else None
     if y is not None and (y.shape != (n, d) or not y.is_contiguous()):
         raise ValueError(f"block output must be contiguous [T, d] = [{n}, {d}], got {y.shape}")
-    if n > FMA_MAX_TOKENS:  # post (streaming) first, then the GEMM form on the new streams
-        streams = x if post_of is None else hc_post(y, x, *post_of[1:])
-        outs = (streams, h, pre, post, comb)
-        _gemm_form(fn, base, scale, norm_w, outs, eps, hc_eps, iters, programs)
+    if n > FMA_MAX_TOKENS:
+        outs = (h, pre, post, comb)
+        streams = _gemm_form(x, fn, base, scale, norm_w, outs, post_of, eps, hc_eps, iters,
+                             programs)  # fmt: skip
         return streams, h, post, comb
     if n > tickets.numel():
         raise ValueError(f"{n} tokens: at most {tickets.numel()} (tickets) in the one-token form")
@@ -412,46 +373,3 @@ def hc_fused(
         outs = (streams, h, pre, post, comb)
         _fma_form(x, fn, base, scale, norm_w, tickets, outs, post_of, eps, hc_eps, iters, programs)
     return streams, h, post, comb
-
-
-@triton.jit(do_not_specialize=["n_tokens"])
-def _hc_post_kernel(
-    x_ptr,
-    y_ptr,
-    post_ptr,
-    comb_ptr,
-    out_ptr,
-    n_tokens,
-    D: tl.constexpr,
-    HC: tl.constexpr,
-    TB: tl.constexpr,
-    BD: tl.constexpr,
-    X_BF16: tl.constexpr,
-):
-    t = tl.program_id(0) * TB + tl.arange(0, TB)
-    tok = t < n_tokens
-    dd = tl.program_id(1) * BD + tl.arange(0, BD)
-    row = t.to(tl.int64)[:, None, None] * (HC * D) + tl.arange(0, HC)[None, :, None] * D
-    p, c = _load_maps(post_ptr, comb_ptr, t, tok, HC, X_BF16)
-    _post_tile(x_ptr, y_ptr, out_ptr, t, tok, row, dd, p, c, D, X_BF16)
-
-
-def hc_post(
-    y: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor
-) -> torch.Tensor:
-    """``ref.mhc.hc_post`` alone: block output ``y`` [T, d], streams ``x`` [T, hc, d], maps
-    ``post`` [T, hc] / ``comb`` [T, hc, hc] (fp32) -> new streams [T, hc, d]."""
-    n, hc, d = x.shape
-    out = torch.empty_like(x)
-    if n == 0:
-        return out
-    if d % _BE or not (x.is_contiguous() and y.is_contiguous()):
-        raise ValueError(
-            f"contiguous streams with d a multiple of {_BE} needed, got {tuple(x.shape)}"
-        )
-    tb = 4
-    _hc_post_kernel[(-(-n // tb), d // _BE)](
-        x_ptr=x, y_ptr=y, post_ptr=post.contiguous(), comb_ptr=comb.contiguous(), out_ptr=out,
-        n_tokens=n, D=d, HC=hc, TB=tb, BD=_BE, X_BF16=x.dtype == torch.bfloat16, num_warps=4,
-    )  # fmt: skip
-    return out
