@@ -145,15 +145,79 @@ def _reduce_mix(
 
 
 @triton.jit
-def _sinkhorn(logits, hc_eps, ITERS: tl.constexpr):
-    """``ref.mhc.sinkhorn(softmax_rows(logits) + hc_eps)`` of ``logits`` [TB, hc, hc]."""
+def _quad(v):
+    """[1, 4] -> its 4 entries, each [1] and held by every thread: ``tl.split`` halves keep
+    each pick in-thread, where a masked ``tl.sum`` would be a cross-warp reduction."""
+    even, odd = tl.split(tl.reshape(v, [1, 2, 2]))  # entries (0, 2), (1, 3)
+    a0, a2 = tl.split(even)
+    a1, a3 = tl.split(odd)
+    return a0, a1, a2, a3
+
+
+@triton.jit
+def _entries(m, HC: tl.constexpr):
+    """[1, hc, hc] (hc = 4) -> tuple of its hc*hc entries (each [1], every thread), row-major."""
+    tl.static_assert(HC == 4, "the maps' entry picks are written for hc = 4")
+    even, odd = tl.split(tl.reshape(m, [1, HC, 2, 2]))  # columns (0, 2), (1, 3): [1, hc, 2]
+    c0, c2 = tl.split(even)
+    c1, c3 = tl.split(odd)
+    cols = (_quad(c0), _quad(c1), _quad(c2), _quad(c3))
+    out = ()
+    for ij in tl.static_range(HC * HC):
+        out = out + (cols[ij % HC][ij // HC],)  # noqa: RUF005
+    return out
+
+
+@triton.jit
+def _scale_rows(c, hc_eps, HC: tl.constexpr):
+    """Each row of ``c`` (tuple of hc*hc [1], row-major) over its sum + ``hc_eps``: the sum in
+    index order, one reciprocal per row then products (not hc divisions: each ``/`` is
+    ``div.full``, whose range checks predicate every numerator)."""
+    out = ()
+    for i in tl.static_range(HC):
+        s = c[i * HC]
+        for j in tl.static_range(1, HC):
+            s = s + c[i * HC + j]
+        r = 1.0 / (s + hc_eps)
+        for j in tl.static_range(HC):
+            out = out + (c[i * HC + j] * r,)  # noqa: RUF005
+    return out
+
+
+@triton.jit
+def _scale_cols(c, hc_eps, HC: tl.constexpr):
+    """Each column of ``c`` over its sum + ``hc_eps`` (as :func:`_scale_rows`)."""
+    rs = ()
+    for j in tl.static_range(HC):
+        s = c[j]
+        for i in tl.static_range(1, HC):
+            s = s + c[i * HC + j]
+        rs = rs + (1.0 / (s + hc_eps),)  # noqa: RUF005
+    out = ()
+    for ij in tl.static_range(HC * HC):
+        out = out + (c[ij] * rs[ij % HC],)  # noqa: RUF005
+    return out
+
+
+@triton.jit
+def _sinkhorn(logits, hc_eps, ITERS: tl.constexpr, HC: tl.constexpr):
+    """``ref.mhc.sinkhorn(softmax_rows(logits) + hc_eps)`` of ``logits`` [1, hc, hc] -> its
+    entries (tuple of hc*hc [1], row-major). On entries every thread holds: no cross-thread
+    sum in the 2 * ITERS normalisations (a [1, hc, hc] tensor spread over threads took 3
+    barriers per round in ``_maps_collapse_kernel``)."""
     e = tl.exp(logits - tl.max(logits, axis=2)[:, :, None])
-    comb = e / tl.sum(e, axis=2)[:, :, None] + hc_eps
-    comb = comb / (tl.sum(comb, axis=1)[:, None, :] + hc_eps)
+    c = _entries(e, HC)
+    soft = ()
+    for i in tl.static_range(HC):
+        s = c[i * HC]
+        for j in tl.static_range(1, HC):
+            s = s + c[i * HC + j]
+        for j in tl.static_range(HC):
+            soft = soft + (c[i * HC + j] / s + hc_eps,)  # noqa: RUF005
+    c = _scale_cols(soft, hc_eps, HC)
     for _ in range(ITERS - 1):
-        comb = comb / (tl.sum(comb, axis=2)[:, :, None] + hc_eps)
-        comb = comb / (tl.sum(comb, axis=1)[:, None, :] + hc_eps)
-    return comb
+        c = _scale_cols(_scale_rows(c, hc_eps, HC), hc_eps, HC)
+    return c
 
 
 @triton.jit
@@ -176,9 +240,9 @@ def _maps(
         tl.store(post_ptr + t64[:, None] * HC + j[None, :], post, mask=tok[:, None])
         cc = j[:, None] * HC + j[None, :]  # [hc, hc]
         logits = m_comb * tl.load(scale_ptr + 2) + tl.load(base_ptr + 2 * HC + cc)[None, :, :]
-        comb = _sinkhorn(logits, hc_eps, ITERS)
-        off = t64[:, None, None] * (HC * HC) + cc[None, :, :]
-        tl.store(comb_ptr + off, comb, mask=tok[:, None, None])
+        comb = _sinkhorn(logits, hc_eps, ITERS, HC)
+        for ij in tl.static_range(HC * HC):
+            tl.store(comb_ptr + t64 * (HC * HC) + ij, comb[ij], mask=tok)
     return pre
 
 
