@@ -113,58 +113,43 @@ def _partial_mix(
 
 
 @triton.jit
-def _reduce_mix(
-    part_ptr, slot0, split_stride, tok, n_split, eps, TB: tl.constexpr, HC: tl.constexpr,
-    NM: tl.constexpr, NMP: tl.constexpr, D: tl.constexpr, SB: tl.constexpr, HEAD: tl.constexpr,
-):  # fmt: skip
-    """Sum the ``n_split`` partial rows (split ``s`` of token ``i`` of the tile at row
-    ``slot0 + s * split_stride + i``) -> the RMS-scaled mix split into its three maps' logits:
-    pre [TB, hc], post [TB, hc], comb [TB, hc, hc] (post / comb zero for the head).
-    ``SB`` splits per step: independent loads in flight instead of one L2 round trip each."""
-    j = tl.arange(0, HC)
-    m_pre = tl.zeros([TB, HC], tl.float32)
-    m_post = tl.zeros([TB, HC], tl.float32)
-    m_comb = tl.zeros([TB, HC, HC], tl.float32)
-    ss = tl.zeros([TB], tl.float32)
-    comb_col = 2 * HC + j[:, None] * HC + j[None, :]  # [hc, hc]
+def _mix_row(part_ptr, slot0, split_stride, tok, n_split, NMP: tl.constexpr, SB: tl.constexpr):
+    """Sum of a token's ``n_split`` partial rows (split ``s`` at row ``slot0 + s *
+    split_stride``; ``tok`` [1]) -> [NMP]: the mix ``x @ fn^T`` (columns < NM) and the sum of
+    squares (column NM). Whole rows, one reduction: its cross-warp step (shared memory and
+    barriers) once for all the columns. ``SB`` splits per step: loads in flight together."""
+    m = tl.arange(0, NMP)
+    acc = tl.zeros([NMP], tl.float32)
     for s0 in range(0, n_split, SB):
         s = s0 + tl.arange(0, SB)
-        slot = slot0 + s[:, None] * split_stride + tl.arange(0, TB)[None, :]  # [SB, TB]
-        ok = (s < n_split)[:, None] & tok[None, :]
-        row = (part_ptr + slot * NMP)[:, :, None]  # [SB, TB, 1]
-        m_pre += tl.sum(tl.load(row + j, ok[:, :, None], 0.0, cache_modifier=".cg"), axis=0)
-        if not HEAD:
-            part = tl.load(row + HC + j, ok[:, :, None], 0.0, cache_modifier=".cg")
-            m_post += tl.sum(part, axis=0)
-            ok4 = ok[:, :, None, None]
-            part = tl.load(row[:, :, :, None] + comb_col, ok4, 0.0, cache_modifier=".cg")
-            m_comb += tl.sum(part, axis=0)
-        ss += tl.sum(tl.load(part_ptr + slot * NMP + NM, ok, 0.0, cache_modifier=".cg"), axis=0)
-    inv = tl.math.div_rn(1.0, tl.sqrt_rn(ss / (HC * D) + eps))  # [TB]
-    return m_pre * inv[:, None], m_post * inv[:, None], m_comb * inv[:, None, None]
+        rows = part_ptr + (slot0 + s * split_stride)[:, None] * NMP + m[None, :]  # [SB, NMP]
+        ok = ((s < n_split) & tok)[:, None]
+        acc += tl.sum(tl.load(rows, ok, 0.0, cache_modifier=".cg"), axis=0)
+    return acc
+
+
+@triton.constexpr_function
+def _bit_reverse(i: int, bits: int) -> int:
+    """``i`` with its low ``bits`` bits in reverse order."""
+    return sum(((i >> b) & 1) << (bits - 1 - b) for b in range(bits))
 
 
 @triton.jit
-def _quad(v):
-    """[1, 4] -> its 4 entries, each [1] and held by every thread: ``tl.split`` halves keep
-    each pick in-thread, where a masked ``tl.sum`` would be a cross-warp reduction."""
-    even, odd = tl.split(tl.reshape(v, [1, 2, 2]))  # entries (0, 2), (1, 3)
-    a0, a2 = tl.split(even)
-    a1, a3 = tl.split(odd)
-    return a0, a1, a2, a3
-
-
-@triton.jit
-def _entries(m, HC: tl.constexpr):
-    """[1, hc, hc] (hc = 4) -> tuple of its hc*hc entries (each [1], every thread), row-major."""
-    tl.static_assert(HC == 4, "the maps' entry picks are written for hc = 4")
-    even, odd = tl.split(tl.reshape(m, [1, HC, 2, 2]))  # columns (0, 2), (1, 3): [1, hc, 2]
-    c0, c2 = tl.split(even)
-    c1, c3 = tl.split(odd)
-    cols = (_quad(c0), _quad(c1), _quad(c2), _quad(c3))
+def _entries(v, N: tl.constexpr, LOG_N: tl.constexpr):
+    """[N] (N = 2^LOG_N) -> tuple of its N entries (each [1], held by every thread), in index
+    order. ``tl.split`` halves (even / odd entries) keep every pick in-thread, where a masked
+    ``tl.sum`` per entry would be a cross-warp reduction each; after LOG_N rounds part ``k``
+    holds entry bit-reverse(k)."""
+    parts = (v,)
+    for lvl in tl.static_range(LOG_N):
+        dealt = ()
+        for k in tl.static_range(1 << lvl):
+            even, odd = tl.split(tl.reshape(parts[k], [N >> (lvl + 1), 2]))
+            dealt = dealt + (even, odd)  # noqa: RUF005
+        parts = dealt
     out = ()
-    for ij in tl.static_range(HC * HC):
-        out = out + (cols[ij % HC][ij // HC],)  # noqa: RUF005
+    for i in tl.static_range(N):
+        out = out + (parts[_bit_reverse(i, LOG_N)],)  # noqa: RUF005
     return out
 
 
@@ -201,19 +186,23 @@ def _scale_cols(c, hc_eps, HC: tl.constexpr):
 
 @triton.jit
 def _sinkhorn(logits, hc_eps, ITERS: tl.constexpr, HC: tl.constexpr):
-    """``ref.mhc.sinkhorn(softmax_rows(logits) + hc_eps)`` of ``logits`` [1, hc, hc] -> its
-    entries (tuple of hc*hc [1], row-major). On entries every thread holds: no cross-thread
-    sum in the 2 * ITERS normalisations (a [1, hc, hc] tensor spread over threads took 3
-    barriers per round in ``_maps_collapse_kernel``)."""
-    e = tl.exp(logits - tl.max(logits, axis=2)[:, :, None])
-    c = _entries(e, HC)
+    """``ref.mhc.sinkhorn(softmax_rows(logits) + hc_eps)`` of ``logits`` (tuple of hc*hc [1],
+    row-major) -> the same. On entries every thread holds: no cross-thread sum in the
+    2 * ITERS normalisations (a [1, hc, hc] tensor spread over warps took 3 barriers per
+    round in ``_maps_collapse_kernel``)."""
     soft = ()
     for i in tl.static_range(HC):
-        s = c[i * HC]
+        top = logits[i * HC]
         for j in tl.static_range(1, HC):
-            s = s + c[i * HC + j]
+            top = tl.maximum(top, logits[i * HC + j])
+        e = ()
         for j in tl.static_range(HC):
-            soft = soft + (c[i * HC + j] / s + hc_eps,)  # noqa: RUF005
+            e = e + (tl.exp(logits[i * HC + j] - top),)  # noqa: RUF005
+        s = e[0]
+        for j in tl.static_range(1, HC):
+            s = s + e[j]
+        for j in tl.static_range(HC):
+            soft = soft + (e[j] / s + hc_eps,)  # noqa: RUF005
     c = _scale_cols(soft, hc_eps, HC)
     for _ in range(ITERS - 1):
         c = _scale_cols(_scale_rows(c, hc_eps, HC), hc_eps, HC)
@@ -221,25 +210,38 @@ def _sinkhorn(logits, hc_eps, ITERS: tl.constexpr, HC: tl.constexpr):
 
 
 @triton.jit
+def _map_logits(mix, inv, scale_ptr, base_ptr, first: tl.constexpr, n: tl.constexpr):
+    """Entries ``first .. first + n`` of the mix (tuple of [1]) RMS-scaled by ``inv``, times
+    their map's scale (``scale_ptr``) plus their bias (``base_ptr + first``)."""
+    scale = tl.load(scale_ptr)
+    out = ()
+    for k in tl.static_range(n):
+        out = out + (mix[first + k] * inv * scale + tl.load(base_ptr + first + k),)  # noqa: RUF005
+    return out
+
+
+@triton.jit
 def _maps(
     part_ptr, base_ptr, scale_ptr, pre_ptr, post_ptr, comb_ptr, slot0, split_stride, t, tok,
     n_split, eps, hc_eps, D: tl.constexpr, HC: tl.constexpr, NM: tl.constexpr, NMP: tl.constexpr,
-    TB: tl.constexpr, SB: tl.constexpr, ITERS: tl.constexpr, HEAD: tl.constexpr,
+    LOG_NMP: tl.constexpr, SB: tl.constexpr, ITERS: tl.constexpr, HEAD: tl.constexpr,
 ):  # fmt: skip
-    """The epilogue's maps of a tile from its partials: stores pre / post / comb, returns pre
-    [TB, hc]."""
-    j = tl.arange(0, HC)
-    m_pre, m_post, m_comb = _reduce_mix(
-        part_ptr, slot0, split_stride, tok, n_split, eps, TB, HC, NM, NMP, D, SB, HEAD
-    )
+    """The epilogue's maps of token ``t`` ([1]) from its partials, on entries every thread
+    holds (after one cross-warp reduction, no barriers): stores pre / post / comb, returns
+    pre (tuple of hc [1])."""
+    mix = _entries(_mix_row(part_ptr, slot0, split_stride, tok, n_split, NMP, SB), NMP, LOG_NMP)
+    inv = tl.math.div_rn(1.0, tl.sqrt_rn(mix[NM] / (HC * D) + eps))
     t64 = t.to(tl.int64)
-    pre = tl.sigmoid(m_pre * tl.load(scale_ptr) + tl.load(base_ptr + j)[None, :]) + hc_eps
-    tl.store(pre_ptr + t64[:, None] * HC + j[None, :], pre, mask=tok[:, None])
+    logits = _map_logits(mix, inv, scale_ptr, base_ptr, 0, HC)
+    pre = ()
+    for k in tl.static_range(HC):
+        pre = pre + (tl.sigmoid(logits[k]) + hc_eps,)  # noqa: RUF005
+        tl.store(pre_ptr + t64 * HC + k, pre[k], mask=tok)
     if not HEAD:
-        post = 2 * tl.sigmoid(m_post * tl.load(scale_ptr + 1) + tl.load(base_ptr + HC + j)[None, :])
-        tl.store(post_ptr + t64[:, None] * HC + j[None, :], post, mask=tok[:, None])
-        cc = j[:, None] * HC + j[None, :]  # [hc, hc]
-        logits = m_comb * tl.load(scale_ptr + 2) + tl.load(base_ptr + 2 * HC + cc)[None, :, :]
+        logits = _map_logits(mix, inv, scale_ptr + 1, base_ptr, HC, HC)
+        for k in tl.static_range(HC):
+            tl.store(post_ptr + t64 * HC + k, 2 * tl.sigmoid(logits[k]), mask=tok)
+        logits = _map_logits(mix, inv, scale_ptr + 2, base_ptr, 2 * HC, HC * HC)
         comb = _sinkhorn(logits, hc_eps, ITERS, HC)
         for ij in tl.static_range(HC * HC):
             tl.store(comb_ptr + t64 * (HC * HC) + ij, comb[ij], mask=tok)
@@ -260,7 +262,7 @@ def _stream_rows(x_ptr, t, D: tl.constexpr, BDN: tl.constexpr, HC: tl.constexpr)
 def _collapse_norm(rows, pre, w_ptr, h_ptr, t, eps, D: tl.constexpr, BDN: tl.constexpr,
                    HC: tl.constexpr, X_BF16: tl.constexpr, W_BF16: tl.constexpr):  # fmt: skip
     """Token ``t``: ``h = rms_norm(sum_j pre_j x_j, w)`` [d] from its streams ``rows`` [hc, BDN]
-    and ``pre`` [1, hc] (registers), the collapse rounded to the streams' dtype first (as
+    and ``pre`` (tuple of hc [1], registers), the collapse rounded to the streams' dtype first (as
     ``ref`` rounds it); the whole row in registers (one pass)."""
     t = t.to(tl.int64)
     dd = tl.arange(0, BDN)
@@ -268,9 +270,8 @@ def _collapse_norm(rows, pre, w_ptr, h_ptr, t, eps, D: tl.constexpr, BDN: tl.con
     j = tl.arange(0, HC)
     u = tl.zeros([BDN], tl.float32)
     for jj in tl.static_range(HC):  # in the reference's order: ((p0 x0 + p1 x1) + ...)
-        p = tl.sum(tl.sum(tl.where(j[None, :] == jj, pre, 0.0), axis=1), axis=0)
         x = tl.sum(tl.where(j[:, None] == jj, rows.to(tl.float32), 0.0), axis=0)  # exact pick
-        u += p * x
+        u += tl.sum(pre[jj], axis=0) * x  # a scalar: a [1] operand would set u's layout
     if X_BF16:
         u = round_bf16(u)
     inv = tl.math.div_rn(1.0, tl.sqrt_rn(tl.sum(u * u, axis=0) / D + eps))
@@ -286,9 +287,10 @@ def _hc_kernel(
     pre_ptr, post_ptr, comb_ptr, h_ptr,  # outputs: the maps, the normed block input
     part_ptr, ticket_ptr,  # workspace: partial mixes + sums of squares, tickets
     n_tokens, n_split, per_split, eps, hc_eps,
-    D: tl.constexpr, HC: tl.constexpr, NM: tl.constexpr, NMP: tl.constexpr, BD: tl.constexpr,
-    SB: tl.constexpr, ITERS: tl.constexpr, POST: tl.constexpr, HEAD: tl.constexpr,
-    BDN: tl.constexpr, X_BF16: tl.constexpr, W_BF16: tl.constexpr,
+    D: tl.constexpr, HC: tl.constexpr, NM: tl.constexpr, NMP: tl.constexpr,
+    LOG_NMP: tl.constexpr, BD: tl.constexpr, SB: tl.constexpr, ITERS: tl.constexpr,
+    POST: tl.constexpr, HEAD: tl.constexpr, BDN: tl.constexpr, X_BF16: tl.constexpr,
+    W_BF16: tl.constexpr,
 ):  # fmt: skip
     """The one-token form: program (token, chunk of d); the token's last program finishes."""
     tile = tl.program_id(0)  # = the token
@@ -312,7 +314,7 @@ def _hc_kernel(
         rows = _stream_rows(x_out_ptr if POST else x_ptr, tile, D, BDN, HC)
         pre = _maps(
             part_ptr, base_ptr, scale_ptr, pre_ptr, post_ptr, comb_ptr, tile * n_split, 1, t,
-            tok, n_split, eps, hc_eps, D, HC, NM, NMP, 1, SB, ITERS, HEAD,
+            tok, n_split, eps, hc_eps, D, HC, NM, NMP, LOG_NMP, SB, ITERS, HEAD,
         )  # fmt: skip
         _collapse_norm(rows, pre, norm_w_ptr, h_ptr, tile, eps, D, BDN, HC, X_BF16, W_BF16)
         tl.store(ticket_ptr + tile, 0)  # ready for the next launch (graph replays included)
@@ -322,9 +324,9 @@ def _hc_kernel(
 def _maps_collapse_kernel(
     x_ptr, part_ptr, base_ptr, scale_ptr, norm_w_ptr, pre_ptr, post_ptr, comb_ptr, h_ptr,
     n_tokens, n_split, eps, hc_eps,
-    D: tl.constexpr, HC: tl.constexpr, NM: tl.constexpr, NMP: tl.constexpr, SB: tl.constexpr,
-    ITERS: tl.constexpr, HEAD: tl.constexpr, BDN: tl.constexpr, X_BF16: tl.constexpr,
-    W_BF16: tl.constexpr,
+    D: tl.constexpr, HC: tl.constexpr, NM: tl.constexpr, NMP: tl.constexpr,
+    LOG_NMP: tl.constexpr, SB: tl.constexpr, ITERS: tl.constexpr, HEAD: tl.constexpr,
+    BDN: tl.constexpr, X_BF16: tl.constexpr, W_BF16: tl.constexpr,
 ):  # fmt: skip
     """The GEMM form's second launch, one token per program: its partials summed, the maps,
     the collapse and the norm."""
@@ -333,7 +335,7 @@ def _maps_collapse_kernel(
     rows = _stream_rows(x_ptr, t, D, BDN, HC)
     pre = _maps(
         part_ptr, base_ptr, scale_ptr, pre_ptr, post_ptr, comb_ptr, t, n_tokens, tv,
-        tv < n_tokens, n_split, eps, hc_eps, D, HC, NM, NMP, 1, SB, ITERS, HEAD,
+        tv < n_tokens, n_split, eps, hc_eps, D, HC, NM, NMP, LOG_NMP, SB, ITERS, HEAD,
     )  # fmt: skip
     _collapse_norm(rows, pre, norm_w_ptr, h_ptr, t, eps, D, BDN, HC, X_BF16, W_BF16)
 
@@ -367,7 +369,8 @@ def _fma_form(x, fn, base, scale, norm_w, tickets, outs, post_of, eps, hc_eps, i
         pre_ptr=pre, post_ptr=pre if head else post, comb_ptr=pre if head else comb, h_ptr=h,
         part_ptr=part, ticket_ptr=tickets,
         n_tokens=n, n_split=n_split, per_split=per_split, eps=eps, hc_eps=hc_eps,
-        D=d, HC=hc, NM=fn.shape[0], NMP=nmp, BD=_BD, SB=256, ITERS=iters,
+        D=d, HC=hc, NM=fn.shape[0], NMP=nmp, LOG_NMP=nmp.bit_length() - 1, BD=_BD,
+        SB=min(256, triton.next_power_of_2(n_split)), ITERS=iters,
         POST=post_of is not None, HEAD=head, BDN=triton.next_power_of_2(d),
         X_BF16=x.dtype == torch.bfloat16,
         W_BF16=x.dtype == torch.bfloat16 and norm_w.dtype == torch.bfloat16,
@@ -388,7 +391,8 @@ def _gemm_form(x, fn, base, scale, norm_w, outs, post_of, eps, hc_eps, iters, pr
         x_ptr=streams, part_ptr=part, base_ptr=base, scale_ptr=scale, norm_w_ptr=norm_w,
         pre_ptr=pre, post_ptr=pre if head else post, comb_ptr=pre if head else comb, h_ptr=h,
         n_tokens=n, n_split=n_split, eps=eps, hc_eps=hc_eps, D=d, HC=hc, NM=fn.shape[0],
-        NMP=nmp, SB=min(256, triton.next_power_of_2(n_split)), ITERS=iters, HEAD=head,
+        NMP=nmp, LOG_NMP=nmp.bit_length() - 1, SB=min(256, triton.next_power_of_2(n_split)),
+        ITERS=iters, HEAD=head,
         BDN=triton.next_power_of_2(d), X_BF16=x_bf16,
         W_BF16=x_bf16 and norm_w.dtype == torch.bfloat16, num_warps=8,
     )  # fmt: skip
