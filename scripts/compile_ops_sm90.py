@@ -51,9 +51,9 @@ def variants(dt: str):
     hc_types |= {"ticket_ptr": "*i32", "eps": "fp32", "hc_eps": "fp32"}
     for post, head in ((False, False), (True, False), (True, True)):  # the one-token form
         yield mhc._hc_kernel, hc_types, {
-            "D": 7168, "HC": 4, "NM": 4 if head else 24, "NMP": 8 if head else 32, "BD": 32,
-            "SB": 256, "ITERS": 20, "POST": post, "HEAD": head, "BDN": 8192, "X_BF16": bf,
-            "W_BF16": bf,
+            "D": 7168, "HC": 4, "NM": 4 if head else 24, "NMP": 8 if head else 32,
+            "LOG_NMP": 3 if head else 5, "BD": 32, "SB": 256, "ITERS": 20, "POST": post,
+            "HEAD": head, "BDN": 8192, "X_BF16": bf, "W_BF16": bf,
         }  # fmt: skip
     tile_types = {a: "*fp32" for a in mhc_gemm._tile_kernel.arg_names if a.endswith("_ptr")}
     tile_types |= {"x_ptr": act, "y_ptr": act, "out_ptr": act}
@@ -69,8 +69,9 @@ def variants(dt: str):
     maps_types |= {"x_ptr": act, "norm_w_ptr": act, "h_ptr": act, "eps": "fp32", "hc_eps": "fp32"}
     for head in (False, True):
         yield mhc._maps_collapse_kernel, maps_types, {
-            "D": 7168, "HC": 4, "NM": 4 if head else 24, "NMP": 16 if head else 32, "SB": 64,
-            "ITERS": 20, "HEAD": head, "BDN": 8192, "X_BF16": bf, "W_BF16": bf,
+            "D": 7168, "HC": 4, "NM": 4 if head else 24, "NMP": 16 if head else 32,
+            "LOG_NMP": 4 if head else 5, "SB": 64, "ITERS": 20, "HEAD": head, "BDN": 8192,
+            "X_BF16": bf, "W_BF16": bf,
         }  # fmt: skip
 
 

@@ -250,28 +250,30 @@ def _maps(
 
 @triton.jit
 def _stream_rows(x_ptr, t, D: tl.constexpr, BDN: tl.constexpr, HC: tl.constexpr):
-    """Token ``t``'s streams [hc, BDN] in their dtype (channels >= D zero). L1 is bypassed:
-    other programs of this launch wrote them. Issued before the epilogue's maps so that their
-    latency hides behind the Sinkhorn rounds."""
+    """Token ``t``'s streams (tuple of hc [BDN], their dtype; channels >= D zero): one row
+    each, so the collapse needs no masked pick of a row out of an [hc, BDN] tile. L1 is
+    bypassed: other programs of this launch wrote them. Issued before the epilogue's maps so
+    that their latency hides behind the Sinkhorn rounds."""
     dd = tl.arange(0, BDN)
-    rows = (t.to(tl.int64) * HC + tl.arange(0, HC))[:, None] * D + dd[None, :]
-    return tl.load(x_ptr + rows, mask=(dd < D)[None, :], other=0.0, cache_modifier=".cg")
+    rows = ()
+    for j in tl.static_range(HC):
+        ptr = x_ptr + (t.to(tl.int64) * HC + j) * D + dd
+        rows = rows + (tl.load(ptr, mask=dd < D, other=0.0, cache_modifier=".cg"),)  # noqa: RUF005
+    return rows
 
 
 @triton.jit
 def _collapse_norm(rows, pre, w_ptr, h_ptr, t, eps, D: tl.constexpr, BDN: tl.constexpr,
                    HC: tl.constexpr, X_BF16: tl.constexpr, W_BF16: tl.constexpr):  # fmt: skip
-    """Token ``t``: ``h = rms_norm(sum_j pre_j x_j, w)`` [d] from its streams ``rows`` [hc, BDN]
-    and ``pre`` (tuple of hc [1], registers), the collapse rounded to the streams' dtype first (as
-    ``ref`` rounds it); the whole row in registers (one pass)."""
+    """Token ``t``: ``h = rms_norm(sum_j pre_j x_j, w)`` [d] from its streams ``rows`` (tuple
+    of hc [BDN]) and ``pre`` (tuple of hc [1]), all in registers (one pass), the collapse
+    rounded to the streams' dtype first (as ``ref`` rounds it)."""
     t = t.to(tl.int64)
     dd = tl.arange(0, BDN)
     ok = dd < D
-    j = tl.arange(0, HC)
     u = tl.zeros([BDN], tl.float32)
-    for jj in tl.static_range(HC):  # in the reference's order: ((p0 x0 + p1 x1) + ...)
-        x = tl.sum(tl.where(j[:, None] == jj, rows.to(tl.float32), 0.0), axis=0)  # exact pick
-        u += tl.sum(pre[jj], axis=0) * x  # a scalar: a [1] operand would set u's layout
+    for j in tl.static_range(HC):  # in the reference's order: ((p0 x0 + p1 x1) + ...)
+        u += tl.sum(pre[j], axis=0) * rows[j].to(tl.float32)  # a scalar: [1] would set u's layout
     if X_BF16:
         u = round_bf16(u)
     inv = tl.math.div_rn(1.0, tl.sqrt_rn(tl.sum(u * u, axis=0) / D + eps))
