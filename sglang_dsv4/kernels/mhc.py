@@ -21,10 +21,17 @@ pre-weighted collapse ``sum_j pre_j x_j`` and the RMSNorm that follows it (``att
   fp32 ``tl.dot`` form took 42-128 us at T=32-128 and 3.7 ms at T=8192 on the H100,
   2026-12-06; the post as its own launch before the GEMM read the streams twice more.)
 
+Both forms' per-token tail (maps, Sinkhorn, collapse, norm) is serial, latency-bound work in
+one program: after one cross-warp sum of the token's partial rows, the maps run on entries
+every thread holds (``_entries``: ``tl.split`` picks), so the logits, the ``2 * iters``
+Sinkhorn normalisations and the collapse weights need no barrier (a [1, hc, hc] tensor spread
+over warps had 3 per round; sm_90 counts: ``scripts/compile_mhc_tail.py``).
+
 ``hc_head`` is the same with ``fn`` [hc, hc*d] (pre map only, no Sinkhorn) and the final norm.
 Maps are fp32 (as ``ref.mhc``); the streams and the normed block input keep the streams' dtype.
 bf16 values are rounded where ``ref`` rounds them (through fp32, round to nearest even), so the
-two differ by fp32 summation order (and tf32x3's ~2^-21 relative product error) only.
+two differ by fp32 summation order (and tf32x3's ~2^-21 relative product error), and the
+Sinkhorn's divisions, done as a reciprocal and products (an ulp or so), only.
 """
 
 import torch
