@@ -102,6 +102,8 @@ def cases(cfg, ops, n: int) -> dict:
 
     return {
         "hc.pre": (lambda: ops.hc.pre(x, mix), fn_mix + streams + row),
+        # reads streams + y, writes new streams (alone: before the MTP draft's head)
+        "hc.post": (lambda: ops.hc.post(y, x, post, comb), 2 * streams + row),
         # reads streams + y, writes new streams + h
         "hc.post_pre": (
             lambda: ops.hc.post_pre(y, x, post, comb, mix),
