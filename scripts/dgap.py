@@ -13,16 +13,19 @@ to first graph kernel, the previous launch to the graph launch): what CUPTI adds
     python scripts/dgap.py --model-path sglang_dsv4/models/dsv4-tiny --input-len 64 \\
         --output-len 24 --context-length 4096 --server-args "--dtype float32"
 
-Writes ``OUT/dgap_<impl>.json`` (rows, summaries, census, launches) and ``OUT/dgap_<impl>.server.log``.
+Writes ``OUT/dgap_<impl>.json`` (rows, summaries, census, launches) and
+``OUT/dgap_<impl>.server.log``.
 """
 
 import argparse
+import bisect
 import json
 import os
 import random
 import shutil
 import sys
 import time
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import requests
@@ -78,29 +81,54 @@ def phase_report(files: list[Path], title: str) -> dict:
     return {"summary": summary, "rows": rows, "graphs": graphs}
 
 
-def launch_report(events: list[dict]) -> dict:
+def launch_report(events: list[dict], top: int = 12) -> dict:
     """Graph launches in a profiler trace: ``cudaGraphLaunch`` host us, host us from the
-    previous runtime call's end on that thread, us from the launch's start to its graph's first
-    kernel (CPU and GPU times share kineto's clock)."""
-    rt = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") == "cuda_runtime"),
+    previous kernel launch's end on that thread (the input copy's), us from the launch's
+    start to its graph's first kernel (CPU and GPU times share kineto's clock), and the Python
+    frames (``with_stack``) that ran between the previous call and the launch, by total us."""
+    calls = ("cuda_runtime", "cuda_driver")
+    rt = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") in calls),
                 key=lambda e: float(e["ts"]))  # fmt: skip
     first_kernel = {}
     for e in events:
         corr = e.get("args", {}).get("correlation")
         if e.get("ph") == "X" and e.get("cat") == "kernel" and corr is not None:
             first_kernel[corr] = min(first_kernel.get(corr, float("inf")), float(e["ts"]))
-    rows, prev_end = [], {}
+    rows, windows, prev_end = [], [], {}
     for e in rt:
         key, ts = (e["pid"], e["tid"]), float(e["ts"])
         if e["name"] == "cudaGraphLaunch":
             corr = e.get("args", {}).get("correlation")
             rows.append({"launch_us": float(e["dur"]),
-                         "after_prev_call_us": ts - prev_end.get(key, ts),
+                         "after_prev_launch_us": ts - prev_end.get(key, ts),
                          "to_first_kernel_us": first_kernel.get(corr, ts) - ts})  # fmt: skip
-        prev_end[key] = ts + float(e["dur"])
-    keys = ("launch_us", "after_prev_call_us", "to_first_kernel_us")
+            windows.append((key, prev_end.get(key, ts), ts))
+        elif "LaunchKernel" in e["name"]:  # cudaLaunchKernel(ExC), cuLaunchKernel(Ex)
+            prev_end[key] = ts + float(e["dur"])
+    keys = ("launch_us", "after_prev_launch_us", "to_first_kernel_us")
     med = {k: sorted(r[k] for r in rows)[len(rows) // 2] for k in keys} if rows else {}
-    return {"launches": len(rows), "median_us": med, "rows": rows[:64]}
+    frames = _frames_in(events, windows)
+    return {"launches": len(rows), "median_us": med, "rows": rows[:64],
+            "frames_before_launch_us_per_launch": dict(frames.most_common(top))}  # fmt: skip
+
+
+def _frames_in(events: list[dict], windows) -> Counter:
+    """Python frames and CPU ops that start inside each ``(thread, lo, hi)`` window: their us
+    inside it by name, averaged over the windows (nested frames each count)."""
+    by_thread = defaultdict(list)
+    for e in events:
+        if e.get("ph") == "X" and e.get("cat") in ("python_function", "cpu_op"):
+            by_thread[(e["pid"], e["tid"])].append((float(e["ts"]), float(e["dur"]), e["name"]))
+    for evs in by_thread.values():
+        evs.sort()
+    out = Counter()
+    for key, lo, hi in windows:
+        evs = by_thread.get(key, [])
+        for ts, dur, name in evs[bisect.bisect_left(evs, (lo,)) :]:
+            if ts >= hi:
+                break
+            out[name] += (min(hi, ts + dur) - ts) / len(windows)
+    return out
 
 
 def profiled(url: str, ids: list[int], steps: int, trace_dir: Path) -> dict:
@@ -121,6 +149,9 @@ def profiled(url: str, ids: list[int], steps: int, trace_dir: Path) -> dict:
         return {"error": f"no trace (/start_profile {r.status_code}: {r.text[:200]})"}
     rep = launch_report(load_trace(trace))
     print(f"profiled graph launches (median us): {rep['median_us']}", flush=True)
+    print("python frames / CPU ops between the previous launch and the graph launch (us):")
+    for name, us in rep["frames_before_launch_us_per_launch"].items():
+        print(f"  {us:8.1f}  {name[:110]}")
     return rep | {"trace": str(trace)}
 
 

@@ -21,6 +21,7 @@ and from the GPU marks (forward stream, in stream order):
 from __future__ import annotations
 
 import bisect
+import itertools
 import json
 import statistics
 from collections import defaultdict
@@ -45,7 +46,7 @@ def _iterations(doc: dict) -> list[tuple[int, int]]:
         return []
     i = phases.index("input")
     starts = sorted(r[1] for r in doc["records"] if r[0] == i)
-    return list(zip(starts, starts[1:], strict=False))
+    return list(itertools.pairwise(starts))
 
 
 def _marks_by_iteration(doc: dict, windows) -> list[dict]:
