@@ -217,17 +217,23 @@ def graph_census(handle: int) -> dict:
     on CUDA 12.6+; forks (multi-stream capture) and event / memset nodes add launch work."""
     from cuda.bindings import runtime as rt
 
+    def call(fn, *args):
+        res = fn(*args)
+        if res[0] != rt.cudaError_t.cudaSuccess:
+            raise RuntimeError(f"{fn.__name__}: {res[0]!r}")
+        return res
+
     graph = rt.cudaGraph_t(init_value=handle)
-    n = rt.cudaGraphGetNodes(graph)[-1]
-    nodes = rt.cudaGraphGetNodes(graph, n)[1][:n]
+    n = call(rt.cudaGraphGetNodes, graph)[-1]
+    nodes = call(rt.cudaGraphGetNodes, graph, n)[1][:n]
     types = Counter(
-        rt.cudaGraphNodeGetType(x)[1].name.removeprefix("cudaGraphNodeType") for x in nodes
+        call(rt.cudaGraphNodeGetType, x)[1].name.removeprefix("cudaGraphNodeType") for x in nodes
     )
-    n_edges = rt.cudaGraphGetEdges(graph)[-1]
-    edges = rt.cudaGraphGetEdges(graph, n_edges)
+    n_edges = call(rt.cudaGraphGetEdges, graph)[-1]
+    edges = call(rt.cudaGraphGetEdges, graph, n_edges)  # (err, from, to, edge data, count)
     src, dst = [int(x) for x in edges[1][:n_edges]], [int(x) for x in edges[2][:n_edges]]
     fan_in, fan_out = Counter(dst), Counter(src)
-    roots = rt.cudaGraphGetRootNodes(graph)[-1]
+    roots = call(rt.cudaGraphGetRootNodes, graph)[-1]
     most_in, most_out = max(fan_in.values(), default=0), max(fan_out.values(), default=0)
     return {
         "nodes": n,

@@ -75,3 +75,34 @@ def test_wrappers_pass_through_when_off(monkeypatch):
     assert host_trace._timed("p")(lambda: 7) == 7
     assert host_trace._replay(lambda: 8) == 8
     assert host_trace._fill_from(lambda: 9) == 9
+
+
+@pytest.mark.gpu
+def test_graph_census_straight_line_and_fork():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    x = torch.zeros(16, device="cuda")
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):  # warm the ops outside the capture
+        x.add_(1)
+        x.mul_(2)
+    torch.cuda.synchronize()
+
+    chain = torch.cuda.CUDAGraph(keep_graph=True)
+    with torch.cuda.graph(chain, stream=s):
+        x.add_(1)
+        x.mul_(2)
+    c = host_trace.graph_census(chain.raw_cuda_graph())
+    assert c["nodes"] == 2 and c["types"] == {"Kernel": 2} and c["straight_line"]
+
+    side = torch.cuda.Stream()
+    fork = torch.cuda.CUDAGraph(keep_graph=True)
+    with torch.cuda.graph(fork, stream=s):
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            x.add_(1)
+        x.mul_(2)
+        torch.cuda.current_stream().wait_stream(side)
+    f = host_trace.graph_census(fork.raw_cuda_graph())
+    assert f["types"].get("Kernel") == 2 and not f["straight_line"]
