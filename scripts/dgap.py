@@ -180,6 +180,11 @@ def main() -> int:
                     timeout=args.startup_timeout)  # fmt: skip
     doc = {"impl": args.impl, "command": " ".join(sys.argv), "startup_s": time.time() - t}
     print(f"server up in {doc['startup_s']:.0f} s", flush=True)
+    info = requests.get(server.url + "/server_info", timeout=60).json()
+    keys = ("sampling_backend", "attention_backend", "page_size", "disable_overlap_schedule",
+            "kv_cache_dtype", "context_length")  # fmt: skip
+    doc["server_info"] = {k: info.get(k) for k in keys}
+    print(f"server: {doc['server_info']}", flush=True)
     try:
         collect(trace_dir, trace_dir / "startup", timeout=5)  # the server's own warm-up
         ids = [random.Random(0).randrange(100, 1000) for _ in range(args.input_len)]

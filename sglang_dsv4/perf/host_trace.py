@@ -79,6 +79,7 @@ class _Trace:
         self.marks: list[tuple] = []
         self.graphs: dict[str, dict] = {}
         self._events: list = []
+        self._cuda: bool | None = None  # whether marks can be recorded (CUDA present)
         self._flushes = 0
 
     def phase(self, name: str) -> int:
@@ -92,7 +93,11 @@ class _Trace:
     def mark(self, name: str, stream=None) -> None:
         import torch
 
-        if not torch.cuda.is_available() or len(self.marks) >= self.POOL:
+        if self._cuda is None:
+            self._cuda = torch.cuda.is_available()
+        if not self._cuda or len(self.marks) >= self.POOL:
+            return
+        if torch.cuda.is_current_stream_capturing():  # a timing event cannot join a graph
             return
         if not self._events:  # made once, outside the timed steps' way
             self._events = [torch.cuda.Event(enable_timing=True) for _ in range(self.POOL)]

@@ -106,3 +106,20 @@ def test_graph_census_straight_line_and_fork():
         torch.cuda.current_stream().wait_stream(side)
     f = host_trace.graph_census(fork.raw_cuda_graph())
     assert f["types"].get("Kernel") == 2 and not f["straight_line"]
+
+
+@pytest.mark.gpu
+def test_marks_give_gpu_times(tmp_path):
+    """Two marks around GPU work: the second's GPU time is the work's (> 0), in stream order."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    tr = host_trace._Trace(tmp_path)
+    x = torch.ones(1 << 24, device="cuda")
+    tr.mark("a")
+    for _ in range(20):
+        x.mul_(1.0001)
+    tr.mark("b")
+    doc = json.loads(tr.flush().read_text())
+    (a, ta, ga), (b, tb, gb) = doc["marks"]
+    assert (a, b) == ("a", "b") and ga == 0.0 and gb > 0.0 and tb >= ta
