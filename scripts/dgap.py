@@ -29,7 +29,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import requests
-from profile_decode import wait_trace
+from profile_decode import stream_generate, wait_trace
 from side_by_side import add_server_options, native_model_dir, server_args, server_env, stop
 
 from sglang_dsv4.perf.host_phases import decode_rows, format_summary, load, summarize
@@ -44,17 +44,10 @@ def stream_request(url: str, ids: list[int], output_len: int) -> dict:
             "sampling_params": {"temperature": 0, "max_new_tokens": output_len,
                                 "ignore_eos": True}}  # fmt: skip
     t0, first, last, n = time.perf_counter(), None, None, 0
-    with requests.post(url + "/generate", json=body, stream=True, timeout=600) as r:
-        r.raise_for_status()
-        for line in r.iter_lines():
-            if not line.startswith(b"data:") or line == b"data: [DONE]":
-                continue
-            data = json.loads(line[5:])
-            if "error" in data:
-                raise RuntimeError(data["error"])
-            n = data["meta_info"]["completion_tokens"]
-            last = time.perf_counter()
-            first = first or last
+    for data in stream_generate(url, body, timeout=600):
+        n = data["meta_info"]["completion_tokens"]
+        last = time.perf_counter()
+        first = first or last
     tps = (n - 1) / (last - first) if n > 1 and last > first else None
     return {"tokens": n, "ttft_s": first - t0 if first else None, "decode_tok_s": tps}
 
