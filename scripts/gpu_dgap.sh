@@ -17,8 +17,10 @@
 # gpu_side_by_side.sh; its cold JIT start is minutes): run it on a machine whose /tmp already
 # has native's JIT cache, or alone.
 #
+# First the host-trace GPU tests (tests/perf/test_host_trace.py -m gpu, ~10 s; TESTS=0 skips).
+#
 # env: WHEELHOUSE (.wheelhouse), NATIVE (.native), SITE (/tmp/site), WORK (/tmp/fd),
-#      OUT (/tmp/dgap), MODEL ($WORK/ckpt-bf16), SKIP_INSTALL=1 (current environment)
+#      OUT (/tmp/dgap), MODEL ($WORK/ckpt-bf16), SKIP_INSTALL=1 (current environment), TESTS
 set -uo pipefail
 cd "$(dirname "$0")/.."
 T0=$(date +%s)
@@ -54,6 +56,11 @@ assert 'dsv4_hosttrace' in {p.name for p in e(group='sglang.srt.plugins')}" \
     || die "the dsv4_hosttrace entry point is not installed (pip install of this package)"
 
 rc=0
+if [ "${TESTS:-1}" = 1 ]; then  # the trace's own GPU tests: the marks, the graph census (~10 s)
+    python3 -m pytest -q -p no:cacheprovider -rfE -m gpu tests/perf/test_host_trace.py 2>&1 \
+        | tail -n 15
+    [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+fi
 for impl in ${IMPLS//,/ }; do
     log "dgap $impl"
     python3 scripts/dgap.py --impl "$impl" --model-path "$MODEL" --out "$OUT" \
