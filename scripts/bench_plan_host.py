@@ -17,7 +17,11 @@ requests sit at position ``C - 2``, their longest):
 * ``extend BxN`` / ``BxN+P``: ``init_forward_metadata(fb)`` of an extend batch of ``B`` fresh
   prompts of ``N`` tokens / chunks of ``N`` after ``P`` cached tokens (``plan_batch`` + every
   wrapper's ``plan()``; the first context only), the request slots on the host as the plugin
-  gives them (``SlottedLens``: the served plan, no device read).
+  gives them (``SlottedLens``: the served plan, no device read);
+* ``alloc-decode C bsN``: our allocator's ``alloc_decode`` (``DSV4SWAAllocator``, what SGLang's
+  ``alloc_for_decode`` calls every decode step: our free-page check, then SGLang's hybrid-SWA
+  allocation: full and swa slots, the full -> swa map), every request mid-page (no new page,
+  127 of 128 steps), on the device (the Triton path on CUDA, the torch path on CPU).
 
 The backend is built as SGLang builds it (``DSV4AttnBackend(model_runner)``) over real DSV4 pools
 of the tiny config (``configs/tiny-6l.json``: SWA, SWA, CSA, HCA, CSA, HCA; host work does not
@@ -216,6 +220,7 @@ def cases(cfg, device: str, contexts: list[int], decode_bs: list[int], extend: l
         n_req = max(*decode_bs, *(b for b, _, _ in extend)) if first else max(decode_bs)
         host = Host(cfg, n_req, device, context)
         yield from _decode_cases(host, context, decode_bs)
+        yield from _alloc_cases(host, context, decode_bs)
         for b, n, prefix in extend if first else ():
             fb = host.extend_batch(b, n, prefix)
             name = f"extend {b}x{n}" + (f"+{prefix}" if prefix else "")
@@ -248,6 +253,22 @@ def _decode_cases(host: Host, context: int, decode_bs: list[int]):
     for bs in decode_bs:
         fb = host.decode_batch(bs, seq)
         yield f"decode-eager {context} bs{bs}", functools.partial(backend.init_forward_metadata, fb)
+
+
+def _alloc_cases(host: Host, context: int, decode_bs: list[int]):
+    """Our allocator's decode step over ``host``'s pools (it registers its own full -> swa map,
+    so it comes after the backend cases)."""
+    from sglang_dsv4.mem.allocator import DSV4SWAAllocator
+
+    pool, block = host.pool, host.pool.schema.block_size
+    alloc = DSV4SWAAllocator(pool.size, pool.n_swa_slots, block, torch.bfloat16, host.device, pool,
+                             need_sort=False)  # fmt: skip
+    seq = context - block // 2  # mid-page: the step takes the slot after the last one
+    for bs in decode_bs:
+        seq_lens = torch.full((bs,), seq, dtype=torch.int64)
+        last_loc = host.rtp.req_to_token[:bs, seq - 2].long()
+        args = (seq_lens.to(host.device), seq_lens, last_loc)
+        yield f"alloc-decode {context} bs{bs}", functools.partial(alloc.alloc_decode, *args)
 
 
 def graph_launch_cases(nodes: list[int]):
