@@ -490,10 +490,15 @@ def test_decode_plan_keeps_flashmla_schedules_static_but_long_hca(
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind", [AttnKind.CSA, AttnKind.HCA])
+@pytest.mark.parametrize(
+    ("kind", "width"),
+    # the c128 list of a 16K / a 33792-token context (static since static_hca_schedule)
+    [(AttnKind.CSA, 512), (AttnKind.HCA, 128), (AttnKind.HCA, 320)],
+    ids=["csa", "hca-128", "hca-320"],
+)
 @pytest.mark.parametrize("batch", [1, 5, 64])
-def test_flashmla_static_schedule_equals_per_step_counts(kind, batch):
-    """A c4 top-k list (512) / a c128 list of 128 entries without its counts
+def test_flashmla_static_schedule_equals_per_step_counts(kind, width, batch):
+    """A c4 top-k list (512) / a c128 list of 128 or 320 entries without its counts
     (static schedule, kept from an eager run across a graph capture) gives the outputs of the
     per-step schedule from the counts, at Flash dims, for counts from 1 to the list width (-1
     past each count)."""
@@ -507,7 +512,7 @@ def test_flashmla_static_schedule_equals_per_step_counts(kind, batch):
     world = World(cfg, "cuda", torch.bfloat16, EntryFormat.FP8, EntryFormat.FP8)
     lk = next(x for x in world.pool.layers if x.kind is kind)
     n_swa, d = world.pool.n_swa_slots + BLOCK, cfg.head_dim
-    topk = cfg.index_topk if kind is AttnKind.CSA else 128
+    topk = cfg.index_topk if kind is AttnKind.CSA else width
     lk.write_raw(torch.arange(n_swa, device="cuda"), torch.randn(n_swa, d, device="cuda"))
     per_page = lk.entry_rows.rows_per_page
     n_rows = lk.entries.shape[0] * per_page
