@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from sglang_dsv4.kernels.compressor import CompressorFlush
-from sglang_dsv4.kernels.indexer import IndexerTopK
+from sglang_dsv4.kernels.indexer import IndexerTopK, logits_width
 from sglang_dsv4.kernels.indexer_extend import IndexerExtend
 from sglang_dsv4.kernels.kv_store import FP8RowLayout, IndexKeyLayout, store_kv
 from sglang_dsv4.kernels.topk_shapes import candidates
@@ -353,7 +353,7 @@ def _tsweep_rows(ctx, n, reps) -> list[dict]:
     """One prompt's rows: each candidate planned on the same inputs, whose logits launch (the
     same for all) leaves the same workspace; outputs poisoned before the checked select."""
     out, base = [], None
-    ld = -(-(ctx // 4) // 16) * 16
+    ld = logits_width(ctx // 4)  # the plan's, before planning: the candidates at its width
     for shape in candidates(ld):
         ix, args = _extend_setup(ctx, n, select=shape)
         ix.run(*args)

@@ -37,7 +37,7 @@ import triton.language as tl
 from sglang_dsv4.kernels.kv_store import IndexKeyLayout, e4m3_codes, pow2, ue8m0_exponent
 from sglang_dsv4.kernels.topk_shapes import radix_chunk
 
-__all__ = ["IndexerTopK"]
+__all__ = ["IndexerTopK", "logits_width"]
 
 
 @triton.jit
@@ -370,6 +370,12 @@ def _split_write_kernel(
         tl.store(len_ptr + t, k)
 
 
+def logits_width(max_keys: int) -> int:
+    """Entries per fp32 score row of the workspace for queries seeing up to ``max_keys``: whole
+    16-entry vectors (the selects load rows in them), at least one."""
+    return max(16, -(-max_keys // 16) * 16)
+
+
 class IndexerTopK:
     """Indexer scores + top-k of one c4 layer kind. ``plan()`` once per batch (sizes, grid,
     workspace, which select), ``run()`` per layer (two launches, six with the split select; no
@@ -414,7 +420,7 @@ class IndexerTopK:
         CUDA graphs: the capacity of the captured batch). Allocates the outputs and workspace."""
         device = torch.device(device)
         self.n_queries = n_queries
-        self.ld = max(16, -(-max_keys // 16) * 16)
+        self.ld = logits_width(max_keys)
         self._radix_chunk = radix_chunk(self.ld)
         # queries per launch pair, so the fp32 workspace stays within max_workspace_bytes
         self.q_chunk = max(1, min(n_queries, self.max_workspace_bytes // (4 * self.ld)))

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sglang_dsv4.kernels.indexer import IndexerTopK, quantize_queries
+from sglang_dsv4.kernels.indexer import IndexerTopK, logits_width, quantize_queries
 from sglang_dsv4.kernels.kv_store import IndexKeyLayout
 from sglang_dsv4.kernels.topk_rows import _rows_topk_kernel
 from sglang_dsv4.kernels.topk_shapes import SelectShape, fits, select_shape
@@ -177,7 +177,7 @@ class IndexerExtend:
         device = torch.device(device)
         bq = self.tile_q
         max_keys = max((s // self.ratio for s in seq_lens), default=0)
-        self.ld = max(16, -(-max_keys // 16) * 16)
+        self.ld = logits_width(max_keys)
         q_chunk = max(bq, self.max_workspace_bytes // (4 * self.ld))
         starts, lens, chunks = [], [], []  # chunks: (t0, t1, first tile, n tiles)
         t, c_t0, c_tile = 0, 0, 0
@@ -214,6 +214,7 @@ class IndexerExtend:
         if not fits(self.select_shape, self.ld):
             raise ValueError(f"select {self.select_shape} cannot take rows of {self.ld} entries")
         self._radix_chunk = self.select_shape.chunk
+        self._row = triton.next_power_of_2(self.ld)  # the rows select's register row
         # the select, chosen here: run() has no branch
         rows = self.select_shape.kind == "rows"
         self._select = self._select_rows if rows else self._select_radix
@@ -268,7 +269,7 @@ class IndexerExtend:
             pos_ptr=positions[t0:t1], bt_ptr=block_table, bt_stride=block_table.stride(0),
             ids_ptr=self.ids[t0:t1], rows_ptr=self.rows[t0:t1], len_ptr=self.lengths[t0:t1],
             K=self.topk, RATIO=self.ratio, EPB=self.entries_per_block,
-            ROW=triton.next_power_of_2(self.ld), WCHUNK=self.select_shape.chunk,
+            ROW=self._row, WCHUNK=self.select_shape.chunk,
             KCHUNK=self._kchunk, WRITE_ROWS=True, num_warps=self.select_shape.warps,
         )  # fmt: skip
 

@@ -23,6 +23,8 @@ to :data:`MAX_ROW` entries).
 
 from typing import NamedTuple
 
+from triton import next_power_of_2
+
 __all__ = ["MAX_ROW", "MEASURED", "SelectShape", "candidates", "default_shape", "select_shape"]
 
 MAX_ROW = 16384  # entries of a row the ``rows`` kernel holds (registers; its packed scan's bound)
@@ -37,14 +39,10 @@ class SelectShape(NamedTuple):
     chunk: int = 2048
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
-
-
 def radix_chunk(ld: int) -> int:
     """The radix select's loop step for rows of ``ld`` entries: as wide as the row up to 2048
     (a pass counts whole steps, masked entries included), 256 at least."""
-    return min(2048, max(256, _next_pow2(ld)))
+    return min(2048, max(256, next_power_of_2(ld)))
 
 
 def default_shape(ld: int) -> SelectShape:
@@ -65,7 +63,7 @@ def candidates(ld: int) -> tuple[SelectShape, ...]:
     if out[0].chunk != 2048:
         out.append(SelectShape("radix", 8, 2048))
     if ld <= MAX_ROW:
-        row = _next_pow2(ld)
+        row = next_power_of_2(ld)
         out += [SelectShape("rows", w, 128 * w) for w in (2, 4, 8, 16)
                 if 4 <= row // (32 * w) <= 64]  # fmt: skip
     return tuple(out)
