@@ -197,8 +197,13 @@ def _capture_one(original, backend, shape_key, *args, **kwargs):
     plain = torch.cuda.CUDAGraph
 
     class Kept(plain):
+        # torch's pybind base reads keep_graph in __init__ (its Python __new__ passes it too):
+        # both must get True, or capture_end instantiates and drops the cudaGraph_t
         def __new__(cls, keep_graph: bool = True):
             return super().__new__(cls, True)
+
+        def __init__(self, keep_graph: bool = True):
+            super().__init__(True)
 
     torch.cuda.CUDAGraph = Kept
     try:

@@ -104,5 +104,12 @@ def test_plan_reads_the_device_once(tiny_cfg):
             plan_batch(fb, world.pool, world.rtp)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    syncs = [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
-    assert len(syncs) == 1, syncs  # the Python lines whose torch call synchronized
+    # the Python lines of ours whose torch call synchronized; torch's own set_sync_debug_mode
+    # line is also reported (seen on the H100, 2026-12-07: torch/cuda/__init__.py:1270, the
+    # mode switch itself), and it is not the plan's
+    syncs = [
+        f"{w.filename}:{w.lineno}"
+        for w in caught
+        if "synchroniz" in str(w.message) and "sglang_dsv4" in w.filename
+    ]
+    assert len(syncs) == 1, syncs

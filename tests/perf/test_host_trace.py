@@ -77,6 +77,42 @@ def test_wrappers_pass_through_when_off(monkeypatch):
     assert host_trace._fill_from(lambda: 9) == 9
 
 
+def test_capture_one_keeps_the_graph(trace, monkeypatch):
+    """The capture wrapper's graphs reach the census: keep_graph is passed where torch's pybind
+    base reads it (``__init__``), not only to ``__new__`` (the H100 run of 2026-12-07 failed
+    capture with "instantiate() ... only when keep_graph=true")."""
+    import torch
+
+    class PybindLike:  # torch._C._CUDAGraph: __new__ ignores arguments, __init__ reads them
+        def __new__(cls, keep_graph=False):
+            return object.__new__(cls)
+
+        def __init__(self, keep_graph=False):
+            self.keep_graph, self.instantiated = keep_graph, False
+
+        def raw_cuda_graph(self):
+            return 1234
+
+        def instantiate(self):
+            if not self.keep_graph:
+                raise RuntimeError("instantiate() ... only when keep_graph=true")
+            self.instantiated = True
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", PybindLike)
+    monkeypatch.setattr(host_trace, "graph_census", lambda handle: {"handle": handle})
+
+    def capture_one(backend, shape_key):  # SGLang's FullCudaGraphBackend.capture_one, reduced
+        backend._graphs[shape_key] = torch.cuda.CUDAGraph()
+        return "captured"
+
+    backend = SimpleNamespace(_graphs={})
+    assert host_trace._capture_one(capture_one, backend, 8) == "captured"
+    graph = backend._graphs[8]
+    assert graph.keep_graph and graph.instantiated
+    assert trace.graphs["8"] == {"handle": 1234}
+    assert torch.cuda.CUDAGraph is PybindLike  # restored after the capture
+
+
 @pytest.mark.gpu
 def test_graph_census_straight_line_and_fork():
     torch = pytest.importorskip("torch")
