@@ -45,9 +45,9 @@ __all__ = [
 CHUNKS = (256, 512, 1024, 2048)  # chunk sizes the benchmark times
 ONE_PROGRAM_MAX = 512
 """Most pairs grouped by one program (a decode step: batch 32 x 7 slots is 224): above it, the
-two-launch chunked form spreads the pairs over the GPU. A guess: ``scripts/bench_moe.py
---group`` at T 128 (896 pairs) times one program (its chunk 1024 and 2048 rows) against the
-chunked form."""
+two-launch chunked form spreads the pairs over the GPU. Measured (``scripts/bench_moe.py
+--group``, H100, 2026-12-07, docs/gpu/lease_20261207c/moebench.txt): 224 pairs in one program
+14.7 us; at 896 pairs one program 41.0 us, chunks of 256 18.5 us."""
 SUB = 64  # pairs per scatter step: a [64, 64] rank comparison, 16 elements per thread
 WARPS = 8  # sm_90: 118 registers at SUB 64 (4 warps: 239, next to the 255 limit)
 _COUNT_MAX = 1024  # pairs per histogram step: 4 ids per thread
@@ -162,8 +162,9 @@ def _group_place_kernel(chosen_ptr, weights_ptr, hist_ptr, order_ptr, off_ptr, w
 def group_chunk(pairs: int) -> int:
     """Pairs per program of the chunked form: ~128 programs (about one per H100 SM; each
     scatter program also sums the whole histogram table, chunks x bins, so more is not free),
-    256 to 2048 pairs. A guess until ``scripts/bench_moe.py --group`` times
-    :data:`CHUNKS`."""
+    256 to 2048 pairs. It picks the fastest of :data:`CHUNKS` at every measured size (H100,
+    2026-12-07, ``bench_moe.py --group``): 896 pairs -> 256 (18.5 us; 512: 31.1), 24576 -> 256
+    (14.6 us; 2048: 53.2), 57344 -> 512 (39.3 us; 256: 66.2)."""
     return min(max(triton.next_power_of_2(-(-pairs // 128)), 256), 2048)
 
 
