@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 
 from sglang_dsv4.kernels.compressor import CompressorFlush
-from sglang_dsv4.kernels.indexer import IndexerTopK
+from sglang_dsv4.kernels.indexer import IndexerTopK, logits_width
 from sglang_dsv4.kernels.indexer_extend import IndexerExtend
 from sglang_dsv4.kernels.kv_store import FP8RowLayout, IndexKeyLayout, store_kv
+from sglang_dsv4.kernels.topk_shapes import candidates
 from sglang_dsv4.perf.timing import gbps, write_json
 from sglang_dsv4.perf.timing import graph_seconds as timed
 
@@ -240,10 +241,14 @@ def bench_indexer_prefill(reps):
     prefill runs it) over its ``ctx // 4`` entries; FLOPs = 2 * 64 * 128 * sum_t (t + 1) // 4.
     ``s_topk`` times the select alone over the logits the full run left in the workspace."""
     res = []
-    for ctx, n in ((4096, 4096), (8192, 8192), (16384, 8192), (32768, 8192), (65536, 8192)):
+    for ctx, n in EXTEND_CHUNKS:
         res.append(guarded(functools.partial(_extend_row, ctx, n, reps)))
         torch.cuda.empty_cache()
     return [r for r in res if r]
+
+
+# (prompt tokens, queries) of the served extend's last chunk (chunked prefill of 8192 tokens)
+EXTEND_CHUNKS = ((4096, 4096), (8192, 8192), (16384, 8192), (32768, 8192), (65536, 8192))
 
 
 def _extend_setup(ctx, n, **shape):
@@ -324,11 +329,57 @@ def _sweep_row(ctx, shape, reps, base):
     return row, logits
 
 
+def sweep_topk(reps):
+    """The extend select alone over the served logits (``_extend_setup``'s inputs, the last
+    chunk of each :data:`EXTEND_CHUNKS` prompt) for every ``topk_shapes.candidates`` shape:
+    us, and whether its ids / rows / counts equal the default shape's bit for bit. Prints the
+    fastest equal shape per prompt as a ``topk_shapes.MEASURED`` row to paste."""
+    res, paste = [], []
+    for ctx, n in EXTEND_CHUNKS:
+        rows = guarded(functools.partial(_tsweep_rows, ctx, n, reps)) or []
+        res += rows
+        best = min((r for r in rows if r["same"]), key=lambda r: r["s"], default=None)
+        if best:
+            kind, warps, chunk = best["shape"]
+            paste.append(f'    ({best["ld"]}, 512, SelectShape("{kind}", {warps}, {chunk}), '
+                         f'{best["s"] * 1e6:.1f}),  # ctx {ctx}')  # fmt: skip
+        torch.cuda.empty_cache()
+    print(f"# {time.strftime('%Y-%m-%d')}, {torch.cuda.get_device_name()}: "
+          "scripts/bench_kv_kernels.py --only tsweep", *paste, sep="\n")  # fmt: skip
+    return res
+
+
+def _tsweep_rows(ctx, n, reps) -> list[dict]:
+    """One prompt's rows: each candidate planned on the same inputs, whose logits launch (the
+    same for all) leaves the same workspace; outputs poisoned before the checked select."""
+    out, base = [], None
+    ld = logits_width(ctx // 4)  # the plan's, before planning: the candidates at its width
+    for shape in candidates(ld):
+        ix, args = _extend_setup(ctx, n, select=shape)
+        ix.run(*args)
+        bt, qreq, pos = args[3:]
+        select = functools.partial(ix._select, bt, qreq, pos, 0, ix.n_queries)
+        row = dict(kernel=f"topk {shape.kind} w{shape.warps}" + (f" c{shape.chunk}" if
+                   shape.kind == "radix" else ""), mode="tsweep", batch=n, ctx=ctx,
+                   s=timed([select], max(3, reps // 3)), bytes=n * ld * 4, ld=ix.ld,
+                   shape=tuple(shape))  # fmt: skip
+        for buf in (ix.ids, ix.rows, ix.lengths):
+            buf.fill_(-7)
+        select()
+        got = (ix.ids.clone(), ix.rows.clone(), ix.lengths.clone())
+        base = base or got
+        row["same"] = all(torch.equal(a, b) for a, b in zip(base, got, strict=True))
+        out.append(row)
+        ix = args = None
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--reps", type=int, default=30)
-    ap.add_argument("--only", default="", help="comma list: kv,cdec,cpre,idec,ipre,isweep")
+    ap.add_argument("--only", default="",
+                    help="comma list: kv,cdec,cpre,idec,ipre,isweep,tsweep")  # fmt: skip
     args = ap.parse_args()
     torch.manual_seed(0)
     t0 = time.time()
@@ -340,6 +391,7 @@ def main():
         "idec": bench_indexer_decode,
         "ipre": bench_indexer_prefill,
         "isweep": sweep_indexer_extend,
+        "tsweep": sweep_topk,
     }
     rows, errors = [], []
     for name, fn in parts.items():
@@ -378,6 +430,8 @@ def main():
         tf = f"{r['TFLOPs']:7.1f}" if "TFLOPs" in r else " " * 7
         if "logits_rel_diff" in r:  # a sweep row: its logits against the default shape's
             split += f"  logits diff {r['logits_rel_diff']:.1e}"
+        if "same" in r:  # a top-k sweep row: its picks against the default shape's
+            split += "  picks == default" if r["same"] else "  PICKS DIFFER"
         print(f"{r['kernel']:<20}{r['mode']:<8}{r['batch']:>7}{r['ctx']:>8}{r['us']:>10.1f}"
               f"{r['GBps']:>8.0f}{r['pct_copy']:>5.0f}{tf}  {split}")  # fmt: skip
     if errors or ERRORS:

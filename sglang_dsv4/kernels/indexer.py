@@ -35,8 +35,9 @@ import triton
 import triton.language as tl
 
 from sglang_dsv4.kernels.kv_store import IndexKeyLayout, e4m3_codes, pow2, ue8m0_exponent
+from sglang_dsv4.kernels.topk_shapes import radix_chunk
 
-__all__ = ["IndexerTopK"]
+__all__ = ["IndexerTopK", "logits_width"]
 
 
 @triton.jit
@@ -369,6 +370,12 @@ def _split_write_kernel(
         tl.store(len_ptr + t, k)
 
 
+def logits_width(max_keys: int) -> int:
+    """Entries per fp32 score row of the workspace for queries seeing up to ``max_keys``: whole
+    16-entry vectors (the selects load rows in them), at least one."""
+    return max(16, -(-max_keys // 16) * 16)
+
+
 class IndexerTopK:
     """Indexer scores + top-k of one c4 layer kind. ``plan()`` once per batch (sizes, grid,
     workspace, which select), ``run()`` per layer (two launches, six with the split select; no
@@ -413,7 +420,8 @@ class IndexerTopK:
         CUDA graphs: the capacity of the captured batch). Allocates the outputs and workspace."""
         device = torch.device(device)
         self.n_queries = n_queries
-        self.ld = max(16, -(-max_keys // 16) * 16)
+        self.ld = logits_width(max_keys)
+        self._radix_chunk = radix_chunk(self.ld)
         # queries per launch pair, so the fp32 workspace stays within max_workspace_bytes
         self.q_chunk = max(1, min(n_queries, self.max_workspace_bytes // (4 * self.ld)))
         self.logits = torch.empty(self.q_chunk, self.ld, dtype=torch.float32, device=device)
@@ -485,12 +493,14 @@ class IndexerTopK:
         )  # fmt: skip
 
     def _select(self, block_table, query_req, positions, t0, t1) -> None:
-        """One program per query (many queries: they fill the GPU)."""
+        """One program per query (many queries: they fill the GPU), ``_radix_chunk`` entries
+        a loop step (``topk_shapes.radix_chunk``: a pass counts whole steps, masked entries
+        included, so rows of at most 1024 scores, a 4K prompt's extend, take their width)."""
         _topk_kernel[(t1 - t0,)](
             logits_ptr=self.logits, ld=self.ld, qreq_ptr=query_req[t0:t1],
             pos_ptr=positions[t0:t1], bt_ptr=block_table, bt_stride=block_table.stride(0),
             ids_ptr=self.ids[t0:t1], rows_ptr=self.rows[t0:t1], len_ptr=self.lengths[t0:t1],
-            K=self.topk, RATIO=self.ratio, EPB=self.entries_per_block, CHUNK=2048,
+            K=self.topk, RATIO=self.ratio, EPB=self.entries_per_block, CHUNK=self._radix_chunk,
             KCHUNK=self._kchunk, WRITE_ROWS=self.write_rows, num_warps=8,
         )  # fmt: skip
 

@@ -23,8 +23,10 @@ then DeepGEMM's ``fp8_mqa_logits``). Its accumulator keeps 13 mantissa bits (H10
 of sum |q_d k_d| per dot; the CPU's fp32 dots are exact.
 
 ``plan()`` (host) cuts the batch's queries into tiles and the tiles into workspace chunks (the
-fp32 logits of a chunk's queries must fit ``max_workspace_bytes``); ``run()`` launches, per chunk,
-the tiled logits kernel and ``kernels.indexer``'s radix top-k.
+fp32 logits of a chunk's queries must fit ``max_workspace_bytes``) and picks the top-k's launch
+(``kernels.topk_shapes``: ``kernels.indexer``'s radix select, or ``kernels.topk_rows``' select of
+rows held in registers; same picks, same order); ``run()`` launches, per chunk, the tiled logits
+kernel and that select.
 """
 
 from collections.abc import Sequence
@@ -33,8 +35,10 @@ import torch
 import triton
 import triton.language as tl
 
-from sglang_dsv4.kernels.indexer import IndexerTopK, quantize_queries
+from sglang_dsv4.kernels.indexer import IndexerTopK, logits_width, quantize_queries
 from sglang_dsv4.kernels.kv_store import IndexKeyLayout
+from sglang_dsv4.kernels.topk_rows import _rows_topk_kernel
+from sglang_dsv4.kernels.topk_shapes import SelectShape, fits, select_shape
 from sglang_dsv4.mem.h2d import to_device
 
 __all__ = ["IndexerExtend"]
@@ -125,7 +129,9 @@ def _tile_logits_kernel(
 
 class IndexerExtend:
     """Indexer logits + exact top-k of one c4 layer kind over an extend batch. ``plan()`` once
-    per batch (tiles, chunks, buffers), ``run()`` per layer (launches only, no sync)."""
+    per batch (tiles, chunks, buffers, the select's launch), ``run()`` per layer (launches
+    only, no sync). ``select``: the top-k's launch; None lets ``plan()`` pick it from
+    ``topk_shapes.MEASURED`` by row width."""
 
     def __init__(
         self,
@@ -141,6 +147,7 @@ class IndexerExtend:
         warps: int = 8,
         stages: int = 2,
         max_workspace_bytes: int = 1 << 28,
+        select: SelectShape | None = None,
     ):
         if n_heads & (n_heads - 1) or head_dim & (head_dim - 1) or n_heads > query_rows:
             raise ValueError(f"{n_heads} heads x {head_dim}: powers of 2, <= {query_rows} heads")
@@ -156,6 +163,7 @@ class IndexerExtend:
         # the logits launch's shape: ``bench_kv_kernels.py --only isweep`` times alternatives
         self.block_keys, self.warps, self.stages = block_keys, warps, stages
         self.max_workspace_bytes = max_workspace_bytes
+        self._select_shape = select  # None: plan() picks by row width
         self._planned = False
 
     def plan(
@@ -169,7 +177,7 @@ class IndexerExtend:
         device = torch.device(device)
         bq = self.tile_q
         max_keys = max((s // self.ratio for s in seq_lens), default=0)
-        self.ld = max(16, -(-max_keys // 16) * 16)
+        self.ld = logits_width(max_keys)
         q_chunk = max(bq, self.max_workspace_bytes // (4 * self.ld))
         starts, lens, chunks = [], [], []  # chunks: (t0, t1, first tile, n tiles)
         t, c_t0, c_tile = 0, 0, 0
@@ -202,6 +210,14 @@ class IndexerExtend:
         # few query tiles (a short chunk over a long prefix): spread each one's keys too
         self.splits = max(1, min(triton.cdiv(key_tiles, 4), triton.cdiv(2 * sms, n_tiles)))
         self._dot_f32 = device.type != "cuda"
+        self.select_shape = self._select_shape or select_shape(self.ld, self.topk)
+        if not fits(self.select_shape, self.ld):
+            raise ValueError(f"select {self.select_shape} cannot take rows of {self.ld} entries")
+        self._radix_chunk = self.select_shape.chunk
+        self._row = triton.next_power_of_2(self.ld)  # the rows select's register row
+        # the select, chosen here: run() has no branch
+        rows = self.select_shape.kind == "rows"
+        self._select = self._select_rows if rows else self._select_radix
         self._planned = True
 
     def run(
@@ -246,7 +262,18 @@ class IndexerExtend:
             self._select(block_table, query_req, positions, t0, t1)
         return self.ids, self.rows, self.lengths
 
+    def _select_rows(self, block_table, query_req, positions, t0, t1) -> None:
+        """``topk_rows``: one program per query, its row in registers."""
+        _rows_topk_kernel[(t1 - t0,)](
+            logits_ptr=self.logits, ld=self.ld, qreq_ptr=query_req[t0:t1],
+            pos_ptr=positions[t0:t1], bt_ptr=block_table, bt_stride=block_table.stride(0),
+            ids_ptr=self.ids[t0:t1], rows_ptr=self.rows[t0:t1], len_ptr=self.lengths[t0:t1],
+            K=self.topk, RATIO=self.ratio, EPB=self.entries_per_block,
+            ROW=self._row, WCHUNK=self.select_shape.chunk,
+            KCHUNK=self._kchunk, WRITE_ROWS=True, num_warps=self.select_shape.warps,
+        )  # fmt: skip
+
     # the exact radix top-k of the decode indexer, over this class's workspace (same fields)
     write_rows = True
-    _select = IndexerTopK._select
+    _select_radix = IndexerTopK._select
     _kchunk = IndexerTopK._kchunk

@@ -78,11 +78,22 @@ CANDIDATES: dict[str, tuple[GemmTiles, ...]] = {
 
 # (format, kernel, pair count, tiles, us): the fastest candidate at that pair count, pasted from
 # ``scripts/bench_moe.py --sorted`` (date and GPU in the comment above each run's rows).
-MEASURED: tuple[tuple[str, str, int, GemmTiles, float], ...] = ()
-# Rows measured on the H100 (2026-12-07: the 8192-token w13 + w2 kernels 2112 -> 1139 us) wait
-# on branch ``moe-tiles`` until ``tests/kernels/test_moe_experts.py``'s GPU test of every
-# candidate tile (``test_sorted_gpu_served_prefill_every_tile``) has run: no tile serves
-# before its numbers are checked on the device.
+MEASURED: tuple[tuple[str, str, int, GemmTiles, float], ...] = (
+    # 2026-12-07, NVIDIA H100 80GB HBM3: scripts/bench_moe.py --sorted (served shape; 8192
+    # tokens = 24576 pairs: the w13 + w2 kernels 2112 us with the default tiles -> 1139 us)
+    ("bf16", "w13", 12288, GemmTiles(128, 128, 64, 8, 3, True), 381.6),
+    ("bf16", "w13", 24576, GemmTiles(128, 128, 64, 8, 3, True), 743.9),
+    ("bf16", "w13", 49152, GemmTiles(128, 128, 64, 8, 3, True), 1357.7),
+    ("bf16", "w2", 12288, GemmTiles(128, 256, 64, 8, 3, True), 211.2),
+    ("bf16", "w2", 24576, GemmTiles(128, 256, 64, 8, 3, True), 395.0),
+    ("bf16", "w2", 49152, GemmTiles(128, 256, 64, 8, 3, True), 763.2),
+    ("fp8", "w13", 12288, GemmTiles(128, 64, 64, 8, 4, True), 605.1),
+    ("fp8", "w13", 24576, GemmTiles(128, 64, 64, 4, 4, True), 1081.9),
+    ("fp8", "w13", 49152, GemmTiles(128, 64, 64, 4, 4, True), 2071.0),
+    ("fp8", "w2", 12288, GemmTiles(128, 128, 64, 8, 4, True), 296.5),
+    ("fp8", "w2", 24576, GemmTiles(128, 128, 64, 4, 4, True), 568.0),
+    ("fp8", "w2", 49152, GemmTiles(128, 128, 64, 4, 4, True), 1074.3),
+)
 
 
 def tile_format(fmt: str, dtype_name: str) -> str:

@@ -63,6 +63,30 @@ def resource_usage(kernel) -> str:
     return " ".join(USAGE.findall(usage.stdout))
 
 
+_SASS_LINE = re.compile(r"^\s+/\*[0-9a-f]{4,}\*/\s+(\S.*)$")
+_LABEL = re.compile(r"^(\.L_x_\d+):")
+_BRANCH = re.compile(r"BRA (?:!?U?P\d, )?`\((\.L_x_\d+)\)")
+
+
+def sass_loops(kernel) -> list[int]:
+    """SASS instructions in the body of each loop of a compiled kernel (a backward branch and
+    the code from its target up to it), in program order: what one trip issues per warp."""
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/nvdisasm")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True).stdout
+    labels, counted, loops = {}, 0, []
+    for line in sass.splitlines():
+        if m := _LABEL.match(line):
+            labels[m[1]] = counted
+        elif _SASS_LINE.match(line):
+            counted += 1
+            if (m := _BRANCH.search(line)) and m[1] in labels and counted - labels[m[1]] > 1:
+                loops.append(counted - labels[m[1]])
+    return loops
+
+
 _LAYOUT = re.compile(r"^(#[\w.]+) = (#ttg\.\w+<.*>)$", re.M)
 _REDUCE = re.compile(r"\"?tt\.reduce\"?\(%[\w#]+\).*?\(tensor<[^>]*?, (#[\w.]+)>\)", re.S)
 

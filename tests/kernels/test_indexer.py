@@ -16,6 +16,7 @@ the reference through ``ref.indexer.fp8_queries``). Checked per query:
 
 import pytest
 import torch
+from topk_cases import exact_topk
 from triton_cpu import interpreted
 
 from sglang_dsv4.kernels import indexer, kv_store
@@ -182,15 +183,6 @@ def test_ties_at_zero(mods):
     _run_case(ks, ix, "fp8", 16, 32, [700, 401, 9], 2, "cpu", zeros=0.6)
 
 
-def _exact_topk(scores: torch.Tensor, vis: int, k: int) -> list[int]:
-    """The select's contract: the ``k`` largest of ``scores[:vis]`` by the order of their int32
-    image (NaNs included, -0.0 below +0.0), ties by entry, listed in entry order."""
-    u = scores[:vis].contiguous().view(torch.int32)
-    key = torch.where(u < 0, u ^ 0x7FFFFFFF, u)
-    order = torch.sort(key.long(), descending=True, stable=True).indices
-    return sorted(order[:k].tolist())
-
-
 def _select_case(ix_mod, visible, topk, splits, values=None, nan_at=()):
     """Both selects over the same workspace: scores from ``values`` (ties) or random, the
     outputs and the split's histograms poisoned first. Returns (one-program, split) outputs."""
@@ -217,7 +209,7 @@ def _select_case(ix_mod, visible, topk, splits, values=None, nan_at=()):
         out.append((ix.ids.clone(), ix.rows.clone(), ix.lengths.clone()))
     for t, v in enumerate(visible):
         k = min(topk, v)
-        want = _exact_topk(scores[t], v, k)
+        want = exact_topk(scores[t], v, k)
         for ids, rows, lengths in out:
             assert int(lengths[t]) == k
             assert ids[t, :k].tolist() == want and (ids[t, k:] == -1).all()
@@ -276,7 +268,7 @@ def test_select_takes_every_visible_entry_without_passes(mods):
     obj.rows.fill_(-7)
     obj._select(bt, qreq, pos, 0, n_q)
     for t, v in enumerate(visible):
-        want = list(range(v)) if v <= topk else _exact_topk(scores[t], v, topk)
+        want = list(range(v)) if v <= topk else exact_topk(scores[t], v, topk)
         assert obj.ids[t, : len(want)].tolist() == want
         assert (obj.ids[t, len(want) :] == -1).all() and int(obj.lengths[t]) == len(want)
         sel = torch.tensor(want, dtype=torch.long)

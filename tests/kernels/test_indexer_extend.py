@@ -24,8 +24,10 @@ A small workspace forces several chunks (each chunk: tiled logits, then top-k).
 import pytest
 import torch
 
+from sglang_dsv4.kernels import topk_shapes
 from sglang_dsv4.kernels.indexer_extend import IndexerExtend
 from sglang_dsv4.kernels.kv_store import IndexKeyLayout
+from sglang_dsv4.kernels.topk_shapes import SelectShape
 from sglang_dsv4.ref.indexer import fp8_queries, index_scores
 
 BLOCK, RATIO, EPB = 128, 4, 32
@@ -133,6 +135,24 @@ def test_launch_shapes(query_rows, block_keys):
          block_keys=block_keys, warps=4, stages=3)  # fmt: skip
 
 
+@pytest.mark.parametrize("select", [SelectShape("rows", 4, 128), SelectShape("radix", 8, 2048)])
+def test_select_shapes(select):
+    """The top-k's other launches (``topk_shapes``): the whole run's picks, in workspace chunks."""
+    _run("fp8", [0, 300], [90, 50], 16, 16, "cpu", workspace=4 * 112 * 40, select=select)
+
+
+def test_plan_picks_the_measured_select(monkeypatch):
+    """No ``select``: plan() takes ``topk_shapes.MEASURED``'s row for the widest measured
+    rows not above the batch's, the default (radix) below them."""
+    rows = SelectShape("rows", 8, 1024)
+    monkeypatch.setattr(topk_shapes, "MEASURED", ((256, 16, rows, 1.0),))
+    ix = IndexerExtend(16, 16, 128)
+    ix.plan([8], [4 * 300], "cpu")
+    assert ix.select_shape == rows and ix._select == ix._select_rows
+    ix.plan([8], [4 * 200], "cpu")
+    assert ix.select_shape == topk_shapes.default_shape(208) and ix._select == ix._select_radix
+
+
 def test_plan_required_and_shapes():
     ix = IndexerExtend(16, 16, 128)
     q = torch.zeros(3, 16, 128, dtype=torch.bfloat16)
@@ -153,6 +173,15 @@ def test_plan_required_and_shapes():
 def test_gpu_flash_dims_prefill(fmt):
     # Flash: 64 indexer heads x 128, top-k 512; one 8K prefill
     _run(fmt, [0], [8192], 512, 64, "cuda", stride=97)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("warps", [4, 8, 16])
+def test_gpu_flash_dims_rows_select(warps):
+    """The rows select (``topk_rows``) in the whole run at Flash dims: the last 8192-token chunk
+    of a 24K prompt and a short chunk of a fresh request, against the reference."""
+    _run("fp8", [16384, 0], [8192, 3000], 512, 64, "cuda", stride=89,
+         select=SelectShape("rows", warps, 128 * warps))  # fmt: skip
 
 
 @pytest.mark.gpu

@@ -1,6 +1,7 @@
 """``perf.sm90_compile``: the signature Triton is given, and one real sm_90 compile of a tiny
 kernel (in a subprocess: the test process's kernels are decorated for the interpreter)."""
 
+import ast
 import os
 import subprocess
 import sys
@@ -29,15 +30,24 @@ KERNEL = textwrap.dedent("""
     os.environ.pop("TRITON_INTERPRET", None)
     import triton
     import triton.language as tl
-    from sglang_dsv4.perf.sm90_compile import build, resource_usage
+    from sglang_dsv4.perf.sm90_compile import build, resource_usage, sass_loops
 
     @triton.jit
     def _scale(x_ptr, n, BLOCK: tl.constexpr):
         i = tl.arange(0, BLOCK)
         tl.store(x_ptr + i, tl.load(x_ptr + i, mask=i < n) * 2, mask=i < n)
 
+    @triton.jit
+    def _sum_rows(x_ptr, n, BLOCK: tl.constexpr):
+        acc = tl.zeros([BLOCK], tl.float32)
+        for i in range(0, n, BLOCK):
+            acc += tl.load(x_ptr + i + tl.arange(0, BLOCK))
+        tl.store(x_ptr + tl.arange(0, BLOCK), acc)
+
     print(resource_usage(build(_scale, {"x_ptr": "*fp32"}, {"BLOCK": 128})))
     print(build(_scale, {"x_ptr": "*fp32"}, {"BLOCK": 64}, aligned=False).name)
+    print(sass_loops(build(_scale, {"x_ptr": "*fp32"}, {"BLOCK": 128})))
+    print(sass_loops(build(_sum_rows, {"x_ptr": "*fp32"}, {"BLOCK": 128})))
 """)
 
 
@@ -47,6 +57,9 @@ def test_build_compiles_for_sm90_and_reports_registers(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
-    usage, name = out.stdout.split("\n")[:2]
+    usage, name, no_loop, one_loop = out.stdout.split("\n")[:4]
     assert usage.startswith("REG:") and "LOCAL:0" in usage, usage
     assert name == "_scale"
+    assert no_loop == "[]"  # sass_loops: no backward branch
+    trips = ast.literal_eval(one_loop)
+    assert len(trips) == 1 and 3 <= trips[0] <= 60, one_loop  # a load, an add, the branch
