@@ -3,8 +3,8 @@
 Extend batches: requests with many new tokens over various prefixes (query tiles cross no
 request; ragged last tiles), keys as FP8 (``IndexKeyLayout.write``, paged through a shuffled
 block table; the kernel rounds the queries to e4m3, the reference through ``fp8_queries``) or
-plain fp32 rows. Outputs and the logits workspace are poisoned (-7 / NaN) first. Per checked
-query:
+plain fp32 / bf16 rows (``plain`` / ``bf16``: scored as stored, queries unrounded). Outputs
+and the logits workspace are poisoned (-7 / NaN) first. Per checked query:
 
 * ``lengths = min(topk, visible)``, ids past it and their rows are -1, ids distinct and visible;
 * exact top-k: every picked entry's reference score is >= the reference k-th best, every
@@ -23,6 +23,7 @@ A small workspace forces several chunks (each chunk: tiled logits, then top-k).
 
 import pytest
 import torch
+from triton_cpu import bf16_dots
 
 from sglang_dsv4.kernels import topk_shapes
 from sglang_dsv4.kernels.indexer_extend import IndexerExtend
@@ -44,15 +45,17 @@ def _setup(fmt, seq_lens, n_heads, head_dim, device, gen):
     n_rows = (b * blocks + 3) * EPB
     keys = torch.randn(n_rows, head_dim, generator=gen).to(device)
     keys *= torch.exp2(torch.randint(-3, 3, (n_rows, 1), generator=gen).float()).to(device)
-    if fmt == "plain":
-        return keys, (lambda rows: keys[rows]), None, bt
+    if fmt in ("plain", "bf16"):  # plain rows: fp32 / bf16, scored as stored
+        rows = keys if fmt == "plain" else keys.bfloat16()
+        return rows, (lambda r: rows[r]), None, bt
     layout = IndexKeyLayout("fp8", 32, head_dim)
     cache = layout.empty(n_rows, device).fill_(0xFF)
     layout.write(cache, torch.arange(n_rows, device=device), keys)
     return cache, (lambda rows: layout.read(cache, rows)), layout, bt
 
 
-def _run(fmt, prefix, extend, topk, n_heads, device, workspace=1 << 28, stride=1, seed=0, **shape):
+def _run(fmt, prefix, extend, topk, n_heads, device, workspace=1 << 28, stride=1, seed=0,
+         gpu_dots=False, **shape):  # fmt: skip
     gen = torch.Generator().manual_seed(seed)
     head_dim = 128
     seq = [p + n for p, n in zip(prefix, extend, strict=True)]
@@ -66,6 +69,8 @@ def _run(fmt, prefix, extend, topk, n_heads, device, workspace=1 << 28, stride=1
                        **shape)  # fmt: skip
     assert ix.q_fp8 == (fmt == "fp8")
     ix.plan(extend, seq, device)
+    if gpu_dots:  # the GPU's operand choice on the CPU (bf16 MMA where it is exact): bf16_dots
+        ix._dot_f32 = False
     ix.ids.fill_(-7), ix.rows.fill_(-7), ix.lengths.fill_(-7)  # poison
     ix.logits.fill_(float("nan"))
     qreq_d, pos_d = qreq.int().to(device), pos.to(device)
@@ -121,6 +126,18 @@ def test_topk_larger_than_visible_and_32_heads():
     _run("plain", prefix=[0, 60], extend=[70, 9], topk=64, n_heads=32, device="cpu")
 
 
+@pytest.mark.parametrize("fmt", ["plain", "bf16"])
+def test_plain_keys_gpu_operands(fmt):
+    """Plain keys are scored as stored, with the queries as given (``index_scores``, no
+    rounding), also under the GPU's operand choice (``bf16_dots``: the interpreter's bf16
+    ``tl.dot`` as the tensor cores': exact products, fp32 sums): fp32 keys take fp32 dots
+    (the bf16 MMA rounded them: logits off by 0.85 % of the row's largest |score| here, by
+    1.3e-2 in a row up to 2.62 on the H100 at Flash dims), bf16 keys the bf16 MMA. The GPU
+    prefill's layout scaled down: one fresh request, key tiles of 32 (4 of them), top-64."""
+    with bf16_dots():
+        _run(fmt, [0], [512], 64, 16, "cpu", stride=7, gpu_dots=True, block_keys=32)
+
+
 def test_workspace_chunks():
     # ld = 96 logits per query: room for 46 queries -> tiles of 16 split into chunks
     chunks = _run("fp8", [0, 300], [90, 50], 16, 16, "cpu", workspace=4 * 112 * 40)
@@ -161,6 +178,8 @@ def test_plan_required_and_shapes():
     ix.plan([3], [3], "cpu")
     with pytest.raises(ValueError, match="planned"):
         ix.run(q[:2], torch.zeros(2, 16), torch.zeros(8, 128), None, None, None)
+    with pytest.raises(ValueError, match="bf16 or fp32"):  # a bf16 MMA would round fp16 keys
+        ix.run(q, torch.zeros(3, 16), torch.zeros(8, 128, dtype=torch.float16), None, None, None)
     with pytest.raises(ValueError, match="heads"):
         IndexerExtend(16, 24, 128)
 
@@ -169,9 +188,10 @@ def test_plan_required_and_shapes():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fmt", ["fp8", "plain"])
+@pytest.mark.parametrize("fmt", ["fp8", "plain", "bf16"])
 def test_gpu_flash_dims_prefill(fmt):
-    # Flash: 64 indexer heads x 128, top-k 512; one 8K prefill
+    # Flash: 64 indexer heads x 128, top-k 512; one 8K prefill (plain: fp32 keys, fp32 dots;
+    # bf16: bf16 keys, the bf16 MMA)
     _run(fmt, [0], [8192], 512, 64, "cuda", stride=97)
 
 
