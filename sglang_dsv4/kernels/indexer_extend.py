@@ -19,7 +19,10 @@ which only CPU pools hold; GPU pools keep FP8 keys, ``mem.sizing.row_format``). 
 request ``b`` is key row ``block_table[b, s // 32] * 32 + s % 32``. Plain keys are scored as
 stored, with the queries as given (twin: ``index_scores`` of ``q`` and the rows, no rounding):
 bf16 x bf16 on the tensor cores (exact products, fp32 sums), and exact fp32 dots as soon as
-either side is fp32 (a bf16 MMA would round fp32 keys to 8 bits). Over FP8 keys the program
+either side is fp32 (a bf16 MMA would round fp32 keys to 8 bits). Every MMA reads its key tile
+as loaded, from double-buffered shared memory: keys converted in registers first compiled (sm_90)
+to a single-buffered wgmma with the keys as register operand, the layout of both GPU failures on
+main (FP8 keys at 512-row tiles, plain fp32 keys' wrong picks). Over FP8 keys the program
 rounds its query rows to e4m3 once (``indexer.quantize_queries``: a power-of-2 scale per (token,
 head), moved into the head weight; twin ``ref.indexer.fp8_queries``) and the MMA is FP8 x FP8,
 both operands from shared memory (SGLang's native path: ``fused_q_indexer_rope_hadamard_quant``,
@@ -45,7 +48,7 @@ from sglang_dsv4.kernels.topk_rows import _rows_topk_kernel
 from sglang_dsv4.kernels.topk_shapes import SelectShape, fits, select_shape
 from sglang_dsv4.mem.h2d import to_device
 
-__all__ = ["IndexerExtend"]
+__all__ = ["IndexerExtend", "tensor_core_dots"]
 
 
 @triton.jit(do_not_specialize=["bt_stride", "n_splits", "t_base"])
@@ -129,6 +132,14 @@ def _tile_logits_kernel(
         logit = tl.sum(tl.reshape(s, [BS, BQ, H]), axis=2) * kscale[:, None]  # [BS, BQ]
         keep = (i[:, None] < vis[None, :]) & q_ok[None, :]
         tl.store(out_rows[None, :] + i[:, None], logit, keep)
+
+
+def tensor_core_dots(q_dtype: torch.dtype, keys_dtype: torch.dtype) -> bool:
+    """Whether the GPU scores queries of ``q_dtype`` against a key cache of ``keys_dtype``
+    (uint8: the FP8 layout) on the tensor cores: only where that is exact, bf16 x bf16 or e4m3 x
+    e4m3; fp32 on either side takes exact fp32 dots (fp32 keys rounded to bf16 moved scores from
+    ``index_scores``: H100, Flash dims, 1.3e-2 in a row of scores up to 2.62)."""
+    return torch.float32 not in (q_dtype, keys_dtype)
 
 
 class IndexerExtend:
@@ -252,10 +263,7 @@ class IndexerExtend:
             raise ValueError(f"plain keys must be [n_rows, {self.head_dim}]")
         if plain and keys.dtype not in (torch.bfloat16, torch.float32):
             raise ValueError(f"plain keys are bf16 or fp32 rows, got {keys.dtype}")
-        # the bf16 MMA only where it is exact (bf16 q and keys; e4m3 over FP8 keys): fp32 keys
-        # rounded to bf16 moved scores from ``index_scores`` (H100, Flash dims: 1.3e-2 in a row
-        # of scores up to 2.62)
-        dot_f32 = self._dot_f32 or torch.float32 in (q.dtype, keys.dtype)  # FP8 keys: uint8
+        dot_f32 = self._dot_f32 or not tensor_core_dots(q.dtype, keys.dtype)
         rpp = 1 if plain else self.key_layout.rows_per_page
         for t0, t1, first, n_tiles in self.chunks:
             _tile_logits_kernel[(n_tiles, self.splits)](

@@ -21,6 +21,12 @@ most 2^-11.3 on 20000 random 128-dim dots, mean 2^-14.8).
 A small workspace forces several chunks (each chunk: tiled logits, then top-k).
 """
 
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 from triton_cpu import bf16_dots
@@ -136,6 +142,50 @@ def test_plain_keys_gpu_operands(fmt):
     prefill's layout scaled down: one fresh request, key tiles of 32 (4 of them), top-64."""
     with bf16_dots():
         _run(fmt, [0], [512], 64, 16, "cpu", stride=7, gpu_dots=True, block_keys=32)
+
+
+SM90_DOTS = textwrap.dedent("""
+    import os, re, sys
+    os.environ.pop("TRITON_INTERPRET", None)
+    import torch
+    from sglang_dsv4.kernels import indexer_extend as ie
+    from sglang_dsv4.perf.sm90_compile import build
+
+    types = dict(q_ptr="*bf16", w_ptr="*fp32", bt_ptr="*i32", tile_start_ptr="*i32",
+                 tile_len_ptr="*i32", qreq_ptr="*i32", pos_ptr="*i64", logits_ptr="*fp32")
+    ce = dict(H=64, DH=128, BS=64, EPB=32, RATIO=4, RPP=32, DOT_F32=False)
+    cases = {"fp8": (torch.uint8, "*u8", dict(KEYS=0, Q_FP8=True)),
+             "bf16": (torch.bfloat16, "*bf16", dict(KEYS=1, Q_FP8=False)),
+             "fp32": (torch.float32, "*fp32", dict(KEYS=1, Q_FP8=False))}
+    for name, (dtype, ptr, keys) in cases.items():
+        if not ie.tensor_core_dots(torch.bfloat16, dtype):
+            print(name, "fp32 dots")
+            continue
+        for bq in (4, 8):  # query tiles of 256 (served) and 512 rows
+            ir = build(ie._tile_logits_kernel, dict(types, keys_ptr=ptr),
+                       dict(ce, BQ=bq, **keys), 8, num_stages=2).asm["ttgir"]
+            reg = re.search(r"local_load [^\\n]*dot_op<\\{opIdx = 0", ir) is not None
+            print(name, bq, "wgmma" if "warp_group_dot " in ir else "no wgmma",
+                  "register keys" if reg else "shared keys")
+""")
+
+
+def test_sm90_tensor_core_dots_read_keys_from_shared(tmp_path):
+    """sm_90 compiles (no GPU) of every tensor-core variant of the logits kernel that ``run()``
+    launches (bf16 queries; ``tensor_core_dots``): the wgmma reads the key tile from shared memory
+    as loaded. Keys converted in registers first (main's FP8 bytes -> bf16, fp32 keys -> bf16)
+    compiled to a register-operand wgmma over a single-buffered tile: the layout of both GPU
+    failures on main (FP8 keys at 512-row tiles; fp32 keys: a pick scoring -4.56 below a k-th
+    best of 0.12). fp32 keys take fp32 dots instead."""
+    script = tmp_path / "dots.py"  # a subprocess: this one's kernels are interpreted
+    script.write_text(SM90_DOTS)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[:-1] == [
+        "fp8 4 wgmma shared keys", "fp8 8 wgmma shared keys", "bf16 4 wgmma shared keys",
+        "bf16 8 wgmma shared keys", "fp32 fp32 dots",
+    ], out.stdout  # fmt: skip
 
 
 def test_workspace_chunks():
