@@ -38,6 +38,9 @@ def tile_logits_variants():
     yield "indexer_extend fp8 keys, e4m3 q", fn, types, base, 8
     plain = dict(base, KEYS=1, Q_FP8=False)
     yield "indexer_extend bf16 keys", fn, dict(types, keys_ptr="*bf16"), plain, 8
+    # plain fp32 keys under bf16 queries: fp32 dots (a bf16 MMA would round the keys)
+    f32_keys = dict(types, keys_ptr="*fp32")
+    yield "indexer_extend fp32 keys, bf16 q", fn, f32_keys, dict(plain, DOT_F32=True), 8
     t32 = dict(types, q_ptr="*fp32", w_ptr="*fp32", keys_ptr="*fp32")
     yield "indexer_extend fp32", fn, t32, dict(plain, DOT_F32=True), 8
     yield (

@@ -14,8 +14,15 @@ per query (entry ``s`` visible to the query at ``pos`` iff ``s < (pos + 1) // 4`
 last query sees the most keys, so the key loop runs to its bound and masks the rest.
 
 Keys: FP8 (``kv_store.IndexKeyLayout("fp8")``: e4m3 + one power-of-2 scale per key, applied after
-the sums) or plain rows (``[n_rows, Dh]`` bf16 / fp32, the CPU and bf16 pools). Entry ``s`` of
-request ``b`` is key row ``block_table[b, s // 32] * 32 + s % 32``. Over FP8 keys the program
+the sums) or plain rows (``[n_rows, Dh]`` bf16 / fp32: ``EntryFormat.BF16`` / ``FP32`` index keys,
+which only CPU pools hold; GPU pools keep FP8 keys, ``mem.sizing.row_format``). Entry ``s`` of
+request ``b`` is key row ``block_table[b, s // 32] * 32 + s % 32``. Plain keys are scored as
+stored, with the queries as given (twin: ``index_scores`` of ``q`` and the rows, no rounding):
+bf16 x bf16 on the tensor cores (exact products, fp32 sums), and exact fp32 dots as soon as
+either side is fp32 (a bf16 MMA would round fp32 keys to 8 bits). Every MMA reads its key tile
+as loaded, from double-buffered shared memory: keys converted in registers first compiled (sm_90)
+to a single-buffered wgmma with the keys as register operand, the layout of both GPU failures on
+main (FP8 keys at 512-row tiles, plain fp32 keys' wrong picks). Over FP8 keys the program
 rounds its query rows to e4m3 once (``indexer.quantize_queries``: a power-of-2 scale per (token,
 head), moved into the head weight; twin ``ref.indexer.fp8_queries``) and the MMA is FP8 x FP8,
 both operands from shared memory (SGLang's native path: ``fused_q_indexer_rope_hadamard_quant``,
@@ -41,7 +48,7 @@ from sglang_dsv4.kernels.topk_rows import _rows_topk_kernel
 from sglang_dsv4.kernels.topk_shapes import SelectShape, fits, select_shape
 from sglang_dsv4.mem.h2d import to_device
 
-__all__ = ["IndexerExtend"]
+__all__ = ["IndexerExtend", "tensor_core_dots"]
 
 
 @triton.jit(do_not_specialize=["bt_stride", "n_splits", "t_base"])
@@ -117,7 +124,7 @@ def _tile_logits_kernel(
         else:
             k = tl.load(keys_ptr + row[:, None] * DH + dd[None, :], valid[:, None], 0.0)
             kscale = tl.full([BS], 1.0, tl.float32)
-        if DOT_F32:  # fp32 queries (CPU, fp32 models): exact fp32 products, no TF32
+        if DOT_F32:  # CPU, fp32 q or plain fp32 keys: exact fp32 products, no TF32
             s = tl.dot(k.to(tl.float32), q_t, input_precision="ieee")  # [BS, BQ*H]
         else:  # bf16 or e4m3 operands, fp32 accumulator (FP8: the tensor core's 13-bit sums)
             s = tl.dot(k.to(mma), q_t)  # [BS, BQ*H]
@@ -125,6 +132,14 @@ def _tile_logits_kernel(
         logit = tl.sum(tl.reshape(s, [BS, BQ, H]), axis=2) * kscale[:, None]  # [BS, BQ]
         keep = (i[:, None] < vis[None, :]) & q_ok[None, :]
         tl.store(out_rows[None, :] + i[:, None], logit, keep)
+
+
+def tensor_core_dots(q_dtype: torch.dtype, keys_dtype: torch.dtype) -> bool:
+    """Whether the GPU scores queries of ``q_dtype`` against a key cache of ``keys_dtype``
+    (uint8: the FP8 layout) on the tensor cores: only where that is exact, bf16 x bf16 or e4m3 x
+    e4m3; fp32 on either side takes exact fp32 dots (fp32 keys rounded to bf16 moved scores from
+    ``index_scores``: H100, Flash dims, 1.3e-2 in a row of scores up to 2.62)."""
+    return torch.float32 not in (q_dtype, keys_dtype)
 
 
 class IndexerExtend:
@@ -246,6 +261,9 @@ class IndexerExtend:
         plain = self.key_layout is None
         if plain and (keys.dim() != 2 or keys.shape[1] != self.head_dim):
             raise ValueError(f"plain keys must be [n_rows, {self.head_dim}]")
+        if plain and keys.dtype not in (torch.bfloat16, torch.float32):
+            raise ValueError(f"plain keys are bf16 or fp32 rows, got {keys.dtype}")
+        dot_f32 = self._dot_f32 or not tensor_core_dots(q.dtype, keys.dtype)
         rpp = 1 if plain else self.key_layout.rows_per_page
         for t0, t1, first, n_tiles in self.chunks:
             _tile_logits_kernel[(n_tiles, self.splits)](
@@ -256,7 +274,7 @@ class IndexerExtend:
                 logits_ptr=self.logits, ld=self.ld, n_splits=self.splits, t_base=t0,
                 H=self.n_heads, DH=self.head_dim, BQ=self.tile_q, BS=self.block_keys,
                 EPB=self.entries_per_block, RATIO=self.ratio, RPP=rpp, KEYS=1 if plain else 0,
-                DOT_F32=self._dot_f32 or q.dtype == torch.float32, Q_FP8=self.q_fp8,
+                DOT_F32=dot_f32, Q_FP8=self.q_fp8,
                 num_warps=self.warps, num_stages=self.stages,
             )  # fmt: skip
             self._select(block_table, query_req, positions, t0, t1)
