@@ -37,7 +37,7 @@ import torch
 
 from sglang_dsv4.attention.decode import KVNorm
 from sglang_dsv4.attention.extend_choice import AttendChoice
-from sglang_dsv4.attention.extend_ops import extend_ops
+from sglang_dsv4.attention.extend_ops import Picks, extend_ops
 from sglang_dsv4.attention.plan import plan_batch
 from sglang_dsv4.attention.wrappers import (
     CompressedInputs,
@@ -217,11 +217,13 @@ def bench_kind(cfg, world: World, kind: AttnKind, reps: int, twin: bool, ops: bo
 
 
 def _extra(w, lk, comp):
-    """The entry lists the wrapper's attention gets (None for SWA)."""
+    """The entry lists ours reads (None for SWA): c4 the picks, c128 every visible entry's row,
+    built here: the wrapper builds them only when ours serves the batch (FlashMLA plans its own
+    c128 lists and ignores these)."""
     if comp is None:
         return None
     if comp.indexer is None:
-        return w._visible
+        return Picks(w._visible_rows(w._plan))
     return w.ops.picks.run(lk, comp.indexer.q, comp.indexer.weights)
 
 
@@ -235,8 +237,15 @@ def compare_attend(kind: str, rows: str, b: int, n: int, prefix: int):
     gen = torch.Generator().manual_seed(1)
     sink, scale = torch.randn(cfg.num_heads, generator=gen).to(DEV), cfg.head_dim**-0.5
     q, kv, comp = layer_inputs(cfg, k, b * n, gen)
-    w.plan(world.plan())
-    w.run(lk, q, kv, sink, scale, comp)  # fills the pools
+    return attend_both(w, lk, world.plan(), q, kv, sink, scale, comp)
+
+
+def attend_both(w, lk, batch, q, kv, sink, scale, comp):
+    """(FlashMLA's output, ours) over ``batch`` after the wrapper ``w`` (attention an
+    ``AttendChoice``) has run it, filling the pools; each op planned over the batch and given
+    the entry lists it reads, whichever of the two the wrapper's plan chose."""
+    w.plan(batch)
+    w.run(lk, q, kv, sink, scale, comp)
     att, extra = w.ops.attend, _extra(w, lk, comp)
     assert isinstance(att, AttendChoice), "FlashMLA is not eligible on this device"
     outs = []

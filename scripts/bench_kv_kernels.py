@@ -287,8 +287,9 @@ def _extend_row(ctx, n, reps):
 
 
 # (query_rows, block_keys, warps, stages) of the extend logits launch; the first is the default
-# (sm_90 compile, 2026-12-07: all wgmma, no spills; 126-168 registers, 255 for (256, 128, 8, 2)
-# and (512, 64, 8, 2); the default holds one program per SM, 126-register shapes two or four)
+# (sm_90 compile with e4m3 queries, 2026-12-07: all FP8 wgmma, no spills; 72-146 registers,
+# 242 for (256, 128, 8, 2) and 232 for (512, 64, 8, 2); the default's 126 hold two programs per
+# SM. With bf16 queries the default had 164: one program per SM)
 EXTEND_SHAPES = ((256, 64, 8, 2), (256, 64, 8, 3), (256, 128, 8, 2), (128, 64, 8, 2),
                  (128, 64, 4, 2), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 2),
                  (64, 128, 4, 2), (512, 64, 8, 2))  # fmt: skip

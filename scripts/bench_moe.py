@@ -27,14 +27,26 @@ and with this run's fastest tiles (with and without the shared slot) and SGLang'
 paste into ``moe_sorted_tiles.MEASURED``:
 
     python scripts/bench_moe.py --sorted --out bench_moe_sorted.json
+
+``--group`` instead times the sorted form's grouping of (token, slot) pairs alone
+(:mod:`sglang_dsv4.kernels.moe_group`) against the torch ops it replaced (``cat``, stable
+``sort``, ``searchsorted``, casts), at the served shape (16 experts + shared row, top-2), Flash
+(256 + shared, top-6) and Pro (384 + shared, top-6), T 1 / 32 / 128 / 8192 by default: us per
+call, kernels per call and whether the bits equal the torch ops'; above ``ONE_PROGRAM_MAX``
+pairs also each chunk size of ``moe_group.CHUNKS`` (the fastest per pair count printed last,
+for ``moe_group.group_chunk``; ~20 s on an H100):
+
+    python scripts/bench_moe.py --group --out bench_moe_group.json
 """
 
 import argparse
 import datetime
+import functools
 import itertools
 
 import torch
 
+from sglang_dsv4.kernels import moe_group
 from sglang_dsv4.kernels.moe_experts import (
     ExpertWeights,
     Proj,
@@ -50,7 +62,7 @@ from sglang_dsv4.kernels.moe_sorted_tiles import CANDIDATES, SortedTiles, sorted
 from sglang_dsv4.kernels.mxfp4_moe import FP4Bank, fp4_moe
 from sglang_dsv4.kernels.slot_sum import slot_sum_torch
 from sglang_dsv4.model.experts import FP8Rows
-from sglang_dsv4.perf.timing import graph_seconds, write_json
+from sglang_dsv4.perf.timing import graph_seconds, kernel_count, write_json
 from sglang_dsv4.ref.moe import DenseExperts, route_scores, route_topk, route_weights, swiglu
 from sglang_dsv4.ref.weight_quant import fp8_block_quant, mxfp4_quant
 
@@ -415,10 +427,73 @@ def run_sorted(args) -> list:
     return results
 
 
+GROUP_SHAPES = {"served": (16, 2), "flash": (256, 6), "pro": (384, 6)}  # experts, top-k
+
+
+def group_cell(shape, t, args, results) -> None:
+    """The grouping at ``t`` tokens of ``shape`` (shared row E): the torch ops, the kernel's
+    default launch and, above one program, each chunk size."""
+    n_exp, topk = GROUP_SHAPES[shape]
+    chosen, weights = routing(t, n_exp, topk)
+    chosen[: t // 2, 0] = 1  # a crowded expert, as routers give at prefill
+    pairs = t * (topk + 1)
+    rows = n_exp + 1
+
+    def group(chunk=None):
+        return moe_group.group_pairs(chosen, weights, rows, n_exp, chunk)
+
+    want = moe_group.group_pairs_torch(chosen, weights, rows, n_exp)
+    cases = {"torch ops (before)": lambda: moe_group.group_pairs_torch(chosen, weights, rows,
+                                                                       n_exp),
+             "moe_group": group}  # fmt: skip
+    if pairs > moe_group.ONE_PROGRAM_MAX:
+        cases |= {f"moe_group chunk {c}": functools.partial(group, c) for c in moe_group.CHUNKS}
+    for name, fn in cases.items():
+        row = {"shape": shape, "tokens": t, "pairs": pairs, "case": name}
+        try:
+            got = fn()
+            row["same_bits"] = all(torch.equal(a.view(torch.int32), b.view(torch.int32))
+                                   for a, b in zip(got, want, strict=True))  # fmt: skip
+            row["kernels"] = kernel_count(fn)
+            row["us"] = round(time_graph(fn, args.inner, args.reps), 2)
+        except Exception as e:  # report, time the rest
+            row["error"] = repr(e)[:300]
+        results.append(row)
+        print(row, flush=True)
+
+
+def run_group(args) -> list:
+    results = []
+    tokens = [int(t) for t in args.tokens.split(",")]
+    for shape in GROUP_SHAPES:
+        for t in tokens:
+            group_cell(shape, t, args, results)
+    print(f"\ngrouping: us (kernels, same bits) at T = {tokens}")
+    for shape in GROUP_SHAPES:
+        for case in dict.fromkeys(r["case"] for r in results if r["shape"] == shape):
+            cells = []
+            for t in tokens:
+                r = next((r for r in results if (r["shape"], r["case"], r["tokens"]) ==
+                          (shape, case, t)), {})  # fmt: skip
+                cell = f"{r['us']} ({r['kernels']}, {r['same_bits']})" if "us" in r else ""
+                cell = "err" if "error" in r else cell
+                cells.append(f"{cell:>22}")
+            print(f"  {shape:6} {case:24s}" + "".join(cells))
+    best = {}
+    for r in results:
+        timed = r["case"].startswith("moe_group chunk") and "us" in r and r["same_bits"]
+        if timed and (r["pairs"] not in best or r["us"] < best[r["pairs"]][1]):
+            best[r["pairs"]] = (r["case"].split()[-1], r["us"])
+    gpu = torch.cuda.get_device_name()
+    print(f"fastest chunk (us) per pair count, {gpu}: {dict(sorted(best.items()))}")
+    return results
+
+
 # --tokens / --formats / --inner / --reps unless given: decode sizes, or (--sorted) prefill sizes
 MODE_DEFAULTS = {
-    False: dict(tokens="1,2,4,8,16,32,128", formats="bf16,fp8,mxfp4", inner=10, reps=20),
-    True: dict(tokens="4096,8192,16384", formats="bf16,fp8", inner=3, reps=5),
+    "decode": dict(tokens="1,2,4,8,16,32,128", formats="bf16,fp8,mxfp4", inner=10, reps=20),
+    "sorted": dict(tokens="4096,8192,16384", formats="bf16,fp8", inner=3, reps=5),
+    "group": dict(tokens="1,32,128,8192", formats="", inner=10, reps=20),
 }
 
 
@@ -435,11 +510,20 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="also time the slot kernels per tile")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--sorted", action="store_true", help="the sorted form at prefill sizes")
+    ap.add_argument("--group", action="store_true", help="the sorted form's grouping alone")
     args = ap.parse_args()
     args.part = 1.0
-    for k, v in MODE_DEFAULTS[args.sorted].items():  # what was not given
+    mode = "group" if args.group else "sorted" if args.sorted else "decode"
+    for k, v in MODE_DEFAULTS[mode].items():  # what was not given
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.group:
+        print(f"GPU: {torch.cuda.get_device_name()}")
+        results = run_group(args)
+        if args.out:
+            write_json(args.out, {"gpu": torch.cuda.get_device_name(), "args": vars(args),
+                                  "results": results})  # fmt: skip
+        return
     if args.sorted:
         print(f"GPU: {torch.cuda.get_device_name()}")
         results = run_sorted(args)

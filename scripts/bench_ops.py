@@ -34,14 +34,13 @@ from functools import partial
 from types import SimpleNamespace
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 from sglang_dsv4.config import load_config
 from sglang_dsv4.kernels.norm_rope import rms_rope_
 from sglang_dsv4.kernels.norm_rope_shapes import CANDIDATES, default_shape
 from sglang_dsv4.kernels.slot_sum import slot_sum, slot_sum_torch
 from sglang_dsv4.ops import HcWeights, build_ops
-from sglang_dsv4.perf.timing import graph_seconds
+from sglang_dsv4.perf.timing import graph_seconds, kernel_count
 from sglang_dsv4.ref.rope import rope_inv_freq
 
 DEV = "cuda"
@@ -50,15 +49,6 @@ DEV = "cuda"
 def graph_time(fn, calls: int, reps: int) -> float:
     """Seconds per call of ``fn`` replayed from a CUDA graph of ``calls`` calls."""
     return graph_seconds([fn] * calls, reps)
-
-
-def kernel_count(fn) -> int:
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return sum(1 for e in prof.events() if e.device_type.name == "CUDA")
 
 
 def route_cases(cfg, ops, n: int, rnd) -> dict:
@@ -112,6 +102,8 @@ def cases(cfg, ops, n: int) -> dict:
 
     return {
         "hc.pre": (lambda: ops.hc.pre(x, mix), fn_mix + streams + row),
+        # reads streams + y, writes new streams (alone: before the MTP draft's head)
+        "hc.post": (lambda: ops.hc.post(y, x, post, comb), 2 * streams + row),
         # reads streams + y, writes new streams + h
         "hc.post_pre": (
             lambda: ops.hc.post_pre(y, x, post, comb, mix),

@@ -56,12 +56,15 @@ def store_variants():
 def indexer_variants():
     types = dict(q_ptr="*bf16", w_ptr="*bf16", keys_ptr="*u8", bt_ptr="*i32", qreq_ptr="*i32",
                  pos_ptr="*i64", logits_ptr="*fp32")  # fmt: skip
-    # rotate: the queries rotated in the kernel (decode: bf16 queries; fp32 ones in tests)
-    for rotate, q in ((False, "*bf16"), (True, "*bf16"), (True, "*fp32")):
-        ce = dict(H=64, DH=128, BS=64, EPB=32, RATIO=4, RPP=32, FP4=False, DOT_F32=False,
-                  ROTATE=rotate)  # fmt: skip
+    # rotate: the queries rotated in the kernel (decode: bf16 queries; fp32 ones in tests);
+    # FP8 keys round them to e4m3 (Q_FP8), FP4 keys keep them bf16
+    for rotate, q, fp4 in ((False, "*bf16", False), (True, "*bf16", False),
+                           (True, "*fp32", False), (True, "*bf16", True)):  # fmt: skip
+        ce = dict(H=64, DH=128, BS=64, EPB=32, RATIO=4, RPP=32, FP4=fp4, DOT_F32=False,
+                  ROTATE=rotate, Q_FP8=not fp4)  # fmt: skip
         t = dict(types, q_ptr=q)
-        yield f"indexer logits rotate={rotate} q={q}", indexer._logits_kernel, t, ce, 4
+        name = f"indexer logits rotate={rotate} q={q} keys={'fp4' if fp4 else 'fp8'}"
+        yield name, indexer._logits_kernel, t, ce, 4
     types = dict(logits_ptr="*fp32", qreq_ptr="*i32", pos_ptr="*i64", bt_ptr="*i32",
                  ids_ptr="*i32", rows_ptr="*i32", len_ptr="*i32")  # fmt: skip
     ce = dict(K=512, RATIO=4, EPB=32, CHUNK=2048, KCHUNK=512, WRITE_ROWS=True)

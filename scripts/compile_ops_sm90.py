@@ -1,6 +1,7 @@
-"""Compile the ops' Triton kernels (``kernels/mhc.py``, ``kernels/norm_rope.py``, the MoE's
-``kernels/slot_sum.py``) for Hopper (sm_90) on a machine without a GPU, and print each
-variant's registers / spills.
+"""Compile the ops' Triton kernels (``kernels/mhc.py``, ``kernels/mhc_gemm.py``,
+``kernels/norm_rope.py``, the MoE's ``kernels/slot_sum.py`` and ``kernels/moe_group.py``) for
+Hopper (sm_90) on a machine without a GPU, and print each variant's registers / spills and shared
+memory (static, and the launch's dynamic total).
 
     python scripts/compile_ops_sm90.py
     python scripts/compile_ops_sm90.py --rope-shapes
@@ -20,7 +21,7 @@ import sys
 
 os.environ.pop("TRITON_INTERPRET", None)  # before triton is imported: compiled jit functions
 
-from sglang_dsv4.kernels import mhc, norm_rope, slot_sum
+from sglang_dsv4.kernels import mhc, mhc_gemm, moe_group, norm_rope, slot_sum
 from sglang_dsv4.kernels.norm_rope_shapes import CANDIDATES, default_shape
 from sglang_dsv4.perf.sm90_compile import axis_split, build, reduce_layouts, resource_usage
 
@@ -45,31 +46,47 @@ def variants(dt: str):
         yield slot_sum._slot_sum_kernel, {"y_ptr": act, "out_ptr": act}, {
             "SLOTS": slots, "BLOCK_D": slot_sum.BLOCK_D, "OUT_BF16": bf,
         }  # fmt: skip
-    post_types = {"x_ptr": act, "y_ptr": act, "post_ptr": "*fp32", "comb_ptr": "*fp32",
-                  "out_ptr": act}  # fmt: skip
-    yield mhc._hc_post_kernel, post_types, {"D": 7168, "HC": 4, "TB": 4, "BD": 128, "X_BF16": bf}
+    yield from group_variants(dt)
     hc_types = {a: "*fp32" for a in mhc._hc_kernel.arg_names if a.endswith("_ptr")}
     hc_types |= {a: act for a in ("x_ptr", "y_ptr", "x_out_ptr", "norm_w_ptr", "h_ptr")}
     hc_types |= {"ticket_ptr": "*i32", "eps": "fp32", "hc_eps": "fp32"}
     for post, head in ((False, False), (True, False), (True, True)):  # the one-token form
         yield mhc._hc_kernel, hc_types, {
-            "D": 7168, "HC": 4, "NM": 4 if head else 24, "NMP": 8 if head else 32, "BD": 32,
-            "SB": 256, "ITERS": 20, "POST": post, "HEAD": head, "BDN": 8192, "X_BF16": bf,
-            "W_BF16": bf,
+            "D": 7168, "HC": 4, "NM": 4 if head else 24, "NMP": 8 if head else 32,
+            "LOG_NMP": 3 if head else 5, "BD": 32, "SB": 256, "ITERS": 20, "POST": post,
+            "HEAD": head, "BDN": 8192, "X_BF16": bf, "W_BF16": bf,
         }  # fmt: skip
-    gemm_types = {"x_ptr": act, "fn_ptr": "*fp32", "part_ptr": "*fp32"}
-    for tm in (16, 64):  # the GEMM form
-        for head in (False, True):
-            yield mhc._mix_gemm_kernel, gemm_types, {
-                "K": 4 * 7168, "NM": 4 if head else 24, "NMP": 16 if head else 32, "TM": tm,
-                "BK": 64,
+    tile_types = {a: "*fp32" for a in mhc_gemm._tile_kernel.arg_names if a.endswith("_ptr")}
+    tile_types |= {"x_ptr": act, "y_ptr": act, "out_ptr": act}
+    for tm, bd in ((mhc_gemm._TM, mhc_gemm._BD), (mhc_gemm._TM_LARGE, mhc_gemm._BD_LARGE)):
+        for post, mix, head in ((True, True, False), (True, True, True), (False, True, False),
+                                (True, False, False)):  # fmt: skip
+            yield mhc_gemm._tile_kernel, tile_types, {
+                "D": 7168, "HC": 4, "NM": 4 if head else 24, "NMP": 16 if head else 32,
+                "MW": 64, "TM": tm, "BD": bd, "POST": post, "MIX": mix,
+                "X_BF16": bf,
             }  # fmt: skip
     maps_types = {a: "*fp32" for a in mhc._maps_collapse_kernel.arg_names if a.endswith("_ptr")}
     maps_types |= {"x_ptr": act, "norm_w_ptr": act, "h_ptr": act, "eps": "fp32", "hc_eps": "fp32"}
     for head in (False, True):
         yield mhc._maps_collapse_kernel, maps_types, {
-            "D": 7168, "HC": 4, "NM": 4 if head else 24, "NMP": 16 if head else 32, "SB": 64,
-            "ITERS": 20, "HEAD": head, "BDN": 8192, "X_BF16": bf, "W_BF16": bf,
+            "D": 7168, "HC": 4, "NM": 4 if head else 24, "NMP": 16 if head else 32,
+            "LOG_NMP": 4 if head else 5, "SB": 64, "ITERS": 20, "HEAD": head, "BDN": 8192,
+            "X_BF16": bf, "W_BF16": bf,
+        }  # fmt: skip
+
+
+def group_variants(dt: str):
+    """The sorted MoE's grouping (``moe_group``): the served (16 + shared, top-2), Flash (256 +
+    shared, top-6) and Pro (384 + shared, top-6) bins; int32 ids, weights in ``dt``."""
+    types = {"chosen_ptr": "*i32", "weights_ptr": "*" + dt, "hist_ptr": "*i32",
+             "order_ptr": "*i32", "off_ptr": "*i32", "w_out_ptr": "*fp32"}  # fmt: skip
+    for rows, topk in ((17, 2), (257, 6), (385, 6)):
+        ce = {"TOPK": topk, "SLOTS": topk + 1, "RB": moe_group.bins(rows)}
+        yield moe_group._group_one_kernel, types, ce | {"SUB": moe_group.SUB, "COUNT": 256}
+        yield moe_group._group_count_kernel, types, ce | {"COUNT": 1024, "CHUNK": 1024}
+        yield moe_group._group_place_kernel, types, ce | {
+            "SUB": moe_group.SUB, "CHUNK": 1024, "ROWS": moe_group._TABLE_ROWS,
         }  # fmt: skip
 
 
@@ -102,9 +119,16 @@ def main() -> None:
         sys.exit(1 if rope_shapes() else 0)
     for dt in ("bf16", "fp32"):
         for fn, types, constexprs in variants(dt):
-            flags = {k: v for k, v in constexprs.items() if isinstance(v, bool)}
+            shown = ("TM", "NM")  # the tile variants differ in these too
+            flags = {k: v for k, v in constexprs.items() if isinstance(v, bool) or k in shown}
             warps = 8 if fn in (mhc._hc_kernel, mhc._maps_collapse_kernel) else 4  # as launched
-            usage = resource_usage(build(fn, types, constexprs, warps))
+            if fn is mhc_gemm._tile_kernel:
+                warps = mhc_gemm._WARPS
+            if fn.fn.__module__ == moe_group.__name__:  # its launch's warps; which bins / top-k
+                warps = moe_group.WARPS
+                flags |= {k: constexprs[k] for k in ("RB", "TOPK")}
+            kernel = build(fn, types, constexprs, warps)
+            usage = f"{resource_usage(kernel)} DYN_SHARED:{kernel.metadata.shared}"  # + pipeline
             print(f"{fn.fn.__name__:22s} {dt} {flags}: {usage}", flush=True)
 
 

@@ -5,7 +5,7 @@
 #                          this warm machine; then this checkout's package into $SITE
 #   native_packages LOGDIR SGLang's native DSV4 packages (DeepGEMM, TileLang, libz3)
 #   wheelhouse_start NAME  the short kernel scripts' start (gpu_moe_sorted.sh, gpu_rope_slot.sh,
-#                          gpu_topk.sh):
+#                          gpu_topk.sh, gpu_mhcdec.sh):
 #                          WH (default .wheelhouse), OUT (default /tmp/NAME) made, start time,
 #                          the wheelhouse installed, this checkout first on PYTHONPATH (not
 #                          pip-installed); no log / die needed

@@ -6,8 +6,9 @@
 # Needs sglang in $SITE (/tmp/site: installed by an earlier call from the wheelhouse) or a
 # carried .wheelhouse; (re)installs THIS checkout's package into $SITE, builds the Flash-dims
 # bf16 checkpoint into $WORK (/tmp/fd) when missing (~60 s), then runs scripts/gpu_mtp.py:
-# JSON and server logs to $OUT, the table printed last. --native also needs SGLang's native
-# DSV4 packages (DeepGEMM, TileLang) as scripts/gpu_side_by_side.sh installs them (.native).
+# JSON and server logs to $OUT, the table printed last. Needs SGLang's native DSV4 packages
+# (DeepGEMM, TileLang) as scripts/gpu_side_by_side.sh installs them (.native, or unpacked into
+# $SITE by an earlier call): SGLang's speculative worker imports deep_gemm (below).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -24,9 +25,11 @@ die() { echo "ERROR: $*" >&2; exit 2; }
 source scripts/device_setup.sh
 
 site_install "$RESULTS"
-if [[ " $* " == *" --native "* ]]; then
-    native_packages "$RESULTS"
-fi
+# DeepGEMM for every run, not only --native: SGLang 0.5.17's EAGLE worker imports
+# layers.attention.dsa_backend (and with it deep_gemm) when it captures the draft's CUDA graphs,
+# whatever the model (the H100 run of 2026-12-07 stopped there; sglang depends on sgl-deep-gemm,
+# the offline wheelhouse leaves it to .native)
+native_packages "$RESULTS"
 
 if [ ! -f "$WORK/ckpt-bf16/config.json" ]; then
     python3 scripts/side_by_side.py build --work "$WORK" > "$RESULTS/build.log" 2>&1 \

@@ -39,6 +39,19 @@ from sglang_dsv4.perf.trace import format_stats, load_trace, step_stats
 from sglang_dsv4.server_process import Server
 
 
+def stream_generate(url: str, body: dict, timeout: float):
+    """The chunks of a streamed ``/generate`` (parsed ``data:`` lines); an error chunk raises."""
+    with requests.post(url + "/generate", json=body, stream=True, timeout=timeout) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith(b"data:") or line == b"data: [DONE]":
+                continue
+            data = json.loads(line[5:])
+            if "error" in data:
+                raise RuntimeError(data["error"])
+            yield data
+
+
 class DecodeBatch:
     """One streamed ``/generate`` of ``bs`` prompts in a thread, counting tokens per request;
     ``abort()`` ends it once the trace is written (request ids ``<rid>-<i>``)."""
@@ -61,16 +74,9 @@ class DecodeBatch:
 
     def _run(self, body: dict) -> None:
         try:
-            with requests.post(self.url + "/generate", json=body, stream=True, timeout=1800) as r:
-                r.raise_for_status()
-                for line in r.iter_lines():
-                    if not line.startswith(b"data:") or line == b"data: [DONE]":
-                        continue
-                    data = json.loads(line[5:])
-                    if "error" in data:
-                        raise RuntimeError(data["error"])
-                    i = data.get("index", 0)
-                    self.tokens[i] = max(self.tokens[i], data["meta_info"]["completion_tokens"])
+            for data in stream_generate(self.url, body, timeout=1800):
+                i = data.get("index", 0)
+                self.tokens[i] = max(self.tokens[i], data["meta_info"]["completion_tokens"])
         except Exception as e:
             if not self.aborting:
                 self.error = f"{type(e).__name__}: {e}"

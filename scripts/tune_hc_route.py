@@ -15,6 +15,7 @@ events), us per call. Prints a table (best per token count marked ``*``) and wri
 import argparse
 import json
 import os
+from types import SimpleNamespace
 
 import torch
 from bench_ops import graph_time
@@ -26,18 +27,28 @@ DEV, D, HC, E = "cuda", 4096, 4, 16
 FORMS = (("dot", 0, 4), ("fma4", 1 << 30, 4), ("fma8", 1 << 30, 8))
 
 
-def hc_call(n: int, programs: int, gen):
-    x = torch.randn(n, HC, D, device=DEV, generator=gen).bfloat16()
-    y = torch.randn(n, D, device=DEV, generator=gen).bfloat16()
-    post = torch.rand(n, HC, device=DEV, generator=gen) * 2
-    comb = torch.rand(n, HC, HC, device=DEV, generator=gen) / HC
-    fn = torch.randn(24, HC * D, device=DEV, generator=gen) * (HC * D) ** -0.5
-    base, scale = torch.randn(24, device=DEV, generator=gen), torch.ones(3, device=DEV)
-    norm = torch.ones(D, device=DEV).bfloat16()
-    tickets = torch.zeros(mhc.MAX_TILES, dtype=torch.int32, device=DEV)
+def hc_boundary(n: int, gen) -> SimpleNamespace:
+    """One block boundary at ``n`` tokens: bf16 streams ``x``, the previous block's output ``y``
+    and maps ``post`` / ``comb``, a site's ``fn`` / ``base`` / ``scale`` / ``norm``, tickets."""
+    return SimpleNamespace(
+        x=torch.randn(n, HC, D, device=DEV, generator=gen).bfloat16(),
+        y=torch.randn(n, D, device=DEV, generator=gen).bfloat16(),
+        post=torch.rand(n, HC, device=DEV, generator=gen) * 2,
+        comb=torch.rand(n, HC, HC, device=DEV, generator=gen) / HC,
+        fn=torch.randn(24, HC * D, device=DEV, generator=gen) * (HC * D) ** -0.5,
+        base=torch.randn(24, device=DEV, generator=gen),
+        scale=torch.ones(3, device=DEV),
+        norm=torch.ones(D, device=DEV).bfloat16(),
+        tickets=torch.zeros(mhc.MAX_TILES, dtype=torch.int32, device=DEV),
+    )
+
+
+def hc_call(n: int, programs: int, gen, b: SimpleNamespace | None = None):
+    """``hc_fused`` with the previous block's post at boundary ``b`` (default: a fresh one)."""
+    b = b or hc_boundary(n, gen)
     return lambda: mhc.hc_fused(
-        x, fn, base, scale, norm, tickets, eps=1e-6, hc_eps=1e-6, iters=20, programs=programs,
-        post_of=(y, post, comb),
+        b.x, b.fn, b.base, b.scale, b.norm, b.tickets, eps=1e-6, hc_eps=1e-6, iters=20,
+        programs=programs, post_of=(b.y, b.post, b.comb),
     )  # fmt: skip
 
 
@@ -54,13 +65,18 @@ def route_call(n: int, programs: int, gen):
 KERNELS = (("hc", hc_call, mhc), ("route", route_call, moe_route))
 
 
-def main() -> None:
+def sweep_args(tokens: str, programs: str, reps: int) -> argparse.Namespace:
+    """The sweeps' command line (``--tokens``, ``--programs``, ``--reps``, ``--out``)."""
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tokens", default="1,2,4,8,9,16,32,128")
-    ap.add_argument("--programs", default="132,264,528")
-    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--tokens", default=tokens)
+    ap.add_argument("--programs", default=programs)
+    ap.add_argument("--reps", type=int, default=reps)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = sweep_args("1,2,4,8,9,16,32,128", "132,264,528", 30)
     gen = torch.Generator(device=DEV).manual_seed(0)
     rows = []
     for n in (int(v) for v in args.tokens.split(",")):

@@ -10,9 +10,12 @@ hook applies them; keeping them here keeps :mod:`sglang_dsv4.plugin` to the hook
 * :func:`check_parallel`: the parallel layouts the DSV4 model serves (``--tp N`` with the
   dims it splits divisible by N; not expert parallelism, DP attention, pipeline parallelism or
   speculative decoding under TP), a clear startup error otherwise (docs/multi_gpu.md);
+* :func:`check_speculative`: the packages SGLang's speculative workers import on CUDA;
+* :func:`check_startup`: both checks, what the plugin's ``ServerArgs`` hook calls;
 * :func:`cpu_tp_env`: what a CPU server with ``--tp N`` needs in its environment.
 """
 
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -22,6 +25,8 @@ from sglang_dsv4.embedded import PUBLIC
 __all__ = [
     "BLOCK",
     "check_parallel",
+    "check_speculative",
+    "check_startup",
     "cpu_speculative_env",
     "cpu_tp_env",
     "is_local_dsv4",
@@ -95,6 +100,32 @@ def check_parallel(args) -> None:
         from sglang_dsv4.model.tp import check_split
 
         check_split(DSV4Config.from_json(args.model_path), tp)
+
+
+def check_speculative(args, find_spec=importlib.util.find_spec, cuda=None) -> None:
+    """Raise ``ValueError`` when a CUDA server is asked to speculate without DeepGEMM: SGLang
+    0.5.17's EAGLE worker (``speculative/eagle_worker_v2.py``, ``_capture_cuda_graphs``) imports
+    ``layers.attention.dsa_backend``, which imports ``deep_gemm``, whatever the model; sglang
+    depends on ``sgl-deep-gemm``, but an install without it (an offline wheelhouse) would fail
+    deep in graph capture, after the weights load (seen on the H100, 2026-12-07)."""
+    if args.speculative_algorithm is None or args.device == "cpu":
+        return
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    if cuda and find_spec("deep_gemm") is None:
+        raise ValueError(
+            f"--speculative-algorithm {args.speculative_algorithm} on CUDA needs deep_gemm "
+            "(pip install sgl-deep-gemm==0.1.5.post1, a dependency of sglang 0.5.17): SGLang's "
+            "speculative worker imports it when it captures the draft's CUDA graphs"
+        )
+
+
+def check_startup(args) -> None:
+    """The startup checks of a DSV4 server's arguments: parallel layout, speculative packages."""
+    check_parallel(args)
+    check_speculative(args)
 
 
 def cpu_tp_env(tp: int, environ=os.environ) -> dict[str, str]:

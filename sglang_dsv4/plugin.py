@@ -197,7 +197,7 @@ def _resolve_model_and_device(self, *args, **kwargs):
     """Before ServerArgs resolves (it is read-only after): ``--model dsv4`` -> the embedded
     checkpoint; for DSV4 models, SGLang's DSV4 reasoning and tool-call parsers, CPU when there is
     no CUDA device, with CPU defaults."""
-    from sglang_dsv4.arg_rules import check_parallel, is_local_dsv4, whole_block_chunk_size
+    from sglang_dsv4.arg_rules import check_startup, is_local_dsv4, whole_block_chunk_size
     from sglang_dsv4.embedded import EMBEDDED, PUBLIC, resolve_model_name
 
     name = self.model_path
@@ -210,7 +210,7 @@ def _resolve_model_and_device(self, *args, **kwargs):
             self.served_model_name = name
     if not (name == EMBEDDED or name in PUBLIC or is_local_dsv4(self.model_path)):
         return None
-    check_parallel(self)  # --tp / --ep / DP attention the model can serve, or a clear error
+    check_startup(self)  # --tp / --ep / DP attention / speculation it can serve, or a clear error
     # DSV4's own output formats (<think>...</think>, DSML tool calls) parsed into the OpenAI
     # API's reasoning_content / tool_calls; --reasoning-parser / --tool-call-parser win.
     if self.reasoning_parser is None:

@@ -8,6 +8,8 @@ import pytest
 from sglang_dsv4.arg_rules import (
     BLOCK,
     check_parallel,
+    check_speculative,
+    check_startup,
     cpu_speculative_env,
     cpu_tp_env,
     is_local_dsv4,
@@ -66,6 +68,7 @@ def _args(model_path, **kw):
         pp_size=1,
         speculative_algorithm=None,
         model_path=str(model_path),
+        device=None,
     )
     return SimpleNamespace(**{**base, **kw})
 
@@ -109,3 +112,20 @@ def test_cpu_tp_env_splits_the_cores_and_keeps_user_values():
     assert cpu_tp_env(2, {"SGLANG_CPU_OMP_THREADS_BIND": "0-3|4-7"}) == {
         "SGLANG_CPU_OMP_THREADS_BIND": "0-3|4-7"
     }
+
+
+def test_check_speculative_needs_deep_gemm_on_cuda():
+    spec = _args(embedded_checkpoint(), speculative_algorithm="EAGLE")
+    missing = {"deep_gemm": None}.get  # find_spec that finds nothing
+    with pytest.raises(ValueError, match="sgl-deep-gemm"):
+        check_speculative(spec, find_spec=missing, cuda=True)
+    check_speculative(spec, find_spec=lambda name: object(), cuda=True)  # installed
+    check_speculative(spec, find_spec=missing, cuda=False)  # no CUDA: the CPU path
+    check_speculative(_args(embedded_checkpoint(), speculative_algorithm="EAGLE", device="cpu"),
+                      find_spec=missing, cuda=True)  # fmt: skip
+    check_speculative(_args(embedded_checkpoint()), find_spec=missing, cuda=True)  # no spec
+
+
+def test_check_startup_runs_the_parallel_rules():
+    with pytest.raises(ValueError, match="--pp-size"):
+        check_startup(_args(embedded_checkpoint(), pp_size=2))

@@ -14,11 +14,13 @@ import importlib
 import os
 from types import ModuleType
 
+import numpy as np
 import triton.language as tl
+from triton.runtime import interpreter
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
-__all__ = ["interpreted"]
+__all__ = ["bf16_dots", "interpreted"]
 
 
 def _swap_language_jit_functions() -> list[tuple[object, str, object]]:
@@ -50,3 +52,30 @@ def interpreted(*modules: ModuleType):
             os.environ["TRITON_INTERPRET"] = old
         for m in modules:
             importlib.reload(m)
+
+
+def _as_f32(h) -> np.ndarray:
+    if h.dtype.scalar == tl.bfloat16:  # stored as uint16: the high half of an fp32
+        return (h.data.astype(np.uint32) << 16).view(np.float32)
+    return h.data.astype(np.float32)
+
+
+@contextlib.contextmanager
+def bf16_dots():
+    """The interpreter's ``tl.dot`` of bf16 operands as the tensor cores take them (exact
+    products, fp32 sums; Triton 3.6's interpreter multiplies their uint16 storage instead), so a
+    CPU test can run a kernel's GPU operand choice, not only its fp32 CPU one."""
+    builder = interpreter.InterpreterBuilder
+    plain = builder.create_dot
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if tl.bfloat16 not in (a.dtype.scalar, b.dtype.scalar):
+            return plain(self, a, b, d, input_precision, max_num_imprecise_acc)
+        acc = np.matmul(_as_f32(a), _as_f32(b), dtype=np.float32) + d.data
+        return interpreter.TensorHandle(acc, d.dtype.scalar)
+
+    builder.create_dot = create_dot
+    try:
+        yield
+    finally:
+        builder.create_dot = plain

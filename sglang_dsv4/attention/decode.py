@@ -39,7 +39,7 @@ from sglang_dsv4.config import AttnKind
 from sglang_dsv4.mem.pools import LayerKV
 from sglang_dsv4.ref.attention import attend
 from sglang_dsv4.ref.compressor import CompressorWeights, compress_decode
-from sglang_dsv4.ref.indexer import index_scores, index_topk
+from sglang_dsv4.ref.indexer import fp8_rotated_queries, index_scores, index_topk
 from sglang_dsv4.ref.norm import rms_norm
 from sglang_dsv4.ref.rope import apply_rope, rope_cos_sin
 
@@ -270,7 +270,9 @@ def _entry_rows(lk: LayerKV, meta: DecodeMeta, comp) -> tuple[torch.Tensor, torc
         return rows, ids < n_visible.unsqueeze(1)
     ix = comp.indexer
     index_keys = lk.read_index_keys(rows)  # [B, E, Di] (key rows = entry rows on c4)
-    scores = index_scores(ix.q, ix.weights, index_keys)  # [B, E]
+    # FP8 keys: the kernels score e4m3 queries (extend and decode alike)
+    q = ix.q if lk.key_rows.layout is None else fp8_rotated_queries(ix.q)
+    scores = index_scores(q, ix.weights, index_keys)  # [B, E]
     picks = index_topk(scores, meta.positions, comp.compressor.ratio, ix.topk)  # [B, k]
     return rows.gather(1, picks.clamp(min=0)), picks >= 0
 

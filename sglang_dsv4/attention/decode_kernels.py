@@ -37,15 +37,40 @@ from sglang_dsv4.kernels.kv_store import FP8RowLayout, IndexKeyLayout, store_kv
 from sglang_dsv4.mem.pools import LayerKV
 from sglang_dsv4.mem.schema import CacheSchema, EntryFormat
 
-__all__ = ["DecodeKernels", "DecodePlan", "FlashMLADecode", "load_flashmla"]
+__all__ = [
+    "DecodeKernels",
+    "DecodePlan",
+    "FlashMLADecode",
+    "load_flashmla",
+    "static_hca_schedule",
+]
 
 logger = logging.getLogger(__name__)
 
 
-STATIC_HCA_ENTRIES = 128
-"""Longest c128 entry list (a 16K-token context) served with a static FlashMLA schedule: the
-window's 128 keys + at most 128 entries, i.e. 2 extra 64-key blocks per query of work on short
-requests, against a ~25 us schedule launch per step (``FlashMLADecode``)."""
+SCHEDULE_LAUNCH_US = 25.0
+"""FlashMLA's per-step tile schedule (``get_mla_metadata_kernel``), one launch per step: 25-26
+us at batch 1 and 32 (H100 profiles, 2026-12-06 and 2026-12-07 at a 32K context)."""
+
+HCA_KEY_US = 3.9e-3
+"""What one more key of an HCA list costs a FlashMLA decode call at batch 1 (latency-bound:
+the key blocks spread over the SMs): (14.5 - 10.6) us / (1152 - 160) keys, H100 2026-11-22
+(``docs/perf/attention_bench.json``)."""
+
+KEY_QUERY_US = 5.7e-4
+"""What one more key per query costs once the batch fills the GPU: CSA Flash at batch 128, 47
+us for 128 x 640 keys (H100 2026-12-06, ``scripts/bench_attention.py``)."""
+
+
+def static_hca_schedule(entries: int, hca_layers: int, bs: int) -> bool:
+    """Whether HCA lists of ``entries`` c128 entries get a static FlashMLA schedule. Static, a
+    short request's query walks the whole list (its -1 tail included) in every HCA layer: at
+    most ``hca_layers * entries`` keys more per query than with its counts, costed from the
+    measured per-key times (latency-bound at small batches, throughput-bound at large); the
+    per-step schedule costs one launch per step instead. Requests as long as the list walk
+    nothing extra either way, so this is the worst case."""
+    per_key = max(HCA_KEY_US, bs * KEY_QUERY_US)
+    return hca_layers * entries * per_key <= SCHEDULE_LAUNCH_US
 
 
 class FlashMLADecode:
@@ -63,12 +88,12 @@ class FlashMLADecode:
     graph's eager warm-up) computes it and every replay reuses it, no launch per step. CSA
     loses nothing: past 4 * top-k tokens every query picks all ``topk`` entries, so the
     schedule is the same. HCA's list spans every c128 entry of the context (mostly -1 on short
-    requests): up to ``STATIC_HCA_ENTRIES`` (contexts to 16K tokens) walking the whole list costs
-    less than the schedule launch (~25 us measured per launch at batch 1 and 32, 2026-12-06),
-    so it is static too; longer lists keep ``lengths=True``: the per-step schedule from the
-    step's counts, one launch per step, computed inside the graph (``after_warmup`` drops the
-    warm-up's); its counts must be >= 1 (FlashMLA wants a non-empty list;
-    ``DecodeMeta.hca_lengths`` is)."""
+    requests): while walking the whole list costs less than the schedule launch
+    (:func:`static_hca_schedule`: e.g. one HCA layer at batch 1 up to ~6400 entries, an 800K
+    context; 21 layers up to ~300), it is static too; longer lists keep ``lengths=True``: the
+    per-step schedule from the step's counts, one launch per step, computed inside the graph
+    (``after_warmup`` drops the warm-up's); its counts must be >= 1 (FlashMLA wants a non-empty
+    list; ``DecodeMeta.hca_lengths`` is)."""
 
     def __init__(self, flash_mla, head_dim: int = 512, *, lengths: bool = True):
         self._mla = flash_mla  # the ``sgl_kernel.flash_mla`` module (see ``load_flashmla``)
@@ -244,8 +269,9 @@ class DecodeKernels(DecodeTorch):
 
     def _attention(self, choice: str, kind: AttnKind, bs: int, window: int, extra_topk: int):
         if choice == FLASHMLA:
-            # a static schedule but on HCA lists longer than STATIC_HCA_ENTRIES (docstring)
-            lengths = kind is AttnKind.HCA and extra_topk > STATIC_HCA_ENTRIES
+            # a static schedule but on HCA lists that cost more to walk than a schedule launch
+            hca_layers = len(self.schema.layers_of(AttnKind.HCA))
+            lengths = kind is AttnKind.HCA and not static_hca_schedule(extra_topk, hca_layers, bs)
             k = FlashMLADecode(self._mla, self.schema.head_dim, lengths=lengths)
             k.plan()
         elif choice == CUTE:

@@ -17,12 +17,10 @@ measured, ours serves.
 import math
 
 import torch
-import torch.nn.functional as F
 
 from sglang_dsv4.attention.choice import FLASHMLA, OURS, flashmla_eligible
 from sglang_dsv4.attention.extend_ops import AttendTorch, Picks
 from sglang_dsv4.attention.plan import BatchPlan, _ragged
-from sglang_dsv4.mem.h2d import to_device
 
 __all__ = ["MEASURED", "AttendChoice", "AttendFlashMLA", "pick"]
 
@@ -64,6 +62,8 @@ def pick(kind: str, heads: int, tokens: int, keys: int, eligible: bool) -> str:
 class AttendFlashMLA(AttendTorch):
     """One ``flash_mla_sparse_fwd`` over a per-batch bf16 workspace (module docstring)."""
 
+    reads_rows = False  # its lists are planned (c4: the picks' ids), no extra rows read
+
     def __init__(
         self, ratio: int, window: int, fp8: bool, raw_page: int, entry_page: int, dim: int = 512
     ):
@@ -80,42 +80,43 @@ class AttendFlashMLA(AttendTorch):
             self._dequant = dequantize_k_cache_paged
 
     def plan(self, batch: BatchPlan, extra_width: int) -> None:
-        """The workspace layout and every query's index list, whole-batch tensor ops (no
-        per-request loop): request ``b``'s entries at ``ent_base[b]``, its window rows
-        (positions ``window_lo .. S-1``) at ``raw_base[b]``."""
+        """The workspace layout and every query's index list, whole-batch device ops from the
+        plan's tables (no host tensor, no copy): request ``b``'s entries at ``ent_base[b]``,
+        then every request's window rows (positions ``window_lo .. S-1``), in the order of the
+        plan's ``window_slots`` (a query's window ids are ``window_ids`` after the entries)."""
         reqs, t = batch.requests, batch.tables
         device = batch.out_loc.device
         self._plan = batch
-        n_ent = [r.seq_len // self.ratio if self.ratio else 0 for r in reqs]
-        host = torch.tensor([[0, *n_ent], [0, *(r.window_slots.numel() for r in reqs)]]).cumsum(1)
-        ent_base, raw_base = (
-            to_device(host[0, :-1], device),
-            to_device(host[0, -1] + host[1, :-1], device),
-        )
-        window_lo = to_device(torch.tensor([r.window_lo for r in reqs]), device)  # [B]
-        self._ent_rows = self._entry_rows(t, torch.tensor(n_ent), int(host[0, -1]), device)
-        self._raw_rows = torch.cat([r.window_slots for r in reqs])  # [NW] swa slots
-        self.n_kv = int(host[0, -1]) + self._raw_rows.numel()
-        req, pos = t.query_req.long(), t.positions.unsqueeze(1)  # [T], [T, 1]
-        j = pos - self.window + 1 + torch.arange(self.window, device=device)  # [T, W]
-        lists = [torch.where(j >= 0, (raw_base - window_lo)[req].unsqueeze(1) + j, -1)]
+        ratio = max(self.ratio, 1)  # SWA: no entries
+        n_ent = t.seq_lens.long() // ratio if self.ratio else torch.zeros_like(t.seq_lens).long()
+        total_ent = sum(r.seq_len // ratio for r in reqs) if self.ratio else 0  # host ints
+        ent_base = n_ent.cumsum(0) - n_ent  # [B] exclusive prefix sums
+        self._ent_rows = self._entry_rows(t, n_ent, total_ent, device)
+        self._raw_rows = t.window_slots  # [NW] swa slots
+        self.n_kv = total_ent + self._raw_rows.numel()
+        req = t.query_req.long()  # [T]
+        # the window rows sit after the entries in the order of the plan's window slots
+        window = t.window_ids
+        if total_ent:
+            window = torch.where(window >= 0, window + total_ent, -1)  # [T, W]
         if self.ratio == 128:  # every visible entry
             e = torch.arange(extra_width, device=device)
-            vis = e < (pos + 1) // self.ratio  # [T, E]
-            lists.append(torch.where(vis, ent_base[req].unsqueeze(1) + e, -1))
-        self._fixed = torch.cat(lists, dim=1)  # [T, W (+ c128 entries)]
+            vis = e < (t.positions.unsqueeze(1) + 1) // self.ratio  # [T, E]
+            window = torch.cat([window, torch.where(vis, ent_base[req].unsqueeze(1) + e, -1)], 1)
+        self._fixed = window  # [T, W (+ c128 entries)]
         self._query_base = ent_base[req].unsqueeze(1).int()  # [T, 1] (c4 picks)
+        self._lists: dict[int, torch.Tensor] = {}  # picks width -> the batch's index lists
         self._workspace = torch.empty(self.n_kv, 1, self.dim, dtype=torch.bfloat16, device=device)
 
     def _entry_rows(self, t, n_ent: torch.Tensor, total: int, device) -> torch.Tensor:
         """[NE] flat entry rows of every request's entries ``0 .. S//r - 1`` in order: entry
         ``i`` of request ``b`` is row ``block_table[b, i // epb] * epb + i % epb`` (``epb`` =
         entries per block = rows per entry page), i.e. ``slot(i*r) // r`` as
-        ``extend_ops._entry_rows`` reads it."""
+        ``extend_ops._entry_rows`` reads it. ``n_ent`` [B] device, ``total`` its sum (host)."""
         if total == 0:
             return torch.empty(0, dtype=torch.long, device=device)
         epb = self._pages[1]
-        req, i = to_device(torch.stack(_ragged(n_ent, torch.zeros_like(n_ent))), device)  # [NE]
+        req, i = _ragged(n_ent, torch.zeros_like(n_ent), total)  # [NE] each, on the device
         return t.block_table[req, i // epb].long() * epb + i % epb
 
     def run(self, q, lk, window, sink, scale, extra: Picks | None = None):
@@ -123,13 +124,29 @@ class AttendFlashMLA(AttendTorch):
         n_ent = self._ent_rows.numel()
         self._gather(lk.entries, self._ent_rows, self._pages[1], ws[:n_ent])
         self._gather(lk.raw, self._raw_rows, self._pages[0], ws[n_ent:])
-        lists = [self._fixed]
+        picks = 0
         if self.ratio == 4:  # the picks are request-local entry ids
-            lists.append(torch.where(extra.ids >= 0, extra.ids + self._query_base, -1))
-        idx = torch.cat(lists, dim=1).int()
-        idx = F.pad(idx, (0, -idx.shape[1] % _ALIGN), value=-1)  # [T, K'] (K' % 128 == 0)
+            picks = extra.ids.shape[1]
+        idx = self._index_lists(picks)  # [T, K'] int32 (K' % 128 == 0)
+        if picks:  # this layer's picks after the fixed lists, rebased onto the workspace
+            k = self._fixed.shape[1]
+            idx[:, k : k + picks] = torch.where(extra.ids >= 0, extra.ids + self._query_base, -1)
         out, _, _ = self._fwd(q, ws, idx.unsqueeze(1), scale, self.dim, sink.float(), None)
         return out
+
+    def _index_lists(self, picks: int) -> torch.Tensor:
+        """[T, K'] int32 index lists of the batch: the fixed lists (window rows, c128 entries),
+        room for ``picks`` ids per query, -1 up to a multiple of 128 columns. Built by the
+        batch's first layer of the kind (a shape, not a value: the picks' width is the top-k
+        kernel's, fixed per batch); the later layers only write their picks into it."""
+        if picks not in self._lists:
+            t, k = self._fixed.shape
+            idx = self._fixed.new_full(
+                (t, k + picks + (-(k + picks) % _ALIGN)), -1, dtype=torch.int32
+            )
+            idx[:, :k] = self._fixed
+            self._lists[picks] = idx
+        return self._lists[picks]
 
     def _gather(self, cache, rows, page, out) -> None:
         if rows.numel() == 0:
@@ -147,6 +164,10 @@ class AttendChoice(AttendTorch):
         self.kind, self.heads, self.window = kind, heads, window
         self._ours, self._flashmla = ours, flashmla
         self.choice = OURS
+
+    @property
+    def reads_rows(self) -> bool:
+        return self._op.reads_rows
 
     def plan(self, batch: BatchPlan, extra_width: int) -> None:
         tokens = int(batch.out_loc.numel())

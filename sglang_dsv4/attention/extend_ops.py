@@ -30,7 +30,7 @@ from sglang_dsv4.attention.plan import BatchPlan, RequestPlan, TailMode
 from sglang_dsv4.mem.pools import LayerKV, RowStore, TailBuffers
 from sglang_dsv4.ref.attention import attend
 from sglang_dsv4.ref.compressor import CompressorState, CompressorWeights, compress, project
-from sglang_dsv4.ref.indexer import index_scores, index_topk
+from sglang_dsv4.ref.indexer import fp8_rotated_queries, index_scores, index_topk
 from sglang_dsv4.ref.quant import hadamard
 
 __all__ = [
@@ -192,10 +192,13 @@ class Picks:
 
 
 class PicksTorch:
-    """The indexer's top-k entries of every query, as rows of the flattened entry pool."""
+    """The indexer's top-k entries of every query, as rows of the flattened entry pool.
+    ``fp8_keys``: the pool's keys are FP8, whose kernels score e4m3 queries (rounded after
+    the Hadamard rotation: ``ref.indexer.fp8_rotated_queries``)."""
 
-    def __init__(self, topk: int, ratio: int = 4):
+    def __init__(self, topk: int, ratio: int = 4, fp8_keys: bool = False):
         self.topk, self.ratio = topk, ratio
+        self._query = fp8_rotated_queries if fp8_keys else _same
 
     def plan(self, batch: BatchPlan) -> None:
         self._plan = batch
@@ -205,6 +208,7 @@ class PicksTorch:
     def run(self, lk: LayerKV, q: torch.Tensor, weights: torch.Tensor) -> Picks:
         """Over the layer's indexer keys: ``q`` [T, Hi, Di] (roped), ``weights`` [T, Hi]."""
         out, ids = [], []
+        q = self._query(q)
         for req, rows in zip(self._plan.requests, self._rows, strict=True):
             qr, wr, keys = q[req.tokens], weights[req.tokens], lk.read_index_keys(rows)
             picks = _top_k(keys, qr, wr, req, self.ratio, self.topk)  # [n, k] entry ids
@@ -275,6 +279,10 @@ def _identity(q: torch.Tensor, weights: torch.Tensor):
     return q, weights
 
 
+def _same(q: torch.Tensor) -> torch.Tensor:
+    return q
+
+
 _HADAMARD: dict = {}
 
 
@@ -285,7 +293,8 @@ def _rotated(q: torch.Tensor, weights: torch.Tensor):
     key = (n, q.dtype, q.device)
     if key not in _HADAMARD:  # +-1 entries: exact in bf16
         _HADAMARD[key] = (hadamard(torch.eye(n, device=q.device)) * n**0.5).round().to(q.dtype)
-    return q @ _HADAMARD[key], weights * n**-0.5
+    # fp32 weights: n^-1/2 is not a power of 2, a bf16 product would round every weight
+    return q @ _HADAMARD[key], weights.float() * n**-0.5
 
 
 # ---------------------------------------------------------------- attend
@@ -294,6 +303,9 @@ def _rotated(q: torch.Tensor, weights: torch.Tensor):
 class AttendTorch:
     """One softmax with sink per query over its window rows in ``raw`` and its ``extra`` rows of
     the flattened entries (``ref.attention.attend``), request by request."""
+
+    # reads the extra keys as rows (``Picks.rows``): a c128 layer lists its visible entries
+    reads_rows = True
 
     def plan(self, batch: BatchPlan, extra_width: int) -> None:
         self._plan = batch
@@ -370,7 +382,8 @@ def extend_ops(
     if not kernels or lk is None:
         flush = FlushTorch(ratio) if ratio else None
         index_flush = FlushTorch(ratio, index=True) if ratio == 4 else None
-        picks = PicksTorch(topk, ratio) if ratio == 4 else None
+        fp8_keys = lk is not None and ratio == 4 and lk.key_rows.layout is not None
+        picks = PicksTorch(topk, ratio, fp8_keys) if ratio == 4 else None
         return ExtendOps(StoreTorch(), AttendTorch(), flush, index_flush, picks)
     flush = FlushTriton(ratio, lk.entry_rows, norm_eps=norm_eps) if ratio else None
     index_flush = picks = None

@@ -90,6 +90,8 @@ class BatchTables:
 
     req_slots: torch.Tensor  # [B] int32 tail rows (req_pool_idx)
     prefix: torch.Tensor  # [B] int32 P
+    seq_lens: torch.Tensor  # [B] int32 S
+    window_lo: torch.Tensor  # [B] int32 first position a query of the batch sees
     cu_seqlens: torch.Tensor  # [B+1] int32 token offsets of the requests in the batch
     tail_mode: torch.Tensor  # [B] int32 compressor tail mode code (c4)
     tail_mode_c128: torch.Tensor  # [B] int32 the same with REBUILD -> FRESH (no boundary)
@@ -100,6 +102,10 @@ class BatchTables:
     query_req: torch.Tensor  # [T] int32 request of each new token
     positions: torch.Tensor  # [T] int64 position of each new token
     window_rows: torch.Tensor  # [T, W] int32 swa slots of each query's swa_window (-1: none)
+    window_slots: torch.Tensor  # [M] int64 swa slots of positions window_lo..S-1 of every
+    # request in order (M = sum of S - window_lo; ``RequestPlan.window_slots`` are its views)
+    window_ids: torch.Tensor  # [T, W] int64 id in ``window_slots`` of each query's swa_window
+    # positions (-1: none); ``window_rows = window_slots[window_ids]``
 
     @property
     def max_blocks(self) -> int:
@@ -131,25 +137,55 @@ def plan_batch(forward_batch, pool, req_to_token_pool, commit=None, commit_rows=
     block, window = pool.schema.block_size, pool.schema.sliding_window
     device = pool.tail_pos.device
     slots_dev = fb.req_pool_indices.to(device).long()
-    prefix_dev = to_device(torch.tensor(prefix_lens, dtype=torch.long), device)  # [B]
+    slots = host_slots(fb, len(seq_lens))
+    generations = own = None
+    if slots is not None:
+        generations = _generations(req_to_token_pool, slots)
+        own = [pool.tail_owner[s] == g for s, g in zip(slots, generations, strict=True)]
+    # every per-request host fact in ONE queued copy (a copy each costs a launch and a pinned
+    # block); the per-token tables are built from it on the device
+    host = torch.tensor([prefix_lens, seq_lens, own or [False] * len(seq_lens)])  # [3, B]
+    host = to_device(host, device)
+    prefix_dev, seq_dev, own_dev = host[0], host[1], host[2].bool()
     rtt = req_to_token_pool.req_to_token
     to_swa = pool.translate_loc_from_full_to_swa
     last_dev = to_swa(rtt[slots_dev, (prefix_dev - 1).clamp(min=0)]) // block  # [B] page of P-1
-    slots = host_slots(fb, len(seq_lens))
     progress_dev = None
     if slots is None:
         facts = device_facts(pool, req_to_token_pool, slots_dev, prefix_dev, last_dev)
         generations = _generations(req_to_token_pool, [f[0] for f in facts])
     else:
-        generations = _generations(req_to_token_pool, slots)
         facts, progress_dev = host_facts(
-            pool, req_to_token_pool, slots, generations, slots_dev, prefix_lens, prefix_dev,
+            pool, req_to_token_pool, slots, own, own_dev, slots_dev, prefix_lens, prefix_dev,
             last_dev, commit_rows,
         )  # fmt: skip
     lows = [max(0, p - window + 1) for p in prefix_lens]
-    window_slots = _window_slots(pool, req_to_token_pool, slots_dev, lows, seq_lens)
     compressed = any(lc.kind.compressed for lc in pool.schema.layers)
-    modes, alts = [], []
+    modes = _host_modes(pool, facts, generations, prefix_lens, lows, compressed, commit)
+    if progress_dev is None:  # the host decided every mode
+        mode_dev = _device_codes(modes, device)
+    else:
+        mode_dev = _own_modes(own_dev, progress_dev, prefix_dev, block, compressed)
+    lo_dev = (prefix_dev - window + 1).clamp(min=0)  # [B] window_lo
+    win = _window_slots(pool, rtt, slots_dev, lo_dev, seq_dev, sum(seq_lens) - sum(lows))
+    sizes = [s - lo for lo, s in zip(lows, seq_lens, strict=True)]
+    rows = (facts, prefix_lens, seq_lens, lows, win.split(sizes), modes)
+    requests = _requests(rows, mode_dev, rtt, block)
+    pool.tail_pos[slots_dev] = seq_dev
+    out_loc = fb.out_cache_loc.long()
+    # decode batches too: served decode never plans here, but the extend wrappers are the decode
+    # path's oracle in tests (tests/attention/test_decode.py) and need the same tables
+    facts_dev = (slots_dev, prefix_dev, seq_dev, lo_dev, mode_dev, last_dev, win)
+    tables = _tables(requests, pool, rtt, facts_dev)
+    return BatchPlan(tuple(requests), out_loc, pool.translate_loc_from_full_to_swa(out_loc), tables)
+
+
+def _host_modes(pool, facts, generations, prefix_lens, lows, compressed, commit) -> list:
+    """Each request's TailMode where the host knows it, None where the device decides (an own
+    tail whose progress the plan did not read); raises where a request's state is lost. Makes
+    the requests the owners of their slots' tails."""
+    block = pool.schema.block_size
+    modes = []
     for (slot, pos, window_ok, _), gen, prefix, window_lo in zip(
         facts, generations, prefix_lens, lows, strict=True
     ):
@@ -174,17 +210,8 @@ def plan_batch(forward_batch, pool, req_to_token_pool, commit=None, commit_rows=
                 "were freed while its queries still need them"
             )
         modes.append(mode)
-        alts.append(alt)
         pool.tail_owner[slot] = gen
-    mode_dev = _device_modes(modes, alts, progress_dev, prefix_dev)  # [B] int32
-    rows = (facts, prefix_lens, seq_lens, lows, window_slots, modes)
-    requests = _requests(rows, mode_dev, req_to_token_pool.req_to_token, block)
-    pool.tail_pos[slots_dev] = to_device(torch.tensor(seq_lens), device)
-    out_loc = fb.out_cache_loc.long()
-    # decode batches too: served decode never plans here, but the extend wrappers are the decode
-    # path's oracle in tests (tests/attention/test_decode.py) and need the same tables
-    tables = _tables(requests, pool, req_to_token_pool, slots_dev, mode_dev, last_dev)
-    return BatchPlan(tuple(requests), out_loc, pool.translate_loc_from_full_to_swa(out_loc), tables)
+    return modes
 
 
 def _generations(req_to_token_pool, slots: list[int]) -> list[int]:
@@ -220,17 +247,24 @@ def _requests(rows, mode_dev, rtt, block: int) -> list[RequestPlan]:
     return requests
 
 
-def _device_modes(modes, alts, progress_dev, prefix_dev) -> torch.Tensor:
-    """[B] int32 tail mode codes on the device: ``modes`` where the host decided, else KEEP if
-    the request's tail progress ``progress_dev`` [B] is its prefix, else its ``alts`` mode (none:
-    left KEEP, the pending check raises at the next plan)."""
-    codes = [_MODE_CODE[m or TailMode.KEEP] for m in modes]
-    rows = [codes, [-1 if a is None else _MODE_CODE[a] for a in alts], [m is None for m in modes]]
-    host = to_device(torch.tensor(rows, dtype=torch.int32), prefix_dev.device)  # [3, B]
-    if progress_dev is None:
-        return host[0]
-    moved = host[2].bool() & (progress_dev != prefix_dev) & (host[1] >= 0)
-    return torch.where(moved, host[1], host[0])
+def _device_codes(modes: list, device) -> torch.Tensor:
+    """[B] int32 codes of the host-decided ``modes`` on the device (one queued copy)."""
+    return to_device(torch.tensor([_MODE_CODE[m] for m in modes], dtype=torch.int32), device)
+
+
+def _own_modes(own_dev, progress_dev, prefix_dev, block: int, compressed: bool) -> torch.Tensor:
+    """[B] int32 tail mode codes decided on the device (host slots, nothing read): KEEP where
+    the tail is the request's own and its ``progress_dev`` is ``P`` (or ``P`` is no place to
+    restart from: the pending check raises at the next plan), else FRESH at ``P == 0``, REBUILD
+    at a block end (the host raised where a new owner has neither)."""
+    keep, fresh = _MODE_CODE[TailMode.KEEP], _MODE_CODE[TailMode.FRESH]
+    rebuild = _MODE_CODE[TailMode.REBUILD]
+    if not compressed:  # no tails: nothing to resume
+        return torch.full_like(prefix_dev, keep, dtype=torch.int32)
+    alt = torch.where(prefix_dev % block == 0, rebuild, -1)
+    alt = torch.where(prefix_dev == 0, fresh, alt)  # [B]
+    kept = own_dev & ((progress_dev == prefix_dev) | (alt < 0))
+    return torch.where(kept, keep, alt).int()
 
 
 def _host_lengths(fb) -> tuple[list[int], list[int]]:
@@ -247,50 +281,38 @@ def _host_lengths(fb) -> tuple[list[int], list[int]]:
     return [int(p) for p in prefix_lens], seq_lens
 
 
-def _window_slots(pool, req_to_token_pool, slots_dev, lows, seq_lens) -> list[torch.Tensor]:
-    """Per request the swa slots of positions ``window_lo .. S-1`` [S - window_lo] int64, as
-    views of one gather for the batch (a gather per request is a launch per request)."""
-    device = slots_dev.device
-    sizes = torch.tensor([s - lo for lo, s in zip(lows, seq_lens, strict=True)])
-    req, pos = _ragged(sizes, torch.tensor(lows))
-    idx = to_device(torch.stack([req, pos]), device)  # [2, M]: one copy
-    full = req_to_token_pool.req_to_token[slots_dev[idx[0]], idx[1]]  # [M]
-    return list(pool.translate_loc_from_full_to_swa(full).split(sizes.tolist()))
+def _window_slots(pool, rtt, slots_dev, lo_dev, seq_dev, total: int) -> torch.Tensor:
+    """[total] int64 swa slots of positions ``window_lo .. S-1`` of every request in order (the
+    requests' ``window_slots`` are views of it): one gather for the batch, its indices built on
+    the device from the [B] facts (``total`` = sum of ``S - window_lo``, a host int)."""
+    req, pos = _ragged(seq_dev - lo_dev, lo_dev, total)
+    return pool.translate_loc_from_full_to_swa(rtt[slots_dev[req], pos])
 
 
-def _ragged(sizes: torch.Tensor, starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Host ``(request, position)`` [sum sizes] of positions ``starts[b] .. starts[b] +
-    sizes[b] - 1`` of every request ``b`` in order (``ref.window_indices``' batch form)."""
-    req = torch.repeat_interleave(torch.arange(sizes.numel()), sizes)
-    first = sizes.cumsum(0) - sizes  # [B] offset of request b in the flat list
-    return req, torch.arange(int(sizes.sum())) - first[req] + starts[req]
+def _ragged(sizes: torch.Tensor, starts: torch.Tensor, total: int):
+    """``(request, position)`` [total] int64 of positions ``starts[b] .. starts[b] + sizes[b]
+    - 1`` of every request ``b`` in order (``ref.window_indices``' batch form), on the device of
+    ``sizes`` / ``starts`` [B]. ``total`` = ``sizes.sum()`` as a host int: the output size, so
+    that ``repeat_interleave`` does not read it back."""
+    device = sizes.device
+    req = torch.repeat_interleave(torch.arange(sizes.numel(), device=device), sizes,
+                                  output_size=total)  # fmt: skip
+    shift = starts - (sizes.cumsum(0) - sizes)  # [B] start minus the request's flat offset
+    return req, torch.arange(total, device=device) + shift[req]
 
 
-def _tables(
-    requests: list[RequestPlan], pool, req_to_token_pool, slots_dev, mode_dev, last_dev
-) -> BatchTables:
-    """The device tables of an extend batch: host ints copied in two queued copies (int32 and
-    the int64 positions), page tables gathered on the device from ``req_to_token`` (one gather
-    each). ``slots_dev`` [B] int64: the requests' slots on the device; ``mode_dev`` [B] int32
-    their tail mode codes; ``last_dev`` [B]: the swa page of each request's token P-1."""
+def _tables(requests: list[RequestPlan], pool, rtt, facts_dev) -> BatchTables:
+    """The device tables of an extend batch, from the [B] device facts ``facts_dev`` = (slots
+    int64, P, S, window_lo, tail mode codes int32, swa page of token P-1, the flat window slots):
+    per-token tables expanded on the device (no host tensor of the batch's tokens), page tables
+    gathered from ``req_to_token`` (one gather each)."""
+    slots_dev, prefix, seq, lo, mode_dev, last_dev, window_slots = facts_dev
     block = pool.schema.block_size
-    rtt = req_to_token_pool.req_to_token
     device = rtt.device
-    b = len(requests)
-    lens = torch.tensor([r.seq_len - r.prefix for r in requests])
-    query_req, positions = _ragged(lens, torch.tensor([r.prefix for r in requests]))  # [T]
-    per_req = torch.tensor(
-        [
-            [r.req_slot for r in requests],
-            [r.prefix for r in requests],
-            [r.seq_len for r in requests],
-        ]
-    )  # [3, B]
-    cu = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)])  # [B+1]
-    i32 = to_device(torch.cat([per_req.flatten(), cu, query_req]).int(), device)
-    host, cu, query_req = i32[: 3 * b].view(3, b), i32[3 * b : 4 * b + 1], i32[4 * b + 1 :]
-    positions = to_device(positions, device)  # [T] int64
-    prefix, seq = host[1], host[2]
+    lens = seq - prefix  # [B]
+    n_tokens = sum(r.seq_len - r.prefix for r in requests)
+    query_req, positions = _ragged(lens, prefix, n_tokens)  # [T] each
+    cu = torch.cat([lens.new_zeros(1), lens.cumsum(0)]).int()  # [B+1]
     n_blocks = max(1, -(-max((r.seq_len for r in requests), default=1) // block))
     starts = torch.arange(n_blocks, device=device) * block  # [n_blocks]
     cols = starts.clamp(max=rtt.shape[1] - 1).unsqueeze(0)
@@ -300,21 +322,31 @@ def _tables(
     last = rtt[rows, (ends - 1).clamp(max=rtt.shape[1] - 1).unsqueeze(0)]
     kept = (ends.unsqueeze(0) > prefix.unsqueeze(1)) & (ends.unsqueeze(0) <= seq.unsqueeze(1))
     swa_page = pool.translate_loc_from_full_to_swa(torch.where(kept, last, 0)) // block
-    # every query's window in one gather: positions t-W+1 .. t of its request (ref.window_indices)
+    # every query's window (positions t-W+1 .. t of its request, ref.window_indices) as ids into
+    # the batch's window slots (they hold positions window_lo .. S-1 of each request in order):
+    # one gather of rows already translated, not a [T, W] gather of req_to_token + translation
+    n_win = seq - lo  # [B] window slots per request
+    first = (n_win.cumsum(0) - n_win - lo)[query_req]  # [T] id of position 0 of its request
     window = positions.unsqueeze(1) + torch.arange(1 - pool.schema.sliding_window, 1, device=device)
-    full = rtt[slots_dev[query_req].unsqueeze(1), window.clamp(min=0)]  # [T, W] full slots
-    window_rows = torch.where(window >= 0, pool.translate_loc_from_full_to_swa(full), -1)
+    valid = window >= 0
+    window_ids = torch.where(valid, first.unsqueeze(1) + window, -1)  # [T, W]
+    window_rows = torch.where(valid, window_slots[window_ids.clamp(min=0)], -1)
+    ints = torch.stack([slots_dev, prefix, seq, lo]).int()  # [4, B]: one conversion
     rebuild = _MODE_CODE[TailMode.REBUILD]
     return BatchTables(
-        req_slots=host[0],
-        prefix=prefix,
+        req_slots=ints[0],
+        prefix=ints[1],
+        seq_lens=ints[2],
+        window_lo=ints[3],
         cu_seqlens=cu,
         tail_mode=mode_dev,
         tail_mode_c128=torch.where(mode_dev == rebuild, _MODE_CODE[TailMode.FRESH], mode_dev),
         rebuild_page=torch.where(mode_dev == rebuild, last_dev, -1).int(),
         block_table=block_table,
         boundary_table=torch.where(kept, swa_page, 0).int(),
-        query_req=query_req,
+        query_req=query_req.int(),
         positions=positions,
         window_rows=window_rows.int(),
+        window_slots=window_slots,
+        window_ids=window_ids,
     )

@@ -20,7 +20,7 @@ are still held, and the swa page of token ``P-1`` (whose boundary rows a REBUILD
 
 import torch
 
-from sglang_dsv4.mem.h2d import HostCopy, to_device
+from sglang_dsv4.mem.h2d import HostCopy
 
 __all__ = [
     "PendingChecks",
@@ -70,16 +70,15 @@ def device_facts(pool, req_to_token_pool, slots_dev, prefix_dev, last_dev):
     return [tuple(r) for r in facts.tolist()]
 
 
-def host_facts(pool, req_to_token_pool, slots, gens, slots_dev, prefix_lens, prefix_dev, last_dev,
-               commit_rows=None):  # fmt: skip
+def host_facts(pool, req_to_token_pool, slots, own, own_dev, slots_dev, prefix_lens, prefix_dev,
+               last_dev, commit_rows=None):  # fmt: skip
     """The tuples of :func:`device_facts` without a read (module docstring): progress None for a
     request's own tail (the device compares it with ``P``: returned [B], after the commit), -1
     for a new owner (unused), window held, and the page of token ``P-1`` as a 0-d device tensor.
-    ``gens``: the requests' generations (host ints, the plan's). ``commit_rows(slots, prefix,
+    ``own`` [B] host bools: the slot's tail owner is the request's generation (``own_dev`` the
+    same on the device, copied with the plan's other facts). ``commit_rows(slots, prefix,
     valid)``: the journal's device-only commit of own tails a verify took past ``P``. Leaves the
     checks pending on ``pool.plan_checks``."""
-    own = [pool.tail_owner[s] == g for s, g in zip(slots, gens, strict=True)]
-    own_dev = to_device(torch.tensor(own), slots_dev.device)  # [B] bool
     if commit_rows is not None:
         commit_rows(slots_dev, prefix_dev, own_dev & (pool.tail_pos[slots_dev] > prefix_dev))
     compressed = any(lc.kind.compressed for lc in pool.schema.layers)

@@ -107,7 +107,8 @@ class HCAWrapper(SWAWrapper):
     def plan(self, batch: BatchPlan) -> None:
         super().plan(batch)
         self.ops.flush.plan(batch)
-        self._visible = Picks(self._visible_rows(batch))
+        # the attend op's choice is made (super().plan): FlashMLA plans its own lists
+        self._visible = Picks(self._visible_rows(batch)) if self.ops.attend.reads_rows else None
 
     def _max_entries(self, batch: BatchPlan) -> int:
         return max((r.seq_len // self.ratio for r in batch.requests), default=0)

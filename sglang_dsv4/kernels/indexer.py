@@ -13,8 +13,11 @@ the dot). Keys are addressed through the request's block table: entry ``s`` is k
 Hadamard-rotated, either ``q`` carries the rotation too or ``IndexerTopK(rotate=True)`` applies
 it in the score kernel (``q S`` with ``S`` the +-1 Sylvester matrix, generated in registers, one
 tensor-core dot per program; its ``Dh^-1/2`` goes into the head weights, since ReLU is positively
-homogeneous): no separate rotation GEMM per layer. The dots run on bf16 tensor cores with fp32
-accumulation (e4m3 -> bf16 is exact).
+homogeneous): no separate rotation GEMM per layer. Over FP8 keys the (rotated, bf16-rounded)
+queries are then rounded to e4m3 per head as ``IndexerExtend`` rounds them
+(:func:`quantize_queries`), so a token's picks are the same function of its q in a prefill chunk
+and in a decode step. The dots run on bf16 tensor cores with fp32 accumulation (e4m3 -> bf16 is
+exact; decode is memory-bound: no FP8 MMA here).
 
 Two launches: (1) scores into an fp32 workspace ``[T, max_keys]``, grid (queries, key splits),
 each program striding over 64-key tiles of its query (decode spreads one query over the GPU);
@@ -31,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sglang_dsv4.kernels.kv_store import IndexKeyLayout
+from sglang_dsv4.kernels.kv_store import IndexKeyLayout, e4m3_codes, pow2, ue8m0_exponent
 from sglang_dsv4.kernels.topk_shapes import radix_chunk
 
 __all__ = ["IndexerTopK", "logits_width"]
@@ -49,6 +52,19 @@ def _rotate_q(q, dd, DOT_F32: tl.constexpr):
     mat_t = tl.float32 if DOT_F32 else tl.bfloat16
     sylv = tl.where((par & 1) == 0, 1.0, -1.0).to(mat_t)  # [DH, DH], exact in bf16
     return tl.dot(q.to(mat_t), sylv)
+
+
+@triton.jit
+def quantize_queries(q, wh):
+    """Query rows ``q`` [R, DH] as e4m3 with one power-of-2 scale per row (``2^ceil(log2(amax /
+    448))``, round to nearest even: ``ref.quant.fp8_e4m3_fake_quant(q, block=DH)``), the scale
+    moved into the row's head weight ``wh`` [R]: exact, ReLU being positively homogeneous and
+    the scaling a power of 2. Integer rounding (``kv_store.e4m3_codes``): the same bits on the
+    GPU and under the interpreter, whose fp8 casts truncate."""
+    qf = q.to(tl.float32)
+    e = ue8m0_exponent(tl.max(tl.abs(qf), axis=1), 8, 0x600000)  # [R]
+    codes = e4m3_codes(qf * pow2(-e)[:, None])
+    return codes.to(tl.uint8).to(tl.float8e4nv, bitcast=True), wh * pow2(e)
 
 
 @triton.jit
@@ -103,6 +119,7 @@ def _logits_kernel(
     FP4: tl.constexpr,
     DOT_F32: tl.constexpr,
     ROTATE: tl.constexpr,
+    Q_FP8: tl.constexpr,  # e4m3 queries (FP8 keys): rounded as the extend indexer rounds them
 ):
     t = tl.program_id(0)
     split = tl.program_id(1)
@@ -117,6 +134,9 @@ def _logits_kernel(
         wh = wh * (DH**-0.5)  # the Hadamard's normalization, moved from q into the weights
     # keys are the MMA's M side (64 per tile, from registers), heads its N side: the head sum
     # is then a row reduction inside each thread's accumulator fragment
+    q = q.to(tl.float32) if DOT_F32 else q.to(tl.bfloat16)  # [H, DH], the rotation rounded
+    if Q_FP8:  # e4m3 values through the bf16 MMA: exact products (memory-bound, no FP8 MMA)
+        q, wh = quantize_queries(q, wh)
     q_t = tl.trans(q.to(tl.float32) if DOT_F32 else q.to(tl.bfloat16))  # [DH, H]
     DATA: tl.constexpr = DH // 2 if FP4 else DH
     SCALE: tl.constexpr = DH // 32 if FP4 else 4
@@ -386,6 +406,9 @@ class IndexerTopK:
         self.key_layout = key_layout or IndexKeyLayout("fp8", head_dim=head_dim)
         if self.key_layout.head_dim != head_dim:
             raise ValueError(f"key layout {self.key_layout} is not {head_dim}-dimensional")
+        # FP8 keys: e4m3 queries, rounded as ``IndexerExtend`` rounds them (a token's picks
+        # are then the same function of its q in a prefill chunk and in a decode step)
+        self.q_fp8 = self.key_layout.fmt == "fp8"
         self.write_rows = write_rows
         self.max_workspace_bytes = max_workspace_bytes
         self.block_keys = 64
@@ -465,7 +488,8 @@ class IndexerTopK:
             pos_ptr=positions[t0:t1], logits_ptr=self.logits, ld=self.ld, n_splits=self.splits,
             H=self.n_heads, DH=self.head_dim, BS=self.block_keys, EPB=self.entries_per_block,
             RATIO=self.ratio, RPP=lay.rows_per_page, FP4=lay.fmt == "fp4",
-            DOT_F32=self._dot_f32, ROTATE=self.rotate, num_warps=4, num_stages=3,
+            DOT_F32=self._dot_f32, ROTATE=self.rotate, Q_FP8=self.q_fp8, num_warps=4,
+            num_stages=3,
         )  # fmt: skip
 
     def _select(self, block_table, query_req, positions, t0, t1) -> None:

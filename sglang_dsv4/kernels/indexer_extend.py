@@ -14,8 +14,20 @@ per query (entry ``s`` visible to the query at ``pos`` iff ``s < (pos + 1) // 4`
 last query sees the most keys, so the key loop runs to its bound and masks the rest.
 
 Keys: FP8 (``kv_store.IndexKeyLayout("fp8")``: e4m3 + one power-of-2 scale per key, applied after
-the sums) or plain rows (``[n_rows, Dh]`` bf16 / fp32, the CPU and bf16 pools). Entry ``s`` of
-request ``b`` is key row ``block_table[b, s // 32] * 32 + s % 32``.
+the sums) or plain rows (``[n_rows, Dh]`` bf16 / fp32: ``EntryFormat.BF16`` / ``FP32`` index keys,
+which only CPU pools hold; GPU pools keep FP8 keys, ``mem.sizing.row_format``). Entry ``s`` of
+request ``b`` is key row ``block_table[b, s // 32] * 32 + s % 32``. Plain keys are scored as
+stored, with the queries as given (twin: ``index_scores`` of ``q`` and the rows, no rounding):
+bf16 x bf16 on the tensor cores (exact products, fp32 sums), and exact fp32 dots as soon as
+either side is fp32 (a bf16 MMA would round fp32 keys to 8 bits). Every MMA reads its key tile
+as loaded, from double-buffered shared memory: keys converted in registers first compiled (sm_90)
+to a single-buffered wgmma with the keys as register operand, the layout of both GPU failures on
+main (FP8 keys at 512-row tiles, plain fp32 keys' wrong picks). Over FP8 keys the program
+rounds its query rows to e4m3 once (``indexer.quantize_queries``: a power-of-2 scale per (token,
+head), moved into the head weight; twin ``ref.indexer.fp8_queries``) and the MMA is FP8 x FP8,
+both operands from shared memory (SGLang's native path: ``fused_q_indexer_rope_hadamard_quant``,
+then DeepGEMM's ``fp8_mqa_logits``). Its accumulator keeps 13 mantissa bits (H100), a few 2^-14
+of sum |q_d k_d| per dot; the CPU's fp32 dots are exact.
 
 ``plan()`` (host) cuts the batch's queries into tiles and the tiles into workspace chunks (the
 fp32 logits of a chunk's queries must fit ``max_workspace_bytes``) and picks the top-k's launch
@@ -30,13 +42,13 @@ import torch
 import triton
 import triton.language as tl
 
-from sglang_dsv4.kernels.indexer import IndexerTopK, logits_width
+from sglang_dsv4.kernels.indexer import IndexerTopK, logits_width, quantize_queries
 from sglang_dsv4.kernels.kv_store import IndexKeyLayout
 from sglang_dsv4.kernels.topk_rows import _rows_topk_kernel
 from sglang_dsv4.kernels.topk_shapes import SelectShape, fits, select_shape
 from sglang_dsv4.mem.h2d import to_device
 
-__all__ = ["IndexerExtend"]
+__all__ = ["IndexerExtend", "tensor_core_dots"]
 
 
 @triton.jit(do_not_specialize=["bt_stride", "n_splits", "t_base"])
@@ -66,6 +78,7 @@ def _tile_logits_kernel(
     RPP: tl.constexpr,
     KEYS: tl.constexpr,  # 0 FP8 layout, 1 plain rows
     DOT_F32: tl.constexpr,
+    Q_FP8: tl.constexpr,  # e4m3 query rows (FP8 keys): an FP8 x FP8 MMA on the GPU
 ):
     tile = tl.program_id(0)
     split = tl.program_id(1)
@@ -85,8 +98,11 @@ def _tile_logits_kernel(
     rh = r % H
     dd = tl.arange(0, DH)
     q = tl.load(q_ptr + rq[:, None] * q_stride_t + rh[:, None] * q_stride_h + dd[None, :])
-    q_t = tl.trans(q.to(tl.float32) if DOT_F32 else q.to(tl.bfloat16))  # [DH, BQ*H]
     wh = tl.load(w_ptr + rq * w_stride + rh).to(tl.float32) * (H**-0.5)  # [BQ*H]
+    if Q_FP8:
+        q, wh = quantize_queries(q, wh)
+    mma: tl.constexpr = tl.float32 if DOT_F32 else (tl.float8e4nv if Q_FP8 else tl.bfloat16)
+    q_t = tl.trans(q.to(mma))  # [DH, BQ*H]
     PAGE: tl.constexpr = RPP * (DH + 4)
     out_rows = logits_ptr + (tq - t_base) * ld  # [BQ]
     for kt in range(split, tl.cdiv(vis_max, BS), n_splits):
@@ -97,23 +113,33 @@ def _tile_logits_kernel(
         if KEYS == 0:
             kpage = row // RPP
             kslot = row - kpage * RPP
-            raw = tl.load(
-                keys_ptr + (kpage * PAGE + kslot * DH)[:, None] + dd[None, :], valid[:, None], 0
+            # loaded as e4m3 (not bytes bitcast in registers): the FP8 MMA reads them from
+            # shared memory as they were copied there
+            kptr = (keys_ptr + (kpage * PAGE + kslot * DH)[:, None] + dd[None, :]).to(
+                tl.pointer_type(tl.float8e4nv)
             )
-            k = raw.to(tl.float8e4nv, bitcast=True)
+            k = tl.load(kptr, valid[:, None], 0.0)
             sptr = (keys_ptr + kpage * PAGE + RPP * DH + kslot * 4).to(tl.pointer_type(tl.float32))
             kscale = tl.load(sptr, valid, 0.0)
         else:
             k = tl.load(keys_ptr + row[:, None] * DH + dd[None, :], valid[:, None], 0.0)
             kscale = tl.full([BS], 1.0, tl.float32)
-        if DOT_F32:  # fp32 queries (CPU, fp32 models): exact fp32 products, no TF32
+        if DOT_F32:  # CPU, fp32 q or plain fp32 keys: exact fp32 products, no TF32
             s = tl.dot(k.to(tl.float32), q_t, input_precision="ieee")  # [BS, BQ*H]
-        else:
-            s = tl.dot(k.to(tl.bfloat16), q_t)  # [BS, BQ*H] fp32 accumulation
+        else:  # bf16 or e4m3 operands, fp32 accumulator (FP8: the tensor core's 13-bit sums)
+            s = tl.dot(k.to(mma), q_t)  # [BS, BQ*H]
         s = tl.maximum(s, 0.0) * (DH**-0.5) * wh[None, :]
         logit = tl.sum(tl.reshape(s, [BS, BQ, H]), axis=2) * kscale[:, None]  # [BS, BQ]
         keep = (i[:, None] < vis[None, :]) & q_ok[None, :]
         tl.store(out_rows[None, :] + i[:, None], logit, keep)
+
+
+def tensor_core_dots(q_dtype: torch.dtype, keys_dtype: torch.dtype) -> bool:
+    """Whether the GPU scores queries of ``q_dtype`` against a key cache of ``keys_dtype``
+    (uint8: the FP8 layout) on the tensor cores: only where that is exact, bf16 x bf16 or e4m3 x
+    e4m3; fp32 on either side takes exact fp32 dots (fp32 keys rounded to bf16 moved scores from
+    ``index_scores``: H100, Flash dims, 1.3e-2 in a row of scores up to 2.62)."""
+    return torch.float32 not in (q_dtype, keys_dtype)
 
 
 class IndexerExtend:
@@ -145,6 +171,9 @@ class IndexerExtend:
         self.key_layout = key_layout  # None: plain rows
         if key_layout is not None and (key_layout.fmt, key_layout.head_dim) != ("fp8", head_dim):
             raise ValueError(f"key layout {key_layout}: FP8 keys of {head_dim} dims or plain rows")
+        # FP8 keys take e4m3 queries (the scale per (token, head) folded into the head weight):
+        # an FP8 x FP8 MMA at twice the bf16 rate, as SGLang's native DSV4 indexer
+        self.q_fp8 = key_layout is not None
         self.tile_q = max(1, query_rows // n_heads)  # queries per tile (BQ)
         # the logits launch's shape: ``bench_kv_kernels.py --only isweep`` times alternatives
         self.block_keys, self.warps, self.stages = block_keys, warps, stages
@@ -232,37 +261,22 @@ class IndexerExtend:
         plain = self.key_layout is None
         if plain and (keys.dim() != 2 or keys.shape[1] != self.head_dim):
             raise ValueError(f"plain keys must be [n_rows, {self.head_dim}]")
+        if plain and keys.dtype not in (torch.bfloat16, torch.float32):
+            raise ValueError(f"plain keys are bf16 or fp32 rows, got {keys.dtype}")
+        dot_f32 = self._dot_f32 or not tensor_core_dots(q.dtype, keys.dtype)
         rpp = 1 if plain else self.key_layout.rows_per_page
         for t0, t1, first, n_tiles in self.chunks:
             _tile_logits_kernel[(n_tiles, self.splits)](
-                q,
-                q.stride(0),
-                q.stride(1),
-                weights,
-                weights.stride(0),
-                keys,
-                block_table,
-                block_table.stride(0),
-                self.tile_start[first:],
-                self.tile_len[first:],
-                query_req,
-                positions,
-                self.logits,
-                self.ld,
-                self.splits,
-                t0,
-                H=self.n_heads,
-                DH=self.head_dim,
-                BQ=self.tile_q,
-                BS=self.block_keys,
-                EPB=self.entries_per_block,
-                RATIO=self.ratio,
-                RPP=rpp,
-                KEYS=1 if plain else 0,
-                DOT_F32=self._dot_f32 or q.dtype == torch.float32,
-                num_warps=self.warps,
-                num_stages=self.stages,
-            )
+                q_ptr=q, q_stride_t=q.stride(0), q_stride_h=q.stride(1), w_ptr=weights,
+                w_stride=weights.stride(0), keys_ptr=keys, bt_ptr=block_table,
+                bt_stride=block_table.stride(0), tile_start_ptr=self.tile_start[first:],
+                tile_len_ptr=self.tile_len[first:], qreq_ptr=query_req, pos_ptr=positions,
+                logits_ptr=self.logits, ld=self.ld, n_splits=self.splits, t_base=t0,
+                H=self.n_heads, DH=self.head_dim, BQ=self.tile_q, BS=self.block_keys,
+                EPB=self.entries_per_block, RATIO=self.ratio, RPP=rpp, KEYS=1 if plain else 0,
+                DOT_F32=dot_f32, Q_FP8=self.q_fp8,
+                num_warps=self.warps, num_stages=self.stages,
+            )  # fmt: skip
             self._select(block_table, query_req, positions, t0, t1)
         return self.ids, self.rows, self.lengths
 

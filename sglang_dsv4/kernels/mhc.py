@@ -1,4 +1,4 @@
-"""mHC (``ref.mhc``) as Triton kernels: one launch per block boundary at decode, three above.
+"""mHC (``ref.mhc``) as Triton kernels: one launch per block boundary at decode, two above.
 
 :func:`hc_fused` runs, on streams ``x`` [T, hc, d] (optionally first updated by the previous
 block's ``hc_post``: ``x'_k = post_k * y + sum_j comb[j, k] x_j``), the mix ``x @ fn^T``
@@ -14,31 +14,39 @@ pre-weighted collapse ``sum_j pre_j x_j`` and the RMSNorm that follows it (``att
   channel) and its partial mix as elementwise FMAs into an fp32 workspace; the token's last
   program (an atomic ticket per token, reset by that program, so CUDA-graph replays need no
   memset) sums the partials and computes the maps, the collapse and the norm in registers.
-* above, the post as its own streaming launch (``hc_post``), the mix as a split-K GEMM on
-  tensor cores (``_mix_gemm_kernel``: tiles of 16 / 64 tokens read ``fn`` once per tile,
-  ``tf32x3``: fp32-accurate, bf16 streams exact in tf32), then one program per token for the
-  maps, collapse and norm (``_maps_collapse_kernel``). (A CUDA-core fp32 ``tl.dot`` form took
-  42-128 us at T=32-128 and 3.7 ms at T=8192 on the H100, 2026-12-06.)
+* above, the post and the mix in one pass over the streams (:mod:`.mhc_gemm`: programs (tile
+  of 16 / 64 tokens, chunk of ``d``) form the new streams and their partial mix as a split-K
+  GEMM on tensor cores, ``tf32x3``: fp32-accurate, bf16 streams exact in tf32), then one
+  program per token for the maps, collapse and norm (``_maps_collapse_kernel``). (A CUDA-core
+  fp32 ``tl.dot`` form took 42-128 us at T=32-128 and 3.7 ms at T=8192 on the H100,
+  2026-12-06; the post as its own launch before the GEMM read the streams twice more.)
+
+Both forms' per-token tail (maps, Sinkhorn, collapse, norm) is serial, latency-bound work in
+one program: after one cross-warp sum of the token's partial rows, the maps run on entries
+every thread holds (``_entries``: ``tl.split`` picks), so the logits, the ``2 * iters``
+Sinkhorn normalisations and the collapse weights need no barrier (a [1, hc, hc] tensor spread
+over warps had 3 per round; sm_90 counts: ``scripts/compile_mhc_tail.py``).
 
 ``hc_head`` is the same with ``fn`` [hc, hc*d] (pre map only, no Sinkhorn) and the final norm.
 Maps are fp32 (as ``ref.mhc``); the streams and the normed block input keep the streams' dtype.
 bf16 values are rounded where ``ref`` rounds them (through fp32, round to nearest even), so the
-two differ by fp32 summation order (and tf32x3's ~2^-21 relative product error) only.
+two differ by fp32 summation order (and tf32x3's ~2^-21 relative product error), and the
+Sinkhorn's divisions, done as reciprocals (``rsqrt(y)^2``, ~3 ulp) and products, only.
 """
 
 import torch
 import triton
 import triton.language as tl
 
+from sglang_dsv4.kernels import mhc_gemm
 from sglang_dsv4.kernels.kv_store import norm_apply, round_bf16
+from sglang_dsv4.kernels.mhc_gemm import split_steps
 
-__all__ = ["FMA_MAX_TOKENS", "MAX_TILES", "hc_fused", "hc_post"]
+__all__ = ["FMA_MAX_TOKENS", "MAX_TILES", "hc_fused"]
 
 FMA_MAX_TOKENS = 8  # up to this many tokens: one token per tile (module docstring)
 _BD = 32  # channels of d per step of the one-token form's mix (x tile [1, hc, BD])
-_BE = 128  # channels of d per program of hc_post
-_TM, _TM_LARGE = 16, 64  # tokens per GEMM tile (64 from 256 tokens: fn re-read per 64 tokens)
-_BK = 64  # K (= hc*d) per GEMM step
+_BE = 128  # d must be a multiple of this (the tiled form's steps, vector loads)
 MAX_TILES = 1 << 16  # tickets per workspace (one per token of the one-token form)
 FMA_WARPS = 8  # the one-token form: its epilogue holds a whole row (8192 at Pro) per stream
 
@@ -112,100 +120,177 @@ def _partial_mix(
 
 
 @triton.jit
-def _reduce_mix(
-    part_ptr, slot0, split_stride, tok, n_split, eps, TB: tl.constexpr, HC: tl.constexpr,
-    NM: tl.constexpr, NMP: tl.constexpr, D: tl.constexpr, SB: tl.constexpr, HEAD: tl.constexpr,
-):  # fmt: skip
-    """Sum the ``n_split`` partial rows (split ``s`` of token ``i`` of the tile at row
-    ``slot0 + s * split_stride + i``) -> the RMS-scaled mix split into its three maps' logits:
-    pre [TB, hc], post [TB, hc], comb [TB, hc, hc] (post / comb zero for the head).
-    ``SB`` splits per step: independent loads in flight instead of one L2 round trip each."""
-    j = tl.arange(0, HC)
-    m_pre = tl.zeros([TB, HC], tl.float32)
-    m_post = tl.zeros([TB, HC], tl.float32)
-    m_comb = tl.zeros([TB, HC, HC], tl.float32)
-    ss = tl.zeros([TB], tl.float32)
-    comb_col = 2 * HC + j[:, None] * HC + j[None, :]  # [hc, hc]
+def _mix_row(part_ptr, slot0, split_stride, tok, n_split, NMP: tl.constexpr, SB: tl.constexpr):
+    """Sum of a token's ``n_split`` partial rows (split ``s`` at row ``slot0 + s *
+    split_stride``; ``tok`` [1]) -> [NMP]: the mix ``x @ fn^T`` (columns < NM) and the sum of
+    squares (column NM). Whole rows, one reduction: its cross-warp step (shared memory and
+    barriers) once for all the columns. ``SB`` splits per step: loads in flight together."""
+    m = tl.arange(0, NMP)
+    acc = tl.zeros([NMP], tl.float32)
     for s0 in range(0, n_split, SB):
         s = s0 + tl.arange(0, SB)
-        slot = slot0 + s[:, None] * split_stride + tl.arange(0, TB)[None, :]  # [SB, TB]
-        ok = (s < n_split)[:, None] & tok[None, :]
-        row = (part_ptr + slot * NMP)[:, :, None]  # [SB, TB, 1]
-        m_pre += tl.sum(tl.load(row + j, ok[:, :, None], 0.0, cache_modifier=".cg"), axis=0)
-        if not HEAD:
-            part = tl.load(row + HC + j, ok[:, :, None], 0.0, cache_modifier=".cg")
-            m_post += tl.sum(part, axis=0)
-            ok4 = ok[:, :, None, None]
-            part = tl.load(row[:, :, :, None] + comb_col, ok4, 0.0, cache_modifier=".cg")
-            m_comb += tl.sum(part, axis=0)
-        ss += tl.sum(tl.load(part_ptr + slot * NMP + NM, ok, 0.0, cache_modifier=".cg"), axis=0)
-    inv = tl.math.div_rn(1.0, tl.sqrt_rn(ss / (HC * D) + eps))  # [TB]
-    return m_pre * inv[:, None], m_post * inv[:, None], m_comb * inv[:, None, None]
+        rows = part_ptr + (slot0 + s * split_stride)[:, None] * NMP + m[None, :]  # [SB, NMP]
+        ok = ((s < n_split) & tok)[:, None]
+        acc += tl.sum(tl.load(rows, ok, 0.0, cache_modifier=".cg"), axis=0)
+    return acc
+
+
+@triton.constexpr_function
+def _bit_reverse(i: int, bits: int) -> int:
+    """``i`` with its low ``bits`` bits in reverse order."""
+    return sum(((i >> b) & 1) << (bits - 1 - b) for b in range(bits))
 
 
 @triton.jit
-def _sinkhorn(logits, hc_eps, ITERS: tl.constexpr):
-    """``ref.mhc.sinkhorn(softmax_rows(logits) + hc_eps)`` of ``logits`` [TB, hc, hc]."""
-    e = tl.exp(logits - tl.max(logits, axis=2)[:, :, None])
-    comb = e / tl.sum(e, axis=2)[:, :, None] + hc_eps
-    comb = comb / (tl.sum(comb, axis=1)[:, None, :] + hc_eps)
+def _entries(v, N: tl.constexpr, LOG_N: tl.constexpr):
+    """[N] (N = 2^LOG_N) -> tuple of its N entries (each [1], held by every thread), in index
+    order. ``tl.split`` halves (even / odd entries) keep every pick in-thread, where a masked
+    ``tl.sum`` per entry would be a cross-warp reduction each; after LOG_N rounds part ``k``
+    holds entry bit-reverse(k)."""
+    parts = (v,)
+    for lvl in tl.static_range(LOG_N):
+        dealt = ()
+        for k in tl.static_range(1 << lvl):
+            even, odd = tl.split(tl.reshape(parts[k], [N >> (lvl + 1), 2]))
+            dealt = dealt + (even, odd)  # noqa: RUF005
+        parts = dealt
+    out = ()
+    for i in tl.static_range(N):
+        out = out + (parts[_bit_reverse(i, LOG_N)],)  # noqa: RUF005
+    return out
+
+
+@triton.jit
+def _recip(y):
+    """``1 / y`` (``y`` > 0, normal) as ``rsqrt(y)^2``: one MUFU.RSQ and a product, where
+    ``1.0 / y`` is ``div.full`` (range checks and predicated scalings around its MUFU.RCP, ~8
+    SASS instructions); ~3 ulp against its 2, and the comb map is rounded to bf16 before the
+    next block's post with bf16 streams."""
+    r = tl.math.rsqrt(y)
+    return r * r
+
+
+@triton.jit
+def _scale_rows(c, hc_eps, HC: tl.constexpr):
+    """Each row of ``c`` (tuple of hc*hc [1], row-major) over its sum + ``hc_eps``: the sum in
+    index order, one reciprocal per row then products (not hc divisions)."""
+    out = ()
+    for i in tl.static_range(HC):
+        s = c[i * HC]
+        for j in tl.static_range(1, HC):
+            s = s + c[i * HC + j]
+        r = _recip(s + hc_eps)
+        for j in tl.static_range(HC):
+            out = out + (c[i * HC + j] * r,)  # noqa: RUF005
+    return out
+
+
+@triton.jit
+def _scale_cols(c, hc_eps, HC: tl.constexpr):
+    """Each column of ``c`` over its sum + ``hc_eps`` (as :func:`_scale_rows`)."""
+    rs = ()
+    for j in tl.static_range(HC):
+        s = c[j]
+        for i in tl.static_range(1, HC):
+            s = s + c[i * HC + j]
+        rs = rs + (_recip(s + hc_eps),)  # noqa: RUF005
+    out = ()
+    for ij in tl.static_range(HC * HC):
+        out = out + (c[ij] * rs[ij % HC],)  # noqa: RUF005
+    return out
+
+
+@triton.jit
+def _sinkhorn(logits, hc_eps, ITERS: tl.constexpr, HC: tl.constexpr):
+    """``ref.mhc.sinkhorn(softmax_rows(logits) + hc_eps)`` of ``logits`` (tuple of hc*hc [1],
+    row-major) -> the same. On entries every thread holds: no cross-thread sum in the
+    2 * ITERS normalisations (a [1, hc, hc] tensor spread over warps took 3 barriers per
+    round in ``_maps_collapse_kernel``)."""
+    soft = ()
+    for i in tl.static_range(HC):
+        top = logits[i * HC]
+        for j in tl.static_range(1, HC):
+            top = tl.maximum(top, logits[i * HC + j])
+        e = ()
+        for j in tl.static_range(HC):
+            e = e + (tl.exp(logits[i * HC + j] - top),)  # noqa: RUF005
+        s = e[0]
+        for j in tl.static_range(1, HC):
+            s = s + e[j]
+        r = _recip(s)
+        for j in tl.static_range(HC):
+            soft = soft + (e[j] * r + hc_eps,)  # noqa: RUF005
+    c = _scale_cols(soft, hc_eps, HC)
     for _ in range(ITERS - 1):
-        comb = comb / (tl.sum(comb, axis=2)[:, :, None] + hc_eps)
-        comb = comb / (tl.sum(comb, axis=1)[:, None, :] + hc_eps)
-    return comb
+        c = _scale_cols(_scale_rows(c, hc_eps, HC), hc_eps, HC)
+    return c
+
+
+@triton.jit
+def _map_logits(mix, inv, scale_ptr, base_ptr, first: tl.constexpr, n: tl.constexpr):
+    """Entries ``first .. first + n`` of the mix (tuple of [1]) RMS-scaled by ``inv``, times
+    their map's scale (``scale_ptr``) plus their bias (``base_ptr + first``)."""
+    scale = tl.load(scale_ptr)
+    out = ()
+    for k in tl.static_range(n):
+        out = out + (mix[first + k] * inv * scale + tl.load(base_ptr + first + k),)  # noqa: RUF005
+    return out
 
 
 @triton.jit
 def _maps(
     part_ptr, base_ptr, scale_ptr, pre_ptr, post_ptr, comb_ptr, slot0, split_stride, t, tok,
     n_split, eps, hc_eps, D: tl.constexpr, HC: tl.constexpr, NM: tl.constexpr, NMP: tl.constexpr,
-    TB: tl.constexpr, SB: tl.constexpr, ITERS: tl.constexpr, HEAD: tl.constexpr,
+    LOG_NMP: tl.constexpr, SB: tl.constexpr, ITERS: tl.constexpr, HEAD: tl.constexpr,
 ):  # fmt: skip
-    """The epilogue's maps of a tile from its partials: stores pre / post / comb, returns pre
-    [TB, hc]."""
-    j = tl.arange(0, HC)
-    m_pre, m_post, m_comb = _reduce_mix(
-        part_ptr, slot0, split_stride, tok, n_split, eps, TB, HC, NM, NMP, D, SB, HEAD
-    )
+    """The epilogue's maps of token ``t`` ([1]) from its partials, on entries every thread
+    holds (after one cross-warp reduction, no barriers): stores pre / post / comb, returns
+    pre (tuple of hc [1])."""
+    mix = _entries(_mix_row(part_ptr, slot0, split_stride, tok, n_split, NMP, SB), NMP, LOG_NMP)
+    inv = tl.math.div_rn(1.0, tl.sqrt_rn(mix[NM] / (HC * D) + eps))
     t64 = t.to(tl.int64)
-    pre = tl.sigmoid(m_pre * tl.load(scale_ptr) + tl.load(base_ptr + j)[None, :]) + hc_eps
-    tl.store(pre_ptr + t64[:, None] * HC + j[None, :], pre, mask=tok[:, None])
+    logits = _map_logits(mix, inv, scale_ptr, base_ptr, 0, HC)
+    pre = ()
+    for k in tl.static_range(HC):
+        pre = pre + (tl.sigmoid(logits[k]) + hc_eps,)  # noqa: RUF005
+        tl.store(pre_ptr + t64 * HC + k, pre[k], mask=tok)
     if not HEAD:
-        post = 2 * tl.sigmoid(m_post * tl.load(scale_ptr + 1) + tl.load(base_ptr + HC + j)[None, :])
-        tl.store(post_ptr + t64[:, None] * HC + j[None, :], post, mask=tok[:, None])
-        cc = j[:, None] * HC + j[None, :]  # [hc, hc]
-        logits = m_comb * tl.load(scale_ptr + 2) + tl.load(base_ptr + 2 * HC + cc)[None, :, :]
-        comb = _sinkhorn(logits, hc_eps, ITERS)
-        off = t64[:, None, None] * (HC * HC) + cc[None, :, :]
-        tl.store(comb_ptr + off, comb, mask=tok[:, None, None])
+        logits = _map_logits(mix, inv, scale_ptr + 1, base_ptr, HC, HC)
+        for k in tl.static_range(HC):
+            tl.store(post_ptr + t64 * HC + k, 2 * tl.sigmoid(logits[k]), mask=tok)
+        logits = _map_logits(mix, inv, scale_ptr + 2, base_ptr, 2 * HC, HC * HC)
+        comb = _sinkhorn(logits, hc_eps, ITERS, HC)
+        for ij in tl.static_range(HC * HC):
+            tl.store(comb_ptr + t64 * (HC * HC) + ij, comb[ij], mask=tok)
     return pre
 
 
 @triton.jit
 def _stream_rows(x_ptr, t, D: tl.constexpr, BDN: tl.constexpr, HC: tl.constexpr):
-    """Token ``t``'s streams [hc, BDN] in their dtype (channels >= D zero). L1 is bypassed:
-    other programs of this launch wrote them. Issued before the epilogue's maps so that their
-    latency hides behind the Sinkhorn rounds."""
+    """Token ``t``'s streams (tuple of hc [BDN], their dtype; channels >= D zero): one row
+    each, so the collapse needs no masked pick of a row out of an [hc, BDN] tile. L1 is
+    bypassed: other programs of this launch wrote them. Issued before the epilogue's maps so
+    that their latency hides behind the Sinkhorn rounds."""
     dd = tl.arange(0, BDN)
-    rows = (t.to(tl.int64) * HC + tl.arange(0, HC))[:, None] * D + dd[None, :]
-    return tl.load(x_ptr + rows, mask=(dd < D)[None, :], other=0.0, cache_modifier=".cg")
+    rows = ()
+    for j in tl.static_range(HC):
+        ptr = x_ptr + (t.to(tl.int64) * HC + j) * D + dd
+        rows = rows + (tl.load(ptr, mask=dd < D, other=0.0, cache_modifier=".cg"),)  # noqa: RUF005
+    return rows
 
 
 @triton.jit
 def _collapse_norm(rows, pre, w_ptr, h_ptr, t, eps, D: tl.constexpr, BDN: tl.constexpr,
                    HC: tl.constexpr, X_BF16: tl.constexpr, W_BF16: tl.constexpr):  # fmt: skip
-    """Token ``t``: ``h = rms_norm(sum_j pre_j x_j, w)`` [d] from its streams ``rows`` [hc, BDN]
-    and ``pre`` [1, hc] (registers), the collapse rounded to the streams' dtype first (as
-    ``ref`` rounds it); the whole row in registers (one pass)."""
+    """Token ``t``: ``h = rms_norm(sum_j pre_j x_j, w)`` [d] from its streams ``rows`` (tuple
+    of hc [BDN]) and ``pre`` (tuple of hc [1]), all in registers (one pass), the collapse
+    rounded to the streams' dtype first (as ``ref`` rounds it)."""
     t = t.to(tl.int64)
     dd = tl.arange(0, BDN)
     ok = dd < D
-    j = tl.arange(0, HC)
     u = tl.zeros([BDN], tl.float32)
-    for jj in tl.static_range(HC):  # in the reference's order: ((p0 x0 + p1 x1) + ...)
-        p = tl.sum(tl.sum(tl.where(j[None, :] == jj, pre, 0.0), axis=1), axis=0)
-        x = tl.sum(tl.where(j[:, None] == jj, rows.to(tl.float32), 0.0), axis=0)  # exact pick
-        u += p * x
+    for j in tl.static_range(HC):  # in the reference's order: ((p0 x0 + p1 x1) + ...)
+        u += tl.sum(pre[j], axis=0) * rows[j].to(tl.float32)  # a scalar: [1] would set u's layout
     if X_BF16:
         u = round_bf16(u)
     inv = tl.math.div_rn(1.0, tl.sqrt_rn(tl.sum(u * u, axis=0) / D + eps))
@@ -221,9 +306,10 @@ def _hc_kernel(
     pre_ptr, post_ptr, comb_ptr, h_ptr,  # outputs: the maps, the normed block input
     part_ptr, ticket_ptr,  # workspace: partial mixes + sums of squares, tickets
     n_tokens, n_split, per_split, eps, hc_eps,
-    D: tl.constexpr, HC: tl.constexpr, NM: tl.constexpr, NMP: tl.constexpr, BD: tl.constexpr,
-    SB: tl.constexpr, ITERS: tl.constexpr, POST: tl.constexpr, HEAD: tl.constexpr,
-    BDN: tl.constexpr, X_BF16: tl.constexpr, W_BF16: tl.constexpr,
+    D: tl.constexpr, HC: tl.constexpr, NM: tl.constexpr, NMP: tl.constexpr,
+    LOG_NMP: tl.constexpr, BD: tl.constexpr, SB: tl.constexpr, ITERS: tl.constexpr,
+    POST: tl.constexpr, HEAD: tl.constexpr, BDN: tl.constexpr, X_BF16: tl.constexpr,
+    W_BF16: tl.constexpr,
 ):  # fmt: skip
     """The one-token form: program (token, chunk of d); the token's last program finishes."""
     tile = tl.program_id(0)  # = the token
@@ -247,47 +333,19 @@ def _hc_kernel(
         rows = _stream_rows(x_out_ptr if POST else x_ptr, tile, D, BDN, HC)
         pre = _maps(
             part_ptr, base_ptr, scale_ptr, pre_ptr, post_ptr, comb_ptr, tile * n_split, 1, t,
-            tok, n_split, eps, hc_eps, D, HC, NM, NMP, 1, SB, ITERS, HEAD,
+            tok, n_split, eps, hc_eps, D, HC, NM, NMP, LOG_NMP, SB, ITERS, HEAD,
         )  # fmt: skip
         _collapse_norm(rows, pre, norm_w_ptr, h_ptr, tile, eps, D, BDN, HC, X_BF16, W_BF16)
         tl.store(ticket_ptr + tile, 0)  # ready for the next launch (graph replays included)
-
-
-@triton.jit(do_not_specialize=["n_tokens", "per_split"])
-def _mix_gemm_kernel(
-    x_ptr, fn_ptr, part_ptr, n_tokens, per_split,
-    K: tl.constexpr, NM: tl.constexpr, NMP: tl.constexpr, TM: tl.constexpr, BK: tl.constexpr,
-):  # fmt: skip
-    """The GEMM form's mix: streams ``x`` [T, K = hc*d] @ ``fn^T`` [K, NM] over a chunk of K
-    for a tile of ``TM`` tokens, on tensor cores (tf32x3: fp32-accurate; bf16 streams are exact
-    in tf32) -> partial rows [split, T, NMP] (column NM: the partial sum of squares)."""
-    tile, split = tl.program_id(0), tl.program_id(1)
-    t = tile * TM + tl.arange(0, TM)
-    tok = t < n_tokens
-    m = tl.arange(0, NMP)
-    kk = tl.arange(0, BK)
-    acc = tl.zeros([TM, NMP], tl.float32)
-    ss = tl.zeros([TM], tl.float32)
-    s_lo = split * per_split
-    for step in range(s_lo, tl.minimum(s_lo + per_split, K // BK)):
-        k = step * BK + kk
-        x = tl.load(x_ptr + t.to(tl.int64)[:, None] * K + k[None, :], tok[:, None], 0.0)
-        x = x.to(tl.float32)  # [TM, BK]
-        w = tl.load(fn_ptr + m[None, :] * K + k[:, None], (m < NM)[None, :], 0.0)  # [BK, NMP]
-        ss += tl.sum(x * x, axis=1)
-        acc = tl.dot(x, w, acc, input_precision="tf32x3")
-    out = tl.where(m[None, :] == NM, ss[:, None], acc)
-    row = split.to(tl.int64) * n_tokens + t
-    tl.store(part_ptr + row[:, None] * NMP + m[None, :], out, mask=tok[:, None])
 
 
 @triton.jit(do_not_specialize=["n_tokens", "n_split"])
 def _maps_collapse_kernel(
     x_ptr, part_ptr, base_ptr, scale_ptr, norm_w_ptr, pre_ptr, post_ptr, comb_ptr, h_ptr,
     n_tokens, n_split, eps, hc_eps,
-    D: tl.constexpr, HC: tl.constexpr, NM: tl.constexpr, NMP: tl.constexpr, SB: tl.constexpr,
-    ITERS: tl.constexpr, HEAD: tl.constexpr, BDN: tl.constexpr, X_BF16: tl.constexpr,
-    W_BF16: tl.constexpr,
+    D: tl.constexpr, HC: tl.constexpr, NM: tl.constexpr, NMP: tl.constexpr,
+    LOG_NMP: tl.constexpr, SB: tl.constexpr, ITERS: tl.constexpr, HEAD: tl.constexpr,
+    BDN: tl.constexpr, X_BF16: tl.constexpr, W_BF16: tl.constexpr,
 ):  # fmt: skip
     """The GEMM form's second launch, one token per program: its partials summed, the maps,
     the collapse and the norm."""
@@ -296,7 +354,7 @@ def _maps_collapse_kernel(
     rows = _stream_rows(x_ptr, t, D, BDN, HC)
     pre = _maps(
         part_ptr, base_ptr, scale_ptr, pre_ptr, post_ptr, comb_ptr, t, n_tokens, tv,
-        tv < n_tokens, n_split, eps, hc_eps, D, HC, NM, NMP, 1, SB, ITERS, HEAD,
+        tv < n_tokens, n_split, eps, hc_eps, D, HC, NM, NMP, LOG_NMP, SB, ITERS, HEAD,
     )  # fmt: skip
     _collapse_norm(rows, pre, norm_w_ptr, h_ptr, t, eps, D, BDN, HC, X_BF16, W_BF16)
 
@@ -315,17 +373,11 @@ def _check(x: torch.Tensor, fn: torch.Tensor) -> tuple[int, int, int]:
     return n, hc, d
 
 
-def _splits(steps: int, tiles: int, programs: int) -> tuple[int, int]:
-    """(steps per split, splits) spreading ``steps`` over about ``programs // tiles`` splits."""
-    per_split = -(-steps // max(1, min(steps, programs // tiles)))
-    return per_split, -(-steps // per_split)
-
-
 def _fma_form(x, fn, base, scale, norm_w, tickets, outs, post_of, eps, hc_eps, iters, programs):
     """One launch: one-token tiles (module docstring)."""
     streams, h, pre, post, comb = outs
     n, hc, d = x.shape
-    per_split, n_split = _splits(d // _BD, n, programs)
+    per_split, n_split = split_steps(d // _BD, n, programs)
     nmp = triton.next_power_of_2(fn.shape[0] + 1)  # + the sum of squares column
     part = torch.empty(n * n_split * nmp, dtype=torch.float32, device=x.device)
     y, post_in, comb_in = post_of if post_of is not None else (x, x, x)
@@ -336,7 +388,8 @@ def _fma_form(x, fn, base, scale, norm_w, tickets, outs, post_of, eps, hc_eps, i
         pre_ptr=pre, post_ptr=pre if head else post, comb_ptr=pre if head else comb, h_ptr=h,
         part_ptr=part, ticket_ptr=tickets,
         n_tokens=n, n_split=n_split, per_split=per_split, eps=eps, hc_eps=hc_eps,
-        D=d, HC=hc, NM=fn.shape[0], NMP=nmp, BD=_BD, SB=256, ITERS=iters,
+        D=d, HC=hc, NM=fn.shape[0], NMP=nmp, LOG_NMP=nmp.bit_length() - 1, BD=_BD,
+        SB=min(256, triton.next_power_of_2(n_split)), ITERS=iters,
         POST=post_of is not None, HEAD=head, BDN=triton.next_power_of_2(d),
         X_BF16=x.dtype == torch.bfloat16,
         W_BF16=x.dtype == torch.bfloat16 and norm_w.dtype == torch.bfloat16,
@@ -344,30 +397,25 @@ def _fma_form(x, fn, base, scale, norm_w, tickets, outs, post_of, eps, hc_eps, i
     )  # fmt: skip
 
 
-def _gemm_form(fn, base, scale, norm_w, outs, eps, hc_eps, iters, programs):
-    """Two launches on the (already post-updated) streams: the mix as a split-K GEMM on tensor
-    cores, then one program per token for the maps, collapse and norm."""
-    streams, h, pre, post, comb = outs
-    n, hc, d = streams.shape
-    tm = _TM_LARGE if n >= 4 * _TM_LARGE else _TM
-    n_tiles = -(-n // tm)
-    per_split, n_split = _splits(hc * d // _BK, n_tiles, programs)
-    nmp = max(16, triton.next_power_of_2(fn.shape[0] + 1))
-    part = torch.empty(n_split * n * nmp, dtype=torch.float32, device=streams.device)
-    _mix_gemm_kernel[(n_tiles, n_split)](
-        x_ptr=streams, fn_ptr=fn, part_ptr=part, n_tokens=n, per_split=per_split, K=hc * d,
-        NM=fn.shape[0], NMP=nmp, TM=tm, BK=_BK, num_warps=4,
-    )  # fmt: skip
+def _gemm_form(x, fn, base, scale, norm_w, outs, post_of, eps, hc_eps, iters, programs):
+    """Two launches: [the previous block's post and] the mix as a split-K GEMM on tensor cores
+    in one pass over the streams (``mhc_gemm``), then one program per token for the maps,
+    collapse and norm. Returns the streams (``x`` or the new ones)."""
+    h, pre, post, comb = outs
+    n, hc, d = x.shape
+    streams, part, n_split, nmp = mhc_gemm.mix_partials(x, fn, programs, post_of)
     head = post is None
-    x_bf16 = streams.dtype == torch.bfloat16
+    x_bf16 = x.dtype == torch.bfloat16
     _maps_collapse_kernel[(n,)](
         x_ptr=streams, part_ptr=part, base_ptr=base, scale_ptr=scale, norm_w_ptr=norm_w,
         pre_ptr=pre, post_ptr=pre if head else post, comb_ptr=pre if head else comb, h_ptr=h,
         n_tokens=n, n_split=n_split, eps=eps, hc_eps=hc_eps, D=d, HC=hc, NM=fn.shape[0],
-        NMP=nmp, SB=min(256, triton.next_power_of_2(n_split)), ITERS=iters, HEAD=head,
+        NMP=nmp, LOG_NMP=nmp.bit_length() - 1, SB=min(256, triton.next_power_of_2(n_split)),
+        ITERS=iters, HEAD=head,
         BDN=triton.next_power_of_2(d), X_BF16=x_bf16,
         W_BF16=x_bf16 and norm_w.dtype == torch.bfloat16, num_warps=8,
     )  # fmt: skip
+    return streams
 
 
 def hc_fused(
@@ -400,10 +448,10 @@ def hc_fused(
     y = post_of[0] if post_of is not None else None
     if y is not None and (y.shape != (n, d) or not y.is_contiguous()):
         raise ValueError(f"block output must be contiguous [T, d] = [{n}, {d}], got {y.shape}")
-    if n > FMA_MAX_TOKENS:  # post (streaming) first, then the GEMM form on the new streams
-        streams = x if post_of is None else hc_post(y, x, *post_of[1:])
-        outs = (streams, h, pre, post, comb)
-        _gemm_form(fn, base, scale, norm_w, outs, eps, hc_eps, iters, programs)
+    if n > FMA_MAX_TOKENS:
+        outs = (h, pre, post, comb)
+        streams = _gemm_form(x, fn, base, scale, norm_w, outs, post_of, eps, hc_eps, iters,
+                             programs)  # fmt: skip
         return streams, h, post, comb
     if n > tickets.numel():
         raise ValueError(f"{n} tokens: at most {tickets.numel()} (tickets) in the one-token form")
@@ -412,46 +460,3 @@ def hc_fused(
         outs = (streams, h, pre, post, comb)
         _fma_form(x, fn, base, scale, norm_w, tickets, outs, post_of, eps, hc_eps, iters, programs)
     return streams, h, post, comb
-
-
-@triton.jit(do_not_specialize=["n_tokens"])
-def _hc_post_kernel(
-    x_ptr,
-    y_ptr,
-    post_ptr,
-    comb_ptr,
-    out_ptr,
-    n_tokens,
-    D: tl.constexpr,
-    HC: tl.constexpr,
-    TB: tl.constexpr,
-    BD: tl.constexpr,
-    X_BF16: tl.constexpr,
-):
-    t = tl.program_id(0) * TB + tl.arange(0, TB)
-    tok = t < n_tokens
-    dd = tl.program_id(1) * BD + tl.arange(0, BD)
-    row = t.to(tl.int64)[:, None, None] * (HC * D) + tl.arange(0, HC)[None, :, None] * D
-    p, c = _load_maps(post_ptr, comb_ptr, t, tok, HC, X_BF16)
-    _post_tile(x_ptr, y_ptr, out_ptr, t, tok, row, dd, p, c, D, X_BF16)
-
-
-def hc_post(
-    y: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor
-) -> torch.Tensor:
-    """``ref.mhc.hc_post`` alone: block output ``y`` [T, d], streams ``x`` [T, hc, d], maps
-    ``post`` [T, hc] / ``comb`` [T, hc, hc] (fp32) -> new streams [T, hc, d]."""
-    n, hc, d = x.shape
-    out = torch.empty_like(x)
-    if n == 0:
-        return out
-    if d % _BE or not (x.is_contiguous() and y.is_contiguous()):
-        raise ValueError(
-            f"contiguous streams with d a multiple of {_BE} needed, got {tuple(x.shape)}"
-        )
-    tb = 4
-    _hc_post_kernel[(-(-n // tb), d // _BE)](
-        x_ptr=x, y_ptr=y, post_ptr=post.contiguous(), comb_ptr=comb.contiguous(), out_ptr=out,
-        n_tokens=n, D=d, HC=hc, TB=tb, BD=_BE, X_BF16=x.dtype == torch.bfloat16, num_warps=4,
-    )  # fmt: skip
-    return out

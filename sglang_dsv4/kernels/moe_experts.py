@@ -24,7 +24,8 @@ epilogue of w2. Two forms, both free of host syncs and data-dependent shapes (CU
   wide K tiles (32 weights per thread, products kept per column and reduced once after the
   loop), FP8 block scales applied to the vector (exact: powers of two). Tiles:
   :func:`slot_tiles`.
-* :func:`moe_experts_sorted` (prefill, large T): (token, slot) pairs sorted by expert; each
+* :func:`moe_experts_sorted` (prefill, large T): (token, slot) pairs grouped by expert
+  (:mod:`~sglang_dsv4.kernels.moe_group`: one launch at decode sizes, two at prefill); each
   program owns an [M, N] tile of one expert (blocks found in-kernel from the group offsets) and
   runs ``tl.dot`` tiles, so each expert's weights are read once per block row. Tiles and raster
   order per kernel: :mod:`sglang_dsv4.kernels.moe_sorted_tiles` (measured table).
@@ -39,6 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
+from sglang_dsv4.kernels.moe_group import group_pairs
 from sglang_dsv4.kernels.moe_sorted_tiles import GemmTiles, SortedTiles, sorted_tiles, tile_format
 from sglang_dsv4.kernels.mxfp4_moe import _fp4_tile
 from sglang_dsv4.kernels.slot_sum import slot_sum
@@ -471,26 +473,20 @@ _DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 class _SortedLaunch:
-    """The sorted form's launches of one call: pairs grouped by expert at construction, then
-    the two GEMMs and the slot sum (apart, so that the benchmark times each)."""
+    """The sorted form's launches of one call: pairs grouped by expert at construction
+    (``group``: :func:`~sglang_dsv4.kernels.moe_group.group_pairs` or its torch twin, the same
+    bits), then the two GEMMs and the slot sum (apart, so that the benchmark times each)."""
 
-    def __init__(self, x, chosen, weights, bank: ExpertWeights, shared_row):
+    def __init__(self, x, chosen, weights, bank: ExpertWeights, shared_row, group=group_pairs):
         self.t, self.d = x.shape
         self.n_rows, self.inter = bank.check(self.d)
         self.x, self.bank = x.contiguous(), bank
-        chosen, weights = chosen.long(), weights.float()
-        if shared_row is not None:  # the shared expert: one more slot of every token, weight 1
-            chosen = torch.cat([chosen, chosen.new_full((self.t, 1), shared_row)], dim=1)
-            weights = torch.cat([weights, weights.new_ones(self.t, 1)], dim=1)
-        self.slots = chosen.shape[1]
+        self.slots = chosen.shape[1] + (shared_row is not None)  # routed slots (+ the shared)
         self.pairs = self.t * self.slots
-        self.weights = weights.reshape(-1).contiguous()  # [P] in token order
-        # pairs grouped by expert; group r starts at the first sorted id >= r (searchsorted, not
-        # bincount: bincount sizes its output from the data and syncs)
-        sorted_ids, order = torch.sort(chosen.reshape(-1), stable=True)  # [P]
-        bounds = torch.arange(self.n_rows + 1, device=x.device, dtype=sorted_ids.dtype)
-        self.offsets = torch.searchsorted(sorted_ids, bounds).to(torch.int32)  # [R + 1]
-        self.order = order.to(torch.int32)  # sorted position -> pair (t * slots + j)
+        # order [P]: sorted position -> pair (t * slots + j); offsets [R + 1]: group starts;
+        # weights [P] fp32 in token order. ``group``: one Triton launch at decode
+        # (kernels.moe_group) or its twin, the torch sort (the benchmark's "before")
+        self.order, self.offsets, self.weights = group(chosen, weights, self.n_rows, shared_row)
         self.key = tile_format(bank.fmt, _DTYPES.get(x.dtype, str(x.dtype)))
 
     def _launch(self, tiles: GemmTiles, n: int) -> tuple[tuple[int], dict]:
@@ -540,15 +536,17 @@ def moe_experts_sorted(
     shared_row: int | None = None,
     out: torch.Tensor | None = None,
     tiles: SortedTiles | None = None,
+    group=group_pairs,
 ) -> torch.Tensor:
     """As :func:`moe_experts_slots`, as a sorted grouped GEMM (module docstring). ``tiles``:
-    the launch shapes (default :func:`~sglang_dsv4.kernels.moe_sorted_tiles.sorted_tiles`)."""
+    the launch shapes (default :func:`~sglang_dsv4.kernels.moe_sorted_tiles.sorted_tiles`);
+    ``group``: the pairs' grouping (:class:`_SortedLaunch`)."""
     t, d = x.shape
     out = torch.empty(t, d, dtype=x.dtype, device=x.device) if out is None else out
     if t == 0:
         bank.check(d)
         return out
-    launch = _SortedLaunch(x, chosen, weights, bank, shared_row)
+    launch = _SortedLaunch(x, chosen, weights, bank, shared_row, group)
     tiles = tiles or sorted_tiles(launch.pairs, launch.key)
     h = torch.empty(launch.pairs, launch.inter, dtype=x.dtype, device=x.device)  # [P, I]
     # [P, d] in token order, in x's dtype as the reference rounds each expert's output (half

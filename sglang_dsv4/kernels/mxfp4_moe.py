@@ -9,10 +9,11 @@ low nibble), ``scale`` uint8 [E, N, K/G] and ``global_scale`` fp32 [E]:
 
 :func:`fp4_grouped_linear`: rows of ``x`` grouped by expert (``offsets`` [E+1]) times each
 expert's dequantized weight, transposed; the codes are decoded to the activation dtype inside the
-kernel, tile by tile, never to memory. :func:`fp4_moe` runs a routed MoE layer with it (sort the
-(token, slot) pairs by expert, w1 and w3, clamped SwiGLU, w2, weighted scatter-add), with no
-host sync and no data-dependent shape, so it can be captured in a CUDA graph (the launch grid
-covers every expert with the largest possible group; empty programs return at once).
+kernel, tile by tile, never to memory. :func:`fp4_moe` runs a routed MoE layer with it (group the
+(token, slot) pairs by expert with :mod:`~sglang_dsv4.kernels.moe_group`, w1 and w3, clamped
+SwiGLU, w2, weighted scatter-add), with no host sync and no data-dependent shape, so it can be
+captured in a CUDA graph (the launch grid covers every expert with the largest possible group;
+empty programs return at once).
 :func:`fp4_dequant` writes one expert's dense weight (NVFP4's "dequantizing kernel", also
 :class:`ExpertBank`'s per-expert view, kept for tests and benchmarks). Twins:
 :mod:`sglang_dsv4.ref.weight_quant` (``mxfp4_dequant`` / ``nvfp4_dequant`` then matmul) and
@@ -25,6 +26,8 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from sglang_dsv4.kernels.moe_group import group_pairs
 
 __all__ = ["ExpertBank", "FP4Bank", "fp4_dequant", "fp4_grouped_linear", "fp4_moe"]
 
@@ -297,11 +300,9 @@ def fp4_moe(
     CUDA-graph safe (see the module docstring)."""
     t, k = experts.shape
     n_exp = w1.packed.shape[0]
-    # (token, slot) pairs grouped by expert; group e starts at the first sorted id >= e
-    # (searchsorted, not bincount: bincount sizes its output from the data and syncs)
-    sorted_ids, order = torch.sort(experts.reshape(-1), stable=True)  # [T*k]
-    bounds = torch.arange(n_exp + 1, device=x.device, dtype=sorted_ids.dtype)
-    offsets = torch.searchsorted(sorted_ids, bounds).to(torch.int32)  # [E+1]
+    # (token, slot) pairs grouped by expert (kernels.moe_group: one or two launches, the bits
+    # of torch's stable sort); order [T*k] int32, offsets [E+1], pair weights fp32 [T*k]
+    order, offsets, pair_weights = group_pairs(experts, weights, n_exp)
     tokens = order // k
     xs = x[tokens]  # [T*k, d]
 
@@ -313,7 +314,7 @@ def fp4_moe(
     gate = run(w1, xs).float().clamp(max=limit)
     up = run(w3, xs).float().clamp(min=-limit, max=limit)
     h = (F.silu(gate) * up).to(x.dtype)
-    y = run(w2, h).float() * weights.reshape(-1)[order, None].float()
+    y = run(w2, h).float() * pair_weights[order, None]
     out = torch.zeros(t, x.shape[1], dtype=torch.float32, device=x.device)
     out.index_add_(0, tokens, y)
     return out.to(x.dtype)

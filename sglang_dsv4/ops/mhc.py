@@ -9,8 +9,9 @@ later boundary (the previous block's ``hc_post`` and the next block's ``hc_pre``
   the reference's numbers; the test oracle).
 * :class:`HcTriton` -- :mod:`sglang_dsv4.kernels.mhc`: one launch per boundary up to
   ``FMA_MAX_TOKENS`` tokens (mix split over the SMs, maps + collapse + norm in the last program
-  of each token); above, the post, a split-K tensor-core GEMM for the mix and one program per
-  token for the maps, collapse and norm; ``post`` alone is one.
+  of each token); above, the post with a split-K tensor-core GEMM for the mix in one pass
+  (:mod:`sglang_dsv4.kernels.mhc_gemm`), then one program per token for the maps, collapse and
+  norm; ``post`` alone is one.
 """
 
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import torch
 
 from sglang_dsv4.config import DSV4Config
 from sglang_dsv4.kernels import mhc as mhc_kernels
+from sglang_dsv4.kernels import mhc_gemm
 from sglang_dsv4.ref.mhc import hc_head, hc_post, hc_pre
 from sglang_dsv4.ref.norm import rms_norm
 
@@ -94,7 +96,7 @@ class HcTriton(HcTorch):
         return self._run(x, w)[1:]
 
     def post(self, y, x, post, comb):
-        return mhc_kernels.hc_post(y, x, post, comb)
+        return mhc_gemm.hc_post(y, x, post, comb)
 
     def post_pre(self, y, x, post, comb, w):
         return self._run(x, w, y, post, comb)

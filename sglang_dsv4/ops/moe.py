@@ -37,7 +37,8 @@ SLOT_MAX_TOKENS = {
     # experts, top-2 + shared): at T = 8 the slot form's 24 pair reads hit ~11 distinct experts,
     # its duplicate rows mostly served by L2 (the pair index is the grid's fastest axis), HBM
     # ~ the distinct bytes; the sorted form fills only ~11 x 16 tile programs there and adds
-    # its sort launches. At T = 16 the slot form's L2 traffic (48 pair reads) nears the HBM time.
+    # its grouping launch (kernels.moe_group). At T = 16 the slot form's L2 traffic (48 pair
+    # reads) nears the HBM time.
     "bf16": 8,
     "fp8": 8,
     "fp4": 4,  # FP4 decode costs ALU per weight and pair: fewer pairs before it binds

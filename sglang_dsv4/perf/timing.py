@@ -100,3 +100,15 @@ def host_seconds(fn: Callable, reps: int) -> float:
         torch.cuda.synchronize()
         out.append(time.perf_counter() - t)
     return statistics.median(out)
+
+
+def kernel_count(fn: Callable) -> int:
+    """CUDA kernels one eager call of ``fn`` launches (torch profiler), after one warm-up call."""
+    from torch.profiler import ProfilerActivity, profile  # the profiler only where counted
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type.name == "CUDA")

@@ -9,7 +9,31 @@ holds its ``min(topk, visible)`` best entries and -1 elsewhere.
 
 import torch
 
-__all__ = ["index_scores", "index_topk"]
+from sglang_dsv4.ref.quant import fp8_e4m3_fake_quant, hadamard
+
+__all__ = ["fp8_queries", "fp8_rotated_queries", "index_scores", "index_topk"]
+
+
+def fp8_queries(q: torch.Tensor) -> torch.Tensor:
+    """The queries an indexer over FP8 keys scores (``kernels.indexer_extend``, as SGLang's
+    native ``fused_q_indexer_rope_hadamard_quant``): every (token, head) row of ``q`` [..., Dh]
+    rounded to e4m3 with one power-of-2 scale ``2^ceil(log2(amax / 448))`` (round to nearest
+    even), dequantized; same dtype. Native's scale is ``amax / 448`` itself; a power of 2 keeps
+    the kernel's scaling exact (folded into the head weight). The model's QAT rounds indexer q
+    to FP4 (e2m1, power-of-2 scales per 32): e4m3 is finer than what it was trained to see."""
+    return fp8_e4m3_fake_quant(q, block=q.shape[-1])
+
+
+def fp8_rotated_queries(q: torch.Tensor) -> torch.Tensor:
+    """What the kernels score for ``q`` [T, H, Dh] against FP8 keys stored rotated
+    (``hadamard(k)``), as a query of the unrotated keys (``LayerKV.read_index_keys``): ``q S``
+    (+-1 Sylvester matrix, rounded to ``q``'s dtype as the rotation GEMM / the decode kernel's
+    bf16 MMA input round it) through :func:`fp8_queries`, rotated back (``hadamard``) and times
+    ``Dh^-1/2`` (the rotation's normalization, which the kernels move into the head weights)."""
+    dh = q.shape[-1]
+    sylv = (hadamard(torch.eye(dh, device=q.device)) * dh**0.5).round()  # +-1, exact
+    rotated = (q.float() @ sylv).to(q.dtype)
+    return hadamard(fp8_queries(rotated).float()) * dh**-0.5
 
 
 def index_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:

@@ -461,10 +461,16 @@ def test_flashmla_schedule_static_without_lengths(lengths, handed, kept):
     assert (mla.sched is warm) is kept
 
 
-@pytest.mark.parametrize("pages", [4, 160])  # c128 lists of 64 (static) / 192 entries
-def test_decode_plan_keeps_flashmla_schedules_static_but_long_hca(tiny_cfg, monkeypatch, pages):
-    """One FlashMLA schedule launch per step at most: SWA, CSA and short HCA lists static, HCA
-    lists past ``STATIC_HCA_ENTRIES`` per step."""
+@pytest.mark.parametrize(
+    ("pages", "bs", "static"),
+    # c128 lists of 64 / 192 / 8192 entries (1M tokens) over two HCA layers (tiny)
+    [(4, 2, True), (160, 2, True), (4, 128, True), (8192, 2, False), (160, 128, False)],
+)
+def test_decode_plan_keeps_flashmla_schedules_static_but_long_hca(
+    tiny_cfg, monkeypatch, pages, bs, static
+):
+    """One FlashMLA schedule launch per step at most: SWA, CSA and HCA lists cheaper to walk
+    than a schedule launch static, longer HCA lists per step."""
     import sglang_dsv4.attention.decode_kernels as dk
 
     monkeypatch.setattr(dk, "load_flashmla", _FakeMLA)
@@ -474,28 +480,30 @@ def test_decode_plan_keeps_flashmla_schedules_static_but_long_hca(tiny_cfg, monk
     ops = DecodeKernels(
         world.pool.schema, cfg.num_heads, cfg.index_topk, cfg.index_n_heads, "cpu", flashmla=True
     )
-    plan = ops.plan(2, pages)
+    assert len(world.pool.schema.layers_of(AttnKind.HCA)) == 2  # the costs above assume it
+    plan = ops.plan(bs, pages)
     assert {k: v.lengths for k, v in plan.attn.items()} == {
         AttnKind.SWA: False,
         AttnKind.CSA: False,
-        AttnKind.HCA: pages * BLOCK // 128 > dk.STATIC_HCA_ENTRIES,
+        AttnKind.HCA: not static,
     }
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind", [AttnKind.CSA, AttnKind.HCA])
+@pytest.mark.parametrize(
+    ("kind", "width"),
+    # the c128 list of a 16K / a 33792-token context (static since static_hca_schedule)
+    [(AttnKind.CSA, 512), (AttnKind.HCA, 128), (AttnKind.HCA, 320)],
+    ids=["csa", "hca-128", "hca-320"],
+)
 @pytest.mark.parametrize("batch", [1, 5, 64])
-def test_flashmla_static_schedule_equals_per_step_counts(kind, batch):
-    """A c4 top-k list (512) / a short c128 list (``STATIC_HCA_ENTRIES``) without its counts
+def test_flashmla_static_schedule_equals_per_step_counts(kind, width, batch):
+    """A c4 top-k list (512) / a c128 list of 128 or 320 entries without its counts
     (static schedule, kept from an eager run across a graph capture) gives the outputs of the
     per-step schedule from the counts, at Flash dims, for counts from 1 to the list width (-1
     past each count)."""
     from sglang_dsv4.attention.choice import flashmla_eligible
-    from sglang_dsv4.attention.decode_kernels import (
-        STATIC_HCA_ENTRIES,
-        FlashMLADecode,
-        load_flashmla,
-    )
+    from sglang_dsv4.attention.decode_kernels import FlashMLADecode, load_flashmla
 
     cfg = _flash_dims()
     if not flashmla_eligible(True, cfg.num_heads, cfg.head_dim, "cuda"):
@@ -504,7 +512,7 @@ def test_flashmla_static_schedule_equals_per_step_counts(kind, batch):
     world = World(cfg, "cuda", torch.bfloat16, EntryFormat.FP8, EntryFormat.FP8)
     lk = next(x for x in world.pool.layers if x.kind is kind)
     n_swa, d = world.pool.n_swa_slots + BLOCK, cfg.head_dim
-    topk = cfg.index_topk if kind is AttnKind.CSA else STATIC_HCA_ENTRIES
+    topk = cfg.index_topk if kind is AttnKind.CSA else width
     lk.write_raw(torch.arange(n_swa, device="cuda"), torch.randn(n_swa, d, device="cuda"))
     per_page = lk.entry_rows.rows_per_page
     n_rows = lk.entries.shape[0] * per_page
@@ -567,3 +575,14 @@ def test_build_meta_kernel_equals_twin(tiny_cfg, device):
     for f in dataclasses.fields(want):
         assert torch.equal(getattr(got, f.name), getattr(want, f.name)), f.name
     assert torch.equal(got_tail, want_tail) and (want_tail >= 0).any()
+
+
+def test_static_hca_schedule_from_the_measured_costs():
+    """The walk of a whole list against one schedule launch: longer lists, more HCA layers and
+    larger batches (throughput-bound walks) all tip it to the per-step schedule."""
+    from sglang_dsv4.attention.decode_kernels import static_hca_schedule
+
+    assert static_hca_schedule(264, 1, 1)  # 32K context, the Flash-dims checkpoint
+    assert static_hca_schedule(6400, 1, 1) and not static_hca_schedule(8192, 1, 1)  # 1M
+    assert static_hca_schedule(264, 21, 1) and not static_hca_schedule(528, 21, 1)
+    assert static_hca_schedule(264, 1, 128) and not static_hca_schedule(528, 1, 128)

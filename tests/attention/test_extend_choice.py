@@ -5,6 +5,9 @@ the same workspace and lists (and the FP8 dequant by the pools' reader), so the 
 gathers and the c4 id rebasing are what is tested; the GPU test runs FlashMLA itself. Also the
 per-shape choice."""
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from pool_world import World, inputs
@@ -80,6 +83,47 @@ def test_flashmla_workspace_and_lists_equal_twin(tiny_cfg, tiny_weights, layer, 
         assert ((g - w).norm() / w.norm()).item() <= 1e-4
 
 
+def _bench_extend():
+    """``scripts/bench_extend.py``, whose ``compare_attend`` the GPU test runs."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+    import bench_extend
+
+    return bench_extend
+
+
+@pytest.mark.parametrize("layer", [2, 3])
+def test_compare_attend_gives_ours_its_entries(tiny_cfg, tiny_weights, monkeypatch, layer):
+    """The GPU test's harness (``bench_extend.attend_both``) with FlashMLA serving the batch,
+    as at Flash dims for its 2x1000+300 (c128: the wrapper then builds no visible-entry rows,
+    FlashMLA planning its own lists): ours is still given the layer's entries, so both read
+    the same keys (CPU: FlashMLA's sparse prefill by its ``ref`` twin)."""
+    monkeypatch.setattr(extend_choice, "pick", lambda *args: extend_choice.FLASHMLA)
+    cfg, spec = tiny_cfg, tiny_cfg.layers[layer]
+    world = World(cfg, "cpu", torch.bfloat16, EntryFormat.FP8, EntryFormat.FP8)
+    lk = world.pool.layer(layer)
+    twin = extend_ops(spec.attn.value, lk, window=cfg.sliding_window, n_heads=cfg.num_heads,
+                      index_heads=cfg.index_n_heads, topk=cfg.index_topk, device="cpu",
+                      kernels=False)  # fmt: skip
+    flashmla = _flashmla(spec.attn.value, cfg.sliding_window, lk)
+    att = extend_choice.AttendChoice(spec.attn.name.lower(), cfg.num_heads, cfg.sliding_window,
+                                     AttendTorch(), flashmla)  # fmt: skip
+    ops = ExtendOps(twin.store, att, twin.flush, twin.index_flush, twin.picks)
+    if spec.attn is AttnKind.CSA:
+        w = CSAWrapper(cfg.sliding_window, ops, topk=cfg.index_topk)
+    else:
+        w = HCAWrapper(cfg.sliding_window, ops)
+    gen = torch.Generator().manual_seed(5)
+    sink, scale = torch.randn(cfg.num_heads, generator=gen), cfg.head_dim**-0.5
+    got = want = None
+    for reqs, prefix, seq in (([0, 1], [0, 0], [131, 131]), ([0, 1], [131, 131], [300, 260])):
+        fb = world.batch(reqs, prefix, seq, decode=False)
+        q, kv, comp = inputs(cfg, tiny_weights, spec, int(fb.out_cache_loc.numel()), gen)
+        batch = plan_batch(fb, world.pool, world.rtp)
+        got, want = _bench_extend().attend_both(w, lk, batch, q.bfloat16(), kv, sink, scale, comp)
+    assert att.choice == extend_choice.FLASHMLA
+    assert ((got.float() - want.float()).norm() / want.float().norm()).item() <= 1e-4
+
+
 def test_pick(monkeypatch):
     rows = (("csa", 64, 4096, 640, 2.0, 1.0), ("csa", 64, 131072, 640, 10.0, 20.0))
     monkeypatch.setattr(extend_choice, "MEASURED", rows)
@@ -93,12 +137,6 @@ def test_pick(monkeypatch):
 @pytest.mark.parametrize("kind,fmt", [("csa", "fp8"), ("hca", "fp8"), ("swa", "bf16")])
 def test_gpu_flashmla_extend_equals_ours(kind, fmt):
     """FlashMLA's sparse prefill over the workspace vs ours over the pools, at Flash dims."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-    import bench_extend
-
-    got, want = bench_extend.compare_attend(kind, fmt, b=2, n=1000, prefix=300)
+    got, want = _bench_extend().compare_attend(kind, fmt, b=2, n=1000, prefix=300)
     rel = ((got.float() - want.float()).norm() / want.float().norm()).item()
     assert rel <= 1e-2, f"rel L2 {rel:.2e}"

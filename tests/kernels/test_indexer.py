@@ -2,7 +2,8 @@
 
 Keys are written by ``IndexKeyLayout.write`` (pure torch) into a paged cache addressed through a
 shuffled block table; queries are bf16 (the kernel's input dtype), so the reference sees the
-same values. Checked per query:
+same values (FP8 keys: the kernel rounds them to e4m3 per head, as the extend indexer does, and
+the reference through ``ref.indexer.fp8_queries``). Checked per query:
 
 * the scores (the fp32 workspace) against ``index_scores``: within 1e-5 of the row's largest
   |score| (fp32 accumulation order);
@@ -19,7 +20,7 @@ from topk_cases import exact_topk
 from triton_cpu import interpreted
 
 from sglang_dsv4.kernels import indexer, kv_store
-from sglang_dsv4.ref.indexer import index_scores, index_topk
+from sglang_dsv4.ref.indexer import fp8_queries, index_scores, index_topk
 from sglang_dsv4.ref.quant import hadamard
 
 BLOCK, RATIO, EPB = 128, 4, 32
@@ -61,19 +62,24 @@ def _queries(seq_lens, per_req, device):
             torch.tensor(pos, dtype=torch.int32, device=device))  # fmt: skip
 
 
-def _rotated_query(q: torch.Tensor) -> torch.Tensor:
-    """What ``IndexerTopK(rotate=True)`` scores: ``q S`` (+-1 Sylvester matrix) times
-    ``Dh^-1/2`` = ``hadamard(q)``, rounded to bf16 on the GPU (the tensor-core dot's input);
-    the interpreter's fp32 dots keep it fp32 (its fp32 -> bf16 cast truncates)."""
+def _scored_query(q: torch.Tensor, rotate: bool, fp8: bool) -> torch.Tensor:
+    """The query the kernel scores, fp32. ``rotate``: ``q S`` (+-1 Sylvester matrix), rounded to
+    bf16 on the GPU (the tensor-core dot's input; the interpreter's fp32 dots keep it fp32: its
+    fp32 -> bf16 cast truncates), times ``Dh^-1/2`` (= ``hadamard(q)`` before the rounding).
+    ``fp8`` (FP8 keys): ``q S`` / ``q`` rounded to e4m3 per head first (``fp8_queries``)."""
     dh = q.shape[-1]
-    sylv = (hadamard(torch.eye(dh, device=q.device)) * dh**0.5).round()
-    kept = torch.bfloat16 if q.is_cuda else torch.float32
-    return (q.float() @ sylv).to(kept).float() * dh**-0.5
+    norm = 1.0
+    if rotate:
+        sylv = (hadamard(torch.eye(dh, device=q.device)) * dh**0.5).round()
+        q = (q.float() @ sylv).to(torch.bfloat16 if q.is_cuda else torch.float32)
+        norm = dh**-0.5
+    return (fp8_queries(q) if fp8 else q).float() * norm
 
 
 def _check(ix, layout, cache, bt, q, w, qreq, pos, topk, stride=1, rtol=1e-5):
     ids, rows, lengths = ix.run(q, w, cache, bt, qreq, pos)
-    q_ref = _rotated_query(q) if ix.rotate else q.float()
+    q_ref = _scored_query(q, ix.rotate, ix.q_fp8)
+    assert ix.q_fp8 == (layout.fmt == "fp8")
     n_q = q.shape[0]
     for t in [*range(0, n_q - 1, stride), n_q - 1]:
         b, p = int(qreq[t]), int(pos[t])

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from sglang_dsv4.mem.allocator import DSV4PagedAllocator
@@ -66,3 +67,81 @@ def test_swa_decode_checks_both_sides_before_allocating(tiny_cfg):
     assert a.full_available_size() == full_free
     step = a.alloc_decode(seq[1:] + 1, seq[1:] + 1, last[1:])  # inside request 1's page
     assert step is not None and int(step[0]) == int(out[-1]) + 1
+
+
+@pytest.mark.parametrize("bs", [1, 5, 32, 33, 200])
+def test_opening_pages_matches_sglang_count(bs):
+    from sglang.srt.utils import get_num_new_pages
+
+    from sglang_dsv4.mem.allocator import opening_pages
+
+    gen = torch.Generator().manual_seed(bs)
+    seq = torch.randint(1, 4 * PAGE, (bs,), generator=gen)
+    seq[0] = PAGE + 1  # at least one request opens a page
+    want = get_num_new_pages(seq_lens=seq, page_size=PAGE, decode=True)
+    assert opening_pages(seq, PAGE) == want >= 1
+
+
+@pytest.fixture
+def kernel_path(monkeypatch):
+    """The allocators' GPU path on CPU: SGLang's decode kernel interpreted, bound where both
+    upstream's paged allocator and ours call it, and our CPU torch path switched off."""
+    import sglang.kernels.ops.memory.allocator as kernels
+    import sglang.srt.mem_cache.allocator.paged as paged
+    from triton_cpu import interpreted
+
+    import sglang_dsv4.mem.allocator as ours
+
+    with interpreted(kernels) as (k,):
+        monkeypatch.setattr(paged, "alloc_decode_kernel", k.alloc_decode_kernel)
+        monkeypatch.setattr(ours, "alloc_decode_kernel", k.alloc_decode_kernel)
+        monkeypatch.setattr(ours.DSV4PagedAllocator, "_torch_path", property(lambda s: False))
+        yield
+
+
+def _decode_case(a):
+    """Three requests: one at a page boundary, two inside their pages."""
+    out = extend(a, [0, 0, 0], [PAGE, 100, 2 * PAGE + 7], [-1, -1, -1])
+    ends = torch.tensor([PAGE, 100, 2 * PAGE + 7]).cumsum(0) - 1
+    return torch.tensor([PAGE + 1, 101, 2 * PAGE + 8]), out[ends]
+
+
+def test_kernel_path_decode_equals_upstream(kernel_path):
+    from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
+
+    mine, ref = make(8), make(8)
+    seq, last = _decode_case(mine)
+    assert torch.equal(_decode_case(ref)[1], last)
+    got = mine.alloc_decode(seq, seq, last)
+    want = PagedTokenToKVPoolAllocator.alloc_decode(ref, seq, seq, last)
+    assert torch.equal(got, want) and int(got[0]) % PAGE == 0
+    assert torch.equal(got[1:], last[1:] + 1)
+    assert torch.equal(mine.free_pages, ref.free_pages)
+
+
+def test_kernel_path_swa_decode_equals_upstream(kernel_path, tiny_cfg):
+    """Our hybrid decode step (one new-page count for both sides) leaves the same slots, swa
+    slots, full -> swa map and free lists as SGLang's."""
+    from sglang.srt.mem_cache.allocator.swa import SWATokenToKVPoolAllocator
+
+    from sglang_dsv4.mem.allocator import DSV4SWAAllocator
+    from tests.pool_world import World
+
+    pool = World(tiny_cfg).pool
+    sides = [
+        DSV4SWAAllocator(8 * PAGE, 6 * PAGE, PAGE, torch.int64, "cpu", pool, need_sort=False)
+        for _ in range(2)
+    ]
+    lens = torch.tensor([PAGE, 100, 2 * PAGE + 7])
+    zero = torch.zeros(3, dtype=torch.int64)
+    outs = [a.alloc_extend(zero, zero, lens, lens, zero - 1, int(lens.sum())) for a in sides]
+    assert torch.equal(outs[0], outs[1])
+    seq, last = lens + 1, outs[0][lens.cumsum(0) - 1]
+    got = sides[0].alloc_decode(seq, seq, last)
+    want = SWATokenToKVPoolAllocator.alloc_decode(sides[1], seq, seq, last)
+    assert torch.equal(got, want)
+    mine, ref = sides
+    assert torch.equal(mine.full_to_swa_index_mapping, ref.full_to_swa_index_mapping)
+    for side in ("full_attn_allocator", "swa_attn_allocator"):
+        assert torch.equal(getattr(mine, side).free_pages, getattr(ref, side).free_pages)
+    assert int(mine.full_to_swa_index_mapping[got[0]]) % PAGE == 0

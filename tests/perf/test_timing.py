@@ -12,6 +12,7 @@ from sglang_dsv4.perf.timing import (
     event_seconds,
     gbps,
     graph_seconds,
+    kernel_count,
     per_call,
     write_json,
 )
@@ -78,3 +79,10 @@ def test_graph_and_event_seconds_are_per_call():
     assert 1e-4 < one < 1e-1
     assert math.isclose(four, one, rel_tol=0.2), (four, one)
     assert math.isclose(eager, one, rel_tol=0.2), (eager, one)
+
+
+@pytest.mark.gpu
+def test_kernel_count_counts_one_call_s_launches():
+    x = torch.zeros(1024, device="cuda")
+    assert kernel_count(lambda: x.add_(1)) == 1
+    assert kernel_count(lambda: x.add_(1).mul_(2)) == 2

@@ -2,8 +2,9 @@ import pytest
 import torch
 from conftest import EDGE_LENGTHS
 
-from sglang_dsv4.ref.indexer import index_scores, index_topk
+from sglang_dsv4.ref.indexer import fp8_queries, fp8_rotated_queries, index_scores, index_topk
 from sglang_dsv4.ref.model import RefDSV4
+from sglang_dsv4.ref.quant import hadamard
 
 CSA = 2
 
@@ -16,6 +17,31 @@ def test_scores_match_formula():
             for h in range(16):
                 want[t, s] += w[t, h] / 4 * torch.relu(q[t, h] @ keys[s]) / 128**0.5
     torch.testing.assert_close(index_scores(q, w, keys), want, atol=1e-4, rtol=1e-5)
+
+
+def test_fp8_queries_are_e4m3_per_head_with_a_power_of_2_scale():
+    q = torch.randn(3, 4, 128) * torch.exp2(torch.randint(-6, 6, (3, 4, 1)).float())
+    q[0, 0] = 0.0
+    got = fp8_queries(q)
+    amax = q.abs().amax(-1, keepdim=True)
+    scale = torch.exp2(torch.ceil(torch.log2(amax.clamp(min=2.0**-126) / 448)))
+    codes = got / scale
+    assert (codes.abs() <= 448).all() and torch.equal(got[0, 0], q[0, 0])
+    assert torch.equal(codes, codes.to(torch.float8_e4m3fn).float())  # e4m3 values
+    assert ((codes.abs().amax(-1) > 224) | (amax[..., 0] == 0)).all()  # the smallest power of 2
+    assert ((got - q).abs() <= 16 * scale).all()  # half the largest e4m3 step (2^5 at 256..448)
+    assert not torch.equal(got, q)
+
+
+def test_fp8_rotated_queries_score_like_the_rotated_e4m3_query():
+    """Against unrotated keys ``k``, what an e4m3 rotated query scores against ``hadamard(k)``
+    (the kernels' keys), with the rotation's n^-1/2 in the weights."""
+    q, w, keys = torch.randn(5, 16, 128), torch.randn(5, 16), torch.randn(9, 128)
+    sylv = (hadamard(torch.eye(128)) * 128**0.5).round()
+    want = index_scores(fp8_queries(q @ sylv), w * 128**-0.5, hadamard(keys))
+    got = index_scores(fp8_rotated_queries(q), w, keys)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+    assert (got - index_scores(q, w, keys)).abs().max() > 1e-3  # the rounding shows
 
 
 def test_topk_causal_and_masked_picks():
