@@ -8,7 +8,11 @@
 # bf16 checkpoint into $WORK (/tmp/fd) when missing (~60 s), then runs scripts/gpu_mtp.py:
 # JSON and server logs to $OUT, the table printed last. Needs SGLang's native DSV4 packages
 # (DeepGEMM, TileLang) as scripts/gpu_side_by_side.sh installs them (.native, or unpacked into
-# $SITE by an earlier call): SGLang's speculative worker imports deep_gemm (below).
+# $SITE by an earlier call): SGLang's speculative worker imports deep_gemm (below). Before any
+# server, scripts/mtp_preflight.py checks in seconds what only CUDA runs of SGLang's EAGLE worker
+# do (its lazy imports, its CUDA kernels against our twins): an import failure stops the call
+# there. BUDGET (default 510 s) bounds the whole call: gpu_mtp.py gets what is left as
+# --deadline-s and still prints its table inside a ~560-600 s device call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -17,6 +21,7 @@ NX=${NATIVE:-.native}
 SITE=${SITE:-/tmp/site}
 WORK=${WORK:-/tmp/fd}
 RESULTS=${OUT:-/tmp/gpu_mtp}
+BUDGET=${BUDGET:-510}
 mkdir -p "$RESULTS"
 T0=$(date +%s)
 log() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
@@ -31,9 +36,16 @@ site_install "$RESULTS"
 # the offline wheelhouse leaves it to .native)
 native_packages "$RESULTS"
 
+python3 scripts/mtp_preflight.py > "$RESULTS/preflight.log" 2>&1
+rc=$?
+grep -E "^(preflight|  )" "$RESULTS/preflight.log" || tail -n 30 "$RESULTS/preflight.log"
+[ "$rc" -ge 2 ] && die "MTP preflight failed (above; $RESULTS/preflight.log): no server started"
+log "preflight done (exit $rc: 0 ok, 1 a kernel disagrees with our twin, measured anyway)"
+
 if [ ! -f "$WORK/ckpt-bf16/config.json" ]; then
     python3 scripts/side_by_side.py build --work "$WORK" > "$RESULTS/build.log" 2>&1 \
         || { tail -n 60 "$RESULTS/build.log"; die "checkpoint build failed"; }
 fi
 
-python3 scripts/gpu_mtp.py --work "$WORK" --out "$RESULTS" "$@"
+python3 scripts/gpu_mtp.py --work "$WORK" --out "$RESULTS" \
+    --deadline-s "$(( BUDGET - $(date +%s) + T0 ))" "$@"
