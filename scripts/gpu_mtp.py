@@ -42,7 +42,7 @@ from mtp_accept import spec_flags  # noqa: E402
 from sglang_dsv4.server_process import Server  # noqa: E402
 
 COMMON = ["--max-running-requests", "16", "--cuda-graph-max-bs-decode", "16"]
-MIN_RUN_S = 60  # a server start with graph captures and a few requests: no less
+MIN_RUN_S = 90  # a server start with graph captures and a few requests: no less
 COMMON += ["--mem-fraction-static", "0.6", "--sampling-backend", "pytorch"]
 
 

@@ -3,6 +3,14 @@
 #
 #   bash scripts/gpu_mtp.sh [scripts/gpu_mtp.py options]     # e.g. --native, --steps 3
 #
+# The wheelhouse (~38 MB) and .native (~30 MB) do not fit one carry (64 MiB), so three calls on
+# one warm machine (estimates from the H100 run of 2026-12-07: a plain server up in 36-68 s, an
+# MTP server through its graph captures in ~40 s, ~20 s between servers):
+#   1. carry .wheelhouse:  SETUP_ONLY=1 bash scripts/gpu_mtp.sh   (install + checkpoint, ~2 min)
+#   2. carry .native:      bash scripts/gpu_mtp.sh --models dsv4  (preflight + 2 servers, ~5 min)
+#   3. carry nothing:      bash scripts/gpu_mtp.sh --models flash (~4.5 min)
+# (--models dsv4,flash in one call needs ~9 min: BUDGET then cuts the last runs.)
+#
 # Needs sglang in $SITE (/tmp/site: installed by an earlier call from the wheelhouse) or a
 # carried .wheelhouse; (re)installs THIS checkout's package into $SITE, builds the Flash-dims
 # bf16 checkpoint into $WORK (/tmp/fd) when missing (~60 s), then runs scripts/gpu_mtp.py:
@@ -29,7 +37,19 @@ die() { echo "ERROR: $*" >&2; exit 2; }
 # shellcheck source=scripts/device_setup.sh
 source scripts/device_setup.sh
 
+checkpoint() {
+    if [ ! -f "$WORK/ckpt-bf16/config.json" ]; then
+        python3 scripts/side_by_side.py build --work "$WORK" > "$RESULTS/build.log" 2>&1 \
+            || { tail -n 60 "$RESULTS/build.log"; die "checkpoint build failed"; }
+    fi
+}
+
 site_install "$RESULTS"
+if [ "${SETUP_ONLY:-0}" = 1 ]; then  # call 1: no .native yet (it does not fit the same carry)
+    checkpoint
+    log "SETUP_ONLY: sglang and this package in $SITE, checkpoint in $WORK/ckpt-bf16"
+    exit 0
+fi
 # DeepGEMM for every run, not only --native: SGLang 0.5.17's EAGLE worker imports
 # layers.attention.dsa_backend (and with it deep_gemm) when it captures the draft's CUDA graphs,
 # whatever the model (the H100 run of 2026-12-07 stopped there; sglang depends on sgl-deep-gemm,
@@ -42,10 +62,6 @@ grep -E "^(preflight|  )" "$RESULTS/preflight.log" || tail -n 30 "$RESULTS/prefl
 [ "$rc" -ge 2 ] && die "MTP preflight failed (above; $RESULTS/preflight.log): no server started"
 log "preflight done (exit $rc: 0 ok, 1 a kernel disagrees with our twin, measured anyway)"
 
-if [ ! -f "$WORK/ckpt-bf16/config.json" ]; then
-    python3 scripts/side_by_side.py build --work "$WORK" > "$RESULTS/build.log" 2>&1 \
-        || { tail -n 60 "$RESULTS/build.log"; die "checkpoint build failed"; }
-fi
-
+checkpoint
 python3 scripts/gpu_mtp.py --work "$WORK" --out "$RESULTS" \
     --deadline-s "$(( BUDGET - $(date +%s) + T0 ))" "$@"
