@@ -60,7 +60,7 @@ python3 scripts/mtp_preflight.py > "$RESULTS/preflight.log" 2>&1
 rc=$?
 grep -E "^(preflight|  )" "$RESULTS/preflight.log" || tail -n 30 "$RESULTS/preflight.log"
 [ "$rc" -ge 2 ] && die "MTP preflight failed (above; $RESULTS/preflight.log): no server started"
-log "preflight done (exit $rc: 0 ok, 1 a kernel disagrees with our twin, measured anyway)"
+log "preflight done (exit $rc: 0 ok, 1 a kernel check failed: measured anyway)"
 
 checkpoint
 python3 scripts/gpu_mtp.py --work "$WORK" --out "$RESULTS" \

@@ -18,7 +18,10 @@ server starts, what SGLang 0.5.17's EAGLE worker does there and nowhere else (on
    variant), the bonus tokens, the draft argmax (which also advances positions) and
    ``fast_topk``.
 
-    python scripts/mtp_preflight.py    # exit 0: ok, 1: a kernel disagrees, 2: a failure
+    python scripts/mtp_preflight.py    # exit 0: ok, 1: a kernel check failed, 2: an import failed
+
+Only an import failure (the server would die of it) is fatal; a kernel check that disagrees or
+raises is reported and the servers still run (they are the real test; a check may be wrong).
 
 (``gpu_mtp.sh`` runs it after installing; its output goes to ``$OUT/preflight.log``.)
 """
@@ -202,7 +205,7 @@ def _compare(what: str, names, got, want) -> list[str]:
 
 
 def run_checks(device) -> tuple[list[str], list[str]]:
-    """(failures: a check raised, mismatches) of the kernel checks on ``device``."""
+    """(a check raised: its traceback, mismatches) of the kernel checks on ``device``."""
     failed, bad = [], []
     for check in (check_tree, check_cache_locs, check_draft_argmax):
         try:
@@ -233,7 +236,7 @@ def main() -> int:
     for line in failed + bad:
         print(f"  {'FAILED' if line in failed else 'MISMATCH'} {line}")
     print(f"preflight: kernels {'ok' if not failed + bad else 'NOT ok'} ({time.time() - t0:.0f} s)")
-    return 2 if failed else 1 if bad else 0
+    return 1 if failed or bad else 0
 
 
 if __name__ == "__main__":
