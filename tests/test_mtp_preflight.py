@@ -40,6 +40,61 @@ def test_our_backend_gets_no_draft_extend_graph(monkeypatch):
     assert not pf.draft_extend_graph(type("Sub", (listed,), {}), cuda=False)  # no CUDA: none
 
 
+def _capture(monkeypatch, extend_backend) -> tuple[object, list[str]]:
+    """SGLang's own ``EagleDraftWorker._capture_cuda_graphs`` with its CUDA branch forced
+    (``_is_cuda``), the graph runners recorded instead of built, the CUDA-only backend modules
+    stubbed where they need a GPU to import; returns (the worker, the runners built)."""
+    import sglang.srt.speculative.eagle_worker_v2 as w
+
+    built = []
+
+    def runner(name):
+        return lambda worker: built.append(name) or name
+
+    monkeypatch.setattr(w, "_is_cuda", True)
+    monkeypatch.setattr(w, "check_cuda_graph_backend", lambda *a: False)
+    monkeypatch.setattr(w, "get_model", lambda: types.SimpleNamespace(model_impl="sglang"))
+    ns = types.SimpleNamespace
+    graph = ns(cuda_graph_config=ns(decode=ns(backend="full")))
+    monkeypatch.setattr(w, "get_exec", lambda: types.SimpleNamespace(graph=graph))
+    monkeypatch.setattr(w, "get_batch_sizes_to_capture", lambda runner: ([1, 2], None))
+    monkeypatch.setattr(w, "get_available_gpu_memory", lambda *a: 0.0)
+    monkeypatch.setattr(w, "EAGLEDraftCudaGraphRunner", runner("draft_decode"))
+    monkeypatch.setattr(w, "EAGLEDraftExtendCudaGraphRunner", runner("draft_extend"))
+    module, cls, _ = pf.GRAPH_BACKENDS[-1]  # FlashMLA: sgl_kernel.flash_mla needs a GPU
+    stub = types.ModuleType(module)
+    setattr(stub, cls, type(cls, (), {}))
+    monkeypatch.setitem(sys.modules, module, stub)
+    worker = object.__new__(w.EagleDraftWorker)
+    worker.__dict__.update(
+        speculative_num_steps=3, speculative_num_draft_tokens=4, topk=1, device="cpu",
+        gpu_id=0, draft_runner=None, target_worker=types.SimpleNamespace(device="cuda"),
+        draft_attn_backend=None, draft_extend_attn_backend=extend_backend,
+        _specialized_graph_memory_usage={}, _specialized_graph_time_usage={},
+    )  # fmt: skip
+    w.EagleDraftWorker._capture_cuda_graphs(worker)
+    return worker, built
+
+
+def test_sglang_captures_draft_decode_but_no_draft_extend_graph_for_our_backend(monkeypatch):
+    """On CUDA SGLang builds the draft-decode runner and, for our backend, no draft-extend
+    runner: its draft extend then runs the eager path the CPU server tests run
+    (``_draft_extend_for_decode`` with ``cuda_graph_runner_for_draft_extend`` None); a backend
+    SGLang lists gets one. The lazy imports of that branch succeed here (deep_gemm: CUDA only)."""
+    from sglang.srt.layers.attention.deepseek_v4_backend import DeepseekV4AttnBackend
+
+    from sglang_dsv4.attention.backend import DSV4AttnBackend
+
+    ours = object.__new__(DSV4AttnBackend)
+    worker, built = _capture(monkeypatch, ours)
+    assert built == ["draft_decode"] and worker.cuda_graph_runner == "draft_decode"
+    assert worker.cuda_graph_runner_for_draft_extend is None
+    assert pf.draft_extend_graph(DSV4AttnBackend, cuda=False) is False
+    listed = object.__new__(type("Listed", (DeepseekV4AttnBackend,), {}))
+    worker, built = _capture(monkeypatch, listed)
+    assert built == ["draft_decode", "draft_extend"]
+
+
 def test_missing_module_is_reported():
     failed = pf.check_imports(("sglang_dsv4.spec_torch", "no_such_module_dsv4"))
     assert len(failed) == 1 and failed[0].startswith("no_such_module_dsv4: ModuleNotFoundError")
