@@ -20,7 +20,9 @@
 # server, scripts/mtp_preflight.py checks in seconds what only CUDA runs of SGLang's EAGLE worker
 # do (its lazy imports, its CUDA kernels against our twins): an import failure stops the call
 # there. BUDGET (default 510 s) bounds the whole call: gpu_mtp.py gets what is left as
-# --deadline-s and still prints its table inside a ~560-600 s device call.
+# --deadline-s and still prints its table inside a ~560-600 s device call. GPU_TESTS=1 also runs
+# the speculative GPU unit tests first (the verify kernels against the twin and a captured verify
+# step replayed against the eager one, never passed on a GPU yet; the preflight as a test).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -61,6 +63,12 @@ rc=$?
 grep -E "^(preflight|  )" "$RESULTS/preflight.log" || tail -n 30 "$RESULTS/preflight.log"
 [ "$rc" -ge 2 ] && die "MTP preflight failed (above; $RESULTS/preflight.log): no server started"
 log "preflight done (exit $rc: 0 ok, 1 a kernel check failed: measured anyway)"
+if [ "${GPU_TESTS:-0}" = 1 ]; then
+    python3 -m pytest -q -m gpu -p no:cacheprovider tests/attention/test_verify_kernels.py \
+        tests/test_mtp_preflight.py > "$RESULTS/gpu_tests.log" 2>&1
+    tail -n 15 "$RESULTS/gpu_tests.log"
+    log "GPU tests done (the servers run either way)"
+fi
 
 checkpoint
 python3 scripts/gpu_mtp.py --work "$WORK" --out "$RESULTS" \
