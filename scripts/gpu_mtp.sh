@@ -64,7 +64,7 @@ grep -E "^(preflight|  )" "$RESULTS/preflight.log" || tail -n 30 "$RESULTS/prefl
 [ "$rc" -ge 2 ] && die "MTP preflight failed (above; $RESULTS/preflight.log): no server started"
 log "preflight done (exit $rc: 0 ok, 1 a kernel check failed: measured anyway)"
 if [ "${GPU_TESTS:-0}" = 1 ]; then
-    PYTHONPATH="$PWD:$PYTHONPATH" python3 -m pytest -q -m gpu -p no:cacheprovider \
+    PYTHONPATH="$PWD:${PYTHONPATH:-}" python3 -m pytest -q -m gpu -p no:cacheprovider \
         tests/attention/test_verify_kernels.py \
         tests/test_mtp_preflight.py > "$RESULTS/gpu_tests.log" 2>&1
     tail -n 15 "$RESULTS/gpu_tests.log"
