@@ -7,7 +7,7 @@ server starts, what SGLang 0.5.17's EAGLE worker does there and nowhere else (on
    ``deep_gemm``; ``deepseek_v4_backend``; ``flashmla_backend``, ``sgl_kernel.flash_mla``) and
    the CUDA-only kernels of its verify path (``sgl_kernel``'s tree build, greedy verify and
    ``fast_topk``). The H100 run of 2026-12-07 died at the first of these after both graph
-   captures (~70 s into the server's start).
+   captures (~40 s after the server's first log line).
 2. the draft-extend graph decision: SGLang captures a draft-extend CUDA graph only for the
    backend classes it lists (an ``isinstance``); ``DSV4AttnBackend`` is none of them, so every
    draft extend (after a prefill, after each verify) runs eager through the backend's host plan,
