@@ -2,18 +2,23 @@
 and without MTP at batch 1 and 8, CUDA graphs on, for the embedded ``dsv4`` (trained MTP layer,
 held-out text) and the Flash-dims checkpoint with a random MTP layer (random token ids: the cost
 of drafting, drafts almost never accepted); optionally SGLang's native MTP on the same Flash-dims
-checkpoint. One server per (model, mode); a table last, JSON to ``--out`` (rewritten after every
-measurement, so a call stopped at its time limit keeps what it measured).
+checkpoint. One server per (model, mode), MTP first (plain after: the path never measured
+goes first); a table last, JSON to ``--out`` (rewritten after every measurement, so a call
+stopped at its time limit keeps what it measured). ``--deadline-s`` (``gpu_mtp.sh`` passes what
+is left of the device call): a server start, a request or the next run is cut short there (the
+server log's last lines printed), so the table still prints inside the call.
 
     bash scripts/gpu_mtp.sh [--models dsv4,flash] [--steps 3] [--batches 1,8] [--native]
     bash scripts/gpu_mtp.sh --models "" --native       # SGLang's native MTP only (Flash dims)
 
 (``gpu_mtp.sh`` installs this package into /tmp/site and builds the Flash-dims checkpoint.)
-Decode tok/s of a batch: its requests start together (streamed, greedy, ``ignore_eos``);
-``sum(tokens - 1) / (last token - last first token)``. Accept length: SGLang's, completion
-tokens / verify passes, pooled over the batch. ``output = plain``: the batch-1 greedy output
-with MTP equals the output without it (exact in fp32; in bf16 verify and decode GEMMs of other
-shapes may round near-ties apart).
+Decode tok/s of a batch: its requests start together (streamed, greedy, ``ignore_eos``),
+after an untimed 8-token pass at the same batch size (Triton JIT of new shapes, e.g. the eager
+draft extend's); ``sum(tokens - 1) / (last token - last first token)``. Accept length:
+SGLang's (``meta_info`` of a finished request: ``spec_verify_ct``, verify passes, beside
+``completion_tokens``), completion tokens / verify passes pooled over the batch.
+``output = plain``: the batch-1 greedy output with MTP equals the output without it (exact in
+fp32; in bf16 verify and decode GEMMs of other shapes may round near-ties apart).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from mtp_accept import spec_flags  # noqa: E402
 from sglang_dsv4.server_process import Server  # noqa: E402
 
 COMMON = ["--max-running-requests", "16", "--cuda-graph-max-bs-decode", "16"]
+MIN_RUN_S = 90  # a server start with graph captures and a few requests: no less
 COMMON += ["--mem-fraction-static", "0.6", "--sampling-backend", "pytorch"]
 
 
@@ -74,6 +80,11 @@ def with_random_mtp(ckpt: Path) -> Path:
     return out
 
 
+def left() -> float:
+    """Seconds to the deadline (``--deadline-s``), at least 1."""
+    return max(1.0, DEADLINE - time.time())
+
+
 def stream_one(url: str, ids: list[int], new: int, results: list, i: int) -> None:
     body = {
         "input_ids": ids,
@@ -82,7 +93,7 @@ def stream_one(url: str, ids: list[int], new: int, results: list, i: int) -> Non
     }
     first = last = None
     final = None
-    with requests.post(url + "/generate", json=body, stream=True, timeout=1800) as r:
+    with requests.post(url + "/generate", json=body, stream=True, timeout=left()) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if not line or not line.startswith(b"data:") or line.strip() == b"data: [DONE]":
@@ -101,13 +112,15 @@ def run_batch(url: str, prompts: list[list[int]], new: int) -> dict:
 
     results: list = [None] * len(prompts)
     threads = [
-        threading.Thread(target=stream_one, args=(url, p, new, results, i))
+        threading.Thread(target=stream_one, args=(url, p, new, results, i), daemon=True)
         for i, p in enumerate(prompts)
     ]
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        t.join(left())
+    if any(t.is_alive() for t in threads):
+        raise TimeoutError("--deadline-s reached during a batch")
     if any(r is None for r in results):
         raise RuntimeError("a request failed (see the traceback above)")
     metas = [r["out"]["meta_info"] for r in results]
@@ -172,7 +185,7 @@ def measure(args, model: str, mode: str, doc: dict, save) -> None:
     row = doc["runs"].setdefault(key, {"server_args": server_args, "env": env, "batches": {}})
     t = time.time()
     print(f"[{time.time() - T0:5.0f} s] {key}: starting ({' '.join(server_args)})", flush=True)
-    srv = Server(server_args, log, env=env or None, timeout=900)
+    srv = Server(server_args, log, env=env or None, timeout=min(900, left()))
     try:
         row["startup_s"] = round(time.time() - t, 1)
         # SGLang's "Engine startup timings" line: seconds of each graph capture (target_verify,
@@ -180,8 +193,8 @@ def measure(args, model: str, mode: str, doc: dict, save) -> None:
         lines = srv.log.splitlines()
         row["graph_captures"] = [line for line in lines if "cuda_graph={" in line][-1:]
         prompts = prompts_for(model, max(args.batches), args.prompt_len)
-        run_batch(srv.url, prompts[:1], 8)  # warm-up
         for bs in args.batches:
+            run_batch(srv.url, prompts[:bs], 8)  # untimed: JIT of this batch size's shapes
             r = run_batch(srv.url, prompts[:bs], args.new)
             row["batches"][str(bs)] = r
             acc = r["accept_length"]
@@ -195,7 +208,7 @@ def measure(args, model: str, mode: str, doc: dict, save) -> None:
         srv.stop()
         from side_by_side import wait_gpu_released
 
-        wait_gpu_released()
+        wait_gpu_released(timeout=min(60.0, max(0.0, DEADLINE - time.time())))
 
 
 def table(doc: dict, steps: int) -> str:
@@ -231,6 +244,7 @@ def _f(x) -> str:
 
 
 T0 = time.time()
+DEADLINE = T0 + 86400.0  # main() sets it from --deadline-s (finite: socket timeouts)
 
 
 def main() -> int:
@@ -244,7 +258,11 @@ def main() -> int:
     ap.add_argument("--native", action="store_true", help="also SGLang's native MTP (flash)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/fd"))
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "/tmp/gpu_mtp"))
+    ap.add_argument("--deadline-s", type=float, help="stop runs this many seconds from now")
     args = ap.parse_args()
+    global DEADLINE
+    if args.deadline_s:
+        DEADLINE = T0 + args.deadline_s
     args.batches = [int(b) for b in args.batches.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     doc = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "args": vars(args)}
@@ -257,10 +275,14 @@ def main() -> int:
 
     failed = []
     models = [m for m in args.models.split(",") if m]  # --models "" --native: native only
-    jobs = [(m, mode) for m in models for mode in ("plain", "mtp")]
+    jobs = [(m, mode) for m in models for mode in ("mtp", "plain")]
     if args.native:
         jobs += [("flash", "native plain"), ("flash", "native mtp")]
     for model, mode in jobs:
+        if left() < MIN_RUN_S:
+            print(f"[{time.time() - T0:5.0f} s] {model} {mode}: skipped, {left():.0f} s left")
+            failed.append(f"{model} {mode} (skipped: --deadline-s)")
+            continue
         try:
             measure(args, model, mode, doc, save)
         except Exception:  # the next run still goes; the traceback in full
