@@ -96,6 +96,8 @@ def check_bad_requests(url: str, context_len: int, vocab_size: int) -> list[dict
                 and any(w in text for w in bad.words),
                 "served_after": served,
                 "message": r.text[:160],
+                # what the good request got, so that a False above says why
+                "after": f"{good.status_code} {good.text[:160]}",
             }
         )
     return rows
