@@ -84,7 +84,12 @@ def check_bad_requests(url: str, context_len: int, vocab_size: int) -> list[dict
         text = r.text.lower()
         good = requests.post(
             url + "/generate",
-            json={"input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 4}},
+            # greedy and ignore_eos: a sampled EOS would end it short of 4 tokens and read as
+            # "not served" (the CPU CI's one flaky failure of 2026-12-07)
+            json={
+                "input_ids": [5, 6, 7],
+                "sampling_params": {"max_new_tokens": 4, "temperature": 0, "ignore_eos": True},
+            },
             timeout=300,
         )
         served = good.status_code == 200 and len(good.json().get("output_ids", [])) == 4
