@@ -2,8 +2,8 @@
 Flash dims, in the variants ``attention/extend_ops.py`` launches: the query-tiled indexer logits
 (FP8 keys with e4m3 or bf16 / fp32 queries, plain keys), the compressor flush with per-request
 tail modes and boundary output (c4 main / indexer, c128; FP8 and bf16 rows), the top-k selects
-(into their buffers or FlashMLA's lists) and FlashMLA's workspace gather (``kv_gather``). The KV store and
-the top-k are the decode script's variants (``scripts/compile_decode_sm90.py``).
+(into their buffers or FlashMLA's lists) and FlashMLA's workspace gather (``kv_gather``). The
+KV store and the decode top-k are the decode script's (``scripts/compile_decode_sm90.py``).
 
     PYTHONPATH=$PWD python scripts/compile_extend_sm90.py
     PYTHONPATH=$PWD python scripts/compile_extend_sm90.py --topk-shapes

@@ -266,11 +266,7 @@ def _radix_threshold(src, vis, k, CHUNK: tl.constexpr):
 def _pick_base(base_ptr, req, REBASE: tl.constexpr):
     """What a query's picks are written as, ``base + entry id``: ``base_ptr[req]`` (the
     request's first row in FlashMLA's extend workspace, ``PickLists``) or 0 (entry ids)."""
-    if REBASE:
-        base = tl.load(base_ptr + req)
-    else:
-        base = tl.zeros([], tl.int32)
-    return base
+    return tl.load(base_ptr + req) if REBASE else tl.zeros([], tl.int32)
 
 
 @triton.jit(do_not_specialize=["bt_stride"])

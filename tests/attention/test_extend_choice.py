@@ -17,10 +17,8 @@ from sglang_dsv4.attention.extend_ops import AttendTorch, ExtendOps, extend_ops
 from sglang_dsv4.attention.plan import plan_batch
 from sglang_dsv4.attention.wrappers import CSAWrapper, HCAWrapper, SWAWrapper
 from sglang_dsv4.config import AttnKind
-from sglang_dsv4.kernels.kv_store import FP8RowLayout
 from sglang_dsv4.mem.schema import EntryFormat
 from sglang_dsv4.ref.attention import sparse_attention
-from sglang_dsv4.ref.kv_layout import unpack_fp8_rows
 
 STEPS = [[(0, 0, 131), (1, 0, 131)], [(0, 131, 300), (2, 0, 5)], [(3, 256, 301), (1, 131, 140)]]
 
@@ -34,8 +32,10 @@ def _flashmla(ratio, window, lk, topk):
     """FlashMLA's op with its sparse prefill's ``ref`` twin (no sgl_kernel on CPU); the
     workspace gather is the Triton kernel (interpreted)."""
     entry_page = lk.entry_rows.rows_per_page if lk.entry_rows is not None else 1
-    return extend_choice.AttendFlashMLA(ratio, window, lk.fp8, lk.raw_rows.rows_per_page,
-                                        entry_page, lk.raw_rows.dim, topk, fwd=_fake_fwd)  # fmt: skip
+    raw_page, dim = lk.raw_rows.rows_per_page, lk.raw_rows.dim
+    return extend_choice.AttendFlashMLA(
+        ratio, window, lk.fp8, raw_page, entry_page, dim, topk, fwd=_fake_fwd
+    )
 
 
 def _run(cfg, weights, layer, fmt, flashmla: bool):

@@ -69,8 +69,9 @@ def test_equals_sglang_on_random_bytes(case, dtype):
     n_ent, n_raw, ent_page, raw_page = case
     gen = torch.Generator().manual_seed(n_ent * 31 + n_raw)
     ent, er, raw, rr = _random_pools(n_ent, n_raw, ent_page, raw_page, "cpu", gen, dtype)
+    out = _poisoned(n_ent + n_raw, 512, "cpu")
     got = gather_fp8_rows(ent_cache=ent, ent_rows=er, ent_page=ent_page, raw_cache=raw,
-                          raw_rows=rr, raw_page=raw_page, out=_poisoned(n_ent + n_raw, 512, "cpu"))  # fmt: skip
+                          raw_rows=rr, raw_page=raw_page, out=out)  # fmt: skip
     want = _sglang(ent, er, ent_page, raw, rr, raw_page, torch.empty_like(got))
     assert torch.equal(_bits(got), _bits(want))
 
@@ -144,8 +145,9 @@ def test_gpu_flash_dims_equal_sglang(ent_page):
     gen = torch.Generator().manual_seed(ent_page)
     n_ent = 8192 // (256 // ent_page)
     ent, er, raw, rr = _random_pools(n_ent, 8192, ent_page, 256, "cuda", gen, torch.int32, 48)
+    out = _poisoned(n_ent + 8192, 512, "cuda")
     got = gather_fp8_rows(ent_cache=ent, ent_rows=er, ent_page=ent_page, raw_cache=raw,
-                          raw_rows=rr, raw_page=256, out=_poisoned(n_ent + 8192, 512, "cuda"))  # fmt: skip
+                          raw_rows=rr, raw_page=256, out=out)  # fmt: skip
     want = _sglang(ent, er, ent_page, raw, rr, 256, _poisoned(n_ent + 8192, 512, "cuda"))
     assert torch.equal(_bits(got), _bits(want))
 
