@@ -19,24 +19,24 @@ wrapper (``bench_extend.op_calls``: store, flush, index_flush, picks, attend) an
   recorded, the kernel does not run);
 * ``flashmla``: calls of FlashMLA's sparse prefill (a fake ``sgl_kernel.flash_mla``).
 
-Prints one JSON line per op and a table last.
+Prints one JSON line per op and a table last. ``--config``: other dims (the test's tiny model).
 """
 
 import argparse
+import contextlib
 import json
-import os
 import sys
 import types
 from collections import Counter
 from pathlib import Path
-
-os.environ.pop("TRITON_INTERPRET", None)  # launches are recorded, never run
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from triton.runtime.jit import KernelInterface
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "dsv4-flash-dims.json"
 
 
 class Counts(TorchDispatchMode):
@@ -75,20 +75,12 @@ def _launch(self, grid):
     return record
 
 
-def _fake_flashmla():
-    """``sgl_kernel.flash_mla`` whose sparse prefill records the call (no ``sgl_kernel`` on CPU:
-    its import needs libcuda)."""
-
-    def flash_mla_sparse_fwd(q, kv, indices, scale, d_v, sink, lengths):
-        for c in _ACTIVE:
-            c.flashmla += 1
-        return q, None, None  # no op: the output's shape is q's
-
-    mod = types.ModuleType("sgl_kernel.flash_mla")
-    mod.flash_mla_sparse_fwd = flash_mla_sparse_fwd
-    pkg = types.ModuleType("sgl_kernel")
-    pkg.flash_mla = mod
-    sys.modules.update({"sgl_kernel": pkg, "sgl_kernel.flash_mla": mod})
+def flash_mla_sparse_fwd(q, kv, indices, scale, d_v, sink, lengths):
+    """FlashMLA's sparse prefill, recorded (no ``sgl_kernel`` on CPU: its import needs
+    libcuda)."""
+    for c in _ACTIVE:
+        c.flashmla += 1
+    return q, None, None  # no op: the output's shape is q's
 
 
 def count(fn) -> dict:
@@ -102,35 +94,63 @@ def count(fn) -> dict:
     return c.row()
 
 
-def build(tokens: int, prefix: int, attend: str):
-    """(the CSA wrapper planned over one request of ``tokens`` new tokens after ``prefix``, its
-    ops' closures, the whole run's closure)."""
-    _fake_flashmla()
+@contextlib.contextmanager
+def _patched(attend: str):
+    """FlashMLA eligible and chosen (``attend``), its prefill recorded, the bench on the CPU,
+    Triton launches recorded from ``recording()`` on; everything restored on exit."""
     import bench_extend as be
 
     from sglang_dsv4.attention import extend_choice
-    from sglang_dsv4.config import AttnKind, load_config
 
+    mod = types.ModuleType("sgl_kernel.flash_mla")
+    mod.flash_mla_sparse_fwd = flash_mla_sparse_fwd
+    pkg = types.ModuleType("sgl_kernel")
+    pkg.flash_mla = mod
+    chosen = extend_choice.FLASHMLA if attend == "flashmla" else extend_choice.OURS
+    saved_modules = {k: sys.modules.get(k) for k in ("sgl_kernel", "sgl_kernel.flash_mla")}
+    saved = [(be, "DEV", be.DEV), (extend_choice, "pick", extend_choice.pick),
+             (extend_choice, "flashmla_eligible", extend_choice.flashmla_eligible),
+             (KernelInterface, "__getitem__", KernelInterface.__getitem__)]  # fmt: skip
+    sys.modules.update({"sgl_kernel": pkg, "sgl_kernel.flash_mla": mod})
     be.DEV = "cpu"
     extend_choice.flashmla_eligible = lambda *args: True  # sm90's eligibility, on the CPU
-    chosen = extend_choice.FLASHMLA if attend == "flashmla" else extend_choice.OURS
     extend_choice.pick = lambda *args: chosen
-    cfg = load_config(be.CONFIG)
-    world = be.World(cfg, 1, prefix, tokens, "fp8")
-    lk = world.pool.layer(world.pool.schema.layers_of(AttnKind.CSA)[0].layer)
-    w = be.make_wrapper(cfg, AttnKind.CSA, lk, kernels=True)
-    gen = torch.Generator().manual_seed(0)
-    q, kv, comp = be.layer_inputs(cfg, AttnKind.CSA, tokens, gen)
-    bf = dict(dtype=torch.bfloat16)
-    comp.projected = (torch.randn(tokens, 2 * cfg.head_dim, **bf),) * 2  # coff 2 (c4)
-    comp.indexer.projected = (torch.randn(tokens, 2 * cfg.index_head_dim, **bf),) * 2
-    sink, scale = torch.randn(cfg.num_heads, generator=gen), cfg.head_dim**-0.5
-    w.plan(world.plan())
-    assert w.ops.attend.choice == chosen
-    norm = be.kv_norm(cfg, w._plan.tables.positions, gen)
-    KernelInterface.__getitem__ = _launch  # from here on, launches are recorded
-    calls = be.op_calls(w, lk, q, kv, sink, scale, comp, norm)
-    return calls, lambda: w.run(lk, q, kv, sink, scale, comp, norm)
+    try:
+        yield be, chosen
+    finally:
+        for owner, name, value in saved:
+            setattr(owner, name, value)
+        for k, v in saved_modules.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
+
+
+def measure(tokens: int, prefix: int = 0, attend: str = "flashmla", config=CONFIG) -> dict:
+    """{op name: counts} of one CSA layer's ``run()`` over one request of ``tokens`` new tokens
+    after ``prefix`` (each op of ``bench_extend.op_calls``, then the whole run)."""
+    from sglang_dsv4.config import AttnKind, load_config
+
+    with _patched(attend) as (be, chosen):
+        cfg = load_config(config)
+        world = be.World(cfg, 1, prefix, tokens, "fp8")
+        lk = world.pool.layer(world.pool.schema.layers_of(AttnKind.CSA)[0].layer)
+        w = be.make_wrapper(cfg, AttnKind.CSA, lk, kernels=True)
+        gen = torch.Generator().manual_seed(0)
+        q, kv, comp = be.layer_inputs(cfg, AttnKind.CSA, tokens, gen)
+        bf = dict(dtype=torch.bfloat16)
+        comp.projected = (torch.randn(tokens, 2 * cfg.head_dim, **bf),) * 2  # coff 2 (c4)
+        comp.indexer.projected = (torch.randn(tokens, 2 * cfg.index_head_dim, **bf),) * 2
+        sink, scale = torch.randn(cfg.num_heads, generator=gen), cfg.head_dim**-0.5
+        w.plan(world.plan())
+        assert w.ops.attend.choice == chosen
+        norm = be.kv_norm(cfg, w._plan.tables.positions, gen)
+        KernelInterface.__getitem__ = _launch  # from here on, launches are recorded
+        calls = be.op_calls(w, lk, q, kv, sink, scale, comp, norm)
+        rows = {name: count(fn) for name, fn in calls.items()}
+        rows["run"] = count(lambda: w.run(lk, q, kv, sink, scale, comp, norm))
+    return rows
 
 
 def main() -> None:
@@ -138,11 +158,10 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--prefix", type=int, default=0)
     ap.add_argument("--attend", choices=["flashmla", "ours"], default="flashmla")
+    ap.add_argument("--config", default=str(CONFIG))
     args = ap.parse_args()
     torch.set_num_threads(2)
-    calls, run = build(args.tokens, args.prefix, args.attend)
-    rows = {name: count(fn) for name, fn in calls.items()}
-    rows["run"] = count(run)
+    rows = measure(args.tokens, args.prefix, args.attend, args.config)
     tree = Path(sys.modules["sglang_dsv4"].__file__).resolve().parents[1]
     for name, row in rows.items():
         print(json.dumps(dict(op=name, tree=str(tree), **row)))
