@@ -74,6 +74,8 @@ class AttendFlashMLA(AttendTorch):
         self, ratio: int, window: int, fp8: bool, raw_page: int, entry_page: int, dim: int = 512,
         topk: int = 0, fwd=None,
     ):  # fmt: skip
+        if ratio == 4 and topk <= 0:  # the picks need their columns in the lists
+            raise ValueError("a c4 layer's FlashMLA lists need the picks' width (topk)")
         if fwd is None:
             from sgl_kernel.flash_mla import flash_mla_sparse_fwd as fwd
         self._fwd = fwd

@@ -19,6 +19,8 @@ Twin: :func:`gather_rows_torch` (the pools' reader: ``FP8RowLayout.read`` +
 ``ref.kv_layout.unpack_fp8_rows`` rounded to bf16, or ``index_select`` of plain rows).
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -96,6 +98,11 @@ def _launch(ent_cache, ent_rows, raw_cache, raw_rows, out, fp8, pages, page_byte
     return out
 
 
+@functools.cache
+def _page_bytes(rows_per_page: int, d: int, rope_dim: int) -> int:
+    return FP8RowLayout.paged(rows_per_page, d, rope_dim).page_bytes
+
+
 def gather_fp8_rows(
     *,
     ent_cache: torch.Tensor | None,
@@ -111,8 +118,7 @@ def gather_fp8_rows(
     -> ``out`` [len(ent_rows) + len(raw_rows), 1, D] bf16: the entry rows ``ent_rows`` [NE],
     then the raw rows ``raw_rows`` [NW] (int32 / int64 flat row ids), dequantized."""
     d = out.shape[-1]
-    page_bytes = (FP8RowLayout.paged(ent_page, d, rope_dim).page_bytes,
-                  FP8RowLayout.paged(raw_page, d, rope_dim).page_bytes)  # fmt: skip
+    page_bytes = (_page_bytes(ent_page, d, rope_dim), _page_bytes(raw_page, d, rope_dim))
     _check(ent_cache, ent_rows, raw_cache, raw_rows, out, torch.uint8, page_bytes)
     return _launch(ent_cache, ent_rows, raw_cache, raw_rows, out, True, (ent_page, raw_page),
                    page_bytes, rope_dim)  # fmt: skip
