@@ -201,9 +201,9 @@ def bench_kind(cfg, world: World, kind: AttnKind, reps: int, twin: bool, ops: bo
     row["tok_per_s"] = world.b * world.n / row["run_s"]
     att = w.ops.attend
     if isinstance(att, AttendChoice):  # FlashMLA can serve this kind: time both
-        extra = _extra(w, lk, comp)
         for name, op in (("ours", att._ours), ("flashmla", att._flashmla)):
             op.plan(w._plan, w._max_entries(w._plan))
+            extra = _extra(w, lk, comp, op)
             fn = functools.partial(op.run, q, lk, w._window_rows, sink, scale, extra)
             row[f"{name}_attend_s"] = timed(fn, reps)
         row["keys"] = cfg.sliding_window + w._max_entries(w._plan)
@@ -216,14 +216,16 @@ def bench_kind(cfg, world: World, kind: AttnKind, reps: int, twin: bool, ops: bo
     return row
 
 
-def _extra(w, lk, comp):
-    """The entry lists ours reads (None for SWA): c4 the picks, c128 every visible entry's row,
-    built here: the wrapper builds them only when ours serves the batch (FlashMLA plans its own
-    c128 lists and ignores these)."""
+def _extra(w, lk, comp, op):
+    """The entry lists the planned attend op ``op`` reads (None for SWA): c4 the picks (planned
+    into ``op``'s own lists where it has them, FlashMLA's, and run), c128 every visible entry's
+    row, built here: the wrapper builds them only when ours serves the batch (FlashMLA plans its
+    own c128 lists and ignores these)."""
     if comp is None:
         return None
     if comp.indexer is None:
         return Picks(w._visible_rows(w._plan))
+    w.ops.picks.plan(w._plan, into=op.picks_into)
     return w.ops.picks.run(lk, comp.indexer.q, comp.indexer.weights)
 
 
@@ -246,11 +248,12 @@ def attend_both(w, lk, batch, q, kv, sink, scale, comp):
     the entry lists it reads, whichever of the two the wrapper's plan chose."""
     w.plan(batch)
     w.run(lk, q, kv, sink, scale, comp)
-    att, extra = w.ops.attend, _extra(w, lk, comp)
+    att = w.ops.attend
     assert isinstance(att, AttendChoice), "FlashMLA is not eligible on this device"
     outs = []
     for op in (att._flashmla, att._ours):
         op.plan(w._plan, w._max_entries(w._plan))
+        extra = _extra(w, lk, comp, op)
         outs.append(op.run(q, lk, w._window_rows, sink, scale, extra).clone())
     return outs
 

@@ -66,8 +66,8 @@ def indexer_variants():
         name = f"indexer logits rotate={rotate} q={q} keys={'fp4' if fp4 else 'fp8'}"
         yield name, indexer._logits_kernel, t, ce, 4
     types = dict(logits_ptr="*fp32", qreq_ptr="*i32", pos_ptr="*i64", bt_ptr="*i32",
-                 ids_ptr="*i32", rows_ptr="*i32", len_ptr="*i32")  # fmt: skip
-    ce = dict(K=512, RATIO=4, EPB=32, CHUNK=2048, KCHUNK=512, WRITE_ROWS=True)
+                 ids_ptr="*i32", rows_ptr="*i32", len_ptr="*i32", base_ptr="*i32")  # fmt: skip
+    ce = dict(K=512, RATIO=4, EPB=32, CHUNK=2048, KCHUNK=512, WRITE_ROWS=True, REBASE=False)
     yield "indexer top-k", indexer._topk_kernel, types, ce, 8
     # the split select (few queries): 16 ranges at batch 1, 4 / 3 at batch 32 / 33 (SB 4)
     types["hist_ptr"] = "*i32"

@@ -1,8 +1,9 @@
 """Compile the extend path's Triton kernels for Hopper (sm_90) on a machine without a GPU, at
 Flash dims, in the variants ``attention/extend_ops.py`` launches: the query-tiled indexer logits
 (FP8 keys with e4m3 or bf16 / fp32 queries, plain keys), the compressor flush with per-request
-tail modes and boundary output (c4 main / indexer, c128; FP8 and bf16 rows). The KV store and
-the top-k are the decode script's variants (``scripts/compile_decode_sm90.py``).
+tail modes and boundary output (c4 main / indexer, c128; FP8 and bf16 rows), the top-k selects
+(into their buffers or FlashMLA's lists) and FlashMLA's workspace gather (``kv_gather``). The
+KV store and the decode top-k are the decode script's (``scripts/compile_decode_sm90.py``).
 
     PYTHONPATH=$PWD python scripts/compile_extend_sm90.py
     PYTHONPATH=$PWD python scripts/compile_extend_sm90.py --topk-shapes
@@ -23,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from compile_decode_sm90 import flush_variants
 
-from sglang_dsv4.kernels import indexer, indexer_extend, topk_rows
+from sglang_dsv4.kernels import indexer, indexer_extend, kv_gather, topk_rows
+from sglang_dsv4.kernels.kv_store import FP8RowLayout
 from sglang_dsv4.kernels.topk_shapes import candidates
 from sglang_dsv4.perf.sm90_compile import build, check_all, resource_usage, sass_loops
 
@@ -62,15 +64,38 @@ def topk_variants():
     """``(name, fn, types, constexprs, warps)`` of every select candidate at the served widths,
     as ``IndexerExtend`` launches them."""
     types = dict(logits_ptr="*fp32", qreq_ptr="*i32", pos_ptr="*i64", bt_ptr="*i32",
-                 ids_ptr="*i32", rows_ptr="*i32", len_ptr="*i32")  # fmt: skip
-    base = dict(K=512, RATIO=4, EPB=32, KCHUNK=512, WRITE_ROWS=True)
+                 ids_ptr="*i32", rows_ptr="*i32", len_ptr="*i32", base_ptr="*i32")  # fmt: skip
+    base = dict(K=512, RATIO=4, EPB=32, KCHUNK=512, WRITE_ROWS=True, REBASE=False)
+    # FlashMLA serving the batch: the picks rebased straight into its lists, no rows
+    lists = dict(base, WRITE_ROWS=False, REBASE=True)
     for ld in (1024, 2048, 4096, 8192, 16384):
         for s in candidates(ld):
-            if s.kind == "radix":
-                yield f"ld {ld} {s}", indexer._topk_kernel, types, dict(base, CHUNK=s.chunk), 8
-            else:
-                ce = dict(base, ROW=ld, WCHUNK=s.chunk)
-                yield f"ld {ld} {s}", topk_rows._rows_topk_kernel, types, ce, s.warps
+            for tag, ce in (("", base), (" into lists", lists)):
+                if s.kind == "radix":
+                    yield f"ld {ld} {s}{tag}", indexer._topk_kernel, types, \
+                        dict(ce, CHUNK=s.chunk), 8  # fmt: skip
+                else:
+                    yield f"ld {ld} {s}{tag}", topk_rows._rows_topk_kernel, types, \
+                        dict(ce, ROW=ld, WCHUNK=s.chunk), s.warps  # fmt: skip
+
+
+def gather_variants():
+    """``kv_gather``'s workspace gather: FP8 pools (c4: entry pages of 32 rows, c128: of 1;
+    raw pages of 128 and 256 rows) and plain bf16 rows, int64 entry rows, int32 / int64 raw."""
+    fn = kv_gather._gather_rows_kernel
+    fp8 = dict(ent_ptr="*u8", ent_rows_ptr="*i64", raw_ptr="*u8", raw_rows_ptr="*i32",
+               out_ptr="*bf16")  # fmt: skip
+    for ent_page, raw_page in ((32, 128), (1, 128), (64, 256)):
+        ce = dict(ENT_PAGE=ent_page, RAW_PAGE=raw_page, NOPE=448, ROPE=64, TILES=8, FP8=True,
+                  ENT_PAGE_BYTES=FP8RowLayout.paged(ent_page).page_bytes,
+                  RAW_PAGE_BYTES=FP8RowLayout.paged(raw_page).page_bytes)  # fmt: skip
+        yield f"kv_gather fp8 pages {ent_page}/{raw_page}", fn, fp8, ce, 4
+        yield f"kv_gather fp8 pages {ent_page}/{raw_page} i64", fn, dict(
+            fp8, raw_rows_ptr="*i64"), ce, 4  # fmt: skip
+    plain = dict(fp8, ent_ptr="*bf16", raw_ptr="*bf16")
+    ce = dict(ENT_PAGE=1, RAW_PAGE=1, ENT_PAGE_BYTES=0, RAW_PAGE_BYTES=0, NOPE=512, ROPE=0,
+              TILES=512, FP8=False)  # fmt: skip
+    yield "kv_gather bf16 rows", fn, plain, ce, 4
 
 
 def topk_shapes() -> int:
@@ -88,7 +113,8 @@ def main() -> int:
     """Compile every variant; the number that failed."""
     if "--topk-shapes" in sys.argv[1:]:
         return topk_shapes()
-    variants = (*tile_logits_variants(), *extend_flush_variants(), *topk_variants())
+    variants = (*tile_logits_variants(), *extend_flush_variants(), *topk_variants(),
+                *gather_variants())  # fmt: skip
     return check_all(variants, tail=600)
 
 

@@ -5,22 +5,26 @@ FlashMLA (``sgl_kernel.flash_mla.flash_mla_sparse_fwd``: sm90, 64 / 128 heads of
 bf16 KV buffer. As SGLang's own DSV4 backend does, ``plan()`` lays out a per-batch workspace,
 every request's entries (all of them: c4 top-k picks or c128 visible entries index into them)
 followed by every request's window rows (positions ``window_lo .. S-1``), and each query's index
-list into it; ``run()`` gathers the rows there (FP8 rows dequantized by SGLang's
-``dequantize_k_cache_paged``, bf16 rows copied) and launches once. c4 lists come from the
-indexer's picks (request-local entry ids + the request's workspace base) per layer.
+list into it; ``run()`` gathers the rows there in one launch (``kernels.kv_gather``: FP8 rows
+dequantized bit-equal to SGLang's ``dequantize_k_cache_paged``, bf16 rows copied) and launches
+FlashMLA. c4 lists get the indexer's picks per layer (request-local entry id + the request's
+workspace base), written by the top-k select kernel straight into their columns
+(``extend_ops.PickLists``).
 
 :func:`pick` chooses per batch shape from ``MEASURED`` (``scripts/bench_extend.py --attend``
 prints its rows on the H100): the nearest measured shape's faster kernel. Until a shape is
 measured, ours serves.
 """
 
+import functools
 import math
 
 import torch
 
 from sglang_dsv4.attention.choice import FLASHMLA, OURS, flashmla_eligible
-from sglang_dsv4.attention.extend_ops import AttendTorch, Picks
+from sglang_dsv4.attention.extend_ops import AttendTorch, PickLists, Picks
 from sglang_dsv4.attention.plan import BatchPlan, _ragged
+from sglang_dsv4.kernels.kv_gather import gather_fp8_rows, gather_plain_rows
 
 __all__ = ["MEASURED", "AttendChoice", "AttendFlashMLA", "pick"]
 
@@ -60,30 +64,37 @@ def pick(kind: str, heads: int, tokens: int, keys: int, eligible: bool) -> str:
 
 
 class AttendFlashMLA(AttendTorch):
-    """One ``flash_mla_sparse_fwd`` over a per-batch bf16 workspace (module docstring)."""
+    """One ``flash_mla_sparse_fwd`` over a per-batch bf16 workspace (module docstring).
+    ``topk``: the c4 picks op's width (its columns of the lists); ``fwd``: FlashMLA's sparse
+    prefill (None: ``sgl_kernel``'s; the CPU tests give its ``ref`` twin)."""
 
     reads_rows = False  # its lists are planned (c4: the picks' ids), no extra rows read
 
     def __init__(
-        self, ratio: int, window: int, fp8: bool, raw_page: int, entry_page: int, dim: int = 512
-    ):
-        from sgl_kernel.flash_mla import flash_mla_sparse_fwd
-
-        self._fwd = flash_mla_sparse_fwd
+        self, ratio: int, window: int, fp8: bool, raw_page: int, entry_page: int, dim: int = 512,
+        topk: int = 0, fwd=None,
+    ):  # fmt: skip
+        if ratio == 4 and topk <= 0:  # the picks need their columns in the lists
+            raise ValueError("a c4 layer's FlashMLA lists need the picks' width (topk)")
+        if fwd is None:
+            from sgl_kernel.flash_mla import flash_mla_sparse_fwd as fwd
+        self._fwd = fwd
         self.ratio, self.window, self.fp8, self.dim = ratio, window, fp8, dim
+        self.topk = topk if ratio == 4 else 0
         self._pages = (raw_page, entry_page)
+        # the workspace's rows in one launch (kernels.kv_gather), chosen here for the row format
         if fp8:
-            from sglang.kernels.ops.attention.dsv4.dequant_k_cache import (
-                dequantize_k_cache_paged,
-            )
-
-            self._dequant = dequantize_k_cache_paged
+            self._gather = functools.partial(gather_fp8_rows, ent_page=entry_page,
+                                             raw_page=raw_page)  # fmt: skip
+        else:
+            self._gather = gather_plain_rows
 
     def plan(self, batch: BatchPlan, extra_width: int) -> None:
         """The workspace layout and every query's index list, whole-batch device ops from the
         plan's tables (no host tensor, no copy): request ``b``'s entries at ``ent_base[b]``,
         then every request's window rows (positions ``window_lo .. S-1``), in the order of the
-        plan's ``window_slots`` (a query's window ids are ``window_ids`` after the entries)."""
+        plan's ``window_slots`` (a query's window ids are ``window_ids`` after the entries).
+        c4: ``picks_into`` is the lists' ``topk`` columns for the picks op (``PickLists``)."""
         reqs, t = batch.requests, batch.tables
         device = batch.out_loc.device
         self._plan = batch
@@ -103,10 +114,22 @@ class AttendFlashMLA(AttendTorch):
             e = torch.arange(extra_width, device=device)
             vis = e < (t.positions.unsqueeze(1) + 1) // self.ratio  # [T, E]
             window = torch.cat([window, torch.where(vis, ent_base[req].unsqueeze(1) + e, -1)], 1)
-        self._fixed = window  # [T, W (+ c128 entries)]
-        self._query_base = ent_base[req].unsqueeze(1).int()  # [T, 1] (c4 picks)
-        self._lists: dict[int, torch.Tensor] = {}  # picks width -> the batch's index lists
+        self._lists = self._index_lists(window)  # [T, 1, K'] int32
+        k = window.shape[1]
+        self.picks_into = (
+            PickLists(self._lists[:, 0, k : k + self.topk], ent_base.int()) if self.topk else None
+        )
         self._workspace = torch.empty(self.n_kv, 1, self.dim, dtype=torch.bfloat16, device=device)
+
+    def _index_lists(self, fixed: torch.Tensor) -> torch.Tensor:
+        """[T, 1, K'] int32 index lists of the batch, FlashMLA's layout: the ``fixed`` lists
+        (window rows, c128 entries), ``topk`` columns the c4 picks op writes per layer, -1 up
+        to a multiple of 128 columns."""
+        t, k = fixed.shape
+        width = k + self.topk
+        idx = fixed.new_full((t, 1, width + (-width % _ALIGN)), -1, dtype=torch.int32)
+        idx[:, 0, :k] = fixed
+        return idx
 
     def _entry_rows(self, t, n_ent: torch.Tensor, total: int, device) -> torch.Tensor:
         """[NE] flat entry rows of every request's entries ``0 .. S//r - 1`` in order: entry
@@ -120,41 +143,13 @@ class AttendFlashMLA(AttendTorch):
         return t.block_table[req, i // epb].long() * epb + i % epb
 
     def run(self, q, lk, window, sink, scale, extra: Picks | None = None):
+        """Two launches: the workspace's rows (``kv_gather``), FlashMLA. c4: the picks op has
+        written this layer's picks into the lists (``picks_into``); ``extra`` is not read."""
         ws = self._workspace
-        n_ent = self._ent_rows.numel()
-        self._gather(lk.entries, self._ent_rows, self._pages[1], ws[:n_ent])
-        self._gather(lk.raw, self._raw_rows, self._pages[0], ws[n_ent:])
-        picks = 0
-        if self.ratio == 4:  # the picks are request-local entry ids
-            picks = extra.ids.shape[1]
-        idx = self._index_lists(picks)  # [T, K'] int32 (K' % 128 == 0)
-        if picks:  # this layer's picks after the fixed lists, rebased onto the workspace
-            k = self._fixed.shape[1]
-            idx[:, k : k + picks] = torch.where(extra.ids >= 0, extra.ids + self._query_base, -1)
-        out, _, _ = self._fwd(q, ws, idx.unsqueeze(1), scale, self.dim, sink.float(), None)
+        self._gather(ent_cache=lk.entries, ent_rows=self._ent_rows, raw_cache=lk.raw,
+                     raw_rows=self._raw_rows, out=ws)  # fmt: skip
+        out, _, _ = self._fwd(q, ws, self._lists, scale, self.dim, sink.float(), None)
         return out
-
-    def _index_lists(self, picks: int) -> torch.Tensor:
-        """[T, K'] int32 index lists of the batch: the fixed lists (window rows, c128 entries),
-        room for ``picks`` ids per query, -1 up to a multiple of 128 columns. Built by the
-        batch's first layer of the kind (a shape, not a value: the picks' width is the top-k
-        kernel's, fixed per batch); the later layers only write their picks into it."""
-        if picks not in self._lists:
-            t, k = self._fixed.shape
-            idx = self._fixed.new_full(
-                (t, k + picks + (-(k + picks) % _ALIGN)), -1, dtype=torch.int32
-            )
-            idx[:, :k] = self._fixed
-            self._lists[picks] = idx
-        return self._lists[picks]
-
-    def _gather(self, cache, rows, page, out) -> None:
-        if rows.numel() == 0:
-            return
-        if self.fp8:
-            self._dequant(cache, rows, page_size=page, out=out)
-        else:
-            torch.index_select(cache.view(-1, self.dim), 0, rows, out=out.view(-1, self.dim))
 
 
 class AttendChoice(AttendTorch):
@@ -169,6 +164,10 @@ class AttendChoice(AttendTorch):
     def reads_rows(self) -> bool:
         return self._op.reads_rows
 
+    @property
+    def picks_into(self) -> PickLists | None:
+        return self._op.picks_into
+
     def plan(self, batch: BatchPlan, extra_width: int) -> None:
         tokens = int(batch.out_loc.numel())
         self.choice = pick(self.kind, self.heads, tokens, self.window + extra_width, True)
@@ -179,13 +178,17 @@ class AttendChoice(AttendTorch):
         return self._op.run(q, lk, window, sink, scale, extra)
 
 
-def attend_choice(kind: str, heads: int, head_dim: int, window: int, ours, lk, device):
-    """``ours`` alone where FlashMLA cannot run, else the per-shape choice of the two."""
+def attend_choice(
+    kind: str, heads: int, head_dim: int, window: int, ours, lk, device, topk: int = 0
+):
+    """``ours`` alone where FlashMLA cannot run, else the per-shape choice of the two
+    (``topk``: the c4 picks' width)."""
     if not flashmla_eligible(True, heads, head_dim, device) or lk.raw_rows.read_dtype != (
         torch.bfloat16
     ):
         return ours
     ratio = {"swa": 0, "csa": 4, "hca": 128}[kind]
     entry_page = lk.entry_rows.rows_per_page if lk.entry_rows is not None else 1
-    flashmla = AttendFlashMLA(ratio, window, lk.fp8, lk.raw_rows.rows_per_page, entry_page)
+    flashmla = AttendFlashMLA(ratio, window, lk.fp8, lk.raw_rows.rows_per_page, entry_page,
+                              head_dim, topk)  # fmt: skip
     return AttendChoice(kind, heads, window, ours, flashmla)

@@ -39,6 +39,7 @@ __all__ = [
     "ExtendOps",
     "FlushTorch",
     "FlushTriton",
+    "PickLists",
     "PicksTorch",
     "PicksTriton",
     "StoreTorch",
@@ -186,9 +187,24 @@ class FlushTriton(FlushTorch):
 
 @dataclass
 class Picks:
-    rows: torch.Tensor  # [T, K] int32/int64 rows of the flattened entry pool, -1 = none
+    # [T, K] int32/int64 rows of the flattened entry pool, -1 = none (None: the picks went
+    # straight into the attend op's lists, ``PickLists``)
+    rows: torch.Tensor | None
     lengths: torch.Tensor | None = None  # [T] int32 valid prefix of each row (kernels)
-    ids: torch.Tensor | None = None  # [T, K] the request-local entry ids of ``rows`` (c4)
+    # [T, K] the request-local entry ids of ``rows`` (c4); rebased (``PickLists``) when the
+    # picks op wrote them into the attend op's lists
+    ids: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class PickLists:
+    """Where a c4 layer's picks go when the attend op reads them from index lists of its own
+    (FlashMLA's, ``extend_choice.AttendFlashMLA``: laid out once per batch in its ``plan()``):
+    the picks op writes entry id ``i`` of a query of request ``b`` as ``base[b] + i`` into
+    ``ids`` (-1 past its picks), so no op runs between the top-k and the attention."""
+
+    ids: torch.Tensor  # [T, K] int32, a view into the lists (row stride theirs, unit columns)
+    base: torch.Tensor  # [B] int32 first workspace row of each request's entries
 
 
 class PicksTorch:
@@ -200,10 +216,13 @@ class PicksTorch:
         self.topk, self.ratio = topk, ratio
         self._query = fp8_rotated_queries if fp8_keys else _same
 
-    def plan(self, batch: BatchPlan) -> None:
+    def plan(self, batch: BatchPlan, into: PickLists | None = None) -> None:
+        """``into``: the attend op's lists, which then receive the picks (``PickLists``)."""
         self._plan = batch
         self._rows = [_entry_rows(req, self.ratio) for req in batch.requests]  # [E_i]
         self.width = min(self.topk, max((r.numel() for r in self._rows), default=0))
+        self._into = into
+        self._deliver = _no_lists if into is None else _into_lists
 
     def run(self, lk: LayerKV, q: torch.Tensor, weights: torch.Tensor) -> Picks:
         """Over the layer's indexer keys: ``q`` [T, Hi, Di] (roped), ``weights`` [T, Hi]."""
@@ -215,7 +234,21 @@ class PicksTorch:
             ids.append(F.pad(picks, (0, self.width - picks.shape[1]), value=-1))
             picks = torch.where(picks >= 0, rows[picks.clamp(min=0)], -1)
             out.append(F.pad(picks, (0, self.width - picks.shape[1]), value=-1))
-        return Picks(torch.cat(out), ids=torch.cat(ids))
+        picks = Picks(torch.cat(out), ids=torch.cat(ids))
+        self._deliver(picks, self._into, self._plan)
+        return picks
+
+
+def _no_lists(picks: Picks, into: None, batch: BatchPlan) -> None:
+    pass
+
+
+def _into_lists(picks: Picks, into: PickLists, batch: BatchPlan) -> None:
+    """The twin of the select kernels' in-list writes: ids rebased, -1 kept, -1 past them."""
+    base = into.base[batch.tables.query_req.long()].unsqueeze(1)  # [T, 1]
+    into.ids.fill_(-1)
+    k = picks.ids.shape[1]
+    into.ids[:, :k] = torch.where(picks.ids >= 0, picks.ids + base, -1)
 
 
 # Bound on the twin's per-chunk score tensor (a 32K-token prefill would need 17 GB at once).
@@ -253,12 +286,16 @@ class PicksTriton(PicksTorch):
         self.plain = rows.layout is None
         self._prepare = _identity if self.plain else _rotated
 
-    def plan(self, batch: BatchPlan) -> None:
+    def plan(self, batch: BatchPlan, into: PickLists | None = None) -> None:
+        """``into``: the attend op's lists: the select kernel writes the picks there, rebased
+        (``PickLists``); then ``run()`` returns no rows (the ids are that view)."""
         self._plan = batch
         reqs = batch.requests
         self.width = min(self.topk, max((r.seq_len // self.ratio for r in reqs), default=0))
         device = batch.out_loc.device
-        self.kernel.plan([r.seq_len - r.prefix for r in reqs], [r.seq_len for r in reqs], device)
+        lists = {} if into is None else dict(ids_out=into.ids, id_base=into.base)
+        self.kernel.plan([r.seq_len - r.prefix for r in reqs], [r.seq_len for r in reqs], device,
+                         **lists)  # fmt: skip
 
     def run(self, lk, q, weights) -> Picks:
         t = self._plan.tables
@@ -306,6 +343,9 @@ class AttendTorch:
 
     # reads the extra keys as rows (``Picks.rows``): a c128 layer lists its visible entries
     reads_rows = True
+    # where the c4 picks op writes its picks (``PickLists``), set by ``plan()``; None: the
+    # op reads ``Picks``
+    picks_into: PickLists | None = None
 
     def plan(self, batch: BatchPlan, extra_width: int) -> None:
         self._plan = batch
@@ -396,7 +436,7 @@ def extend_ops(
 
         ours = AttendTriton(n_heads, rows.dim, window, kv_fp8=lk.fp8, device=device)
         kind = {0: "swa", 4: "csa", 128: "hca"}[ratio]
-        attend = attend_choice(kind, n_heads, rows.dim, window, ours, lk, device)
+        attend = attend_choice(kind, n_heads, rows.dim, window, ours, lk, device, topk)
     else:
         attend = AttendTorch()
     return ExtendOps(StoreTriton(), attend, flush, index_flush, picks)

@@ -142,8 +142,10 @@ class CSAWrapper(SWAWrapper):
 
     def plan(self, batch: BatchPlan) -> None:
         super().plan(batch)
-        for op in (self.ops.flush, self.ops.index_flush, self.ops.picks):
+        for op in (self.ops.flush, self.ops.index_flush):
             op.plan(batch)
+        # the attend op is planned (super().plan): FlashMLA's lists take the picks directly
+        self.ops.picks.plan(batch, into=self.ops.attend.picks_into)
 
     def _max_entries(self, batch: BatchPlan) -> int:
         return min(self.topk, max((r.seq_len // self.ratio for r in batch.requests), default=0))

@@ -210,11 +210,12 @@ def _next_digit(hist, need, prefix, PASS: tl.constexpr):
 
 
 @triton.jit
-def _write_picks(src, lo, hi, prefix, need, taken, equal_seen, ids, rows, bt_row,
+def _write_picks(src, lo, hi, prefix, need, taken, equal_seen, ids, rows, bt_row, id_base,
                  EPB: tl.constexpr, CHUNK: tl.constexpr, WRITE_ROWS: tl.constexpr):  # fmt: skip
     """Entries ``lo .. hi-1`` above ``prefix`` (the k-th largest key), and those equal to it
     while fewer than ``need`` came before (``equal_seen`` of them before ``lo``), written in
-    entry order from slot ``taken`` of ``ids`` (and their rows through ``bt_row``)."""
+    entry order from slot ``taken`` of ``ids`` as ``id_base + entry`` (and their rows through
+    ``bt_row``)."""
     x = tl.load(src + lo + tl.arange(0, CHUNK), lo + tl.arange(0, CHUNK) < hi, 0.0)
     for c0 in range(lo, hi, CHUNK):
         m, key, x = _chunk_keys(src, c0, hi, x, CHUNK)
@@ -223,7 +224,7 @@ def _write_picks(src, lo, hi, prefix, need, taken, equal_seen, ids, rows, bt_row
         take = (m & (key > prefix)) | ((eq != 0) & (equal_seen + tl.cumsum(eq, 0) <= need))
         take_i = take.to(tl.int32)
         slot = taken + tl.cumsum(take_i, 0) - 1
-        tl.store(ids + slot, idx, take)
+        tl.store(ids + slot, idx + id_base, take)
         if WRITE_ROWS:
             blk = tl.load(bt_row + idx // EPB, mask=take, other=0)
             tl.store(rows + slot, blk * EPB + idx % EPB, take)
@@ -261,6 +262,13 @@ def _radix_threshold(src, vis, k, CHUNK: tl.constexpr):
     return prefix, need
 
 
+@triton.jit
+def _pick_base(base_ptr, req, REBASE: tl.constexpr):
+    """What a query's picks are written as, ``base + entry id``: ``base_ptr[req]`` (the
+    request's first row in FlashMLA's extend workspace, ``PickLists``) or 0 (entry ids)."""
+    return tl.load(base_ptr + req) if REBASE else tl.zeros([], tl.int32)
+
+
 @triton.jit(do_not_specialize=["bt_stride"])
 def _topk_kernel(
     logits_ptr,
@@ -270,25 +278,34 @@ def _topk_kernel(
     bt_ptr,
     bt_stride,
     ids_ptr,
+    ids_ld,
     rows_ptr,
     len_ptr,
+    base_ptr,
     K: tl.constexpr,
     RATIO: tl.constexpr,
     EPB: tl.constexpr,
     CHUNK: tl.constexpr,
     KCHUNK: tl.constexpr,
     WRITE_ROWS: tl.constexpr,
+    REBASE: tl.constexpr,
 ):
+    """One query per program. ``ids`` rows ``ids_ld`` apart (``K``: the plan's buffer; wider:
+    K columns of FlashMLA's index lists, written with ``base_ptr[request]`` added when
+    ``REBASE``); ``rows`` K apart."""
     t = tl.program_id(0)
     vis = (tl.load(pos_ptr + t).to(tl.int32) + 1) // RATIO
     k = tl.minimum(vis, K)
     src = logits_ptr + t.to(tl.int64) * ld
     prefix, need = _radix_threshold(src, vis, k, CHUNK)
-    bt_row = bt_ptr + tl.load(qreq_ptr + t).to(tl.int64) * bt_stride
+    req = tl.load(qreq_ptr + t)
+    bt_row = bt_ptr + req.to(tl.int64) * bt_stride
     zero = tl.zeros([], tl.int32)
-    _write_picks(src, 0, vis, prefix, need, zero, zero, ids_ptr + t * K, rows_ptr + t * K,
-                 bt_row, EPB, CHUNK, WRITE_ROWS)  # fmt: skip
-    _pad_picks(ids_ptr + t * K, rows_ptr + t * K, k, K, KCHUNK, WRITE_ROWS)
+    ids = ids_ptr + t.to(tl.int64) * ids_ld
+    rows = rows_ptr + t.to(tl.int64) * K
+    _write_picks(src, 0, vis, prefix, need, zero, zero, ids, rows, bt_row,
+                 _pick_base(base_ptr, req, REBASE), EPB, CHUNK, WRITE_ROWS)  # fmt: skip
+    _pad_picks(ids, rows, k, K, KCHUNK, WRITE_ROWS)
     tl.store(len_ptr + t, k)
 
 
@@ -364,7 +381,7 @@ def _split_write_kernel(
     lo, hi = _split_range(vis, s, SPLITS)
     bt_row = bt_ptr + tl.load(qreq_ptr + t).to(tl.int64) * bt_stride
     _write_picks(logits_ptr + t.to(tl.int64) * ld, lo, hi, prefix, need, taken, equal_seen,
-                 ids_ptr + t * K, rows_ptr + t * K, bt_row, EPB, CHUNK, WRITE_ROWS)  # fmt: skip
+                 ids_ptr + t * K, rows_ptr + t * K, bt_row, 0, EPB, CHUNK, WRITE_ROWS)  # fmt: skip
     if s == 0:
         _pad_picks(ids_ptr + t * K, rows_ptr + t * K, k, K, KCHUNK, WRITE_ROWS)
         tl.store(len_ptr + t, k)
@@ -428,6 +445,7 @@ class IndexerTopK:
         self.ids = torch.empty(n_queries, self.topk, dtype=torch.int32, device=device)
         self.rows = torch.empty_like(self.ids) if self.write_rows else self.ids
         self.lengths = torch.empty(n_queries, dtype=torch.int32, device=device)
+        self._ids_base = (self.lengths, False)  # entry ids (no base; a dummy pointer)
         sms = (
             torch.cuda.get_device_properties(device).multi_processor_count
             if device.type == "cuda"
@@ -496,12 +514,14 @@ class IndexerTopK:
         """One program per query (many queries: they fill the GPU), ``_radix_chunk`` entries
         a loop step (``topk_shapes.radix_chunk``: a pass counts whole steps, masked entries
         included, so rows of at most 1024 scores, a 4K prompt's extend, take their width)."""
+        base, rebase = self._ids_base
         _topk_kernel[(t1 - t0,)](
             logits_ptr=self.logits, ld=self.ld, qreq_ptr=query_req[t0:t1],
             pos_ptr=positions[t0:t1], bt_ptr=block_table, bt_stride=block_table.stride(0),
-            ids_ptr=self.ids[t0:t1], rows_ptr=self.rows[t0:t1], len_ptr=self.lengths[t0:t1],
-            K=self.topk, RATIO=self.ratio, EPB=self.entries_per_block, CHUNK=self._radix_chunk,
-            KCHUNK=self._kchunk, WRITE_ROWS=self.write_rows, num_warps=8,
+            ids_ptr=self.ids[t0:t1], ids_ld=self.ids.stride(0), rows_ptr=self._rows_out[t0:t1],
+            len_ptr=self.lengths[t0:t1], base_ptr=base, K=self.topk, RATIO=self.ratio,
+            EPB=self.entries_per_block, CHUNK=self._radix_chunk, KCHUNK=self._kchunk,
+            WRITE_ROWS=self.write_rows, REBASE=rebase, num_warps=8,
         )  # fmt: skip
 
     def _select_split(self, block_table, query_req, positions, t0, t1) -> None:
@@ -520,6 +540,11 @@ class IndexerTopK:
             len_ptr=self.lengths[t0:t1], EPB=self.entries_per_block, KCHUNK=self._kchunk,
             WRITE_ROWS=self.write_rows, num_warps=4,
         )  # fmt: skip
+
+    @property
+    def _rows_out(self) -> torch.Tensor:
+        """The rows pointer of the select (``ids`` when no rows are written: never stored)."""
+        return self.ids if self.rows is None else self.rows
 
     @property
     def _kchunk(self) -> int:

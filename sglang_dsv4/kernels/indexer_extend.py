@@ -186,9 +186,15 @@ class IndexerExtend:
         extend_lens: Sequence[int],
         seq_lens: Sequence[int],
         device: torch.device | str,
+        *,
+        ids_out: torch.Tensor | None = None,
+        id_base: torch.Tensor | None = None,
     ) -> None:
         """Host lengths of the batch (new tokens ``n_b``, sequence lengths ``S_b``; the batch's
-        tokens are the requests' new tokens in order)."""
+        tokens are the requests' new tokens in order). ``ids_out`` [T, topk] int32 (unit column
+        stride, any row stride; ``id_base`` [B] int32): the select writes each query's picks
+        there as ``id_base[request] + entry id`` (FlashMLA's index lists, ``PickLists``) and
+        no rows; None: into the plan's ``ids`` and ``rows`` buffers."""
         device = torch.device(device)
         bq = self.tile_q
         max_keys = max((s // self.ratio for s in seq_lens), default=0)
@@ -212,9 +218,8 @@ class IndexerExtend:
         self.tile_start, self.tile_len = tiles[0], tiles[1]
         rows = max((t1 - t0 for t0, t1, _, _ in chunks), default=1)
         self.logits = torch.empty(rows, self.ld, dtype=torch.float32, device=device)
-        self.ids = torch.empty(t, self.topk, dtype=torch.int32, device=device)
-        self.rows = torch.empty_like(self.ids)
         self.lengths = torch.empty(t, dtype=torch.int32, device=device)
+        self._plan_ids(t, device, ids_out, id_base)
         sms = (
             torch.cuda.get_device_properties(device).multi_processor_count
             if device.type == "cuda"
@@ -235,6 +240,21 @@ class IndexerExtend:
         self._select = self._select_rows if rows else self._select_radix
         self._planned = True
 
+    def _plan_ids(self, t: int, device, ids_out, id_base) -> None:
+        """The select's outputs: ``ids`` (+ ``rows``), or ``ids_out`` rebased (no rows)."""
+        if ids_out is None:
+            self.ids = torch.empty(t, self.topk, dtype=torch.int32, device=device)
+            self.rows = torch.empty_like(self.ids)
+            self.write_rows, self._ids_base = True, (self.lengths, False)  # base: a dummy
+            return
+        if ids_out.shape != (t, self.topk) or ids_out.dtype != torch.int32:
+            raise ValueError(f"ids_out {tuple(ids_out.shape)} {ids_out.dtype}: int32 "
+                             f"[{t}, {self.topk}]")  # fmt: skip
+        if ids_out.stride(1) != 1 or id_base is None or id_base.dtype != torch.int32:
+            raise ValueError("ids_out needs unit column stride and an int32 id_base")
+        self.ids, self.rows = ids_out, None
+        self.write_rows, self._ids_base = False, (id_base, True)
+
     def run(
         self,
         q: torch.Tensor,
@@ -243,14 +263,15 @@ class IndexerExtend:
         block_table: torch.Tensor,
         query_req: torch.Tensor,
         positions: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """``q`` [T, H, Dh] bf16 (fp32: exact fp32 dots), roped and rotated like the keys;
         ``weights`` [T, H]; ``keys`` the key cache (uint8 FP8 layout, or plain rows viewed
         [n_rows, Dh]); ``block_table`` [B, max_blocks] int32; ``query_req`` [T] int32;
         ``positions`` [T] int32/int64.
 
         Returns the plan's buffers ``(ids, rows, lengths)``: entry ids [T, topk] int32 (-1 past
-        the ``min(topk, visible)`` picks), their key / entry rows, the pick counts [T]."""
+        the ``min(topk, visible)`` picks), their key / entry rows, the pick counts [T]. With
+        ``ids_out`` planned: that view (rebased ids) and no rows (None)."""
         if not self._planned:
             raise RuntimeError("plan() before run()")
         if q.shape != (self.n_queries, self.n_heads, self.head_dim):
@@ -282,16 +303,18 @@ class IndexerExtend:
 
     def _select_rows(self, block_table, query_req, positions, t0, t1) -> None:
         """``topk_rows``: one program per query, its row in registers."""
+        base, rebase = self._ids_base
         _rows_topk_kernel[(t1 - t0,)](
             logits_ptr=self.logits, ld=self.ld, qreq_ptr=query_req[t0:t1],
             pos_ptr=positions[t0:t1], bt_ptr=block_table, bt_stride=block_table.stride(0),
-            ids_ptr=self.ids[t0:t1], rows_ptr=self.rows[t0:t1], len_ptr=self.lengths[t0:t1],
-            K=self.topk, RATIO=self.ratio, EPB=self.entries_per_block,
-            ROW=self._row, WCHUNK=self.select_shape.chunk,
-            KCHUNK=self._kchunk, WRITE_ROWS=True, num_warps=self.select_shape.warps,
+            ids_ptr=self.ids[t0:t1], ids_ld=self.ids.stride(0), rows_ptr=self._rows_out[t0:t1],
+            len_ptr=self.lengths[t0:t1], base_ptr=base, K=self.topk, RATIO=self.ratio,
+            EPB=self.entries_per_block, ROW=self._row, WCHUNK=self.select_shape.chunk,
+            KCHUNK=self._kchunk, WRITE_ROWS=self.write_rows, REBASE=rebase,
+            num_warps=self.select_shape.warps,
         )  # fmt: skip
 
     # the exact radix top-k of the decode indexer, over this class's workspace (same fields)
-    write_rows = True
+    _rows_out = IndexerTopK._rows_out
     _select_radix = IndexerTopK._select
     _kchunk = IndexerTopK._kchunk

@@ -27,7 +27,7 @@ one scan of ``gt + (eq << 16)`` (``gt`` counts stay below k, ``eq`` ones below 2
 import triton
 import triton.language as tl
 
-from sglang_dsv4.kernels.indexer import _order_key, _pad_picks
+from sglang_dsv4.kernels.indexer import _order_key, _pad_picks, _pick_base
 
 __all__ = []
 
@@ -60,10 +60,11 @@ def _bisect(key, k):
 
 
 @triton.jit
-def _write_packed(src, vis, prefix, need, ids, rows, bt_row, EPB: tl.constexpr,
+def _write_packed(src, vis, prefix, need, ids, rows, bt_row, id_base, EPB: tl.constexpr,
                   WCHUNK: tl.constexpr, WRITE_ROWS: tl.constexpr):  # fmt: skip
     """Entries ``0 .. vis-1`` above ``prefix`` and the first ``need`` equal to it, in entry order
-    from slot 0 of ``ids`` (and their rows through ``bt_row``), ``WCHUNK`` entries a step."""
+    from slot 0 of ``ids`` as ``id_base + entry`` (and their rows through ``bt_row``),
+    ``WCHUNK`` entries a step."""
     packed_before = tl.zeros([], tl.int32)  # gt + (eq << 16) of the entries before the step
     vis16 = tl.cdiv(vis, 16) * 16  # the load's mask in whole vectors (ld is a multiple of 16)
     for c0 in range(0, vis, WCHUNK):
@@ -77,7 +78,7 @@ def _write_packed(src, vis, prefix, need, ids, rows, bt_row, EPB: tl.constexpr,
         take = (gt != 0) | ((eq != 0) & (rank <= need))
         # -1: not a pick (one int32 the stores' layout converts, not pointers and masks)
         slot = tl.where(take, (scan & 0xFFFF) + tl.minimum(rank, need) - 1, -1)
-        tl.store(ids + slot, idx, slot >= 0)
+        tl.store(ids + slot, idx + id_base, slot >= 0)
         if WRITE_ROWS:
             blk = tl.load(bt_row + idx // EPB, mask=slot >= 0, other=0)
             tl.store(rows + slot, blk * EPB + idx % EPB, slot >= 0)
@@ -86,10 +87,11 @@ def _write_packed(src, vis, prefix, need, ids, rows, bt_row, EPB: tl.constexpr,
 
 @triton.jit(do_not_specialize=["bt_stride"])
 def _rows_topk_kernel(
-    logits_ptr, ld, qreq_ptr, pos_ptr, bt_ptr, bt_stride, ids_ptr, rows_ptr, len_ptr,
-    K: tl.constexpr, RATIO: tl.constexpr, EPB: tl.constexpr, ROW: tl.constexpr,
-    WCHUNK: tl.constexpr, KCHUNK: tl.constexpr, WRITE_ROWS: tl.constexpr,
+    logits_ptr, ld, qreq_ptr, pos_ptr, bt_ptr, bt_stride, ids_ptr, ids_ld, rows_ptr, len_ptr,
+    base_ptr, K: tl.constexpr, RATIO: tl.constexpr, EPB: tl.constexpr, ROW: tl.constexpr,
+    WCHUNK: tl.constexpr, KCHUNK: tl.constexpr, WRITE_ROWS: tl.constexpr, REBASE: tl.constexpr,
 ):  # fmt: skip
+    """``ids`` / ``base_ptr`` / ``REBASE`` as ``indexer._topk_kernel``'s."""
     t = tl.program_id(0)
     vis = (tl.load(pos_ptr + t).to(tl.int32) + 1) // RATIO
     k = tl.minimum(vis, K)
@@ -100,9 +102,11 @@ def _rows_topk_kernel(
         e = tl.arange(0, ROW)
         x = tl.load(src + e, e < tl.cdiv(vis, 16) * 16, 0.0)
         prefix, need = _bisect(tl.where(e < vis, _order_key(x), _INT_MIN), k)
-    bt_row = bt_ptr + tl.load(qreq_ptr + t).to(tl.int64) * bt_stride
-    ids = ids_ptr + t.to(tl.int64) * K
+    req = tl.load(qreq_ptr + t)
+    bt_row = bt_ptr + req.to(tl.int64) * bt_stride
+    ids = ids_ptr + t.to(tl.int64) * ids_ld
     rows = rows_ptr + t.to(tl.int64) * K
-    _write_packed(src, vis, prefix, need, ids, rows, bt_row, EPB, WCHUNK, WRITE_ROWS)
+    base = _pick_base(base_ptr, req, REBASE)
+    _write_packed(src, vis, prefix, need, ids, rows, bt_row, base, EPB, WCHUNK, WRITE_ROWS)
     _pad_picks(ids, rows, k, K, KCHUNK, WRITE_ROWS)
     tl.store(len_ptr + t, k)

@@ -17,10 +17,8 @@ from sglang_dsv4.attention.extend_ops import AttendTorch, ExtendOps, extend_ops
 from sglang_dsv4.attention.plan import plan_batch
 from sglang_dsv4.attention.wrappers import CSAWrapper, HCAWrapper, SWAWrapper
 from sglang_dsv4.config import AttnKind
-from sglang_dsv4.kernels.kv_store import FP8RowLayout
 from sglang_dsv4.mem.schema import EntryFormat
 from sglang_dsv4.ref.attention import sparse_attention
-from sglang_dsv4.ref.kv_layout import unpack_fp8_rows
 
 STEPS = [[(0, 0, 131), (1, 0, 131)], [(0, 131, 300), (2, 0, 5)], [(3, 256, 301), (1, 131, 140)]]
 
@@ -30,18 +28,14 @@ def _fake_fwd(q, kv, indices, scale, d_v, sink, lengths):
     return sparse_attention(q, kv[:, 0], indices[:, 0].long(), sink, scale), None, None
 
 
-def _fake_dequant(cache, rows, page_size, out):
-    layout = FP8RowLayout.paged(page_size, out.shape[-1])
-    out[:, 0] = unpack_fp8_rows(layout.read(cache, rows), out.shape[-1]).to(out.dtype)
-
-
-def _flashmla(ratio, window, lk):
-    op = object.__new__(extend_choice.AttendFlashMLA)  # no sgl_kernel on CPU: the fakes
-    op._fwd, op._dequant = _fake_fwd, _fake_dequant
+def _flashmla(ratio, window, lk, topk):
+    """FlashMLA's op with its sparse prefill's ``ref`` twin (no sgl_kernel on CPU); the
+    workspace gather is the Triton kernel (interpreted)."""
     entry_page = lk.entry_rows.rows_per_page if lk.entry_rows is not None else 1
-    op.ratio, op.window, op.fp8, op.dim = ratio, window, lk.fp8, lk.raw_rows.dim
-    op._pages = (lk.raw_rows.rows_per_page, entry_page)
-    return op
+    raw_page, dim = lk.raw_rows.rows_per_page, lk.raw_rows.dim
+    return extend_choice.AttendFlashMLA(
+        ratio, window, lk.fp8, raw_page, entry_page, dim, topk, fwd=_fake_fwd
+    )
 
 
 def _run(cfg, weights, layer, fmt, flashmla: bool):
@@ -53,7 +47,9 @@ def _run(cfg, weights, layer, fmt, flashmla: bool):
     twin = extend_ops(spec.attn.value, lk, window=cfg.sliding_window, n_heads=cfg.num_heads,
                       index_heads=cfg.index_n_heads, topk=cfg.index_topk, device="cpu",
                       kernels=False)  # fmt: skip
-    attend = _flashmla(spec.attn.value, cfg.sliding_window, lk) if flashmla else AttendTorch()
+    attend = AttendTorch()
+    if flashmla:
+        attend = _flashmla(spec.attn.value, cfg.sliding_window, lk, cfg.index_topk)
     ops = ExtendOps(twin.store, attend, twin.flush, twin.index_flush, twin.picks)
     cls = {AttnKind.SWA: SWAWrapper, AttnKind.CSA: CSAWrapper, AttnKind.HCA: HCAWrapper}
     w = cls[spec.attn](cfg.sliding_window, ops)
@@ -104,7 +100,7 @@ def test_compare_attend_gives_ours_its_entries(tiny_cfg, tiny_weights, monkeypat
     twin = extend_ops(spec.attn.value, lk, window=cfg.sliding_window, n_heads=cfg.num_heads,
                       index_heads=cfg.index_n_heads, topk=cfg.index_topk, device="cpu",
                       kernels=False)  # fmt: skip
-    flashmla = _flashmla(spec.attn.value, cfg.sliding_window, lk)
+    flashmla = _flashmla(spec.attn.value, cfg.sliding_window, lk, cfg.index_topk)
     att = extend_choice.AttendChoice(spec.attn.name.lower(), cfg.num_heads, cfg.sliding_window,
                                      AttendTorch(), flashmla)  # fmt: skip
     ops = ExtendOps(twin.store, att, twin.flush, twin.index_flush, twin.picks)

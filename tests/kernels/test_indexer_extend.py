@@ -208,6 +208,57 @@ def test_select_shapes(select):
     _run("fp8", [0, 300], [90, 50], 16, 16, "cpu", workspace=4 * 112 * 40, select=select)
 
 
+def _into_lists(fmt, prefix, extend, topk, n_heads, device, select=None, workspace=1 << 28,
+                seed=0):  # fmt: skip
+    """The select writing into FlashMLA's index lists (``ids_out`` a column block of a wider
+    -7-poisoned buffer, ``id_base`` per request) vs the same run into the plan's buffers:
+    ids rebased (``base + id``, -1 kept), same picks in the same order, the lists' other
+    columns untouched, the same lengths."""
+    gen = torch.Generator().manual_seed(seed)
+    seq = [p + n for p, n in zip(prefix, extend, strict=True)]
+    keys, _, layout, bt = _setup(fmt, seq, n_heads, 128, device, gen)
+    t = sum(extend)
+    q = torch.randn(t, n_heads, 128, generator=gen).to(device, torch.bfloat16)
+    w = torch.randn(t, n_heads, generator=gen).to(device)
+    qreq = torch.repeat_interleave(torch.arange(len(extend)), torch.tensor(extend))
+    qreq = qreq.int().to(device)
+    pos = torch.cat([torch.arange(p, s) for p, s in zip(prefix, seq, strict=True)]).to(device)
+    ix = IndexerExtend(topk, n_heads, 128, key_layout=layout, max_workspace_bytes=workspace,
+                       select=select)  # fmt: skip
+    ix.plan(extend, seq, device)
+    ids, _, lengths = (x.clone() for x in ix.run(q, w, keys, bt, qreq, pos))
+    lists = torch.full((t, 1, 3 + topk + 21), -7, dtype=torch.int32, device=device)
+    base = torch.randint(0, 1 << 20, (len(extend),), generator=gen).int().to(device)
+    ix.plan(extend, seq, device, ids_out=lists[:, 0, 3 : 3 + topk], id_base=base)
+    ix.lengths.fill_(-7)
+    got, rows, got_len = ix.run(q, w, keys, bt, qreq, pos)
+    assert rows is None and got.data_ptr() == lists[:, 0, 3:].data_ptr()
+    want = torch.where(ids >= 0, ids + base[qreq.long()].unsqueeze(1), -1)
+    assert torch.equal(lists[:, 0, 3 : 3 + topk], want)
+    assert (lists[:, 0, :3] == -7).all() and (lists[:, 0, 3 + topk :] == -7).all()
+    assert torch.equal(got_len, lengths)
+    return ix
+
+
+@pytest.mark.parametrize("select", [SelectShape("rows", 4, 128), SelectShape("radix", 8, 2048)])
+def test_picks_into_flashmla_lists(select):
+    """Both selects, several workspace chunks, a 1-token extend and queries with no keys."""
+    ix = _into_lists("fp8", [0, 400, 5], [37, 1, 130], 16, 16, "cpu", select, 4 * 112 * 40)
+    assert len(ix.chunks) > 1
+
+
+def test_picks_into_lists_checks():
+    ix = IndexerExtend(16, 16, 128)
+    lists = torch.full((3, 40), -1, dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"int32 \[3, 16\]"):
+        ix.plan([3], [3], "cpu", ids_out=lists[:, :15], id_base=torch.zeros(1, dtype=torch.int32))
+    with pytest.raises(ValueError, match="id_base"):
+        ix.plan([3], [3], "cpu", ids_out=lists[:, :16])
+    with pytest.raises(ValueError, match="unit column"):
+        ix.plan([3], [3], "cpu", ids_out=lists[:, ::2][:, :16],
+                id_base=torch.zeros(1, dtype=torch.int32))  # fmt: skip
+
+
 def test_plan_picks_the_measured_select(monkeypatch):
     """No ``select``: plan() takes ``topk_shapes.MEASURED``'s row for the widest measured
     rows not above the batch's, the default (radix) below them."""
@@ -284,3 +335,11 @@ def test_gpu_launch_shapes(shape):
     rows, keys, warps, stages = shape
     _run("fp8", [6144], [2048], 512, 64, "cuda", stride=61, query_rows=rows, block_keys=keys,
          warps=warps, stages=stages)  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("select", [SelectShape("rows", 8, 1024), SelectShape("radix", 8, 2048)])
+def test_gpu_flash_dims_picks_into_lists(select):
+    """The served 8192-token chunk after a 24K prefix next to a short fresh request, the picks
+    written into FlashMLA's lists (64 indexer heads x 128, top-512): the same picks, rebased."""
+    _into_lists("fp8", [24576, 0], [8192, 300], 512, 64, "cuda", select, 1 << 27)
