@@ -239,6 +239,32 @@ def test_decode_token_by_token(mods, ratio):
         h.step([(0, 1), (1, 1), (2, 1)], decode=True)
 
 
+@pytest.mark.parametrize("ratio,out", [(4, "fp8"), (4, "index_fp8"), (128, "fp8")])
+def test_bf16_weights_as_stored_equal_their_fp32_copies(mods, ratio, out):
+    """The extend flush hands the model's bf16 ``ape`` / ``norm`` to the kernel as stored
+    (``extend_ops.FlushTriton``, as the decode flush does): every output (entries, tails, c4
+    boundary rows) equals the launch on their fp32 copies, the previous per-step casts, bit for
+    bit."""
+    ks, cm = mods
+    h = Harness(ks, cm, ratio, 128, out, 32, 2, 400, "cpu")
+    ape, norm = h.weights.ape.bfloat16(), h.weights.norm.bfloat16()
+    batch = [(0, 260), (1, 9)]
+    _, kv, score, meta = h.inputs(batch)
+    h.flush.plan([0, 0], [260, 9])
+    runs = []
+    for a, n in ((ape.float(), norm.float()), (ape, norm)):
+        tails, cache = (h.tail_kv.clone(), h.tail_score.clone()), h.cache.clone()
+        bnd = tuple(torch.full((h.n_pages, 4, 128), NAN) for _ in range(2)) if ratio == 4 else None
+        h.flush.run(
+            kv, score, a, n, h.inv_freq, *tails, meta["req_slots"], meta["prefix_lens"],
+            meta["cu_seqlens"], meta["block_table"], cache, boundary=bnd,
+        )  # fmt: skip
+        runs.append([*tails, cache, *(bnd or ())])
+    assert not torch.equal(runs[1][2], h.cache), "no entry was written"
+    for want, got in zip(*runs, strict=True):  # as bits: the poison NaNs compare too
+        assert torch.equal(want.view(torch.uint8), got.view(torch.uint8))
+
+
 def test_tail_modes_and_boundary(mods):
     """``boundary`` gets the a-halves of every block-ending window; a fresh request ignores a
     stale pool row; a request rebuilt from a block end equals the reference rebuilt the same way
