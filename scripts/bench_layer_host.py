@@ -38,14 +38,14 @@ from types import SimpleNamespace
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
 
-import torch  # noqa: E402
-import triton.runtime.jit as triton_jit  # noqa: E402
-from sglang.srt.model_executor.forward_batch_info import ForwardMode  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+import torch
+import triton.runtime.jit as triton_jit
+from sglang.srt.model_executor.forward_batch_info import ForwardMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from sglang_dsv4.attention.plan_facts import SlottedLens  # noqa: E402
-from sglang_dsv4.config import AttnKind, DSV4Config  # noqa: E402
-from sglang_dsv4.perf.timing import write_json  # noqa: E402
+from sglang_dsv4.attention.plan_facts import SlottedLens
+from sglang_dsv4.config import AttnKind, DSV4Config
+from sglang_dsv4.perf.timing import write_json
 
 CASES = "2x150,1x8192"
 _ALLOC = {"empty", "empty_strided", "new_empty", "new_empty_strided", "empty_like",
@@ -180,7 +180,8 @@ def _paused(counter: Counter):
 
 
 def _model_config(path: str, experts: int, vocab: int):
-    raw = json.loads(open(path).read())
+    with open(path) as f:
+        raw = json.load(f)
     raw["n_routed_experts"] = min(raw["n_routed_experts"], experts)
     raw["num_experts_per_tok"] = min(raw["num_experts_per_tok"], raw["n_routed_experts"])
     raw["vocab_size"] = min(raw["vocab_size"], vocab)
@@ -194,7 +195,7 @@ def build_model(raw: dict):
 
     config = SimpleNamespace(**raw, to_dict=lambda: dict(raw))
     patches = {
-        "LogitsProcessor": lambda config: (lambda ids, hidden, head, fb, **kw: hidden),
+        "LogitsProcessor": lambda config: lambda ids, hidden, head, fb, **kw: hidden,
         "keeps_quantized": lambda device: True,
         "build_ops": functools.partial(build_ops, kernels=True),
     }
@@ -388,7 +389,11 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=4096, help="vocabulary rows (at most)")
     ap.add_argument("--execute", action="store_true", help="run the kernels (interpreted)")
     ap.add_argument("--names", action="store_true", help="print each section's op names")
-    ap.add_argument("--stack", default=None, help="print where op NAME (or every op of section NAME, e.g. 'L1 attn') is called")
+    ap.add_argument(
+        "--stack",
+        default=None,
+        help="print where op NAME is called, or every op of section NAME ('L1 attn')",
+    )
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     torch.set_flush_denormal(True)  # unwritten buffers hold arbitrary bits

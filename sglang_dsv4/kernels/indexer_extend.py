@@ -249,9 +249,9 @@ class IndexerExtend:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``q`` [T, H, Dh] bf16 (fp32: exact fp32 dots), roped and rotated like the keys;
         ``weights`` [T, H] (bf16 or fp32, read as stored), scaled by ``w_scale`` in fp32 as the
-        kernel loads them (e.g. the query rotation's Dh^-1/2: no torch op per step); ``keys`` the key cache (uint8 FP8 layout, or plain rows viewed
-        [n_rows, Dh]); ``block_table`` [B, max_blocks] int32; ``query_req`` [T] int32;
-        ``positions`` [T] int32/int64.
+        kernel loads them (e.g. the query rotation's Dh^-1/2: no torch op per step); ``keys``
+        the key cache (uint8 FP8 layout, or plain rows viewed [n_rows, Dh]); ``block_table``
+        [B, max_blocks] int32; ``query_req`` [T] int32; ``positions`` [T] int32/int64.
 
         Returns the plan's buffers ``(ids, rows, lengths)``: entry ids [T, topk] int32 (-1 past
         the ``min(topk, visible)`` picks), their key / entry rows, the pick counts [T]."""
