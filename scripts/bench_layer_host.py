@@ -1,7 +1,7 @@
 """Torch ops and kernel launches of ONE extend (prefill) step on the GPU code path, counted on CPU.
 
     python scripts/bench_layer_host.py [--cases 2x150,1x8192] [--experts 16] [--vocab 4096]
-        [--execute] [--out DIR]
+        [--execute] [--compare BEFORE.json] [--names] [--stack NAME] [--out DIR]
 
 The served ``DeepseekV4ForCausalLM`` of the Flash-dims config (``configs/dsv4-flash-dims.json``:
 4 layers SWA, CSA, HCA, CSA at the real Flash widths; ``--experts`` / ``--vocab`` shrink the
@@ -22,8 +22,11 @@ Triton / FlashMLA launches (patched ``KernelInterface.__getitem__``: by default 
 run, heavy torch GEMMs replaced by their output allocation, so the 8192-token case takes seconds
 on CPU; ``--execute`` runs the kernels under ``TRITON_INTERPRET=1``, slow, small cases only), and
 ``sync`` host reads of device values (``aten._local_scalar_dense``). Per kind: the mean over the
-layers of that kind. Output: a table, and ``bench_layer_host.json`` in ``--out`` (default $OUT or
-``.``) with every section's counts and the kernel / op names.
+layers of that kind. The plan's ops are counted as the forward's are, though on the GPU many of
+them touch host tensors only (``bench_plan_host.py`` splits host and device ops). Output: a
+table (``--compare``: ``before -> now`` per cell, from an earlier run's JSON), and
+``bench_layer_host.json`` in ``--out`` (default $OUT or ``.``) with every section's counts and
+the kernel / op names (``--names`` prints them, ``--stack`` where each op is called from).
 """
 
 import argparse
@@ -48,8 +51,11 @@ from sglang_dsv4.config import AttnKind, DSV4Config
 from sglang_dsv4.perf.timing import write_json
 
 CASES = "2x150,1x8192"
+# no kernel on the GPU: allocations, aliases, a reshape's view (``_unsafe_view``), the host
+# scalar of ``torch.where(c, x, -1)`` (a wrapped CPU number), a host read (counted as a sync)
 _ALLOC = {"empty", "empty_strided", "new_empty", "new_empty_strided", "empty_like",
-          "_local_scalar_dense", "lift_fresh", "detach", "alias"}  # fmt: skip
+          "_local_scalar_dense", "lift_fresh", "detach", "alias", "_unsafe_view",
+          "scalar_tensor"}  # fmt: skip
 _GEMM = {"mm", "bmm", "addmm", "baddbmm", "_scaled_mm"}
 
 
@@ -368,17 +374,28 @@ def summarize(cfg: DSV4Config, counter: Counter) -> dict:
     }
 
 
-def print_case(name: str, r: dict) -> None:
-    def cells(c: dict) -> str:
-        return " ".join(f"{c[k]:>7g}" for k in KEYS)
-
-    head = " ".join(f"{k:>7}" for k in KEYS)
-    print(f"\n{name}: {'section':<18} {head}")
-    print(f"{'':{len(name) + 1}} {'plan':<18} {cells(r['plan'])}")
+def _rows(r: dict) -> list[tuple[str, dict]]:
+    """(label, counts) of a case's table: the plan, per kind attn / block per layer, forward."""
+    out = [("plan", r["plan"])]
     for kind, v in r["kinds"].items():
-        for part in ("attn", "block"):
-            print(f"{'':{len(name) + 1}} {kind + ' ' + part + ' /layer':<18} {cells(v[part])}")
-    print(f"{'':{len(name) + 1}} {'forward (total)':<18} {cells(r['forward'])}")
+        out += [(f"{kind} {part} /layer", v[part]) for part in ("attn", "block")]
+    return [*out, ("forward (total)", r["forward"])]
+
+
+def print_case(name: str, r: dict, before: dict | None = None) -> None:
+    """The case's table; with ``before`` (the same case of an earlier run) each cell reads
+    ``before -> now``."""
+
+    def cell(label: str, c: dict, k: str) -> str:
+        if before is None:
+            return f"{c[k]:>7g}"
+        was = dict(_rows(before)).get(label, dict.fromkeys(KEYS, 0))[k]
+        return f"{f'{was:g} -> {c[k]:g}':>14}"
+
+    width = 7 if before is None else 14
+    print(f"\n{name}: {'section':<18} " + " ".join(f"{k:>{width}}" for k in KEYS))
+    for label, c in _rows(r):
+        print(f"{'':{len(name) + 1}} {label:<18} " + " ".join(cell(label, c, k) for k in KEYS))
 
 
 def main() -> None:
@@ -394,10 +411,15 @@ def main() -> None:
         default=None,
         help="print where op NAME is called, or every op of section NAME ('L1 attn')",
     )
+    ap.add_argument("--compare", default=None, help="an earlier run's JSON: before -> now")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     torch.set_flush_denormal(True)  # unwritten buffers hold arbitrary bits
     torch.manual_seed(0)
+    earlier = {}
+    if args.compare:
+        with open(args.compare) as f:
+            earlier = json.load(f)["cases"]
     raw = _model_config(args.config, args.experts, args.vocab)
     model = build_model(raw)
     counter = Counter(fake_gemm=not args.execute, stack=args.stack)
@@ -407,7 +429,7 @@ def main() -> None:
     for case in filter(None, args.cases.split(",")):
         b, n = (int(v) for v in case.split("x"))
         r = out["cases"][case] = run_case(model, counter, b, n, args.execute)
-        print_case(case, r)
+        print_case(case, r, earlier.get(case))
         if args.names:
             for section, names in r["names"].items():
                 print(f"  {section}: {names}")

@@ -297,9 +297,11 @@ def _rotated(q: torch.Tensor) -> tuple[torch.Tensor, float]:
     key = (n, q.dtype, q.device)
     if key not in _HADAMARD:  # +-1 entries: exact in bf16
         _HADAMARD[key] = (hadamard(torch.eye(n, device=q.device)) * n**0.5).round().to(q.dtype)
-    # applied to the fp32 weights in the logits kernel: n^-1/2 is not a power of 2, a bf16
-    # product would round every weight
-    return q @ _HADAMARD[key], n**-0.5
+    # q [T, Hi, n] (rows strided: a split of the fused GEMM) @ H is the batched GEMM of H
+    # broadcast over tokens: that bmm called directly (``@`` dispatches it with four more
+    # expand / view ops each step). n^-1/2 goes to the fp32 weights in the logits kernel: it is
+    # not a power of 2, a bf16 product would round every weight.
+    return torch.bmm(q, _HADAMARD[key].expand(q.shape[0], n, n)), n**-0.5
 
 
 # ---------------------------------------------------------------- attend
