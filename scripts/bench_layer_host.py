@@ -1,7 +1,8 @@
 """Torch ops and kernel launches of ONE extend (prefill) step on the GPU code path, counted on CPU.
 
     python scripts/bench_layer_host.py [--cases 2x150,1x8192] [--experts 16] [--vocab 4096]
-        [--execute] [--compare BEFORE.json] [--names] [--stack NAME] [--out DIR]
+        [--compare BEFORE.json] [--names] [--stack NAME] [--out DIR]
+    python scripts/bench_layer_host.py --device cuda [--reps 10] ...   # real kernels, timed
 
 The served ``DeepseekV4ForCausalLM`` of the Flash-dims config (``configs/dsv4-flash-dims.json``:
 4 layers SWA, CSA, HCA, CSA at the real Flash widths; ``--experts`` / ``--vocab`` shrink the
@@ -18,15 +19,20 @@ reference view, fused projections, caches), then one step is counted:
 
 Counted per section: ``ops`` every torch op dispatched (``TorchDispatchMode``; views included),
 ``launch`` the ops that launch a CUDA kernel on the GPU (not views, not allocations), ``kern``
-Triton / FlashMLA launches (patched ``KernelInterface.__getitem__``: by default counted and NOT
-run, heavy torch GEMMs replaced by their output allocation, so the 8192-token case takes seconds
-on CPU; ``--execute`` runs the kernels under ``TRITON_INTERPRET=1``, slow, small cases only), and
-``sync`` host reads of device values (``aten._local_scalar_dense``). Per kind: the mean over the
-layers of that kind. The plan's ops are counted as the forward's are, though on the GPU many of
-them touch host tensors only (``bench_plan_host.py`` splits host and device ops). Output: a
-table (``--compare``: ``before -> now`` per cell, from an earlier run's JSON), and
+Triton / FlashMLA launches (patched ``KernelInterface.__getitem__``: on CPU counted and NOT run,
+heavy torch GEMMs replaced by their output allocation, so the 8192-token case takes seconds; no
+value steers the step's ops, the plan reads only host lengths), and ``sync`` host reads of
+device values (``aten._local_scalar_dense``). Per kind: the mean over the layers of that kind.
+The plan's ops are counted as the forward's are, though on the GPU many of them touch host
+tensors only (``bench_plan_host.py`` splits host and device ops). Output: a table
+(``--compare``: ``before -> now`` per cell, from an earlier run's JSON), and
 ``bench_layer_host.json`` in ``--out`` (default $OUT or ``.``) with every section's counts and
 the kernel / op names (``--names`` prints them, ``--stack`` where each op is called from).
+
+``--device cuda``: the same counts with every kernel run (compiled), weights small random values
+(``_init_weights``), real FlashMLA, then ``--reps`` uncounted steps timed: the host's issue time
+of plan + forward and the step's time to the device's end (medians; ``scripts/gpu_xlayer.sh``
+runs it on this tree and on ``git archive main``).
 """
 
 import argparse
@@ -35,20 +41,25 @@ import contextlib
 import functools
 import json
 import os
+import statistics
 import sys
+import time
 import traceback
 from types import SimpleNamespace
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
+# CPU: the kernels' launches counted (or interpreted); chosen before triton is imported
+_ARGV = " ".join(sys.argv[1:])
+if "--device cuda" not in _ARGV and "--device=cuda" not in _ARGV:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import torch
-import triton.runtime.jit as triton_jit
-from sglang.srt.model_executor.forward_batch_info import ForwardMode
-from torch.utils._python_dispatch import TorchDispatchMode
+import torch  # noqa: E402
+import triton.runtime.jit as triton_jit  # noqa: E402
+from sglang.srt.model_executor.forward_batch_info import ForwardMode  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-from sglang_dsv4.attention.plan_facts import SlottedLens
-from sglang_dsv4.config import AttnKind, DSV4Config
-from sglang_dsv4.perf.timing import write_json
+from sglang_dsv4.attention.plan_facts import SlottedLens  # noqa: E402
+from sglang_dsv4.config import AttnKind, DSV4Config  # noqa: E402
+from sglang_dsv4.perf.timing import write_json  # noqa: E402
 
 CASES = "2x150,1x8192"
 # no kernel on the GPU: allocations, aliases, a reshape's view (``_unsafe_view``), the host
@@ -136,7 +147,7 @@ def _kernel_name(k) -> str:
 @contextlib.contextmanager
 def counted_launches(counter: Counter, execute: bool):
     """Every ``kernel[grid](...)`` counted (outermost only: an autotuner's inner runs are not
-    ``__getitem__`` calls); run (interpreted) only with ``execute``."""
+    ``__getitem__`` calls); run only with ``execute`` (the GPU)."""
     original = triton_jit.KernelInterface.__getitem__
 
     def getitem(self, grid):
@@ -194,8 +205,9 @@ def _model_config(path: str, experts: int, vocab: int):
     return raw
 
 
-def build_model(raw: dict):
-    """The served model as CUDA builds it (module docstring), weights left uninitialized."""
+def build_model(raw: dict, device: str = "cpu"):
+    """The served model as CUDA builds it (module docstring), on ``device``; weights left
+    uninitialized on CPU (nothing reads their values), small random ones on CUDA."""
     import sglang_dsv4.model.deepseek_v4 as served
     from sglang_dsv4.ops import build_ops
 
@@ -210,20 +222,45 @@ def build_model(raw: dict):
         setattr(served, k, v)
     torch.set_default_dtype(torch.bfloat16)
     try:
-        model = served.DeepseekV4ForCausalLM(config)
+        with torch.device(device):
+            model = served.DeepseekV4ForCausalLM(config)
     finally:
         torch.set_default_dtype(torch.float32)
         for k, v in old.items():
             setattr(served, k, v)
+    if device != "cpu":
+        _init_weights(model, raw["n_routed_experts"])
     model._projections = model._fuse_projections()  # what load_weights derives
     return model
+
+
+@torch.no_grad()
+def _init_weights(model, n_experts: int) -> None:
+    """Finite values the kernels can run on: N(0, 0.02) floats (norm weights 1), FP8 weights
+    of N(0, 0.1), every scale 1 (e8m0 / UE8M0 byte 127), random FP4 codes, expert ids of the
+    hash layer's table within the experts."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.dtype in (torch.bfloat16, torch.float32):
+            if name.endswith(("norm.weight", "global_scale")):
+                t.fill_(1.0)
+            else:
+                t.copy_(torch.randn(t.shape, generator=gen) * 0.02)
+        elif t.dtype == torch.float8_e4m3fn:
+            t.copy_((torch.randn(t.shape, generator=gen) * 0.1).to(t.dtype))
+        elif t.dtype == torch.float8_e8m0fnu or name.endswith("scale"):
+            t.view(torch.uint8).fill_(127)
+        elif t.dtype == torch.uint8:
+            t.copy_(torch.randint(0, 256, t.shape, generator=gen, dtype=torch.uint8))
+        elif not t.is_floating_point():
+            t.copy_(torch.randint(0, n_experts, t.shape, generator=gen))
 
 
 class Host:
     """FP8 pools (as on the GPU) for ``n_req`` requests of ``context`` tokens and the backend
     over them with the extend kernels forced (``bench_plan_host.Host``'s bookkeeping)."""
 
-    def __init__(self, model, n_req: int, context: int, counter: Counter):
+    def __init__(self, model, n_req: int, context: int, counter: Counter, device: str):
         import sglang_dsv4.attention.backend as backend_mod
         import sglang_dsv4.attention.extend_choice as choice_mod
         from sglang_dsv4.mem.pools import DSV4KVPool
@@ -233,13 +270,14 @@ class Host:
         block = cfg.block_size
         schema = CacheSchema.from_config(cfg, EntryFormat.FP8)
         n_full, n_swa = n_req * context, n_req * context
-        self.pool = DSV4KVPool(schema, n_full, n_swa, n_req, torch.bfloat16, "cpu")
+        self.pool = DSV4KVPool(schema, n_full, n_swa, n_req, torch.bfloat16, device)
         full = torch.arange(n_full + block)
-        self.pool.register_mapping(torch.cat([full, torch.tensor([-1])]))
+        self.pool.register_mapping(torch.cat([full, torch.tensor([-1])]).to(device))
         rtt = block + torch.arange(n_req).unsqueeze(1) * context + torch.arange(context)
         self.rtp = SimpleNamespace(
-            req_to_token=rtt.int(), req_generation=torch.ones(n_req, dtype=torch.long)
+            req_to_token=rtt.int().to(device), req_generation=torch.ones(n_req, dtype=torch.long)
         )
+        self.device = device
         runner = SimpleNamespace(
             token_to_kv_pool=self.pool,
             req_to_token_pool=self.rtp,
@@ -249,11 +287,12 @@ class Host:
             server_args=SimpleNamespace(speculative_algorithm=None),
             is_draft_worker=False,
         )
-        sys.modules["sgl_kernel.flash_mla"] = _flashmla_stub(counter)
         ext = backend_mod.extend_ops
         eligible = choice_mod.flashmla_eligible
-        backend_mod.extend_ops = lambda *a, **k: ext(*a, **{**k, "kernels": True})
-        choice_mod.flashmla_eligible = lambda fp8, heads, dim, device: fp8 and heads in (64, 128)
+        if device == "cpu":  # the GPU's choices, FlashMLA a counting stub
+            sys.modules["sgl_kernel.flash_mla"] = _flashmla_stub(counter)
+            backend_mod.extend_ops = lambda *a, **k: ext(*a, **{**k, "kernels": True})
+            choice_mod.flashmla_eligible = lambda fp8, heads, dim, dev: fp8 and heads in (64, 128)
         try:
             self.backend = backend_mod.DSV4AttnBackend(runner)
         finally:
@@ -262,17 +301,18 @@ class Host:
     def extend_batch(self, b: int, n: int) -> SimpleNamespace:
         """``b`` fresh prompts of ``n`` tokens (new requests: their generation bumped)."""
         self.rtp.req_generation[:b] += 1
+        dev = self.device
         return SimpleNamespace(
             batch_size=b,
             forward_mode=ForwardMode.EXTEND,
-            req_pool_indices=torch.arange(b),
-            seq_lens=torch.full((b,), n),
+            req_pool_indices=torch.arange(b, device=dev),
+            seq_lens=torch.full((b,), n, device=dev),
             seq_lens_cpu=torch.full((b,), n, dtype=torch.int64),
-            extend_prefix_lens=torch.zeros(b, dtype=torch.int32),
+            extend_prefix_lens=torch.zeros(b, dtype=torch.int32, device=dev),
             extend_prefix_lens_cpu=SlottedLens([0] * b, list(range(b))),
-            extend_seq_lens=torch.full((b,), n, dtype=torch.int32),
+            extend_seq_lens=torch.full((b,), n, dtype=torch.int32, device=dev),
             extend_seq_lens_cpu=[n] * b,
-            positions=torch.arange(n).repeat(b),
+            positions=torch.arange(n, device=dev).repeat(b),
             out_cache_loc=self.rtp.req_to_token[:b, :n].long().flatten(),
             spec_info=None,
             capture_hidden_mode=SimpleNamespace(need_capture=lambda: False),
@@ -305,28 +345,52 @@ def _sections(model, counter: Counter):
     object.__setattr__(model.ops.hc, "post_head", post_head)
 
 
-def run_case(model, counter: Counter, b: int, n: int, execute: bool) -> dict:
-    host = Host(model, b, max(n, 256), counter)
+def run_case(model, counter: Counter, b: int, n: int, reps: int) -> dict:
+    """Counts of one extend step of ``b`` fresh prompts of ``n`` tokens (after a warm one); on
+    CUDA also ``reps`` timed steps (:func:`_time_steps`)."""
+    device = str(model.embed.weight.device.type)
+    host = Host(model, b, max(n, 256), counter, device)
     vocab = model.cfg.vocab_size
     ids = torch.randint(2, vocab, (b * n,), generator=torch.Generator().manual_seed(n))
-    with counted_launches(counter, execute):
+    ids = ids.to(device)
 
-        def step():
-            counter.section = "batch"  # the harness's own tensors: not counted
-            fb = host.extend_batch(b, n)
-            counter.section = "plan"
-            host.backend.init_forward_metadata(fb)
-            counter.section = "top"
-            with _patched_backend(host.backend):
-                model.forward(ids, fb.positions, fb)
+    def step(fb=None):
+        counter.section = "batch"  # the harness's own tensors: not counted
+        fb = fb or host.extend_batch(b, n)
+        counter.section = "plan"
+        host.backend.init_forward_metadata(fb)
+        counter.section = "top"
+        with _patched_backend(host.backend):
+            model.forward(ids, fb.positions, fb)
 
+    with counted_launches(counter, execute=device != "cpu"):
         with counter:  # warm: lazy state (ref view, caches) built; counts discarded
             step()
         counter.rows.clear()
         counter.names.clear()
         with counter:
             step()
-    return summarize(model.cfg, counter)
+    out = summarize(model.cfg, counter)
+    if device != "cpu":
+        out["timing"] = _time_steps(host, step, b, n, reps)
+    return out
+
+
+def _time_steps(host: "Host", step, b: int, n: int, reps: int) -> dict:
+    """Median milliseconds over ``reps`` uncounted steps (batch built beforehand, the device
+    idle at the start): ``host_ms`` until plan + forward have returned (the host's issue time),
+    ``step_ms`` until the device has run them."""
+    host_ms, step_ms = [], []
+    for _ in range(reps):
+        fb = host.extend_batch(b, n)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step(fb)
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        host_ms.append((t1 - t0) * 1e3)
+        step_ms.append((time.perf_counter() - t0) * 1e3)
+    return {"host_ms": statistics.median(host_ms), "step_ms": statistics.median(step_ms)}
 
 
 @contextlib.contextmanager
@@ -404,13 +468,19 @@ def main() -> None:
     ap.add_argument("--cases", default=CASES, help="BxN: B fresh prompts of N tokens")
     ap.add_argument("--experts", type=int, default=16, help="routed experts (at most)")
     ap.add_argument("--vocab", type=int, default=4096, help="vocabulary rows (at most)")
-    ap.add_argument("--execute", action="store_true", help="run the kernels (interpreted)")
     ap.add_argument("--names", action="store_true", help="print each section's op names")
     ap.add_argument(
         "--stack",
         default=None,
         help="print where op NAME is called, or every op of section NAME ('L1 attn')",
     )
+    ap.add_argument(
+        "--device",
+        default="cpu",
+        choices=["cpu", "cuda"],
+        help="cuda: the kernels run, and steps are timed",
+    )
+    ap.add_argument("--reps", type=int, default=10, help="timed steps per case (CUDA)")
     ap.add_argument("--compare", default=None, help="an earlier run's JSON: before -> now")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
@@ -421,15 +491,23 @@ def main() -> None:
         with open(args.compare) as f:
             earlier = json.load(f)["cases"]
     raw = _model_config(args.config, args.experts, args.vocab)
-    model = build_model(raw)
-    counter = Counter(fake_gemm=not args.execute, stack=args.stack)
+    model = build_model(raw, args.device)
+    counter = Counter(fake_gemm=args.device == "cpu", stack=args.stack)
     _sections(model, counter)
     out = {"config": args.config, "experts": raw["n_routed_experts"], "vocab": raw["vocab_size"],
-           "execute": args.execute, "cases": {}}  # fmt: skip
+           "device": args.device, "cases": {}}  # fmt: skip
     for case in filter(None, args.cases.split(",")):
         b, n = (int(v) for v in case.split("x"))
-        r = out["cases"][case] = run_case(model, counter, b, n, args.execute)
+        r = out["cases"][case] = run_case(model, counter, b, n, args.reps)
         print_case(case, r, earlier.get(case))
+        if "timing" in r:
+            was = earlier.get(case, {}).get("timing")
+            t = r["timing"]
+            print(
+                f"{'':{len(case) + 1}} timed ({args.reps} steps, median): host issue "
+                f"{t['host_ms']:.2f} ms, step {t['step_ms']:.2f} ms"
+                + (f" (before: {was['host_ms']:.2f} ms, {was['step_ms']:.2f} ms)" if was else "")
+            )
         if args.names:
             for section, names in r["names"].items():
                 print(f"  {section}: {names}")
