@@ -187,6 +187,24 @@ def _flashmla_stub(counter: Counter):
     return mod
 
 
+def _count_flashmla(counter: Counter) -> None:
+    """``sgl_kernel.flash_mla.flash_mla_sparse_fwd`` counting its launches (once per process)."""
+    try:
+        import sgl_kernel.flash_mla as fm
+    except ImportError:  # no FlashMLA: ours serves, nothing to count
+        return
+    real = fm.flash_mla_sparse_fwd
+    if getattr(real, "counted", False):
+        return
+
+    def counted(*args, **kwargs):
+        counter.kernel("flash_mla_sparse_fwd")
+        return real(*args, **kwargs)
+
+    counted.counted = True
+    fm.flash_mla_sparse_fwd = counted
+
+
 @contextlib.contextmanager
 def _paused(counter: Counter):
     counter.paused = True
@@ -293,6 +311,8 @@ class Host:
             sys.modules["sgl_kernel.flash_mla"] = _flashmla_stub(counter)
             backend_mod.extend_ops = lambda *a, **k: ext(*a, **{**k, "kernels": True})
             choice_mod.flashmla_eligible = lambda fp8, heads, dim, dev: fp8 and heads in (64, 128)
+        else:  # the real FlashMLA, its launches counted (the backend takes it at construction)
+            _count_flashmla(counter)
         try:
             self.backend = backend_mod.DSV4AttnBackend(runner)
         finally:
