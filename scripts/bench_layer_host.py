@@ -199,7 +199,8 @@ def _count_flashmla(counter: Counter) -> None:
 
     def counted(*args, **kwargs):
         counter.kernel("flash_mla_sparse_fwd")
-        return real(*args, **kwargs)
+        with _paused(counter):  # its torch op is the launch just counted
+            return real(*args, **kwargs)
 
     counted.counted = True
     fm.flash_mla_sparse_fwd = counted
