@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One extend step's torch ops and launches (issue 14: TTFT), this tree against main, on the GPU in
-# one command from the repo root (carry .wheelhouse and .base = `git archive main` extracted
-# there: `rm -rf .base && mkdir .base && git archive main | tar -x -C .base`):
+# one command from the repo root (carry .wheelhouse and .base = main where this branch left it,
+# extracted there: `rm -rf .base && mkdir .base && git archive $(git merge-base main HEAD) |
+# tar -x -C .base`):
 #
 #   bash scripts/gpu_xlayer.sh   install (~20 s), then (at most ~6.5 min: the timeouts below):
 #     1. the GPU tests of what changed: the compressor flush reading bf16 ape / norm as stored
