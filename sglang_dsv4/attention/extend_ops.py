@@ -162,12 +162,14 @@ class FlushTriton(FlushTorch):
         w = self._weights(comp)
         kv, score = comp.projections(index=self.index)  # [T, coff*D] each
         c4 = boundary is not None
+        # ape / norm as stored (bf16 in a bf16 model): the kernel widens them to fp32 as it
+        # loads them (exact), as the decode flush does; a cast here cost a launch per step
         self.kernel.run(
             kv=kv,
             score=score,
-            ape=w.ape.float(),
-            norm_weight=w.norm.float(),
-            inv_freq=comp.inv_freq.float(),
+            ape=w.ape,
+            norm_weight=w.norm,
+            inv_freq=comp.inv_freq,
             tail_kv=tail.kv,
             tail_score=tail.score,
             req_slots=t.req_slots,
@@ -276,7 +278,8 @@ def _top_k(keys, q, w, req: RequestPlan, ratio: int, topk: int) -> torch.Tensor:
 class PicksTriton(PicksTorch):
     """``rows``: the pool's ``RowStore`` of the indexer keys (FP8 keys of the Hadamard-rotated
     key, or plain rows). Against rotated keys the queries are rotated too (one GEMM with the
-    +-1 Hadamard matrix; its n^-1/2 goes into the head weights)."""
+    +-1 Hadamard matrix; its n^-1/2 goes into the head weights, as the logits kernel's
+    ``w_scale``: the weights reach it as the model made them, no cast or product per step)."""
 
     def __init__(self, topk: int, n_heads: int, rows: RowStore, ratio: int = 4):
         from sglang_dsv4.kernels.indexer_extend import IndexerExtend
@@ -284,7 +287,7 @@ class PicksTriton(PicksTorch):
         super().__init__(topk, ratio)
         self.kernel = IndexerExtend(topk, n_heads, rows.dim, ratio=ratio, key_layout=rows.layout)
         self.plain = rows.layout is None
-        self._prepare = _identity if self.plain else _rotated
+        self._prepare = _unrotated if self.plain else _rotated
 
     def plan(self, batch: BatchPlan, into: PickLists | None = None) -> None:
         """``into``: the attend op's lists: the select kernel writes the picks there, rebased
@@ -299,11 +302,12 @@ class PicksTriton(PicksTorch):
 
     def run(self, lk, q, weights) -> Picks:
         t = self._plan.tables
-        q, weights = self._prepare(q, weights)
+        q, w_scale = self._prepare(q)
         keys = lk.index_keys
         ids, rows, lengths = self.kernel.run(
             q=q,
             weights=weights,
+            w_scale=w_scale,
             keys=keys.flatten(0, 1) if self.plain else keys,
             block_table=t.block_table,
             query_req=t.query_req,
@@ -312,8 +316,8 @@ class PicksTriton(PicksTorch):
         return Picks(rows, lengths, ids)
 
 
-def _identity(q: torch.Tensor, weights: torch.Tensor):
-    return q, weights
+def _unrotated(q: torch.Tensor) -> tuple[torch.Tensor, float]:
+    return q, 1.0
 
 
 def _same(q: torch.Tensor) -> torch.Tensor:
@@ -323,15 +327,18 @@ def _same(q: torch.Tensor) -> torch.Tensor:
 _HADAMARD: dict = {}
 
 
-def _rotated(q: torch.Tensor, weights: torch.Tensor):
-    """(``q`` H, ``weights`` n^-1/2) with H the +-1 Sylvester matrix: scores against keys
-    stored as ``hadamard(k) = k H n^-1/2`` equal those of ``q`` against ``k``."""
+def _rotated(q: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(``q`` H, the head weights' factor n^-1/2) with H the +-1 Sylvester matrix: scores
+    against keys stored as ``hadamard(k) = k H n^-1/2`` equal those of ``q`` against ``k``."""
     n = q.shape[-1]
     key = (n, q.dtype, q.device)
     if key not in _HADAMARD:  # +-1 entries: exact in bf16
         _HADAMARD[key] = (hadamard(torch.eye(n, device=q.device)) * n**0.5).round().to(q.dtype)
-    # fp32 weights: n^-1/2 is not a power of 2, a bf16 product would round every weight
-    return q @ _HADAMARD[key], weights.float() * n**-0.5
+    # q [T, Hi, n] (rows strided: a split of the fused GEMM) @ H is the batched GEMM of H
+    # broadcast over tokens: that bmm called directly (``@`` dispatches it with four more
+    # expand / view ops each step). n^-1/2 goes to the fp32 weights in the logits kernel: it is
+    # not a power of 2, a bf16 product would round every weight.
+    return torch.bmm(q, _HADAMARD[key].expand(q.shape[0], n, n)), n**-0.5
 
 
 # ---------------------------------------------------------------- attend

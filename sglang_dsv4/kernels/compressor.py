@@ -83,7 +83,7 @@ def _load_slots(
     m_new = new[:, None]
     kv = tl.load(kv_ptr + tok[:, None] * in_stride + ch, m_new, 0.0).to(tl.float32)
     sc = tl.load(score_ptr + tok[:, None] * in_stride + ch, m_new, 0.0).to(tl.float32)
-    sc += tl.load(ape_ptr + (pos % R)[:, None] * C + ch, m_new, 0.0)
+    sc += tl.load(ape_ptr + (pos % R)[:, None] * C + ch, m_new, 0.0).to(tl.float32)
     sidx = pos - state_base
     old = pos < P
     if HAS_MODE:
@@ -376,7 +376,8 @@ class CompressorFlush:
         """Flush the batch's compressor.
 
         ``kv``, ``score`` [T, coff*D] fp32 / bf16 (``wkv(x)``, ``wgate(x)`` without ``ape``);
-        ``ape`` [r, coff*D] fp32; ``norm_weight`` [D] fp32; ``inv_freq`` [32] fp32;
+        ``ape`` [r, coff*D] and ``norm_weight`` [D] fp32 or bf16 (widened to fp32 as loaded:
+        the model's bf16 weights need no cast); ``inv_freq`` [32] fp32;
         state ``tail_kv`` / ``tail_score`` [n_req_slots, coff*r, coff*D] fp32 (updated in place);
         per request [B] int32: ``req_slots`` (tail row), ``prefix_lens`` (P); ``cu_seqlens``
         [B+1] int32 token offsets; ``block_table`` [B, max_blocks] int32 (pages of

@@ -88,23 +88,28 @@ def _tile(m: int, n: int, device: torch.device) -> tuple[int, int, int]:
 
 
 def fp8_block_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``x`` [..., K] @ dequant(``q`` [N, K], ``scale``).T -> [..., N] in ``x``'s dtype."""
+    """``x`` [..., K] @ dequant(``q`` [N, K], ``scale``).T -> [..., N] in ``x``'s dtype;
+    ``scale`` the e8m0 tiles or their bytes (uint8)."""
     n, k = q.shape
     if tuple(scale.shape) != (-(-n // _SCALE_BLOCK), -(-k // _SCALE_BLOCK)):
         raise ValueError(f"scale shape {tuple(scale.shape)} does not tile [{n}, {k}] by 128")
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, k).contiguous()
+    flat = x.dim() == 2  # the model's rows: no reshape / view ops around the launch
+    x2 = (x if flat else x.reshape(-1, k)).contiguous()
     q, scale = q.contiguous(), scale.contiguous()
+    # e8m0 tiles are read as bytes (Triton has no e8m0 pointer); FP8Linear hands its byte view,
+    # made once, a dtype view here dispatches two torch ops per call
+    scale = scale if scale.dtype == torch.uint8 else scale.view(torch.uint8)
     m = x2.shape[0]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
-        return y.view(*lead, n)
+        return y if flat else y.view(*lead, n)
     block_m, block_n, warps = _tile(m, n, x.device)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     _fp8_block_linear_kernel[grid](
         x2,
         q,
-        scale.view(torch.uint8),
+        scale,
         y,
         m,
         n,
@@ -120,4 +125,4 @@ def fp8_block_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> t
         num_warps=warps,
         num_stages=3,
     )
-    return y.view(*lead, n)
+    return y if flat else y.view(*lead, n)

@@ -69,6 +69,7 @@ def _tile_logits_kernel(
     ld,
     n_splits,
     t_base,
+    w_scale,
     H: tl.constexpr,
     DH: tl.constexpr,
     BQ: tl.constexpr,
@@ -98,7 +99,8 @@ def _tile_logits_kernel(
     rh = r % H
     dd = tl.arange(0, DH)
     q = tl.load(q_ptr + rq[:, None] * q_stride_t + rh[:, None] * q_stride_h + dd[None, :])
-    wh = tl.load(w_ptr + rq * w_stride + rh).to(tl.float32) * (H**-0.5)  # [BQ*H]
+    # the caller's factor first, then the head count's: the order of the former torch product
+    wh = tl.load(w_ptr + rq * w_stride + rh).to(tl.float32) * w_scale * (H**-0.5)  # [BQ*H]
     if Q_FP8:
         q, wh = quantize_queries(q, wh)
     mma: tl.constexpr = tl.float32 if DOT_F32 else (tl.float8e4nv if Q_FP8 else tl.bfloat16)
@@ -263,11 +265,13 @@ class IndexerExtend:
         block_table: torch.Tensor,
         query_req: torch.Tensor,
         positions: torch.Tensor,
+        w_scale: float = 1.0,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """``q`` [T, H, Dh] bf16 (fp32: exact fp32 dots), roped and rotated like the keys;
-        ``weights`` [T, H]; ``keys`` the key cache (uint8 FP8 layout, or plain rows viewed
-        [n_rows, Dh]); ``block_table`` [B, max_blocks] int32; ``query_req`` [T] int32;
-        ``positions`` [T] int32/int64.
+        ``weights`` [T, H] (bf16 or fp32, read as stored), scaled by ``w_scale`` in fp32 as the
+        kernel loads them (e.g. the query rotation's Dh^-1/2: no torch op per step); ``keys``
+        the key cache (uint8 FP8 layout, or plain rows viewed [n_rows, Dh]); ``block_table``
+        [B, max_blocks] int32; ``query_req`` [T] int32; ``positions`` [T] int32/int64.
 
         Returns the plan's buffers ``(ids, rows, lengths)``: entry ids [T, topk] int32 (-1 past
         the ``min(topk, visible)`` picks), their key / entry rows, the pick counts [T]. With
@@ -293,6 +297,7 @@ class IndexerExtend:
                 bt_stride=block_table.stride(0), tile_start_ptr=self.tile_start[first:],
                 tile_len_ptr=self.tile_len[first:], qreq_ptr=query_req, pos_ptr=positions,
                 logits_ptr=self.logits, ld=self.ld, n_splits=self.splits, t_base=t0,
+                w_scale=w_scale,
                 H=self.n_heads, DH=self.head_dim, BQ=self.tile_q, BS=self.block_keys,
                 EPB=self.entries_per_block, RATIO=self.ratio, RPP=rpp, KEYS=1 if plain else 0,
                 DOT_F32=dot_f32, Q_FP8=self.q_fp8,

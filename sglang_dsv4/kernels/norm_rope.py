@@ -52,7 +52,8 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     if x.dim() != 2 or x.stride(1) != 1:
         raise ValueError(f"rows [N, n] contiguous in n expected, got {tuple(x.shape)}")
     n_rows, n = x.shape
-    out = torch.empty(n_rows, n, dtype=torch.promote_types(x.dtype, w.dtype), device=x.device)
+    dtype = x.dtype if w.dtype == x.dtype else torch.promote_types(x.dtype, w.dtype)  # (an op)
+    out = torch.empty(n_rows, n, dtype=dtype, device=x.device)
     if n_rows == 0:
         return out
     bn = triton.next_power_of_2(n)

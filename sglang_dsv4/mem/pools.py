@@ -46,7 +46,7 @@ inside the captured graph; the extend plan reads it once per batch) and ``tail_o
 changed only by extend plans).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from sglang.srt.mem_cache.base_swa_memory_pool import BaseSWAKVPool
@@ -147,6 +147,10 @@ class LayerKV:
     raw_rows: RowStore | None = None
     entry_rows: RowStore | None = None
     key_rows: RowStore | None = None
+    # the kernels' page views of ``raw`` / ``entries``, made once (pools are never reallocated):
+    # every attention launch of every step reads them, a slice + view each time otherwise
+    _raw_pages: torch.Tensor = field(init=False, repr=False, compare=False)
+    _entry_pages: torch.Tensor | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):  # plain rows unless told (tests build LayerKVs by hand)
         if self.raw_rows is None:
@@ -158,6 +162,10 @@ class LayerKV:
         if self.key_rows is None and self.index_keys is not None:
             k = self.index_keys
             self.key_rows = RowStore(k.shape[-1], k.shape[1], None, k.dtype)
+        self._raw_pages = self.raw_rows.pages(self.raw)
+        self._entry_pages = None
+        if self.entries is not None:
+            self._entry_pages = self.entry_rows.pages(self.entries)
 
     @property
     def fp8(self) -> bool:
@@ -183,10 +191,12 @@ class LayerKV:
         self.key_rows.write(self.index_keys, rows, k)
 
     def raw_pages(self) -> torch.Tensor:
-        return self.raw_rows.pages(self.raw)
+        """``raw`` as the kernels read it (``RowStore.pages``), a view made at construction."""
+        return self._raw_pages
 
-    def entry_pages(self) -> torch.Tensor:
-        return self.entry_rows.pages(self.entries)
+    def entry_pages(self) -> torch.Tensor | None:
+        """``entries`` as the kernels read it (``RowStore.pages``; None on SWA layers)."""
+        return self._entry_pages
 
 
 class DSV4KVPool(BaseSWAKVPool):

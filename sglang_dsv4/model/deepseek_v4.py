@@ -194,7 +194,7 @@ class DeepseekV4ForCausalLM(nn.Module):
         ref, cfg, spec, norm = self.ref, self.cfg, block.spec, self.ops.norm
         w, p, n = ref.w, f"layers.{spec.index}.attn.", x.shape[0]
         inv_freq = ref.inv_freq[spec.index]
-        reads_x, reads_qr = self.projections[spec.index]
+        reads_x, reads_qr, out = self.projections[spec.index]
         xs = dict(zip(READS[spec.attn][0], self.ops.proj.run(reads_x, x), strict=True))
         qr = norm.rms(xs["wq_a"], w[p + "q_norm.weight"])  # [T, q_lora]
         qs = dict(zip(READS[spec.attn][1], self.ops.proj.run(reads_qr, qr), strict=True))
@@ -223,23 +223,27 @@ class DeepseekV4ForCausalLM(nn.Module):
         sink, scale = block.attn.attn_sink, cfg.head_dim**-0.5
         o = backend.run(spec.attn, lk, q, xs["wkv"], sink, scale, comp, kv_norm=kv_norm)
         o = norm.rope(o, positions, inv_freq, inverse=True)  # [T, H, D]
-        return self.ops.proj.grouped(o, w[p + "wo_a.weight"], w[p + "wo_b.weight"])
+        return self.ops.proj.grouped(o, out)
 
     @property
     def projections(self) -> dict:
         """Layer index -> what ``ops.proj.run`` takes for the linears reading ``x`` and those
-        reading ``q_lora`` (:data:`READS`), derived from the loaded weights once."""
+        reading ``q_lora`` (:data:`READS`), and what ``ops.proj.grouped`` takes for the output
+        projection, derived from the loaded weights once."""
         if self._projections is None:
             self._projections = self._fuse_projections()
         return self._projections
 
     def _fuse_projections(self) -> dict:
-        w, fuse = self.ref.w, self.ops.proj.fuse
+        w, proj, cfg = self.ref.w, self.ops.proj, self.cfg
         out = {}
         for b in self.layers:
             p = f"layers.{b.spec.index}.attn."
             groups = READS[b.spec.attn]
-            out[b.spec.index] = tuple(fuse([w[f"{p}{n}.weight"] for n in g]) for g in groups)
+            fused = tuple(proj.fuse([w[f"{p}{n}.weight"] for n in g]) for g in groups)
+            wo_a = w[p + "wo_a.weight"]  # [G*R, H/G*D] (this rank's heads under TP)
+            n_groups = cfg.num_heads * cfg.head_dim // wo_a.shape[1]
+            out[b.spec.index] = (*fused, proj.fuse_grouped(wo_a, w[p + "wo_b.weight"], n_groups))
         return out
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

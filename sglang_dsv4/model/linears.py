@@ -93,7 +93,17 @@ class FP8Linear(QuantLinear):
         self.register_buffer("scale", torch.empty(tiles, dtype=torch.float8_e8m0fnu))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fp8_block_linear(x, self.weight, self.scale)
+        return fp8_block_linear(x, self.weight, self._scale_bytes())
+
+    def _scale_bytes(self) -> torch.Tensor:
+        """``scale`` as bytes, the kernel's operand (Triton has no e8m0 pointer): one view per
+        scale tensor, not one per call. ``load`` copies into ``scale`` in place (the view
+        stays valid); ``ops.proj`` re-points a part's ``scale`` at the fused rows and ``.to()``
+        replaces it: then a new view is made."""
+        made = self.__dict__.get("_scale_view")
+        if made is None or made[0] is not self.scale:
+            made = self.__dict__["_scale_view"] = (self.scale, self.scale.view(torch.uint8))
+        return made[1]
 
 
 class NVFP4Linear(QuantLinear):

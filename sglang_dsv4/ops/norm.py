@@ -59,6 +59,8 @@ class NormTriton(NormTorch):
     """One launch per op (:mod:`sglang_dsv4.kernels.norm_rope`)."""
 
     def rms(self, x, w):
+        if x.dim() == 2:  # the model's rows (q_norm): no reshape / view ops around the launch
+            return norm_kernels.rms_norm(x, w, self.eps)
         return norm_kernels.rms_norm(x.reshape(-1, x.shape[-1]), w, self.eps).view(x.shape)
 
     def rms_rope(self, x, w, positions, inv_freq):

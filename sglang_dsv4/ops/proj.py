@@ -8,8 +8,9 @@ microseconds plus, often, a cuBLAS split-K reduce: launches, not bytes, dominate
 * ``fuse(weights)`` (once, at load): the linears of one input, in output order -> what ``run``
   takes. The checkpoint keeps its names and tensors: the fused weight is a derived buffer.
 * ``run(fused, x)`` -> one output per linear, ``[..., N_i]`` each, in ``fuse``'s order.
-* ``grouped(o, wo_a, wo_b)``: the grouped output projection
-  (:func:`~sglang_dsv4.ref.attention.grouped_output_proj`); on the GPU one bmm that writes the
+* ``fuse_grouped(wo_a, wo_b, n_groups)`` (once, at load) and ``grouped(o, g)``: the grouped
+  output projection (:func:`~sglang_dsv4.ref.attention.grouped_output_proj`); on the GPU one
+  bmm over ``wo_a`` viewed per group once at load (a view: loads write through it), writing the
   ``[T, G, R]`` rows ``wo_b`` reads in place (the reference's einsum copies its permuted output
   once more when ``T > 1``).
 
@@ -33,7 +34,7 @@ from sglang_dsv4.ref.attention import grouped_output_proj
 from sglang_dsv4.ref.linear import Weight, linear
 from sglang_dsv4.ref.weight_quant import FP8_BLOCK
 
-__all__ = ["Fused", "ProjCat", "ProjTorch", "proj_ops"]
+__all__ = ["Fused", "Grouped", "ProjCat", "ProjTorch", "proj_ops"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,15 @@ class Fused:
     """Runs of one GEMM each: ``(weight, output widths)``; ``run`` splits each output."""
 
     runs: tuple[tuple[Weight, tuple[int, ...]], ...]
+
+
+@dataclass(frozen=True)
+class Grouped:
+    """The grouped output projection's weights as ``grouped`` reads them (``fuse_grouped``):
+    ``wo_a`` (the twin: [G*R, H/G*D] as stored; ProjCat: its [G, H/G*D, R] view) and ``wo_b``."""
+
+    wo_a: torch.Tensor
+    wo_b: Weight
 
 
 class ProjTorch:
@@ -57,24 +67,30 @@ class ProjTorch:
             out += y.split(widths, dim=-1) if len(widths) > 1 else [y]
         return tuple(out)
 
-    def grouped(self, o: torch.Tensor, wo_a: torch.Tensor, wo_b: Weight) -> torch.Tensor:
+    def fuse_grouped(self, wo_a: torch.Tensor, wo_b: Weight, n_groups: int) -> Grouped:
+        return Grouped(wo_a, wo_b)
+
+    def grouped(self, o: torch.Tensor, g: Grouped) -> torch.Tensor:
         """``o`` [T, H, D] -> [T, hidden] (the reference)."""
-        return grouped_output_proj(o, wo_a, wo_b)
+        return grouped_output_proj(o, g.wo_a, g.wo_b)
 
 
 class ProjCat(ProjTorch):
     """One GEMM per run of concatenable weights (module docstring)."""
 
-    def grouped(self, o: torch.Tensor, wo_a: torch.Tensor, wo_b: Weight) -> torch.Tensor:
-        n_tok, n_heads, head_dim = o.shape
-        n_groups = n_heads * head_dim // wo_a.shape[1]
+    def fuse_grouped(self, wo_a: torch.Tensor, wo_b: Weight, n_groups: int) -> Grouped:
+        """``wo_a`` [G*R, H/G*D] as the bmm's [G, H/G*D, R] operand: a view made once (two view
+        ops a layer and step otherwise)."""
+        return Grouped(wo_a.view(n_groups, -1, wo_a.shape[1]).transpose(1, 2), wo_b)
+
+    def grouped(self, o: torch.Tensor, g: Grouped) -> torch.Tensor:
+        n_tok, n_groups = o.shape[0], g.wo_a.shape[0]
         x = o.reshape(n_tok, n_groups, -1)  # [T, G, H/G*D]
-        w = wo_a.view(n_groups, -1, x.shape[-1])  # [G, R, H/G*D]
-        y = torch.empty(n_tok, n_groups, w.shape[1], dtype=o.dtype, device=o.device)
+        y = torch.empty(n_tok, n_groups, g.wo_a.shape[2], dtype=o.dtype, device=o.device)
         with torch.no_grad():  # inference only (``out=`` has no autograd)
             # [G, T, R] views of x and y: cuBLAS reads and writes the strided rows, no copies
-            torch.bmm(x.transpose(0, 1), w.transpose(1, 2), out=y.transpose(0, 1))
-        return linear(y.view(n_tok, -1), wo_b)
+            torch.bmm(x.transpose(0, 1), g.wo_a, out=y.transpose(0, 1))
+        return linear(y.view(n_tok, -1), g.wo_b)
 
     def fuse(self, weights: Sequence[Weight]) -> Fused:
         runs, group = [], []

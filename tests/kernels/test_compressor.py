@@ -239,6 +239,38 @@ def test_decode_token_by_token(mods, ratio):
         h.step([(0, 1), (1, 1), (2, 1)], decode=True)
 
 
+@pytest.mark.parametrize("ratio,out", [(4, "fp8"), (4, "index_fp8"), (128, "fp8")])
+def test_bf16_weights_as_stored_equal_their_fp32_copies(mods, ratio, out):
+    """The extend flush hands the model's bf16 ``ape`` / ``norm`` to the kernel as stored
+    (``extend_ops.FlushTriton``, as the decode flush does): every output (entries, tails, c4
+    boundary rows) equals the launch on their fp32 copies, the previous per-step casts, bit for
+    bit."""
+    ks, cm = mods
+    _bf16_weights_pair(Harness(ks, cm, ratio, 128, out, 32, 2, 400, "cpu"), [260, 9])
+
+
+def _bf16_weights_pair(h: Harness, lens: list[int]) -> None:
+    """Fresh requests of ``lens`` tokens flushed twice, on fp32 copies of bf16 ``ape`` /
+    ``norm`` and on the bf16 tensors: every output equal as bits (poison NaNs included)."""
+    ape, norm = h.weights.ape.bfloat16(), h.weights.norm.bfloat16()
+    _, kv, score, meta = h.inputs(list(enumerate(lens)))
+    h.flush.plan([0] * len(lens), lens)
+    runs = []
+    for a, n in ((ape.float(), norm.float()), (ape, norm)):
+        tails, cache = (h.tail_kv.clone(), h.tail_score.clone()), h.cache.clone()
+        bnd = None
+        if h.ratio == 4:
+            bnd = tuple(torch.full((h.n_pages, 4, h.d), NAN, device=h.device) for _ in range(2))
+        h.flush.run(
+            kv, score, a, n, h.inv_freq, *tails, meta["req_slots"], meta["prefix_lens"],
+            meta["cu_seqlens"], meta["block_table"], cache, boundary=bnd,
+        )  # fmt: skip
+        runs.append([*tails, cache, *(bnd or ())])
+    assert not torch.equal(runs[1][2], h.cache), "no entry was written"
+    for want, got in zip(*runs, strict=True):
+        assert torch.equal(want.view(torch.uint8), got.view(torch.uint8))
+
+
 def test_tail_modes_and_boundary(mods):
     """``boundary`` gets the a-halves of every block-ending window; a fresh request ignores a
     stale pool row; a request rebuilt from a block end equals the reference rebuilt the same way
@@ -314,6 +346,14 @@ def test_gpu_prefill_and_extend(ratio, lens):
 def test_gpu_indexer_compressor(out):
     h = _gpu(4, 128, out, 3, 4097 + 130)
     _prefill_then_extend(h, [1, 129, 4097], [130, 3, 1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("ratio,d,out", [(4, 512, "fp8"), (128, 512, "fp8"), (4, 128, "index_fp8")])
+def test_gpu_bf16_weights_as_stored(ratio, d, out):
+    """The extend flush's bf16 ``ape`` / ``norm`` read as stored at the Flash dims (main c4 /
+    c128, c4 indexer): the launch on their fp32 copies bit for bit."""
+    _bf16_weights_pair(_gpu(ratio, d, out, 2, 8192 + 300), [8192, 300])
 
 
 @pytest.mark.gpu

@@ -122,6 +122,40 @@ def _abs_scores(q, w, keys):
     return (a * w.float().abs() * h**-0.5).sum(1) * dh**-0.5
 
 
+def _scaled_weights_pair(fmt, prefix, extend, n_heads, device, seed=0):
+    """The picks, rows, counts and logits workspace of two launches: head weights pre-scaled in
+    torch (``w.float() * Dh^-1/2``, the former ``extend_ops._rotated``), and the model's bf16
+    weights as stored with that factor as ``w_scale``."""
+    gen = torch.Generator().manual_seed(seed)
+    seq = [p + n for p, n in zip(prefix, extend, strict=True)]
+    keys, _, layout, bt = _setup(fmt, seq, n_heads, 128, device, gen)
+    t = sum(extend)
+    q = torch.randn(t, n_heads, 128, generator=gen).to(device, torch.bfloat16)
+    w = torch.randn(t, n_heads, generator=gen).to(device, torch.bfloat16)
+    qreq = torch.repeat_interleave(torch.arange(len(extend)), torch.tensor(extend))
+    qreq = qreq.int().to(device)
+    pos = torch.cat([torch.arange(p, s) for p, s in zip(prefix, seq, strict=True)]).to(device)
+    ix = IndexerExtend(64, n_heads, 128, key_layout=layout)
+    ix.plan(extend, seq, device)
+    out = []
+    for weights, scale in ((w.float() * 128**-0.5, 1.0), (w, 128**-0.5)):
+        ix.logits.fill_(float("nan"))
+        got = ix.run(q, weights, keys, bt, qreq, pos, w_scale=scale)
+        out.append([x.clone() for x in (*got, ix.logits)])
+    assert (out[0][2] > 0).any(), "no query picked anything"
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["plain", "fp8"])
+@pytest.mark.parametrize("n_heads", [16, 32])  # 32: H^-1/2 no power of 2
+def test_weight_scale_equals_scaled_weights(fmt, n_heads):
+    """``w_scale`` (the rotation's Dh^-1/2 folded into the logits kernel) gives the pre-scaled
+    weights' launch bit for bit: the same fp32 products in the same order."""
+    want, got = _scaled_weights_pair(fmt, [0, 200], [130, 20], n_heads, "cpu")
+    for a, b in zip(want, got, strict=True):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
 @pytest.mark.parametrize("fmt", ["plain", "fp8"])
 def test_extend_batch_over_prefixes(fmt):
     # tiles of 16 queries (16 heads): ragged last tiles, a 1-token extend, queries with no keys
@@ -303,6 +337,15 @@ def test_gpu_flash_dims_rows_select(warps):
     of a 24K prompt and a short chunk of a fresh request, against the reference."""
     _run("fp8", [16384, 0], [8192, 3000], 512, 64, "cuda", stride=89,
          select=SelectShape("rows", warps, 128 * warps))  # fmt: skip
+
+
+@pytest.mark.gpu
+def test_gpu_flash_dims_weight_scale():
+    """``w_scale`` at the Flash dims (64 heads, FP8 keys, 8K prefill): bit for bit the launch on
+    pre-scaled fp32 weights."""
+    want, got = _scaled_weights_pair("fp8", [0], [8192], 64, "cuda")
+    for a, b in zip(want, got, strict=True):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
 
 @pytest.mark.gpu

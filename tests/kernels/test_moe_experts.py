@@ -195,6 +195,20 @@ def test_sorted_slot_sum_rounds_once_like_the_fp32_sum():
     assert torch.equal(out, y.view(5, 3, 8).sum(dim=1, dtype=torch.float32).bfloat16())
 
 
+@pytest.mark.parametrize("fmt", ["mxfp4", "fp8"])
+def test_operands_are_the_bank_bytes_without_dtype_views(fmt):
+    """The kernels' operands: FP4 banks' uint8 codes and scales as stored (no dtype view per
+    call), FP8 banks' e4m3 weights as stored and their e8m0 scales as bytes (same storage)."""
+    bank, _ = make_bank(3, 64, 32, fmt, "cpu", torch.float32)
+    for proj in bank[:3]:
+        w, scale, _ = bank.operands(proj)
+        assert scale.dtype == torch.uint8 and scale.data_ptr() == proj.scale.data_ptr()
+        if fmt == "mxfp4":
+            assert proj.w.dtype == torch.uint8 and w is proj.w and scale is proj.scale
+        else:
+            assert w is proj.w and proj.scale.dtype != torch.uint8
+
+
 def test_bank_shape_errors_are_clear():
     bank = K.ExpertWeights.stacked(torch.zeros(2, 64, 32), torch.zeros(2, 32, 16))
     with pytest.raises(ValueError, match="bank w1"):

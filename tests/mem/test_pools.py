@@ -42,6 +42,24 @@ def test_fp8_pool_tensors_are_flashmla_pages():
     )
 
 
+@pytest.mark.parametrize("fmt", [EntryFormat.FP8, EntryFormat.BF16])
+def test_page_views_are_made_once_over_the_pools(fmt):
+    """The kernels' page views (read by every attention launch) are made with the layer, not
+    per call, and stay views of the pool tensors (what a later write puts there, they show)."""
+    p = pool(fmt)
+    for lk in p.layers:
+        assert lk.raw_pages() is lk.raw_pages()
+        assert lk.raw_pages().data_ptr() == lk.raw.data_ptr()
+        assert lk.raw_pages().shape == lk.raw_rows.pages(lk.raw).shape
+        if lk.kind is AttnKind.SWA:
+            assert lk.entry_pages() is None
+            continue
+        assert lk.entry_pages() is lk.entry_pages()
+        assert lk.entry_pages().data_ptr() == lk.entries.data_ptr()
+        lk.entries.view(-1)[0] = 7  # one byte / value at the start of page 0
+        assert lk.entry_pages().reshape(-1)[0] == 7
+
+
 def test_fp8_rows_round_trip_as_packed_records():
     p = pool(EntryFormat.FP8)
     lk = layer(p, AttnKind.CSA)

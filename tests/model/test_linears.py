@@ -39,6 +39,37 @@ def test_fp8_linear_runs_the_released_bytes(n, k):
     assert rel(y, x @ fp8_block_dequant(q, s).T) <= 1e-5
 
 
+def test_fp8_linear_scale_bytes_are_viewed_once():
+    """FP8Linear hands the kernel a byte view of its e8m0 scale made once (not two torch ops
+    per call), the same launch as on the e8m0 tensor bit for bit; a re-pointed scale (as
+    ``ops.proj`` fuses parts) gets its own view."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from sglang_dsv4.kernels.fp8_linear import fp8_block_linear
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    n, k = 128, 256
+    lin = FP8Linear(k, n)
+    lin.load(StoredWeight(Fmt.FP8, *fp8_block_quant(torch.randn(n, k))))
+    x = torch.randn(3, k)
+    want = fp8_block_linear(x, lin.weight, lin.scale)
+    assert torch.equal(lin(x), want)
+    with Ops() as ops:
+        assert torch.equal(lin(x), want)
+    assert "view.dtype" not in ops.names, ops.names  # (the interpreted launch adds its own ops)
+    q2, s2 = fp8_block_quant(torch.randn(n, k))
+    lin.weight, lin.scale = q2, s2  # re-pointed buffers
+    assert torch.equal(lin(x), fp8_block_linear(x, q2, s2))
+
+
 def test_nvfp4_linear_matches_dequantized():
     n, k = 96, 192
     packed, scale, gs = nvfp4_quant(torch.randn(n, k))

@@ -34,3 +34,16 @@ def test_attention_path_equals_the_twin(tiny_cfg):
     assert close(back, o, 1e-5) and close(
         ours.rope(o.clone(), pos, inv_freq, inverse=True), twin.rope(o, pos, inv_freq, True)
     )
+
+
+def test_rms_of_strided_rows_and_of_stacked_rows(tiny_cfg):
+    """2-D rows (``q_norm``'s input: a strided split of the fused input GEMM) go to the kernel as
+    they are, no reshape / view ops; other shapes through a reshape: the same values."""
+    gen, n = torch.Generator().manual_seed(1), tiny_cfg.q_lora_rank
+    ours = NormTriton(tiny_cfg)
+    rows = torch.randn(6, 3 * n, generator=gen)[:, n : 2 * n]  # row stride 3n
+    w = torch.rand(n, generator=gen) + 0.5
+    got = ours.rms(rows, w)
+    assert got.shape == (6, n) and close(got, NormTorch(tiny_cfg).rms(rows, w))
+    stacked = ours.rms(rows.contiguous().view(2, 3, n), w)
+    assert stacked.shape == (2, 3, n) and torch.equal(stacked.view(6, n), got)

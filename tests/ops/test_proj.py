@@ -88,9 +88,17 @@ def test_grouped_output_projection_equals_the_reference(t):
     o, wo_a, wo_b = torch.randn(t, 8, 16), torch.randn(4 * 12, 2 * 16), torch.randn(20, 48)
     o.requires_grad_(), wo_a.requires_grad_()  # outside no_grad: still served
     want = grouped_output_proj(o, wo_a, wo_b)
-    assert torch.equal(ProjTorch().grouped(o, wo_a, wo_b), want)
-    got = ProjCat().grouped(o, wo_a, wo_b)
+    twin = ProjTorch()
+    assert torch.equal(twin.grouped(o, twin.fuse_grouped(wo_a, wo_b, 4)), want)
+    cat = ProjCat()
+    g = cat.fuse_grouped(wo_a, wo_b, 4)  # [G, H/G*D, R], a view of wo_a: loads write through
+    assert g.wo_a.shape == (4, 32, 12) and g.wo_a.data_ptr() == wo_a.data_ptr()
+    got = cat.grouped(o, g)
     assert got.shape == (t, 20) and rel(got, want) <= 1e-6
+    # the bmm of the former per-call view: the same kernel on the same operands
+    x = o.reshape(t, 4, -1).transpose(0, 1)
+    assert torch.equal(got, torch.bmm(x, wo_a.view(4, 12, 32).transpose(1, 2)).transpose(0, 1)
+                       .reshape(t, -1) @ wo_b.T)  # fmt: skip
 
 
 @pytest.mark.gpu
@@ -105,10 +113,11 @@ def test_gpu_grouped_output_projection_without_copies(t):
     wo_a = torch.randn(8 * 1024, 8 * 512, device=dev, dtype=bf) * 0.02
     wo_b = torch.randn(4096, 8 * 1024, device=dev, dtype=bf) * 0.02
     want = grouped_output_proj(o.float(), wo_a.float(), wo_b.float())
-    ProjCat().grouped(o, wo_a, wo_b)  # cuBLAS warm-up
+    g = ProjCat().fuse_grouped(wo_a, wo_b, 8)
+    ProjCat().grouped(o, g)  # cuBLAS warm-up
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        got = ProjCat().grouped(o, wo_a, wo_b)
+        got = ProjCat().grouped(o, g)
         torch.cuda.synchronize()
     names = [e.name for e in prof.events() if e.device_type.name == "CUDA"]
     assert not [n for n in names if "copy" in n.lower() or "elementwise" in n.lower()], names

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# One extend step's torch ops and launches (issue 14: TTFT), this tree against main, on the GPU in
+# one command from the repo root (carry .wheelhouse and .base = main where this branch left it,
+# extracted there: `rm -rf .base && mkdir .base && git archive $(git merge-base main HEAD) |
+# tar -x -C .base`):
+#
+#   bash scripts/gpu_xlayer.sh   install (~20 s), then (at most ~6.5 min: the timeouts below):
+#     1. the GPU tests of what changed: the compressor flush reading bf16 ape / norm as stored
+#        (bit for bit the launch on fp32 copies, Flash dims) and its prefill / extend tests;
+#        the indexer's w_scale (bit for bit the pre-scaled weights, 8K prefill) and its Flash
+#        prefill; the extend wrappers' kernels against the twins; FP8Linear / fp8_block_linear
+#        (scale bytes viewed once); the kept-quantized model (FP8 linears, FP4 expert banks whose
+#        operands lost their dtype views) and the MXFP4 grouped experts; FlashMLA vs ours
+#        (pytest under 160 s);
+#     2. scripts/bench_layer_host.py --device cuda on .base, then on this tree (--compare):
+#        one extend step of the Flash-dims model (SWA, CSA, HCA, CSA; 16 experts, 4096 vocab,
+#        random weights) at 2x150 and 1x8192 tokens: torch ops / launching ops / Triton+FlashMLA
+#        launches per layer kind and in total (before -> now), and the median of 10 timed steps:
+#        host issue ms (plan + forward returned) and step ms (device done); under 110 s each
+#        (Triton compiles included). Printed last.
+#
+# env: WHEELHOUSE (default .wheelhouse), OUT (logs + JSON, default /tmp/gpu_xlayer), REPS (10).
+# Exit status: the tests', else the benches'.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=scripts/device_setup.sh
+source scripts/device_setup.sh
+wheelhouse_start gpu_xlayer || exit 1  # sets WH, OUT, start; this checkout first on PYTHONPATH
+[ -d .base/sglang_dsv4 ] || { echo "no .base/sglang_dsv4: carry .base (git archive main)"; exit 1; }
+timeout 160 python3 -m pytest -q -p no:cacheprovider -rfE -m gpu \
+    tests/kernels/test_compressor.py tests/kernels/test_indexer_extend.py \
+    tests/attention/test_wrappers.py tests/kernels/test_fp8_linear.py \
+    tests/model/test_kept_quantized.py tests/kernels/test_moe_experts.py \
+    tests/attention/test_extend_choice.py \
+    -k "bf16_weights or gpu_prefill_and_extend or gpu_indexer_compressor or weight_scale \
+        or gpu_flash_dims_prefill or kernels_equal_twin_on_gpu or gpu_kept_model \
+        or fp8_linear or (experts_gpu_flash_dims and mxfp4) or gpu_flashmla_extend" \
+    2>&1 | tail -n 25
+rc=${PIPESTATUS[0]}
+echo "GPU tests exit $rc at $(( $(date +%s) - start )) s"
+bench() {  # NAME PYTHONPATH-FIRST [ARGS...]
+    local name=$1 first=$2
+    shift 2
+    PYTHONPATH="$first:$PYTHONPATH" timeout 110 python3 scripts/bench_layer_host.py \
+        --device cuda --cases 2x150,1x8192 --reps "${REPS:-10}" --out "$OUT/$name" "$@" \
+        > "$OUT/bench_$name.txt" 2>&1
+    local brc=$?
+    echo "== bench_layer_host $name ($first), exit $brc at $(( $(date +%s) - start )) s"
+    return $brc
+}
+mkdir -p "$OUT/ours" "$OUT/base"
+bench base "$PWD/.base"
+b1=$?
+bench ours "$PWD" --compare "$OUT/base/bench_layer_host.json"
+b2=$?
+[ "$b1" = 0 ] || tail -n 20 "$OUT/bench_base.txt"
+[ "$b2" = 0 ] || tail -n 20 "$OUT/bench_ours.txt"
+echo "== one extend step, Flash dims, base (main) -> this tree, on $(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1)"
+grep -E -A 10 "^[0-9]+x[0-9]+: section" "$OUT/bench_ours.txt"
+[ "$rc" = 0 ] && rc=$b1
+[ "$rc" = 0 ] && rc=$b2
+exit "$rc"
