@@ -7,8 +7,9 @@
 #   wheelhouse_start NAME  the short kernel scripts' start (gpu_moe_sorted.sh, gpu_rope_slot.sh,
 #                          gpu_topk.sh, gpu_mhcdec.sh):
 #                          WH (default .wheelhouse), OUT (default /tmp/NAME) made, start time,
-#                          the wheelhouse installed, this checkout first on PYTHONPATH (not
-#                          pip-installed); no log / die needed
+#                          the wheelhouse installed (not again with SITE_READY=1 once $SITE
+#                          has sglang: scripts/gpu_checks.sh), this checkout first on
+#                          PYTHONPATH (not pip-installed); no log / die needed
 
 site_install() {
     local logs=$1
@@ -54,9 +55,14 @@ wheelhouse_start() {
     mkdir -p "$OUT"
     export PYTHONUNBUFFERED=1
     start=$(date +%s)
-    # shellcheck disable=SC1091
-    source "$WH/install_on_device.sh" "$WH" > "$OUT/install.log" 2>&1 \
-        || { cat "$OUT/install.log"; return 1; }
+    if [ "${SITE_READY:-0}" = 1 ] && [ -d "${SITE:-/tmp/site}/sglang" ]; then
+        # an earlier script of the same call installed it (scripts/gpu_checks.sh)
+        export PYTHONPATH="${SITE:-/tmp/site}${PYTHONPATH:+:$PYTHONPATH}"
+    else
+        # shellcheck disable=SC1091
+        source "$WH/install_on_device.sh" "$WH" > "$OUT/install.log" 2>&1 \
+            || { cat "$OUT/install.log"; return 1; }
+    fi
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's package, the wheelhouse's sglang
     echo "installed in $(( $(date +%s) - start )) s"
 }
