@@ -144,10 +144,11 @@ class StackedExperts(nn.Module):
             return ExpertWeights.stacked(self.w13, self.w2)
         return ExpertWeights.stacked(self.w13, self.w2, self.w13_scale, self.w2_scale)
 
-    def grouped(self, x, chosen, weights, limit: float, form: str, shared_row: int | None):
-        """Routed (+ shared row) experts through the kernel ``form`` (``slots`` / ``sorted``)."""
-        run = moe_experts_slots if form == "slots" else moe_experts_sorted
-        return run(x, chosen, weights, self.weights(), limit, shared_row)
+    def grouped(self, x, chosen, weights, limit: float, form: str, shared_row: int | None,
+                add=None):  # fmt: skip
+        """Routed (+ shared row) experts through the kernel ``form`` (``slots`` / ``sorted``);
+        ``chosen`` None: the shared row alone; ``add`` [T, d]: rows added in the slot sum."""
+        return _run(form, x, chosen, weights, self, limit, shared_row, add)
 
     def released(self, prefix: str, shared_row: int | None) -> dict[str, torch.Tensor]:
         """Released name -> view of the bank (``.weight``, and ``.scale`` for FP8), for tests."""
@@ -234,11 +235,22 @@ class FP4Experts(nn.Module):
         """The banks as the grouped kernels' operand."""
         return ExpertWeights(*(Proj(*self.bank(k)[:3]) for k in ("w1", "w3", "w2")), self.fmt.value)
 
-    def grouped(self, x, chosen, weights, limit: float, form: str, shared_row: int | None):
+    def grouped(self, x, chosen, weights, limit: float, form: str, shared_row: int | None,
+                add=None):  # fmt: skip
         """Routed experts through the kernel ``form`` (an FP4 layer's shared expert is a
-        separate module: ``shared_row`` is None)."""
-        run = moe_experts_slots if form == "slots" else moe_experts_sorted
-        return run(x, chosen, weights, self.weights(), limit, shared_row)
+        separate module: ``shared_row`` is None; its rows come as ``add``)."""
+        return _run(form, x, chosen, weights, self, limit, shared_row, add)
+
+
+def _run(form: str, x, chosen, weights, bank: nn.Module, limit: float, shared_row, add):
+    """The kernel ``form`` over ``bank``'s operand, made once per bank storage (views of the
+    banks and byte views of their codes and scales: no torch op per call once made)."""
+    tensors = tuple(bank.buffers()) + tuple(bank.parameters())
+    key = tuple((t.data_ptr(), t.dtype) for t in tensors)
+    if getattr(bank, "_operand", (None,))[0] != key:  # made at the first call (after the load)
+        bank._operand = key, bank.weights().kernel_operand()
+    fn = moe_experts_slots if form == "slots" else moe_experts_sorted
+    return fn(x, chosen, weights, bank._operand[1], limit, shared_row, add=add)
 
 
 class SwiGLUExpert(nn.Module):

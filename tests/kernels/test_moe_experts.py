@@ -195,6 +195,35 @@ def test_sorted_slot_sum_rounds_once_like_the_fp32_sum():
     assert torch.equal(out, y.view(5, 3, 8).sum(dim=1, dtype=torch.float32).bfloat16())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(("form", "t"), [("slots", 3), ("sorted", 7)])
+def test_shared_bank_alone_then_added_in_the_slot_sum_interpreted(form, t, dtype, bf16_dot):
+    """A shared expert in a bank of its own (FP8 next to a dense routed bank): run alone
+    (``chosen`` None; sorted: the identity grouping, no grouping launch, no slot sum) it equals
+    the bank with top-k 0 through the grouping (the bits, up to the sign of zeros the slot sum
+    made +0); its rows as ``add`` give the bits of routed + shared in torch (bf16: the rounding
+    of the sum, then of the add)."""
+    if GPU:
+        pytest.skip("interpreter shapes; the GPU tests cover real shapes")
+    n_exp, d, inter = 6, 192, 160
+    routed, _ = make_bank(n_exp, d, inter, "dense", "cpu", dtype)
+    shared, _ = make_bank(1, d, 2 * inter, "fp8", "cpu", dtype, seed=1)
+    x = (torch.randn(t, d) * 3).to(dtype)
+    chosen, weights = routing(t, n_exp, 2, "cpu")
+    fn = FORMS[form]
+    alone = fn(x, None, None, shared, LIMIT, 0, out=torch.full_like(x, float("nan")))
+    grouped = fn(x, chosen[:, :0], weights[:, :0], shared, LIMIT, 0)
+    assert not alone.isnan().any() and torch.equal(alone + 0.0, grouped)
+    before = fn(x, chosen, weights, routed, LIMIT) + grouped
+    out = torch.full_like(x, float("nan"))
+    got = fn(x, chosen, weights, routed, LIMIT, out=out, add=alone)
+    assert got is out and torch.equal(got.view(torch.uint8), before.view(torch.uint8))
+    with pytest.raises(ValueError, match="add"):
+        fn(x, chosen, weights, routed, LIMIT, add=alone[:1])
+    with pytest.raises(ValueError, match="nothing to run"):
+        fn(x, None, None, routed, LIMIT)
+
+
 def test_bank_shape_errors_are_clear():
     bank = K.ExpertWeights.stacked(torch.zeros(2, 64, 32), torch.zeros(2, 32, 16))
     with pytest.raises(ValueError, match="bank w1"):
