@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# The MoE layer's shared expert without launches of its own (issues 13/14, branch xmoe): its rows
-# added in the routed experts' slot sum (no torch add), its identity grouping a constexpr of the
-# sorted GEMM kernels (no grouping launch, no slot sum), the banks' kernel operands made once.
+# The MoE layer's shared expert (a bank of its own next to FP4 routed experts) without launches of
+# its own (issues 13/14, branch xmoe): in the slot form one more program per token in the routed
+# kernels (3 launches per layer at decode, was 6); in the sorted form its identity grouping a
+# constexpr of the GEMM kernels (no grouping launch, no slot sum of its own) and its rows added in
+# the routed slot sum (no torch add); the banks' kernel operands made once.
 # One command from the repo root (wheelhouse carried as .wheelhouse), <= ~300 s on an H100:
 #
 #   bash scripts/gpu_xmoe.sh   install, then
 #     1. the GPU tests (~2-3 min, most of it Triton compiles): tests/ops/test_moe.py (the
 #        Flash-dims served layer, MXFP4 routed + FP8 shared bank, hash and scored, T 1 / 4 / 32 /
-#        128 / 1024 / 8192: the bits of main's path, 5 / 7 / 8 launches and no torch kernel,
+#        128 / 1024 / 8192: the bits of main's path, 3 / 7 / 8 launches and no torch kernel,
 #        CUDA-graph replay on new tokens = eager; the bf16 layer against the fp32 twin),
 #        tests/kernels/test_slot_sum.py (the add rows' bits against torch), and the graph-replay
 #        and small-batch tests of tests/kernels/test_moe_experts.py;

@@ -41,14 +41,13 @@ Twin: :class:`sglang_dsv4.ref.moe.DenseExperts` and :func:`sglang_dsv4.ref.moe.s
 dequantized weights.
 """
 
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
 
 from sglang_dsv4.kernels.moe_bank import FORMATS, ExpertWeights, Proj
 from sglang_dsv4.kernels.moe_group import group_pairs
+from sglang_dsv4.kernels.moe_slot_tiles import SlotTiles, slot_tiles
 from sglang_dsv4.kernels.moe_sorted_tiles import GemmTiles, SortedTiles, sorted_tiles, tile_format
 from sglang_dsv4.kernels.mxfp4_moe import _fp4_tile
 from sglang_dsv4.kernels.slot_sum import round_out, slot_sum
@@ -166,32 +165,59 @@ def _slot_experts(chosen_ptr, weights_ptr, t, j0, shared_row, TOPK: tl.constexpr
 
 
 @triton.jit
-def _slot_w13_kernel(x_ptr, chosen_ptr, weights_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, gs1_ptr,
-                     gs3_ptr, h_ptr, D, I, limit, shared_row, stride_xt, stride_we, stride_wn,
-                     stride_se, stride_sn, TOPK: tl.constexpr, SLOTS: tl.constexpr,
-                     SP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     UNROLL: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr,
-                     NV: tl.constexpr):  # fmt: skip
-    p = tl.program_id(0)  # token slot: t * SLOTS + j
-    t = p // SLOTS
-    es, _ = _slot_experts(chosen_ptr, weights_ptr, t, p % SLOTS, shared_row, TOPK, SP)
-    n0 = tl.program_id(1) * BLOCK_N
+def _w13_row(x_ptr, es, w1_ptr, w3_ptr, s1_ptr, s3_ptr, gs1_ptr, gs3_ptr, h_ptr, n0, D, I, limit,
+             stride_we, stride_wn, stride_se, stride_sn, SP: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_K: tl.constexpr, UNROLL: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr,
+             NV: tl.constexpr):  # fmt: skip
+    """h row ``h_ptr`` [I], columns ``n0 ...`` = SwiGLU(w1 x, w3 x) of bank row ``es[0]``."""
     ones = tl.full((SP,), 1.0, dtype=tl.float32)  # the routing weight is w2's epilogue
-    g, u = _rows_dot(w1_ptr, w3_ptr, s1_ptr, s3_ptr, gs1_ptr, gs3_ptr, es, ones, n0, I,
-                     x_ptr + t * stride_xt, 0, D, stride_we, stride_wn, stride_se, stride_sn,
-                     True, 1, SP, BLOCK_N, BLOCK_K, UNROLL, FMT, G, NV)  # fmt: skip
-    h = _swiglu(g, u, limit)
+    g, u = _rows_dot(w1_ptr, w3_ptr, s1_ptr, s3_ptr, gs1_ptr, gs3_ptr, es, ones, n0, I, x_ptr, 0,
+                     D, stride_we, stride_wn, stride_se, stride_sn, True, 1, SP, BLOCK_N,
+                     BLOCK_K, UNROLL, FMT, G, NV)  # fmt: skip
     offs_n = n0 + tl.arange(0, BLOCK_N)
-    tl.store(h_ptr + p * I + offs_n, h.to(h_ptr.dtype.element_ty), mask=offs_n < I)
+    tl.store(h_ptr + offs_n, _swiglu(g, u, limit).to(h_ptr.dtype.element_ty), mask=offs_n < I)
+
+
+@triton.jit
+def _slot_w13_kernel(x_ptr, chosen_ptr, weights_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, gs1_ptr,
+                     gs3_ptr, h_ptr, T, D, I, limit, shared_row, stride_xt, stride_we, stride_wn,
+                     stride_se, stride_sn, b1_ptr, b3_ptr, bs1_ptr, bs3_ptr, bgs1_ptr, bgs3_ptr,
+                     hb_ptr, IB, b_stride_we, b_stride_wn, b_stride_se, b_stride_sn,
+                     TOPK: tl.constexpr, SLOTS: tl.constexpr, SP: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UNROLL: tl.constexpr,
+                     FMT: tl.constexpr, G: tl.constexpr, NV: tl.constexpr, TWO: tl.constexpr,
+                     FMT_B: tl.constexpr, G_B: tl.constexpr, NV_B: tl.constexpr):  # fmt: skip
+    p = tl.program_id(0)  # token slot t * SLOTS + j; TWO: then bank b's row 0 of token t
+    n0 = tl.program_id(1) * BLOCK_N
+    t = p // SLOTS
+    if TWO:
+        if p >= T * SLOTS:
+            tb = p - T * SLOTS
+            _w13_row(x_ptr + tb * stride_xt, tl.zeros((SP,), dtype=tl.int64), b1_ptr, b3_ptr,
+                     bs1_ptr, bs3_ptr, bgs1_ptr, bgs3_ptr, hb_ptr + tb * IB, n0, D, IB, limit,
+                     b_stride_we, b_stride_wn, b_stride_se, b_stride_sn, SP, BLOCK_N, BLOCK_K,
+                     UNROLL, FMT_B, G_B, NV_B)  # fmt: skip
+        else:
+            es, _ = _slot_experts(chosen_ptr, weights_ptr, t, p % SLOTS, shared_row, TOPK, SP)
+            _w13_row(x_ptr + t * stride_xt, es, w1_ptr, w3_ptr, s1_ptr, s3_ptr, gs1_ptr, gs3_ptr,
+                     h_ptr + p * I, n0, D, I, limit, stride_we, stride_wn, stride_se, stride_sn,
+                     SP, BLOCK_N, BLOCK_K, UNROLL, FMT, G, NV)  # fmt: skip
+    else:
+        es, _ = _slot_experts(chosen_ptr, weights_ptr, t, p % SLOTS, shared_row, TOPK, SP)
+        _w13_row(x_ptr + t * stride_xt, es, w1_ptr, w3_ptr, s1_ptr, s3_ptr, gs1_ptr, gs3_ptr,
+                 h_ptr + p * I, n0, D, I, limit, stride_we, stride_wn, stride_se, stride_sn, SP,
+                 BLOCK_N, BLOCK_K, UNROLL, FMT, G, NV)  # fmt: skip
 
 
 @triton.jit
 def _slot_w2_kernel(h_ptr, chosen_ptr, weights_ptr, w_ptr, s_ptr, gs_ptr, add_ptr, out_ptr, D,
-                    I, shared_row, stride_we, stride_wn, stride_se, stride_sn, stride_ot,
-                    TOPK: tl.constexpr, SLOTS: tl.constexpr, SP: tl.constexpr,
+                    I, shared_row, stride_we, stride_wn, stride_se, stride_sn, stride_ot, b_ptr,
+                    bs_ptr, bgs_ptr, hb_ptr, IB, b_stride_we, b_stride_wn, b_stride_se,
+                    b_stride_sn, TOPK: tl.constexpr, SLOTS: tl.constexpr, SP: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UNROLL: tl.constexpr,
                     FMT: tl.constexpr, G: tl.constexpr, NV: tl.constexpr, ADD: tl.constexpr,
-                    OUT_BF16: tl.constexpr):  # fmt: skip
+                    OUT_BF16: tl.constexpr, TWO: tl.constexpr, FMT_B: tl.constexpr,
+                    G_B: tl.constexpr, NV_B: tl.constexpr):  # fmt: skip
     t = tl.program_id(0)
     es, wts = _slot_experts(chosen_ptr, weights_ptr, t, 0, shared_row, TOPK, SP)
     n0 = tl.program_id(1) * BLOCK_N
@@ -200,43 +226,20 @@ def _slot_w2_kernel(h_ptr, chosen_ptr, weights_ptr, w_ptr, s_ptr, gs_ptr, add_pt
                        False, SLOTS, SP, BLOCK_N, BLOCK_K, UNROLL, FMT, G, NV)  # fmt: skip
     offs_n = n0 + tl.arange(0, BLOCK_N)
     n_ok = offs_n < D
+    if TWO:  # bank b's row 0 (weight 1), rounded alone, then added: the bits of a + b in torch
+        ones = tl.full((SP,), 1.0, dtype=tl.float32)
+        acc_b, _ = _rows_dot(b_ptr, b_ptr, bs_ptr, bs_ptr, bgs_ptr, bgs_ptr,
+                             tl.zeros((SP,), dtype=tl.int64), ones, n0, D, hb_ptr + t * IB, IB,
+                             IB, b_stride_we, b_stride_wn, b_stride_se, b_stride_sn, False, 1, SP,
+                             BLOCK_N, BLOCK_K, UNROLL, FMT_B, G_B, NV_B)  # fmt: skip
+        acc_b = acc_b.to(out_ptr.dtype.element_ty).to(tl.float32)
+        acc = round_out(acc.to(out_ptr.dtype.element_ty).to(tl.float32) + acc_b, out_ptr,
+                        OUT_BF16)  # fmt: skip
     if ADD:  # the rounded slot sum + the shared expert's row: the bits of out + add in torch
         extra = tl.load(add_ptr + t * D + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         acc = round_out(acc.to(out_ptr.dtype.element_ty).to(tl.float32) + extra, out_ptr,
                         OUT_BF16)  # fmt: skip
     tl.store(out_ptr + t * stride_ot + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
-
-
-class SlotTiles(NamedTuple):
-    """Launch shape of the slot kernels: N and K tiles of the w1/w3 kernel (``block_i``,
-    ``k_i``) and of the w2 kernel (``block_d``, ``k_d``), warps and K-loop unroll factor of
-    both (unrolled, the compiler may issue the next tile's loads before this tile's FMAs;
-    ``num_stages`` does not pipeline these loads: they feed no ``tl.dot``)."""
-
-    block_i: int
-    k_i: int
-    block_d: int
-    k_d: int
-    warps: int = 4
-    unroll: int = 1
-
-
-_SMS = 132  # H100 SXM; the tile choice only needs the order of magnitude
-_PER_THREAD = 32  # fp32 accumulator elements per thread and weight: no spills on sm_90
-
-
-def slot_tiles(fmt: str, pairs: int, tokens: int, inter: int, d: int, warps: int = 4) -> SlotTiles:
-    """Slot-kernel tiles. At batch 1 the grid is pairs x N / BLOCK_N programs: narrow N tiles
-    (down to 4 rows) so that a few experts still give >= ~3 programs per SM; each tile holds
-    32 weights per thread (several 16-byte loads in flight per thread and weight), its K width
-    what the N tile leaves. A guess from the HBM model (``fmt`` unused so far) until
-    ``scripts/bench_moe.py --sweep`` measures it."""
-    elems = _PER_THREAD * 32 * warps
-    block_i = next((b for b in (32, 16, 8) if pairs * -(-inter // b) >= 3 * _SMS), 4)
-    block_d = next((b for b in (32, 16, 8) if tokens * -(-d // b) >= 2 * _SMS), 4)
-    k_i = min(elems // block_i, triton.next_power_of_2(d))
-    k_d = min(elems // block_d, triton.next_power_of_2(inter))
-    return SlotTiles(block_i, max(k_i, 64), block_d, max(k_d, 64), warps, 1)
 
 
 def _strides(w: torch.Tensor, s: torch.Tensor) -> dict:
@@ -254,24 +257,34 @@ def moe_experts_slots(
     out: torch.Tensor | None = None,
     tiles: SlotTiles | None = None,
     add: torch.Tensor | None = None,
+    shared: ExpertWeights | None = None,
 ) -> torch.Tensor:
     """``x`` [T, d], ``chosen`` int [T, k], ``weights`` [T, k] -> [T, d] in x's dtype (into
     ``out`` when given): the sum over slots of weight * expert(x), plus the shared expert when
     ``shared_row`` is given (``chosen`` / ``weights`` None: the shared row alone, top-k 0).
     ``add`` [T, d] (x's dtype): rows added to the rounded sum in the w2 kernel's epilogue, the
-    bits of ``moe_experts_slots(...) + add`` in one launch. ``tiles``: the launch shape (default
+    bits of ``moe_experts_slots(...) + add`` in one launch. ``shared``: a bank of its own whose
+    row 0 (the shared expert, any format and width) runs in the same two launches, one more
+    program per token in the w1/w3 kernel, its row rounded alone then added in the w2 kernel:
+    the bits of ``moe_experts_slots(...) + moe_experts_slots(x, None, None, shared, limit, 0)``
+    in two launches instead of four and an add. ``tiles``: the launch shape (default
     :func:`slot_tiles`)."""
     t, d = x.shape
     _, inter = bank.check(d)
     slots = _topk(chosen, shared_row) + (shared_row is not None)
+    if shared is not None and shared_row is not None:
+        raise ValueError("a shared bank and a shared row: one shared expert expected")
+    inter_b = 0 if shared is None else shared.check(d)[1]
     h = torch.empty(t * slots, inter, dtype=x.dtype, device=x.device)  # [T * S, I]
+    hb = None if shared is None else torch.empty(t, inter_b, dtype=x.dtype, device=x.device)
     out = torch.empty(t, d, dtype=x.dtype, device=x.device) if out is None else out
     if t == 0:
         return out
-    tiles = tiles or slot_tiles(bank.fmt, t * slots, t, inter, d)
-    launch = _SlotLaunch(x, chosen, weights, bank, shared_row, tiles)
-    launch.w13(h, limit)
-    launch.w2(h, out, add)
+    tiles = tiles or slot_tiles(bank.fmt, t * (slots + (shared is not None)), t,
+                                max(inter, inter_b), d)  # fmt: skip
+    launch = _SlotLaunch(x, chosen, weights, bank, shared_row, tiles, shared)
+    launch.w13(h, limit, hb)
+    launch.w2(h, out, add, hb)
     return out
 
 
@@ -293,8 +306,9 @@ def _topk(chosen: torch.Tensor | None, shared_row: int | None) -> int:
 class _SlotLaunch:
     """The two slot-kernel launches of one call (apart, so that the benchmark times each)."""
 
-    def __init__(self, x, chosen, weights, bank: ExpertWeights, shared_row, tiles: SlotTiles):
-        self.x = x.contiguous()
+    def __init__(self, x, chosen, weights, bank: ExpertWeights, shared_row, tiles: SlotTiles,
+                 shared: ExpertWeights | None = None):  # fmt: skip
+        self.x, self.shared = x.contiguous(), shared
         topk = _topk(chosen, shared_row)
         # top-k 0: the kernels read neither (stand-ins)
         self.chosen = self.x if chosen is None else chosen.contiguous()
@@ -309,26 +323,47 @@ class _SlotLaunch:
             SLOTS=slots, SP=max(2, triton.next_power_of_2(slots)), UNROLL=tiles.unroll,
             weights_ptr=self.weights, num_warps=tiles.warps, **bank.constexprs(),
         )  # fmt: skip
+        b = bank if shared is None else shared  # stand-ins without a shared bank (never read)
+        self.inter_b = 0 if shared is None else shared.w1.w.shape[1]
+        self.common |= dict(TWO=shared is not None, IB=self.inter_b,
+                            **{f"{k}_B": v for k, v in b.constexprs().items()})  # fmt: skip
 
-    def w13(self, h: torch.Tensor, limit: float) -> None:
-        """h [T * S, I] = SwiGLU(w1 x, w3 x) of every token slot."""
+    def _bank_b(self, projs: tuple[str, ...], names: tuple[str, ...], hb, stand_in) -> dict:
+        """The shared bank's pointers (``names``) and strides, or stand-ins without it."""
+        b = self.bank if self.shared is None else self.shared
+        ops = [t for k in projs for t in b.operands(getattr(b, k))]
+        out = {n: t for n, t in zip(names, ops, strict=True)} | {
+            "hb_ptr": stand_in if hb is None else hb
+        }
+        return out | {f"b_{k}": v for k, v in _strides(ops[0], ops[1]).items()}
+
+    def w13(self, h: torch.Tensor, limit: float, hb: torch.Tensor | None = None) -> None:
+        """h [T * S, I] = SwiGLU(w1 x, w3 x) of every token slot (hb [T, IB]: the shared
+        bank's)."""
         (w1, s1, gs1), (w3, s3, gs3) = (self.bank.operands(p) for p in self.bank[:2])
-        grid = (h.shape[0], triton.cdiv(self.inter, self.tiles.block_i))
+        b = self._bank_b(("w1", "w3"), ("b1_ptr", "bs1_ptr", "bgs1_ptr", "b3_ptr", "bs3_ptr",
+                                        "bgs3_ptr"), hb, h)  # fmt: skip
+        rows = h.shape[0] + (0 if hb is None else hb.shape[0])
+        grid = (rows, triton.cdiv(max(self.inter, self.inter_b), self.tiles.block_i))
         _slot_w13_kernel[grid](
             x_ptr=self.x, w1_ptr=w1, w3_ptr=w3, s1_ptr=s1, s3_ptr=s3, gs1_ptr=gs1, gs3_ptr=gs3,
-            h_ptr=h, limit=float(limit), stride_xt=self.x.stride(0), BLOCK_N=self.tiles.block_i,
-            BLOCK_K=self.tiles.k_i, **_strides(w1, s1), **self.common,
+            h_ptr=h, T=self.t, limit=float(limit), stride_xt=self.x.stride(0),
+            BLOCK_N=self.tiles.block_i, BLOCK_K=self.tiles.k_i, **_strides(w1, s1), **b,
+            **self.common,
         )  # fmt: skip
 
-    def w2(self, h: torch.Tensor, out: torch.Tensor, add: torch.Tensor | None = None) -> None:
-        """out [T, d] = sum over slots of weight * w2 h (+ add [T, d], contiguous)."""
+    def w2(self, h: torch.Tensor, out: torch.Tensor, add: torch.Tensor | None = None,
+           hb: torch.Tensor | None = None) -> None:  # fmt: skip
+        """out [T, d] = sum over slots of weight * w2 h (+ the shared bank's w2 hb, + add
+        [T, d], contiguous)."""
         w2, s2, gs2 = self.bank.operands(self.bank.w2)
         _check_add(add, out)
+        b = self._bank_b(("w2",), ("b_ptr", "bs_ptr", "bgs_ptr"), hb, h)
         _slot_w2_kernel[(self.t, triton.cdiv(self.d, self.tiles.block_d))](
             h_ptr=h, w_ptr=w2, s_ptr=s2, gs_ptr=gs2, add_ptr=out if add is None else add,
             out_ptr=out, stride_ot=out.stride(0), BLOCK_N=self.tiles.block_d,
             BLOCK_K=self.tiles.k_d, ADD=add is not None, OUT_BF16=out.dtype == torch.bfloat16,
-            **_strides(w2, s2), **self.common,
+            **_strides(w2, s2), **b, **self.common,
         )  # fmt: skip
 
 

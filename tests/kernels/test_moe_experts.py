@@ -201,8 +201,9 @@ def test_shared_bank_alone_then_added_in_the_slot_sum_interpreted(form, t, dtype
     """A shared expert in a bank of its own (FP8 next to a dense routed bank): run alone
     (``chosen`` None; sorted: the identity grouping, no grouping launch, no slot sum) it equals
     the bank with top-k 0 through the grouping (the bits, up to the sign of zeros the slot sum
-    made +0); its rows as ``add`` give the bits of routed + shared in torch (bf16: the rounding
-    of the sum, then of the add)."""
+    made +0); its rows as ``add`` (and in the slot form the bank itself as ``shared``: one more
+    program per token in the same two launches) give the bits of routed + shared in torch
+    (bf16: the rounding of the sum, then of the add)."""
     if GPU:
         pytest.skip("interpreter shapes; the GPU tests cover real shapes")
     n_exp, d, inter = 6, 192, 160
@@ -218,6 +219,10 @@ def test_shared_bank_alone_then_added_in_the_slot_sum_interpreted(form, t, dtype
     out = torch.full_like(x, float("nan"))
     got = fn(x, chosen, weights, routed, LIMIT, out=out, add=alone)
     assert got is out and torch.equal(got.view(torch.uint8), before.view(torch.uint8))
+    if form == "slots":  # the shared bank in the routed call's two launches: the same bits
+        both = fn(x, chosen, weights, routed, LIMIT, out=torch.full_like(x, float("nan")),
+                  shared=shared)  # fmt: skip
+        assert torch.equal(both.view(torch.uint8), before.view(torch.uint8))
     with pytest.raises(ValueError, match="add"):
         fn(x, chosen, weights, routed, LIMIT, add=alone[:1])
     with pytest.raises(ValueError, match="nothing to run"):
@@ -359,11 +364,3 @@ def test_sorted_gpu_slot_sum_same_bits_as_torch_sum(topk, shared):
     launch.slot_sum(y, got)
     slot_sum_torch(y, want)
     assert not want.isnan().any() and torch.equal(got.view(torch.int16), want.view(torch.int16))
-
-
-def test_slot_tiles_fill_the_gpu_at_batch_1():
-    """Batch 1 of the served shape (3 slots of 1024 rows): narrow N tiles, >= 3 programs per
-    SM in the w1/w3 kernel, 32 weights per thread."""
-    tiles = K.slot_tiles("dense", 3, 1, 1024, 4096)
-    assert 3 * 1024 // tiles.block_i >= 3 * 132
-    assert tiles.block_i * tiles.k_i == tiles.block_d * tiles.k_d == 32 * 32 * tiles.warps
