@@ -42,7 +42,8 @@ def expert_variants():
             for fn, block_n, block_k in kernels:
                 ce = dict(TOPK=topk, SLOTS=topk + 1, SP=max(2, 1 << topk.bit_length()),
                           BLOCK_N=block_n, BLOCK_K=block_k, UNROLL=tiles.unroll)  # fmt: skip
-                ce = {k: v for k, v in (ce | NO_SHARED_BANK).items() if k in fn.arg_names}
+                ce |= NO_SHARED_BANK | dict(BLOCK_N_B=block_n, BLOCK_K_B=block_k)
+                ce = {k: v for k, v in ce.items() if k in fn.arg_names}
                 yield f"{fmt} T{t} top-{topk} {tiles}", fn, types, ce | fmt_ce, None
         # FP4 banks run only today's tiles (never measured): the large-T one
         large = [(k, ST.GemmTiles(64)) for k in SORTED]
@@ -79,16 +80,19 @@ def shared_bank_variants():
         types |= {a: "*bf16" for a in ("x_ptr", "h_ptr", "hb_ptr", "add_ptr", "out_ptr")}
         types |= {"chosen_ptr": "*i32", "limit": "fp32"}
         fmt_ce = dict(FMT=ME.FORMATS[fmt], G=16 if fmt == "nvfp4" else 32, NV=fmt == "nvfp4")
-        for t in (1, 4):
-            tiles = ME.slot_tiles(fmt, t * 3, t, 1024, 4096)
-            kernels = ((ME._slot_w13_kernel, tiles.block_i, tiles.k_i),
-                       (ME._slot_w2_kernel, tiles.block_d, tiles.k_d))  # fmt: skip
-            for fn, block_n, block_k in kernels:
+        for t in (1, 2, 4):  # each bank's tiles as a call of its own picks them
+            tiles = ME.slot_tiles(fmt, t * 2, t, 1024, 4096)
+            tb = ME.slot_tiles("fp8", t, t, 1024, 4096)
+            kernels = ((ME._slot_w13_kernel, tiles.block_i, tiles.k_i, tb.block_i, tb.k_i),
+                       (ME._slot_w2_kernel, tiles.block_d, tiles.k_d, tb.block_d,
+                        tb.k_d))  # fmt: skip
+            for fn, block_n, block_k, block_n_b, block_k_b in kernels:
                 ce = NO_SHARED_BANK | dict(TOPK=2, SLOTS=2, SP=2, BLOCK_N=block_n,
                                            BLOCK_K=block_k, UNROLL=tiles.unroll, TWO=True,
-                                           FMT_B=1, G_B=32, NV_B=False)  # fmt: skip
+                                           FMT_B=1, G_B=32, NV_B=False, BLOCK_N_B=block_n_b,
+                                           BLOCK_K_B=block_k_b)  # fmt: skip
                 ce = {k: v for k, v in ce.items() if k in fn.arg_names}
-                yield f"{fmt} + fp8 bank T{t} {tiles}", fn, types, ce | fmt_ce, None
+                yield f"{fmt} + fp8 bank T{t} {tiles} {tb}", fn, types, ce | fmt_ce, None
 
 
 SORTED = {"w13": ME._sorted_w13_kernel, "w2": ME._sorted_w2_kernel}

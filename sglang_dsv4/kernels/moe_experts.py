@@ -186,18 +186,22 @@ def _slot_w13_kernel(x_ptr, chosen_ptr, weights_ptr, w1_ptr, w3_ptr, s1_ptr, s3_
                      TOPK: tl.constexpr, SLOTS: tl.constexpr, SP: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UNROLL: tl.constexpr,
                      FMT: tl.constexpr, G: tl.constexpr, NV: tl.constexpr, TWO: tl.constexpr,
-                     FMT_B: tl.constexpr, G_B: tl.constexpr, NV_B: tl.constexpr):  # fmt: skip
+                     FMT_B: tl.constexpr, G_B: tl.constexpr, NV_B: tl.constexpr,
+                     BLOCK_N_B: tl.constexpr, BLOCK_K_B: tl.constexpr):  # fmt: skip
     p = tl.program_id(0)  # token slot t * SLOTS + j; TWO: then bank b's row 0 of token t
     n0 = tl.program_id(1) * BLOCK_N
     t = p // SLOTS
-    if TWO:
+    if TWO:  # bank b with its own tiles (those of a call of its own: the same sums); N tiles
+        # past a bank's width do nothing (the grid covers the wider count)
         if p >= T * SLOTS:
             tb = p - T * SLOTS
-            _w13_row(x_ptr + tb * stride_xt, tl.zeros((SP,), dtype=tl.int64), b1_ptr, b3_ptr,
-                     bs1_ptr, bs3_ptr, bgs1_ptr, bgs3_ptr, hb_ptr + tb * IB, n0, D, IB, limit,
-                     b_stride_we, b_stride_wn, b_stride_se, b_stride_sn, SP, BLOCK_N, BLOCK_K,
-                     UNROLL, FMT_B, G_B, NV_B)  # fmt: skip
-        else:
+            nb = tl.program_id(1) * BLOCK_N_B
+            if nb < IB:
+                _w13_row(x_ptr + tb * stride_xt, tl.zeros((SP,), dtype=tl.int64), b1_ptr, b3_ptr,
+                         bs1_ptr, bs3_ptr, bgs1_ptr, bgs3_ptr, hb_ptr + tb * IB, nb, D, IB,
+                         limit, b_stride_we, b_stride_wn, b_stride_se, b_stride_sn, SP,
+                         BLOCK_N_B, BLOCK_K_B, UNROLL, FMT_B, G_B, NV_B)  # fmt: skip
+        elif n0 < I:
             es, _ = _slot_experts(chosen_ptr, weights_ptr, t, p % SLOTS, shared_row, TOPK, SP)
             _w13_row(x_ptr + t * stride_xt, es, w1_ptr, w3_ptr, s1_ptr, s3_ptr, gs1_ptr, gs3_ptr,
                      h_ptr + p * I, n0, D, I, limit, stride_we, stride_wn, stride_se, stride_sn,
@@ -217,7 +221,7 @@ def _slot_w2_kernel(h_ptr, chosen_ptr, weights_ptr, w_ptr, s_ptr, gs_ptr, add_pt
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UNROLL: tl.constexpr,
                     FMT: tl.constexpr, G: tl.constexpr, NV: tl.constexpr, ADD: tl.constexpr,
                     OUT_BF16: tl.constexpr, TWO: tl.constexpr, FMT_B: tl.constexpr,
-                    G_B: tl.constexpr, NV_B: tl.constexpr):  # fmt: skip
+                    G_B: tl.constexpr, NV_B: tl.constexpr, BLOCK_K_B: tl.constexpr):  # fmt: skip
     t = tl.program_id(0)
     es, wts = _slot_experts(chosen_ptr, weights_ptr, t, 0, shared_row, TOPK, SP)
     n0 = tl.program_id(1) * BLOCK_N
@@ -231,7 +235,7 @@ def _slot_w2_kernel(h_ptr, chosen_ptr, weights_ptr, w_ptr, s_ptr, gs_ptr, add_pt
         acc_b, _ = _rows_dot(b_ptr, b_ptr, bs_ptr, bs_ptr, bgs_ptr, bgs_ptr,
                              tl.zeros((SP,), dtype=tl.int64), ones, n0, D, hb_ptr + t * IB, IB,
                              IB, b_stride_we, b_stride_wn, b_stride_se, b_stride_sn, False, 1, SP,
-                             BLOCK_N, BLOCK_K, UNROLL, FMT_B, G_B, NV_B)  # fmt: skip
+                             BLOCK_N, BLOCK_K_B, UNROLL, FMT_B, G_B, NV_B)  # fmt: skip
         acc_b = acc_b.to(out_ptr.dtype.element_ty).to(tl.float32)
         acc = round_out(acc.to(out_ptr.dtype.element_ty).to(tl.float32) + acc_b, out_ptr,
                         OUT_BF16)  # fmt: skip
@@ -258,6 +262,7 @@ def moe_experts_slots(
     tiles: SlotTiles | None = None,
     add: torch.Tensor | None = None,
     shared: ExpertWeights | None = None,
+    shared_tiles: SlotTiles | None = None,
 ) -> torch.Tensor:
     """``x`` [T, d], ``chosen`` int [T, k], ``weights`` [T, k] -> [T, d] in x's dtype (into
     ``out`` when given): the sum over slots of weight * expert(x), plus the shared expert when
@@ -267,8 +272,8 @@ def moe_experts_slots(
     row 0 (the shared expert, any format and width) runs in the same two launches, one more
     program per token in the w1/w3 kernel, its row rounded alone then added in the w2 kernel:
     the bits of ``moe_experts_slots(...) + moe_experts_slots(x, None, None, shared, limit, 0)``
-    in two launches instead of four and an add. ``tiles``: the launch shape (default
-    :func:`slot_tiles`)."""
+    in two launches instead of four and an add. ``tiles`` / ``shared_tiles``: the launch shapes
+    of each bank (default :func:`slot_tiles` as for a call of its own)."""
     t, d = x.shape
     _, inter = bank.check(d)
     slots = _topk(chosen, shared_row) + (shared_row is not None)
@@ -280,12 +285,22 @@ def moe_experts_slots(
     out = torch.empty(t, d, dtype=x.dtype, device=x.device) if out is None else out
     if t == 0:
         return out
-    tiles = tiles or slot_tiles(bank.fmt, t * (slots + (shared is not None)), t,
-                                max(inter, inter_b), d)  # fmt: skip
-    launch = _SlotLaunch(x, chosen, weights, bank, shared_row, tiles, shared)
+    # each bank's tiles as in a call of its own: the same fp32 sums, the same bits
+    tiles = tiles or slot_tiles(bank.fmt, t * slots, t, inter, d)
+    if shared is not None:
+        shared_tiles = shared_tiles or slot_tiles(shared.fmt, t, t, inter_b, d)
+        if _one_launch(shared_tiles) != _one_launch(tiles):
+            raise ValueError(f"the w2 N tile, warps and unroll of {shared_tiles} and {tiles} "
+                             "differ: one launch runs both banks")  # fmt: skip
+    launch = _SlotLaunch(x, chosen, weights, bank, shared_row, tiles, shared, shared_tiles)
     launch.w13(h, limit, hb)
     launch.w2(h, out, add, hb)
     return out
+
+
+def _one_launch(tiles: SlotTiles) -> tuple[int, int, int]:
+    """What both banks of one slot launch share: the w2 N tile, warps, unroll."""
+    return tiles.block_d, tiles.warps, tiles.unroll
 
 
 def _check_add(add: torch.Tensor | None, out: torch.Tensor) -> None:
@@ -307,8 +322,9 @@ class _SlotLaunch:
     """The two slot-kernel launches of one call (apart, so that the benchmark times each)."""
 
     def __init__(self, x, chosen, weights, bank: ExpertWeights, shared_row, tiles: SlotTiles,
-                 shared: ExpertWeights | None = None):  # fmt: skip
-        self.x, self.shared = x.contiguous(), shared
+                 shared: ExpertWeights | None = None,
+                 shared_tiles: SlotTiles | None = None):  # fmt: skip
+        self.x, self.shared, self.tiles_b = x.contiguous(), shared, shared_tiles or tiles
         topk = _topk(chosen, shared_row)
         # top-k 0: the kernels read neither (stand-ins)
         self.chosen = self.x if chosen is None else chosen.contiguous()
@@ -344,12 +360,14 @@ class _SlotLaunch:
         b = self._bank_b(("w1", "w3"), ("b1_ptr", "bs1_ptr", "bgs1_ptr", "b3_ptr", "bs3_ptr",
                                         "bgs3_ptr"), hb, h)  # fmt: skip
         rows = h.shape[0] + (0 if hb is None else hb.shape[0])
-        grid = (rows, triton.cdiv(max(self.inter, self.inter_b), self.tiles.block_i))
-        _slot_w13_kernel[grid](
+        tb = self.tiles_b
+        n_tiles = max(triton.cdiv(self.inter, self.tiles.block_i),
+                      triton.cdiv(self.inter_b, tb.block_i))  # fmt: skip
+        _slot_w13_kernel[(rows, n_tiles)](
             x_ptr=self.x, w1_ptr=w1, w3_ptr=w3, s1_ptr=s1, s3_ptr=s3, gs1_ptr=gs1, gs3_ptr=gs3,
             h_ptr=h, T=self.t, limit=float(limit), stride_xt=self.x.stride(0),
-            BLOCK_N=self.tiles.block_i, BLOCK_K=self.tiles.k_i, **_strides(w1, s1), **b,
-            **self.common,
+            BLOCK_N=self.tiles.block_i, BLOCK_K=self.tiles.k_i, BLOCK_N_B=tb.block_i,
+            BLOCK_K_B=tb.k_i, **_strides(w1, s1), **b, **self.common,
         )  # fmt: skip
 
     def w2(self, h: torch.Tensor, out: torch.Tensor, add: torch.Tensor | None = None,
@@ -362,8 +380,8 @@ class _SlotLaunch:
         _slot_w2_kernel[(self.t, triton.cdiv(self.d, self.tiles.block_d))](
             h_ptr=h, w_ptr=w2, s_ptr=s2, gs_ptr=gs2, add_ptr=out if add is None else add,
             out_ptr=out, stride_ot=out.stride(0), BLOCK_N=self.tiles.block_d,
-            BLOCK_K=self.tiles.k_d, ADD=add is not None, OUT_BF16=out.dtype == torch.bfloat16,
-            **_strides(w2, s2), **b, **self.common,
+            BLOCK_K=self.tiles.k_d, BLOCK_K_B=self.tiles_b.k_d, ADD=add is not None,
+            OUT_BF16=out.dtype == torch.bfloat16, **_strides(w2, s2), **b, **self.common,
         )  # fmt: skip
 
 

@@ -223,6 +223,16 @@ def test_shared_bank_alone_then_added_in_the_slot_sum_interpreted(form, t, dtype
         both = fn(x, chosen, weights, routed, LIMIT, out=torch.full_like(x, float("nan")),
                   shared=shared)  # fmt: skip
         assert torch.equal(both.view(torch.uint8), before.view(torch.uint8))
+        # each bank keeps the tiles of a call of its own (here different K and N tiles)
+        ta, tb = K.SlotTiles(8, 64, 4, 64), K.SlotTiles(4, 128, 4, 128)
+        want = fn(x, chosen, weights, routed, LIMIT, tiles=ta) + fn(
+            x, None, None, shared, LIMIT, 0, tiles=tb
+        )
+        got = fn(x, chosen, weights, routed, LIMIT, tiles=ta, shared=shared, shared_tiles=tb)
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+        with pytest.raises(ValueError, match="one launch"):
+            fn(x, chosen, weights, routed, LIMIT, tiles=ta, shared=shared,
+               shared_tiles=tb._replace(block_d=8))  # fmt: skip
     with pytest.raises(ValueError, match="add"):
         fn(x, chosen, weights, routed, LIMIT, add=alone[:1])
     with pytest.raises(ValueError, match="nothing to run"):
