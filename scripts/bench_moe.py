@@ -37,12 +37,25 @@ pairs also each chunk size of ``moe_group.CHUNKS`` (the fastest per pair count p
 for ``moe_group.group_chunk``; ~20 s on an H100):
 
     python scripts/bench_moe.py --group --out bench_moe_group.json
+
+``--count`` instead counts, per MoE forward of the served Flash-dims layer as the model holds it
+on the GPU (``configs/dsv4-flash-dims.json``: MXFP4 routed bank, the FP8 shared expert a bank of
+its own; layer 0 hashed, layer 1 scored), the Triton launches and torch ops of
+``ops.moe.MoeTriton.ffn`` (:mod:`sglang_dsv4.perf.op_count`), at decode (T 1 / 32 / 128) and
+extend (T 8192) sizes. It runs on CPU in seconds (kernels counted, not run: no launch depends on
+data); on CUDA the kernels run, and the profiler's CUDA kernel count and the time of one call
+(CUDA graph of ``--inner`` calls) are printed for it and for the path before the shared bank's
+rows went into the routed slot sum (:func:`ffn_before`, same weights, same bits):
+
+    python scripts/bench_moe.py --count [--tokens 1,32,128,8192] [--out moe_count.json]
 """
 
 import argparse
 import datetime
 import functools
 import itertools
+import json
+from importlib import resources
 
 import torch
 
@@ -62,6 +75,7 @@ from sglang_dsv4.kernels.moe_sorted_tiles import CANDIDATES, SortedTiles, sorted
 from sglang_dsv4.kernels.mxfp4_moe import FP4Bank, fp4_moe
 from sglang_dsv4.kernels.slot_sum import slot_sum_torch
 from sglang_dsv4.model.experts import FP8Rows
+from sglang_dsv4.perf.op_count import count_ops
 from sglang_dsv4.perf.timing import graph_seconds, kernel_count, write_json
 from sglang_dsv4.ref.moe import DenseExperts, route_scores, route_topk, route_weights, swiglu
 from sglang_dsv4.ref.weight_quant import fp8_block_quant, mxfp4_quant
@@ -489,11 +503,111 @@ def run_group(args) -> list:
     return results
 
 
+def flash_layer(index: int, device: str):
+    """(config, MoE block ``index`` of the Flash-dims served model, random weights) as the model
+    holds it on the GPU (``KeptFormats`` on_gpu: the released formats kept)."""
+    from sglang_dsv4.config import DSV4Config
+    from sglang_dsv4.model.experts import MoE
+    from sglang_dsv4.model.linears import KeptFormats
+
+    path = resources.files("sglang_dsv4.configs").joinpath("dsv4-flash-dims.json")
+    cfg = DSV4Config.from_dict(json.loads(path.read_text()))
+    with torch.device(device):
+        layer = MoE(cfg, cfg.layers[index], KeptFormats(cfg, None, on_gpu=True),
+                    f"layers.{index}.ffn.")  # fmt: skip
+    randomize(layer, cfg.n_routed_experts)
+    return cfg, layer
+
+
+@torch.no_grad()
+def randomize(layer, n_exp: int) -> None:
+    """Random weights in every format (finite: e4m3 from normals, e8m0 / scale bytes near 2^0)
+    so that routing spreads tokens over the experts as a trained gate does."""
+    for name, t in [*layer.named_parameters(), *layer.named_buffers()]:
+        if "global_scale" in name:
+            continue
+        if t.dtype in (torch.uint8, torch.float8_e8m0fnu) and "scale" in name:
+            t.view(torch.uint8).copy_(torch.randint(118, 128, t.shape, dtype=torch.uint8))
+        elif t.dtype == torch.uint8:  # packed e2m1 codes
+            t.copy_(torch.randint(0, 256, t.shape, dtype=torch.uint8))
+        elif t.dtype == torch.float8_e4m3fn:
+            t.copy_(torch.randn(t.shape).to(t.dtype))
+        elif not t.is_floating_point():  # tid2eid
+            t.copy_(torch.randint(0, n_exp, t.shape))
+        else:
+            t.copy_(torch.randn(t.shape) * t.shape[-1] ** -0.5)
+
+
+def ffn_before(ops, layer, x, ids):
+    """``MoeTriton.ffn`` of main before this change: the shared bank with top-k 0 (its own
+    grouping launch and slot sum in the sorted form), then a torch add."""
+    limit = ops.cfg.swiglu_limit
+    chosen, weights = ops.route(layer, x, ids)
+    form = ops.form(layer, x.shape[0])
+    out = layer.experts.grouped(x, chosen, weights, limit, form, layer.shared_row)
+    return out + layer.shared.grouped(x, chosen[:, :0], weights[:, :0], limit, form, 0)
+
+
+def count_cell(index: int, t: int, cfg, layer, ops, device: str, args) -> dict:
+    """Launches and torch ops of one ``ffn`` call at ``t`` tokens (``--count``)."""
+    x = torch.randn(t, cfg.hidden_size, device=device, dtype=torch.bfloat16)
+    ids = torch.randint(0, cfg.vocab_size, (t,), device=device)
+    cuda = device == "cuda"
+    fn = functools.partial(ops.ffn, layer, x, ids)
+    count_ops(fn, dry=not cuda)  # warm-up: compiles, operands made once per bank
+    counts, _ = count_ops(fn, dry=not cuda)
+    row = {"layer": index, "hash": layer.hash_moe, "tokens": t, "form": ops.form(layer, t)}
+    row |= counts.summary()
+    if cuda:
+        before = functools.partial(ffn_before, ops, layer, x, ids)
+        row["same_bits"] = torch.equal(fn().view(torch.int16), before().view(torch.int16))
+        row["cuda_kernels"], row["cuda_kernels_before"] = kernel_count(fn), kernel_count(before)
+        row["us"] = round(time_graph(fn, args.inner, args.reps), 2)
+        row["us_before"] = round(time_graph(before, args.inner, args.reps), 2)
+    return row
+
+
+def run_count(args) -> list:
+    from sglang_dsv4.ops.moe import MoeTriton
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    results = []
+    for index in (1, 0):  # scored, hashed
+        cfg, layer = flash_layer(index, device)
+        ops = MoeTriton(cfg, torch.device(device))
+        for t in (int(t) for t in args.tokens.split(",")):
+            results.append(count_cell(index, t, cfg, layer, ops, device, args))
+            print(results[-1], flush=True)
+    print(f"\nMoE forward, Flash-dims served layer ({device}): kernels = Triton launches + "
+          "device torch ops; torch ops = device + view/alloc ops")  # fmt: skip
+    print(f"{'layer':>6} {'T':>5} {'form':>7} {'kernels':>8} {'triton':>7} {'dev ops':>8} "
+          f"{'torch ops':>10}  triton kernels / device ops")  # fmt: skip
+    for r in results:
+        names = " ".join(f"{k}x{v}" for k, v in {**r["triton_names"], **r["device_ops"]}.items())
+        kind = "hash" if r["hash"] else "scored"
+        print(f"{kind:>6} {r['tokens']:>5} {r['form']:>7} {r['kernels']:>8} {r['triton']:>7} "
+              f"{r['torch_device_ops']:>8} {r['torch_ops']:>10}  {names}")  # fmt: skip
+    if device == "cuda":
+        print(
+            f"\n{torch.cuda.get_device_name()}: CUDA kernels (profiler) and us per call, "
+            "graph-replayed; before = the shared bank's own grouping + slot sum + torch add"
+        )
+        print(f"{'layer':>6} {'T':>5} {'kernels':>8} {'before':>7} {'us':>9} {'before':>9} "
+              f"{'same bits':>9}")  # fmt: skip
+        for r in results:
+            kind = "hash" if r["hash"] else "scored"
+            print(f"{kind:>6} {r['tokens']:>5} {r['cuda_kernels']:>8} "
+                  f"{r['cuda_kernels_before']:>7} {r['us']:>9} {r['us_before']:>9} "
+                  f"{r['same_bits']!s:>9}")  # fmt: skip
+    return results
+
+
 # --tokens / --formats / --inner / --reps unless given: decode sizes, or (--sorted) prefill sizes
 MODE_DEFAULTS = {
     "decode": dict(tokens="1,2,4,8,16,32,128", formats="bf16,fp8,mxfp4", inner=10, reps=20),
     "sorted": dict(tokens="4096,8192,16384", formats="bf16,fp8", inner=3, reps=5),
     "group": dict(tokens="1,32,128,8192", formats="", inner=10, reps=20),
+    "count": dict(tokens="1,32,128,8192", formats="", inner=10, reps=20),
 }
 
 
@@ -511,12 +625,18 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--sorted", action="store_true", help="the sorted form at prefill sizes")
     ap.add_argument("--group", action="store_true", help="the sorted form's grouping alone")
+    ap.add_argument("--count", action="store_true", help="launches + torch ops per MoE call")
     args = ap.parse_args()
     args.part = 1.0
-    mode = "group" if args.group else "sorted" if args.sorted else "decode"
-    for k, v in MODE_DEFAULTS[mode].items():  # what was not given
+    mode = "count" if args.count else "group" if args.group else "sorted" if args.sorted else None
+    for k, v in MODE_DEFAULTS[mode or "decode"].items():  # what was not given
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.count:
+        results = run_count(args)
+        if args.out:
+            write_json(args.out, {"args": vars(args), "results": results})
+        return
     if args.group:
         print(f"GPU: {torch.cuda.get_device_name()}")
         results = run_group(args)

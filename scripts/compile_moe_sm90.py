@@ -32,7 +32,7 @@ def expert_variants():
         types = {a: f"*{dt}" for a in ("w_ptr", "w1_ptr", "w3_ptr")}
         types |= {a: f"*{sdt}" for a in ("s_ptr", "s1_ptr", "s3_ptr")}
         types |= {a: "*fp32" for a in ("gs_ptr", "gs1_ptr", "gs3_ptr", "weights_ptr")}
-        types |= {a: "*bf16" for a in ("x_ptr", "h_ptr", "out_ptr", "y_ptr")}
+        types |= {a: "*bf16" for a in ("x_ptr", "h_ptr", "hb_ptr", "add_ptr", "out_ptr", "y_ptr")}
         types |= {"chosen_ptr": "*i32", "order_ptr": "*i32", "off_ptr": "*i32", "limit": "fp32"}
         # the tiles the wrapper picks: served dims at T 1 / 8, Flash at T 1; a one-row bank
         for t, topk, inter in ((1, 2, 1024), (8, 2, 1024), (1, 6, 2048), (1, 0, 2048)):
@@ -42,6 +42,8 @@ def expert_variants():
             for fn, block_n, block_k in kernels:
                 ce = dict(TOPK=topk, SLOTS=topk + 1, SP=max(2, 1 << topk.bit_length()),
                           BLOCK_N=block_n, BLOCK_K=block_k, UNROLL=tiles.unroll)  # fmt: skip
+                ce |= NO_SHARED_BANK | dict(BLOCK_N_B=block_n, BLOCK_K_B=block_k)
+                ce = {k: v for k, v in ce.items() if k in fn.arg_names}
                 yield f"{fmt} T{t} top-{topk} {tiles}", fn, types, ce | fmt_ce, None
         # FP4 banks run only today's tiles (never measured): the large-T one
         large = [(k, ST.GemmTiles(64)) for k in SORTED]
@@ -49,10 +51,48 @@ def expert_variants():
             fn = SORTED[kernel]
             ce = {k: v for k, v in sorted_ce(tile, False).items() if k in fn.arg_names}
             yield f"{fmt} {tile}", fn, types, ce | fmt_ce, tile
+        if fmt == "fp8":  # a shared bank of its own alone: the identity grouping
+            for kernel, tile in [(k, ST.GemmTiles(16)) for k in SORTED] + large:
+                fn = SORTED[kernel]
+                ce = sorted_ce(tile, False) | {"IDENT": True, "SLOTS": 1}
+                ce = {k: v for k, v in ce.items() if k in fn.arg_names}
+                yield f"{fmt} IDENT {tile}", fn, types, ce | fmt_ce, tile
+    yield from shared_bank_variants()
     fp32 = {a: "*fp32" for a in ME._sorted_w13_kernel.arg_names if a.endswith("_ptr")}
     fp32 |= {"order_ptr": "*i32", "off_ptr": "*i32", "limit": "fp32"}
     ce = sorted_ce(ST.GemmTiles(16), True) | dict(FMT=0, G=32, NV=False)  # w13: SLOTS too
     yield "fp32", ME._sorted_w13_kernel, fp32, ce, ST.GemmTiles(16)
+
+
+# slot kernels without a shared bank of their own (and without add rows)
+NO_SHARED_BANK = dict(TWO=False, FMT_B=0, G_B=32, NV_B=False, ADD=False, OUT_BF16=True)
+
+
+def shared_bank_variants():
+    """The served Flash-dims layer's slot kernels: MXFP4 / NVFP4 routed bank + the FP8 shared
+    bank in the same launches (TWO), top-2, at the decode sizes of the slot form."""
+    for fmt in ("mxfp4", "nvfp4"):
+        types = {a: "*u8" for a in ("w_ptr", "w1_ptr", "w3_ptr", "s_ptr", "s1_ptr", "s3_ptr")}
+        types |= {a: "*fp8e4nv" for a in ("b_ptr", "b1_ptr", "b3_ptr")}
+        types |= {a: "*u8" for a in ("bs_ptr", "bs1_ptr", "bs3_ptr")}
+        types |= {a: "*fp32" for a in ("gs_ptr", "gs1_ptr", "gs3_ptr", "bgs_ptr", "bgs1_ptr",
+                                       "bgs3_ptr", "weights_ptr")}  # fmt: skip
+        types |= {a: "*bf16" for a in ("x_ptr", "h_ptr", "hb_ptr", "add_ptr", "out_ptr")}
+        types |= {"chosen_ptr": "*i32", "limit": "fp32"}
+        fmt_ce = dict(FMT=ME.FORMATS[fmt], G=16 if fmt == "nvfp4" else 32, NV=fmt == "nvfp4")
+        for t in (1, 2, 4):  # each bank's tiles as a call of its own picks them
+            tiles = ME.slot_tiles(fmt, t * 2, t, 1024, 4096)
+            tb = ME.slot_tiles("fp8", t, t, 1024, 4096)
+            kernels = ((ME._slot_w13_kernel, tiles.block_i, tiles.k_i, tb.block_i, tb.k_i),
+                       (ME._slot_w2_kernel, tiles.block_d, tiles.k_d, tb.block_d,
+                        tb.k_d))  # fmt: skip
+            for fn, block_n, block_k, block_n_b, block_k_b in kernels:
+                ce = NO_SHARED_BANK | dict(TOPK=2, SLOTS=2, SP=2, BLOCK_N=block_n,
+                                           BLOCK_K=block_k, UNROLL=tiles.unroll, TWO=True,
+                                           FMT_B=1, G_B=32, NV_B=False, BLOCK_N_B=block_n_b,
+                                           BLOCK_K_B=block_k_b)  # fmt: skip
+                ce = {k: v for k, v in ce.items() if k in fn.arg_names}
+                yield f"{fmt} + fp8 bank T{t} {tiles} {tb}", fn, types, ce | fmt_ce, None
 
 
 SORTED = {"w13": ME._sorted_w13_kernel, "w2": ME._sorted_w2_kernel}
@@ -64,7 +104,7 @@ DIVISIBLE = ("D", "I", "stride_xt", "stride_we", "stride_wn", "stride_se", "stri
 def sorted_ce(tile, ieee: bool) -> dict:
     """Constexprs of a sorted kernel launched with ``tile`` (served shape: 3 slots, 17 rows)."""
     return dict(SLOTS=3, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
-                BLOCK_R=32, IEEE=ieee, N_FAST=tile.n_fast)  # fmt: skip
+                BLOCK_R=32, IEEE=ieee, N_FAST=tile.n_fast, IDENT=False)  # fmt: skip
 
 
 def sorted_variants() -> list:

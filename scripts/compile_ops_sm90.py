@@ -42,9 +42,11 @@ def variants(dt: str):
     yield norm_rope._rope_hadamard_kernel, rope_types, {
         "D": 128, "LOG2D": 7, "RB": 16, "INVERSE": False, "X_BF16": bf,
     }  # fmt: skip
-    for slots in (3, 7):  # the sorted MoE's slot sum: Flash dims, top-2 / top-6 + shared
-        yield slot_sum._slot_sum_kernel, {"y_ptr": act, "out_ptr": act}, {
-            "SLOTS": slots, "BLOCK_D": slot_sum.BLOCK_D, "OUT_BF16": bf,
+    # the sorted MoE's slot sum: Flash dims, top-2 / top-6 + shared row; top-2 + a shared bank's
+    # rows (add)
+    for slots, add in ((3, False), (7, False), (2, True)):
+        yield slot_sum._slot_sum_kernel, {"y_ptr": act, "add_ptr": act, "out_ptr": act}, {
+            "SLOTS": slots, "BLOCK_D": slot_sum.BLOCK_D, "OUT_BF16": bf, "ADD": add,
         }  # fmt: skip
     yield from group_variants(dt)
     hc_types = {a: "*fp32" for a in mhc._hc_kernel.arg_names if a.endswith("_ptr")}

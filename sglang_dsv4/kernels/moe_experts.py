@@ -1,7 +1,8 @@
 """Routed (+ shared) experts of one layer, grouped, for dense (bf16 / fp32), FP8 and FP4 banks.
 
-A bank holds every expert of a layer stacked at load (:mod:`sglang_dsv4.model.experts`), one
-:class:`Proj` per projection over ``R`` rows: w1 / w3 [R, I, d], w2 [R, d, I] in the format
+A bank (:class:`~sglang_dsv4.kernels.moe_bank.ExpertWeights`) holds every expert of a layer
+stacked at load (:mod:`sglang_dsv4.model.experts`), one :class:`Proj` per projection over ``R``
+rows: w1 / w3 [R, I, d], w2 [R, d, I] in the format
 
 * ``dense``: the model dtype;
 * ``fp8``: e4m3 with e8m0 128x128 block scales [R, ceil(N/128), ceil(K/128)];
@@ -30,20 +31,26 @@ epilogue of w2. Two forms, both free of host syncs and data-dependent shapes (CU
   runs ``tl.dot`` tiles, so each expert's weights are read once per block row. Tiles and raster
   order per kernel: :mod:`sglang_dsv4.kernels.moe_sorted_tiles` (measured table).
 
+A shared expert held in a bank of its own (next to FP4 routed experts) runs first as that bank's
+shared row alone (``chosen`` None: top-k 0; in the sorted form the identity grouping, a constexpr
+of the GEMM kernels: no grouping launch, no slot sum), and its rows [T, d] are the routed call's
+``add``: added to the rounded slot sum in the epilogue of the kernel that sums the slots (the slot
+form's w2 kernel, the sorted form's slot sum), with the bits of ``routed + shared`` in torch.
+
 Twin: :class:`sglang_dsv4.ref.moe.DenseExperts` and :func:`sglang_dsv4.ref.moe.swiglu` over the
 dequantized weights.
 """
-
-from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
+from sglang_dsv4.kernels.moe_bank import FORMATS, ExpertWeights, Proj
 from sglang_dsv4.kernels.moe_group import group_pairs
+from sglang_dsv4.kernels.moe_slot_tiles import SlotTiles, slot_tiles
 from sglang_dsv4.kernels.moe_sorted_tiles import GemmTiles, SortedTiles, sorted_tiles, tile_format
 from sglang_dsv4.kernels.mxfp4_moe import _fp4_tile
-from sglang_dsv4.kernels.slot_sum import slot_sum
+from sglang_dsv4.kernels.slot_sum import round_out, slot_sum
 
 __all__ = [
     "FORMATS",
@@ -54,78 +61,6 @@ __all__ = [
     "moe_experts_sorted",
     "slot_tiles",
 ]
-
-FORMATS = {"dense": 0, "fp8": 1, "mxfp4": 2, "nvfp4": 3}
-_GROUP = {"mxfp4": 32, "nvfp4": 16}
-
-
-class Proj(NamedTuple):
-    """One projection of every bank row: ``w`` (codes), ``scale`` (bytes or e8m0; None when
-    dense), ``global_scale`` fp32 [R] (NVFP4 only)."""
-
-    w: torch.Tensor
-    scale: torch.Tensor | None = None
-    global_scale: torch.Tensor | None = None
-
-
-class ExpertWeights(NamedTuple):
-    """One layer's bank (module docstring): projections ``w1``, ``w3``, ``w2`` in ``fmt``."""
-
-    w1: Proj
-    w3: Proj
-    w2: Proj
-    fmt: str = "dense"
-
-    @classmethod
-    def stacked(cls, w13, w2, s13=None, s2=None) -> "ExpertWeights":
-        """A dense (``s13`` None) or FP8 bank stored as ``w13`` [R, 2I, d] (w1 rows then w3
-        rows; FP8 scale rows likewise, w3's from ``ceil(I/128)``) and ``w2`` [R, d, I]."""
-        inter = w13.shape[1] // 2
-        if s13 is None:
-            return cls(Proj(w13[:, :inter]), Proj(w13[:, inter:]), Proj(w2))
-        t = s13.shape[1] // 2
-        w1, w3 = Proj(w13[:, :inter], s13[:, :t]), Proj(w13[:, inter:], s13[:, t:])
-        return cls(w1, w3, Proj(w2, s2), "fp8")
-
-    @property
-    def packing(self) -> int:
-        return 2 if self.fmt in _GROUP else 1
-
-    def check(self, d: int) -> tuple[int, int]:
-        """(rows, inter) after checking shapes against hidden size ``d``."""
-        if self.fmt not in FORMATS:
-            raise ValueError(f"expert bank format {self.fmt!r}: expected one of {list(FORMATS)}")
-        r, inter, d_in = self.w1.w.shape
-        pk = self.packing
-        ok = d_in * pk == d and tuple(self.w2.w.shape) == (r, d, inter // pk)
-        ok = ok and self.w3.w.shape == self.w1.w.shape and self.w3.w.stride() == self.w1.w.stride()
-        if not ok:
-            raise ValueError(
-                f"bank w1 {tuple(self.w1.w.shape)}, w3 {tuple(self.w3.w.shape)}, "
-                f"w2 {tuple(self.w2.w.shape)} ({self.fmt}) for d = {d}"
-            )
-        if self.fmt != "dense" and any(p.scale is None for p in self[:3]):
-            raise ValueError(f"a {self.fmt} bank needs the scales of w1, w3 and w2")
-        if self.fmt == "nvfp4" and any(p.global_scale is None for p in self[:3]):
-            raise ValueError("an nvfp4 bank needs the global scales of w1, w3 and w2")
-        return r, inter
-
-    def operands(self, proj: Proj) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(weight, scale, global scale) pointers of ``proj`` for the kernels; operands a
-        format does not read are stood in for by the weights (never dereferenced)."""
-        w = _bytes(proj.w) if self.fmt in _GROUP else proj.w
-        scale = w if proj.scale is None else _bytes(proj.scale)
-        gs = w if proj.global_scale is None else proj.global_scale
-        return w, scale, gs
-
-    def constexprs(self) -> dict:
-        return dict(FMT=FORMATS[self.fmt], G=_GROUP.get(self.fmt, 32), NV=self.fmt == "nvfp4")
-
-
-def _bytes(t: torch.Tensor) -> torch.Tensor:
-    """``t`` as bytes: FP4 banks hold uint8 already (a dtype view costs two torch ops per call,
-    per projection and step: none where nothing is to be reinterpreted)."""
-    return t if t.dtype == torch.uint8 else t.view(torch.uint8)
 
 
 @triton.jit
@@ -215,40 +150,78 @@ def _rows_dot(wa_ptr, wb_ptr, sa_ptr, sb_ptr, gsa_ptr, gsb_ptr, es, wts, n0, n_l
 def _slot_experts(chosen_ptr, weights_ptr, t, j0, shared_row, TOPK: tl.constexpr,
                   SP: tl.constexpr):  # fmt: skip
     """Bank rows int64 [SP] and routing weights [SP] of token ``t``'s slots ``j0 ...``: its
-    chosen experts, past top-k the shared row with weight 1."""
+    chosen experts, past top-k the shared row with weight 1 (top-k 0, the shared expert alone:
+    nothing read, ``chosen_ptr`` / ``weights_ptr`` are stand-ins)."""
     j = j0 + tl.arange(0, SP)
-    routed = j < TOPK
-    e = tl.load(chosen_ptr + t * TOPK + j, mask=routed, other=0)
-    wt = tl.load(weights_ptr + t * TOPK + j, mask=routed, other=1.0)
-    return tl.where(routed, e, shared_row).to(tl.int64), wt
+    if TOPK == 0:
+        e = tl.zeros((SP,), dtype=tl.int64) + shared_row
+        wt = tl.full((SP,), 1.0, dtype=tl.float32)
+    else:
+        routed = j < TOPK
+        e = tl.load(chosen_ptr + t * TOPK + j, mask=routed, other=0)
+        wt = tl.load(weights_ptr + t * TOPK + j, mask=routed, other=1.0)
+        e = tl.where(routed, e, shared_row).to(tl.int64)
+    return e, wt
+
+
+@triton.jit
+def _w13_row(x_ptr, es, w1_ptr, w3_ptr, s1_ptr, s3_ptr, gs1_ptr, gs3_ptr, h_ptr, n0, D, I, limit,
+             stride_we, stride_wn, stride_se, stride_sn, SP: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_K: tl.constexpr, UNROLL: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr,
+             NV: tl.constexpr):  # fmt: skip
+    """h row ``h_ptr`` [I], columns ``n0 ...`` = SwiGLU(w1 x, w3 x) of bank row ``es[0]``."""
+    ones = tl.full((SP,), 1.0, dtype=tl.float32)  # the routing weight is w2's epilogue
+    g, u = _rows_dot(w1_ptr, w3_ptr, s1_ptr, s3_ptr, gs1_ptr, gs3_ptr, es, ones, n0, I, x_ptr, 0,
+                     D, stride_we, stride_wn, stride_se, stride_sn, True, 1, SP, BLOCK_N,
+                     BLOCK_K, UNROLL, FMT, G, NV)  # fmt: skip
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    tl.store(h_ptr + offs_n, _swiglu(g, u, limit).to(h_ptr.dtype.element_ty), mask=offs_n < I)
 
 
 @triton.jit
 def _slot_w13_kernel(x_ptr, chosen_ptr, weights_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, gs1_ptr,
-                     gs3_ptr, h_ptr, D, I, limit, shared_row, stride_xt, stride_we, stride_wn,
-                     stride_se, stride_sn, TOPK: tl.constexpr, SLOTS: tl.constexpr,
-                     SP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     UNROLL: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr,
-                     NV: tl.constexpr):  # fmt: skip
-    p = tl.program_id(0)  # token slot: t * SLOTS + j
-    t = p // SLOTS
-    es, _ = _slot_experts(chosen_ptr, weights_ptr, t, p % SLOTS, shared_row, TOPK, SP)
+                     gs3_ptr, h_ptr, T, D, I, limit, shared_row, stride_xt, stride_we, stride_wn,
+                     stride_se, stride_sn, b1_ptr, b3_ptr, bs1_ptr, bs3_ptr, bgs1_ptr, bgs3_ptr,
+                     hb_ptr, IB, b_stride_we, b_stride_wn, b_stride_se, b_stride_sn,
+                     TOPK: tl.constexpr, SLOTS: tl.constexpr, SP: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UNROLL: tl.constexpr,
+                     FMT: tl.constexpr, G: tl.constexpr, NV: tl.constexpr, TWO: tl.constexpr,
+                     FMT_B: tl.constexpr, G_B: tl.constexpr, NV_B: tl.constexpr,
+                     BLOCK_N_B: tl.constexpr, BLOCK_K_B: tl.constexpr):  # fmt: skip
+    p = tl.program_id(0)  # token slot t * SLOTS + j; TWO: then bank b's row 0 of token t
     n0 = tl.program_id(1) * BLOCK_N
-    ones = tl.full((SP,), 1.0, dtype=tl.float32)  # the routing weight is w2's epilogue
-    g, u = _rows_dot(w1_ptr, w3_ptr, s1_ptr, s3_ptr, gs1_ptr, gs3_ptr, es, ones, n0, I,
-                     x_ptr + t * stride_xt, 0, D, stride_we, stride_wn, stride_se, stride_sn,
-                     True, 1, SP, BLOCK_N, BLOCK_K, UNROLL, FMT, G, NV)  # fmt: skip
-    h = _swiglu(g, u, limit)
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    tl.store(h_ptr + p * I + offs_n, h.to(h_ptr.dtype.element_ty), mask=offs_n < I)
+    t = p // SLOTS
+    if TWO:  # bank b with its own tiles (those of a call of its own: the same sums); N tiles
+        # past a bank's width do nothing (the grid covers the wider count)
+        if p >= T * SLOTS:
+            tb = p - T * SLOTS
+            nb = tl.program_id(1) * BLOCK_N_B
+            if nb < IB:
+                _w13_row(x_ptr + tb * stride_xt, tl.zeros((SP,), dtype=tl.int64), b1_ptr, b3_ptr,
+                         bs1_ptr, bs3_ptr, bgs1_ptr, bgs3_ptr, hb_ptr + tb * IB, nb, D, IB,
+                         limit, b_stride_we, b_stride_wn, b_stride_se, b_stride_sn, SP,
+                         BLOCK_N_B, BLOCK_K_B, UNROLL, FMT_B, G_B, NV_B)  # fmt: skip
+        elif n0 < I:
+            es, _ = _slot_experts(chosen_ptr, weights_ptr, t, p % SLOTS, shared_row, TOPK, SP)
+            _w13_row(x_ptr + t * stride_xt, es, w1_ptr, w3_ptr, s1_ptr, s3_ptr, gs1_ptr, gs3_ptr,
+                     h_ptr + p * I, n0, D, I, limit, stride_we, stride_wn, stride_se, stride_sn,
+                     SP, BLOCK_N, BLOCK_K, UNROLL, FMT, G, NV)  # fmt: skip
+    else:
+        es, _ = _slot_experts(chosen_ptr, weights_ptr, t, p % SLOTS, shared_row, TOPK, SP)
+        _w13_row(x_ptr + t * stride_xt, es, w1_ptr, w3_ptr, s1_ptr, s3_ptr, gs1_ptr, gs3_ptr,
+                 h_ptr + p * I, n0, D, I, limit, stride_we, stride_wn, stride_se, stride_sn, SP,
+                 BLOCK_N, BLOCK_K, UNROLL, FMT, G, NV)  # fmt: skip
 
 
 @triton.jit
-def _slot_w2_kernel(h_ptr, chosen_ptr, weights_ptr, w_ptr, s_ptr, gs_ptr, out_ptr, D, I,
-                    shared_row, stride_we, stride_wn, stride_se, stride_sn, stride_ot,
-                    TOPK: tl.constexpr, SLOTS: tl.constexpr, SP: tl.constexpr,
+def _slot_w2_kernel(h_ptr, chosen_ptr, weights_ptr, w_ptr, s_ptr, gs_ptr, add_ptr, out_ptr, D,
+                    I, shared_row, stride_we, stride_wn, stride_se, stride_sn, stride_ot, b_ptr,
+                    bs_ptr, bgs_ptr, hb_ptr, IB, b_stride_we, b_stride_wn, b_stride_se,
+                    b_stride_sn, TOPK: tl.constexpr, SLOTS: tl.constexpr, SP: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UNROLL: tl.constexpr,
-                    FMT: tl.constexpr, G: tl.constexpr, NV: tl.constexpr):  # fmt: skip
+                    FMT: tl.constexpr, G: tl.constexpr, NV: tl.constexpr, ADD: tl.constexpr,
+                    OUT_BF16: tl.constexpr, TWO: tl.constexpr, FMT_B: tl.constexpr,
+                    G_B: tl.constexpr, NV_B: tl.constexpr, BLOCK_K_B: tl.constexpr):  # fmt: skip
     t = tl.program_id(0)
     es, wts = _slot_experts(chosen_ptr, weights_ptr, t, 0, shared_row, TOPK, SP)
     n0 = tl.program_id(1) * BLOCK_N
@@ -256,39 +229,21 @@ def _slot_w2_kernel(h_ptr, chosen_ptr, weights_ptr, w_ptr, s_ptr, gs_ptr, out_pt
                        h_ptr + t * SLOTS * I, I, I, stride_we, stride_wn, stride_se, stride_sn,
                        False, SLOTS, SP, BLOCK_N, BLOCK_K, UNROLL, FMT, G, NV)  # fmt: skip
     offs_n = n0 + tl.arange(0, BLOCK_N)
-    tl.store(out_ptr + t * stride_ot + offs_n, acc.to(out_ptr.dtype.element_ty), mask=offs_n < D)
-
-
-class SlotTiles(NamedTuple):
-    """Launch shape of the slot kernels: N and K tiles of the w1/w3 kernel (``block_i``,
-    ``k_i``) and of the w2 kernel (``block_d``, ``k_d``), warps and K-loop unroll factor of
-    both (unrolled, the compiler may issue the next tile's loads before this tile's FMAs;
-    ``num_stages`` does not pipeline these loads: they feed no ``tl.dot``)."""
-
-    block_i: int
-    k_i: int
-    block_d: int
-    k_d: int
-    warps: int = 4
-    unroll: int = 1
-
-
-_SMS = 132  # H100 SXM; the tile choice only needs the order of magnitude
-_PER_THREAD = 32  # fp32 accumulator elements per thread and weight: no spills on sm_90
-
-
-def slot_tiles(fmt: str, pairs: int, tokens: int, inter: int, d: int, warps: int = 4) -> SlotTiles:
-    """Slot-kernel tiles. At batch 1 the grid is pairs x N / BLOCK_N programs: narrow N tiles
-    (down to 4 rows) so that a few experts still give >= ~3 programs per SM; each tile holds
-    32 weights per thread (several 16-byte loads in flight per thread and weight), its K width
-    what the N tile leaves. A guess from the HBM model (``fmt`` unused so far) until
-    ``scripts/bench_moe.py --sweep`` measures it."""
-    elems = _PER_THREAD * 32 * warps
-    block_i = next((b for b in (32, 16, 8) if pairs * -(-inter // b) >= 3 * _SMS), 4)
-    block_d = next((b for b in (32, 16, 8) if tokens * -(-d // b) >= 2 * _SMS), 4)
-    k_i = min(elems // block_i, triton.next_power_of_2(d))
-    k_d = min(elems // block_d, triton.next_power_of_2(inter))
-    return SlotTiles(block_i, max(k_i, 64), block_d, max(k_d, 64), warps, 1)
+    n_ok = offs_n < D
+    if TWO:  # bank b's row 0 (weight 1), rounded alone, then added: the bits of a + b in torch
+        ones = tl.full((SP,), 1.0, dtype=tl.float32)
+        acc_b, _ = _rows_dot(b_ptr, b_ptr, bs_ptr, bs_ptr, bgs_ptr, bgs_ptr,
+                             tl.zeros((SP,), dtype=tl.int64), ones, n0, D, hb_ptr + t * IB, IB,
+                             IB, b_stride_we, b_stride_wn, b_stride_se, b_stride_sn, False, 1, SP,
+                             BLOCK_N, BLOCK_K_B, UNROLL, FMT_B, G_B, NV_B)  # fmt: skip
+        acc_b = acc_b.to(out_ptr.dtype.element_ty).to(tl.float32)
+        acc = round_out(acc.to(out_ptr.dtype.element_ty).to(tl.float32) + acc_b, out_ptr,
+                        OUT_BF16)  # fmt: skip
+    if ADD:  # the rounded slot sum + the shared expert's row: the bits of out + add in torch
+        extra = tl.load(add_ptr + t * D + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        acc = round_out(acc.to(out_ptr.dtype.element_ty).to(tl.float32) + extra, out_ptr,
+                        OUT_BF16)  # fmt: skip
+    tl.store(out_ptr + t * stride_ot + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
 def _strides(w: torch.Tensor, s: torch.Tensor) -> dict:
@@ -305,34 +260,78 @@ def moe_experts_slots(
     shared_row: int | None = None,
     out: torch.Tensor | None = None,
     tiles: SlotTiles | None = None,
+    add: torch.Tensor | None = None,
+    shared: ExpertWeights | None = None,
+    shared_tiles: SlotTiles | None = None,
 ) -> torch.Tensor:
     """``x`` [T, d], ``chosen`` int [T, k], ``weights`` [T, k] -> [T, d] in x's dtype (into
     ``out`` when given): the sum over slots of weight * expert(x), plus the shared expert when
-    ``shared_row`` is given. ``tiles``: the launch shape (default :func:`slot_tiles`)."""
+    ``shared_row`` is given (``chosen`` / ``weights`` None: the shared row alone, top-k 0).
+    ``add`` [T, d] (x's dtype): rows added to the rounded sum in the w2 kernel's epilogue, the
+    bits of ``moe_experts_slots(...) + add`` in one launch. ``shared``: a bank of its own whose
+    row 0 (the shared expert, any format and width) runs in the same two launches, one more
+    program per token in the w1/w3 kernel, its row rounded alone then added in the w2 kernel:
+    the bits of ``moe_experts_slots(...) + moe_experts_slots(x, None, None, shared, limit, 0)``
+    in two launches instead of four and an add. ``tiles`` / ``shared_tiles``: the launch shapes
+    of each bank (default :func:`slot_tiles` as for a call of its own)."""
     t, d = x.shape
     _, inter = bank.check(d)
-    slots = chosen.shape[1] + (shared_row is not None)
+    slots = _topk(chosen, shared_row) + (shared_row is not None)
+    if shared is not None and shared_row is not None:
+        raise ValueError("a shared bank and a shared row: one shared expert expected")
+    inter_b = 0 if shared is None else shared.check(d)[1]
     h = torch.empty(t * slots, inter, dtype=x.dtype, device=x.device)  # [T * S, I]
+    hb = None if shared is None else torch.empty(t, inter_b, dtype=x.dtype, device=x.device)
     out = torch.empty(t, d, dtype=x.dtype, device=x.device) if out is None else out
     if t == 0:
         return out
+    # each bank's tiles as in a call of its own: the same fp32 sums, the same bits
     tiles = tiles or slot_tiles(bank.fmt, t * slots, t, inter, d)
-    launch = _SlotLaunch(x, chosen, weights, bank, shared_row, tiles)
-    launch.w13(h, limit)
-    launch.w2(h, out)
+    if shared is not None:
+        shared_tiles = shared_tiles or slot_tiles(shared.fmt, t, t, inter_b, d)
+        if _one_launch(shared_tiles) != _one_launch(tiles):
+            raise ValueError(f"the w2 N tile, warps and unroll of {shared_tiles} and {tiles} "
+                             "differ: one launch runs both banks")  # fmt: skip
+    launch = _SlotLaunch(x, chosen, weights, bank, shared_row, tiles, shared, shared_tiles)
+    launch.w13(h, limit, hb)
+    launch.w2(h, out, add, hb)
     return out
+
+
+def _one_launch(tiles: SlotTiles) -> tuple[int, int, int]:
+    """What both banks of one slot launch share: the w2 N tile, warps, unroll."""
+    return tiles.block_d, tiles.warps, tiles.unroll
+
+
+def _check_add(add: torch.Tensor | None, out: torch.Tensor) -> None:
+    if add is not None and (add.shape != out.shape or add.dtype != out.dtype):
+        raise ValueError(f"add {tuple(add.shape)} {add.dtype}: out's {tuple(out.shape)} "
+                         f"{out.dtype} expected")  # fmt: skip
+    if add is not None and not add.is_contiguous():
+        raise ValueError("add must be contiguous")
+
+
+def _topk(chosen: torch.Tensor | None, shared_row: int | None) -> int:
+    """Routed slots per token: ``chosen``'s columns; None: the shared row alone."""
+    if chosen is None and shared_row is None:
+        raise ValueError("no routed experts (chosen None) and no shared row: nothing to run")
+    return 0 if chosen is None else chosen.shape[1]
 
 
 class _SlotLaunch:
     """The two slot-kernel launches of one call (apart, so that the benchmark times each)."""
 
-    def __init__(self, x, chosen, weights, bank: ExpertWeights, shared_row, tiles: SlotTiles):
-        self.x, self.chosen = x.contiguous(), chosen.contiguous()
-        self.weights = weights.float().contiguous()
+    def __init__(self, x, chosen, weights, bank: ExpertWeights, shared_row, tiles: SlotTiles,
+                 shared: ExpertWeights | None = None,
+                 shared_tiles: SlotTiles | None = None):  # fmt: skip
+        self.x, self.shared, self.tiles_b = x.contiguous(), shared, shared_tiles or tiles
+        topk = _topk(chosen, shared_row)
+        # top-k 0: the kernels read neither (stand-ins)
+        self.chosen = self.x if chosen is None else chosen.contiguous()
+        self.weights = self.x if weights is None else weights.float().contiguous()
         self.bank, self.tiles = bank, tiles
         self.t, self.d = x.shape
         self.inter = bank.w1.w.shape[1]
-        topk = chosen.shape[1]
         slots = topk + (shared_row is not None)
         self.common = dict(
             chosen_ptr=self.chosen, D=self.d, I=self.inter,
@@ -340,34 +339,62 @@ class _SlotLaunch:
             SLOTS=slots, SP=max(2, triton.next_power_of_2(slots)), UNROLL=tiles.unroll,
             weights_ptr=self.weights, num_warps=tiles.warps, **bank.constexprs(),
         )  # fmt: skip
+        b = bank if shared is None else shared  # stand-ins without a shared bank (never read)
+        self.inter_b = 0 if shared is None else shared.w1.w.shape[1]
+        self.common |= dict(TWO=shared is not None, IB=self.inter_b,
+                            **{f"{k}_B": v for k, v in b.constexprs().items()})  # fmt: skip
 
-    def w13(self, h: torch.Tensor, limit: float) -> None:
-        """h [T * S, I] = SwiGLU(w1 x, w3 x) of every token slot."""
+    def _bank_b(self, projs: tuple[str, ...], names: tuple[str, ...], hb, stand_in) -> dict:
+        """The shared bank's pointers (``names``) and strides, or stand-ins without it."""
+        b = self.bank if self.shared is None else self.shared
+        ops = [t for k in projs for t in b.operands(getattr(b, k))]
+        out = {n: t for n, t in zip(names, ops, strict=True)} | {
+            "hb_ptr": stand_in if hb is None else hb
+        }
+        return out | {f"b_{k}": v for k, v in _strides(ops[0], ops[1]).items()}
+
+    def w13(self, h: torch.Tensor, limit: float, hb: torch.Tensor | None = None) -> None:
+        """h [T * S, I] = SwiGLU(w1 x, w3 x) of every token slot (hb [T, IB]: the shared
+        bank's)."""
         (w1, s1, gs1), (w3, s3, gs3) = (self.bank.operands(p) for p in self.bank[:2])
-        grid = (h.shape[0], triton.cdiv(self.inter, self.tiles.block_i))
-        _slot_w13_kernel[grid](
+        b = self._bank_b(("w1", "w3"), ("b1_ptr", "bs1_ptr", "bgs1_ptr", "b3_ptr", "bs3_ptr",
+                                        "bgs3_ptr"), hb, h)  # fmt: skip
+        rows = h.shape[0] + (0 if hb is None else hb.shape[0])
+        tb = self.tiles_b
+        n_tiles = max(triton.cdiv(self.inter, self.tiles.block_i),
+                      triton.cdiv(self.inter_b, tb.block_i))  # fmt: skip
+        _slot_w13_kernel[(rows, n_tiles)](
             x_ptr=self.x, w1_ptr=w1, w3_ptr=w3, s1_ptr=s1, s3_ptr=s3, gs1_ptr=gs1, gs3_ptr=gs3,
-            h_ptr=h, limit=float(limit), stride_xt=self.x.stride(0), BLOCK_N=self.tiles.block_i,
-            BLOCK_K=self.tiles.k_i, **_strides(w1, s1), **self.common,
+            h_ptr=h, T=self.t, limit=float(limit), stride_xt=self.x.stride(0),
+            BLOCK_N=self.tiles.block_i, BLOCK_K=self.tiles.k_i, BLOCK_N_B=tb.block_i,
+            BLOCK_K_B=tb.k_i, **_strides(w1, s1), **b, **self.common,
         )  # fmt: skip
 
-    def w2(self, h: torch.Tensor, out: torch.Tensor) -> None:
-        """out [T, d] = sum over slots of weight * w2 h."""
+    def w2(self, h: torch.Tensor, out: torch.Tensor, add: torch.Tensor | None = None,
+           hb: torch.Tensor | None = None) -> None:  # fmt: skip
+        """out [T, d] = sum over slots of weight * w2 h (+ the shared bank's w2 hb, + add
+        [T, d], contiguous)."""
         w2, s2, gs2 = self.bank.operands(self.bank.w2)
+        _check_add(add, out)
+        b = self._bank_b(("w2",), ("b_ptr", "bs_ptr", "bgs_ptr"), hb, h)
         _slot_w2_kernel[(self.t, triton.cdiv(self.d, self.tiles.block_d))](
-            h_ptr=h, w_ptr=w2, s_ptr=s2, gs_ptr=gs2, out_ptr=out, stride_ot=out.stride(0),
-            BLOCK_N=self.tiles.block_d, BLOCK_K=self.tiles.k_d, **_strides(w2, s2), **self.common,
+            h_ptr=h, w_ptr=w2, s_ptr=s2, gs_ptr=gs2, add_ptr=out if add is None else add,
+            out_ptr=out, stride_ot=out.stride(0), BLOCK_N=self.tiles.block_d,
+            BLOCK_K=self.tiles.k_d, BLOCK_K_B=self.tiles_b.k_d, ADD=add is not None,
+            OUT_BF16=out.dtype == torch.bfloat16, **_strides(w2, s2), **b, **self.common,
         )  # fmt: skip
 
 
 @triton.jit
-def _block_of(off_ptr, R, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_R: tl.constexpr, N_FAST: tl.constexpr):  # fmt: skip
+def _block_of(off_ptr, R, P, shared_row, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_R: tl.constexpr, N_FAST: tl.constexpr, IDENT: tl.constexpr):  # fmt: skip
     """(expert, first row, end row, first column) of this program's [M, N] tile; expert R: no
     block (the grid covers the most blocks any routing can need). Expert r's rows are
     off[r]:off[r+1] of the sorted pairs, split into ceil(rows / BLOCK_M) blocks, blocks of experts
     in order. One grid axis; ``N_FAST``: a block's N tiles are consecutive programs (its rows stay
-    in L2 across them), else M blocks are (kernels.moe_sorted_tiles)."""
+    in L2 across them), else M blocks are (kernels.moe_sorted_tiles). ``IDENT`` (the shared
+    expert alone): the identity grouping, ``P`` pairs in token order, all of ``shared_row``,
+    nothing read (no grouping launch, no offsets)."""
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(N, BLOCK_N)
     if N_FAST:
@@ -377,17 +404,22 @@ def _block_of(off_ptr, R, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         m_blocks = tl.num_programs(0) // n_tiles
         pid_m = pid % m_blocks
         pid_n = pid // m_blocks
-    offs_r = tl.arange(0, BLOCK_R)
-    r_ok = offs_r < R
-    lo = tl.load(off_ptr + offs_r, mask=r_ok, other=0)
-    hi = tl.load(off_ptr + offs_r + 1, mask=r_ok, other=0)
-    nb = (hi - lo + BLOCK_M - 1) // BLOCK_M
-    cum = tl.cumsum(nb, axis=0)  # blocks up to and including expert r
-    e = tl.sum((cum <= pid_m).to(tl.int32), axis=0)
-    this = offs_r == e
-    first = tl.sum(tl.where(this, cum - nb, 0), axis=0)
-    row0 = tl.sum(tl.where(this, lo, 0), axis=0) + (pid_m - first) * BLOCK_M
-    end = tl.sum(tl.where(this, hi, 0), axis=0)
+    if IDENT:
+        e = pid_m * 0 + shared_row
+        row0 = pid_m * BLOCK_M
+        end = pid_m * 0 + P
+    else:
+        offs_r = tl.arange(0, BLOCK_R)
+        r_ok = offs_r < R
+        lo = tl.load(off_ptr + offs_r, mask=r_ok, other=0)
+        hi = tl.load(off_ptr + offs_r + 1, mask=r_ok, other=0)
+        nb = (hi - lo + BLOCK_M - 1) // BLOCK_M
+        cum = tl.cumsum(nb, axis=0)  # blocks up to and including expert r
+        e = tl.sum((cum <= pid_m).to(tl.int32), axis=0)
+        this = offs_r == e
+        first = tl.sum(tl.where(this, cum - nb, 0), axis=0)
+        row0 = tl.sum(tl.where(this, lo, 0), axis=0) + (pid_m - first) * BLOCK_M
+        end = tl.sum(tl.where(this, hi, 0), axis=0)
     return e, row0, end, pid_n * BLOCK_N
 
 
@@ -401,17 +433,22 @@ def _dot(a, w, IEEE: tl.constexpr):
 
 @triton.jit
 def _sorted_w13_kernel(x_ptr, order_ptr, off_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, gs1_ptr,
-                       gs3_ptr, h_ptr, R, D, I, limit, stride_xt, stride_we, stride_wn,
-                       stride_se, stride_sn, SLOTS: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-                       FMT: tl.constexpr, G: tl.constexpr, NV: tl.constexpr,
-                       IEEE: tl.constexpr, N_FAST: tl.constexpr):  # fmt: skip
-    e, row0, end, n0 = _block_of(off_ptr, R, I, BLOCK_M, BLOCK_N, BLOCK_R, N_FAST)
+                       gs3_ptr, h_ptr, R, P, shared_row, D, I, limit, stride_xt, stride_we,
+                       stride_wn, stride_se, stride_sn, SLOTS: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       BLOCK_R: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr,
+                       NV: tl.constexpr, IEEE: tl.constexpr, N_FAST: tl.constexpr,
+                       IDENT: tl.constexpr):  # fmt: skip
+    e, row0, end, n0 = _block_of(off_ptr, R, P, shared_row, I, BLOCK_M, BLOCK_N, BLOCK_R,
+                                 N_FAST, IDENT)  # fmt: skip
     if e >= R:
         return
     rows = row0 + tl.arange(0, BLOCK_M)
     m_ok = rows < end
-    tok = tl.load(order_ptr + rows, mask=m_ok, other=0) // SLOTS
+    if IDENT:  # pair = token  # noqa: SIM108 (a constexpr branch: nothing loaded)
+        tok = rows
+    else:
+        tok = tl.load(order_ptr + rows, mask=m_ok, other=0) // SLOTS
     offs_n = n0 + tl.arange(0, BLOCK_N)
     n_ok = offs_n < I
     e = e.to(tl.int64)
@@ -441,17 +478,22 @@ def _sorted_w13_kernel(x_ptr, order_ptr, off_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr
 
 
 @triton.jit
-def _sorted_w2_kernel(h_ptr, order_ptr, off_ptr, weights_ptr, w_ptr, s_ptr, gs_ptr, y_ptr, R, D,
-                      I, stride_we, stride_wn, stride_se, stride_sn, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-                      FMT: tl.constexpr, G: tl.constexpr, NV: tl.constexpr,
-                      IEEE: tl.constexpr, N_FAST: tl.constexpr):  # fmt: skip
-    e, row0, end, n0 = _block_of(off_ptr, R, D, BLOCK_M, BLOCK_N, BLOCK_R, N_FAST)
+def _sorted_w2_kernel(h_ptr, order_ptr, off_ptr, weights_ptr, w_ptr, s_ptr, gs_ptr, y_ptr, R, P,
+                      shared_row, D, I, stride_we, stride_wn, stride_se, stride_sn,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      BLOCK_R: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr,
+                      NV: tl.constexpr, IEEE: tl.constexpr, N_FAST: tl.constexpr,
+                      IDENT: tl.constexpr):  # fmt: skip
+    e, row0, end, n0 = _block_of(off_ptr, R, P, shared_row, D, BLOCK_M, BLOCK_N, BLOCK_R,
+                                 N_FAST, IDENT)  # fmt: skip
     if e >= R:
         return
     rows = row0 + tl.arange(0, BLOCK_M)
     m_ok = rows < end
-    pair = tl.load(order_ptr + rows, mask=m_ok, other=0).to(tl.int64)
+    if IDENT:
+        pair = rows.to(tl.int64)
+    else:
+        pair = tl.load(order_ptr + rows, mask=m_ok, other=0).to(tl.int64)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     n_ok = offs_n < D
     e = e.to(tl.int64)
@@ -467,10 +509,11 @@ def _sorted_w2_kernel(h_ptr, order_ptr, off_ptr, weights_ptr, w_ptr, s_ptr, gs_p
         w = _w_tile(w_e, s_e, gs_ptr, e, offs_n, n_ok, k0, I, stride_wn, stride_sn,
                     BLOCK_N, BLOCK_K, FMT, G, NV)  # fmt: skip
         acc += _dot(a, w, IEEE)
-    wt = tl.load(weights_ptr + pair, mask=m_ok, other=0.0)
+    if not IDENT:  # the shared expert's weight is 1: nothing to read or multiply
+        acc = acc * tl.load(weights_ptr + pair, mask=m_ok, other=0.0)[:, None]
     tl.store(
         y_ptr + pair[:, None] * D + offs_n[None, :],
-        (acc * wt[:, None]).to(y_ptr.dtype.element_ty),
+        acc.to(y_ptr.dtype.element_ty),
         mask=m_ok[:, None] & n_ok[None, :],
     )  # row of the pair in token order: the slot sum needs no inverse permutation
 
@@ -481,25 +524,33 @@ _DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 class _SortedLaunch:
     """The sorted form's launches of one call: pairs grouped by expert at construction
     (``group``: :func:`~sglang_dsv4.kernels.moe_group.group_pairs` or its torch twin, the same
-    bits), then the two GEMMs and the slot sum (apart, so that the benchmark times each)."""
+    bits), then the two GEMMs and the slot sum (apart, so that the benchmark times each).
+    ``chosen`` None (the shared row alone, one slot): the identity grouping, a constexpr of the
+    GEMM kernels (``IDENT``) that reads nothing and launches nothing."""
 
     def __init__(self, x, chosen, weights, bank: ExpertWeights, shared_row, group=group_pairs):
         self.t, self.d = x.shape
         self.n_rows, self.inter = bank.check(self.d)
         self.x, self.bank = x.contiguous(), bank
-        self.slots = chosen.shape[1] + (shared_row is not None)  # routed slots (+ the shared)
+        self.slots = _topk(chosen, shared_row) + (shared_row is not None)  # (+ the shared)
         self.pairs = self.t * self.slots
+        self.ident, self.shared_row = chosen is None, shared_row
         # order [P]: sorted position -> pair (t * slots + j); offsets [R + 1]: group starts;
         # weights [P] fp32 in token order. ``group``: one Triton launch at decode
-        # (kernels.moe_group) or its twin, the torch sort (the benchmark's "before")
-        self.order, self.offsets, self.weights = group(chosen, weights, self.n_rows, shared_row)
+        # (kernels.moe_group) or its twin, the torch sort (the benchmark's "before");
+        # identity: stand-ins the kernels never read
+        grouped = (self.x,) * 3 if self.ident else group(chosen, weights, self.n_rows, shared_row)
+        self.order, self.offsets, self.weights = grouped
         self.key = tile_format(bank.fmt, _DTYPES.get(x.dtype, str(x.dtype)))
 
     def _launch(self, tiles: GemmTiles, n: int) -> tuple[tuple[int], dict]:
         """(grid, common arguments) of a sorted kernel with ``n`` output columns."""
-        blocks = triton.cdiv(self.pairs, tiles.block_m) + self.n_rows  # <= 1 partial per row
+        # <= 1 partial block per row; the identity: one row's blocks
+        blocks = triton.cdiv(self.pairs, tiles.block_m) + (0 if self.ident else self.n_rows)
         common = dict(
-            order_ptr=self.order, off_ptr=self.offsets, R=self.n_rows, D=self.d, I=self.inter,
+            order_ptr=self.order, off_ptr=self.offsets, R=self.n_rows, P=self.pairs,
+            shared_row=self.shared_row if self.ident else -1, D=self.d, I=self.inter,
+            IDENT=self.ident,
             BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
             BLOCK_R=triton.next_power_of_2(self.n_rows + 1), IEEE=self.x.dtype == torch.float32,
             N_FAST=tiles.n_fast, num_warps=tiles.warps, num_stages=tiles.stages,
@@ -526,11 +577,11 @@ class _SortedLaunch:
             **_strides(w2, s2), **common,
         )  # fmt: skip
 
-    def slot_sum(self, y: torch.Tensor, out: torch.Tensor) -> None:
-        """out [T, d] = the sum of each token's slot rows of y, written in out's dtype: one
-        Triton launch with the bits of ``torch.sum(y.view(T, S, d), dim=1, out=out)`` on CUDA
-        (:mod:`~sglang_dsv4.kernels.slot_sum`), y read once at bandwidth."""
-        slot_sum(y, out)
+    def slot_sum(self, y: torch.Tensor, out: torch.Tensor, add: torch.Tensor | None = None):
+        """out [T, d] = the sum of each token's slot rows of y (+ ``add`` [T, d]), written in
+        out's dtype: one Triton launch with the bits of ``torch.sum(y.view(T, S, d), dim=1,
+        out=out)`` on CUDA (:mod:`~sglang_dsv4.kernels.slot_sum`), y read once at bandwidth."""
+        slot_sum(y, out, add)
 
 
 def moe_experts_sorted(
@@ -543,22 +594,34 @@ def moe_experts_sorted(
     out: torch.Tensor | None = None,
     tiles: SortedTiles | None = None,
     group=group_pairs,
+    add: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """As :func:`moe_experts_slots`, as a sorted grouped GEMM (module docstring). ``tiles``:
     the launch shapes (default :func:`~sglang_dsv4.kernels.moe_sorted_tiles.sorted_tiles`);
-    ``group``: the pairs' grouping (:class:`_SortedLaunch`)."""
+    ``group``: the pairs' grouping (:class:`_SortedLaunch`); ``add``: rows added in the slot
+    sum (:func:`~sglang_dsv4.kernels.slot_sum.slot_sum`). The shared row alone (``chosen``
+    None): two launches, w2 writes ``out`` (one slot in token order: no slot sum, whose only
+    effect was -0 made +0, a sign that no sum it is added to keeps)."""
     t, d = x.shape
     out = torch.empty(t, d, dtype=x.dtype, device=x.device) if out is None else out
+    _check_add(add, out)
     if t == 0:
         bank.check(d)
         return out
     launch = _SortedLaunch(x, chosen, weights, bank, shared_row, group)
+    if launch.ident and add is not None:
+        raise ValueError("the shared row alone takes no add rows")
     tiles = tiles or sorted_tiles(launch.pairs, launch.key)
     h = torch.empty(launch.pairs, launch.inter, dtype=x.dtype, device=x.device)  # [P, I]
+    launch.w13(h, limit, tiles.w13)
+    if launch.ident:  # one slot: w2's rows are the output
+        if not out.is_contiguous():
+            raise ValueError("out must be contiguous")
+        launch.w2(h, out, tiles.w2)
+        return out
     # [P, d] in token order, in x's dtype as the reference rounds each expert's output (half
     # the bytes of fp32: at an 8K-token prefill chunk with 7 slots this buffer is 470 MB)
     y = torch.empty(launch.pairs, d, dtype=x.dtype, device=x.device)
-    launch.w13(h, limit, tiles.w13)
     launch.w2(h, y, tiles.w2)
-    launch.slot_sum(y, out)
+    launch.slot_sum(y, out, add)
     return out

@@ -144,10 +144,12 @@ class StackedExperts(nn.Module):
             return ExpertWeights.stacked(self.w13, self.w2)
         return ExpertWeights.stacked(self.w13, self.w2, self.w13_scale, self.w2_scale)
 
-    def grouped(self, x, chosen, weights, limit: float, form: str, shared_row: int | None):
-        """Routed (+ shared row) experts through the kernel ``form`` (``slots`` / ``sorted``)."""
-        run = moe_experts_slots if form == "slots" else moe_experts_sorted
-        return run(x, chosen, weights, self.weights(), limit, shared_row)
+    def grouped(self, x, chosen, weights, limit: float, form: str, shared_row: int | None,
+                shared: "StackedExperts | None" = None):  # fmt: skip
+        """Routed (+ shared row) experts through the kernel ``form`` (``slots`` / ``sorted``);
+        ``chosen`` None: the shared row alone; ``shared``: a shared expert's bank of its own
+        (:func:`_run`)."""
+        return _run(form, x, chosen, weights, self, limit, shared_row, shared)
 
     def released(self, prefix: str, shared_row: int | None) -> dict[str, torch.Tensor]:
         """Released name -> view of the bank (``.weight``, and ``.scale`` for FP8), for tests."""
@@ -234,11 +236,35 @@ class FP4Experts(nn.Module):
         """The banks as the grouped kernels' operand."""
         return ExpertWeights(*(Proj(*self.bank(k)[:3]) for k in ("w1", "w3", "w2")), self.fmt.value)
 
-    def grouped(self, x, chosen, weights, limit: float, form: str, shared_row: int | None):
+    def grouped(self, x, chosen, weights, limit: float, form: str, shared_row: int | None,
+                shared: StackedExperts | None = None):  # fmt: skip
         """Routed experts through the kernel ``form`` (an FP4 layer's shared expert is a
-        separate module: ``shared_row`` is None)."""
-        run = moe_experts_slots if form == "slots" else moe_experts_sorted
-        return run(x, chosen, weights, self.weights(), limit, shared_row)
+        separate module: ``shared_row`` is None; ``shared``: its bank, :func:`_run`)."""
+        return _run(form, x, chosen, weights, self, limit, shared_row, shared)
+
+
+def _operand(bank: nn.Module):
+    """``bank``'s kernel operand, made once per bank storage (views of the banks, byte views of
+    their codes and scales: no torch op per call once made, after the load)."""
+    tensors = tuple(bank.buffers()) + tuple(bank.parameters())
+    key = tuple((t.data_ptr(), t.dtype) for t in tensors)
+    if getattr(bank, "_operand", (None,))[0] != key:
+        bank._operand = key, bank.weights().kernel_operand()
+    return bank._operand[1]
+
+
+def _run(form: str, x, chosen, weights, bank: nn.Module, limit: float, shared_row, shared):
+    """The kernel ``form`` over ``bank`` (+ the shared expert's bank of its own ``shared``: in
+    the slot form in the same two launches; in the sorted form run alone first, its identity
+    grouping launching nothing, its rows added in the routed slot sum). Either way the bits of
+    the routed call + the shared bank's call in torch, without the shared bank's grouping,
+    slot sum or the add."""
+    if form == "slots":
+        sh = None if shared is None else _operand(shared)
+        return moe_experts_slots(x, chosen, weights, _operand(bank), limit, shared_row,
+                                 shared=sh)  # fmt: skip
+    add = None if shared is None else moe_experts_sorted(x, None, None, _operand(shared), limit, 0)
+    return moe_experts_sorted(x, chosen, weights, _operand(bank), limit, shared_row, add=add)
 
 
 class SwiGLUExpert(nn.Module):

@@ -10,10 +10,13 @@
 * :class:`MoeTriton` (CUDA): routing in one kernel
   (:func:`~sglang_dsv4.kernels.moe_route.moe_route`), then the bank's grouped kernels
   (:mod:`sglang_dsv4.kernels.moe_experts`, dense / FP8 / FP4 banks; the shared expert is one
-  more slot when it is a routed-bank row, its own one-row bank next to FP4 experts). Three
-  launches per layer at decode for dense / FP8 banks, six for FP4 ones; no host sync, no shape
-  from data: the same code runs eagerly and under CUDA-graph capture (no "every expert on every
-  token").
+  more slot when it is a routed-bank row, its own one-row bank next to FP4 experts: one more
+  program per token in the slot form's two launches; in the sorted form run first, alone (its
+  identity grouping launches nothing), its rows added in the routed slot sum; no torch add).
+  Per layer three launches at decode (slot form: route, w1/w3, w2) whatever the banks, 7-8 in
+  the sorted form for the served Flash dims (``scripts/bench_moe.py --count``); no host sync,
+  no shape from data: the same code runs eagerly and under CUDA-graph capture (no "every
+  expert on every token").
 
 The kernel form of dense / FP8 banks is picked per token count from :data:`SLOT_MAX_TOKENS`:
 the slot (GEMV) form reads only the chosen experts' rows once per token slot, the best at batch
@@ -118,10 +121,10 @@ class MoeTriton(MoeTorch):
         limit = self.cfg.swiglu_limit
         chosen, weights = self.route(layer, x, ids)
         form = self.form(layer, x.shape[0])
-        out = layer.experts.grouped(x, chosen, weights, limit, form, layer.shared_row)
-        if layer.shared is not None:  # a bank of its own: the same kernels with top-k 0
-            out = out + layer.shared.grouped(x, chosen[:, :0], weights[:, :0], limit, form, 0)
-        elif layer.shared_experts is not None:  # NVFP4 linears
+        # a shared bank of its own runs in the routed call's launches (its rows added in the
+        # slot sum): the bits of routed + shared
+        out = layer.experts.grouped(x, chosen, weights, limit, form, layer.shared_row, layer.shared)
+        if layer.shared_experts is not None:  # NVFP4 linears
             out = out + swiglu(x, *layer.shared_experts.linears(), limit)
         return out
 

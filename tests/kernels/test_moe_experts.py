@@ -209,6 +209,50 @@ def test_operands_are_the_bank_bytes_without_dtype_views(fmt):
             assert w is proj.w and proj.scale.dtype != torch.uint8
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(("form", "t"), [("slots", 3), ("sorted", 7)])
+def test_shared_bank_alone_then_added_in_the_slot_sum_interpreted(form, t, dtype, bf16_dot):
+    """A shared expert in a bank of its own (FP8 next to a dense routed bank): run alone
+    (``chosen`` None; sorted: the identity grouping, no grouping launch, no slot sum) it equals
+    the bank with top-k 0 through the grouping (the bits, up to the sign of zeros the slot sum
+    made +0); its rows as ``add`` (and in the slot form the bank itself as ``shared``: one more
+    program per token in the same two launches) give the bits of routed + shared in torch
+    (bf16: the rounding of the sum, then of the add)."""
+    if GPU:
+        pytest.skip("interpreter shapes; the GPU tests cover real shapes")
+    n_exp, d, inter = 6, 192, 160
+    routed, _ = make_bank(n_exp, d, inter, "dense", "cpu", dtype)
+    shared, _ = make_bank(1, d, 2 * inter, "fp8", "cpu", dtype, seed=1)
+    x = (torch.randn(t, d) * 3).to(dtype)
+    chosen, weights = routing(t, n_exp, 2, "cpu")
+    fn = FORMS[form]
+    alone = fn(x, None, None, shared, LIMIT, 0, out=torch.full_like(x, float("nan")))
+    grouped = fn(x, chosen[:, :0], weights[:, :0], shared, LIMIT, 0)
+    assert not alone.isnan().any() and torch.equal(alone + 0.0, grouped)
+    before = fn(x, chosen, weights, routed, LIMIT) + grouped
+    out = torch.full_like(x, float("nan"))
+    got = fn(x, chosen, weights, routed, LIMIT, out=out, add=alone)
+    assert got is out and torch.equal(got.view(torch.uint8), before.view(torch.uint8))
+    if form == "slots":  # the shared bank in the routed call's two launches: the same bits
+        both = fn(x, chosen, weights, routed, LIMIT, out=torch.full_like(x, float("nan")),
+                  shared=shared)  # fmt: skip
+        assert torch.equal(both.view(torch.uint8), before.view(torch.uint8))
+        # each bank keeps the tiles of a call of its own (here different K and N tiles)
+        ta, tb = K.SlotTiles(8, 64, 4, 64), K.SlotTiles(4, 128, 4, 128)
+        want = fn(x, chosen, weights, routed, LIMIT, tiles=ta) + fn(
+            x, None, None, shared, LIMIT, 0, tiles=tb
+        )
+        got = fn(x, chosen, weights, routed, LIMIT, tiles=ta, shared=shared, shared_tiles=tb)
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+        with pytest.raises(ValueError, match="one launch"):
+            fn(x, chosen, weights, routed, LIMIT, tiles=ta, shared=shared,
+               shared_tiles=tb._replace(block_d=8))  # fmt: skip
+    with pytest.raises(ValueError, match="add"):
+        fn(x, chosen, weights, routed, LIMIT, add=alone[:1])
+    with pytest.raises(ValueError, match="nothing to run"):
+        fn(x, None, None, routed, LIMIT)
+
+
 def test_bank_shape_errors_are_clear():
     bank = K.ExpertWeights.stacked(torch.zeros(2, 64, 32), torch.zeros(2, 32, 16))
     with pytest.raises(ValueError, match="bank w1"):
@@ -344,11 +388,3 @@ def test_sorted_gpu_slot_sum_same_bits_as_torch_sum(topk, shared):
     launch.slot_sum(y, got)
     slot_sum_torch(y, want)
     assert not want.isnan().any() and torch.equal(got.view(torch.int16), want.view(torch.int16))
-
-
-def test_slot_tiles_fill_the_gpu_at_batch_1():
-    """Batch 1 of the served shape (3 slots of 1024 rows): narrow N tiles, >= 3 programs per
-    SM in the w1/w3 kernel, 32 weights per thread."""
-    tiles = K.slot_tiles("dense", 3, 1, 1024, 4096)
-    assert 3 * 1024 // tiles.block_i >= 3 * 132
-    assert tiles.block_i * tiles.k_i == tiles.block_d * tiles.k_d == 32 * 32 * tiles.warps

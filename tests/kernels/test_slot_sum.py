@@ -78,6 +78,32 @@ def test_slot_sum_real_shape_one_token_and_bad_shapes():
         K.slot_sum(torch.zeros(6, 16)[:, :8], torch.zeros(3, 8))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize(("t", "s", "d"), [(1, 2, 64), (7, 3, 1100), (5, 1, 33)])
+def test_slot_sum_add_is_the_two_sums_added_interpreted(t, s, d, dtype):
+    """``add`` rows (a shared expert's output): the bits of the slot sum + add in torch (and
+    of the slot sum + add's one-slot sum, the launches it replaces), signed zeros included:
+    ``add`` holds -0 where every slot is -0 too."""
+    y, add = wide(t, s, d, dtype, seed=t), wide(t, 1, d, dtype, seed=t + 1)
+    y.view(t, s, d)[:, :, ::7] = -0.0  # a -0 sum where add is -0 too (add[::5, ::7])
+    got = torch.full((t, d), float("nan"), dtype=dtype)
+    K.slot_sum(y, got, add)
+    before = run(y, t) + run(add, t)
+    assert same_bits(got, before) and same_bits(got, run(y, t) + add)
+    assert same_bits(K.slot_sum_torch(y, torch.empty(t, d, dtype=dtype), add), before)
+    with pytest.raises(ValueError, match="add"):
+        K.slot_sum(y, got, add.float() if dtype != torch.float32 else add.double())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [1, 32, 8192])
+def test_gpu_slot_sum_add_is_the_two_sums_added(t):
+    y, add = wide(t, 2, 4096, torch.bfloat16, "cuda", t), wide(t, 1, 4096, torch.bfloat16, "cuda")
+    got = K.slot_sum(y, torch.full_like(add, float("nan")), add)
+    want = K.slot_sum_torch(y, torch.empty_like(add)) + K.slot_sum_torch(add, torch.empty_like(add))
+    assert same_bits(got, want)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("s", [3, 7])
 @pytest.mark.parametrize("t", [1, 7, 300, 8192])
