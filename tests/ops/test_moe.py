@@ -22,6 +22,19 @@ from sglang_dsv4.weights.layout import Fmt, StoredWeight
 GPU = torch.cuda.is_available()
 
 
+def _random_gate(layer, cfg, spec, g, device) -> None:
+    """The router's random weights: a scaled gate, hash ids (hash layers) or a bias."""
+    with torch.no_grad():
+        layer.gate.weight.copy_(torch.randn(cfg.n_routed_experts, cfg.hidden_size, generator=g,
+                                            device=device))  # fmt: skip
+        layer.gate.weight.mul_(cfg.hidden_size**-0.5)
+        if spec.hash_moe:
+            tid = torch.randint(0, cfg.n_routed_experts, layer.gate.tid2eid.shape, device=device)
+            layer.gate.tid2eid.copy_(tid)
+        else:
+            layer.gate.bias.copy_(0.1 * torch.randn(cfg.n_routed_experts, device=device))
+
+
 def layer_of(cfg, index: int, device="cpu", dtype=torch.float32, seed=0):
     """A MoE block with random weights stored through ``MoE.store`` (the loader's path) and
     the per-expert tensors it was given."""
@@ -30,14 +43,7 @@ def layer_of(cfg, index: int, device="cpu", dtype=torch.float32, seed=0):
         layer = MoE(cfg, spec, KeptFormats(cfg, None, on_gpu=False), f"layers.{index}.ffn.")
     g = torch.Generator(device=device).manual_seed(seed)
     d, inter = cfg.hidden_size, cfg.moe_inter_dim
-    with torch.no_grad():
-        layer.gate.weight.copy_(torch.randn(cfg.n_routed_experts, d, generator=g, device=device))
-        layer.gate.weight.mul_(d**-0.5)
-        if spec.hash_moe:
-            tid = torch.randint(0, cfg.n_routed_experts, layer.gate.tid2eid.shape, device=device)
-            layer.gate.tid2eid.copy_(tid)
-        else:
-            layer.gate.bias.copy_(0.1 * torch.randn(cfg.n_routed_experts, device=device))
+    _random_gate(layer, cfg, spec, g, device)
     tensors = {}
     names = [f"experts.{e}." for e in range(cfg.n_routed_experts)] + ["shared_experts."]
     for p in names:
@@ -120,14 +126,7 @@ def served_layer(cfg, index: int, device="cpu", seed=0):
     assert layer.fp4 and layer.shared is not None and layer.shared.fmt is Fmt.FP8
     g = torch.Generator(device=device).manual_seed(seed)
     d, inter = cfg.hidden_size, cfg.moe_inter_dim
-    with torch.no_grad():
-        layer.gate.weight.copy_(torch.randn(cfg.n_routed_experts, d, generator=g, device=device))
-        layer.gate.weight.mul_(d**-0.5)
-        if spec.hash_moe:
-            tid = torch.randint(0, cfg.n_routed_experts, layer.gate.tid2eid.shape, device=device)
-            layer.gate.tid2eid.copy_(tid)
-        else:
-            layer.gate.bias.copy_(0.1 * torch.randn(cfg.n_routed_experts, device=device))
+    _random_gate(layer, cfg, spec, g, device)
     names = [f"experts.{e}." for e in range(cfg.n_routed_experts)] + ["shared_experts."]
     for p in names:
         for k, shape in (("w1", (inter, d)), ("w2", (d, inter)), ("w3", (inter, d))):
