@@ -267,8 +267,23 @@ def _bf16_weights_pair(h: Harness, lens: list[int]) -> None:
         )  # fmt: skip
         runs.append([*tails, cache, *(bnd or ())])
     assert not torch.equal(runs[1][2], h.cache), "no entry was written"
-    for want, got in zip(*runs, strict=True):
-        assert torch.equal(want.view(torch.uint8), got.view(torch.uint8))
+    for i, (want, got) in enumerate(zip(*runs, strict=True)):
+        if i == 2 and h.device != "cpu" and h.out != "fp32":  # the entries' FP8 bytes
+            _same_up_to_fp8_steps(want, got)
+        else:
+            assert torch.equal(want.view(torch.uint8), got.view(torch.uint8))
+
+
+def _same_up_to_fp8_steps(want: torch.Tensor, got: torch.Tensor) -> None:
+    """The compiled GPU flush rounds a handful of FP8 codes one step apart between the bf16 and
+    the fp32 weights (H200, 2026-12-07: 12 of 2.6M bytes of the c4 main cache at 8192 + 300
+    tokens, 3 of 0.57M of the c4 index cache; the fp32 tails and boundary rows are bit-equal):
+    at most 1e-5 of the bytes differ, each by one code of the same sign (adjacent e4m3 values;
+    a changed scale would move its whole group)."""
+    a, b = want.view(torch.uint8).int(), got.view(torch.uint8).int()
+    diff = a != b
+    assert diff.sum() <= max(1, 1e-5 * a.numel()), int(diff.sum())
+    assert ((a[diff] - b[diff]).abs() == 1).all() and ((a[diff] ^ b[diff]) < 0x80).all()
 
 
 def test_tail_modes_and_boundary(mods):

@@ -413,6 +413,7 @@ class _Replayed:
 
     def __init__(self, ix, graph):
         self.ix, self.logits, self.q_chunk, self.rotate = ix, ix.logits, ix.q_chunk, ix.rotate
+        self.q_fp8 = ix.q_fp8  # _check's reference scores quantize the queries as the kernel
 
     def run(self, *args):
         return self.ix.ids, self.ix.rows, self.ix.lengths
