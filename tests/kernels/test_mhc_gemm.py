@@ -86,9 +86,17 @@ def close_forms(tiled, one_token, dtype):
         assert rel_l2(tiled[1], one_token[1]) <= 4e-3
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
-@pytest.mark.parametrize("head", [False, True], ids=["sinkhorn", "head"])
-@pytest.mark.parametrize(("n", "d", "programs"), [(1, 128, 4), (7, 256, 3), (300, 128, 20)])
+# 300 tokens (five 64-token tiles) take 1.5-2.7 min a case interpreted: fp32 only there
+STREAM_CASES = [
+    pytest.param(*shape, head, dtype, id=f"{shape[0]}-{shape[1]}-{shape[2]}-{hid}-{did}")
+    for shape in ((1, 128, 4), (7, 256, 3), (300, 128, 20))
+    for head, hid in ((False, "sinkhorn"), (True, "head"))
+    for dtype, did in zip(DTYPES, ("fp32", "bf16"), strict=True)
+    if shape[0] < 256 or dtype == torch.float32
+]
+
+
+@pytest.mark.parametrize(("n", "d", "programs", "head", "dtype"), STREAM_CASES)
 def test_post_mix_streams_equal_one_token_form(monkeypatch, n, d, programs, head, dtype):
     gen = torch.Generator().manual_seed(n + d)
     x, w, prev = boundary(n, d, dtype, head, "cpu", gen)
