@@ -29,7 +29,7 @@ def run(x, w, tickets, programs: int, prev=None):
 # tiles (32-channel steps) with 3 splits of d (7, 7, 6 steps), 8 splits of one step, 1 split
 # of 20 steps; 64-token tiles (from 256 tokens, 16-channel steps) with 4 splits of 2 steps
 # (300 tokens interpreted take ~2.5 min a case: the 64-token tiles with post+pre only here; the
-# pre form's 64-token tiles run in test_gpu_hc_fused at 129 / 1000 tokens)
+# pre form's 64-token tiles run in test_gpu_hc_fused at 1000 tokens)
 SHAPES = [(1, 256, 1), (1, 640, 64), (5, 256, 3), (8, 128, 40), (9, 640, 3), (33, 256, 100),
           (17, 640, 1), (300, 128, 20)]  # fmt: skip
 FUSED_CASES = [
