@@ -144,18 +144,24 @@ def _kernel_name(k) -> str:
     return getattr(k, "__name__", type(k).__name__)
 
 
+# the extend plan's tables (block table, windows, tail modes) steer the later ops' indexing
+_ALWAYS_RUN = {"_extend_meta_kernel"}
+
+
 @contextlib.contextmanager
 def counted_launches(counter: Counter, execute: bool):
     """Every ``kernel[grid](...)`` counted (outermost only: an autotuner's inner runs are not
-    ``__getitem__`` calls); run only with ``execute`` (the GPU)."""
+    ``__getitem__`` calls); run only with ``execute`` (the GPU), or where its outputs index
+    the step's later ops (``_ALWAYS_RUN``: interpreted on CPU)."""
     original = triton_jit.KernelInterface.__getitem__
 
     def getitem(self, grid):
         launch = original(self, grid)
 
         def counted(*args, **kwargs):
-            counter.kernel(_kernel_name(self))
-            if not execute:
+            name = _kernel_name(self)
+            counter.kernel(name)
+            if not execute and name not in _ALWAYS_RUN:
                 return None
             counter.paused = True
             try:
@@ -318,6 +324,10 @@ class Host:
             self.backend = backend_mod.DSV4AttnBackend(runner)
         finally:
             backend_mod.extend_ops, choice_mod.flashmla_eligible = ext, eligible
+        if device == "cpu":  # the GPU's plan tables: one launch (counted, not run)
+            from sglang_dsv4.attention.plan_tables import tables_triton
+
+            self.backend._tables = tables_triton
 
     def extend_batch(self, b: int, n: int) -> SimpleNamespace:
         """``b`` fresh prompts of ``n`` tokens (new requests: their generation bumped)."""
@@ -379,6 +389,8 @@ def run_case(model, counter: Counter, b: int, n: int, reps: int) -> dict:
         counter.section = "batch"  # the harness's own tensors: not counted
         fb = fb or host.extend_batch(b, n)
         counter.section = "plan"
+        if device == "cpu":  # the checks' kernel was counted, not run: nothing to check
+            host.pool.plan_checks = None
         host.backend.init_forward_metadata(fb)
         counter.section = "top"
         with _patched_backend(host.backend):

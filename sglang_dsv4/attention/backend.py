@@ -26,6 +26,7 @@ from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang_dsv4.attention.decode import DecodeMeta, KVNorm, decode_ops
 from sglang_dsv4.attention.extend_ops import extend_ops
 from sglang_dsv4.attention.plan import BatchPlan, plan_batch
+from sglang_dsv4.attention.plan_tables import tables_builder
 from sglang_dsv4.attention.speculative import (
     VerifyJournal,
     verify_metadata,
@@ -82,6 +83,7 @@ class DSV4AttnBackend(AttentionBackend):
             pool, cfg.num_heads, cfg.index_topk, cfg.index_n_heads, kernels=self._use_kernels
         )
         self.plan: BatchPlan | None = None
+        self._tables = tables_builder(self._use_kernels)  # the extend plan's device half
         # target verify: the rejected tokens' tails undone (attention.speculative)
         # (its memory: reserved by the pool sizing, mem.sizing, from the same width)
         width = verify_width(model_runner.server_args, model_runner.is_draft_worker)
@@ -142,7 +144,8 @@ class DSV4AttnBackend(AttentionBackend):
             return
         pool, rtp = self.token_to_kv_pool, self.req_to_token_pool
         rows = self.journal.commit_rows if self.journal.tails else None
-        self.plan = plan_batch(fb, pool, rtp, commit=self.journal.commit, commit_rows=rows)
+        self.plan = plan_batch(fb, pool, rtp, commit=self.journal.commit, commit_rows=rows,
+                               tables=self._tables)  # fmt: skip
         self.journal.forget(self.plan.tables.req_slots)  # the plan resumed what it keeps
         for wrapper in self.wrappers.values():
             wrapper.plan(self.plan)

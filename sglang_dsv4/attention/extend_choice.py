@@ -23,7 +23,8 @@ import torch
 
 from sglang_dsv4.attention.choice import FLASHMLA, OURS, flashmla_eligible
 from sglang_dsv4.attention.extend_ops import AttendTorch, PickLists, Picks
-from sglang_dsv4.attention.plan import BatchPlan, _ragged
+from sglang_dsv4.attention.plan import BatchPlan
+from sglang_dsv4.attention.plan_tables import ragged
 from sglang_dsv4.kernels.kv_gather import gather_fp8_rows, gather_plain_rows
 
 __all__ = ["MEASURED", "AttendChoice", "AttendFlashMLA", "pick"]
@@ -139,7 +140,7 @@ class AttendFlashMLA(AttendTorch):
         if total == 0:
             return torch.empty(0, dtype=torch.long, device=device)
         epb = self._pages[1]
-        req, i = _ragged(n_ent, torch.zeros_like(n_ent), total)  # [NE] each, on the device
+        req, i = ragged(n_ent, torch.zeros_like(n_ent), total)  # [NE] each, on the device
         return t.block_table[req, i // epb].long() * epb + i % epb
 
     def run(self, q, lk, window, sink, scale, extra: Picks | None = None):

@@ -26,7 +26,25 @@ from dataclasses import dataclass
 
 import torch
 
-from sglang_dsv4.attention.plan_facts import check_pending, device_facts, host_facts, host_slots
+from sglang_dsv4.attention.plan_facts import (
+    PendingChecks,
+    check_pending,
+    device_facts,
+    host_slots,
+)
+from sglang_dsv4.attention.plan_tables import (
+    FRESH,
+    KEEP,
+    MODE,
+    OWN,
+    PREFIX,
+    REBUILD,
+    SLOT,
+    BatchTables,
+    TablesIn,
+    facts_host,
+    tables_torch,
+)
 from sglang_dsv4.mem.h2d import to_device
 
 __all__ = ["BatchPlan", "BatchTables", "RequestPlan", "TailMode", "plan_batch"]
@@ -39,7 +57,7 @@ class TailMode:
 
 
 # the int codes of ``kernels.compressor`` (TAIL_KEEP / TAIL_FRESH / TAIL_REBUILD)
-_MODE_CODE = {TailMode.KEEP: 0, TailMode.FRESH: 1, TailMode.REBUILD: 2}
+_MODE_CODE = {TailMode.KEEP: KEEP, TailMode.FRESH: FRESH, TailMode.REBUILD: REBUILD}
 _CODE_MODE = {c: m for m, c in _MODE_CODE.items()}
 
 
@@ -85,34 +103,6 @@ class RequestPlan:
 
 
 @dataclass(frozen=True)
-class BatchTables:
-    """Device tensors of an extend batch of ``B`` requests and ``T`` new tokens."""
-
-    req_slots: torch.Tensor  # [B] int32 tail rows (req_pool_idx)
-    prefix: torch.Tensor  # [B] int32 P
-    seq_lens: torch.Tensor  # [B] int32 S
-    window_lo: torch.Tensor  # [B] int32 first position a query of the batch sees
-    cu_seqlens: torch.Tensor  # [B+1] int32 token offsets of the requests in the batch
-    tail_mode: torch.Tensor  # [B] int32 compressor tail mode code (c4)
-    tail_mode_c128: torch.Tensor  # [B] int32 the same with REBUILD -> FRESH (no boundary)
-    rebuild_page: torch.Tensor  # [B] int32 swa page of token P-1 (REBUILD), else -1
-    block_table: torch.Tensor  # [B, n_blocks] int32 full page of each block
-    boundary_table: torch.Tensor  # [B, n_blocks] int32 swa page of a block's last token where
-    # that block end lies in (P, S] (its c4 state is kept there), else 0 (the dummy page)
-    query_req: torch.Tensor  # [T] int32 request of each new token
-    positions: torch.Tensor  # [T] int64 position of each new token
-    window_rows: torch.Tensor  # [T, W] int32 swa slots of each query's swa_window (-1: none)
-    window_slots: torch.Tensor  # [M] int64 swa slots of positions window_lo..S-1 of every
-    # request in order (M = sum of S - window_lo; ``RequestPlan.window_slots`` are its views)
-    window_ids: torch.Tensor  # [T, W] int64 id in ``window_slots`` of each query's swa_window
-    # positions (-1: none); ``window_rows = window_slots[window_ids]``
-
-    @property
-    def max_blocks(self) -> int:
-        return self.block_table.shape[1]
-
-
-@dataclass(frozen=True)
 class BatchPlan:
     requests: tuple[RequestPlan, ...]
     out_loc: torch.Tensor  # [T] full slots of the new tokens, in batch order
@@ -120,64 +110,81 @@ class BatchPlan:
     tables: BatchTables | None = None
 
 
-def plan_batch(forward_batch, pool, req_to_token_pool, commit=None, commit_rows=None) -> BatchPlan:
+def plan_batch(forward_batch, pool, req_to_token_pool, commit=None, commit_rows=None,
+               tables=tables_torch) -> BatchPlan:  # fmt: skip
     """Build the plan of an extend, target-verify or decode batch (see module docstring).
     ``commit(slot, generation, prefix) -> bool``: makes a request's tails those after
     ``prefix`` tokens when its last batch was a verify that went further (the rejected tokens'
     updates undone, :class:`~sglang_dsv4.attention.speculative.VerifyJournal`);
-    ``commit_rows``: the same for a batch, device ops only (the journal's ``commit_rows``).
+    ``commit_rows``: the same for a batch, device ops only (the journal's ``commit_rows``);
+    ``tables``: the builder of the device half (:func:`~sglang_dsv4.attention.plan_tables.
+    tables_builder`: torch ops or one kernel).
 
-    Host syncs: none where SGLang gave the request slots on the host (``SlottedLens``:
-    :func:`~sglang_dsv4.attention.plan_facts.host_facts`, checks raised at the next plan), else
-    one device-to-host read per batch; the lengths come from SGLang's host copies, and every
+    Host syncs: none where SGLang gave the request slots on the host (``SlottedLens``: the
+    checks are raised at the next plan, :mod:`~sglang_dsv4.attention.plan_facts`), else one
+    device-to-host read per batch; the lengths come from SGLang's host copies, and every
     host-to-device copy is queued without a sync (:func:`~sglang_dsv4.mem.h2d.to_device`)."""
     fb = forward_batch
     check_pending(pool)
     prefix_lens, seq_lens = _host_lengths(fb)
     block, window = pool.schema.block_size, pool.schema.sliding_window
-    device = pool.tail_pos.device
-    slots_dev = fb.req_pool_indices.to(device).long()
+    compressed = any(lc.kind.compressed for lc in pool.schema.layers)
+    lows = [max(0, p - window + 1) for p in prefix_lens]
     slots = host_slots(fb, len(seq_lens))
-    generations = own = None
-    if slots is not None:
+    rtt = req_to_token_pool.req_to_token
+    if slots is None:  # the read path: the slots and the tails' facts are device values
+        facts, modes, dev = _read_facts(fb, pool, req_to_token_pool, prefix_lens, lows, seq_lens,
+                                        compressed, commit)  # fmt: skip
+    else:
         generations = _generations(req_to_token_pool, slots)
         own = [pool.tail_owner[s] == g for s, g in zip(slots, generations, strict=True)]
-    # every per-request host fact in ONE queued copy (a copy each costs a launch and a pinned
-    # block); the per-token tables are built from it on the device
-    host = torch.tensor([prefix_lens, seq_lens, own or [False] * len(seq_lens)])  # [3, B]
-    host = to_device(host, device)
-    prefix_dev, seq_dev, own_dev = host[0], host[1], host[2].bool()
-    rtt = req_to_token_pool.req_to_token
-    to_swa = pool.translate_loc_from_full_to_swa
-    last_dev = to_swa(rtt[slots_dev, (prefix_dev - 1).clamp(min=0)]) // block  # [B] page of P-1
-    progress_dev = None
-    if slots is None:
-        facts = device_facts(pool, req_to_token_pool, slots_dev, prefix_dev, last_dev)
-        generations = _generations(req_to_token_pool, [f[0] for f in facts])
-    else:
-        facts, progress_dev = host_facts(
-            pool, req_to_token_pool, slots, own, own_dev, slots_dev, prefix_lens, prefix_dev,
-            last_dev, commit_rows,
-        )  # fmt: skip
-    lows = [max(0, p - window + 1) for p in prefix_lens]
-    compressed = any(lc.kind.compressed for lc in pool.schema.layers)
-    modes = _host_modes(pool, facts, generations, prefix_lens, lows, compressed, commit)
-    if progress_dev is None:  # the host decided every mode
-        mode_dev = _device_codes(modes, device)
-    else:
-        mode_dev = _own_modes(own_dev, progress_dev, prefix_dev, block, compressed)
-    lo_dev = (prefix_dev - window + 1).clamp(min=0)  # [B] window_lo
-    win = _window_slots(pool, rtt, slots_dev, lo_dev, seq_dev, sum(seq_lens) - sum(lows))
+        # an own tail's progress is not read: None, the device decides its mode
+        facts = [(s, None if o else -1, 1, None) for s, o in zip(slots, own, strict=True)]
+        modes = _host_modes(pool, facts, generations, prefix_lens, lows, compressed, commit)
+        codes = [-1 if m is None else _MODE_CODE[m] for m in modes]
+        # every per-request host fact in ONE queued copy (a copy each costs a launch and a
+        # pinned block); the per-token tables are built from it on the device
+        host = facts_host(slots, prefix_lens, seq_lens, lows, own, codes)
+        dev = to_device(host, pool.tail_pos.device)
+        if commit_rows is not None:  # a verify's overshoot undone before the progress is read
+            s_dev, p_dev = dev[SLOT, :-1].long(), dev[PREFIX, :-1].long()
+            commit_rows(s_dev, p_dev, dev[OWN, :-1].bool() & (pool.tail_pos[s_dev] > p_dev))
+    inp = TablesIn(
+        dev, n_tokens=sum(seq_lens) - sum(prefix_lens), n_window=sum(seq_lens) - sum(lows),
+        n_blocks=max(1, -(-max(seq_lens, default=1) // block)),
+        max_window=max((s - lo for s, lo in zip(seq_lens, lows, strict=True)), default=0),
+        compressed=compressed,
+    )  # fmt: skip
+    out = tables(pool, rtt, inp)
+    if slots is not None:
+        pool.plan_checks = PendingChecks(slots, prefix_lens, out.flags)
+        facts = [(s, p, ok, out.last_page[b]) for b, (s, p, ok, _) in enumerate(facts)]
     sizes = [s - lo for lo, s in zip(lows, seq_lens, strict=True)]
-    rows = (facts, prefix_lens, seq_lens, lows, win.split(sizes), modes)
-    requests = _requests(rows, mode_dev, rtt, block)
-    pool.tail_pos[slots_dev] = seq_dev
+    win = out.tables.window_slots.split(sizes)
+    rows = (facts, prefix_lens, seq_lens, lows, win, modes)
+    requests = _requests(rows, out.tables.tail_mode, rtt, block)
     out_loc = fb.out_cache_loc.long()
     # decode batches too: served decode never plans here, but the extend wrappers are the decode
     # path's oracle in tests (tests/attention/test_decode.py) and need the same tables
-    facts_dev = (slots_dev, prefix_dev, seq_dev, lo_dev, mode_dev, last_dev, win)
-    tables = _tables(requests, pool, rtt, facts_dev)
-    return BatchPlan(tuple(requests), out_loc, pool.translate_loc_from_full_to_swa(out_loc), tables)
+    return BatchPlan(tuple(requests), out_loc, pool.translate_loc_from_full_to_swa(out_loc),
+                     out.tables)  # fmt: skip
+
+
+def _read_facts(fb, pool, req_to_token_pool, prefix_lens, lows, seq_lens, compressed, commit):
+    """The read path (no host slots): the facts of :func:`~sglang_dsv4.attention.plan_facts.
+    device_facts` in one read, the modes decided on the host; returns (facts, modes, the
+    device facts [R, B+1] with the slots and the modes filled in)."""
+    b = len(seq_lens)
+    host = facts_host(None, prefix_lens, seq_lens, lows, None, [-1] * b)
+    dev = to_device(host, pool.tail_pos.device)
+    dev[SLOT, :b] = fb.req_pool_indices.to(dev.device)
+    slots_dev, prefix_dev = dev[SLOT, :b].long(), dev[PREFIX, :b].long()
+    facts = device_facts(pool, req_to_token_pool, slots_dev, prefix_dev)
+    generations = _generations(req_to_token_pool, [f[0] for f in facts])
+    modes = _host_modes(pool, facts, generations, prefix_lens, lows, compressed, commit)
+    codes = torch.tensor([_MODE_CODE[m] for m in modes], dtype=torch.int32)
+    dev[MODE, :b] = to_device(codes, dev.device)
+    return facts, modes, dev
 
 
 def _host_modes(pool, facts, generations, prefix_lens, lows, compressed, commit) -> list:
@@ -247,26 +254,6 @@ def _requests(rows, mode_dev, rtt, block: int) -> list[RequestPlan]:
     return requests
 
 
-def _device_codes(modes: list, device) -> torch.Tensor:
-    """[B] int32 codes of the host-decided ``modes`` on the device (one queued copy)."""
-    return to_device(torch.tensor([_MODE_CODE[m] for m in modes], dtype=torch.int32), device)
-
-
-def _own_modes(own_dev, progress_dev, prefix_dev, block: int, compressed: bool) -> torch.Tensor:
-    """[B] int32 tail mode codes decided on the device (host slots, nothing read): KEEP where
-    the tail is the request's own and its ``progress_dev`` is ``P`` (or ``P`` is no place to
-    restart from: the pending check raises at the next plan), else FRESH at ``P == 0``, REBUILD
-    at a block end (the host raised where a new owner has neither)."""
-    keep, fresh = _MODE_CODE[TailMode.KEEP], _MODE_CODE[TailMode.FRESH]
-    rebuild = _MODE_CODE[TailMode.REBUILD]
-    if not compressed:  # no tails: nothing to resume
-        return torch.full_like(prefix_dev, keep, dtype=torch.int32)
-    alt = torch.where(prefix_dev % block == 0, rebuild, -1)
-    alt = torch.where(prefix_dev == 0, fresh, alt)  # [B]
-    kept = own_dev & ((progress_dev == prefix_dev) | (alt < 0))
-    return torch.where(kept, keep, alt).int()
-
-
 def _host_lengths(fb) -> tuple[list[int], list[int]]:
     """``(P, S)`` per request from SGLang's host copies (``seq_lens_cpu``, and for an extend
     ``extend_prefix_lens_cpu``; its device tensor is read only where SGLang kept no host copy)."""
@@ -279,74 +266,3 @@ def _host_lengths(fb) -> tuple[list[int], list[int]]:
     host = getattr(fb, "extend_prefix_lens_cpu", None)
     prefix_lens = list(host) if host is not None else fb.extend_prefix_lens.tolist()
     return [int(p) for p in prefix_lens], seq_lens
-
-
-def _window_slots(pool, rtt, slots_dev, lo_dev, seq_dev, total: int) -> torch.Tensor:
-    """[total] int64 swa slots of positions ``window_lo .. S-1`` of every request in order (the
-    requests' ``window_slots`` are views of it): one gather for the batch, its indices built on
-    the device from the [B] facts (``total`` = sum of ``S - window_lo``, a host int)."""
-    req, pos = _ragged(seq_dev - lo_dev, lo_dev, total)
-    return pool.translate_loc_from_full_to_swa(rtt[slots_dev[req], pos])
-
-
-def _ragged(sizes: torch.Tensor, starts: torch.Tensor, total: int):
-    """``(request, position)`` [total] int64 of positions ``starts[b] .. starts[b] + sizes[b]
-    - 1`` of every request ``b`` in order (``ref.window_indices``' batch form), on the device of
-    ``sizes`` / ``starts`` [B]. ``total`` = ``sizes.sum()`` as a host int: the output size, so
-    that ``repeat_interleave`` does not read it back."""
-    device = sizes.device
-    req = torch.repeat_interleave(torch.arange(sizes.numel(), device=device), sizes,
-                                  output_size=total)  # fmt: skip
-    shift = starts - (sizes.cumsum(0) - sizes)  # [B] start minus the request's flat offset
-    return req, torch.arange(total, device=device) + shift[req]
-
-
-def _tables(requests: list[RequestPlan], pool, rtt, facts_dev) -> BatchTables:
-    """The device tables of an extend batch, from the [B] device facts ``facts_dev`` = (slots
-    int64, P, S, window_lo, tail mode codes int32, swa page of token P-1, the flat window slots):
-    per-token tables expanded on the device (no host tensor of the batch's tokens), page tables
-    gathered from ``req_to_token`` (one gather each)."""
-    slots_dev, prefix, seq, lo, mode_dev, last_dev, window_slots = facts_dev
-    block = pool.schema.block_size
-    device = rtt.device
-    lens = seq - prefix  # [B]
-    n_tokens = sum(r.seq_len - r.prefix for r in requests)
-    query_req, positions = _ragged(lens, prefix, n_tokens)  # [T] each
-    cu = torch.cat([lens.new_zeros(1), lens.cumsum(0)]).int()  # [B+1]
-    n_blocks = max(1, -(-max((r.seq_len for r in requests), default=1) // block))
-    starts = torch.arange(n_blocks, device=device) * block  # [n_blocks]
-    cols = starts.clamp(max=rtt.shape[1] - 1).unsqueeze(0)
-    rows = slots_dev.unsqueeze(1)
-    block_table = (rtt[rows, cols] // block).int()  # [B, n_blocks]
-    ends = starts + block  # block ends, kept when P < end <= S
-    last = rtt[rows, (ends - 1).clamp(max=rtt.shape[1] - 1).unsqueeze(0)]
-    kept = (ends.unsqueeze(0) > prefix.unsqueeze(1)) & (ends.unsqueeze(0) <= seq.unsqueeze(1))
-    swa_page = pool.translate_loc_from_full_to_swa(torch.where(kept, last, 0)) // block
-    # every query's window (positions t-W+1 .. t of its request, ref.window_indices) as ids into
-    # the batch's window slots (they hold positions window_lo .. S-1 of each request in order):
-    # one gather of rows already translated, not a [T, W] gather of req_to_token + translation
-    n_win = seq - lo  # [B] window slots per request
-    first = (n_win.cumsum(0) - n_win - lo)[query_req]  # [T] id of position 0 of its request
-    window = positions.unsqueeze(1) + torch.arange(1 - pool.schema.sliding_window, 1, device=device)
-    valid = window >= 0
-    window_ids = torch.where(valid, first.unsqueeze(1) + window, -1)  # [T, W]
-    window_rows = torch.where(valid, window_slots[window_ids.clamp(min=0)], -1)
-    ints = torch.stack([slots_dev, prefix, seq, lo]).int()  # [4, B]: one conversion
-    rebuild = _MODE_CODE[TailMode.REBUILD]
-    return BatchTables(
-        req_slots=ints[0],
-        prefix=ints[1],
-        seq_lens=ints[2],
-        window_lo=ints[3],
-        cu_seqlens=cu,
-        tail_mode=mode_dev,
-        tail_mode_c128=torch.where(mode_dev == rebuild, _MODE_CODE[TailMode.FRESH], mode_dev),
-        rebuild_page=torch.where(mode_dev == rebuild, last_dev, -1).int(),
-        block_table=block_table,
-        boundary_table=torch.where(kept, swa_page, 0).int(),
-        query_req=query_req.int(),
-        positions=positions,
-        window_rows=window_rows.int(),
-        window_slots=window_slots,
-        window_ids=window_ids,
-    )

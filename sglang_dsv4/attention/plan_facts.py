@@ -5,21 +5,23 @@ are still held, and the swa page of token ``P-1`` (whose boundary rows a REBUILD
 
 * :func:`device_facts`: one device-to-host read per batch (the host waits for the previous
   forward to finish). Used where SGLang gave no host copy of the request slots.
-* :func:`host_facts`: no read. The slots are SGLang's host values (each request's
-  ``req_pool_idx``, carried by the plugin on ``extend_prefix_lens_cpu``: :class:`SlottedLens`),
-  and the progress follows
-  from host state: a slot whose tail owner is the request's own generation holds the request's
-  own tail, which has seen exactly its cached prefix ``P`` (an extend leaves it at ``S``, a
-  decode step advances it by one token, a verify's overshoot is rewound by the journal's commit,
-  queued here on the device first). The page of token ``P-1`` stays a device value (the kernels
-  read it from ``BatchTables``; only the torch twin reads it back). The read path's checks
-  (progress ``== P``, window held) are computed on the device, copied without a wait
-  (:class:`~sglang_dsv4.mem.h2d.HostCopy`) and raised when the next batch is planned
-  (:func:`check_pending`): a broken invariant still stops the server, one batch later.
+* the host path (``plan.plan_batch`` given :class:`SlottedLens`): no read. The slots are
+  SGLang's host values (each request's ``req_pool_idx``, carried by the plugin on
+  ``extend_prefix_lens_cpu``), and the progress follows from host state: a slot whose tail
+  owner is the request's own generation holds the request's own tail, which has seen exactly
+  its cached prefix ``P`` (an extend leaves it at ``S``, a decode step advances it by one
+  token, a verify's overshoot is rewound by the journal's commit, queued on the device first).
+  The page of token ``P-1`` stays a device value (the kernels read it from ``BatchTables``;
+  only the torch twin reads it back). The read path's checks (progress ``== P``, window held)
+  are computed on the device with the plan's tables (:mod:`~sglang_dsv4.attention.plan_tables`),
+  copied without a wait (:class:`~sglang_dsv4.mem.h2d.HostCopy`) and raised when the next
+  batch is planned (:func:`check_pending`): a broken invariant still stops the server, one
+  batch later.
 """
 
 import torch
 
+from sglang_dsv4.attention.plan_tables import held
 from sglang_dsv4.mem.h2d import HostCopy
 
 __all__ = [
@@ -27,7 +29,6 @@ __all__ = [
     "SlottedLens",
     "check_pending",
     "device_facts",
-    "host_facts",
     "host_slots",
 ]
 
@@ -51,48 +52,15 @@ def host_slots(fb, n: int) -> list[int] | None:
     return None if slots is None or len(slots) != n else [int(s) for s in slots]
 
 
-def held(pool, req_to_token_pool, slots_dev, prefix_dev) -> torch.Tensor:
-    """[B] bool, device: every swa slot of positions ``max(0, P - window + 1) .. P-1`` of each
-    request is nonzero (its queries still see them)."""
-    window = pool.schema.sliding_window
-    rtt, to_swa = req_to_token_pool.req_to_token, pool.translate_loc_from_full_to_swa
-    back = torch.arange(max(1, window - 1), device=slots_dev.device)  # [W-1]
-    pos = prefix_dev.unsqueeze(1) - 1 - back  # [B, W-1] positions P-1, P-2, .. (< 0: none)
-    return ((to_swa(rtt[slots_dev.unsqueeze(1), pos.clamp(min=0)]) > 0) | (pos < 0)).all(1)
-
-
-def device_facts(pool, req_to_token_pool, slots_dev, prefix_dev, last_dev):
+def device_facts(pool, req_to_token_pool, slots_dev, prefix_dev):
     """``(request slot, tail progress, prefix window still held, swa page of token P-1)`` per
     request, in ONE device-to-host read for the batch (a read per request would drain the GPU
-    queue each time; the slots ride along)."""
-    ok = held(pool, req_to_token_pool, slots_dev, prefix_dev)
-    facts = torch.stack([slots_dev, pool.tail_pos[slots_dev], ok.long(), last_dev.long()], 1)
+    queue each time; the slots ride along). ``slots_dev`` / ``prefix_dev`` [B] int64."""
+    rtt, block = req_to_token_pool.req_to_token, pool.schema.block_size
+    last = pool.translate_loc_from_full_to_swa(rtt[slots_dev, (prefix_dev - 1).clamp(min=0)])
+    ok = held(pool, rtt, slots_dev, prefix_dev)
+    facts = torch.stack([slots_dev, pool.tail_pos[slots_dev], ok.long(), last.long() // block], 1)
     return [tuple(r) for r in facts.tolist()]
-
-
-def host_facts(pool, req_to_token_pool, slots, own, own_dev, slots_dev, prefix_lens, prefix_dev,
-               last_dev, commit_rows=None):  # fmt: skip
-    """The tuples of :func:`device_facts` without a read (module docstring): progress None for a
-    request's own tail (the device compares it with ``P``: returned [B], after the commit), -1
-    for a new owner (unused), window held, and the page of token ``P-1`` as a 0-d device tensor.
-    ``own`` [B] host bools: the slot's tail owner is the request's generation (``own_dev`` the
-    same on the device, copied with the plan's other facts). ``commit_rows(slots, prefix,
-    valid)``: the journal's device-only commit of own tails a verify took past ``P``. Leaves the
-    checks pending on ``pool.plan_checks``."""
-    if commit_rows is not None:
-        commit_rows(slots_dev, prefix_dev, own_dev & (pool.tail_pos[slots_dev] > prefix_dev))
-    compressed = any(lc.kind.compressed for lc in pool.schema.layers)
-    progress = pool.tail_pos[slots_dev].clone()  # [B] after the commit, before this plan's update
-    # an own tail elsewhere than P restarts FRESH / REBUILD at a block end; elsewhere it is lost
-    progress_ok = (progress == prefix_dev) | ~own_dev | (prefix_dev % pool.schema.block_size == 0)
-    progress_ok |= not compressed
-    ok = held(pool, req_to_token_pool, slots_dev, prefix_dev)
-    pool.plan_checks = PendingChecks(slots, prefix_lens, torch.stack([progress_ok, ok]))
-    facts = [
-        (s, None if o else -1, 1, last_dev[b])
-        for b, (s, o) in enumerate(zip(slots, own, strict=True))
-    ]
-    return facts, progress
 
 
 class PendingChecks:

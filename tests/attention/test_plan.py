@@ -6,6 +6,7 @@ import torch
 from sglang_dsv4.attention import plan as plan_module
 from sglang_dsv4.attention.plan import TailMode, plan_batch
 from sglang_dsv4.attention.plan_facts import SlottedLens
+from sglang_dsv4.attention.plan_tables import FACT_ROWS
 from tests.pool_world import BLOCK, World
 
 # (request slot, prefix, seq): fresh prompts and a prefix hit at a block end (REBUILD)
@@ -61,8 +62,8 @@ def test_plan_takes_host_lengths_and_matches_per_request_gathers(tiny_cfg):
 
 @pytest.mark.parametrize("host_slots", [True, False])
 def test_plan_copies_host_facts_once(tiny_cfg, monkeypatch, host_slots):
-    """The per-token tables are built on the device from the [B] host facts: one host -> device
-    copy per batch (the read path: a second one, its host-decided tail modes)."""
+    """The per-token tables are built on the device from the [R, B+1] host facts: one host ->
+    device copy per batch (the read path: a second one, its host-decided tail modes)."""
     copies = []
 
     def counted(host, device):
@@ -75,7 +76,8 @@ def test_plan_copies_host_facts_once(tiny_cfg, monkeypatch, host_slots):
     if host_slots:
         fb.extend_prefix_lens_cpu = SlottedLens(fb.extend_prefix_lens_cpu, [s for s, _, _ in STEP])
     plan_batch(fb, world.pool, world.rtp)
-    assert copies == ([3 * len(STEP)] if host_slots else [3 * len(STEP), len(STEP)])
+    facts = len(FACT_ROWS) * (len(STEP) + 1)
+    assert copies == ([facts] if host_slots else [facts, len(STEP)])
 
 
 def test_plan_without_host_prefix_reads_the_device_tensor(tiny_cfg):

@@ -6,6 +6,7 @@ import torch
 
 from sglang_dsv4.attention.plan import TailMode, plan_batch
 from sglang_dsv4.attention.plan_facts import SlottedLens
+from sglang_dsv4.attention.plan_tables import tables_torch, tables_triton
 from sglang_dsv4.mem.h2d import to_device
 from tests.pool_world import BLOCK, World
 
@@ -110,6 +111,35 @@ def test_own_tail_elsewhere_restarts_as_the_device_read_decides(tiny_cfg):
     plan_batch(_batch(a, NEXT[:1], host_slots=True), a.pool, a.rtp)  # no error pending
 
 
+@pytest.mark.parametrize("host_slots", [True, False])
+def test_the_kernel_plans_what_the_torch_form_plans(tiny_cfg, host_slots):
+    """``tables_triton`` (interpreted) against ``tables_torch`` through ``plan_batch``: fresh /
+    REBUILD, each request's next chunk (KEEP), then own tails re-planned from 0 and a block end
+    (the device decides FRESH / REBUILD): requests, tables, tail progress, pending checks."""
+    from triton_cpu import interpreted
+
+    from sglang_dsv4.kernels import extend_meta
+
+    a, b = World(tiny_cfg), World(tiny_cfg)
+    again = [(0, 0, 131), (2, BLOCK, 300)]
+    with interpreted(extend_meta):
+        for step in (STEP, NEXT, again):
+            x = plan_batch(_batch(a, step, host_slots), a.pool, a.rtp, tables=tables_torch)
+            y = plan_batch(_batch(b, step, host_slots), b.pool, b.rtp, tables=tables_triton)
+            for p, q in zip(x.requests, y.requests, strict=True):
+                assert (p.req_slot, p.prefix, p.seq_len, p.tail, p.rebuild_page) == (
+                    q.req_slot, q.prefix, q.seq_len, q.tail, q.rebuild_page,
+                )  # fmt: skip
+                assert torch.equal(p.window_slots, q.window_slots)
+            for name in x.tables.__dataclass_fields__:
+                assert torch.equal(getattr(x.tables, name), getattr(y.tables, name)), name
+            assert torch.equal(a.pool.tail_pos, b.pool.tail_pos)
+            if host_slots:
+                got, want = b.pool.plan_checks.copy.wait(), a.pool.plan_checks.copy.wait()
+                assert torch.equal(got, want) and bool(got.all())
+    assert [r.tail for r in y.requests] == [TailMode.FRESH, TailMode.REBUILD]
+
+
 def test_freed_window_is_raised_at_the_next_plan(tiny_cfg):
     world = World(tiny_cfg)
     world.req_to_token[2, BLOCK - 3 : BLOCK] = 0  # the REBUILD request's window rows freed
@@ -142,8 +172,10 @@ def test_padded_batch_keeps_the_device_read(tiny_cfg):
 
 
 @pytest.mark.gpu
-def test_plan_with_host_slots_does_not_sync(tiny_cfg):
-    """No synchronizing call in two host-planned extend steps on the GPU (the read path: one)."""
+@pytest.mark.parametrize("tables", [tables_torch, tables_triton])
+def test_plan_with_host_slots_does_not_sync(tiny_cfg, tables):
+    """No synchronizing call in two host-planned extend steps on the GPU (the read path: one),
+    with either builder of the tables."""
     import warnings
 
     world = World(tiny_cfg, device="cuda")
@@ -157,7 +189,7 @@ def test_plan_with_host_slots_does_not_sync(tiny_cfg):
                 # SGLang's device tensor, copied as SGLang copies it (pinned, queued): a
                 # pageable .cuda() here is itself a synchronizing copy under torch 2.11
                 fb.req_pool_indices = to_device(fb.req_pool_indices, "cuda")
-                plan = plan_batch(fb, world.pool, world.rtp)
+                plan = plan_batch(fb, world.pool, world.rtp, tables=tables)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     syncs = [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
