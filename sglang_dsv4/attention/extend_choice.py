@@ -24,7 +24,7 @@ import torch
 from sglang_dsv4.attention.choice import FLASHMLA, OURS, flashmla_eligible
 from sglang_dsv4.attention.extend_ops import AttendTorch, PickLists, Picks
 from sglang_dsv4.attention.plan import BatchPlan
-from sglang_dsv4.attention.plan_tables import ragged
+from sglang_dsv4.attention.plan_tables import ENTRY_RATIOS, ragged
 from sglang_dsv4.kernels.kv_gather import gather_fp8_rows, gather_plain_rows
 
 __all__ = ["MEASURED", "AttendChoice", "AttendFlashMLA", "pick"]
@@ -67,19 +67,21 @@ def pick(kind: str, heads: int, tokens: int, keys: int, eligible: bool) -> str:
 class AttendFlashMLA(AttendTorch):
     """One ``flash_mla_sparse_fwd`` over a per-batch bf16 workspace (module docstring).
     ``topk``: the c4 picks op's width (its columns of the lists); ``fwd``: FlashMLA's sparse
-    prefill (None: ``sgl_kernel``'s; the CPU tests give its ``ref`` twin)."""
+    prefill (None: ``sgl_kernel``'s; the CPU tests give its ``ref`` twin); ``lists``: the
+    builder of the index lists and entry rows (None: :func:`lists_torch`)."""
 
     reads_rows = False  # its lists are planned (c4: the picks' ids), no extra rows read
 
     def __init__(
         self, ratio: int, window: int, fp8: bool, raw_page: int, entry_page: int, dim: int = 512,
-        topk: int = 0, fwd=None,
+        topk: int = 0, fwd=None, lists=None,
     ):  # fmt: skip
         if ratio == 4 and topk <= 0:  # the picks need their columns in the lists
             raise ValueError("a c4 layer's FlashMLA lists need the picks' width (topk)")
         if fwd is None:
             from sgl_kernel.flash_mla import flash_mla_sparse_fwd as fwd
         self._fwd = fwd
+        self._build_lists = lists or lists_torch  # the kernel on the GPU (attend_choice)
         self.ratio, self.window, self.fp8, self.dim = ratio, window, fp8, dim
         self.topk = topk if ratio == 4 else 0
         self._pages = (raw_page, entry_page)
@@ -91,57 +93,35 @@ class AttendFlashMLA(AttendTorch):
             self._gather = gather_plain_rows
 
     def plan(self, batch: BatchPlan, extra_width: int) -> None:
-        """The workspace layout and every query's index list, whole-batch device ops from the
-        plan's tables (no host tensor, no copy): request ``b``'s entries at ``ent_base[b]``,
-        then every request's window rows (positions ``window_lo .. S-1``), in the order of the
-        plan's ``window_slots`` (a query's window ids are ``window_ids`` after the entries).
-        c4: ``picks_into`` is the lists' ``topk`` columns for the picks op (``PickLists``)."""
+        """The workspace layout and every query's index list from the plan's tables (no host
+        tensor, no copy; ``lists``: one launch on the GPU): request ``b``'s entries at its
+        entry start, then every request's window rows (positions ``window_lo .. S-1``), in the
+        order of the plan's ``window_slots``. c4: ``picks_into`` is the lists' ``topk`` columns
+        for the picks op (``PickLists``)."""
         reqs, t = batch.requests, batch.tables
-        device = batch.out_loc.device
         self._plan = batch
-        ratio = max(self.ratio, 1)  # SWA: no entries
-        n_ent = t.seq_lens.long() // ratio if self.ratio else torch.zeros_like(t.seq_lens).long()
-        total_ent = sum(r.seq_len // ratio for r in reqs) if self.ratio else 0  # host ints
-        ent_base = n_ent.cumsum(0) - n_ent  # [B] exclusive prefix sums
-        self._ent_rows = self._entry_rows(t, n_ent, total_ent, device)
+        starts = None
+        total_ent = max_ent = 0
+        if self.ratio:  # SWA: no entries
+            starts = t.entry_start[ENTRY_RATIOS.index(self.ratio)]  # [B+1] int32
+            total_ent = sum(r.seq_len // self.ratio for r in reqs)  # host ints
+            max_ent = max((r.seq_len // self.ratio for r in reqs), default=0)
+        window = t.window_ids.shape[1]
+        fixed = window + (extra_width if self.ratio == 128 else 0)  # window + c128 entries
+        width = fixed + self.topk
+        self._lists, self._ent_rows = self._build_lists(
+            t, starts, ratio=self.ratio, entries_per_block=self._pages[1], total_ent=total_ent,
+            max_ent=max_ent, extra=extra_width, topk=self.topk, width=width + (-width % _ALIGN),
+        )  # fmt: skip
         self._raw_rows = t.window_slots  # [NW] swa slots
         self.n_kv = total_ent + self._raw_rows.numel()
-        req = t.query_req.long()  # [T]
-        # the window rows sit after the entries in the order of the plan's window slots
-        window = t.window_ids
-        if total_ent:
-            window = torch.where(window >= 0, window + total_ent, -1)  # [T, W]
-        if self.ratio == 128:  # every visible entry
-            e = torch.arange(extra_width, device=device)
-            vis = e < (t.positions.unsqueeze(1) + 1) // self.ratio  # [T, E]
-            window = torch.cat([window, torch.where(vis, ent_base[req].unsqueeze(1) + e, -1)], 1)
-        self._lists = self._index_lists(window)  # [T, 1, K'] int32
-        k = window.shape[1]
         self.picks_into = (
-            PickLists(self._lists[:, 0, k : k + self.topk], ent_base.int()) if self.topk else None
+            PickLists(self._lists[:, 0, fixed : fixed + self.topk], starts[:-1])
+            if self.topk
+            else None
         )
-        self._workspace = torch.empty(self.n_kv, 1, self.dim, dtype=torch.bfloat16, device=device)
-
-    def _index_lists(self, fixed: torch.Tensor) -> torch.Tensor:
-        """[T, 1, K'] int32 index lists of the batch, FlashMLA's layout: the ``fixed`` lists
-        (window rows, c128 entries), ``topk`` columns the c4 picks op writes per layer, -1 up
-        to a multiple of 128 columns."""
-        t, k = fixed.shape
-        width = k + self.topk
-        idx = fixed.new_full((t, 1, width + (-width % _ALIGN)), -1, dtype=torch.int32)
-        idx[:, 0, :k] = fixed
-        return idx
-
-    def _entry_rows(self, t, n_ent: torch.Tensor, total: int, device) -> torch.Tensor:
-        """[NE] flat entry rows of every request's entries ``0 .. S//r - 1`` in order: entry
-        ``i`` of request ``b`` is row ``block_table[b, i // epb] * epb + i % epb`` (``epb`` =
-        entries per block = rows per entry page), i.e. ``slot(i*r) // r`` as
-        ``extend_ops._entry_rows`` reads it. ``n_ent`` [B] device, ``total`` its sum (host)."""
-        if total == 0:
-            return torch.empty(0, dtype=torch.long, device=device)
-        epb = self._pages[1]
-        req, i = ragged(n_ent, torch.zeros_like(n_ent), total)  # [NE] each, on the device
-        return t.block_table[req, i // epb].long() * epb + i % epb
+        self._workspace = torch.empty(self.n_kv, 1, self.dim, dtype=torch.bfloat16,
+                                      device=t.positions.device)  # fmt: skip
 
     def run(self, q, lk, window, sink, scale, extra: Picks | None = None):
         """Two launches: the workspace's rows (``kv_gather``), FlashMLA. c4: the picks op has
@@ -151,6 +131,29 @@ class AttendFlashMLA(AttendTorch):
                      raw_rows=self._raw_rows, out=ws)  # fmt: skip
         out, _, _ = self._fwd(q, ws, self._lists, scale, self.dim, sink.float(), None)
         return out
+
+
+def lists_torch(t, starts, *, ratio, entries_per_block, total_ent, max_ent, extra, topk, width):
+    """The torch form of :func:`~sglang_dsv4.kernels.flashmla_lists.flashmla_lists` (its
+    signature): ``(lists [T, 1, width] int32, entry rows [total_ent] int64)``."""
+    device = t.positions.device
+    ent_rows = torch.empty(0, dtype=torch.long, device=device)
+    window = t.window_ids  # [T, W]
+    if total_ent:
+        # entry i of request b is row block_table[b, i // epb] * epb + i % epb (epb = entries
+        # per block = rows per entry page), i.e. slot(i*r) // r as extend_ops._entry_rows reads it
+        epb, start = entries_per_block, starts[:-1].long()
+        req, i = ragged(starts[1:].long() - start, torch.zeros_like(start), total_ent)
+        ent_rows = t.block_table[req, i // epb].long() * epb + i % epb  # [NE]
+        window = torch.where(window >= 0, window + total_ent, -1)  # the window rows: after
+    if ratio == 128:  # every visible entry
+        e = torch.arange(extra, device=device)
+        vis = e < (t.positions.unsqueeze(1) + 1) // ratio  # [T, E]
+        base = starts[t.query_req.long()].unsqueeze(1)
+        window = torch.cat([window, torch.where(vis, base + e, -1)], 1)
+    lists = window.new_full((window.shape[0], 1, width), -1, dtype=torch.int32)
+    lists[:, 0, : window.shape[1]] = window
+    return lists, ent_rows
 
 
 class AttendChoice(AttendTorch):
@@ -190,6 +193,8 @@ def attend_choice(
         return ours
     ratio = {"swa": 0, "csa": 4, "hca": 128}[kind]
     entry_page = lk.entry_rows.rows_per_page if lk.entry_rows is not None else 1
+    from sglang_dsv4.kernels.flashmla_lists import flashmla_lists
+
     flashmla = AttendFlashMLA(ratio, window, lk.fp8, lk.raw_rows.rows_per_page, entry_page,
-                              head_dim, topk)  # fmt: skip
+                              head_dim, topk, lists=flashmla_lists)  # fmt: skip
     return AttendChoice(kind, heads, window, ours, flashmla)

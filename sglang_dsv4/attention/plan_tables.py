@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
+    "ENTRY_RATIOS",
     "FACT_ROWS",
     "BatchTables",
     "TablesIn",
@@ -28,9 +29,15 @@ __all__ = [
     "tables_triton",
 ]
 
-# Rows of the host facts [R, B+1] int32 (column B: 0, except the two starts' totals T and M).
-FACT_ROWS = ("slot", "prefix", "seq", "window_lo", "own", "mode", "token_start", "window_start")
-SLOT, PREFIX, SEQ, LO, OWN, MODE, TOK0, WIN0 = range(len(FACT_ROWS))
+# Rows of the host facts [R, B+1] int32 (column B: 0, except the starts' totals): exclusive
+# starts of the requests' new tokens (T), window slots (M) and c4 / c128 entries (S // ratio:
+# FlashMLA's workspace layout)
+FACT_ROWS = (
+    "slot", "prefix", "seq", "window_lo", "own", "mode", "token_start", "window_start",
+    "c4_entry_start", "c128_entry_start",
+)  # fmt: skip
+SLOT, PREFIX, SEQ, LO, OWN, MODE, TOK0, WIN0, ENT = range(len(FACT_ROWS) - 1)
+ENTRY_RATIOS = (4, 128)  # the rows from ENT on
 
 # the int codes of ``kernels.compressor`` (TAIL_KEEP / TAIL_FRESH / TAIL_REBUILD)
 KEEP, FRESH, REBUILD = 0, 1, 2
@@ -58,6 +65,8 @@ class BatchTables:
     # every request in order (M = sum of S - window_lo; ``RequestPlan.window_slots`` are views)
     window_ids: torch.Tensor  # [T, W] int64 id in ``window_slots`` of each query's swa_window
     # positions (-1: none); ``window_rows = window_slots[window_ids]``
+    entry_start: torch.Tensor  # [2, B+1] int32 exclusive starts of the requests' c4 / c128
+    # entries (``ENTRY_RATIOS``), totals in column B
 
     @property
     def max_blocks(self) -> int:
@@ -88,13 +97,12 @@ def facts_host(slots, prefix_lens, seq_lens, lows, own, codes) -> torch.Tensor:
     """[R, B+1] int32 host facts (FACT_ROWS); ``slots`` None: zeros (the read path fills the
     row on the device), ``codes``: host-decided tail mode codes, -1 where the device decides."""
     b = len(seq_lens)
-    tok = [0]
-    win = [0]
+    starts = [[0] for _ in range(2 + len(ENTRY_RATIOS))]  # tokens, window slots, entries
     for p, s, lo in zip(prefix_lens, seq_lens, lows, strict=True):
-        tok.append(tok[-1] + s - p)
-        win.append(win[-1] + s - lo)
+        for row, n in zip(starts, (s - p, s - lo, *(s // r for r in ENTRY_RATIOS)), strict=True):
+            row.append(row[-1] + n)
     rows = [slots or [0] * b, prefix_lens, seq_lens, lows, [int(o) for o in own or [0] * b], codes]
-    return torch.tensor([[*r, 0] for r in rows] + [tok, win], dtype=torch.int32)
+    return torch.tensor([[*r, 0] for r in rows] + starts, dtype=torch.int32)
 
 
 def held(pool, rtt, slots, prefix) -> torch.Tensor:
@@ -135,6 +143,7 @@ def _fact_fields(facts: torch.Tensor) -> dict[str, torch.Tensor]:
         "seq_lens": facts[SEQ, :b],
         "window_lo": facts[LO, :b],
         "cu_seqlens": facts[TOK0],
+        "entry_start": facts[ENT:],
     }
 
 

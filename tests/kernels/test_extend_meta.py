@@ -6,16 +6,14 @@ zero-length window tails). Outputs are poisoned (-7; True for bool) before the l
 missed store shows. CPU: interpreter at small shapes; GPU: Flash shapes (window 128)."""
 
 import dataclasses
-from types import SimpleNamespace
 
 import pytest
 import torch
+from plan_cases import BLOCK, case, pool
 from triton_cpu import interpreted
 
-from sglang_dsv4.attention.plan_tables import TablesIn, facts_host, tables_torch
+from sglang_dsv4.attention.plan_tables import tables_torch
 from sglang_dsv4.kernels import extend_meta
-
-BLOCK = 128
 
 
 class _PoisonedTorch:
@@ -29,48 +27,9 @@ class _PoisonedTorch:
         return torch.full(shape, True if dtype is torch.bool else -7, dtype=dtype, device=device)
 
 
-def _pool(f2s, n_slots: int, window: int, progress):
-    tail_pos = torch.tensor(progress + [0] * (n_slots + 1 - len(progress)), device=f2s.device)
-    return SimpleNamespace(
-        schema=SimpleNamespace(block_size=BLOCK, sliding_window=window),
-        full_to_swa_index_mapping=f2s,
-        translate_loc_from_full_to_swa=lambda loc: f2s[loc.long()],
-        tail_pos=tail_pos,
-    )
-
-
-def _case(lens, window: int, width: int, seed: int, device, compressed=True):
-    """A random world and batch: ``lens`` [(P, S)], slots permuted, some progress == P, some
-    modes decided by the host, some swa rows freed (map 0)."""
-    g = torch.Generator().manual_seed(seed)
-    b = len(lens)
-    n_slots = b + 3
-    n_full = n_slots * width + 1
-    r2t = torch.randint(1, n_full, (n_slots, width), generator=g).int()
-    f2s = torch.randint(1, 8 * width, (n_full,), generator=g)
-    f2s[torch.randint(0, n_full, (n_full // 50 + 1,), generator=g)] = 0  # freed swa rows
-    slots = torch.randperm(n_slots, generator=g)[:b].tolist()
-    prefix = [p for p, _ in lens]
-    seq = [s for _, s in lens]
-    lows = [max(0, p - window + 1) for p in prefix]
-    own = (torch.rand(b, generator=g) < 0.6).tolist()
-    codes = torch.randint(-1, 3, (b,), generator=g).tolist()
-    progress = [0] * n_slots
-    for s, p, o in zip(slots, prefix, own, strict=True):
-        r = int(torch.randint(0, 3, (1,), generator=g))
-        progress[s] = p if o and r else p + 5 * r
-    host = facts_host(slots, prefix, seq, lows, own, codes)
-    inp = TablesIn(
-        host.to(device), n_tokens=sum(seq) - sum(prefix), n_window=sum(seq) - sum(lows),
-        n_blocks=max(1, -(-max(seq) // BLOCK)),
-        max_window=max(s - lo for s, lo in zip(seq, lows, strict=True)), compressed=compressed,
-    )  # fmt: skip
-    return r2t.to(device), f2s.to(device), n_slots, progress, inp
-
-
 def _check(mod, lens, window, width, seed=0, device="cpu", compressed=True):
-    r2t, f2s, n_slots, progress, inp = _case(lens, window, width, seed, device, compressed)
-    want_pool, got_pool = (_pool(f2s, n_slots, window, progress) for _ in range(2))
+    r2t, f2s, n_slots, progress, inp = case(lens, window, width, seed, device, compressed)
+    want_pool, got_pool = (pool(f2s, n_slots, window, progress) for _ in range(2))
     want = tables_torch(want_pool, r2t, inp)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(mod, "torch", _PoisonedTorch())
@@ -123,22 +82,22 @@ def test_without_compressors_every_mode_is_keep_or_the_hosts(mod):
 
 def test_the_checks_fail_where_they_should(mod):
     """An own tail elsewhere than a mid-block P, and a freed row in a prefix window."""
-    r2t, f2s, n_slots, progress, inp = _case([(200, 210)], 16, 512, 0, "cpu")
+    r2t, f2s, n_slots, progress, inp = case([(200, 210)], 16, 512, 0, "cpu")
     f = inp.facts
     slot = int(f[0, 0])
     f[4, 0], f[5, 0] = 1, -1  # own, the device decides
     progress[slot] = 7
     f2s[r2t[slot, 195].long()] = 0  # position 195 of the window 185..199: freed
-    pool = _pool(f2s, n_slots, 16, progress)
+    world = pool(f2s, n_slots, 16, progress)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(mod, "torch", _PoisonedTorch())
         got = mod.extend_meta_fields(
-            f, r2t, f2s, pool.tail_pos, n_tokens=10, n_window=25, n_blocks=2, max_window=25,
+            f, r2t, f2s, world.tail_pos, n_tokens=10, n_window=25, n_blocks=2, max_window=25,
             window=16, block=BLOCK, compressed=True,
         )  # fmt: skip
     assert got["flags"].tolist() == [[False], [False]]
     assert got["tail_mode"].tolist() == [0]  # KEEP: no place to restart; the check raises
-    assert int(pool.tail_pos[slot]) == 210
+    assert int(world.tail_pos[slot]) == 210
 
 
 @pytest.mark.gpu
