@@ -39,6 +39,7 @@ from sglang_dsv4.attention.decode import KVNorm
 from sglang_dsv4.attention.extend_choice import AttendChoice
 from sglang_dsv4.attention.extend_ops import Picks, extend_ops
 from sglang_dsv4.attention.plan import plan_batch
+from sglang_dsv4.attention.plan_tables import tables_builder
 from sglang_dsv4.attention.wrappers import (
     CompressedInputs,
     CSAWrapper,
@@ -91,7 +92,9 @@ class World:
             out_cache_loc=self.rtt[:, p : p + n].flatten().long(),
         )
         self.pool.tail_pos[:b] = p  # plan_batch records progress; rewind it for repeated plans
-        return plan_batch(fb, self.pool, self.rtp)
+        # the served builder of the plan's device half (one launch on the GPU)
+        tables = tables_builder(self.pool.tail_pos.device.type == "cuda")
+        return plan_batch(fb, self.pool, self.rtp, tables=tables)
 
 
 def make_wrapper(cfg, kind: AttnKind, lk, kernels: bool):

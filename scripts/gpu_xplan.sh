@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The extend plan in two launches (issue 14: TTFT), this tree against main before it, on the GPU
+# in one command from the repo root (carry .wheelhouse and .base = the commit before the plan
+# kernels, extracted there: `rm -rf .base && mkdir .base && git archive 4192754 | tar -x -C .base`,
+# the tiny model's safetensors removed from .base):
+#
+#   bash scripts/gpu_xplan.sh   install (~20 s), then (at most ~6 min: the timeouts below):
+#     1. the GPU tests of what changed: kernels/extend_meta (the plan's tables, modes, checks and
+#        tail progress; 8K, 32K after 24K, 16 x 4K chunks, 129 requests over a 131K context) and
+#        kernels/flashmla_lists (SWA / c4 / c128 lists and entry rows) against their torch forms;
+#        plan_batch with either builder raising no synchronizing call; FlashMLA vs ours through
+#        the kernels' lists (pytest under 150 s);
+#     2. scripts/bench_layer_host.py --device cuda on .base, then on this tree (--compare): one
+#        extend step of the Flash-dims model at 2x150 and 1x8192 tokens, torch ops / launches per
+#        section (the plan's: 172 -> 55 and 246 -> 51 counted on CPU) and the median of 10 timed
+#        steps: host issue ms (plan + forward returned) and step ms (device done). Printed last.
+#
+# env: WHEELHOUSE (default .wheelhouse), OUT (logs + JSON, default /tmp/gpu_xplan), REPS (10).
+# Exit status: the tests', else the benches'.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=scripts/device_setup.sh
+source scripts/device_setup.sh
+wheelhouse_start gpu_xplan || exit 1  # sets WH, OUT, start; this checkout first on PYTHONPATH
+[ -d .base/sglang_dsv4 ] || { echo "no .base/sglang_dsv4: carry .base (git archive 4192754)"; exit 1; }
+timeout 150 python3 -m pytest -q -p no:cacheprovider -rfE -m gpu \
+    tests/kernels/test_extend_meta.py tests/kernels/test_flashmla_lists.py \
+    tests/attention/test_plan_facts.py tests/attention/test_plan.py \
+    tests/attention/test_extend_choice.py 2>&1 | tail -n 25
+rc=${PIPESTATUS[0]}
+echo "GPU tests exit $rc at $(( $(date +%s) - start )) s"
+bench() {  # NAME PYTHONPATH-FIRST [ARGS...]
+    local name=$1 first=$2
+    shift 2
+    PYTHONPATH="$first:$PYTHONPATH" timeout 110 python3 scripts/bench_layer_host.py \
+        --device cuda --cases 2x150,1x8192 --reps "${REPS:-10}" --out "$OUT/$name" "$@" \
+        > "$OUT/bench_$name.txt" 2>&1
+    local brc=$?
+    echo "== bench_layer_host $name ($first), exit $brc at $(( $(date +%s) - start )) s"
+    return $brc
+}
+mkdir -p "$OUT/ours" "$OUT/base"
+bench base "$PWD/.base"
+b1=$?
+bench ours "$PWD" --compare "$OUT/base/bench_layer_host.json"
+b2=$?
+[ "$b1" = 0 ] || tail -n 20 "$OUT/bench_base.txt"
+[ "$b2" = 0 ] || tail -n 20 "$OUT/bench_ours.txt"
+echo "== one extend step, Flash dims, base (4192754) -> this tree, on $(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1)"
+grep -E -A 10 "^[0-9]+x[0-9]+: section" "$OUT/bench_ours.txt"
+[ "$rc" = 0 ] && rc=$b1
+[ "$rc" = 0 ] && rc=$b2
+exit "$rc"
