@@ -15,6 +15,8 @@ from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator, al
 from sglang.srt.mem_cache.allocator.swa import SWATokenToKVPoolAllocator
 from sglang.srt.utils import get_num_new_pages, next_power_of_2
 
+from sglang_dsv4.kernels.alloc_decode import alloc_decode_pair
+
 __all__ = ["DSV4PagedAllocator", "DSV4SWAAllocator", "opening_pages"]
 
 
@@ -136,6 +138,10 @@ class DSV4SWAAllocator(SWATokenToKVPoolAllocator):
             size_swa, page_size, dtype, device, kvcache, need_sort
         )
         self.clear()
+        # a decode step: one launch on the GPU (kernels.alloc_decode), else side by side (the
+        # CPU torch path, and SGLang's debug mode, whose checks are per side)
+        fused = torch.device(device).type == "cuda" and not self.full_attn_allocator.debug_mode
+        self._decode = self._decode_fused if fused else self._decode_per_side
 
     def alloc_decode(self, seq_lens, seq_lens_cpu, last_loc):
         """SGLang's hybrid-SWA decode allocation (full slots, swa slots, the full -> swa map).
@@ -146,6 +152,25 @@ class DSV4SWAAllocator(SWATokenToKVPoolAllocator):
         opening = opening_pages(seq_lens_cpu, self.page_size)
         if not self.new_pages_available(opening, opening):
             return None
+        return self._decode(seq_lens, seq_lens_cpu, last_loc, opening)
+
+    def _decode_fused(self, seq_lens, seq_lens_cpu, last_loc, opening: int):
+        """Both sides and the map in one launch (:mod:`~sglang_dsv4.kernels.alloc_decode`),
+        each side's free list handled as its ``alloc_decode`` does."""
+        sides = (self.full_attn_allocator, self.swa_attn_allocator)
+        for side in sides:
+            if side.need_sort and len(seq_lens) > len(side.free_pages):
+                side.merge_and_sort_free()
+            if opening > len(side.free_pages):
+                return None
+        full, swa = sides
+        out = alloc_decode_pair(seq_lens, last_loc, self.full_to_swa_index_mapping,
+                                full.free_pages, swa.free_pages, page=self.page_size)  # fmt: skip
+        for side in sides:
+            side.free_pages = side.free_pages[opening:]
+        return out
+
+    def _decode_per_side(self, seq_lens, seq_lens_cpu, last_loc, opening: int):
         swa_last_loc = self.translate_loc_from_full_to_swa(last_loc)
         full = self.full_attn_allocator.alloc_decode(seq_lens, seq_lens_cpu, last_loc, opening)
         swa = self.swa_attn_allocator.alloc_decode(seq_lens, seq_lens_cpu, swa_last_loc, opening)

@@ -145,3 +145,76 @@ def test_kernel_path_swa_decode_equals_upstream(kernel_path, tiny_cfg):
     for side in ("full_attn_allocator", "swa_attn_allocator"):
         assert torch.equal(getattr(mine, side).free_pages, getattr(ref, side).free_pages)
     assert int(mine.full_to_swa_index_mapping[got[0]]) % PAGE == 0
+
+
+def test_fused_decode_equals_per_side(kernel_path, monkeypatch, tiny_cfg):
+    """The GPU's one-launch decode step (``kernels.alloc_decode``, interpreted) against the
+    two sides' kernels + translation + map write, over 140 steps of four requests (each opens
+    pages at its own steps): the same slots, full -> swa map and free lists every step; then a
+    step that needs more pages than one side has gets None and changes nothing."""
+    from triton_cpu import interpreted
+
+    import sglang_dsv4.kernels.alloc_decode as fused
+    import sglang_dsv4.mem.allocator as ours
+    from tests.pool_world import World
+
+    with interpreted(fused) as (k,):
+        monkeypatch.setattr(ours, "alloc_decode_pair", k.alloc_decode_pair)
+        pools = [World(tiny_cfg).pool for _ in range(2)]
+        a, b = (
+            ours.DSV4SWAAllocator(16 * PAGE, 12 * PAGE, PAGE, torch.int64, "cpu", p, False)
+            for p in pools
+        )
+        a._decode = a._decode_fused
+        lens = torch.tensor([1, 60, PAGE - 1, PAGE + 5])
+        zero = torch.zeros(4, dtype=torch.int64)
+        outs = [x.alloc_extend(zero, zero, lens, lens, zero - 1, int(lens.sum())) for x in (a, b)]
+        assert torch.equal(outs[0], outs[1])
+        last = outs[0][lens.cumsum(0) - 1]
+        opened = 0
+        for _ in range(140):
+            lens = lens + 1
+            got, want = a.alloc_decode(lens, lens, last), b.alloc_decode(lens, lens, last)
+            assert torch.equal(got, want)
+            assert torch.equal(a.full_to_swa_index_mapping, b.full_to_swa_index_mapping)
+            for side in ("full_attn_allocator", "swa_attn_allocator"):
+                assert torch.equal(getattr(a, side).free_pages, getattr(b, side).free_pages)
+            opened += int(((lens - 1) % PAGE == 0).sum())
+            last = got
+        assert opened >= 4
+        free = a.swa_attn_allocator.free_pages.clone()
+        a.swa_attn_allocator.free_pages = free[:0]  # no swa page left
+        lens = torch.tensor([PAGE + 1])  # opens a page
+        assert a._decode_fused(lens, lens, last[:1], 1) is None
+        assert a.full_attn_allocator.free_pages.numel() == b.full_attn_allocator.free_pages.numel()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bs", [1, 33, 128])
+def test_gpu_fused_decode_equals_per_side(tiny_cfg, bs):
+    """On the GPU (the fused path is the default there) against the per-side kernels, 300
+    steps of ``bs`` requests at random starting lengths."""
+    import sglang_dsv4.mem.allocator as ours
+    from tests.pool_world import World
+
+    n = bs * 8 * PAGE
+    a, b = (ours.DSV4SWAAllocator(n, n, PAGE, torch.int64, "cuda", World(tiny_cfg, "cuda").pool,
+                                  False) for _ in range(2))  # fmt: skip
+    assert a._decode == a._decode_fused
+    b._decode = b._decode_per_side
+    gen = torch.Generator().manual_seed(bs)
+    lens = torch.randint(1, 3 * PAGE, (bs,), generator=gen).cuda()
+    zero = torch.zeros(bs, dtype=torch.int64, device="cuda")
+    total = int(lens.sum())
+    outs = [x.alloc_extend(zero, zero.cpu(), lens, lens.cpu(), zero - 1, total) for x in (a, b)]
+    assert torch.equal(outs[0], outs[1])
+    last = outs[0][lens.cumsum(0) - 1]
+    for _ in range(300):
+        lens = lens + 1
+        got = a.alloc_decode(lens, lens.cpu(), last)
+        want = b.alloc_decode(lens, lens.cpu(), last)
+        assert torch.equal(got, want)
+        last = got
+    assert torch.equal(a.full_to_swa_index_mapping, b.full_to_swa_index_mapping)
+    for side in ("full_attn_allocator", "swa_attn_allocator"):
+        assert torch.equal(getattr(a, side).free_pages, getattr(b, side).free_pages)
