@@ -53,34 +53,14 @@ __all__ = ["IndexerExtend", "tensor_core_dots"]
 
 @triton.jit(do_not_specialize=["bt_stride", "n_splits", "t_base"])
 def _tile_logits_kernel(
-    q_ptr,
-    q_stride_t,
-    q_stride_h,
-    w_ptr,
-    w_stride,
-    keys_ptr,
-    bt_ptr,
-    bt_stride,
-    tile_start_ptr,
-    tile_len_ptr,
-    qreq_ptr,
-    pos_ptr,
-    logits_ptr,
-    ld,
-    n_splits,
-    t_base,
-    w_scale,
-    H: tl.constexpr,
-    DH: tl.constexpr,
-    BQ: tl.constexpr,
-    BS: tl.constexpr,
-    EPB: tl.constexpr,
-    RATIO: tl.constexpr,
-    RPP: tl.constexpr,
+    q_ptr, q_stride_t, q_stride_h, w_ptr, w_stride, keys_ptr, bt_ptr, bt_stride, tile_start_ptr,
+    tile_len_ptr, qreq_ptr, pos_ptr, logits_ptr, ld, n_splits, t_base, w_scale,
+    H: tl.constexpr, DH: tl.constexpr, BQ: tl.constexpr, BS: tl.constexpr, EPB: tl.constexpr,
+    RATIO: tl.constexpr, RPP: tl.constexpr,
     KEYS: tl.constexpr,  # 0 FP8 layout, 1 plain rows
     DOT_F32: tl.constexpr,
     Q_FP8: tl.constexpr,  # e4m3 query rows (FP8 keys): an FP8 x FP8 MMA on the GPU
-):
+):  # fmt: skip
     tile = tl.program_id(0)
     split = tl.program_id(1)
     t0 = tl.load(tile_start_ptr + tile)  # first query (batch token index)
