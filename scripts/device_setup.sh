@@ -10,6 +10,7 @@
 #                          the wheelhouse installed (not again with SITE_READY=1 once $SITE
 #                          has sglang: scripts/gpu_checks.sh), this checkout first on
 #                          PYTHONPATH (not pip-installed); no log / die needed
+# Sourcing it also restores the carried JIT caches (scripts/jit_cache.sh: .jitcache/).
 
 site_install() {
     local logs=$1
@@ -66,3 +67,7 @@ wheelhouse_start() {
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's package, the wheelhouse's sglang
     echo "installed in $(( $(date +%s) - start )) s"
 }
+
+# shellcheck source=scripts/jit_cache.sh
+source scripts/jit_cache.sh
+jit_cache_restore
