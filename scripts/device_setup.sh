@@ -10,6 +10,9 @@
 #                          the wheelhouse installed (not again with SITE_READY=1 once $SITE
 #                          has sglang: scripts/gpu_checks.sh), this checkout first on
 #                          PYTHONPATH (not pip-installed); no log / die needed
+#   layer_host_ab LABEL    bench_layer_host.py --device cuda on .base, then on this tree
+#                          (--compare): one extend step's ops / launches / timed steps, base
+#                          (LABEL) -> this tree, printed last (gpu_xlayer.sh, gpu_xplan.sh)
 # Sourcing it also restores the carried JIT caches (scripts/jit_cache.sh: .jitcache/).
 
 site_install() {
@@ -66,6 +69,28 @@ wheelhouse_start() {
     fi
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's package, the wheelhouse's sglang
     echo "installed in $(( $(date +%s) - start )) s"
+}
+
+layer_host_ab() {  # LABEL; needs OUT, start (wheelhouse_start); returns the benches' status
+    local label=$1 name first brc rc=0
+    mkdir -p "$OUT/ours" "$OUT/base"
+    for name in base ours; do
+        first=$PWD/.base
+        set --
+        if [ "$name" = ours ]; then
+            first=$PWD
+            set -- --compare "$OUT/base/bench_layer_host.json"
+        fi
+        PYTHONPATH="$first:$PYTHONPATH" timeout 110 python3 scripts/bench_layer_host.py \
+            --device cuda --cases 2x150,1x8192 --reps "${REPS:-10}" --out "$OUT/$name" "$@" \
+            > "$OUT/bench_$name.txt" 2>&1
+        brc=$?
+        echo "== bench_layer_host $name ($first), exit $brc at $(( $(date +%s) - start )) s"
+        [ "$brc" = 0 ] || { tail -n 20 "$OUT/bench_$name.txt"; rc=$brc; }
+    done
+    echo "== one extend step, Flash dims, base ($label) -> this tree, on $(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1)"
+    grep -E -A 10 "^[0-9]+x[0-9]+: section" "$OUT/bench_ours.txt"
+    return "$rc"
 }
 
 # shellcheck source=scripts/jit_cache.sh

@@ -29,25 +29,7 @@ timeout 150 python3 -m pytest -q -p no:cacheprovider -rfE -m gpu \
     tests/attention/test_extend_choice.py 2>&1 | tail -n 25
 rc=${PIPESTATUS[0]}
 echo "GPU tests exit $rc at $(( $(date +%s) - start )) s"
-bench() {  # NAME PYTHONPATH-FIRST [ARGS...]
-    local name=$1 first=$2
-    shift 2
-    PYTHONPATH="$first:$PYTHONPATH" timeout 110 python3 scripts/bench_layer_host.py \
-        --device cuda --cases 2x150,1x8192 --reps "${REPS:-10}" --out "$OUT/$name" "$@" \
-        > "$OUT/bench_$name.txt" 2>&1
-    local brc=$?
-    echo "== bench_layer_host $name ($first), exit $brc at $(( $(date +%s) - start )) s"
-    return $brc
-}
-mkdir -p "$OUT/ours" "$OUT/base"
-bench base "$PWD/.base"
-b1=$?
-bench ours "$PWD" --compare "$OUT/base/bench_layer_host.json"
-b2=$?
-[ "$b1" = 0 ] || tail -n 20 "$OUT/bench_base.txt"
-[ "$b2" = 0 ] || tail -n 20 "$OUT/bench_ours.txt"
-echo "== one extend step, Flash dims, base (4192754) -> this tree, on $(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1)"
-grep -E -A 10 "^[0-9]+x[0-9]+: section" "$OUT/bench_ours.txt"
-[ "$rc" = 0 ] && rc=$b1
-[ "$rc" = 0 ] && rc=$b2
+layer_host_ab 4192754
+b=$?
+[ "$rc" = 0 ] && rc=$b
 exit "$rc"

@@ -5,7 +5,7 @@ import contextlib
 import pytest
 import torch
 
-__all__ = ["poisoned_allocations"]
+__all__ = ["PoisonedTorch", "poisoned_allocations"]
 
 
 @contextlib.contextmanager
@@ -21,3 +21,17 @@ def poisoned_allocations():
         mp.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
         mp.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
         yield
+
+
+class PoisonedTorch:
+    """``torch`` for a kernel module whose outputs hold -1 as a value (index tables): set as
+    the module's ``torch``, its ``empty`` fills -7 (True for bool, NaN for floats), so a store
+    the kernel misses shows."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def empty(*shape, dtype, device):
+        fill = True if dtype is torch.bool else float("nan") if dtype.is_floating_point else -7
+        return torch.full(shape, fill, dtype=dtype, device=device)

@@ -8,6 +8,7 @@ import dataclasses
 
 import pytest
 import torch
+from poison import PoisonedTorch
 from triton_cpu import interpreted
 
 from sglang_dsv4.attention.decode import build_decode_meta, hca_list_width
@@ -32,17 +33,6 @@ def _world(n_slots: int, width: int, positions: list[int], pad: int, device, see
     return [t.to(device) for t in (req, pos, loc, r2t, f2s)]
 
 
-class _PoisonedTorch:
-    """``torch`` for the kernel module, whose ``empty`` fills (-7; True for bool)."""
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    @staticmethod
-    def empty(*shape, dtype, device):
-        return torch.full(shape, True if dtype is torch.bool else -7, dtype=dtype, device=device)
-
-
 def _check(mod, positions, n_pages, window, pad=2, device="cpu", seed=0, width=None):
     width = width or n_pages * BLOCK
     n_slots = len(positions) + 3
@@ -53,7 +43,7 @@ def _check(mod, positions, n_pages, window, pad=2, device="cpu", seed=0, width=N
     want = build_decode_meta(req, pos, loc, r2t, f2s, spare, window, BLOCK, n_pages)
     tail_want[want.tail_rows] = want.positions + 1
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(mod, "torch", _PoisonedTorch())
+        mp.setattr(mod, "torch", PoisonedTorch())
         got = mod.decode_meta_fields(
             req.int(), pos, loc, r2t, f2s, spare, tail_got, window=window, block=BLOCK,
             n_pages=n_pages, hca_width=hca_list_width(n_pages, BLOCK),

@@ -10,21 +10,11 @@ import dataclasses
 import pytest
 import torch
 from plan_cases import BLOCK, case, pool
+from poison import PoisonedTorch
 from triton_cpu import interpreted
 
 from sglang_dsv4.attention.plan_tables import tables_torch
 from sglang_dsv4.kernels import extend_meta
-
-
-class _PoisonedTorch:
-    """``torch`` for the kernel module, whose ``empty`` fills (-7; True for bool)."""
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    @staticmethod
-    def empty(*shape, dtype, device):
-        return torch.full(shape, True if dtype is torch.bool else -7, dtype=dtype, device=device)
 
 
 def _check(mod, lens, window, width, seed=0, device="cpu", compressed=True):
@@ -32,7 +22,7 @@ def _check(mod, lens, window, width, seed=0, device="cpu", compressed=True):
     want_pool, got_pool = (pool(f2s, n_slots, window, progress) for _ in range(2))
     want = tables_torch(want_pool, r2t, inp)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(mod, "torch", _PoisonedTorch())
+        mp.setattr(mod, "torch", PoisonedTorch())
         f = mod.extend_meta_fields(
             inp.facts, r2t, f2s, got_pool.tail_pos, n_tokens=inp.n_tokens,
             n_window=inp.n_window, n_blocks=inp.n_blocks, max_window=inp.max_window,
@@ -90,7 +80,7 @@ def test_the_checks_fail_where_they_should(mod):
     f2s[r2t[slot, 195].long()] = 0  # position 195 of the window 185..199: freed
     world = pool(f2s, n_slots, 16, progress)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(mod, "torch", _PoisonedTorch())
+        mp.setattr(mod, "torch", PoisonedTorch())
         got = mod.extend_meta_fields(
             f, r2t, f2s, world.tail_pos, n_tokens=10, n_window=25, n_blocks=2, max_window=25,
             window=16, block=BLOCK, compressed=True,

@@ -7,20 +7,12 @@ over random batches (fresh, chunked, prefix hits, narrow entry pages). Outputs a
 import pytest
 import torch
 from plan_cases import BLOCK, case, pool
+from poison import PoisonedTorch
 from triton_cpu import interpreted
 
 from sglang_dsv4.attention.extend_choice import lists_torch
 from sglang_dsv4.attention.plan_tables import ENTRY_RATIOS, tables_torch
 from sglang_dsv4.kernels import flashmla_lists
-
-
-class _PoisonedTorch:
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    @staticmethod
-    def empty(*shape, dtype, device):
-        return torch.full(shape, -7, dtype=dtype, device=device)
 
 
 def _check(mod, lens, ratio, window, width, topk=0, seed=0, device="cpu"):
@@ -36,7 +28,7 @@ def _check(mod, lens, ratio, window, width, topk=0, seed=0, device="cpu"):
     )  # fmt: skip
     want = lists_torch(t, starts, **kw)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(mod, "torch", _PoisonedTorch())
+        mp.setattr(mod, "torch", PoisonedTorch())
         got = mod.flashmla_lists(t, starts, **kw)
     for g, w, name in zip(got, want, ("lists", "entry rows"), strict=True):
         assert g.dtype == w.dtype and g.shape == w.shape, name
