@@ -15,7 +15,7 @@ os.environ.pop("TRITON_INTERPRET", None)  # before triton is imported: compiled 
 import torch
 import triton
 
-from sglang_dsv4.kernels import compressor, decode_meta, indexer, kv_store
+from sglang_dsv4.kernels import alloc_decode, compressor, decode_meta, indexer, kv_store
 from sglang_dsv4.perf.sm90_compile import check_all
 
 
@@ -92,9 +92,22 @@ def meta_variants():
         yield f"decode meta req={req}", fn, dict(types, req_ptr=req), ce, 4
 
 
+def alloc_variants():
+    """The hybrid allocator's one-launch decode step (``kernels.alloc_decode``): SGLang's int64
+    lengths and free pages, ``last_loc`` gathered from the int32 ``req_to_token``, batch
+    buckets of 1 / 32 / 256 requests."""
+    fn = alloc_decode._alloc_decode_pair_kernel
+    types = {a: "*i64" for a in fn.arg_names if a.endswith("_ptr")}
+    for bs in (1, 32, 256):
+        for last in ("*i32", "*i64"):
+            yield f"alloc decode bs<={bs} last={last}", fn, dict(types, last_loc_ptr=last), \
+                dict(BS=bs, PAGE=128), 4  # fmt: skip
+
+
 def main() -> int:
     """Compile every variant; the number that failed."""
-    return check_all((*store_variants(), *flush_variants(), *indexer_variants(), *meta_variants()))
+    return check_all((*store_variants(), *flush_variants(), *indexer_variants(), *meta_variants(),
+                      *alloc_variants()))  # fmt: skip
 
 
 if __name__ == "__main__":

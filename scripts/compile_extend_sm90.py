@@ -24,7 +24,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from compile_decode_sm90 import flush_variants
 
-from sglang_dsv4.kernels import indexer, indexer_extend, kv_gather, topk_rows
+from sglang_dsv4.kernels import (
+    extend_meta,
+    flashmla_lists,
+    indexer,
+    indexer_extend,
+    kv_gather,
+    topk_rows,
+)
 from sglang_dsv4.kernels.kv_store import FP8RowLayout
 from sglang_dsv4.kernels.topk_shapes import candidates
 from sglang_dsv4.perf.sm90_compile import build, check_all, resource_usage, sass_loops
@@ -98,6 +105,29 @@ def gather_variants():
     yield "kv_gather bf16 rows", fn, plain, ce, 4
 
 
+def plan_variants():
+    """The extend plan's two kernels (``kernels.extend_meta``, ``kernels.flashmla_lists``) as
+    the plan launches them: window 128, blocks of 128, with and without compressors, the full
+    -> swa map int64 (SGLang's) or int32; FlashMLA's lists for SWA / c4 / c128."""
+    fn = extend_meta._extend_meta_kernel
+    types = {a: "*i32" for a in fn.arg_names if a.endswith("_ptr")}
+    types |= {a: "*i64" for a in ("tail_pos_ptr", "positions_ptr", "window_ids_ptr",
+                                   "window_slots_ptr", "last_page_ptr", "f2s_ptr")}  # fmt: skip
+    types["flags_ptr"] = "*i1"
+    ce = dict(W=128, WB=128, HB=128, BLOCK=128, TT=16, CH=256, BB=64)
+    for compressed in (True, False):
+        for f2s in ("*i64", "*i32"):
+            t = dict(types, f2s_ptr=f2s, window_slots_ptr=f2s)
+            yield f"extend meta compressed={compressed} map={f2s}", fn, t, \
+                dict(ce, COMPRESSED=compressed), 4  # fmt: skip
+    fn = flashmla_lists._flashmla_lists_kernel
+    types = {a: "*i32" for a in fn.arg_names if a.endswith("_ptr")}
+    types |= {"positions_ptr": "*i64", "window_ids_ptr": "*i64", "ent_rows_ptr": "*i64"}
+    for ratio, epb in ((0, 1), (4, 32), (128, 1)):
+        ce = dict(W=128, WB=128, RATIO=ratio, EPB=epb, TT=16, CH=256, EB=128)
+        yield f"flashmla lists ratio {ratio}", fn, types, ce, 4
+
+
 def topk_shapes() -> int:
     """Registers and loop sizes of every select candidate (module docstring); how many spill."""
     spills = 0
@@ -114,7 +144,7 @@ def main() -> int:
     if "--topk-shapes" in sys.argv[1:]:
         return topk_shapes()
     variants = (*tile_logits_variants(), *extend_flush_variants(), *topk_variants(),
-                *gather_variants())  # fmt: skip
+                *gather_variants(), *plan_variants())  # fmt: skip
     return check_all(variants, tail=600)
 
 
