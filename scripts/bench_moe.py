@@ -204,9 +204,10 @@ def expert_bytes(fmt, args) -> float:
     return 3 * args.hidden * args.inter * BYTES_PER_WEIGHT[fmt]
 
 
-def record(results, fmt, t, name, fn, args, experts: int):
-    """Time ``fn`` and append its row (``experts``: distinct experts it reads, for GB/s)."""
-    row = {"shape": args.shape, "fmt": fmt, "tokens": t, "case": name}
+def record(results, fmt, t, name, fn, args, experts: int, extra: dict | None = None):
+    """Time ``fn`` and append its row (``experts``: distinct experts it reads, for GB/s;
+    ``extra``: fields the row also carries)."""
+    row = {"shape": args.shape, "fmt": fmt, "tokens": t, "case": name, **(extra or {})}
     try:
         row["us"] = round(time_graph(fn, args.inner, args.reps), 2)
         row["GBps"] = round(experts * args.part * expert_bytes(fmt, args) / row["us"] / 1e3)
@@ -241,14 +242,16 @@ def bench_cell(fmt, t, args, bank, raw, results):
 def bench_slot_kernels(fmt, t, args, bank, inputs, experts, results, tiles=None, tag=""):
     x, chosen, weights = inputs
     slots = args.topk + 1
-    tiles = tiles or slot_tiles(bank.fmt, t * slots, t, args.inter, args.hidden)
+    key = (bank.fmt, t * slots, t, args.inter, args.hidden)  # slot_tiles' arguments
+    tiles = tiles or slot_tiles(*key)
+    extra = {"slot_key": list(key), "tiles": list(tiles)}
     launch = _SlotLaunch(x, chosen, weights, bank, args.experts, tiles)
     h = torch.randn(t * slots, args.inter, device="cuda", dtype=x.dtype)
     out = torch.empty_like(x)
     for name, part, fn in (("slots_w13", 2 / 3, lambda: launch.w13(h, LIMIT)),
                            ("slots_w2", 1 / 3, lambda: launch.w2(h, out))):  # fmt: skip
         args.part = part
-        record(results, fmt, t, name + tag, fn, args, experts)
+        record(results, fmt, t, name + tag, fn, args, experts, extra)
     args.part = 1.0
 
 
@@ -302,8 +305,40 @@ def crossover(results, shape, fmt) -> int | None:
     return best
 
 
+def measured_rows(results) -> list[str]:
+    """``moe_slot_tiles.MEASURED`` rows from the sweep: per ``slot_tiles`` key the fastest w1/w3
+    tile and w2 tile that share warps and unroll (one ``SlotTiles``), with their us against the
+    default tiles' in a comment."""
+    sweep = [r for r in results if "_n" in r["case"] and "us" in r and "slot_key" in r]
+    default = {(tuple(r["slot_key"]), r["case"]): r["us"] for r in results
+               if "_n" not in r["case"] and "us" in r and "slot_key" in r}  # fmt: skip
+    rows = []
+    for key in dict.fromkeys(tuple(r["slot_key"]) for r in sweep):
+        best = None
+        for wu in {tuple(r["tiles"][4:]) for r in sweep if tuple(r["slot_key"]) == key}:
+            pick = {}
+            for r in sweep:
+                kernel = r["case"].split("_n")[0]
+                mine = tuple(r["slot_key"]) == key and tuple(r["tiles"][4:]) == wu
+                if mine and (kernel not in pick or r["us"] < pick[kernel]["us"]):
+                    pick[kernel] = r
+            if set(pick) == {"slots_w13", "slots_w2"}:
+                us = pick["slots_w13"]["us"] + pick["slots_w2"]["us"]
+                if best is None or us < best[0]:
+                    best = (us, pick)
+        if best is None:
+            continue
+        us, pick = best
+        tiles = (*pick["slots_w13"]["tiles"][:2], *pick["slots_w2"]["tiles"][2:4],
+                 *pick["slots_w13"]["tiles"][4:])  # fmt: skip
+        was = default.get((key, "slots_w13"), 0) + default.get((key, "slots_w2"), 0)
+        rows.append(f"    {key}: SlotTiles{tiles},  # {us:.1f} us (default tiles {was:.1f})")
+    return rows
+
+
 def print_sweep(results):
-    """The fastest tile per (shape, format, T, kernel) against the default tiles."""
+    """The fastest tile per (shape, format, T, kernel) against the default tiles, then the
+    rows to paste into ``kernels.moe_slot_tiles.MEASURED``."""
     best = {}
     for r in results:
         if "_n" in r["case"] and "us" in r:
@@ -316,6 +351,8 @@ def print_sweep(results):
         d = default.get(key, {})
         print(f"sweep {key}: best {r['case']} {r['us']} us ({r['GBps']} GB/s); "
               f"default tiles {d.get('us')} us ({d.get('GBps')} GB/s)")  # fmt: skip
+    print("moe_slot_tiles.MEASURED rows (this GPU):")
+    print("\n".join(measured_rows(results)))
 
 
 def print_table(results, shape, formats, tokens):

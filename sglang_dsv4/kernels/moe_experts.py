@@ -286,9 +286,11 @@ def moe_experts_slots(
     if t == 0:
         return out
     # each bank's tiles as in a call of its own: the same fp32 sums, the same bits
-    tiles = tiles or slot_tiles(bank.fmt, t * slots, t, inter, d)
+    # a shared bank of its own runs in the same launches: both banks' guessed tiles (measured
+    # rows are per bank and need not agree on what one launch shares)
+    tiles = tiles or slot_tiles(bank.fmt, t * slots, t, inter, d, measured=shared is None)
     if shared is not None:
-        shared_tiles = shared_tiles or slot_tiles(shared.fmt, t, t, inter_b, d)
+        shared_tiles = shared_tiles or slot_tiles(shared.fmt, t, t, inter_b, d, measured=False)
         if _one_launch(shared_tiles) != _one_launch(tiles):
             raise ValueError(f"the w2 N tile, warps and unroll of {shared_tiles} and {tiles} "
                              "differ: one launch runs both banks")  # fmt: skip

@@ -1,13 +1,15 @@
 """Launch shapes of the slot (GEMV) form of the MoE kernels,
 :func:`~sglang_dsv4.kernels.moe_experts.moe_experts_slots`: N and K tiles per kernel from the
-token-slot count (a guess from the HBM model until ``scripts/bench_moe.py --sweep`` measures it).
+token-slot count -- the measured rows of ``MEASURED`` where a call's shape has one (``python
+scripts/bench_moe.py --shapes served --formats bf16,fp8 --sweep --tokens 1,2,4`` prints them),
+else a guess from the HBM model.
 """
 
 from typing import NamedTuple
 
 import triton
 
-__all__ = ["SlotTiles", "slot_tiles"]
+__all__ = ["MEASURED", "SlotTiles", "slot_tiles"]
 
 
 class SlotTiles(NamedTuple):
@@ -28,12 +30,25 @@ _SMS = 132  # H100 SXM; the tile choice only needs the order of magnitude
 _PER_THREAD = 32  # fp32 accumulator elements per thread and weight: no spills on sm_90
 
 
-def slot_tiles(fmt: str, pairs: int, tokens: int, inter: int, d: int, warps: int = 4) -> SlotTiles:
-    """Slot-kernel tiles. At batch 1 the grid is pairs x N / BLOCK_N programs: narrow N tiles
+# (bank format, token-slot pairs, tokens, inter, d) -> the fastest tiles of the sweep on the
+# GPU, printed by ``bench_moe.py --sweep`` (empty until a sweep has run: every shape guesses)
+MEASURED: dict[tuple[str, int, int, int, int], SlotTiles] = {}
+
+
+def slot_tiles(fmt: str, pairs: int, tokens: int, inter: int, d: int, warps: int = 4,
+               measured: bool = True) -> SlotTiles:  # fmt: skip
+    """Slot-kernel tiles: the measured row of this shape (``measured``), else the guess
+    (:func:`_guess`: its w2 N tile, warps and unroll depend on ``tokens`` and ``d`` alone, which a
+    routed bank and a shared bank of its own launched together must share)."""
+    row = MEASURED.get((fmt, pairs, tokens, inter, d)) if measured else None
+    return row if row is not None else _guess(pairs, tokens, inter, d, warps)
+
+
+def _guess(pairs: int, tokens: int, inter: int, d: int, warps: int) -> SlotTiles:
+    """At batch 1 the grid is pairs x N / BLOCK_N programs: narrow N tiles
     (down to 4 rows) so that a few experts still give >= ~3 programs per SM; each tile holds
     32 weights per thread (several 16-byte loads in flight per thread and weight), its K width
-    what the N tile leaves. A guess from the HBM model (``fmt`` unused so far) until
-    ``scripts/bench_moe.py --sweep`` measures it."""
+    what the N tile leaves. A guess from the HBM model."""
     elems = _PER_THREAD * 32 * warps
     block_i = next((b for b in (32, 16, 8) if pairs * -(-inter // b) >= 3 * _SMS), 4)
     block_d = next((b for b in (32, 16, 8) if tokens * -(-d // b) >= 2 * _SMS), 4)
