@@ -122,6 +122,7 @@ def tables_builder(kernels: bool):
 
 def tables_triton(pool, rtt: torch.Tensor, inp: TablesIn) -> TablesOut:
     """One launch (:func:`~sglang_dsv4.kernels.extend_meta.extend_meta_fields`)."""
+    # looked up per call: the CPU tests reload the kernel module under the interpreter
     from sglang_dsv4.kernels.extend_meta import extend_meta_fields
 
     s = pool.schema
