@@ -21,7 +21,7 @@ are still held, and the swa page of token ``P-1`` (whose boundary rows a REBUILD
 
 import torch
 
-from sglang_dsv4.attention.plan_tables import held
+from sglang_dsv4.attention.plan_tables import held, last_pages
 from sglang_dsv4.mem.h2d import HostCopy
 
 __all__ = [
@@ -56,10 +56,10 @@ def device_facts(pool, req_to_token_pool, slots_dev, prefix_dev):
     """``(request slot, tail progress, prefix window still held, swa page of token P-1)`` per
     request, in ONE device-to-host read for the batch (a read per request would drain the GPU
     queue each time; the slots ride along). ``slots_dev`` / ``prefix_dev`` [B] int64."""
-    rtt, block = req_to_token_pool.req_to_token, pool.schema.block_size
-    last = pool.translate_loc_from_full_to_swa(rtt[slots_dev, (prefix_dev - 1).clamp(min=0)])
+    rtt = req_to_token_pool.req_to_token
+    last = last_pages(pool, rtt, slots_dev, prefix_dev).long()
     ok = held(pool, rtt, slots_dev, prefix_dev)
-    facts = torch.stack([slots_dev, pool.tail_pos[slots_dev], ok.long(), last.long() // block], 1)
+    facts = torch.stack([slots_dev, pool.tail_pos[slots_dev], ok.long(), last], 1)
     return [tuple(r) for r in facts.tolist()]
 
 

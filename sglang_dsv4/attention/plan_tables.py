@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sglang_dsv4.kernels.extend_meta import FACT_ROWS
+
 __all__ = [
     "ENTRY_RATIOS",
     "FACT_ROWS",
@@ -24,20 +26,15 @@ __all__ = [
     "TablesOut",
     "facts_host",
     "held",
+    "last_pages",
     "tables_builder",
     "tables_torch",
     "tables_triton",
 ]
 
-# Rows of the host facts [R, B+1] int32 (column B: 0, except the starts' totals): exclusive
-# starts of the requests' new tokens (T), window slots (M) and c4 / c128 entries (S // ratio:
-# FlashMLA's workspace layout)
-FACT_ROWS = (
-    "slot", "prefix", "seq", "window_lo", "own", "mode", "token_start", "window_start",
-    "c4_entry_start", "c128_entry_start",
-)  # fmt: skip
+# the facts' rows (the kernel reads them by the same names); the entry starts from ENT on
 SLOT, PREFIX, SEQ, LO, OWN, MODE, TOK0, WIN0, ENT = range(len(FACT_ROWS) - 1)
-ENTRY_RATIOS = (4, 128)  # the rows from ENT on
+ENTRY_RATIOS = (4, 128)  # the ratio of each entry-start row
 
 # the int codes of ``kernels.compressor`` (TAIL_KEEP / TAIL_FRESH / TAIL_REBUILD)
 KEEP, FRESH, REBUILD = 0, 1, 2
@@ -105,6 +102,13 @@ def facts_host(slots, prefix_lens, seq_lens, lows, own, codes) -> torch.Tensor:
     return torch.tensor([[*r, 0] for r in rows] + starts, dtype=torch.int32)
 
 
+def last_pages(pool, rtt, slots, prefix) -> torch.Tensor:
+    """[B] swa page of token ``P-1`` of each request (of position 0 where ``P = 0``), whose
+    boundary rows a REBUILD resumes from; ``slots`` / ``prefix`` [B] int64."""
+    full = rtt[slots, (prefix - 1).clamp(min=0)]
+    return pool.translate_loc_from_full_to_swa(full) // pool.schema.block_size
+
+
 def held(pool, rtt, slots, prefix) -> torch.Tensor:
     """[B] bool: every swa slot of positions ``max(0, P - window + 1) .. P-1`` of each request
     is nonzero (its queries still see them); ``slots`` / ``prefix`` [B] int64."""
@@ -157,7 +161,7 @@ def tables_torch(pool, rtt: torch.Tensor, inp: TablesIn) -> TablesOut:
     own = f[OWN, :b].bool()
     to_swa = pool.translate_loc_from_full_to_swa
     progress = pool.tail_pos[slots].clone()  # [B] before this plan's update
-    last = to_swa(rtt[slots, (prefix - 1).clamp(min=0)]) // block  # [B] page of token P-1
+    last = last_pages(pool, rtt, slots, prefix)  # [B]
     mode = _modes(f[MODE, :b], own, progress, prefix, block, inp.compressed)
     # an own tail elsewhere than P restarts FRESH / REBUILD at a block end; elsewhere it is lost
     progress_ok = (progress == prefix) | ~own | (prefix % block == 0) | (not inp.compressed)

@@ -19,7 +19,17 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["extend_meta_fields"]
+__all__ = ["FACT_ROWS", "extend_meta_fields"]
+
+# Rows of the host facts [R, B+1] int32 (column B: 0, except the starts' totals): exclusive
+# starts of the requests' new tokens (T), window slots (M) and c4 / c128 entries (S // ratio:
+# FlashMLA's workspace layout, ``kernels.flashmla_lists``); the plan builds them
+# (``attention.plan_tables.facts_host``)
+FACT_ROWS = (
+    "slot", "prefix", "seq", "window_lo", "own", "mode", "token_start", "window_start",
+    "c4_entry_start", "c128_entry_start",
+)  # fmt: skip
+_SLOT, _PREFIX, _SEQ, _LO, _OWN, _MODE, _TOK0, _WIN0 = (tl.constexpr(i) for i in range(8))
 
 _TT = 16  # new tokens per program (x the window's columns)
 _CH = 256  # window slots / blocks per request program
@@ -53,7 +63,7 @@ def _extend_meta_kernel(
         q = pid - n_tok_progs
         b = q // n_chunks
         c = (q % n_chunks) * CH
-        row = r2t_ptr + _fact(facts_ptr, 0, b, fs) * r2t_stride
+        row = r2t_ptr + _fact(facts_ptr, _SLOT, b, fs) * r2t_stride
         _request_rows(b, c, facts_ptr, fs, row, r2t_cols, f2s_ptr, n_blocks, window_slots_ptr,
                       block_table_ptr, boundary_table_ptr, BLOCK, CH)  # fmt: skip
         if c == 0:
@@ -72,11 +82,11 @@ def _token_rows(pid, facts_ptr, fs, n_req, n_tokens, r2t_ptr, r2t_stride, f2s_pt
     req = tl.zeros([TT], dtype=tl.int32)
     for c0 in range(0, n_req, BB):  # requests 1.. whose first token is at or before t
         bb = c0 + tl.arange(0, BB)
-        start = tl.load(facts_ptr + 6 * fs + bb, mask=(bb > 0) & (bb < n_req), other=2**30)
+        start = tl.load(facts_ptr + _TOK0 * fs + bb, mask=(bb > 0) & (bb < n_req), other=2**30)
         req += tl.sum((start[None, :] <= t[:, None]).to(tl.int32), axis=1)
-    slot = _fact(facts_ptr, 0, req, fs)
-    pos = _fact(facts_ptr, 1, req, fs) + t - _fact(facts_ptr, 6, req, fs)  # [TT]
-    first = _fact(facts_ptr, 7, req, fs) - _fact(facts_ptr, 3, req, fs)  # id of position 0
+    slot = _fact(facts_ptr, _SLOT, req, fs)
+    pos = _fact(facts_ptr, _PREFIX, req, fs) + t - _fact(facts_ptr, _TOK0, req, fs)  # [TT]
+    first = _fact(facts_ptr, _WIN0, req, fs) - _fact(facts_ptr, _LO, req, fs)  # id of position 0
     tl.store(query_req_ptr + t, req, mask=tm)
     tl.store(positions_ptr + t, pos, mask=tm)
     j = tl.arange(0, WB)
@@ -97,14 +107,14 @@ def _request_rows(b, c, facts_ptr, fs, row, r2t_cols, f2s_ptr, n_blocks, window_
                   block_table_ptr, boundary_table_ptr, BLOCK: tl.constexpr,
                   CH: tl.constexpr):  # fmt: skip
     """Request ``b``'s window slots and block / boundary tables ``c .. c + CH - 1``."""
-    prefix = _fact(facts_ptr, 1, b, fs)
-    seq = _fact(facts_ptr, 2, b, fs)
-    lo = _fact(facts_ptr, 3, b, fs)
+    prefix = _fact(facts_ptr, _PREFIX, b, fs)
+    seq = _fact(facts_ptr, _SEQ, b, fs)
+    lo = _fact(facts_ptr, _LO, b, fs)
     k = c + tl.arange(0, CH)
     km = lo + k < seq
     full = tl.load(row + lo + k, mask=km, other=0).to(tl.int64)
     swa = tl.load(f2s_ptr + full, mask=km, other=0)
-    tl.store(window_slots_ptr + _fact(facts_ptr, 7, b, fs) + k, swa, mask=km)
+    tl.store(window_slots_ptr + _fact(facts_ptr, _WIN0, b, fs) + k, swa, mask=km)
     i = k.to(tl.int64)
     im = i < n_blocks
     page = tl.load(row + tl.minimum(i * BLOCK, r2t_cols - 1), mask=im, other=0) // BLOCK
@@ -123,10 +133,10 @@ def _request_fields(b, facts_ptr, fs, n_req, row, f2s_ptr, tail_pos_ptr, tail_mo
                     W: tl.constexpr, HB: tl.constexpr, BLOCK: tl.constexpr,
                     COMPRESSED: tl.constexpr):  # fmt: skip
     """Request ``b``: page of token P-1, tail mode, the checks, ``tail_pos = S``."""
-    slot = _fact(facts_ptr, 0, b, fs)
-    prefix = _fact(facts_ptr, 1, b, fs)
-    own = _fact(facts_ptr, 4, b, fs)  # 1: the slot's tail is this request's
-    host_code = _fact(facts_ptr, 5, b, fs)
+    slot = _fact(facts_ptr, _SLOT, b, fs)
+    prefix = _fact(facts_ptr, _PREFIX, b, fs)
+    own = _fact(facts_ptr, _OWN, b, fs)  # 1: the slot's tail is this request's
+    host_code = _fact(facts_ptr, _MODE, b, fs)
     progress = tl.load(tail_pos_ptr + slot)
     full = tl.load(row + tl.maximum(prefix - 1, 0)).to(tl.int64)
     last = tl.load(f2s_ptr + full).to(tl.int64) // BLOCK
@@ -152,7 +162,7 @@ def _request_fields(b, facts_ptr, fs, n_req, row, f2s_ptr, tail_pos_ptr, tail_mo
     held = tl.sum((look & (swa <= 0)).to(tl.int32), axis=0) == 0
     tl.store(flags_ptr + b, progress_ok)
     tl.store(flags_ptr + n_req + b, held)
-    tl.store(tail_pos_ptr + slot, _fact(facts_ptr, 2, b, fs))
+    tl.store(tail_pos_ptr + slot, _fact(facts_ptr, _SEQ, b, fs))
 
 
 def extend_meta_fields(
