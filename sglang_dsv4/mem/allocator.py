@@ -97,18 +97,24 @@ class DSV4PagedAllocator(PagedTokenToKVPoolAllocator):
         if self.debug_mode:
             assert torch.all((last_loc + 2) % self.page_size == seq_lens % self.page_size)
         bs = len(seq_lens)
-        if self.need_sort and bs > len(self.free_pages):
-            self.merge_and_sort_free()
+        room = self.decode_room(bs, num_new_pages)
         out = torch.empty((bs,), dtype=torch.int64, device=self.device)
         alloc_decode_kernel[(bs,)](
             seq_lens, last_loc, self.free_pages, out, next_power_of_2(bs), self.page_size
         )
         if self.debug_mode:
             assert len(torch.unique(out)) == len(out)
-        if num_new_pages > len(self.free_pages):
+        if not room:
             return None
         self.free_pages = self.free_pages[num_new_pages:]
         return out
+
+    def decode_room(self, bs: int, num_new_pages: int) -> bool:
+        """SGLang's decode-step free-list check: the free pages merged and sorted first where
+        ``bs`` requests could outnumber them, then whether ``num_new_pages`` are free."""
+        if self.need_sort and bs > len(self.free_pages):
+            self.merge_and_sort_free()
+        return num_new_pages <= len(self.free_pages)
 
     def _alloc_decode_torch(self, seq_lens: torch.Tensor, last_loc: torch.Tensor):
         new_page = (seq_lens.long() - 1) % self.page_size == 0  # the new token opens a page
@@ -158,11 +164,8 @@ class DSV4SWAAllocator(SWATokenToKVPoolAllocator):
         """Both sides and the map in one launch (:mod:`~sglang_dsv4.kernels.alloc_decode`),
         each side's free list handled as its ``alloc_decode`` does."""
         sides = (self.full_attn_allocator, self.swa_attn_allocator)
-        for side in sides:
-            if side.need_sort and len(seq_lens) > len(side.free_pages):
-                side.merge_and_sort_free()
-            if opening > len(side.free_pages):
-                return None
+        if not all(side.decode_room(len(seq_lens), opening) for side in sides):
+            return None
         full, swa = sides
         out = alloc_decode_pair(seq_lens, last_loc, self.full_to_swa_index_mapping,
                                 full.free_pages, swa.free_pages, page=self.page_size)  # fmt: skip
