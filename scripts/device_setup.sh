@@ -12,7 +12,11 @@
 #                          PYTHONPATH (not pip-installed); no log / die needed
 #   layer_host_ab LABEL    bench_layer_host.py --device cuda on .base, then on this tree
 #                          (--compare): one extend step's ops / launches / timed steps, base
-#                          (LABEL) -> this tree, printed last (gpu_xlayer.sh, gpu_xplan.sh)
+#                          (LABEL) -> this tree, printed last
+#   gpu_tests_and_ab LABEL LIMIT PYTEST_ARGS...
+#                          a branch check (gpu_xlayer.sh, gpu_xplan.sh): .base present, the GPU
+#                          tests (-m gpu, at most LIMIT s), then layer_host_ab LABEL; returns the
+#                          tests' status, else the benches'
 # Sourcing it also restores the carried JIT caches (scripts/jit_cache.sh: .jitcache/).
 
 site_install() {
@@ -90,6 +94,19 @@ layer_host_ab() {  # LABEL; needs OUT, start (wheelhouse_start); returns the ben
     done
     echo "== one extend step, Flash dims, base ($label) -> this tree, on $(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1)"
     grep -E -A 10 "^[0-9]+x[0-9]+: section" "$OUT/bench_ours.txt"
+    return "$rc"
+}
+
+gpu_tests_and_ab() {  # LABEL LIMIT PYTEST_ARGS...; needs start (wheelhouse_start)
+    local label=$1 limit=$2 rc b
+    shift 2
+    [ -d .base/sglang_dsv4 ] || { echo "no .base/sglang_dsv4: carry .base (git archive $label)"; return 1; }
+    timeout "$limit" python3 -m pytest -q -p no:cacheprovider -rfE -m gpu "$@" 2>&1 | tail -n 25
+    rc=${PIPESTATUS[0]}
+    echo "GPU tests exit $rc at $(( $(date +%s) - start )) s"
+    layer_host_ab "$label"
+    b=$?
+    [ "$rc" = 0 ] && rc=$b
     return "$rc"
 }
 

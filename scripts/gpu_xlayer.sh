@@ -26,19 +26,11 @@ cd "$(dirname "$0")/.."
 # shellcheck source=scripts/device_setup.sh
 source scripts/device_setup.sh
 wheelhouse_start gpu_xlayer || exit 1  # sets WH, OUT, start; this checkout first on PYTHONPATH
-[ -d .base/sglang_dsv4 ] || { echo "no .base/sglang_dsv4: carry .base (git archive main)"; exit 1; }
-timeout 160 python3 -m pytest -q -p no:cacheprovider -rfE -m gpu \
+gpu_tests_and_ab main 160 \
     tests/kernels/test_compressor.py tests/kernels/test_indexer_extend.py \
     tests/attention/test_wrappers.py tests/kernels/test_fp8_linear.py \
     tests/model/test_kept_quantized.py tests/kernels/test_moe_experts.py \
     tests/attention/test_extend_choice.py \
     -k "bf16_weights or gpu_prefill_and_extend or gpu_indexer_compressor or weight_scale \
         or gpu_flash_dims_prefill or kernels_equal_twin_on_gpu or gpu_kept_model \
-        or fp8_linear or (experts_gpu_flash_dims and mxfp4) or gpu_flashmla_extend" \
-    2>&1 | tail -n 25
-rc=${PIPESTATUS[0]}
-echo "GPU tests exit $rc at $(( $(date +%s) - start )) s"
-layer_host_ab main
-b=$?
-[ "$rc" = 0 ] && rc=$b
-exit "$rc"
+        or fp8_linear or (experts_gpu_flash_dims and mxfp4) or gpu_flashmla_extend"

@@ -22,14 +22,7 @@ cd "$(dirname "$0")/.."
 # shellcheck source=scripts/device_setup.sh
 source scripts/device_setup.sh
 wheelhouse_start gpu_xplan || exit 1  # sets WH, OUT, start; this checkout first on PYTHONPATH
-[ -d .base/sglang_dsv4 ] || { echo "no .base/sglang_dsv4: carry .base (git archive 4192754)"; exit 1; }
-timeout 150 python3 -m pytest -q -p no:cacheprovider -rfE -m gpu \
+gpu_tests_and_ab 4192754 150 \
     tests/kernels/test_extend_meta.py tests/kernels/test_flashmla_lists.py \
     tests/attention/test_plan_facts.py tests/attention/test_plan.py \
-    tests/attention/test_extend_choice.py 2>&1 | tail -n 25
-rc=${PIPESTATUS[0]}
-echo "GPU tests exit $rc at $(( $(date +%s) - start )) s"
-layer_host_ab 4192754
-b=$?
-[ "$rc" = 0 ] && rc=$b
-exit "$rc"
+    tests/attention/test_extend_choice.py
