@@ -271,21 +271,34 @@ def _bf16_weights_pair(h: Harness, lens: list[int]) -> None:
     for want, got in zip(want_f32, got_f32, strict=True):
         assert torch.equal(want.view(torch.uint8), got.view(torch.uint8))
     if h.device != "cpu" and h.flush.layout is not None:  # the compiled flush's FP8 entry rows
-        _same_up_to_fp8_steps(want_cache, got_cache)
+        _same_up_to_fp8_steps(h, want_cache, got_cache)
     else:
         assert torch.equal(want_cache.view(torch.uint8), got_cache.view(torch.uint8))
 
 
-def _same_up_to_fp8_steps(want: torch.Tensor, got: torch.Tensor) -> None:
-    """The compiled GPU flush rounds a handful of FP8 codes one step apart between the bf16 and
-    the fp32 weights (H200, 2026-12-07: 12 of 2.6M bytes of the c4 main cache at 8192 + 300
-    tokens, 3 of 0.57M of the c4 index cache; the fp32 tails and boundary rows are bit-equal):
-    at most 1e-5 of the bytes differ, each by one code of the same sign (adjacent e4m3 values;
-    a changed scale would move its whole group)."""
-    a, b = want.view(torch.uint8).int(), got.view(torch.uint8).int()
-    diff = a != b
-    assert diff.sum() <= max(1, 1e-5 * a.numel()), int(diff.sum())
-    assert ((a[diff] - b[diff]).abs() == 1).all() and ((a[diff] ^ b[diff]) < 0x80).all()
+def _same_up_to_fp8_steps(h: Harness, want: torch.Tensor, got: torch.Tensor) -> None:
+    """The compiled GPU flush on bf16 and on fp32 weights rounds a handful of values apart (the
+    compiler contracts the products differently): H200, 2026-12-07: 12 of 2.6M bytes of the c4
+    main cache at 8192 + 300 tokens, 3 of 0.57M of the c4 index cache; H100, 2026-12-08: bytes
+    1-8 apart in the main cache, the bf16 RoPE half included, where a rotation cancels and one
+    fp32 ulp of the row is several bf16 ulps of a small value. So: at most 1e-5 of the bytes
+    differ, the same rows are written, and decoded they agree to one e4m3 step (the no-RoPE
+    channels, a scale change included) and one bf16 rounding plus 2^-20 of the row's largest
+    value (the RoPE channels)."""
+    a8, b8 = want.view(torch.uint8), got.view(torch.uint8)
+    assert (a8 != b8).sum() <= max(1, 1e-5 * a8.numel()), int((a8 != b8).sum())
+    rows = torch.arange(h.n_rows, device=want.device)
+    a, b = h.flush.layout.read(want, rows), h.flush.layout.read(got, rows)
+    rope = 64 if a.dtype == torch.uint8 else 0  # FlashMLA rows: no-RoPE FP8, RoPE bf16
+    if rope:
+        a, b = unpack_fp8_rows(a, h.d), unpack_fp8_rows(b, h.d)
+    written = a.isfinite()  # the poison bytes decode to NaN / inf
+    assert torch.equal(written, b.isfinite()) and written.any()
+    a, b = a.where(written, 0.0), b.where(written, 0.0)
+    nope = h.d - rope
+    assert (fp8_error(b[:, :nope], a[:, :nope]) <= 1).all()
+    bound = 2.0**-7 * a[:, nope:].abs() + 2.0**-20 * a.abs().amax(1, keepdim=True)
+    assert ((b[:, nope:] - a[:, nope:]).abs() <= bound).all()
 
 
 def test_tail_modes_and_boundary(mods):
