@@ -8,6 +8,7 @@ from sglang_dsv4.attention.plan import TailMode, plan_batch
 from sglang_dsv4.attention.plan_facts import SlottedLens
 from sglang_dsv4.attention.plan_tables import FACT_ROWS
 from tests.pool_world import BLOCK, World
+from tests.sync_check import synchronizing_calls
 
 # (request slot, prefix, seq): fresh prompts and a prefix hit at a block end (REBUILD)
 STEP = [(0, 0, 131), (1, 0, 5), (2, BLOCK, 300)]
@@ -106,12 +107,5 @@ def test_plan_reads_the_device_once(tiny_cfg):
             plan_batch(fb, world.pool, world.rtp)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    # the Python lines of ours whose torch call synchronized; torch's own set_sync_debug_mode
-    # line is also reported (seen on the H100, 2026-12-07: torch/cuda/__init__.py:1270, the
-    # mode switch itself), and it is not the plan's
-    syncs = [
-        f"{w.filename}:{w.lineno}"
-        for w in caught
-        if "synchroniz" in str(w.message) and "sglang_dsv4" in w.filename
-    ]
+    syncs = synchronizing_calls(caught)  # the Python lines whose torch call synchronized
     assert len(syncs) == 1, syncs

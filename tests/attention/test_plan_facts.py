@@ -9,6 +9,7 @@ from sglang_dsv4.attention.plan_facts import SlottedLens
 from sglang_dsv4.attention.plan_tables import tables_torch, tables_triton
 from sglang_dsv4.mem.h2d import to_device
 from tests.pool_world import BLOCK, World
+from tests.sync_check import synchronizing_calls
 
 # (request slot, prefix, seq): fresh prompts and a prefix hit at a block end (REBUILD) ...
 STEP = [(0, 0, 131), (1, 0, 5), (2, BLOCK, 300)]
@@ -179,10 +180,6 @@ def test_plan_with_host_slots_does_not_sync(tiny_cfg, tables):
     import warnings
 
     world = World(tiny_cfg, device="cuda")
-    # first uses outside the window (H100, 2026-12-08: the first parameter's run saw one sync
-    # reported at torch's own set_sync_debug_mode line, the second's none): pinned host blocks,
-    # the builder's first launch
-    plan_batch(_batch(world, STEP, host_slots=True), world.pool, world.rtp, tables=tables)
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -196,6 +193,6 @@ def test_plan_with_host_slots_does_not_sync(tiny_cfg, tables):
                 plan = plan_batch(fb, world.pool, world.rtp, tables=tables)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    syncs = [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+    syncs = synchronizing_calls(caught)
     assert len(syncs) == 0, syncs  # the Python lines whose torch call synchronized
     assert [r.tail for r in plan.requests] == [TailMode.KEEP] * 3
