@@ -39,17 +39,33 @@ from sglang_dsv4.server_process import Server
 
 
 def stream_request(url: str, ids: list[int], output_len: int) -> dict:
-    """One streamed ``/generate``; client-side times of the first and last token."""
+    """One streamed ``/generate``: the chunks' arrival times, split by :func:`client_times`."""
     body = {"input_ids": ids, "stream": True,
             "sampling_params": {"temperature": 0, "max_new_tokens": output_len,
                                 "ignore_eos": True}}  # fmt: skip
-    t0, first, last, n = time.perf_counter(), None, None, 0
+    t0, arrivals, n = time.perf_counter(), [], 0
     for data in stream_generate(url, body, timeout=600):
         n = data["meta_info"]["completion_tokens"]
-        last = time.perf_counter()
-        first = first or last
+        arrivals.append(time.perf_counter())
+    return client_times(t0, arrivals, time.perf_counter(), n)
+
+
+def client_times(t0: float, arrivals: list[float], end: float, n: int) -> dict:
+    """Client-side split of one streamed request: ``decode_tok_s`` = (n - 1) tokens between the
+    first and last chunks (the steady decode); ``bench_tok_s`` as ``bench_one_batch_server``
+    reports decode (n tokens over the first chunk to the stream's end); the two differ by
+    ``second_chunk_s`` (the first decode step after the prefill, with whatever runs before it)
+    and ``tail_s`` (the last chunk to the end of the stream: the request's finish)."""
+    first, last = (arrivals[0], arrivals[-1]) if arrivals else (None, None)
     tps = (n - 1) / (last - first) if n > 1 and last > first else None
-    return {"tokens": n, "ttft_s": first - t0 if first else None, "decode_tok_s": tps}
+    return {
+        "tokens": n,
+        "ttft_s": first - t0 if first else None,
+        "decode_tok_s": tps,
+        "bench_tok_s": n / (end - first) if first and end > first else None,
+        "second_chunk_s": arrivals[1] - first if len(arrivals) > 1 else None,
+        "tail_s": end - last if last else None,
+    }
 
 
 def collect(trace_dir: Path, dest: Path, timeout: float = 30) -> list[Path]:

@@ -46,3 +46,14 @@ def test_launch_report_medians_and_frames():
 def test_launch_report_without_graphs():
     rep = dgap.launch_report([_x("cuda_runtime", "cudaLaunchKernel", 0, 5, 1)])
     assert rep["launches"] == 0 and rep["median_us"] == {}
+
+
+def test_client_times_split_the_bench_figure():
+    """10 chunks 1 ms apart after a 2 s prefill, the stream ending 40 ms after the last one: the
+    steady decode is 1000 tok/s, bench_one_batch_server's figure 10 / 49 ms."""
+    arrivals = [2.0 + 0.001 * i for i in range(10)]
+    got = dgap.client_times(0.0, arrivals, arrivals[-1] + 0.040, 10)
+    assert abs(got["decode_tok_s"] - 1000) < 1e-6 and abs(got["ttft_s"] - 2.0) < 1e-9
+    assert abs(got["bench_tok_s"] - 10 / 0.049) < 1e-6
+    assert abs(got["tail_s"] - 0.040) < 1e-9 and abs(got["second_chunk_s"] - 0.001) < 1e-9
+    assert dgap.client_times(0.0, [], 1.0, 0)["decode_tok_s"] is None
