@@ -376,7 +376,8 @@ def _sections(model, counter: Counter):
     object.__setattr__(model.ops.hc, "post_head", post_head)
 
 
-def run_case(model, counter: Counter, b: int, n: int, reps: int) -> dict:
+def run_case(model, counter: Counter, b: int, n: int, reps: int,
+             pyprofile: bool = False) -> dict:  # fmt: skip
     """Counts of one extend step of ``b`` fresh prompts of ``n`` tokens (after a warm one); on
     CUDA also ``reps`` timed steps (:func:`_time_steps`)."""
     device = str(model.embed.weight.device.type)
@@ -406,7 +407,53 @@ def run_case(model, counter: Counter, b: int, n: int, reps: int) -> dict:
     out = summarize(model.cfg, counter)
     if device != "cpu":
         out["timing"] = _time_steps(host, step, b, n, reps)
+    if pyprofile and device == "cpu":  # launches stubbed, GEMMs faked: the Python around them
+        with counted_launches(counter, execute=False), counter:
+            out["pyprofile"] = py_profile(host, step, b, n)
+    elif pyprofile:
+        out["pyprofile"] = py_profile(host, step, b, n)
     return out
+
+
+_FAMILIES = (("triton", "/triton/"), ("sglang_dsv4", "/sglang_dsv4/"), ("sglang", "/sglang/"),
+             ("torch (Python)", "/torch/"))  # fmt: skip
+
+
+def py_profile(host: "Host", step, b: int, n: int, top: int = 25) -> dict:
+    """One more uncounted step under cProfile (it slows Python-heavy code more than C calls:
+    read the split, not the total): own milliseconds by family -- Triton's launcher, our
+    code, SGLang, torch's Python, C calls (``{built-in ...}``: torch ops and launches
+    included), the rest -- and the ``top`` functions by own time."""
+    import cProfile
+    import pstats
+
+    fb = host.extend_batch(b, n)
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    prof = cProfile.Profile()
+    prof.enable()
+    step(fb)
+    prof.disable()
+    sync()
+    families: dict[str, float] = {}
+    rows = []
+    for (file, line, name), (_, calls, own, cum, _) in pstats.Stats(prof).stats.items():
+        family = next((f for f, mark in _FAMILIES if mark in file), "other")
+        family = "C calls" if file == "~" else family
+        families[family] = families.get(family, 0.0) + own * 1e3
+        where = f"{os.path.basename(file)}:{line}" if file != "~" else ""
+        rows.append({"fn": f"{where} {name}".strip(), "calls": calls, "own_ms": own * 1e3,
+                     "cum_ms": cum * 1e3})  # fmt: skip
+    rows.sort(key=lambda r: -r["own_ms"])
+    return {"families_ms": dict(sorted(families.items(), key=lambda kv: -kv[1])),
+            "top": rows[:top]}  # fmt: skip
+
+
+def print_profile(p: dict) -> None:
+    print("  Python profile of one step (own ms): "
+          + ", ".join(f"{k} {v:.2f}" for k, v in p["families_ms"].items()))  # fmt: skip
+    for r in p["top"]:
+        print(f"    {r['own_ms']:8.3f} own {r['cum_ms']:8.3f} cum {r['calls']:6d} x  {r['fn']}")
 
 
 def _time_steps(host: "Host", step, b: int, n: int, reps: int) -> dict:
@@ -514,6 +561,11 @@ def main() -> None:
         help="cuda: the kernels run, and steps are timed",
     )
     ap.add_argument("--reps", type=int, default=10, help="timed steps per case (CUDA)")
+    ap.add_argument(
+        "--pyprofile",
+        action="store_true",
+        help="one more step under cProfile: where the host time goes",
+    )
     ap.add_argument("--compare", default=None, help="an earlier run's JSON: before -> now")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
@@ -531,7 +583,7 @@ def main() -> None:
            "device": args.device, "cases": {}}  # fmt: skip
     for case in filter(None, args.cases.split(",")):
         b, n = (int(v) for v in case.split("x"))
-        r = out["cases"][case] = run_case(model, counter, b, n, args.reps)
+        r = out["cases"][case] = run_case(model, counter, b, n, args.reps, args.pyprofile)
         print_case(case, r, earlier.get(case))
         if "timing" in r:
             was = earlier.get(case, {}).get("timing")
@@ -541,6 +593,8 @@ def main() -> None:
                 f"{t['host_ms']:.2f} ms, step {t['step_ms']:.2f} ms"
                 + (f" (before: {was['host_ms']:.2f} ms, {was['step_ms']:.2f} ms)" if was else "")
             )
+        if "pyprofile" in r:
+            print_profile(r["pyprofile"])
         if args.names:
             for section, names in r["names"].items():
                 print(f"  {section}: {names}")
