@@ -65,12 +65,11 @@ from sglang_dsv4.kernels.moe_experts import (
     Proj,
     SlotTiles,
     _SlotLaunch,
-    _SortedLaunch,
     moe_experts_slots,
-    moe_experts_sorted,
     slot_tiles,
 )
 from sglang_dsv4.kernels.moe_route import moe_route
+from sglang_dsv4.kernels.moe_sorted import _SortedLaunch, moe_experts_sorted
 from sglang_dsv4.kernels.moe_sorted_tiles import CANDIDATES, SortedTiles, sorted_tiles
 from sglang_dsv4.kernels.mxfp4_moe import FP4Bank, fp4_moe
 from sglang_dsv4.kernels.slot_sum import slot_sum_torch

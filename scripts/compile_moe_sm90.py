@@ -1,5 +1,6 @@
-"""Compile the MoE Triton kernels (``kernels/moe_route.py``, ``kernels/moe_experts.py``) for
-Hopper (sm_90) on a machine without a GPU, and print each variant's registers / spills.
+"""Compile the MoE Triton kernels (``kernels/moe_route.py``, ``moe_experts.py``,
+``moe_sorted.py``) for Hopper (sm_90) on a machine without a GPU, and print each variant's
+registers / spills.
 
     python scripts/compile_moe_sm90.py            # --sorted: the sorted kernels' tiles only
 
@@ -19,6 +20,7 @@ os.environ.pop("TRITON_INTERPRET", None)  # before triton is imported: compiled 
 
 from sglang_dsv4.kernels import moe_experts as ME
 from sglang_dsv4.kernels import moe_route as MR
+from sglang_dsv4.kernels import moe_sorted as MS
 from sglang_dsv4.kernels import moe_sorted_tiles as ST
 from sglang_dsv4.perf.sm90_compile import build, resource_usage
 
@@ -58,10 +60,10 @@ def expert_variants():
                 ce = {k: v for k, v in ce.items() if k in fn.arg_names}
                 yield f"{fmt} IDENT {tile}", fn, types, ce | fmt_ce, tile
     yield from shared_bank_variants()
-    fp32 = {a: "*fp32" for a in ME._sorted_w13_kernel.arg_names if a.endswith("_ptr")}
+    fp32 = {a: "*fp32" for a in MS._sorted_w13_kernel.arg_names if a.endswith("_ptr")}
     fp32 |= {"order_ptr": "*i32", "off_ptr": "*i32", "limit": "fp32"}
     ce = sorted_ce(ST.GemmTiles(16), True) | dict(FMT=0, G=32, NV=False)  # w13: SLOTS too
-    yield "fp32", ME._sorted_w13_kernel, fp32, ce, ST.GemmTiles(16)
+    yield "fp32", MS._sorted_w13_kernel, fp32, ce, ST.GemmTiles(16)
 
 
 # slot kernels without a shared bank of their own (and without add rows)
@@ -95,7 +97,7 @@ def shared_bank_variants():
                 yield f"{fmt} + fp8 bank T{t} {tiles} {tb}", fn, types, ce | fmt_ce, None
 
 
-SORTED = {"w13": ME._sorted_w13_kernel, "w2": ME._sorted_w2_kernel}
+SORTED = {"w13": MS._sorted_w13_kernel, "w2": MS._sorted_w2_kernel}
 SMEM_SM90 = 232448  # bytes of shared memory one block may use on an H100
 # multiples of 16 at every Flash-dims launch, as the launcher specializes them (perf.sm90_compile)
 DIVISIBLE = ("D", "I", "stride_xt", "stride_we", "stride_wn", "stride_se", "stride_sn")

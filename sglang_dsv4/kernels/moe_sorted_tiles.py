@@ -1,5 +1,5 @@
 """Launch shapes of the sorted (grouped-GEMM) MoE kernels of
-:mod:`~sglang_dsv4.kernels.moe_experts`, picked per call from measured times kept here.
+:mod:`~sglang_dsv4.kernels.moe_sorted`, picked per call from measured times kept here.
 
 Each of the two kernels (``w13``: x @ [w1; w3] with the SwiGLU epilogue, two fp32 accumulators;
 ``w2``: h @ w2 with the routing-weight epilogue) has its own :class:`GemmTiles`: M block (sorted

@@ -33,12 +33,8 @@ from torch import nn
 
 from sglang_dsv4.config import DSV4Config, LayerSpec
 from sglang_dsv4.kernels.fp8_linear import fp8_block_linear
-from sglang_dsv4.kernels.moe_experts import (
-    ExpertWeights,
-    Proj,
-    moe_experts_slots,
-    moe_experts_sorted,
-)
+from sglang_dsv4.kernels.moe_experts import ExpertWeights, Proj, moe_experts_slots
+from sglang_dsv4.kernels.moe_sorted import moe_experts_sorted
 from sglang_dsv4.kernels.mxfp4_moe import FP4Bank, fp4_moe
 from sglang_dsv4.model.linears import KeptFormats
 from sglang_dsv4.ref.linear import Weight

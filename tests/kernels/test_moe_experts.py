@@ -27,9 +27,10 @@ from sglang_dsv4.ref.weight_quant import (
 )
 
 K = importlib.import_module("sglang_dsv4.kernels.moe_experts")  # CPU: interpreted (conftest)
+S = importlib.import_module("sglang_dsv4.kernels.moe_sorted")
 ST = importlib.import_module("sglang_dsv4.kernels.moe_sorted_tiles")
 GPU = torch.cuda.is_available()
-FORMS = {"slots": K.moe_experts_slots, "sorted": K.moe_experts_sorted}
+FORMS = {"slots": K.moe_experts_slots, "sorted": S.moe_experts_sorted}
 LIMIT = 10.0
 
 
@@ -170,7 +171,7 @@ def test_sorted_every_tile_matches_twin_interpreted(kernel, tile, dtype, bf16_do
     x = (torch.randn(t, d) * 3).to(dtype)
     chosen, weights = routing(t, n_exp, 2, "cpu")
     out = torch.full_like(x, float("nan"))
-    K.moe_experts_sorted(x, chosen, weights, bank, LIMIT, n_exp, out, case_tiles(kernel, tile))
+    S.moe_experts_sorted(x, chosen, weights, bank, LIMIT, n_exp, out, case_tiles(kernel, tile))
     err = rel_l2(out, reference(x, chosen, weights, dense, n_exp, True))
     assert not out.isnan().any() and err <= (1e-5 if dtype == torch.float32 else 1e-2), err
 
@@ -185,7 +186,7 @@ def test_sorted_raster_order_does_not_change_numbers_interpreted():
     outs = []
     for n_fast in (False, True):
         tile = ST.GemmTiles(16, 64, 64, 4, 2, n_fast)
-        outs.append(K.moe_experts_sorted(x, chosen, weights, bank, LIMIT, 6,
+        outs.append(S.moe_experts_sorted(x, chosen, weights, bank, LIMIT, 6,
                                          tiles=ST.SortedTiles(tile, tile)))  # fmt: skip
     assert not outs[0].isnan().any() and torch.equal(*outs)
 
@@ -195,7 +196,7 @@ def test_sorted_slot_sum_rounds_once_like_the_fp32_sum():
     intermediate)."""
     x, chosen = torch.zeros(5, 8).bfloat16(), torch.zeros(5, 2, dtype=torch.int32)
     bank = K.ExpertWeights.stacked(torch.zeros(3, 32, 8), torch.zeros(3, 8, 16))
-    launch = K._SortedLaunch(x, chosen, torch.ones(5, 2), bank, 2)
+    launch = S._SortedLaunch(x, chosen, torch.ones(5, 2), bank, 2)
     y = (torch.randn(5 * 3, 8) * 100).bfloat16()
     out = torch.full_like(x, float("nan"))
     launch.slot_sum(y, out)
@@ -372,11 +373,11 @@ def test_sorted_gpu_served_prefill_every_tile(fmt, kernel, tile):
     x = torch.randn(t, 4096, device="cuda").bfloat16() * 2
     chosen, weights = routing(t, 16, 2, "cuda")
     out = torch.full_like(x, float("nan"))
-    K.moe_experts_sorted(x, chosen, weights, bank, LIMIT, 16, out, case_tiles(kernel, tile))
+    S.moe_experts_sorted(x, chosen, weights, bank, LIMIT, 16, out, case_tiles(kernel, tile))
     want = reference(x, chosen, weights, dense, 16, True)
     err = rel_l2(out, want)
     assert not out.isnan().any() and err <= 1e-2, f"rel L2 {err:.2e}"
-    picked = K.moe_experts_sorted(x, chosen, weights, bank, LIMIT, 16)  # the table's tiles
+    picked = S.moe_experts_sorted(x, chosen, weights, bank, LIMIT, 16)  # the table's tiles
     assert rel_l2(picked, out) <= 1e-2
 
 
@@ -390,7 +391,7 @@ def test_sorted_gpu_slot_sum_same_bits_as_torch_sum(topk, shared):
     bank, _ = make_bank(17, 4096, 1024, "fp8", "cuda", torch.bfloat16)
     x = torch.randn(t, 4096, device="cuda").bfloat16() * 2
     chosen, weights = routing(t, 16, topk, "cuda")
-    launch = K._SortedLaunch(x, chosen, weights, bank, 16 if shared else None)
+    launch = S._SortedLaunch(x, chosen, weights, bank, 16 if shared else None)
     tiles = ST.sorted_tiles(launch.pairs, launch.key)
     h = torch.empty(launch.pairs, 1024, device="cuda", dtype=x.dtype)
     y = torch.empty(launch.pairs, 4096, device="cuda", dtype=x.dtype)

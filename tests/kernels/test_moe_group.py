@@ -19,6 +19,7 @@ from sglang_dsv4.ref.weight_quant import fp8_block_quant
 
 G = importlib.import_module("sglang_dsv4.kernels.moe_group")  # CPU: interpreted (conftest)
 K = importlib.import_module("sglang_dsv4.kernels.moe_experts")
+S = importlib.import_module("sglang_dsv4.kernels.moe_sorted")
 GPU = torch.cuda.is_available()
 
 
@@ -159,7 +160,7 @@ def sorted_both_ways(t, n_exp, topk, fmt, device, dtype, d, inter, shared=True):
     outs = []
     for group in (G.group_pairs, G.group_pairs_torch):
         out = torch.full_like(x, float("nan"))
-        K.moe_experts_sorted(x, chosen, weights, bank, 10.0, n_exp if shared else None, out,
+        S.moe_experts_sorted(x, chosen, weights, bank, 10.0, n_exp if shared else None, out,
                              group=group)  # fmt: skip
         outs.append(out)
     return outs
