@@ -407,11 +407,12 @@ def run_case(model, counter: Counter, b: int, n: int, reps: int,
     out = summarize(model.cfg, counter)
     if device != "cpu":
         out["timing"] = _time_steps(host, step, b, n, reps)
-    if pyprofile and device == "cpu":  # launches stubbed, GEMMs faked: the Python around them
-        with counted_launches(counter, execute=False), counter:
+    if pyprofile:
+        with contextlib.ExitStack() as stack:
+            if device == "cpu":  # launches stubbed, GEMMs faked: the Python around them
+                stack.enter_context(counted_launches(counter, execute=False))
+                stack.enter_context(counter)
             out["pyprofile"] = py_profile(host, step, b, n)
-    elif pyprofile:
-        out["pyprofile"] = py_profile(host, step, b, n)
     return out
 
 
@@ -438,8 +439,7 @@ def py_profile(host: "Host", step, b: int, n: int, top: int = 25) -> dict:
     families: dict[str, float] = {}
     rows = []
     for (file, line, name), (_, calls, own, cum, _) in pstats.Stats(prof).stats.items():
-        family = next((f for f, mark in _FAMILIES if mark in file), "other")
-        family = "C calls" if file == "~" else family
+        family = "C calls" if file == "~" else next((f for f, m in _FAMILIES if m in file), "other")
         families[family] = families.get(family, 0.0) + own * 1e3
         where = f"{os.path.basename(file)}:{line}" if file != "~" else ""
         rows.append({"fn": f"{where} {name}".strip(), "calls": calls, "own_ms": own * 1e3,
@@ -561,11 +561,7 @@ def main() -> None:
         help="cuda: the kernels run, and steps are timed",
     )
     ap.add_argument("--reps", type=int, default=10, help="timed steps per case (CUDA)")
-    ap.add_argument(
-        "--pyprofile",
-        action="store_true",
-        help="one more step under cProfile: where the host time goes",
-    )
+    ap.add_argument("--pyprofile", action="store_true", help="one more step under cProfile")
     ap.add_argument("--compare", default=None, help="an earlier run's JSON: before -> now")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()

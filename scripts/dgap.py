@@ -57,14 +57,16 @@ def client_times(t0: float, arrivals: list[float], end: float, n: int) -> dict:
     ``second_chunk_s`` (the first decode step after the prefill, with whatever runs before it)
     and ``tail_s`` (the last chunk to the end of the stream: the request's finish)."""
     first, last = (arrivals[0], arrivals[-1]) if arrivals else (None, None)
-    tps = (n - 1) / (last - first) if n > 1 and last > first else None
+    if first is None:
+        return {"tokens": n, "ttft_s": None, "decode_tok_s": None, "bench_tok_s": None,
+                "second_chunk_s": None, "tail_s": None}  # fmt: skip
     return {
         "tokens": n,
-        "ttft_s": first - t0 if first else None,
-        "decode_tok_s": tps,
-        "bench_tok_s": n / (end - first) if first and end > first else None,
+        "ttft_s": first - t0,
+        "decode_tok_s": (n - 1) / (last - first) if n > 1 and last > first else None,
+        "bench_tok_s": n / (end - first) if end > first else None,
         "second_chunk_s": arrivals[1] - first if len(arrivals) > 1 else None,
-        "tail_s": end - last if last else None,
+        "tail_s": end - last,
     }
 
 

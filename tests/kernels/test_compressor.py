@@ -285,8 +285,8 @@ def _same_up_to_fp8_steps(h: Harness, want: torch.Tensor, got: torch.Tensor) -> 
     differ, the same rows are written, and decoded they agree to one e4m3 step (the no-RoPE
     channels, a scale change included) and one bf16 rounding plus 2^-20 of the row's largest
     value (the RoPE channels)."""
-    a8, b8 = want.view(torch.uint8), got.view(torch.uint8)
-    assert (a8 != b8).sum() <= max(1, 1e-5 * a8.numel()), int((a8 != b8).sum())
+    differ = int((want.view(torch.uint8) != got.view(torch.uint8)).sum())
+    assert differ <= max(1, 1e-5 * want.view(torch.uint8).numel()), differ
     rows = torch.arange(h.n_rows, device=want.device)
     a, b = h.flush.layout.read(want, rows), h.flush.layout.read(got, rows)
     rope = 64 if a.dtype == torch.uint8 else 0  # FlashMLA rows: no-RoPE FP8, RoPE bf16
